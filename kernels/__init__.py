@@ -1,0 +1,1 @@
+"""moeflow.kernels: Triton kernels for the experts (grouped GEMM with fused permute)."""

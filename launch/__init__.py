@@ -1,0 +1,1 @@
+"""moeflow.launch: the `moeflow` CLI, the trainer and the launchers (local, Slurm, Ray)."""

@@ -1,0 +1,131 @@
+"""Checkpoints: safetensors weights + torch-saved trainer state, written atomically.
+
+Layout: <run_dir>/checkpoints/step_00000100/{model.safetensors, trainer_state.pt, meta.json}.
+A checkpoint is written under a temporary name and renamed into place, so a killed run
+never leaves a half-written checkpoint that `resume` could pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CKPT_DIR = "checkpoints"
+PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict without aliases (tied embeddings), contiguous, on CPU: what safetensors stores."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.device.type != "meta" else None
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: dict, meta: dict, keep: int = 2) -> Path:
+    root = Path(run_dir) / CKPT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(model_state, str(tmp / "model.safetensors"))
+    torch.save(trainer_state, tmp / "trainer_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2, default=str))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    prune(root, keep)
+    return final
+
+
+def prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "meta.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A checkpoint dir itself, or the latest complete checkpoint of a run dir."""
+    p = Path(path)
+    if (p / "meta.json").exists() and (p / "model.safetensors").exists():
+        return p
+    found = list_checkpoints(p / CKPT_DIR) or list_checkpoints(p)
+    return found[-1] if found else None
+
+
+def read_meta(ckpt: Path) -> dict:
+    try:
+        return json.loads((ckpt / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} has an unreadable meta.json ({e}); resume from an earlier checkpoint") from None
+
+
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(ckpt / "model.safetensors"))
+    except Exception as e:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointError(f"checkpoint {ckpt} has a corrupt model.safetensors ({e}); delete it or resume from an earlier checkpoint") from None
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt} has a corrupt trainer_state.pt ({e}); delete it or resume from an earlier checkpoint") from None
+
+
+def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: dict, model_state: dict, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose model shape differs, naming the differing keys."""
+    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
+    diffs = [f"{k}: checkpoint {saved_model_cfg.get(k)!r} vs run {model_cfg.get(k)!r}" for k in shape_keys if saved_model_cfg.get(k) != model_cfg.get(k)]
+    expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()}
+    got = {k: tuple(v.shape) for k, v in model_state.items()}
+    if not diffs and expected != got:
+        bad = sorted(set(expected.items()) ^ set(got.items()))[:3]
+        diffs.append(f"parameters differ, e.g. {bad}")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {ckpt} is from a different model shape ({'; '.join(diffs)}); "
+            f"resume with the checkpoint's model config (see {ckpt / 'meta.json'}) or start a fresh run without resume"
+        )

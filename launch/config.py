@@ -1,0 +1,137 @@
+"""Turn a composed Hydra config into validated objects, failing early with one-line errors.
+
+Everything here runs before any training starts (and in `moeflow train`'s preflight), so
+a bad option is reported as `moeflow train: error: ...` naming the fix.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from moeflow.moe.model import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; printed as one line."""
+
+
+@dataclass
+class TrainerConfig:
+    steps: int
+    grad_accum: int
+    eval_every: int
+    eval_batches: int
+    log_every: int
+    ckpt_every: int
+    keep_checkpoints: int
+    device: str
+    precision: str
+    seed: int
+    progress: bool
+    compile: bool
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu (or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"trainer.device={name!r} is unknown; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_experts_impl(impl: str, device: torch.device) -> str:
+    from moeflow.moe.experts import IMPLEMENTATIONS
+
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and "triton" in IMPLEMENTATIONS else "torch"
+    if impl not in IMPLEMENTATIONS:
+        raise ConfigError(f"experts.impl={impl!r} is not available here; available: auto, {', '.join(sorted(IMPLEMENTATIONS))}")
+    return impl
+
+
+def _container(node) -> dict:
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = e.full_key
+        raise ConfigError(f"{key} is required here but was not set; pass {key}=... on the command line") from None
+
+
+def model_config(cfg: DictConfig, device: torch.device | None = None) -> ModelConfig:
+    device = device or resolve_device(cfg.trainer.device)
+    fields = _container(cfg.model)
+    fields["gate"] = _container(cfg.gate)
+    fields["experts_impl"] = resolve_experts_impl(cfg.experts.impl, device)
+    try:
+        mc = ModelConfig(**fields)
+        with torch.device("meta"):  # builds every module (gates check their options) at no cost
+            from moeflow.moe.model import Transformer
+
+            Transformer(mc)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return mc
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    try:
+        tc = TrainerConfig(**_container(cfg.trainer))
+    except TypeError as e:
+        raise ConfigError(f"trainer: {e}") from None
+    for name in ("steps", "grad_accum", "eval_batches", "log_every"):
+        if not isinstance(getattr(tc, name), int) or getattr(tc, name) < 1:
+            raise ConfigError(f"trainer.{name} must be a positive integer, got {getattr(tc, name)!r}")
+    if tc.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"trainer.precision={tc.precision!r} is unknown; use auto, bf16 or fp32")
+    return tc
+
+
+def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
+    d = _container(cfg.data)
+    if d["seq_len"] > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={d['seq_len']} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+    if d.get("source") in ("text", "memmap"):
+        p = Path(str(d["path"])).expanduser()
+        if not p.exists():
+            raise ConfigError(f"data.path={d['path']} does not exist; pass an existing {'file or folder' if d['source'] == 'text' else '.bin file'}")
+        if p.is_file() and p.stat().st_size == 0:
+            raise ConfigError(f"data.path={d['path']} is empty; pass a file with data in it")
+    if d.get("source") != "memmap" and model_cfg.vocab_size < 256:
+        raise ConfigError(f"byte-level text needs model.vocab_size >= 256, got {model_cfg.vocab_size}")
+
+
+def check_optim(cfg: DictConfig) -> None:
+    o = _container(cfg.optim)
+    if o.get("name") != "adamw":
+        raise ConfigError(f"optim.name={o.get('name')!r} is unknown; use optim=adamw")
+    if not o["lr"] > 0 or o["min_lr"] < 0 or o["min_lr"] > o["lr"]:
+        raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (got lr={o['lr']}, min_lr={o['min_lr']})")
+    if o["schedule"] not in ("cosine", "constant"):
+        raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
+
+
+def check_output_dir(path: str | Path) -> None:
+    """The run dir must be creatable and writable before anything starts."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output dir {p} cannot be created: {probe} is a file; choose another hydra.run.dir=...")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder")
+
+
+def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
+    tc = trainer_config(cfg)
+    mc = model_config(cfg, resolve_device(tc.device))
+    check_data(cfg, mc)
+    check_optim(cfg)
+    return mc, tc

@@ -1,0 +1,124 @@
+"""Token streams for training: the stdlib's own source (default), user text, or a memmap.
+
+Text is byte-level (vocab 256). Batches are random windows drawn from a generator seeded
+by (seed, step, micro-batch, rank), so a resumed run sees exactly the batches an
+uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class TokenSplits:
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    description: str
+
+
+def _split_files_by_hash(files: list[Path], root: Path, val_percent: float, max_bytes: int | None):
+    train, val, total = [], [], 0
+    for f in files:
+        data = f.read_bytes()
+        if not data:
+            continue
+        bucket = zlib.crc32(str(f.relative_to(root)).encode()) % 100
+        (val if bucket < val_percent else train).append(data)
+        total += len(data)
+        if max_bytes and total >= max_bytes:
+            break
+    return train, val
+
+
+def _bytes_to_tokens(chunks: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"\n".join(chunks), dtype=np.uint8).copy()
+
+
+def load_text_files(root: Path, files: list[Path], val_percent: float, max_bytes: int | None, what: str) -> TokenSplits:
+    train, val = _split_files_by_hash(sorted(files), root, val_percent, max_bytes)
+    if not train and not val:
+        raise DataError(f"{what} holds no text (all files empty); point data.path at non-empty text files")
+    if not val or not train:  # too few files to split by file: split the bytes instead
+        data = _bytes_to_tokens(train + val)
+        cut = int(len(data) * (1 - max(val_percent, 1) / 100))
+        return TokenSplits(data[:cut], data[cut:], 256, what)
+    return TokenSplits(_bytes_to_tokens(train), _bytes_to_tokens(val), 256, what)
+
+
+def load_stdlib(val_percent: float, max_bytes: int | None) -> TokenSplits:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file()]
+    if not files:
+        raise DataError(f"no Python sources found under {root}; use data=text data.path=... instead")
+    return load_text_files(root, files, val_percent, max_bytes, f"Python stdlib source at {root}")
+
+
+def load_text(path: str, glob: str, val_percent: float, max_bytes: int | None) -> TokenSplits:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data.path={path} does not exist; pass an existing text file or folder")
+    if p.is_file():
+        return load_text_files(p.parent, [p], val_percent, max_bytes, f"text file {p}")
+    files = [f for f in p.glob(glob) if f.is_file()]
+    if not files:
+        raise DataError(f"data.path={path} has no files matching data.glob={glob!r}; change data.glob or the folder")
+    return load_text_files(p, files, val_percent, max_bytes, f"{len(files)} text files under {p}")
+
+
+def load_memmap(path: str, val_path: str | None, dtype: str, val_percent: float) -> TokenSplits:
+    if dtype not in ("uint16", "uint32"):
+        raise DataError(f"data.dtype={dtype} is not supported; use uint16 or uint32")
+
+    def open_bin(p: str) -> np.ndarray:
+        if not Path(p).is_file():
+            raise DataError(f"{p} does not exist; pass a pre-tokenized .bin file")
+        if Path(p).stat().st_size < np.dtype(dtype).itemsize * 2:
+            raise DataError(f"{p} is empty; pass a pre-tokenized .bin file with tokens in it")
+        return np.memmap(p, dtype=dtype, mode="r")
+
+    train = open_bin(path)
+    if val_path:
+        val = open_bin(val_path)
+    else:
+        cut = int(len(train) * (1 - val_percent / 100))
+        train, val = train[:cut], train[cut:]
+    vocab = int(max(train.max(initial=0), val.max(initial=0))) + 1
+    return TokenSplits(train, val, vocab, f"memmap {path} ({dtype})")
+
+
+def load_splits(data_cfg) -> TokenSplits:
+    src = data_cfg.source
+    if src == "stdlib":
+        return load_stdlib(data_cfg.val_percent, data_cfg.get("max_bytes"))
+    if src == "text":
+        return load_text(data_cfg.path, data_cfg.get("glob", "**/*"), data_cfg.val_percent, data_cfg.get("max_bytes"))
+    if src == "memmap":
+        return load_memmap(data_cfg.path, data_cfg.get("val_path"), data_cfg.dtype, data_cfg.val_percent)
+    raise DataError(f"data.source={src!r} is unknown; use data=stdlib, data=text or data=memmap")
+
+
+class BatchSampler:
+    """Random (x, y) windows of length seq_len from a flat token array, deterministic per key."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
+        if len(tokens) <= seq_len + 1:
+            raise DataError(f"the split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}; use more data or a shorter seq_len")
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+
+    def batch(self, *key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, *key])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        window = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        t = torch.from_numpy(window)
+        return t[:, :-1], t[:, 1:]

@@ -1,0 +1,73 @@
+"""Check a `moeflow train` command line before Hydra starts the run.
+
+Hydra's own composition errors are multi-line and suggest `+key=` for a misspelled key.
+Here the same composition runs first, and any problem becomes one line that names the
+fix; then the semantic checks of `config.validate` and the output-dir check run.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+
+from hydra import compose, initialize_config_module
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import ConfigError, check_output_dir, validate
+
+# Flags after which Hydra prints something instead of running: let it.
+_INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
+
+
+def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, DictConfig):
+            keys += _all_keys(v, full + ".")
+    return keys
+
+
+def _explain(err: Exception, overrides: list[str]) -> str:
+    msg = str(err)
+    cause = err.__cause__ or err.__context__
+    text = f"{msg} {cause or ''}"
+    m = re.search(r"Key '([^']+)' is not in struct", text) or re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if m.group(1) in o.split("=", 1)[0]), m.group(1))
+        with initialize_config_module(config_module="moeflow.configs", version_base=None):
+            known = _all_keys(compose(config_name="train"))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown config key '{key}'{hint}; list the valid keys with `moeflow train --cfg job`"
+    if isinstance(err, MissingConfigException):
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+        options = re.findall(r"^\t(\S+)$", msg, flags=re.M)
+        if m:
+            return f"unknown choice '{m.group(2)}' for {m.group(1)}; choose one of: {', '.join(options)}"
+    return " ".join(msg.split())
+
+
+def compose_checked(args: list[str]) -> DictConfig:
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        with initialize_config_module(config_module="moeflow.configs", version_base=None):
+            return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(_explain(e, overrides)) from None
+
+
+def preflight(args: list[str]) -> None:
+    if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
+        return  # info output, or a sweep (each job is validated when it starts)
+    try:
+        cfg = compose_checked(args)
+        check_output_dir(cfg.hydra.run.dir)
+        with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        validate(with_hydra_removed)
+    except ConfigError as e:
+        print(f"moeflow train: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,230 @@
+"""`moeflow train`: a Hydra app that trains the MoE LM.
+
+Reads top to bottom: validate config -> data -> model -> optimizer -> (resume) -> loop
+of {micro-batches, clip, step, log, eval, checkpoint}. Everything the run writes
+(config, train.log, TensorBoard events, routing_stats.jsonl, checkpoints) lands in
+Hydra's output dir.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from moeflow.moe.model import Transformer
+from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
+
+from . import checkpoint as ckpt
+from .config import ConfigError, resolve_device, validate
+from .data import BatchSampler, DataError, load_splits
+
+log = logging.getLogger("moeflow.train")
+
+
+def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, o: DictConfig, total_steps: int):
+    """Linear warmup, then cosine decay to min_lr (or constant)."""
+    floor = o.min_lr / o.lr
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+@torch.no_grad()
+def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast, rank: int) -> float:
+    model.eval()
+    losses = []
+    for i in range(n_batches):
+        x, y = sampler.batch(1_000_000, i, rank)  # fixed held-out batches, disjoint key space from training
+        with autocast():
+            losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def log_routing(writer: SummaryWriter | None, stats_file, model: Transformer, step: int) -> None:
+    rows = []
+    for i, layer in enumerate(model.moe_layers()):
+        s = layer.last_stats
+        if not s:
+            continue
+        row = {"step": step, "layer": i}
+        for k, v in s.items():
+            row[k] = v.tolist() if v.dim() else v.item()
+            if writer is not None and v.dim() == 0:
+                writer.add_scalar(f"moe/layer{i}/{k}", v.item(), step)
+        if writer is not None:
+            writer.add_histogram(f"moe/layer{i}/tokens_per_expert", s["tokens_per_expert"], step)
+        rows.append(row)
+    if stats_file is not None:
+        stats_file.write("".join(json.dumps(r) + "\n" for r in rows))
+        stats_file.flush()
+
+
+def set_gate_step(model: Transformer, step: int) -> None:
+    for layer in model.moe_layers():
+        layer.gate.set_step(step)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    model_cfg, tc = validate(cfg)
+    device = resolve_device(tc.device)
+    env: DistEnv = init_distributed(device.type, cfg.parallel.backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+
+    torch.manual_seed(tc.seed)
+    splits = load_splits(cfg.data)
+    if splits.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={model_cfg.vocab_size}; raise model.vocab_size")
+    train_data = BatchSampler(splits.train, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
+    val_data = BatchSampler(splits.val, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
+
+    model = Transformer(model_cfg).to(device)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, tc.steps)
+    start_step = resume_if_asked(cfg, run_dir, model, opt, sched)
+    ddp_model = model
+    if env.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+    fwd = torch.compile(ddp_model) if tc.compile else ddp_model
+
+    writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
+    stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
+    if env.is_main:
+        log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
+        log.info("model: %.2fM parameters (%.2fM active), device %s, %s, world %d", model.num_params() / 1e6, model.num_params(active_only=True) / 1e6, device, "bf16" if use_bf16 else "fp32", env.world_size)
+        if start_step == 0:
+            log.info("step 0: val loss %.4f", evaluate(model, val_data, tc.eval_batches, device, autocast, 0))
+
+    bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
+    result = {"start_step": start_step}
+    t_last, tokens_since = time.perf_counter(), 0
+    for step in range(start_step, tc.steps):
+        set_gate_step(model, step)
+        loss_sum = 0.0
+        for micro in range(tc.grad_accum):
+            x, y = train_data.batch(step, micro, env.rank)
+            sync = contextlib.nullcontext() if (not env.enabled or micro == tc.grad_accum - 1) else ddp_model.no_sync()
+            with sync:
+                with autocast():
+                    loss = lm_loss(fwd(x.to(device)), y.to(device))
+                    aux = model.aux_loss().to(loss.device)
+                ((loss + aux) / tc.grad_accum).backward()
+            loss_sum += loss.item()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1
+        train_loss = loss_sum / tc.grad_accum
+        tokens_since += tokens_per_step
+        result.update(step=done, train_loss=train_loss)
+
+        if env.is_main and (done % tc.log_every == 0 or done == tc.steps):
+            elapsed = time.perf_counter() - t_last
+            tok_s = tokens_since / max(elapsed, 1e-9)
+            t_last, tokens_since = time.perf_counter(), 0
+            for k, v in {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": sched.get_last_lr()[0], "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s}.items():
+                writer.add_scalar(k, v, done)
+            log_routing(writer, stats_file, model, done)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if env.is_main and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
+            val = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
+            writer.add_scalar("val/loss", val, done)
+            result["val_loss"] = val
+            log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
+        if tc.ckpt_every > 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
+            save(run_dir, done, model, opt, sched, cfg, env)
+        bar.update(1)
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if stats_file is not None:
+        stats_file.close()
+    shutdown_distributed()
+    return result
+
+
+def save(run_dir: Path, step: int, model, opt, sched, cfg: DictConfig, env: DistEnv) -> None:
+    if not env.is_main:
+        return
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step}
+    meta = {"model": model.cfg.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
+    path = ckpt.save_checkpoint(run_dir, step, ckpt.unique_state_dict(model), state, meta, cfg.trainer.keep_checkpoints)
+    log.info("saved checkpoint %s", path)
+
+
+def resume_if_asked(cfg: DictConfig, run_dir: Path, model, opt, sched) -> int:
+    if cfg.resume is None:
+        return 0
+    where = run_dir if cfg.resume == "auto" else Path(str(cfg.resume)).expanduser()
+    found = ckpt.find_checkpoint(where)
+    if found is None:
+        if cfg.resume == "auto":
+            log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
+            return 0
+        raise ckpt.CheckpointError(f"resume={cfg.resume}: no checkpoint found there; pass a run dir with checkpoints/ or a checkpoint dir")
+    meta = ckpt.read_meta(found)
+    state = ckpt.load_model_state(found)
+    ckpt.check_compatible(found, meta.get("model", {}), model.cfg.to_dict(), state, model)
+    model.load_state_dict(state, strict=False)
+    trainer_state = ckpt.load_trainer_state(found)
+    opt.load_state_dict(trainer_state["optimizer"])
+    sched.load_state_dict(trainer_state["scheduler"])
+    ckpt.set_rng_state(trainer_state["rng"])
+    log.info("resumed from %s at step %d", found, trainer_state["step"])
+    return int(trainer_state["step"])
+
+
+@hydra.main(version_base=None, config_path="pkg://moeflow.configs", config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = train(cfg, run_dir)
+    except (ConfigError, DataError, ckpt.CheckpointError) as e:
+        log.error("%s", e)
+        print(f"moeflow train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    log.info("done: %s; run dir %s", json.dumps(result), run_dir)
+
+
+def main(args: list[str]) -> None:
+    from .preflight import preflight
+
+    preflight(args)
+    sys.argv = ["moeflow-train", *args]
+    hydra_main()

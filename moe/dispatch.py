@@ -1,0 +1,59 @@
+"""Dispatchers move token rows to the experts and the expert outputs back.
+
+The local dispatcher sorts assignments by expert, gathers rows, runs the experts on
+the grouped rows and scatter-adds the gate-weighted outputs. Expert parallelism swaps
+in an all-to-all dispatcher (`moeflow.parallel`) with the same call signature.
+Experts that fuse the permutation into their kernels (`fuses_permute = True`) receive
+the plan and the unpermuted tokens instead.
+
+Shape suffixes: T tokens, D model dim, E experts, A assignments (sorted by expert).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .gates.base import RouterOutput
+
+
+@dataclass
+class DispatchPlan:
+    """Assignments sorted by expert: rows [offsets_E[e], offsets_E[e] + counts_E[e]) are expert e's."""
+
+    token_A: torch.Tensor  # source token of each grouped row
+    weight_A: torch.Tensor  # gate weight of each grouped row
+    expert_A: torch.Tensor  # expert of each grouped row (non-decreasing)
+    counts_E: torch.Tensor  # rows per expert (int64)
+    num_tokens: int
+
+
+def plan_dispatch(routing: RouterOutput) -> DispatchPlan:
+    order_A = torch.argsort(routing.expert_A, stable=True)
+    expert_A = routing.expert_A[order_A]
+    counts_E = torch.bincount(expert_A, minlength=routing.num_experts)
+    return DispatchPlan(
+        token_A=routing.token_A[order_A],
+        weight_A=routing.weight_A[order_A],
+        expert_A=expert_A,
+        counts_E=counts_E,
+        num_tokens=routing.num_tokens,
+    )
+
+
+def combine(y_AD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Weighted scatter-add of grouped expert outputs back to token order (unrouted tokens get 0)."""
+    weighted_AD = y_AD * plan.weight_A.to(y_AD.dtype).unsqueeze(-1)
+    y_TD = y_AD.new_zeros(plan.num_tokens, y_AD.shape[-1])
+    return y_TD.index_add(0, plan.token_A, weighted_AD)
+
+
+class LocalDispatcher:
+    """All experts live in this process."""
+
+    def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts) -> torch.Tensor:
+        plan = plan_dispatch(routing)
+        if getattr(experts, "fuses_permute", False):
+            return experts.forward_routed(x_TD, plan)
+        y_AD = experts(x_TD[plan.token_A], plan.counts_E)
+        return combine(y_AD, plan)

@@ -1,0 +1,84 @@
+"""The gate (router) interface shared by every routing algorithm.
+
+A gate maps token activations to a *flat list of assignments* (token, expert, weight).
+Flat assignments express every routing family with one shape: top-k (k per token),
+capacity dropping (dropped pairs are simply absent), expert choice (a token may get
+0..E experts) and dense-to-sparse (a varying number per token).
+
+Shape suffixes: T tokens, D model dim, E experts, K top-k, A assignments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class RouterOutput:
+    """What every gate returns.
+
+    token_A, expert_A, weight_A: one entry per (token, expert) assignment, any order.
+    losses: auxiliary losses, already multiplied by their coefficients; the trainer adds
+        their sum to the LM loss.
+    stats: detached scalars/tensors for logging (see `moeflow.moe.stats`).
+    """
+
+    token_A: torch.Tensor
+    expert_A: torch.Tensor
+    weight_A: torch.Tensor
+    num_tokens: int
+    num_experts: int
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def aux_loss(self) -> torch.Tensor:
+        if not self.losses:
+            return self.weight_A.new_zeros(())
+        return torch.stack([v.float() for v in self.losses.values()]).sum()
+
+
+class Gate(nn.Module):
+    """Base class: subclasses implement `route(x_TD, token_ids_T)`.
+
+    `token_group` is the process group over which token statistics (load, aux-loss
+    means, Sinkhorn marginals) are reduced. None means the local tokens are the whole
+    batch; expert/data parallelism sets it so that a sharded batch routes exactly like
+    the single-process global batch.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.token_group: dist.ProcessGroup | None = None
+        self.step = 0
+
+    def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
+        return self.route(x_TD, token_ids_T)
+
+    def route(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> RouterOutput:
+        raise NotImplementedError
+
+    def set_step(self, step: int) -> None:
+        """Called by the trainer before each optimizer step (schedules, bias updates)."""
+        self.step = step
+
+    # -- token statistics over the whole (possibly sharded) batch ----------------------
+    def global_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over all ranks of `token_group`, differentiable (identity when local)."""
+        if self.token_group is None or not dist.is_initialized():
+            return t
+        import torch.distributed.nn.functional as dist_fn
+
+        return dist_fn.all_reduce(t, group=self.token_group)
+
+    def global_count(self, num_local: int, device: torch.device) -> torch.Tensor:
+        n = torch.tensor(float(num_local), device=device)
+        if self.token_group is None or not dist.is_initialized():
+            return n
+        dist.all_reduce(n, group=self.token_group)
+        return n

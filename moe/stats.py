@@ -1,0 +1,27 @@
+"""Routing statistics for one MoE layer and one forward pass (detached, cheap)."""
+from __future__ import annotations
+
+import torch
+
+from .gates.base import RouterOutput
+
+
+def routing_stats(routing: RouterOutput, counts_E: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """tokens per expert, max/mean load, mean active experts per token, plus the gate's own stats.
+
+    The gate reports `dropped_fraction` when it drops; otherwise it is 0.
+    """
+    with torch.no_grad():
+        if counts_E is None:
+            counts_E = torch.bincount(routing.expert_A, minlength=routing.num_experts)
+        counts_E = counts_E.float()
+        mean = counts_E.mean().clamp_min(1e-9)
+        stats = {
+            "tokens_per_expert": counts_E,
+            "load_max_over_mean": counts_E.max() / mean if counts_E.numel() else mean * 0,
+            "active_experts_per_token": torch.tensor(routing.expert_A.numel() / max(routing.num_tokens, 1)),
+            "dropped_fraction": torch.tensor(0.0),
+        }
+        stats.update({k: v.detach() for k, v in routing.stats.items()})
+        stats.update({f"loss/{k}": v.detach() for k, v in routing.losses.items()})
+    return stats

@@ -1,0 +1,1 @@
+"""moeflow.parallel: process groups, data and expert parallelism applied to a plain model."""
