@@ -11,6 +11,7 @@ import sys
 # name -> (module, function taking the remaining argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("moeflow.launch.train", "main", "train an MoE LM (Hydra overrides follow; `moeflow train --help`)"),
+    "bench": ("moeflow.launch.bench", "main", "benchmarks (`moeflow bench --help`)"),
 }
 
 
