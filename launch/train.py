@@ -29,6 +29,7 @@ from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_dis
 from . import checkpoint as ckpt
 from .config import ConfigError, resolve_device, validate
 from .data import BatchSampler, DataError, load_splits
+from .run_hooks import RunHooks
 
 log = logging.getLogger("moeflow.train")
 
@@ -131,6 +132,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
     result = {"start_step": start_step}
+    hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start_step, tc.steps):
         set_gate_step(model, step)
@@ -169,8 +171,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
         if tc.ckpt_every > 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
             save(run_dir, done, model, opt, sched, cfg, env)
+            hooks.on_checkpoint(done, result)
+        if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
+            save(run_dir, done, model, opt, sched, cfg, env)
+            hooks.on_preempted(done)
+            result["preempted"] = True
+            break
         bar.update(1)
     bar.close()
+    hooks.close()
     if writer is not None:
         writer.close()
     if stats_file is not None:
@@ -223,8 +232,11 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main(args: list[str]) -> None:
+    from .launchers import launch_elsewhere
     from .preflight import preflight
 
     preflight(args)
+    if launch_elsewhere(args):  # launcher=local|slurm|ray: start the run's processes there
+        return
     sys.argv = ["moeflow-train", *args]
     hydra_main()

@@ -1,0 +1,81 @@
+"""What a launcher needs from inside the training loop, in one object the trainer calls.
+
+- Preemption (Slurm): SIGUSR1/SIGTERM set a flag; at the next step boundary all ranks agree
+  (one all-reduce), save a checkpoint, and rank 0 runs `scontrol requeue` so the job restarts
+  with `resume=auto` in the same run dir. Armed only when the launcher exports MOEFLOW_PREEMPTIBLE=1.
+- Ray Train: each checkpoint is reported to Ray Train (`ray.train.report`), so FailureConfig
+  restarts resume from it. Armed by `set_checkpoint_reporter` in the Ray worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+
+log = logging.getLogger("moeflow.launch")
+
+# (step, metrics, checkpoint dir or None) -> None; set by the Ray Train worker.
+_reporter: Callable[[int, dict, Path | None], None] | None = None
+
+
+def set_checkpoint_reporter(fn: Callable[[int, dict, Path | None], None] | None) -> None:
+    global _reporter
+    _reporter = fn
+
+
+class RunHooks:
+    def __init__(self, env, run_dir: Path, device: torch.device):
+        self.env, self.run_dir, self.device = env, Path(run_dir), device
+        self.signal_name: str | None = None
+        self.armed = os.environ.get("MOEFLOW_PREEMPTIBLE") == "1"
+        self._old = {}
+        if self.armed:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        if env.world_size > 1 or self.armed:
+            log.info("rank %d/%d up on %s (pid %d)", env.rank, env.world_size, socket.gethostname(), os.getpid())
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got a preemption signal (checked at step boundaries)."""
+        if not self.armed:
+            return False
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_checkpoint(self, step: int, metrics: dict) -> None:
+        if _reporter is not None:
+            path = self.run_dir / ckpt.CKPT_DIR / f"{ckpt.PREFIX}{step:08d}" if self.env.is_main else None
+            _reporter(step, metrics, path)
+
+    def on_preempted(self, step: int) -> None:
+        """Called after the preemption checkpoint: requeue the Slurm job, then the loop ends."""
+        if dist.is_initialized():
+            dist.barrier()
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+        job = job or os.environ.get("SLURM_JOB_ID")
+        if self.env.is_main:
+            if job and shutil.which("scontrol"):
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                outcome = "requeued" if done.returncode == 0 else f"requeue failed: {done.stderr.strip()}"
+                log.warning("%s at step %d: checkpoint saved, job %s %s", self.signal_name, step, job, outcome)
+            else:
+                log.warning("%s at step %d: checkpoint saved; restart with resume=auto to continue", self.signal_name, step)
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
