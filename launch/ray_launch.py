@@ -62,7 +62,7 @@ def connect(address: str | None) -> None:
             ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
         raise ConfigError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}; start a cluster with "
-                          f"`ray start --head` or set launcher.address") from None
+                          f"`ray start --head` or set launcher.address (token auth: the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
 
 
 def check_capacity(launcher: DictConfig) -> dict:

@@ -104,7 +104,7 @@ def render(s: DictConfig, train_args: list[str], sweep_file: Path | None = None,
         name = re.search(r"'(\w+)' is undefined", str(e))
         var = name.group(1) if name else str(e)
         raise ConfigError(f"template {path} uses the variable '{var}', which the launcher config does not set: "
-                          f"pass launcher.vars.{var}=VALUE (or remove it from the template)") from None
+                          f"pass +launcher.vars.{var}=VALUE (or remove it from the template)") from None
     except jinja2.TemplateError as e:
         raise ConfigError(f"template {path}: {e}") from None
 
