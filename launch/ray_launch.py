@@ -15,6 +15,7 @@ import shlex
 import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -83,6 +84,20 @@ def check_capacity(launcher: DictConfig) -> dict:
     return per_worker
 
 
+def restart_checkpoint(run_dir: Path, launch_id: str, restored) -> Path | None:
+    """After a worker-group restart: the newest of Ray Train's last reported checkpoint and the run
+    dir's own (a worker can die after saving but before Ray Train registered its report)."""
+    from . import checkpoint as ckpt
+
+    marker = run_dir / "ray_workers" / f"started-{launch_id}-rank{os.environ['RANK']}"
+    restarted = marker.exists()
+    marker.touch()
+    if not restarted and restored is None:
+        return None
+    found = [p for p in (Path(restored.path) if restored else None, ckpt.find_checkpoint(run_dir)) if p is not None]
+    return max(found, key=lambda p: ckpt.read_meta(p).get("step", 0)) if found else None
+
+
 def _worker(config: dict) -> None:
     """One Ray Train worker: the plain trainer, with its checkpoints reported to Ray Train."""
     import ray.train
@@ -104,10 +119,10 @@ def _worker(config: dict) -> None:
     (run_dir / "ray_workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     cfg = OmegaConf.create(config["cfg"])
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        cfg.resume = restored.path  # Ray Train's latest reported checkpoint (after a worker-group restart)
-        logging.getLogger("moeflow.ray").info("Ray Train restart: resuming from %s", restored.path)
+    resume_from = restart_checkpoint(run_dir, config["launch_id"], ray.train.get_checkpoint())
+    if resume_from is not None:
+        cfg.resume = str(resume_from)
+        logging.getLogger("moeflow.ray").info("Ray Train restart: resuming from %s", resume_from)
 
     def report(step: int, metrics: dict, ckpt_dir: Path | None) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -141,7 +156,7 @@ def launch(args: list[str]) -> int:
         OmegaConf.save(train_cfg, run_dir / "config.yaml")
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"cfg": OmegaConf.to_container(train_cfg, resolve=True), "run_dir": str(run_dir)},
+            train_loop_config={"cfg": OmegaConf.to_container(train_cfg, resolve=True), "run_dir": str(run_dir), "launch_id": uuid.uuid4().hex},
             scaling_config=ScalingConfig(num_workers=int(launcher.num_workers), use_gpu=bool(launcher.use_gpu), resources_per_worker=per_worker),
             run_config=RunConfig(name="ray_train", storage_path=str(run_dir / "ray"),
                                  failure_config=FailureConfig(max_failures=int(launcher.max_failures))),
