@@ -79,3 +79,14 @@ def test_submit_as_a_ray_job(cluster, tmp_path):
     losses = val_losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert (run / "checkpoints" / "step_00000010").is_dir()
+
+
+def test_on_prem_cluster_yaml_passes_rays_own_validation():
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    from launch_helpers import ROOT
+
+    config = yaml.safe_load((ROOT / "launch" / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # the same check `ray up` runs first
+    assert config["provider"]["type"] == "local" and config["provider"]["worker_ips"]

@@ -150,3 +150,37 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     assert 0 < preempted_at < 300
     assert f"resumed from {run_dir}/checkpoints/step_{preempted_at:08d} at step {preempted_at}" in log
     assert (run_dir / "checkpoints" / "step_00000300").is_dir()
+
+
+def ray_processes_of(job: str) -> list[str]:
+    """Command lines of live processes that belong to this job's Ray cluster (its private temp dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"/tmp/ray-{job}" in cmd and "session" in cmd or f"--temp-dir=/tmp/ray-{job}" in cmd:
+            found.append(f"{proc.name}: {cmd[:200]}")
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    done = moeflow("slurm", "submit", "launcher=ray", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    state = wait_job(job, 300)
+    log = moeflow("slurm", "logs", job).stdout
+    assert state == "COMPLETED", log[-4000:]
+    assert "1 Ray nodes up" in log and "Ray Train with 2 workers" in log
+    assert "rank 0/2 up" in log and "rank 1/2 up" in log and "moeflow: done:" in log
+    losses = val_losses(log)
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert "stopping the Ray cluster" in log
+    deadline = time.monotonic() + 30
+    while (left := ray_processes_of(job)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
