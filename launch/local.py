@@ -6,6 +6,7 @@ run dir is resolved once here and passed to every rank as `hydra.run.dir`.
 from __future__ import annotations
 
 import os
+import sys
 
 from .config import ConfigError
 from .launchers import LAUNCHED_ENV, compose, replace_run_dir, run_dir_of, without_launcher
@@ -37,7 +38,7 @@ def launch(args: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(argv))
     except Exception as e:  # torchrun's ChildFailedError carries each rank's exit code and log
-        print(f"moeflow train: error: launcher=local: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} (see the rank logs above; run dir {run_dir})")
+        print(f"moeflow train: error: launcher=local: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''} (see the rank logs above; run dir {run_dir})", file=sys.stderr)
         return 1
     print(f"moeflow: run dir {run_dir}")
     return 0

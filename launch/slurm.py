@@ -7,6 +7,7 @@ becomes a job array, one task per combination.
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import re
 import shlex
 import shutil
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError
 from .launchers import compose, without_launcher
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "slurm"
+TEMPLATE_DIR = Path(str(importlib.resources.files("moeflow.slurm")))  # the repo's slurm/, shipped as package data
 
 
 class SlurmError(ConfigError):
