@@ -46,9 +46,16 @@ def run_dir_of(cfg: DictConfig) -> str:
 def launch_elsewhere(args: list[str]) -> bool:
     """Start the run through the chosen launcher; False if it should run in this process."""
     name = launcher_name(args)
-    if name == "none" or os.environ.get(LAUNCHED_ENV) == "1" or any(a in ("-m", "--multirun") for a in args):
+    if name == "none" or os.environ.get(LAUNCHED_ENV) == "1":
         return False
+    multirun = [a for a in args if a in ("-m", "--multirun")]
     try:
+        if multirun and name == "slurm":  # a sweep: one array task per combination
+            from .slurm import submit
+
+            return _exit(submit([a for a in args if a not in multirun], multirun=True))
+        if multirun:
+            raise ConfigError(f"launcher={name} runs one training; sweep with `moeflow slurm submit -m ...` (a job array) or run each point yourself")
         if name == "local":
             from .local import launch
         elif name == "slurm":
@@ -57,10 +64,13 @@ def launch_elsewhere(args: list[str]) -> bool:
             from .ray_launch import launch_from_train as launch
         else:
             return False  # preflight already rejected unknown launchers
-        code = launch(args)
+        return _exit(launch(args))
     except ConfigError as e:
         print(f"moeflow train: error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def _exit(code: int) -> bool:
     if code:
         sys.exit(code)
     return True

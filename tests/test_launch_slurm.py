@@ -184,3 +184,18 @@ def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
     while (left := ray_processes_of(job)) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, left
+
+
+def test_sweep_runs_as_a_job_array(slurm, tmp_path):
+    """`moeflow train -m launcher=slurm a=1,2` == `moeflow slurm submit -m a=1,2`: one array task per point."""
+    done = moeflow("train", "-m", "launcher=slurm", *QUICK, "trainer.steps=2", "trainer.eval_every=0", "trainer.ckpt_every=2",
+                   "model.num_experts=2,4", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "(array of 2)" in done.stdout
+    job = job_id(done.stdout)
+    for task in ("0", "1"):
+        assert wait_job(f"{job}_{task}", 180) == "COMPLETED", moeflow("slurm", "logs", f"{job}_{task}").stdout[-3000:]
+    for task, experts in (("0", 2), ("1", 4)):
+        run_dir = tmp_path / "runs" / f"{job}_{task}"
+        assert f"model.num_experts={experts}" in (tmp_path / "runs" / f"{job}_{task}.out").read_text()
+        assert (run_dir / "checkpoints" / "step_00000002").is_dir()
