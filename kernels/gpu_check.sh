@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-tool call: install, GPU correctness tests, then the expert benchmark (and optionally
+# the 200-step triton-vs-torch training comparison). Run from the repository root:
+#   bash kernels/gpu_check.sh [test] [bench] [train]      (default: test bench)
+# Wheels for packages the GPU image lacks (hydra-core, omegaconf, antlr4) are taken from $WHEELS.
+set -uo pipefail
+OUT=${OUT:-/tmp/moeflow_out}; mkdir -p "$OUT"
+WHEELS=${WHEELS:-.whl}
+export PYTHONUNBUFFERED=1
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+stages=${*:-test bench}
+for stage in $stages; do
+  case $stage in
+    test)
+      python3 -m pytest tests/test_kernels.py tests/test_kernels_gpu.py -x -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+    bench)
+      moeflow bench experts --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
+    train)
+      for impl in triton torch; do
+        moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=200 trainer.log_every=10 \
+          trainer.eval_every=100 trainer.ckpt_every=1000 trainer.progress=false experts.impl=$impl \
+          hydra.run.dir=/tmp/run_$impl > "$OUT/train_$impl.log" 2>&1 || { tail -20 "$OUT/train_$impl.log"; exit 1; }
+        tail -3 "$OUT/train_$impl.log"
+      done
+      python3 kernels/compare_runs.py /tmp/run_triton/tensorboard /tmp/run_torch/tensorboard | tee "$OUT/compare.txt" ;;
+  esac
+done
