@@ -36,8 +36,19 @@ def _configs(shapes):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
 _UP_SHAPES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
-_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]
 _WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+
+
+def _fits_smem(configs, named_args, **kwargs):
+    """Drop candidates whose pipelined tiles exceed Hopper's 227 KiB of shared memory."""
+    pairs = 2 if kwargs.get("TWO", named_args.get("TWO", False)) or kwargs.get("SWIGLU", named_args.get("SWIGLU", False)) else 1
+    keep = []
+    for c in configs:
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (m * k + k * n) * 2 * pairs * c.num_stages <= 220 * 1024:
+            keep.append(c)
+    return keep or configs[-1:]
 
 
 def _even_k(args):
@@ -157,7 +168,7 @@ def _up_kernel(
 
 
 # ----------------------------------------------------------------------------- gmm
-@triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "M_BUCKET"])
+@triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "M_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _gmm_kernel(
