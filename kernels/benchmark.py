@@ -97,6 +97,51 @@ def bench_case(T, d, f, E, k, skew, impls, warmup, rep, seed=0):
     return [dict(impl=n, ms=ms, tflops=flops / ms / 1e9, x_dense=dense_ms / ms, extra_peak_gib=mem / GiB) for n, ms, mem in rows]
 
 
+def breakdown(T, d, f, E, k, warmup, rep):
+    """Median time and TFLOP/s of each kernel of the Triton path (random routing, SwiGLU)."""
+    import triton.testing
+
+    from moeflow.kernels import grouped_gemm as gg
+    from moeflow.kernels.ops import routing_layout
+    from moeflow.moe.dispatch import plan_dispatch
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    A = T * k
+    x = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+    w_router = torch.randn(d, E, device=dev, dtype=torch.bfloat16) * d**-0.5
+    w1, w3 = (torch.randn(E, d, f, device=dev, dtype=torch.bfloat16) * d**-0.5 for _ in range(2))
+    w2 = torch.randn(E, f, d, device=dev, dtype=torch.bfloat16) * f**-0.5
+    plan = plan_dispatch(route(x, w_router, k, False))
+    counts = plan.counts_E.to(torch.int32)
+    tok = plan.token_A.to(torch.int32)
+    pos, offs = routing_layout(plan.token_A, T)
+    g, h1, h3 = gg.up(x, tok, w1, w3, counts, A, True)
+    ys = gg.down(g, w2, counts, plan.weight_A, pos)
+    dy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
+    dh1, dh3, g2, _ = gg.down_bwd(dy, tok, w2, h1, h3, plan.weight_A, counts, True)
+    gemm = 2 * A * d * f
+    steps = [
+        ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T)), 0),
+        ("fwd up (gather, x@W1,x@W3, SwiGLU)", lambda: gg.up(x, tok, w1, w3, counts, A, True), 2 * gemm),
+        ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, plan.weight_A, pos), gemm),
+        ("fwd segsum (A->T rows)", lambda: gg.segsum(ys, offs, T), 0),
+        ("bwd down_bwd (dy@W2^T, act bwd)", lambda: gg.down_bwd(dy, tok, w2, h1, h3, plan.weight_A, counts, True), gemm),
+        ("bwd dW2 (g^T@dy)", lambda: gg.wgrad(g2, None, dy, None, tok, plan.weight_A, counts), gemm),
+        ("bwd dX (dh1@W1^T+dh3@W3^T, scatter)", lambda: gg.grad_input(dh1, w1, dh3, w3, counts, pos), 2 * gemm),
+        ("bwd dW1,dW3 (x^T@dh)", lambda: gg.wgrad(x, tok, dh1, dh3, None, None, counts), 2 * gemm),
+        ("bwd segsum", lambda: gg.segsum(ys, offs, T), 0),
+    ]
+    print(f"## breakdown {(T, d, f, E, k)}: kernel | ms | TFLOP/s")
+    total = 0.0
+    for name, fn, fl in steps:
+        fn()
+        ms = triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        total += ms
+        print(f"| {name} | {ms:.3f} | {fl / ms / 1e9:.0f} |" if fl else f"| {name} | {ms:.3f} | - |", flush=True)
+    print(f"| sum | {total:.3f} | {18 * A * d * f / total / 1e9:.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="moeflow bench experts", description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="all", help="'all' or indices into the case list, e.g. 0,2")
@@ -105,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=50, help="do_bench warm-up (ms)")
     p.add_argument("--rep", type=int, default=300, help="do_bench repetition time (ms)")
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--breakdown", action="store_true", help="also time each Triton kernel on its own")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("moeflow bench experts: error: needs a CUDA GPU (timings of the Triton kernels mean nothing elsewhere)", file=sys.stderr)
@@ -125,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
                 r.update(case=list(case), skew=skew)
                 print(f"| {label} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | x{r['x_dense']:.2f} | {r['extra_peak_gib']:.2f} |", flush=True)
             out += rows
+        if a.breakdown:
+            breakdown(*case, a.warmup, a.rep)
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -16,12 +16,12 @@ stages=${*:-test bench}
 for stage in $stages; do
   case $stage in
     test)
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest tests/test_kernels.py tests/test_kernels_gpu.py -x -q -p no:cacheprovider --timeout 150 --durations=12 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TEST_FILES:-tests/test_kernels.py tests/test_kernels_gpu.py} -x -q -p no:cacheprovider --timeout 150 --durations=12 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     bench)
       timeout ${BENCH_TIMEOUT:-400} moeflow bench experts --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
     train)
       for impl in triton torch; do
-        moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=200 trainer.log_every=10 \
+        timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=200 trainer.log_every=10 \
           trainer.eval_every=100 trainer.ckpt_every=1000 trainer.progress=false experts.impl=$impl \
           hydra.run.dir=/tmp/run_$impl > "$OUT/train_$impl.log" 2>&1 || { tail -20 "$OUT/train_$impl.log"; exit 1; }
         tail -3 "$OUT/train_$impl.log"

@@ -35,9 +35,9 @@ def _configs(shapes):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
-_UP_SHAPES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4)]
-_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3)]
-_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+_UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 4)]
+_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4)]
 
 
 def _fits_smem(configs, named_args, **kwargs):
@@ -229,7 +229,8 @@ def _gmm_kernel(
 
 
 # ----------------------------------------------------------------------------- down backward
-@triton.autotune(configs=_configs(_UP_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"], reset_to_zero=["dscale_ptr"])
+@triton.autotune(configs=_configs(_UP_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"],
+                 reset_to_zero=["dscale_ptr"], restore_value=["h1_ptr", "h3_ptr"])
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _down_bwd_kernel(
@@ -300,7 +301,7 @@ def _down_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- weight gradient
-@triton.autotune(configs=_configs(_WGRAD_SHAPES), key=["M", "N", "TWO", "R_BUCKET"])
+@triton.autotune(configs=_configs(_WGRAD_SHAPES), key=["M", "N", "TWO", "R_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
 @triton.jit
 def _wgrad_kernel(
     a_ptr, ia_ptr, b1_ptr, b2_ptr, ib_ptr, scale_ptr, out1_ptr, out2_ptr, counts_ptr,
@@ -450,12 +451,16 @@ def grad_input(dh1, w1, dh3, w3, counts_E, scatter_A=None):
     return out
 
 
-def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool):
-    """dh1, dh3 (SwiGLU), g and the gate-weight grad (None without scale) from dy."""
+def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place: bool = False):
+    """dh1, dh3 (SwiGLU), g and the gate-weight grad (None without scale) from dy.
+
+    `in_place`: dh1/dh3 overwrite h1/h3 (each program reads its h tile before writing the
+    same tile), saving 2*A*F elements of peak memory when h is dead afterwards.
+    """
     A, N = h1.shape  # N = F
     E, _, K = w2.shape  # K = D
-    dh1 = h1.new_empty(A, N)
-    dh3 = h1.new_empty(A, N) if swiglu else dh1
+    dh1 = h1 if in_place else h1.new_empty(A, N)
+    dh3 = (h3 if in_place else h1.new_empty(A, N)) if swiglu else dh1
     g = h1.new_empty(A, N)
     dscale = None
     if A == 0:

@@ -55,25 +55,31 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, 
     return x.new_empty(rows_out, w2.shape[2]), h1, h3
 
 
-@torch.library.custom_op("moeflow::experts_bwd", mutates_args=())
+@torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
 def experts_bwd(
     dy: Tensor, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
     token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
     h1: Tensor, h3: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted)."""
+    """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
+
+    h1/h3 are overwritten by dh1/dh3 (peak memory); the autograd layer forbids a second
+    backward through the same forward. Order chosen so transient buffers die early.
+    """
     swiglu = w3 is not None
     dy = dy.contiguous()
-    dh1, dh3, g, dweight = gg.down_bwd(dy, token_A, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu)
+    dh1, dh3, g, dweight = gg.down_bwd(dy, token_A, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
     # dW2[e] = g^T @ (weight * dy[token])
     dw2, _ = gg.wgrad(g, None, dy, None, token_A, weight_A, counts_E)
-    # dW1[e], dW3[e] = x[token]^T @ dh1, dh3
-    dw1, dw3 = gg.wgrad(x, token_A, dh1, dh3 if swiglu else None, None, None, counts_E)
+    del g
     if token_A is None:
         dx = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
     else:
         dx_sorted = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
         dx = gg.segsum(dx_sorted, tok_offsets, tok_offsets.shape[0] - 1)
+        del dx_sorted
+    # dW1[e], dW3[e] = x[token]^T @ dh1, dh3
+    dw1, dw3 = gg.wgrad(x, token_A, dh1, dh3 if swiglu else None, None, None, counts_E)
     dweight = dweight.to(weight_A.dtype) if weight_A is not None else x.new_empty(0, dtype=torch.float32)
     return dx, dw1, (dw3 if swiglu else x.new_empty(0)), dw2, dweight
 
@@ -97,6 +103,10 @@ class ExpertMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("moeflow experts: a second backward through the same forward is not supported "
+                               "(saved activations are reused in place); recompute the forward instead")
+        ctx.consumed = True
         x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3 = ctx.saved_tensors
         dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
             dy, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
