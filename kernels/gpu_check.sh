@@ -23,7 +23,7 @@ for stage in $stages; do
       for impl in triton torch; do
         timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=200 trainer.log_every=10 \
           trainer.eval_every=100 trainer.ckpt_every=1000 trainer.progress=false experts.impl=$impl \
-          hydra.run.dir=/tmp/run_$impl > "$OUT/train_$impl.log" 2>&1 || { tail -20 "$OUT/train_$impl.log"; exit 1; }
+          hydra.run.dir=/tmp/run_$impl > "$OUT/train_$impl.log" 2>&1 || { echo "train $impl failed:"; tail -20 "$OUT/train_$impl.log"; }
         tail -3 "$OUT/train_$impl.log"
       done
       python3 kernels/compare_runs.py /tmp/run_triton/tensorboard /tmp/run_torch/tensorboard | tee "$OUT/compare.txt" ;;
