@@ -161,3 +161,14 @@ def test_bad_input_is_rejected_or_falls_back():
         ops.expert_mlp(xb, w.float(), None, w.transpose(1, 2).float(), counts)
     with pytest.raises(ops.UnsupportedInput, match="unit stride"):
         ops.expert_mlp(torch.randn(16, 5, device=DEV).to(DTYPE).t(), w, w, w.transpose(1, 2).contiguous(), counts)
+
+
+def test_second_backward_is_refused():
+    """Backward reuses the saved activations in place, so a retained graph must not run twice."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x = torch.randn(6, 16, generator=gen).to(DEV, DTYPE).requires_grad_()
+    w1, w3, w2 = weights(2, 16, 16, True, DTYPE, gen)
+    y = ops.expert_mlp(x, w1, w3, w2, torch.tensor([2, 4], device=DEV))
+    y.float().sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        y.float().sum().backward()
