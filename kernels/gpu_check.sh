@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: install, GPU correctness tests, then the expert benchmark (and optionally
 # the 200-step triton-vs-torch training comparison). Run from the repository root:
-#   bash kernels/gpu_check.sh [test] [bench] [train]      (default: test bench)
+#   bash kernels/gpu_check.sh [test] [bench] [train] [diag]   (default: test bench)
+# diag: one step's gradients of triton-bf16 and torch-bf16 against torch-fp32, and an fp32 training run.
 # Wheels for packages the GPU image lacks (hydra-core, omegaconf, antlr4) are taken from $WHEELS.
 set -uo pipefail
 OUT=${OUT:-/tmp/moeflow_out}; mkdir -p "$OUT"
@@ -27,5 +28,10 @@ for stage in $stages; do
         tail -3 "$OUT/train_$impl.log"
       done
       python3 kernels/compare_runs.py /tmp/run_triton/tensorboard /tmp/run_torch/tensorboard | tee "$OUT/compare.txt" ;;
+    diag)
+      python3 kernels/compare_grads.py configs/model/small.yaml 8 512 2>&1 | tee "$OUT/grads.txt"
+      timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=${FP32_STEPS:-100} trainer.log_every=10 \
+          trainer.eval_every=100 trainer.ckpt_every=1000 trainer.progress=false experts.impl=torch trainer.precision=fp32 \
+          hydra.run.dir=/tmp/run_fp32 > "$OUT/train_fp32.log" 2>&1 && python3 kernels/compare_runs.py /tmp/run_fp32/tensorboard /tmp/run_fp32/tensorboard | tee "$OUT/fp32.txt" | head -14 ;;
   esac
 done
