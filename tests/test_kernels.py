@@ -172,3 +172,17 @@ def test_second_backward_is_refused():
     y.float().sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         y.float().sum().backward()
+
+
+def test_registration_is_lazy_and_auto_picks_triton_on_cuda():
+    import subprocess
+    import sys
+
+    from moeflow.launch.config import resolve_experts_impl
+    from moeflow.moe.experts import IMPLEMENTATIONS
+
+    assert "triton" in IMPLEMENTATIONS
+    assert resolve_experts_impl("auto", torch.device("cuda")) == "triton"
+    assert resolve_experts_impl("auto", torch.device("cpu")) == "torch"
+    code = "import sys, moeflow.moe.model, moeflow.moe.experts; assert 'triton' not in sys.modules, 'moe imported triton'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
