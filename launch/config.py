@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from moeflow.moe.model import ModelConfig
+from moeflow.parallel.integrations import check_engine
 
 
 class ConfigError(ValueError):
@@ -134,4 +135,5 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
     mc = model_config(cfg, resolve_device(tc.device))
     check_data(cfg, mc)
     check_optim(cfg)
+    check_engine(cfg)
     return mc, tc
