@@ -228,8 +228,8 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     mc = ModelConfig(**{**meta["model"], "experts_impl": "torch"})
     with torch.device("meta"):
         model = Transformer(mc)
-    want = set(ckpt.unique_state_dict(model))
-    if set(state) != want:
+    want = set(dict(model.named_parameters()))  # tied weights once, like ckpt.unique_state_dict
+    if want - set(state) or set(state) - set(model.state_dict()):
         raise ckpt.CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
     state = {k: state[k] for k in sorted(want)}
     optim_cfg = OmegaConf.create(meta["config"]["optim"])
