@@ -103,10 +103,17 @@ def _define_moeflow_moe():
     return MoeflowMoE
 
 
-try:
-    MoeflowMoE = _define_moeflow_moe()
-except ImportError:  # megatron-core not installed: the engine check names the extra
-    MoeflowMoE = None
+_MOEFLOW_MOE = []
+
+
+def __getattr__(name: str):
+    """`MoeflowMoE` is defined on first use: importing megatron-core is slow and noisy, and
+    config checks (which import this module) must not pay for it."""
+    if name == "MoeflowMoE":
+        if not _MOEFLOW_MOE:
+            _MOEFLOW_MOE.append(_define_moeflow_moe())
+        return _MOEFLOW_MOE[0]
+    raise AttributeError(name)
 
 
 def transformer_config(mc: ModelConfig, cpu_init: bool, bf16: bool = False):
@@ -131,7 +138,7 @@ def gpt_layer_specs(mc: ModelConfig):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     dense = get_gpt_layer_local_spec(normalization="RMSNorm")
-    moe_mlp = ModuleSpec(module=MoeflowMoE, params={"model_cfg": mc.to_dict()})
+    moe_mlp = ModuleSpec(module=__getattr__("MoeflowMoE"), params={"model_cfg": mc.to_dict()})
     layers = []
     for i in range(mc.n_layers):
         if mc.is_moe_block(i):
@@ -191,3 +198,35 @@ def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda",
     model = GPTModel(config, spec, vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len, position_embedding_type="rope",
                      rotary_base=int(mc.rope_theta), share_embeddings_and_output_weights=mc.tie_embeddings)
     return model.to(device)
+
+
+class MegatronLM(torch.nn.Module):
+    """A megatron-core GPTModel seen as a moeflow LM: tokens -> logits, `moe_layers()`, `aux_loss()`."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return gpt_logits(self.gpt, tokens_BS)
+
+    def moe_layers(self) -> list:
+        return moe_layers(self.gpt)
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def initialize_parallel_state(seed: int, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
+    """megatron-core's process groups (and its CUDA RNG tracker) over the current torch.distributed world."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():  # one process: a private group
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, expert_model_parallel_size=expert_parallel)
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(seed)
