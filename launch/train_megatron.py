@@ -25,13 +25,13 @@ from tqdm import tqdm
 from moeflow.moe.model import Transformer
 from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
 from moeflow.parallel.expert_params import param_groups
-from moeflow.parallel.integrations import megatron_ckpt as mck
+from moeflow.parallel.integrations import megatron_ckpt as mck, torch_engine_optimizer_state
 from moeflow.parallel.integrations import megatron_core as mcore
 
 from . import checkpoint as ckpt
 from .config import ConfigError, validate
 from .data import BatchSampler, load_splits
-from .train import build_optimizer, build_scheduler, evaluate, lm_loss, log_routing, set_gate_step
+from .train import build_scheduler, evaluate, lm_loss, log_routing, set_gate_step
 
 log = logging.getLogger("moeflow.train")
 
@@ -134,9 +134,8 @@ def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
 
 def save(run_dir: Path, step: int, gpt, model_cfg, opt, sched, cfg: DictConfig) -> None:
     """A moeflow checkpoint: weights in moeflow's layout; the megatron-ordered AdamW state under its own key."""
-    with torch.device("meta"):
-        torch_opt = build_optimizer(Transformer(model_cfg), cfg.optim)  # what engine=torch loads: fresh moments
-    state = {"optimizer": torch_opt.state_dict(), "megatron_optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    torch_opt, torch_sched = torch_engine_optimizer_state(model_cfg, cfg.optim, cfg.trainer.steps, step)  # for engine=torch
+    state = {"optimizer": torch_opt, "scheduler": torch_sched, "megatron_optimizer": opt.state_dict(),
              "rng": ckpt.rng_state(), "step": step, "engine": "megatron"}
     meta = {"model": model_cfg.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True), "engine": "megatron"}
     weights = {k: v.detach().cpu() for k, v in mck.from_megatron(gpt.state_dict(), model_cfg).items()}

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from moeflow.launch.config import ConfigError
 

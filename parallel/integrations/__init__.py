@@ -57,3 +57,24 @@ def loop_for(name: str):
     """The training loop of a non-torch engine (`train(cfg, run_dir) -> dict`)."""
     module = {"deepspeed": "moeflow.launch.train_deepspeed", "megatron": "moeflow.launch.train_megatron"}[name]
     return importlib.import_module(module).train
+
+
+def torch_engine_optimizer_state(model_cfg, optim_cfg, total_steps: int, step: int) -> tuple[dict, dict]:
+    """(optimizer, scheduler) state dicts that engine=torch resumes from at `step`: AdamW with
+    zero moments (other engines keep theirs in their own layout) and the schedule replayed to `step`."""
+    import warnings
+
+    import torch
+
+    from moeflow.launch.train import build_optimizer, build_scheduler
+    from moeflow.moe.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    opt = build_optimizer(model, optim_cfg)
+    sched = build_scheduler(opt, optim_cfg, total_steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # stepping the schedule without optimizer steps, on purpose
+        for _ in range(step):
+            sched.step()
+    return opt.state_dict(), sched.state_dict()

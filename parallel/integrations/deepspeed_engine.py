@@ -214,10 +214,8 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     continues the schedule. AdamW's moments are not carried over (ZeRO stores them as flat
     per-rank partitions): the resumed optimizer starts them from zero; meta.json says so.
     """
-    import warnings
-
-    from moeflow.launch.train import build_optimizer, build_scheduler
     from moeflow.moe.model import ModelConfig, Transformer
+    from moeflow.parallel.integrations import torch_engine_optimizer_state
 
     found = find_checkpoint(src)
     if found is None:
@@ -232,16 +230,10 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     if want - set(state) or set(state) - set(model.state_dict()):
         raise ckpt.CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
     state = {k: state[k] for k in sorted(want)}
-    optim_cfg = OmegaConf.create(meta["config"]["optim"])
-    opt = build_optimizer(model, optim_cfg)
-    sched = build_scheduler(opt, optim_cfg, int(meta["config"]["trainer"]["steps"]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # stepping the schedule without optimizer steps, on purpose
-        for _ in range(step):
-            sched.step()
+    optim_state, sched_state = torch_engine_optimizer_state(mc, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
     model_file = next(iter(sorted(found.glob("mp_rank_*_model_states.pt"))), None)
     ds_state = torch.load(model_file, map_location="cpu", weights_only=False) if model_file else {}
-    trainer_state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ds_state.get("rng") or ckpt.rng_state(), "step": step}
+    trainer_state = {"optimizer": optim_state, "scheduler": sched_state, "rng": ds_state.get("rng") or ckpt.rng_state(), "step": step}
     out_meta = {"model": meta["model"], "config": meta["config"],
                 "converted_from": {"format": "deepspeed", "path": str(found), "optimizer_moments": "reset (not carried over from ZeRO partitions)"}}
     return ckpt.save_checkpoint(Path(out_run_dir), step, state, trainer_state, out_meta, keep=0)
