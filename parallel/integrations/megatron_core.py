@@ -194,6 +194,7 @@ def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda",
         moe_aux_loss_coeff=float(mc.gate.get("aux_loss_coef", 0.0)), moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=layout != "sequential", moe_use_legacy_grouped_gemm=layout == "grouped",
     )
+    _patch_router_without_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=layout == "te_grouped", normalization="RMSNorm")
     model = GPTModel(config, spec, vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len, position_embedding_type="rope",
                      rotary_base=int(mc.rope_theta), share_embeddings_and_output_weights=mc.tie_embeddings)
@@ -230,3 +231,12 @@ def initialize_parallel_state(seed: int, tensor_parallel: int = 1, expert_parall
         ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, expert_model_parallel_size=expert_parallel)
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
+
+
+def _patch_router_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router GEMM tests `te_general_gemm is not None`, a name that only exists
+    when Transformer Engine imports (NameError otherwise); define it as None so its torch path runs."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
