@@ -184,7 +184,8 @@ def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
         raise ckpt.CheckpointError(f"resume={cfg.resume}: no DeepSpeed checkpoint found there; pass a run dir of an engine=deepspeed run or one of its checkpoints/deepspeed/step_* dirs")
     meta = ckpt.read_meta(found)
     mine = engine.module.cfg.to_dict()
-    diffs = [k for k in mine if k not in ("experts_impl",) and meta.get("model", {}).get(k) != mine[k]]
+    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
+    diffs = [k for k in shape_keys if meta.get("model", {}).get(k) != mine[k]]
     if diffs:
         raise ckpt.CheckpointError(f"checkpoint {found} is from a different model ({', '.join(diffs)} differ); resume with the checkpoint's model config (see {found / 'meta.json'})")
     try:
