@@ -103,9 +103,10 @@ class ExpertDataParallel(DistributedDataParallel):
         params = [p for p in self.module.parameters() if p.grad is not None]
         dense = [p.grad for p in params if expert_shard(p) is None]
         sharded = [p.grad for p in params if expert_shard(p) is not None]
-        zero = torch.zeros((), device=params[0].device, dtype=torch.float32) if params else torch.zeros(())
-        sq_dense = torch.nn.utils.get_total_norm(dense).float() ** 2 if dense else zero
-        sq_expert = torch.nn.utils.get_total_norm(sharded).float() ** 2 if sharded else zero.clone()
+        dtype = torch.promote_types(params[0].grad.dtype, torch.float32) if params else torch.float32
+        zero = torch.zeros((), device=params[0].device if params else None, dtype=dtype)
+        sq_dense = torch.nn.utils.get_total_norm(dense).to(dtype) ** 2 if dense else zero
+        sq_expert = torch.nn.utils.get_total_norm(sharded).to(dtype) ** 2 if sharded else zero.clone()
         if self.layout.ep > 1:
             dist.all_reduce(sq_expert, group=self.layout.ep_group)
         total = (sq_dense + sq_expert).sqrt()
