@@ -62,7 +62,8 @@ class AllToAllDispatcher:
             raise ValueError(f"parallel.overlap_chunks must be >= 1, got {chunks}")
         self.group, self.ep_size, self.num_local = group, ep_size, num_local_experts
         self.chunks = chunks
-        self.last_exchange_rows = (0, 0)  # (rows sent, rows received) of the last forward, for benchmarks
+        self.last_exchange_rows = (0, 0)  # (rows sent, rows received) of the last forward
+        self.last_splits = ([], [])  # per chunk: rows to / from each rank, for benchmarks
 
     def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts, shared_expert=None) -> torch.Tensor:
         R, L, C = self.ep_size, self.num_local, self.chunks
@@ -102,6 +103,7 @@ class AllToAllDispatcher:
             work.wait()
         y_AD = torch.cat(back_AD) if C > 1 else back_AD[0]
         self.last_exchange_rows = (sum(send_sizes), sum(map(sum, out_splits_CR)))
+        self.last_splits = (in_splits_CR, out_splits_CR)
 
         sorted_plan = DispatchPlan(
             token_A=plan.token_A[by_chunk_A],

@@ -99,8 +99,8 @@ def test_layer_ep2_dp2(world4, gate):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_uneven_loads_zero_rows_and_dropped_pairs(world2, world4, world):
-    per_rank = (world2 if world == 2 else world4)["layer"]
+def test_uneven_loads_zero_rows_and_dropped_pairs(request, world):
+    per_rank = request.getfixturevalue(f"world{world}")["layer"]
     ep = world
     name = f"skewed/ep{ep}"
     _check_layer(per_rank, name)
