@@ -101,6 +101,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg, tc = validate(cfg)
     device = resolve_device(tc.device)
     env: DistEnv = init_distributed(device.type, cfg.parallel.backend)
+    if not env.is_main:
+        logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")

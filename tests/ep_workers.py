@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from moeflow.moe.dispatch import combine
 from moeflow.moe.experts import MLP, GroupedExperts
 from moeflow.moe.gates import GATES, build_gate
 from moeflow.moe.gates.topk import TopKGate
@@ -114,12 +115,22 @@ class _BiasedProj(nn.Module):
         return self.linear(x) + self.bias_E.to(x.dtype)
 
 
-def build_layer(gate_name: str, shared: bool) -> MoELayer:
+class FusedPermuteExperts(GroupedExperts):
+    """Experts that take the plan and unpermuted rows (like a fused Triton kernel would)."""
+
+    fuses_permute = True
+
+    def forward_routed(self, x_TD, plan):
+        return combine(self(x_TD[plan.token_A], plan.counts_E), plan)
+
+
+def build_layer(gate_name: str, shared: bool, fused: bool = False) -> MoELayer:
     if gate_name == "skewed":
         gate = SkewedGate(D, E, K)
     else:
         gate = build_gate(gate_name, D, E, K)
-    return MoELayer(gate, GroupedExperts(E, D, F_, "swiglu", "torch"), MLP(D, 20) if shared else None).double()
+    experts = (FusedPermuteExperts if fused else GroupedExperts)(E, D, F_, "swiglu", "torch")
+    return MoELayer(gate, experts, MLP(D, 20) if shared else None).double()
 
 
 class Holder(nn.Module):
@@ -148,15 +159,15 @@ def _param_diffs(parallel: nn.Module, ref: nn.Module, what: str) -> dict[str, fl
 
 # -- one MoE layer -----------------------------------------------------------------
 def layer_cases(rank: int, world: int, cases: list[tuple]) -> dict:
-    """cases: (name, ep, gate_name, overlap_chunks, overlap_shared). Returns name -> diffs."""
+    """cases: (name, ep, gate_name, overlap_chunks, overlap_shared, fused_permute). Returns name -> diffs."""
     results = {}
     layouts = {}
-    for name, ep, gate_name, chunks, overlap_shared in cases:
+    for name, ep, gate_name, chunks, overlap_shared, fused in cases:
         if gate_name not in GATES and gate_name != "skewed":
             continue
         layout = layouts.setdefault(ep, build_layout(ep, E))
         torch.manual_seed(1234)
-        layer = build_layer(gate_name, shared=True)
+        layer = build_layer(gate_name, shared=True, fused=fused)
         ref = copy.deepcopy(layer)
         T = 12 * world
         gen = torch.Generator().manual_seed(99)

@@ -10,6 +10,8 @@ overlap path; resume with a different EP size. Gates missing from the registry s
 from __future__ import annotations
 
 import pytest
+import torch
+from filelock import FileLock
 
 from moeflow.moe.gates import GATES
 
@@ -23,10 +25,11 @@ GATE_NAMES = W.EQUIVALENCE_GATES
 
 def _layer_cases(world: int) -> list[tuple]:
     eps = [2] if world == 2 else [4, 2]
-    cases = [(f"{g}/ep{ep}", ep, g, 1, False) for ep in eps for g in GATE_NAMES]
-    cases += [(f"skewed/ep{ep}", ep, "skewed", 1, False) for ep in eps]
+    cases = [(f"{g}/ep{ep}", ep, g, 1, False, False) for ep in eps for g in GATE_NAMES]
+    cases += [(f"skewed/ep{ep}", ep, "skewed", 1, False, False) for ep in eps]
     if world == 2:
-        cases += [("topk/ep2/overlap", 2, "topk", 3, True), ("skewed/ep2/overlap", 2, "skewed", 4, True)]
+        cases += [("topk/ep2/overlap", 2, "topk", 3, True, False), ("skewed/ep2/overlap", 2, "skewed", 4, True, False)]
+        cases += [("skewed/ep2/fused_permute", 2, "skewed", 1, False, True)]
     return cases
 
 
@@ -34,23 +37,46 @@ def _train_cases(world: int) -> list[tuple]:
     eps = [2] if world == 2 else [4, 2]
     cases = [(f"{g}/ep{ep}", ep, g, 1) for ep in eps for g in GATE_NAMES]
     if world == 2:
-        cases.append(("topk/ep2/overlap", 2, "topk", 2))
+        cases += [("topk/ep2/overlap", 2, "topk", 2), ("topk/ep1/dp2", 1, "topk", 1)]
     return cases
 
 
-@pytest.fixture(scope="module")
-def world2(tmp_path_factory):
-    layer = W.spawn("layer_cases", 2, tmp_path_factory.mktemp("w2l"), _layer_cases(2))
-    train = W.spawn("train_cases", 2, tmp_path_factory.mktemp("w2t"), _train_cases(2))
-    return {"layer": layer, "train": train}
+def _once(tmp_path_factory, worker_id: str, key: str, compute):
+    """Run the spawns once per test session, also under pytest-xdist (workers share a file cache)."""
+    if worker_id == "master":
+        return compute(tmp_path_factory.mktemp(key))
+    root = tmp_path_factory.getbasetemp().parent  # this session's dir, shared by the xdist workers
+    cached = root / f"{key}.pt"
+    with FileLock(str(root / f"{key}.lock")):
+        if not cached.exists():
+            torch.save(compute(tmp_path_factory.mktemp(key)), cached)
+    return torch.load(cached, weights_only=False)
 
 
 @pytest.fixture(scope="module")
-def world4(tmp_path_factory):
-    layer = W.spawn("layer_cases", 4, tmp_path_factory.mktemp("w4l"), _layer_cases(4))
-    train = W.spawn("train_cases", 4, tmp_path_factory.mktemp("w4t"), _train_cases(4))
-    resume = W.spawn("resume_case", 4, tmp_path_factory.mktemp("w4r"), 2, 4)
-    return {"layer": layer, "train": train, "resume": resume}
+def world2(tmp_path_factory, worker_id):
+    def compute(tmp):
+        return {"layer": W.spawn("layer_cases", 2, _mk(tmp, "l"), _layer_cases(2)), "train": W.spawn("train_cases", 2, _mk(tmp, "t"), _train_cases(2))}
+
+    return _once(tmp_path_factory, worker_id, "ep_world2", compute)
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory, worker_id):
+    def compute(tmp):
+        return {
+            "layer": W.spawn("layer_cases", 4, _mk(tmp, "l"), _layer_cases(4)),
+            "train": W.spawn("train_cases", 4, _mk(tmp, "t"), _train_cases(4)),
+            "resume": W.spawn("resume_case", 4, _mk(tmp, "r"), 2, 4),
+        }
+
+    return _once(tmp_path_factory, worker_id, "ep_world4", compute)
+
+
+def _mk(tmp, name):
+    d = tmp / name
+    d.mkdir()
+    return d
 
 
 def _check_layer(per_rank: list[dict], name: str) -> None:
@@ -108,6 +134,14 @@ def test_uneven_loads_zero_rows_and_dropped_pairs(request, world):
     assert all(c == 0 for c in counts[3:]) and all(c > 0 for c in counts[:3]), counts
     received = [res[name]["rows_received"] for res in per_rank]
     assert received[-1] == 0 and received[0] > 0, received  # the last EP rank holds only idle experts
+
+
+def test_experts_that_fuse_the_permutation(world2):
+    _check_layer(world2["layer"], "skewed/ep2/fused_permute")
+
+
+def test_pure_data_parallel_through_parallelize(world2):
+    _check_train(world2["train"], "topk/ep1/dp2")
 
 
 def test_overlap_chunks_and_shared_expert_in_flight(world2):
