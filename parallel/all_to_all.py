@@ -119,7 +119,7 @@ class AllToAllDispatcher:
         """Received rows are ordered (source rank, local expert): group them by local expert,
         run the experts, and put the outputs back in received order."""
         L = self.num_local
-        local_expert_A = torch.repeat_interleave(torch.arange(L, device=recv_AD.device).repeat(self.ep_size), recv_RL.reshape(-1))
+        local_expert_A = torch.repeat_interleave(torch.arange(L, device=recv_AD.device).repeat(self.ep_size), recv_RL.reshape(-1), output_size=recv_AD.shape[0])
         order_A = torch.argsort(local_expert_A, stable=True)
         counts_L = recv_RL.sum(0)
         if getattr(experts, "fuses_permute", False):
