@@ -57,7 +57,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedP
 
 
 @pytest.mark.multiprocess
-def test_torchrun_ep2_trains_logs_and_resumes_without_ep(tmp_path):
+def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
     run = tmp_path / "run"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "train",
           "parallel.ep=2", "trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=2", "trainer.ckpt_every=2", *SMALL, f"hydra.run.dir={run}"], tmp_path)
@@ -77,6 +77,13 @@ def test_torchrun_ep2_trains_logs_and_resumes_without_ep(tmp_path):
     _run([sys.executable, "-m", "moeflow.launch.cli", "train", f"resume={run}", "trainer.steps=5", "trainer.eval_every=0", *SMALL, f"hydra.run.dir={run2}"], tmp_path)
     log2 = (run2 / "train.log").read_text()
     assert "resumed from" in log2 and "step_00000004" in log2 and '"step": 5' in log2
+
+    # and the single-process checkpoint resumes under EP=2 again (resharded on load)
+    run3 = tmp_path / "run3"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "train",
+          "parallel.ep=2", f"resume={run2}", "trainer.steps=6", "trainer.eval_every=0", *SMALL, f"hydra.run.dir={run3}"], tmp_path)
+    log3 = (run3 / "train.log").read_text()
+    assert "resumed from" in log3 and "step_00000005" in log3 and '"step": 6' in log3
 
 
 @pytest.mark.multiprocess
