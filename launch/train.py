@@ -202,6 +202,9 @@ def resume_if_asked(cfg: DictConfig, run_dir: Path, model, opt, sched) -> int:
     state = ckpt.load_model_state(found)
     ckpt.check_compatible(found, meta.get("model", {}), model.cfg.to_dict(), state, model)
     model.load_state_dict(state, strict=False)
+    if meta.get("weights_only"):  # e.g. written by `moeflow upcycle`: weights to start from, no optimizer state
+        log.info("initialised from weights-only checkpoint %s; fresh optimizer and schedule at step 0", found)
+        return 0
     trainer_state = ckpt.load_trainer_state(found)
     opt.load_state_dict(trainer_state["optimizer"])
     sched.load_state_dict(trainer_state["scheduler"])

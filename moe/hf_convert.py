@@ -399,8 +399,61 @@ def dtype_of(cfg: dict) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).replace("torch.", ""), torch.float32)
 
 
+
+
+# --------------------------------------------------------------------------------------
+# The generic path on a transformers model (GPT-2, BERT, anything transformers loads)
+
+UPCYCLE_RECIPE = "upcycle.json"
+
+
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A local folder through `transformers.AutoModelForCausalLM` (no download), in eval mode."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ConversionError("this needs transformers: pip install 'moeflow[hf]'") from None
+    weight_files(Path(path))  # missing shards etc. as one-line errors before transformers sees them
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype).eval()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConversionError(f"transformers cannot load {path}: {' '.join(str(e).split())[:300]}") from None
+
+
+def save_generic(folder: Path, model: torch.nn.Module, source: Path, recipe: dict) -> None:
+    """An upcycled transformers model: the dense config.json, the upcycle recipe, all weights."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / "config.json", folder / "config.json")
+    (folder / UPCYCLE_RECIPE).write_text(json.dumps(recipe, indent=2) + "\n")
+    save_model(model, str(folder / SINGLE_FILE), metadata={"format": "pt", "moeflow": "upcycled"})
+    for name in _COPY_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+
+
+def load_upcycled(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Rebuild a model saved by the generic path: dense architecture, same upcycling, saved weights."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .upcycle import UpcycleOptions, upcycle_model
+
+    p = Path(path)
+    if not (p / UPCYCLE_RECIPE).is_file():
+        raise ConversionError(f"{p} has no {UPCYCLE_RECIPE}; it was not written by the generic upcycle path")
+    recipe = json.loads((p / UPCYCLE_RECIPE).read_text())
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True), dtype=dtype)
+    upcycle_model(model, options=UpcycleOptions(**recipe["options"]), selector=recipe.get("selector"))
+    missing, unexpected = load_model(model, str(p / SINGLE_FILE), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+        raise ConversionError(f"{p}: saved weights do not match the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
 __all__ = [
     "FAMILIES", "GENERIC", "ConversionError", "HFCheckpoint", "read_config", "read_checkpoint", "weight_files",
     "model_config_from_hf", "check_weights", "hf_to_moeflow_state", "load_dense", "export_config", "export_tensors",
-    "save_hf", "rotary_perm", "supported_message", "dtype_of",
+    "save_hf", "rotary_perm", "supported_message", "dtype_of", "load_hf_model", "save_generic", "load_upcycled",
 ]
