@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> dict:
         raise
     print(f"wrote {output} ({fmt}): {opts.total_experts} experts, top-{opts.active_experts}, gate {opts.gate}, {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active_only=True) / 1e6:.2f}M active)")
     if "train_command" in report:
-        print(f"continue training with:\n  {report['train_command']} [data=... trainer.steps=...]")
+        print(f"continue training with (add your data=... and trainer.* overrides):\n  {report['train_command']}")
     return report
 
 
