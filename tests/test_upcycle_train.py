@@ -58,6 +58,7 @@ def test_upcycled_llama_continues_in_moeflow_train(tmp_path):
     assert result["train_loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
     """The real CLI, twice: a dense moeflow run -> `moeflow upcycle` -> the printed `moeflow train` command."""
     data = corpus(tmp_path / "tokens.bin", 256)
