@@ -106,8 +106,17 @@ class UpcycleOptions:
 
     @property
     def exact(self) -> bool:
-        """Whether the upcycled model must reproduce the dense one (what --verify checks)."""
+        """Whether the upcycled model must reproduce the dense one (what --verify checks).
+
+        Known exact gates: topk with renormalised weights, and dts (at step 0 every expert
+        is active and the softmax weights sum to 1). Other gates may drop tokens or weigh
+        them otherwise; --verify then reports the difference without failing.
+        """
         if self.expert_noise > 0:
+            return False
+        if self.gate == "dts":
+            return True
+        if self.gate != "topk" or not self.gate_options.get("renormalize", True):
             return False
         if self.granularity > 1 and self.resolved_router_init == "zero":
             return self.top_k == self.num_experts

@@ -97,10 +97,12 @@ def test_granular_upcycle_preserves_logits(opts):
     assert_logits_close(moe(x), dense(x))
 
 
-def test_granular_zero_router_with_sparse_topk_is_not_promised_exact():
+def test_which_settings_are_promised_exact():
     """A zero router ties every expert; top-k may then pick an unbalanced set of slices."""
     assert not UpcycleOptions(num_experts=4, top_k=1, granularity=2, router_init="zero").exact
     assert UpcycleOptions(num_experts=4, top_k=1, granularity=2).exact  # auto ties rows per copy
+    assert not UpcycleOptions(num_experts=4, top_k=2, gate_options={"renormalize": False}).exact  # weights sum to k/E
+    assert not UpcycleOptions(num_experts=4, top_k=2, expert_noise=0.01).exact
 
 
 def test_expert_noise_diversifies_copies():
@@ -205,11 +207,20 @@ def test_generic_selector_and_errors(tmp_path):
 
 
 @pytest.mark.skipif("dts" not in GATES, reason="the dts gate is not in this tree yet")
-def test_evomoe_route_with_dts_gate():
-    """EvoMoE: one trained expert (the dense MLP) diversified into many, routed by the DTS gate."""
+@pytest.mark.parametrize("granularity", [1, 2])
+def test_evomoe_route_with_dts_gate(granularity):
+    """EvoMoE: the trained dense MLP (one expert) diversified into many, routed by the DTS gate.
+
+    At step 0 the DTS gate is fully dense (every expert active, softmax weights summing
+    to 1), so identical copies reproduce the dense model exactly (eval mode: no Gumbel noise).
+    """
     dense = dense_model()
-    moe = upcycle_transformer(dense, UpcycleOptions(num_experts=4, top_k=2, gate="dts", expert_noise=0.01)).eval()
+    opts = UpcycleOptions(num_experts=4, top_k=2, gate="dts", granularity=granularity)
+    assert opts.exact
+    moe = upcycle_transformer(dense, opts).eval()
     assert type(moe.blocks[0].ffn.gate).__name__ != "TopKGate"
     x = tokens(vocab=64)
-    out = moe(x)
-    assert torch.isfinite(out).all() and out.shape == dense(x).shape
+    assert_logits_close(moe(x), dense(x))
+    noisy = upcycle_transformer(dense, UpcycleOptions(num_experts=4, top_k=2, gate="dts", expert_noise=0.01)).eval()
+    rel = (noisy(x) - dense(x)).abs().max() / dense(x).abs().max()
+    assert 0 < rel < 0.05

@@ -134,3 +134,15 @@ def test_gpt2_generic_path_cli_roundtrip(tmp_path):
     assert_logits_close(reloaded(x).logits, dense(x).logits)
     with pytest.raises(SystemExit):
         upcycle_cli.main([str(tmp_path / "gpt2"), str(tmp_path / "o2"), "--format", "hf"])
+
+
+def test_bf16_source_exports_bf16_and_trains_in_float32(tmp_path):
+    make_hf("llama", tmp_path / "d").to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    upcycle_cli.run(upcycle_cli.parse_args([str(tmp_path / "bf16"), str(tmp_path / "out"), "--num-experts", "2", "--top-k", "1"]))
+    with __import__("safetensors").safe_open(str(tmp_path / "out" / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.block_sparse_moe.experts.1.w1.weight").dtype == torch.bfloat16
+    with __import__("safetensors").safe_open(str(tmp_path / "out" / "moeflow" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("blocks.0.ffn.experts.w1_EDF").dtype == torch.float32
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf"), dtype=torch.float32).eval()
+    dense = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32).eval()
+    assert_logits_close(exported(tokens()).logits, dense(tokens()).logits)  # bf16 values copy exactly

@@ -58,6 +58,22 @@ def test_upcycled_llama_continues_in_moeflow_train(tmp_path):
     assert result["train_loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
+def test_slurm_style_run_in_the_upcycled_dir_with_resume_auto(tmp_path):
+    """README's recipe: hydra.run.dir=<upcycled dir> resume=auto starts from the upcycled
+    weights, and a requeued job resumes from the run's own later checkpoint."""
+    dense = make_hf("qwen3", tmp_path / "dense", vocab=128, head_dim=16)
+    data = corpus(tmp_path / "tokens.bin", 128)
+    upcycle_cli.run(upcycle_cli.parse_args([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "1", "--granularity", "2"]))
+    run_dir = (tmp_path / "moe" / "moeflow").resolve()
+    base = [f"hydra.searchpath=[file://{run_dir / 'configs'}]", "model=upcycled", "gate=upcycled", "resume=auto", *train_overrides(data)]
+    cfg = compose_cfg(*base, "trainer.ckpt_every=1")
+    first = train(cfg, run_dir)
+    assert first["start_step"] == 0
+    assert first["train_loss"] == pytest.approx(dense_first_loss(dense, cfg), rel=1e-5, abs=1e-6)
+    again = train(compose_cfg(*base, "trainer.steps=2", "trainer.ckpt_every=1"), run_dir)
+    assert again["start_step"] == 1 and again["step"] == 2
+
+
 @pytest.mark.slow
 def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
     """The real CLI, twice: a dense moeflow run -> `moeflow upcycle` -> the printed `moeflow train` command."""
