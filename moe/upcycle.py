@@ -383,14 +383,14 @@ def _linear_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
     return None
 
 
-_GATED = ("gate_proj", "up_proj", "down_proj")
+_GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))  # (gate, up, down)
 _TWO_LAYER = (("c_fc", "c_proj"), ("fc1", "fc2"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"), ("w1", "w2"))
 
 
 def _ffn_parts(mod: nn.Module) -> tuple[str, ...] | None:
     children = dict(mod.named_children())
     param_children = {n for n, c in children.items() if any(True for _ in c.parameters())}
-    for parts in (_GATED, *_TWO_LAYER):
+    for parts in (*_GATED, *_TWO_LAYER):
         if all(p in children and _linear_weight(children[p]) is not None for p in parts) and param_children <= set(parts):
             return parts
     return None
@@ -431,7 +431,7 @@ def _candidate(mod: nn.Module) -> tuple[DenseFFN | None, nn.Module]:
     if parts is None:
         return None, mod
     lin = [_linear_weight(getattr(mod, p)) for p in parts]
-    if parts == _GATED:
+    if parts in _GATED:
         (w1, b1), (w3, b3), (w2, b2) = lin
         ffn = DenseFFN(w1, w2, w3, b1, b3, b2)
     else:
@@ -471,7 +471,8 @@ def upcycle_model(
     top_k: int = 2,
     selector: str | Callable[[str, nn.Module], bool] | None = None,
     experts_impl: str = "torch",
-    **options,
+    options: UpcycleOptions | None = None,
+    **kwargs,
 ) -> list[str]:
     """Replace the MLPs of any transformer by moeflow MoE layers whose experts copy them; in place.
 
@@ -480,8 +481,9 @@ def upcycle_model(
     map onto `GroupedExperts` (SwiGLU, tanh-GELU, with or without biases) get grouped
     experts; any other module is copied whole into `ModuleExperts` (granularity must be 1).
     Returns the names of the replaced modules; add `moe_aux_loss(model)` to the loss.
+    Pass `options=UpcycleOptions(...)` instead of the keywords to reuse a saved recipe.
     """
-    opts = options.pop("options", None) or UpcycleOptions(num_experts=num_experts, top_k=top_k, **options)
+    opts = options if options is not None else UpcycleOptions(num_experts=num_experts, top_k=top_k, **kwargs)
     names = find_ffns(model, selector)
     if not names:
         how = "the selector matched no module" if selector is not None else "no MLP module was recognised"

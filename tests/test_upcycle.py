@@ -224,3 +224,16 @@ def test_evomoe_route_with_dts_gate(granularity):
     noisy = upcycle_transformer(dense, UpcycleOptions(num_experts=4, top_k=2, gate="dts", expert_noise=0.01)).eval()
     rel = (noisy(x) - dense(x)).abs().max() / dense(x).abs().max()
     assert 0 < rel < 0.05
+
+
+def test_generic_path_on_a_plain_torch_module():
+    """upcycle_model also recognises moeflow's own MLP (w1/w3/w2) inside any nn.Module."""
+    from moeflow.moe.experts import MLP
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), MLP(16, 32, "swiglu"), torch.nn.Linear(16, 4)).eval()
+    x = torch.randn(3, 5, 8)
+    want = net(x)
+    assert upcycle_model(net, num_experts=4, top_k=2, granularity=2) == ["1"]
+    assert isinstance(net[1].experts, GroupedExperts) and net[1].experts.num_experts == 8
+    assert_logits_close(net(x), want)
