@@ -444,7 +444,7 @@ def load_upcycled(path: str | Path, dtype: torch.dtype = torch.float32):
     if not (p / UPCYCLE_RECIPE).is_file():
         raise ConversionError(f"{p} has no {UPCYCLE_RECIPE}; it was not written by the generic upcycle path")
     recipe = json.loads((p / UPCYCLE_RECIPE).read_text())
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p), local_files_only=True)).to(dtype)
     upcycle_model(model, options=UpcycleOptions(**recipe["options"]), selector=recipe.get("selector"))
     missing, unexpected = load_model(model, str(p / SINGLE_FILE), strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:

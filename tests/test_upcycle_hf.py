@@ -146,3 +146,16 @@ def test_bf16_source_exports_bf16_and_trains_in_float32(tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf"), dtype=torch.float32).eval()
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32).eval()
     assert_logits_close(exported(tokens()).logits, dense(tokens()).logits)  # bf16 values copy exactly
+
+
+def test_pickle_only_and_corrupt_weights(tmp_path):
+    make_hf("llama", tmp_path / "d")
+    (tmp_path / "pickle").mkdir()
+    (tmp_path / "pickle" / "config.json").write_text((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(hf.ConversionError, match="only pickle weights.*safe_serialization=True"):
+        hf.load_dense(tmp_path / "pickle")
+    data = (tmp_path / "d" / "model.safetensors").read_bytes()
+    (tmp_path / "d" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(hf.ConversionError, match="model.safetensors is unreadable"):
+        hf.load_dense(tmp_path / "d")
