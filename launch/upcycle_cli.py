@@ -30,6 +30,9 @@ from . import checkpoint as ckpt
 from .config import ConfigError
 
 VERIFY_RTOL = 1e-4  # relative to the largest logit; float32 runs give ~1e-7
+# lower precisions round differently in the dense and the MoE forward; a wrong mapping is O(1)
+LOW_PRECISION_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,6 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shared-expert", action="store_true", help="keep the dense MLP as an always-on shared expert")
     p.add_argument("--shared-fraction", type=float, default=0.5, help="share of the output the shared expert keeps (default 0.5)")
     p.add_argument("--moe-every", type=int, default=1, help="upcycle every n-th MLP (default 1: all)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="precision to upcycle, verify and save the moeflow checkpoint in (default float32; bfloat16 halves memory for large models); HF exports keep the source's dtype")
     p.add_argument("--max-seq-len", type=int, default=None, help="moeflow model.max_seq_len (default: min(max_position_embeddings, sliding window, 4096))")
     p.add_argument("--generic", action="store_true", help="use the generic module-tree path (any architecture transformers can load)")
     p.add_argument("--selector", default=None, help="generic path: regex on module names selecting the MLPs")
@@ -92,7 +96,7 @@ def detect(source: Path) -> str:
     raise UpcycleError(f"{source} is neither a moeflow checkpoint (meta.json + model.safetensors, or a run dir with checkpoints/) nor a Hugging Face folder (config.json)")
 
 
-def load_moeflow_dense(source: Path) -> tuple[Transformer, dict]:
+def load_moeflow_dense(source: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
     from moeflow.moe.model import ModelConfig
 
     found = ckpt.find_checkpoint(source)
@@ -105,7 +109,7 @@ def load_moeflow_dense(source: Path) -> tuple[Transformer, dict]:
     state = ckpt.load_model_state(found)
     ckpt.check_compatible(found, meta["model"], mc.to_dict(), state, model)
     model.load_state_dict(state, strict=False)
-    return model.float().eval(), meta
+    return model.to(dtype).eval(), meta
 
 
 # --------------------------------------------------------------------------------------
@@ -190,10 +194,11 @@ def atomic_output(output: Path, force: bool):
     return tmp, commit
 
 
-def check_verify(name: str, diff: dict, opts: UpcycleOptions) -> None:
+def check_verify(name: str, diff: dict, opts: UpcycleOptions, dtype: torch.dtype = torch.float32) -> None:
+    rtol = LOW_PRECISION_RTOL.get(dtype, VERIFY_RTOL)
     print(f"verify {name}: max |logit diff| {diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}) on {diff['tokens'][0]}x{diff['tokens'][1]} random tokens")
-    if opts.exact and not diff["max_rel_diff"] <= VERIFY_RTOL:
-        raise UpcycleError(f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {VERIFY_RTOL:g} although the options promise an exact copy; nothing was written (report this, or pass --no-verify)")
+    if opts.exact and not diff["max_rel_diff"] <= rtol:
+        raise UpcycleError(f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {rtol:g} although the options promise an exact copy; nothing was written (report this, or pass --no-verify)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -205,7 +210,7 @@ def run(args: argparse.Namespace) -> dict:
     if kind == "moeflow":
         if fmt not in ("auto", "moeflow"):
             raise UpcycleError(f"--format {fmt}: a moeflow checkpoint upcycles to moeflow format only (HF export needs a Llama-family HF source)")
-        dense, _ = load_moeflow_dense(source)
+        dense, _ = load_moeflow_dense(source, DTYPES[args.dtype])
         fmt, family_cfg = "moeflow", None
     else:
         family_cfg = hf.read_config(source)
@@ -219,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         if fmt == "generic":
             raise UpcycleError("--format generic needs --generic")
         fmt = "both" if fmt == "auto" else fmt
-        dense, _ = hf.load_dense(source, args.max_seq_len)
+        dense, _ = hf.load_dense(source, args.max_seq_len, DTYPES[args.dtype])
 
     opts_gate = full_gate(opts)
     opts = UpcycleOptions(**{**opts.to_dict(), "gate_options": {k: v for k, v in opts_gate.items() if k != "name"}})
@@ -227,11 +232,11 @@ def run(args: argparse.Namespace) -> dict:
     tmp, commit = atomic_output(output, args.force)
     try:
         if args.verify:
-            ref = dense_reference(source, kind, dense)
+            ref = dense_reference(source, kind, dense, DTYPES[args.dtype])
             seq = min(32, moe.cfg.max_seq_len)
             diff = max_logit_diff(ref, moe, moe.cfg.vocab_size, seq_len=seq, seed=args.seed)
             report["verify"]["moeflow"] = diff
-            check_verify("moeflow MoE vs dense", diff, opts)
+            check_verify("moeflow MoE vs dense", diff, opts, DTYPES[args.dtype])
         mf_dir = tmp / "moeflow" if fmt == "both" else tmp
         hf_dir = tmp / "hf" if fmt == "both" else tmp
         if fmt in ("hf", "both"):
@@ -260,21 +265,21 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def dense_reference(source: Path, kind: str, dense: Transformer):
+def dense_reference(source: Path, kind: str, dense: Transformer, dtype: torch.dtype = torch.float32):
     """The dense model to compare against: transformers' own when it is installed, else the converted one."""
     if kind == "hf":
         try:
             import transformers  # noqa: F401
         except ImportError:
             return dense
-        ref = hf.load_hf_model(source)
+        ref = hf.load_hf_model(source, dtype)
         return lambda t: ref(t).logits
     return dense
 
 
 def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dict, report: dict) -> dict:
-    dense = hf.load_hf_model(source)
-    model = hf.load_hf_model(source)
+    dense = hf.load_hf_model(source, DTYPES[args.dtype])
+    model = hf.load_hf_model(source, DTYPES[args.dtype])
     replaced = upcycle_model(model, options=opts, selector=args.selector)
     model.eval()
     tmp, commit = atomic_output(output, args.force)
@@ -284,7 +289,7 @@ def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dic
             seq = min(32, int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 32))
             diff = max_logit_diff(lambda t: dense(t).logits, lambda t: model(t).logits, vocab, seq_len=seq, seed=args.seed)
             report["verify"]["generic"] = diff
-            check_verify(f"upcycled {cfg.get('model_type')} vs dense", diff, opts)
+            check_verify(f"upcycled {cfg.get('model_type')} vs dense", diff, opts, DTYPES[args.dtype])
         report["replaced_modules"] = replaced
         hf.save_generic(tmp, model, source, {"options": opts.to_dict(), "selector": args.selector, "report": report})
         commit()

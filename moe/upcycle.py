@@ -36,7 +36,7 @@ from torch import nn
 from .experts import MLP, GroupedExperts
 from .gates import build_gate
 from .layer import MoELayer
-from .model import ModelConfig, Transformer
+from .model import ModelConfig, Rotary, Transformer
 
 ROUTER_INITS = ("auto", "zero", "normal")
 
@@ -298,13 +298,19 @@ def upcycle_transformer(dense: Transformer, opts: UpcycleOptions) -> Transformer
     cfg = upcycled_config(dense.cfg, widths.pop(), opts)
     gen = torch.Generator().manual_seed(opts.seed)
     param = next(dense.parameters())
-    with torch.device(param.device):
-        moe = Transformer(cfg).to(param.dtype)
+    with torch.device("meta"):  # no random init of billions of expert weights: every tensor is written below
+        moe = Transformer(cfg)
+    moe = moe.to_empty(device=param.device).to(param.dtype)
     state = {k: v for k, v in dense.state_dict().items() if ".ffn." not in k}
     missing, unexpected = moe.load_state_dict(state, strict=False)
-    assert not unexpected, unexpected
+    unwritten = [k for k in missing if ".ffn." not in k and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if unexpected or unwritten:
+        raise UpcycleError(f"dense and upcycled models differ outside the FFNs (unexpected {unexpected[:3]}, missing {unwritten[:3]})")
+    gate_opts = {k: v for k, v in cfg.gate.items() if k != "name"}
     for block, ffn in zip(moe.blocks, ffns):
+        block.attn.rotary = Rotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling).to(param.device)
         if isinstance(block.ffn, MoELayer):
+            block.ffn.gate = build_gate(cfg.gate["name"], cfg.d_model, cfg.num_experts, cfg.top_k, **gate_opts).to(param.device, param.dtype)
             fill_moe_layer(block.ffn, ffn, opts, gen)
         else:
             block.ffn.w1.weight.copy_(ffn.w1_FD)

@@ -143,6 +143,10 @@ def test_bf16_source_exports_bf16_and_trains_in_float32(tmp_path):
         assert f.get_tensor("model.layers.0.block_sparse_moe.experts.1.w1.weight").dtype == torch.bfloat16
     with __import__("safetensors").safe_open(str(tmp_path / "out" / "moeflow" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("blocks.0.ffn.experts.w1_EDF").dtype == torch.float32
+    report = upcycle_cli.run(upcycle_cli.parse_args([str(tmp_path / "bf16"), str(tmp_path / "out16"), "--dtype", "bfloat16", "--format", "moeflow"]))
+    assert report["verify"]["moeflow"]["max_rel_diff"] <= 5e-2
+    with __import__("safetensors").safe_open(str(tmp_path / "out16" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("blocks.0.ffn.experts.w1_EDF").dtype == torch.bfloat16
     exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf"), dtype=torch.float32).eval()
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32).eval()
     assert_logits_close(exported(tokens()).logits, dense(tokens()).logits)  # bf16 values copy exactly
