@@ -223,7 +223,9 @@ def run(args: argparse.Namespace) -> dict:
             raise UpcycleError(hf.supported_message(mt))
         if fmt == "generic":
             raise UpcycleError("--format generic needs --generic")
-        fmt = "both" if fmt == "auto" else fmt
+        if fmt == "auto":  # the HF MoE classes route like the renormalised topk gate only
+            exportable = opts.gate == "topk" and opts.gate_options.get("renormalize", True)
+            fmt = "both" if exportable else "moeflow"
         dense, _ = hf.load_dense(source, args.max_seq_len, DTYPES[args.dtype])
 
     opts_gate = full_gate(opts)

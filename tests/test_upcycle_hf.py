@@ -163,3 +163,14 @@ def test_pickle_only_and_corrupt_weights(tmp_path):
     (tmp_path / "d" / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(hf.ConversionError, match="model.safetensors is unreadable"):
         hf.load_dense(tmp_path / "d")
+
+
+def test_gate_options_without_hf_equivalent_write_moeflow_only(tmp_path, capsys):
+    make_hf("llama", tmp_path / "d")
+    report = upcycle_cli.run(upcycle_cli.parse_args([str(tmp_path / "d"), str(tmp_path / "out"), "--num-experts", "4", "--gate-option", "renormalize=false"]))
+    assert (tmp_path / "out" / "checkpoints").is_dir() and not (tmp_path / "out" / "hf").exists()
+    assert report["verify"]["moeflow"]["max_rel_diff"] > 1e-3  # weights sum to k/E: not a copy, reported
+    assert "renormalize: false" in (tmp_path / "out" / "configs" / "gate" / "upcycled.yaml").read_text()
+    with pytest.raises(SystemExit):
+        upcycle_cli.main([str(tmp_path / "d"), str(tmp_path / "o2"), "--format", "hf", "--gate-option", "renormalize=false"])
+    assert "renormalize=False" in capsys.readouterr().err
