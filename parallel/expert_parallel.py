@@ -2,7 +2,8 @@
 
 What it does to the model (in place, before the optimizer is built):
 - every MoELayer gets an `AllToAllDispatcher` over the EP group, and its experts keep
-  only this rank's slice of the stacked weights (w1_EDF / w3_EDF / w2_EFD) as their
+  only this rank's slice of the stacked weights (w1_EDF / w3_EDF / w2_EFD, and the
+  biases of upcycled experts) as their
   parameters, so the optimizer state is sharded the same way;
 - every gate's `token_group` becomes the whole world, so aux losses and token
   statistics see the global batch exactly like a single process would;
@@ -27,7 +28,7 @@ from moeflow.moe.stats import routing_stats
 from .all_to_all import AllToAllDispatcher
 from .layout import ParallelLayout
 
-EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD")
+EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")  # every one leads with E
 
 
 def expert_shard(p: torch.Tensor) -> tuple[int, int, int] | None:

@@ -124,12 +124,18 @@ class FusedPermuteExperts(GroupedExperts):
         return combine(self(x_TD[plan.token_A], plan.counts_E), plan)
 
 
-def build_layer(gate_name: str, shared: bool, fused: bool = False) -> MoELayer:
+def build_layer(gate_name: str, shared: bool, experts_kind: str = "grouped") -> MoELayer:
     if gate_name == "skewed":
         gate = SkewedGate(D, E, K)
     else:
         gate = build_gate(gate_name, D, E, K)
-    experts = (FusedPermuteExperts if fused else GroupedExperts)(E, D, F_, "swiglu", "torch")
+    if experts_kind == "fused":
+        experts = FusedPermuteExperts(E, D, F_, "swiglu", "torch")
+    else:
+        experts = GroupedExperts(E, D, F_, "swiglu", "torch", bias=experts_kind == "bias")
+        for b in (experts.b1_EF, experts.b3_EF, experts.b2_ED):
+            if b is not None:
+                nn.init.normal_(b, std=0.1)
     return MoELayer(gate, experts, MLP(D, 20) if shared else None).double()
 
 
@@ -159,15 +165,15 @@ def _param_diffs(parallel: nn.Module, ref: nn.Module, what: str) -> dict[str, fl
 
 # -- one MoE layer -----------------------------------------------------------------
 def layer_cases(rank: int, world: int, cases: list[tuple]) -> dict:
-    """cases: (name, ep, gate_name, overlap_chunks, overlap_shared, fused_permute). Returns name -> diffs."""
+    """cases: (name, ep, gate_name, overlap_chunks, overlap_shared, experts_kind). Returns name -> diffs."""
     results = {}
     layouts = {}
-    for name, ep, gate_name, chunks, overlap_shared, fused in cases:
+    for name, ep, gate_name, chunks, overlap_shared, experts_kind in cases:
         if gate_name not in GATES and gate_name != "skewed":
             continue
         layout = layouts.setdefault(ep, build_layout(ep, E))
         torch.manual_seed(1234)
-        layer = build_layer(gate_name, shared=True, fused=fused)
+        layer = build_layer(gate_name, shared=True, experts_kind=experts_kind)
         ref = copy.deepcopy(layer)
         T = 12 * world
         gen = torch.Generator().manual_seed(99)

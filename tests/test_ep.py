@@ -25,11 +25,11 @@ GATE_NAMES = W.EQUIVALENCE_GATES
 
 def _layer_cases(world: int) -> list[tuple]:
     eps = [2] if world == 2 else [4, 2]
-    cases = [(f"{g}/ep{ep}", ep, g, 1, False, False) for ep in eps for g in GATE_NAMES]
-    cases += [(f"skewed/ep{ep}", ep, "skewed", 1, False, False) for ep in eps]
+    cases = [(f"{g}/ep{ep}", ep, g, 1, False, "grouped") for ep in eps for g in GATE_NAMES]
+    cases += [(f"skewed/ep{ep}", ep, "skewed", 1, False, "grouped") for ep in eps]
     if world == 2:
-        cases += [("topk/ep2/overlap", 2, "topk", 3, True, False), ("skewed/ep2/overlap", 2, "skewed", 4, True, False)]
-        cases += [("skewed/ep2/fused_permute", 2, "skewed", 1, False, True)]
+        cases += [("topk/ep2/overlap", 2, "topk", 3, True, "grouped"), ("skewed/ep2/overlap", 2, "skewed", 4, True, "grouped")]
+        cases += [("skewed/ep2/fused_permute", 2, "skewed", 1, False, "fused"), ("topk/ep2/expert_biases", 2, "topk", 1, False, "bias")]
     return cases
 
 
@@ -138,6 +138,10 @@ def test_uneven_loads_zero_rows_and_dropped_pairs(request, world):
 
 def test_experts_that_fuse_the_permutation(world2):
     _check_layer(world2["layer"], "skewed/ep2/fused_permute")
+
+
+def test_upcycled_experts_with_biases_are_sharded_too(world2):
+    _check_layer(world2["layer"], "topk/ep2/expert_biases")
 
 
 def test_pure_data_parallel_through_parallelize(world2):
