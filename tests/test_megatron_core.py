@@ -65,6 +65,7 @@ CASES = {
     "swiglu": tiny(),
     "gelu_tied": tiny(activation="gelu", tie_embeddings=True),
     "interleaved_shared": tiny(n_layers=4, moe_every=2, shared_experts=1, dense_d_ff=40),
+    "gqa": tiny(n_heads=4, n_kv_heads=2, head_dim=16),
 }
 
 
@@ -80,7 +81,7 @@ def test_checkpoint_round_trip(case, layout):
     for k in state:
         assert torch.equal(back[k], state[k]), k
     inferred = mck.infer_model_config(meg, n_heads=mc.n_heads, top_k=mc.top_k)
-    for f in ("vocab_size", "d_model", "n_layers", "d_ff", "num_experts", "moe_every", "activation", "tie_embeddings", "shared_experts"):
+    for f in ("vocab_size", "d_model", "n_layers", "d_ff", "num_experts", "moe_every", "activation", "tie_embeddings", "shared_experts", "kv_heads", "head_size"):
         assert getattr(inferred, f) == getattr(mc, f), f
 
 
@@ -165,6 +166,12 @@ def test_engine_megatron_on_cpu_says_what_needs_a_gpu():
 
     with pytest.raises(ConfigError, match="engine=megatron needs a CUDA GPU"):
         validate(compose("engine=megatron"))
+
+
+def test_unmappable_features_are_refused():
+    for mc in (tiny(qk_norm=True), tiny(attn_bias=True)):
+        with pytest.raises(mck.ConversionError, match="no megatron-core mapping"):
+            mck.to_megatron(random_state(mc), mc)
 
 
 def test_missing_megatron_names_the_extra(monkeypatch):

@@ -7,7 +7,7 @@ model built from its local or Transformer-Engine layer specs:
 |---------------------------------------|------------------------------------------------------------------|
 | embed.weight                          | embedding.word_embeddings.weight                                 |
 | blocks.i.attn_norm.weight             | decoder.layers.i.input_layernorm.weight (TE: self_attention.linear_qkv.layer_norm_weight) |
-| blocks.i.attn.qkv.weight  rows (3,H,d)| decoder.layers.i.self_attention.linear_qkv.weight  rows (H,3,d)  |
+| blocks.i.attn.qkv.weight [q|k|v] rows | decoder.layers.i.self_attention.linear_qkv.weight, rows per query group [q heads|k|v] |
 | blocks.i.attn.out.weight              | decoder.layers.i.self_attention.linear_proj.weight               |
 | blocks.i.ffn_norm.weight              | decoder.layers.i.pre_mlp_layernorm.weight (TE dense: mlp.linear_fc1.layer_norm_weight) |
 | blocks.i.ffn.w1/w3/w2 (dense)         | mlp.linear_fc1.weight = [w1; w3], mlp.linear_fc2.weight = w2      |
@@ -44,14 +44,26 @@ class ConversionError(ValueError):
     pass
 
 
-def _qkv_to_megatron(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    three_d, D = w.shape
-    return w.view(3, n_heads, three_d // (3 * n_heads), D).transpose(0, 1).reshape(three_d, D)
+def _qkv_to_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
+    """moeflow rows [q: H heads | k: G heads | v: G heads] -> megatron rows per query group g: [q of g's heads | k_g | v_g]."""
+    H, G, hd, D = mc.n_heads, mc.kv_heads, mc.head_size, w.shape[1]
+    q, k, v = w.split([H * hd, G * hd, G * hd])
+    return torch.cat([q.view(G, H // G * hd, D), k.view(G, hd, D), v.view(G, hd, D)], dim=1).reshape(-1, D)
 
 
-def _qkv_from_megatron(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    three_d, D = w.shape
-    return w.view(n_heads, 3, three_d // (3 * n_heads), D).transpose(0, 1).reshape(three_d, D)
+def _qkv_from_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
+    H, G, hd, D = mc.n_heads, mc.kv_heads, mc.head_size, w.shape[1]
+    q, k, v = w.view(G, (H // G + 2) * hd, D).split([H // G * hd, hd, hd], dim=1)
+    return torch.cat([q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)])
+
+
+def check_mappable(mc: ModelConfig, state: dict | None = None) -> None:
+    """Refuse model features this mapping does not carry, instead of dropping them silently."""
+    unsupported = [name for name, on in (("model.attn_bias", mc.attn_bias), ("model.qk_norm", mc.qk_norm), ("model.rope_scaling", mc.rope_scaling)) if on]
+    if state is not None and any(k.endswith(("experts.b1_EF", "experts.b2_ED", "experts.b3_EF")) for k in state):
+        unsupported.append("expert biases (upcycled from a biased MLP)")
+    if unsupported:
+        raise ConversionError(f"{', '.join(unsupported)} have no megatron-core mapping in moeflow yet; convert a model without them")
 
 
 def _fc1(w1_FD: torch.Tensor, w3_FD: torch.Tensor | None) -> torch.Tensor:
@@ -68,6 +80,7 @@ def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "
         raise ConversionError(f"unknown experts layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if native and mc.gate.get("name") != "topk":
         raise ConversionError(f"gate={mc.gate.get('name')!r} has no megatron-core equivalent (its router is a top-k softmax); export with the moeflow MoE layer inside megatron (native=False)")
+    check_mappable(mc, state)
     glu = mc.activation == "swiglu"
     out = {"embedding.word_embeddings.weight": state["embed.weight"], "decoder.final_layernorm.weight": state["norm.weight"]}
     if not mc.tie_embeddings:
@@ -75,7 +88,7 @@ def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "
     for i in range(mc.n_layers):
         s, m = f"blocks.{i}.", f"decoder.layers.{i}."
         out[m + "input_layernorm.weight"] = state[s + "attn_norm.weight"]
-        out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(state[s + "attn.qkv.weight"], mc.n_heads)
+        out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(state[s + "attn.qkv.weight"], mc)
         out[m + "self_attention.linear_proj.weight"] = state[s + "attn.out.weight"]
         out[m + "pre_mlp_layernorm.weight"] = state[s + "ffn_norm.weight"]
         if not mc.is_moe_block(i):
@@ -133,6 +146,7 @@ def _get(state: dict, *names: str) -> torch.Tensor:
 def from_megatron(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
     """megatron-core GPTModel state_dict (any of the three expert layouts, or moeflow-inside-megatron) -> moeflow."""
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    check_mappable(mc)
     layout = detect_layout(state)
     glu = mc.activation == "swiglu"
     F_, D = mc.d_ff, mc.d_model
@@ -142,7 +156,7 @@ def from_megatron(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, 
     for i in range(mc.n_layers):
         s, m = f"blocks.{i}.", f"decoder.layers.{i}."
         out[s + "attn_norm.weight"] = _get(state, m + "input_layernorm.weight", m + "self_attention.linear_qkv.layer_norm_weight")
-        out[s + "attn.qkv.weight"] = _qkv_from_megatron(_get(state, m + "self_attention.linear_qkv.weight"), mc.n_heads)
+        out[s + "attn.qkv.weight"] = _qkv_from_megatron(_get(state, m + "self_attention.linear_qkv.weight"), mc)
         out[s + "attn.out.weight"] = _get(state, m + "self_attention.linear_proj.weight")
         out[s + "ffn_norm.weight"] = _get(state, m + "pre_mlp_layernorm.weight", m + "mlp.linear_fc1.layer_norm_weight")
         if not mc.is_moe_block(i):
@@ -210,7 +224,11 @@ def infer_model_config(state: dict, n_heads: int, top_k: int, **overrides) -> Mo
     dense = [i for i in layers if i not in moe]
     dense_d_ff = state[f"decoder.layers.{dense[0]}.mlp.linear_fc2.weight"].shape[1] if dense else None
     shared = m + "shared_experts.linear_fc2.weight"
+    qkv_rows, proj_cols = state["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0], state["decoder.layers.0.self_attention.linear_proj.weight"].shape[1]
+    hd = proj_cols // n_heads
+    kv = (qkv_rows // hd - n_heads) // 2
     fields = dict(vocab_size=vocab, d_model=D, n_layers=len(layers), n_heads=n_heads, d_ff=F_, num_experts=E, top_k=top_k,
+                  n_kv_heads=kv if kv != n_heads else None, head_dim=hd if hd * n_heads != D else None,
                   moe_every=every, activation="swiglu" if glu else "gelu", tie_embeddings="output_layer.weight" not in state,
                   dense_d_ff=dense_d_ff, gate={"name": "topk"})
     if shared in state:

@@ -37,9 +37,15 @@ CPU_MESSAGE = (
 
 
 def check_options(cfg: DictConfig) -> None:
-    from moeflow.launch.config import ConfigError, resolve_device
+    from moeflow.launch.config import ConfigError, model_config, resolve_device
+
+    from .megatron_ckpt import ConversionError, check_mappable
 
     e = cfg.engine
+    try:
+        check_mappable(model_config(cfg))
+    except ConversionError as err:
+        raise ConfigError(f"engine=megatron: {err}") from None
     if resolve_device(cfg.trainer.device).type != "cuda":
         raise ConfigError(CPU_MESSAGE)
     if int(e.get("tensor_parallel", 1)) != 1:
@@ -119,9 +125,13 @@ def __getattr__(name: str):
 def transformer_config(mc: ModelConfig, cpu_init: bool, bf16: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from .megatron_ckpt import check_mappable
+
+    check_mappable(mc)  # features the megatron-side model does not express
     gelu_tanh = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  (moeflow's GELU)
     return TransformerConfig(
         num_layers=mc.n_layers, hidden_size=mc.d_model, num_attention_heads=mc.n_heads,
+        num_query_groups=mc.kv_heads, kv_channels=mc.head_size,
         ffn_hidden_size=mc.dense_d_ff or mc.d_ff * mc.top_k, normalization="RMSNorm", layernorm_epsilon=mc.norm_eps,
         gated_linear_unit=mc.activation == "swiglu", activation_func=F.silu if mc.activation == "swiglu" else gelu_tanh,
         add_bias_linear=False, rotary_interleaved=True, hidden_dropout=0.0, attention_dropout=0.0,
