@@ -123,6 +123,9 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool, build_sc
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set (torchrun sets it)
+    if dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
+        for layer in model.moe_layers():
+            layer.gate.token_group = dist.group.WORLD
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)

@@ -95,6 +95,8 @@ def _define_moeflow_moe():
             if MegatronGroups.size(self.groups.ep) != 1:
                 raise NotImplementedError("expert_model_parallel_size>1 needs moeflow's all-to-all dispatcher over parallel_state's expert group (expert parallelism issue)")
             self.moe = build_moe_layer(mc)
+            if MegatronGroups.size(self.groups.dp) > 1:  # routing statistics over the global batch, like engine=torch
+                self.moe.gate.token_group = self.groups.dp
             for p in self.moe.experts.parameters():  # grads reduce over the expert-data-parallel group
                 p.moe_expert = True
                 p.allreduce = False  # megatron-core's DDP/optimizer convention for expert params
