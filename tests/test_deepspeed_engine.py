@@ -29,7 +29,7 @@ TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=6
 STEPS = 4
 # Loss tolerance: ZeRO reduces gradients with reduce-scatter in a different order than DDP's
 # bucketed all-reduce, so fp32 sums differ in the last bits; after 4 AdamW steps the
-# losses agree to 1e-5 relative (observed ~1e-7).
+# losses agree to 1e-5 relative (observed <= 2.1e-7, ZeRO-3).
 RTOL = 1e-5
 
 
@@ -95,7 +95,7 @@ def test_zero_matches_torch_trainer(runs, run, tmp_path):
     w_ref, w_got = weights(runs["torch"] / "checkpoints" / f"step_{STEPS:08d}"), weights(converted)
     assert sorted(w_ref) == sorted(w_got)
     for k in w_ref:
-        torch.testing.assert_close(w_got[k], w_ref[k], rtol=0, atol=5e-5, msg=k)  # 0.5% of one AdamW step (lr 1e-2)
+        torch.testing.assert_close(w_got[k], w_ref[k], rtol=0, atol=1e-4, msg=k)  # 1% of one AdamW step (lr 1e-2); observed <= 3.5e-5 (ZeRO-3)
 
 
 @pytest.mark.slow
