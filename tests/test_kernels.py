@@ -134,6 +134,7 @@ def test_grouped_experts_module_uses_fused_path_and_matches_torch_impl():
     torch.manual_seed(torch.seed() % 2**31)
     ex = GroupedExperts(4, 16, 24, "swiglu", impl="triton").to(DEV)
     assert ex.fuses_permute and not GroupedExperts(4, 16, 24, impl="torch").fuses_permute
+    assert not GroupedExperts(4, 16, 24, impl="triton", bias=True).fuses_permute  # biases: reference path only
     plan = make_plan(12, [3, 0, 9, 1], torch.Generator().manual_seed(1))
     x = torch.randn(12, 16, device=DEV)
     with torch.autocast(DEV, dtype=DTYPE):

@@ -33,7 +33,7 @@ class TopKGate(Gate):
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
-        logits_TE = self.proj(x_TD).float()
+        logits_TE = self.proj(x_TD).to(torch.promote_types(x_TD.dtype, torch.float32))  # fp32 at least, fp64 in tests
         probs_TE = logits_TE.softmax(dim=-1)
         weight_TK, expert_TK = probs_TE.topk(K, dim=-1)
         if self.renormalize:
