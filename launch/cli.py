@@ -12,6 +12,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("moeflow.launch.train", "main", "train an MoE LM (Hydra overrides follow; `moeflow train --help`)"),
     "bench": ("moeflow.launch.bench", "main", "benchmarks (`moeflow bench --help`)"),
+    "convert": ("moeflow.launch.convert", "main", "convert checkpoints: DeepSpeed/megatron-core <-> moeflow (`moeflow convert --help`)"),
+    "upcycle": ("moeflow.launch.upcycle_cli", "main", "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)"),
     "slurm": ("moeflow.launch.slurm", "main", "submit/status/cancel/logs of Slurm jobs (`moeflow slurm --help`)"),
     "ray": ("moeflow.launch.ray_launch", "main", "train on a Ray cluster: launch/submit/wait (`moeflow ray --help`)"),
 }

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -42,8 +43,8 @@ class RunHooks:
         if self.armed:
             for sig in (signal.SIGUSR1, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._on_signal)
-        if env.world_size > 1 or self.armed:
-            log.info("rank %d/%d up on %s (pid %d)", env.rank, env.world_size, socket.gethostname(), os.getpid())
+        if env.world_size > 1 or self.armed:  # every rank, whatever its log level: launcher logs show who ran
+            print(f"moeflow: rank {env.rank}/{env.world_size} up on {socket.gethostname()} (pid {os.getpid()})", file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name

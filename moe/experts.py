@@ -8,7 +8,9 @@ Shape suffixes: A grouped rows, D model dim, F expert hidden dim, E experts.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +41,21 @@ class MLP(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
-def expert_mlp(x_AD, w1_DF, w3_DF, w2_FD):
-    """One expert's MLP on its rows; the reference math every implementation must match."""
+def expert_mlp(x_AD, w1_DF, w3_DF, w2_FD, b1_F=None, b3_F=None, b2_D=None):
+    """One expert's MLP on its rows; the reference math every implementation must match.
+
+    The optional biases exist for upcycled models whose dense MLP had them (GPT-2).
+    """
+    if b1_F is None and b2_D is None:
+        if w3_DF is not None:
+            return (F.silu(x_AD @ w1_DF) * (x_AD @ w3_DF)) @ w2_FD
+        return F.gelu(x_AD @ w1_DF, approximate="tanh") @ w2_FD
+    h1_AF = x_AD @ w1_DF if b1_F is None else torch.addmm(b1_F, x_AD, w1_DF)
     if w3_DF is not None:
-        return (F.silu(x_AD @ w1_DF) * (x_AD @ w3_DF)) @ w2_FD
-    return F.gelu(x_AD @ w1_DF, approximate="tanh") @ w2_FD
+        h_AF = F.silu(h1_AF) * (x_AD @ w3_DF if b3_F is None else torch.addmm(b3_F, x_AD, w3_DF))
+    else:
+        h_AF = F.gelu(h1_AF, approximate="tanh")
+    return h_AF @ w2_FD if b2_D is None else torch.addmm(b2_D, h_AF, w2_FD)
 
 
 class GroupedExperts(nn.Module):
@@ -51,11 +63,16 @@ class GroupedExperts(nn.Module):
 
     `impl` selects the compute: "torch" is a per-expert loop (reference). Later
     implementations (Triton, torch._grouped_mm) register in `IMPLEMENTATIONS`.
+    `bias=True` adds b1_EF, b3_EF (SwiGLU only), b2_ED (for upcycled MLPs that had
+    biases); experts with biases always compute with the "torch" implementation.
     """
 
-    fuses_permute = False
+    @property
+    def fuses_permute(self) -> bool:
+        """True when this impl gathers/scatters rows inside its kernels (`forward_routed`); never with biases."""
+        return self.impl in ROUTED_IMPLEMENTATIONS and self.b1_EF is None and self.b2_ED is None
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", impl: str = "torch"):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", impl: str = "torch", bias: bool = False):
         super().__init__()
         _check_activation(activation)
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
@@ -64,6 +81,9 @@ class GroupedExperts(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b1_EF = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias else None
+        self.b3_EF = nn.Parameter(torch.zeros(num_experts, d_ff)) if bias and activation == "swiglu" else None
+        self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02, out_std: float | None = None) -> None:
@@ -71,9 +91,22 @@ class GroupedExperts(nn.Module):
         if self.w3_EDF is not None:
             nn.init.normal_(self.w3_EDF, std=std)
         nn.init.normal_(self.w2_EFD, std=out_std if out_std is not None else std)
+        for b in (self.b1_EF, self.b3_EF, self.b2_ED):
+            if b is not None:
+                nn.init.zeros_(b)
 
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        return IMPLEMENTATIONS[self.impl](self, x_AD, counts_E)
+        impl = self.impl if self.b1_EF is None and self.b2_ED is None else "torch"  # only the reference has biases
+        return IMPLEMENTATIONS[impl](self, x_AD, counts_E)
+
+    def forward_routed(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        """combine(experts(x_TD[plan.token_A], plan.counts_E), plan), with the permutation fused where the impl can."""
+        fn = ROUTED_IMPLEMENTATIONS.get(self.impl) if self.fuses_permute else None
+        if fn is None:
+            from .dispatch import combine
+
+            return combine(self(x_TD[plan.token_A], plan.counts_E), plan)
+        return fn(self, x_TD, plan)
 
     @torch.no_grad()
     def load_from_mlp(self, mlp: MLP, experts: list[int] | None = None) -> None:
@@ -93,12 +126,91 @@ def torch_loop(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tens
     outs = []
     for e, rows_AD in enumerate(torch.split(x_AD, counts_E.tolist())):
         w3 = experts.w3_EDF[e] if experts.w3_EDF is not None else None
-        outs.append(expert_mlp(rows_AD, experts.w1_EDF[e], w3, experts.w2_EFD[e]))
+        biases = [b[e] if b is not None else None for b in (experts.b1_EF, experts.b3_EF, experts.b2_ED)]
+        outs.append(expert_mlp(rows_AD, experts.w1_EDF[e], w3, experts.w2_EFD[e], *biases))
     return torch.cat(outs) if outs else x_AD.new_zeros(0, experts.d_model)
+
+
+def _warn_once(msg: str, _seen: set = set()) -> None:
+    if msg not in _seen:
+        _seen.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _kernel_weights(experts: GroupedExperts, x: torch.Tensor):
+    """x and the weights in the compute dtype: autocast's (bf16 on GPU) when enabled, else x's."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    w3 = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
+    return x.to(dtype), experts.w1_EDF.to(dtype), w3, experts.w2_EFD.to(dtype)
+
+
+def _triton_ops(experts: GroupedExperts, x: torch.Tensor):
+    """(kernel module, compute tensors), or None after a one-time warning when the kernels can't take x."""
+    from moeflow.kernels import ops  # imports Triton: only when the impl is used
+
+    reason = ops.triton_usable(x.device)
+    if reason is None:
+        args = _kernel_weights(experts, x)
+        try:
+            ops.check_inputs(*args[:4], torch.empty(experts.num_experts))
+            return ops, args
+        except ops.UnsupportedInput as e:
+            reason = str(e)
+    _warn_once(f"experts.impl=triton: {reason}; falling back to the torch reference path")
+    return None
+
+
+def _check_counts(x_AD: torch.Tensor, counts_E: torch.Tensor, num_experts: int) -> None:
+    if counts_E.shape != (num_experts,):
+        raise ValueError(f"counts_E must have shape ({num_experts},), got {tuple(counts_E.shape)}")
+    if not torch.compiler.is_compiling() and int(counts_E.sum()) != x_AD.shape[0]:
+        raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x_AD has {x_AD.shape[0]} rows")
+
+
+def triton_grouped(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Triton grouped GEMMs (moeflow.kernels) on rows already grouped by expert."""
+    _check_counts(x_AD, counts_E, experts.num_experts)
+    found = _triton_ops(experts, x_AD)
+    if found is None:
+        return torch_loop(experts, x_AD, counts_E)
+    ops, (x, w1, w3, w2) = found
+    return ops.expert_mlp(x, w1, w3, w2, counts_E)
+
+
+def triton_routed(experts: GroupedExperts, x_TD: torch.Tensor, plan) -> torch.Tensor:
+    """Triton path with the permutation fused: gather in the first GEMM, weighted scatter in the last."""
+    found = _triton_ops(experts, x_TD)
+    if found is None:
+        from .dispatch import combine
+
+        return combine(torch_loop(experts, x_TD[plan.token_A], plan.counts_E), plan)
+    ops, (x, w1, w3, w2) = found
+    return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)
+
+
+def grouped_mm(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm over 16-row padded groups (the cuBLAS baseline)."""
+    from moeflow.kernels.torch_grouped_mm import grouped_mm_mlp
+
+    if x_AD.device.type != "cuda":
+        _warn_once("experts.impl=grouped_mm needs a CUDA GPU; falling back to the torch reference path")
+        return torch_loop(experts, x_AD, counts_E)
+    x, w1, w3, w2 = _kernel_weights(experts, x_AD)
+    if x.dtype != torch.bfloat16:
+        _warn_once(f"experts.impl=grouped_mm needs bf16 (got {x.dtype}); falling back to the torch reference path")
+        return torch_loop(experts, x_AD, counts_E)
+    return grouped_mm_mlp(x, w1, w3, w2, counts_E)
 
 
 # impl name -> fn(experts, x_AD, counts_E) -> y_AD
 IMPLEMENTATIONS = {"torch": torch_loop}
+# impls that also take unpermuted tokens: fn(experts, x_TD, plan) -> y_TD (dispatch.combine's semantics)
+ROUTED_IMPLEMENTATIONS = {}
+if importlib.util.find_spec("triton") is not None:  # found, not imported: moe/ stays Triton-free at import
+    IMPLEMENTATIONS["triton"] = triton_grouped
+    ROUTED_IMPLEMENTATIONS["triton"] = triton_routed
+if hasattr(torch, "_grouped_mm"):
+    IMPLEMENTATIONS["grouped_mm"] = grouped_mm
 
 
 def init_std_for_output(n_layers: int, std: float = 0.02) -> float:
