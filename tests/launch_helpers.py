@@ -118,7 +118,7 @@ class RayHead:
     def stop(self) -> None:
         try:  # the whole process group this head started: gcs, raylet, dashboard, workers
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=3)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
