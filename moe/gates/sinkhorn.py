@@ -1,0 +1,170 @@
+"""Balanced routing by entropic optimal transport: Sinkhorn and Selective Sinkhorn Routing.
+
+`sinkhorn_potentials` scales the kernel exp(logits / epsilon) (T x E) so that every
+token's row carries mass 1 and every expert's column N/E (N = tokens of the whole
+token-group batch): P = diag(exp a) K diag(exp b). It iterates in the log domain, in
+float32 with autocast off (bf16 cannot resolve the marginals), until the row marginals
+are within `tolerance` of 1 (the columns are exact after each column update) or
+`iterations` run out. Column sums and the error go through the token group, so every
+rank runs the same number of iterations and a sharded batch gets the global transport.
+
+`SinkhornGate` (BASE layers / Megatron's sinkhorn router): in training each token's k
+experts are the top-k of the transport map (ranking by logits/eps + b_e), and the gating
+weights come from the router's own scores, so gradients reach the router through them.
+No aux loss is needed. In eval it routes by plain top-k (`balance_in_eval` to keep OT).
+
+`SelectiveSinkhornGate` (SSR): the transport-based assignment only on a fraction of the
+training steps (`step_fraction`, spread evenly by a golden-ratio sequence, the same on
+every rank and after resume) and of their tokens (`token_fraction`, a seeded draw over
+global positions); the other tokens use plain softmax top-k. On transported tokens the
+gating weights are the transport map's row restricted to the chosen experts (and
+renormalised); gradients reach the router through it (the potentials are constants).
+No aux loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Gate, RouterOutput
+from .common import check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset
+
+
+def sinkhorn_potentials(gate: Gate, logk_TE: torch.Tensor, iterations: int, tolerance: float):
+    """Log-domain Sinkhorn: returns (a_T, b_E, iterations run, max row-marginal error), all float32.
+
+    Targets: rows 1, columns N/E. P_te = exp(logk_te + a_t + b_e).
+    """
+    device = logk_TE.device
+    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+        logk = logk_TE.detach().float()
+        T, E = logk.shape
+        log_col_target = torch.log(gate.global_count(T, device).float() / E)
+        b_E = torch.zeros(E, device=device)
+        err = torch.tensor(math.inf, device=device)
+        it = 0
+        for it in range(1, iterations + 1):
+            a_T = -torch.logsumexp(logk + b_E, dim=1)  # rows -> 1
+            z_TE = logk + a_T.unsqueeze(1)
+            m_E = global_max(gate, z_TE.amax(0) if T else torch.full((E,), -math.inf, device=device))
+            m_E = torch.where(torch.isfinite(m_E), m_E, torch.zeros_like(m_E))
+            col_E = m_E + torch.log(gate.global_sum((z_TE - m_E).exp().sum(0)))
+            b_E = log_col_target - col_E  # columns -> N/E exactly
+            row_T = torch.logsumexp(logk + a_T.unsqueeze(1) + b_E, dim=1).exp()
+            err = global_max(gate, (row_T - 1).abs().amax() if T else torch.zeros((), device=device))
+            if bool(err <= tolerance):
+                break
+        return a_T, b_E, it, err
+
+
+def _check_sinkhorn_options(iterations, tolerance, epsilon) -> None:
+    need(isinstance(iterations, int) and iterations >= 1, f"gate.iterations must be a positive integer, got {iterations!r}")
+    need(isinstance(tolerance, (int, float)) and tolerance > 0, f"gate.tolerance must be > 0, got {tolerance!r}")
+    need(isinstance(epsilon, (int, float)) and epsilon > 0, f"gate.epsilon (entropic temperature) must be > 0, got {epsilon!r}")
+
+
+class SinkhornGate(Gate):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        iterations: int = 100,
+        tolerance: float = 1e-3,
+        epsilon: float = 0.2,
+        score_func: str = "softmax",
+        renormalize: bool = True,
+        balance_in_eval: bool = False,
+        init_std: float = 0.02,
+    ):
+        super().__init__(d_model, num_experts, top_k)
+        check_top_k(top_k, num_experts)
+        _check_sinkhorn_options(iterations, tolerance, epsilon)
+        check_choice("score_func", score_func, ("softmax", "sigmoid"))
+        check_nonneg("init_std", init_std)
+        self.iterations, self.tolerance, self.epsilon = iterations, float(tolerance), float(epsilon)
+        self.score_func, self.renormalize, self.balance_in_eval = score_func, renormalize, balance_in_eval
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+
+    def route(self, x_TD, token_ids_T=None) -> RouterOutput:
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        logits_TE = self.proj(x_TD).float()
+        scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
+        stats = {"router_entropy": entropy(self, logits_TE.softmax(-1))}
+        select_TE = logits_TE.detach()
+        if self.training or self.balance_in_eval:
+            _, b_E, iters, err = sinkhorn_potentials(self, logits_TE / self.epsilon, self.iterations, self.tolerance)
+            select_TE = logits_TE.detach() / self.epsilon + b_E
+            stats.update(sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
+        expert_TK = select_TE.topk(K, dim=-1).indices
+        weight_TK = scores_TE.gather(1, expert_TK)
+        if self.renormalize:
+            weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
+        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats)
+
+
+class SelectiveSinkhornGate(Gate):
+    _GOLDEN = (math.sqrt(5) - 1) / 2
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        step_fraction: float = 0.5,
+        token_fraction: float = 1.0,
+        iterations: int = 100,
+        tolerance: float = 1e-3,
+        epsilon: float = 0.2,
+        renormalize: bool = True,
+        seed: int = 0,
+        init_std: float = 0.02,
+    ):
+        super().__init__(d_model, num_experts, top_k)
+        check_top_k(top_k, num_experts)
+        _check_sinkhorn_options(iterations, tolerance, epsilon)
+        for name, v in (("step_fraction", step_fraction), ("token_fraction", token_fraction)):
+            need(isinstance(v, (int, float)) and 0 < v <= 1, f"gate.{name}={v!r} must be in (0, 1]; 1 applies Sinkhorn everywhere")
+        need(isinstance(seed, int), f"gate.seed must be an integer, got {seed!r}")
+        check_nonneg("init_std", init_std)
+        self.step_fraction, self.token_fraction = float(step_fraction), float(token_fraction)
+        self.iterations, self.tolerance, self.epsilon = iterations, float(tolerance), float(epsilon)
+        self.renormalize, self.seed = renormalize, seed
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+
+    def transport_step(self) -> bool:
+        """Whether the current step uses the transport map: an evenly spread `step_fraction` of steps."""
+        return ((self.step + 1) * self._GOLDEN) % 1.0 < self.step_fraction
+
+    def _transported_tokens(self, T: int, device) -> torch.Tensor:
+        if self.token_fraction >= 1:
+            return torch.ones(T, dtype=torch.bool, device=device)
+        first, n_global = token_offset(self, T, device)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        return (torch.rand(n_global, generator=g)[first:first + T] < self.token_fraction).to(device)
+
+    def route(self, x_TD, token_ids_T=None) -> RouterOutput:
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        logits_TE = self.proj(x_TD).float()
+        probs_TE = logits_TE.softmax(-1)
+        expert_TK = logits_TE.detach().topk(K, dim=-1).indices
+        weight_TK = probs_TE.gather(1, expert_TK)
+        weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        stats = {"router_entropy": entropy(self, probs_TE), "transported_fraction": torch.tensor(0.0)}
+        if self.training and self.transport_step():
+            a_T, b_E, iters, err = sinkhorn_potentials(self, logits_TE / self.epsilon, self.iterations, self.tolerance)
+            log_map_TE = logits_TE / self.epsilon + b_E  # + a_t: a per-token constant, kept for the weights below
+            ot_expert_TK = log_map_TE.detach().topk(K, dim=-1).indices
+            ot_log_TK = log_map_TE.gather(1, ot_expert_TK)
+            ot_weight_TK = ot_log_TK.softmax(-1) if self.renormalize else (ot_log_TK + a_T.unsqueeze(1)).exp()
+            use_T = self._transported_tokens(T, x_TD.device)
+            expert_TK = torch.where(use_T.unsqueeze(1), ot_expert_TK, expert_TK)
+            weight_TK = torch.where(use_T.unsqueeze(1), ot_weight_TK, weight_TK)
+            stats.update(transported_fraction=use_T.float().mean(), sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
+        token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
+        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats)
