@@ -17,8 +17,9 @@ No aux loss is needed. In eval it routes by plain top-k (`balance_in_eval` to ke
 training steps (`step_fraction`, spread evenly by a golden-ratio sequence, the same on
 every rank and after resume) and of their tokens (`token_fraction`, a seeded draw over
 global positions); the other tokens use plain softmax top-k. On transported tokens the
-gating weights are the transport map's row restricted to the chosen experts (and
-renormalised); gradients reach the router through it (the potentials are constants).
+gating weights are the transport map's row restricted to the chosen experts,
+renormalised to sum to 1; gradients reach the router through it (the potentials are
+constants). For k > 1 both gates transport k times (`balanced_topk`).
 No aux loss.
 """
 from __future__ import annotations
@@ -59,6 +60,27 @@ def sinkhorn_potentials(gate: Gate, logk_TE: torch.Tensor, iterations: int, tole
         return a_T, b_E, it, err
 
 
+def balanced_topk(gate: Gate, logk_TE: torch.Tensor, k: int, iterations: int, tolerance: float):
+    """k rounds of balanced top-1: round j transports over the experts a token has not chosen yet.
+
+    One transport with rows 1 balances only the first choice (the top-2 of a row is not
+    balanced); k rounds, each with columns N/E, balance every slot and so the total.
+    Returns (expert_TK, log-map value of each choice (logk + b_e of its round), total
+    iterations, max row-marginal error).
+    """
+    logk = logk_TE.detach().float()
+    expert_TK = torch.empty(logk.shape[0], k, dtype=torch.long, device=logk.device)
+    b_KE = logk.new_zeros(k, logk.shape[1])
+    total, worst = 0, torch.zeros((), device=logk.device)
+    for j in range(k):
+        _, b_E, iters, err = sinkhorn_potentials(gate, logk, iterations, tolerance)
+        expert_TK[:, j] = (logk + b_E).argmax(-1)
+        b_KE[j] = b_E
+        logk = logk.scatter(1, expert_TK[:, j:j + 1], -math.inf)
+        total, worst = total + iters, torch.maximum(worst, err)
+    return expert_TK, b_KE, total, worst
+
+
 def _check_sinkhorn_options(iterations, tolerance, epsilon) -> None:
     need(isinstance(iterations, int) and iterations >= 1, f"gate.iterations must be a positive integer, got {iterations!r}")
     need(isinstance(tolerance, (int, float)) and tolerance > 0, f"gate.tolerance must be > 0, got {tolerance!r}")
@@ -96,10 +118,10 @@ class SinkhornGate(Gate):
         stats = {"router_entropy": entropy(self, logits_TE.softmax(-1))}
         select_TE = logits_TE.detach()
         if self.training or self.balance_in_eval:
-            _, b_E, iters, err = sinkhorn_potentials(self, logits_TE / self.epsilon, self.iterations, self.tolerance)
-            select_TE = logits_TE.detach() / self.epsilon + b_E
+            expert_TK, _, iters, err = balanced_topk(self, logits_TE / self.epsilon, K, self.iterations, self.tolerance)
             stats.update(sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
-        expert_TK = select_TE.topk(K, dim=-1).indices
+        else:
+            expert_TK = select_TE.topk(K, dim=-1).indices
         weight_TK = scores_TE.gather(1, expert_TK)
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
@@ -120,7 +142,6 @@ class SelectiveSinkhornGate(Gate):
         iterations: int = 100,
         tolerance: float = 1e-3,
         epsilon: float = 0.2,
-        renormalize: bool = True,
         seed: int = 0,
         init_std: float = 0.02,
     ):
@@ -133,7 +154,7 @@ class SelectiveSinkhornGate(Gate):
         check_nonneg("init_std", init_std)
         self.step_fraction, self.token_fraction = float(step_fraction), float(token_fraction)
         self.iterations, self.tolerance, self.epsilon = iterations, float(tolerance), float(epsilon)
-        self.renormalize, self.seed = renormalize, seed
+        self.seed = seed
         self.proj = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
 
@@ -157,11 +178,11 @@ class SelectiveSinkhornGate(Gate):
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         stats = {"router_entropy": entropy(self, probs_TE), "transported_fraction": torch.tensor(0.0)}
         if self.training and self.transport_step():
-            a_T, b_E, iters, err = sinkhorn_potentials(self, logits_TE / self.epsilon, self.iterations, self.tolerance)
-            log_map_TE = logits_TE / self.epsilon + b_E  # + a_t: a per-token constant, kept for the weights below
-            ot_expert_TK = log_map_TE.detach().topk(K, dim=-1).indices
-            ot_log_TK = log_map_TE.gather(1, ot_expert_TK)
-            ot_weight_TK = ot_log_TK.softmax(-1) if self.renormalize else (ot_log_TK + a_T.unsqueeze(1)).exp()
+            logk_TE = logits_TE / self.epsilon
+            ot_expert_TK, b_KE, iters, err = balanced_topk(self, logk_TE, K, self.iterations, self.tolerance)
+            # the transport map's entries of the chosen experts, up to the row's constant (each from its round)
+            ot_log_TK = logk_TE.gather(1, ot_expert_TK) + b_KE.gather(1, ot_expert_TK.T).T
+            ot_weight_TK = ot_log_TK.softmax(-1)
             use_T = self._transported_tokens(T, x_TD.device)
             expert_TK = torch.where(use_T.unsqueeze(1), ot_expert_TK, expert_TK)
             weight_TK = torch.where(use_T.unsqueeze(1), ot_weight_TK, weight_TK)
