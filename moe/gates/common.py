@@ -92,12 +92,14 @@ def global_max(gate: Gate, t: torch.Tensor) -> torch.Tensor:
 def tie_break_key(score_TE: torch.Tensor, first_position: int, num_global: int) -> torch.Tensor:
     """float64 keys ordering by score, ties (identical hidden states do happen) by earlier position.
 
-    float32 scores differ by >= 2^-24 relative; the position term stays below 2^-26 of the
-    score scale, so it only separates equal scores, and every key is unique.
+    key = s + (|s| + 1e-40) * d with 0 < d < 2^-26 falling with the global position:
+    distinct float32 scores differ by at least 2^-24 relative, so their order is kept, and
+    equal scores are separated, so every key is unique (the same on every rank).
     """
     pos_T = torch.arange(score_TE.shape[0], device=score_TE.device, dtype=torch.float64) + first_position
-    scale = score_TE.detach().abs().amax().double().clamp_min(1e-30) if score_TE.numel() else torch.tensor(1.0, dtype=torch.float64)
-    return score_TE.detach().double() + scale * (2.0 ** -27) * (1.0 - pos_T / max(num_global, 1)).unsqueeze(1)
+    d_T = (2.0 ** -27) * (1.0 - pos_T / (max(num_global, 1) + 1))
+    s = score_TE.detach().double()
+    return s + (s.abs() + 1e-40) * d_T.unsqueeze(1)
 
 
 def keep_top_per_expert(gate: Gate, key_TE: torch.Tensor, capacity: int) -> torch.Tensor:

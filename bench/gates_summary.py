@@ -1,0 +1,54 @@
+"""Markdown table of the per-gate runs made by bench/gates.sh (for bench/RESULTS.md).
+
+Usage: python bench/gates_summary.py OUT_DIR
+Per run: step-0 and final val loss (train.log), mean over MoE layers of max/mean load,
+dropped fraction and active experts per token at the last logged step
+(routing_stats.jsonl), and seconds per step from the median logged tokens/s
+(TensorBoard), with tokens per step = batch_size * seq_len from the run's config.
+"""
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def summarize(run: Path) -> dict:
+    log = (run / "train.log").read_text()
+    val0 = float(re.search(r"step 0: val loss ([\d.]+)", log).group(1))
+    finals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", log)
+    rows = [json.loads(line) for line in (run / "routing_stats.jsonl").read_text().splitlines() if line.strip()]
+    last = max(r["step"] for r in rows)
+    layers = [r for r in rows if r["step"] == last]
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in layers)  # noqa: E731
+    cfg = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    tokens_per_step = cfg["data"]["batch_size"] * cfg["data"]["seq_len"] * cfg["trainer"]["grad_accum"]
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    tok_s = statistics.median(e.value for e in acc.Scalars("train/tokens_per_s"))
+    return {
+        "gate": cfg["gate"]["name"], "steps": int(finals[-1][0]), "val0": val0, "val": float(finals[-1][1]),
+        "load": mean("load_max_over_mean"), "dropped": mean("dropped_fraction"), "active": mean("active_experts_per_token"),
+        "s_per_step": tokens_per_step / tok_s,
+    }
+
+
+def main(out_dir: str) -> None:
+    print("| gate | steps | val loss step 0 -> final | max/mean load | dropped | active experts/token | s/step |")
+    print("|---|---|---|---|---|---|---|")
+    for run in sorted(p for p in Path(out_dir).iterdir() if (p / "train.log").exists()):
+        try:
+            s = summarize(run)
+        except (AttributeError, IndexError, FileNotFoundError, KeyError) as e:
+            print(f"| {run.name} | (incomplete: {e}) | | | | | |")
+            continue
+        print(f"| {run.name} | {s['steps']} | {s['val0']:.3f} -> {s['val']:.3f} | {s['load']:.2f} | {s['dropped']:.3f} | {s['active']:.2f} | {s['s_per_step']:.2f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
