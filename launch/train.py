@@ -122,15 +122,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
+    result = {"start_step": start_step}
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
         log.info("model: %.2fM parameters (%.2fM active), device %s, %s, world %d", model.num_params() / 1e6, model.num_params(active_only=True) / 1e6, device, "bf16" if use_bf16 else "fp32", env.world_size)
-        if start_step == 0:
-            log.info("step 0: val loss %.4f", evaluate(model, val_data, tc.eval_batches, device, autocast, 0))
+        if start_step == 0 and tc.eval_every > 0:
+            result["val_loss_start"] = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
+            writer.add_scalar("val/loss", result["val_loss_start"], 0)
+            log.info("step 0: val loss %.4f", result["val_loss_start"])
 
     bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
-    result = {"start_step": start_step}
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start_step, tc.steps):
         set_gate_step(model, step)
@@ -202,6 +204,9 @@ def resume_if_asked(cfg: DictConfig, run_dir: Path, model, opt, sched) -> int:
     state = ckpt.load_model_state(found)
     ckpt.check_compatible(found, meta.get("model", {}), model.cfg.to_dict(), state, model)
     model.load_state_dict(state, strict=False)
+    if meta.get("weights_only"):  # e.g. written by `moeflow upcycle`: weights to start from, no optimizer state
+        log.info("initialised from weights-only checkpoint %s; fresh optimizer and schedule at step 0", found)
+        return 0
     trainer_state = ckpt.load_trainer_state(found)
     opt.load_state_dict(trainer_state["optimizer"])
     sched.load_state_dict(trainer_state["scheduler"])

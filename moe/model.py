@@ -2,9 +2,15 @@
 
 RMSNorm, rotary attention through `scaled_dot_product_attention`, pre-norm residual
 blocks. Every `moe_every`-th block uses an MoE FFN, the others a dense MLP.
+
+The optional attention features (grouped-query heads, an explicit head size, q/k/v
+biases, per-head q/k RMSNorm, rope scaling) default to off; they let the model
+represent the Llama family (Llama, Mistral, Qwen2, Qwen3) exactly, so that upcycled
+Hugging Face checkpoints train here (`moeflow.moe.hf_convert`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +37,11 @@ class ModelConfig:
     shared_experts: int = 0
     activation: str = "swiglu"
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # Hugging Face style: {"rope_type": "linear" | "llama3", "factor": ..., ...}
+    n_kv_heads: int | None = None  # grouped-query attention (default: n_heads)
+    head_dim: int | None = None  # size of one attention head (default: d_model // n_heads)
+    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -48,14 +59,27 @@ class ModelConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff", "num_experts", "top_k"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
-        need(self.d_model % self.n_heads == 0, f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick n_heads that divides d_model")
-        need((self.d_model // self.n_heads) % 2 == 0, f"head size d_model/n_heads={self.d_model // self.n_heads} must be even for rotary embeddings")
+        if self.head_dim is None:
+            need(self.d_model % self.n_heads == 0, f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick n_heads that divides d_model")
+        need(self.head_size > 0 and self.head_size % 2 == 0, f"head size {self.head_size} must be even (and positive) for rotary embeddings; change model.head_dim or model.n_heads")
+        kv = self.kv_heads
+        need(isinstance(kv, int) and kv > 0 and self.n_heads % kv == 0, f"model.n_kv_heads={self.n_kv_heads} must be a positive divisor of model.n_heads={self.n_heads}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
+        need(rope_type in ROPE_TYPES, f"model.rope_scaling rope_type={rope_type!r} is not supported; choose one of {', '.join(ROPE_TYPES)} (or null)")
         need(self.top_k <= self.num_experts, f"model.top_k={self.top_k} is larger than model.num_experts={self.num_experts}; set top_k <= num_experts")
         need(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
         need(self.shared_experts >= 0, f"model.shared_experts must be >= 0, got {self.shared_experts}")
         need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
         gate_name = self.gate.get("name") if isinstance(self.gate, dict) else None
         need(gate_name in GATES, f"gate={gate_name!r} is unknown; known gates: {', '.join(sorted(GATES))}")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
 
     def is_moe_block(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
@@ -64,10 +88,32 @@ class ModelConfig:
         return asdict(self)
 
 
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Rotary frequencies (float64), with Hugging Face's `linear` and `llama3` scalings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":  # smooth interpolation between scaled low and unscaled high frequencies
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        mid = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        out = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        return torch.where(is_mid, mid, out)
+    return inv_freq
+
+
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
@@ -80,18 +126,31 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention; qkv rows are [q heads | k heads | v heads] (k, v: n_kv_heads each)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.attn_bias)
+        self.out = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.rotary = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, S, D))
+        B, S, _ = x_BSD.shape
+        qkv = self.qkv(x_BSD)
+        if self.n_kv == self.n_heads:
+            q, k, v = qkv.view(B, S, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+            q = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)
+            k, v = (t.view(B, S, self.n_kv, self.hd).transpose(1, 2) for t in (k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
+        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True, **gqa)
+        return self.out(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
 
 class Block(nn.Module):
@@ -137,6 +196,9 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         std, out_std = self.cfg.init_std, init_std_for_output(self.cfg.n_layers, self.cfg.init_std)
         for name, p in self.named_parameters():
+            if name.endswith("bias") and ".gate." not in name:
+                nn.init.zeros_(p)
+                continue
             if p.dim() < 2 or ".gate." in name:
                 continue  # norms keep ones; gates initialise themselves
             is_output = name.endswith(("out.weight", "w2.weight", "w2_EFD"))

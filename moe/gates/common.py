@@ -17,6 +17,11 @@ import torch.nn.functional as F
 
 from .base import Gate
 
+def router_logits(proj, x_TD: torch.Tensor) -> torch.Tensor:
+    """Router logits in float32 at least (bf16 softmax/top-k is too coarse), float64 when x is."""
+    return proj(x_TD).to(torch.promote_types(x_TD.dtype, torch.float32))
+
+
 # -- config-time checks (no data: gates are built on the meta device) ----------------
 
 
@@ -94,7 +99,8 @@ def tie_break_key(score_TE: torch.Tensor, first_position: int, num_global: int) 
 
     key = s + (|s| + 1e-40) * d with 0 < d < 2^-26 falling with the global position:
     distinct float32 scores differ by at least 2^-24 relative, so their order is kept, and
-    equal scores are separated, so every key is unique (the same on every rank).
+    equal scores are separated, so every key is unique (the same on every rank). (float64
+    scores closer than 2^-26 relative may swap: harmless, they are equal for routing purposes.)
     """
     pos_T = torch.arange(score_TE.shape[0], device=score_TE.device, dtype=torch.float64) + first_position
     d_T = (2.0 ** -27) * (1.0 - pos_T / (max(num_global, 1) + 1))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Gate, RouterOutput
-from .common import check_choice, check_nonneg, check_top_k, counts_of, entropy, need, switch_balance_loss
+from .common import check_choice, check_nonneg, check_top_k, counts_of, entropy, need, switch_balance_loss, router_logits
 
 ROUTER_ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "softplus": F.softplus}
 
@@ -80,7 +80,7 @@ class DTSGate(Gate):
         return max(K, math.ceil(E - (E - K) * self.progress() - 1e-9))
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return ROUTER_ACTIVATIONS[self.router_activation](self.proj(x_TD).float())
+        return ROUTER_ACTIVATIONS[self.router_activation](router_logits(self.proj, x_TD))
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts

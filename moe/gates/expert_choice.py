@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .base import Gate, RouterOutput
-from .common import capacity_for, check_nonneg, check_top_k, entropy, global_fraction, keep_top_per_expert, need, tie_break_key, token_offset
+from .common import capacity_for, check_nonneg, check_top_k, entropy, global_fraction, keep_top_per_expert, need, tie_break_key, token_offset, router_logits
 
 
 class ExpertChoiceGate(Gate):
@@ -36,7 +36,7 @@ class ExpertChoiceGate(Gate):
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
-        scores_TE = self.proj(x_TD).float().softmax(-1)
+        scores_TE = router_logits(self.proj, x_TD).softmax(-1)
         first, n_global = token_offset(self, T, x_TD.device)
         keep_TE = keep_top_per_expert(self, tie_break_key(scores_TE, first, n_global), self.capacity(n_global))
         token_A, expert_A = keep_TE.nonzero(as_tuple=True)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import Gate, RouterOutput
-from .common import check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset
+from .common import check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset, router_logits
 
 
 def sinkhorn_potentials(gate: Gate, logk_TE: torch.Tensor, iterations: int, tolerance: float):
@@ -113,7 +113,7 @@ class SinkhornGate(Gate):
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
-        logits_TE = self.proj(x_TD).float()
+        logits_TE = router_logits(self.proj, x_TD)
         scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
         stats = {"router_entropy": entropy(self, logits_TE.softmax(-1))}
         select_TE = logits_TE.detach()
@@ -171,7 +171,7 @@ class SelectiveSinkhornGate(Gate):
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
-        logits_TE = self.proj(x_TD).float()
+        logits_TE = router_logits(self.proj, x_TD)
         probs_TE = logits_TE.softmax(-1)
         expert_TK = logits_TE.detach().topk(K, dim=-1).indices
         weight_TK = probs_TE.gather(1, expert_TK)

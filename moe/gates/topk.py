@@ -29,6 +29,7 @@ from torch import nn
 
 from .base import Gate, RouterOutput
 from .common import (
+    router_logits,
     capacity_for,
     check_capacity,
     check_choice,
@@ -106,7 +107,7 @@ class TopKGate(Gate):
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         if self.training and self.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
-        logits_TE = self.proj(x_TD).float()
+        logits_TE = router_logits(self.proj, x_TD)
         if self.training and self.noise_std > 0:
             logits_TE = logits_TE + self.noise_std * torch.randn_like(logits_TE)
         scores_TE = logits_TE.softmax(-1) if self.score_func == "softmax" else logits_TE.sigmoid()
@@ -160,6 +161,10 @@ class TopKGate(Gate):
         if self.z_loss_coef > 0:
             losses["z_loss"] = self.z_loss_coef * z_loss(self, logits_TE)
         return losses
+
+    def load_balance_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
+        """Switch loss (unweighted) for given probabilities and choices; 1 when routing is uniform."""
+        return switch_balance_loss(self, probs_TE, counts_of(expert_TK.reshape(-1), self.num_experts), expert_TK.shape[1])
 
     def sequence_balance_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss: the Switch loss per sequence, averaged over sequences.

@@ -1,0 +1,45 @@
+"""Tiny random Hugging Face dense models saved to folders, for the upcycling tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 100
+
+
+def make_hf(kind: str, folder: Path, vocab: int = VOCAB, seed: int = 0, **overrides):
+    """A tiny random `kind` model (llama, mistral, qwen2, qwen3, gpt2), saved with save_pretrained."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64)
+    if kind == "gpt2":
+        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0, **overrides)
+        model = T.GPT2LMHeadModel(cfg)
+    else:
+        cls_cfg, cls_model = {
+            "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+            "mistral": (T.MistralConfig, T.MistralForCausalLM),
+            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+            "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+        }[kind]
+        model = cls_model(cls_cfg(**{**base, **overrides}))
+    with torch.no_grad():  # non-trivial norms and biases, so that a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    model.eval()
+    model.save_pretrained(str(folder))
+    return model
+
+
+def tokens(batch: int = 2, seq: int = 16, vocab: int = VOCAB, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) -> None:
+    """float32 logits equal to rtol, relative to the logit scale (elementwise rtol breaks near 0)."""
+    scale = want.abs().max().item()
+    diff = (got.double() - want.double()).abs().max().item()
+    assert diff <= rtol * scale, f"max |diff| {diff:.3e} > {rtol:g} * max |logit| {scale:.3e}"
