@@ -129,9 +129,20 @@ def check_output_dir(path: str | Path) -> None:
         raise ConfigError(f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder")
 
 
+def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
+    """Expert-parallel layout: ep must divide the experts and the world (torchrun's WORLD_SIZE)."""
+    from moeflow.parallel.layout import check_layout
+
+    p = _container(cfg.parallel)
+    check_layout(p.get("ep", 1), model_cfg.num_experts, int(os.environ.get("WORLD_SIZE", "1")))
+    if not isinstance(p.get("overlap_chunks", 1), int) or p.get("overlap_chunks", 1) < 1:
+        raise ConfigError(f"parallel.overlap_chunks must be a positive integer, got {p.get('overlap_chunks')!r}")
+
+
 def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
     tc = trainer_config(cfg)
     mc = model_config(cfg, resolve_device(tc.device))
     check_data(cfg, mc)
     check_optim(cfg)
+    check_parallel(cfg, mc)
     return mc, tc

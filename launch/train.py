@@ -24,7 +24,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from moeflow.moe.model import Transformer
+from moeflow.parallel import parallelize_from_config
 from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
+from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
 
 from . import checkpoint as ckpt
 from .config import ConfigError, resolve_device, validate
@@ -99,6 +101,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg, tc = validate(cfg)
     device = resolve_device(tc.device)
     env: DistEnv = init_distributed(device.type, cfg.parallel.backend)
+    if not env.is_main:
+        logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
@@ -112,12 +116,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     val_data = BatchSampler(splits.val, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
 
     model = Transformer(model_cfg).to(device)
+    # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.
+    ddp_model = parallelize_from_config(model, cfg.parallel, device) if env.enabled else model
     opt = build_optimizer(model, cfg.optim)
     sched = build_scheduler(opt, cfg.optim, tc.steps)
     start_step = resume_if_asked(cfg, run_dir, model, opt, sched)
-    ddp_model = model
-    if env.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if device.type == "cuda" else None)
     fwd = torch.compile(ddp_model) if tc.compile else ddp_model
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
@@ -127,8 +130,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
         log.info("model: %.2fM parameters (%.2fM active), device %s, %s, world %d", model.num_params() / 1e6, model.num_params(active_only=True) / 1e6, device, "bf16" if use_bf16 else "fp32", env.world_size)
-        if start_step == 0 and tc.eval_every > 0:
-            result["val_loss_start"] = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
+    if start_step == 0 and tc.eval_every > 0 and (env.is_main or env.enabled):  # every rank evaluates under parallelize
+        result["val_loss_start"] = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
+        if env.is_main:
             writer.add_scalar("val/loss", result["val_loss_start"], 0)
             log.info("step 0: val loss %.4f", result["val_loss_start"])
 
@@ -147,7 +151,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 ((loss + aux) / tc.grad_accum).backward()
             loss_sum += loss.item()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        if env.enabled:  # expert grads: reduce once per step; norm counts every expert shard once
+            ddp_model.finish_grad_sync()
+            grad_norm = ddp_model.clip_grad_norm_(clip).item()
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -156,6 +164,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         tokens_since += tokens_per_step
         result.update(step=done, train_loss=train_loss)
 
+        if env.enabled and (done % tc.log_every == 0 or done == tc.steps):
+            ddp_model.sync_routing_stats()  # collective: routing statistics of the global batch
         if env.is_main and (done % tc.log_every == 0 or done == tc.steps):
             elapsed = time.perf_counter() - t_last
             tok_s = tokens_since / max(elapsed, 1e-9)
@@ -164,11 +174,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 writer.add_scalar(k, v, done)
             log_routing(writer, stats_file, model, done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if env.is_main and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
+        if (env.is_main or env.enabled) and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
             val = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
-            writer.add_scalar("val/loss", val, done)
             result["val_loss"] = val
-            log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
+            if env.is_main:
+                writer.add_scalar("val/loss", val, done)
+                log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
         if tc.ckpt_every > 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
             save(run_dir, done, model, opt, sched, cfg, env)
         bar.update(1)
@@ -182,11 +193,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def save(run_dir: Path, step: int, model, opt, sched, cfg: DictConfig, env: DistEnv) -> None:
+    model_state, opt_state = full_model_state(model), full_optimizer_state(model, opt)  # gathers expert shards (all ranks)
     if not env.is_main:
         return
-    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step}
+    state = {"optimizer": opt_state, "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step}
     meta = {"model": model.cfg.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
-    path = ckpt.save_checkpoint(run_dir, step, ckpt.unique_state_dict(model), state, meta, cfg.trainer.keep_checkpoints)
+    path = ckpt.save_checkpoint(run_dir, step, model_state, state, meta, cfg.trainer.keep_checkpoints)
     log.info("saved checkpoint %s", path)
 
 
@@ -201,14 +213,14 @@ def resume_if_asked(cfg: DictConfig, run_dir: Path, model, opt, sched) -> int:
             return 0
         raise ckpt.CheckpointError(f"resume={cfg.resume}: no checkpoint found there; pass a run dir with checkpoints/ or a checkpoint dir")
     meta = ckpt.read_meta(found)
-    state = ckpt.load_model_state(found)
+    state = local_model_state(model, ckpt.load_model_state(found))  # this rank's expert shards
     ckpt.check_compatible(found, meta.get("model", {}), model.cfg.to_dict(), state, model)
     model.load_state_dict(state, strict=False)
     if meta.get("weights_only"):  # e.g. written by `moeflow upcycle`: weights to start from, no optimizer state
         log.info("initialised from weights-only checkpoint %s; fresh optimizer and schedule at step 0", found)
         return 0
     trainer_state = ckpt.load_trainer_state(found)
-    opt.load_state_dict(trainer_state["optimizer"])
+    opt.load_state_dict(local_optimizer_state(opt, trainer_state["optimizer"]))
     sched.load_state_dict(trainer_state["scheduler"])
     ckpt.set_rng_state(trainer_state["rng"])
     log.info("resumed from %s at step %d", found, trainer_state["step"])
@@ -227,9 +239,28 @@ def hydra_main(cfg: DictConfig) -> None:
     log.info("done: %s; run dir %s", json.dumps(result), run_dir)
 
 
+def shared_run_dir(args: list[str]) -> list[str]:
+    """Under torchrun every rank composes its own config; they must agree on the run dir.
+
+    Hydra's default dir is a timestamp, which ranks may see differently. Without an
+    explicit hydra.run.dir, use one derived from torchrun's rendezvous id (shared by all
+    ranks; `--standalone` or `--rdzv-id` sets it), else refuse with the fix.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in args):
+        return args
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id in ("", "none"):
+        print("moeflow train: error: under torchrun all ranks need the same run dir; pass hydra.run.dir=... (or launch with torchrun --standalone)", file=sys.stderr)
+        sys.exit(2)
+    return [*args, f"hydra.run.dir=outputs/torchrun/{run_id}"]
+
+
 def main(args: list[str]) -> None:
     from .preflight import preflight
 
+    args = shared_run_dir(args)
     preflight(args)
     sys.argv = ["moeflow-train", *args]
     hydra_main()

@@ -1,0 +1,167 @@
+"""`parallelize(model, layout)`: expert + data parallelism applied to a plain model from outside.
+
+What it does to the model (in place, before the optimizer is built):
+- every MoELayer gets an `AllToAllDispatcher` over the EP group, and its experts keep
+  only this rank's slice of the stacked weights (w1_EDF / w3_EDF / w2_EFD, and the
+  biases of upcycled experts) as their
+  parameters, so the optimizer state is sharded the same way;
+- every gate's `token_group` becomes the whole world, so aux losses and token
+  statistics see the global batch exactly like a single process would;
+- gradients: non-expert parameters are averaged over the world by DDP (expert
+  parameters are hidden from it); expert gradients, which already hold every EP
+  rank's tokens after the all-to-all backward, are summed over the expert-data-parallel
+  group and divided by the world size in `finish_grad_sync()` (call it once per
+  optimizer step, after the last micro-batch's backward: `no_sync` is implied for the
+  earlier micro-batches).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from moeflow.moe.layer import MoELayer
+from moeflow.moe.stats import routing_stats
+
+from .all_to_all import AllToAllDispatcher
+from .layout import ParallelLayout
+
+EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")  # every one leads with E
+
+
+def expert_shard(p: torch.Tensor) -> tuple[int, int, int] | None:
+    """(full number of experts, first, end) of a sharded expert parameter, else None."""
+    return getattr(p, "_moeflow_ep_shard", None)
+
+
+def shard_experts(layer: MoELayer, ep_rank: int, ep: int) -> None:
+    """Keep this rank's experts; the Parameter objects stay the same (only .data shrinks)."""
+    experts = layer.experts
+    E = experts.num_experts
+    L = E // ep
+    lo, hi = ep_rank * L, (ep_rank + 1) * L
+    for name in EXPERT_WEIGHTS:
+        p = getattr(experts, name, None)
+        if p is None:
+            continue
+        p.data = p.data[lo:hi].clone()
+        p._moeflow_ep_shard = (E, lo, hi)
+    experts.num_experts = L
+    experts.expert_offset = lo
+
+
+def _forward_overlapping_shared(self: MoELayer, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """MoELayer.forward, but the shared expert runs inside the dispatcher while tokens are in flight."""
+    shape = x.shape
+    x_TD = x.reshape(-1, shape[-1])
+    routing = self.gate(x_TD, token_ids.reshape(-1) if token_ids is not None else None)
+    y_TD = self.dispatcher(x_TD, routing, self.experts, shared_expert=self.shared_expert)
+    self.aux_loss = routing.aux_loss()
+    self.last_stats = routing_stats(routing)
+    return y_TD.reshape(shape)
+
+
+class ExpertDataParallel(DistributedDataParallel):
+    """DDP over the world for non-expert parameters, plus the expert-parameter collectives."""
+
+    def __init__(self, model: torch.nn.Module, layout: ParallelLayout, **ddp_kwargs):
+        expert_names = [n for n, p in model.named_parameters() if expert_shard(p) is not None]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_names)
+        super().__init__(model, **ddp_kwargs)
+        self.layout = layout
+        self.expert_params = [p for p in model.parameters() if expert_shard(p) is not None]
+
+    def finish_grad_sync(self) -> None:
+        """Sum expert gradients over the expert-data-parallel group, divide by the world size.
+
+        After the all-to-all backward, expert e's gradient on its EP rank already sums the
+        contributions of every rank in the EP group; the EDP sum adds the other replicas'
+        batches, and dividing by the world size matches DDP's mean over ranks.
+        """
+        if not self.expert_params:
+            return
+        for p in self.expert_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.expert_params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        if self.layout.dp > 1:
+            dist.all_reduce(flat, group=self.layout.edp_group)
+        flat.div_(self.layout.world_size)
+        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm with every expert counted exactly once, then clip everything.
+
+        Non-expert gradients are identical on all ranks (count them once); expert shards
+        are identical across the EDP group and disjoint across the EP group (sum their
+        squares over the EP group only).
+        """
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        dense = [p.grad for p in params if expert_shard(p) is None]
+        sharded = [p.grad for p in params if expert_shard(p) is not None]
+        dtype = torch.promote_types(params[0].grad.dtype, torch.float32) if params else torch.float32
+        zero = torch.zeros((), device=params[0].device if params else None, dtype=dtype)
+        sq_dense = torch.nn.utils.get_total_norm(dense).to(dtype) ** 2 if dense else zero
+        sq_expert = torch.nn.utils.get_total_norm(sharded).to(dtype) ** 2 if sharded else zero.clone()
+        if self.layout.ep > 1:
+            dist.all_reduce(sq_expert, group=self.layout.ep_group)
+        total = (sq_dense + sq_expert).sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    @torch.no_grad()
+    def sync_routing_stats(self) -> None:
+        """Aggregate every MoE layer's `last_stats` over the world (collective: call on all ranks).
+
+        tokens_per_expert is summed (and load_max_over_mean recomputed from the sum); the
+        other scalars are averaged (every rank routes the same number of tokens).
+        """
+        for layer in self.module.modules():
+            if not isinstance(layer, MoELayer) or not layer.last_stats:
+                continue
+            s = layer.last_stats
+            counts_E = s["tokens_per_expert"].float().clone()
+            dist.all_reduce(counts_E)
+            keys = sorted(k for k, v in s.items() if v.dim() == 0 and k != "load_max_over_mean")
+            scalars = torch.stack([s[k].float().to(counts_E.device) for k in keys]) if keys else counts_E.new_zeros(0)
+            dist.all_reduce(scalars)
+            scalars /= dist.get_world_size()
+            out = dict(s)
+            out.update({k: scalars[i] for i, k in enumerate(keys)})
+            out["tokens_per_expert"] = counts_E
+            out["load_max_over_mean"] = counts_E.max() / counts_E.mean().clamp_min(1e-9)
+            layer.last_stats = out
+
+
+def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False, **ddp_kwargs) -> ExpertDataParallel:
+    """Apply expert parallelism (layout.ep > 1) and data parallelism to `model` in place.
+
+    Returns the DDP-style wrapper to run forward/backward through; build the optimizer
+    from `model.parameters()` afterwards so it holds only this rank's expert shards.
+    """
+    if layout.ep > 1:
+        model._moeflow_ep_group = layout.ep_group  # for gathering/resharding checkpoints
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer):
+            continue
+        layer.gate.token_group = dist.group.WORLD
+        if layout.ep > 1:
+            shard_experts(layer, layout.ep_rank, layout.ep)
+            layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep, layer.experts.num_experts, chunks=overlap_chunks)
+            if overlap_shared and layer.shared_expert is not None:
+                layer.forward = types.MethodType(_forward_overlapping_shared, layer)
+    return ExpertDataParallel(model, layout, **ddp_kwargs)
+
+
+def parallelize_from_config(model: torch.nn.Module, parallel_cfg, device: torch.device) -> ExpertDataParallel:
+    """The trainer's entry point: `parallel.ep`, `parallel.overlap_chunks`, `parallel.overlap_shared`."""
+    from .layout import build_layout
+
+    layout = build_layout(int(parallel_cfg.ep), model.cfg.num_experts, device.type)
+    ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    return parallelize(model, layout, overlap_chunks=int(parallel_cfg.overlap_chunks), overlap_shared=bool(parallel_cfg.overlap_shared), **ddp_kwargs)

@@ -1,0 +1,330 @@
+"""Multi-process workers for the expert-parallel tests (gloo on CPU, float64).
+
+Each worker builds the same model on every rank from one seed, keeps a single-process
+reference copy that sees the whole global batch, runs the parallel copy on this rank's
+slice, and returns the largest differences; the test process asserts on them.
+`spawn(...)` starts the ranks with a free port and a hard timeout, so nothing hangs.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from moeflow.moe.dispatch import combine
+from moeflow.moe.experts import MLP, GroupedExperts
+from moeflow.moe.gates import GATES, build_gate
+from moeflow.moe.gates.topk import TopKGate
+from moeflow.moe.layer import MoELayer
+from moeflow.moe.model import ModelConfig, Transformer
+from moeflow.parallel import build_layout, expert_shard, parallelize
+from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
+
+EQUIVALENCE_GATES = ("topk", "sinkhorn", "dts")
+D, F_, E, K = 16, 24, 8, 2
+
+
+# -- process harness ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+    try:
+        result = globals()[fn_name](rank, world, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float = 240) -> list:
+    """Run `fn_name(rank, world, *args)` on `world` gloo ranks; return each rank's result."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn_name, args, str(out_dir)), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join(5)
+    errors = "".join(f.read_text() for f in sorted(Path(out_dir).glob("rank*.err")))
+    if alive:
+        raise TimeoutError(f"{fn_name} on {world} ranks did not finish in {timeout:.0f}s\n{errors}")
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"{fn_name} failed (exit codes {[p.exitcode for p in procs]}):\n{errors}")
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# -- shared pieces -----------------------------------------------------------------
+def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+class SkewedGate(TopKGate):
+    """Top-k over experts 0..2 only, and every third token keeps only its first choice.
+
+    With E=8 spread over EP ranks, experts 3..7 get zero tokens, so whole ranks receive
+    zero rows; the dropped pairs behave like a capacity gate's.
+    """
+
+    def __init__(self, d_model, num_experts, top_k):
+        super().__init__(d_model, num_experts, top_k)
+        bias_E = torch.full((num_experts,), -30.0)
+        bias_E[:3] = 0.0
+        self.proj = _BiasedProj(self.proj, bias_E)
+
+    def route(self, x_TD, token_ids_T=None):
+        out = super().route(x_TD, token_ids_T)
+        slot_A = torch.arange(out.token_A.numel()) % self.top_k
+        keep_A = (out.token_A % 3 != 0) | (slot_A == 0)
+        out.token_A, out.expert_A, out.weight_A = out.token_A[keep_A], out.expert_A[keep_A], out.weight_A[keep_A]
+        return out
+
+
+class _BiasedProj(nn.Module):
+    def __init__(self, linear: nn.Linear, bias_E: torch.Tensor):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("bias_E", bias_E)
+
+    def forward(self, x):
+        return self.linear(x) + self.bias_E.to(x.dtype)
+
+
+class FusedPermuteExperts(GroupedExperts):
+    """Experts that take the plan and unpermuted rows (like a fused Triton kernel would)."""
+
+    fuses_permute = True
+
+    def forward_routed(self, x_TD, plan):
+        return combine(self(x_TD[plan.token_A], plan.counts_E), plan)
+
+
+def build_layer(gate_name: str, shared: bool, experts_kind: str = "grouped") -> MoELayer:
+    if gate_name == "skewed":
+        gate = SkewedGate(D, E, K)
+    else:
+        gate = build_gate(gate_name, D, E, K)
+    if experts_kind == "fused":
+        experts = FusedPermuteExperts(E, D, F_, "swiglu", "torch")
+    else:
+        experts = GroupedExperts(E, D, F_, "swiglu", "torch", bias=experts_kind == "bias")
+        for b in (experts.b1_EF, experts.b3_EF, experts.b2_ED):
+            if b is not None:
+                nn.init.normal_(b, std=0.1)
+    return MoELayer(gate, experts, MLP(D, 20) if shared else None).double()
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: MoELayer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x_TD, ids_T):
+        return self.layer(x_TD, ids_T)
+
+
+def _param_diffs(parallel: nn.Module, ref: nn.Module, what: str) -> dict[str, float]:
+    """Compare each parallel parameter (or its grad) with the reference's (slice for expert shards)."""
+    refs = dict(ref.named_parameters())
+    out = {}
+    for name, p in parallel.named_parameters():
+        r = refs[name]
+        a, b = (p.grad, r.grad) if what == "grad" else (p.detach(), r.detach())
+        if a is None or b is None:
+            out[name] = 0.0 if a is None and b is None else float("inf")
+            continue
+        shard = expert_shard(p)
+        out[name] = _maxdiff(a, b[shard[1]:shard[2]] if shard else b)
+    return out
+
+
+# -- one MoE layer -----------------------------------------------------------------
+def layer_cases(rank: int, world: int, cases: list[tuple]) -> dict:
+    """cases: (name, ep, gate_name, overlap_chunks, overlap_shared, experts_kind). Returns name -> diffs."""
+    results = {}
+    layouts = {}
+    for name, ep, gate_name, chunks, overlap_shared, experts_kind in cases:
+        if gate_name not in GATES and gate_name != "skewed":
+            continue
+        layout = layouts.setdefault(ep, build_layout(ep, E))
+        torch.manual_seed(1234)
+        layer = build_layer(gate_name, shared=True, experts_kind=experts_kind)
+        ref = copy.deepcopy(layer)
+        T = 12 * world
+        gen = torch.Generator().manual_seed(99)
+        x_TD = torch.randn(T, D, generator=gen, dtype=torch.float64)
+        g_TD = torch.randn(T, D, generator=gen, dtype=torch.float64)
+        ids_T = torch.randint(0, 256, (T,), generator=gen)
+        rows = slice(rank * T // world, (rank + 1) * T // world)
+
+        x_ref = x_TD.clone().requires_grad_()
+        y_ref = ref(x_ref, ids_T)
+        ((y_ref * g_TD).sum() / world + ref.aux_loss).backward()
+
+        model = parallelize(Holder(layer), layout, overlap_chunks=chunks, overlap_shared=overlap_shared)
+        x_loc = x_TD[rows].clone().requires_grad_()
+        y_loc = model(x_loc, ids_T[rows])
+        ((y_loc * g_TD[rows]).sum() + layer.aux_loss).backward()
+        model.finish_grad_sync()
+        norm = model.clip_grad_norm_(float("inf")).item()
+        ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters() if p.grad is not None]).item()
+
+        opt = torch.optim.AdamW(model.module.parameters(), lr=1e-2, weight_decay=0.1)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+        grad_diffs = _param_diffs(model.module.layer, ref, "grad")
+        opt.step()
+        ref_opt.step()
+        routed_rows = layer.dispatcher.last_exchange_rows[1] if ep > 1 else None
+        results[name] = {
+            "out": _maxdiff(y_loc.detach(), y_ref.detach()[rows]),
+            # activations are not averaged like DDP's parameter grads: the rank's input grad is
+            # that of the SUM of all ranks' losses, i.e. world x the mean objective's
+            "x_grad": _maxdiff(x_loc.grad / world, x_ref.grad[rows]),
+            "grads": grad_diffs,
+            "params_after_step": _param_diffs(model.module.layer, ref, "param"),
+            "grad_norm": abs(norm - ref_norm),
+            "aux": abs(layer.aux_loss.item() - ref.aux_loss.item()),
+            "rows_received": routed_rows,
+            "ref_tokens_per_expert": torch.bincount(_expert_ids(ref, x_ref.detach(), ids_T), minlength=E).tolist(),
+        }
+    return results
+
+
+def _expert_ids(layer: MoELayer, x_TD, ids_T):
+    with torch.no_grad():
+        return layer.gate(x_TD, ids_T).expert_A
+
+
+# -- a few training steps of the LM -----------------------------------------------
+def tiny_model_config(gate: str = "topk") -> ModelConfig:
+    return ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, d_ff=16, num_experts=E, top_k=K, shared_experts=1, gate={"name": gate})
+
+
+def _batches(world: int, steps: int, micro: int, seqs_per_rank: int = 2, seq: int = 8):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(0, 64, (steps, micro, world * seqs_per_rank, seq + 1), generator=gen)
+
+
+def _train_steps(model_fwd, model: Transformer, opt, tokens, step_range, rank, world, ddp=None, clip=0.05):
+    """Returns the per-step loss of the GLOBAL batch (mean over ranks) and grad norms."""
+    losses, norms = [], []
+    for step in step_range:
+        micro = tokens.shape[1]
+        total = 0.0
+        for m in range(micro):
+            batch = tokens[step, m]
+            if ddp is not None:
+                per = batch.shape[0] // world
+                batch = batch[rank * per:(rank + 1) * per]
+            x, y = batch[:, :-1], batch[:, 1:]
+            ctx = ddp.no_sync() if (ddp is not None and m < micro - 1) else _null()
+            with ctx:
+                loss = F.cross_entropy(model_fwd(x).flatten(0, 1), y.flatten())
+                ((loss + model.aux_loss()) / micro).backward()
+            total += loss.item() / micro
+        if ddp is not None:
+            t = torch.tensor([total], dtype=torch.float64)
+            dist.all_reduce(t)
+            total = t.item() / world
+            ddp.finish_grad_sync()
+            norms.append(ddp.clip_grad_norm_(clip).item())
+        else:
+            norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses, norms
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _fresh_lm(gate: str, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_model_config(gate)).double()
+
+
+def train_cases(rank: int, world: int, cases: list[tuple], steps: int = 3, micro: int = 2) -> dict:
+    """cases: (name, ep, gate_name, overlap_chunks). Losses, grad norms and params vs one process."""
+    results = {}
+    tokens = _batches(world, steps, micro)
+    for name, ep, gate_name, chunks in cases:
+        if gate_name not in GATES:
+            continue
+        layout = build_layout(ep, E)
+        ref = _fresh_lm(gate_name)
+        model = copy.deepcopy(ref)
+        ref_losses, ref_norms = _train_steps(ref, ref, torch.optim.AdamW(ref.parameters(), lr=3e-3), tokens, range(steps), rank, world)
+        ddp = parallelize(model, layout, overlap_chunks=chunks)
+        losses, norms = _train_steps(ddp, model, torch.optim.AdamW(model.parameters(), lr=3e-3), tokens, range(steps), rank, world, ddp)
+        results[name] = {
+            "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+            "grad_norm": max(abs(a - b) for a, b in zip(norms, ref_norms)),
+            "clipped": min(ref_norms) > 0.05,
+            "params": _param_diffs(model, ref, "param"),
+        }
+    return results
+
+
+def resume_case(rank: int, world: int, ep_save: int, ep_load: int, steps: int = 3) -> dict:
+    """Train `steps - 1` steps with EP=ep_save, gather a checkpoint, resume with EP=ep_load
+    (resharding model and optimizer state), take one more step; compare with one process."""
+    tokens = _batches(world, steps, 1)
+    ref = _fresh_lm("topk")
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
+    _train_steps(ref, ref, ref_opt, tokens, range(steps - 1), rank, world)
+    ref_at_save = {k: v.clone() for k, v in ref.state_dict().items()}
+    ref_losses, _ = _train_steps(ref, ref, ref_opt, tokens, range(steps - 1, steps), rank, world)
+
+    a = _fresh_lm("topk")
+    ddp_a = parallelize(a, build_layout(ep_save, E))
+    opt_a = torch.optim.AdamW(a.parameters(), lr=3e-3)
+    _train_steps(ddp_a, a, opt_a, tokens, range(steps - 1), rank, world, ddp_a)
+    saved_model, saved_opt = full_model_state(a), full_optimizer_state(a, opt_a)
+    blob = Path(os.environ.get("TMPDIR", "/tmp")) / f"ep_resume_{os.getpid()}.pt"  # round-trip like a checkpoint
+    torch.save({"model": saved_model, "opt": saved_opt}, blob)
+    loaded = torch.load(blob, weights_only=False)
+    blob.unlink()
+
+    b = _fresh_lm("topk", seed=1)  # different init: everything must come from the checkpoint
+    ddp_b = parallelize(b, build_layout(ep_load, E))
+    opt_b = torch.optim.AdamW(b.parameters(), lr=3e-3)
+    b.load_state_dict(local_model_state(b, loaded["model"]))
+    opt_b.load_state_dict(local_optimizer_state(opt_b, loaded["opt"]))
+    next_loss, _ = _train_steps(ddp_b, b, opt_b, tokens, range(steps - 1, steps), rank, world, ddp_b)
+    return {
+        "next_loss": abs(next_loss[0] - ref_losses[0]),
+        "saved_vs_ref": max(_maxdiff(saved_model[k], ref_at_save[k]) for k in saved_model),
+        "saved_keys_match": set(saved_model) == set(ref_at_save),
+        "params_after": _param_diffs(b, ref, "param"),
+    }
