@@ -4,7 +4,7 @@
 # The DTS schedules anneal over the first 2/3 of the run.
 set -uo pipefail
 out=${1:?usage: bench/gates.sh OUT_DIR STEPS [overrides...]}; steps=${2:-300}; shift 2 || shift
-for g in topk expert_choice dts dts_act sinkhorn ssr hash; do
+for g in ${GATES:-topk expert_choice dts dts_act sinkhorn ssr hash}; do
   extra=()
   case $g in dts|dts_act) extra=(gate.anneal_steps=$(( steps * 2 / 3 ))) ;; esac
   start=$(date +%s)

@@ -86,7 +86,7 @@ def test_dts_threshold_drops_experts_adaptively_before_the_cap():
 
 
 def test_dts_gumbel_noise_only_in_training_and_schedule_in_stats():
-    gate = build_gate("dts", D, E, 2)
+    gate = build_gate("dts", D, E, 2, gumbel_noise=True)
     x = rand_x(32)
     gate.eval()
     a, b = gate(x), gate(x)

@@ -43,7 +43,7 @@ class DTSGate(Gate):
         temperature_end: float = 0.3,
         anneal_steps: int = 200,
         threshold: float = 0.05,
-        gumbel_noise: bool = True,
+        gumbel_noise: bool = False,
         renormalize: bool = False,
         aux_loss_coef: float = 0.01,
         router_activation: str = "none",
@@ -118,7 +118,7 @@ class ActivationDTSGate(DTSGate):
     """Activation dense-to-sparse: a linear layer, then an activation (`router_activation`), then the DTS softmax."""
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, temperature_start: float = 2.0, temperature_end: float = 0.3,
-                 anneal_steps: int = 200, threshold: float = 0.05, gumbel_noise: bool = True, renormalize: bool = False,
+                 anneal_steps: int = 200, threshold: float = 0.05, gumbel_noise: bool = False, renormalize: bool = False,
                  aux_loss_coef: float = 0.01, router_activation: str = "gelu", init_std: float = 0.02):
         super().__init__(d_model, num_experts, top_k, temperature_start, temperature_end, anneal_steps, threshold,
                          gumbel_noise, renormalize, aux_loss_coef, router_activation, init_std)
