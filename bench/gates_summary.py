@@ -2,7 +2,8 @@
 
 Usage: python bench/gates_summary.py OUT_DIR
 Per run: step-0 and final val loss (train.log), mean over MoE layers of max/mean load,
-dropped fraction and active experts per token at the last logged step
+dropped fraction and active experts per token at the last logged step (and the load
+averaged over all logged steps)
 (routing_stats.jsonl), and seconds per step from the median logged tokens/s
 (TensorBoard), with tokens per step = batch_size * seq_len from the run's config.
 """
@@ -33,13 +34,13 @@ def summarize(run: Path) -> dict:
     tok_s = statistics.median(e.value for e in acc.Scalars("train/tokens_per_s"))
     return {
         "gate": cfg["gate"]["name"], "steps": int(finals[-1][0]), "val0": val0, "val": float(finals[-1][1]),
-        "load": mean("load_max_over_mean"), "dropped": mean("dropped_fraction"), "active": mean("active_experts_per_token"),
+        "load": mean("load_max_over_mean"), "load_all": statistics.fmean(r["load_max_over_mean"] for r in rows), "dropped": mean("dropped_fraction"), "active": mean("active_experts_per_token"),
         "s_per_step": tokens_per_step / tok_s,
     }
 
 
 def main(out_dir: str) -> None:
-    print("| gate | steps | val loss step 0 -> final | max/mean load | dropped | active experts/token | s/step |")
+    print("| gate | steps | val loss step 0 -> final | max/mean load (last; mean of logged steps) | dropped | active experts/token | s/step |")
     print("|---|---|---|---|---|---|---|")
     for run in sorted(p for p in Path(out_dir).iterdir() if (p / "train.log").exists()):
         try:
@@ -47,7 +48,7 @@ def main(out_dir: str) -> None:
         except (AttributeError, IndexError, FileNotFoundError, KeyError) as e:
             print(f"| {run.name} | (incomplete: {e}) | | | | | |")
             continue
-        print(f"| {run.name} | {s['steps']} | {s['val0']:.3f} -> {s['val']:.3f} | {s['load']:.2f} | {s['dropped']:.3f} | {s['active']:.2f} | {s['s_per_step']:.2f} |")
+        print(f"| {run.name} | {s['steps']} | {s['val0']:.3f} -> {s['val']:.3f} | {s['load']:.2f}; {s['load_all']:.2f} | {s['dropped']:.3f} | {s['active']:.2f} | {s['s_per_step']:.2f} |")
 
 
 if __name__ == "__main__":

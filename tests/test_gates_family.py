@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moeflow.moe.gates import GATES, build_gate
-from moeflow.moe.gates.sinkhorn import balanced_topk, sinkhorn_potentials
+from moeflow.moe.gates.sinkhorn import balanced_topk, sinkhorn_potentials, transport_kernel
 
 D, E = 16, 8
 
@@ -139,6 +139,17 @@ def test_sinkhorn_balances_skewed_logits_where_topk_does_not(k):
     torch.testing.assert_close(out.weight_A.view(-1, k), probs / probs.sum(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("name", ["sinkhorn", "ssr"])
+def test_transport_balances_a_freshly_initialised_router(name):
+    """Tiny init logits: the relative epsilon keeps the hard assignment balanced (top-k is not)."""
+    gate = build_gate(name, D, E, 2, step_fraction=1.0) if name == "ssr" else build_gate(name, D, E, 2)
+    x = rand_x(2048)
+    x[:, 0] += 2.0  # a shared feature the random router reads -> a mild skew
+    assert load_ratio(gate(x).expert_A) <= 1.1
+    gate.eval()
+    assert load_ratio(gate(x).expert_A) > 1.2
+
+
 @pytest.mark.parametrize("tol", [1e-2, 1e-4])
 def test_sinkhorn_marginals_match_targets_within_tolerance(tol):
     gate = build_gate("sinkhorn", D, E, 1)
@@ -157,7 +168,7 @@ def test_sinkhorn_runs_in_float32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = gate.proj(x)
         assert logits.dtype == torch.bfloat16
-        a, b, iters, err = sinkhorn_potentials(gate, logits / gate.epsilon, 200, 1e-3)
+        a, b, iters, err = sinkhorn_potentials(gate, transport_kernel(gate, logits, gate.epsilon), 200, 1e-3)
         out = gate(x)
     assert a.dtype == b.dtype == torch.float32
     assert err.item() <= 1e-3
@@ -188,7 +199,7 @@ def test_ssr_transports_on_the_chosen_fraction_of_steps_with_weights_from_the_ma
     out = gate(x)
     assert load_ratio(out.expert_A) <= 1.1 and out.losses == {}
     # weights: the transport map's entries on the chosen experts, renormalised
-    logk = gate.proj(x).float() / gate.epsilon
+    logk = transport_kernel(gate, gate.proj(x).float(), gate.epsilon)
     expert_TK, b_KE, _, _ = balanced_topk(gate, logk, 2, gate.iterations, gate.tolerance)
     assert torch.equal(out.expert_A.view(-1, 2), expert_TK)
     P1 = (logk + b_KE[0]).gather(1, expert_TK[:, :1]).exp()  # P_te up to the row constant exp(a_t)

@@ -1,6 +1,7 @@
 """Balanced routing by entropic optimal transport: Sinkhorn and Selective Sinkhorn Routing.
 
-`sinkhorn_potentials` scales the kernel exp(logits / epsilon) (T x E) so that every
+`sinkhorn_potentials` scales the kernel exp(logits / (epsilon * sigma)) (T x E; sigma the
+logits' global standard deviation, see `transport_kernel`) so that every
 token's row carries mass 1 and every expert's column N/E (N = tokens of the whole
 token-group batch): P = diag(exp a) K diag(exp b). It iterates in the log domain, in
 float32 with autocast off (bf16 cannot resolve the marginals), until the row marginals
@@ -81,6 +82,26 @@ def balanced_topk(gate: Gate, logk_TE: torch.Tensor, k: int, iterations: int, to
     return expert_TK, b_KE, total, worst
 
 
+def transport_kernel(gate: Gate, logits_TE: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """log-kernel logits / (epsilon * sigma), sigma = the spread Sinkhorn cannot absorb.
+
+    Sinkhorn is blind to per-token and per-expert offsets (the potentials a_t, b_e absorb
+    them), so sigma is the standard deviation of the double-centred logits over the global
+    batch. Why relative: a freshly initialised router has logits ~0.02 apart; with an
+    absolute epsilon the kernel is flat, Sinkhorn meets its (soft) marginals at once and the
+    hard top-k is the argmax of noise, no better balanced than plain top-k. In units of
+    this spread the transport is equally sharp at every router scale and skew.
+    """
+    with torch.no_grad():
+        lg = logits_TE.detach().float()
+        T, E = lg.shape
+        n = gate.global_count(T, lg.device)
+        col_E = gate.global_sum(lg.sum(0)) / n
+        resid_TE = lg - lg.mean(1, keepdim=True) - col_E + col_E.mean()
+        sigma = (gate.global_sum(resid_TE.square().sum()) / (n * E)).sqrt().clamp_min(1e-6)
+    return logits_TE / (epsilon * sigma.to(logits_TE.dtype))
+
+
 def _check_sinkhorn_options(iterations, tolerance, epsilon) -> None:
     need(isinstance(iterations, int) and iterations >= 1, f"gate.iterations must be a positive integer, got {iterations!r}")
     need(isinstance(tolerance, (int, float)) and tolerance > 0, f"gate.tolerance must be > 0, got {tolerance!r}")
@@ -118,7 +139,7 @@ class SinkhornGate(Gate):
         stats = {"router_entropy": entropy(self, logits_TE.softmax(-1))}
         select_TE = logits_TE.detach()
         if self.training or self.balance_in_eval:
-            expert_TK, _, iters, err = balanced_topk(self, logits_TE / self.epsilon, K, self.iterations, self.tolerance)
+            expert_TK, _, iters, err = balanced_topk(self, transport_kernel(self, logits_TE, self.epsilon), K, self.iterations, self.tolerance)
             stats.update(sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
         else:
             expert_TK = select_TE.topk(K, dim=-1).indices
@@ -178,7 +199,7 @@ class SelectiveSinkhornGate(Gate):
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         stats = {"router_entropy": entropy(self, probs_TE), "transported_fraction": torch.tensor(0.0)}
         if self.training and self.transport_step():
-            logk_TE = logits_TE / self.epsilon
+            logk_TE = transport_kernel(self, logits_TE, self.epsilon)
             ot_expert_TK, b_KE, iters, err = balanced_topk(self, logk_TE, K, self.iterations, self.tolerance)
             # the transport map's entries of the chosen experts, up to the row's constant (each from its round)
             ot_log_TK = logk_TE.gather(1, ot_expert_TK) + b_KE.gather(1, ot_expert_TK.T).T
