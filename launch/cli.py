@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("moeflow.launch.train", "main", "train an MoE LM (Hydra overrides follow; `moeflow train --help`)"),
     "bench": ("moeflow.launch.bench", "main", "benchmarks (`moeflow bench --help`)"),
+    "convert": ("moeflow.launch.convert", "main", "convert checkpoints: DeepSpeed/megatron-core <-> moeflow (`moeflow convert --help`)"),
     "upcycle": ("moeflow.launch.upcycle_cli", "main", "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)"),
     "stats": ("moeflow.launch.stats_table", "main", "per-layer routing statistics table of a run (`moeflow stats RUN_DIR [--step N]`)"),
 }

@@ -144,5 +144,8 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
     mc = model_config(cfg, resolve_device(tc.device))
     check_data(cfg, mc)
     check_optim(cfg)
+    from moeflow.parallel.integrations import check_engine  # here: moeflow.parallel imports this module
+
+    check_engine(cfg)
     check_parallel(cfg, mc)
     return mc, tc

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from moeflow.moe.model import Transformer
 from moeflow.parallel import parallelize_from_config
 from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
+from moeflow.parallel.integrations import engine_name, loop_for
 from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
 
 from . import checkpoint as ckpt
@@ -98,6 +99,8 @@ def set_gate_step(model: Transformer, step: int) -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    if engine_name(cfg) != "torch":  # DeepSpeed / megatron-core own the step: their own loops
+        return loop_for(engine_name(cfg))(cfg, run_dir)
     model_cfg, tc = validate(cfg)
     device = resolve_device(tc.device)
     env: DistEnv = init_distributed(device.type, cfg.parallel.backend)

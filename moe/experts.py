@@ -8,7 +8,9 @@ Shape suffixes: A grouped rows, D model dim, F expert hidden dim, E experts.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +67,10 @@ class GroupedExperts(nn.Module):
     biases); experts with biases always compute with the "torch" implementation.
     """
 
-    fuses_permute = False
+    @property
+    def fuses_permute(self) -> bool:
+        """True when this impl gathers/scatters rows inside its kernels (`forward_routed`); never with biases."""
+        return self.impl in ROUTED_IMPLEMENTATIONS and self.b1_EF is None and self.b2_ED is None
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", impl: str = "torch", bias: bool = False):
         super().__init__()
@@ -94,6 +99,15 @@ class GroupedExperts(nn.Module):
         impl = self.impl if self.b1_EF is None and self.b2_ED is None else "torch"  # only the reference has biases
         return IMPLEMENTATIONS[impl](self, x_AD, counts_E)
 
+    def forward_routed(self, x_TD: torch.Tensor, plan) -> torch.Tensor:
+        """combine(experts(x_TD[plan.token_A], plan.counts_E), plan), with the permutation fused where the impl can."""
+        fn = ROUTED_IMPLEMENTATIONS.get(self.impl) if self.fuses_permute else None
+        if fn is None:
+            from .dispatch import combine
+
+            return combine(self(x_TD[plan.token_A], plan.counts_E), plan)
+        return fn(self, x_TD, plan)
+
     @torch.no_grad()
     def load_from_mlp(self, mlp: MLP, experts: list[int] | None = None) -> None:
         """Copy a dense MLP into the given experts (all by default): upcycling's core step."""
@@ -117,8 +131,86 @@ def torch_loop(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tens
     return torch.cat(outs) if outs else x_AD.new_zeros(0, experts.d_model)
 
 
+def _warn_once(msg: str, _seen: set = set()) -> None:
+    if msg not in _seen:
+        _seen.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _kernel_weights(experts: GroupedExperts, x: torch.Tensor):
+    """x and the weights in the compute dtype: autocast's (bf16 on GPU) when enabled, else x's."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    w3 = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
+    return x.to(dtype), experts.w1_EDF.to(dtype), w3, experts.w2_EFD.to(dtype)
+
+
+def _triton_ops(experts: GroupedExperts, x: torch.Tensor):
+    """(kernel module, compute tensors), or None after a one-time warning when the kernels can't take x."""
+    from moeflow.kernels import ops  # imports Triton: only when the impl is used
+
+    reason = ops.triton_usable(x.device)
+    if reason is None:
+        args = _kernel_weights(experts, x)
+        try:
+            ops.check_inputs(*args[:4], torch.empty(experts.num_experts))
+            return ops, args
+        except ops.UnsupportedInput as e:
+            reason = str(e)
+    _warn_once(f"experts.impl=triton: {reason}; falling back to the torch reference path")
+    return None
+
+
+def _check_counts(x_AD: torch.Tensor, counts_E: torch.Tensor, num_experts: int) -> None:
+    if counts_E.shape != (num_experts,):
+        raise ValueError(f"counts_E must have shape ({num_experts},), got {tuple(counts_E.shape)}")
+    if not torch.compiler.is_compiling() and int(counts_E.sum()) != x_AD.shape[0]:
+        raise ValueError(f"counts_E sums to {int(counts_E.sum())} but x_AD has {x_AD.shape[0]} rows")
+
+
+def triton_grouped(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Triton grouped GEMMs (moeflow.kernels) on rows already grouped by expert."""
+    _check_counts(x_AD, counts_E, experts.num_experts)
+    found = _triton_ops(experts, x_AD)
+    if found is None:
+        return torch_loop(experts, x_AD, counts_E)
+    ops, (x, w1, w3, w2) = found
+    return ops.expert_mlp(x, w1, w3, w2, counts_E)
+
+
+def triton_routed(experts: GroupedExperts, x_TD: torch.Tensor, plan) -> torch.Tensor:
+    """Triton path with the permutation fused: gather in the first GEMM, weighted scatter in the last."""
+    found = _triton_ops(experts, x_TD)
+    if found is None:
+        from .dispatch import combine
+
+        return combine(torch_loop(experts, x_TD[plan.token_A], plan.counts_E), plan)
+    ops, (x, w1, w3, w2) = found
+    return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)
+
+
+def grouped_mm(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm over 16-row padded groups (the cuBLAS baseline)."""
+    from moeflow.kernels.torch_grouped_mm import grouped_mm_mlp
+
+    if x_AD.device.type != "cuda":
+        _warn_once("experts.impl=grouped_mm needs a CUDA GPU; falling back to the torch reference path")
+        return torch_loop(experts, x_AD, counts_E)
+    x, w1, w3, w2 = _kernel_weights(experts, x_AD)
+    if x.dtype != torch.bfloat16:
+        _warn_once(f"experts.impl=grouped_mm needs bf16 (got {x.dtype}); falling back to the torch reference path")
+        return torch_loop(experts, x_AD, counts_E)
+    return grouped_mm_mlp(x, w1, w3, w2, counts_E)
+
+
 # impl name -> fn(experts, x_AD, counts_E) -> y_AD
 IMPLEMENTATIONS = {"torch": torch_loop}
+# impls that also take unpermuted tokens: fn(experts, x_TD, plan) -> y_TD (dispatch.combine's semantics)
+ROUTED_IMPLEMENTATIONS = {}
+if importlib.util.find_spec("triton") is not None:  # found, not imported: moe/ stays Triton-free at import
+    IMPLEMENTATIONS["triton"] = triton_grouped
+    ROUTED_IMPLEMENTATIONS["triton"] = triton_routed
+if hasattr(torch, "_grouped_mm"):
+    IMPLEMENTATIONS["grouped_mm"] = grouped_mm
 
 
 def init_std_for_output(n_layers: int, std: float = 0.02) -> float:

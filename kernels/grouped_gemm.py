@@ -1,0 +1,512 @@
+"""Triton grouped GEMMs over variable-size expert groups (ScatterMoE style).
+
+Rows arrive grouped by expert: expert e owns rows [start_e, start_e + counts_E[e]) of the
+grouped order. No padding to a capacity: every kernel finds its (expert, row block) from
+counts_E on the device (`_tile_of`), so one launch covers all experts and needs no host sync.
+
+Kernels (all write every output element exactly once; no atomics, so results are
+bit-deterministic for fixed inputs):
+- `up`:       h = x[gather] @ W1[e] (and W3[e]); g = act(h) fused in the epilogue.
+- `gmm`:      out[scatter] = scale * sum_p A_p @ B_p[e]  (down projection; dX of the up GEMM).
+- `down_bwd`: dG = dy[gather] @ W2[e]^T, fused with the activation's backward and the
+              gate-weight gradient's partial row sums.
+- `wgrad`:    dW[e] = A[gather]^T @ (scale * B[gather]) over expert e's rows.
+- `segsum`:   y_T[t] = sum of the rows of token t (the deterministic half of un-permute).
+
+Nothing here knows about models: tensors, strides, group sizes.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(shapes):
+    """Autotune candidates for Hopper; one small config under the CPU interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
+_UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 4)]
+_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4)]
+
+
+def _fits_smem(configs, named_args, **kwargs):
+    """Drop candidates whose pipelined tiles exceed Hopper's 227 KiB of shared memory."""
+    pairs = 2 if kwargs.get("TWO", named_args.get("TWO", False)) or kwargs.get("SWIGLU", named_args.get("SWIGLU", False)) else 1
+    keep = []
+    for c in configs:
+        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (m * k + k * n) * 2 * pairs * c.num_stages <= 220 * 1024:
+            keep.append(c)
+    return keep or configs[-1:]
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+@triton.jit
+def _tile_of(pid_m, counts_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Map a global row-block index to (expert, first row, end row, valid) from counts_E."""
+    offs_e = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    tiles = (cnt + BLOCK_M - 1) // BLOCK_M
+    cum_tiles = tl.cumsum(tiles, 0)
+    cum_rows = tl.cumsum(cnt, 0)
+    total = tl.sum(tiles, 0)
+    e = tl.sum((cum_tiles <= pid_m).to(tl.int32), 0)
+    sel = offs_e == e
+    first_tile = tl.sum(tl.where(sel, cum_tiles - tiles, 0), 0)
+    start_e = tl.sum(tl.where(sel, cum_rows - cnt, 0), 0)
+    end_e = tl.sum(tl.where(sel, cum_rows, 0), 0)
+    row0 = start_e + (pid_m - first_tile) * BLOCK_M
+    return e, row0, end_e, pid_m < total
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Group row blocks so consecutive programs share weight tiles in L2."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh written through sigmoid
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def _gelu_tanh_grad(x):
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    t = 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+# ----------------------------------------------------------------------------- up
+@triton.autotune(configs=_configs(_UP_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"])
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _up_kernel(
+    x_ptr, idx_ptr, w1_ptr, w3_ptr, h1_ptr, h3_ptr, g_ptr, counts_ptr,
+    E, N, K, A_ROWS, M_BUCKET,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+    HAS_GATHER: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, tl.cdiv(A_ROWS, BLOCK_M) + E, num_n, GROUP_M)
+    e, row0, row_end, valid = _tile_of(pid_m, counts_ptr, E, BLOCK_M, E_POW2)
+    if valid:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mask_m = rows < row_end
+        if HAS_GATHER:
+            src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+        else:
+            src = rows.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        b1_ptrs = w1_ptr + w_off
+        b3_ptrs = w3_ptr + w_off
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                b1 = tl.load(b1_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mk = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+                b1 = tl.load(b1_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc1 = tl.dot(a, b1, acc1)
+            if SWIGLU:
+                if EVEN_K:
+                    b3 = tl.load(b3_ptrs, mask=mask_n[None, :], other=0.0)
+                else:
+                    b3 = tl.load(b3_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+                acc3 = tl.dot(a, b3, acc3)
+            a_ptrs += BLOCK_K * stride_xk
+            b1_ptrs += BLOCK_K * stride_wk
+            b3_ptrs += BLOCK_K * stride_wk
+        out_off = rows.to(tl.int64)[:, None] * N + offs_n[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SWIGLU:
+            g = _silu(acc1) * acc3
+        else:
+            g = _gelu_tanh(acc1)
+        tl.store(g_ptr + out_off, g.to(g_ptr.dtype.element_ty), mask=mask)
+        if STORE_H:
+            tl.store(h1_ptr + out_off, acc1.to(h1_ptr.dtype.element_ty), mask=mask)
+            if SWIGLU:
+                tl.store(h3_ptr + out_off, acc3.to(h3_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- gmm
+@triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "M_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _gmm_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, scale_ptr, scatter_ptr, counts_ptr,
+    E, N, K, A_ROWS, M_BUCKET,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om,
+    TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SCATTER: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, tl.cdiv(A_ROWS, BLOCK_M) + E, num_n, GROUP_M)
+    e, row0, row_end, valid = _tile_of(pid_m, counts_ptr, E, BLOCK_M, E_POW2)
+    if valid:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mask_m = rows < row_end
+        rows64 = rows.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_off = rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        a1_ptrs = a1_ptr + a_off
+        b1_ptrs = b1_ptr + b_off
+        a2_ptrs = a2_ptr + a_off
+        b2_ptrs = b2_ptr + b_off
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a1_ptrs, mask=mask_m[:, None], other=0.0)
+                b = tl.load(b1_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mk = offs_k < K - kk * BLOCK_K
+                a = tl.load(a1_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+                b = tl.load(b1_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            if TWO:
+                if EVEN_K:
+                    a2 = tl.load(a2_ptrs, mask=mask_m[:, None], other=0.0)
+                    b2 = tl.load(b2_ptrs, mask=mask_n[None, :], other=0.0)
+                else:
+                    a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+                    b2 = tl.load(b2_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a2, b2, acc)
+            a1_ptrs += BLOCK_K * stride_ak
+            b1_ptrs += BLOCK_K * stride_bk
+            a2_ptrs += BLOCK_K * stride_ak
+            b2_ptrs += BLOCK_K * stride_bk
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+            acc = acc * s[:, None]
+        if HAS_SCATTER:
+            dst = tl.load(scatter_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+        else:
+            dst = rows64
+        tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- down backward
+@triton.autotune(configs=_configs(_UP_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"],
+                 reset_to_zero=["dscale_ptr"], restore_value=["h1_ptr", "h3_ptr"])
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _down_bwd_kernel(
+    dy_ptr, idx_ptr, w2_ptr, h1_ptr, h3_ptr, scale_ptr, dh1_ptr, dh3_ptr, g_ptr, dscale_ptr, counts_ptr,
+    E, N, K, A_ROWS, M_BUCKET, DS_STRIDE,
+    stride_dym, stride_dyk, stride_we, stride_wk, stride_wn,
+    HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """dG = dy[gather] @ W2[e]^T (N = F, K = D), then the activation's backward in the epilogue.
+
+    Also writes g = act(h) (needed by dW2) and, for gate weights, the partial row sums
+    <dG_unscaled, g> per column block (summed on the host side: deterministic).
+    """
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _swizzle(pid, tl.cdiv(A_ROWS, BLOCK_M) + E, num_n, GROUP_M)
+    e, row0, row_end, valid = _tile_of(pid_m, counts_ptr, E, BLOCK_M, E_POW2)
+    if valid:
+        rows = row0 + tl.arange(0, BLOCK_M)
+        mask_m = rows < row_end
+        rows64 = rows.to(tl.int64)
+        if HAS_GATHER:
+            src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+        else:
+            src = rows64
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = dy_ptr + src[:, None] * stride_dym + offs_k[None, :] * stride_dyk
+        b_ptrs = w2_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+            else:
+                mk = offs_k < K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_dyk
+            b_ptrs += BLOCK_K * stride_wk
+        mask = mask_m[:, None] & mask_n[None, :]
+        h_off = rows64[:, None] * N + offs_n[None, :]
+        h1 = tl.load(h1_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+        if SWIGLU:
+            h3 = tl.load(h3_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(h1)
+            act = h1 * sig
+            g = act * h3
+        else:
+            g = _gelu_tanh(h1)
+        tl.store(g_ptr + h_off, g.to(g_ptr.dtype.element_ty), mask=mask)
+        if HAS_SCALE:
+            part = tl.sum(acc * g, 1)
+            tl.store(dscale_ptr + rows64 * DS_STRIDE + pid_n, part, mask=mask_m)
+            s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
+            acc = acc * s[:, None]
+        if SWIGLU:
+            dh1 = acc * h3 * sig * (1.0 + h1 * (1.0 - sig))
+            dh3 = acc * act
+            tl.store(dh1_ptr + h_off, dh1.to(dh1_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh3_ptr + h_off, dh3.to(dh3_ptr.dtype.element_ty), mask=mask)
+        else:
+            dh1 = acc * _gelu_tanh_grad(h1)
+            tl.store(dh1_ptr + h_off, dh1.to(dh1_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- weight gradient
+@triton.autotune(configs=_configs(_WGRAD_SHAPES), key=["M", "N", "TWO", "R_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, ia_ptr, b1_ptr, b2_ptr, ib_ptr, scale_ptr, out1_ptr, out2_ptr, counts_ptr,
+    E, M, N, R_BUCKET,
+    stride_ar, stride_am, stride_br, stride_bn,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TWO: tl.constexpr, E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out_p[e] (M x N) = sum over expert e's rows r of A[ia[r]]^T (scale[r] * B_p[ib[r]]).
+
+    BLOCK_K is the row chunk. One program owns one output tile of one expert and walks
+    that expert's rows in order: deterministic, and empty experts get exact zeros.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_e = num_m * num_n
+    e = pid // per_e
+    pid_m, pid_n = _swizzle(pid % per_e, num_m, num_n, GROUP_M)
+    offs_e = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    cum = tl.cumsum(cnt, 0)
+    sel = offs_e == e
+    start = tl.sum(tl.where(sel, cum - cnt, 0), 0)
+    end = tl.sum(tl.where(sel, cum, 0), 0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        mask_r = rows < end
+        if A_GATHER:
+            ra = tl.load(ia_ptr + rows, mask=mask_r, other=0).to(tl.int64)
+        else:
+            ra = rows.to(tl.int64)
+        if B_GATHER:
+            rb = tl.load(ib_ptr + rows, mask=mask_r, other=0).to(tl.int64)
+        else:
+            rb = rows.to(tl.int64)
+        a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
+                    mask=mask_r[None, :] & mask_m[:, None], other=0.0)  # (BLOCK_M, BLOCK_K) = A^T tile
+        b_off = rb[:, None] * stride_br + offs_n[None, :] * stride_bn
+        bmask = mask_r[:, None] & mask_n[None, :]
+        b1 = tl.load(b1_ptr + b_off, mask=bmask, other=0.0)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
+            b1 = (b1.to(tl.float32) * s[:, None]).to(a.dtype)
+        acc1 = tl.dot(a, b1, acc1)
+        if TWO:
+            b2 = tl.load(b2_ptr + b_off, mask=bmask, other=0.0)
+            acc2 = tl.dot(a, b2, acc2)
+    o_off = e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out1_ptr + o_off, acc1.to(out1_ptr.dtype.element_ty), mask=omask)
+    if TWO:
+        tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------- segment sum
+@triton.jit
+def _segsum_kernel(src_ptr, offs_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
+    """out[t] = sum of src rows [offs[t], offs[t+1]) in order (fp32 accumulate); 0 if none."""
+    t = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    start = tl.load(offs_ptr + t)
+    end = tl.load(offs_ptr + t + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    row_ptrs = src_ptr + start.to(tl.int64) * D + offs_d
+    for _ in range(start, end):
+        acc += tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
+        row_ptrs += D
+    tl.store(out_ptr + t.to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ============================================================================= launchers
+def _e_pow2(E: int) -> int:
+    return max(16, triton.next_power_of_2(E))
+
+
+def _m_bucket(A: int) -> int:
+    """Autotune key for the row count: powers of two, so retuning happens rarely."""
+    return triton.next_power_of_2(max(A, 1))
+
+
+def _m_grid(A: int, E: int, N: int):
+    return lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
+    """g, h1, h3 for A grouped rows; x rows are read through gather_A (None: x is grouped)."""
+    E, K, N = w1.shape
+    swiglu = w3 is not None
+    g = x.new_empty(A, N)
+    h1 = x.new_empty(A, N) if store_h else g
+    h3 = x.new_empty(A, N) if (store_h and swiglu) else g
+    if A == 0:
+        return g, h1, h3
+    if w3 is not None:
+        assert w3.stride() == w1.stride()
+    _up_kernel[lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        x, gather_A if gather_A is not None else counts_E, w1, w3 if swiglu else w1, h1, h3, g, counts_E,
+        E, N, K, A, _m_bucket(A),
+        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
+        HAS_GATHER=gather_A is not None, SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E),
+    )
+    return g, h1, h3
+
+
+def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K: int,
+                stride_be: int, stride_bk: int, stride_bn: int):
+    E = counts_E.shape[0]
+    if a2 is not None:
+        assert a2.stride() == a1.stride()
+    grid = lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gmm_kernel[grid](
+        a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1, out,
+        scale if scale is not None else counts_E, scatter if scatter is not None else counts_E, counts_E,
+        E, N, K, A, _m_bucket(A),
+        a1.stride(0), a1.stride(1), stride_be, stride_bk, stride_bn, out.stride(0),
+        TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_SCATTER=scatter is not None, E_POW2=_e_pow2(E),
+    )
+
+
+def down(g, w2, counts_E, scale_A=None, scatter_A=None, out_rows: int | None = None):
+    """out[scatter_A[a]] = scale_A[a] * g[a] @ w2[e(a)]; rows not named by scatter stay unwritten."""
+    A, K = g.shape
+    E, _, N = w2.shape
+    out = g.new_empty(out_rows if out_rows is not None else A, N)
+    if A:
+        _launch_gmm(g, w2, None, None, out, scale_A, scatter_A, counts_E, A, N, K, w2.stride(0), w2.stride(1), w2.stride(2))
+    return out
+
+
+def grad_input(dh1, w1, dh3, w3, counts_E, scatter_A=None):
+    """dx[scatter_A[a]] = dh1[a] @ w1[e]^T (+ dh3[a] @ w3[e]^T): the up GEMM's input gradient."""
+    A, K = dh1.shape  # K = F
+    E, N, _ = w1.shape  # N = D
+    out = dh1.new_empty(A, N)
+    if A:
+        if w3 is not None:
+            assert w3.stride() == w1.stride()
+        _launch_gmm(dh1, w1, dh3, w3, out, None, scatter_A, counts_E, A, N, K, w1.stride(0), w1.stride(2), w1.stride(1))
+    return out
+
+
+def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place: bool = False):
+    """dh1, dh3 (SwiGLU), g and the gate-weight grad (None without scale) from dy.
+
+    `in_place`: dh1/dh3 overwrite h1/h3 (each program reads its h tile before writing the
+    same tile), saving 2*A*F elements of peak memory when h is dead afterwards.
+    """
+    A, N = h1.shape  # N = F
+    E, _, K = w2.shape  # K = D
+    dh1 = h1 if in_place else h1.new_empty(A, N)
+    dh3 = (h3 if in_place else h1.new_empty(A, N)) if swiglu else dh1
+    g = h1.new_empty(A, N)
+    dscale = None
+    if A == 0:
+        return dh1, dh3, g, (h1.new_zeros(0, dtype=torch.float32) if scale_A is not None else None)
+    # the gate grad's partial sums need one slot per column block of the smallest BLOCK_N
+    nblk = triton.cdiv(N, 16 if INTERPRET else 64)
+    if scale_A is not None:
+        dscale = torch.zeros(A, nblk, device=h1.device, dtype=torch.float32)
+    _down_bwd_kernel[lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        dy, gather_A if gather_A is not None else counts_E, w2, h1, h3 if swiglu else h1,
+        scale_A if scale_A is not None else counts_E, dh1, dh3, g,
+        dscale if dscale is not None else g, counts_E,
+        E, N, K, A, _m_bucket(A), nblk,
+        dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(2), w2.stride(1),
+        HAS_GATHER=gather_A is not None, HAS_SCALE=scale_A is not None, SWIGLU=swiglu, E_POW2=_e_pow2(E),
+    )
+    return dh1, dh3, g, (dscale.sum(1) if dscale is not None else None)
+
+
+def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
+    """out_p[e] = a[gather_a][rows of e]^T @ (scale * b_p[gather_b][rows of e]), shape (E, Ka, Nb)."""
+    E = counts_E.shape[0]
+    M = a.shape[1]
+    N = b1.shape[1]
+    out1 = a.new_empty(E, M, N)
+    out2 = a.new_empty(E, M, N) if b2 is not None else out1
+    R = b1.shape[0] if gather_b is None else gather_b.shape[0]
+    if b2 is not None:
+        assert b2.stride() == b1.stride()
+    _wgrad_kernel[lambda meta: (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+        a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
+        gather_b if gather_b is not None else counts_E, scale if scale is not None else counts_E,
+        out1, out2, counts_E,
+        E, M, N, _m_bucket(R),
+        a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
+        A_GATHER=gather_a is not None, B_GATHER=gather_b is not None, HAS_SCALE=scale is not None,
+        TWO=b2 is not None, E_POW2=_e_pow2(E),
+    )
+    return out1, (out2 if b2 is not None else None)
+
+
+def segsum(src, offsets, num_rows: int):
+    """out[t] = sum(src[offsets[t]:offsets[t+1]]) in order, fp32 accumulate."""
+    D = src.shape[1]
+    out = src.new_empty(num_rows, D)
+    if num_rows:
+        block = 16 if INTERPRET else min(1024, triton.next_power_of_2(D))
+        _segsum_kernel[(num_rows, triton.cdiv(D, block))](src, offsets, out, D, BLOCK_D=block, num_warps=4)
+    return out

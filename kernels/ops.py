@@ -1,0 +1,179 @@
+"""The thin autograd layer over the grouped-GEMM kernels, registered as torch custom ops.
+
+`expert_mlp(x, w1, w3, w2, counts_E)` computes all experts on rows grouped by expert.
+`expert_mlp_routed(x_TD, w1, w3, w2, counts_E, token_A, weight_A)` does the same on
+unpermuted tokens: rows are gathered by `token_A` inside the first GEMM's loads and the
+outputs, times their gate weight, are scattered by the last GEMM's stores into token
+order and summed per token (`moeflow.moe.dispatch.combine`'s semantics). The routed copy
+of the activations is never materialised.
+
+Forward and backward are the custom ops `moeflow::experts_fwd` / `moeflow::experts_bwd`
+(with fake implementations, so torch.compile traces them as opaque nodes);
+`ExpertMLPFunction` (a torch.autograd.Function) ties them together.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import grouped_gemm as gg
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None or t.numel() == 0 else t
+
+
+@torch.library.custom_op("moeflow::experts_fwd", mutates_args=())
+def experts_fwd(
+    x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
+    token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
+    num_rows: int, save: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y, h1, h3 (h1/h3 empty unless `save`; h3 empty for GELU)."""
+    A = num_rows if token_A is None else token_A.shape[0]
+    g, h1, h3 = gg.up(x, token_A, w1, w3, counts_E, A, store_h=save)
+    if token_A is None:
+        y = gg.down(g, w2, counts_E)
+    else:
+        y_sorted = gg.down(g, w2, counts_E, scale_A=weight_A, scatter_A=pos_A)  # token-sorted rows
+        y = gg.segsum(y_sorted, tok_offsets, tok_offsets.shape[0] - 1)
+    return y, (h1 if save else x.new_empty(0)), (h3 if save and w3 is not None else x.new_empty(0))
+
+
+@experts_fwd.register_fake
+def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, save):
+    A = num_rows if token_A is None else token_A.shape[0]
+    rows_out = num_rows if token_A is None else tok_offsets.shape[0] - 1
+    F = w1.shape[2]
+    h1 = x.new_empty(A, F) if save else x.new_empty(0)
+    h3 = x.new_empty(A, F) if save and w3 is not None else x.new_empty(0)
+    return x.new_empty(rows_out, w2.shape[2]), h1, h3
+
+
+@torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
+def experts_bwd(
+    dy: Tensor, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
+    token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
+    h1: Tensor, h3: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
+
+    h1/h3 are overwritten by dh1/dh3 (peak memory); the autograd layer forbids a second
+    backward through the same forward. Order chosen so transient buffers die early.
+    """
+    swiglu = w3 is not None
+    dy = dy.contiguous()
+    dh1, dh3, g, dweight = gg.down_bwd(dy, token_A, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
+    # dW2[e] = g^T @ (weight * dy[token])
+    dw2, _ = gg.wgrad(g, None, dy, None, token_A, weight_A, counts_E)
+    del g
+    if token_A is None:
+        dx = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
+    else:
+        dx_sorted = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
+        dx = gg.segsum(dx_sorted, tok_offsets, tok_offsets.shape[0] - 1)
+        del dx_sorted
+    # dW1[e], dW3[e] = x[token]^T @ dh1, dh3
+    dw1, dw3 = gg.wgrad(x, token_A, dh1, dh3 if swiglu else None, None, None, counts_E)
+    dweight = dweight.to(weight_A.dtype) if weight_A is not None else x.new_empty(0, dtype=torch.float32)
+    return dx, dw1, (dw3 if swiglu else x.new_empty(0)), dw2, dweight
+
+
+@experts_bwd.register_fake
+def _(dy, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3):
+    dweight = torch.empty_like(weight_A) if weight_A is not None else x.new_empty(0, dtype=torch.float32)
+    return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w3) if w3 is not None else x.new_empty(0),
+            torch.empty_like(w2), dweight)
+
+
+class ExpertMLPFunction(torch.autograd.Function):
+    """Autograd over the custom ops. Integer routing tensors carry no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows):
+        save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
+        y, h1, h3 = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, save)
+        ctx.save_for_backward(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("moeflow experts: a second backward through the same forward is not supported "
+                               "(saved activations are reused in place); recompute the forward instead")
+        ctx.consumed = True
+        x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3 = ctx.saved_tensors
+        dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
+            dy, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
+        return (dx, dw1, dw3 if w3 is not None else None, dw2, None, None,
+                dweight if weight_A is not None else None, None, None, None)
+
+
+# ----------------------------------------------------------------------------- checks
+class UnsupportedInput(ValueError):
+    """The Triton path cannot compute this input; callers fall back to the reference path."""
+
+
+def triton_usable(device: torch.device) -> str | None:
+    """None if the kernels can run on `device`, else why not (one line)."""
+    if device.type == "cpu":
+        return None if os.environ.get("TRITON_INTERPRET") == "1" else "tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    if device.type != "cuda":
+        return f"device {device} is not supported by the Triton kernels"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"GPU compute capability {major}.x < 8.0 (bf16 tensor cores needed)"
+    return None
+
+
+def check_inputs(x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> None:
+    """Raise UnsupportedInput (one line, naming the fix) for anything the kernels must not see."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedInput(f"dtype {x.dtype} is not supported (bf16/fp16 only; enable autocast or cast the model)")
+    for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+        if w is not None and w.dtype != x.dtype:
+            raise UnsupportedInput(f"{name} has dtype {w.dtype} but x has {x.dtype}")
+        if w is not None and w.device != x.device:
+            raise UnsupportedInput(f"{name} is on {w.device} but x is on {x.device}")
+    if x.dim() != 2 or w1.dim() != 3 or w2.dim() != 3:
+        raise UnsupportedInput(f"expected x 2-D and weights 3-D, got x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    E, D, F = w1.shape
+    if x.shape[1] != D or tuple(w2.shape) != (E, F, D) or (w3 is not None and w3.shape != w1.shape):
+        raise UnsupportedInput(f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    if w3 is not None and w3.stride() != w1.stride():
+        raise UnsupportedInput("w1 and w3 must have the same strides")
+    if counts_E.dim() != 1 or counts_E.shape[0] != E:
+        raise UnsupportedInput(f"counts_E must have shape ({E},), got {tuple(counts_E.shape)}")
+    if x.stride(1) != 1:
+        raise UnsupportedInput("x must have unit stride along its last dim (call .contiguous())")
+
+
+def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> Tensor:
+    """All experts on rows grouped by expert (counts_E rows each, in order)."""
+    check_inputs(x_AD, w1, w3, w2, counts_E)
+    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0])
+
+
+def routing_layout(token_A: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """pos_A (row of each assignment in token-sorted order) and per-token row offsets (T+1)."""
+    order = torch.argsort(token_A, stable=True)
+    pos_A = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    offsets = torch.zeros(num_tokens + 1, dtype=torch.int32, device=token_A.device)
+    offsets[1:] = torch.cumsum(torch.bincount(token_A, minlength=num_tokens), 0)
+    return pos_A.to(torch.int32), offsets
+
+
+def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
+                      token_A: Tensor, weight_A: Tensor) -> Tensor:
+    """y_TD[t] = sum over assignments a of t: weight_A[a] * MLP_{e(a)}(x_TD[t]), grouped by expert."""
+    check_inputs(x_TD, w1, w3, w2, counts_E)
+    if token_A.dim() != 1 or weight_A.shape != token_A.shape:
+        raise UnsupportedInput(f"token_A {tuple(token_A.shape)} and weight_A {tuple(weight_A.shape)} must be 1-D and equal")
+    pos_A, offsets = routing_layout(token_A, x_TD.shape[0])
+    return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
+                                   pos_A, offsets, x_TD.shape[0])

@@ -1,0 +1,243 @@
+"""DeepSpeed as the training engine: config generation, `deepspeed.initialize`, checkpoints.
+
+The DeepSpeed config is generated from the Hydra config (micro-batch, grad accumulation,
+clipping, ZeRO stage, CPU optimizer offload, bf16) and a user JSON (`engine.config_file`)
+is merged over it, so anything DeepSpeed offers stays reachable. The optimizer is
+moeflow's AdamW over `moeflow.parallel.expert_params.param_groups`: expert parameters sit
+in their own groups, which is what lets ZeRO shard them over the expert-data-parallel
+group instead of the whole world once experts are sharded over EP (DeepSpeed-MoE's
+`moe: True` groups, see `to_deepspeed_moe_groups`).
+
+Checkpoints are DeepSpeed's own (`<run>/checkpoints/deepspeed/step_XXXXXXXX/`, plus a
+meta.json with the model config); `convert_to_moeflow` consolidates one (any ZeRO stage)
+into a moeflow safetensors checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moeflow.launch import checkpoint as ckpt
+from moeflow.launch.config import ConfigError
+from moeflow.parallel.expert_params import is_expert_param, param_groups
+
+log = logging.getLogger("moeflow.deepspeed")
+
+DS_DIR = "deepspeed"  # under <run>/checkpoints/
+
+
+def _engine_cfg(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.engine, resolve=True)
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Reject option combinations DeepSpeed cannot run, saying which and why."""
+    e = _engine_cfg(cfg)
+    stage, offload = e.get("zero_stage"), bool(e.get("offload_optimizer"))
+    ep = int(cfg.parallel.get("ep", 1))
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if offload and stage == 0:
+        raise ConfigError("engine.offload_optimizer=true needs ZeRO (DeepSpeed offloads the partitioned optimizer state); set engine.zero_stage=1, 2 or 3")
+    if ep > 1 and stage == 3:
+        raise ConfigError(f"engine.zero_stage=3 conflicts with parallel.ep={ep}: ZeRO-3 partitions every parameter over the whole world, but expert parameters are already sharded over EP (DeepSpeed refuses: 'MoE not supported with Stage 3'); use engine.zero_stage=1 or 2 with expert parallelism")
+    if ep > 1 and offload:
+        raise ConfigError(f"engine.offload_optimizer=true conflicts with parallel.ep={ep}: DeepSpeed's CPU-offloaded optimizer partitions over one data-parallel group, not the separate expert-data-parallel groups expert parameters need; turn offload off or use parallel.ep=1")
+    if ep > 1:
+        raise ConfigError(f"engine=deepspeed with parallel.ep={ep} is not wired yet: it needs the expert-parallel model wrapper of moeflow.parallel (expert parallelism issue); use parallel.ep=1 with DeepSpeed for now")
+    path = e.get("config_file")
+    if path and not Path(str(path)).expanduser().is_file():
+        raise ConfigError(f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)")
+    if path:
+        read_user_config(path)
+
+
+def read_user_config(path) -> dict:
+    try:
+        return json.loads(Path(str(path)).expanduser().read_text())
+    except ValueError as err:
+        raise ConfigError(f"engine.config_file={path} is not valid JSON ({err}); fix the file") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: DictConfig, use_bf16: bool) -> dict:
+    """The DeepSpeed JSON for this Hydra config (user JSON merged over it)."""
+    e = _engine_cfg(cfg)
+    zero = {"stage": int(e["zero_stage"]), "contiguous_gradients": True, "reduce_scatter": True, "overlap_comm": False}
+    if e.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    generated = {
+        "train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
+        "gradient_accumulation_steps": int(cfg.trainer.grad_accum),
+        "gradient_clipping": float(cfg.optim.grad_clip),  # 0 disables, like the torch engine
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_bf16)},
+        # moeflow's AdamW (torch) is the optimizer: allow it under ZeRO and offload
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if e.get("config_file"):
+        generated = _merge(generated, read_user_config(e["config_file"]))
+    return generated
+
+
+def to_deepspeed_moe_groups(groups: list[dict]) -> list[dict]:
+    """Mark expert groups the way DeepSpeed-MoE expects (for EP > 1).
+
+    DeepSpeed's ZeRO reduces a group's gradients over `expert_data_parallel_group[name]`
+    when the group has `moe: True`, and each of its params `allreduce=False` plus
+    `group_name` (what `split_params_into_different_moe_groups_for_optimizer` produces).
+    """
+    out = []
+    for g in groups:
+        g = dict(g)
+        if g.get("moe_expert"):
+            for p in g["params"]:
+                p.allreduce = False
+                p.group_name = g["ep_group_name"]
+            g.update(moe=True, name=g["ep_group_name"])
+        out.append(g)
+    return out
+
+
+def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool, build_scheduler):
+    """`deepspeed.initialize` with moeflow's AdamW and schedule; returns (engine, scheduler)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # one process: a private group, or DeepSpeed goes looking for MPI
+        backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set (torchrun sets it)
+    if dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
+        for layer in model.moe_layers():
+            layer.gate.token_group = dist.group.WORLD
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    sched = build_scheduler(opt, o, cfg.trainer.steps)
+    config = deepspeed_config(cfg, use_bf16)
+    engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n, p))
+    log.info("deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups)",
+             config["zero_optimization"]["stage"], " + CPU optimizer offload" if "offload_optimizer" in config["zero_optimization"] else "",
+             config["bf16"]["enabled"], len(groups), n_expert / 1e6)
+    return engine, sched
+
+
+def tag(step: int) -> str:
+    return f"{ckpt.PREFIX}{step:08d}"
+
+
+def save(engine, run_dir: Path, step: int, cfg: DictConfig, model_cfg: dict, is_main: bool) -> Path:
+    """DeepSpeed checkpoint (every rank writes its shard) + meta.json; prunes old ones."""
+    import torch.distributed as dist
+
+    root = Path(run_dir) / ckpt.CKPT_DIR / DS_DIR
+    engine.save_checkpoint(str(root), tag=tag(step), client_state={"step": step, "rng": ckpt.rng_state()})
+    if is_main:  # meta.json last: its presence marks a complete checkpoint
+        meta = {"model": model_cfg, "config": OmegaConf.to_container(cfg, resolve=True), "step": step, "format": "deepspeed"}
+        (root / tag(step) / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        keep = int(cfg.trainer.keep_checkpoints)
+        if keep > 0:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag(step)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    return ckpt.list_checkpoints(root)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A DeepSpeed checkpoint tag dir, or the latest one of a run dir."""
+    p = Path(path)
+    if (p / "meta.json").exists() and (any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("zero_pp_rank_*_model_states.pt"))):
+        return p
+    found = list_checkpoints(p / ckpt.CKPT_DIR / DS_DIR) or list_checkpoints(p / DS_DIR) or list_checkpoints(p)
+    return found[-1] if found else None
+
+
+def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
+    """Load the checkpoint `resume` points to into the engine; return the step to start at."""
+    if cfg.resume is None:
+        return 0
+    where = run_dir if cfg.resume == "auto" else Path(str(cfg.resume)).expanduser()
+    found = find_checkpoint(where)
+    if found is None:
+        if cfg.resume == "auto":
+            log.info("resume=auto: no DeepSpeed checkpoint in %s, starting fresh", run_dir)
+            return 0
+        raise ckpt.CheckpointError(f"resume={cfg.resume}: no DeepSpeed checkpoint found there; pass a run dir of an engine=deepspeed run or one of its checkpoints/deepspeed/step_* dirs")
+    meta = ckpt.read_meta(found)
+    mine = engine.module.cfg.to_dict()
+    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
+    diffs = [k for k in shape_keys if meta.get("model", {}).get(k) != mine[k]]
+    if diffs:
+        raise ckpt.CheckpointError(f"checkpoint {found} is from a different model ({', '.join(diffs)} differ); resume with the checkpoint's model config (see {found / 'meta.json'})")
+    try:
+        path, client = engine.load_checkpoint(str(found.parent), tag=found.name)
+    except Exception as e:  # DeepSpeed raises many types for partial/corrupt shards
+        raise ckpt.CheckpointError(f"DeepSpeed could not load {found} ({type(e).__name__}: {e}); resume from an earlier checkpoint") from None
+    if path is None:
+        raise ckpt.CheckpointError(f"DeepSpeed found no checkpoint in {found}; resume from an earlier checkpoint")
+    ckpt.set_rng_state(client["rng"])
+    log.info("resumed DeepSpeed checkpoint %s at step %d", found, client["step"])
+    return int(client["step"])
+
+
+def consolidated_state_dict(ds_ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any world size) as one state dict."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_ckpt.parent), tag=ds_ckpt.name)
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+
+
+def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
+    """Write `<out_run_dir>/checkpoints/step_N/` (moeflow layout) from a DeepSpeed checkpoint.
+
+    The result holds the consolidated fp32 weights, the model config, the step, the RNG
+    state and the lr schedule at that step, so `moeflow train resume=<it>` (engine=torch)
+    continues the schedule. AdamW's moments are not carried over (ZeRO stores them as flat
+    per-rank partitions): the resumed optimizer starts them from zero; meta.json says so.
+    """
+    from moeflow.moe.model import ModelConfig, Transformer
+    from moeflow.parallel.integrations import torch_engine_optimizer_state
+
+    found = find_checkpoint(src)
+    if found is None:
+        raise ckpt.CheckpointError(f"{src}: no DeepSpeed checkpoint there; pass an engine=deepspeed run dir or its checkpoints/deepspeed/step_* dir")
+    meta = ckpt.read_meta(found)
+    step = int(meta["step"])
+    state = consolidated_state_dict(found)
+    mc = ModelConfig(**{**meta["model"], "experts_impl": "torch"})
+    with torch.device("meta"):
+        model = Transformer(mc)
+    want = set(dict(model.named_parameters()))  # tied weights once, like ckpt.unique_state_dict
+    if want - set(state) or set(state) - set(model.state_dict()):
+        raise ckpt.CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
+    state = {k: state[k] for k in sorted(want)}
+    optim_state, sched_state = torch_engine_optimizer_state(mc, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
+    model_file = next(iter(sorted(found.glob("mp_rank_*_model_states.pt"))), None)
+    ds_state = torch.load(model_file, map_location="cpu", weights_only=False) if model_file else {}
+    trainer_state = {"optimizer": optim_state, "scheduler": sched_state, "rng": ds_state.get("rng") or ckpt.rng_state(), "step": step}
+    out_meta = {"model": meta["model"], "config": meta["config"],
+                "converted_from": {"format": "deepspeed", "path": str(found), "optimizer_moments": "reset (not carried over from ZeRO partitions)"}}
+    return ckpt.save_checkpoint(Path(out_run_dir), step, state, trainer_state, out_meta, keep=0)

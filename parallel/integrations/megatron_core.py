@@ -1,0 +1,254 @@
+"""moeflow's MoE layer inside megatron-core models (`pip install moeflow[megatron]`).
+
+`MoeflowMoE` fills the `mlp` slot of a megatron-core `TransformerLayer` with moeflow's
+`MoELayer` (any gate, any experts implementation): it takes megatron's [S, B, H] hidden
+states, returns `(output, None)` like megatron's MLP/MoE, and attaches the gate's aux
+loss with megatron's own `MoEAuxLossAutoScaler`, so megatron's schedules backpropagate
+it (no change to the loss function). Process groups come from megatron-core's
+`parallel_state` (`MegatronGroups`).
+
+`gpt_layer_specs(model_cfg)` gives one layer spec per block (moeflow MoE where
+`model_cfg.is_moe_block(i)`, megatron's dense MLP elsewhere), `build_gpt_model(model_cfg)`
+a `GPTModel` with moeflow's architecture (RMSNorm, interleaved rotary, no biases,
+SwiGLU/GELU), whose weights map one-to-one onto a moeflow `Transformer`
+(`megatron_ckpt.py`).
+
+Where it runs: parallel_state (gloo), model construction (`use_cpu_initialization`) and
+the MoeflowMoE submodule run on CPU. The forward of megatron-core's attention
+(`DotProductAttention` allocates from a CUDA memory buffer) and of `GPTModel`'s rotary
+embedding (moves its frequencies to CUDA) need a GPU, so TransformerLayer/GPTModel
+forwards and `moeflow train engine=megatron` need CUDA.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from moeflow.moe.model import ModelConfig, build_moe_layer
+
+CPU_MESSAGE = (
+    "engine=megatron needs a CUDA GPU: megatron-core's attention (DotProductAttention's memory buffer) and "
+    "GPTModel's rotary embedding allocate on CUDA; on CPU, megatron-core's parallel_state, model construction and "
+    "the moeflow MoE submodule run (see tests/test_megatron_core.py); use engine=torch or engine=deepspeed on CPU"
+)
+
+
+def check_options(cfg: DictConfig) -> None:
+    from moeflow.launch.config import ConfigError, model_config, resolve_device
+
+    from .megatron_ckpt import ConversionError, check_mappable
+
+    e = cfg.engine
+    try:
+        check_mappable(model_config(cfg))
+    except ConversionError as err:
+        raise ConfigError(f"engine=megatron: {err}") from None
+    if resolve_device(cfg.trainer.device).type != "cuda":
+        raise ConfigError(CPU_MESSAGE)
+    if int(e.get("tensor_parallel", 1)) != 1:
+        raise ConfigError(f"engine.tensor_parallel={e.tensor_parallel} is not supported with the moeflow MoE layer: its experts are not tensor-parallel sharded; use engine.tensor_parallel=1")
+    if int(cfg.parallel.get("ep", 1)) != 1:
+        raise ConfigError(f"engine=megatron with parallel.ep={cfg.parallel.ep} is not wired yet: it needs moeflow's all-to-all dispatcher (expert parallelism issue) over parallel_state's expert group; use parallel.ep=1")
+
+
+@dataclass
+class MegatronGroups:
+    """The process groups moeflow needs, from megatron-core's parallel_state."""
+
+    tp: object
+    dp: object
+    ep: object
+    expert_dp: object
+
+    @classmethod
+    def from_parallel_state(cls) -> "MegatronGroups":
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("megatron-core's parallel_state is not initialized; call parallel_state.initialize_model_parallel(...) first")
+        return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
+                   ep=ps.get_expert_model_parallel_group(), expert_dp=ps.get_expert_data_parallel_group())
+
+    @staticmethod
+    def size(group) -> int:
+        return torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
+
+
+def _define_moeflow_moe():
+    from megatron.core.transformer.module import MegatronModule
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    class MoeflowMoE(MegatronModule):
+        """megatron-core MLP slot -> moeflow MoELayer. Params: `model_cfg` (a moeflow ModelConfig dict)."""
+
+        def __init__(self, config, model_cfg: dict, pg_collection=None, **_unused):
+            super().__init__(config=config)
+            mc = ModelConfig(**model_cfg)
+            if config.hidden_size != mc.d_model:
+                raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={mc.d_model}")
+            self.groups = MegatronGroups.from_parallel_state()
+            if MegatronGroups.size(self.groups.tp) != 1:
+                raise ValueError("the moeflow MoE layer needs tensor_model_parallel_size=1 (its experts are not TP-sharded)")
+            if MegatronGroups.size(self.groups.ep) != 1:
+                raise NotImplementedError("expert_model_parallel_size>1 needs moeflow's all-to-all dispatcher over parallel_state's expert group (expert parallelism issue)")
+            self.moe = build_moe_layer(mc)
+            if MegatronGroups.size(self.groups.dp) > 1:  # routing statistics over the global batch, like engine=torch
+                self.moe.gate.token_group = self.groups.dp
+            for p in self.moe.experts.parameters():  # grads reduce over the expert-data-parallel group
+                p.moe_expert = True
+                p.allreduce = False  # megatron-core's DDP/optimizer convention for expert params
+
+        def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_unused):
+            y = self.moe(hidden_states)
+            aux = self.moe.aux_loss
+            if self.training and aux is not None and aux.requires_grad:
+                y = MoEAuxLossAutoScaler.apply(y, aux.to(y.dtype))  # megatron scales it like the main loss
+            return y, None
+
+    return MoeflowMoE
+
+
+_MOEFLOW_MOE = []
+
+
+def __getattr__(name: str):
+    """`MoeflowMoE` is defined on first use: importing megatron-core is slow and noisy, and
+    config checks (which import this module) must not pay for it."""
+    if name == "MoeflowMoE":
+        if not _MOEFLOW_MOE:
+            _MOEFLOW_MOE.append(_define_moeflow_moe())
+        return _MOEFLOW_MOE[0]
+    raise AttributeError(name)
+
+
+def transformer_config(mc: ModelConfig, cpu_init: bool, bf16: bool = False):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from .megatron_ckpt import check_mappable
+
+    check_mappable(mc)  # features the megatron-side model does not express
+    gelu_tanh = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  (moeflow's GELU)
+    return TransformerConfig(
+        num_layers=mc.n_layers, hidden_size=mc.d_model, num_attention_heads=mc.n_heads,
+        num_query_groups=mc.kv_heads, kv_channels=mc.head_size,
+        ffn_hidden_size=mc.dense_d_ff or mc.d_ff * mc.top_k, normalization="RMSNorm", layernorm_epsilon=mc.norm_eps,
+        gated_linear_unit=mc.activation == "swiglu", activation_func=F.silu if mc.activation == "swiglu" else gelu_tanh,
+        add_bias_linear=False, rotary_interleaved=True, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        persist_layer_norm=False, init_method_std=mc.init_std, use_cpu_initialization=cpu_init,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+    )
+
+
+def gpt_layer_specs(mc: ModelConfig):
+    """Block spec: megatron-core's local layer spec with `mlp` = MoeflowMoE on moeflow's MoE blocks."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    dense = get_gpt_layer_local_spec(normalization="RMSNorm")
+    moe_mlp = ModuleSpec(module=__getattr__("MoeflowMoE"), params={"model_cfg": mc.to_dict()})
+    layers = []
+    for i in range(mc.n_layers):
+        if mc.is_moe_block(i):
+            spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+            spec.submodules.mlp = moe_mlp
+            layers.append(spec)
+        else:
+            layers.append(dense)
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=dense.submodules.input_layernorm)
+
+
+def build_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", bf16: bool = False):
+    """A megatron-core GPTModel with moeflow's architecture and MoE layers (parallel_state must be initialized)."""
+    from megatron.core.models.gpt import GPTModel
+
+    device = torch.device(device)
+    config = transformer_config(mc, cpu_init=device.type == "cpu", bf16=bf16)
+    model = GPTModel(config, gpt_layer_specs(mc), vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len,
+                     position_embedding_type="rope", rotary_base=int(mc.rope_theta),
+                     share_embeddings_and_output_weights=mc.tie_embeddings)
+    return model.to(device)
+
+
+def gpt_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
+    """GPTModel forward on a token batch -> logits [B, S, V] (causal mask from the layer spec)."""
+    S = tokens_BS.shape[1]
+    position_ids = torch.arange(S, device=tokens_BS.device).unsqueeze(0).expand_as(tokens_BS)
+    return model(tokens_BS, position_ids, None)
+
+
+def moe_layers(model) -> list:
+    return [m.moe for m in model.modules() if type(m).__name__ == "MoeflowMoE"]
+
+
+def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", layout: str = "sequential", dispatcher: str = "alltoall"):
+    """megatron-core's own MoE GPTModel with moeflow's architecture: the target of `megatron_ckpt.to_megatron`.
+
+    layout: "sequential" (SequentialMLP), "grouped" (legacy GroupedMLP, needs the
+    grouped_gemm package) or "te_grouped" (TEGroupedMLP, needs Transformer Engine).
+    """
+    import dataclasses
+
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    device = torch.device(device)
+    base = transformer_config(mc, cpu_init=device.type == "cpu")
+    shared = (mc.dense_d_ff or mc.d_ff * mc.top_k) * mc.shared_experts
+    config = dataclasses.replace(
+        base, num_moe_experts=mc.num_experts, moe_ffn_hidden_size=mc.d_ff, moe_router_topk=mc.top_k,
+        moe_layer_freq=[1 if mc.is_moe_block(i) else 0 for i in range(mc.n_layers)],
+        moe_shared_expert_intermediate_size=shared or None, moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=float(mc.gate.get("aux_loss_coef", 0.0)), moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=layout != "sequential", moe_use_legacy_grouped_gemm=layout == "grouped",
+    )
+    _patch_router_without_transformer_engine()
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=layout == "te_grouped", normalization="RMSNorm")
+    model = GPTModel(config, spec, vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len, position_embedding_type="rope",
+                     rotary_base=int(mc.rope_theta), share_embeddings_and_output_weights=mc.tie_embeddings)
+    return model.to(device)
+
+
+class MegatronLM(torch.nn.Module):
+    """A megatron-core GPTModel seen as a moeflow LM: tokens -> logits, `moe_layers()`, `aux_loss()`."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        return gpt_logits(self.gpt, tokens_BS)
+
+    def moe_layers(self) -> list:
+        return moe_layers(self.gpt)
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+
+def initialize_parallel_state(seed: int, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:
+    """megatron-core's process groups (and its CUDA RNG tracker) over the current torch.distributed world."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not dist.is_initialized():  # one process: a private group
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, expert_model_parallel_size=expert_parallel)
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(seed)
+
+
+def _patch_router_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router GEMM tests `te_general_gemm is not None`, a name that only exists
+    when Transformer Engine imports (NameError otherwise); define it as None so its torch path runs."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -1,0 +1,223 @@
+"""engine=deepspeed: the same training as the torch engine, through DeepSpeed (CPU accelerator, gloo).
+
+A 2-process run with ZeRO-1, ZeRO-2, ZeRO-3 and ZeRO-2 + CPU optimizer offload (grad
+accumulation 2, clipping on) must match the plain torch trainer's (DDP) per-step losses and
+final weights; a ZeRO-2 run resumed from
+its step-2 DeepSpeed checkpoint must equal the uninterrupted run; the DeepSpeed checkpoint
+converts to a moeflow checkpoint that the torch engine resumes from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeflow.launch.config import ConfigError
+
+deepspeed = pytest.importorskip("deepspeed", reason="pip install moeflow[deepspeed]")
+
+TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=64", "model.num_experts=4",
+        "data.max_bytes=200000", "data.batch_size=4", "data.seq_len=32", "trainer.grad_accum=2",
+        "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress=false", "optim.warmup_steps=2",
+        "optim.lr=1e-2"]
+STEPS = 4
+# Loss tolerance: ZeRO reduces gradients with reduce-scatter in a different order than DDP's
+# bucketed all-reduce, so fp32 sums differ in the last bits; after 4 AdamW steps the
+# losses agree to 1e-5 relative (observed <= 2.1e-7, ZeRO-3).
+RTOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(run_dir: Path, *overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(free_port()),
+           "-m", "moeflow.launch.cli", "train", *TINY, f"trainer.steps={STEPS}", f"hydra.run.dir={run_dir}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=run_dir.parent)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return p
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    out = {}
+    torchrun(root / "torch", "trainer.ckpt_every=4")
+    out["torch"] = root / "torch"
+    for stage in (1, 2):
+        torchrun(root / f"zero{stage}", "engine=deepspeed", f"engine.zero_stage={stage}", "trainer.ckpt_every=2")
+        out[f"zero{stage}"] = root / f"zero{stage}"
+    torchrun(root / "zero3", "engine=deepspeed", "engine.zero_stage=3", "trainer.ckpt_every=4")
+    out["zero3"] = root / "zero3"
+    torchrun(root / "zero2_offload", "engine=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true", "trainer.ckpt_every=4")
+    out["zero2_offload"] = root / "zero2_offload"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero3", "zero2_offload"])
+def test_zero_matches_torch_trainer(runs, run, tmp_path):
+    """ZeRO-3 (parameters partitioned too) and CPU optimizer offload follow the same trajectory."""
+    from moeflow.parallel.integrations.deepspeed_engine import convert_to_moeflow
+
+    ref, got = losses(runs["torch"]), losses(runs[run])
+    assert sorted(ref) == sorted(got) == list(range(1, STEPS + 1))
+    assert ref[STEPS] < ref[1]  # it trains
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=RTOL), (step, ref, got)
+    # the DeepSpeed checkpoint, consolidated, holds the torch trainer's weights
+    converted = convert_to_moeflow(runs[run], tmp_path / "converted")
+    w_ref, w_got = weights(runs["torch"] / "checkpoints" / f"step_{STEPS:08d}"), weights(converted)
+    assert sorted(w_ref) == sorted(w_got)
+    for k in w_ref:
+        torch.testing.assert_close(w_got[k], w_ref[k], rtol=0, atol=1e-4, msg=k)  # 1% of one AdamW step (lr 1e-2); observed <= 3.5e-5 (ZeRO-3)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_resume_from_deepspeed_checkpoint(runs, tmp_path):
+    from moeflow.parallel.integrations.deepspeed_engine import convert_to_moeflow
+
+    full = runs["zero2"]
+    resumed = tmp_path / "resumed"
+    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "trainer.ckpt_every=2",
+             f"resume={full / 'checkpoints' / 'deepspeed' / 'step_00000002'}")
+    a, b = losses(full), losses(resumed)
+    assert sorted(b) == [3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], rel=1e-6), (a, b)
+    w_full = weights(convert_to_moeflow(full, tmp_path / "c_full"))
+    w_res = weights(convert_to_moeflow(resumed, tmp_path / "c_res"))
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7, msg=k)
+    meta = json.loads((tmp_path / "c_full" / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["converted_from"]["format"] == "deepspeed"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_converted_checkpoint_resumes_with_torch_engine(runs, tmp_path):
+    """DeepSpeed step-2 checkpoint -> moeflow checkpoint -> engine=torch continues the schedule."""
+    from moeflow.parallel.integrations.deepspeed_engine import convert_to_moeflow
+
+    conv = convert_to_moeflow(runs["zero1"] / "checkpoints" / "deepspeed" / "step_00000002", tmp_path / "conv")
+    assert conv.name == "step_00000002"
+    cont = tmp_path / "cont"
+    torchrun(cont, f"resume={conv}", "trainer.ckpt_every=0", nproc=1)  # rank 0's batches: the same step-3 loss
+    got = losses(cont)
+    assert sorted(got) == [3, 4]
+    # step 3's loss is computed with the step-2 weights before any update: exactly the DeepSpeed run's
+    assert got[3] == pytest.approx(losses(runs["zero1"])[3], rel=RTOL)
+
+
+@pytest.mark.slow
+def test_bf16_single_process(tmp_path):
+    """bf16: DeepSpeed keeps bf16 weights (fp32 master copy in the optimizer) and still trains."""
+    torchrun(tmp_path / "bf16", "engine=deepspeed", "engine.zero_stage=1", "trainer.precision=bf16", "trainer.ckpt_every=0", nproc=1)
+    got = losses(tmp_path / "bf16")
+    assert all(v == v for v in got.values()) and got[STEPS] < got[1]
+    assert '"param_dtype": "torch.bfloat16"' in (tmp_path / "bf16" / "train.log").read_text()
+
+
+# ---- config generation and bad input (no processes) ---------------------------------------
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(config_module="moeflow.configs", version_base=None):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def test_generated_config_follows_hydra_and_user_json(tmp_path):
+    from moeflow.parallel.integrations.deepspeed_engine import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}))
+    cfg = compose("engine=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true", "trainer.grad_accum=3",
+                  "data.batch_size=5", "optim.grad_clip=0.5", f"engine.config_file={user}")
+    c = deepspeed_config(cfg, use_bf16=True)
+    assert c["train_micro_batch_size_per_gpu"] == 5 and c["gradient_accumulation_steps"] == 3
+    assert c["gradient_clipping"] == 0.5 and c["bf16"] == {"enabled": True}
+    z = c["zero_optimization"]
+    assert z["stage"] == 2 and z["offload_optimizer"]["device"] == "cpu"
+    assert z["reduce_bucket_size"] == 1000 and c["steps_per_print"] == 5  # user JSON wins, generated keys kept
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["engine.zero_stage=3", "parallel.ep=2"], ["zero_stage=3", "parallel.ep=2", "Stage 3"]),
+    (["engine.zero_stage=2", "engine.offload_optimizer=true", "parallel.ep=2"], ["offload_optimizer", "expert-data-parallel"]),
+    (["engine.zero_stage=0", "engine.offload_optimizer=true"], ["needs ZeRO"]),
+    (["engine.zero_stage=5"], ["not a ZeRO stage"]),
+    (["engine.config_file=/nonexistent.json"], ["does not exist"]),
+])
+def test_conflicting_options_fail_clearly(overrides, words):
+    from moeflow.launch.config import validate
+
+    with pytest.raises(ConfigError) as e:
+        validate(compose("engine=deepspeed", *overrides))
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_deepspeed_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from moeflow.launch.config import validate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install moeflow\[deepspeed\]"):
+        validate(compose("engine=deepspeed"))
+
+
+def test_cli_reports_conflict_in_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "engine=deepspeed", "engine.zero_stage=3", "parallel.ep=2",
+                        f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("moeflow train: error: engine.zero_stage=3 conflicts with parallel.ep=2")
+
+
+def test_expert_params_get_their_own_groups():
+    from moeflow.moe.model import ModelConfig, Transformer
+    from moeflow.parallel.expert_params import mark_expert_params, param_groups
+    from moeflow.parallel.integrations.deepspeed_engine import to_deepspeed_moe_groups
+
+    model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=32, n_layers=2, moe_every=2, shared_experts=1, num_experts=4))
+    names = mark_expert_params(model, ep_size=2)
+    assert names and all(".experts." in n for n in names)  # routed experts only: not shared_expert, not the gate
+    groups = param_groups(model, weight_decay=0.1)
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    expert_ids = ids(p for n, p in model.named_parameters() if n in names)
+    assert set().union(*(ids(g["params"]) for g in groups if g.get("moe_expert"))) == expert_ids
+    assert all(not (ids(g["params"]) & expert_ids) for g in groups if not g.get("moe_expert"))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    ds_groups = to_deepspeed_moe_groups(groups)
+    from deepspeed.moe.utils import is_moe_param, is_moe_param_group
+
+    moe = [g for g in ds_groups if is_moe_param_group(g)]
+    assert moe and all(g["name"] == "ep_size_2" and all(is_moe_param(p) and p.group_name == "ep_size_2" for p in g["params"]) for g in moe)

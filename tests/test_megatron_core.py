@@ -1,0 +1,281 @@
+"""moeflow inside megatron-core, and checkpoints both ways.
+
+CPU (here and in CI): megatron-core's parallel_state on gloo, model construction, the
+moeflow MoE submodule inside megatron (vs moeflow's own layer), megatron's SequentialMLP
+experts (vs moeflow's experts, same weights through the converter), and checkpoint
+conversion round trips against a real megatron-core GPTModel's state_dict.
+GPU (`gpu` marker, run through the device tool): megatron-core's attention and GPTModel
+forward need CUDA, so the block/model equivalence and `moeflow train engine=megatron` run there.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+megatron_core = pytest.importorskip("megatron.core", reason="pip install moeflow[megatron]")
+
+from moeflow.launch.config import ConfigError  # noqa: E402
+from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer  # noqa: E402
+from moeflow.parallel.integrations import megatron_ckpt as mck  # noqa: E402
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (megatron-core attention/GPTModel)")
+
+
+@pytest.fixture(scope="module")
+def parallel_state():
+    from megatron.core import parallel_state as ps
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if torch.cuda.is_available():
+        model_parallel_cuda_manual_seed(0)
+    yield ps
+    ps.destroy_model_parallel()
+    if own:
+        dist.destroy_process_group()
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, d_ff=24, num_experts=4, top_k=2, moe_every=1)
+    return ModelConfig(**{**base, **kw})
+
+
+def random_state(mc: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = Transformer(mc)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)  # norms and gates too: a layout mistake cannot hide behind ones/zeros
+    from moeflow.launch.checkpoint import unique_state_dict
+
+    return unique_state_dict(model)
+
+
+CASES = {
+    "swiglu": tiny(),
+    "gelu_tied": tiny(activation="gelu", tie_embeddings=True),
+    "interleaved_shared": tiny(n_layers=4, moe_every=2, shared_experts=1, dense_d_ff=40),
+    "gqa": tiny(n_heads=4, n_kv_heads=2, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("layout", mck.LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
+def test_checkpoint_round_trip(case, layout):
+    mc = CASES[case]
+    state = random_state(mc)
+    meg = mck.to_megatron(state, mc, layout=layout)
+    assert mck.detect_layout(meg) == layout
+    back = mck.from_megatron(meg, mc)
+    assert sorted(back) == sorted(state)
+    for k in state:
+        assert torch.equal(back[k], state[k]), k
+    inferred = mck.infer_model_config(meg, n_heads=mc.n_heads, top_k=mc.top_k)
+    for f in ("vocab_size", "d_model", "n_layers", "d_ff", "num_experts", "moe_every", "activation", "tie_embeddings", "shared_experts", "kv_heads", "head_size"):
+        assert getattr(inferred, f) == getattr(mc, f), f
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_into_megatron_gpt_model(parallel_state, case):
+    """Key names and shapes are megatron-core's own: a native MoE GPTModel (SequentialMLP) loads them."""
+    from moeflow.parallel.integrations.megatron_core import build_native_gpt_model
+
+    mc = CASES[case]
+    state = random_state(mc, seed=1)
+    model = build_native_gpt_model(mc, "cpu", layout="sequential", dispatcher="allgather")
+    theirs = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    ours = mck.to_megatron(state, mc, layout="sequential")
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    back = mck.from_megatron(model.state_dict(), mc)
+    for k in state:
+        assert torch.equal(back[k], state[k]), k
+
+
+def test_megatron_sequential_experts_compute_like_moeflow(parallel_state):
+    """megatron-core's SequentialMLP with converted weights == moeflow's GroupedExperts (float64 reference)."""
+    from moeflow.parallel.integrations.megatron_core import build_native_gpt_model
+
+    mc = tiny()
+    state = random_state(mc, seed=2)
+    model = build_native_gpt_model(mc, "cpu", layout="sequential", dispatcher="allgather")
+    model.load_state_dict(mck.to_megatron(state, mc, layout="sequential"), strict=False)
+    theirs = model.decoder.layers[0].mlp.experts
+    ours = build_moe_layer(mc).experts
+    ours.load_state_dict({k.split("ffn.experts.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.experts.")})
+    counts_E = torch.tensor([5, 0, 3, 8])
+    x_AD = torch.randn(int(counts_E.sum()), mc.d_model)
+    y_theirs, _ = theirs(x_AD, counts_E, torch.ones(x_AD.shape[0]))
+    y_ours = ours(x_AD, counts_E)
+    ref = ours.double()(x_AD.double(), counts_E)
+    torch.testing.assert_close(y_ours.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_theirs.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_moeflow_moe_inside_megatron_model(parallel_state):
+    """GPTModel built through the moeflow spec: MoE slot == moeflow MoELayer (output, grads, aux loss)."""
+    from moeflow.parallel.integrations.megatron_core import MegatronGroups, build_gpt_model, moe_layers
+
+    mc = tiny(n_layers=4, moe_every=2, gate={"name": "topk", "aux_loss_coef": 0.1})
+    state = random_state(mc, seed=3)
+    model = build_gpt_model(mc, "cpu")
+    missing, unexpected = model.load_state_dict(mck.to_megatron(state, mc, native=False), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    back = mck.from_megatron(model.state_dict(), mc)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    assert len(moe_layers(model)) == 2 and isinstance(model.decoder.layers[1].mlp.groups, MegatronGroups)
+    assert all(getattr(p, "moe_expert", False) for p in model.decoder.layers[1].mlp.moe.experts.parameters())
+
+    slot = model.decoder.layers[1].mlp  # MoeflowMoE
+    ref = build_moe_layer(mc)
+    ref.load_state_dict({k.split("blocks.1.ffn.")[1]: v for k, v in state.items() if k.startswith("blocks.1.ffn.")})
+    x_SBD = torch.randn(6, 3, mc.d_model)
+    x1, x2 = x_SBD.clone().requires_grad_(), x_SBD.clone().requires_grad_()
+    y, bias = slot(x1)
+    assert bias is None
+    y.square().sum().backward()  # the aux loss reaches the gate through megatron's MoEAuxLossAutoScaler
+    y_ref = ref(x2.reshape(-1, mc.d_model)).reshape(x_SBD.shape)
+    (y_ref.square().sum() + ref.aux_loss).backward()
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    for (n, p), (_, q) in zip(slot.moe.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
+
+
+def compose(*overrides: str):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(config_module="moeflow.configs", version_base=None):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU message")
+def test_engine_megatron_on_cpu_says_what_needs_a_gpu():
+    from moeflow.launch.config import validate
+
+    with pytest.raises(ConfigError, match="engine=megatron needs a CUDA GPU"):
+        validate(compose("engine=megatron"))
+
+
+def test_unmappable_features_are_refused():
+    for mc in (tiny(qk_norm=True), tiny(attn_bias=True)):
+        with pytest.raises(mck.ConversionError, match="no megatron-core mapping"):
+            mck.to_megatron(random_state(mc), mc)
+
+
+def test_missing_megatron_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from moeflow.parallel.integrations import check_engine
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("megatron") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install moeflow\[megatron\]"):
+        check_engine(compose("engine=megatron"))
+
+
+def test_convert_cli_round_trip(tmp_path):
+    """moeflow checkpoint -> megatron torch checkpoint -> moeflow checkpoint, through `moeflow convert`."""
+    from moeflow.launch import checkpoint as ckpt
+
+    mc = tiny(n_layers=4, moe_every=2, shared_experts=1)
+    state = random_state(mc, seed=4)
+    src = ckpt.save_checkpoint(tmp_path / "run", 7, state, {"step": 7}, {"model": mc.to_dict(), "config": {}})
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "convert", *a], capture_output=True, text=True, timeout=120)  # noqa: E731
+    p = run("moeflow-to-megatron", str(src), str(tmp_path / "meg"), "--layout", "grouped")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "7"
+    p = run("megatron-to-moeflow", str(tmp_path / "meg"), str(tmp_path / "back"), "--n-heads", "4", "--top-k", "2")
+    assert p.returncode == 0, p.stderr
+    out = ckpt.find_checkpoint(tmp_path / "back")
+    assert out.name == "step_00000007"
+    back = ckpt.load_model_state(out)
+    assert sorted(back) == sorted(state) and all(torch.equal(back[k], state[k]) for k in state)
+    p = run("megatron-to-moeflow", str(tmp_path / "nothing"), str(tmp_path / "x"), "--n-heads", "4", "--top-k", "2")
+    assert p.returncode == 2 and p.stderr.startswith("moeflow convert: error:") and p.stderr.strip().count("\n") == 0
+
+
+# ---- GPU: megatron-core attention and GPTModel forward ---------------------------------------
+
+def _moeflow_logits(mc, state, tokens):
+    ref = Transformer(mc).cuda()
+    ref.load_state_dict(state, strict=False)
+    ref.eval()
+    with torch.no_grad():
+        return ref(tokens)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", CASES)
+def test_gpt_model_with_moeflow_moe_equals_moeflow_transformer(parallel_state, case):
+    """Whole megatron-core GPTModel (its attention, norms, rotary) with moeflow MoE layers == moeflow's model."""
+    from moeflow.parallel.integrations.megatron_core import build_gpt_model, gpt_logits
+
+    mc = CASES[case]
+    state = random_state(mc, seed=5)
+    model = build_gpt_model(mc, "cuda")
+    model.load_state_dict({k: v.cuda() for k, v in mck.to_megatron(state, mc, native=False).items()}, strict=False)
+    model.eval()
+    tokens = torch.randint(0, mc.vocab_size, (3, mc.max_seq_len), device="cuda")
+    with torch.no_grad():
+        got = gpt_logits(model, tokens)
+    torch.testing.assert_close(got, _moeflow_logits(mc, state, tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", ["swiglu", "interleaved_shared"])
+def test_native_megatron_moe_with_imported_weights_equals_moeflow(parallel_state, case):
+    """megatron-core's own MoE (router + SequentialMLP + all-to-all dispatcher) with exported weights == moeflow."""
+    from moeflow.parallel.integrations.megatron_core import build_native_gpt_model, gpt_logits
+
+    mc = CASES[case]
+    state = random_state(mc, seed=6)
+    model = build_native_gpt_model(mc, "cuda", layout="sequential", dispatcher="alltoall")
+    model.load_state_dict({k: v.cuda() for k, v in mck.to_megatron(state, mc).items()}, strict=False)
+    model.eval()
+    tokens = torch.randint(0, mc.vocab_size, (3, mc.max_seq_len), device="cuda")
+    with torch.no_grad():
+        got = gpt_logits(model, tokens)
+    torch.testing.assert_close(got, _moeflow_logits(mc, state, tokens), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@gpu
+def test_engine_megatron_trains_like_engine_torch(tmp_path):
+    """`moeflow train engine=megatron` (megatron-core GPTModel + moeflow MoE) follows engine=torch's losses
+    from the same initial weights, and writes moeflow checkpoints that engine=torch resumes."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["model.n_layers=2", "model.d_model=64", "model.d_ff=64", "model.num_experts=4", "data.max_bytes=200000",
+              "data.batch_size=8", "data.seq_len=64", "trainer.steps=6", "trainer.log_every=1", "trainer.eval_every=0",
+              "trainer.progress=false", "trainer.precision=fp32", "trainer.grad_accum=2", "trainer.ckpt_every=6"]
+
+    def run(name, *extra):
+        p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *common, f"hydra.run.dir={tmp_path / name}", *extra],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-4000:]
+        acc = EventAccumulator(str(tmp_path / name / "tensorboard"))
+        acc.Reload()
+        return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+    meg, ref = run("megatron", "engine=megatron"), run("torch")
+    assert sorted(meg) == sorted(ref) == list(range(1, 7))
+    assert meg[6] < meg[1]
+    for step in ref:  # different attention kernels (megatron's unfused softmax vs SDPA): fp32 round-off only
+        assert meg[step] == pytest.approx(ref[step], rel=2e-3), (step, meg, ref)
+    ck = tmp_path / "megatron" / "checkpoints" / "step_00000006"
+    cont = run("cont", f"resume={ck}", "trainer.steps=7")
+    assert sorted(cont) == [7]
