@@ -53,10 +53,10 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def build_table(step: int, layer_rows: list[dict], title: str = "") -> Table:
+def build_table(step: int, layer_rows: list[dict]) -> Table:
     losses = sorted({k for r in layer_rows for k in r if k.startswith("loss/")})
     extras = sorted({k for r in layer_rows for k, v in r.items() if k not in FIXED and not k.startswith("loss/") and isinstance(v, (int, float))})
-    table = Table(title=f"{title}routing statistics at step {step}")
+    table = Table()
     for col in ("layer", "tokens/expert min/mean/max", "max/mean load", "dropped", "entropy", "active/token", *(k[5:] for k in losses), *extras):
         table.add_column(col, justify="right")
     for r in layer_rows:
@@ -78,4 +78,5 @@ def main(argv: list[str]) -> None:
     except StatsError as e:
         print(f"moeflow stats: error: {e}", file=sys.stderr)
         sys.exit(2)
-    Console(width=200).print(build_table(step, layer_rows, title=f"{args.run_dir}: "))
+    print(f"{args.run_dir}: routing statistics at step {step}")  # plain line: never wrapped
+    Console(width=200).print(build_table(step, layer_rows))

@@ -6,8 +6,8 @@ single-process routing of the whole batch.
 """
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -51,10 +51,10 @@ def summary(out, offset, gate):
     return s
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    # file rendezvous: no TCP port to race for with other jobs on the machine
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         results = {}
         for case in CASES:
@@ -67,17 +67,11 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(180)
 def test_sharded_batch_routes_like_the_global_batch(tmp_path):
     world = 2
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
     shards = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for case in CASES:
         gate, x = make(case)
