@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "upcycle": ("moeflow.launch.upcycle_cli", "main", "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)"),
     "slurm": ("moeflow.launch.slurm", "main", "submit/status/cancel/logs of Slurm jobs (`moeflow slurm --help`)"),
     "ray": ("moeflow.launch.ray_launch", "main", "train on a Ray cluster: launch/submit/wait (`moeflow ray --help`)"),
+    "stats": ("moeflow.launch.stats_table", "main", "per-layer routing statistics table of a run (`moeflow stats RUN_DIR [--step N]`)"),
 }
 
 

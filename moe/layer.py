@@ -29,6 +29,7 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
+        self.gate.seq_len = shape[-2] if len(shape) >= 3 else None  # sequence-level statistics (e.g. seq balance loss)
         routing = self.gate(x_TD, token_ids_T)
         y_TD = self.dispatcher(x_TD, routing, self.experts)
         if self.shared_expert is not None:

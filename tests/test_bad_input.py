@@ -26,7 +26,7 @@ def run_preflight(capsys, *args):
     [
         (["model.d_modle=64"], "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
         (["trainer.stpes=5"], "did you mean 'trainer.steps'?"),
-        (["gate=nope"], "unknown choice 'nope' for gate; choose one of: topk"),
+        (["gate=nope"], "unknown choice 'nope' for gate; choose one of: "),
         (["model.top_k=9"], "model.top_k=9 is larger than model.num_experts=8; set top_k <= num_experts"),
         (["model.d_model=130"], "model.d_model=130 is not divisible by model.n_heads=4"),
         (["data=text"], "data.path is required here but was not set"),

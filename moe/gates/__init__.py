@@ -5,11 +5,21 @@ import inspect
 from typing import Callable
 
 from .base import Gate, RouterOutput
+from .dts import ActivationDTSGate, DTSGate
+from .expert_choice import ExpertChoiceGate
+from .hash import HashGate
+from .sinkhorn import SelectiveSinkhornGate, SinkhornGate
 from .topk import TopKGate
 
 # name -> constructor(d_model, num_experts, top_k, **options)
 GATES: dict[str, Callable[..., Gate]] = {
     "topk": TopKGate,
+    "expert_choice": ExpertChoiceGate,
+    "dts": DTSGate,
+    "dts_act": ActivationDTSGate,
+    "sinkhorn": SinkhornGate,
+    "ssr": SelectiveSinkhornGate,
+    "hash": HashGate,
 }
 
 _POSITIONAL = ("self", "d_model", "num_experts", "top_k")
@@ -35,4 +45,5 @@ def build_gate(name: str, d_model: int, num_experts: int, top_k: int, **options)
     return GATES[name](d_model, num_experts, top_k, **options)
 
 
-__all__ = ["Gate", "RouterOutput", "TopKGate", "GATES", "register_gate", "gate_options", "build_gate"]
+__all__ = ["Gate", "RouterOutput", "TopKGate", "ExpertChoiceGate", "DTSGate", "ActivationDTSGate", "SinkhornGate",
+           "SelectiveSinkhornGate", "HashGate", "GATES", "register_gate", "gate_options", "build_gate"]
