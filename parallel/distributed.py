@@ -37,5 +37,7 @@ def init_distributed(device_type: str, backend: str = "auto") -> DistEnv:
 
 
 def shutdown_distributed() -> None:
+    """Leave together: rank 0 hosts the rendezvous store, so no rank may tear down while another still needs it."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -111,7 +111,10 @@ def test_srun_template_one_task_per_rank(slurm, tmp_path):
     done = moeflow("slurm", "submit", *QUICK, "trainer.steps=4", "trainer.eval_every=0",
                    *cpu_job(tmp_path, "launcher.template=srun", "launcher.nproc_per_node=2", "launcher.cpus_per_task=1"), cwd=tmp_path)
     job = job_id(done.stdout)
-    assert wait_job(job, 90) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    try:
+        assert wait_job(job, 90) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    finally:
+        moeflow("slurm", "cancel", job)  # a hung job must not hold the node for the tests after it
     log = moeflow("slurm", "logs", job).stdout
     assert "rank 0/2 up" in log and "rank 1/2 up" in log and "world 2" in log
 
