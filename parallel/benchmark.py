@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeflow.parallel.distributed import shutdown_distributed
 from moeflow.launch.config import ConfigError, resolve_experts_impl
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.gates import build_gate
@@ -168,4 +169,4 @@ def main(argv: list[str]) -> None:
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(result, f, indent=2)
-    dist.destroy_process_group()
+    shutdown_distributed()

@@ -48,6 +48,7 @@ def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple, out_dir:
     try:
         result = globals()[fn_name](rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: tearing gloo down while a peer still talks aborts the process
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise

@@ -63,6 +63,7 @@ def _worker(rank, world, out_dir):
             n = T // world
             results[case] = summary(gate(x[rank * n:(rank + 1) * n]), rank * n, gate)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: tearing gloo down while a peer still talks aborts the process
     finally:
         dist.destroy_process_group()
 
