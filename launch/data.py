@@ -122,3 +122,13 @@ class BatchSampler:
         window = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(window)
         return t[:, :-1], t[:, 1:]
+
+
+def training_samplers(data_cfg, vocab_size: int, seed: int) -> tuple[TokenSplits, BatchSampler, BatchSampler]:
+    """Load the splits and build the train/val samplers every training loop uses."""
+    splits = load_splits(data_cfg)
+    if splits.vocab_size > vocab_size:
+        raise DataError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={vocab_size}; raise model.vocab_size")
+    train = BatchSampler(splits.train, data_cfg.seq_len, data_cfg.batch_size, seed)
+    val = BatchSampler(splits.val, data_cfg.seq_len, data_cfg.batch_size, seed)
+    return splits, train, val

@@ -31,7 +31,7 @@ from moeflow.parallel.sharded_state import full_model_state, full_optimizer_stat
 
 from . import checkpoint as ckpt
 from .config import ConfigError, resolve_device, validate
-from .data import BatchSampler, DataError, load_splits
+from .data import BatchSampler, DataError, training_samplers
 from .run_hooks import RunHooks
 
 log = logging.getLogger("moeflow.train")
@@ -113,11 +113,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
 
     torch.manual_seed(tc.seed)
-    splits = load_splits(cfg.data)
-    if splits.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={model_cfg.vocab_size}; raise model.vocab_size")
-    train_data = BatchSampler(splits.train, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
-    val_data = BatchSampler(splits.val, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
+    splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, tc.seed)
 
     model = Transformer(model_cfg).to(device)
     # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.

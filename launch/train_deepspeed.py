@@ -21,8 +21,8 @@ from moeflow.moe.model import Transformer
 from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
 from moeflow.parallel.integrations import deepspeed_engine as dse
 
-from .config import ConfigError, resolve_device, validate
-from .data import BatchSampler, load_splits
+from .config import resolve_device, validate
+from .data import training_samplers
 from .train import build_scheduler, evaluate, lm_loss, log_routing, set_gate_step
 
 log = logging.getLogger("moeflow.train")
@@ -38,11 +38,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     no_autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731  (DeepSpeed casts the model itself)
 
     torch.manual_seed(tc.seed)
-    splits = load_splits(cfg.data)
-    if splits.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={model_cfg.vocab_size}; raise model.vocab_size")
-    train_data = BatchSampler(splits.train, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
-    val_data = BatchSampler(splits.val, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
+    splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, tc.seed)
 
     model = Transformer(model_cfg).to(device)
     engine, sched = dse.initialize(model, cfg, use_bf16, build_scheduler)

@@ -29,8 +29,8 @@ from moeflow.parallel.integrations import megatron_ckpt as mck, torch_engine_opt
 from moeflow.parallel.integrations import megatron_core as mcore
 
 from . import checkpoint as ckpt
-from .config import ConfigError, validate
-from .data import BatchSampler, load_splits
+from .config import validate
+from .data import training_samplers
 from .train import build_scheduler, evaluate, lm_loss, log_routing, set_gate_step
 
 log = logging.getLogger("moeflow.train")
@@ -48,11 +48,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
 
     torch.manual_seed(tc.seed)
-    splits = load_splits(cfg.data)
-    if splits.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={model_cfg.vocab_size}; raise model.vocab_size")
-    train_data = BatchSampler(splits.train, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
-    val_data = BatchSampler(splits.val, cfg.data.seq_len, cfg.data.batch_size, tc.seed)
+    splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, tc.seed)
 
     init = ckpt.unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
     gpt = mcore.build_gpt_model(model_cfg, device)

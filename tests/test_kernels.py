@@ -24,11 +24,13 @@ if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
 
 
-def make_plan(T, counts, gen):
-    """Assignments with exactly counts[e] distinct tokens per expert, sorted by expert."""
+def make_plan(T, counts, gen, unrouted=2):
+    """Assignments with exactly counts[e] distinct tokens per expert, sorted by expert.
+
+    The last `unrouted` tokens are never routed, so every check also sees rows that must stay zero."""
     token, expert = [], []
     for e, c in enumerate(counts):
-        token.append(torch.randperm(T, generator=gen)[:c])
+        token.append(torch.randperm(T - unrouted, generator=gen)[:c])
         expert.append(torch.full((c,), e))
     token_A = torch.cat(token).to(DEV)
     expert_A = torch.cat(expert).to(DEV)
