@@ -115,10 +115,17 @@ def load_trainer_state(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} has a corrupt trainer_state.pt ({e}); delete it or resume from an earlier checkpoint") from None
 
 
+SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
+
+
+def model_shape_diffs(saved_model_cfg: dict, model_cfg: dict) -> list[str]:
+    """The model-config keys that change parameter shapes and differ, as 'key: checkpoint X vs run Y'."""
+    return [f"{k}: checkpoint {saved_model_cfg.get(k)!r} vs run {model_cfg.get(k)!r}" for k in SHAPE_KEYS if saved_model_cfg.get(k) != model_cfg.get(k)]
+
+
 def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: dict, model_state: dict, model: torch.nn.Module) -> None:
     """Refuse a checkpoint whose model shape differs, naming the differing keys."""
-    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
-    diffs = [f"{k}: checkpoint {saved_model_cfg.get(k)!r} vs run {model_cfg.get(k)!r}" for k in shape_keys if saved_model_cfg.get(k) != model_cfg.get(k)]
+    diffs = model_shape_diffs(saved_model_cfg, model_cfg)
     expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()}
     got = {k: tuple(v.shape) for k, v in model_state.items()}
     if not diffs and expected != got:

@@ -186,11 +186,9 @@ def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
             return 0
         raise ckpt.CheckpointError(f"resume={cfg.resume}: no DeepSpeed checkpoint found there; pass a run dir of an engine=deepspeed run or one of its checkpoints/deepspeed/step_* dirs")
     meta = ckpt.read_meta(found)
-    mine = engine.module.cfg.to_dict()
-    shape_keys = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
-    diffs = [k for k in shape_keys if meta.get("model", {}).get(k) != mine[k]]
+    diffs = ckpt.model_shape_diffs(meta.get("model", {}), engine.module.cfg.to_dict())
     if diffs:
-        raise ckpt.CheckpointError(f"checkpoint {found} is from a different model ({', '.join(diffs)} differ); resume with the checkpoint's model config (see {found / 'meta.json'})")
+        raise ckpt.CheckpointError(f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})")
     try:
         path, client = engine.load_checkpoint(str(found.parent), tag=found.name)
     except Exception as e:  # DeepSpeed raises many types for partial/corrupt shards
