@@ -34,7 +34,7 @@ def route(x_TD, w_DE, k: int, skew: bool):
     top_v, top_i = probs.topk(k, dim=-1)
     top_v = top_v / top_v.sum(-1, keepdim=True)
     token_A = torch.arange(T, device=x_TD.device).repeat_interleave(k)
-    return RouterOutput(token_A=token_A, expert_A=top_i.reshape(-1), weight_A=top_v.reshape(-1), num_tokens=T, num_experts=E)
+    return RouterOutput(token_A=token_A, expert_A=top_i.reshape(-1), weight_A=top_v.reshape(-1), num_tokens=T, num_experts=E, token_sorted=True)
 
 
 def _measure(fn, warmup: int, rep: int):
@@ -127,7 +127,7 @@ def breakdown(T, d, f, E, k, warmup, rep):
         ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, plan.weight_A, pos), gemm),
         ("fwd segsum (A->T rows)", lambda: gg.segsum(ys, offs, T), 0),
         ("bwd down_bwd (dy@W2^T, act bwd)", lambda: gg.down_bwd(dy, tok, w2, h1, h3, plan.weight_A, counts, True), gemm),
-        ("bwd dW2 (g^T@dy)", lambda: gg.wgrad(g2, None, dy, None, tok, plan.weight_A, counts), gemm),
+        ("bwd dW2 ((w*g)^T@dy)", lambda: gg.wgrad(g2, None, dy, None, tok, None, counts), gemm),
         ("bwd dX (dh1@W1^T+dh3@W3^T, scatter)", lambda: gg.grad_input(dh1, w1, dh3, w3, counts, pos), 2 * gemm),
         ("bwd dW1,dW3 (x^T@dh)", lambda: gg.wgrad(x, tok, dh1, dh3, None, None, counts), 2 * gemm),
         ("bwd segsum", lambda: gg.segsum(ys, offs, T), 0),

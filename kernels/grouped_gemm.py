@@ -37,16 +37,23 @@ def _configs(shapes):
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
 _UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 _GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 4)]
-_WGRAD_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 8, 4)]
+# down_bwd's activation-backward epilogue keeps ~4 fp32 tiles live: 128x128 tiles spill to local
+# memory (1.4 KB/thread, read from the sm_90 cubin), 128x64 / 64x128 at 8 warps do not.
+_DOWN_BWD_SHAPES = [(128, 64, 64, 8, 4), (128, 64, 128, 8, 3), (64, 128, 64, 8, 4), (64, 128, 128, 8, 3)]
+# Row-gathered operands get one shared-memory buffer fewer than num_stages asks for (the
+# index load takes a pipeline stage), hence the deeper candidates.
+_WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 256, 64, 8, 4), (128, 128, 32, 8, 6)]
 
 
 def _fits_smem(configs, named_args, **kwargs):
     """Drop candidates whose pipelined tiles exceed Hopper's 227 KiB of shared memory."""
-    pairs = 2 if kwargs.get("TWO", named_args.get("TWO", False)) or kwargs.get("SWIGLU", named_args.get("SWIGLU", False)) else 1
+    two = kwargs.get("TWO", named_args.get("TWO", False))
+    a_tiles = 2 if two and "a2_ptr" in named_args else 1  # gmm's TWO reads two A operands; wgrad's shares A
+    b_tiles = 2 if two else 1
     keep = []
     for c in configs:
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if (m * k + k * n) * 2 * pairs * c.num_stages <= 220 * 1024:
+        if (a_tiles * m * k + b_tiles * k * n) * 2 * c.num_stages <= 220 * 1024:
             keep.append(c)
     return keep or configs[-1:]
 
@@ -229,7 +236,7 @@ def _gmm_kernel(
 
 
 # ----------------------------------------------------------------------------- down backward
-@triton.autotune(configs=_configs(_UP_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"],
+@triton.autotune(configs=_configs(_DOWN_BWD_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"],
                  reset_to_zero=["dscale_ptr"], restore_value=["h1_ptr", "h3_ptr"])
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
@@ -242,8 +249,9 @@ def _down_bwd_kernel(
 ):
     """dG = dy[gather] @ W2[e]^T (N = F, K = D), then the activation's backward in the epilogue.
 
-    Also writes g = act(h) (needed by dW2) and, for gate weights, the partial row sums
-    <dG_unscaled, g> per column block (summed on the host side: deterministic).
+    Also writes scale * g, g = act(h) (dW2's input, pre-scaled so dW2 needs no scale) and,
+    for gate weights, the partial row sums <dG_unscaled, g> per column block (summed by the
+    launcher afterwards: deterministic).
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -276,28 +284,28 @@ def _down_bwd_kernel(
             b_ptrs += BLOCK_K * stride_wk
         mask = mask_m[:, None] & mask_n[None, :]
         h_off = rows64[:, None] * N + offs_n[None, :]
+        # Ordered so that at most four fp32 tiles are live (acc + three): more spills to local memory.
         h1 = tl.load(h1_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
         if SWIGLU:
-            h3 = tl.load(h3_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(h1)
             act = h1 * sig
+            dact = sig + act * (1.0 - sig)  # d silu(h1) / d h1
+            h3 = tl.load(h3_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
             g = act * h3
         else:
             g = _gelu_tanh(h1)
-        tl.store(g_ptr + h_off, g.to(g_ptr.dtype.element_ty), mask=mask)
+            dact = _gelu_tanh_grad(h1)
         if HAS_SCALE:
-            part = tl.sum(acc * g, 1)
-            tl.store(dscale_ptr + rows64 * DS_STRIDE + pid_n, part, mask=mask_m)
+            tl.store(dscale_ptr + rows64 * DS_STRIDE + pid_n, tl.sum(acc * g, 1), mask=mask_m)
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
+            g = g * s[:, None]  # dW2 then needs no scale: dW2 = (s * g)^T @ dy
+        tl.store(g_ptr + h_off, g.to(g_ptr.dtype.element_ty), mask=mask)
         if SWIGLU:
-            dh1 = acc * h3 * sig * (1.0 + h1 * (1.0 - sig))
-            dh3 = acc * act
-            tl.store(dh1_ptr + h_off, dh1.to(dh1_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh3_ptr + h_off, dh3.to(dh3_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh3_ptr + h_off, (acc * act).to(dh3_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh1_ptr + h_off, (acc * h3 * dact).to(dh1_ptr.dtype.element_ty), mask=mask)
         else:
-            dh1 = acc * _gelu_tanh_grad(h1)
-            tl.store(dh1_ptr + h_off, dh1.to(dh1_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh1_ptr + h_off, (acc * dact).to(dh1_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- weight gradient
@@ -452,7 +460,7 @@ def grad_input(dh1, w1, dh3, w3, counts_E, scatter_A=None):
 
 
 def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place: bool = False):
-    """dh1, dh3 (SwiGLU), g and the gate-weight grad (None without scale) from dy.
+    """dh1, dh3 (SwiGLU), scale_A * g and the gate-weight grad (None without scale) from dy.
 
     `in_place`: dh1/dh3 overwrite h1/h3 (each program reads its h tile before writing the
     same tile), saving 2*A*F elements of peak memory when h is dead afterwards.

@@ -68,9 +68,9 @@ def experts_bwd(
     """
     swiglu = w3 is not None
     dy = dy.contiguous()
+    # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
     dh1, dh3, g, dweight = gg.down_bwd(dy, token_A, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
-    # dW2[e] = g^T @ (weight * dy[token])
-    dw2, _ = gg.wgrad(g, None, dy, None, token_A, weight_A, counts_E)
+    dw2, _ = gg.wgrad(g, None, dy, None, token_A, None, counts_E)
     del g
     if token_A is None:
         dx = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
@@ -159,21 +159,35 @@ def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, count
     return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0])
 
 
-def routing_layout(token_A: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
-    """pos_A (row of each assignment in token-sorted order) and per-token row offsets (T+1)."""
-    order = torch.argsort(token_A, stable=True)
-    pos_A = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """pos_A (row of each assignment in token-sorted order) and per-token row offsets (T+1).
+
+    `token_order_A`: each row's index in a token-sorted order the caller already has (the
+    routing's own order for top-k gates); saves a sort.
+    """
+    if token_order_A is not None:
+        pos_A = token_order_A
+    else:
+        order = torch.argsort(token_A, stable=True)
+        pos_A = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     offsets = torch.zeros(num_tokens + 1, dtype=torch.int32, device=token_A.device)
-    offsets[1:] = torch.cumsum(torch.bincount(token_A, minlength=num_tokens), 0)
+    # rows per token without torch.bincount, whose CUDA version syncs with the host
+    per_token = torch.zeros(num_tokens, dtype=torch.int32, device=token_A.device).scatter_add_(0, token_A.long(), torch.ones_like(token_A, dtype=torch.int32))
+    offsets[1:] = torch.cumsum(per_token, 0)
     return pos_A.to(torch.int32), offsets
 
 
 def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
-                      token_A: Tensor, weight_A: Tensor) -> Tensor:
-    """y_TD[t] = sum over assignments a of t: weight_A[a] * MLP_{e(a)}(x_TD[t]), grouped by expert."""
+                      token_A: Tensor, weight_A: Tensor, token_order_A: Optional[Tensor] = None) -> Tensor:
+    """y_TD[t] = sum over assignments a of t: weight_A[a] * MLP_{e(a)}(x_TD[t]), grouped by expert.
+
+    `token_order_A` (optional): a token-sorted position of each row (see `routing_layout`).
+    """
     check_inputs(x_TD, w1, w3, w2, counts_E)
     if token_A.dim() != 1 or weight_A.shape != token_A.shape:
         raise UnsupportedInput(f"token_A {tuple(token_A.shape)} and weight_A {tuple(weight_A.shape)} must be 1-D and equal")
-    pos_A, offsets = routing_layout(token_A, x_TD.shape[0])
+    if token_order_A is not None and token_order_A.shape != token_A.shape:
+        raise UnsupportedInput(f"token_order_A {tuple(token_order_A.shape)} must match token_A {tuple(token_A.shape)}")
+    pos_A, offsets = routing_layout(token_A, x_TD.shape[0], token_order_A)
     return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
                                    pos_A, offsets, x_TD.shape[0])

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .gates.base import RouterOutput
+from .gates.common import counts_of
 
 
 @dataclass
@@ -26,18 +27,22 @@ class DispatchPlan:
     expert_A: torch.Tensor  # expert of each grouped row (non-decreasing)
     counts_E: torch.Tensor  # rows per expert (int64)
     num_tokens: int
+    # where each grouped row sat in the routing's token-major order (None unless the gate's
+    # token_A was sorted): the fused kernels' un-permute uses it instead of sorting again
+    token_order_A: torch.Tensor | None = None
 
 
 def plan_dispatch(routing: RouterOutput) -> DispatchPlan:
     order_A = torch.argsort(routing.expert_A, stable=True)
     expert_A = routing.expert_A[order_A]
-    counts_E = torch.bincount(expert_A, minlength=routing.num_experts)
+    counts_E = counts_of(expert_A, routing.num_experts)
     return DispatchPlan(
         token_A=routing.token_A[order_A],
         weight_A=routing.weight_A[order_A],
         expert_A=expert_A,
         counts_E=counts_E,
         num_tokens=routing.num_tokens,
+        token_order_A=order_A if routing.token_sorted else None,
     )
 
 

@@ -185,7 +185,7 @@ def triton_routed(experts: GroupedExperts, x_TD: torch.Tensor, plan) -> torch.Te
 
         return combine(torch_loop(experts, x_TD[plan.token_A], plan.counts_E), plan)
     ops, (x, w1, w3, w2) = found
-    return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)
+    return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A, plan.token_order_A)
 
 
 def grouped_mm(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .gates.base import RouterOutput
+from .gates.common import counts_of
 
 
 def routing_stats(routing: RouterOutput, counts_E: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -13,7 +14,7 @@ def routing_stats(routing: RouterOutput, counts_E: torch.Tensor | None = None) -
     """
     with torch.no_grad():
         if counts_E is None:
-            counts_E = torch.bincount(routing.expert_A, minlength=routing.num_experts)
+            counts_E = counts_of(routing.expert_A, routing.num_experts)
         counts_E = counts_E.float()
         mean = counts_E.mean().clamp_min(1e-9)
         stats = {

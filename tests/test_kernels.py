@@ -189,3 +189,35 @@ def test_registration_is_lazy_and_auto_picks_triton_on_cuda():
     assert resolve_experts_impl("auto", torch.device("cpu")) == "torch"
     code = "import sys, moeflow.moe.model, moeflow.moe.experts; assert 'triton' not in sys.modules, 'moe imported triton'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("capacity", [False, True])
+def test_token_order_from_a_token_major_gate_gives_a_valid_layout(capacity):
+    """Top-k routing is token-major, so the plan's token_order_A replaces the layout's sort:
+    it must place every row inside its token's segment, as a permutation, and give the same
+    experts output and gradients as the sorted layout."""
+    from moeflow.moe.dispatch import plan_dispatch
+    from moeflow.moe.gates.topk import TopKGate
+
+    torch.manual_seed(torch.seed() % 2**31)
+    T, D, F, E, k = 24, 16, 24, 4, 2
+    gate = TopKGate(D, E, top_k=k, dropless=not capacity, capacity_factor=0.75 if capacity else None).to(DEV)
+    x = torch.randn(T, D, device=DEV)
+    routing = gate(x)
+    assert routing.token_sorted and bool((routing.token_A[1:] >= routing.token_A[:-1]).all())
+    plan = plan_dispatch(routing)
+    assert plan.token_order_A is not None
+    A = plan.token_A.numel()
+    for order in (None, plan.token_order_A):
+        pos, offs = ops.routing_layout(plan.token_A, T, order)
+        assert torch.equal(pos.sort().values.long(), torch.arange(A, device=DEV))
+        assert bool(((offs[plan.token_A] <= pos) & (pos < offs[plan.token_A + 1])).all())
+    xb = x.to(DTYPE).requires_grad_()
+    w1, w3, w2 = weights(E, D, F, True, DTYPE, torch.Generator().manual_seed(torch.seed() % 2**31))
+    dy = torch.randn(T, D, device=DEV).to(DTYPE)
+    outs = []
+    for order in (None, plan.token_order_A):
+        y = ops.expert_mlp_routed(xb, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A.detach(), order)
+        outs.append([y] + list(torch.autograd.grad(y, [xb, w1, w3, w2], dy)))
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-3  # only the order of each token's k-row sum differs

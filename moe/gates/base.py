@@ -20,7 +20,8 @@ from torch import nn
 class RouterOutput:
     """What every gate returns.
 
-    token_A, expert_A, weight_A: one entry per (token, expert) assignment, any order.
+    token_A, expert_A, weight_A: one entry per (token, expert) assignment, any order
+        (gates that emit them token-major say so with `token_sorted=True`).
     losses: auxiliary losses, already multiplied by their coefficients; the trainer adds
         their sum to the LM loss.
     stats: detached scalars/tensors for logging (see `moeflow.moe.stats`).
@@ -33,6 +34,9 @@ class RouterOutput:
     num_experts: int
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    # True when token_A is non-decreasing (token-major order, as top-k emits it): the fused
+    # kernels then know each assignment's place among its token's rows without a second sort.
+    token_sorted: bool = False
 
     def aux_loss(self) -> torch.Tensor:
         if not self.losses:

@@ -155,7 +155,10 @@ def entropy(gate: Gate, probs_TE: torch.Tensor) -> torch.Tensor:
 
 
 def counts_of(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return torch.bincount(expert_A, minlength=num_experts)
+    """Assignments per expert (int64). Not torch.bincount: on CUDA that reads the maximum back
+    to the host, and the sync leaves the GPU idle while the CPU queues the next kernels."""
+    ones = torch.ones_like(expert_A, dtype=torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_A.device).scatter_add_(0, expert_A.long(), ones)
 
 
 def global_fraction(gate: Gate, part: int | torch.Tensor, whole: int | torch.Tensor, device) -> torch.Tensor:

@@ -111,7 +111,7 @@ class DTSGate(Gate):
             "threshold": torch.tensor(self.threshold()),
             "max_active_experts": torch.tensor(float(cap)),
         }
-        return RouterOutput(token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats)
+        return RouterOutput(token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats, token_sorted=True)  # nonzero() is row-major
 
 
 class ActivationDTSGate(DTSGate):

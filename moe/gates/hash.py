@@ -37,4 +37,4 @@ class HashGate(Gate):
         expert_TK = self.hash_experts(token_ids_T.reshape(-1))
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
         weight_A = torch.full((T * K,), 1.0 / K, dtype=x_TD.dtype, device=x_TD.device)
-        return RouterOutput(token_A, expert_TK.reshape(-1), weight_A, T, E, {}, {})
+        return RouterOutput(token_A, expert_TK.reshape(-1), weight_A, T, E, {}, {}, token_sorted=True)

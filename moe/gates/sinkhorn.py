@@ -147,7 +147,7 @@ class SinkhornGate(Gate):
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats)
+        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats, token_sorted=True)
 
 
 class SelectiveSinkhornGate(Gate):
@@ -209,4 +209,4 @@ class SelectiveSinkhornGate(Gate):
             weight_TK = torch.where(use_T.unsqueeze(1), ot_weight_TK, weight_TK)
             stats.update(transported_fraction=use_T.float().mean(), sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats)
+        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats, token_sorted=True)

@@ -141,7 +141,7 @@ class TopKGate(Gate):
             token_A, expert_A, weight_A = token_A[keep_A], expert_A[keep_A], weight_A[keep_A]
         if self.bias_update_rate > 0:
             stats["expert_bias_absmax"] = self.expert_bias_E.abs().max().detach()
-        return RouterOutput(token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats)
+        return RouterOutput(token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats, token_sorted=True)
 
     def _limit_to_groups(self, select_TE: torch.Tensor) -> torch.Tensor:
         T, E = select_TE.shape
