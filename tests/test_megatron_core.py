@@ -153,6 +153,65 @@ def test_moeflow_moe_inside_megatron_model(parallel_state):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+# ---- expert parallelism through parallel_state (gloo, 2 and 4 processes) ---------------------
+
+EP_GATES = {
+    "topk": {"name": "topk", "aux_loss_coef": 0.1},
+    # capacity dropping: the capacity and which pairs drop depend on the global token count
+    "capacity": {"name": "topk", "aux_loss_coef": 0.1, "dropless": False, "capacity_factor": 1.0, "drop_policy": "position"},
+}
+EP_SYNCS = ("moeflow", "megatron")  # gradient sync: moeflow's ExpertDataParallel / megatron-core's DDP
+EP_TOL = 1e-6  # float64 layer; the gate's router probabilities are float32 by design
+
+
+def _ep_spawn(tmp_path_factory, world: int, ep: int) -> list[dict]:
+    import ep_workers as W
+
+    cases = [(f"{g}/{s}", ep, EP_GATES[g], s) for g in EP_GATES for s in EP_SYNCS]
+    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_ep{ep}_w{world}"), cases)
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory):
+    """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together)."""
+    return {"ep2": _ep_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _ep_spawn(tmp_path_factory, 4, 2)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+@pytest.mark.parametrize("sync", EP_SYNCS)
+@pytest.mark.parametrize("gate", EP_GATES)
+@pytest.mark.parametrize("layout", ["ep2", "ep2_dp2"])
+def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync):
+    """MoeflowMoE built by the megatron spec under parallel_state EP: outputs, input/router/expert-shard
+    grads and aux loss equal one moeflow MoELayer with the full weights on the global batch."""
+    per_rank = ep_runs[layout]
+    world = len(per_rank)
+    for rank, res in enumerate(per_rank):
+        r = res[f"{gate}/{sync}"]
+        assert (r["ep_group_size"], r["edp_group_size"]) == (2, world // 2)
+        assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
+        bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
+        assert not bad, (rank, "grads differ", bad)
+        lo = r["ep_rank"] * 2
+        assert r["shards"]["experts.w1_EDF"] == (4, lo, lo + 2) and r["shards"]["gate.proj.weight"] is None
+        assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
+        if gate == "capacity":
+            assert r["dropped"] > 0, "the capacity case should drop pairs"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
+    """megatron-core's DDP treats params marked allreduce=False as expert-parallel (reduced over
+    the expert-data-parallel group): exactly the routed experts, not the router or shared expert."""
+    experts = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF"]
+    for res in ep_runs["ep2_dp2"]:
+        r = res["topk/megatron"]
+        assert r["expert_buffer_params"] == experts
+        assert sorted(n for n, a in r["allreduce"].items() if not a) == experts
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose, initialize_config_module
 
@@ -166,6 +225,32 @@ def test_engine_megatron_on_cpu_says_what_needs_a_gpu():
 
     with pytest.raises(ConfigError, match="engine=megatron needs a CUDA GPU"):
         validate(compose("engine=megatron"))
+
+
+def _validate_as_if_on_gpu(monkeypatch, world: int, *overrides: str):
+    """Config validation of engine=megatron past its CUDA check (CPU here), under a torchrun world."""
+    from moeflow.launch import config
+
+    monkeypatch.setattr(config, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    return config.validate(compose("engine=megatron", "experts.impl=torch", *overrides))
+
+
+def test_engine_megatron_accepts_a_possible_expert_parallel_layout(monkeypatch):
+    mc, _ = _validate_as_if_on_gpu(monkeypatch, 4, "parallel.ep=2", "model.num_experts=8")
+    assert mc.num_experts == 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
+    (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
+    (("engine.tensor_parallel=2",), "engine.tensor_parallel=2 is not supported"),
+    (("parallel.ep=2", "parallel.overlap_chunks=2"), "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron"),
+])
+def test_engine_megatron_refuses_impossible_layouts_in_one_line(monkeypatch, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        _validate_as_if_on_gpu(monkeypatch, 4, *overrides)
+    assert "\n" not in str(err.value)
 
 
 def test_unmappable_features_are_refused():
