@@ -9,6 +9,7 @@ forward need CUDA, so the block/model equivalence and `moeflow train engine=mega
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -212,6 +213,79 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
         assert sorted(n for n, a in r["allreduce"].items() if not a) == experts
 
 
+# ---- megatron-core's router configured by router_config (CPU) -------------------------------
+
+ROUTER_CASES = {
+    "softmax_renormalized": {"aux_loss_coef": 0.01},
+    "softmax_topk_before_softmax": {"topk_before_softmax": True, "z_loss_coef": 0.001},
+    "softmax_raw_weights": {"renormalize": False, "seq_aux_loss_coef": 0.01, "aux_loss_coef": 0.01},
+    "softmax_capacity": {"renormalize": False, "dropless": False, "capacity_factor": 0.5},
+    "softmax_groups": {"topk_before_softmax": True, "n_groups": 2, "topk_groups": 1},
+    "sigmoid_expert_bias_groups": {"score_func": "sigmoid", "bias_update_rate": 0.001, "n_groups": 2, "topk_groups": 1},
+    "sigmoid_top1_raw": {"score_func": "sigmoid", "renormalize": False, "top_k": 1},
+}
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES)
+def test_megatron_router_routes_like_the_moeflow_gate(parallel_state, monkeypatch, case):
+    """Exported router weights (and expert bias) in megatron-core's TopKRouter built from
+    router_config: same experts and same weights per token as moeflow's gate (eval mode)."""
+    from moeflow.parallel.integrations.megatron_core import build_native_gpt_model
+
+    if not torch.cuda.is_available():  # megatron allocates the expert-bias buffers on the current CUDA device
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    opts = dict(ROUTER_CASES[case])
+    mc = tiny(n_layers=1, num_experts=4, top_k=opts.pop("top_k", 2), gate={"name": "topk", **opts})
+    state = random_state(mc, seed=7)
+    if "blocks.0.ffn.gate.expert_bias_E" in state:  # a bias that changes the choice of experts
+        state["blocks.0.ffn.gate.expert_bias_E"] = torch.tensor([0.3, -0.3, 0.2, 0.0])
+    model = build_native_gpt_model(mc, "cpu", layout="sequential", dispatcher="allgather")
+    missing, unexpected = model.load_state_dict(mck.to_megatron(state, mc), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    router = model.decoder.layers[0].mlp.router.eval()
+    gate = build_moe_layer(mc).gate.eval()
+    gate.load_state_dict({k.split("blocks.0.ffn.gate.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.gate.")})
+
+    x_SBD = torch.randn(8, 4, mc.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probs_TE, map_TE = router(x_SBD)
+        out = gate(x_SBD.reshape(-1, mc.d_model))
+    ours_TE = torch.zeros_like(probs_TE).index_put_((out.token_A, out.expert_A), out.weight_A)
+    ours_map = torch.zeros_like(map_TE).index_put_((out.token_A, out.expert_A), torch.tensor(True))
+    assert torch.equal(map_TE, ours_map)
+    torch.testing.assert_close(probs_TE, ours_TE, rtol=1e-5, atol=1e-6)
+    if not mc.gate.get("dropless", True):
+        assert map_TE.sum() < x_SBD.shape[0] * x_SBD.shape[1] * mc.top_k, "the capacity case should drop pairs"
+    if "bias_update_rate" in opts:
+        assert torch.equal(mck.from_megatron(model.state_dict(), mc)["blocks.0.ffn.gate.expert_bias_E"], state["blocks.0.ffn.gate.expert_bias_E"])
+
+
+@pytest.mark.parametrize("options, top_k, names", [
+    ({"noise_std": 0.1}, 2, "gate.noise_std"),
+    ({"score_func": "sigmoid", "renormalize": False}, 2, "gate.renormalize=False with gate.score_func=sigmoid"),
+    ({"score_func": "sigmoid"}, 1, "gate.renormalize=True with gate.score_func=sigmoid and top_k=1"),
+    ({}, 1, "gate.renormalize=true (or topk_before_softmax) with top_k=1"),
+    ({"bias_update_rate": 0.001}, 2, "gate.bias_update_rate with gate.score_func=softmax"),
+    ({"n_groups": 2, "topk_groups": 2, "topk_before_softmax": True}, 2, "gate.n_groups/topk_groups"),
+    ({"n_groups": 2, "topk_groups": 1}, 2, "gate.n_groups with softmax scores and gate.renormalize=true"),
+    ({"dropless": False, "capacity_factor": 1.0, "renormalize": False, "drop_policy": "position"}, 2, "gate.drop_policy=position"),
+    ({"dropless": False, "capacity_factor": 1.0}, 2, "gate.capacity_factor with renormalised weights"),
+])
+def test_export_refuses_router_options_megatron_cannot_reproduce(options, top_k, names):
+    mc = tiny(top_k=top_k, gate={"name": "topk", **options})
+    with pytest.raises(mck.ConversionError, match=re.escape(names)):
+        mck.to_megatron(random_state(mc), mc)
+    mck.to_megatron(random_state(mc), mc, native=False)  # moeflow's layer inside megatron keeps every option
+
+
+def test_router_config_maps_losses_and_options():
+    cfg = mck.router_config(tiny(gate={"name": "topk", "aux_loss_coef": 0.02, "seq_aux_loss_coef": 0.001, "z_loss_coef": 0.001, "jitter_eps": 0.01}))
+    assert cfg["moe_router_load_balancing_type"] == ["aux_loss", "seq_aux_loss"] and cfg["moe_aux_loss_coeff"] == [0.02, 0.001]
+    assert cfg["moe_z_loss_coeff"] == 0.001 and cfg["moe_input_jitter_eps"] == 0.01 and cfg["moe_router_pre_softmax"] is False
+    default = mck.router_config(tiny())  # TopKGate's own defaults, not 0
+    assert (default["moe_router_load_balancing_type"], default["moe_aux_loss_coeff"]) == ("aux_loss", 0.01)
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose, initialize_config_module
 
@@ -281,6 +355,7 @@ def test_convert_cli_round_trip(tmp_path):
     p = run("moeflow-to-megatron", str(src), str(tmp_path / "meg"), "--layout", "grouped")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "7"
+    assert mck.load_megatron(tmp_path / "meg")[1]["megatron_router_config"] == mck.router_config(mc)
     p = run("megatron-to-moeflow", str(tmp_path / "meg"), str(tmp_path / "back"), "--n-heads", "4", "--top-k", "2")
     assert p.returncode == 0, p.stderr
     out = ckpt.find_checkpoint(tmp_path / "back")

@@ -273,15 +273,17 @@ def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda",
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from .megatron_ckpt import router_config
+
     device = torch.device(device)
     base = transformer_config(mc, cpu_init=device.type == "cpu")
     shared = (mc.dense_d_ff or mc.d_ff * mc.top_k) * mc.shared_experts
     config = dataclasses.replace(
-        base, num_moe_experts=mc.num_experts, moe_ffn_hidden_size=mc.d_ff, moe_router_topk=mc.top_k,
+        base, num_moe_experts=mc.num_experts, moe_ffn_hidden_size=mc.d_ff,
         moe_layer_freq=[1 if mc.is_moe_block(i) else 0 for i in range(mc.n_layers)],
-        moe_shared_expert_intermediate_size=shared or None, moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=float(mc.gate.get("aux_loss_coef", 0.0)), moe_token_dispatcher_type=dispatcher,
+        moe_shared_expert_intermediate_size=shared or None, moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=layout != "sequential", moe_use_legacy_grouped_gemm=layout == "grouped",
+        **router_config(mc),
     )
     _patch_router_without_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=layout == "te_grouped", normalization="RMSNorm")
