@@ -40,9 +40,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without aliases (tied embeddings), contiguous, on CPU: what safetensors stores."""
+    """state_dict without aliases (tied embeddings) or non-tensor entries (megatron-core's
+    `_extra_state`), contiguous, on CPU: what safetensors stores."""
     seen, out = set(), {}
     for name, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor):
+            continue
         key = (t.data_ptr(), t.shape, t.stride()) if t.device.type != "meta" else None
         if key in seen:
             continue

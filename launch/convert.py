@@ -34,7 +34,8 @@ def moeflow_to_megatron(args) -> Path:
     meta = ckpt.read_meta(found)
     mc = ModelConfig(**meta["model"])
     state = mck.to_megatron(ckpt.load_model_state(found), mc, layout=args.layout)
-    return mck.save_megatron(state, args.out, int(meta["step"]), {"moeflow_model": mc.to_dict()})
+    extra = {"moeflow_model": mc.to_dict(), "megatron_router_config": mck.router_config(mc)}  # the TransformerConfig router fields to train it with
+    return mck.save_megatron(state, args.out, int(meta["step"]), extra)
 
 
 def megatron_to_moeflow(args) -> Path:

@@ -8,6 +8,7 @@ slice, and returns the largest differences; the test process asserts on them.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import socket
 import time
@@ -46,7 +47,7 @@ def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple, out_dir:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
     try:
-        result = globals()[fn_name](rank, world, *args)
+        result = _worker(fn_name)(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()  # leave together: tearing gloo down while a peer still talks aborts the process
     except BaseException:
@@ -54,6 +55,14 @@ def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple, out_dir:
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _worker(fn_name: str):
+    """`name` (a function of this module) or `module:name` (another workers module in tests/)."""
+    if ":" not in fn_name:
+        return globals()[fn_name]
+    module, name = fn_name.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float = 240) -> list:

@@ -9,6 +9,7 @@ forward need CUDA, so the block/model equivalence and `moeflow train engine=mega
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -153,6 +154,138 @@ def test_moeflow_moe_inside_megatron_model(parallel_state):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+# ---- expert parallelism through parallel_state (gloo, 2 and 4 processes) ---------------------
+
+EP_GATES = {
+    "topk": {"name": "topk", "aux_loss_coef": 0.1},
+    # capacity dropping: the capacity and which pairs drop depend on the global token count
+    "capacity": {"name": "topk", "aux_loss_coef": 0.1, "dropless": False, "capacity_factor": 1.0, "drop_policy": "position"},
+}
+EP_SYNCS = ("moeflow", "megatron")  # gradient sync: moeflow's ExpertDataParallel / megatron-core's DDP
+EP_TOL = 1e-6  # float64 layer; the gate's router probabilities are float32 by design
+
+
+def _ep_spawn(tmp_path_factory, world: int, ep: int) -> list[dict]:
+    import ep_workers as W
+
+    cases = [(f"{g}/{s}", ep, EP_GATES[g], s) for g in EP_GATES for s in EP_SYNCS]
+    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_ep{ep}_w{world}"), cases)
+
+
+@pytest.fixture(scope="module")
+def ep_runs(tmp_path_factory):
+    """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together)."""
+    return {"ep2": _ep_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _ep_spawn(tmp_path_factory, 4, 2)}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+@pytest.mark.parametrize("sync", EP_SYNCS)
+@pytest.mark.parametrize("gate", EP_GATES)
+@pytest.mark.parametrize("layout", ["ep2", "ep2_dp2"])
+def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync):
+    """MoeflowMoE built by the megatron spec under parallel_state EP: outputs, input/router/expert-shard
+    grads and aux loss equal one moeflow MoELayer with the full weights on the global batch."""
+    per_rank = ep_runs[layout]
+    world = len(per_rank)
+    for rank, res in enumerate(per_rank):
+        r = res[f"{gate}/{sync}"]
+        assert (r["ep_group_size"], r["edp_group_size"]) == (2, world // 2)
+        assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
+        bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
+        assert not bad, (rank, "grads differ", bad)
+        lo = r["ep_rank"] * 2
+        assert r["shards"]["experts.w1_EDF"] == (4, lo, lo + 2) and r["shards"]["gate.proj.weight"] is None
+        assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
+        if gate == "capacity":
+            assert r["dropped"] > 0, "the capacity case should drop pairs"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
+    """megatron-core's DDP treats params marked allreduce=False as expert-parallel (reduced over
+    the expert-data-parallel group): exactly the routed experts, not the router or shared expert."""
+    experts = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF"]
+    for res in ep_runs["ep2_dp2"]:
+        r = res["topk/megatron"]
+        assert r["expert_buffer_params"] == experts
+        assert sorted(n for n, a in r["allreduce"].items() if not a) == experts
+
+
+# ---- megatron-core's router configured by router_config (CPU) -------------------------------
+
+ROUTER_CASES = {
+    "softmax_renormalized": {"aux_loss_coef": 0.01},
+    "softmax_topk_before_softmax": {"topk_before_softmax": True, "z_loss_coef": 0.001},
+    "softmax_raw_weights": {"renormalize": False, "seq_aux_loss_coef": 0.01, "aux_loss_coef": 0.01},
+    "softmax_capacity": {"renormalize": False, "dropless": False, "capacity_factor": 0.5},
+    "softmax_groups": {"topk_before_softmax": True, "n_groups": 2, "topk_groups": 1},
+    "sigmoid_expert_bias_groups": {"score_func": "sigmoid", "bias_update_rate": 0.001, "n_groups": 2, "topk_groups": 1},
+    "sigmoid_top1_raw": {"score_func": "sigmoid", "renormalize": False, "top_k": 1},
+}
+
+
+@pytest.mark.parametrize("case", ROUTER_CASES)
+def test_megatron_router_routes_like_the_moeflow_gate(parallel_state, monkeypatch, case):
+    """Exported router weights (and expert bias) in megatron-core's TopKRouter built from
+    router_config: same experts and same weights per token as moeflow's gate (eval mode)."""
+    from moeflow.parallel.integrations.megatron_core import build_native_gpt_model
+
+    if not torch.cuda.is_available():  # megatron allocates the expert-bias buffers on the current CUDA device
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
+    opts = dict(ROUTER_CASES[case])
+    mc = tiny(n_layers=1, num_experts=4, top_k=opts.pop("top_k", 2), gate={"name": "topk", **opts})
+    state = random_state(mc, seed=7)
+    if "blocks.0.ffn.gate.expert_bias_E" in state:  # a bias that changes the choice of experts
+        state["blocks.0.ffn.gate.expert_bias_E"] = torch.tensor([0.3, -0.3, 0.2, 0.0])
+    model = build_native_gpt_model(mc, "cpu", layout="sequential", dispatcher="allgather")
+    missing, unexpected = model.load_state_dict(mck.to_megatron(state, mc), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+    router = model.decoder.layers[0].mlp.router.eval()
+    gate = build_moe_layer(mc).gate.eval()
+    gate.load_state_dict({k.split("blocks.0.ffn.gate.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.gate.")})
+
+    x_SBD = torch.randn(8, 4, mc.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probs_TE, map_TE = router(x_SBD)
+        out = gate(x_SBD.reshape(-1, mc.d_model))
+    ours_TE = torch.zeros_like(probs_TE).index_put_((out.token_A, out.expert_A), out.weight_A)
+    ours_map = torch.zeros_like(map_TE).index_put_((out.token_A, out.expert_A), torch.tensor(True))
+    assert torch.equal(map_TE, ours_map)
+    torch.testing.assert_close(probs_TE, ours_TE, rtol=1e-5, atol=1e-6)
+    if not mc.gate.get("dropless", True):
+        assert map_TE.sum() < x_SBD.shape[0] * x_SBD.shape[1] * mc.top_k, "the capacity case should drop pairs"
+    if "bias_update_rate" in opts:
+        assert torch.equal(mck.from_megatron(model.state_dict(), mc)["blocks.0.ffn.gate.expert_bias_E"], state["blocks.0.ffn.gate.expert_bias_E"])
+
+
+@pytest.mark.parametrize("options, top_k, names", [
+    ({"noise_std": 0.1}, 2, "gate.noise_std"),
+    ({"score_func": "sigmoid", "renormalize": False}, 2, "gate.renormalize=False with gate.score_func=sigmoid"),
+    ({"score_func": "sigmoid"}, 1, "gate.renormalize=True with gate.score_func=sigmoid and top_k=1"),
+    ({}, 1, "gate.renormalize=true (or topk_before_softmax) with top_k=1"),
+    ({"bias_update_rate": 0.001}, 2, "gate.bias_update_rate with gate.score_func=softmax"),
+    ({"n_groups": 2, "topk_groups": 2, "topk_before_softmax": True}, 2, "gate.n_groups/topk_groups"),
+    ({"n_groups": 2, "topk_groups": 1}, 2, "gate.n_groups with softmax scores and gate.renormalize=true"),
+    ({"dropless": False, "capacity_factor": 1.0, "renormalize": False, "drop_policy": "position"}, 2, "gate.drop_policy=position"),
+    ({"dropless": False, "capacity_factor": 1.0}, 2, "gate.capacity_factor with renormalised weights"),
+])
+def test_export_refuses_router_options_megatron_cannot_reproduce(options, top_k, names):
+    mc = tiny(top_k=top_k, gate={"name": "topk", **options})
+    with pytest.raises(mck.ConversionError, match=re.escape(names)):
+        mck.to_megatron(random_state(mc), mc)
+    mck.to_megatron(random_state(mc), mc, native=False)  # moeflow's layer inside megatron keeps every option
+
+
+def test_router_config_maps_losses_and_options():
+    cfg = mck.router_config(tiny(gate={"name": "topk", "aux_loss_coef": 0.02, "seq_aux_loss_coef": 0.001, "z_loss_coef": 0.001, "jitter_eps": 0.01}))
+    assert cfg["moe_router_load_balancing_type"] == ["aux_loss", "seq_aux_loss"] and cfg["moe_aux_loss_coeff"] == [0.02, 0.001]
+    assert cfg["moe_z_loss_coeff"] == 0.001 and cfg["moe_input_jitter_eps"] == 0.01 and cfg["moe_router_pre_softmax"] is False
+    default = mck.router_config(tiny())  # TopKGate's own defaults, not 0
+    assert (default["moe_router_load_balancing_type"], default["moe_aux_loss_coeff"]) == ("aux_loss", 0.01)
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose, initialize_config_module
 
@@ -166,6 +299,32 @@ def test_engine_megatron_on_cpu_says_what_needs_a_gpu():
 
     with pytest.raises(ConfigError, match="engine=megatron needs a CUDA GPU"):
         validate(compose("engine=megatron"))
+
+
+def _validate_as_if_on_gpu(monkeypatch, world: int, *overrides: str):
+    """Config validation of engine=megatron past its CUDA check (CPU here), under a torchrun world."""
+    from moeflow.launch import config
+
+    monkeypatch.setattr(config, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    return config.validate(compose("engine=megatron", "experts.impl=torch", *overrides))
+
+
+def test_engine_megatron_accepts_a_possible_expert_parallel_layout(monkeypatch):
+    mc, _ = _validate_as_if_on_gpu(monkeypatch, 4, "parallel.ep=2", "model.num_experts=8")
+    assert mc.num_experts == 8
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
+    (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
+    (("engine.tensor_parallel=2",), "engine.tensor_parallel=2 is not supported"),
+    (("parallel.ep=2", "parallel.overlap_chunks=2"), "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron"),
+])
+def test_engine_megatron_refuses_impossible_layouts_in_one_line(monkeypatch, overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        _validate_as_if_on_gpu(monkeypatch, 4, *overrides)
+    assert "\n" not in str(err.value)
 
 
 def test_unmappable_features_are_refused():
@@ -196,6 +355,7 @@ def test_convert_cli_round_trip(tmp_path):
     p = run("moeflow-to-megatron", str(src), str(tmp_path / "meg"), "--layout", "grouped")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "7"
+    assert mck.load_megatron(tmp_path / "meg")[1]["megatron_router_config"] == mck.router_config(mc)
     p = run("megatron-to-moeflow", str(tmp_path / "meg"), str(tmp_path / "back"), "--n-heads", "4", "--top-k", "2")
     assert p.returncode == 0, p.stderr
     out = ckpt.find_checkpoint(tmp_path / "back")

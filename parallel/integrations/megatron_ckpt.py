@@ -23,6 +23,11 @@ model built from its local or Transformer-Engine layer specs:
 A megatron model built with `megatron_core.gpt_layer_specs` (moeflow's MoE inside
 megatron) keeps moeflow's own MoE names under `mlp.moe.`; `native=False` maps that.
 
+The router: `router_config(mc)` gives the TransformerConfig fields (moe_router_*,
+moe_expert_capacity_factor, ...) under which megatron-core's TopKRouter routes like
+moeflow's `topk` gate, and refuses, naming the option, what it cannot reproduce. The
+aux-loss-free expert bias travels as `mlp.router.expert_bias`.
+
 Files: megatron's torch-format checkpoints (`<dir>/iter_0000100/mp_rank_00/model_optim_rng.pt`
 holding {"model": state_dict, "iteration", "checkpoint_version"} and
 `latest_checkpointed_iteration.txt`), one tensor/pipeline/expert-parallel rank; merge
@@ -66,6 +71,65 @@ def check_mappable(mc: ModelConfig, state: dict | None = None) -> None:
         raise ConversionError(f"{', '.join(unsupported)} have no megatron-core mapping in moeflow yet; convert a model without them")
 
 
+def _topk_gate_options(mc: ModelConfig) -> dict:
+    import inspect
+
+    from moeflow.moe.gates.topk import TopKGate
+
+    defaults = {n: p.default for n, p in inspect.signature(TopKGate.__init__).parameters.items() if p.default is not p.empty}
+    return {**defaults, **{k: v for k, v in mc.gate.items() if k != "name"}}
+
+
+def router_config(mc: ModelConfig) -> dict:
+    """megatron-core TransformerConfig router fields that reproduce moeflow's `topk` gate.
+
+    Routing (which experts, which weights) is the same in one process; the loss definitions
+    (Switch, sequence-wise, z-loss) are the same formulas, but megatron counts tokens over
+    the local micro-batch where moeflow counts the data-parallel batch (capacity and aux losses).
+    Options megatron's router cannot reproduce raise ConversionError naming the option.
+    """
+    if mc.gate.get("name") != "topk":
+        raise ConversionError(f"gate={mc.gate.get('name')!r} has no megatron-core equivalent (its router is top-k); export with the moeflow MoE layer inside megatron (native=False)")
+    g = _topk_gate_options(mc)
+    K, E = mc.top_k, mc.num_experts
+    sigmoid = g["score_func"] == "sigmoid"
+    # moeflow weights are the raw scores unless renormalised; megatron renormalises sigmoid
+    # scores iff top_k > 1, and softmax ones unless moe_router_pre_softmax.
+    raw_weights = not g["renormalize"] and not g["topk_before_softmax"]
+    if g["noise_std"] > 0:
+        raise ConversionError("gate.noise_std (Gaussian logit noise) has no megatron-core router option; export with gate.noise_std=0")
+    if sigmoid and raw_weights != (K == 1):
+        raise ConversionError(f"gate.renormalize={g['renormalize']} with gate.score_func=sigmoid and top_k={K}: megatron-core renormalises sigmoid weights exactly when top_k > 1; set gate.renormalize={K > 1}")
+    if not sigmoid and K == 1 and not raw_weights:
+        raise ConversionError("gate.renormalize=true (or topk_before_softmax) with top_k=1: megatron-core needs moe_router_pre_softmax for top-1, weighting by the softmax probability; set gate.renormalize=false")
+    if g["bias_update_rate"] > 0 and not sigmoid:
+        raise ConversionError("gate.bias_update_rate with gate.score_func=softmax: megatron-core's expert bias only works with sigmoid scores; use gate.score_func=sigmoid or gate.bias_update_rate=0")
+    out = {"moe_router_topk": K, "moe_router_score_function": g["score_func"], "moe_router_pre_softmax": not sigmoid and raw_weights}
+    if g["n_groups"] is not None:
+        per_group = E // g["n_groups"]
+        if K % g["topk_groups"] or K // g["topk_groups"] != min(2, per_group):
+            raise ConversionError(f"gate.n_groups/topk_groups: moeflow ranks groups by their best {min(2, per_group)} scores, megatron-core by their best top_k/topk_groups={K // g['topk_groups']}; pick topk_groups = top_k / {min(2, per_group)}")
+        if not sigmoid and not g["topk_before_softmax"] and g["renormalize"]:
+            raise ConversionError("gate.n_groups with softmax scores and gate.renormalize=true: moeflow ranks groups on softmax scores, megatron-core on logits unless moe_router_pre_softmax (which does not renormalise); set gate.topk_before_softmax=true or gate.renormalize=false")
+        out.update(moe_router_num_groups=g["n_groups"], moe_router_group_topk=g["topk_groups"])
+    if not g["dropless"]:
+        if g["drop_policy"] != "score":
+            raise ConversionError("gate.drop_policy=position: megatron-core's position policy keeps an arbitrary capacity of each expert's tokens, not GShard's order; use gate.drop_policy=score")
+        if not raw_weights:
+            raise ConversionError("gate.capacity_factor with renormalised weights: megatron-core drops by renormalised weight, moeflow by router score; set gate.renormalize=false (and topk_before_softmax=false) or gate.dropless=true")
+        out.update(moe_expert_capacity_factor=float(g["capacity_factor"]), moe_token_drop_policy="probs", moe_pad_expert_input_to_capacity=False)
+    losses = [(t, float(g[k])) for t, k in (("aux_loss", "aux_loss_coef"), ("seq_aux_loss", "seq_aux_loss_coef")) if g[k] > 0]
+    types, coeffs = [t for t, _ in losses] or ["none"], [c for _, c in losses] or [0.0]
+    out.update(moe_router_load_balancing_type=types[0] if len(types) == 1 else types, moe_aux_loss_coeff=coeffs[0] if len(coeffs) == 1 else coeffs)
+    if g["z_loss_coef"] > 0:
+        out["moe_z_loss_coeff"] = float(g["z_loss_coef"])
+    if g["jitter_eps"] > 0:
+        out["moe_input_jitter_eps"] = float(g["jitter_eps"])
+    if g["bias_update_rate"] > 0:
+        out.update(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=float(g["bias_update_rate"]))
+    return out
+
+
 def _fc1(w1_FD: torch.Tensor, w3_FD: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([w1_FD, w3_FD]) if w3_FD is not None else w1_FD
 
@@ -78,8 +142,8 @@ def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "
     """moeflow Transformer state_dict -> megatron-core GPTModel state_dict (tensors only)."""
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown experts layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    if native and mc.gate.get("name") != "topk":
-        raise ConversionError(f"gate={mc.gate.get('name')!r} has no megatron-core equivalent (its router is a top-k softmax); export with the moeflow MoE layer inside megatron (native=False)")
+    if native:
+        router_config(mc)  # refuses gate options megatron-core's router cannot reproduce
     check_mappable(mc, state)
     glu = mc.activation == "swiglu"
     out = {"embedding.word_embeddings.weight": state["embed.weight"], "decoder.final_layernorm.weight": state["norm.weight"]}
@@ -101,6 +165,8 @@ def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "
                     out[m + "mlp.moe." + k[len(s + "ffn."):]] = v
             continue
         out[m + "mlp.router.weight"] = state[s + "ffn.gate.proj.weight"]
+        if s + "ffn.gate.expert_bias_E" in state:  # aux-loss-free balancing (megatron keeps it in float32)
+            out[m + "mlp.router.expert_bias"] = state[s + "ffn.gate.expert_bias_E"].float()
         w1, w2 = state[s + "ffn.experts.w1_EDF"], state[s + "ffn.experts.w2_EFD"]
         w3 = state.get(s + "ffn.experts.w3_EDF")
         E = w1.shape[0]
@@ -171,6 +237,9 @@ def from_megatron(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, 
                     out[s + "ffn." + k[len(m + "mlp.moe."):]] = v
             continue
         out[s + "ffn.gate.proj.weight"] = _get(state, m + "mlp.router.weight")
+        if m + "mlp.router.expert_bias" in state:  # the load accumulated since the last step is not saved by megatron
+            out[s + "ffn.gate.expert_bias_E"] = state[m + "mlp.router.expert_bias"]
+            out[s + "ffn.gate.load_accum_E"] = torch.zeros_like(state[m + "mlp.router.expert_bias"])
         E = mc.num_experts
         if layout == "grouped":
             w13_EDF = _get(state, m + "mlp.experts.weight1").contiguous().view(E, D, -1)

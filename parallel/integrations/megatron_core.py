@@ -7,6 +7,15 @@ loss with megatron's own `MoEAuxLossAutoScaler`, so megatron's schedules backpro
 it (no change to the loss function). Process groups come from megatron-core's
 `parallel_state` (`MegatronGroups`).
 
+Expert parallelism: with `expert_model_parallel_size > 1` each MoeflowMoE keeps its EP
+rank's experts and sends tokens over parallel_state's expert group with moeflow's
+`shard_experts` + `AllToAllDispatcher` (`shard_over_expert_group`). Expert params carry
+megatron's own marker `allreduce=False`, so megatron-core's DistributedDataParallel reduces
+them over the expert-data-parallel group and its optimizer treats them as expert params;
+`data_parallel(model)` gives the same gradient sync with moeflow's `ExpertDataParallel`
+over parallel_state's groups (for a loop that keeps torch AdamW, like moeflow's). Both
+match one process on the global batch (tests/test_megatron_core.py, gloo, 2 and 4 ranks).
+
 `gpt_layer_specs(model_cfg)` gives one layer spec per block (moeflow MoE where
 `model_cfg.is_moe_block(i)`, megatron's dense MLP elsewhere), `build_gpt_model(model_cfg)`
 a `GPTModel` with moeflow's architecture (RMSNorm, interleaved rotary, no biases,
@@ -14,7 +23,8 @@ SwiGLU/GELU), whose weights map one-to-one onto a moeflow `Transformer`
 (`megatron_ckpt.py`).
 
 Where it runs: parallel_state (gloo), model construction (`use_cpu_initialization`) and
-the MoeflowMoE submodule run on CPU. The forward of megatron-core's attention
+the MoeflowMoE submodule run on CPU, expert-parallel too (megatron's DDP included once its
+grad buffers, allocated on `torch.cuda.current_device()`, are pointed at the CPU). The forward of megatron-core's attention
 (`DotProductAttention` allocates from a CUDA memory buffer) and of `GPTModel`'s rotary
 embedding (moves its frequencies to CUDA) need a GPU, so TransformerLayer/GPTModel
 forwards and `moeflow train engine=megatron` need CUDA.
@@ -50,13 +60,22 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(CPU_MESSAGE)
     if int(e.get("tensor_parallel", 1)) != 1:
         raise ConfigError(f"engine.tensor_parallel={e.tensor_parallel} is not supported with the moeflow MoE layer: its experts are not tensor-parallel sharded; use engine.tensor_parallel=1")
-    if int(cfg.parallel.get("ep", 1)) != 1:
-        raise ConfigError(f"engine=megatron with parallel.ep={cfg.parallel.ep} is not wired yet: it needs moeflow's all-to-all dispatcher (expert parallelism issue) over parallel_state's expert group; use parallel.ep=1")
+    # parallel.ep > 1 is megatron's expert_model_parallel_size; whether the layout is possible
+    # (ep divides the experts and the world) is checked by launch.config.check_parallel.
+    p = cfg.parallel
+    if int(p.get("overlap_chunks", 1)) != 1 or bool(p.get("overlap_shared", False)):
+        raise ConfigError("parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch")
 
 
 @dataclass
 class MegatronGroups:
-    """The process groups moeflow needs, from megatron-core's parallel_state."""
+    """The process groups moeflow needs, from megatron-core's parallel_state.
+
+    tp: tensor parallel; dp: data parallel with context parallel (every rank holding a
+    replica of the dense weights: gates count tokens over it); ep: expert model parallel
+    (experts are sharded over it, tokens travel over it); expert_dp: expert data parallel
+    (ranks holding the same expert shard: expert gradients are reduced over it).
+    """
 
     tp: object
     dp: object
@@ -69,12 +88,72 @@ class MegatronGroups:
 
         if not ps.model_parallel_is_initialized():
             raise RuntimeError("megatron-core's parallel_state is not initialized; call parallel_state.initialize_model_parallel(...) first")
-        return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(),
+        return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(with_context_parallel=True),
                    ep=ps.get_expert_model_parallel_group(), expert_dp=ps.get_expert_data_parallel_group())
 
     @staticmethod
     def size(group) -> int:
         return torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
+
+    def expert_layout(self) -> "MegatronExpertLayout":
+        return MegatronExpertLayout(ep_group=self.ep, edp_group=self.expert_dp, ep=self.size(self.ep), dp=self.size(self.expert_dp),
+                                    ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0)
+
+
+@dataclass
+class MegatronExpertLayout:
+    """parallel_state's groups seen through moeflow's `ParallelLayout` interface, so that
+    `ExpertDataParallel` (gradient sync, clipping, routing stats) runs on megatron's groups.
+    `dp` is the number of replicas of one expert shard (the expert-data-parallel size)."""
+
+    ep_group: object
+    edp_group: object
+    ep: int
+    dp: int
+    ep_rank: int
+
+    @property
+    def world_size(self) -> int:
+        return self.ep * self.dp
+
+
+def data_parallel(model: torch.nn.Module, **ddp_kwargs):
+    """moeflow's `ExpertDataParallel` over parallel_state's groups: dense grads averaged over the
+    data-parallel group by torch DDP, expert shards summed over the expert-data-parallel group and
+    divided by the data-parallel size in `finish_grad_sync()` (megatron DDP's 1/dp scaling)."""
+    from moeflow.parallel.expert_parallel import ExpertDataParallel
+
+    groups = MegatronGroups.from_parallel_state()
+    return ExpertDataParallel(model, groups.expert_layout(), process_group=groups.dp, **ddp_kwargs)
+
+
+def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
+    """Expert parallelism for one moeflow MoELayer over parallel_state's groups.
+
+    - EP > 1: keep this EP rank's experts (`shard_experts`: experts [r*L, (r+1)*L), megatron's
+      own placement) and send tokens over the EP group (`AllToAllDispatcher`);
+    - the gate counts tokens (load, aux losses, capacity) over the data-parallel group, i.e.
+      the global batch, as engine=torch does over the world;
+    - expert params get megatron's marker `allreduce = not expert_parallel` (what its
+      ColumnParallelLinear/GroupedMLP set): megatron's DistributedDataParallel puts
+      `allreduce=False` params in its expert buffers, reduced over the expert-data-parallel
+      group with the same 1/dp scaling as dense grads, and its optimizer keeps them in the
+      expert optimizer. `moe_expert`/`ep_size` serve moeflow's own optimizer groups.
+    """
+    from moeflow.parallel.all_to_all import AllToAllDispatcher
+    from moeflow.parallel.expert_parallel import shard_experts
+
+    ep = MegatronGroups.size(groups.ep)
+    if ep > 1:
+        if moe.experts.num_experts % ep:
+            raise ValueError(f"expert_model_parallel_size={ep} does not divide model.num_experts={moe.experts.num_experts}; pick an EP size that divides the experts")
+        shard_experts(moe, torch.distributed.get_rank(groups.ep), ep)
+        moe.dispatcher = AllToAllDispatcher(groups.ep, ep, moe.experts.num_experts)
+    if MegatronGroups.size(groups.dp) > 1:
+        moe.gate.token_group = groups.dp
+    for p in moe.experts.parameters():
+        p.moe_expert, p.ep_size = True, ep
+        p.allreduce = ep == 1
 
 
 def _define_moeflow_moe():
@@ -92,14 +171,9 @@ def _define_moeflow_moe():
             self.groups = MegatronGroups.from_parallel_state()
             if MegatronGroups.size(self.groups.tp) != 1:
                 raise ValueError("the moeflow MoE layer needs tensor_model_parallel_size=1 (its experts are not TP-sharded)")
-            if MegatronGroups.size(self.groups.ep) != 1:
-                raise NotImplementedError("expert_model_parallel_size>1 needs moeflow's all-to-all dispatcher over parallel_state's expert group (expert parallelism issue)")
             self.moe = build_moe_layer(mc)
-            if MegatronGroups.size(self.groups.dp) > 1:  # routing statistics over the global batch, like engine=torch
-                self.moe.gate.token_group = self.groups.dp
-            for p in self.moe.experts.parameters():  # grads reduce over the expert-data-parallel group
-                p.moe_expert = True
-                p.allreduce = False  # megatron-core's DDP/optimizer convention for expert params
+            shard_over_expert_group(self.moe, self.groups)
+
 
         def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_unused):
             y = self.moe(hidden_states)
@@ -171,6 +245,9 @@ def build_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", bf16: 
     model = GPTModel(config, gpt_layer_specs(mc), vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len,
                      position_embedding_type="rope", rotary_base=int(mc.rope_theta),
                      share_embeddings_and_output_weights=mc.tie_embeddings)
+    groups = MegatronGroups.from_parallel_state()
+    if MegatronGroups.size(groups.ep) > 1:  # moeflow.parallel.sharded_state gathers/reslices expert shards over it
+        model._moeflow_ep_group = groups.ep
     return model.to(device)
 
 
@@ -196,15 +273,17 @@ def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda",
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from .megatron_ckpt import router_config
+
     device = torch.device(device)
     base = transformer_config(mc, cpu_init=device.type == "cpu")
     shared = (mc.dense_d_ff or mc.d_ff * mc.top_k) * mc.shared_experts
     config = dataclasses.replace(
-        base, num_moe_experts=mc.num_experts, moe_ffn_hidden_size=mc.d_ff, moe_router_topk=mc.top_k,
+        base, num_moe_experts=mc.num_experts, moe_ffn_hidden_size=mc.d_ff,
         moe_layer_freq=[1 if mc.is_moe_block(i) else 0 for i in range(mc.n_layers)],
-        moe_shared_expert_intermediate_size=shared or None, moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=float(mc.gate.get("aux_loss_coef", 0.0)), moe_token_dispatcher_type=dispatcher,
+        moe_shared_expert_intermediate_size=shared or None, moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=layout != "sequential", moe_use_legacy_grouped_gemm=layout == "grouped",
+        **router_config(mc),
     )
     _patch_router_without_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=layout == "te_grouped", normalization="RMSNorm")
