@@ -126,7 +126,7 @@ def breakdown(T, d, f, E, k, warmup, rep):
         ("fwd up (gather, x@W1,x@W3, SwiGLU)", lambda: gg.up(x, tok, w1, w3, counts, A, True), 2 * gemm),
         ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, plan.weight_A, pos), gemm),
         ("fwd segsum (A->T rows)", lambda: gg.segsum(ys, offs, T), 0),
-        ("bwd down_bwd (dy@W2^T, act bwd)", lambda: gg.down_bwd(dy, tok, w2, h1, h3, plan.weight_A, counts, True), gemm),
+        ("bwd dG=dy@W2^T GEMM + act bwd", lambda: gg.down_bwd(dy, tok, w2, h1, h3, plan.weight_A, counts, True), gemm),
         ("bwd dW2 ((w*g)^T@dy)", lambda: gg.wgrad(g2, None, dy, None, tok, None, counts), gemm),
         ("bwd dX (dh1@W1^T+dh3@W3^T, scatter)", lambda: gg.grad_input(dh1, w1, dh3, w3, counts, pos), 2 * gemm),
         ("bwd dW1,dW3 (x^T@dh)", lambda: gg.wgrad(x, tok, dh1, dh3, None, None, counts), 2 * gemm),

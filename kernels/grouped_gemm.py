@@ -7,9 +7,9 @@ counts_E on the device (`_tile_of`), so one launch covers all experts and needs 
 Kernels (all write every output element exactly once; no atomics, so results are
 bit-deterministic for fixed inputs):
 - `up`:       h = x[gather] @ W1[e] (and W3[e]); g = act(h) fused in the epilogue.
-- `gmm`:      out[scatter] = scale * sum_p A_p @ B_p[e]  (down projection; dX of the up GEMM).
-- `down_bwd`: dG = dy[gather] @ W2[e]^T, fused with the activation's backward and the
-              gate-weight gradient's partial row sums.
+- `gmm`:      out[scatter] = scale * sum_p A_p[gather] @ B_p[e]  (down projection; dX of the
+              up GEMM; dG = dy[token] @ W2[e]^T of the down GEMM).
+- `act_bwd`:  the activation's backward over dG, h1, h3, and the gate-weight gradient.
 - `wgrad`:    dW[e] = A[gather]^T @ (scale * B[gather]) over expert e's rows.
 - `segsum`:   y_T[t] = sum of the rows of token t (the deterministic half of un-permute).
 
@@ -37,9 +37,6 @@ def _configs(shapes):
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
 _UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
 _GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 4)]
-# down_bwd's activation-backward epilogue keeps ~4 fp32 tiles live: 128x128 tiles spill to local
-# memory (1.4 KB/thread, read from the sm_90 cubin), 128x64 / 64x128 at 8 warps do not.
-_DOWN_BWD_SHAPES = [(128, 64, 64, 8, 4), (128, 64, 128, 8, 3), (64, 128, 64, 8, 4), (64, 128, 128, 8, 3)]
 # Row-gathered operands get one shared-memory buffer fewer than num_stages asks for (the
 # index load takes a pipeline stage), hence the deeper candidates.
 _WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 256, 64, 8, 4), (128, 128, 32, 8, 6)]
@@ -175,14 +172,14 @@ def _up_kernel(
 
 
 # ----------------------------------------------------------------------------- gmm
-@triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "M_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
+@triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _gmm_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, scale_ptr, scatter_ptr, counts_ptr,
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, scale_ptr, gather_ptr, scatter_ptr, counts_ptr,
     E, N, K, A_ROWS, M_BUCKET,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om,
-    TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SCATTER: tl.constexpr, E_POW2: tl.constexpr,
+    TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -193,10 +190,14 @@ def _gmm_kernel(
         rows = row0 + tl.arange(0, BLOCK_M)
         mask_m = rows < row_end
         rows64 = rows.to(tl.int64)
+        if HAS_GATHER:
+            src = tl.load(gather_ptr + rows, mask=mask_m, other=0).to(tl.int64)
+        else:
+            src = rows64
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        a_off = rows64[:, None] * stride_am + offs_k[None, :] * stride_ak
+        a_off = src[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         a1_ptrs = a1_ptr + a_off
         b1_ptrs = b1_ptr + b_off
@@ -235,77 +236,51 @@ def _gmm_kernel(
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
-# ----------------------------------------------------------------------------- down backward
-@triton.autotune(configs=_configs(_DOWN_BWD_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"],
-                 reset_to_zero=["dscale_ptr"], restore_value=["h1_ptr", "h3_ptr"])
-@triton.heuristics({"EVEN_K": _even_k})
+# ----------------------------------------------------------------------------- activation backward
 @triton.jit
-def _down_bwd_kernel(
-    dy_ptr, idx_ptr, w2_ptr, h1_ptr, h3_ptr, scale_ptr, dh1_ptr, dh3_ptr, g_ptr, dscale_ptr, counts_ptr,
-    E, N, K, A_ROWS, M_BUCKET, DS_STRIDE,
-    stride_dym, stride_dyk, stride_we, stride_wk, stride_wn,
-    HAS_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, SWIGLU: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+def _act_bwd_kernel(
+    dg_ptr, h1_ptr, h3_ptr, scale_ptr, gw_ptr, dh1_ptr, dh3_ptr, dscale_ptr, R, F,
+    SWIGLU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    """dG = dy[gather] @ W2[e]^T (N = F, K = D), then the activation's backward in the epilogue.
+    """From dG = dL/d(scale * g) (unscaled by the gate weight): dh1, dh3, scale * g and dL/dscale.
 
-    Also writes scale * g, g = act(h) (dW2's input, pre-scaled so dW2 needs no scale) and,
-    for gate weights, the partial row sums <dG_unscaled, g> per column block (summed by the
-    launcher afterwards: deterministic).
+    One program owns BLOCK_R whole rows, so the gate-weight gradient <dG, g> of each row is
+    summed in one place, in column order: deterministic. Outputs may alias inputs
+    (gw over dG, dh1 over h1, dh3 over h3): every tile is read before it is written.
     """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, tl.cdiv(A_ROWS, BLOCK_M) + E, num_n, GROUP_M)
-    e, row0, row_end, valid = _tile_of(pid_m, counts_ptr, E, BLOCK_M, E_POW2)
-    if valid:
-        rows = row0 + tl.arange(0, BLOCK_M)
-        mask_m = rows < row_end
-        rows64 = rows.to(tl.int64)
-        if HAS_GATHER:
-            src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-        else:
-            src = rows64
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = dy_ptr + src[:, None] * stride_dym + offs_k[None, :] * stride_dyk
-        b_ptrs = w2_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mk = offs_k < K - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * stride_dyk
-            b_ptrs += BLOCK_K * stride_wk
-        mask = mask_m[:, None] & mask_n[None, :]
-        h_off = rows64[:, None] * N + offs_n[None, :]
-        # Ordered so that at most four fp32 tiles are live (acc + three): more spills to local memory.
-        h1 = tl.load(h1_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = rows < R
+    rows64 = rows.to(tl.int64)
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
+    dsum = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        cols = f0 + tl.arange(0, BLOCK_F)
+        mask = mask_r[:, None] & (cols < F)[None, :]
+        off = rows64[:, None] * F + cols[None, :]
+        dg = tl.load(dg_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        h1 = tl.load(h1_ptr + off, mask=mask, other=0.0).to(tl.float32)
         if SWIGLU:
+            h3 = tl.load(h3_ptr + off, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(h1)
             act = h1 * sig
             dact = sig + act * (1.0 - sig)  # d silu(h1) / d h1
-            h3 = tl.load(h3_ptr + h_off, mask=mask, other=0.0).to(tl.float32)
             g = act * h3
         else:
             g = _gelu_tanh(h1)
             dact = _gelu_tanh_grad(h1)
         if HAS_SCALE:
-            tl.store(dscale_ptr + rows64 * DS_STRIDE + pid_n, tl.sum(acc * g, 1), mask=mask_m)
-            s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
-            acc = acc * s[:, None]
+            dsum += tl.sum(dg * g, 1)
+            dg = dg * s[:, None]
             g = g * s[:, None]  # dW2 then needs no scale: dW2 = (s * g)^T @ dy
-        tl.store(g_ptr + h_off, g.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(gw_ptr + off, g.to(gw_ptr.dtype.element_ty), mask=mask)
         if SWIGLU:
-            tl.store(dh3_ptr + h_off, (acc * act).to(dh3_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh1_ptr + h_off, (acc * h3 * dact).to(dh1_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh3_ptr + off, (dg * act).to(dh3_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh1_ptr + off, (dg * h3 * dact).to(dh1_ptr.dtype.element_ty), mask=mask)
         else:
-            tl.store(dh1_ptr + h_off, (acc * dact).to(dh1_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh1_ptr + off, (dg * dact).to(dh1_ptr.dtype.element_ty), mask=mask)
+    if HAS_SCALE:
+        tl.store(dscale_ptr + rows, dsum, mask=mask_r)
 
 
 # ----------------------------------------------------------------------------- weight gradient
@@ -423,17 +398,19 @@ def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
 
 
 def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K: int,
-                stride_be: int, stride_bk: int, stride_bn: int):
+                stride_be: int, stride_bk: int, stride_bn: int, gather=None):
     E = counts_E.shape[0]
     if a2 is not None:
         assert a2.stride() == a1.stride()
     grid = lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gmm_kernel[grid](
         a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1, out,
-        scale if scale is not None else counts_E, scatter if scatter is not None else counts_E, counts_E,
+        scale if scale is not None else counts_E, gather if gather is not None else counts_E,
+        scatter if scatter is not None else counts_E, counts_E,
         E, N, K, A, _m_bucket(A),
         a1.stride(0), a1.stride(1), stride_be, stride_bk, stride_bn, out.stride(0),
-        TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_SCATTER=scatter is not None, E_POW2=_e_pow2(E),
+        TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_GATHER=gather is not None, HAS_SCATTER=scatter is not None,
+        E_POW2=_e_pow2(E),
     )
 
 
@@ -462,30 +439,28 @@ def grad_input(dh1, w1, dh3, w3, counts_E, scatter_A=None):
 def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place: bool = False):
     """dh1, dh3 (SwiGLU), scale_A * g and the gate-weight grad (None without scale) from dy.
 
-    `in_place`: dh1/dh3 overwrite h1/h3 (each program reads its h tile before writing the
-    same tile), saving 2*A*F elements of peak memory when h is dead afterwards.
+    Two launches: dG = dy[gather] @ W2[e]^T (the grouped GEMM at full speed), then the
+    activation backward over dG, h1, h3. Fusing the second into the GEMM's epilogue was
+    tried first: its extra live tiles spilled or forced narrow tiles, and it ran at half
+    the GEMM's rate (bench/RESULTS.md). `in_place`: dh1/dh3 overwrite h1/h3, saving
+    2*A*F elements of peak memory when h is dead afterwards.
     """
-    A, N = h1.shape  # N = F
-    E, _, K = w2.shape  # K = D
-    dh1 = h1 if in_place else h1.new_empty(A, N)
-    dh3 = (h3 if in_place else h1.new_empty(A, N)) if swiglu else dh1
-    g = h1.new_empty(A, N)
-    dscale = None
+    A, F = h1.shape
+    E, _, D = w2.shape
+    dg = h1.new_empty(A, F)  # becomes scale * g in place
+    dh1 = h1 if in_place else h1.new_empty(A, F)
+    dh3 = (h3 if in_place else h1.new_empty(A, F)) if swiglu else dh1
     if A == 0:
-        return dh1, dh3, g, (h1.new_zeros(0, dtype=torch.float32) if scale_A is not None else None)
-    # the gate grad's partial sums need one slot per column block of the smallest BLOCK_N
-    nblk = triton.cdiv(N, 16 if INTERPRET else 64)
-    if scale_A is not None:
-        dscale = torch.zeros(A, nblk, device=h1.device, dtype=torch.float32)
-    _down_bwd_kernel[lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
-        dy, gather_A if gather_A is not None else counts_E, w2, h1, h3 if swiglu else h1,
-        scale_A if scale_A is not None else counts_E, dh1, dh3, g,
-        dscale if dscale is not None else g, counts_E,
-        E, N, K, A, _m_bucket(A), nblk,
-        dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(2), w2.stride(1),
-        HAS_GATHER=gather_A is not None, HAS_SCALE=scale_A is not None, SWIGLU=swiglu, E_POW2=_e_pow2(E),
+        return dh1, dh3, dg, (h1.new_zeros(0, dtype=torch.float32) if scale_A is not None else None)
+    _launch_gmm(dy, w2, None, None, dg, None, None, counts_E, A, F, D, w2.stride(0), w2.stride(2), w2.stride(1), gather=gather_A)
+    dscale = torch.empty(A, device=h1.device, dtype=torch.float32) if scale_A is not None else None
+    block_r, block_f = (16, 16) if INTERPRET else (8, 256)
+    _act_bwd_kernel[(triton.cdiv(A, block_r),)](
+        dg, h1, h3 if swiglu else h1, scale_A if scale_A is not None else dg, dg, dh1, dh3,
+        dscale if dscale is not None else dg, A, F,
+        SWIGLU=swiglu, HAS_SCALE=scale_A is not None, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4,
     )
-    return dh1, dh3, g, (dscale.sum(1) if dscale is not None else None)
+    return dh1, dh3, dg, dscale
 
 
 def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
