@@ -144,6 +144,48 @@ def test_bf16_single_process(tmp_path):
     assert '"param_dtype": "torch.bfloat16"' in (tmp_path / "bf16" / "train.log").read_text()
 
 
+PREEMPTED_RUN = """
+import json, os, signal, sys
+from pathlib import Path
+from hydra import compose, initialize_config_module
+from moeflow.launch import run_hooks
+from moeflow.launch.train import train
+
+reported = []
+def report(step, metrics, path):  # what the Ray Train worker registers; here it also "preempts" at step 2
+    reported.append([step, str(path)])
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm's --signal=B:USR1 delivers
+run_hooks.set_checkpoint_reporter(report)
+with initialize_config_module(config_module="moeflow.configs", version_base=None):
+    cfg = compose(config_name="train", overrides=sys.argv[2:])
+print("RESULT " + json.dumps({"result": train(cfg, Path(sys.argv[1])), "reported": reported}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine, ckpt_dir", [("torch", "checkpoints"), ("deepspeed", "checkpoints/deepspeed")])
+def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
+    """Every engine runs the same loop: SIGUSR1 -> checkpoint + stop; checkpoints reported to Ray; resume=auto."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, f"engine={engine}", f"trainer.steps={STEPS}", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "MOEFLOW_PREEMPTIBLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(*extra):
+        p = subprocess.run([sys.executable, "-c", PREEMPTED_RUN, str(run_dir), *overrides, *extra], capture_output=True, text=True, timeout=240, env=env)
+        assert p.returncode == 0, p.stderr[-4000:]
+        return json.loads(p.stdout.split("RESULT ")[-1]), p.stderr
+
+    first, log = run()
+    assert first["result"]["preempted"] and first["result"]["step"] == 2
+    assert first["reported"] == [[2, str(run_dir / ckpt_dir / "step_00000002")]]  # the engine's own checkpoint dir
+    assert "SIGUSR1 at step 2: checkpoint saved" in log
+    assert (run_dir / ckpt_dir / "step_00000002" / "meta.json").exists()
+    second, _ = run("resume=auto")
+    assert second["result"]["start_step"] == 2 and second["result"]["step"] == STEPS and "preempted" not in second["result"]
+    assert second["reported"] == [[4, str(run_dir / ckpt_dir / "step_00000004")]]
+
+
 # ---- config generation and bad input (no processes) ---------------------------------------
 
 def compose(*overrides: str):
