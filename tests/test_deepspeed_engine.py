@@ -186,6 +186,29 @@ def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
     assert second["reported"] == [[4, str(run_dir / ckpt_dir / "step_00000004")]]
 
 
+@pytest.mark.slow
+def test_resume_with_other_attention_shape_fails_in_one_line(tmp_path):
+    """A Llama-family shape field (n_kv_heads) that differs from the DeepSpeed checkpoint's is refused before loading."""
+    run_dir = tmp_path / "run"
+    cli = [sys.executable, "-m", "moeflow.launch.cli", "train", *TINY, "engine=deepspeed", "trainer.steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    assert subprocess.run(cli, capture_output=True, text=True, timeout=240, env=env).returncode == 0
+    p = subprocess.run([*cli, "model.n_kv_heads=2", "trainer.steps=2", "resume=auto"], capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0, p.stderr
+    assert p.stderr.startswith("moeflow train: error: checkpoint ") and "n_kv_heads: checkpoint None vs run 2" in p.stderr
+
+
+def test_shape_keys_cover_the_llama_family_fields():
+    from moeflow.launch.checkpoint import SHAPE_KEYS, model_shape_diffs
+
+    assert {"n_kv_heads", "head_dim", "attn_bias", "qk_norm", "d_model", "num_experts"} <= set(SHAPE_KEYS)
+    assert not {"top_k", "max_seq_len", "rope_theta", "gate", "experts_impl"} & set(SHAPE_KEYS)
+    old = {"d_model": 64, "n_heads": 4}  # a config saved before the Llama-family fields existed: their defaults apply
+    assert model_shape_diffs(old, {"d_model": 64, "n_heads": 4, "qk_norm": False}) == []
+    assert model_shape_diffs(old, {"d_model": 64, "n_heads": 4, "qk_norm": True}) == ["qk_norm: checkpoint False vs run True"]
+
+
 # ---- config generation and bad input (no processes) ---------------------------------------
 
 def compose(*overrides: str):
