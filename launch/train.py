@@ -121,6 +121,11 @@ def clip_and_step(opt, sched, grad_norm_and_clip) -> float:
     return grad_norm
 
 
+def grad_sync(ddp, last: bool):
+    """DDP all-reduces gradients on the last micro-batch of a step only (`no_sync` before it)."""
+    return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
+
+
 class TorchEngine:
     """engine=torch, the reference step: autocast forward, backward, clip, AdamW, schedule.
 
@@ -153,8 +158,7 @@ class TorchEngine:
                 f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
 
     def forward_backward(self, x, y, last: bool):
-        sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-        with sync:
+        with grad_sync(self.ddp, last):
             with self.autocast():
                 loss = lm_loss(self.fwd(x), y)
                 aux = self.model.aux_loss().to(loss.device)

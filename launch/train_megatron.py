@@ -13,7 +13,6 @@ them (with fresh AdamW moments) and `moeflow convert` exports them. Needs CUDA: 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from moeflow.parallel.integrations import megatron_ckpt as mck, torch_engine_opt
 from moeflow.parallel.integrations import megatron_core as mcore
 
 from . import checkpoint as ckpt
-from .train import build_scheduler, clip_and_step, lm_loss
+from .train import build_scheduler, clip_and_step, grad_sync, lm_loss
 
 log = logging.getLogger("moeflow.train")
 
@@ -67,8 +66,7 @@ class MegatronEngine:
                 f"{sum(p.numel() for p in self.gpt.parameters()) / 1e6:.2f}M parameters, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
 
     def forward_backward(self, x, y, last: bool):
-        sync = contextlib.nullcontext() if (self.ddp is None or last) else self.ddp.no_sync()
-        with sync:
+        with grad_sync(self.ddp, last):
             with self.autocast():
                 loss = lm_loss((self.ddp or self.model)(x), y)
             (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
