@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeflow.moe.model import ModelConfig
+
 CKPT_DIR = "checkpoints"
 PREFIX = "step_"
 
@@ -118,12 +120,18 @@ def load_trainer_state(ckpt: Path) -> dict:
         raise CheckpointError(f"checkpoint {ckpt} has a corrupt trainer_state.pt ({e}); delete it or resume from an earlier checkpoint") from None
 
 
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dense_d_ff", "num_experts", "moe_every", "shared_experts", "activation", "tie_embeddings")
+SHAPE_KEYS = tuple(ModelConfig.shape_keys())  # the fields moe/model.py marks with shape_field
 
 
 def model_shape_diffs(saved_model_cfg: dict, model_cfg: dict) -> list[str]:
-    """The model-config keys that change parameter shapes and differ, as 'key: checkpoint X vs run Y'."""
-    return [f"{k}: checkpoint {saved_model_cfg.get(k)!r} vs run {model_cfg.get(k)!r}" for k in SHAPE_KEYS if saved_model_cfg.get(k) != model_cfg.get(k)]
+    """The model-config keys that change parameter shapes and differ, as 'key: checkpoint X vs run Y'.
+
+    A key missing from a config (saved before that field existed) counts as its default.
+    """
+    defaults = ModelConfig.shape_keys()
+    saved = {k: saved_model_cfg.get(k, d) for k, d in defaults.items()}
+    run = {k: model_cfg.get(k, d) for k, d in defaults.items()}
+    return [f"{k}: checkpoint {saved[k]!r} vs run {run[k]!r}" for k in SHAPE_KEYS if saved[k] != run[k]]
 
 
 def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: dict, model_state: dict, model: torch.nn.Module) -> None:

@@ -21,8 +21,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-
 log = logging.getLogger("moeflow.launch")
 
 # (step, metrics, checkpoint dir or None) -> None; set by the Ray Train worker.
@@ -58,10 +56,10 @@ class RunHooks:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def on_checkpoint(self, step: int, metrics: dict) -> None:
+    def on_checkpoint(self, step: int, metrics: dict, path: Path | None) -> None:
+        """After every rank saved checkpoint `path` (the engine's dir; None on ranks that wrote none)."""
         if _reporter is not None:
-            path = self.run_dir / ckpt.CKPT_DIR / f"{ckpt.PREFIX}{step:08d}" if self.env.is_main else None
-            _reporter(step, metrics, path)
+            _reporter(step, metrics, path if self.env.is_main else None)
 
     def on_preempted(self, step: int) -> None:
         """Called after the preemption checkpoint: requeue the Slurm job, then the loop ends."""

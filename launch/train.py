@@ -1,9 +1,12 @@
-"""`moeflow train`: a Hydra app that trains the MoE LM.
+"""`moeflow train`: a Hydra app that trains the MoE LM, with one training loop for every engine.
 
-Reads top to bottom: validate config -> data -> model -> optimizer -> (resume) -> loop
-of {micro-batches, clip, step, log, eval, checkpoint}. Everything the run writes
-(config, train.log, TensorBoard events, routing_stats.jsonl, checkpoints) lands in
-Hydra's output dir.
+`train()` reads top to bottom: validate config -> join the process group -> data -> engine
+(model, optimizer, schedule, resume) -> loop of {micro-batches, optimizer step, log, eval,
+checkpoint, preemption check}. The engine object owns only the step: `TorchEngine` here
+(the reference), `DeepSpeedEngine` (train_deepspeed.py) and `MegatronEngine`
+(train_megatron.py); so launcher hooks (Slurm preemption, Ray Train reports), logging and
+evaluation behave the same under every engine. Everything the run writes (config,
+train.log, TensorBoard events, routing_stats.jsonl, checkpoints) lands in Hydra's output dir.
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ from tqdm import tqdm
 from moeflow.moe.model import Transformer
 from moeflow.parallel import parallelize_from_config
 from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
-from moeflow.parallel.integrations import engine_name, loop_for
+from moeflow.parallel.expert_parallel import sync_routing_stats
+from moeflow.parallel.integrations import engine_for, engine_name
 from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
 
 from . import checkpoint as ckpt
@@ -99,29 +103,103 @@ def set_gate_step(model: Transformer, step: int) -> None:
         layer.gate.set_step(step)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    if engine_name(cfg) != "torch":  # DeepSpeed / megatron-core own the step: their own loops
-        return loop_for(engine_name(cfg))(cfg, run_dir)
-    model_cfg, tc = validate(cfg)
+def start_distributed(tc, backend: str) -> tuple[DistEnv, torch.device]:
+    """Join the process group (torchrun's env, else one process) and pick this rank's device."""
     device = resolve_device(tc.device)
-    env: DistEnv = init_distributed(device.type, cfg.parallel.backend)
-    if not env.is_main:
-        logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
+    env = init_distributed(device.type, backend)
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
-    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    return env, device
+
+
+def clip_and_step(opt, sched, grad_norm_and_clip) -> float:
+    """Clip (the callable returns the pre-clip global norm), step optimizer and schedule, clear grads."""
+    grad_norm = grad_norm_and_clip().item()
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def grad_sync(ddp, last: bool):
+    """DDP all-reduces gradients on the last micro-batch of a step only (`no_sync` before it)."""
+    return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
+
+
+class TorchEngine:
+    """engine=torch, the reference step: autocast forward, backward, clip, AdamW, schedule.
+
+    Under torchrun the model is wrapped by `moeflow.parallel.parallelize` (DDP for dense
+    parameters, expert parallelism with `parallel.ep`). Every engine offers what the loop
+    in `train()` uses: `model` (the moeflow modules: gates, aux loss, routing stats),
+    `eval_model`, `autocast`, `start_step`, `describe()`, `forward_backward(x, y, last)`
+    -> (loss, aux), `optimizer_step()` -> grad norm or None, `lr()`, `save(step)` -> the
+    checkpoint dir (None on ranks that do not write one), `extra_result()`, `close()`.
+    """
+
+    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend))
+
+    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+        self.cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, env, device, run_dir, tc.grad_accum
+        self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16)  # noqa: E731
+        self.model = self.eval_model = Transformer(model_cfg).to(device)
+        # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.
+        self.ddp = parallelize_from_config(self.model, cfg.parallel, device) if env.enabled else None
+        self.opt = build_optimizer(self.model, cfg.optim)
+        self.sched = build_scheduler(self.opt, cfg.optim, tc.steps)
+        self.start_step = resume_if_asked(cfg, run_dir, self.model, self.opt, self.sched)
+        wrapped = self.ddp or self.model
+        self.fwd = torch.compile(wrapped) if tc.compile else wrapped
+
+    def describe(self) -> str:
+        m = self.model
+        return (f"model: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(active_only=True) / 1e6:.2f}M active), "
+                f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
+
+    def forward_backward(self, x, y, last: bool):
+        with grad_sync(self.ddp, last):
+            with self.autocast():
+                loss = lm_loss(self.fwd(x), y)
+                aux = self.model.aux_loss().to(loss.device)
+            ((loss + aux) / self.grad_accum).backward()
+        return loss, aux
+
+    def optimizer_step(self) -> float:
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        if self.ddp is None:
+            return clip_and_step(self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
+        return clip_and_step(self.opt, self.sched, lambda: self.ddp.clip_grad_norm_(clip))
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def save(self, step: int) -> Path | None:
+        return save(self.run_dir, step, self.model, self.opt, self.sched, self.cfg, self.env)
+
+    def extra_result(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def engine_class(name: str):
+    return TorchEngine if name == "torch" else engine_for(name)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    model_cfg, tc = validate(cfg)
+    Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
+    env, device = Engine.start(cfg, tc)
+    if not env.is_main:
+        logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
 
     torch.manual_seed(tc.seed)
     splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, tc.seed)
-
-    model = Transformer(model_cfg).to(device)
-    # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.
-    ddp_model = parallelize_from_config(model, cfg.parallel, device) if env.enabled else model
-    opt = build_optimizer(model, cfg.optim)
-    sched = build_scheduler(opt, cfg.optim, tc.steps)
-    start_step = resume_if_asked(cfg, run_dir, model, opt, sched)
-    fwd = torch.compile(ddp_model) if tc.compile else ddp_model
+    engine = Engine(cfg, model_cfg, tc, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
+    model, start_step = engine.model, engine.start_step
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
@@ -129,9 +207,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
-        log.info("model: %.2fM parameters (%.2fM active), device %s, %s, world %d", model.num_params() / 1e6, model.num_params(active_only=True) / 1e6, device, "bf16" if use_bf16 else "fp32", env.world_size)
-    if start_step == 0 and tc.eval_every > 0 and (env.is_main or env.enabled):  # every rank evaluates under parallelize
-        result["val_loss_start"] = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
+        log.info("%s", engine.describe())
+
+    def evaluate_now() -> float:  # every rank evaluates: EP all-to-alls and ZeRO-3 gathers are collective
+        return evaluate(engine.eval_model, val_data, tc.eval_batches, device, engine.autocast, 0)
+
+    if start_step == 0 and tc.eval_every > 0:
+        result["val_loss_start"] = evaluate_now()
         if env.is_main:
             writer.add_scalar("val/loss", result["val_loss_start"], 0)
             log.info("step 0: val loss %.4f", result["val_loss_start"])
@@ -144,48 +226,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
             x, y = train_data.batch(step, micro, env.rank)
-            sync = contextlib.nullcontext() if (not env.enabled or micro == tc.grad_accum - 1) else ddp_model.no_sync()
-            with sync:
-                with autocast():
-                    loss = lm_loss(fwd(x.to(device)), y.to(device))
-                    aux = model.aux_loss().to(loss.device)
-                ((loss + aux) / tc.grad_accum).backward()
+            loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == tc.grad_accum - 1)
             loss_sum += loss.item()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        if env.enabled:  # expert grads: reduce once per step; norm counts every expert shard once
-            ddp_model.finish_grad_sync()
-            grad_norm = ddp_model.clip_grad_norm_(clip).item()
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = engine.optimizer_step()
         done = step + 1
         train_loss = loss_sum / tc.grad_accum
         tokens_since += tokens_per_step
         result.update(step=done, train_loss=train_loss)
 
-        if env.enabled and (done % tc.log_every == 0 or done == tc.steps):
-            ddp_model.sync_routing_stats()  # collective: routing statistics of the global batch
-        if env.is_main and (done % tc.log_every == 0 or done == tc.steps):
+        log_now = done % tc.log_every == 0 or done == tc.steps
+        if env.enabled and log_now:
+            sync_routing_stats(model)  # collective: routing statistics of the global batch
+        if env.is_main and log_now:
             elapsed = time.perf_counter() - t_last
             tok_s = tokens_since / max(elapsed, 1e-9)
             t_last, tokens_since = time.perf_counter(), 0
-            for k, v in {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": sched.get_last_lr()[0], "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s}.items():
-                writer.add_scalar(k, v, done)
+            scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s}
+            for k, v in scalars.items():
+                if v is not None:  # DeepSpeed has no grad norm without clipping
+                    writer.add_scalar(k, v, done)
             log_routing(writer, stats_file, model, done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if (env.is_main or env.enabled) and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
-            val = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
+        if tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
+            val = evaluate_now()
             result["val_loss"] = val
             if env.is_main:
                 writer.add_scalar("val/loss", val, done)
                 log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
         if tc.ckpt_every > 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
-            save(run_dir, done, model, opt, sched, cfg, env)
-            hooks.on_checkpoint(done, result)
+            hooks.on_checkpoint(done, result, engine.save(done))
         if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
-            save(run_dir, done, model, opt, sched, cfg, env)
+            engine.save(done)
             hooks.on_preempted(done)
             result["preempted"] = True
             break
@@ -196,18 +267,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         writer.close()
     if stats_file is not None:
         stats_file.close()
+    result.update(engine.extra_result())
+    engine.close()
     shutdown_distributed()
     return result
 
 
-def save(run_dir: Path, step: int, model, opt, sched, cfg: DictConfig, env: DistEnv) -> None:
+def save(run_dir: Path, step: int, model, opt, sched, cfg: DictConfig, env: DistEnv) -> Path | None:
     model_state, opt_state = full_model_state(model), full_optimizer_state(model, opt)  # gathers expert shards (all ranks)
     if not env.is_main:
-        return
+        return None
     state = {"optimizer": opt_state, "scheduler": sched.state_dict(), "rng": ckpt.rng_state(), "step": step}
     meta = {"model": model.cfg.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
     path = ckpt.save_checkpoint(run_dir, step, model_state, state, meta, cfg.trainer.keep_checkpoints)
     log.info("saved checkpoint %s", path)
+    return path
 
 
 def resume_if_asked(cfg: DictConfig, run_dir: Path, model, opt, sched) -> int:

@@ -1,5 +1,7 @@
 """`moeflow train engine=megatron`: train a megatron-core GPTModel whose MoE layers are moeflow's.
 
+`MegatronEngine` is the engine object `train.train`'s loop drives (data, logging, eval,
+checkpoint cadence, preemption and Ray hooks are the loop's, shared by every engine).
 The model comes from `moeflow.parallel.integrations.megatron_core.build_gpt_model` (the
 moeflow layer spec), starts from exactly the weights the torch engine would initialise
 (same seed, converted), and trains with the same data, AdamW, schedule, clipping and
@@ -11,113 +13,82 @@ them (with fresh AdamW moments) and `moeflow convert` exports them. Needs CUDA: 
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 import warnings
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from moeflow.moe.model import Transformer
-from moeflow.parallel.distributed import DistEnv, init_distributed, shutdown_distributed
+from moeflow.parallel.distributed import DistEnv, init_distributed
 from moeflow.parallel.expert_params import param_groups
 from moeflow.parallel.integrations import megatron_ckpt as mck, torch_engine_optimizer_state
 from moeflow.parallel.integrations import megatron_core as mcore
 
 from . import checkpoint as ckpt
-from .config import validate
-from .data import training_samplers
-from .train import build_scheduler, evaluate, lm_loss, log_routing, set_gate_step
+from .train import build_scheduler, clip_and_step, grad_sync, lm_loss
 
 log = logging.getLogger("moeflow.train")
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-    model_cfg, tc = validate(cfg)  # refuses CPU and TP/EP it cannot run, with the reason
-    env: DistEnv = init_distributed("cuda", cfg.parallel.backend)
+def start_megatron(cfg: DictConfig, tc) -> tuple[DistEnv, torch.device]:
+    env = init_distributed("cuda", cfg.parallel.backend)  # validate() refused CPU with the reason
     device = torch.device("cuda", env.local_rank)
     torch.cuda.set_device(device)
     mcore.initialize_parallel_state(tc.seed, tensor_parallel=int(cfg.engine.tensor_parallel))
-    use_bf16 = tc.precision in ("bf16", "auto")
-    autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
+    return env, device
 
-    torch.manual_seed(tc.seed)
-    splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, tc.seed)
 
-    init = ckpt.unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
-    gpt = mcore.build_gpt_model(model_cfg, device)
-    model = mcore.MegatronLM(gpt)
-    opt = torch.optim.AdamW(param_groups(gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    sched = build_scheduler(opt, cfg.optim, tc.steps)
-    start_step, init = resume_if_asked(cfg, run_dir, model_cfg, opt, sched, init)
-    load_moeflow_weights(gpt, init, model_cfg)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / tc.grad_accum, device=device))
-    fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank]) if env.enabled else model
+class MegatronEngine:
+    """The engine object `train.train` drives (see `train.TorchEngine` for the interface)."""
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
-    stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
-    if env.is_main:
-        log.info("engine megatron: megatron-core GPTModel with %d moeflow MoE layers, %.2fM parameters, %s, world %d",
-                 len(model.moe_layers()), sum(p.numel() for p in gpt.parameters()) / 1e6, "bf16" if use_bf16 else "fp32", env.world_size)
-        if start_step == 0 and tc.eval_every > 0:
-            log.info("step 0: val loss %.4f", evaluate(model, val_data, tc.eval_batches, device, autocast, 0))
+    start = staticmethod(start_megatron)
 
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
-    result = {"start_step": start_step}
-    t_last, tokens_since = time.perf_counter(), 0
-    for step in range(start_step, tc.steps):
-        set_gate_step(model, step)
-        loss_sum = 0.0
-        for micro in range(tc.grad_accum):
-            x, y = train_data.batch(step, micro, env.rank)
-            sync = contextlib.nullcontext() if (not env.enabled or micro == tc.grad_accum - 1) else fwd.no_sync()
-            with sync:
-                with autocast():
-                    loss = lm_loss(fwd(x.to(device)), y.to(device))
-                (loss / tc.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
-            loss_sum += loss.item()
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(gpt.parameters(), clip).item()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        train_loss = loss_sum / tc.grad_accum
-        tokens_since += tokens_per_step
-        result.update(step=done, train_loss=train_loss)
-        if env.is_main and (done % tc.log_every == 0 or done == tc.steps):
-            elapsed = time.perf_counter() - t_last
-            tok_s = tokens_since / max(elapsed, 1e-9)
-            t_last, tokens_since = time.perf_counter(), 0
-            for k, v in {"train/loss": train_loss, "train/aux_loss": model.aux_loss().item(), "train/lr": sched.get_last_lr()[0], "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s}.items():
-                writer.add_scalar(k, v, done)
-            log_routing(writer, stats_file, model, done)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if env.is_main and tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
-            val = evaluate(model, val_data, tc.eval_batches, device, autocast, 0)
-            writer.add_scalar("val/loss", val, done)
-            result["val_loss"] = val
-            log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
-        if env.is_main and tc.ckpt_every > 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
-            save(run_dir, done, gpt, model_cfg, opt, sched, cfg)
-        bar.update(1)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if stats_file is not None:
-        stats_file.close()
-    from megatron.core import parallel_state as ps
+    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    ps.destroy_model_parallel()
-    shutdown_distributed()
-    return result
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
+        self.use_bf16 = tc.precision in ("bf16", "auto")
+        self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16)  # noqa: E731
+        init = ckpt.unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
+        self.gpt = mcore.build_gpt_model(model_cfg, device)
+        self.model = self.eval_model = mcore.MegatronLM(self.gpt)
+        self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.sched = build_scheduler(self.opt, cfg.optim, tc.steps)
+        self.start_step, init = resume_if_asked(cfg, run_dir, model_cfg, self.opt, self.sched, init)
+        load_moeflow_weights(self.gpt, init, model_cfg)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / tc.grad_accum, device=device))
+        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[env.local_rank]) if env.enabled else None
+
+    def describe(self) -> str:
+        return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "
+                f"{sum(p.numel() for p in self.gpt.parameters()) / 1e6:.2f}M parameters, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
+
+    def forward_backward(self, x, y, last: bool):
+        with grad_sync(self.ddp, last):
+            with self.autocast():
+                loss = lm_loss((self.ddp or self.model)(x), y)
+            (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
+        return loss, self.model.aux_loss().detach()
+
+    def optimizer_step(self) -> float:
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return clip_and_step(self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), clip))
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def save(self, step: int) -> Path | None:
+        return save(self.run_dir, step, self.gpt, self.model_cfg, self.opt, self.sched, self.cfg) if self.env.is_main else None
+
+    def extra_result(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
 
 
 def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
@@ -128,7 +99,7 @@ def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
         raise ckpt.CheckpointError(f"moeflow weights do not fit the megatron model (e.g. {bad[:3]}); resume with the checkpoint's model config")
 
 
-def save(run_dir: Path, step: int, gpt, model_cfg, opt, sched, cfg: DictConfig) -> None:
+def save(run_dir: Path, step: int, gpt, model_cfg, opt, sched, cfg: DictConfig) -> Path:
     """A moeflow checkpoint: weights in moeflow's layout; the megatron-ordered AdamW state under its own key."""
     torch_opt, torch_sched = torch_engine_optimizer_state(model_cfg, cfg.optim, cfg.trainer.steps, step)  # for engine=torch
     state = {"optimizer": torch_opt, "scheduler": torch_sched, "megatron_optimizer": opt.state_dict(),
@@ -137,6 +108,7 @@ def save(run_dir: Path, step: int, gpt, model_cfg, opt, sched, cfg: DictConfig) 
     weights = {k: v.detach().cpu() for k, v in mck.from_megatron(gpt.state_dict(), model_cfg).items()}
     path = ckpt.save_checkpoint(run_dir, step, weights, state, meta, cfg.trainer.keep_checkpoints)
     log.info("saved checkpoint %s", path)
+    return path
 
 
 def resume_if_asked(cfg: DictConfig, run_dir: Path, model_cfg, opt, sched, init: dict) -> tuple[int, dict]:

@@ -11,7 +11,7 @@ Hugging Face checkpoints train here (`moeflow.moe.hf_convert`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -22,28 +22,33 @@ from .gates import GATES, build_gate
 from .layer import MoELayer
 
 
+def shape_field(default):
+    """A ModelConfig field that changes parameter shapes: a checkpoint resumes only into a run with the same value."""
+    return field(default=default, metadata={"shape": True})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
+    vocab_size: int = shape_field(256)
+    d_model: int = shape_field(128)
+    n_layers: int = shape_field(4)
+    n_heads: int = shape_field(4)
     max_seq_len: int = 256
-    d_ff: int = 256  # hidden size of each routed expert
-    dense_d_ff: int | None = None  # hidden size of dense FFNs and shared experts (default: d_ff * top_k)
-    num_experts: int = 8
+    d_ff: int = shape_field(256)  # hidden size of each routed expert
+    dense_d_ff: int | None = shape_field(None)  # hidden size of dense FFNs and shared experts (default: d_ff * top_k)
+    num_experts: int = shape_field(8)
     top_k: int = 2
-    moe_every: int = 1  # block i is MoE when (i + 1) % moe_every == 0; 0 makes a dense model
-    shared_experts: int = 0
-    activation: str = "swiglu"
+    moe_every: int = shape_field(1)  # block i is MoE when (i + 1) % moe_every == 0; 0 makes a dense model
+    shared_experts: int = shape_field(0)
+    activation: str = shape_field("swiglu")
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Hugging Face style: {"rope_type": "linear" | "llama3", "factor": ..., ...}
-    n_kv_heads: int | None = None  # grouped-query attention (default: n_heads)
-    head_dim: int | None = None  # size of one attention head (default: d_model // n_heads)
-    attn_bias: bool = False  # biases on the q, k, v projections (Qwen2)
-    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
+    n_kv_heads: int | None = shape_field(None)  # grouped-query attention (default: n_heads)
+    head_dim: int | None = shape_field(None)  # size of one attention head (default: d_model // n_heads)
+    attn_bias: bool = shape_field(False)  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = shape_field(False)  # RMSNorm over each head of q and k before rotary (Qwen3)
     norm_eps: float = 1e-5
-    tie_embeddings: bool = False
+    tie_embeddings: bool = shape_field(False)
     init_std: float = 0.02
     gate: dict = field(default_factory=lambda: {"name": "topk"})
     experts_impl: str = "torch"
@@ -86,6 +91,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def shape_keys(cls) -> dict:
+        """The fields marked `shape_field`, with their defaults (for configs saved before a field existed)."""
+        return {f.name: f.default for f in fields(cls) if f.metadata.get("shape")}
 
 
 ROPE_TYPES = ("default", "linear", "llama3")

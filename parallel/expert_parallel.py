@@ -114,35 +114,40 @@ class ExpertDataParallel(DistributedDataParallel):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
-    @torch.no_grad()
     def sync_routing_stats(self) -> None:
-        """Aggregate every MoE layer's `last_stats` over the world (collective: call on all ranks).
-
-        tokens_per_expert is summed (and load_max_over_mean recomputed from the sum); the
-        other scalars are averaged (every rank routes the same number of tokens).
-        """
-        for layer in self.module.modules():
-            if not isinstance(layer, MoELayer) or not layer.last_stats:
-                continue
-            s = layer.last_stats
-            counts_E = s["tokens_per_expert"].float().clone()
-            dist.all_reduce(counts_E)
-            keys = sorted(k for k, v in s.items() if v.dim() == 0 and k != "load_max_over_mean")
-            scalars = torch.stack([s[k].float().to(counts_E.device) for k in keys]) if keys else counts_E.new_zeros(0)
-            dist.all_reduce(scalars)
-            scalars /= dist.get_world_size()
-            out = dict(s)
-            out.update({k: scalars[i] for i, k in enumerate(keys)})
-            out["tokens_per_expert"] = counts_E
-            out["load_max_over_mean"] = counts_E.max() / counts_E.mean().clamp_min(1e-9)
-            layer.last_stats = out
+        sync_routing_stats(self.module)
 
 
-def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False, **ddp_kwargs) -> ExpertDataParallel:
-    """Apply expert parallelism (layout.ep > 1) and data parallelism to `model` in place.
+@torch.no_grad()
+def sync_routing_stats(model: torch.nn.Module) -> None:
+    """Aggregate every MoE layer's `last_stats` over the world (collective: call on all ranks).
 
-    Returns the DDP-style wrapper to run forward/backward through; build the optimizer
-    from `model.parameters()` afterwards so it holds only this rank's expert shards.
+    tokens_per_expert is summed (and load_max_over_mean recomputed from the sum); the
+    other scalars are averaged (every rank routes the same number of tokens).
+    """
+    for layer in model.modules():
+        if not isinstance(layer, MoELayer) or not layer.last_stats:
+            continue
+        s = layer.last_stats
+        counts_E = s["tokens_per_expert"].float().clone()
+        dist.all_reduce(counts_E)
+        keys = sorted(k for k, v in s.items() if v.dim() == 0 and k != "load_max_over_mean")
+        scalars = torch.stack([s[k].float().to(counts_E.device) for k in keys]) if keys else counts_E.new_zeros(0)
+        dist.all_reduce(scalars)
+        scalars /= dist.get_world_size()
+        out = dict(s)
+        out.update({k: scalars[i] for i, k in enumerate(keys)})
+        out["tokens_per_expert"] = counts_E
+        out["load_max_over_mean"] = counts_E.max() / counts_E.mean().clamp_min(1e-9)
+        layer.last_stats = out
+
+
+def apply_expert_parallel(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False) -> None:
+    """The in-place part of `parallelize`: gates see the world; with layout.ep > 1 every
+    MoELayer keeps this rank's experts and routes through an all-to-all dispatcher.
+
+    Gradient reduction is left to the caller (`parallelize`'s DDP wrapper, or an engine
+    such as DeepSpeed that reduces dense and expert gradients itself).
     """
     if layout.ep > 1:
         model._moeflow_ep_group = layout.ep_group  # for gathering/resharding checkpoints
@@ -155,6 +160,15 @@ def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: 
             layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep, layer.experts.num_experts, chunks=overlap_chunks)
             if overlap_shared and layer.shared_expert is not None:
                 layer.forward = types.MethodType(_forward_overlapping_shared, layer)
+
+
+def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False, **ddp_kwargs) -> ExpertDataParallel:
+    """Apply expert parallelism (layout.ep > 1) and data parallelism to `model` in place.
+
+    Returns the DDP-style wrapper to run forward/backward through; build the optimizer
+    from `model.parameters()` afterwards so it holds only this rank's expert shards.
+    """
+    apply_expert_parallel(model, layout, overlap_chunks, overlap_shared)
     return ExpertDataParallel(model, layout, **ddp_kwargs)
 
 

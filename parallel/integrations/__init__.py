@@ -53,10 +53,10 @@ def check_engine(cfg) -> None:
     check_options(cfg)
 
 
-def loop_for(name: str):
-    """The training loop of a non-torch engine (`train(cfg, run_dir) -> dict`)."""
-    module = {"deepspeed": "moeflow.launch.train_deepspeed", "megatron": "moeflow.launch.train_megatron"}[name]
-    return importlib.import_module(module).train
+def engine_for(name: str):
+    """The engine class of a non-torch engine, which `moeflow.launch.train.train`'s loop drives."""
+    module, cls = {"deepspeed": ("moeflow.launch.train_deepspeed", "DeepSpeedEngine"), "megatron": ("moeflow.launch.train_megatron", "MegatronEngine")}[name]
+    return getattr(importlib.import_module(module), cls)
 
 
 def torch_engine_optimizer_state(model_cfg, optim_cfg, total_steps: int, step: int) -> tuple[dict, dict]:

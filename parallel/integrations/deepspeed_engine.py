@@ -1,5 +1,10 @@
 """DeepSpeed as the training engine: config generation, `deepspeed.initialize`, checkpoints.
 
+With expert parallelism (`parallel.ep > 1`, ZeRO-1/2, CPU optimizer offload too) moeflow
+shards the experts and routes through its all-to-all dispatcher, and DeepSpeed's MoE
+machinery reduces and ZeRO-partitions the expert groups over the expert-data-parallel
+groups (`shard_experts_for_deepspeed`, `_deepspeed_moe_marker`).
+
 The DeepSpeed config is generated from the Hydra config (micro-batch, grad accumulation,
 clipping, ZeRO stage, CPU optimizer offload, bf16) and a user JSON (`engine.config_file`)
 is merged over it, so anything DeepSpeed offers stays reachable. The optimizer is
@@ -25,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moeflow.launch import checkpoint as ckpt
 from moeflow.launch.config import ConfigError
-from moeflow.parallel.expert_params import is_expert_param, param_groups
+from moeflow.parallel.expert_params import ep_group_name, is_expert_param, mark_expert_params, param_groups
 
 log = logging.getLogger("moeflow.deepspeed")
 
@@ -46,11 +51,9 @@ def check_options(cfg: DictConfig) -> None:
     if offload and stage == 0:
         raise ConfigError("engine.offload_optimizer=true needs ZeRO (DeepSpeed offloads the partitioned optimizer state); set engine.zero_stage=1, 2 or 3")
     if ep > 1 and stage == 3:
-        raise ConfigError(f"engine.zero_stage=3 conflicts with parallel.ep={ep}: ZeRO-3 partitions every parameter over the whole world, but expert parameters are already sharded over EP (DeepSpeed refuses: 'MoE not supported with Stage 3'); use engine.zero_stage=1 or 2 with expert parallelism")
-    if ep > 1 and offload:
-        raise ConfigError(f"engine.offload_optimizer=true conflicts with parallel.ep={ep}: DeepSpeed's CPU-offloaded optimizer partitions over one data-parallel group, not the separate expert-data-parallel groups expert parameters need; turn offload off or use parallel.ep=1")
-    if ep > 1:
-        raise ConfigError(f"engine=deepspeed with parallel.ep={ep} is not wired yet: it needs the expert-parallel model wrapper of moeflow.parallel (expert parallelism issue); use parallel.ep=1 with DeepSpeed for now")
+        raise ConfigError(f"engine.zero_stage=3 conflicts with parallel.ep={ep}: DeepSpeed's ZeRO-3 takes expert parallelism only for its own AutoEP layers ('Native DeepSpeed MoE is not supported with ZeRO Stage 3'), not for moeflow's MoE layers; use engine.zero_stage=1 or 2 with expert parallelism")
+    if ep > 1 and stage == 0:
+        raise ConfigError(f"engine.zero_stage=0 conflicts with parallel.ep={ep}: without ZeRO, DeepSpeed clips by the mean of per-rank gradient norms, which with experts sharded over EP is not the global norm; use engine.zero_stage=1 or 2 with expert parallelism")
     path = e.get("config_file")
     if path and not Path(str(path)).expanduser().is_file():
         raise ConfigError(f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)")
@@ -114,6 +117,71 @@ def to_deepspeed_moe_groups(groups: list[dict]) -> list[dict]:
     return out
 
 
+def _deepspeed_moe_marker(num_experts: int, ep: int) -> torch.nn.Module:
+    """A parameter-free `deepspeed.moe.layer.MoE` that tells DeepSpeed the model has expert parallelism.
+
+    DeepSpeed switches its MoE handling on (`engine.has_moe_layers`: ZeRO-1/2 partition and
+    reduce `moe: True` groups over `expert_data_parallel_group[name]`, the gradient norm counts
+    each expert once) only when it finds one of its own `MoE` modules in the model, and
+    `deepspeed.initialize` takes no flag for it. Of the ways to say so (subclassing its
+    engine, setting the flag after initialize — too late, the optimizer is built inside —
+    or pretending moeflow's layers are DeepSpeed's), one empty marker per moeflow MoE layer is
+    the least intrusive: it owns no parameters (moeflow's experts stay where they are), it
+    creates no groups (`shard_experts_for_deepspeed` created them), and with
+    `num_local_experts = 0` DeepSpeed writes and reads no per-expert checkpoint files; the
+    expert weights live in ZeRO's fp32 partitions (see `resume` and `convert_to_moeflow`).
+    """
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self):
+            torch.nn.Module.__init__(self)  # not MoE.__init__: no DeepSpeed gate or experts
+            self.num_experts, self.ep_size, self.use_residual = num_experts, ep, False
+            self.expert_group_name = ep_group_name(ep)
+            self.num_local_experts = 0  # no layer_*_expert_*_model_states.pt files
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # groups already created, consistent with moeflow's layout
+
+        def forward(self, *args):
+            raise RuntimeError("DeepSpeedMoEMarker only marks a moeflow MoE layer for DeepSpeed; it does not compute")
+
+    return DeepSpeedMoEMarker()
+
+
+def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_type: str) -> None:
+    """moeflow's expert parallelism (expert shards, all-to-all dispatcher) with DeepSpeed's groups.
+
+    `apply_expert_parallel` without moeflow's DDP: DeepSpeed reduces the gradients. Its
+    expert-parallel groups are consecutive ranks and its expert-data-parallel groups strided
+    ones (`groups._create_expert_and_data_parallel`, E + D order), which is moeflow's
+    ("dp", "ep") DeviceMesh; checked here. Gradient scale: ZeRO divides every gradient by
+    the data-parallel world size and sums expert gradients over the expert-data-parallel
+    group, which is `ExpertDataParallel.finish_grad_sync` (EDP sum / world): the
+    single-process model's gradients.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from moeflow.parallel.expert_parallel import apply_expert_parallel
+    from moeflow.parallel.layout import build_layout
+
+    ep = int(parallel_cfg.ep)
+    layout = build_layout(ep, model.cfg.num_experts, device_type)
+    apply_expert_parallel(model, layout, int(parallel_cfg.overlap_chunks), bool(parallel_cfg.overlap_shared))
+    mark_expert_params(model, ep_size=ep)
+    name = ep_group_name(ep)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group (deepspeed.comm)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep)
+    for ours, theirs in ((layout.ep_group, groups._get_expert_parallel_group(name)), (layout.edp_group, groups._get_expert_data_parallel_group(name))):
+        if dist.get_process_group_ranks(ours) != dist.get_process_group_ranks(theirs):
+            raise RuntimeError(f"DeepSpeed's {name} groups {dist.get_process_group_ranks(theirs)} differ from moeflow's {dist.get_process_group_ranks(ours)}")
+    for layer in model.moe_layers():
+        layer.add_module("deepspeed_moe_marker", _deepspeed_moe_marker(model.cfg.num_experts, ep))
+
+
 def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool, build_scheduler):
     """`deepspeed.initialize` with moeflow's AdamW and schedule; returns (engine, scheduler)."""
     import deepspeed
@@ -123,19 +191,24 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool, build_sc
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set (torchrun sets it)
-    if dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
+    ep = int(cfg.parallel.get("ep", 1))
+    if ep > 1:
+        shard_experts_for_deepspeed(model, cfg.parallel, next(model.parameters()).device.type)
+    elif dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
         for layer in model.moe_layers():
             layer.gate.token_group = dist.group.WORLD
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
+    if ep > 1:
+        groups = to_deepspeed_moe_groups(groups)
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     sched = build_scheduler(opt, o, cfg.trainer.steps)
     config = deepspeed_config(cfg, use_bf16)
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     n_expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n, p))
-    log.info("deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups)",
+    log.info("deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups%s)",
              config["zero_optimization"]["stage"], " + CPU optimizer offload" if "offload_optimizer" in config["zero_optimization"] else "",
-             config["bf16"]["enabled"], len(groups), n_expert / 1e6)
+             config["bf16"]["enabled"], len(groups), n_expert / 1e6, f", sharded over EP={ep} and ZeRO-partitioned over the expert-data-parallel group" if ep > 1 else "")
     return engine, sched
 
 
@@ -189,23 +262,76 @@ def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
     diffs = ckpt.model_shape_diffs(meta.get("model", {}), engine.module.cfg.to_dict())
     if diffs:
         raise ckpt.CheckpointError(f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})")
+    saved_ep, ep = checkpoint_ep(meta), int(cfg.parallel.get("ep", 1))
+    if saved_ep != ep:
+        raise ckpt.CheckpointError(f"checkpoint {found} was written with parallel.ep={saved_ep} and ZeRO keeps expert state per EP rank; resume with parallel.ep={saved_ep}, or convert it (moeflow convert deepspeed-to-moeflow) and resume the moeflow checkpoint with any EP")
     try:
         path, client = engine.load_checkpoint(str(found.parent), tag=found.name)
     except Exception as e:  # DeepSpeed raises many types for partial/corrupt shards
         raise ckpt.CheckpointError(f"DeepSpeed could not load {found} ({type(e).__name__}: {e}); resume from an earlier checkpoint") from None
     if path is None:
         raise ckpt.CheckpointError(f"DeepSpeed found no checkpoint in {found}; resume from an earlier checkpoint")
+    if ep > 1:
+        # DeepSpeed loaded rank 0's module file on every rank (it has no per-expert files from us:
+        # see _deepspeed_moe_marker), so other EP ranks hold rank 0's experts; ZeRO's fp32 partitions
+        # of this rank are right: copy them back into the model, as after an optimizer step.
+        engine.optimizer.update_lp_params()
     ckpt.set_rng_state(client["rng"])
     log.info("resumed DeepSpeed checkpoint %s at step %d", found, client["step"])
     return int(client["step"])
 
 
-def consolidated_state_dict(ds_ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any world size) as one state dict."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def checkpoint_ep(meta: dict) -> int:
+    return int(meta.get("config", {}).get("parallel", {}).get("ep", 1))
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_ckpt.parent), tag=ds_ckpt.name)
+
+def consolidated_state_dict(ds_ckpt: Path, ep: int = 1) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any world size) as one state dict."""
+    if ep > 1:
+        state = _consolidate_expert_parallel(ds_ckpt, ep)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_ckpt.parent), tag=ds_ckpt.name)
     return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+
+
+def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 merge, per group of ranks, for a ZeRO-1/2 checkpoint of an EP run.
+
+    zero_to_fp32 concatenates every param group's partitions over the whole world, but an
+    expert group holds different experts on each EP rank, partitioned only over that rank's
+    expert-data-parallel ranks (r, r + ep, ...; file i is dp rank i). So dense groups are
+    merged over all ranks, expert groups per EP rank over its EDP ranks, and the EP ranks'
+    expert shards (experts r*E/ep ... in rank order) are concatenated along the expert dim.
+    """
+    from dataclasses import replace
+
+    from deepspeed.utils import zero_to_fp32 as z
+
+    d = str(ds_ckpt)
+    model_state = z.parse_model_states(z.get_model_state_files(d))[0]
+    stage, world, flat, paddings = z.parse_optim_states(z.get_optim_files(d), d)
+    if stage > 2:
+        raise ckpt.CheckpointError(f"{ds_ckpt}: a ZeRO-{stage} checkpoint with parallel.ep={ep} is not something engine=deepspeed writes")
+    shapes = model_state.param_shapes
+    is_expert = [bool(g) and all(is_expert_param(n, torch.empty(0)) for n in g) for g in shapes]
+
+    def merge(group_ids: list[int], ranks) -> dict:
+        out = {}
+        sub = replace(model_state, param_shapes=[shapes[i] for i in group_ids])
+        z._zero2_merge_trainable_params(out, len(ranks), [[flat[r][i] for i in group_ids] for r in ranks], [sub],
+                                        None if paddings is None else [paddings[i] for i in group_ids])
+        return out
+
+    state = dict(model_state.buffers)
+    state.update(merge([i for i, e in enumerate(is_expert) if not e], range(world)))
+    shards = [merge([i for i, e in enumerate(is_expert) if e], range(r, world, ep)) for r in range(ep)]
+    state.update({name: torch.cat([s[name] for s in shards]) for name in shards[0]})
+    for alias, target in model_state.shared_params:  # tied weights
+        if target in state:
+            state[alias] = state[target]
+    return state
 
 
 def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
@@ -224,7 +350,7 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
         raise ckpt.CheckpointError(f"{src}: no DeepSpeed checkpoint there; pass an engine=deepspeed run dir or its checkpoints/deepspeed/step_* dir")
     meta = ckpt.read_meta(found)
     step = int(meta["step"])
-    state = consolidated_state_dict(found)
+    state = consolidated_state_dict(found, checkpoint_ep(meta))
     mc = ModelConfig(**{**meta["model"], "experts_impl": "torch"})
     with torch.device("meta"):
         model = Transformer(mc)
