@@ -36,21 +36,20 @@ def _configs(shapes):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
 _UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (64, 256, 64, 8, 4)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
 # Row-gathered operands get one shared-memory buffer fewer than num_stages asks for (the
 # index load takes a pipeline stage), hence the deeper candidates.
-_WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 256, 64, 8, 4), (128, 128, 32, 8, 6)]
+_WGRAD_SHAPES = [(128, 128, 64, 8, 5), (128, 128, 32, 8, 6), (128, 128, 64, 8, 4), (128, 128, 32, 8, 8)]
 
 
 def _fits_smem(configs, named_args, **kwargs):
     """Drop candidates whose pipelined tiles exceed Hopper's 227 KiB of shared memory."""
-    two = kwargs.get("TWO", named_args.get("TWO", False))
-    a_tiles = 2 if two and "a2_ptr" in named_args else 1  # gmm's TWO reads two A operands; wgrad's shares A
-    b_tiles = 2 if two else 1
+    two = kwargs.get("TWO", named_args.get("TWO", False)) and "a2_ptr" not in named_args  # gmm runs TWO as two loops
+    b_tiles = 2 if two else 1  # wgrad's TWO: one A tile, two B tiles per stage
     keep = []
     for c in configs:
         m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if (a_tiles * m * k + b_tiles * k * n) * 2 * c.num_stages <= 220 * 1024:
+        if (m * k + b_tiles * k * n) * 2 * c.num_stages <= 220 * 1024:
             keep.append(c)
     return keep or configs[-1:]
 
@@ -172,6 +171,23 @@ def _up_kernel(
 
 
 # ----------------------------------------------------------------------------- gmm
+@triton.jit
+def _dot_loop(acc, a_ptrs, b_ptrs, mask_m, mask_n, offs_k, K, stride_ak, stride_bk, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc += A @ B over the K dimension, one (A, B) tile pair per pipeline stage."""
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        else:
+            mk = offs_k < K - kk * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 @triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
@@ -199,32 +215,10 @@ def _gmm_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         a_off = src[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
-        a1_ptrs = a1_ptr + a_off
-        b1_ptrs = b1_ptr + b_off
-        a2_ptrs = a2_ptr + a_off
-        b2_ptrs = b2_ptr + b_off
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a1_ptrs, mask=mask_m[:, None], other=0.0)
-                b = tl.load(b1_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mk = offs_k < K - kk * BLOCK_K
-                a = tl.load(a1_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-                b = tl.load(b1_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
-            if TWO:
-                if EVEN_K:
-                    a2 = tl.load(a2_ptrs, mask=mask_m[:, None], other=0.0)
-                    b2 = tl.load(b2_ptrs, mask=mask_n[None, :], other=0.0)
-                else:
-                    a2 = tl.load(a2_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-                    b2 = tl.load(b2_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a2, b2, acc)
-            a1_ptrs += BLOCK_K * stride_ak
-            b1_ptrs += BLOCK_K * stride_bk
-            a2_ptrs += BLOCK_K * stride_ak
-            b2_ptrs += BLOCK_K * stride_bk
+        acc = _dot_loop(acc, a1_ptr + a_off, b1_ptr + b_off, mask_m, mask_n, offs_k, K, stride_ak, stride_bk, BLOCK_K, EVEN_K)
+        if TWO:  # a second loop, not a second dot per step: one operand pair per stage fits wider tiles
+            acc = _dot_loop(acc, a2_ptr + a_off, b2_ptr + b_off, mask_m, mask_n, offs_k, K, stride_ak, stride_bk, BLOCK_K, EVEN_K)
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
