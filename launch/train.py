@@ -126,7 +126,30 @@ def grad_sync(ddp, last: bool):
     return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
 
 
-class TorchEngine:
+class AdamWStep:
+    """The optimizer step engine=torch and engine=megatron share: torch AdamW and schedule on
+    `self.model`'s parameters, gradients synced by `self.ddp` (moeflow's `ExpertDataParallel`,
+    None in one process): expert shards reduced once per step, and the clipping norm counts
+    every expert shard once. Subclasses set `cfg`, `model`, `ddp`, `opt`, `sched`."""
+
+    def optimizer_step(self) -> float:
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        if self.ddp is None:
+            return clip_and_step(self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
+        return clip_and_step(self.opt, self.sched, lambda: self.ddp.clip_grad_norm_(clip))
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def extra_result(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class TorchEngine(AdamWStep):
     """engine=torch, the reference step: autocast forward, backward, clip, AdamW, schedule.
 
     Under torchrun the model is wrapped by `moeflow.parallel.parallelize` (DDP for dense
@@ -165,24 +188,8 @@ class TorchEngine:
             ((loss + aux) / self.grad_accum).backward()
         return loss, aux
 
-    def optimizer_step(self) -> float:
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.ddp is None:
-            return clip_and_step(self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
-        return clip_and_step(self.opt, self.sched, lambda: self.ddp.clip_grad_norm_(clip))
-
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
     def save(self, step: int) -> Path | None:
         return save(self.run_dir, step, self.model, self.opt, self.sched, self.cfg, self.env)
-
-    def extra_result(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def engine_class(name: str):

@@ -10,6 +10,13 @@ logging as `train.py`. The gates' aux losses reach the gradients through megatro
 checkpoints (weights converted back to the moeflow layout), so engine=torch can resume
 them (with fresh AdamW moments) and `moeflow convert` exports them. Needs CUDA: see
 `megatron_core.CPU_MESSAGE`.
+
+Expert parallelism (`parallel.ep` > 1) is megatron-core's `expert_model_parallel_size`: each
+MoE slot keeps its EP rank's experts and routes over parallel_state's expert group
+(`megatron_core.shard_over_expert_group`). The step is engine=torch's (`train.AdamWStep`)
+with `megatron_core.data_parallel`, moeflow's `ExpertDataParallel` over parallel_state's
+groups. Checkpoints gather the expert shards (written full, like one process would) and
+resume on any EP size.
 """
 from __future__ import annotations
 
@@ -21,27 +28,31 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moeflow.moe.model import Transformer
-from moeflow.parallel.distributed import DistEnv, init_distributed
+from moeflow.parallel.distributed import DistEnv
+from moeflow.parallel.expert_parallel import ddp_device_kwargs
 from moeflow.parallel.expert_params import param_groups
 from moeflow.parallel.integrations import megatron_ckpt as mck, torch_engine_optimizer_state
 from moeflow.parallel.integrations import megatron_core as mcore
+from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
 
 from . import checkpoint as ckpt
-from .train import build_scheduler, clip_and_step, grad_sync, lm_loss
+from .train import AdamWStep, build_scheduler, grad_sync, lm_loss, start_distributed
 
 log = logging.getLogger("moeflow.train")
 
 
 def start_megatron(cfg: DictConfig, tc) -> tuple[DistEnv, torch.device]:
-    env = init_distributed("cuda", cfg.parallel.backend)  # validate() refused CPU with the reason
-    device = torch.device("cuda", env.local_rank)
-    torch.cuda.set_device(device)
-    mcore.initialize_parallel_state(tc.seed, tensor_parallel=int(cfg.engine.tensor_parallel))
+    """Join the process group like engine=torch, then megatron-core's parallel_state (TP, EP groups)."""
+    env, device = start_distributed(tc, cfg.parallel.backend)  # CUDA: validate() refused CPU (tests build on CPU)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mcore.initialize_parallel_state(tc.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep))
     return env, device
 
 
-class MegatronEngine:
-    """The engine object `train.train` drives (see `train.TorchEngine` for the interface)."""
+class MegatronEngine(AdamWStep):
+    """The engine object `train.train` drives (see `train.TorchEngine` for the interface); its
+    optimizer step (expert-shard gradient sync, clipping, AdamW) is engine=torch's."""
 
     start = staticmethod(start_megatron)
 
@@ -50,16 +61,17 @@ class MegatronEngine:
 
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
         self.use_bf16 = tc.precision in ("bf16", "auto")
-        self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_bf16)  # noqa: E731
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16)  # noqa: E731
         init = ckpt.unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
-        self.gpt = mcore.build_gpt_model(model_cfg, device)
+        self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
         self.model = self.eval_model = mcore.MegatronLM(self.gpt)
         self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.sched = build_scheduler(self.opt, cfg.optim, tc.steps)
         self.start_step, init = resume_if_asked(cfg, run_dir, model_cfg, self.opt, self.sched, init)
         load_moeflow_weights(self.gpt, init, model_cfg)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / tc.grad_accum, device=device))
-        self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[env.local_rank]) if env.enabled else None
+        # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
+        self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
 
     def describe(self) -> str:
         return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "
@@ -72,18 +84,8 @@ class MegatronEngine:
             (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
         return loss, self.model.aux_loss().detach()
 
-    def optimizer_step(self) -> float:
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        return clip_and_step(self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.gpt.parameters(), clip))
-
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
     def save(self, step: int) -> Path | None:
-        return save(self.run_dir, step, self.gpt, self.model_cfg, self.opt, self.sched, self.cfg) if self.env.is_main else None
-
-    def extra_result(self) -> dict:
-        return {}
+        return save(self.run_dir, step, self.gpt, self.model_cfg, self.opt, self.sched, self.cfg, self.env)
 
     def close(self) -> None:
         from megatron.core import parallel_state as ps
@@ -93,20 +95,24 @@ class MegatronEngine:
 
 def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
     device = next(gpt.parameters()).device
-    missing, unexpected = gpt.load_state_dict({k: v.to(device) for k, v in mck.to_megatron(state, model_cfg, native=False).items()}, strict=False)
+    full = {k: v.to(device) for k, v in mck.to_megatron(state, model_cfg, native=False).items()}
+    missing, unexpected = gpt.load_state_dict(local_model_state(gpt, full), strict=False)  # sliced to this EP rank's experts
     bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
     if bad:
         raise ckpt.CheckpointError(f"moeflow weights do not fit the megatron model (e.g. {bad[:3]}); resume with the checkpoint's model config")
 
 
-def save(run_dir: Path, step: int, gpt, model_cfg, opt, sched, cfg: DictConfig) -> Path:
-    """A moeflow checkpoint: weights in moeflow's layout; the megatron-ordered AdamW state under its own key."""
+def save(run_dir: Path, step: int, gpt, model_cfg, opt, sched, cfg: DictConfig, env: DistEnv) -> Path | None:
+    """A moeflow checkpoint: weights in moeflow's layout; the megatron-ordered AdamW state under its own key.
+    Expert shards and their moments are gathered to all experts first (collective: every rank calls it)."""
+    weights, megatron_opt = full_model_state(gpt), full_optimizer_state(gpt, opt)
+    if not env.is_main:
+        return None
     torch_opt, torch_sched = torch_engine_optimizer_state(model_cfg, cfg.optim, cfg.trainer.steps, step)  # for engine=torch
-    state = {"optimizer": torch_opt, "scheduler": torch_sched, "megatron_optimizer": opt.state_dict(),
+    state = {"optimizer": torch_opt, "scheduler": torch_sched, "megatron_optimizer": megatron_opt,
              "rng": ckpt.rng_state(), "step": step, "engine": "megatron"}
     meta = {"model": model_cfg.to_dict(), "config": OmegaConf.to_container(cfg, resolve=True), "engine": "megatron"}
-    weights = {k: v.detach().cpu() for k, v in mck.from_megatron(gpt.state_dict(), model_cfg).items()}
-    path = ckpt.save_checkpoint(run_dir, step, weights, state, meta, cfg.trainer.keep_checkpoints)
+    path = ckpt.save_checkpoint(run_dir, step, mck.from_megatron(weights, model_cfg), state, meta, cfg.trainer.keep_checkpoints)
     log.info("saved checkpoint %s", path)
     return path
 
@@ -125,7 +131,7 @@ def resume_if_asked(cfg: DictConfig, run_dir: Path, model_cfg, opt, sched, init:
     ckpt.check_compatible(found, meta.get("model", {}), model_cfg.to_dict(), state, Transformer(model_cfg))
     trainer_state = ckpt.load_trainer_state(found)
     if "megatron_optimizer" in trainer_state:
-        opt.load_state_dict(trainer_state["megatron_optimizer"])
+        opt.load_state_dict(local_optimizer_state(opt, trainer_state["megatron_optimizer"]))  # this EP rank's expert moments
     else:
         log.warning("checkpoint %s was not written by engine=megatron: AdamW moments start from zero", found)
     step = int(trainer_state["step"])

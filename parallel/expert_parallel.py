@@ -177,5 +177,9 @@ def parallelize_from_config(model: torch.nn.Module, parallel_cfg, device: torch.
     from .layout import build_layout
 
     layout = build_layout(int(parallel_cfg.ep), model.cfg.num_experts, device.type)
-    ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-    return parallelize(model, layout, overlap_chunks=int(parallel_cfg.overlap_chunks), overlap_shared=bool(parallel_cfg.overlap_shared), **ddp_kwargs)
+    return parallelize(model, layout, overlap_chunks=int(parallel_cfg.overlap_chunks), overlap_shared=bool(parallel_cfg.overlap_shared), **ddp_device_kwargs(device))
+
+
+def ddp_device_kwargs(device: torch.device) -> dict:
+    """DDP's device arguments: this rank's GPU on CUDA, none on CPU (gloo)."""
+    return {"device_ids": [device.index]} if device.type == "cuda" else {}

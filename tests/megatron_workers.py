@@ -132,3 +132,100 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
 def _expert_buffer_names(ddp, slot) -> list[str]:
     names = {p: n for n, p in slot.moe.named_parameters()}
     return sorted(names[p] for buf in ddp.expert_parallel_buffers for p in buf.params if p in names)
+
+
+# ---- engine=megatron's engine object under parallel.ep (everything but GPTModel's forward) -----
+
+ENGINE_OVERRIDES = ["engine=megatron", "trainer.device=cpu", "trainer.precision=fp32", "experts.impl=torch", "optim.weight_decay=0.0",
+                    "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.max_seq_len=16", "model.d_ff=24", "model.num_experts=4"]
+
+
+def _engine_config(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    from moeflow.launch.config import model_config, trainer_config
+
+    with initialize_config_module(config_module="moeflow.configs", version_base=None):
+        cfg = compose(config_name="train", overrides=[*ENGINE_OVERRIDES, *overrides])
+    return cfg, model_config(cfg), trainer_config(cfg)
+
+
+def _build_engine(cfg, mc, tc, run_dir):
+    from moeflow.launch.train_megatron import MegatronEngine
+
+    env, device = MegatronEngine.start(cfg, tc)
+    torch.manual_seed(tc.seed)  # as train() does before building the engine
+    return MegatronEngine(cfg, mc, tc, env, device, run_dir)
+
+
+def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
+    """MegatronEngine built from a train config with parallel.ep=ep on CPU (the loop itself needs
+    CUDA for GPTModel's forward): parallel_state's groups, the expert-aware wrapper, the weights
+    it starts from, one optimizer step on given gradients (expert-shard sync over the expert-DP
+    group, clipping with each shard counted once, AdamW), the gathered checkpoint, and a resume
+    on the same layout. The gradients: a full moeflow-layout G the same on every rank; dense
+    params get G (what DDP's mean would leave), expert shards get G's rows times world * w_d,
+    with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo)."""
+    from pathlib import Path
+
+    from megatron.core import parallel_state as ps
+
+    from moeflow.launch import checkpoint as ckpt
+    from moeflow.parallel.expert_parallel import ExpertDataParallel
+    from moeflow.parallel.integrations import megatron_ckpt as mck
+
+    cfg, mc, tc = _engine_config(f"parallel.ep={ep}")
+    engine = _build_engine(cfg, mc, tc, Path(run_dir))
+    torch.manual_seed(tc.seed)
+    init = unique_state_dict(Transformer(mc))  # the torch engine's initial weights (full)
+    shards = {n: expert_shard(p) for n, p in engine.gpt.named_parameters() if expert_shard(p) is not None}
+    opt_numel = sum(p.numel() for g in engine.opt.param_groups for p in g["params"])
+
+    G = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(sorted(init.items()))}
+    local_G = local_model_state(engine.gpt, mck.to_megatron(G, mc, native=False))
+    edp, d = ps.get_expert_data_parallel_world_size(), ps.get_expert_data_parallel_rank()
+    w_d = (d + 1) / (edp * (edp + 1) / 2)  # sums to 1 over the expert-DP replicas
+    for n, p in engine.gpt.named_parameters():
+        p.grad = local_G[n].clone() * (world * w_d if n in shards else 1.0)
+    lr = engine.opt.param_groups[0]["lr"]
+    grad_norm = engine.optimizer_step()
+
+    ref = {k: v.clone().requires_grad_() for k, v in init.items()}  # one process, full experts
+    for k, p in ref.items():
+        p.grad = G[k].clone()
+    ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), cfg.optim.grad_clip).item()
+    torch.optim.AdamW(list(ref.values()), lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0).step()
+
+    path = engine.save(1)  # collective: gathers the expert shards and their moments
+    torch.distributed.barrier()  # rank 0 wrote it; every rank resumes from it
+    saved = ckpt.load_model_state(ckpt.find_checkpoint(Path(run_dir)))
+    megatron_opt = ckpt.load_trainer_state(ckpt.find_checkpoint(Path(run_dir)))["megatron_optimizer"]
+    expert_moment_rows = sorted({v["exp_avg"].shape[0] for i, v in megatron_opt["state"].items()
+                                 if v["exp_avg"].dim() == 3})  # the experts' [E, ., .] tensors
+
+    resumed = _build_engine(_with_changes(cfg, resume=str(run_dir)), mc, tc, Path(run_dir))
+    mine, theirs = engine.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
+    result = {
+        "ep_size": ps.get_expert_model_parallel_world_size(), "edp_size": edp, "ep_rank": ps.get_expert_model_parallel_rank(),
+        "wrapper": type(engine.ddp).__name__ if isinstance(engine.ddp, ExpertDataParallel) else repr(engine.ddp),
+        "wrapper_layout": (engine.ddp.layout.ep, engine.ddp.layout.dp), "wrapped_model": engine.ddp.module is engine.model,
+        "shards": shards, "opt_numel": opt_numel, "local_numel": sum(p.numel() for p in engine.gpt.parameters()),
+        "grad_norm": (grad_norm, ref_norm),
+        "saved_path": str(path) if path else None,
+        "weights": max(_maxdiff(saved[k], ref[k].detach()) for k in ref) if sorted(saved) == sorted(ref) else float("inf"),
+        "expert_moment_rows": expert_moment_rows,
+        "resume_step": resumed.start_step,
+        "resume_weights": max(_maxdiff(p, q) for p, q in zip(engine.gpt.parameters(), resumed.gpt.parameters())),
+        "resume_moments": max(_maxdiff(mine[i][k], theirs[i][k]) for i in mine for k in ("exp_avg", "exp_avg_sq")) if sorted(mine) == sorted(theirs) else float("inf"),
+    }
+    resumed.close()
+    return result
+
+
+def _with_changes(cfg, **changes):
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg))
+    for k, v in changes.items():
+        OmegaConf.update(out, k, v)
+    return out

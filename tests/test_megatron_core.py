@@ -213,6 +213,38 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
         assert sorted(n for n, a in r["allreduce"].items() if not a) == experts
 
 
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    """MegatronEngine with parallel.ep=2 on 4 gloo ranks (EP 2 x expert-DP 2), CPU (about 20 s)."""
+    import ep_workers as W
+
+    run_dir = tmp_path_factory.mktemp("mcore_engine_ep2_w4")
+    return W.spawn("megatron_workers:engine_step", 4, run_dir, 2, str(run_dir / "run"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+def test_megatron_engine_applies_expert_parallelism(engine_run):
+    """engine=megatron with parallel.ep=2 is not ignored: parallel_state gets expert_model_parallel_size=2,
+    the model keeps this rank's experts, the wrapper is moeflow's ExpertDataParallel over megatron's groups;
+    one optimizer step (expert grads summed over expert-DP / world, norm with each shard once, AdamW) equals
+    one process with all experts; the checkpoint holds all experts and their moments; resume reslices them.
+    (GPTModel's forward needs CUDA: the 2-GPU run is the GPU check of forward/backward.)"""
+    for rank, r in enumerate(engine_run):
+        assert (r["ep_size"], r["edp_size"], r["ep_rank"]) == (2, 2, (rank % 2)), r
+        assert r["wrapper"] == "ExpertDataParallel" and r["wrapper_layout"] == (2, 2) and r["wrapped_model"]
+        lo = r["ep_rank"] * 2
+        assert r["shards"] and all(s == (4, lo, lo + 2) for s in r["shards"].values()), r["shards"]
+        assert r["opt_numel"] == r["local_numel"], "the optimizer must hold this rank's expert shards only"
+        got, want = r["grad_norm"]
+        assert got == pytest.approx(want, rel=1e-5)
+        assert r["resume_step"] == 1 and r["resume_weights"] == 0.0 and r["resume_moments"] == 0.0, r
+    main = engine_run[0]
+    assert main["saved_path"] and all(r["saved_path"] is None for r in engine_run[1:])
+    assert main["weights"] < 1e-6, "the gathered checkpoint must equal one process's AdamW step"
+    assert main["expert_moment_rows"] == [4], "the checkpoint's expert moments must cover all experts"
+
+
 # ---- megatron-core's router configured by router_config (CPU) -------------------------------
 
 ROUTER_CASES = {
