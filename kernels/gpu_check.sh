@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: install, GPU correctness tests, then the expert benchmark (and optionally
 # the 200-step triton-vs-torch training comparison). Run from the repository root:
-#   bash kernels/gpu_check.sh [test] [bench] [train] [diag]   (default: test bench)
+#   bash kernels/gpu_check.sh [test] [bench] [train] [seeds] [diag]   (default: test bench)
 # diag: one step's gradients of triton-bf16 and torch-bf16 against torch-fp32, and an fp32 training run.
 # Wheels for packages the GPU image lacks (hydra-core, omegaconf, antlr4) are taken from $WHEELS.
 set -uo pipefail
@@ -28,6 +28,15 @@ for stage in $stages; do
         tail -3 "$OUT/train_$impl.log"
       done
       python3 kernels/compare_runs.py /tmp/run_triton/tensorboard /tmp/run_torch/tensorboard | tee "$OUT/compare.txt" ;;
+    seeds)  # the 200-step comparison over several seeds (SEEDS, default 1 2 3)
+      for seed in ${SEEDS:-1 2 3}; do
+        for impl in triton torch; do
+          timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=200 trainer.log_every=10 \
+            trainer.eval_every=100 trainer.ckpt_every=1000 trainer.progress=false trainer.seed=$seed experts.impl=$impl \
+            hydra.run.dir=/tmp/seeds/${impl}_s$seed > "$OUT/train_${impl}_s$seed.log" 2>&1 || { echo "train $impl seed $seed failed:"; tail -5 "$OUT/train_${impl}_s$seed.log"; }
+        done
+      done
+      python3 kernels/compare_seeds.py /tmp/seeds | tee "$OUT/seeds.txt" ;;
     diag)
       python3 kernels/compare_grads.py configs/model/small.yaml 8 512 2>&1 | tee "$OUT/grads.txt"
       timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=${FP32_STEPS:-100} trainer.log_every=10 \
