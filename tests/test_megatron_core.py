@@ -213,6 +213,63 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
         assert sorted(n for n, a in r["allreduce"].items() if not a) == experts
 
 
+# ---- tensor parallelism of the MoE slot through parallel_state (gloo, 2 and 4 processes) -----
+
+def _tp_spawn(tmp_path_factory, world: int, ep: int) -> list[dict]:
+    import ep_workers as W
+
+    cases = [(f"{g}/{s}", ep, EP_GATES[g], s, 2) for g in EP_GATES for s in EP_SYNCS]
+    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_tp2_ep{ep}_w{world}"), cases)
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """TP=2 on 2 processes and TP=2 x EP=2 on 4 (data-parallel 2; about 35 s together)."""
+    return {"tp2": _tp_spawn(tmp_path_factory, 2, 1), "tp2_ep2": _tp_spawn(tmp_path_factory, 4, 2)}
+
+
+TP_SHARDED = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF", "shared_expert.w1.weight", "shared_expert.w2.weight", "shared_expert.w3.weight"]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+@pytest.mark.parametrize("sync", EP_SYNCS)
+@pytest.mark.parametrize("gate", EP_GATES)
+@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2"])
+def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync):
+    """MoeflowMoE under parallel_state TP=2 (experts and shared expert split on F, megatron's copy/reduce
+    mappings, replicated gate): outputs, input/router grads, this rank's F-slice of the expert grads and
+    the aux loss equal one moeflow MoELayer with the full weights; the checkpoint gathers F back."""
+    per_rank = tp_runs[layout]
+    world = len(per_rank)
+    ep = 2 if layout == "tp2_ep2" else 1
+    for rank, res in enumerate(per_rank):
+        r = res[f"{gate}/{sync}"]
+        assert (r["tp_group_size"], r["ep_group_size"], r["dp_group_size"]) == (2, ep, world // 2), r
+        assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
+        bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
+        assert not bad, (rank, "grads differ", bad)
+        lo = (rank % 2) * 12  # TP rank = rank % 2 (megatron's tp-first order); model.d_ff=24, shared 48
+        assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (1, 24, lo, lo + 12)
+        assert r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24) and r["tp_shards"]["gate.proj.weight"] is None
+        assert r["tp_attrs"] == TP_SHARDED, "megatron's tensor_model_parallel marker on exactly the F-sharded params"
+        if ep == 2:
+            assert r["shards"]["experts.w1_EDF"][1] == 2 * r["ep_rank"]
+        assert r["gathered"] == 0.0, "full_model_state must gather the F (and expert) shards back to the full weights"
+        if gate == "capacity":
+            assert r["dropped"] > 0, "the capacity case should drop pairs"
+
+
+def test_tensor_parallel_size_must_divide_the_hidden_dims():
+    from moeflow.parallel.tensor_parallel import shard_hidden_dim
+
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=5 does not divide model.d_ff=24") as err:
+        shard_hidden_dim(build_moe_layer(tiny()), 0, 5)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="does not divide the shared expert's hidden size=36"):
+        shard_hidden_dim(build_moe_layer(tiny(d_ff=24, shared_experts=1, dense_d_ff=36)), 0, 8)
+
+
 @pytest.fixture(scope="module")
 def engine_run(tmp_path_factory):
     """MegatronEngine with parallel.ep=2 on 4 gloo ranks (EP 2 x expert-DP 2), CPU (about 20 s)."""

@@ -156,6 +156,41 @@ def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
         p.allreduce = ep == 1
 
 
+def shard_over_tensor_group(moe, groups: MegatronGroups) -> None:
+    """Tensor parallelism (sequence parallelism off) for one moeflow MoELayer over parallel_state's TP group.
+
+    The hidden states entering megatron's MLP slot are the same on every TP rank. Each rank
+    keeps F/tp hidden units of every expert and of the shared expert (`shard_hidden_dim`:
+    column-parallel w1/w3, row-parallel w2); the expert/shared-expert input goes through
+    megatron's `copy_to_tensor_model_parallel_region` (identity; backward all-reduce of the
+    partial input grads) and their output through `reduce_from_tensor_model_parallel_region`
+    (all-reduce of the partial outputs), before the gate weights the rows, so the gate's
+    weights get full gradients. The gate is replicated: same inputs and weights on every TP
+    rank, hence the same routing and the same full gradient on each (megatron's DDP and
+    `data_parallel` reduce over the data-parallel group only, which excludes TP: nothing is
+    counted twice). Sharded params get megatron's `tensor_model_parallel` attributes (its
+    grad-norm counts them on every TP rank, replicated params once). Routed experts use the
+    TP group: parallel_state's expert-tensor-parallel group must be the same ranks.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    from moeflow.parallel.tensor_parallel import shard_hidden_dim
+
+    tp = MegatronGroups.size(groups.tp)
+    if tp == 1:
+        return
+    if ps.get_expert_tensor_parallel_world_size() != tp:
+        raise ValueError(f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset")
+    for p in shard_hidden_dim(moe, torch.distributed.get_rank(groups.tp), tp):
+        set_tensor_model_parallel_attributes(p, True, p._moeflow_tp_shard[0], 1)
+    for module in (moe.experts, moe.shared_expert):
+        if module is not None:
+            module.register_forward_pre_hook(lambda m, args: (copy_to_tensor_model_parallel_region(args[0], groups.tp), *args[1:]))
+            module.register_forward_hook(lambda m, args, out: reduce_from_tensor_model_parallel_region(out, groups.tp))
+
+
 def _define_moeflow_moe():
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -169,11 +204,9 @@ def _define_moeflow_moe():
             if config.hidden_size != mc.d_model:
                 raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={mc.d_model}")
             self.groups = MegatronGroups.from_parallel_state()
-            if MegatronGroups.size(self.groups.tp) != 1:
-                raise ValueError("the moeflow MoE layer needs tensor_model_parallel_size=1 (its experts are not TP-sharded)")
             self.moe = build_moe_layer(mc)
             shard_over_expert_group(self.moe, self.groups)
-
+            shard_over_tensor_group(self.moe, self.groups)
 
         def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_unused):
             y = self.moe(hidden_states)
@@ -248,6 +281,8 @@ def build_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", bf16: 
     groups = MegatronGroups.from_parallel_state()
     if MegatronGroups.size(groups.ep) > 1:  # moeflow.parallel.sharded_state gathers/reslices expert shards over it
         model._moeflow_ep_group = groups.ep
+    if MegatronGroups.size(groups.tp) > 1:  # ... and the MoE layers' hidden-dim shards over this one
+        model._moeflow_tp_group = groups.tp
     return model.to(device)
 
 
