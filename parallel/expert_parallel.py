@@ -99,18 +99,26 @@ class ExpertDataParallel(DistributedDataParallel):
 
         Non-expert gradients are identical on all ranks (count them once); expert shards
         are identical across the EDP group and disjoint across the EP group (sum their
-        squares over the EP group only).
+        squares over the EP group only). Under tensor parallelism (a layout with `tp_group`,
+        e.g. megatron's), params marked `tensor_model_parallel` (megatron's attribute) are
+        disjoint slices over the TP group: their squares are summed over it as well.
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
-        dense = [p.grad for p in params if expert_shard(p) is None]
-        sharded = [p.grad for p in params if expert_shard(p) is not None]
+        tp_group = getattr(self.layout, "tp_group", None)
         dtype = torch.promote_types(params[0].grad.dtype, torch.float32) if params else torch.float32
+        kinds = [[], [], [], []]  # grads: replicated, TP-sliced dense, EP-sharded, EP-sharded and TP-sliced
+        for p in params:
+            tp_sliced = tp_group is not None and getattr(p, "tensor_model_parallel", False)
+            kinds[(2 if expert_shard(p) is not None else 0) + int(tp_sliced)].append(p.grad)
         zero = torch.zeros((), device=params[0].device if params else None, dtype=dtype)
-        sq_dense = torch.nn.utils.get_total_norm(dense).to(dtype) ** 2 if dense else zero
-        sq_expert = torch.nn.utils.get_total_norm(sharded).to(dtype) ** 2 if sharded else zero.clone()
+        sq = torch.stack([torch.nn.utils.get_total_norm(g).to(dtype) ** 2 if g else zero for g in kinds])
         if self.layout.ep > 1:
-            dist.all_reduce(sq_expert, group=self.layout.ep_group)
-        total = (sq_dense + sq_expert).sqrt()
+            dist.all_reduce(sq[2:], group=self.layout.ep_group)
+        if tp_group is not None:
+            sq_tp = sq[1::2].contiguous()
+            dist.all_reduce(sq_tp, group=tp_group)
+            sq[1::2] = sq_tp
+        total = sq.sum().sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 

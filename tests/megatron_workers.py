@@ -117,11 +117,14 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
             want = refs[n].grad[shard[1]:shard[2]] if shard else refs[n].grad
             grads[n] = _maxdiff(grad_of(p), local_slice(want, p))  # this rank's hidden units under TP
             shards[n] = shard
+        norm = wrapped.clip_grad_norm_(1e9).item() if sync == "moeflow" else None  # every shard counted once
+        ref_norm = torch.nn.utils.get_total_norm([q.grad for q in refs.values()]).item()
         gathered = full_model_state(gpt)  # checkpoints gather the shards back (collective)
         results[name] = {
             "out": _maxdiff(y_loc.detach(), y_ref.detach().view(dp, S, B, D)[dp_rank]),
             "x_grad": _maxdiff(x_loc.grad / dp, x_ref.grad.view(dp, S, B, D)[dp_rank]),
             "aux": abs(slot.moe.aux_loss.item() - ref.aux_loss.item()),
+            "norm": abs(norm - ref_norm) if norm is not None else None,
             "grads": grads,
             "shards": shards,
             "allreduce": {n: getattr(p, "allreduce", True) for n, p in slot.moe.named_parameters()},

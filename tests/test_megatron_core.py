@@ -194,6 +194,7 @@ def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync
         assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
         bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
         assert not bad, (rank, "grads differ", bad)
+        assert sync != "moeflow" or r["norm"] < EP_TOL, "data_parallel's clip norm counts every expert once"
         lo = r["ep_rank"] * 2
         assert r["shards"]["experts.w1_EDF"] == (4, lo, lo + 2) and r["shards"]["gate.proj.weight"] is None
         assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
@@ -249,6 +250,8 @@ def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync
         assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
         bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
         assert not bad, (rank, "grads differ", bad)
+        if sync == "moeflow":
+            assert r["norm"] < EP_TOL, "data_parallel's clip norm: F/expert shards summed over TP/EP, the gate once"
         lo = (rank % 2) * 12  # TP rank = rank % 2 (megatron's tp-first order); model.d_ff=24, shared 48
         assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (1, 24, lo, lo + 12)
         assert r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24) and r["tp_shards"]["gate.proj.weight"] is None

@@ -97,20 +97,23 @@ class MegatronGroups:
 
     def expert_layout(self) -> "MegatronExpertLayout":
         return MegatronExpertLayout(ep_group=self.ep, edp_group=self.expert_dp, ep=self.size(self.ep), dp=self.size(self.expert_dp),
-                                    ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0)
+                                    ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0,
+                                    tp_group=self.tp if self.size(self.tp) > 1 else None)
 
 
 @dataclass
 class MegatronExpertLayout:
     """parallel_state's groups seen through moeflow's `ParallelLayout` interface, so that
     `ExpertDataParallel` (gradient sync, clipping, routing stats) runs on megatron's groups.
-    `dp` is the number of replicas of one expert shard (the expert-data-parallel size)."""
+    `dp` is the number of replicas of one expert shard (the expert-data-parallel size);
+    `tp_group` (TP > 1 only): the gradient norm sums params marked `tensor_model_parallel` over it."""
 
     ep_group: object
     edp_group: object
     ep: int
     dp: int
     ep_rank: int
+    tp_group: object = None
 
     @property
     def world_size(self) -> int:
