@@ -9,7 +9,9 @@ mappings). The gate is not sharded: every TP rank routes the same tokens the sam
 
 Every sharded param carries `_moeflow_tp_shard = (dim, full size, lo, hi)`, which
 `sharded_state` uses to gather full checkpoints over the model's TP group and to slice
-them back on load (after the expert-parallel rows).
+them back on load (after the expert-parallel rows). A param whose full tensor is `parts`
+stacked blocks along `dim`, each sliced [lo, hi) (megatron's gated fc1 = [w1; w3]), also
+carries `_moeflow_tp_parts`.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def shard_hidden_dim(layer, tp_rank: int, tp: int) -> list[torch.nn.Parameter]:
             full = p.shape[dim]
             lo, hi = tp_rank * full // tp, (tp_rank + 1) * full // tp
             p.data = p.data.narrow(dim, lo, hi - lo).clone()
-            p._moeflow_tp_shard = (dim, full, lo, hi)
+            mark_tp_shard(p, dim, full, lo, hi)
             sharded.append(p)
     experts.d_ff //= tp
     experts.permute_fusion = False  # fused kernels weight rows by the gate before the TP reduce: keep them unfused
@@ -59,20 +61,28 @@ def _param_or_none(module, name: str):
         return None
 
 
+def mark_tp_shard(p: torch.Tensor, dim: int, full: int, lo: int, hi: int, parts: int = 1) -> None:
+    p._moeflow_tp_shard = (dim, full, lo, hi)
+    if parts > 1:
+        p._moeflow_tp_parts = parts
+
+
 def local_slice(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """This rank's TP slice of a full-F tensor shaped like `p`'s full version (else `t` unchanged)."""
+    """This rank's TP slice of a full tensor shaped like `p`'s full version (else `t` unchanged)."""
     shard = tp_shard(p)
     if shard is None or t.dim() != p.dim() or t.shape[shard[0]] != shard[1]:
         return t
     dim, _, lo, hi = shard
-    return t.narrow(dim, lo, hi - lo).clone()
+    blocks = t.chunk(getattr(p, "_moeflow_tp_parts", 1), dim)
+    return torch.cat([b.narrow(dim, lo, hi - lo) for b in blocks], dim).clone()
 
 
 def gather_full(t: torch.Tensor, p: torch.Tensor, group) -> torch.Tensor:
-    """The full-F tensor from every TP rank's slice `t` (collective over `group`)."""
+    """The full tensor from every TP rank's slice `t` (collective over `group`)."""
     shard = tp_shard(p)
     if shard is None or group is None or t.shape != p.shape:
         return t
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=shard[0])
+    ranks = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(ranks, t.contiguous(), group=group)
+    parts, dim = getattr(p, "_moeflow_tp_parts", 1), shard[0]
+    return torch.cat([torch.cat([r.chunk(parts, dim)[j] for r in ranks], dim) for j in range(parts)], dim)

@@ -171,14 +171,15 @@ def _build_engine(cfg, mc, tc, run_dir):
     return MegatronEngine(cfg, mc, tc, env, device, run_dir)
 
 
-def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
+def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -> dict:
     """MegatronEngine built from a train config with parallel.ep=ep on CPU (the loop itself needs
     CUDA for GPTModel's forward): parallel_state's groups, the expert-aware wrapper, the weights
     it starts from, one optimizer step on given gradients (expert-shard sync over the expert-DP
     group, clipping with each shard counted once, AdamW), the gathered checkpoint, and a resume
     on the same layout. The gradients: a full moeflow-layout G the same on every rank; dense
     params get G (what DDP's mean would leave), expert shards get G's rows times world * w_d,
-    with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo)."""
+    with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo).
+    `overrides` (e.g. engine.tensor_parallel=2): TP-sliced params get their slice of G."""
     from pathlib import Path
 
     from megatron.core import parallel_state as ps
@@ -187,12 +188,14 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
     from moeflow.parallel.expert_parallel import ExpertDataParallel
     from moeflow.parallel.integrations import megatron_ckpt as mck
 
-    cfg, mc, tc = _engine_config(f"parallel.ep={ep}")
+    cfg, mc, tc = _engine_config(f"parallel.ep={ep}", *overrides)
     engine = _build_engine(cfg, mc, tc, Path(run_dir))
     torch.manual_seed(tc.seed)
     init = unique_state_dict(Transformer(mc))  # the torch engine's initial weights (full)
     shards = {n: expert_shard(p) for n, p in engine.gpt.named_parameters() if expert_shard(p) is not None}
     opt_numel = sum(p.numel() for g in engine.opt.param_groups for p in g["params"])
+
+    dense_mlp = _dense_mlp_vs_moeflow(engine.gpt, mc, init) if not mc.is_moe_block(0) else None
 
     G = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(sorted(init.items()))}
     local_G = local_model_state(engine.gpt, mck.to_megatron(G, mc, native=False))
@@ -220,6 +223,10 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
     mine, theirs = engine.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
     result = {
         "ep_size": ps.get_expert_model_parallel_world_size(), "edp_size": edp, "ep_rank": ps.get_expert_model_parallel_rank(),
+        "dense_mlp": dense_mlp,
+        "tp_size": ps.get_tensor_model_parallel_world_size(), "data_parallel_rank": engine.data_parallel_rank,
+        "tp_sliced": sorted(n for n, p in engine.gpt.named_parameters() if tp_shard(p) is not None),
+        "local_vs_full": (sum(p.numel() for p in engine.gpt.parameters()), sum(v.numel() for v in mck.to_megatron(init, mc, native=False).values())),
         "wrapper": type(engine.ddp).__name__ if isinstance(engine.ddp, ExpertDataParallel) else repr(engine.ddp),
         "wrapper_layout": (engine.ddp.layout.ep, engine.ddp.layout.dp), "wrapped_model": engine.ddp.module is engine.model,
         "shards": shards, "opt_numel": opt_numel, "local_numel": sum(p.numel() for p in engine.gpt.parameters()),
@@ -233,6 +240,16 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
     }
     resumed.close()
     return result
+
+
+def _dense_mlp_vs_moeflow(gpt, mc, init) -> float:
+    """megatron's dense MLP of block 0 (its TP slices, megatron's mappings) vs moeflow's MLP with the full
+    weights: the slices must follow megatron's compute layout (gated fc1 = [w1 slice; w3 slice] per rank)."""
+    ref = Transformer(mc)
+    ref.load_state_dict(init, strict=False)
+    x = torch.randn(3, 2, mc.d_model, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        return _maxdiff(gpt.decoder.layers[0].mlp(x)[0], ref.blocks[0].ffn(x))
 
 
 def _with_changes(cfg, **changes):

@@ -305,6 +305,41 @@ def test_megatron_engine_applies_expert_parallelism(engine_run):
     assert main["expert_moment_rows"] == [4], "the checkpoint's expert moments must cover all experts"
 
 
+@pytest.fixture(scope="module")
+def engine_run_tp(tmp_path_factory):
+    """MegatronEngine with engine.tensor_parallel=2 on 2 gloo ranks, one dense (gated fc1) and one MoE block with a shared expert."""
+    import ep_workers as W
+
+    run_dir = tmp_path_factory.mktemp("mcore_engine_tp2_w2")
+    return W.spawn("megatron_workers:engine_step", 2, run_dir, 1, str(run_dir / "run"), "engine.tensor_parallel=2", "model.moe_every=2", "model.shared_experts=1")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+def test_megatron_engine_applies_tensor_parallelism(engine_run_tp):
+    """engine.tensor_parallel=2: parallel_state's TP group, both ranks on the same batch, megatron's attention/
+    embedding/dense-MLP slices and the MoE experts' F slices loaded from the full initial weights; one step
+    (gradient norm summing TP slices once each, AdamW) equals one process; the checkpoint gathers every slice
+    (gated fc1 = [w1; w3] blocks included) to the single-process weights; resume reslices weights and moments."""
+    for rank, r in enumerate(engine_run_tp):
+        assert (r["tp_size"], r["ep_size"], r["data_parallel_rank"]) == (2, 1, (0, 1)), r
+        assert r["wrapper"] == "ExpertDataParallel" and r["wrapped_model"]
+        sliced = r["tp_sliced"]
+        for part in ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.moe.experts.w2_EFD",
+                     "mlp.moe.shared_expert", "embedding.word_embeddings.weight"):
+            assert any(part in n for n in sliced), (part, sliced)
+        assert not any("router" in n or "gate" in n or "norm" in n for n in sliced), sliced
+        assert r["dense_mlp"] < 1e-5, "megatron's TP dense MLP on the loaded slices must compute moeflow's MLP"
+        local, full = r["local_vs_full"]
+        assert local < full and r["opt_numel"] == local
+        got, want = r["grad_norm"]
+        assert got == pytest.approx(want, rel=1e-5)
+        assert r["resume_step"] == 1 and r["resume_weights"] == 0.0 and r["resume_moments"] == 0.0, r
+    main = engine_run_tp[0]
+    assert main["saved_path"] and engine_run_tp[1]["saved_path"] is None
+    assert main["weights"] < 1e-6, "the gathered checkpoint must equal one process's AdamW step"
+
+
 # ---- megatron-core's router configured by router_config (CPU) -------------------------------
 
 ROUTER_CASES = {
@@ -407,10 +442,18 @@ def test_engine_megatron_accepts_a_possible_expert_parallel_layout(monkeypatch):
     assert mc.num_experts == 8
 
 
+def test_engine_megatron_accepts_tensor_parallel_with_expert_parallel(monkeypatch):
+    mc, _ = _validate_as_if_on_gpu(monkeypatch, 4, "engine.tensor_parallel=2", "parallel.ep=2", "model.num_experts=8")
+    assert mc.num_experts == 8
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
     (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
-    (("engine.tensor_parallel=2",), "engine.tensor_parallel=2 is not supported"),
+    (("engine.tensor_parallel=3",), "engine.tensor_parallel=3 x parallel.ep=1 does not divide the world size 4"),
+    (("engine.tensor_parallel=4", "model.n_heads=2"), "engine.tensor_parallel=4 does not divide model.n_heads=2"),
+    (("engine.tensor_parallel=2", "model.d_ff=25"), "engine.tensor_parallel=2 does not divide model.d_ff=25"),
+    (("engine.tensor_parallel=2", "parallel.ep=4", "model.num_experts=8"), "engine.tensor_parallel=2 x parallel.ep=4 does not divide the world size 4"),
     (("parallel.ep=2", "parallel.overlap_chunks=2"), "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron"),
 ])
 def test_engine_megatron_refuses_impossible_layouts_in_one_line(monkeypatch, overrides, message):
