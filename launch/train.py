@@ -244,7 +244,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
         log_now = done % tc.log_every == 0 or done == tc.steps
         if env.enabled and log_now:
-            sync_routing_stats(model)  # collective: routing statistics of the global batch
+            sync_routing_stats(model, getattr(engine, "data_parallel_group", None))  # collective: routing statistics of the global batch
         if env.is_main and log_now:
             elapsed = time.perf_counter() - t_last
             tok_s = tokens_since / max(elapsed, 1e-9)

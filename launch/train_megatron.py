@@ -81,6 +81,7 @@ class MegatronEngine(AdamWStep):
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
         # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
         self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
+        self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
 
     def describe(self) -> str:
         return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "

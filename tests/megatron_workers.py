@@ -21,7 +21,7 @@ from torch import nn
 
 from moeflow.launch.checkpoint import unique_state_dict
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer
-from moeflow.parallel.expert_parallel import expert_shard
+from moeflow.parallel.expert_parallel import expert_shard, sync_routing_stats
 from moeflow.parallel.sharded_state import full_model_state, local_model_state
 from moeflow.parallel.tensor_parallel import local_slice, tp_shard
 
@@ -118,6 +118,7 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
             grads[n] = _maxdiff(grad_of(p), local_slice(want, p))  # this rank's hidden units under TP
             shards[n] = shard
         norm = wrapped.clip_grad_norm_(1e9).item() if sync == "moeflow" else None  # every shard counted once
+        sync_routing_stats(slot.moe, ps.get_data_parallel_group())  # the global batch's counts, TP duplicates once
         ref_norm = torch.nn.utils.get_total_norm([q.grad for q in refs.values()]).item()
         gathered = full_model_state(gpt)  # checkpoints gather the shards back (collective)
         results[name] = {
@@ -134,6 +135,7 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
             "tp_attrs": sorted(n for n, p in slot.moe.named_parameters() if getattr(p, "tensor_model_parallel", False)),
             "tp_group_size": ps.get_tensor_model_parallel_world_size(), "dp_group_size": dp,
             "dropped": float(slot.moe.last_stats.get("dropped_fraction", 0.0)),
+            "routed_tokens": (slot.moe.last_stats["tokens_per_expert"].sum().item(), dp * S * B * mc.top_k),
             "ep_rank": ps.get_expert_model_parallel_rank(),
             "ep_group_size": ps.get_expert_model_parallel_world_size(),
             "edp_group_size": ps.get_expert_data_parallel_world_size(),

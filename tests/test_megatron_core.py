@@ -252,6 +252,8 @@ def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync
         assert not bad, (rank, "grads differ", bad)
         if sync == "moeflow":
             assert r["norm"] < EP_TOL, "data_parallel's clip norm: F/expert shards summed over TP/EP, the gate once"
+        if gate == "topk":  # dropless: every token's top_k pairs, each of the dp batches counted once
+            assert r["routed_tokens"][0] == r["routed_tokens"][1], r["routed_tokens"]
         lo = (rank % 2) * 12  # TP rank = rank % 2 (megatron's tp-first order); model.d_ff=24, shared 48
         assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (1, 24, lo, lo + 12)
         assert r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24) and r["tp_shards"]["gate.proj.weight"] is None
