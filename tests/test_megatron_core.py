@@ -165,24 +165,43 @@ EP_SYNCS = ("moeflow", "megatron")  # gradient sync: moeflow's ExpertDataParalle
 EP_TOL = 1e-6  # float64 layer; the gate's router probabilities are float32 by design
 
 
-def _ep_spawn(tmp_path_factory, world: int, ep: int) -> list[dict]:
+def _slot_spawn(tmp_path_factory, world: int, ep: int, tp: int = 1) -> list[dict]:
     import ep_workers as W
 
-    cases = [(f"{g}/{s}", ep, EP_GATES[g], s) for g in EP_GATES for s in EP_SYNCS]
-    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_ep{ep}_w{world}"), cases)
+    cases = [(f"{g}/{s}", ep, EP_GATES[g], s, tp) for g in EP_GATES for s in EP_SYNCS]
+    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_tp{tp}_ep{ep}_w{world}"), cases)
+
+
+def _assert_slot_equals_one_process(rank: int, r: dict, gate: str, sync: str) -> None:
+    """Outputs, input/router/expert-shard grads, aux loss, clip norm, gathered checkpoint vs one process."""
+    assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
+    bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
+    assert not bad, (rank, "grads differ", bad)
+    assert sync != "moeflow" or r["norm"] < EP_TOL, "data_parallel's clip norm: expert/F shards summed over EP/TP, the gate once"
+    assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
+    if gate == "capacity":
+        assert r["dropped"] > 0, "the capacity case should drop pairs"
+    else:  # dropless: every token's top_k pairs, each of the data-parallel batches counted once
+        assert r["routed_tokens"][0] == r["routed_tokens"][1], r["routed_tokens"]
 
 
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory):
     """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together)."""
-    return {"ep2": _ep_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _ep_spawn(tmp_path_factory, 4, 2)}
+    return {"ep2": _slot_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _slot_spawn(tmp_path_factory, 4, 2)}
 
 
-@pytest.mark.multiprocess
-@pytest.mark.xdist_group("megatron_ep")
-@pytest.mark.parametrize("sync", EP_SYNCS)
-@pytest.mark.parametrize("gate", EP_GATES)
-@pytest.mark.parametrize("layout", ["ep2", "ep2_dp2"])
+def slot_test(*layouts: str):
+    """A multiprocess MoE-slot test over `layouts` x EP_GATES x EP_SYNCS (one spawn per layout, shared)."""
+    def mark(fn):
+        for m in (pytest.mark.parametrize("sync", EP_SYNCS), pytest.mark.parametrize("gate", EP_GATES),
+                  pytest.mark.parametrize("layout", layouts), pytest.mark.xdist_group("megatron_ep"), pytest.mark.multiprocess):
+            fn = m(fn)
+        return fn
+    return mark
+
+
+@slot_test("ep2", "ep2_dp2")
 def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync):
     """MoeflowMoE built by the megatron spec under parallel_state EP: outputs, input/router/expert-shard
     grads and aux loss equal one moeflow MoELayer with the full weights on the global batch."""
@@ -191,15 +210,9 @@ def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync
     for rank, res in enumerate(per_rank):
         r = res[f"{gate}/{sync}"]
         assert (r["ep_group_size"], r["edp_group_size"]) == (2, world // 2)
-        assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
-        bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
-        assert not bad, (rank, "grads differ", bad)
-        assert sync != "moeflow" or r["norm"] < EP_TOL, "data_parallel's clip norm counts every expert once"
+        _assert_slot_equals_one_process(rank, r, gate, sync)
         lo = r["ep_rank"] * 2
         assert r["shards"]["experts.w1_EDF"] == (4, lo, lo + 2) and r["shards"]["gate.proj.weight"] is None
-        assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
-        if gate == "capacity":
-            assert r["dropped"] > 0, "the capacity case should drop pairs"
 
 
 @pytest.mark.multiprocess
@@ -216,27 +229,16 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
 
 # ---- tensor parallelism of the MoE slot through parallel_state (gloo, 2 and 4 processes) -----
 
-def _tp_spawn(tmp_path_factory, world: int, ep: int) -> list[dict]:
-    import ep_workers as W
-
-    cases = [(f"{g}/{s}", ep, EP_GATES[g], s, 2) for g in EP_GATES for s in EP_SYNCS]
-    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_tp2_ep{ep}_w{world}"), cases)
-
-
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory):
     """TP=2 on 2 processes and TP=2 x EP=2 on 4 (data-parallel 2; about 35 s together)."""
-    return {"tp2": _tp_spawn(tmp_path_factory, 2, 1), "tp2_ep2": _tp_spawn(tmp_path_factory, 4, 2)}
+    return {"tp2": _slot_spawn(tmp_path_factory, 2, 1, tp=2), "tp2_ep2": _slot_spawn(tmp_path_factory, 4, 2, tp=2)}
 
 
 TP_SHARDED = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF", "shared_expert.w1.weight", "shared_expert.w2.weight", "shared_expert.w3.weight"]
 
 
-@pytest.mark.multiprocess
-@pytest.mark.xdist_group("megatron_ep")
-@pytest.mark.parametrize("sync", EP_SYNCS)
-@pytest.mark.parametrize("gate", EP_GATES)
-@pytest.mark.parametrize("layout", ["tp2", "tp2_ep2"])
+@slot_test("tp2", "tp2_ep2")
 def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync):
     """MoeflowMoE under parallel_state TP=2 (experts and shared expert split on F, megatron's copy/reduce
     mappings, replicated gate): outputs, input/router grads, this rank's F-slice of the expert grads and
@@ -247,22 +249,13 @@ def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync
     for rank, res in enumerate(per_rank):
         r = res[f"{gate}/{sync}"]
         assert (r["tp_group_size"], r["ep_group_size"], r["dp_group_size"]) == (2, ep, world // 2), r
-        assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
-        bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
-        assert not bad, (rank, "grads differ", bad)
-        if sync == "moeflow":
-            assert r["norm"] < EP_TOL, "data_parallel's clip norm: F/expert shards summed over TP/EP, the gate once"
-        if gate == "topk":  # dropless: every token's top_k pairs, each of the dp batches counted once
-            assert r["routed_tokens"][0] == r["routed_tokens"][1], r["routed_tokens"]
+        _assert_slot_equals_one_process(rank, r, gate, sync)
         lo = (rank % 2) * 12  # TP rank = rank % 2 (megatron's tp-first order); model.d_ff=24, shared 48
         assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (1, 24, lo, lo + 12)
         assert r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24) and r["tp_shards"]["gate.proj.weight"] is None
         assert r["tp_attrs"] == TP_SHARDED, "megatron's tensor_model_parallel marker on exactly the F-sharded params"
         if ep == 2:
             assert r["shards"]["experts.w1_EDF"][1] == 2 * r["ep_rank"]
-        assert r["gathered"] == 0.0, "full_model_state must gather the F (and expert) shards back to the full weights"
-        if gate == "capacity":
-            assert r["dropped"] > 0, "the capacity case should drop pairs"
 
 
 def test_tensor_parallel_size_must_divide_the_hidden_dims():
