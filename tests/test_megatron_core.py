@@ -258,6 +258,24 @@ def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync
             assert r["shards"]["experts.w1_EDF"][1] == 2 * r["ep_rank"]
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_shard_hidden_dim_keeps_this_ranks_hidden_units(activation):
+    """F/tp columns of w1/w3 and rows of w2 (routed and shared experts), the gate untouched, fused kernels off."""
+    from moeflow.parallel.tensor_parallel import local_slice, shard_hidden_dim, tp_shard
+
+    layer = build_moe_layer(tiny(activation=activation, shared_experts=1, experts_impl="triton"))
+    full = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    assert layer.experts.fuses_permute  # the fused kernels weight rows by the gate before a TP reduce could run
+    sharded = shard_hidden_dim(layer, 1, 2)
+    params = dict(layer.named_parameters())
+    assert sorted(n for n, p in params.items() if any(p is q for q in sharded)) == sorted(n for n in params if "experts" in n or "shared_expert" in n)
+    assert params["experts.w1_EDF"].shape == (4, 32, 12) and params["experts.w2_EFD"].shape == (4, 12, 32) and layer.experts.d_ff == 12
+    assert torch.equal(params["experts.w1_EDF"], full["experts.w1_EDF"][:, :, 12:]) and torch.equal(params["experts.w2_EFD"], full["experts.w2_EFD"][:, 12:])
+    assert torch.equal(params["shared_expert.w1.weight"], full["shared_expert.w1.weight"][24:]) and tp_shard(params["shared_expert.w2.weight"]) == (1, 48, 24, 48)
+    assert all(torch.equal(local_slice(full[n], p), p) for n, p in params.items())
+    assert tp_shard(params["gate.proj.weight"]) is None and not layer.experts.fuses_permute
+
+
 def test_tensor_parallel_size_must_divide_the_hidden_dims():
     from moeflow.parallel.tensor_parallel import shard_hidden_dim
 
