@@ -36,6 +36,7 @@ process on gloo (TP=2, TP=2 x EP=2); megatron's attention TP itself needs CUDA.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -73,8 +74,6 @@ def check_options(cfg: DictConfig) -> None:
 
 def check_tensor_parallel(tp: int, ep: int, mc: ModelConfig) -> None:
     """engine.tensor_parallel: megatron-core splits heads, vocab and FFN hidden dims over it."""
-    import os
-
     from moeflow.launch.config import ConfigError
 
     if tp < 1:
