@@ -211,7 +211,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
     result = {"start_step": start_step}
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * env.world_size
+    data_rank, data_ranks = getattr(engine, "data_parallel_rank", (env.rank, env.world_size))  # TP ranks share one batch
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * data_ranks
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
         log.info("%s", engine.describe())
@@ -232,7 +233,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         set_gate_step(model, step)
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
-            x, y = train_data.batch(step, micro, env.rank)
+            x, y = train_data.batch(step, micro, data_rank)
             loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == tc.grad_accum - 1)
             loss_sum += loss.item()
         grad_norm = engine.optimizer_step()
@@ -243,7 +244,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
         log_now = done % tc.log_every == 0 or done == tc.steps
         if env.enabled and log_now:
-            sync_routing_stats(model)  # collective: routing statistics of the global batch
+            sync_routing_stats(model, getattr(engine, "data_parallel_group", None))  # collective: routing statistics of the global batch
         if env.is_main and log_now:
             elapsed = time.perf_counter() - t_last
             tok_s = tokens_since / max(elapsed, 1e-9)

@@ -17,6 +17,12 @@ MoE slot keeps its EP rank's experts and routes over parallel_state's expert gro
 with `megatron_core.data_parallel`, moeflow's `ExpertDataParallel` over parallel_state's
 groups. Checkpoints gather the expert shards (written full, like one process would) and
 resume on any EP size.
+
+Tensor parallelism (`engine.tensor_parallel` > 1, sequence parallelism off) is megatron-core's
+own for attention, embedding and output layer (logits gathered over the vocab), and
+`megatron_core.shard_over_tensor_group` for the MoE slots (experts split on their hidden
+dim). The ranks of a TP group train on the same batch (parallel_state's data-parallel rank);
+checkpoints gather every TP slice too, so they stay single-process checkpoints.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ class MegatronEngine(AdamWStep):
     start = staticmethod(start_megatron)
 
     def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+        from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
@@ -72,6 +79,9 @@ class MegatronEngine(AdamWStep):
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / tc.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
+        # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
+        self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
+        self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
 
     def describe(self) -> str:
         return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "

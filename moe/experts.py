@@ -69,8 +69,9 @@ class GroupedExperts(nn.Module):
 
     @property
     def fuses_permute(self) -> bool:
-        """True when this impl gathers/scatters rows inside its kernels (`forward_routed`); never with biases."""
-        return self.impl in ROUTED_IMPLEMENTATIONS and self.b1_EF is None and self.b2_ED is None
+        """True when this impl gathers/scatters rows inside its kernels (`forward_routed`); never with biases,
+        nor with `permute_fusion` off (tensor parallelism must reduce the rows before they are gate-weighted)."""
+        return self.permute_fusion and self.impl in ROUTED_IMPLEMENTATIONS and self.b1_EF is None and self.b2_ED is None
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", impl: str = "torch", bias: bool = False):
         super().__init__()
@@ -78,6 +79,7 @@ class GroupedExperts(nn.Module):
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         self.activation = activation
         self.impl = impl
+        self.permute_fusion = True
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, d_ff)) if activation == "swiglu" else None
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, d_ff, d_model))

@@ -99,18 +99,26 @@ class ExpertDataParallel(DistributedDataParallel):
 
         Non-expert gradients are identical on all ranks (count them once); expert shards
         are identical across the EDP group and disjoint across the EP group (sum their
-        squares over the EP group only).
+        squares over the EP group only). Under tensor parallelism (a layout with `tp_group`,
+        e.g. megatron's), params marked `tensor_model_parallel` (megatron's attribute) are
+        disjoint slices over the TP group: their squares are summed over it as well.
         """
         params = [p for p in self.module.parameters() if p.grad is not None]
-        dense = [p.grad for p in params if expert_shard(p) is None]
-        sharded = [p.grad for p in params if expert_shard(p) is not None]
+        tp_group = getattr(self.layout, "tp_group", None)
         dtype = torch.promote_types(params[0].grad.dtype, torch.float32) if params else torch.float32
+        kinds = [[], [], [], []]  # grads: replicated, TP-sliced dense, EP-sharded, EP-sharded and TP-sliced
+        for p in params:
+            tp_sliced = tp_group is not None and getattr(p, "tensor_model_parallel", False)
+            kinds[(2 if expert_shard(p) is not None else 0) + int(tp_sliced)].append(p.grad)
         zero = torch.zeros((), device=params[0].device if params else None, dtype=dtype)
-        sq_dense = torch.nn.utils.get_total_norm(dense).to(dtype) ** 2 if dense else zero
-        sq_expert = torch.nn.utils.get_total_norm(sharded).to(dtype) ** 2 if sharded else zero.clone()
+        sq = torch.stack([torch.nn.utils.get_total_norm(g).to(dtype) ** 2 if g else zero for g in kinds])
         if self.layout.ep > 1:
-            dist.all_reduce(sq_expert, group=self.layout.ep_group)
-        total = (sq_dense + sq_expert).sqrt()
+            dist.all_reduce(sq[2:], group=self.layout.ep_group)
+        if tp_group is not None:
+            sq_tp = sq[1::2].contiguous()
+            dist.all_reduce(sq_tp, group=tp_group)
+            sq[1::2] = sq_tp
+        total = sq.sum().sqrt()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
@@ -119,22 +127,23 @@ class ExpertDataParallel(DistributedDataParallel):
 
 
 @torch.no_grad()
-def sync_routing_stats(model: torch.nn.Module) -> None:
-    """Aggregate every MoE layer's `last_stats` over the world (collective: call on all ranks).
+def sync_routing_stats(model: torch.nn.Module, group=None) -> None:
+    """Aggregate every MoE layer's `last_stats` over `group` (default: the world; collective).
 
     tokens_per_expert is summed (and load_max_over_mean recomputed from the sum); the
-    other scalars are averaged (every rank routes the same number of tokens).
+    other scalars are averaged (every rank routes the same number of tokens). Under tensor
+    parallelism pass the data-parallel group: the ranks of a TP group route the same tokens.
     """
     for layer in model.modules():
         if not isinstance(layer, MoELayer) or not layer.last_stats:
             continue
         s = layer.last_stats
         counts_E = s["tokens_per_expert"].float().clone()
-        dist.all_reduce(counts_E)
+        dist.all_reduce(counts_E, group=group)
         keys = sorted(k for k, v in s.items() if v.dim() == 0 and k != "load_max_over_mean")
         scalars = torch.stack([s[k].float().to(counts_E.device) for k in keys]) if keys else counts_E.new_zeros(0)
-        dist.all_reduce(scalars)
-        scalars /= dist.get_world_size()
+        dist.all_reduce(scalars, group=group)
+        scalars /= dist.get_world_size(group)
         out = dict(s)
         out.update({k: scalars[i] for i, k in enumerate(keys)})
         out["tokens_per_expert"] = counts_E

@@ -21,8 +21,9 @@ from torch import nn
 
 from moeflow.launch.checkpoint import unique_state_dict
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer
-from moeflow.parallel.expert_parallel import expert_shard
+from moeflow.parallel.expert_parallel import expert_shard, sync_routing_stats
 from moeflow.parallel.sharded_state import full_model_state, local_model_state
+from moeflow.parallel.tensor_parallel import local_slice, tp_shard
 
 from ep_workers import _maxdiff
 
@@ -63,7 +64,10 @@ def _megatron_ddp(gpt):
 
 
 def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
-    """cases: (name, ep, gate options, sync: "moeflow" | "megatron"). Returns name -> diffs."""
+    """cases: (name, ep, gate options, sync: "moeflow" | "megatron"[, tp]). Returns name -> diffs.
+
+    Every rank of a TP group gets the same batch (its data-parallel rank's part of the global
+    batch); its experts hold F/tp hidden units, compared with that slice of the reference."""
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
@@ -71,24 +75,27 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
     from moeflow.parallel.integrations.megatron_core import build_gpt_model, data_parallel
 
     results = {}
-    for name, ep, gate, sync in cases:
-        ps.initialize_model_parallel(1, 1, expert_model_parallel_size=ep)
+    for name, ep, gate, sync, *tp in cases:
+        tp = tp[0] if tp else 1
+        ps.initialize_model_parallel(tp, 1, expert_model_parallel_size=ep)
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
         mc = model_config(gate)
         state = full_state(mc)
         gpt = build_gpt_model(mc, "cpu")
-        gpt.load_state_dict(local_model_state(gpt, mck.to_megatron(state, mc, native=False)), strict=False)
+        slot_state = {k: v for k, v in mck.to_megatron(state, mc, native=False).items() if ".mlp." in k}  # attention: megatron's own TP layout
+        gpt.load_state_dict(local_model_state(gpt, slot_state), strict=False)
         gpt.double()
         slot = gpt.decoder.layers[0].mlp
         ref = build_moe_layer(mc).double()
         ref.load_state_dict({k[len("blocks.0.ffn."):]: v for k, v in state.items() if k.startswith("blocks.0.ffn.")})
 
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()  # distinct batches (TP ranks share one)
         gen = torch.Generator().manual_seed(5)
-        x_RSBD = torch.randn(world, S, B, D, generator=gen, dtype=torch.float64)
-        g_RSBD = torch.randn(world, S, B, D, generator=gen, dtype=torch.float64)
-        x_ref = x_RSBD.reshape(-1, D).clone().requires_grad_()  # global token order = rank-major, like the gate's
+        x_RSBD = torch.randn(dp, S, B, D, generator=gen, dtype=torch.float64)
+        g_RSBD = torch.randn(dp, S, B, D, generator=gen, dtype=torch.float64)
+        x_ref = x_RSBD.reshape(-1, D).clone().requires_grad_()  # global token order = DP-rank-major, like the gate's
         y_ref = ref(x_ref)
-        ((y_ref * g_RSBD.reshape(-1, D)).sum() / world + ref.aux_loss).backward()
+        ((y_ref * g_RSBD.reshape(-1, D)).sum() / dp + ref.aux_loss).backward()
 
         if sync == "moeflow":
             wrapped = data_parallel(SlotOnly(slot))  # torch DDP: only the slot's params take part
@@ -98,9 +105,9 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
             wrapped = _megatron_ddp(gpt)
             run, finish = SlotOnly(slot), wrapped.finish_grad_sync
             grad_of = lambda p: p.main_grad  # noqa: E731
-        x_loc = x_RSBD[rank].clone().requires_grad_()
+        x_loc = x_RSBD[dp_rank].clone().requires_grad_()
         y_loc = run(x_loc)
-        (y_loc * g_RSBD[rank]).sum().backward()  # the aux loss rides along via MoEAuxLossAutoScaler
+        (y_loc * g_RSBD[dp_rank]).sum().backward()  # the aux loss rides along via MoEAuxLossAutoScaler
         finish()
 
         refs = dict(ref.named_parameters())
@@ -108,19 +115,27 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         for n, p in slot.moe.named_parameters():
             shard = expert_shard(p)
             want = refs[n].grad[shard[1]:shard[2]] if shard else refs[n].grad
-            grads[n] = _maxdiff(grad_of(p), want)
+            grads[n] = _maxdiff(grad_of(p), local_slice(want, p))  # this rank's hidden units under TP
             shards[n] = shard
+        norm = wrapped.clip_grad_norm_(1e9).item() if sync == "moeflow" else None  # every shard counted once
+        sync_routing_stats(slot.moe, ps.get_data_parallel_group())  # the global batch's counts, TP duplicates once
+        ref_norm = torch.nn.utils.get_total_norm([q.grad for q in refs.values()]).item()
         gathered = full_model_state(gpt)  # checkpoints gather the shards back (collective)
         results[name] = {
-            "out": _maxdiff(y_loc.detach(), y_ref.detach().view(world, S, B, D)[rank]),
-            "x_grad": _maxdiff(x_loc.grad / world, x_ref.grad.view(world, S, B, D)[rank]),
+            "out": _maxdiff(y_loc.detach(), y_ref.detach().view(dp, S, B, D)[dp_rank]),
+            "x_grad": _maxdiff(x_loc.grad / dp, x_ref.grad.view(dp, S, B, D)[dp_rank]),
             "aux": abs(slot.moe.aux_loss.item() - ref.aux_loss.item()),
+            "norm": abs(norm - ref_norm) if norm is not None else None,
             "grads": grads,
             "shards": shards,
             "allreduce": {n: getattr(p, "allreduce", True) for n, p in slot.moe.named_parameters()},
             "expert_buffer_params": _expert_buffer_names(wrapped, slot) if sync == "megatron" else None,
-            "gathered": max(_maxdiff(gathered[k].double(), v.double()) for k, v in mck.to_megatron(state, mc, native=False).items() if k in gathered),
+            "gathered": max(_maxdiff(gathered[k].double(), v.double()) for k, v in slot_state.items()),
+            "tp_shards": {n: tp_shard(p) for n, p in slot.moe.named_parameters()},
+            "tp_attrs": sorted(n for n, p in slot.moe.named_parameters() if getattr(p, "tensor_model_parallel", False)),
+            "tp_group_size": ps.get_tensor_model_parallel_world_size(), "dp_group_size": dp,
             "dropped": float(slot.moe.last_stats.get("dropped_fraction", 0.0)),
+            "routed_tokens": (slot.moe.last_stats["tokens_per_expert"].sum().item(), dp * S * B * mc.top_k),
             "ep_rank": ps.get_expert_model_parallel_rank(),
             "ep_group_size": ps.get_expert_model_parallel_world_size(),
             "edp_group_size": ps.get_expert_data_parallel_world_size(),
@@ -158,14 +173,15 @@ def _build_engine(cfg, mc, tc, run_dir):
     return MegatronEngine(cfg, mc, tc, env, device, run_dir)
 
 
-def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
+def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -> dict:
     """MegatronEngine built from a train config with parallel.ep=ep on CPU (the loop itself needs
     CUDA for GPTModel's forward): parallel_state's groups, the expert-aware wrapper, the weights
     it starts from, one optimizer step on given gradients (expert-shard sync over the expert-DP
     group, clipping with each shard counted once, AdamW), the gathered checkpoint, and a resume
     on the same layout. The gradients: a full moeflow-layout G the same on every rank; dense
     params get G (what DDP's mean would leave), expert shards get G's rows times world * w_d,
-    with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo)."""
+    with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo).
+    `overrides` (e.g. engine.tensor_parallel=2): TP-sliced params get their slice of G."""
     from pathlib import Path
 
     from megatron.core import parallel_state as ps
@@ -174,12 +190,14 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
     from moeflow.parallel.expert_parallel import ExpertDataParallel
     from moeflow.parallel.integrations import megatron_ckpt as mck
 
-    cfg, mc, tc = _engine_config(f"parallel.ep={ep}")
+    cfg, mc, tc = _engine_config(f"parallel.ep={ep}", *overrides)
     engine = _build_engine(cfg, mc, tc, Path(run_dir))
     torch.manual_seed(tc.seed)
     init = unique_state_dict(Transformer(mc))  # the torch engine's initial weights (full)
     shards = {n: expert_shard(p) for n, p in engine.gpt.named_parameters() if expert_shard(p) is not None}
     opt_numel = sum(p.numel() for g in engine.opt.param_groups for p in g["params"])
+
+    dense_mlp = _dense_mlp_vs_moeflow(engine.gpt, mc, init) if not mc.is_moe_block(0) else None
 
     G = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(sorted(init.items()))}
     local_G = local_model_state(engine.gpt, mck.to_megatron(G, mc, native=False))
@@ -207,6 +225,10 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
     mine, theirs = engine.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
     result = {
         "ep_size": ps.get_expert_model_parallel_world_size(), "edp_size": edp, "ep_rank": ps.get_expert_model_parallel_rank(),
+        "dense_mlp": dense_mlp,
+        "tp_size": ps.get_tensor_model_parallel_world_size(), "data_parallel_rank": engine.data_parallel_rank,
+        "tp_sliced": sorted(n for n, p in engine.gpt.named_parameters() if tp_shard(p) is not None),
+        "local_vs_full": (sum(p.numel() for p in engine.gpt.parameters()), sum(v.numel() for v in mck.to_megatron(init, mc, native=False).values())),
         "wrapper": type(engine.ddp).__name__ if isinstance(engine.ddp, ExpertDataParallel) else repr(engine.ddp),
         "wrapper_layout": (engine.ddp.layout.ep, engine.ddp.layout.dp), "wrapped_model": engine.ddp.module is engine.model,
         "shards": shards, "opt_numel": opt_numel, "local_numel": sum(p.numel() for p in engine.gpt.parameters()),
@@ -220,6 +242,16 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str) -> dict:
     }
     resumed.close()
     return result
+
+
+def _dense_mlp_vs_moeflow(gpt, mc, init) -> float:
+    """megatron's dense MLP of block 0 (its TP slices, megatron's mappings) vs moeflow's MLP with the full
+    weights: the slices must follow megatron's compute layout (gated fc1 = [w1 slice; w3 slice] per rank)."""
+    ref = Transformer(mc)
+    ref.load_state_dict(init, strict=False)
+    x = torch.randn(3, 2, mc.d_model, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        return _maxdiff(gpt.decoder.layers[0].mlp(x)[0], ref.blocks[0].ffn(x))
 
 
 def _with_changes(cfg, **changes):

@@ -165,24 +165,43 @@ EP_SYNCS = ("moeflow", "megatron")  # gradient sync: moeflow's ExpertDataParalle
 EP_TOL = 1e-6  # float64 layer; the gate's router probabilities are float32 by design
 
 
-def _ep_spawn(tmp_path_factory, world: int, ep: int) -> list[dict]:
+def _slot_spawn(tmp_path_factory, world: int, ep: int, tp: int = 1) -> list[dict]:
     import ep_workers as W
 
-    cases = [(f"{g}/{s}", ep, EP_GATES[g], s) for g in EP_GATES for s in EP_SYNCS]
-    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_ep{ep}_w{world}"), cases)
+    cases = [(f"{g}/{s}", ep, EP_GATES[g], s, tp) for g in EP_GATES for s in EP_SYNCS]
+    return W.spawn("megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_tp{tp}_ep{ep}_w{world}"), cases)
+
+
+def _assert_slot_equals_one_process(rank: int, r: dict, gate: str, sync: str) -> None:
+    """Outputs, input/router/expert-shard grads, aux loss, clip norm, gathered checkpoint vs one process."""
+    assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
+    bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
+    assert not bad, (rank, "grads differ", bad)
+    assert sync != "moeflow" or r["norm"] < EP_TOL, "data_parallel's clip norm: expert/F shards summed over EP/TP, the gate once"
+    assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
+    if gate == "capacity":
+        assert r["dropped"] > 0, "the capacity case should drop pairs"
+    else:  # dropless: every token's top_k pairs, each of the data-parallel batches counted once
+        assert r["routed_tokens"][0] == r["routed_tokens"][1], r["routed_tokens"]
 
 
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory):
     """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together)."""
-    return {"ep2": _ep_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _ep_spawn(tmp_path_factory, 4, 2)}
+    return {"ep2": _slot_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _slot_spawn(tmp_path_factory, 4, 2)}
 
 
-@pytest.mark.multiprocess
-@pytest.mark.xdist_group("megatron_ep")
-@pytest.mark.parametrize("sync", EP_SYNCS)
-@pytest.mark.parametrize("gate", EP_GATES)
-@pytest.mark.parametrize("layout", ["ep2", "ep2_dp2"])
+def slot_test(*layouts: str):
+    """A multiprocess MoE-slot test over `layouts` x EP_GATES x EP_SYNCS (one spawn per layout, shared)."""
+    def mark(fn):
+        for m in (pytest.mark.parametrize("sync", EP_SYNCS), pytest.mark.parametrize("gate", EP_GATES),
+                  pytest.mark.parametrize("layout", layouts), pytest.mark.xdist_group("megatron_ep"), pytest.mark.multiprocess):
+            fn = m(fn)
+        return fn
+    return mark
+
+
+@slot_test("ep2", "ep2_dp2")
 def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync):
     """MoeflowMoE built by the megatron spec under parallel_state EP: outputs, input/router/expert-shard
     grads and aux loss equal one moeflow MoELayer with the full weights on the global batch."""
@@ -191,14 +210,9 @@ def test_expert_parallel_moe_slot_equals_one_process(ep_runs, layout, gate, sync
     for rank, res in enumerate(per_rank):
         r = res[f"{gate}/{sync}"]
         assert (r["ep_group_size"], r["edp_group_size"]) == (2, world // 2)
-        assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
-        bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
-        assert not bad, (rank, "grads differ", bad)
+        _assert_slot_equals_one_process(rank, r, gate, sync)
         lo = r["ep_rank"] * 2
         assert r["shards"]["experts.w1_EDF"] == (4, lo, lo + 2) and r["shards"]["gate.proj.weight"] is None
-        assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
-        if gate == "capacity":
-            assert r["dropped"] > 0, "the capacity case should drop pairs"
 
 
 @pytest.mark.multiprocess
@@ -211,6 +225,65 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
         r = res["topk/megatron"]
         assert r["expert_buffer_params"] == experts
         assert sorted(n for n, a in r["allreduce"].items() if not a) == experts
+
+
+# ---- tensor parallelism of the MoE slot through parallel_state (gloo, 2 and 4 processes) -----
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory):
+    """TP=2 on 2 processes and TP=2 x EP=2 on 4 (data-parallel 2; about 35 s together)."""
+    return {"tp2": _slot_spawn(tmp_path_factory, 2, 1, tp=2), "tp2_ep2": _slot_spawn(tmp_path_factory, 4, 2, tp=2)}
+
+
+TP_SHARDED = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF", "shared_expert.w1.weight", "shared_expert.w2.weight", "shared_expert.w3.weight"]
+
+
+@slot_test("tp2", "tp2_ep2")
+def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync):
+    """MoeflowMoE under parallel_state TP=2 (experts and shared expert split on F, megatron's copy/reduce
+    mappings, replicated gate): outputs, input/router grads, this rank's F-slice of the expert grads and
+    the aux loss equal one moeflow MoELayer with the full weights; the checkpoint gathers F back."""
+    per_rank = tp_runs[layout]
+    world = len(per_rank)
+    ep = 2 if layout == "tp2_ep2" else 1
+    for rank, res in enumerate(per_rank):
+        r = res[f"{gate}/{sync}"]
+        assert (r["tp_group_size"], r["ep_group_size"], r["dp_group_size"]) == (2, ep, world // 2), r
+        _assert_slot_equals_one_process(rank, r, gate, sync)
+        lo = (rank % 2) * 12  # TP rank = rank % 2 (megatron's tp-first order); model.d_ff=24, shared 48
+        assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (1, 24, lo, lo + 12)
+        assert r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24) and r["tp_shards"]["gate.proj.weight"] is None
+        assert r["tp_attrs"] == TP_SHARDED, "megatron's tensor_model_parallel marker on exactly the F-sharded params"
+        if ep == 2:
+            assert r["shards"]["experts.w1_EDF"][1] == 2 * r["ep_rank"]
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_shard_hidden_dim_keeps_this_ranks_hidden_units(activation):
+    """F/tp columns of w1/w3 and rows of w2 (routed and shared experts), the gate untouched, fused kernels off."""
+    from moeflow.parallel.tensor_parallel import local_slice, shard_hidden_dim, tp_shard
+
+    layer = build_moe_layer(tiny(activation=activation, shared_experts=1, experts_impl="triton"))
+    full = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    assert layer.experts.fuses_permute  # the fused kernels weight rows by the gate before a TP reduce could run
+    sharded = shard_hidden_dim(layer, 1, 2)
+    params = dict(layer.named_parameters())
+    assert sorted(n for n, p in params.items() if any(p is q for q in sharded)) == sorted(n for n in params if "experts" in n or "shared_expert" in n)
+    assert params["experts.w1_EDF"].shape == (4, 32, 12) and params["experts.w2_EFD"].shape == (4, 12, 32) and layer.experts.d_ff == 12
+    assert torch.equal(params["experts.w1_EDF"], full["experts.w1_EDF"][:, :, 12:]) and torch.equal(params["experts.w2_EFD"], full["experts.w2_EFD"][:, 12:])
+    assert torch.equal(params["shared_expert.w1.weight"], full["shared_expert.w1.weight"][24:]) and tp_shard(params["shared_expert.w2.weight"]) == (1, 48, 24, 48)
+    assert all(torch.equal(local_slice(full[n], p), p) for n, p in params.items())
+    assert tp_shard(params["gate.proj.weight"]) is None and not layer.experts.fuses_permute
+
+
+def test_tensor_parallel_size_must_divide_the_hidden_dims():
+    from moeflow.parallel.tensor_parallel import shard_hidden_dim
+
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=5 does not divide model.d_ff=24") as err:
+        shard_hidden_dim(build_moe_layer(tiny()), 0, 5)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="does not divide the shared expert's hidden size=36"):
+        shard_hidden_dim(build_moe_layer(tiny(d_ff=24, shared_experts=1, dense_d_ff=36)), 0, 8)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +316,41 @@ def test_megatron_engine_applies_expert_parallelism(engine_run):
     assert main["saved_path"] and all(r["saved_path"] is None for r in engine_run[1:])
     assert main["weights"] < 1e-6, "the gathered checkpoint must equal one process's AdamW step"
     assert main["expert_moment_rows"] == [4], "the checkpoint's expert moments must cover all experts"
+
+
+@pytest.fixture(scope="module")
+def engine_run_tp(tmp_path_factory):
+    """MegatronEngine with engine.tensor_parallel=2 on 2 gloo ranks, one dense (gated fc1) and one MoE block with a shared expert."""
+    import ep_workers as W
+
+    run_dir = tmp_path_factory.mktemp("mcore_engine_tp2_w2")
+    return W.spawn("megatron_workers:engine_step", 2, run_dir, 1, str(run_dir / "run"), "engine.tensor_parallel=2", "model.moe_every=2", "model.shared_experts=1")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.xdist_group("megatron_ep")
+def test_megatron_engine_applies_tensor_parallelism(engine_run_tp):
+    """engine.tensor_parallel=2: parallel_state's TP group, both ranks on the same batch, megatron's attention/
+    embedding/dense-MLP slices and the MoE experts' F slices loaded from the full initial weights; one step
+    (gradient norm summing TP slices once each, AdamW) equals one process; the checkpoint gathers every slice
+    (gated fc1 = [w1; w3] blocks included) to the single-process weights; resume reslices weights and moments."""
+    for rank, r in enumerate(engine_run_tp):
+        assert (r["tp_size"], r["ep_size"], r["data_parallel_rank"]) == (2, 1, (0, 1)), r
+        assert r["wrapper"] == "ExpertDataParallel" and r["wrapped_model"]
+        sliced = r["tp_sliced"]
+        for part in ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.moe.experts.w2_EFD",
+                     "mlp.moe.shared_expert", "embedding.word_embeddings.weight"):
+            assert any(part in n for n in sliced), (part, sliced)
+        assert not any("router" in n or "gate" in n or "norm" in n for n in sliced), sliced
+        assert r["dense_mlp"] < 1e-5, "megatron's TP dense MLP on the loaded slices must compute moeflow's MLP"
+        local, full = r["local_vs_full"]
+        assert local < full and r["opt_numel"] == local
+        got, want = r["grad_norm"]
+        assert got == pytest.approx(want, rel=1e-5)
+        assert r["resume_step"] == 1 and r["resume_weights"] == 0.0 and r["resume_moments"] == 0.0, r
+    main = engine_run_tp[0]
+    assert main["saved_path"] and engine_run_tp[1]["saved_path"] is None
+    assert main["weights"] < 1e-6, "the gathered checkpoint must equal one process's AdamW step"
 
 
 # ---- megatron-core's router configured by router_config (CPU) -------------------------------
@@ -347,10 +455,18 @@ def test_engine_megatron_accepts_a_possible_expert_parallel_layout(monkeypatch):
     assert mc.num_experts == 8
 
 
+def test_engine_megatron_accepts_tensor_parallel_with_expert_parallel(monkeypatch):
+    mc, _ = _validate_as_if_on_gpu(monkeypatch, 4, "engine.tensor_parallel=2", "parallel.ep=2", "model.num_experts=8")
+    assert mc.num_experts == 8
+
+
 @pytest.mark.parametrize("overrides, message", [
     (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
     (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
-    (("engine.tensor_parallel=2",), "engine.tensor_parallel=2 is not supported"),
+    (("engine.tensor_parallel=3",), "engine.tensor_parallel=3 x parallel.ep=1 does not divide the world size 4"),
+    (("engine.tensor_parallel=4", "model.n_heads=2"), "engine.tensor_parallel=4 does not divide model.n_heads=2"),
+    (("engine.tensor_parallel=2", "model.d_ff=25"), "engine.tensor_parallel=2 does not divide model.d_ff=25"),
+    (("engine.tensor_parallel=2", "parallel.ep=4", "model.num_experts=8"), "engine.tensor_parallel=2 x parallel.ep=4 does not divide the world size 4"),
     (("parallel.ep=2", "parallel.overlap_chunks=2"), "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron"),
 ])
 def test_engine_megatron_refuses_impossible_layouts_in_one_line(monkeypatch, overrides, message):

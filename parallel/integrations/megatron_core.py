@@ -28,9 +28,15 @@ grad buffers, allocated on `torch.cuda.current_device()`, are pointed at the CPU
 (`DotProductAttention` allocates from a CUDA memory buffer) and of `GPTModel`'s rotary
 embedding (moves its frequencies to CUDA) need a GPU, so TransformerLayer/GPTModel
 forwards and `moeflow train engine=megatron` need CUDA.
+
+Tensor parallelism (`tensor_model_parallel_size > 1`, sequence parallelism off):
+`shard_over_tensor_group` splits each MoE slot's experts and shared expert on their hidden
+dim with megatron-core's copy/reduce mappings; the gate stays replicated. Checked against one
+process on gloo (TP=2, TP=2 x EP=2); megatron's attention TP itself needs CUDA.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +64,30 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"engine=megatron: {err}") from None
     if resolve_device(cfg.trainer.device).type != "cuda":
         raise ConfigError(CPU_MESSAGE)
-    if int(e.get("tensor_parallel", 1)) != 1:
-        raise ConfigError(f"engine.tensor_parallel={e.tensor_parallel} is not supported with the moeflow MoE layer: its experts are not tensor-parallel sharded; use engine.tensor_parallel=1")
+    check_tensor_parallel(int(e.get("tensor_parallel", 1)), int(cfg.parallel.get("ep", 1)), model_config(cfg))
     # parallel.ep > 1 is megatron's expert_model_parallel_size; whether the layout is possible
     # (ep divides the experts and the world) is checked by launch.config.check_parallel.
     p = cfg.parallel
     if int(p.get("overlap_chunks", 1)) != 1 or bool(p.get("overlap_shared", False)):
         raise ConfigError("parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch")
+
+
+def check_tensor_parallel(tp: int, ep: int, mc: ModelConfig) -> None:
+    """engine.tensor_parallel: megatron-core splits heads, vocab and FFN hidden dims over it."""
+    from moeflow.launch.config import ConfigError
+
+    if tp < 1:
+        raise ConfigError(f"engine.tensor_parallel must be a positive integer, got {tp}")
+    if tp == 1:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * ep):
+        raise ConfigError(f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks")
+    sizes = {"model.n_heads": mc.n_heads, "model.n_kv_heads": mc.kv_heads, "model.vocab_size": mc.vocab_size, "model.d_ff": mc.d_ff,
+             "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": mc.dense_d_ff or mc.d_ff * mc.top_k}
+    for what, n in sizes.items():
+        if n % tp:
+            raise ConfigError(f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
 
 
 @dataclass
@@ -97,20 +120,23 @@ class MegatronGroups:
 
     def expert_layout(self) -> "MegatronExpertLayout":
         return MegatronExpertLayout(ep_group=self.ep, edp_group=self.expert_dp, ep=self.size(self.ep), dp=self.size(self.expert_dp),
-                                    ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0)
+                                    ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0,
+                                    tp_group=self.tp if self.size(self.tp) > 1 else None)
 
 
 @dataclass
 class MegatronExpertLayout:
     """parallel_state's groups seen through moeflow's `ParallelLayout` interface, so that
     `ExpertDataParallel` (gradient sync, clipping, routing stats) runs on megatron's groups.
-    `dp` is the number of replicas of one expert shard (the expert-data-parallel size)."""
+    `dp` is the number of replicas of one expert shard (the expert-data-parallel size);
+    `tp_group` (TP > 1 only): the gradient norm sums params marked `tensor_model_parallel` over it."""
 
     ep_group: object
     edp_group: object
     ep: int
     dp: int
     ep_rank: int
+    tp_group: object = None
 
     @property
     def world_size(self) -> int:
@@ -156,6 +182,41 @@ def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
         p.allreduce = ep == 1
 
 
+def shard_over_tensor_group(moe, groups: MegatronGroups) -> None:
+    """Tensor parallelism (sequence parallelism off) for one moeflow MoELayer over parallel_state's TP group.
+
+    The hidden states entering megatron's MLP slot are the same on every TP rank. Each rank
+    keeps F/tp hidden units of every expert and of the shared expert (`shard_hidden_dim`:
+    column-parallel w1/w3, row-parallel w2); the expert/shared-expert input goes through
+    megatron's `copy_to_tensor_model_parallel_region` (identity; backward all-reduce of the
+    partial input grads) and their output through `reduce_from_tensor_model_parallel_region`
+    (all-reduce of the partial outputs), before the gate weights the rows, so the gate's
+    weights get full gradients. The gate is replicated: same inputs and weights on every TP
+    rank, hence the same routing and the same full gradient on each (megatron's DDP and
+    `data_parallel` reduce over the data-parallel group only, which excludes TP: nothing is
+    counted twice). Sharded params get megatron's `tensor_model_parallel` attributes (its
+    grad-norm counts them on every TP rank, replicated params once). Routed experts use the
+    TP group: parallel_state's expert-tensor-parallel group must be the same ranks.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    from moeflow.parallel.tensor_parallel import shard_hidden_dim
+
+    tp = MegatronGroups.size(groups.tp)
+    if tp == 1:
+        return
+    if ps.get_expert_tensor_parallel_world_size() != tp:
+        raise ValueError(f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset")
+    for p in shard_hidden_dim(moe, torch.distributed.get_rank(groups.tp), tp):
+        set_tensor_model_parallel_attributes(p, True, p._moeflow_tp_shard[0], 1)
+    for module in (moe.experts, moe.shared_expert):
+        if module is not None:
+            module.register_forward_pre_hook(lambda m, args: (copy_to_tensor_model_parallel_region(args[0], groups.tp), *args[1:]))
+            module.register_forward_hook(lambda m, args, out: reduce_from_tensor_model_parallel_region(out, groups.tp))
+
+
 def _define_moeflow_moe():
     from megatron.core.transformer.module import MegatronModule
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -169,11 +230,9 @@ def _define_moeflow_moe():
             if config.hidden_size != mc.d_model:
                 raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={mc.d_model}")
             self.groups = MegatronGroups.from_parallel_state()
-            if MegatronGroups.size(self.groups.tp) != 1:
-                raise ValueError("the moeflow MoE layer needs tensor_model_parallel_size=1 (its experts are not TP-sharded)")
             self.moe = build_moe_layer(mc)
             shard_over_expert_group(self.moe, self.groups)
-
+            shard_over_tensor_group(self.moe, self.groups)
 
         def forward(self, hidden_states: torch.Tensor, padding_mask=None, **_unused):
             y = self.moe(hidden_states)
@@ -242,13 +301,32 @@ def build_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", bf16: 
 
     device = torch.device(device)
     config = transformer_config(mc, cpu_init=device.type == "cpu", bf16=bf16)
+    groups = MegatronGroups.from_parallel_state()
+    tp = MegatronGroups.size(groups.tp)
     model = GPTModel(config, gpt_layer_specs(mc), vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len,
                      position_embedding_type="rope", rotary_base=int(mc.rope_theta),
-                     share_embeddings_and_output_weights=mc.tie_embeddings)
-    groups = MegatronGroups.from_parallel_state()
+                     share_embeddings_and_output_weights=mc.tie_embeddings,
+                     parallel_output=tp == 1)  # TP: logits gathered over the vocab, so moeflow's loss sees all of them
     if MegatronGroups.size(groups.ep) > 1:  # moeflow.parallel.sharded_state gathers/reslices expert shards over it
         model._moeflow_ep_group = groups.ep
+    if tp > 1:  # ... and tensor-parallel slices over this one
+        model._moeflow_tp_group = groups.tp
+        mark_megatron_tp_slices(model, torch.distributed.get_rank(groups.tp), tp)
     return model.to(device)
+
+
+def mark_megatron_tp_slices(model, tp_rank: int, tp: int) -> None:
+    """Give megatron's own tensor-parallel params (attention, embedding, output layer, dense MLP:
+    `tensor_model_parallel` with `partition_dim`/`partition_stride`) moeflow's TP shard marker,
+    so checkpoints gather them to the single-process layout and reslice them on load. Rank r
+    holds rows/columns [r*n, (r+1)*n) of each of `partition_stride` blocks (gated fc1 = [w1; w3])."""
+    from moeflow.parallel.tensor_parallel import mark_tp_shard, tp_shard
+
+    for p in model.parameters():
+        if getattr(p, "tensor_model_parallel", False) and tp_shard(p) is None:
+            dim, parts = p.partition_dim, getattr(p, "partition_stride", 1)
+            n = p.shape[dim] // parts
+            mark_tp_shard(p, dim, p.shape[dim] * tp, tp_rank * n, (tp_rank + 1) * n, parts)
 
 
 def gpt_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
