@@ -49,7 +49,6 @@ def main():
         dh1, dh3, gw = (torch.randn(A, F, device=dev, dtype=torch.bfloat16) for _ in range(3))
         dy = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
         w1 = torch.randn(E, D, F, device=dev, dtype=torch.bfloat16)
-        w3 = torch.randn(E, D, F, device=dev, dtype=torch.bfloat16)
         w2 = torch.randn(E, F, D, device=dev, dtype=torch.bfloat16)  # dG = dy[tok] @ W2^T reads it K-contiguous
         gemm = 2 * A * D * F
         # cuBLAS on the same per-expert shapes, equal groups of A/E rows
@@ -82,22 +81,26 @@ def main():
                                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s))
             print(f"| wgrad dW2 | {bm}x{bn}x{bk} w{w} s{s} | {ms:.3f} ms | {gemm / ms / 1e9:.0f} TFLOP/s |", flush=True)
         gk = jit(gg._gmm_kernel)
-        for bm, bn, bk, w, s in GMM:
-            out = torch.empty(A, D, device=dev, dtype=torch.bfloat16)
-            grid = ((triton.cdiv(A, bm) + E) * triton.cdiv(D, bn),)
-            ms = bench(lambda: gk[grid](dh1, w1, dh3, w3, out, counts, counts, pos, counts, E, D, F, A, 1 << 20,
-                                        dh1.stride(0), dh1.stride(1), w1.stride(0), w1.stride(2), w1.stride(1), out.stride(0),
-                                        TWO=True, HAS_SCALE=False, HAS_GATHER=False, HAS_SCATTER=True, E_POW2=gg._e_pow2(E),
-                                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=F % bk == 0, num_warps=w, num_stages=s))
-            print(f"| gmm dX (TWO, scatter) | {bm}x{bn}x{bk} w{w} s{s} | {ms:.3f} ms | {2 * gemm / ms / 1e9:.0f} TFLOP/s |", flush=True)
-            dg = torch.empty(A, F, device=dev, dtype=torch.bfloat16)
-            grid = ((triton.cdiv(A, bm) + E) * triton.cdiv(F, bn),)
-            ms = bench(lambda: gk[grid](dy, w2, dy, w2, dg, counts, tok, counts, counts, E, F, D, A, 1 << 20,
-                                        dy.stride(0), dy.stride(1), w2.stride(0), w2.stride(2), w2.stride(1), dg.stride(0),
-                                        TWO=False, HAS_SCALE=False, HAS_GATHER=True, HAS_SCATTER=False, E_POW2=gg._e_pow2(E),
-                                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=D % bk == 0, num_warps=w, num_stages=s))
-            print(f"| gmm dG (gather) | {bm}x{bn}x{bk} w{w} s{s} | {ms:.3f} ms | {gemm / ms / 1e9:.0f} TFLOP/s |", flush=True)
 
+        def time_gmm(a, b, out, gather, scatter, N, K, b_strides, two, cfg):
+            bm, bn, bk, w, s = cfg
+            grid = ((triton.cdiv(A, bm) + E) * triton.cdiv(N, bn),)
+            return bench(lambda: gk[grid](a, b, a, b, out, counts, gather if gather is not None else counts,
+                                          scatter if scatter is not None else counts, counts, E, N, K, A, 1 << 20,
+                                          a.stride(0), a.stride(1), *b_strides, out.stride(0),
+                                          TWO=two, HAS_SCALE=False, HAS_GATHER=gather is not None, HAS_SCATTER=scatter is not None,
+                                          E_POW2=gg._e_pow2(E), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=K % bk == 0,
+                                          num_warps=w, num_stages=s))
+
+        for cfg in GMM:
+            bm, bn, bk, w, s = cfg
+            # dX = dh1 @ W1^T + dh3 @ W3^T (timed with dh1/W1 twice: the same work), scattered
+            ms = time_gmm(dh1, w1, torch.empty(A, D, device=dev, dtype=torch.bfloat16), None, pos, D, F,
+                          (w1.stride(0), w1.stride(2), w1.stride(1)), True, cfg)
+            print(f"| gmm dX (TWO, scatter) | {bm}x{bn}x{bk} w{w} s{s} | {ms:.3f} ms | {2 * gemm / ms / 1e9:.0f} TFLOP/s |", flush=True)
+            ms = time_gmm(dy, w2, torch.empty(A, F, device=dev, dtype=torch.bfloat16), tok, None, F, D,
+                          (w2.stride(0), w2.stride(2), w2.stride(1)), False, cfg)
+            print(f"| gmm dG (gather) | {bm}x{bn}x{bk} w{w} s{s} | {ms:.3f} ms | {gemm / ms / 1e9:.0f} TFLOP/s |", flush=True)
 
 if __name__ == "__main__":
     main()
