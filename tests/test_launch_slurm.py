@@ -49,6 +49,10 @@ def test_dry_run_multirun_is_a_job_array_over_hydra_sweep(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --array=0-3" in done.stdout and f"#SBATCH --output={tmp_path}/%A_%a.out" in done.stdout
     assert "SLURM_ARRAY_TASK_ID + 1" in done.stdout
+    # array tasks may share a node: each needs its own rendezvous port (one port joined two jobs' stores)
+    assert 'RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))' in done.stdout and '"$HEAD_NODE:$RDZV_PORT"' in done.stdout
+    fixed = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "launcher.rdzv_port=31000", f"launcher.output_root={tmp_path}")
+    assert "RDZV_PORT=$((31000 + ${SLURM_ARRAY_TASK_ID:-0}))" in fixed.stdout
     tasks = [line for line in done.stderr.splitlines() if line.startswith("# array task")]
     assert tasks == ["# array task 0: model.num_experts=4 optim.lr=0.001 resume=auto", "# array task 1: model.num_experts=4 optim.lr=0.003 resume=auto",
                      "# array task 2: model.num_experts=8 optim.lr=0.001 resume=auto", "# array task 3: model.num_experts=8 optim.lr=0.003 resume=auto"]
