@@ -112,6 +112,12 @@ def start_distributed(tc, backend: str) -> tuple[DistEnv, torch.device]:
     return env, device
 
 
+def bf16_autocast(tc, device: torch.device):
+    """(use bf16?, autocast context factory): bf16 when asked, or by default on CUDA; every engine's rule."""
+    use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    return use_bf16, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
 def clip_and_step(opt, sched, grad_norm_and_clip) -> float:
     """Clip (the callable returns the pre-clip global norm), step optimizer and schedule, clear grads."""
     grad_norm = grad_norm_and_clip().item()
@@ -164,8 +170,7 @@ class TorchEngine(AdamWStep):
 
     def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
         self.cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, env, device, run_dir, tc.grad_accum
-        self.use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
-        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16)  # noqa: E731
+        self.use_bf16, self.autocast = bf16_autocast(tc, device)
         self.model = self.eval_model = Transformer(model_cfg).to(device)
         # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.
         self.ddp = parallelize_from_config(self.model, cfg.parallel, device) if env.enabled else None

@@ -18,7 +18,7 @@ from moeflow.moe.model import Transformer
 from moeflow.parallel.distributed import DistEnv
 from moeflow.parallel.integrations import deepspeed_engine as dse
 
-from .train import build_scheduler, lm_loss, start_distributed
+from .train import bf16_autocast, build_scheduler, lm_loss, start_distributed
 
 log = logging.getLogger("moeflow.train")
 
@@ -30,7 +30,7 @@ class DeepSpeedEngine:
 
     def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
-        use_bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+        use_bf16, _ = bf16_autocast(tc, device)
         self.autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731  (DeepSpeed casts the model itself)
         self.model = Transformer(model_cfg).to(device)
         self.engine, self.sched = dse.initialize(self.model, cfg, use_bf16, build_scheduler)

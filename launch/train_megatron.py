@@ -42,7 +42,7 @@ from moeflow.parallel.integrations import megatron_core as mcore
 from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
 
 from . import checkpoint as ckpt
-from .train import AdamWStep, build_scheduler, grad_sync, lm_loss, start_distributed
+from .train import AdamWStep, bf16_autocast, build_scheduler, grad_sync, lm_loss, start_distributed
 
 log = logging.getLogger("moeflow.train")
 
@@ -67,8 +67,7 @@ class MegatronEngine(AdamWStep):
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
-        self.use_bf16 = tc.precision in ("bf16", "auto")
-        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.use_bf16)  # noqa: E731
+        self.use_bf16, self.autocast = bf16_autocast(tc, device)
         init = ckpt.unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
         self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
         self.model = self.eval_model = mcore.MegatronLM(self.gpt)
