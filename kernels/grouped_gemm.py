@@ -23,34 +23,75 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Read contiguous operands through the Hopper tensor-memory accelerator (TMA) where the GPU has
+# one; MOEFLOW_TMA=0 forces the pointer loads (for A/B timing; results are bit-identical).
+USE_TMA = os.environ.get("MOEFLOW_TMA", "1") != "0"
 
 
-def _configs(shapes):
-    """Autotune candidates for Hopper; one small config under the CPU interpreter."""
+# MOEFLOW_AUTOTUNE=0: every kernel runs its first candidate, untuned (no compile of the others:
+# a faster first step, e.g. for tests; slower steps after).
+AUTOTUNE = os.environ.get("MOEFLOW_AUTOTUNE", "1") != "0"
+
+
+def _configs(shapes, hook=None):
+    """Autotune candidates for Hopper; one small config under the CPU interpreter.
+
+    `hook` sets the TMA descriptors' box shapes from the candidate's tile shape.
+    """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1, pre_hook=hook)]
+    if not AUTOTUNE:
+        shapes = shapes[:1]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=hook)
             for bm, bn, bk, w, s in shapes]
 
 
+def _boxes(**boxes):
+    """A pre_hook setting each named descriptor's box from the tile sizes: name=(dim names)."""
+    def hook(nargs):
+        for name, dims in boxes.items():
+            desc = nargs[name]
+            if isinstance(desc, TensorDescriptor) if TensorDescriptor else False:
+                if callable(dims):
+                    dims = dims(nargs)
+                desc.block_shape = [nargs[d] for d in dims]
+    return hook
+
+
+def _b_box(nargs):
+    return ("BLOCK_N", "BLOCK_K") if nargs["B_TRANS"] else ("BLOCK_K", "BLOCK_N")
+
+
+_UP_BOXES = _boxes(x_desc=("BLOCK_M", "BLOCK_K"), w1_desc=("BLOCK_K", "BLOCK_N"), w3_desc=("BLOCK_K", "BLOCK_N"))
+_GMM_BOXES = _boxes(a1_desc=("BLOCK_M", "BLOCK_K"), a2_desc=("BLOCK_M", "BLOCK_K"), b1_desc=_b_box, b2_desc=_b_box)
+_WGRAD_BOXES = _boxes(a_desc=("BLOCK_K", "BLOCK_M"), b1_desc=("BLOCK_K", "BLOCK_N"), b2_desc=("BLOCK_K", "BLOCK_N"))
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
-_UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)]
+_UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4)]
 # Row-gathered operands get one shared-memory buffer fewer than num_stages asks for (the
-# index load takes a pipeline stage), hence the deeper candidates.
-_WGRAD_SHAPES = [(128, 128, 64, 8, 5), (128, 128, 32, 8, 6), (128, 128, 64, 8, 4), (128, 128, 32, 8, 8)]
+# index load takes a pipeline stage), hence the deeper candidates; 256 x 128 suits dW2.
+_WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 8, 6), (256, 128, 32, 8, 6), (128, 128, 32, 8, 6)]
 
 
-def _fits_smem(configs, named_args, **kwargs):
-    """Drop candidates whose pipelined tiles exceed Hopper's 227 KiB of shared memory."""
+def _fits_one(m: int, n: int, k: int, stages: int, two: bool) -> bool:
+    """Pipelined tiles within Hopper's 227 KiB of shared memory, and fp32 accumulators within
+    128 x 256 per program (more spill). `two`: wgrad's two B tiles and two accumulators."""
+    b_tiles = 2 if two else 1
+    return (m * k + b_tiles * k * n) * 2 * stages <= 220 * 1024 and b_tiles * m * n <= 128 * 256
+
+
+def _fits(configs, named_args, **kwargs):
+    """Autotune prune: the candidates `_fits_one` accepts (the last one if none)."""
     two = kwargs.get("TWO", named_args.get("TWO", False)) and "a2_ptr" not in named_args  # gmm runs TWO as two loops
-    b_tiles = 2 if two else 1  # wgrad's TWO: one A tile, two B tiles per stage
-    keep = []
-    for c in configs:
-        m, n, k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if (m * k + b_tiles * k * n) * 2 * c.num_stages <= 220 * 1024:
-            keep.append(c)
+    keep = [c for c in configs if _fits_one(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, two)]
     return keep or configs[-1:]
 
 
@@ -108,15 +149,54 @@ def _gelu_tanh_grad(x):
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 
 
+# ----------------------------------------------------------------------------- tile loads
+@triton.jit
+def _load_rows(desc, ptrs, row0, k0, mask_m, offs_k, K, TMA: tl.constexpr, EVEN_K: tl.constexpr):
+    """A (BLOCK_M, BLOCK_K) tile of row-major activations at (row0, k0).
+
+    TMA: one box from the (rows, K) tensor; rows past row_end belong to the next expert (or
+    are zero past the tensor) and are dropped by the caller's store mask.
+    """
+    if TMA:
+        a = desc.load([row0, k0])
+    elif EVEN_K:
+        a = tl.load(ptrs, mask=mask_m[:, None], other=0.0)
+    else:
+        a = tl.load(ptrs, mask=mask_m[:, None] & (offs_k < K - k0)[None, :], other=0.0)
+    return a
+
+
+@triton.jit
+def _load_weight(desc, ptrs, e_row, k0, n0, mask_n, offs_k, K,
+                 TMA: tl.constexpr, TRANS: tl.constexpr, EVEN_K: tl.constexpr):
+    """A (BLOCK_K, BLOCK_N) tile of expert e's weight at (k0, n0).
+
+    TMA reads the weights as one 2-D (E * rows, cols) tensor, e_row = e * rows: with TRANS the
+    stored matrix is (N, K) and the box (BLOCK_N, BLOCK_K) is transposed in shared memory.
+    A box past K would read the next expert's rows, so the untransposed layout needs K to be a
+    multiple of BLOCK_K (else: pointer loads); past N only masked-out columns are touched.
+    """
+    if TMA and TRANS:
+        b = desc.load([e_row + n0, k0]).T
+    elif TMA and EVEN_K:
+        b = desc.load([e_row + k0, n0])
+    elif EVEN_K:
+        b = tl.load(ptrs, mask=mask_n[None, :], other=0.0)
+    else:
+        b = tl.load(ptrs, mask=(offs_k < K - k0)[:, None] & mask_n[None, :], other=0.0)
+    return b
+
+
 # ----------------------------------------------------------------------------- up
-@triton.autotune(configs=_configs(_UP_SHAPES), key=["N", "K", "SWIGLU", "M_BUCKET"])
+@triton.autotune(configs=_configs(_UP_SHAPES, _UP_BOXES), key=["N", "K", "SWIGLU", "M_BUCKET", "A_TMA", "W_TMA"])
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _up_kernel(
-    x_ptr, idx_ptr, w1_ptr, w3_ptr, h1_ptr, h3_ptr, g_ptr, counts_ptr,
+    x_ptr, x_desc, idx_ptr, w1_ptr, w3_ptr, w1_desc, w3_desc, h1_ptr, h3_ptr, g_ptr, counts_ptr,
     E, N, K, A_ROWS, M_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-    HAS_GATHER: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr, E_POW2: tl.constexpr,
+    HAS_GATHER: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr,
+    E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -130,29 +210,24 @@ def _up_kernel(
             src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
         else:
             src = rows.to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
         b1_ptrs = w1_ptr + w_off
         b3_ptrs = w3_ptr + w_off
+        e_row = e * K
         acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-                b1 = tl.load(b1_ptrs, mask=mask_n[None, :], other=0.0)
-            else:
-                mk = offs_k < K - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-                b1 = tl.load(b1_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+            k0 = kk * BLOCK_K
+            a = _load_rows(x_desc, a_ptrs, row0, k0, mask_m, offs_k, K, A_TMA, EVEN_K)
+            b1 = _load_weight(w1_desc, b1_ptrs, e_row, k0, n0, mask_n, offs_k, K, W_TMA, False, EVEN_K)
             acc1 = tl.dot(a, b1, acc1)
             if SWIGLU:
-                if EVEN_K:
-                    b3 = tl.load(b3_ptrs, mask=mask_n[None, :], other=0.0)
-                else:
-                    b3 = tl.load(b3_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+                b3 = _load_weight(w3_desc, b3_ptrs, e_row, k0, n0, mask_n, offs_k, K, W_TMA, False, EVEN_K)
                 acc3 = tl.dot(a, b3, acc3)
             a_ptrs += BLOCK_K * stride_xk
             b1_ptrs += BLOCK_K * stride_wk
@@ -172,30 +247,29 @@ def _up_kernel(
 
 # ----------------------------------------------------------------------------- gmm
 @triton.jit
-def _dot_loop(acc, a_ptrs, b_ptrs, mask_m, mask_n, offs_k, K, stride_ak, stride_bk, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _dot_loop(acc, a_desc, a_ptrs, b_desc, b_ptrs, row0, e_row, n0, mask_m, mask_n, offs_k, K, stride_ak, stride_bk,
+              A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_TRANS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """acc += A @ B over the K dimension, one (A, B) tile pair per pipeline stage."""
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        else:
-            mk = offs_k < K - kk * BLOCK_K
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & mk[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=mk[:, None] & mask_n[None, :], other=0.0)
+        k0 = kk * BLOCK_K
+        a = _load_rows(a_desc, a_ptrs, row0, k0, mask_m, offs_k, K, A_TMA, EVEN_K)
+        b = _load_weight(b_desc, b_ptrs, e_row, k0, n0, mask_n, offs_k, K, B_TMA, B_TRANS, EVEN_K)
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     return acc
 
 
-@triton.autotune(configs=_configs(_GMM_SHAPES), key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
+@triton.autotune(configs=_configs(_GMM_SHAPES, _GMM_BOXES), key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET", "A_TMA", "B_TMA"],
+                 prune_configs_by={"early_config_prune": _fits})
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _gmm_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, out_ptr, scale_ptr, gather_ptr, scatter_ptr, counts_ptr,
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, a1_desc, b1_desc, a2_desc, b2_desc, out_ptr, scale_ptr, gather_ptr, scatter_ptr, counts_ptr,
     E, N, K, A_ROWS, M_BUCKET,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om,
-    TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr, E_POW2: tl.constexpr,
+    TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_TRANS: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -210,15 +284,19 @@ def _gmm_kernel(
             src = tl.load(gather_ptr + rows, mask=mask_m, other=0).to(tl.int64)
         else:
             src = rows64
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         a_off = src[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+        e_row = e * N if B_TRANS else e * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _dot_loop(acc, a1_ptr + a_off, b1_ptr + b_off, mask_m, mask_n, offs_k, K, stride_ak, stride_bk, BLOCK_K, EVEN_K)
+        acc = _dot_loop(acc, a1_desc, a1_ptr + a_off, b1_desc, b1_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
+                        stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
         if TWO:  # a second loop, not a second dot per step: one operand pair per stage fits wider tiles
-            acc = _dot_loop(acc, a2_ptr + a_off, b2_ptr + b_off, mask_m, mask_n, offs_k, K, stride_ak, stride_bk, BLOCK_K, EVEN_K)
+            acc = _dot_loop(acc, a2_desc, a2_ptr + a_off, b2_desc, b2_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
+                            stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
@@ -278,19 +356,24 @@ def _act_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- weight gradient
-@triton.autotune(configs=_configs(_WGRAD_SHAPES), key=["M", "N", "TWO", "R_BUCKET"], prune_configs_by={"early_config_prune": _fits_smem})
+@triton.autotune(configs=_configs(_WGRAD_SHAPES, _WGRAD_BOXES), key=["M", "N", "TWO", "R_BUCKET", "A_TMA", "B_TMA"],
+                 prune_configs_by={"early_config_prune": _fits})
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, ia_ptr, b1_ptr, b2_ptr, ib_ptr, scale_ptr, out1_ptr, out2_ptr, counts_ptr,
+    a_ptr, ia_ptr, b1_ptr, b2_ptr, ib_ptr, a_desc, b1_desc, b2_desc, scale_ptr, out1_ptr, out2_ptr, counts_ptr,
     E, M, N, R_BUCKET,
     stride_ar, stride_am, stride_br, stride_bn,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TWO: tl.constexpr, E_POW2: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TWO: tl.constexpr,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out_p[e] (M x N) = sum over expert e's rows r of A[ia[r]]^T (scale[r] * B_p[ib[r]]).
 
     BLOCK_K is the row chunk. One program owns one output tile of one expert and walks
     that expert's rows in order: deterministic, and empty experts get exact zeros.
+    TMA boxes (contiguous operands only) cannot stop at the expert's last row; the launcher
+    uses one only when the other operand is loaded masked, whose zero rows cancel the
+    overrun (a non-finite value in another expert's rows would still leak in as NaN).
     """
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -304,8 +387,10 @@ def _wgrad_kernel(
     sel = offs_e == e
     start = tl.sum(tl.where(sel, cum - cnt, 0), 0)
     end = tl.sum(tl.where(sel, cum, 0), 0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -321,17 +406,26 @@ def _wgrad_kernel(
             rb = tl.load(ib_ptr + rows, mask=mask_r, other=0).to(tl.int64)
         else:
             rb = rows.to(tl.int64)
-        a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
-                    mask=mask_r[None, :] & mask_m[:, None], other=0.0)  # (BLOCK_M, BLOCK_K) = A^T tile
+        if A_TMA:
+            a = a_desc.load([r0, m0]).T  # (BLOCK_M, BLOCK_K) = A^T tile
+        else:
+            a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
+                        mask=mask_r[None, :] & mask_m[:, None], other=0.0)
         b_off = rb[:, None] * stride_br + offs_n[None, :] * stride_bn
         bmask = mask_r[:, None] & mask_n[None, :]
-        b1 = tl.load(b1_ptr + b_off, mask=bmask, other=0.0)
+        if B_TMA:
+            b1 = b1_desc.load([r0, n0])
+        else:
+            b1 = tl.load(b1_ptr + b_off, mask=bmask, other=0.0)
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
             b1 = (b1.to(tl.float32) * s[:, None]).to(a.dtype)
         acc1 = tl.dot(a, b1, acc1)
         if TWO:
-            b2 = tl.load(b2_ptr + b_off, mask=bmask, other=0.0)
+            if B_TMA:
+                b2 = b2_desc.load([r0, n0])
+            else:
+                b2 = tl.load(b2_ptr + b_off, mask=bmask, other=0.0)
             acc2 = tl.dot(a, b2, acc2)
     o_off = e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
@@ -371,6 +465,37 @@ def _m_grid(A: int, E: int, N: int):
     return lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
 
 
+def _tma_device(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device may read it through TMA: Hopper or newer, or the interpreter."""
+    if not USE_TMA or TensorDescriptor is None:
+        return False
+    if t.device.type == "cuda":
+        return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return INTERPRET
+
+
+def _aligned(t: torch.Tensor, *strides: int) -> bool:
+    """TMA's rules: a 16-byte aligned base and 16-byte multiples for every stride but the last (1)."""
+    return t.data_ptr() % 16 == 0 and all((s * t.element_size()) % 16 == 0 for s in strides)
+
+
+def _rows_desc(t: torch.Tensor | None):
+    """TMA descriptor over a (rows, cols) activation matrix, or None when TMA cannot read it.
+
+    The box shape is a placeholder: each autotune candidate sets its own (`_boxes`).
+    """
+    if t is None or t.dim() != 2 or t.shape[0] == 0 or t.stride(1) != 1 or not _aligned(t, t.stride(0)) or not _tma_device(t):
+        return None
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
+
+
+def _weight_desc(w: torch.Tensor | None):
+    """TMA descriptor over (E, R, C) expert weights read as one (E * R, C) matrix, or None."""
+    if w is None or w.stride(2) != 1 or w.stride(0) != w.shape[1] * w.stride(1) or not _aligned(w, w.stride(1)) or not _tma_device(w):
+        return None
+    return TensorDescriptor(w, [w.shape[0] * w.shape[1], w.shape[2]], [w.stride(1), 1], [16, 16])
+
+
 def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
     """g, h1, h3 for A grouped rows; x rows are read through gather_A (None: x is grouped)."""
     E, K, N = w1.shape
@@ -382,29 +507,44 @@ def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
         return g, h1, h3
     if w3 is not None:
         assert w3.stride() == w1.stride()
+    x_desc = _rows_desc(x) if gather_A is None else None
+    w1_desc = _weight_desc(w1)
+    w3_desc = _weight_desc(w3) if swiglu else w1_desc
+    w_tma = w1_desc is not None and w3_desc is not None
     _up_kernel[lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
-        x, gather_A if gather_A is not None else counts_E, w1, w3 if swiglu else w1, h1, h3, g, counts_E,
+        x, x_desc if x_desc is not None else x, gather_A if gather_A is not None else counts_E,
+        w1, w3 if swiglu else w1, w1_desc if w_tma else w1, w3_desc if w_tma else w1, h1, h3, g, counts_E,
         E, N, K, A, _m_bucket(A),
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
-        HAS_GATHER=gather_A is not None, SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E),
+        HAS_GATHER=gather_A is not None, A_TMA=x_desc is not None, W_TMA=w_tma,
+        SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E),
     )
     return g, h1, h3
 
 
-def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K: int,
-                stride_be: int, stride_bk: int, stride_bn: int, gather=None):
+def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K: int, b_trans: bool, gather=None):
+    """out[scatter] = scale * (a1[gather] @ B1[e] + a2[gather] @ B2[e]); B_p[e] = b_p[e] or b_p[e]^T (b_trans)."""
     E = counts_E.shape[0]
     if a2 is not None:
         assert a2.stride() == a1.stride()
+    if b2 is not None:
+        assert b2.stride() == b1.stride()
+    stride_be, stride_bk, stride_bn = (b1.stride(0), b1.stride(2), b1.stride(1)) if b_trans else b1.stride()
+    a_descs = [_rows_desc(a) if gather is None and a is not None else None for a in (a1, a2)]
+    b_descs = [_weight_desc(b) for b in (b1, b2)]
+    a_tma = a_descs[0] is not None and (a2 is None or a_descs[1] is not None)
+    b_tma = b_descs[0] is not None and (b2 is None or b_descs[1] is not None)
     grid = lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gmm_kernel[grid](
-        a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1, out,
+        a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1,
+        a_descs[0] if a_tma else a1, b_descs[0] if b_tma else b1,
+        (a_descs[1] or a_descs[0]) if a_tma else a1, (b_descs[1] or b_descs[0]) if b_tma else b1, out,
         scale if scale is not None else counts_E, gather if gather is not None else counts_E,
         scatter if scatter is not None else counts_E, counts_E,
         E, N, K, A, _m_bucket(A),
         a1.stride(0), a1.stride(1), stride_be, stride_bk, stride_bn, out.stride(0),
         TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_GATHER=gather is not None, HAS_SCATTER=scatter is not None,
-        E_POW2=_e_pow2(E),
+        A_TMA=a_tma, B_TMA=b_tma, B_TRANS=b_trans, E_POW2=_e_pow2(E),
     )
 
 
@@ -414,7 +554,7 @@ def down(g, w2, counts_E, scale_A=None, scatter_A=None, out_rows: int | None = N
     E, _, N = w2.shape
     out = g.new_empty(out_rows if out_rows is not None else A, N)
     if A:
-        _launch_gmm(g, w2, None, None, out, scale_A, scatter_A, counts_E, A, N, K, w2.stride(0), w2.stride(1), w2.stride(2))
+        _launch_gmm(g, w2, None, None, out, scale_A, scatter_A, counts_E, A, N, K, b_trans=False)
     return out
 
 
@@ -424,9 +564,7 @@ def grad_input(dh1, w1, dh3, w3, counts_E, scatter_A=None):
     E, N, _ = w1.shape  # N = D
     out = dh1.new_empty(A, N)
     if A:
-        if w3 is not None:
-            assert w3.stride() == w1.stride()
-        _launch_gmm(dh1, w1, dh3, w3, out, None, scatter_A, counts_E, A, N, K, w1.stride(0), w1.stride(2), w1.stride(1))
+        _launch_gmm(dh1, w1, dh3, w3, out, None, scatter_A, counts_E, A, N, K, b_trans=True)
     return out
 
 
@@ -446,7 +584,7 @@ def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place
     dh3 = (h3 if in_place else h1.new_empty(A, F)) if swiglu else dh1
     if A == 0:
         return dh1, dh3, dg, (h1.new_zeros(0, dtype=torch.float32) if scale_A is not None else None)
-    _launch_gmm(dy, w2, None, None, dg, None, None, counts_E, A, F, D, w2.stride(0), w2.stride(2), w2.stride(1), gather=gather_A)
+    _launch_gmm(dy, w2, None, None, dg, None, None, counts_E, A, F, D, b_trans=True, gather=gather_A)
     dscale = torch.empty(A, device=h1.device, dtype=torch.float32) if scale_A is not None else None
     block_r, block_f = (16, 16) if INTERPRET else (8, 256)
     _act_bwd_kernel[(triton.cdiv(A, block_r),)](
@@ -458,7 +596,11 @@ def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place
 
 
 def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
-    """out_p[e] = a[gather_a][rows of e]^T @ (scale * b_p[gather_b][rows of e]), shape (E, Ka, Nb)."""
+    """out_p[e] = a[gather_a][rows of e]^T @ (scale * b_p[gather_b][rows of e]), shape (E, Ka, Nb).
+
+    At most one operand is read through TMA, and only when the other one is loaded with the
+    row mask (see `_wgrad_kernel`): B when it is contiguous (it may be two tensors), else A.
+    """
     E = counts_E.shape[0]
     M = a.shape[1]
     N = b1.shape[1]
@@ -467,14 +609,18 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
     R = b1.shape[0] if gather_b is None else gather_b.shape[0]
     if b2 is not None:
         assert b2.stride() == b1.stride()
+    b_descs = [_rows_desc(b) if gather_b is None else None for b in (b1, b2)]
+    b_tma = b_descs[0] is not None and (b2 is None or b_descs[1] is not None)
+    a_desc = _rows_desc(a) if gather_a is None and not b_tma else None
     _wgrad_kernel[lambda meta: (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
         a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
-        gather_b if gather_b is not None else counts_E, scale if scale is not None else counts_E,
-        out1, out2, counts_E,
+        gather_b if gather_b is not None else counts_E,
+        a_desc if a_desc is not None else a, b_descs[0] if b_tma else b1, (b_descs[1] or b_descs[0]) if b_tma else b1,
+        scale if scale is not None else counts_E, out1, out2, counts_E,
         E, M, N, _m_bucket(R),
         a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
         A_GATHER=gather_a is not None, B_GATHER=gather_b is not None, HAS_SCALE=scale is not None,
-        TWO=b2 is not None, E_POW2=_e_pow2(E),
+        TWO=b2 is not None, A_TMA=a_desc is not None, B_TMA=b_tma, E_POW2=_e_pow2(E),
     )
     return out1, (out2 if b2 is not None else None)
 

@@ -2,10 +2,11 @@
 
 `expert_mlp(x, w1, w3, w2, counts_E)` computes all experts on rows grouped by expert.
 `expert_mlp_routed(x_TD, w1, w3, w2, counts_E, token_A, weight_A)` does the same on
-unpermuted tokens: rows are gathered by `token_A` inside the first GEMM's loads and the
-outputs, times their gate weight, are scattered by the last GEMM's stores into token
-order and summed per token (`moeflow.moe.dispatch.combine`'s semantics). The routed copy
-of the activations is never materialised.
+unpermuted tokens: rows are copied into expert order once (the backward needs them in that
+order too), and the outputs, times their gate weight, are scattered by the last GEMM's
+stores into token order and summed per token (`moeflow.moe.dispatch.combine`'s semantics),
+so the routed copy of the outputs is never materialised. (The kernels can also gather rows
+inside their loads; on the H100 the copy + TMA loads is faster: bench/RESULTS.md.)
 
 Forward and backward are the custom ops `moeflow::experts_fwd` / `moeflow::experts_bwd`
 (with fake implementations, so torch.compile traces them as opaque nodes);
@@ -32,62 +33,78 @@ def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
 def experts_fwd(
     x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
     token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    num_rows: int, save: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y, h1, h3 (h1/h3 empty unless `save`; h3 empty for GELU)."""
+    num_rows: int, save: bool, gather_rows: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, h1, h3, x_AD (all but y empty unless `save`; h3 empty for GELU; x_AD empty if not copied).
+
+    Routed rows are copied into expert order (x_AD = x[token_A]) unless `gather_rows`: the up
+    GEMM and the backward's weight gradient then read contiguous rows through TMA, faster than
+    gathering them inside the GEMMs' loads by more than the copy costs (bench/RESULTS.md), at
+    A x D more saved activations. `gather_rows` gathers inside the loads instead.
+    """
+    copy = token_A is not None and not gather_rows
+    x_AD = x.index_select(0, token_A) if copy else x
     A = num_rows if token_A is None else token_A.shape[0]
-    g, h1, h3 = gg.up(x, token_A, w1, w3, counts_E, A, store_h=save)
+    g, h1, h3 = gg.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
     if token_A is None:
         y = gg.down(g, w2, counts_E)
     else:
         y_sorted = gg.down(g, w2, counts_E, scale_A=weight_A, scatter_A=pos_A)  # token-sorted rows
         y = gg.segsum(y_sorted, tok_offsets, tok_offsets.shape[0] - 1)
-    return y, (h1 if save else x.new_empty(0)), (h3 if save and w3 is not None else x.new_empty(0))
+    empty = x.new_empty(0)
+    return y, (h1 if save else empty), (h3 if save and w3 is not None else empty), (x_AD if save and copy else empty)
 
 
 @experts_fwd.register_fake
-def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, save):
+def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, save, gather_rows):
     A = num_rows if token_A is None else token_A.shape[0]
     rows_out = num_rows if token_A is None else tok_offsets.shape[0] - 1
     F = w1.shape[2]
     h1 = x.new_empty(A, F) if save else x.new_empty(0)
     h3 = x.new_empty(A, F) if save and w3 is not None else x.new_empty(0)
-    return x.new_empty(rows_out, w2.shape[2]), h1, h3
+    x_AD = x.new_empty(A, x.shape[1]) if save and token_A is not None and not gather_rows else x.new_empty(0)
+    return x.new_empty(rows_out, w2.shape[2]), h1, h3, x_AD
 
 
 @torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
 def experts_bwd(
-    dy: Tensor, x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
+    dy: Tensor, x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
     token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    h1: Tensor, h3: Tensor,
+    h1: Tensor, h3: Tensor, gather_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
+
+    x_AD: the rows in expert order, or with `gather_rows` the token rows (read through token_A).
 
     h1/h3 are overwritten by dh1/dh3 (peak memory); the autograd layer forbids a second
     backward through the same forward. Order chosen so transient buffers die early.
     """
     swiglu = w3 is not None
-    dy = dy.contiguous()
+    copy = token_A is not None and not gather_rows
+    gather = token_A if gather_rows else None
+    # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
+    dy_AD = dy.index_select(0, token_A) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
-    dh1, dh3, g, dweight = gg.down_bwd(dy, token_A, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
-    dw2, _ = gg.wgrad(g, None, dy, None, token_A, None, counts_E)
-    del g
+    dh1, dh3, g, dweight = gg.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
+    dw2, _ = gg.wgrad(g, None, dy_AD, None, gather, None, counts_E)
+    del g, dy_AD
     if token_A is None:
         dx = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
     else:
         dx_sorted = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
         dx = gg.segsum(dx_sorted, tok_offsets, tok_offsets.shape[0] - 1)
         del dx_sorted
-    # dW1[e], dW3[e] = x[token]^T @ dh1, dh3
-    dw1, dw3 = gg.wgrad(x, token_A, dh1, dh3 if swiglu else None, None, None, counts_E)
-    dweight = dweight.to(weight_A.dtype) if weight_A is not None else x.new_empty(0, dtype=torch.float32)
-    return dx, dw1, (dw3 if swiglu else x.new_empty(0)), dw2, dweight
+    # dW1[e], dW3[e] = x_AD[rows of e]^T @ dh1, dh3
+    dw1, dw3 = gg.wgrad(x_AD, gather, dh1, dh3 if swiglu else None, None, None, counts_E)
+    dweight = dweight.to(weight_A.dtype) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
+    return dx, dw1, (dw3 if swiglu else x_AD.new_empty(0)), dw2, dweight
 
 
 @experts_bwd.register_fake
-def _(dy, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3):
-    dweight = torch.empty_like(weight_A) if weight_A is not None else x.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(x), torch.empty_like(w1), torch.empty_like(w3) if w3 is not None else x.new_empty(0),
+def _(dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, gather_rows):
+    dweight = torch.empty_like(weight_A) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
+    dx = x_AD.new_empty(tok_offsets.shape[0] - 1 if token_A is not None else x_AD.shape[0], w1.shape[1])
+    return (dx, torch.empty_like(w1), torch.empty_like(w3) if w3 is not None else x_AD.new_empty(0),
             torch.empty_like(w2), dweight)
 
 
@@ -95,10 +112,13 @@ class ExpertMLPFunction(torch.autograd.Function):
     """Autograd over the custom ops. Integer routing tensors carry no gradient."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows):
+    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, gather_rows):
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
-        y, h1, h3 = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, save)
-        ctx.save_for_backward(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
+        y, h1, h3, x_AD = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets,
+                                                        num_rows, save, gather_rows)
+        # the backward reads x in expert order: the copy when one was made, else x itself
+        ctx.save_for_backward(x_AD if x_AD.numel() else x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
+        ctx.gather_rows = gather_rows
         return y
 
     @staticmethod
@@ -107,11 +127,11 @@ class ExpertMLPFunction(torch.autograd.Function):
             raise RuntimeError("moeflow experts: a second backward through the same forward is not supported "
                                "(saved activations are reused in place); recompute the forward instead")
         ctx.consumed = True
-        x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3 = ctx.saved_tensors
+        x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3 = ctx.saved_tensors
         dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
-            dy, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
+            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, ctx.gather_rows)
         return (dx, dw1, dw3 if w3 is not None else None, dw2, None, None,
-                dweight if weight_A is not None else None, None, None, None)
+                dweight if weight_A is not None else None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -156,7 +176,7 @@ def check_inputs(x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts
 def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> Tensor:
     """All experts on rows grouped by expert (counts_E rows each, in order)."""
     check_inputs(x_AD, w1, w3, w2, counts_E)
-    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0])
+    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0], False)
 
 
 def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -178,10 +198,13 @@ def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Ten
 
 
 def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
-                      token_A: Tensor, weight_A: Tensor, token_order_A: Optional[Tensor] = None) -> Tensor:
+                      token_A: Tensor, weight_A: Tensor, token_order_A: Optional[Tensor] = None,
+                      gather_rows: bool = False) -> Tensor:
     """y_TD[t] = sum over assignments a of t: weight_A[a] * MLP_{e(a)}(x_TD[t]), grouped by expert.
 
     `token_order_A` (optional): a token-sorted position of each row (see `routing_layout`).
+    `gather_rows`: read x and dy rows through token_A inside the GEMMs instead of copying them
+    into expert order: A x D fewer saved activations, slower on the H100 (bench/RESULTS.md).
     """
     check_inputs(x_TD, w1, w3, w2, counts_E)
     if token_A.dim() != 1 or weight_A.shape != token_A.shape:
@@ -190,4 +213,4 @@ def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor
         raise UnsupportedInput(f"token_order_A {tuple(token_order_A.shape)} must match token_A {tuple(token_A.shape)}")
     pos_A, offsets = routing_layout(token_A, x_TD.shape[0], token_order_A)
     return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
-                                   pos_A, offsets, x_TD.shape[0])
+                                   pos_A, offsets, x_TD.shape[0], gather_rows)

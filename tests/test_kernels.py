@@ -57,8 +57,9 @@ def weights(E, D, F, swiglu, dtype, gen):
     return w(E, D, F), (w(E, D, F) if swiglu else None), w(E, F, D)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_routed_forward_backward_matches_float64(activation):
+@pytest.mark.parametrize("activation,gather_rows", [("swiglu", False), ("gelu", False), ("swiglu", True)])
+def test_routed_forward_backward_matches_float64(activation, gather_rows):
+    """gather_rows: routed rows read through token_A inside the GEMMs instead of copied first."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
     T, D, F = 40, 24, 40  # D, F not multiples of the 16-wide tile
     counts = [0, 1, 17, 33, 16]  # empty, single row, 17 = tile + 1
@@ -70,7 +71,7 @@ def test_routed_forward_backward_matches_float64(activation):
     w1, w3, w2 = weights(E, D, F, activation == "swiglu", dtype, gen)
     dy = torch.randn(T, D, generator=gen).to(DEV, dtype)
 
-    y = ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)
+    y = ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A, gather_rows=gather_rows)
     params = [x, w1, w2, plan.weight_A] + ([w3] if w3 is not None else [])
     grads = torch.autograd.grad(y, params, dy)
 
@@ -130,6 +131,48 @@ def test_deterministic():
         y = ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)
         runs.append([y] + list(torch.autograd.grad(y.float().square().sum(), [x, w1, w3, w2])))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("routed", [True, False])
+def test_tma_loads_equal_pointer_loads_bitwise(monkeypatch, routed):
+    """TMA boxes read past an expert's rows (masked on store, or cancelled by the other operand's
+    zeroed rows): the results must still equal the pointer-load path (bit for bit at one tile shape)."""
+    from moeflow.kernels import grouped_gemm as gg
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    T, D, F, counts = 40, 32, 40, [9, 0, 1, 17, 3]  # K = 40 is no multiple of the tile: mixed TMA/pointer reads
+    plan = make_plan(T, counts, gen)
+    x = torch.randn(T if routed else sum(counts), D, generator=gen).to(DEV, DTYPE).requires_grad_()
+    w1, w3, w2 = weights(len(counts), D, F, True, DTYPE, gen)
+    assert gg._rows_desc(x.detach()) is not None and gg._weight_desc(w1.detach()) is not None  # TMA really used
+    runs = []
+    for use_tma in (True, False):
+        monkeypatch.setattr(gg, "USE_TMA", use_tma)
+        if routed:
+            y = ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)
+        else:
+            y = ops.expert_mlp(x, w1, w3, w2, plan.counts_E)
+        runs.append([y] + list(torch.autograd.grad(y.float().square().sum(), [x, w1, w3, w2])))
+    for a, b in zip(*runs):
+        if DEV == "cpu":
+            assert torch.equal(a, b)
+        else:  # the autotuner may pick other tiles (another summation order) for each path
+            assert rel(a, b) < 1e-2
+
+
+def test_unaligned_rows_fall_back_to_pointer_loads():
+    """TMA needs 16-byte row strides; D = 20 halves (40 bytes) must take the pointer path and stay right."""
+    from moeflow.kernels import grouped_gemm as gg
+
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    counts = [3, 0, 6]
+    x = torch.randn(sum(counts), 20, generator=gen).to(DEV, DTYPE).requires_grad_()
+    w1, w3, w2 = weights(len(counts), 20, 24, True, DTYPE, gen)
+    assert gg._rows_desc(x.detach()) is None and gg._weight_desc(w2.detach()) is None
+    y = ops.expert_mlp(x, w1, w3, w2, torch.tensor(counts, device=DEV))
+    ref = torch.cat([expert_mlp(r.double(), w1[e].double(), w3[e].double(), w2[e].double())
+                     for e, r in enumerate(torch.split(x.double(), counts))])
+    assert rel(y, ref) < 1e-2
 
 
 def test_grouped_experts_module_uses_fused_path_and_matches_torch_impl():

@@ -30,12 +30,11 @@ def routed_case(T, D, F, E, k, skew_expert=None):
     return x, ws, token_A, weight_A, counts_E
 
 
-@pytest.mark.parametrize("shape", [(512, 256, 384, 8, 2, None), (1000, 512, 1408, 16, 6, 3), (300, 128, 200, 64, 8, 0)])
-def test_routed_bf16_matches_float64(shape):
+def check_routed(shape, gather_rows=False):
     T, D, F, E, k, skew = shape
     x, (w1, w3, w2), token_A, weight_A, counts_E = routed_case(T, D, F, E, k, skew)
     dy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    y = ops.expert_mlp_routed(x, w1, w3, w2, counts_E, token_A, weight_A)
+    y = ops.expert_mlp_routed(x, w1, w3, w2, counts_E, token_A, weight_A, gather_rows=gather_rows)
     leaves = [x, w1, w3, w2, weight_A]
     grads = torch.autograd.grad(y, leaves, dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -47,8 +46,64 @@ def test_routed_bf16_matches_float64(shape):
     for name, g, r in zip(["x", "w1", "w3", "w2", "weight"], grads, refs):
         assert rel(g, r) < 2e-2, (name, rel(g, r))
     # bit-deterministic
-    y2 = ops.expert_mlp_routed(x, w1, w3, w2, counts_E, token_A, weight_A)
+    y2 = ops.expert_mlp_routed(x, w1, w3, w2, counts_E, token_A, weight_A, gather_rows=gather_rows)
     assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(y2, leaves, dy)))
+
+
+@pytest.mark.parametrize("shape", [(512, 256, 384, 8, 2, None), (1000, 512, 1408, 16, 6, 3), (300, 128, 200, 64, 8, 0)])
+def test_routed_bf16_matches_float64(shape):
+    check_routed(shape)
+
+
+def test_rows_gathered_inside_the_gemms_match_float64():
+    check_routed((1000, 512, 1408, 16, 6, 3), gather_rows=True)
+
+
+def _force(kern, shape):
+    import triton
+
+    bm, bn, bk, w, st = shape
+    hook = kern.configs[0].pre_hook
+    kern.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st, pre_hook=hook)]
+    kern.cache.clear()
+
+
+@pytest.fixture
+def restore_autotune_lists():
+    from moeflow.kernels import grouped_gemm as gg
+
+    saved = {k: k.configs for k in (gg._up_kernel, gg._gmm_kernel, gg._wgrad_kernel)}
+    yield gg
+    for kern, configs in saved.items():
+        kern.configs = configs
+        kern.cache.clear()
+
+
+def test_every_autotune_candidate_is_correct(restore_autotune_lists):
+    """Each tile candidate forced in turn (tests may run with MOEFLOW_AUTOTUNE=0, which tunes nothing)."""
+    gg = restore_autotune_lists
+    _force(gg._wgrad_kernel, gg._WGRAD_SHAPES[0])
+    for i in range(max(len(gg._UP_SHAPES), len(gg._GMM_SHAPES))):
+        _force(gg._up_kernel, gg._UP_SHAPES[i % len(gg._UP_SHAPES)])
+        _force(gg._gmm_kernel, gg._GMM_SHAPES[i % len(gg._GMM_SHAPES)])
+        check_routed((700, 256, 320, 8, 2, 1), gather_rows=i % 2 == 1)
+    # weight gradients: one and two B operands, contiguous (TMA) and row-gathered reads
+    R, M, N = 900, 256, 320
+    counts = torch.tensor([0, 1, 500, 399], device="cuda", dtype=torch.int32)
+    a = torch.randn(R, M, device="cuda", dtype=torch.bfloat16)
+    b1, b2 = (torch.randn(R, N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    perm = torch.randperm(R, device="cuda").to(torch.int32)
+    for shape in gg._WGRAD_SHAPES:
+        for two, gather in ((False, None), (True, None), (False, perm)):
+            if not gg._fits_one(*shape[:3], shape[4], two):  # the autotuner never runs it here
+                continue
+            _force(gg._wgrad_kernel, shape)
+            o1, o2 = gg.wgrad(a, None, b1, b2 if two else None, gather, None, counts)
+            bs = [b1[gather.long()] if gather is not None else b1] + ([b2] if two else [])
+            for o, b in zip([o1, o2], bs):
+                rows = torch.split(torch.arange(R, device="cuda"), counts.tolist())
+                ref = torch.stack([a[r].double().T @ b[r].double() for r in rows])
+                assert rel(o, ref) < 1e-2, (shape, two, gather is not None)
 
 
 def test_impls_agree_and_compile_traces():
