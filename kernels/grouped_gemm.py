@@ -75,10 +75,12 @@ _WGRAD_BOXES = _boxes(a_desc=("BLOCK_K", "BLOCK_M"), b1_desc=("BLOCK_K", "BLOCK_
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
 _UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4)]
-_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4)]
-# Row-gathered operands get one shared-memory buffer fewer than num_stages asks for (the
-# index load takes a pipeline stage), hence the deeper candidates; 256 x 128 suits dW2.
-_WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 8, 6), (256, 128, 32, 8, 6), (128, 128, 32, 8, 6)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4)]
+# Row-gathered operands (gather_rows) get one shared-memory buffer fewer than num_stages asks
+# for (the index load takes a pipeline stage), hence the deeper candidates. Two B operands
+# (dW1 + dW3) fit only 128 x 128 tiles (`_fits_one`); one (dW2) runs best at 128 x 256.
+_WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 32, 8, 6),
+                 (128, 128, 32, 8, 6)]
 
 
 def _fits_one(m: int, n: int, k: int, stages: int, two: bool) -> bool:

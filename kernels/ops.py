@@ -51,8 +51,10 @@ def experts_fwd(
     else:
         y_sorted = gg.down(g, w2, counts_E, scale_A=weight_A, scatter_A=pos_A)  # token-sorted rows
         y = gg.segsum(y_sorted, tok_offsets, tok_offsets.shape[0] - 1)
-    empty = x.new_empty(0)
-    return y, (h1 if save else empty), (h3 if save and w3 is not None else empty), (x_AD if save and copy else empty)
+    def empty():  # one per output: custom ops may not return aliases of each other
+        return x.new_empty(0)
+
+    return y, (h1 if save else empty()), (h3 if save and w3 is not None else empty()), (x_AD if save and copy else empty())
 
 
 @experts_fwd.register_fake

@@ -120,6 +120,24 @@ def test_grouped_forward_backward_and_every_output_written():
     assert rel(y, ref) < 1e-2
 
 
+@pytest.mark.parametrize("routed", [True, False])
+def test_forward_without_grad_matches_forward_with_grad(routed):
+    """Evaluation (no saved activations) takes other outputs of the custom op: same y."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    T, D, F, counts = 20, 16, 32, [7, 0, 12, 11]
+    plan = make_plan(T, counts, gen)
+    x = torch.randn(T if routed else sum(counts), D, generator=gen).to(DEV, DTYPE).requires_grad_()
+    w1, w3, w2 = weights(len(counts), D, F, True, DTYPE, gen)
+    if routed:
+        run = lambda: ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A)  # noqa: E731
+    else:
+        run = lambda: ops.expert_mlp(x, w1, w3, w2, plan.counts_E)  # noqa: E731
+    y = run()
+    with torch.no_grad():
+        y_eval = run()
+    assert torch.equal(y.detach(), y_eval)
+
+
 def test_deterministic():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     T, D, F, counts = 20, 16, 32, [7, 0, 12, 11]
