@@ -4,6 +4,10 @@ Rows arrive grouped by expert: expert e owns rows [start_e, start_e + counts_E[e
 grouped order. No padding to a capacity: every kernel finds its (expert, row block) from
 counts_E on the device (`_tile_of`), so one launch covers all experts and needs no host sync.
 
+Contiguous operands (expert weights, rows already in expert order) are read through Hopper's
+TMA (host tensor descriptors whose box each autotune candidate sets); row-gathered ones and
+other GPUs use pointer loads. `MOEFLOW_TMA=0` forces pointer loads everywhere.
+
 Kernels (all write every output element exactly once; no atomics, so results are
 bit-deterministic for fixed inputs):
 - `up`:       h = x[gather] @ W1[e] (and W3[e]); g = act(h) fused in the epilogue.
@@ -57,7 +61,7 @@ def _boxes(**boxes):
     def hook(nargs):
         for name, dims in boxes.items():
             desc = nargs[name]
-            if isinstance(desc, TensorDescriptor) if TensorDescriptor else False:
+            if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
                 if callable(dims):
                     dims = dims(nargs)
                 desc.block_shape = [nargs[d] for d in dims]
