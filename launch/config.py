@@ -69,6 +69,9 @@ def model_config(cfg: DictConfig, device: torch.device | None = None) -> ModelCo
     fields = _container(cfg.model)
     fields["gate"] = _container(cfg.gate)
     fields["experts_impl"] = resolve_experts_impl(cfg.experts.impl, device)
+    if not isinstance(cfg.experts.gather_rows, bool):
+        raise ConfigError(f"experts.gather_rows={cfg.experts.gather_rows!r} must be true or false")
+    fields["experts_gather_rows"] = cfg.experts.gather_rows
     try:
         mc = ModelConfig(**fields)
         with torch.device("meta"):  # builds every module (gates check their options) at no cost

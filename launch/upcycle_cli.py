@@ -119,7 +119,7 @@ def load_moeflow_dense(source: Path, dtype: torch.dtype = torch.float32) -> tupl
 def model_yaml(cfg: dict) -> str:
     import yaml  # PyYAML comes with omegaconf
 
-    body = {k: v for k, v in cfg.items() if k not in ("gate", "experts_impl")}
+    body = {k: v for k, v in cfg.items() if k not in ("gate", "experts_impl", "experts_gather_rows")}  # not model.* keys
     return "# Written by `moeflow upcycle`: the upcycled MoE's shape (use with model=upcycled).\n" + yaml.safe_dump(body, sort_keys=False)
 
 

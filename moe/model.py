@@ -52,6 +52,7 @@ class ModelConfig:
     init_std: float = 0.02
     gate: dict = field(default_factory=lambda: {"name": "topk"})
     experts_impl: str = "torch"
+    experts_gather_rows: bool = False  # Triton path: gather routed rows in the GEMM loads (less memory, slower)
 
     def __post_init__(self):
         self.validate()
@@ -181,6 +182,7 @@ def build_moe_layer(cfg: ModelConfig) -> MoELayer:
     gate_opts = {k: v for k, v in cfg.gate.items() if k != "name"}
     gate = build_gate(cfg.gate["name"], cfg.d_model, cfg.num_experts, cfg.top_k, **gate_opts)
     experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation, impl=cfg.experts_impl)
+    experts.gather_rows = cfg.experts_gather_rows
     dense_d_ff = cfg.dense_d_ff or cfg.d_ff * cfg.top_k
     shared = MLP(cfg.d_model, dense_d_ff * cfg.shared_experts, cfg.activation) if cfg.shared_experts else None
     return MoELayer(gate, experts, shared)

@@ -32,6 +32,7 @@ def run_preflight(capsys, *args):
         (["data=text"], "data.path is required here but was not set"),
         (["data=text", "data.path=/nonexistent/corpus"], "data.path=/nonexistent/corpus does not exist"),
         (["gate.capacity_factr=2"], "unknown config key 'gate.capacity_factr'"),
+        (["experts.gather_rows=sometimes"], "experts.gather_rows='sometimes' must be true or false"),
         (["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"], "trainer."),
     ],
 )

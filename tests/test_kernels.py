@@ -252,6 +252,19 @@ def test_registration_is_lazy_and_auto_picks_triton_on_cuda():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_gather_rows_reaches_every_moe_layer_from_the_config():
+    from conftest import TINY, compose_cfg
+    from moeflow.launch.config import model_config
+    from moeflow.launch.upcycle_cli import model_yaml
+    from moeflow.moe.model import Transformer
+
+    for flag in (False, True):
+        mc = model_config(compose_cfg(*TINY, f"experts.gather_rows={str(flag).lower()}"), torch.device("cpu"))
+        layers = [m for m in Transformer(mc).modules() if isinstance(m, GroupedExperts)]
+        assert layers and all(m.gather_rows is flag for m in layers)
+        assert "gather_rows" not in model_yaml(mc.to_dict())  # an experts.* key, not a model.* one
+
+
 @pytest.mark.parametrize("capacity", [False, True])
 def test_token_order_from_a_token_major_gate_gives_a_valid_layout(capacity):
     """Top-k routing is token-major, so the plan's token_order_A replaces the layout's sort:
