@@ -89,7 +89,7 @@ _WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4
 
 def _fits_one(m: int, n: int, k: int, stages: int, two: bool) -> bool:
     """Pipelined tiles within Hopper's 227 KiB of shared memory, and fp32 accumulators within
-    128 x 256 per program (more spill). `two`: wgrad's two B tiles and two accumulators."""
+    128 x 256 per program (beyond that they spill). `two`: wgrad's two B tiles and two accumulators."""
     b_tiles = 2 if two else 1
     return (m * k + b_tiles * k * n) * 2 * stages <= 220 * 1024 and b_tiles * m * n <= 128 * 256
 
