@@ -502,6 +502,14 @@ def _weight_desc(w: torch.Tensor | None):
     return TensorDescriptor(w, [w.shape[0] * w.shape[1], w.shape[2]], [w.stride(1), 1], [16, 16])
 
 
+def _desc_pair(make, t1, t2):
+    """Descriptors for t1 and t2 (t1's again when t2 is None), or None unless TMA can read both:
+    a kernel reads its operand pair through TMA or through pointers, never one of each."""
+    d1 = make(t1)
+    d2 = make(t2) if t2 is not None else d1
+    return (d1, d2) if d1 is not None and d2 is not None else None
+
+
 def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
     """g, h1, h3 for A grouped rows; x rows are read through gather_A (None: x is grouped)."""
     E, K, N = w1.shape
@@ -514,15 +522,13 @@ def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
     if w3 is not None:
         assert w3.stride() == w1.stride()
     x_desc = _rows_desc(x) if gather_A is None else None
-    w1_desc = _weight_desc(w1)
-    w3_desc = _weight_desc(w3) if swiglu else w1_desc
-    w_tma = w1_desc is not None and w3_desc is not None
-    _up_kernel[lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)](
+    w_descs = _desc_pair(_weight_desc, w1, w3)
+    _up_kernel[_m_grid(A, E, N)](
         x, x_desc if x_desc is not None else x, gather_A if gather_A is not None else counts_E,
-        w1, w3 if swiglu else w1, w1_desc if w_tma else w1, w3_desc if w_tma else w1, h1, h3, g, counts_E,
+        w1, w3 if swiglu else w1, *(w_descs or (w1, w1)), h1, h3, g, counts_E,
         E, N, K, A, _m_bucket(A),
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
-        HAS_GATHER=gather_A is not None, A_TMA=x_desc is not None, W_TMA=w_tma,
+        HAS_GATHER=gather_A is not None, A_TMA=x_desc is not None, W_TMA=w_descs is not None,
         SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E),
     )
     return g, h1, h3
@@ -536,21 +542,17 @@ def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K
     if b2 is not None:
         assert b2.stride() == b1.stride()
     stride_be, stride_bk, stride_bn = (b1.stride(0), b1.stride(2), b1.stride(1)) if b_trans else b1.stride()
-    a_descs = [_rows_desc(a) if gather is None and a is not None else None for a in (a1, a2)]
-    b_descs = [_weight_desc(b) for b in (b1, b2)]
-    a_tma = a_descs[0] is not None and (a2 is None or a_descs[1] is not None)
-    b_tma = b_descs[0] is not None and (b2 is None or b_descs[1] is not None)
-    grid = lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gmm_kernel[grid](
-        a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1,
-        a_descs[0] if a_tma else a1, b_descs[0] if b_tma else b1,
-        (a_descs[1] or a_descs[0]) if a_tma else a1, (b_descs[1] or b_descs[0]) if b_tma else b1, out,
+    a_descs = _desc_pair(_rows_desc, a1, a2) if gather is None else None
+    b_descs = _desc_pair(_weight_desc, b1, b2)
+    (a1_desc, a2_desc), (b1_desc, b2_desc) = a_descs or (a1, a1), b_descs or (b1, b1)
+    _gmm_kernel[_m_grid(A, E, N)](
+        a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1, a1_desc, b1_desc, a2_desc, b2_desc, out,
         scale if scale is not None else counts_E, gather if gather is not None else counts_E,
         scatter if scatter is not None else counts_E, counts_E,
         E, N, K, A, _m_bucket(A),
         a1.stride(0), a1.stride(1), stride_be, stride_bk, stride_bn, out.stride(0),
         TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_GATHER=gather is not None, HAS_SCATTER=scatter is not None,
-        A_TMA=a_tma, B_TMA=b_tma, B_TRANS=b_trans, E_POW2=_e_pow2(E),
+        A_TMA=a_descs is not None, B_TMA=b_descs is not None, B_TRANS=b_trans, E_POW2=_e_pow2(E),
     )
 
 
@@ -615,18 +617,17 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
     R = b1.shape[0] if gather_b is None else gather_b.shape[0]
     if b2 is not None:
         assert b2.stride() == b1.stride()
-    b_descs = [_rows_desc(b) if gather_b is None else None for b in (b1, b2)]
-    b_tma = b_descs[0] is not None and (b2 is None or b_descs[1] is not None)
-    a_desc = _rows_desc(a) if gather_a is None and not b_tma else None
+    b_descs = _desc_pair(_rows_desc, b1, b2) if gather_b is None else None
+    a_desc = _rows_desc(a) if gather_a is None and b_descs is None else None
     _wgrad_kernel[lambda meta: (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
         a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
         gather_b if gather_b is not None else counts_E,
-        a_desc if a_desc is not None else a, b_descs[0] if b_tma else b1, (b_descs[1] or b_descs[0]) if b_tma else b1,
+        a_desc if a_desc is not None else a, *(b_descs or (b1, b1)),
         scale if scale is not None else counts_E, out1, out2, counts_E,
         E, M, N, _m_bucket(R),
         a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
         A_GATHER=gather_a is not None, B_GATHER=gather_b is not None, HAS_SCALE=scale is not None,
-        TWO=b2 is not None, A_TMA=a_desc is not None, B_TMA=b_tma, E_POW2=_e_pow2(E),
+        TWO=b2 is not None, A_TMA=a_desc is not None, B_TMA=b_descs is not None, E_POW2=_e_pow2(E),
     )
     return out1, (out2 if b2 is not None else None)
 
