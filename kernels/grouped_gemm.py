@@ -56,6 +56,14 @@ def _configs(shapes, hook=None):
             for bm, bn, bk, w, s in shapes]
 
 
+def force_tiles(kernel, shape) -> None:
+    """Make an autotuned kernel run exactly one (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    candidate, keeping its descriptor-box hook: for tile sweeps and tests of every candidate.
+    A single candidate skips the autotuner's prune, so it must fit the kernel's use."""
+    kernel.configs = _configs([shape], kernel.configs[0].pre_hook)
+    kernel.cache.clear()
+
+
 def _boxes(**boxes):
     """A pre_hook setting each named descriptor's box from the tile sizes: name=(dim names)."""
     def hook(nargs):

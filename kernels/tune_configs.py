@@ -33,14 +33,6 @@ def bench(fn):
         return float("nan")
 
 
-def forced(kernel, cfg):
-    """Make the autotuned `kernel` run exactly `cfg` (keeps its descriptor-box pre_hook)."""
-    bm, bn, bk, w, s = cfg
-    hook = kernel.configs[0].pre_hook
-    kernel.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=hook)]
-    kernel.cache.clear()
-
-
 def sweep(name, kernel, configs, fn, flops):
     saved = kernel.configs
     two = name.startswith("dW13")  # two B tiles and accumulators
@@ -48,7 +40,7 @@ def sweep(name, kernel, configs, fn, flops):
         for cfg in configs:
             if not gg._fits_one(*cfg[:3], cfg[4], two):  # pruned from autotuning anyway
                 continue
-            forced(kernel, cfg)
+            gg.force_tiles(kernel, cfg)
             ms = bench(fn)
             print(f"| {name} | {'x'.join(map(str, cfg[:3]))} w{cfg[3]} s{cfg[4]} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
     finally:

@@ -59,15 +59,6 @@ def test_rows_gathered_inside_the_gemms_match_float64():
     check_routed((1000, 512, 1408, 16, 6, 3), gather_rows=True)
 
 
-def _force(kern, shape):
-    import triton
-
-    bm, bn, bk, w, st = shape
-    hook = kern.configs[0].pre_hook
-    kern.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st, pre_hook=hook)]
-    kern.cache.clear()
-
-
 @pytest.fixture
 def restore_autotune_lists():
     from moeflow.kernels import grouped_gemm as gg
@@ -82,10 +73,10 @@ def restore_autotune_lists():
 def test_every_autotune_candidate_is_correct(restore_autotune_lists):
     """Each tile candidate forced in turn (tests may run with MOEFLOW_AUTOTUNE=0, which tunes nothing)."""
     gg = restore_autotune_lists
-    _force(gg._wgrad_kernel, gg._WGRAD_SHAPES[0])
+    gg.force_tiles(gg._wgrad_kernel, gg._WGRAD_SHAPES[0])
     for i in range(max(len(gg._UP_SHAPES), len(gg._GMM_SHAPES))):
-        _force(gg._up_kernel, gg._UP_SHAPES[i % len(gg._UP_SHAPES)])
-        _force(gg._gmm_kernel, gg._GMM_SHAPES[i % len(gg._GMM_SHAPES)])
+        gg.force_tiles(gg._up_kernel, gg._UP_SHAPES[i % len(gg._UP_SHAPES)])
+        gg.force_tiles(gg._gmm_kernel, gg._GMM_SHAPES[i % len(gg._GMM_SHAPES)])
         check_routed((700, 256, 320, 8, 2, 1), gather_rows=i % 2 == 1)
     # weight gradients: one and two B operands, contiguous (TMA) and row-gathered reads
     R, M, N = 900, 256, 320
@@ -97,7 +88,7 @@ def test_every_autotune_candidate_is_correct(restore_autotune_lists):
         for two, gather in ((False, None), (True, None), (False, perm)):
             if not gg._fits_one(*shape[:3], shape[4], two):  # the autotuner never runs it here
                 continue
-            _force(gg._wgrad_kernel, shape)
+            gg.force_tiles(gg._wgrad_kernel, shape)
             o1, o2 = gg.wgrad(a, None, b1, b2 if two else None, gather, None, counts)
             bs = [b1[gather.long()] if gather is not None else b1] + ([b2] if two else [])
             for o, b in zip([o1, o2], bs):
