@@ -29,6 +29,11 @@ def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None or t.numel() == 0 else t
 
 
+def _copies_rows(token_A: Optional[Tensor], gather_rows: bool) -> bool:
+    """Whether routed rows are copied into expert order (x_AD, dy_AD) rather than gathered in the loads."""
+    return token_A is not None and not gather_rows
+
+
 @torch.library.custom_op("moeflow::experts_fwd", mutates_args=())
 def experts_fwd(
     x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
@@ -42,7 +47,7 @@ def experts_fwd(
     gathering them inside the GEMMs' loads by more than the copy costs (bench/RESULTS.md), at
     A x D more saved activations. `gather_rows` gathers inside the loads instead.
     """
-    copy = token_A is not None and not gather_rows
+    copy = _copies_rows(token_A, gather_rows)
     x_AD = x.index_select(0, token_A) if copy else x
     A = num_rows if token_A is None else token_A.shape[0]
     g, h1, h3 = gg.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
@@ -64,7 +69,7 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, 
     F = w1.shape[2]
     h1 = x.new_empty(A, F) if save else x.new_empty(0)
     h3 = x.new_empty(A, F) if save and w3 is not None else x.new_empty(0)
-    x_AD = x.new_empty(A, x.shape[1]) if save and token_A is not None and not gather_rows else x.new_empty(0)
+    x_AD = x.new_empty(A, x.shape[1]) if save and _copies_rows(token_A, gather_rows) else x.new_empty(0)
     return x.new_empty(rows_out, w2.shape[2]), h1, h3, x_AD
 
 
@@ -82,7 +87,7 @@ def experts_bwd(
     backward through the same forward. Order chosen so transient buffers die early.
     """
     swiglu = w3 is not None
-    copy = token_A is not None and not gather_rows
+    copy = _copies_rows(token_A, gather_rows)
     gather = token_A if gather_rows else None
     # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
     dy_AD = dy.index_select(0, token_A) if copy else dy.contiguous()
@@ -119,7 +124,8 @@ class ExpertMLPFunction(torch.autograd.Function):
         y, h1, h3, x_AD = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets,
                                                         num_rows, save, gather_rows)
         # the backward reads x in expert order: the copy when one was made, else x itself
-        ctx.save_for_backward(x_AD if x_AD.numel() else x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3)
+        ctx.save_for_backward(x_AD if _copies_rows(token_A, gather_rows) else x, w1, w3, w2, counts_E, token_A, weight_A,
+                              pos_A, tok_offsets, h1, h3)
         ctx.gather_rows = gather_rows
         return y
 
