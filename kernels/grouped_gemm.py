@@ -2,7 +2,7 @@
 
 Rows arrive grouped by expert: expert e owns rows [start_e, start_e + counts_E[e]) of the
 grouped order. No padding to a capacity: every kernel finds its (expert, row block) from
-counts_E on the device (`_tile_of`), so one launch covers all experts and needs no host sync.
+counts_E on the device (`_expert_tiling`, `_tile_of`), so one launch covers all experts and needs no host sync.
 
 Contiguous operands (expert weights, rows already in expert order) are read through Hopper's
 TMA (host tensor descriptors whose box each autotune candidate sets); row-gathered ones and
@@ -46,18 +46,21 @@ AUTOTUNE = os.environ.get("MOEFLOW_AUTOTUNE", "1") != "0"
 def _configs(shapes, hook=None):
     """Autotune candidates for Hopper; one small config under the CPU interpreter.
 
-    `hook` sets the TMA descriptors' box shapes from the candidate's tile shape.
+    A shape is (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, persistent]). `hook` sets the TMA
+    descriptors' box shapes from the candidate's tile shape. Under the interpreter the
+    persistent loop is the one exercised (a few programs walk all tiles).
     """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1, pre_hook=hook)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSISTENT": True}, num_warps=4, num_stages=1, pre_hook=hook)]
     if not AUTOTUNE:
         shapes = shapes[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, bk, w, s in shapes]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": bool(p[0]) if p else False},
+                          num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, bk, w, s, *p in shapes]
 
 
 def force_tiles(kernel, shape) -> None:
-    """Make an autotuned kernel run exactly one (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+    """Make an autotuned kernel run exactly one (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, persistent])
     candidate, keeping its descriptor-box hook: for tile sweeps and tests of every candidate.
     A single candidate skips the autotuner's prune, so it must fit the kernel's use."""
     kernel.configs = _configs([shape], kernel.configs[0].pre_hook)
@@ -85,28 +88,43 @@ _GMM_BOXES = _boxes(a1_desc=("BLOCK_M", "BLOCK_K"), a2_desc=("BLOCK_M", "BLOCK_K
 _WGRAD_BOXES = _boxes(a_desc=("BLOCK_K", "BLOCK_M"), b1_desc=("BLOCK_K", "BLOCK_N"), b2_desc=("BLOCK_K", "BLOCK_N"))
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): few candidates, each costs a compile on first use
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages[, persistent]): few candidates, each costs a compile on first use
+P = True  # persistent: one program per SM walks the tiles
+# `up` stays one program per tile: persistent, its two accumulators and three stores ran 15-20%
+# slower (bench/RESULTS.md), so it has no persistent candidate.
 _UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4)]
-_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4)]
+_GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4),
+               (128, 256, 64, 8, 3, P), (128, 256, 64, 8, 4, P), (128, 256, 32, 8, 6, P)]
 # Row-gathered operands (gather_rows) get one shared-memory buffer fewer than num_stages asks
 # for (the index load takes a pipeline stage), hence the deeper candidates. Two B operands
 # (dW1 + dW3) fit only 128 x 128 tiles (`_fits_one`); one (dW2) runs best at 128 x 256.
 _WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 32, 8, 6),
-                 (128, 128, 32, 8, 6)]
+                 (128, 128, 32, 8, 6), (128, 128, 64, 8, 4, P), (128, 256, 64, 8, 4, P)]
 
 
-def _fits_one(m: int, n: int, k: int, stages: int, two: bool) -> bool:
+def _fits_one(m: int, n: int, k: int, stages: int, two: bool, staged_epilogue: bool = False) -> bool:
     """Pipelined tiles within Hopper's 227 KiB of shared memory, and fp32 accumulators within
-    128 x 256 per program (beyond that they spill). `two`: wgrad's two B tiles and two accumulators."""
+    128 x 256 per program (beyond that they spill). `two`: wgrad's two B tiles and two accumulators.
+    `staged_epilogue`: a loop that runs the next tile's loads under this tile's stores (persistent
+    gmm) stages its epilogue through 32 KiB more (measured from sm_90 compiles)."""
     b_tiles = 2 if two else 1
-    return (m * k + b_tiles * k * n) * 2 * stages <= 220 * 1024 and b_tiles * m * n <= 128 * 256
+    smem = (m * k + b_tiles * k * n) * 2 * stages + (32 * 1024 if staged_epilogue else 0)
+    return smem <= 226 * 1024 and b_tiles * m * n <= 128 * 256
 
 
-def _fits(configs, named_args, **kwargs):
-    """Autotune prune: the candidates `_fits_one` accepts (the last one if none)."""
-    two = kwargs.get("TWO", named_args.get("TWO", False)) and "a2_ptr" not in named_args  # gmm runs TWO as two loops
-    keep = [c for c in configs if _fits_one(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, two)]
+def _keep_fitting(configs, two: bool, staged):
+    keep = [c for c in configs if _fits_one(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, two, staged(c))]
     return keep or configs[-1:]
+
+
+def _fits_gmm(configs, named_args, **kwargs):
+    """Autotune prune for `gmm` (one B tile per stage: TWO runs two loops in sequence)."""
+    return _keep_fitting(configs, False, lambda c: c.kwargs["PERSISTENT"])
+
+
+def _fits_wgrad(configs, named_args, **kwargs):
+    """Autotune prune for `wgrad` (TWO: two B tiles per stage)."""
+    return _keep_fitting(configs, kwargs.get("TWO", named_args.get("TWO", False)), lambda c: False)
 
 
 def _even_k(args):
@@ -114,21 +132,24 @@ def _even_k(args):
 
 
 @triton.jit
-def _tile_of(pid_m, counts_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
-    """Map a global row-block index to (expert, first row, end row, valid) from counts_E."""
+def _expert_tiling(counts_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Row blocks per expert from counts_E: (counts, blocks, cumulative blocks, cumulative rows, total blocks)."""
     offs_e = tl.arange(0, E_POW2)
     cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     tiles = (cnt + BLOCK_M - 1) // BLOCK_M
     cum_tiles = tl.cumsum(tiles, 0)
-    cum_rows = tl.cumsum(cnt, 0)
-    total = tl.sum(tiles, 0)
+    return cnt, tiles, cum_tiles, tl.cumsum(cnt, 0), tl.sum(tiles, 0)
+
+
+@triton.jit
+def _tile_of(pid_m, cnt, tiles, cum_tiles, cum_rows, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Map a global row-block index to (expert, first row, end row) through `_expert_tiling`'s vectors."""
     e = tl.sum((cum_tiles <= pid_m).to(tl.int32), 0)
-    sel = offs_e == e
+    sel = tl.arange(0, E_POW2) == e
     first_tile = tl.sum(tl.where(sel, cum_tiles - tiles, 0), 0)
     start_e = tl.sum(tl.where(sel, cum_rows - cnt, 0), 0)
     end_e = tl.sum(tl.where(sel, cum_rows, 0), 0)
-    row0 = start_e + (pid_m - first_tile) * BLOCK_M
-    return e, row0, end_e, pid_m < total
+    return e, start_e + (pid_m - first_tile) * BLOCK_M, end_e
 
 
 @triton.jit
@@ -202,22 +223,29 @@ def _load_weight(desc, ptrs, e_row, k0, n0, mask_n, offs_k, K,
 
 
 # ----------------------------------------------------------------------------- up
+# Tile loop of `up` and `gmm`: program p walks tiles p, p + P, ... of the (row block, column
+# block) grid, P = the launch's program count. One program per tile (P = the grid's upper
+# bound) or persistent (P = the SM count): then the K loops of consecutive tiles are
+# flattened into one software pipeline, so the next tile's first loads overlap this tile's
+# last products and its stores (`tl.range(flatten=True)`).
 @triton.autotune(configs=_configs(_UP_SHAPES, _UP_BOXES), key=["N", "K", "SWIGLU", "M_BUCKET", "A_TMA", "W_TMA"])
 @triton.heuristics({"EVEN_K": _even_k})
 @triton.jit
 def _up_kernel(
     x_ptr, x_desc, idx_ptr, w1_ptr, w3_ptr, w1_desc, w3_desc, h1_ptr, h3_ptr, g_ptr, counts_ptr,
-    E, N, K, A_ROWS, M_BUCKET,
+    E, N, K, M_BUCKET,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     HAS_GATHER: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr,
     E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, tl.cdiv(A_ROWS, BLOCK_M) + E, num_n, GROUP_M)
-    e, row0, row_end, valid = _tile_of(pid_m, counts_ptr, E, BLOCK_M, E_POW2)
-    if valid:
+    cnt, tiles, cum_tiles, cum_rows, num_m = _expert_tiling(counts_ptr, E, BLOCK_M, E_POW2)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=PERSISTENT):
+        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+        e, row0, row_end = _tile_of(pid_m, cnt, tiles, cum_tiles, cum_rows, BLOCK_M, E_POW2)
         rows = row0 + tl.arange(0, BLOCK_M)
         mask_m = rows < row_end
         if HAS_GATHER:
@@ -227,7 +255,6 @@ def _up_kernel(
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + src[:, None] * stride_xm + offs_k[None, :] * stride_xk
         w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
         b1_ptrs = w1_ptr + w_off
@@ -274,23 +301,30 @@ def _dot_loop(acc, a_desc, a_ptrs, b_desc, b_ptrs, row0, e_row, n0, mask_m, mask
     return acc
 
 
+def _flatten(args):
+    """Flatten the persistent tile loop only over one K loop (TWO runs two in sequence)."""
+    return args["PERSISTENT"] and not args["TWO"]
+
+
 @triton.autotune(configs=_configs(_GMM_SHAPES, _GMM_BOXES), key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET", "A_TMA", "B_TMA"],
-                 prune_configs_by={"early_config_prune": _fits})
-@triton.heuristics({"EVEN_K": _even_k})
+                 prune_configs_by={"early_config_prune": _fits_gmm})
+@triton.heuristics({"EVEN_K": _even_k, "FLATTEN": _flatten})
 @triton.jit
 def _gmm_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, a1_desc, b1_desc, a2_desc, b2_desc, out_ptr, scale_ptr, gather_ptr, scatter_ptr, counts_ptr,
-    E, N, K, A_ROWS, M_BUCKET,
+    E, N, K, M_BUCKET,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om,
     TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_TRANS: tl.constexpr, E_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _swizzle(pid, tl.cdiv(A_ROWS, BLOCK_M) + E, num_n, GROUP_M)
-    e, row0, row_end, valid = _tile_of(pid_m, counts_ptr, E, BLOCK_M, E_POW2)
-    if valid:
+    cnt, tiles, cum_tiles, cum_rows, num_m = _expert_tiling(counts_ptr, E, BLOCK_M, E_POW2)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = _swizzle(tile, num_m, num_n, GROUP_M)
+        e, row0, row_end = _tile_of(pid_m, cnt, tiles, cum_tiles, cum_rows, BLOCK_M, E_POW2)
         rows = row0 + tl.arange(0, BLOCK_M)
         mask_m = rows < row_end
         rows64 = rows.to(tl.int64)
@@ -301,16 +335,25 @@ def _gmm_kernel(
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        offs_k = tl.arange(0, BLOCK_K)
         a_off = src[:, None] * stride_am + offs_k[None, :] * stride_ak
         b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         e_row = e * N if B_TRANS else e * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _dot_loop(acc, a1_desc, a1_ptr + a_off, b1_desc, b1_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
-                        stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
         if TWO:  # a second loop, not a second dot per step: one operand pair per stage fits wider tiles
+            acc = _dot_loop(acc, a1_desc, a1_ptr + a_off, b1_desc, b1_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
+                            stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
             acc = _dot_loop(acc, a2_desc, a2_ptr + a_off, b2_desc, b2_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
                             stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
+        else:  # written out here, not through _dot_loop, so a persistent loop can flatten it with the tile loop
+            a_ptrs = a1_ptr + a_off
+            b_ptrs = b1_ptr + b_off
+            for kk in range(0, tl.cdiv(K, BLOCK_K)):
+                k0 = kk * BLOCK_K
+                a = _load_rows(a1_desc, a_ptrs, row0, k0, mask_m, offs_k, K, A_TMA, EVEN_K)
+                b = _load_weight(b1_desc, b_ptrs, e_row, k0, n0, mask_n, offs_k, K, B_TMA, B_TRANS, EVEN_K)
+                acc = tl.dot(a, b, acc)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
@@ -371,7 +414,7 @@ def _act_bwd_kernel(
 
 # ----------------------------------------------------------------------------- weight gradient
 @triton.autotune(configs=_configs(_WGRAD_SHAPES, _WGRAD_BOXES), key=["M", "N", "TWO", "R_BUCKET", "A_TMA", "B_TMA"],
-                 prune_configs_by={"early_config_prune": _fits})
+                 prune_configs_by={"early_config_prune": _fits_wgrad})
 @triton.jit
 def _wgrad_kernel(
     a_ptr, ia_ptr, b1_ptr, b2_ptr, ib_ptr, a_desc, b1_desc, b2_desc, scale_ptr, out1_ptr, out2_ptr, counts_ptr,
@@ -379,73 +422,76 @@ def _wgrad_kernel(
     stride_ar, stride_am, stride_br, stride_bn,
     A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TWO: tl.constexpr,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
 ):
     """out_p[e] (M x N) = sum over expert e's rows r of A[ia[r]]^T (scale[r] * B_p[ib[r]]).
 
-    BLOCK_K is the row chunk. One program owns one output tile of one expert and walks
-    that expert's rows in order: deterministic, and empty experts get exact zeros.
+    BLOCK_K is the row chunk. Each output tile of one expert is computed by one program,
+    which walks that expert's rows in order: deterministic, and empty experts get exact zeros.
     TMA boxes (contiguous operands only) cannot stop at the expert's last row; the launcher
     uses one only when the other operand is loaded masked, whose zero rows cancel the
     overrun (a non-finite value in another expert's rows would still leak in as NaN).
     """
-    pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     per_e = num_m * num_n
-    e = pid // per_e
-    pid_m, pid_n = _swizzle(pid % per_e, num_m, num_n, GROUP_M)
     offs_e = tl.arange(0, E_POW2)
     cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     cum = tl.cumsum(cnt, 0)
-    sel = offs_e == e
-    start = tl.sum(tl.where(sel, cum - cnt, 0), 0)
-    end = tl.sum(tl.where(sel, cum, 0), 0)
-    m0 = pid_m * BLOCK_M
-    n0 = pid_n * BLOCK_N
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_K):
-        rows = r0 + tl.arange(0, BLOCK_K)
-        mask_r = rows < end
-        if A_GATHER:
-            ra = tl.load(ia_ptr + rows, mask=mask_r, other=0).to(tl.int64)
-        else:
-            ra = rows.to(tl.int64)
-        if B_GATHER:
-            rb = tl.load(ib_ptr + rows, mask=mask_r, other=0).to(tl.int64)
-        else:
-            rb = rows.to(tl.int64)
-        if A_TMA:
-            a = a_desc.load([r0, m0]).T  # (BLOCK_M, BLOCK_K) = A^T tile
-        else:
-            a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
-                        mask=mask_r[None, :] & mask_m[:, None], other=0.0)
-        b_off = rb[:, None] * stride_br + offs_n[None, :] * stride_bn
-        bmask = mask_r[:, None] & mask_n[None, :]
-        if B_TMA:
-            b1 = b1_desc.load([r0, n0])
-        else:
-            b1 = tl.load(b1_ptr + b_off, mask=bmask, other=0.0)
-        if HAS_SCALE:
-            s = tl.load(scale_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
-            b1 = (b1.to(tl.float32) * s[:, None]).to(a.dtype)
-        acc1 = tl.dot(a, b1, acc1)
-        if TWO:
-            if B_TMA:
-                b2 = b2_desc.load([r0, n0])
+    # Persistent programs walk tiles pid, pid + P, ...; the row loop's length differs per expert,
+    # so Triton cannot flatten it with the tile loop (a hand-flattened single loop ran at half the
+    # rate: bench/RESULTS.md), and each tile fills its own pipeline.
+    for tile in tl.range(tl.program_id(0), E * per_e, tl.num_programs(0)):
+        e = tile // per_e
+        pid_m, pid_n = _swizzle(tile % per_e, num_m, num_n, GROUP_M)
+        sel = offs_e == e
+        start = tl.sum(tl.where(sel, cum - cnt, 0), 0)
+        end = tl.sum(tl.where(sel, cum, 0), 0)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_K):
+            rows = r0 + tl.arange(0, BLOCK_K)
+            mask_r = rows < end
+            if A_GATHER:
+                ra = tl.load(ia_ptr + rows, mask=mask_r, other=0).to(tl.int64)
             else:
-                b2 = tl.load(b2_ptr + b_off, mask=bmask, other=0.0)
-            acc2 = tl.dot(a, b2, acc2)
-    o_off = e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    tl.store(out1_ptr + o_off, acc1.to(out1_ptr.dtype.element_ty), mask=omask)
-    if TWO:
-        tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
+                ra = rows.to(tl.int64)
+            if B_GATHER:
+                rb = tl.load(ib_ptr + rows, mask=mask_r, other=0).to(tl.int64)
+            else:
+                rb = rows.to(tl.int64)
+            if A_TMA:
+                a = a_desc.load([r0, m0]).T  # (BLOCK_M, BLOCK_K) = A^T tile
+            else:
+                a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
+                            mask=mask_r[None, :] & mask_m[:, None], other=0.0)
+            b_off = rb[:, None] * stride_br + offs_n[None, :] * stride_bn
+            bmask = mask_r[:, None] & mask_n[None, :]
+            if B_TMA:
+                b1 = b1_desc.load([r0, n0])
+            else:
+                b1 = tl.load(b1_ptr + b_off, mask=bmask, other=0.0)
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
+                b1 = (b1.to(tl.float32) * s[:, None]).to(a.dtype)
+            acc1 = tl.dot(a, b1, acc1)
+            if TWO:
+                if B_TMA:
+                    b2 = b2_desc.load([r0, n0])
+                else:
+                    b2 = tl.load(b2_ptr + b_off, mask=bmask, other=0.0)
+                acc2 = tl.dot(a, b2, acc2)
+        o_off = e.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        omask = mask_m[:, None] & mask_n[None, :]
+        tl.store(out1_ptr + o_off, acc1.to(out1_ptr.dtype.element_ty), mask=omask)
+        if TWO:
+            tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
 
 
 # ----------------------------------------------------------------------------- segment sum
@@ -475,8 +521,21 @@ def _m_bucket(A: int) -> int:
     return triton.next_power_of_2(max(A, 1))
 
 
-def _m_grid(A: int, E: int, N: int):
-    return lambda meta: ((triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]),)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: a few programs, each walking several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _m_grid(A: int, E: int, N: int, device: torch.device):
+    """Programs for `up` / `gmm`: the upper bound on (row block, column block) tiles (the row
+    blocks of E experts holding A rows), or at most one per SM for a persistent candidate."""
+    sms = _num_sms(device)
+
+    def grid(meta):
+        tiles = (triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+    return grid
 
 
 def _tma_device(t: torch.Tensor) -> bool:
@@ -531,10 +590,10 @@ def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
         assert w3.stride() == w1.stride()
     x_desc = _rows_desc(x) if gather_A is None else None
     w_descs = _desc_pair(_weight_desc, w1, w3)
-    _up_kernel[_m_grid(A, E, N)](
+    _up_kernel[_m_grid(A, E, N, x.device)](
         x, x_desc if x_desc is not None else x, gather_A if gather_A is not None else counts_E,
         w1, w3 if swiglu else w1, *(w_descs or (w1, w1)), h1, h3, g, counts_E,
-        E, N, K, A, _m_bucket(A),
+        E, N, K, _m_bucket(A),
         x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
         HAS_GATHER=gather_A is not None, A_TMA=x_desc is not None, W_TMA=w_descs is not None,
         SWIGLU=swiglu, STORE_H=store_h, E_POW2=_e_pow2(E),
@@ -553,11 +612,11 @@ def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K
     a_descs = _desc_pair(_rows_desc, a1, a2) if gather is None else None
     b_descs = _desc_pair(_weight_desc, b1, b2)
     (a1_desc, a2_desc), (b1_desc, b2_desc) = a_descs or (a1, a1), b_descs or (b1, b1)
-    _gmm_kernel[_m_grid(A, E, N)](
+    _gmm_kernel[_m_grid(A, E, N, out.device)](
         a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1, a1_desc, b1_desc, a2_desc, b2_desc, out,
         scale if scale is not None else counts_E, gather if gather is not None else counts_E,
         scatter if scatter is not None else counts_E, counts_E,
-        E, N, K, A, _m_bucket(A),
+        E, N, K, _m_bucket(A),
         a1.stride(0), a1.stride(1), stride_be, stride_bk, stride_bn, out.stride(0),
         TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_GATHER=gather is not None, HAS_SCATTER=scatter is not None,
         A_TMA=a_descs is not None, B_TMA=b_descs is not None, B_TRANS=b_trans, E_POW2=_e_pow2(E),
@@ -627,7 +686,12 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
         assert b2.stride() == b1.stride()
     b_descs = _desc_pair(_rows_desc, b1, b2) if gather_b is None else None
     a_desc = _rows_desc(a) if gather_a is None and b_descs is None else None
-    _wgrad_kernel[lambda meta: (E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)](
+    sms = _num_sms(a.device)
+
+    def grid(meta):
+        tiles = E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+    _wgrad_kernel[grid](
         a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
         gather_b if gather_b is not None else counts_E,
         a_desc if a_desc is not None else a, *(b_descs or (b1, b1)),

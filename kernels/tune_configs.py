@@ -2,7 +2,8 @@
 candidate), next to cuBLAS on the same per-expert shapes (torch.bmm over equal groups), to see
 which configs the autotune lists should hold. Development tool; one line per (use, config).
 
-    python kernels/tune_configs.py [case index ...]      (env USES=up,dW13,... to pick uses)
+    python kernels/tune_configs.py [case index ...]      (env USES=up,dW13,... to pick uses,
+                                                          LIMIT=n the first n shapes, PERSIST=0/1 one launch kind)
 """
 import os
 import sys
@@ -16,12 +17,20 @@ from moeflow.kernels.benchmark import CASES, route
 from moeflow.kernels.ops import routing_layout
 from moeflow.moe.dispatch import plan_dispatch
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-UP = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (256, 64, 64, 8, 4)]
-GMM = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4), (128, 256, 32, 8, 6),
-       (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
-WGRAD = [(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 8, 6), (128, 128, 32, 8, 6), (128, 128, 32, 8, 8),
-         (256, 128, 32, 8, 6), (256, 128, 64, 8, 4), (128, 256, 64, 8, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each one-program-per-tile and persistent (PERSIST=0 / 1 / both)
+_PERSIST = {"0": (False,), "1": (True,)}.get(os.environ.get("PERSIST", ""), (False, True))
+
+
+def _both(shapes):
+    return [(*shape, p) for shape in shapes for p in _PERSIST]
+
+
+UP = _both([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (256, 64, 64, 8, 4)])
+GMM = _both([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4), (128, 256, 32, 8, 6),
+             (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)])
+WGRAD = _both([(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 8, 6), (128, 128, 32, 8, 6), (128, 128, 32, 8, 8),
+               (256, 128, 32, 8, 6), (256, 128, 64, 8, 4), (128, 256, 64, 8, 4)])
+LIMIT = int(os.environ.get("LIMIT", "0"))  # first LIMIT shapes of each list (0: all)
 
 
 def bench(fn):
@@ -37,12 +46,12 @@ def sweep(name, kernel, configs, fn, flops):
     saved = kernel.configs
     two = name.startswith("dW13")  # two B tiles and accumulators
     try:
-        for cfg in configs:
-            if not gg._fits_one(*cfg[:3], cfg[4], two):  # pruned from autotuning anyway
+        for cfg in configs[:2 * LIMIT or None] if len(_PERSIST) == 2 else configs[:LIMIT or None]:
+            if not gg._fits_one(*cfg[:3], cfg[4], two, cfg[5] and kernel is gg._gmm_kernel):  # pruned from autotuning anyway
                 continue
             gg.force_tiles(kernel, cfg)
             ms = bench(fn)
-            print(f"| {name} | {'x'.join(map(str, cfg[:3]))} w{cfg[3]} s{cfg[4]} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
+            print(f"| {name} | {'x'.join(map(str, cfg[:3]))} w{cfg[3]} s{cfg[4]}{' persistent' if cfg[5] else ''} | {ms:.3f} ms | {flops / ms / 1e9:.0f} TFLOP/s |", flush=True)
     finally:
         kernel.configs = saved
         kernel.cache.clear()

@@ -70,21 +70,35 @@ def restore_autotune_lists():
         kern.cache.clear()
 
 
+def _persistent(shape):
+    return len(shape) > 5 and shape[5]
+
+
 def test_every_autotune_candidate_is_correct(restore_autotune_lists):
-    """Each tile candidate forced in turn (tests may run with MOEFLOW_AUTOTUNE=0, which tunes nothing)."""
+    """Each tile candidate forced in turn (tests may run with MOEFLOW_AUTOTUNE=0, which tunes nothing).
+    Persistent candidates also run a problem with more tiles than the GPU has SMs, so each
+    program walks several tiles through one flattened pipeline."""
     gg = restore_autotune_lists
     gg.force_tiles(gg._wgrad_kernel, gg._WGRAD_SHAPES[0])
     for i in range(max(len(gg._UP_SHAPES), len(gg._GMM_SHAPES))):
-        gg.force_tiles(gg._up_kernel, gg._UP_SHAPES[i % len(gg._UP_SHAPES)])
-        gg.force_tiles(gg._gmm_kernel, gg._GMM_SHAPES[i % len(gg._GMM_SHAPES)])
+        up_shape, gmm_shape = gg._UP_SHAPES[i % len(gg._UP_SHAPES)], gg._GMM_SHAPES[i % len(gg._GMM_SHAPES)]
+        gg.force_tiles(gg._up_kernel, up_shape)
+        gg.force_tiles(gg._gmm_kernel, gmm_shape)
         check_routed((700, 256, 320, 8, 2, 1), gather_rows=i % 2 == 1)
-    # weight gradients: one and two B operands, contiguous (TMA) and row-gathered reads
-    R, M, N = 900, 256, 320
-    counts = torch.tensor([0, 1, 500, 399], device="cuda", dtype=torch.int32)
-    a = torch.randn(R, M, device="cuda", dtype=torch.bfloat16)
-    b1, b2 = (torch.randn(R, N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    perm = torch.randperm(R, device="cuda").to(torch.int32)
+        if _persistent(up_shape) or _persistent(gmm_shape):
+            check_routed((4096, 512, 640, 16, 2, 3), gather_rows=i % 2 == 0)
+    # weight gradients: one and two B operands, contiguous (TMA) and row-gathered reads; a persistent
+    # candidate on 64 experts (more output tiles than SMs)
+    M, N = 256, 320
     for shape in gg._WGRAD_SHAPES:
+        E = 64 if _persistent(shape) else 4
+        counts = torch.tensor([0, 1, 500, 399], device="cuda") if E == 4 else torch.randint(0, 120, (E,), device="cuda")
+        counts[1] = 1
+        counts = counts.to(torch.int32)
+        R = int(counts.sum())
+        a = torch.randn(R, M, device="cuda", dtype=torch.bfloat16)
+        b1, b2 = (torch.randn(R, N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        perm = torch.randperm(R, device="cuda").to(torch.int32)
         for two, gather in ((False, None), (True, None), (False, perm)):
             if not gg._fits_one(*shape[:3], shape[4], two):  # the autotuner never runs it here
                 continue
