@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .gates.base import RouterOutput
-from .gates.common import counts_of
+from .gates.common import counts_of, stable_order
 
 
 @dataclass
@@ -33,7 +33,7 @@ class DispatchPlan:
 
 
 def plan_dispatch(routing: RouterOutput) -> DispatchPlan:
-    order_A = torch.argsort(routing.expert_A, stable=True)
+    order_A = stable_order(routing.expert_A, routing.num_experts)
     expert_A = routing.expert_A[order_A]
     counts_E = counts_of(expert_A, routing.num_experts)
     return DispatchPlan(

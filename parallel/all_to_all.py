@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from moeflow.moe.dispatch import DispatchPlan, combine, plan_dispatch
 from moeflow.moe.gates.base import RouterOutput
+from moeflow.moe.gates.common import stable_order
 
 
 class _Exchange(torch.autograd.Function):
@@ -84,7 +85,7 @@ class AllToAllDispatcher:
 
         overlap = C > 1 or shared_expert is not None
         # Assignments sorted by (chunk, expert): a stable sort of the expert-sorted plan by chunk.
-        by_chunk_A = torch.argsort(chunk_A, stable=True)
+        by_chunk_A = stable_order(chunk_A, C)
         rows_AD = x_TD[plan.token_A[by_chunk_A]]
         send_sizes = counts_CE.sum(1).tolist()
         sent_CAD = torch.split(rows_AD, send_sizes)
@@ -120,7 +121,7 @@ class AllToAllDispatcher:
         run the experts, and put the outputs back in received order."""
         L = self.num_local
         local_expert_A = torch.repeat_interleave(torch.arange(L, device=recv_AD.device).repeat(self.ep_size), recv_RL.reshape(-1), output_size=recv_AD.shape[0])
-        order_A = torch.argsort(local_expert_A, stable=True)
+        order_A = stable_order(local_expert_A, L)
         counts_L = recv_RL.sum(0)
         if getattr(experts, "fuses_permute", False):
             # A weight-1 "combine" onto the received rows is exactly the inverse permutation.

@@ -43,6 +43,17 @@ def test_dispatch_plan_groups_rows_by_expert():
     assert plan.counts_E.sum().item() == 20 and plan.counts_E.tolist() == torch.bincount(routing.expert_A, minlength=4).tolist()
 
 
+@pytest.mark.parametrize("num_values", [2, 255, 256, 257, 2**15, 2**15 + 1])
+def test_stable_order_matches_argsort_at_every_key_width(num_values):
+    """The expert sort runs on the narrowest integer type (one radix pass per byte); the ids at
+    each width's edge must still sort exactly like the int64 argsort, ties in order."""
+    from moeflow.moe.gates.common import stable_order
+
+    torch.manual_seed(num_values)
+    ids = torch.cat([torch.randint(0, num_values, (4000,)), torch.tensor([num_values - 1, 0, num_values - 1])])
+    assert torch.equal(stable_order(ids, num_values), torch.argsort(ids, stable=True))
+
+
 @pytest.mark.parametrize("moe_every,shared", [(1, 0), (2, 1)])
 def test_lm_forward_backward_shapes_and_grads(moe_every, shared):
     torch.manual_seed(3)

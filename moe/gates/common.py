@@ -161,6 +161,13 @@ def counts_of(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=expert_A.device).scatter_add_(0, expert_A.long(), ones)
 
 
+def stable_order(ids: torch.Tensor, num_values: int) -> torch.Tensor:
+    """torch.argsort(ids, stable=True) for ids in [0, num_values), sorted as the narrowest integer
+    type that holds them: a GPU radix sort makes one pass per key byte (8 for int64 ids)."""
+    narrow = torch.uint8 if num_values <= 256 else torch.int16 if num_values <= 2**15 else torch.int32 if num_values <= 2**31 else ids.dtype
+    return torch.argsort(ids.to(narrow), stable=True)
+
+
 def global_fraction(gate: Gate, part: int | torch.Tensor, whole: int | torch.Tensor, device) -> torch.Tensor:
     """sum(part) / sum(whole) over the token group (detached)."""
     pw = torch.stack([torch.as_tensor(part, dtype=torch.float32, device=device), torch.as_tensor(whole, dtype=torch.float32, device=device)])
