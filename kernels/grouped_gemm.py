@@ -339,21 +339,11 @@ def _gmm_kernel(
         b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         e_row = e * N if B_TRANS else e * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _dot_loop(acc, a1_desc, a1_ptr + a_off, b1_desc, b1_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
+                        stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
         if TWO:  # a second loop, not a second dot per step: one operand pair per stage fits wider tiles
-            acc = _dot_loop(acc, a1_desc, a1_ptr + a_off, b1_desc, b1_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
-                            stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
             acc = _dot_loop(acc, a2_desc, a2_ptr + a_off, b2_desc, b2_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
                             stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
-        else:  # written out here, not through _dot_loop, so a persistent loop can flatten it with the tile loop
-            a_ptrs = a1_ptr + a_off
-            b_ptrs = b1_ptr + b_off
-            for kk in range(0, tl.cdiv(K, BLOCK_K)):
-                k0 = kk * BLOCK_K
-                a = _load_rows(a1_desc, a_ptrs, row0, k0, mask_m, offs_k, K, A_TMA, EVEN_K)
-                b = _load_weight(b1_desc, b_ptrs, e_row, k0, n0, mask_n, offs_k, K, B_TMA, B_TRANS, EVEN_K)
-                acc = tl.dot(a, b, acc)
-                a_ptrs += BLOCK_K * stride_ak
-                b_ptrs += BLOCK_K * stride_bk
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
