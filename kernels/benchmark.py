@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 
 import torch
@@ -167,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     cases = CASES if a.cases == "all" else [CASES[int(i)] for i in a.cases.split(",")]
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    for var, meaning in (("MOEFLOW_AUTOTUNE", "every kernel runs its first tile candidate, untuned"), ("MOEFLOW_TMA", "TMA loads off")):
+        if os.environ.get(var) == "0":  # easy to inherit from a test run in the same shell
+            print(f"# warning: {var}=0 is set: {meaning}; these are not the default path's timings", file=sys.stderr)
+            print(f"# {var}=0 ({meaning})")
     out = []
     for case in cases:
         for skew in ([False] if a.no_skew else [False, True]):
