@@ -2,7 +2,11 @@
 
 Rows arrive grouped by expert: expert e owns rows [start_e, start_e + counts_E[e]) of the
 grouped order. No padding to a capacity: every kernel finds its (expert, row block) from
-counts_E on the device (`_expert_tiling`, `_tile_of`), so one launch covers all experts and needs no host sync.
+counts_E on the device (`_expert_tiling`, `_tile_of`), so one launch covers all experts and
+needs no host sync.
+
+Launch: one program per output tile, or (an autotune candidate) one per SM walking the tiles; the
+persistent `gmm` runs the next tile's first loads under this tile's stores (one flattened pipeline).
 
 Contiguous operands (expert weights, rows already in expert order) are read through Hopper's
 TMA (host tensor descriptors whose box each autotune candidate sets); row-gathered ones and
