@@ -432,9 +432,9 @@ def _wgrad_kernel(
     offs_e = tl.arange(0, E_POW2)
     cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     cum = tl.cumsum(cnt, 0)
-    # Persistent programs walk tiles pid, pid + P, ...; the row loop's length differs per expert,
-    # so Triton cannot flatten it with the tile loop (a hand-flattened single loop ran at half the
-    # rate: bench/RESULTS.md), and each tile fills its own pipeline.
+    # PERSISTENT only sizes the launch (`_grid`): programs walk tiles pid, pid + P, ... either way.
+    # The row loop's length differs per expert, so Triton cannot flatten it with the tile loop (a
+    # hand-flattened single loop ran at half the rate: bench/RESULTS.md); each tile fills its own pipeline.
     for tile in tl.range(tl.program_id(0), E * per_e, tl.num_programs(0)):
         e = tile // per_e
         pid_m, pid_n = _swizzle(tile % per_e, num_m, num_n, GROUP_M)
@@ -521,15 +521,20 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _m_grid(A: int, E: int, N: int, device: torch.device):
-    """Programs for `up` / `gmm`: the upper bound on (row block, column block) tiles (the row
-    blocks of E experts holding A rows), or at most one per SM for a persistent candidate."""
+def _grid(tiles, device: torch.device):
+    """Programs for a launch: one per tile (`tiles(meta)`, an upper bound is fine: extra
+    programs find no tile), or at most one per SM for a persistent candidate."""
     sms = _num_sms(device)
 
     def grid(meta):
-        tiles = (triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+        n = tiles(meta)
+        return (min(n, sms) if meta["PERSISTENT"] else n,)
     return grid
+
+
+def _m_grid(A: int, E: int, N: int, device: torch.device):
+    """`up` / `gmm`: (row block, column block) tiles, at most the row blocks of E experts holding A rows."""
+    return _grid(lambda meta: (triton.cdiv(A, meta["BLOCK_M"]) + E) * triton.cdiv(N, meta["BLOCK_N"]), device)
 
 
 def _tma_device(t: torch.Tensor) -> bool:
@@ -680,11 +685,7 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
         assert b2.stride() == b1.stride()
     b_descs = _desc_pair(_rows_desc, b1, b2) if gather_b is None else None
     a_desc = _rows_desc(a) if gather_a is None and b_descs is None else None
-    sms = _num_sms(a.device)
-
-    def grid(meta):
-        tiles = E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (min(tiles, sms) if meta["PERSISTENT"] else tiles,)
+    grid = _grid(lambda meta: E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), a.device)
     _wgrad_kernel[grid](
         a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
         gather_b if gather_b is not None else counts_E,
