@@ -19,10 +19,11 @@ from moeflow.moe.dispatch import plan_dispatch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each one-program-per-tile and persistent (PERSIST=0 / 1 / both)
 _PERSIST = {"0": (False,), "1": (True,)}.get(os.environ.get("PERSIST", ""), (False, True))
+LIMIT = int(os.environ.get("LIMIT", "0"))  # first LIMIT shapes of each list (0: all)
 
 
 def _both(shapes):
-    return [(*shape, p) for shape in shapes for p in _PERSIST]
+    return [(*shape, p) for shape in shapes[:LIMIT or None] for p in _PERSIST]
 
 
 UP = _both([(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4), (64, 256, 64, 8, 4), (256, 64, 64, 8, 4)])
@@ -30,7 +31,6 @@ GMM = _both([(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (
              (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)])
 WGRAD = _both([(128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 128, 64, 8, 6), (128, 128, 32, 8, 6), (128, 128, 32, 8, 8),
                (256, 128, 32, 8, 6), (256, 128, 64, 8, 4), (128, 256, 64, 8, 4)])
-LIMIT = int(os.environ.get("LIMIT", "0"))  # first LIMIT shapes of each list (0: all)
 
 
 def bench(fn):
@@ -46,7 +46,7 @@ def sweep(name, kernel, configs, fn, flops):
     saved = kernel.configs
     two = name.startswith("dW13")  # two B tiles and accumulators
     try:
-        for cfg in configs[:2 * LIMIT or None] if len(_PERSIST) == 2 else configs[:LIMIT or None]:
+        for cfg in configs:
             if not gg._fits_one(*cfg[:3], cfg[4], two, cfg[5] and kernel is gg._gmm_kernel):  # pruned from autotuning anyway
                 continue
             gg.force_tiles(kernel, cfg)
