@@ -157,6 +157,16 @@ def _tile_of(pid_m, cnt, tiles, cum_tiles, cum_rows, BLOCK_M: tl.constexpr, E_PO
 
 
 @triton.jit
+def _indexed(idx_ptr, rows, mask, INDEXED: tl.constexpr):
+    """int64 positions of `rows`: read through an index array (a gather or scatter), or the rows themselves."""
+    if INDEXED:
+        pos = tl.load(idx_ptr + rows, mask=mask, other=0).to(tl.int64)
+    else:
+        pos = rows.to(tl.int64)
+    return pos
+
+
+@triton.jit
 def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """Group row blocks so consecutive programs share weight tiles in L2."""
     width = GROUP_M * num_n
@@ -252,10 +262,7 @@ def _up_kernel(
         e, row0, row_end = _tile_of(pid_m, cnt, tiles, cum_tiles, cum_rows, BLOCK_M, E_POW2)
         rows = row0 + tl.arange(0, BLOCK_M)
         mask_m = rows < row_end
-        if HAS_GATHER:
-            src = tl.load(idx_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-        else:
-            src = rows.to(tl.int64)
+        src = _indexed(idx_ptr, rows, mask_m, HAS_GATHER)
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -331,11 +338,7 @@ def _gmm_kernel(
         e, row0, row_end = _tile_of(pid_m, cnt, tiles, cum_tiles, cum_rows, BLOCK_M, E_POW2)
         rows = row0 + tl.arange(0, BLOCK_M)
         mask_m = rows < row_end
-        rows64 = rows.to(tl.int64)
-        if HAS_GATHER:
-            src = tl.load(gather_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-        else:
-            src = rows64
+        src = _indexed(gather_ptr, rows, mask_m, HAS_GATHER)
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
@@ -351,10 +354,7 @@ def _gmm_kernel(
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
-        if HAS_SCATTER:
-            dst = tl.load(scatter_ptr + rows, mask=mask_m, other=0).to(tl.int64)
-        else:
-            dst = rows64
+        dst = _indexed(scatter_ptr, rows, mask_m, HAS_SCATTER)
         tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_n[None, :])
 
@@ -452,14 +452,8 @@ def _wgrad_kernel(
         for r0 in range(start, end, BLOCK_K):
             rows = r0 + tl.arange(0, BLOCK_K)
             mask_r = rows < end
-            if A_GATHER:
-                ra = tl.load(ia_ptr + rows, mask=mask_r, other=0).to(tl.int64)
-            else:
-                ra = rows.to(tl.int64)
-            if B_GATHER:
-                rb = tl.load(ib_ptr + rows, mask=mask_r, other=0).to(tl.int64)
-            else:
-                rb = rows.to(tl.int64)
+            ra = _indexed(ia_ptr, rows, mask_r, A_GATHER)
+            rb = _indexed(ib_ptr, rows, mask_r, B_GATHER)
             if A_TMA:
                 a = a_desc.load([r0, m0]).T  # (BLOCK_M, BLOCK_K) = A^T tile
             else:
