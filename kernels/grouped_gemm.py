@@ -20,6 +20,7 @@ bit-deterministic for fixed inputs):
 - `act_bwd`:  the activation's backward over dG, h1, h3, and the gate-weight gradient.
 - `wgrad`:    dW[e] = A[gather]^T @ (scale * B[gather]) over expert e's rows.
 - `segsum`:   y_T[t] = sum of the rows of token t (the deterministic half of un-permute).
+- `gather_rows`: out[r] = src[idx[r]], zeros where idx[r] < 0 (the pad rows of an aligned layout).
 
 Nothing here knows about models: tensors, strides, group sizes.
 """
@@ -104,6 +105,10 @@ _GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6),
 # (dW1 + dW3) fit only 128 x 128 tiles (`_fits_one`); one (dW2) runs best at 128 x 256.
 _WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 32, 8, 6),
                  (128, 128, 32, 8, 6), (128, 128, 64, 8, 4, P), (128, 256, 64, 8, 4, P)]
+# An aligned layout pads every expert's rows to a multiple of ROW_ALIGN, so that wgrad's row chunks
+# (BLOCK_K, which divides it) never cross into the next expert: `wgrad(aligned=True)`.
+ROW_ALIGN = 64
+assert all(ROW_ALIGN % shape[2] == 0 for shape in _WGRAD_SHAPES)
 
 
 def _fits_one(m: int, n: int, k: int, stages: int, two: bool, staged_epilogue: bool = False) -> bool:
@@ -355,22 +360,27 @@ def _gmm_kernel(
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
         dst = _indexed(scatter_ptr, rows, mask_m, HAS_SCATTER)
-        tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        omask = mask_m[:, None] & mask_n[None, :]
+        if HAS_SCATTER:  # the pad rows of an aligned layout have no destination (-1)
+            omask = omask & (dst >= 0)[:, None]
+        tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 
 # ----------------------------------------------------------------------------- activation backward
 @triton.jit
 def _act_bwd_kernel(
-    dg_ptr, h1_ptr, h3_ptr, scale_ptr, gw_ptr, dh1_ptr, dh3_ptr, dscale_ptr, R, F,
-    SWIGLU: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    dg_ptr, h1_ptr, h3_ptr, scale_ptr, gw_ptr, dh1_ptr, dh3_ptr, dscale_ptr, counts_ptr, E, F,
+    SWIGLU: tl.constexpr, HAS_SCALE: tl.constexpr, E_POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """From dG = dL/d(scale * g) (unscaled by the gate weight): dh1, dh3, scale * g and dL/dscale.
 
     One program owns BLOCK_R whole rows, so the gate-weight gradient <dG, g> of each row is
     summed in one place, in column order: deterministic. Outputs may alias inputs
     (gw over dG, dh1 over h1, dh3 over h3): every tile is read before it is written.
+    Rows past the groups' total (the spare rows of an aligned layout) are neither read nor written.
     """
+    offs_e = tl.arange(0, E_POW2)
+    R = tl.sum(tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0), 0)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     rows64 = rows.to(tl.int64)
@@ -497,6 +507,19 @@ def _segsum_kernel(src_ptr, offs_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
         acc += tl.load(row_ptrs, mask=mask, other=0.0).to(tl.float32)
         row_ptrs += D
     tl.store(out_ptr + t.to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- row gather
+@triton.jit
+def _gather_rows_kernel(src_ptr, idx_ptr, out_ptr, R, D, stride_s, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[r] = src[idx[r]] for idx[r] >= 0, else a row of zeros."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_r = rows < R
+    idx = tl.load(idx_ptr + rows, mask=mask_r, other=-1).to(tl.int64)
+    mask = mask_r[:, None] & (cols < D)[None, :]
+    v = tl.load(src_ptr + idx[:, None] * stride_s + cols[None, :], mask=mask & (idx >= 0)[:, None], other=0.0)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v, mask=mask)
 
 
 # ============================================================================= launchers
@@ -657,17 +680,20 @@ def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place
     block_r, block_f = (16, 16) if INTERPRET else (8, 256)
     _act_bwd_kernel[(triton.cdiv(A, block_r),)](
         dg, h1, h3 if swiglu else h1, scale_A if scale_A is not None else dg, dg, dh1, dh3,
-        dscale if dscale is not None else dg, A, F,
-        SWIGLU=swiglu, HAS_SCALE=scale_A is not None, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4,
+        dscale if dscale is not None else dg, counts_E, E, F,
+        SWIGLU=swiglu, HAS_SCALE=scale_A is not None, E_POW2=_e_pow2(E), BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4,
     )
     return dh1, dh3, dg, dscale
 
 
-def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
+def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E, aligned: bool = False):
     """out_p[e] = a[gather_a][rows of e]^T @ (scale * b_p[gather_b][rows of e]), shape (E, Ka, Nb).
 
     At most one operand is read through TMA, and only when the other one is loaded with the
     row mask (see `_wgrad_kernel`): B when it is contiguous (it may be two tensors), else A.
+    `aligned`: every expert's rows start on a multiple of ROW_ALIGN and its pad rows up to the next
+    multiple are zeros in a or b, so no row chunk crosses into the next expert and both contiguous
+    operands are read through TMA, unmasked.
     """
     E = counts_E.shape[0]
     M = a.shape[1]
@@ -678,7 +704,7 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
     if b2 is not None:
         assert b2.stride() == b1.stride()
     b_descs = _desc_pair(_rows_desc, b1, b2) if gather_b is None else None
-    a_desc = _rows_desc(a) if gather_a is None and b_descs is None else None
+    a_desc = _rows_desc(a) if gather_a is None and (b_descs is None or aligned) else None
     grid = _grid(lambda meta: E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), a.device)
     _wgrad_kernel[grid](
         a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
@@ -693,10 +719,23 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E):
     return out1, (out2 if b2 is not None else None)
 
 
-def segsum(src, offsets, num_rows: int):
+def gather_rows(src, idx):
+    """src rows through idx into a new contiguous matrix; rows whose index is negative are zeros."""
+    if src.stride(-1) != 1:
+        src = src.contiguous()
+    R, D = idx.shape[0], src.shape[1]
+    out = src.new_empty(R, D)
+    if R and D:
+        block_r, block_d = (4, 16) if INTERPRET else (4, min(1024, triton.next_power_of_2(D)))
+        _gather_rows_kernel[(triton.cdiv(R, block_r), triton.cdiv(D, block_d))](
+            src, idx, out, R, D, src.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def segsum(src, offsets, num_rows: int, out=None):
     """out[t] = sum(src[offsets[t]:offsets[t+1]]) in order, fp32 accumulate."""
     D = src.shape[1]
-    out = src.new_empty(num_rows, D)
+    out = src.new_empty(num_rows, D) if out is None else out
     if num_rows:
         block = 16 if INTERPRET else min(1024, triton.next_power_of_2(D))
         _segsum_kernel[(num_rows, triton.cdiv(D, block))](src, offsets, out, D, BLOCK_D=block, num_warps=4)

@@ -3,10 +3,13 @@
 `expert_mlp(x, w1, w3, w2, counts_E)` computes all experts on rows grouped by expert.
 `expert_mlp_routed(x_TD, w1, w3, w2, counts_E, token_A, weight_A)` does the same on
 unpermuted tokens: rows are copied into expert order once (the backward needs them in that
-order too), and the outputs, times their gate weight, are scattered by the last GEMM's
-stores into token order and summed per token (`moeflow.moe.dispatch.combine`'s semantics),
-so the routed copy of the outputs is never materialised. (The kernels can also gather rows
-inside their loads; on the H100 the copy + TMA loads is faster: bench/RESULTS.md.)
+order too), each expert's group padded with zero rows to a multiple of `gg.ROW_ALIGN`
+(`aligned_layout`: the weight gradients then read both operands through TMA, unmasked), and
+the outputs, times their gate weight, are scattered by the last GEMM's stores into token
+order and summed per token (`moeflow.moe.dispatch.combine`'s semantics), so the routed copy
+of the outputs is never materialised. (The kernels can also gather rows inside their loads;
+on the H100 the copy + TMA loads is faster: bench/RESULTS.md.) The backward's un-permute sum
+runs on a second CUDA stream beside the last weight-gradient GEMM.
 
 Forward and backward are the custom ops `moeflow::experts_fwd` / `moeflow::experts_bwd`
 (with fake implementations, so torch.compile traces them as opaque nodes);
@@ -34,6 +37,47 @@ def _copies_rows(token_A: Optional[Tensor], gather_rows: bool) -> bool:
     return token_A is not None and not gather_rows
 
 
+# MOEFLOW_OVERLAP=0 runs the backward's segment sum in line instead of on a second CUDA stream (A/B timing)
+OVERLAP = os.environ.get("MOEFLOW_OVERLAP", "1") != "0"
+_SIDE_STREAMS: dict = {}
+
+
+def _nothing():
+    pass
+
+
+class _beside_the_next_kernel:
+    """Run the block's kernels on a second CUDA stream, concurrently with the kernels launched after it,
+    until `join()`: a memory-bound kernel then fills the SMs a GEMM's tail leaves idle (and shares
+    bandwidth the GEMM barely uses). `src` (read on the side stream) is kept alive until that work is
+    done. Elsewhere (CPU, MOEFLOW_OVERLAP=0) the block runs in line and `join` does nothing."""
+
+    def __init__(self, src: Tensor):
+        self.src = src
+        self.stream = None
+        if OVERLAP and src.is_cuda:
+            self.stream = _SIDE_STREAMS.setdefault(src.device, torch.cuda.Stream(src.device))
+            self.main = torch.cuda.current_stream(src.device)
+
+    def __enter__(self):
+        if self.stream is not None:
+            self.stream.wait_stream(self.main)  # the inputs are ready
+            self._ctx = torch.cuda.stream(self.stream)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.stream is not None:
+            self._ctx.__exit__(*exc)
+            self.src.record_stream(self.stream)  # its memory is not reused before the side stream is done
+        self.src = None
+        return False
+
+    def join(self):
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
+
+
 @torch.library.custom_op("moeflow::experts_fwd", mutates_args=())
 def experts_fwd(
     x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
@@ -42,13 +86,14 @@ def experts_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, h1, h3, x_AD (all but y empty unless `save`; h3 empty for GELU; x_AD empty if not copied).
 
-    Routed rows are copied into expert order (x_AD = x[token_A]) unless `gather_rows`: the up
-    GEMM and the backward's weight gradient then read contiguous rows through TMA, faster than
-    gathering them inside the GEMMs' loads by more than the copy costs (bench/RESULTS.md), at
-    A x D more saved activations. `gather_rows` gathers inside the loads instead.
+    Routed rows are copied into expert order (x_AD = x[token_A], zeros where token_A < 0: the
+    pad rows of `aligned_layout`) unless `gather_rows`: the up GEMM and the backward's weight
+    gradient then read contiguous rows through TMA, faster than gathering them inside the GEMMs'
+    loads by more than the copy costs (bench/RESULTS.md), at A x D more saved activations.
+    `gather_rows` gathers inside the loads instead.
     """
     copy = _copies_rows(token_A, gather_rows)
-    x_AD = x.index_select(0, token_A) if copy else x
+    x_AD = gg.gather_rows(x, token_A) if copy else x
     A = num_rows if token_A is None else token_A.shape[0]
     g, h1, h3 = gg.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
     if token_A is None:
@@ -77,11 +122,12 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, 
 def experts_bwd(
     dy: Tensor, x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
     token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    h1: Tensor, h3: Tensor, gather_rows: bool,
+    h1: Tensor, h3: Tensor, gather_rows: bool, aligned: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
 
     x_AD: the rows in expert order, or with `gather_rows` the token rows (read through token_A).
+    `aligned`: the rows follow `aligned_layout` (groups padded with zero rows).
 
     h1/h3 are overwritten by dh1/dh3 (peak memory); the autograd layer forbids a second
     backward through the same forward. Order chosen so transient buffers die early.
@@ -90,25 +136,30 @@ def experts_bwd(
     copy = _copies_rows(token_A, gather_rows)
     gather = token_A if gather_rows else None
     # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
-    dy_AD = dy.index_select(0, token_A) if copy else dy.contiguous()
+    dy_AD = gg.gather_rows(dy, token_A) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
     dh1, dh3, g, dweight = gg.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
-    dw2, _ = gg.wgrad(g, None, dy_AD, None, gather, None, counts_E)
+    dw2, _ = gg.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
     del g, dy_AD
+    join_segsum = _nothing
     if token_A is None:
         dx = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
     else:
         dx_sorted = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
-        dx = gg.segsum(dx_sorted, tok_offsets, tok_offsets.shape[0] - 1)
+        dx = dx_sorted.new_empty(tok_offsets.shape[0] - 1, dx_sorted.shape[1])
+        with _beside_the_next_kernel(dx_sorted) as side:  # memory-bound: runs beside the dW1/dW3 GEMM
+            gg.segsum(dx_sorted, tok_offsets, dx.shape[0], out=dx)
+        join_segsum = side.join
         del dx_sorted
     # dW1[e], dW3[e] = x_AD[rows of e]^T @ dh1, dh3
-    dw1, dw3 = gg.wgrad(x_AD, gather, dh1, dh3 if swiglu else None, None, None, counts_E)
+    dw1, dw3 = gg.wgrad(x_AD, gather, dh1, dh3 if swiglu else None, None, None, counts_E, aligned=aligned)
+    join_segsum()
     dweight = dweight.to(weight_A.dtype) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
     return dx, dw1, (dw3 if swiglu else x_AD.new_empty(0)), dw2, dweight
 
 
 @experts_bwd.register_fake
-def _(dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, gather_rows):
+def _(dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, gather_rows, aligned):
     dweight = torch.empty_like(weight_A) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
     dx = x_AD.new_empty(tok_offsets.shape[0] - 1 if token_A is not None else x_AD.shape[0], w1.shape[1])
     return (dx, torch.empty_like(w1), torch.empty_like(w3) if w3 is not None else x_AD.new_empty(0),
@@ -119,14 +170,14 @@ class ExpertMLPFunction(torch.autograd.Function):
     """Autograd over the custom ops. Integer routing tensors carry no gradient."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, gather_rows):
+    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, gather_rows, aligned):
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
         y, h1, h3, x_AD = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets,
                                                         num_rows, save, gather_rows)
         # the backward reads x in expert order: the copy when one was made, else x itself
         ctx.save_for_backward(x_AD if _copies_rows(token_A, gather_rows) else x, w1, w3, w2, counts_E, token_A, weight_A,
                               pos_A, tok_offsets, h1, h3)
-        ctx.gather_rows = gather_rows
+        ctx.gather_rows, ctx.aligned = gather_rows, aligned
         return y
 
     @staticmethod
@@ -137,9 +188,9 @@ class ExpertMLPFunction(torch.autograd.Function):
         ctx.consumed = True
         x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3 = ctx.saved_tensors
         dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
-            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, ctx.gather_rows)
+            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, ctx.gather_rows, ctx.aligned)
         return (dx, dw1, dw3 if w3 is not None else None, dw2, None, None,
-                dweight if weight_A is not None else None, None, None, None, None)
+                dweight if weight_A is not None else None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -184,7 +235,7 @@ def check_inputs(x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts
 def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> Tensor:
     """All experts on rows grouped by expert (counts_E rows each, in order)."""
     check_inputs(x_AD, w1, w3, w2, counts_E)
-    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0], False)
+    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0], False, False)
 
 
 def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -205,6 +256,25 @@ def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Ten
     return pos_A.to(torch.int32), offsets
 
 
+def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: Tensor, align: int = gg.ROW_ALIGN):
+    """The routed rows with each expert's group padded to a multiple of `align` rows.
+
+    Returns counts_P, token_P (-1 on pad rows), weight_P (0 on pad rows; differentiable in
+    weight_A), pos_P (-1 on pad rows). P = A + (align - 1) * E rows, a bound known without a
+    host sync; rows past the last group are pad rows too.
+    """
+    A, E = token_A.shape[0], counts_E.shape[0]
+    counts = counts_E.long()
+    counts_P = (counts + align - 1) // align * align
+    shift_E = (torch.cumsum(counts_P, 0) - counts_P) - (torch.cumsum(counts, 0) - counts)
+    dest_A = torch.arange(A, device=token_A.device) + torch.repeat_interleave(shift_E, counts, output_size=A)
+    P = A + (align - 1) * E
+    token_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, token_A.to(torch.int32))
+    pos_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, pos_A.to(torch.int32))
+    weight_P = weight_A.new_zeros(P).scatter(0, dest_A, weight_A)
+    return counts_P.to(torch.int32), token_P, weight_P, pos_P
+
+
 def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
                       token_A: Tensor, weight_A: Tensor, token_order_A: Optional[Tensor] = None,
                       gather_rows: bool = False) -> Tensor:
@@ -220,5 +290,8 @@ def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor
     if token_order_A is not None and token_order_A.shape != token_A.shape:
         raise UnsupportedInput(f"token_order_A {tuple(token_order_A.shape)} must match token_A {tuple(token_A.shape)}")
     pos_A, offsets = routing_layout(token_A, x_TD.shape[0], token_order_A)
-    return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
-                                   pos_A, offsets, x_TD.shape[0], gather_rows)
+    if gather_rows:  # rows read through token_A in the loads: no copy, no padding
+        return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
+                                       pos_A, offsets, x_TD.shape[0], True, False)
+    counts_P, token_P, weight_P, pos_P = aligned_layout(counts_E, token_A, weight_A, pos_A)
+    return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_P, token_P, weight_P, pos_P, offsets, x_TD.shape[0], False, True)

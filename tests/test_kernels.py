@@ -295,3 +295,42 @@ def test_token_order_from_a_token_major_gate_gives_a_valid_layout(capacity):
         outs.append([y] + list(torch.autograd.grad(y, [xb, w1, w3, w2], dy)))
     for a, b in zip(*outs):
         assert rel(a, b) < 1e-3  # only the order of each token's k-row sum differs
+
+
+def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
+    """Groups start on multiples of ROW_ALIGN, keep their rows in order, and pad rows carry token -1,
+    position -1 and weight 0; the weight gradient flows back to the real rows only."""
+    from moeflow.kernels import grouped_gemm as gg
+
+    align = gg.ROW_ALIGN
+    counts = torch.tensor([0, 1, align - 1, align, align + 1, 3])
+    A, E = int(counts.sum()), len(counts)
+    token_A = torch.randint(0, 50, (A,))
+    pos_A = torch.randperm(A)
+    weight_A = torch.rand(A, requires_grad=True)
+    counts_P, token_P, weight_P, pos_P = ops.aligned_layout(counts, token_A, weight_A, pos_A)
+    assert counts_P.tolist() == [0, align, align, align, 2 * align, align]
+    assert token_P.shape[0] == A + (align - 1) * E >= int(counts_P.sum())
+    start = first = 0  # group start in the padded / unpadded rows
+    for c, cp in zip(counts.tolist(), counts_P.tolist()):
+        assert start % align == 0
+        real = slice(start, start + c)
+        assert torch.equal(token_P[real].long(), token_A[first:first + c]) and torch.equal(pos_P[real].long(), pos_A[first:first + c])
+        assert torch.equal(weight_P[real], weight_A[first:first + c])
+        assert (token_P[start + c:start + cp] == -1).all() and (pos_P[start + c:start + cp] == -1).all()
+        assert (weight_P[start + c:start + cp] == 0).all()
+        start, first = start + cp, first + c
+    assert (token_P[start:] == -1).all() and (pos_P[start:] == -1).all()
+    g = torch.randn(weight_P.shape[0])
+    (grad,) = torch.autograd.grad((weight_P * g).sum(), weight_A)
+    assert torch.equal(grad, g[token_P >= 0])
+
+
+def test_gather_rows_fills_negative_indices_with_zeros():
+    from moeflow.kernels import grouped_gemm as gg
+
+    src = torch.randn(7, 20).to(DEV, DTYPE)
+    idx = torch.tensor([3, -1, 0, 6, -1, 3], dtype=torch.int32, device=DEV)
+    out = gg.gather_rows(src, idx)
+    ref = torch.where((idx >= 0)[:, None], src[idx.clamp_min(0).long()], torch.zeros((), dtype=DTYPE, device=DEV))
+    assert torch.equal(out, ref)

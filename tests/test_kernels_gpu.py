@@ -109,6 +109,23 @@ def test_every_autotune_candidate_is_correct(restore_autotune_lists):
                 rows = torch.split(torch.arange(R, device="cuda"), counts.tolist())
                 ref = torch.stack([a[r].double().T @ b[r].double() for r in rows])
                 assert rel(o, ref) < 1e-2, (shape, two, gather is not None)
+        # the aligned layout: groups padded with zero rows to a multiple of ROW_ALIGN, both operands through TMA
+        counts_P = (counts + gg.ROW_ALIGN - 1) // gg.ROW_ALIGN * gg.ROW_ALIGN
+        real = torch.cat([torch.arange(p, device="cuda") < c for p, c in zip(counts_P.tolist(), counts.tolist())])
+        padded = []
+        for t in (a, b1, b2):
+            tp = t.new_zeros(int(counts_P.sum()), t.shape[1])
+            tp[real] = t
+            padded.append(tp)
+        for two in (False, True):
+            if not gg._fits_one(*shape[:3], shape[4], two):
+                continue
+            gg.force_tiles(gg._wgrad_kernel, shape)
+            o1, o2 = gg.wgrad(padded[0], None, padded[1], padded[2] if two else None, None, None, counts_P, aligned=True)
+            for o, b in zip([o1, o2], [b1, b2] if two else [b1]):
+                rows = torch.split(torch.arange(R, device="cuda"), counts.tolist())
+                ref = torch.stack([a[r].double().T @ b[r].double() for r in rows])
+                assert rel(o, ref) < 1e-2, (shape, two, "aligned")
 
 
 def test_impls_agree_and_compile_traces():
