@@ -103,7 +103,7 @@ def breakdown(T, d, f, E, k, warmup, rep):
     import triton.testing
 
     from moeflow.kernels import grouped_gemm as gg
-    from moeflow.kernels.ops import routing_layout
+    from moeflow.kernels.ops import aligned_layout, routing_layout
     from moeflow.moe.dispatch import plan_dispatch
 
     dev = torch.device("cuda")
@@ -114,29 +114,33 @@ def breakdown(T, d, f, E, k, warmup, rep):
     w1, w3 = (torch.randn(E, d, f, device=dev, dtype=torch.bfloat16) * d**-0.5 for _ in range(2))
     w2 = torch.randn(E, f, d, device=dev, dtype=torch.bfloat16) * f**-0.5
     plan = plan_dispatch(route(x, w_router, k, False))
-    counts = plan.counts_E.to(torch.int32)
-    tok = plan.token_A.to(torch.int32)
-    pos, offs = routing_layout(plan.token_A, T)
-    # the same launches as moeflow.kernels.ops (rows copied into expert order, then contiguous GEMMs)
-    x_AD = x.index_select(0, tok)
-    g, h1, h3 = gg.up(x_AD, None, w1, w3, counts, A, True)
-    ys = gg.down(g, w2, counts, plan.weight_A, pos)
+    pos, offs = routing_layout(plan.token_A, T, plan.token_order_A)
+
+    def layout():
+        return aligned_layout(plan.counts_E, plan.token_A, plan.weight_A, pos)
+
+    # the same launches as moeflow.kernels.ops (rows copied into the aligned expert order, then contiguous GEMMs)
+    counts, tok, weight, pos_P = layout()
+    P = tok.shape[0]
+    x_AD = gg.gather_rows(x, tok)
+    g, h1, h3 = gg.up(x_AD, None, w1, w3, counts, P, True)
+    ys = gg.down(g, w2, counts, weight, pos_P)
     dy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
-    dy_AD = dy.index_select(0, tok)
-    dh1, dh3, g2, _ = gg.down_bwd(dy_AD, None, w2, h1, h3, plan.weight_A, counts, True)
+    dy_AD = gg.gather_rows(dy, tok)
+    dh1, dh3, g2, _ = gg.down_bwd(dy_AD, None, w2, h1, h3, weight, counts, True)
     gemm = 2 * A * d * f
     steps = [
-        ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T)), 0),
-        ("fwd x rows into expert order", lambda: x.index_select(0, tok), 0),
-        ("fwd up (x@W1,x@W3, SwiGLU)", lambda: gg.up(x_AD, None, w1, w3, counts, A, True), 2 * gemm),
-        ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, plan.weight_A, pos), gemm),
+        ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T), layout()), 0),
+        ("fwd x rows into expert order", lambda: gg.gather_rows(x, tok), 0),
+        ("fwd up (x@W1,x@W3, SwiGLU)", lambda: gg.up(x_AD, None, w1, w3, counts, P, True), 2 * gemm),
+        ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, weight, pos_P), gemm),
         ("fwd segsum (A->T rows)", lambda: gg.segsum(ys, offs, T), 0),
-        ("bwd dy rows into expert order", lambda: dy.index_select(0, tok), 0),
-        ("bwd dG=dy@W2^T GEMM + act bwd", lambda: gg.down_bwd(dy_AD, None, w2, h1, h3, plan.weight_A, counts, True), gemm),
-        ("bwd dW2 ((w*g)^T@dy)", lambda: gg.wgrad(g2, None, dy_AD, None, None, None, counts), gemm),
-        ("bwd dX (dh1@W1^T+dh3@W3^T, scatter)", lambda: gg.grad_input(dh1, w1, dh3, w3, counts, pos), 2 * gemm),
-        ("bwd dW1,dW3 (x^T@dh)", lambda: gg.wgrad(x_AD, None, dh1, dh3, None, None, counts), 2 * gemm),
-        ("bwd segsum", lambda: gg.segsum(ys, offs, T), 0),
+        ("bwd dy rows into expert order", lambda: gg.gather_rows(dy, tok), 0),
+        ("bwd dG=dy@W2^T GEMM + act bwd", lambda: gg.down_bwd(dy_AD, None, w2, h1, h3, weight, counts, True), gemm),
+        ("bwd dW2 ((w*g)^T@dy)", lambda: gg.wgrad(g2, None, dy_AD, None, None, None, counts, aligned=True), gemm),
+        ("bwd dX (dh1@W1^T+dh3@W3^T, scatter)", lambda: gg.grad_input(dh1, w1, dh3, w3, counts, pos_P), 2 * gemm),
+        ("bwd dW1,dW3 (x^T@dh)", lambda: gg.wgrad(x_AD, None, dh1, dh3, None, None, counts, aligned=True), 2 * gemm),
+        ("bwd segsum (beside dW1,dW3 in a step)", lambda: gg.segsum(ys, offs, T), 0),
     ]
     print(f"## breakdown {(T, d, f, E, k)}: kernel | ms | TFLOP/s")
     total = 0.0

@@ -14,7 +14,7 @@ import triton.testing
 
 from moeflow.kernels import grouped_gemm as gg
 from moeflow.kernels.benchmark import CASES, route
-from moeflow.kernels.ops import routing_layout
+from moeflow.kernels.ops import aligned_layout, routing_layout
 from moeflow.moe.dispatch import plan_dispatch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each one-program-per-tile and persistent (PERSIST=0 / 1 / both)
@@ -80,15 +80,19 @@ def main():
                           ("dh@W1^T", lambda: torch.bmm(he, w1.transpose(1, 2))), ("x@W1", lambda: torch.bmm(xe, w1))):
             t = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
             print(f"## case {CASES[ci]}: cuBLAS bmm {label} per expert: {t:.3f} ms, {gemm / t / 1e9:.0f} TFLOP/s", flush=True)
-        out_AF, out_AD = torch.empty(A, F, **bf), torch.empty(A, D, **bf)
-        x_AD, dy_AD = x.index_select(0, tok), dy.index_select(0, tok)  # rows in expert order, as kernels/ops.py does
+        # rows in the aligned expert order (groups padded to ROW_ALIGN rows), as kernels/ops.py lays them out
+        cP, tP, wP, pP = aligned_layout(counts, tok, plan.weight_A, pos)
+        P = tP.shape[0]
+        out_PF, out_PD = torch.empty(P, F, **bf), torch.empty(P, D, **bf)
+        x_PD, dy_PD = gg.gather_rows(x, tP), gg.gather_rows(dy, tP)
+        dh1_P, dh3_P, g_P = (torch.randn(P, F, **bf) for _ in range(3))
         table = {
-            "up": (gg._up_kernel, UP, lambda: gg.up(x_AD, None, w1, w3, counts, A, True), 2 * gemm),
-            "down": (gg._gmm_kernel, GMM, lambda: gg.down(g, w2, counts, plan.weight_A, pos, out_rows=A), gemm),
-            "dG": (gg._gmm_kernel, GMM, lambda: gg._launch_gmm(dy_AD, w2, None, None, out_AF, None, None, counts, A, F, D, True), gemm),
-            "dX": (gg._gmm_kernel, GMM, lambda: gg._launch_gmm(dh1, w1, dh3, w3, out_AD, None, pos, counts, A, D, F, True), 2 * gemm),
-            "dW13": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(x_AD, None, dh1, dh3, None, None, counts), 2 * gemm),
-            "dW2": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(g, None, dy_AD, None, None, None, counts), gemm),
+            "up": (gg._up_kernel, UP, lambda: gg.up(x_PD, None, w1, w3, cP, P, True), 2 * gemm),
+            "down": (gg._gmm_kernel, GMM, lambda: gg.down(g_P, w2, cP, wP, pP, out_rows=A), gemm),
+            "dG": (gg._gmm_kernel, GMM, lambda: gg._launch_gmm(dy_PD, w2, None, None, out_PF, None, None, cP, P, F, D, True), gemm),
+            "dX": (gg._gmm_kernel, GMM, lambda: gg._launch_gmm(dh1_P, w1, dh3_P, w3, out_PD, None, pP, cP, P, D, F, True), 2 * gemm),
+            "dW13": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(x_PD, None, dh1_P, dh3_P, None, None, cP, aligned=True), 2 * gemm),
+            "dW2": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(g_P, None, dy_PD, None, None, None, cP, aligned=True), gemm),
             # the same GEMMs reading rows through token indices inside the loads (gather_rows=True)
             "up_gather": (gg._up_kernel, UP[:2], lambda: gg.up(x, tok, w1, w3, counts, A, True), 2 * gemm),
             "dW13_gather": (gg._wgrad_kernel, WGRAD[:2], lambda: gg.wgrad(x, tok, dh1, dh3, None, None, counts), 2 * gemm),
