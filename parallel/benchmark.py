@@ -80,8 +80,8 @@ def _time(fn, device, warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _max_over_ranks(v: float) -> float:
-    t = torch.tensor([v], dtype=torch.float64)
+def _max_over_ranks(v: float, device: torch.device) -> float:
+    t = torch.tensor([v], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
 
@@ -116,7 +116,7 @@ def main(argv: list[str]) -> None:
     def single_step():
         single(x).backward(grad_y)
 
-    t_single = _max_over_ranks(_time(single_step, device, a.warmup, a.iters))
+    t_single = _max_over_ranks(_time(single_step, device, a.warmup, a.iters), device)
     del single
 
     layer = make_layer()
@@ -126,7 +126,7 @@ def main(argv: list[str]) -> None:
         ep_model(x).backward(grad_y)
         ep_model.finish_grad_sync()
 
-    t_ep = _max_over_ranks(_time(ep_step, device, a.warmup, a.iters))
+    t_ep = _max_over_ranks(_time(ep_step, device, a.warmup, a.iters), device)
 
     # Replay the step's exchanges alone: dispatch + return, forward + backward = 4 per chunk.
     in_splits_CR, out_splits_CR = layer.dispatcher.last_splits
@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
             exchange(rows_back[c], in_splits_CR[c], out_splits_CR[c], group)
             exchange(rows_sent[c], out_splits_CR[c], in_splits_CR[c], group)
 
-    t_a2a = _max_over_ranks(_time(exchanges, device, a.warmup, a.iters))
+    t_a2a = _max_over_ranks(_time(exchanges, device, a.warmup, a.iters), device)
     row_bytes = a.d_model * torch.finfo(dtype).bits // 8
     remote_out = sum(s[r] for s in in_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
     remote_in = sum(s[r] for s in out_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
