@@ -3,11 +3,11 @@
 `expert_mlp(x, w1, w3, w2, counts_E)` computes all experts on rows grouped by expert.
 `expert_mlp_routed(x_TD, w1, w3, w2, counts_E, token_A, weight_A)` does the same on
 unpermuted tokens: rows are copied into expert order once (the backward needs them in that
-order too), each expert's group padded with zero rows to a multiple of `gg.ROW_ALIGN`
-(`aligned_layout`: the weight gradients then read both operands through TMA, unmasked), and
-the outputs, times their gate weight, are scattered by the last GEMM's stores into token
-order and summed per token (`moeflow.moe.dispatch.combine`'s semantics), so the routed copy
-of the outputs is never materialised. (The kernels can also gather rows inside their loads;
+order too), each expert's group padded with zero rows to a multiple of `gg.ROW_ALIGN` when
+groups are large (`aligned_layout`: the weight gradients then read both operands through TMA,
+unmasked), and the outputs, times their gate weight, are scattered by the last GEMM's stores
+into token order and summed per token (`moeflow.moe.dispatch.combine`'s semantics), so the
+routed copy of the outputs is never materialised. (The kernels can also gather rows inside their loads;
 on the H100 the copy + TMA loads is faster: bench/RESULTS.md.) The backward's un-permute sum
 runs on a second CUDA stream beside the last weight-gradient GEMM.
 
@@ -260,19 +260,26 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
     """The routed rows with each expert's group padded to a multiple of `align` rows.
 
     Returns counts_P, token_P (-1 on pad rows), weight_P (0 on pad rows; differentiable in
-    weight_A), pos_P (-1 on pad rows). P = A + (align - 1) * E rows, a bound known without a
-    host sync; rows past the last group are pad rows too.
+    weight_A), pos_P (-1 on pad rows). P = A + (align - 1) * min(E, A) rows (at most that many
+    groups are non-empty), a bound known without a host sync; rows past the last group are pad
+    rows too.
     """
     A, E = token_A.shape[0], counts_E.shape[0]
     counts = counts_E.long()
     counts_P = (counts + align - 1) // align * align
     shift_E = (torch.cumsum(counts_P, 0) - counts_P) - (torch.cumsum(counts, 0) - counts)
     dest_A = torch.arange(A, device=token_A.device) + torch.repeat_interleave(shift_E, counts, output_size=A)
-    P = A + (align - 1) * E
+    P = A + (align - 1) * min(E, A)
     token_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, token_A.to(torch.int32))
     pos_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, pos_A.to(torch.int32))
     weight_P = weight_A.new_zeros(P).scatter(0, dest_A, weight_A)
     return counts_P.to(torch.int32), token_P, weight_P, pos_P
+
+
+# Pad to the aligned layout when experts average at least this many rows: the pad rows (about
+# ROW_ALIGN / 2 per expert) then cost little. Small batches spread over many experts (4 rows per
+# expert would become 64) keep the unpadded copy, whose weight gradients mask one operand.
+ALIGN_FROM_ROWS_PER_EXPERT = 4 * gg.ROW_ALIGN
 
 
 def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
@@ -283,6 +290,8 @@ def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor
     `token_order_A` (optional): a token-sorted position of each row (see `routing_layout`).
     `gather_rows`: read x and dy rows through token_A inside the GEMMs instead of copying them
     into expert order: A x D fewer saved activations, slower on the H100 (bench/RESULTS.md).
+    Otherwise rows are copied, into `aligned_layout` when the experts average at least
+    ALIGN_FROM_ROWS_PER_EXPERT rows.
     """
     check_inputs(x_TD, w1, w3, w2, counts_E)
     if token_A.dim() != 1 or weight_A.shape != token_A.shape:
@@ -290,8 +299,8 @@ def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor
     if token_order_A is not None and token_order_A.shape != token_A.shape:
         raise UnsupportedInput(f"token_order_A {tuple(token_order_A.shape)} must match token_A {tuple(token_A.shape)}")
     pos_A, offsets = routing_layout(token_A, x_TD.shape[0], token_order_A)
-    if gather_rows:  # rows read through token_A in the loads: no copy, no padding
+    if gather_rows or token_A.shape[0] < ALIGN_FROM_ROWS_PER_EXPERT * counts_E.shape[0]:
         return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
-                                       pos_A, offsets, x_TD.shape[0], True, False)
+                                       pos_A, offsets, x_TD.shape[0], gather_rows, False)
     counts_P, token_P, weight_P, pos_P = aligned_layout(counts_E, token_A, weight_A, pos_A)
     return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_P, token_P, weight_P, pos_P, offsets, x_TD.shape[0], False, True)

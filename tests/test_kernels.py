@@ -57,9 +57,12 @@ def weights(E, D, F, swiglu, dtype, gen):
     return w(E, D, F), (w(E, D, F) if swiglu else None), w(E, F, D)
 
 
-@pytest.mark.parametrize("activation,gather_rows", [("swiglu", False), ("gelu", False), ("swiglu", True)])
-def test_routed_forward_backward_matches_float64(activation, gather_rows):
-    """gather_rows: routed rows read through token_A inside the GEMMs instead of copied first."""
+@pytest.mark.parametrize("activation,rows", [("swiglu", "copied"), ("swiglu", "aligned"), ("gelu", "aligned"), ("swiglu", "gathered")])
+def test_routed_forward_backward_matches_float64(monkeypatch, activation, rows):
+    """Routed rows copied into expert order, copied into the aligned layout (zero pad rows; forced
+    here, these groups are small), or read through token_A inside the GEMMs."""
+    gather_rows = rows == "gathered"
+    monkeypatch.setattr(ops, "ALIGN_FROM_ROWS_PER_EXPERT", 0 if rows == "aligned" else 10**9)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)  # fresh inputs every run
     T, D, F = 40, 24, 40  # D, F not multiples of the 16-wide tile
     counts = [0, 1, 17, 33, 16]  # empty, single row, 17 = tile + 1
@@ -163,6 +166,7 @@ def test_tma_loads_equal_pointer_loads_bitwise(monkeypatch, routed):
     x = torch.randn(T if routed else sum(counts), D, generator=gen).to(DEV, DTYPE).requires_grad_()
     w1, w3, w2 = weights(len(counts), D, F, True, DTYPE, gen)
     assert gg._rows_desc(x.detach()) is not None and gg._weight_desc(w1.detach()) is not None  # TMA really used
+    monkeypatch.setattr(ops, "ALIGN_FROM_ROWS_PER_EXPERT", 0)  # the aligned layout: weight gradients all TMA
     runs = []
     for use_tma in (True, False):
         monkeypatch.setattr(gg, "USE_TMA", use_tma)
@@ -334,3 +338,23 @@ def test_gather_rows_fills_negative_indices_with_zeros():
     out = gg.gather_rows(src, idx)
     ref = torch.where((idx >= 0)[:, None], src[idx.clamp_min(0).long()], torch.zeros((), dtype=DTYPE, device=DEV))
     assert torch.equal(out, ref)
+
+
+def test_aligned_layout_only_for_groups_large_enough(monkeypatch):
+    """Padding 4-row groups to 64 would multiply the rows: small groups keep the unpadded copy."""
+    calls = []
+    real = ops.aligned_layout
+    monkeypatch.setattr(ops, "aligned_layout", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    counts = [5, 3, 0, 8]
+    plan = make_plan(12, counts, gen)
+    x = torch.randn(12, 16, generator=gen).to(DEV, DTYPE)
+    w1, w3, w2 = weights(len(counts), 16, 16, True, DTYPE, gen)
+    ys = []
+    for threshold, padded in ((sum(counts) // len(counts) + 1, False), (sum(counts) // len(counts), True)):
+        monkeypatch.setattr(ops, "ALIGN_FROM_ROWS_PER_EXPERT", threshold)
+        calls.clear()
+        with torch.no_grad():
+            ys.append(ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A))
+        assert bool(calls) == padded
+    assert rel(ys[0], ys[1]) < 1e-3
