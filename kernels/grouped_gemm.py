@@ -434,7 +434,8 @@ def _wgrad_kernel(
     which walks that expert's rows in order: deterministic, and empty experts get exact zeros.
     TMA boxes (contiguous operands only) cannot stop at the expert's last row; the launcher
     uses one only when the other operand is loaded masked, whose zero rows cancel the
-    overrun (a non-finite value in another expert's rows would still leak in as NaN).
+    overrun (a non-finite value in another expert's rows would still leak in as NaN), or
+    for both operands when the groups are aligned (`wgrad(aligned=True)`: no overrun).
     """
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
