@@ -2,7 +2,7 @@
 candidate), next to cuBLAS on the same per-expert shapes (torch.bmm over equal groups), to see
 which configs the autotune lists should hold. Development tool; one line per (use, config).
 
-    python kernels/tune_configs.py [case index ...]      (env USES=up,dW13,... to pick uses,
+    python kernels/tune_configs.py [case index ...]      (env USES=up,dW13,... to pick uses (default: the six of a step),
                                                           LIMIT=n the first n shapes, PERSIST=0/1 one launch kind)
 """
 import os
@@ -85,6 +85,7 @@ def main():
         P = tP.shape[0]
         out_PF, out_PD = torch.empty(P, F, **bf), torch.empty(P, D, **bf)
         x_PD, dy_PD = gg.gather_rows(x, tP), gg.gather_rows(dy, tP)
+        x_AD, dy_AD = gg.gather_rows(x, tok), gg.gather_rows(dy, tok)
         dh1_P, dh3_P, g_P = (torch.randn(P, F, **bf) for _ in range(3))
         table = {
             "up": (gg._up_kernel, UP, lambda: gg.up(x_PD, None, w1, w3, cP, P, True), 2 * gemm),
@@ -93,6 +94,9 @@ def main():
             "dX": (gg._gmm_kernel, GMM, lambda: gg._launch_gmm(dh1_P, w1, dh3_P, w3, out_PD, None, pP, cP, P, D, F, True), 2 * gemm),
             "dW13": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(x_PD, None, dh1_P, dh3_P, None, None, cP, aligned=True), 2 * gemm),
             "dW2": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(g_P, None, dy_PD, None, None, None, cP, aligned=True), gemm),
+            # the same on unpadded rows in expert order (the layout below ALIGN_FROM_ROWS_PER_EXPERT): one operand masked
+            "dW13_unaligned": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(x_AD, None, dh1, dh3, None, None, counts), 2 * gemm),
+            "dW2_unaligned": (gg._wgrad_kernel, WGRAD, lambda: gg.wgrad(g, None, dy_AD, None, None, None, counts), gemm),
             # the same GEMMs reading rows through token indices inside the loads (gather_rows=True)
             "up_gather": (gg._up_kernel, UP[:2], lambda: gg.up(x, tok, w1, w3, counts, A, True), 2 * gemm),
             "dW13_gather": (gg._wgrad_kernel, WGRAD[:2], lambda: gg.wgrad(x, tok, dh1, dh3, None, None, counts), 2 * gemm),
