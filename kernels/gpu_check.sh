@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call: install, GPU correctness tests, then the expert benchmark (and optionally
 # the 200-step triton-vs-torch training comparison). Run from the repository root:
-#   bash kernels/gpu_check.sh [test] [bench] [train] [seeds] [diag]   (default: test bench)
+#   bash kernels/gpu_check.sh [test] [bench] [train] [seeds] [diag] [ep]   (default: test bench)
 # diag: one step's gradients of triton-bf16 and torch-bf16 against torch-fp32, and an fp32 training run.
 # Wheels for packages the GPU image lacks (hydra-core, omegaconf, antlr4) are taken from $WHEELS.
 set -uo pipefail
@@ -37,6 +37,14 @@ for stage in $stages; do
         done
       done
       python3 kernels/compare_seeds.py /tmp/seeds | tee "$OUT/seeds.txt" ;;
+    ep)  # every GPU of the node: `moeflow bench ep` at each of EP_CHUNKS overlap chunks (NVLink multicast left off)
+      gpus=$(nvidia-smi -L | wc -l)
+      for chunks in ${EP_CHUNKS:-1 2 4}; do
+        NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout ${EP_TIMEOUT:-150} \
+          torchrun --standalone --nproc-per-node "$gpus" -m moeflow.launch.cli bench ep --overlap-chunks "$chunks" \
+          --json "$OUT/ep_$chunks.json" > "$OUT/ep_$chunks.log" 2>&1 || { echo "bench ep failed:"; grep -m1 -A3 Error "$OUT/ep_$chunks.log"; }
+        grep -A5 "^moeflow bench ep" "$OUT/ep_$chunks.log"
+      done ;;
     diag)
       python3 kernels/compare_grads.py configs/model/small.yaml 8 512 2>&1 | tee "$OUT/grads.txt"
       timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=${FP32_STEPS:-100} trainer.log_every=10 \
