@@ -37,12 +37,12 @@ for stage in $stages; do
         done
       done
       python3 kernels/compare_seeds.py /tmp/seeds | tee "$OUT/seeds.txt" ;;
-    ep)  # every GPU of the node: `moeflow bench ep` at each of EP_CHUNKS overlap chunks (NVLink multicast left off)
+    ep)  # every GPU of the node: `moeflow bench ep [EP_ARGS]` at each of EP_CHUNKS overlap chunks (NVLink multicast left off)
       gpus=$(nvidia-smi -L | wc -l)
       for chunks in ${EP_CHUNKS:-1 2 4}; do
         NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout ${EP_TIMEOUT:-150} \
           torchrun --standalone --nproc-per-node "$gpus" -m moeflow.launch.cli bench ep --overlap-chunks "$chunks" \
-          --json "$OUT/ep_$chunks.json" > "$OUT/ep_$chunks.log" 2>&1 || { echo "bench ep failed:"; grep -m1 -A3 Error "$OUT/ep_$chunks.log"; }
+          --json "$OUT/ep_$chunks.json" ${EP_ARGS:-} > "$OUT/ep_$chunks.log" 2>&1 || { echo "bench ep failed:"; grep -m1 -A3 Error "$OUT/ep_$chunks.log"; }
         grep -A5 "^moeflow bench ep" "$OUT/ep_$chunks.log"
       done ;;
     diag)
