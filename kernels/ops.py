@@ -56,7 +56,9 @@ class _beside_the_next_kernel:
         self.src = src
         self.stream = None
         if OVERLAP and src.is_cuda:
-            self.stream = _SIDE_STREAMS.setdefault(src.device, torch.cuda.Stream(src.device))
+            if src.device not in _SIDE_STREAMS:  # one per device, made once
+                _SIDE_STREAMS[src.device] = torch.cuda.Stream(src.device)
+            self.stream = _SIDE_STREAMS[src.device]
             self.main = torch.cuda.current_stream(src.device)
 
     def __enter__(self):
