@@ -28,10 +28,6 @@ from . import grouped_gemm as gg
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _none_if_empty(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None or t.numel() == 0 else t
-
-
 def _copies_rows(token_A: Optional[Tensor], gather_rows: bool) -> bool:
     """Whether routed rows are copied into expert order (x_AD, dy_AD) rather than gathered in the loads."""
     return token_A is not None and not gather_rows
