@@ -130,7 +130,7 @@ def breakdown(T, d, f, E, k, warmup, rep):
     dh1, dh3, g2, _ = gg.down_bwd(dy_AD, None, w2, h1, h3, weight, counts, True)
     gemm = 2 * A * d * f
     steps = [
-        ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T), layout()), 0),
+        ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T, plan.token_order_A), layout()), 0),
         ("fwd x rows into expert order", lambda: gg.gather_rows(x, tok), 0),
         ("fwd up (x@W1,x@W3, SwiGLU)", lambda: gg.up(x_AD, None, w1, w3, counts, P, True), 2 * gemm),
         ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, weight, pos_P), gemm),
