@@ -23,8 +23,9 @@ GiB = 2**30
 
 
 def route(x_TD, w_DE, k: int, skew: bool):
-    """Softmax top-k routing (renormalised); with `skew`, expert 0 is forced on a 4k/E share of tokens."""
+    """Softmax top-k routing (renormalised), as `TopKGate` routes; with `skew`, expert 0 is forced on a 4k/E share of tokens."""
     from moeflow.moe.gates.base import RouterOutput
+    from moeflow.moe.gates.common import top_k_indices
 
     T, E = x_TD.shape[0], w_DE.shape[1]
     logits = (x_TD @ w_DE).float()
@@ -32,7 +33,8 @@ def route(x_TD, w_DE, k: int, skew: bool):
         forced = torch.rand(T, device=x_TD.device, generator=None) < min(1.0, 4 * k / E)
         logits = logits + torch.where(forced[:, None] & (torch.arange(E, device=x_TD.device) == 0), 1e4, 0.0)
     probs = logits.softmax(-1)
-    top_v, top_i = probs.topk(k, dim=-1)
+    top_i = top_k_indices(probs, k)  # the product gate's top-k (a Triton kernel on the GPU)
+    top_v = probs.gather(1, top_i)
     top_v = top_v / top_v.sum(-1, keepdim=True)
     token_A = torch.arange(T, device=x_TD.device).repeat_interleave(k)
     return RouterOutput(token_A=token_A, expert_A=top_i.reshape(-1), weight_A=top_v.reshape(-1), num_tokens=T, num_experts=E, token_sorted=True)
@@ -120,22 +122,22 @@ def breakdown(T, d, f, E, k, warmup, rep):
         return aligned_layout(plan.counts_E, plan.token_A, plan.weight_A, pos)
 
     # the same launches as moeflow.kernels.ops (rows copied into the aligned expert order, then contiguous GEMMs)
-    counts, tok, weight, pos_P = layout()
+    counts, tok, weight, pos_P, rows_A = layout()
     P = tok.shape[0]
-    x_AD = gg.gather_rows(x, tok)
+    x_AD = gg.fan_out(x, offs, rows_A, P, (tok, counts))
     g, h1, h3 = gg.up(x_AD, None, w1, w3, counts, P, True)
     ys = gg.down(g, w2, counts, weight, pos_P)
     dy = torch.randn(T, d, device=dev, dtype=torch.bfloat16)
-    dy_AD = gg.gather_rows(dy, tok)
+    dy_AD = gg.fan_out(dy, offs, rows_A, P, (tok, counts))
     dh1, dh3, g2, _ = gg.down_bwd(dy_AD, None, w2, h1, h3, weight, counts, True)
     gemm = 2 * A * d * f
     steps = [
         ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T, plan.token_order_A), layout()), 0),
-        ("fwd x rows into expert order", lambda: gg.gather_rows(x, tok), 0),
+        ("fwd x rows into expert order", lambda: gg.fan_out(x, offs, rows_A, P, (tok, counts)), 0),
         ("fwd up (x@W1,x@W3, SwiGLU)", lambda: gg.up(x_AD, None, w1, w3, counts, P, True), 2 * gemm),
         ("fwd down (g@W2, scale, scatter)", lambda: gg.down(g, w2, counts, weight, pos_P), gemm),
         ("fwd segsum (A->T rows)", lambda: gg.segsum(ys, offs, T), 0),
-        ("bwd dy rows into expert order", lambda: gg.gather_rows(dy, tok), 0),
+        ("bwd dy rows into expert order", lambda: gg.fan_out(dy, offs, rows_A, P, (tok, counts)), 0),
         ("bwd dG=dy@W2^T GEMM + act bwd", lambda: gg.down_bwd(dy_AD, None, w2, h1, h3, weight, counts, True), gemm),
         ("bwd dW2 ((w*g)^T@dy)", lambda: gg.wgrad(g2, None, dy_AD, None, None, None, counts, aligned=True), gemm),
         ("bwd dX (dh1@W1^T+dh3@W3^T, scatter)", lambda: gg.grad_input(dh1, w1, dh3, w3, counts, pos_P), 2 * gemm),

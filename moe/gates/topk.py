@@ -42,6 +42,7 @@ from .common import (
     need,
     switch_balance_loss,
     tie_break_key,
+    top_k_indices,
     token_offset,
     z_loss,
 )
@@ -117,7 +118,7 @@ class TopKGate(Gate):
             select_TE = select_TE + self.expert_bias_E
         if self.n_groups is not None:
             select_TE = self._limit_to_groups(select_TE)
-        expert_TK = select_TE.topk(K, dim=-1).indices
+        expert_TK = top_k_indices(select_TE, K)
         if self.topk_before_softmax:
             weight_TK = logits_TE.gather(1, expert_TK).softmax(-1)
         else:
