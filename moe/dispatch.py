@@ -38,7 +38,8 @@ def plan_dispatch(routing: RouterOutput) -> DispatchPlan:
     counts_E = counts_of(expert_A, routing.num_experts)
     return DispatchPlan(
         token_A=routing.token_A[order_A],
-        weight_A=routing.weight_A[order_A],
+        # index_select, not [order_A]: its backward is one scatter (order_A is a permutation), not a sort
+        weight_A=routing.weight_A.index_select(0, order_A),
         expert_A=expert_A,
         counts_E=counts_E,
         num_tokens=routing.num_tokens,
