@@ -20,7 +20,7 @@ bit-deterministic for fixed inputs):
 - `act_bwd`:  the activation's backward over dG, h1, h3, and the gate-weight gradient.
 - `wgrad`:    dW[e] = A[gather]^T @ (scale * B[gather]) over expert e's rows.
 - `segsum`:   y_T[t] = sum of the rows of token t (the deterministic half of un-permute).
-- `gather_rows`: out[r] = src[idx[r]], zeros where idx[r] < 0 (the pad rows of an aligned layout).
+- `fan_out`:  the routed copies of each token row in expert order (segsum's transpose); pad rows zeroed.
 
 Nothing here knows about models: tensors, strides, group sizes.
 """
@@ -510,17 +510,36 @@ def _segsum_kernel(src_ptr, offs_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
     tl.store(out_ptr + t.to(tl.int64) * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ----------------------------------------------------------------------------- row gather
+# ----------------------------------------------------------------------------- row fan-out
 @triton.jit
-def _gather_rows_kernel(src_ptr, idx_ptr, out_ptr, R, D, stride_s, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[r] = src[idx[r]] for idx[r] >= 0, else a row of zeros."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _fan_out_kernel(src_ptr, offs_ptr, dest_ptr, out_ptr, D, stride_s, BLOCK_D: tl.constexpr):
+    """out[dest[a]] = src[t] for token t's rows a in [offs[t], offs[t+1]): segsum's transpose.
+    Each source row is read once (a gather by destination row reads it once per copy)."""
+    t = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_r = rows < R
-    idx = tl.load(idx_ptr + rows, mask=mask_r, other=-1).to(tl.int64)
-    mask = mask_r[:, None] & (cols < D)[None, :]
-    v = tl.load(src_ptr + idx[:, None] * stride_s + cols[None, :], mask=mask & (idx >= 0)[:, None], other=0.0)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], v, mask=mask)
+    mask = cols < D
+    start = tl.load(offs_ptr + t)
+    end = tl.load(offs_ptr + t + 1)
+    v = tl.load(src_ptr + t.to(tl.int64) * stride_s + cols, mask=mask)
+    for a in range(start, end):
+        row = tl.load(dest_ptr + a).to(tl.int64)
+        tl.store(out_ptr + row * D + cols, v, mask=mask)
+
+
+@triton.jit
+def _zero_pad_rows_kernel(idx_ptr, counts_ptr, out_ptr, E, D, E_POW2: tl.constexpr, PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zero the pad rows (idx < 0) among the last PAD rows of expert e's group (program e): the
+    groups of an aligned layout end with fewer than PAD of them."""
+    offs_e = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    end = tl.sum(tl.where(offs_e == tl.program_id(0), tl.cumsum(cnt, 0), 0), 0)
+    size = tl.sum(tl.where(offs_e == tl.program_id(0), cnt, 0), 0)
+    rows = end - PAD + tl.arange(0, PAD)
+    in_group = rows >= end - size
+    idx = tl.load(idx_ptr + rows, mask=in_group, other=0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    zeros = tl.zeros((PAD, BLOCK_D), dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], zeros, mask=(in_group & (idx < 0))[:, None] & (cols < D)[None, :])
 
 
 # ============================================================================= launchers
@@ -720,16 +739,25 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E, aligned: bool = False)
     return out1, (out2 if b2 is not None else None)
 
 
-def gather_rows(src, idx):
-    """src rows through idx into a new contiguous matrix; rows whose index is negative are zeros."""
+def fan_out(src, offsets, dest, num_rows: int, pads=None, out=None):
+    """A new (num_rows, D) matrix holding src row t at rows dest[offsets[t]:offsets[t+1]], each source row
+    read once (a gather by destination row reads it once per copy). `pads` = (idx_P, counts_P) of an
+    aligned layout: its pad rows inside each group (idx_P < 0) are zeroed; rows past the last group are
+    left unwritten (no kernel reads them unmasked)."""
     if src.stride(-1) != 1:
         src = src.contiguous()
-    R, D = idx.shape[0], src.shape[1]
-    out = src.new_empty(R, D)
+    R, D = num_rows, src.shape[1]
+    out = src.new_empty(R, D) if out is None else out
     if R and D:
-        block_r, block_d = (4, 16) if INTERPRET else (4, min(1024, triton.next_power_of_2(D)))
-        _gather_rows_kernel[(triton.cdiv(R, block_r), triton.cdiv(D, block_d))](
-            src, idx, out, R, D, src.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        block_d = 16 if INTERPRET else min(4096, triton.next_power_of_2(D))
+        _fan_out_kernel[(offsets.shape[0] - 1, triton.cdiv(D, block_d))](src, offsets, dest, out, D, src.stride(0),
+                                                                          BLOCK_D=block_d, num_warps=4)
+        if pads is not None:
+            idx, counts_P = pads
+            E = counts_P.shape[0]
+            block_d = 16 if INTERPRET else min(256, triton.next_power_of_2(D))
+            _zero_pad_rows_kernel[(E, triton.cdiv(D, block_d))](idx, counts_P, out, E, D, E_POW2=_e_pow2(E), PAD=ROW_ALIGN,
+                                                                BLOCK_D=block_d, num_warps=4)
     return out
 
 

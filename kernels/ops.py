@@ -80,18 +80,23 @@ class _beside_the_next_kernel:
 def experts_fwd(
     x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
     token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    num_rows: int, save: bool, gather_rows: bool,
+    expert_row_A: Optional[Tensor], num_rows: int, save: bool, gather_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, h1, h3, x_AD (all but y empty unless `save`; h3 empty for GELU; x_AD empty if not copied).
 
     Routed rows are copied into expert order (x_AD = x[token_A], zeros where token_A < 0: the
-    pad rows of `aligned_layout`) unless `gather_rows`: the up GEMM and the backward's weight
+    pad rows of `aligned_layout`; written by fanning each token row out to its rows `expert_row_A`,
+    so each is read once) unless `gather_rows`: the up GEMM and the backward's weight
     gradient then read contiguous rows through TMA, faster than gathering them inside the GEMMs'
     loads by more than the copy costs (bench/RESULTS.md), at A x D more saved activations.
     `gather_rows` gathers inside the loads instead.
     """
     copy = _copies_rows(token_A, gather_rows)
-    x_AD = gg.gather_rows(x, token_A) if copy else x
+    if copy:  # more rows than assignments: an aligned layout, whose pad rows are zeroed
+        pads = (token_A, counts_E) if token_A.shape[0] > expert_row_A.shape[0] else None
+        x_AD = gg.fan_out(x, tok_offsets, expert_row_A, token_A.shape[0], pads)
+    else:
+        x_AD = x
     A = num_rows if token_A is None else token_A.shape[0]
     g, h1, h3 = gg.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
     if token_A is None:
@@ -106,7 +111,7 @@ def experts_fwd(
 
 
 @experts_fwd.register_fake
-def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, save, gather_rows):
+def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, num_rows, save, gather_rows):
     A = num_rows if token_A is None else token_A.shape[0]
     rows_out = num_rows if token_A is None else tok_offsets.shape[0] - 1
     F = w1.shape[2]
@@ -120,7 +125,7 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, 
 def experts_bwd(
     dy: Tensor, x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
     token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    h1: Tensor, h3: Tensor, gather_rows: bool, aligned: bool,
+    expert_row_A: Optional[Tensor], h1: Tensor, h3: Tensor, gather_rows: bool, aligned: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
 
@@ -134,7 +139,7 @@ def experts_bwd(
     copy = _copies_rows(token_A, gather_rows)
     gather = token_A if gather_rows else None
     # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
-    dy_AD = gg.gather_rows(dy, token_A) if copy else dy.contiguous()
+    dy_AD = gg.fan_out(dy, tok_offsets, expert_row_A, token_A.shape[0], (token_A, counts_E) if aligned else None) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
     dh1, dh3, g, dweight = gg.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
     dw2, _ = gg.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
@@ -157,7 +162,7 @@ def experts_bwd(
 
 
 @experts_bwd.register_fake
-def _(dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, gather_rows, aligned):
+def _(dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3, gather_rows, aligned):
     dweight = torch.empty_like(weight_A) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
     dx = x_AD.new_empty(tok_offsets.shape[0] - 1 if token_A is not None else x_AD.shape[0], w1.shape[1])
     return (dx, torch.empty_like(w1), torch.empty_like(w3) if w3 is not None else x_AD.new_empty(0),
@@ -168,13 +173,13 @@ class ExpertMLPFunction(torch.autograd.Function):
     """Autograd over the custom ops. Integer routing tensors carry no gradient."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, num_rows, gather_rows, aligned):
+    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, num_rows, gather_rows, aligned):
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
         y, h1, h3, x_AD = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets,
-                                                        num_rows, save, gather_rows)
+                                                        expert_row_A, num_rows, save, gather_rows)
         # the backward reads x in expert order: the copy when one was made, else x itself
         ctx.save_for_backward(x_AD if _copies_rows(token_A, gather_rows) else x, w1, w3, w2, counts_E, token_A, weight_A,
-                              pos_A, tok_offsets, h1, h3)
+                              pos_A, tok_offsets, expert_row_A, h1, h3)
         ctx.gather_rows, ctx.aligned = gather_rows, aligned
         return y
 
@@ -184,11 +189,11 @@ class ExpertMLPFunction(torch.autograd.Function):
             raise RuntimeError("moeflow experts: a second backward through the same forward is not supported "
                                "(saved activations are reused in place); recompute the forward instead")
         ctx.consumed = True
-        x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3 = ctx.saved_tensors
+        x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3 = ctx.saved_tensors
         dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
-            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, h1, h3, ctx.gather_rows, ctx.aligned)
+            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3, ctx.gather_rows, ctx.aligned)
         return (dx, dw1, dw3 if w3 is not None else None, dw2, None, None,
-                dweight if weight_A is not None else None, None, None, None, None, None)
+                dweight if weight_A is not None else None, None, None, None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -233,7 +238,7 @@ def check_inputs(x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts
 def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> Tensor:
     """All experts on rows grouped by expert (counts_E rows each, in order)."""
     check_inputs(x_AD, w1, w3, w2, counts_E)
-    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, x_AD.shape[0], False, False)
+    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, None, x_AD.shape[0], False, False)
 
 
 def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -258,9 +263,10 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
     """The routed rows with each expert's group padded to a multiple of `align` rows.
 
     Returns counts_P, token_P (-1 on pad rows), weight_P (0 on pad rows; differentiable in
-    weight_A), pos_P (-1 on pad rows). P = A + (align - 1) * min(E, A) rows (at most that many
-    groups are non-empty), a bound known without a host sync; rows past the last group are pad
-    rows too.
+    weight_A), pos_P (-1 on pad rows) and expert_row_A (the padded row of each assignment in
+    token-sorted order: `gg.fan_out`'s destinations). P = A + (align - 1) * min(E, A) rows (at most
+    that many groups are non-empty), a bound known without a host sync; rows past the last group
+    are pad rows too.
     """
     A, E = token_A.shape[0], counts_E.shape[0]
     counts = counts_E.long()
@@ -271,7 +277,8 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
     token_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, token_A.to(torch.int32))
     pos_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, pos_A.to(torch.int32))
     weight_P = weight_A.new_zeros(P).scatter(0, dest_A, weight_A)
-    return counts_P.to(torch.int32), token_P, weight_P, pos_P
+    expert_row_A = torch.empty_like(pos_A, dtype=torch.int32).scatter_(0, pos_A.long(), dest_A.to(torch.int32))
+    return counts_P.to(torch.int32), token_P, weight_P, pos_P, expert_row_A
 
 
 # Pad to the aligned layout when experts average at least this many rows: the pad rows (about
@@ -298,7 +305,10 @@ def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor
         raise UnsupportedInput(f"token_order_A {tuple(token_order_A.shape)} must match token_A {tuple(token_A.shape)}")
     pos_A, offsets = routing_layout(token_A, x_TD.shape[0], token_order_A)
     if gather_rows or token_A.shape[0] < ALIGN_FROM_ROWS_PER_EXPERT * counts_E.shape[0]:
+        A = token_A.shape[0]
+        expert_row_A = None if gather_rows else torch.empty_like(pos_A).scatter_(0, pos_A.long(), torch.arange(A, dtype=torch.int32, device=pos_A.device))
         return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
-                                       pos_A, offsets, x_TD.shape[0], gather_rows, False)
-    counts_P, token_P, weight_P, pos_P = aligned_layout(counts_E, token_A, weight_A, pos_A)
-    return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_P, token_P, weight_P, pos_P, offsets, x_TD.shape[0], False, True)
+                                       pos_A, offsets, expert_row_A, x_TD.shape[0], gather_rows, False)
+    counts_P, token_P, weight_P, pos_P, expert_row_A = aligned_layout(counts_E, token_A, weight_A, pos_A)
+    return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_P, token_P, weight_P, pos_P, offsets, expert_row_A,
+                                   x_TD.shape[0], False, True)

@@ -68,7 +68,7 @@ def main():
         x = torch.randn(T, D, **bf)
         plan = plan_dispatch(route(x, torch.randn(D, E, **bf) * D**-0.5, k, False))
         counts, tok = plan.counts_E.to(torch.int32), plan.token_A.to(torch.int32)
-        pos, _ = routing_layout(plan.token_A, T, plan.token_order_A)
+        pos, offs = routing_layout(plan.token_A, T, plan.token_order_A)
         dh1, dh3, g = (torch.randn(A, F, **bf) for _ in range(3))
         dy = torch.randn(T, D, **bf)
         w1, w3 = torch.randn(E, D, F, **bf), torch.randn(E, D, F, **bf)
@@ -81,11 +81,11 @@ def main():
             t = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
             print(f"## case {CASES[ci]}: cuBLAS bmm {label} per expert: {t:.3f} ms, {gemm / t / 1e9:.0f} TFLOP/s", flush=True)
         # rows in the aligned expert order (groups padded to ROW_ALIGN rows), as kernels/ops.py lays them out
-        cP, tP, wP, pP = aligned_layout(counts, tok, plan.weight_A, pos)
+        cP, tP, wP, pP, rows_P = aligned_layout(counts, tok, plan.weight_A, pos)
         P = tP.shape[0]
         out_PF, out_PD = torch.empty(P, F, **bf), torch.empty(P, D, **bf)
-        x_PD, dy_PD = gg.gather_rows(x, tP), gg.gather_rows(dy, tP)
-        x_AD, dy_AD = gg.gather_rows(x, tok), gg.gather_rows(dy, tok)
+        x_PD, dy_PD = (gg.fan_out(t, offs, rows_P, P, (tP, cP)) for t in (x, dy))
+        x_AD, dy_AD = x[plan.token_A], dy[plan.token_A]
         dh1_P, dh3_P, g_P = (torch.randn(P, F, **bf) for _ in range(3))
         table = {
             "up": (gg._up_kernel, UP, lambda: gg.up(x_PD, None, w1, w3, cP, P, True), 2 * gemm),

@@ -312,7 +312,7 @@ def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
     token_A = torch.randint(0, 50, (A,))
     pos_A = torch.randperm(A)
     weight_A = torch.rand(A, requires_grad=True)
-    counts_P, token_P, weight_P, pos_P = ops.aligned_layout(counts, token_A, weight_A, pos_A)
+    counts_P, token_P, weight_P, pos_P, expert_row_A = ops.aligned_layout(counts, token_A, weight_A, pos_A)
     assert counts_P.tolist() == [0, align, align, align, 2 * align, align]
     assert token_P.shape[0] == A + (align - 1) * E >= int(counts_P.sum())
     start = first = 0  # group start in the padded / unpadded rows
@@ -325,19 +325,41 @@ def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
         assert (weight_P[start + c:start + cp] == 0).all()
         start, first = start + cp, first + c
     assert (token_P[start:] == -1).all() and (pos_P[start:] == -1).all()
+    # expert_row_A: the padded row of each assignment in token-sorted order (fan_out's destinations)
+    assert torch.equal(pos_P[expert_row_A.long()].long(), torch.arange(A))
+    assert torch.equal(token_P[expert_row_A[pos_A].long()].long(), token_A)
     g = torch.randn(weight_P.shape[0])
     (grad,) = torch.autograd.grad((weight_P * g).sum(), weight_A)
     assert torch.equal(grad, g[token_P >= 0])
 
 
-def test_gather_rows_fills_negative_indices_with_zeros():
+@pytest.mark.parametrize("aligned", [False, True])
+def test_fan_out_copies_each_token_row_to_its_rows(aligned):
+    """fan_out == src[idx] (zeros on the pad rows inside aligned groups), for tokens with 0, 1 or
+    several rows and destinations in any order."""
     from moeflow.kernels import grouped_gemm as gg
 
-    src = torch.randn(7, 20).to(DEV, DTYPE)
-    idx = torch.tensor([3, -1, 0, 6, -1, 3], dtype=torch.int32, device=DEV)
-    out = gg.gather_rows(src, idx)
-    ref = torch.where((idx >= 0)[:, None], src[idx.clamp_min(0).long()], torch.zeros((), dtype=DTYPE, device=DEV))
-    assert torch.equal(out, ref)
+    T, D = 9, 40  # D not a multiple of the interpreter's 16-column block
+    src = torch.randn(T, D).to(DEV, DTYPE)
+    per_token = torch.tensor([2, 0, 3, 1, 1, 2, 0, 4, 1])
+    token_Q = torch.repeat_interleave(torch.arange(T), per_token)  # assignments in token order
+    A = token_Q.shape[0]
+    order = torch.randperm(A)  # expert-sorted row a holds token-sorted assignment order[a]
+    counts = torch.tensor([5, 0, 1, A - 6])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(per_token, 0)]).to(DEV, torch.int32)
+    if aligned:
+        counts_P, idx, _, _, dest = ops.aligned_layout(counts, token_Q[order], torch.rand(A), order)
+        out = torch.full((idx.shape[0], D), float("nan"), dtype=DTYPE, device=DEV)  # poisoned: every row must be written
+        gg.fan_out(src, offsets, dest.to(DEV), idx.shape[0], (idx.to(DEV), counts_P.to(DEV)), out=out)
+        rows = int(counts_P.sum())  # rows past the last group are left unwritten
+    else:
+        idx, dest = token_Q[order], torch.empty_like(order).scatter_(0, order, torch.arange(A))
+        out = gg.fan_out(src, offsets, dest.to(DEV, torch.int32), A, out=torch.full((A, D), float("nan"), dtype=DTYPE, device=DEV))
+        rows = A
+    idx = idx[:rows].long().to(DEV)
+    ref = torch.where((idx >= 0)[:, None], src[idx.clamp_min(0)], torch.zeros((), dtype=DTYPE, device=DEV))
+    assert (idx < 0).any() == aligned
+    assert torch.equal(out[:rows], ref)
 
 
 def test_aligned_layout_only_for_groups_large_enough(monkeypatch):
