@@ -4,22 +4,15 @@ Fresh random inputs each test; group sizes include 0, 1 and sizes not divisible 
 tile (16 under the interpreter); feature sizes not divisible by the tile either.
 """
 import copy
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
-pytest.importorskip("triton")
+from triton_device import DEV  # first: picks the interpreter on a CPU-only machine
 
 from moeflow.kernels import ops  # noqa: E402
 from moeflow.moe.dispatch import DispatchPlan, combine  # noqa: E402
 from moeflow.moe.experts import GroupedExperts, expert_mlp, torch_loop  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 # Triton's CPU interpreter computes bf16 dots wrongly (numpy has no bf16): fp16 there, bf16 on the GPU
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
 

@@ -1,19 +1,10 @@
 """The router's Triton top-k kernel vs torch.topk: on CPU under TRITON_INTERPRET=1, on CUDA when present."""
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
-pytest.importorskip("triton")
+from triton_device import DEV  # first: picks the interpreter on a CPU-only machine
 
 from moeflow.kernels.topk import topk_indices, topk_indices_triton  # noqa: E402
 from moeflow.moe.gates.common import top_k_indices  # noqa: E402
-
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 
 @pytest.mark.parametrize("T,E,k", [(37, 128, 8), (5, 7, 3), (70, 64, 6), (3, 1000, 2), (9, 16, 16), (1, 1, 1)])
