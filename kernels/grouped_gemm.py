@@ -20,6 +20,7 @@ bit-deterministic for fixed inputs):
 - `act_bwd`:  the activation's backward over dG, h1, h3, and the gate-weight gradient.
 - `wgrad`:    dW[e] = A[gather]^T @ (scale * B[gather]) over expert e's rows.
 - `segsum`:   y_T[t] = sum of the rows of token t (the deterministic half of un-permute).
+- `aligned_layout`: the routed rows' places when each expert's group is padded to a multiple of ROW_ALIGN.
 - `fan_out`:  the routed copies of each token row in expert order (segsum's transpose); pad rows zeroed.
 
 Nothing here knows about models: tensors, strides, group sizes.
@@ -542,6 +543,35 @@ def _zero_pad_rows_kernel(idx_ptr, counts_ptr, out_ptr, E, D, E_POW2: tl.constex
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], zeros, mask=(in_group & (idx < 0))[:, None] & (cols < D)[None, :])
 
 
+# ----------------------------------------------------------------------------- aligned layout
+@triton.jit
+def _aligned_layout_kernel(counts_ptr, token_ptr, pos_ptr, weight_ptr, counts_out, token_out, pos_out, weight_out,
+                           dest_out, row_of_pos_out, E, P, ALIGN: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows [pid * BLOCK, ...) of the aligned layout (each expert's group starts on a multiple of ALIGN):
+    the assignment each row holds, or -1 / weight 0 on pad rows; and, for each assignment held, its row
+    (dest_out by expert-sorted index, row_of_pos_out by token-sorted position)."""
+    offs_e = tl.arange(0, E_POW2)
+    cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0).to(tl.int32)
+    cnt_p = (cnt + ALIGN - 1) // ALIGN * ALIGN
+    end_p = tl.cumsum(cnt_p, 0)
+    start = tl.cumsum(cnt, 0) - cnt
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = tl.sum((end_p[None, :] <= rows[:, None]).to(tl.int32), 1)  # the group holding each row (E_POW2 past the last)
+    sel = offs_e[None, :] == e[:, None]
+    r = rows - tl.sum(tl.where(sel, (end_p - cnt_p)[None, :], 0), 1)  # row within the padded group
+    real = (r < tl.sum(tl.where(sel, cnt[None, :], 0), 1)) & (rows < P)
+    a = tl.sum(tl.where(sel, start[None, :], 0), 1) + r
+    pos = tl.load(pos_ptr + a, mask=real, other=-1).to(tl.int32)
+    in_range = rows < P
+    tl.store(token_out + rows, tl.load(token_ptr + a, mask=real, other=-1).to(tl.int32), mask=in_range)
+    tl.store(pos_out + rows, pos, mask=in_range)
+    tl.store(weight_out + rows, tl.load(weight_ptr + a, mask=real, other=0.0), mask=in_range)
+    tl.store(dest_out + a, rows, mask=real)
+    tl.store(row_of_pos_out + pos, rows, mask=real)
+    if tl.program_id(0) == 0:
+        tl.store(counts_out + offs_e, cnt_p, mask=offs_e < E)
+
+
 # ============================================================================= launchers
 def _e_pow2(E: int) -> int:
     return max(16, triton.next_power_of_2(E))
@@ -737,6 +767,25 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E, aligned: bool = False)
         TWO=b2 is not None, A_TMA=a_desc is not None, B_TMA=b_descs is not None, E_POW2=_e_pow2(E),
     )
     return out1, (out2 if b2 is not None else None)
+
+
+def aligned_layout(counts_E, token_A, pos_A, weight_A, align: int = ROW_ALIGN):
+    """One launch for the aligned layout of `kernels.ops.aligned_layout` (which adds the autograd):
+    counts_P, token_P, pos_P, weight_P, dest_A (row of each expert-sorted assignment) and expert_row_A
+    (row of each token-sorted assignment). P = A + (align - 1) * min(E, A) rows, known without a sync."""
+    A, E = token_A.shape[0], counts_E.shape[0]
+    P = A + (align - 1) * min(E, A)
+    dev = token_A.device
+    counts_P = torch.empty(E, dtype=torch.int32, device=dev)
+    token_P, pos_P = (torch.empty(P, dtype=torch.int32, device=dev) for _ in range(2))
+    weight_P = weight_A.new_empty(P)
+    dest_A, expert_row_A = (torch.empty(A, dtype=torch.int32, device=dev) for _ in range(2))
+    if E:
+        block = 64
+        _aligned_layout_kernel[(max(1, triton.cdiv(P, block)),)](
+            counts_E, token_A, pos_A, weight_A, counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A, E, P,
+            ALIGN=align, E_POW2=_e_pow2(E), BLOCK=block, num_warps=4)
+    return counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A
 
 
 def fan_out(src, offsets, dest, num_rows: int, pads=None, out=None):

@@ -259,8 +259,24 @@ def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Ten
     return pos_A.to(torch.int32), offsets
 
 
+class _AlignedLayout(torch.autograd.Function):
+    """`gg.aligned_layout` with the gate weights' gradient: weight_P[dest_A[a]] = weight_A[a]."""
+
+    @staticmethod
+    def forward(ctx, weight_A, counts_E, token_A, pos_A, align):
+        counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A = gg.aligned_layout(counts_E, token_A, pos_A, weight_A, align)
+        ctx.save_for_backward(dest_A)
+        ctx.mark_non_differentiable(counts_P, token_P, pos_P, expert_row_A)
+        return counts_P, token_P, weight_P, pos_P, expert_row_A
+
+    @staticmethod
+    def backward(ctx, _counts, _token, grad_weight_P, _pos, _rows):
+        (dest_A,) = ctx.saved_tensors
+        return grad_weight_P.index_select(0, dest_A), None, None, None, None
+
+
 def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: Tensor, align: int = gg.ROW_ALIGN):
-    """The routed rows with each expert's group padded to a multiple of `align` rows.
+    """The routed rows with each expert's group padded to a multiple of `align` rows (one kernel).
 
     Returns counts_P, token_P (-1 on pad rows), weight_P (0 on pad rows; differentiable in
     weight_A), pos_P (-1 on pad rows) and expert_row_A (the padded row of each assignment in
@@ -268,17 +284,7 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
     that many groups are non-empty), a bound known without a host sync; rows past the last group
     are pad rows too.
     """
-    A, E = token_A.shape[0], counts_E.shape[0]
-    counts = counts_E.long()
-    counts_P = (counts + align - 1) // align * align
-    shift_E = (torch.cumsum(counts_P, 0) - counts_P) - (torch.cumsum(counts, 0) - counts)
-    dest_A = torch.arange(A, device=token_A.device) + torch.repeat_interleave(shift_E, counts, output_size=A)
-    P = A + (align - 1) * min(E, A)
-    token_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, token_A.to(torch.int32))
-    pos_P = torch.full((P,), -1, dtype=torch.int32, device=token_A.device).scatter_(0, dest_A, pos_A.to(torch.int32))
-    weight_P = weight_A.new_zeros(P).scatter(0, dest_A, weight_A)
-    expert_row_A = torch.empty_like(pos_A, dtype=torch.int32).scatter_(0, pos_A.long(), dest_A.to(torch.int32))
-    return counts_P.to(torch.int32), token_P, weight_P, pos_P, expert_row_A
+    return _AlignedLayout.apply(weight_A, counts_E, token_A, pos_A, align)
 
 
 # Pad to the aligned layout when experts average at least this many rows: the pad rows (about

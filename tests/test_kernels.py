@@ -305,7 +305,8 @@ def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
     token_A = torch.randint(0, 50, (A,))
     pos_A = torch.randperm(A)
     weight_A = torch.rand(A, requires_grad=True)
-    counts_P, token_P, weight_P, pos_P, expert_row_A = ops.aligned_layout(counts, token_A, weight_A, pos_A)
+    outs = ops.aligned_layout(counts.to(DEV), token_A.to(DEV), weight_A.to(DEV), pos_A.to(DEV))
+    counts_P, token_P, weight_P, pos_P, expert_row_A = (t.cpu() for t in outs)  # weight_P stays differentiable
     assert counts_P.tolist() == [0, align, align, align, 2 * align, align]
     assert token_P.shape[0] == A + (align - 1) * E >= int(counts_P.sum())
     start = first = 0  # group start in the padded / unpadded rows
@@ -341,9 +342,9 @@ def test_fan_out_copies_each_token_row_to_its_rows(aligned):
     counts = torch.tensor([5, 0, 1, A - 6])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(per_token, 0)]).to(DEV, torch.int32)
     if aligned:
-        counts_P, idx, _, _, dest = ops.aligned_layout(counts, token_Q[order], torch.rand(A), order)
+        counts_P, idx, _, _, dest = ops.aligned_layout(counts.to(DEV), token_Q[order].to(DEV), torch.rand(A, device=DEV), order.to(DEV))
         out = torch.full((idx.shape[0], D), float("nan"), dtype=DTYPE, device=DEV)  # poisoned: every row must be written
-        gg.fan_out(src, offsets, dest.to(DEV), idx.shape[0], (idx.to(DEV), counts_P.to(DEV)), out=out)
+        gg.fan_out(src, offsets, dest, idx.shape[0], (idx, counts_P), out=out)
         rows = int(counts_P.sum())  # rows past the last group are left unwritten
     else:
         idx, dest = token_Q[order], torch.empty_like(order).scatter_(0, order, torch.arange(A))
