@@ -1,7 +1,5 @@
 """moeflow slurm on a real single-node Slurm cluster (munge + slurmctld + slurmd), started here if needed."""
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 

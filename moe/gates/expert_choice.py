@@ -13,7 +13,6 @@ tokens of the global batch. Gradients reach the router through the gathered scor
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .base import Gate, RouterOutput
