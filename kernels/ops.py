@@ -33,6 +33,13 @@ def _copies_rows(token_A: Optional[Tensor], gather_rows: bool) -> bool:
     return token_A is not None and not gather_rows
 
 
+def _copy_rows(src: Tensor, tok_offsets: Tensor, expert_row_A: Tensor, token_A: Tensor, counts_E: Tensor) -> Tensor:
+    """src's token rows fanned out into expert order; with more rows than assignments (an aligned
+    layout) its pad rows are zeroed."""
+    pads = (token_A, counts_E) if token_A.shape[0] > expert_row_A.shape[0] else None
+    return gg.fan_out(src, tok_offsets, expert_row_A, token_A.shape[0], pads)
+
+
 # MOEFLOW_OVERLAP=0 runs the backward's segment sum in line instead of on a second CUDA stream (A/B timing)
 OVERLAP = os.environ.get("MOEFLOW_OVERLAP", "1") != "0"
 _SIDE_STREAMS: dict = {}
@@ -92,11 +99,7 @@ def experts_fwd(
     `gather_rows` gathers inside the loads instead.
     """
     copy = _copies_rows(token_A, gather_rows)
-    if copy:  # more rows than assignments: an aligned layout, whose pad rows are zeroed
-        pads = (token_A, counts_E) if token_A.shape[0] > expert_row_A.shape[0] else None
-        x_AD = gg.fan_out(x, tok_offsets, expert_row_A, token_A.shape[0], pads)
-    else:
-        x_AD = x
+    x_AD = _copy_rows(x, tok_offsets, expert_row_A, token_A, counts_E) if copy else x
     A = num_rows if token_A is None else token_A.shape[0]
     g, h1, h3 = gg.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
     if token_A is None:
@@ -139,7 +142,7 @@ def experts_bwd(
     copy = _copies_rows(token_A, gather_rows)
     gather = token_A if gather_rows else None
     # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
-    dy_AD = gg.fan_out(dy, tok_offsets, expert_row_A, token_A.shape[0], (token_A, counts_E) if aligned else None) if copy else dy.contiguous()
+    dy_AD = _copy_rows(dy, tok_offsets, expert_row_A, token_A, counts_E) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
     dh1, dh3, g, dweight = gg.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
     dw2, _ = gg.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
