@@ -1,7 +1,8 @@
 """Development probe, not used by the product: the aligned weight gradient as a warp-specialised
 Gluon kernel for Hopper, timed against the Triton `wgrad` on case-3 shapes (bench/RESULTS.md, item 27).
 
-    python kernels/gluon_wgrad_probe.py        (a Hopper GPU; Triton >= 3.6 with Gluon)
+    python kernels/gluon_wgrad_probe.py        (a Hopper GPU; Triton 3.6's Gluon: later versions renamed
+                                                the TMA copies, e.g. tma.async_load in 3.9)
 
 out[e] (M x N) = A[rows of e]^T @ B[rows of e] over groups aligned to BLOCK_K rows (`aligned_layout`).
 One TMA warp loads every tile's row chunks into a ring of shared-memory slots, running ahead across
