@@ -28,11 +28,14 @@ def _topk_rows_kernel(s_ptr, out_ptr, T, E, stride_t, K, BLOCK_T: tl.constexpr, 
     mask_t = rows < T
     avail = mask_t[:, None] & (cols < E)[None, :]  # not yet taken (columns past E never are)
     v = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=avail, other=0.0).to(tl.float32)
-    v = tl.where(v != v, float("inf"), v)  # NaN ranks first, as in torch.topk
+    # an int32 key in the scores' order, NaN (of either sign) above +inf as torch.topk ranks it, -0 equal to +0
+    v = tl.where(v != v, float("nan"), v + 0.0)
+    bits = v.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
     for j in range(K):
-        m = tl.max(tl.where(avail, v, float("-inf")), 1)
+        m = tl.max(tl.where(avail, key, -2147483648), 1)
         # the lowest available column holding the maximum (a row of -inf still has one: K <= E)
-        idx = tl.min(tl.where(avail & (v == m[:, None]), cols[None, :], BLOCK_E), 1)
+        idx = tl.min(tl.where(avail & (key == m[:, None]), cols[None, :], BLOCK_E), 1)
         tl.store(out_ptr + rows.to(tl.int64) * K + j, idx.to(tl.int64), mask=mask_t)
         avail = avail & (cols[None, :] != idx[:, None])
 

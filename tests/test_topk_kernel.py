@@ -24,13 +24,23 @@ def test_bf16_and_strided_rows():
 
 def test_ties_nan_and_all_minus_inf():
     inf = float("inf")
-    scores = torch.tensor([[1.0, 3.0, 3.0, float("nan"), -inf],
+    nan = float("nan")
+    scores = torch.tensor([[1.0, 3.0, 3.0, nan, -inf],
                            [-inf, -inf, -inf, -inf, -inf],
-                           [2.0, 2.0, 2.0, 2.0, 2.0]], device=DEV)
+                           [2.0, 2.0, 2.0, 2.0, 2.0],
+                           [1.0, inf, 3.0, nan, 0.0],
+                           [nan, 1.0, nan, inf, 2.0],
+                           [-0.0, 0.0, -1.0, -inf, -2.0],
+                           [0.0, -0.0, -1.0, -inf, -2.0],
+                           [1.0, -nan, inf, -inf, 2.0]], device=DEV)
     got = topk_indices_triton(scores, 3).cpu().tolist()
     assert got[0] == [3, 1, 2]  # NaN first (as torch.topk), then the tie by lower index
     assert got[1] == [0, 1, 2]  # never a repeated or out-of-range expert
     assert got[2] == [0, 1, 2]
+    assert got[3] == [3, 1, 2]  # NaN above +inf, as torch.topk ranks it
+    assert got[4] == [0, 2, 3]  # several NaN: lower index first, then +inf
+    assert got[5] == [0, 1, 2] and got[6] == [0, 1, 2]  # -0 ties with +0 (lower index first)
+    assert got[7] == [1, 2, 4]  # a NaN with the sign bit set ranks first too
 
 
 def test_bad_k_is_refused():
