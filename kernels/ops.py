@@ -3,7 +3,7 @@
 `expert_mlp(x, w1, w3, w2, counts_E)` computes all experts on rows grouped by expert.
 `expert_mlp_routed(x_TD, w1, w3, w2, counts_E, token_A, weight_A)` does the same on
 unpermuted tokens: rows are copied into expert order once (the backward needs them in that
-order too), each expert's group padded with zero rows to a multiple of `gg.ROW_ALIGN` when
+order too), each expert's group padded with zero rows to a multiple of `ROW_ALIGN` when
 groups are large (`aligned_layout`: the weight gradients then read both operands through TMA,
 unmasked), and the outputs, times their gate weight, are scattered by the last GEMM's stores
 into token order and summed per token (`moeflow.moe.dispatch.combine`'s semantics), so the
@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import grouped_gemm as gg
+from . import gemm, permute
+from .autotune import ROW_ALIGN
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -37,7 +38,7 @@ def _copy_rows(src: Tensor, tok_offsets: Tensor, expert_row_A: Tensor, token_A: 
     """src's token rows fanned out into expert order; with more rows than assignments (an aligned
     layout) its pad rows are zeroed."""
     pads = (token_A, counts_E) if token_A.shape[0] > expert_row_A.shape[0] else None
-    return gg.fan_out(src, tok_offsets, expert_row_A, token_A.shape[0], pads)
+    return permute.fan_out(src, tok_offsets, expert_row_A, token_A.shape[0], pads)
 
 
 # MOEFLOW_OVERLAP=0 runs the backward's segment sum in line instead of on a second CUDA stream (A/B timing)
@@ -101,12 +102,12 @@ def experts_fwd(
     copy = _copies_rows(token_A, gather_rows)
     x_AD = _copy_rows(x, tok_offsets, expert_row_A, token_A, counts_E) if copy else x
     A = num_rows if token_A is None else token_A.shape[0]
-    g, h1, h3 = gg.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
+    g, h1, h3 = gemm.up(x_AD, token_A if gather_rows else None, w1, w3, counts_E, A, store_h=save)
     if token_A is None:
-        y = gg.down(g, w2, counts_E)
+        y = gemm.down(g, w2, counts_E)
     else:
-        y_sorted = gg.down(g, w2, counts_E, scale_A=weight_A, scatter_A=pos_A)  # token-sorted rows
-        y = gg.segsum(y_sorted, tok_offsets, tok_offsets.shape[0] - 1)
+        y_sorted = gemm.down(g, w2, counts_E, scale_A=weight_A, scatter_A=pos_A)  # token-sorted rows
+        y = permute.segsum(y_sorted, tok_offsets, tok_offsets.shape[0] - 1)
     def empty():  # one per output: custom ops may not return aliases of each other
         return x.new_empty(0)
 
@@ -144,21 +145,21 @@ def experts_bwd(
     # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
     dy_AD = _copy_rows(dy, tok_offsets, expert_row_A, token_A, counts_E) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
-    dh1, dh3, g, dweight = gg.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
-    dw2, _ = gg.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
+    dh1, dh3, g, dweight = gemm.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
+    dw2, _ = gemm.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
     del g, dy_AD
     join_segsum = _nothing
     if token_A is None:
-        dx = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
+        dx = gemm.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E)
     else:
-        dx_sorted = gg.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
+        dx_sorted = gemm.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
         dx = dx_sorted.new_empty(tok_offsets.shape[0] - 1, dx_sorted.shape[1])
         with _beside_the_next_kernel(dx_sorted) as side:  # memory-bound: runs beside the dW1/dW3 GEMM
-            gg.segsum(dx_sorted, tok_offsets, dx.shape[0], out=dx)
+            permute.segsum(dx_sorted, tok_offsets, dx.shape[0], out=dx)
         join_segsum = side.join
         del dx_sorted
     # dW1[e], dW3[e] = x_AD[rows of e]^T @ dh1, dh3
-    dw1, dw3 = gg.wgrad(x_AD, gather, dh1, dh3 if swiglu else None, None, None, counts_E, aligned=aligned)
+    dw1, dw3 = gemm.wgrad(x_AD, gather, dh1, dh3 if swiglu else None, None, None, counts_E, aligned=aligned)
     join_segsum()
     dweight = dweight.to(weight_A.dtype) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
     return dx, dw1, (dw3 if swiglu else x_AD.new_empty(0)), dw2, dweight
@@ -263,11 +264,11 @@ def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Ten
 
 
 class _AlignedLayout(torch.autograd.Function):
-    """`gg.aligned_layout` with the gate weights' gradient: weight_P[dest_A[a]] = weight_A[a]."""
+    """`permute.aligned_layout` with the gate weights' gradient: weight_P[dest_A[a]] = weight_A[a]."""
 
     @staticmethod
     def forward(ctx, weight_A, counts_E, token_A, pos_A, align):
-        counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A = gg.aligned_layout(counts_E, token_A, pos_A, weight_A, align)
+        counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A = permute.aligned_layout(counts_E, token_A, pos_A, weight_A, align)
         ctx.save_for_backward(dest_A)
         ctx.mark_non_differentiable(counts_P, token_P, pos_P, expert_row_A)
         return counts_P, token_P, weight_P, pos_P, expert_row_A
@@ -278,12 +279,12 @@ class _AlignedLayout(torch.autograd.Function):
         return grad_weight_P.index_select(0, dest_A), None, None, None, None
 
 
-def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: Tensor, align: int = gg.ROW_ALIGN):
+def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: Tensor, align: int = ROW_ALIGN):
     """The routed rows with each expert's group padded to a multiple of `align` rows (one kernel).
 
     Returns counts_P, token_P (-1 on pad rows), weight_P (0 on pad rows; differentiable in
     weight_A), pos_P (-1 on pad rows) and expert_row_A (the padded row of each assignment in
-    token-sorted order: `gg.fan_out`'s destinations). P = A + (align - 1) * min(E, A) rows (at most
+    token-sorted order: `permute.fan_out`'s destinations). P = A + (align - 1) * min(E, A) rows (at most
     that many groups are non-empty), a bound known without a host sync; rows past the last group
     are pad rows too.
     """
@@ -293,7 +294,7 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
 # Pad to the aligned layout when experts average at least this many rows: the pad rows (about
 # ROW_ALIGN / 2 per expert) then cost little. Small batches spread over many experts (4 rows per
 # expert would become 64) keep the unpadded copy, whose weight gradients mask one operand.
-ALIGN_FROM_ROWS_PER_EXPERT = 4 * gg.ROW_ALIGN
+ALIGN_FROM_ROWS_PER_EXPERT = 4 * ROW_ALIGN
 
 
 def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,

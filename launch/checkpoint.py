@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from moeflow.moe.errors import CheckpointError
 from moeflow.moe.model import ModelConfig
+from moeflow.moe.state import state_shapes
 
 CKPT_DIR = "checkpoints"
 PREFIX = "step_"
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def rng_state() -> dict:
@@ -39,21 +37,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """state_dict without aliases (tied embeddings) or non-tensor entries (megatron-core's
-    `_extra_state`), contiguous, on CPU: what safetensors stores."""
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor):
-            continue
-        key = (t.data_ptr(), t.shape, t.stride()) if t.device.type != "meta" else None
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: dict, meta: dict, keep: int = 2) -> Path:
@@ -134,14 +117,18 @@ def model_shape_diffs(saved_model_cfg: dict, model_cfg: dict) -> list[str]:
     return [f"{k}: checkpoint {saved[k]!r} vs run {run[k]!r}" for k in SHAPE_KEYS if saved[k] != run[k]]
 
 
-def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: dict, model_state: dict, model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose model shape differs, naming the differing keys."""
-    diffs = model_shape_diffs(saved_model_cfg, model_cfg)
-    expected = {k: tuple(v.shape) for k, v in unique_state_dict(model).items()}
-    got = {k: tuple(v.shape) for k, v in model_state.items()}
-    if not diffs and expected != got:
-        bad = sorted(set(expected.items()) ^ set(got.items()))[:3]
-        diffs.append(f"parameters differ, e.g. {bad}")
+def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: ModelConfig, model_state: dict) -> None:
+    """Refuse a checkpoint whose model shape differs from `model_cfg`'s, naming the differing keys."""
+    from moeflow.moe.model import Transformer
+
+    diffs = model_shape_diffs(saved_model_cfg, model_cfg.to_dict())
+    if not diffs:
+        with torch.device("meta"):  # the single-process shapes, at no cost
+            expected = state_shapes(Transformer(model_cfg))
+        got = {k: tuple(v.shape) for k, v in model_state.items()}
+        if expected != got:
+            bad = sorted(set(expected.items()) ^ set(got.items()))[:3]
+            diffs.append(f"parameters differ, e.g. {bad}")
     if diffs:
         raise CheckpointError(
             f"checkpoint {ckpt} is from a different model shape ({'; '.join(diffs)}); "

@@ -13,11 +13,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from moeflow.moe.errors import ConfigError
 from moeflow.moe.model import ModelConfig
 
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; printed as one line."""
+from .runtime import resolve_device
 
 
 @dataclass
@@ -34,16 +33,6 @@ class TrainerConfig:
     seed: int
     progress: bool
     compile: bool
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu (or auto)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"trainer.device={name!r} is unknown; use auto, cpu or cuda")
-    return torch.device(name)
 
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:
@@ -147,8 +136,8 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
     mc = model_config(cfg, resolve_device(tc.device))
     check_data(cfg, mc)
     check_optim(cfg)
-    from moeflow.parallel.integrations import check_engine  # here: moeflow.parallel imports this module
+    from .engines import check_engine
 
-    check_engine(cfg)
+    check_engine(cfg, mc, resolve_device(tc.device))
     check_parallel(cfg, mc)
     return mc, tc

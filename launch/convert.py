@@ -11,13 +11,12 @@ Outputs: moeflow checkpoints land in OUT_RUN_DIR/checkpoints/step_N/ (resume wit
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 def deepspeed_to_moeflow(args) -> Path:
-    from moeflow.parallel.integrations import require
-    from moeflow.parallel.integrations.deepspeed_engine import convert_to_moeflow
+    from moeflow.launch.engines import require
+    from moeflow.launch.engines.deepspeed_engine import convert_to_moeflow
 
     require("deepspeed")
     return convert_to_moeflow(args.src, args.out)
@@ -61,9 +60,7 @@ ACTIONS = {"deepspeed-to-moeflow": deepspeed_to_moeflow, "moeflow-to-megatron": 
 
 
 def main(argv: list[str]) -> None:
-    from moeflow.launch.checkpoint import CheckpointError
-    from moeflow.parallel.integrations import EngineUnavailable
-    from moeflow.parallel.integrations.megatron_ckpt import LAYOUTS, ConversionError
+    from moeflow.parallel.integrations.megatron_ckpt import LAYOUTS
 
     ap = argparse.ArgumentParser(prog="moeflow convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=sorted(ACTIONS))
@@ -73,9 +70,5 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--n-heads", type=int, help="attention heads (megatron-to-moeflow, not in the weights)")
     ap.add_argument("--top-k", type=int, help="experts per token (megatron-to-moeflow, not in the weights)")
     args = ap.parse_args(argv)
-    try:
-        out = ACTIONS[args.action](args)
-    except (CheckpointError, ConversionError, EngineUnavailable, ValueError) as e:
-        print(f"moeflow convert: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    out = ACTIONS[args.action](args)  # bad input raises MoeflowError: the CLI prints it in one line
     print(f"wrote {out}")

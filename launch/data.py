@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    pass
+from moeflow.moe.errors import DataError
 
 
 @dataclass

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, check_output_dir, validate
+from moeflow.moe.errors import ConfigError
+
+from .config import check_output_dir, validate
 
 # Flags after which Hydra prints something instead of running: let it.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
@@ -63,11 +64,7 @@ def compose_checked(args: list[str]) -> DictConfig:
 def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
-    try:
-        cfg = compose_checked(args)
-        check_output_dir(cfg.hydra.run.dir)
-        with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-        validate(with_hydra_removed)
-    except ConfigError as e:
-        print(f"moeflow train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = compose_checked(args)
+    check_output_dir(cfg.hydra.run.dir)
+    with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    validate(with_hydra_removed)

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from moeflow.moe.errors import MoeflowError
+
 FIXED = ("step", "layer", "tokens_per_expert", "load_max_over_mean", "dropped_fraction", "router_entropy", "active_experts_per_token")
 
 
-class StatsError(ValueError):
+class StatsError(MoeflowError):
     """A problem with the run dir or the step asked for; printed as one line."""
 
 
@@ -73,10 +74,6 @@ def main(argv: list[str]) -> None:
     parser.add_argument("run_dir", type=Path, help="a `moeflow train` run dir (holds routing_stats.jsonl)")
     parser.add_argument("--step", type=int, default=None, help="logged step to show (default: the last)")
     args = parser.parse_args(argv)
-    try:
-        step, layer_rows = rows_for_step(read_rows(args.run_dir), args.step)
-    except StatsError as e:
-        print(f"moeflow stats: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    step, layer_rows = rows_for_step(read_rows(args.run_dir), args.step)
     print(f"{args.run_dir}: routing statistics at step {step}")  # plain line: never wrapped
     Console(width=200).print(build_table(step, layer_rows))

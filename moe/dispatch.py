@@ -2,7 +2,8 @@
 
 The local dispatcher sorts assignments by expert, gathers rows, runs the experts on
 the grouped rows and scatter-adds the gate-weighted outputs. Expert parallelism swaps
-in an all-to-all dispatcher (`moeflow.parallel`) with the same call signature.
+in an all-to-all dispatcher (`moeflow.parallel`) with the same call signature:
+`dispatcher(x_TD, routing, experts, shared_expert=None) -> y_TD`.
 Experts that fuse the permutation into their kernels (`fuses_permute = True`) receive
 the plan and the unpermuted tokens instead.
 
@@ -55,11 +56,16 @@ def combine(y_AD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 class LocalDispatcher:
-    """All experts live in this process."""
+    """All experts live in this process.
 
-    def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts) -> torch.Tensor:
+    Every dispatcher takes the layer's shared expert too and adds its output: a dispatcher
+    that moves tokens between ranks can compute it while they are in flight.
+    """
+
+    def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts, shared_expert=None) -> torch.Tensor:
         plan = plan_dispatch(routing)
         if getattr(experts, "fuses_permute", False):
-            return experts.forward_routed(x_TD, plan)
-        y_AD = experts(x_TD[plan.token_A], plan.counts_E)
-        return combine(y_AD, plan)
+            y_TD = experts.forward_routed(x_TD, plan)
+        else:
+            y_TD = combine(experts(x_TD[plan.token_A], plan.counts_E), plan)
+        return y_TD + shared_expert(x_TD) if shared_expert is not None else y_TD

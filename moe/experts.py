@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("swiglu", "gelu")
+from .config import ACTIVATIONS
+
 
 
 def _check_activation(activation: str) -> None:

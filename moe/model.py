@@ -11,95 +11,15 @@ Hugging Face checkpoints train here (`moeflow.moe.hf_convert`).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import ACTIVATIONS, MLP, GroupedExperts, init_std_for_output
-from .gates import GATES, build_gate
-from .layer import MoELayer
-
-
-def shape_field(default):
-    """A ModelConfig field that changes parameter shapes: a checkpoint resumes only into a run with the same value."""
-    return field(default=default, metadata={"shape": True})
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = shape_field(256)
-    d_model: int = shape_field(128)
-    n_layers: int = shape_field(4)
-    n_heads: int = shape_field(4)
-    max_seq_len: int = 256
-    d_ff: int = shape_field(256)  # hidden size of each routed expert
-    dense_d_ff: int | None = shape_field(None)  # hidden size of dense FFNs and shared experts (default: d_ff * top_k)
-    num_experts: int = shape_field(8)
-    top_k: int = 2
-    moe_every: int = shape_field(1)  # block i is MoE when (i + 1) % moe_every == 0; 0 makes a dense model
-    shared_experts: int = shape_field(0)
-    activation: str = shape_field("swiglu")
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Hugging Face style: {"rope_type": "linear" | "llama3", "factor": ..., ...}
-    n_kv_heads: int | None = shape_field(None)  # grouped-query attention (default: n_heads)
-    head_dim: int | None = shape_field(None)  # size of one attention head (default: d_model // n_heads)
-    attn_bias: bool = shape_field(False)  # biases on the q, k, v projections (Qwen2)
-    qk_norm: bool = shape_field(False)  # RMSNorm over each head of q and k before rotary (Qwen3)
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = shape_field(False)
-    init_std: float = 0.02
-    gate: dict = field(default_factory=lambda: {"name": "topk"})
-    experts_impl: str = "torch"
-    experts_gather_rows: bool = False  # Triton path: gather routed rows in the GEMM loads (less memory, slower)
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Reject impossible shapes with a message that names the fix."""
-        def need(cond, msg):
-            if not cond:
-                raise ValueError(msg)
-
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff", "num_experts", "top_k"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.head_dim is None:
-            need(self.d_model % self.n_heads == 0, f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick n_heads that divides d_model")
-        need(self.head_size > 0 and self.head_size % 2 == 0, f"head size {self.head_size} must be even (and positive) for rotary embeddings; change model.head_dim or model.n_heads")
-        kv = self.kv_heads
-        need(isinstance(kv, int) and kv > 0 and self.n_heads % kv == 0, f"model.n_kv_heads={self.n_kv_heads} must be a positive divisor of model.n_heads={self.n_heads}")
-        rope_type = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type", "default"))
-        need(rope_type in ROPE_TYPES, f"model.rope_scaling rope_type={rope_type!r} is not supported; choose one of {', '.join(ROPE_TYPES)} (or null)")
-        need(self.top_k <= self.num_experts, f"model.top_k={self.top_k} is larger than model.num_experts={self.num_experts}; set top_k <= num_experts")
-        need(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
-        need(self.shared_experts >= 0, f"model.shared_experts must be >= 0, got {self.shared_experts}")
-        need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
-        gate_name = self.gate.get("name") if isinstance(self.gate, dict) else None
-        need(gate_name in GATES, f"gate={gate_name!r} is unknown; known gates: {', '.join(sorted(GATES))}")
-
-    @property
-    def head_size(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
-
-    def is_moe_block(self, i: int) -> bool:
-        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def shape_keys(cls) -> dict:
-        """The fields marked `shape_field`, with their defaults (for configs saved before a field existed)."""
-        return {f.name: f.default for f in fields(cls) if f.metadata.get("shape")}
-
-
-ROPE_TYPES = ("default", "linear", "llama3")
+from .config import ModelConfig
+from .experts import MLP, GroupedExperts, init_std_for_output
+from .gates import build_gate
+from .layer import MoELayer, moe_aux_loss, moe_layers
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -224,7 +144,7 @@ class Transformer(nn.Module):
             nn.init.normal_(p, std=out_std if is_output else std)
 
     def moe_layers(self) -> list[MoELayer]:
-        return [m for m in self.modules() if isinstance(m, MoELayer)]
+        return moe_layers(self)
 
     def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         if tokens_BS.shape[1] > self.cfg.max_seq_len:
@@ -236,8 +156,7 @@ class Transformer(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE layers' auxiliary losses from the last forward."""
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
+        return moe_aux_loss(self)
 
     def num_params(self, active_only: bool = False) -> int:
         """The whole model's count, also under expert parallelism (where this rank holds a shard)."""

@@ -10,8 +10,8 @@ exchange with the splits swapped).
 Overlap (`chunks > 1`, `overlap_shared`): the assignments are split into token chunks
 whose exchanges are all launched asynchronously up front; each chunk's expert compute
 starts as soon as its rows arrived, while later chunks are still in flight, and its
-outputs are sent back asynchronously. A shared expert given to the dispatcher runs
-while the first exchange is in flight. Only the forward overlaps; the backward
+outputs are sent back asynchronously. With `overlap_shared` the layer's shared expert runs
+while the first exchange is in flight (else after the exchanges). Only the forward overlaps; the backward
 exchanges run synchronously in autograd's order.
 
 Shape suffixes: T tokens, D model dim, A assignments/rows, E global experts,
@@ -58,11 +58,12 @@ def exchange(x_AD, out_splits: list[int], in_splits: list[int], group, pending: 
 class AllToAllDispatcher:
     """Experts e in [rank * L, (rank + 1) * L) live on EP rank `rank` (L = E / R)."""
 
-    def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int, chunks: int = 1):
+    def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int, chunks: int = 1, overlap_shared: bool = False):
         if chunks < 1:
             raise ValueError(f"parallel.overlap_chunks must be >= 1, got {chunks}")
         self.group, self.ep_size, self.num_local = group, ep_size, num_local_experts
         self.chunks = chunks
+        self.overlap_shared = overlap_shared  # run the shared expert while the first exchange is in flight
         self.last_exchange_rows = (0, 0)  # (rows sent, rows received) of the last forward
         self.last_splits = ([], [])  # per chunk: rows to / from each rank, for benchmarks
 
@@ -83,7 +84,8 @@ class AllToAllDispatcher:
         out_splits_CR = recv_RCL.sum(2).t().tolist()  # rows from each rank, per chunk
         recv_CRL = recv_RCL.permute(1, 0, 2)
 
-        overlap = C > 1 or shared_expert is not None
+        in_flight_shared = shared_expert if self.overlap_shared else None
+        overlap = C > 1 or in_flight_shared is not None
         # Assignments sorted by (chunk, expert): a stable sort of the expert-sorted plan by chunk.
         by_chunk_A = stable_order(chunk_A, C)
         rows_AD = x_TD[plan.token_A[by_chunk_A]]
@@ -91,7 +93,7 @@ class AllToAllDispatcher:
         sent_CAD = torch.split(rows_AD, send_sizes)
         pending_in: list = []
         recv_AD = [exchange(sent_CAD[c], out_splits_CR[c], in_splits_CR[c], self.group, pending_in if overlap else None) for c in range(C)]
-        shared_TD = shared_expert(x_TD) if shared_expert is not None else None
+        shared_TD = in_flight_shared(x_TD) if in_flight_shared is not None else None
 
         pending_out: list = []
         back_AD = []
@@ -114,7 +116,9 @@ class AllToAllDispatcher:
             num_tokens=T,
         )
         y_TD = combine(y_AD, sorted_plan)
-        return y_TD + shared_TD if shared_TD is not None else y_TD
+        if shared_expert is not None:
+            y_TD = y_TD + (shared_TD if shared_TD is not None else shared_expert(x_TD))
+        return y_TD
 
     def _local_experts(self, recv_AD: torch.Tensor, recv_RL: torch.Tensor, experts) -> torch.Tensor:
         """Received rows are ordered (source rank, local expert): group them by local expert,

@@ -16,14 +16,11 @@ What it does to the model (in place, before the optimizer is built):
 """
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from moeflow.moe.layer import MoELayer
-from moeflow.moe.stats import routing_stats
+from moeflow.moe.layer import MoELayer, moe_layers
 
 from .all_to_all import AllToAllDispatcher
 from .layout import ParallelLayout
@@ -50,17 +47,6 @@ def shard_experts(layer: MoELayer, ep_rank: int, ep: int) -> None:
         p._moeflow_ep_shard = (E, lo, hi)
     experts.num_experts = L
     experts.expert_offset = lo
-
-
-def _forward_overlapping_shared(self: MoELayer, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """MoELayer.forward, but the shared expert runs inside the dispatcher while tokens are in flight."""
-    shape = x.shape
-    x_TD = x.reshape(-1, shape[-1])
-    routing = self.gate(x_TD, token_ids.reshape(-1) if token_ids is not None else None)
-    y_TD = self.dispatcher(x_TD, routing, self.experts, shared_expert=self.shared_expert)
-    self.aux_loss = routing.aux_loss()
-    self.last_stats = routing_stats(routing)
-    return y_TD.reshape(shape)
 
 
 class ExpertDataParallel(DistributedDataParallel):
@@ -134,8 +120,8 @@ def sync_routing_stats(model: torch.nn.Module, group=None) -> None:
     other scalars are averaged (every rank routes the same number of tokens). Under tensor
     parallelism pass the data-parallel group: the ranks of a TP group route the same tokens.
     """
-    for layer in model.modules():
-        if not isinstance(layer, MoELayer) or not layer.last_stats:
+    for layer in moe_layers(model):
+        if not layer.last_stats:
             continue
         s = layer.last_stats
         counts_E = s["tokens_per_expert"].float().clone()
@@ -160,15 +146,12 @@ def apply_expert_parallel(model: torch.nn.Module, layout: ParallelLayout, overla
     """
     if layout.ep > 1:
         model._moeflow_ep_group = layout.ep_group  # for gathering/resharding checkpoints
-    for layer in model.modules():
-        if not isinstance(layer, MoELayer):
-            continue
+    for layer in moe_layers(model):
         layer.gate.token_group = dist.group.WORLD
         if layout.ep > 1:
             shard_experts(layer, layout.ep_rank, layout.ep)
-            layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep, layer.experts.num_experts, chunks=overlap_chunks)
-            if overlap_shared and layer.shared_expert is not None:
-                layer.forward = types.MethodType(_forward_overlapping_shared, layer)
+            layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep, layer.experts.num_experts, chunks=overlap_chunks,
+                                                  overlap_shared=overlap_shared)
 
 
 def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False, **ddp_kwargs) -> ExpertDataParallel:

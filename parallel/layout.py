@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moeflow.launch.config import ConfigError
+from moeflow.moe.errors import ConfigError
 
 
 def check_layout(ep: int, num_experts: int, world_size: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moeflow.launch.checkpoint import unique_state_dict
+from moeflow.moe.state import unique_state_dict
 
 from .expert_parallel import expert_shard
 from .tensor_parallel import gather_full, local_slice, tp_shard

@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from ..errors import need
 from .base import Gate, RouterOutput
 from .dts import ActivationDTSGate, DTSGate
 from .expert_choice import ExpertChoiceGate
@@ -36,12 +37,10 @@ def gate_options(name: str) -> set[str]:
 
 
 def build_gate(name: str, d_model: int, num_experts: int, top_k: int, **options) -> Gate:
-    if name not in GATES:
-        raise ValueError(f"unknown gate {name!r}; known gates: {', '.join(sorted(GATES))}")
+    need(name in GATES, f"unknown gate {name!r}; known gates: {', '.join(sorted(GATES))}")
     unknown = sorted(set(options) - gate_options(name))
-    if unknown:
-        accepted = ", ".join(sorted(gate_options(name))) or "none"
-        raise ValueError(f"gate {name!r} has no option(s) {', '.join(unknown)}; its options are: {accepted}")
+    accepted = ", ".join(sorted(gate_options(name))) or "none"
+    need(not unknown, f"gate {name!r} has no option(s) {', '.join(unknown)}; its options are: {accepted}")
     return GATES[name](d_model, num_experts, top_k, **options)
 
 

@@ -16,6 +16,15 @@ import torch.distributed as dist
 from torch import nn
 
 
+@dataclass(frozen=True)
+class SequenceShape:
+    """How the layer's flat tokens form sequences of `seq_len` tokens: flattened batch-major
+    (token t = b * seq_len + s) or, with `seq_major`, position-major (t = s * num_sequences + b)."""
+
+    seq_len: int
+    seq_major: bool = False
+
+
 @dataclass
 class RouterOutput:
     """What every gate returns.
@@ -60,6 +69,7 @@ class Gate(nn.Module):
         self.top_k = top_k
         self.token_group: dist.ProcessGroup | None = None
         self.step = 0
+        self.sequence_shape: SequenceShape | None = None  # set by the MoE layer each forward
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         return self.route(x_TD, token_ids_T)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..errors import need
 from .base import Gate
 
 def router_logits(proj, x_TD: torch.Tensor) -> torch.Tensor:
@@ -26,10 +27,6 @@ def router_logits(proj, x_TD: torch.Tensor) -> torch.Tensor:
 # -- config-time checks (no data: gates are built on the meta device) ----------------
 
 
-def need(cond: bool, msg: str) -> None:
-    """Raise the one-line ValueError the CLI prints as `moeflow train: error: ...`."""
-    if not cond:
-        raise ValueError(msg)
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:

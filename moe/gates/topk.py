@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Gate, RouterOutput
+from .base import Gate, RouterOutput, SequenceShape
 from .common import (
     router_logits,
     capacity_for,
@@ -170,17 +170,24 @@ class TopKGate(Gate):
     def sequence_balance_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss: the Switch loss per sequence, averaged over sequences.
 
-        Sequences are consecutive runs of `self.seq_len` tokens (set by the MoE layer from
-        the input's (batch, seq) shape); without it the local batch counts as one sequence.
+        Sequences come from `self.sequence_shape` (set by the MoE layer from its input's
+        layout, [batch, seq] or [seq, batch]); without it the local batch counts as one sequence.
         """
         T, E = probs_TE.shape
         K = expert_TK.shape[1]
-        S = getattr(self, "seq_len", None) or T
-        S = S if T % S == 0 else T
+        shape = self.sequence_shape
+        if shape is None or T % shape.seq_len:
+            shape = SequenceShape(seq_len=T)
+        S = shape.seq_len
         B = T // S
-        onehot_BSE = torch.zeros(T, E, device=probs_TE.device).scatter_(1, expert_TK, 1.0).view(B, S, E)
+        onehot_TE = torch.zeros(T, E, device=probs_TE.device).scatter_(1, expert_TK, 1.0)
+        probs_TE = probs_TE.float()
+        if shape.seq_major:  # token t = s * B + b: sequences are the columns of an (S, B) grid
+            onehot_BSE, probs_BSE = (t.view(S, B, E).transpose(0, 1) for t in (onehot_TE, probs_TE))
+        else:
+            onehot_BSE, probs_BSE = onehot_TE.view(B, S, E), probs_TE.view(B, S, E)
         f_BE = onehot_BSE.sum(1) * E / (K * S)
-        P_BE = probs_TE.float().view(B, S, E).mean(1)
+        P_BE = probs_BSE.mean(1)
         per_seq_B = (f_BE * P_BE).sum(-1)
         return self.global_sum(per_seq_B.sum()) / self.global_count(B, probs_TE.device)
 

@@ -40,13 +40,14 @@ from pathlib import Path
 
 import torch
 
+from moeflow.moe.errors import MoeflowError
 from moeflow.moe.model import ModelConfig
 
 LAYOUTS = ("sequential", "te_grouped", "grouped")
 
 
-class ConversionError(ValueError):
-    pass
+class ConversionError(MoeflowError):
+    """A checkpoint that does not map between moeflow's and megatron-core's layouts."""
 
 
 def _qkv_to_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:

@@ -36,13 +36,12 @@ process on gloo (TP=2, TP=2 x EP=2); megatron's attention TP itself needs CUDA.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 
+from moeflow.moe.layer import moe_aux_loss, moe_layers
 from moeflow.moe.model import ModelConfig, build_moe_layer
 
 CPU_MESSAGE = (
@@ -50,44 +49,6 @@ CPU_MESSAGE = (
     "GPTModel's rotary embedding allocate on CUDA; on CPU, megatron-core's parallel_state, model construction and "
     "the moeflow MoE submodule run (see tests/test_megatron_core.py); use engine=torch or engine=deepspeed on CPU"
 )
-
-
-def check_options(cfg: DictConfig) -> None:
-    from moeflow.launch.config import ConfigError, model_config, resolve_device
-
-    from .megatron_ckpt import ConversionError, check_mappable
-
-    e = cfg.engine
-    try:
-        check_mappable(model_config(cfg))
-    except ConversionError as err:
-        raise ConfigError(f"engine=megatron: {err}") from None
-    if resolve_device(cfg.trainer.device).type != "cuda":
-        raise ConfigError(CPU_MESSAGE)
-    check_tensor_parallel(int(e.get("tensor_parallel", 1)), int(cfg.parallel.get("ep", 1)), model_config(cfg))
-    # parallel.ep > 1 is megatron's expert_model_parallel_size; whether the layout is possible
-    # (ep divides the experts and the world) is checked by launch.config.check_parallel.
-    p = cfg.parallel
-    if int(p.get("overlap_chunks", 1)) != 1 or bool(p.get("overlap_shared", False)):
-        raise ConfigError("parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch")
-
-
-def check_tensor_parallel(tp: int, ep: int, mc: ModelConfig) -> None:
-    """engine.tensor_parallel: megatron-core splits heads, vocab and FFN hidden dims over it."""
-    from moeflow.launch.config import ConfigError
-
-    if tp < 1:
-        raise ConfigError(f"engine.tensor_parallel must be a positive integer, got {tp}")
-    if tp == 1:
-        return
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % (tp * ep):
-        raise ConfigError(f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks")
-    sizes = {"model.n_heads": mc.n_heads, "model.n_kv_heads": mc.kv_heads, "model.vocab_size": mc.vocab_size, "model.d_ff": mc.d_ff,
-             "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": mc.dense_d_ff or mc.d_ff * mc.top_k}
-    for what, n in sizes.items():
-        if n % tp:
-            raise ConfigError(f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
 
 
 @dataclass
@@ -231,6 +192,7 @@ def _define_moeflow_moe():
                 raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={mc.d_model}")
             self.groups = MegatronGroups.from_parallel_state()
             self.moe = build_moe_layer(mc)
+            self.moe.input_layout = "sbd"  # megatron's hidden states are [seq, batch, hidden]
             shard_over_expert_group(self.moe, self.groups)
             shard_over_tensor_group(self.moe, self.groups)
 
@@ -336,10 +298,6 @@ def gpt_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
     return model(tokens_BS, position_ids, None)
 
 
-def moe_layers(model) -> list:
-    return [m.moe for m in model.modules() if type(m).__name__ == "MoeflowMoE"]
-
-
 def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", layout: str = "sequential", dispatcher: str = "alltoall"):
     """megatron-core's own MoE GPTModel with moeflow's architecture: the target of `megatron_ckpt.to_megatron`.
 
@@ -384,8 +342,7 @@ class MegatronLM(torch.nn.Module):
         return moe_layers(self.gpt)
 
     def aux_loss(self) -> torch.Tensor:
-        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return torch.stack(losses).sum() if losses else torch.zeros(())
+        return moe_aux_loss(self.gpt)
 
 
 def initialize_parallel_state(seed: int, tensor_parallel: int = 1, expert_parallel: int = 1) -> None:

@@ -1,0 +1,24 @@
+"""`moeflow bench <what> [args]`: benchmarks of the kernels, the expert-parallel layer and the training step."""
+from __future__ import annotations
+
+import importlib
+
+from moeflow.moe.errors import ConfigError
+
+# what -> (module, function taking the remaining argv, one-line help)
+BENCHES: dict[str, tuple[str, str, str]] = {
+    "experts": ("moeflow.launch.bench.experts", "main", "expert MLP implementations vs the dense-GEMM ceiling"),
+    "ep": ("moeflow.launch.bench.ep", "main", "one MoE layer under expert parallelism vs one GPU"),
+}
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: moeflow bench <what> [args]\n\nbenchmarks:")
+        for name, (_, _, help_) in BENCHES.items():
+            print(f"  {name:<10} {help_}")
+        return
+    if argv[0] not in BENCHES:
+        raise ConfigError(f"unknown benchmark {argv[0]!r}; choose one of: {', '.join(BENCHES)}")
+    module, func, _ = BENCHES[argv[0]]
+    getattr(importlib.import_module(module), func)(argv[1:])

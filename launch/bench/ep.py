@@ -1,0 +1,166 @@
+"""`moeflow bench ep`: one MoE layer under expert parallelism vs the same layer on one device.
+
+Run under torchrun, e.g. on a 2-GPU node:
+    torchrun --standalone --nproc-per-node 2 -m moeflow.launch.cli bench ep
+Weak scaling: every rank keeps `--tokens` tokens. The reference is the whole layer
+(all experts, local dispatch) on one device with the same tokens per device, timed on
+every rank at the same time, without communication. The EP step is forward+backward
+through `parallelize` (all-to-all dispatch, DDP on the gate). The all-to-all time is
+measured separately by replaying the step's four exchanges (dispatch and return,
+forward and backward) with the splits of the last step; bandwidth counts the bytes
+that leave this rank for other ranks, per direction.
+Small shapes (`--d-model 32 --experts 8 ...`) make it a smoke test on CPU/gloo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeflow.moe.errors import ConfigError
+from moeflow.moe.experts import GroupedExperts
+from moeflow.moe.gates import build_gate
+from moeflow.moe.layer import MoELayer
+from moeflow.parallel.all_to_all import exchange
+from moeflow.parallel.distributed import init_distributed, shutdown_distributed
+from moeflow.parallel.expert_parallel import parallelize
+from moeflow.parallel.layout import build_layout
+
+from ..config import resolve_experts_impl
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="moeflow bench ep", description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--d-ff", type=int, default=1408)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
+    p.add_argument("--overlap-chunks", type=int, default=1, help="parallel.overlap_chunks for the EP step")
+    p.add_argument("--impl", default="auto", help="experts implementation (auto, torch, ...)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the result (rank 0) to this file")
+    return p.parse_args(argv)
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() over iters, all ranks starting together."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _max_over_ranks(v: float, device: torch.device) -> float:
+    t = torch.tensor([v], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def main(argv: list[str]) -> None:
+    a = parse(argv)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    env = init_distributed(device_type)
+    if not env.enabled:
+        raise ConfigError("needs several processes; launch with torchrun --nproc-per-node N -m moeflow.launch.cli bench ep")
+    device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
+    dtype = torch.bfloat16 if (a.dtype == "bf16" or (a.dtype == "auto" and device_type == "cuda")) else torch.float32
+    impl = resolve_experts_impl(a.impl, device)
+    layout = build_layout(env.world_size, a.experts, device_type)
+
+    def make_layer():
+        torch.manual_seed(0)
+        gate = build_gate("topk", a.d_model, a.experts, a.top_k, aux_loss_coef=0.0)
+        return MoELayer(gate, GroupedExperts(a.experts, a.d_model, a.d_ff, "swiglu", impl)).to(device, dtype)
+
+    gen = torch.Generator(device=device).manual_seed(1 + env.rank)
+    x = torch.randn(a.tokens, a.d_model, device=device, dtype=dtype, generator=gen).requires_grad_()
+    grad_y = torch.randn(a.tokens, a.d_model, device=device, dtype=dtype, generator=gen)
+
+    single = make_layer()
+
+    def single_step():
+        single(x).backward(grad_y)
+
+    t_single = _max_over_ranks(_time(single_step, device, a.warmup, a.iters), device)
+    del single
+
+    layer = make_layer()
+    ep_model = parallelize(_Holder(layer), layout, overlap_chunks=a.overlap_chunks, **({"device_ids": [device.index]} if device_type == "cuda" else {}))
+
+    def ep_step():
+        ep_model(x).backward(grad_y)
+        ep_model.finish_grad_sync()
+
+    t_ep = _max_over_ranks(_time(ep_step, device, a.warmup, a.iters), device)
+
+    # Replay the step's exchanges alone: dispatch + return, forward + backward = 4 per chunk.
+    in_splits_CR, out_splits_CR = layer.dispatcher.last_splits
+    rows_sent = [torch.randn(sum(s), a.d_model, device=device, dtype=dtype) for s in in_splits_CR]
+    rows_back = [torch.randn(sum(s), a.d_model, device=device, dtype=dtype) for s in out_splits_CR]
+    group = layout.ep_group
+
+    def exchanges():
+        for c in range(len(in_splits_CR)):
+            exchange(rows_sent[c], out_splits_CR[c], in_splits_CR[c], group)
+            exchange(rows_back[c], in_splits_CR[c], out_splits_CR[c], group)
+        for c in range(len(in_splits_CR)):
+            exchange(rows_back[c], in_splits_CR[c], out_splits_CR[c], group)
+            exchange(rows_sent[c], out_splits_CR[c], in_splits_CR[c], group)
+
+    t_a2a = _max_over_ranks(_time(exchanges, device, a.warmup, a.iters), device)
+    row_bytes = a.d_model * torch.finfo(dtype).bits // 8
+    remote_out = sum(s[r] for s in in_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
+    remote_in = sum(s[r] for s in out_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
+    # bytes this rank sends to other ranks per step (it receives about as many): dispatch and
+    # return rows forward, and their gradients backward
+    bytes_per_step = 2 * (remote_out + remote_in)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
+        "world": env.world_size, "ep": layout.ep, "d_model": a.d_model, "d_ff": a.d_ff, "experts": a.experts,
+        "top_k": a.top_k, "tokens_per_rank": a.tokens, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
+        "overlap_chunks": a.overlap_chunks,
+        "step_ms_single": t_single, "step_ms_ep": t_ep, "all_to_all_ms_per_step": t_a2a,
+        "all_to_all_bytes_per_step": bytes_per_step,
+        "all_to_all_GBps_per_direction": bytes_per_step / (t_a2a / 1e3) / 1e9 if t_a2a > 0 else 0.0,
+        "weak_scaling_efficiency": t_single / t_ep,
+    }
+    if env.is_main:
+        print(f"moeflow bench ep: {result['device']}, world {env.world_size}, EP={layout.ep}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, {a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}")
+        print(f"  single device step (fwd+bwd): {t_single:9.2f} ms")
+        print(f"  EP={layout.ep} step (fwd+bwd):        {t_ep:9.2f} ms  ({t_ep / t_single:.3f}x)")
+        print(f"  all-to-all alone per step:    {t_a2a:9.2f} ms  ({result['all_to_all_GBps_per_direction']:.1f} GB/s per direction, {bytes_per_step / 2**20:.1f} MiB sent off-rank)")
+        print(f"  weak-scaling efficiency:      {result['weak_scaling_efficiency'] * 100:8.1f} %")
+        print(json.dumps(result))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=2)
+    shutdown_distributed()

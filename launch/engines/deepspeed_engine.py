@@ -1,0 +1,424 @@
+"""engine=deepspeed: DeepSpeed owns the step; the loop is `launch/train.py`'s.
+
+What changes against engine=torch is who does the step: `engine.backward` (loss scaling
+by 1/grad_accum, ZeRO gradient reduction), `engine.step` (clipping, optimizer, scheduler,
+only on the accumulation boundary; DeepSpeed counts micro-steps, so it is called after
+every micro-batch) and DeepSpeed checkpoints. Launch several processes with torchrun (or
+`deepspeed`); the process group is joined the same way as the torch engine.
+
+Everything DeepSpeed-specific lives here: config generation, `deepspeed.initialize`, checkpoints.
+With expert parallelism (`parallel.ep > 1`, ZeRO-1/2, CPU optimizer offload too) moeflow
+shards the experts and routes through its all-to-all dispatcher, and DeepSpeed's MoE
+machinery reduces and ZeRO-partitions the expert groups over the expert-data-parallel
+groups (`shard_experts_for_deepspeed`, `_deepspeed_moe_marker`).
+
+The DeepSpeed config is generated from the Hydra config (micro-batch, grad accumulation,
+clipping, ZeRO stage, CPU optimizer offload, bf16) and a user JSON (`engine.config_file`)
+is merged over it, so anything DeepSpeed offers stays reachable. The optimizer is
+moeflow's AdamW over `moeflow.parallel.expert_params.param_groups`: expert parameters sit
+in their own groups, which is what lets ZeRO shard them over the expert-data-parallel
+group instead of the whole world once experts are sharded over EP (DeepSpeed-MoE's
+`moe: True` groups, see `to_deepspeed_moe_groups`).
+
+Checkpoints are DeepSpeed's own (`<run>/checkpoints/deepspeed/step_XXXXXXXX/`, plus a
+meta.json with the model config); `convert_to_moeflow` consolidates one (any ZeRO stage)
+into a moeflow safetensors checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from moeflow.moe.errors import CheckpointError, ConfigError
+from moeflow.moe.model import Transformer
+from moeflow.parallel.distributed import DistEnv
+from moeflow.parallel.expert_params import ep_group_name, is_expert_param, mark_expert_params, param_groups
+
+from .. import checkpoint as ckpt
+from ..losses import lm_loss
+from ..optim import build_scheduler, fresh_optimizer_state
+from ..runtime import bf16_autocast, start_distributed
+
+log = logging.getLogger("moeflow.deepspeed")
+
+DS_DIR = "deepspeed"  # under <run>/checkpoints/
+
+
+def _engine_cfg(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg.engine, resolve=True)
+
+
+def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
+    """Reject option combinations DeepSpeed cannot run, saying which and why."""
+    e = _engine_cfg(cfg)
+    stage, offload = e.get("zero_stage"), bool(e.get("offload_optimizer"))
+    ep = int(cfg.parallel.get("ep", 1))
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"engine.zero_stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if offload and stage == 0:
+        raise ConfigError("engine.offload_optimizer=true needs ZeRO (DeepSpeed offloads the partitioned optimizer state); set engine.zero_stage=1, 2 or 3")
+    if ep > 1 and stage == 3:
+        raise ConfigError(f"engine.zero_stage=3 conflicts with parallel.ep={ep}: DeepSpeed's ZeRO-3 takes expert parallelism only for its own AutoEP layers ('Native DeepSpeed MoE is not supported with ZeRO Stage 3'), not for moeflow's MoE layers; use engine.zero_stage=1 or 2 with expert parallelism")
+    if ep > 1 and stage == 0:
+        raise ConfigError(f"engine.zero_stage=0 conflicts with parallel.ep={ep}: without ZeRO, DeepSpeed clips by the mean of per-rank gradient norms, which with experts sharded over EP is not the global norm; use engine.zero_stage=1 or 2 with expert parallelism")
+    path = e.get("config_file")
+    if path and not Path(str(path)).expanduser().is_file():
+        raise ConfigError(f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)")
+    if path:
+        read_user_config(path)
+
+
+def read_user_config(path) -> dict:
+    try:
+        return json.loads(Path(str(path)).expanduser().read_text())
+    except ValueError as err:
+        raise ConfigError(f"engine.config_file={path} is not valid JSON ({err}); fix the file") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: DictConfig, use_bf16: bool) -> dict:
+    """The DeepSpeed JSON for this Hydra config (user JSON merged over it)."""
+    e = _engine_cfg(cfg)
+    zero = {"stage": int(e["zero_stage"]), "contiguous_gradients": True, "reduce_scatter": True, "overlap_comm": False}
+    if e.get("offload_optimizer"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    generated = {
+        "train_micro_batch_size_per_gpu": int(cfg.data.batch_size),
+        "gradient_accumulation_steps": int(cfg.trainer.grad_accum),
+        "gradient_clipping": float(cfg.optim.grad_clip),  # 0 disables, like the torch engine
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_bf16)},
+        # moeflow's AdamW (torch) is the optimizer: allow it under ZeRO and offload
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if e.get("config_file"):
+        generated = _merge(generated, read_user_config(e["config_file"]))
+    return generated
+
+
+def to_deepspeed_moe_groups(groups: list[dict]) -> list[dict]:
+    """Mark expert groups the way DeepSpeed-MoE expects (for EP > 1).
+
+    DeepSpeed's ZeRO reduces a group's gradients over `expert_data_parallel_group[name]`
+    when the group has `moe: True`, and each of its params `allreduce=False` plus
+    `group_name` (what `split_params_into_different_moe_groups_for_optimizer` produces).
+    """
+    out = []
+    for g in groups:
+        g = dict(g)
+        if g.get("moe_expert"):
+            for p in g["params"]:
+                p.allreduce = False
+                p.group_name = g["ep_group_name"]
+            g.update(moe=True, name=g["ep_group_name"])
+        out.append(g)
+    return out
+
+
+def _deepspeed_moe_marker(num_experts: int, ep: int) -> torch.nn.Module:
+    """A parameter-free `deepspeed.moe.layer.MoE` that tells DeepSpeed the model has expert parallelism.
+
+    DeepSpeed switches its MoE handling on (`engine.has_moe_layers`: ZeRO-1/2 partition and
+    reduce `moe: True` groups over `expert_data_parallel_group[name]`, the gradient norm counts
+    each expert once) only when it finds one of its own `MoE` modules in the model, and
+    `deepspeed.initialize` takes no flag for it. Of the ways to say so (subclassing its
+    engine, setting the flag after initialize — too late, the optimizer is built inside —
+    or pretending moeflow's layers are DeepSpeed's), one empty marker per moeflow MoE layer is
+    the least intrusive: it owns no parameters (moeflow's experts stay where they are), it
+    creates no groups (`shard_experts_for_deepspeed` created them), and with
+    `num_local_experts = 0` DeepSpeed writes and reads no per-expert checkpoint files; the
+    expert weights live in ZeRO's fp32 partitions (see `resume` and `convert_to_moeflow`).
+    """
+    from deepspeed.moe.layer import MoE
+
+    class DeepSpeedMoEMarker(MoE):
+        def __init__(self):
+            torch.nn.Module.__init__(self)  # not MoE.__init__: no DeepSpeed gate or experts
+            self.num_experts, self.ep_size, self.use_residual = num_experts, ep, False
+            self.expert_group_name = ep_group_name(ep)
+            self.num_local_experts = 0  # no layer_*_expert_*_model_states.pt files
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # groups already created, consistent with moeflow's layout
+
+        def forward(self, *args):
+            raise RuntimeError("DeepSpeedMoEMarker only marks a moeflow MoE layer for DeepSpeed; it does not compute")
+
+    return DeepSpeedMoEMarker()
+
+
+def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_type: str) -> None:
+    """moeflow's expert parallelism (expert shards, all-to-all dispatcher) with DeepSpeed's groups.
+
+    `apply_expert_parallel` without moeflow's DDP: DeepSpeed reduces the gradients. Its
+    expert-parallel groups are consecutive ranks and its expert-data-parallel groups strided
+    ones (`groups._create_expert_and_data_parallel`, E + D order), which is moeflow's
+    ("dp", "ep") DeviceMesh; checked here. Gradient scale: ZeRO divides every gradient by
+    the data-parallel world size and sums expert gradients over the expert-data-parallel
+    group, which is `ExpertDataParallel.finish_grad_sync` (EDP sum / world): the
+    single-process model's gradients.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    from moeflow.parallel.expert_parallel import apply_expert_parallel
+    from moeflow.parallel.layout import build_layout
+
+    ep = int(parallel_cfg.ep)
+    layout = build_layout(ep, model.cfg.num_experts, device_type)
+    apply_expert_parallel(model, layout, int(parallel_cfg.overlap_chunks), bool(parallel_cfg.overlap_shared))
+    mark_expert_params(model, ep_size=ep)
+    name = ep_group_name(ep)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group (deepspeed.comm)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep)
+    for ours, theirs in ((layout.ep_group, groups._get_expert_parallel_group(name)), (layout.edp_group, groups._get_expert_data_parallel_group(name))):
+        if dist.get_process_group_ranks(ours) != dist.get_process_group_ranks(theirs):
+            raise RuntimeError(f"DeepSpeed's {name} groups {dist.get_process_group_ranks(theirs)} differ from moeflow's {dist.get_process_group_ranks(ours)}")
+    for layer in model.moe_layers():
+        layer.add_module("deepspeed_moe_marker", _deepspeed_moe_marker(model.cfg.num_experts, ep))
+
+
+def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
+    """`deepspeed.initialize` with moeflow's AdamW and schedule; returns (engine, scheduler)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # one process: a private group, or DeepSpeed goes looking for MPI
+        backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set (torchrun sets it)
+    ep = int(cfg.parallel.get("ep", 1))
+    if ep > 1:
+        shard_experts_for_deepspeed(model, cfg.parallel, next(model.parameters()).device.type)
+    elif dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
+        for layer in model.moe_layers():
+            layer.gate.token_group = dist.group.WORLD
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if ep > 1:
+        groups = to_deepspeed_moe_groups(groups)
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    sched = build_scheduler(opt, o, cfg.trainer.steps)
+    config = deepspeed_config(cfg, use_bf16)
+    engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n, p))
+    log.info("deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups%s)",
+             config["zero_optimization"]["stage"], " + CPU optimizer offload" if "offload_optimizer" in config["zero_optimization"] else "",
+             config["bf16"]["enabled"], len(groups), n_expert / 1e6, f", sharded over EP={ep} and ZeRO-partitioned over the expert-data-parallel group" if ep > 1 else "")
+    return engine, sched
+
+
+def tag(step: int) -> str:
+    return f"{ckpt.PREFIX}{step:08d}"
+
+
+def save(engine, run_dir: Path, step: int, cfg: DictConfig, model_cfg: dict, is_main: bool) -> Path:
+    """DeepSpeed checkpoint (every rank writes its shard) + meta.json; prunes old ones."""
+    import torch.distributed as dist
+
+    root = Path(run_dir) / ckpt.CKPT_DIR / DS_DIR
+    engine.save_checkpoint(str(root), tag=tag(step), client_state={"step": step, "rng": ckpt.rng_state()})
+    if is_main:  # meta.json last: its presence marks a complete checkpoint
+        meta = {"model": model_cfg, "config": OmegaConf.to_container(cfg, resolve=True), "step": step, "format": "deepspeed"}
+        (root / tag(step) / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        keep = int(cfg.trainer.keep_checkpoints)
+        if keep > 0:
+            for old in list_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag(step)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    return ckpt.list_checkpoints(root)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """A DeepSpeed checkpoint tag dir, or the latest one of a run dir."""
+    p = Path(path)
+    if (p / "meta.json").exists() and (any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("zero_pp_rank_*_model_states.pt"))):
+        return p
+    found = list_checkpoints(p / ckpt.CKPT_DIR / DS_DIR) or list_checkpoints(p / DS_DIR) or list_checkpoints(p)
+    return found[-1] if found else None
+
+
+def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
+    """Load the checkpoint `resume` points to into the engine; return the step to start at."""
+    if cfg.resume is None:
+        return 0
+    where = run_dir if cfg.resume == "auto" else Path(str(cfg.resume)).expanduser()
+    found = find_checkpoint(where)
+    if found is None:
+        if cfg.resume == "auto":
+            log.info("resume=auto: no DeepSpeed checkpoint in %s, starting fresh", run_dir)
+            return 0
+        raise CheckpointError(f"resume={cfg.resume}: no DeepSpeed checkpoint found there; pass a run dir of an engine=deepspeed run or one of its checkpoints/deepspeed/step_* dirs")
+    meta = ckpt.read_meta(found)
+    diffs = ckpt.model_shape_diffs(meta.get("model", {}), engine.module.cfg.to_dict())
+    if diffs:
+        raise CheckpointError(f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})")
+    saved_ep, ep = checkpoint_ep(meta), int(cfg.parallel.get("ep", 1))
+    if saved_ep != ep:
+        raise CheckpointError(f"checkpoint {found} was written with parallel.ep={saved_ep} and ZeRO keeps expert state per EP rank; resume with parallel.ep={saved_ep}, or convert it (moeflow convert deepspeed-to-moeflow) and resume the moeflow checkpoint with any EP")
+    try:
+        path, client = engine.load_checkpoint(str(found.parent), tag=found.name)
+    except Exception as e:  # DeepSpeed raises many types for partial/corrupt shards
+        raise CheckpointError(f"DeepSpeed could not load {found} ({type(e).__name__}: {e}); resume from an earlier checkpoint") from None
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {found}; resume from an earlier checkpoint")
+    if ep > 1:
+        # DeepSpeed loaded rank 0's module file on every rank (it has no per-expert files from us:
+        # see _deepspeed_moe_marker), so other EP ranks hold rank 0's experts; ZeRO's fp32 partitions
+        # of this rank are right: copy them back into the model, as after an optimizer step.
+        engine.optimizer.update_lp_params()
+    ckpt.set_rng_state(client["rng"])
+    log.info("resumed DeepSpeed checkpoint %s at step %d", found, client["step"])
+    return int(client["step"])
+
+
+def checkpoint_ep(meta: dict) -> int:
+    return int(meta.get("config", {}).get("parallel", {}).get("ep", 1))
+
+
+def consolidated_state_dict(ds_ckpt: Path, ep: int = 1) -> dict[str, torch.Tensor]:
+    """fp32 weights of a DeepSpeed checkpoint (any ZeRO stage, any world size) as one state dict."""
+    if ep > 1:
+        state = _consolidate_expert_parallel(ds_ckpt, ep)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_ckpt.parent), tag=ds_ckpt.name)
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+
+
+def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's zero_to_fp32 merge, per group of ranks, for a ZeRO-1/2 checkpoint of an EP run.
+
+    zero_to_fp32 concatenates every param group's partitions over the whole world, but an
+    expert group holds different experts on each EP rank, partitioned only over that rank's
+    expert-data-parallel ranks (r, r + ep, ...; file i is dp rank i). So dense groups are
+    merged over all ranks, expert groups per EP rank over its EDP ranks, and the EP ranks'
+    expert shards (experts r*E/ep ... in rank order) are concatenated along the expert dim.
+    """
+    from dataclasses import replace
+
+    from deepspeed.utils import zero_to_fp32 as z
+
+    d = str(ds_ckpt)
+    model_state = z.parse_model_states(z.get_model_state_files(d))[0]
+    stage, world, flat, paddings = z.parse_optim_states(z.get_optim_files(d), d)
+    if stage > 2:
+        raise CheckpointError(f"{ds_ckpt}: a ZeRO-{stage} checkpoint with parallel.ep={ep} is not something engine=deepspeed writes")
+    shapes = model_state.param_shapes
+    is_expert = [bool(g) and all(is_expert_param(n, torch.empty(0)) for n in g) for g in shapes]
+
+    def merge(group_ids: list[int], ranks) -> dict:
+        out = {}
+        sub = replace(model_state, param_shapes=[shapes[i] for i in group_ids])
+        z._zero2_merge_trainable_params(out, len(ranks), [[flat[r][i] for i in group_ids] for r in ranks], [sub],
+                                        None if paddings is None else [paddings[i] for i in group_ids])
+        return out
+
+    state = dict(model_state.buffers)
+    state.update(merge([i for i, e in enumerate(is_expert) if not e], range(world)))
+    shards = [merge([i for i, e in enumerate(is_expert) if e], range(r, world, ep)) for r in range(ep)]
+    state.update({name: torch.cat([s[name] for s in shards]) for name in shards[0]})
+    for alias, target in model_state.shared_params:  # tied weights
+        if target in state:
+            state[alias] = state[target]
+    return state
+
+
+def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
+    """Write `<out_run_dir>/checkpoints/step_N/` (moeflow layout) from a DeepSpeed checkpoint.
+
+    The result holds the consolidated fp32 weights, the model config, the step, the RNG
+    state and the lr schedule at that step, so `moeflow train resume=<it>` (engine=torch)
+    continues the schedule. AdamW's moments are not carried over (ZeRO stores them as flat
+    per-rank partitions): the resumed optimizer starts them from zero; meta.json says so.
+    """
+    from moeflow.moe.model import ModelConfig
+
+    found = find_checkpoint(src)
+    if found is None:
+        raise CheckpointError(f"{src}: no DeepSpeed checkpoint there; pass an engine=deepspeed run dir or its checkpoints/deepspeed/step_* dir")
+    meta = ckpt.read_meta(found)
+    step = int(meta["step"])
+    state = consolidated_state_dict(found, checkpoint_ep(meta))
+    mc = ModelConfig(**{**meta["model"], "experts_impl": "torch"})
+    with torch.device("meta"):
+        model = Transformer(mc)
+    want = set(dict(model.named_parameters()))  # tied weights once, like ckpt.unique_state_dict
+    if want - set(state) or set(state) - set(model.state_dict()):
+        raise CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
+    state = {k: state[k] for k in sorted(want)}
+    optim_state, sched_state = fresh_optimizer_state(mc, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
+    model_file = next(iter(sorted(found.glob("mp_rank_*_model_states.pt"))), None)
+    ds_state = torch.load(model_file, map_location="cpu", weights_only=False) if model_file else {}
+    trainer_state = {"optimizer": optim_state, "scheduler": sched_state, "rng": ds_state.get("rng") or ckpt.rng_state(), "step": step}
+    out_meta = {"model": meta["model"], "config": meta["config"],
+                "converted_from": {"format": "deepspeed", "path": str(found), "optimizer_moments": "reset (not carried over from ZeRO partitions)"}}
+    return ckpt.save_checkpoint(Path(out_run_dir), step, state, trainer_state, out_meta, keep=0)
+
+
+class DeepSpeedEngine:
+    """The engine interface (see `torch_engine.TorchEngine`); DeepSpeed owns backward, step and checkpoints."""
+
+    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend))
+
+    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
+        use_bf16, _ = bf16_autocast(tc, device)
+        self.autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731  (DeepSpeed casts the model itself)
+        self.model = Transformer(model_cfg).to(device)
+        self.engine, self.sched = initialize(self.model, cfg, use_bf16)
+        self.data_parallel_rank, self.data_parallel_group = (env.rank, env.world_size), None
+        self.eval_model = self.engine  # under ZeRO-3 the engine's forward gathers the partitioned parameters
+        self.start_step = resume(self.engine, cfg, run_dir)
+
+    def describe(self) -> str:
+        return f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}, world {self.env.world_size}, engine deepspeed"
+
+    def forward_backward(self, x, y, last: bool):
+        loss = lm_loss(self.engine(x), y)
+        aux = self.model.aux_loss().to(device=loss.device, dtype=loss.dtype)
+        self.engine.backward(loss + aux)  # DeepSpeed divides by grad_accum
+        self.engine.step()  # steps optimizer + scheduler only at the accumulation boundary
+        return loss, aux
+
+    def optimizer_step(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()  # engine.step() above already stepped
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def save(self, step: int) -> Path:
+        path = save(self.engine, self.run_dir, step, self.cfg, self.model_cfg.to_dict(), self.env.is_main)
+        if self.env.is_main:
+            log.info("saved DeepSpeed checkpoint %s", path)
+        return path
+
+    def extra_result(self) -> dict:
+        return {"param_dtype": str(next(self.engine.module.parameters()).dtype)}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,170 @@
+"""engine=megatron: train a megatron-core GPTModel whose MoE layers are moeflow's.
+
+The model comes from `moeflow.parallel.integrations.megatron_core.build_gpt_model` (the
+moeflow layer spec), starts from exactly the weights the torch engine would initialise
+(same seed, converted), and trains with the same data, AdamW, schedule, clipping and
+logging as engine=torch. The gates' aux losses reach the gradients through megatron-core's
+`MoEAuxLossAutoScaler` (scaled by 1/grad_accum like the main loss). Checkpoints are moeflow
+checkpoints through `launch/resume.py` (weights converted back to the moeflow layout, the
+megatron-ordered AdamW state under its own key), so engine=torch can resume them (with
+fresh AdamW moments) and `moeflow convert` exports them. Needs CUDA: see
+`megatron_core.CPU_MESSAGE`.
+
+Expert parallelism (`parallel.ep` > 1) is megatron-core's `expert_model_parallel_size`: each
+MoE slot keeps its EP rank's experts and routes over parallel_state's expert group
+(`megatron_core.shard_over_expert_group`). The step is engine=torch's (`optim.AdamWStep`)
+with `megatron_core.data_parallel`, moeflow's `ExpertDataParallel` over parallel_state's
+groups. Checkpoints gather the expert shards (written full, like one process would) and
+resume on any EP size.
+
+Tensor parallelism (`engine.tensor_parallel` > 1, sequence parallelism off) is megatron-core's
+own for attention, embedding and output layer (logits gathered over the vocab), and
+`megatron_core.shard_over_tensor_group` for the MoE slots (experts split on their hidden
+dim). The ranks of a TP group train on the same batch (parallel_state's data-parallel rank);
+checkpoints gather every TP slice too, so they stay single-process checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from moeflow.moe.errors import CheckpointError, ConfigError
+from moeflow.moe.model import ModelConfig, Transformer
+from moeflow.moe.state import unique_state_dict
+from moeflow.parallel.distributed import DistEnv
+from moeflow.parallel.expert_parallel import ddp_device_kwargs
+from moeflow.parallel.expert_params import param_groups
+from moeflow.parallel.integrations import megatron_ckpt as mck
+from moeflow.parallel.integrations import megatron_core as mcore
+from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
+
+from .. import resume
+from ..losses import lm_loss
+from ..optim import AdamWStep, build_scheduler, fresh_optimizer_state, replay_schedule
+from ..runtime import bf16_autocast, start_distributed
+from .torch_engine import grad_sync
+
+log = logging.getLogger("moeflow.train")
+
+
+def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+    """What engine=megatron cannot run, refused before any work with the reason."""
+    try:
+        mck.check_mappable(model_cfg)
+    except mck.ConversionError as err:
+        raise ConfigError(f"engine=megatron: {err}") from None
+    if device.type != "cuda":
+        raise ConfigError(mcore.CPU_MESSAGE)
+    check_tensor_parallel(int(cfg.engine.get("tensor_parallel", 1)), int(cfg.parallel.get("ep", 1)), model_cfg)
+    # parallel.ep > 1 is megatron's expert_model_parallel_size; whether the layout is possible
+    # (ep divides the experts and the world) is checked by launch.config.check_parallel.
+    p = cfg.parallel
+    if int(p.get("overlap_chunks", 1)) != 1 or bool(p.get("overlap_shared", False)):
+        raise ConfigError("parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch")
+
+
+def check_tensor_parallel(tp: int, ep: int, mc: ModelConfig) -> None:
+    """engine.tensor_parallel: megatron-core splits heads, vocab and FFN hidden dims over it."""
+    if tp < 1:
+        raise ConfigError(f"engine.tensor_parallel must be a positive integer, got {tp}")
+    if tp == 1:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % (tp * ep):
+        raise ConfigError(f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks")
+    sizes = {"model.n_heads": mc.n_heads, "model.n_kv_heads": mc.kv_heads, "model.vocab_size": mc.vocab_size, "model.d_ff": mc.d_ff,
+             "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": mc.dense_d_ff or mc.d_ff * mc.top_k}
+    for what, n in sizes.items():
+        if n % tp:
+            raise ConfigError(f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
+
+
+def start_megatron(cfg: DictConfig, tc) -> tuple[DistEnv, torch.device]:
+    """Join the process group like engine=torch, then megatron-core's parallel_state (TP, EP groups)."""
+    env, device = start_distributed(tc, cfg.parallel.backend)  # CUDA: check_options refused CPU (tests build on CPU)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mcore.initialize_parallel_state(tc.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep))
+    return env, device
+
+
+class MegatronEngine(AdamWStep):
+    """The engine interface (see `torch_engine.TorchEngine`); its optimizer step (expert-shard
+    gradient sync, clipping, AdamW) is engine=torch's."""
+
+    start = staticmethod(start_megatron)
+
+    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
+        self.use_bf16, self.autocast = bf16_autocast(tc, device)
+        init = unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
+        self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
+        self.model = self.eval_model = mcore.MegatronLM(self.gpt)
+        self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.sched = build_scheduler(self.opt, cfg.optim, tc.steps)
+        load_moeflow_weights(self.gpt, init, model_cfg)
+        self.start_step = resume.resume_run(self)  # a checkpoint's weights replace the initial ones
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / tc.grad_accum, device=device))
+        # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
+        self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
+        # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
+        self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
+        self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
+
+    def describe(self) -> str:
+        return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "
+                f"{sum(p.numel() for p in self.gpt.parameters()) / 1e6:.2f}M parameters, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
+
+    def forward_backward(self, x, y, last: bool):
+        with grad_sync(self.ddp, last):
+            with self.autocast():
+                loss = lm_loss((self.ddp or self.model)(x), y)
+            (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
+        return loss, self.model.aux_loss().detach()
+
+    # -- checkpoints (launch/resume.py) -------------------------------------------------
+    def checkpoint_state(self, step: int):
+        """moeflow-layout weights; the megatron-ordered AdamW state under its own key, and for
+        engine=torch a fresh AdamW state at this step (collective: gathers expert shards)."""
+        weights, megatron_opt = full_model_state(self.gpt), full_optimizer_state(self.gpt, self.opt)
+        if not self.env.is_main:
+            return None
+        torch_opt, torch_sched = fresh_optimizer_state(self.model_cfg, self.cfg.optim, self.cfg.trainer.steps, step)
+        return mck.from_megatron(weights, self.model_cfg), {"optimizer": torch_opt, "scheduler": torch_sched, "megatron_optimizer": megatron_opt}
+
+    def load_checkpoint_state(self, weights: dict, trainer_state: dict | None) -> None:
+        load_moeflow_weights(self.gpt, weights, self.model_cfg)
+        if trainer_state is None:
+            return
+        if "megatron_optimizer" in trainer_state:
+            self.opt.load_state_dict(local_optimizer_state(self.opt, trainer_state["megatron_optimizer"]))  # this EP rank's expert moments
+        else:
+            log.warning("the checkpoint was not written by engine=megatron: AdamW moments start from zero")
+        replay_schedule(self.sched, int(trainer_state["step"]))  # valid whatever engine wrote it (group counts differ)
+
+    def save(self, step: int) -> Path | None:
+        return resume.save_run(self, step, "megatron")
+
+    def extra_result(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+
+
+def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
+    device = next(gpt.parameters()).device
+    full = {k: v.to(device) for k, v in mck.to_megatron(state, model_cfg, native=False).items()}
+    missing, unexpected = gpt.load_state_dict(local_model_state(gpt, full), strict=False)  # sliced to this EP rank's experts
+    bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+    if bad:
+        raise CheckpointError(f"moeflow weights do not fit the megatron model (e.g. {bad[:3]}); resume with the checkpoint's model config")

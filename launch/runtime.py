@@ -1,0 +1,35 @@
+"""Where and how a run computes: its device, its process group, its autocast precision.
+
+Every engine makes these decisions the same way, so they live here once.
+"""
+from __future__ import annotations
+
+import torch
+
+from moeflow.moe.errors import ConfigError
+from moeflow.parallel.distributed import DistEnv, init_distributed
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu (or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ConfigError(f"trainer.device={name!r} is unknown; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def start_distributed(trainer_cfg, backend: str) -> tuple[DistEnv, torch.device]:
+    """Join the process group (torchrun's env, else one process) and pick this rank's device."""
+    device = resolve_device(trainer_cfg.device)
+    env = init_distributed(device.type, backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    return env, device
+
+
+def bf16_autocast(trainer_cfg, device: torch.device):
+    """(use bf16?, autocast context factory): bf16 when asked, or by default on CUDA; every engine's rule."""
+    use_bf16 = trainer_cfg.precision == "bf16" or (trainer_cfg.precision == "auto" and device.type == "cuda")
+    return use_bf16, lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -1,0 +1,115 @@
+"""One upcycling run: read the dense source, build the MoE, verify it, write the chosen formats."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from moeflow.moe import hf_convert as hf
+from moeflow.moe.upcycle import UpcycleError, UpcycleOptions, max_logit_diff, upcycle_model, upcycle_transformer
+
+from .outputs import atomic_output, full_gate, train_command, write_moeflow
+from .sources import dense_reference, detect, load_moeflow_dense
+
+VERIFY_RTOL = 1e-4  # relative to the largest logit; float32 runs give ~1e-7
+# lower precisions round differently in the dense and the MoE forward; a wrong mapping is O(1)
+LOW_PRECISION_RTOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_verify(name: str, diff: dict, opts: UpcycleOptions, dtype: torch.dtype = torch.float32) -> None:
+    rtol = LOW_PRECISION_RTOL.get(dtype, VERIFY_RTOL)
+    print(f"verify {name}: max |logit diff| {diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}) on {diff['tokens'][0]}x{diff['tokens'][1]} random tokens")
+    if opts.exact and not diff["max_rel_diff"] <= rtol:
+        raise UpcycleError(f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {rtol:g} although the options promise an exact copy; nothing was written (report this, or pass --no-verify)")
+
+
+def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
+    source, output = Path(args.source).expanduser(), Path(args.output).expanduser()
+    kind = detect(source)
+    report: dict = {"source": str(source), "options": opts.to_dict(), "verify": {}}
+    fmt = args.format
+    if kind == "moeflow":
+        if fmt not in ("auto", "moeflow"):
+            raise UpcycleError(f"--format {fmt}: a moeflow checkpoint upcycles to moeflow format only (HF export needs a Llama-family HF source)")
+        dense, _ = load_moeflow_dense(source, DTYPES[args.dtype])
+        fmt, family_cfg = "moeflow", None
+    else:
+        family_cfg = hf.read_config(source)
+        mt = family_cfg.get("model_type")
+        if args.generic or mt in hf.GENERIC:
+            if fmt not in ("auto", "generic"):
+                raise UpcycleError(f"--format {fmt}: {mt!r} goes through the generic path, which writes --format generic only")
+            return run_generic(source, output, opts, args, family_cfg, report)
+        if mt not in hf.FAMILIES:
+            raise UpcycleError(hf.supported_message(mt))
+        if fmt == "generic":
+            raise UpcycleError("--format generic needs --generic")
+        if fmt == "auto":  # the HF MoE classes route like the renormalised topk gate only
+            exportable = opts.gate == "topk" and opts.gate_options.get("renormalize", True)
+            fmt = "both" if exportable else "moeflow"
+        dense, _ = hf.load_dense(source, args.max_seq_len, DTYPES[args.dtype])
+
+    opts_gate = full_gate(opts)
+    opts = UpcycleOptions(**{**opts.to_dict(), "gate_options": {k: v for k, v in opts_gate.items() if k != "name"}})
+    moe = upcycle_transformer(dense, opts).eval()
+    tmp, commit = atomic_output(output, args.force)
+    try:
+        if args.verify:
+            ref = dense_reference(source, kind, dense, DTYPES[args.dtype])
+            seq = min(32, moe.cfg.max_seq_len)
+            diff = max_logit_diff(ref, moe, moe.cfg.vocab_size, seq_len=seq, seed=args.seed)
+            report["verify"]["moeflow"] = diff
+            check_verify("moeflow MoE vs dense", diff, opts, DTYPES[args.dtype])
+        mf_dir = tmp / "moeflow" if fmt == "both" else tmp
+        hf_dir = tmp / "hf" if fmt == "both" else tmp
+        if fmt in ("hf", "both"):
+            config = hf.export_config(moe, family_cfg)
+            hf.save_hf(hf_dir, config, hf.export_tensors(moe, config["model_type"], hf.dtype_of(family_cfg)), source)
+            if args.verify and hf.dtype_of(family_cfg) != torch.float32:
+                print(f"verify HF export: skipped ({hf.dtype_of(family_cfg)} weights round differently from the float32 reference)")
+            elif args.verify:
+                hf_moe = hf.load_hf_model(hf_dir)
+                diff = max_logit_diff(ref, lambda t: hf_moe(t).logits, moe.cfg.vocab_size, seq_len=seq, seed=args.seed)
+                report["verify"]["hf"] = diff
+                check_verify(f"HF {config['model_type']} vs dense", diff, opts)
+        if fmt in ("moeflow", "both"):
+            mf_dir.mkdir(parents=True, exist_ok=True)
+            write_moeflow(mf_dir, moe, opts, source)
+            final_mf = output / "moeflow" if fmt == "both" else output
+            report["train_command"] = train_command(final_mf)
+        (tmp / "upcycle.json" if fmt != "hf" else tmp / "moeflow_upcycle.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {output} ({fmt}): {opts.total_experts} experts, top-{opts.active_experts}, gate {opts.gate}, {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active_only=True) / 1e6:.2f}M active)")
+    if "train_command" in report:
+        print(f"continue training with (add your data=... and trainer.* overrides):\n  {report['train_command']}")
+    return report
+
+
+def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dict, report: dict) -> dict:
+    dense = hf.load_hf_model(source, DTYPES[args.dtype])
+    model = hf.load_hf_model(source, DTYPES[args.dtype])
+    replaced = upcycle_model(model, options=opts, selector=args.selector)
+    model.eval()
+    tmp, commit = atomic_output(output, args.force)
+    try:
+        if args.verify:
+            vocab = int(cfg.get("vocab_size") or model.config.vocab_size)
+            seq = min(32, int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 32))
+            diff = max_logit_diff(lambda t: dense(t).logits, lambda t: model(t).logits, vocab, seq_len=seq, seed=args.seed)
+            report["verify"]["generic"] = diff
+            check_verify(f"upcycled {cfg.get('model_type')} vs dense", diff, opts, DTYPES[args.dtype])
+        report["replaced_modules"] = replaced
+        hf.save_generic(tmp, model, source, {"options": opts.to_dict(), "selector": args.selector, "report": report})
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {output} (generic): {len(replaced)} MLPs -> {opts.total_experts} experts, top-{opts.active_experts}; load with moeflow.moe.hf_convert.load_upcycled('{output}')")
+    return report

@@ -1,0 +1,151 @@
+"""Triton expert kernels on a real GPU (bf16, compiled, autotuned): run through the device tool."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytest.importorskip("triton", reason="needs Triton: pip install -e '.[triton]'")
+
+from moeflow.kernels import ops  # noqa: E402
+from moeflow.moe.experts import IMPLEMENTATIONS, GroupedExperts, expert_mlp  # noqa: E402
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def routed_case(T, D, F, E, k, skew_expert=None):
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    logits = torch.randn(T, E, device="cuda")
+    if skew_expert is not None:
+        logits[: T // 2, skew_expert] += 10
+    val, idx = logits.softmax(-1).topk(k, -1)
+    expert_A = idx.reshape(-1)
+    order = torch.argsort(expert_A, stable=True)
+    token_A = torch.arange(T, device="cuda").repeat_interleave(k)[order]
+    weight_A = val.reshape(-1)[order].clone().requires_grad_()
+    counts_E = torch.bincount(expert_A, minlength=E)
+    ws = [(torch.randn(*s, device="cuda") * s[1] ** -0.5).bfloat16().requires_grad_() for s in ((E, D, F), (E, D, F), (E, F, D))]
+    return x, ws, token_A, weight_A, counts_E
+
+
+def check_routed(shape, gather_rows=False):
+    T, D, F, E, k, skew = shape
+    x, (w1, w3, w2), token_A, weight_A, counts_E = routed_case(T, D, F, E, k, skew)
+    dy = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    y = ops.expert_mlp_routed(x, w1, w3, w2, counts_E, token_A, weight_A, gather_rows=gather_rows)
+    leaves = [x, w1, w3, w2, weight_A]
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    xr, w1r, w3r, w2r, wr = ref_leaves
+    outs = [expert_mlp(r, w1r[e], w3r[e], w2r[e]) for e, r in enumerate(torch.split(xr[token_A], counts_E.tolist()))]
+    yr = torch.zeros_like(xr).index_add(0, token_A, torch.cat(outs) * wr[:, None])
+    refs = torch.autograd.grad(yr, ref_leaves, dy.double())
+    assert rel(y, yr) < 1e-2
+    for name, g, r in zip(["x", "w1", "w3", "w2", "weight"], grads, refs):
+        assert rel(g, r) < 2e-2, (name, rel(g, r))
+    # bit-deterministic
+    y2 = ops.expert_mlp_routed(x, w1, w3, w2, counts_E, token_A, weight_A, gather_rows=gather_rows)
+    assert torch.equal(y, y2) and all(torch.equal(a, b) for a, b in zip(grads, torch.autograd.grad(y2, leaves, dy)))
+
+
+@pytest.mark.parametrize("shape", [(512, 256, 384, 8, 2, None), (1000, 512, 1408, 16, 6, 3), (300, 128, 200, 64, 8, 0)])
+def test_routed_bf16_matches_float64(shape):
+    check_routed(shape)
+
+
+def test_rows_gathered_inside_the_gemms_match_float64():
+    check_routed((1000, 512, 1408, 16, 6, 3), gather_rows=True)
+
+
+@pytest.fixture
+def restore_autotune_lists():
+    from moeflow.kernels import autotune, gemm, permute, tma
+
+    saved = {k: k.configs for k in (gemm._up_kernel, gemm._gmm_kernel, gemm._wgrad_kernel)}
+    yield
+    for kern, configs in saved.items():
+        kern.configs = configs
+        kern.cache.clear()
+
+
+def _persistent(shape):
+    return len(shape) > 5 and shape[5]
+
+
+def test_every_autotune_candidate_is_correct(restore_autotune_lists):
+    """Each tile candidate forced in turn (tests may run with MOEFLOW_AUTOTUNE=0, which tunes nothing).
+    Persistent candidates also run a problem with more tiles than the GPU has SMs, so each
+    program walks several tiles through one flattened pipeline."""
+    autotune.force_tiles(gemm._wgrad_kernel, autotune.WGRAD_SHAPES[0])
+    for i in range(max(len(autotune.UP_SHAPES), len(autotune.GMM_SHAPES))):
+        up_shape, gmm_shape = autotune.UP_SHAPES[i % len(autotune.UP_SHAPES)], autotune.GMM_SHAPES[i % len(autotune.GMM_SHAPES)]
+        autotune.force_tiles(gemm._up_kernel, up_shape)
+        autotune.force_tiles(gemm._gmm_kernel, gmm_shape)
+        check_routed((700, 256, 320, 8, 2, 1), gather_rows=i % 2 == 1)
+        if _persistent(up_shape) or _persistent(gmm_shape):
+            check_routed((4096, 512, 640, 16, 2, 3), gather_rows=i % 2 == 0)
+    # weight gradients: one and two B operands, contiguous (TMA) and row-gathered reads; a persistent
+    # candidate on 64 experts (more output tiles than SMs)
+    M, N = 256, 320
+    for shape in autotune.WGRAD_SHAPES:
+        E = 64 if _persistent(shape) else 4
+        counts = torch.tensor([0, 1, 500, 399], device="cuda") if E == 4 else torch.randint(0, 120, (E,), device="cuda")
+        counts[1] = 1
+        counts = counts.to(torch.int32)
+        R = int(counts.sum())
+        a = torch.randn(R, M, device="cuda", dtype=torch.bfloat16)
+        b1, b2 = (torch.randn(R, N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        perm = torch.randperm(R, device="cuda").to(torch.int32)
+        rows = torch.split(torch.arange(R, device="cuda"), counts.tolist())
+
+        def reference(b):  # float64, per expert: a[rows of e]^T @ b[rows of e]
+            return torch.stack([a[r].double().T @ b[r].double() for r in rows])
+
+        for two, gather in ((False, None), (True, None), (False, perm)):
+            if not autotune.fits_one(*shape[:3], shape[4], two):  # the autotuner never runs it here
+                continue
+            autotune.force_tiles(gemm._wgrad_kernel, shape)
+            o1, o2 = gemm.wgrad(a, None, b1, b2 if two else None, gather, None, counts)
+            bs = [b1[gather.long()] if gather is not None else b1] + ([b2] if two else [])
+            for o, b in zip([o1, o2], bs):
+                assert rel(o, reference(b)) < 1e-2, (shape, two, gather is not None)
+        # the aligned layout: groups padded with zero rows to a multiple of ROW_ALIGN, both operands through TMA
+        counts_P = (counts + autotune.ROW_ALIGN - 1) // autotune.ROW_ALIGN * autotune.ROW_ALIGN
+        real = torch.cat([torch.arange(p, device="cuda") < c for p, c in zip(counts_P.tolist(), counts.tolist())])
+        padded = []
+        for t in (a, b1, b2):
+            tp = t.new_zeros(int(counts_P.sum()), t.shape[1])
+            tp[real] = t
+            padded.append(tp)
+        for two in (False, True):
+            if not autotune.fits_one(*shape[:3], shape[4], two):
+                continue
+            autotune.force_tiles(gemm._wgrad_kernel, shape)
+            o1, o2 = gemm.wgrad(padded[0], None, padded[1], padded[2] if two else None, None, None, counts_P, aligned=True)
+            for o, b in zip([o1, o2], [b1, b2] if two else [b1]):
+                assert rel(o, reference(b)) < 1e-2, (shape, two, "aligned")
+
+
+def test_impls_agree_and_compile_traces():
+    assert "triton" in IMPLEMENTATIONS and "grouped_mm" in IMPLEMENTATIONS
+    from moeflow.launch.config import resolve_experts_impl
+
+    assert resolve_experts_impl("auto", torch.device("cuda")) == "triton"
+    ex = GroupedExperts(8, 256, 512).cuda()
+    x = torch.randn(1000, 256, device="cuda")
+    counts = torch.tensor([0, 1, 300, 99, 200, 100, 150, 150], device="cuda")
+    outs = {}
+    for impl in ("torch", "triton", "grouped_mm"):
+        ex.impl = impl
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[impl] = ex(x, counts)
+    for impl in ("triton", "grouped_mm"):
+        assert rel(outs[impl], outs["torch"]) < 1e-2, impl
+    ex.impl = "triton"
+    compiled = torch.compile(lambda x, c: ex(x, c), fullgraph=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        yc = compiled(x, counts)
+        yc.float().sum().backward()
+    assert rel(yc, outs["torch"]) < 1e-2 and torch.isfinite(ex.w1_EDF.grad).all()

@@ -1,0 +1,208 @@
+"""moeflow slurm on a real single-node Slurm cluster (munge + slurmctld + slurmd), started here if needed."""
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.launch import BIN, QUICK, free_port, job_id, job_state, moeflow, slurm_cluster, val_losses, wait_job
+
+pytestmark = [pytest.mark.slurm]
+
+GPU_CLUSTER = ["launcher.nodes=4", "launcher.nproc_per_node=8", "launcher.gpus_per_node=8", "launcher.partition=gpu",
+               "launcher.account=proj42", "launcher.time=2-00:00:00", "launcher.exclusive=true",
+               "launcher.extra_sbatch=['--mail-type=END']", "launcher.setup=['module load cuda/12.4']"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    slurm_cluster()
+
+
+def cpu_job(tmp_path, *extra):
+    """2 training processes on the 2-CPU node; a private rendezvous port (the machine is shared)."""
+    return ["launcher.cpus_per_task=2", f"launcher.output_root={tmp_path / 'runs'}", f"launcher.rdzv_port={free_port()}", *extra]
+
+
+# --- no cluster needed ---------------------------------------------------------------------------
+
+def test_dry_run_prints_a_multi_node_gpu_script(tmp_path):
+    done = moeflow("slurm", "submit", "--dry-run", *GPU_CLUSTER, f"launcher.output_root={tmp_path}", "trainer.steps=1000")
+    assert done.returncode == 0, done.stderr
+    script = done.stdout
+    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --account=proj42", "#SBATCH --time=2-00:00:00", "#SBATCH --exclusive", "#SBATCH --mail-type=END",
+                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", f"#SBATCH --output={tmp_path}/%j.out",
+                 "module load cuda/12.4", "--nproc-per-node=8", "--rdzv-backend=c10d", "ARGS=(trainer.steps=1000 resume=auto)",
+                 f"RUN_DIR={tmp_path}/$RUN_ID"]:
+        assert line in script, line
+    assert script.index("module load") < script.index("srun --kill-on-bad-exit")
+    assert not (tmp_path / "sbatch").exists(), "--dry-run must not write or submit anything"
+    syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_dry_run_multirun_is_a_job_array_over_hydra_sweep(tmp_path):
+    done = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "optim.lr=1e-3,3e-3", f"launcher.output_root={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert "#SBATCH --array=0-3" in done.stdout and f"#SBATCH --output={tmp_path}/%A_%a.out" in done.stdout
+    assert "SLURM_ARRAY_TASK_ID + 1" in done.stdout
+    # array tasks may share a node: each needs its own rendezvous port (one port joined two jobs' stores)
+    assert 'RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))' in done.stdout and '"$HEAD_NODE:$RDZV_PORT"' in done.stdout
+    fixed = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "launcher.rdzv_port=31000", f"launcher.output_root={tmp_path}")
+    assert "RDZV_PORT=$((31000 + ${SLURM_ARRAY_TASK_ID:-0}))" in fixed.stdout
+    tasks = [line for line in done.stderr.splitlines() if line.startswith("# array task")]
+    assert tasks == ["# array task 0: model.num_experts=4 optim.lr=0.001 resume=auto", "# array task 1: model.num_experts=4 optim.lr=0.003 resume=auto",
+                     "# array task 2: model.num_experts=8 optim.lr=0.001 resume=auto", "# array task 3: model.num_experts=8 optim.lr=0.003 resume=auto"]
+
+
+@pytest.mark.parametrize("template, expect", [("srun", "RANK=$SLURM_PROCID"), ("ray", "ray launch")])
+def test_dry_run_other_templates(tmp_path, template, expect):
+    done = moeflow("slurm", "submit", "--dry-run", f"launcher.template={template}", "launcher.nodes=2", f"launcher.output_root={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    assert expect in done.stdout and subprocess.run(["bash", "-n"], input=done.stdout, text=True).returncode == 0
+
+
+def test_missing_template_variable_names_the_fix(tmp_path):
+    template = tmp_path / "mine.sbatch.j2"
+    template.write_text("#!/bin/bash\n#SBATCH --nodes={{ nodes }}\nsrun --container-image={{ image }} true\n")
+    done = moeflow("slurm", "submit", "--dry-run", f"launcher.template={template}")
+    assert done.returncode == 2
+    assert "uses the variable 'image'" in done.stderr and "+launcher.vars.image=" in done.stderr
+    ok = moeflow("slurm", "submit", "--dry-run", f"launcher.template={template}", "+launcher.vars.image=pytorch.sqsh")
+    assert ok.returncode == 0 and "--container-image=pytorch.sqsh" in ok.stdout, ok.stderr
+
+
+def test_unknown_template_and_bad_override(tmp_path):
+    done = moeflow("slurm", "submit", "--dry-run", "launcher.template=nope")
+    assert done.returncode == 2 and "choose one of ray, srun, torchrun" in done.stderr
+    done = moeflow("slurm", "submit", "--dry-run", "launcher.nodez=2")
+    assert done.returncode == 2 and "unknown config key 'launcher.nodez'" in done.stderr
+
+
+def test_sbatch_not_on_path_names_the_fix(tmp_path):
+    done = moeflow("slurm", "submit", f"launcher.output_root={tmp_path}", env={"PATH": BIN})
+    assert done.returncode == 2
+    assert "`sbatch` is not on PATH" in done.stderr and "apt-get install slurm-client" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+# --- on the real cluster -------------------------------------------------------------------------
+
+@pytest.mark.multiprocess
+def test_submit_two_rank_training_to_completion(slurm, tmp_path):
+    done = moeflow("slurm", "submit", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    assert f"log: {tmp_path / 'runs' / job}.out" in done.stdout
+    status = moeflow("slurm", "status", job)
+    assert status.returncode == 0 and f"job {job}:" in status.stdout
+    assert wait_job(job, 180) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    log = moeflow("slurm", "logs", job).stdout
+    assert "rank 0/2 up" in log and "rank 1/2 up" in log
+    losses = val_losses(log)
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses
+    run_dir = tmp_path / "runs" / job  # keyed by the job id
+    assert (run_dir / "checkpoints" / "step_00000010").is_dir()
+    assert "COMPLETED" in moeflow("slurm", "status", job).stdout
+
+
+@pytest.mark.xfail(strict=False, reason="watching a teardown hang (3 of 14 runs before ranks barriered before destroying the "
+                   "process group; 11 of 11 passed since): drop this mark once it stays green")
+def test_srun_template_one_task_per_rank(slurm, tmp_path):
+    done = moeflow("slurm", "submit", *QUICK, "trainer.steps=4", "trainer.eval_every=0",
+                   *cpu_job(tmp_path, "launcher.template=srun", "launcher.nproc_per_node=2", "launcher.cpus_per_task=1"), cwd=tmp_path)
+    job = job_id(done.stdout)
+    try:
+        assert wait_job(job, 90) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    finally:
+        moeflow("slurm", "cancel", job)  # a hung job must not hold the node for the tests after it
+    log = moeflow("slurm", "logs", job).stdout
+    assert "rank 0/2 up" in log and "rank 1/2 up" in log and "world 2" in log
+
+
+def test_cancel_a_running_job(slurm, tmp_path):
+    done = moeflow("slurm", "submit", *QUICK, "trainer.steps=100000", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path)
+    job = job_id(done.stdout)
+    wait_job(job, 60, until=("RUNNING",))
+    cancelled = moeflow("slurm", "cancel", job)
+    assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout
+    assert wait_job(job, 60) == "CANCELLED"
+    assert "CANCELLED" in moeflow("slurm", "status", job).stdout
+
+
+@pytest.mark.slow
+def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@N sends) -> checkpoint, requeue, resume=auto."""
+    overrides = [*QUICK, "trainer.steps=300", "trainer.eval_every=0", "trainer.ckpt_every=1000", "trainer.log_every=1"]
+    done = moeflow("slurm", "submit", *overrides, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
+    job = job_id(done.stdout)
+    run_dir = tmp_path / "runs" / job
+    stats = run_dir / "routing_stats.jsonl"  # rank 0 appends a line per MoE layer at every step
+    deadline = time.monotonic() + 120
+    while not (stats.exists() and stats.read_text().count("\n") >= 10):
+        assert time.monotonic() < deadline and job_state(job) in ("PENDING", "RUNNING"), job_state(job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    deadline = time.monotonic() + 120
+    while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout:
+        assert time.monotonic() < deadline, "the job was not requeued"
+        time.sleep(0.5)
+    wait_job(job, 120, until=("PENDING", "RUNNING", "COMPLETED"))  # the old step ends, the job is queued again
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # skip Slurm's requeue hold-off
+    assert wait_job(job, 180) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    log = moeflow("slurm", "logs", job).stdout
+    assert "SIGUSR1 at step" in log and "requeued" in log
+    preempted_at = int(log.split("SIGUSR1 at step ")[1].split(":")[0])
+    assert 0 < preempted_at < 300
+    assert f"resumed from {run_dir}/checkpoints/step_{preempted_at:08d} at step {preempted_at}" in log
+    assert (run_dir / "checkpoints" / "step_00000300").is_dir()
+
+
+def ray_processes_of(job: str) -> list[str]:
+    """Command lines of live processes that belong to this job's Ray cluster (its private temp dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"/tmp/ray-{job}" in cmd and "session" in cmd or f"--temp-dir=/tmp/ray-{job}" in cmd:
+            found.append(f"{proc.name}: {cmd[:200]}")
+    return found
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
+    done = moeflow("slurm", "submit", "launcher=ray", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    job = job_id(done.stdout)
+    state = wait_job(job, 300)
+    log = moeflow("slurm", "logs", job).stdout
+    assert state == "COMPLETED", log[-4000:]
+    assert "1 Ray nodes up" in log and "Ray Train with 2 workers" in log
+    assert "rank 0/2 up" in log and "rank 1/2 up" in log and "moeflow: done:" in log
+    losses = val_losses(log)
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert "stopping the Ray cluster" in log
+    deadline = time.monotonic() + 30
+    while (left := ray_processes_of(job)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
+
+
+def test_sweep_runs_as_a_job_array(slurm, tmp_path):
+    """`moeflow train -m launcher=slurm a=1,2` == `moeflow slurm submit -m a=1,2`: one array task per point."""
+    done = moeflow("train", "-m", "launcher=slurm", *QUICK, "trainer.steps=2", "trainer.eval_every=0", "trainer.ckpt_every=2",
+                   "model.num_experts=2,4", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "(array of 2)" in done.stdout
+    job = job_id(done.stdout)
+    for task in ("0", "1"):
+        assert wait_job(f"{job}_{task}", 180) == "COMPLETED", moeflow("slurm", "logs", f"{job}_{task}").stdout[-3000:]
+    for task, experts in (("0", 2), ("1", 4)):
+        run_dir = tmp_path / "runs" / f"{job}_{task}"
+        assert f"model.num_experts={experts}" in (tmp_path / "runs" / f"{job}_{task}.out").read_text()
+        assert (run_dir / "checkpoints" / "step_00000002").is_dir()

@@ -1,0 +1,111 @@
+"""(d) An upcycled checkpoint continues in `moeflow train`; its first loss is the dense model's loss."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[hf]'")
+
+from helpers.config import compose_cfg  # noqa: E402
+from moeflow.launch import cli  # noqa: E402
+from moeflow.launch.upcycle import cli as upcycle_cli  # noqa: E402
+from moeflow.launch.upcycle import run as upcycle_run  # noqa: E402
+from moeflow.launch.data import BatchSampler, load_splits  # noqa: E402
+from moeflow.launch.train import train  # noqa: E402
+
+from helpers.upcycle import make_hf  # noqa: E402
+
+SEQ, BATCH, SEED = 16, 4, 7
+
+
+def corpus(path, vocab: int):
+    toks = np.random.default_rng(0).integers(0, vocab, size=4000).astype(np.uint16)
+    toks.tofile(path)
+    return path
+
+
+def dense_first_loss(dense, cfg) -> float:
+    """The dense model's loss on the exact batch the trainer draws at step 0."""
+    splits = load_splits(cfg.data)
+    x, y = BatchSampler(splits.train, cfg.data.seq_len, cfg.data.batch_size, cfg.trainer.seed).batch(0, 0, 0)
+    with torch.no_grad():
+        return F.cross_entropy(dense(x).logits.float().flatten(0, 1), y.flatten()).item()
+
+
+def train_overrides(data, steps: int = 1):
+    return [
+        "data=memmap", f"data.path={data}", f"data.seq_len={SEQ}", f"data.batch_size={BATCH}",
+        f"trainer.steps={steps}", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.device=cpu",
+        "trainer.precision=fp32", "trainer.progress=false", f"trainer.seed={SEED}", "experts.impl=torch",
+    ]
+
+
+def test_upcycled_llama_continues_in_moeflow_train(tmp_path):
+    dense = make_hf("llama", tmp_path / "dense", vocab=128)
+    data = corpus(tmp_path / "tokens.bin", 128)
+    report = upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    out = (tmp_path / "moe").resolve()
+    assert report["train_command"] == shlex.join(["moeflow", "train", f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}"])
+    cfg = compose_cfg(f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}", *train_overrides(data))
+    result = train(cfg, tmp_path / "run")
+    assert result["start_step"] == 0 and result["step"] == 1
+    want = dense_first_loss(dense, cfg)
+    assert result["train_loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_slurm_style_run_in_the_upcycled_dir_with_resume_auto(tmp_path):
+    """README's recipe: hydra.run.dir=<upcycled dir> resume=auto starts from the upcycled
+    weights, and a requeued job resumes from the run's own later checkpoint."""
+    dense = make_hf("qwen3", tmp_path / "dense", vocab=128, head_dim=16)
+    data = corpus(tmp_path / "tokens.bin", 128)
+    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "1", "--granularity", "2"])
+    run_dir = (tmp_path / "moe" / "moeflow").resolve()
+    base = [f"hydra.searchpath=[file://{run_dir / 'configs'}]", "model=upcycled", "gate=upcycled", "resume=auto", *train_overrides(data)]
+    cfg = compose_cfg(*base, "trainer.ckpt_every=1")
+    first = train(cfg, run_dir)
+    assert first["start_step"] == 0
+    assert first["train_loss"] == pytest.approx(dense_first_loss(dense, cfg), rel=1e-5, abs=1e-6)
+    again = train(compose_cfg(*base, "trainer.steps=2", "trainer.ckpt_every=1"), run_dir)
+    assert again["start_step"] == 1 and again["step"] == 2
+
+
+@pytest.mark.slow
+def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
+    """The real CLI, twice: a dense moeflow run -> `moeflow upcycle` -> the printed `moeflow train` command."""
+    data = corpus(tmp_path / "tokens.bin", 256)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.num_experts=1", "model.top_k=1", "model.max_seq_len=32"]
+    dense_run = tmp_path / "dense_run"
+    cmd = [sys.executable, "-m", "moeflow.launch.cli", "train", *tiny, *train_overrides(data, steps=2), "trainer.ckpt_every=2", f"hydra.run.dir={dense_run}"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    up = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "upcycle", str(dense_run), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2", "--granularity", "2"], check=True, env=env, capture_output=True, text=True, timeout=300)
+    assert "verify moeflow MoE vs dense" in up.stdout
+    line = next(ln.strip() for ln in up.stdout.splitlines() if ln.strip().startswith("moeflow train "))
+    argv = shlex.split(line)[2:]  # the printed command is shell-quoted
+    run_dir = tmp_path / "moe_run"
+    res = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *argv, *train_overrides(data, steps=1), f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = next(run_dir.glob("*.log")).read_text()
+    assert "weights-only checkpoint" in log
+    done = json.loads(log.split("done: ")[1].split("; run dir")[0])
+    # the dense moeflow model's loss on the same first batch
+    from moeflow.launch import checkpoint as ckpt
+    from moeflow.moe.model import ModelConfig, Transformer
+
+    found = ckpt.find_checkpoint(dense_run)
+    dense = Transformer(ModelConfig(**ckpt.read_meta(found)["model"])).eval()
+    dense.load_state_dict(ckpt.load_model_state(found), strict=False)
+    cfg = compose_cfg(*tiny, *train_overrides(data))
+    splits = load_splits(cfg.data)
+    x, y = BatchSampler(splits.train, SEQ, BATCH, SEED).batch(0, 0, 0)
+    with torch.no_grad():
+        want = F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).item()
+    assert done["train_loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)

@@ -1,0 +1,80 @@
+"""Bad input fails before training, with one line that names the problem and the fix."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers.config import TINY, compose_cfg
+from moeflow.moe.errors import CheckpointError
+from moeflow.launch import cli
+from moeflow.launch.train import train
+
+
+def run_preflight(capsys, *args):
+    """`moeflow train ARGS` in-process, for arguments that must fail in preflight (before any work)."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err  # one line
+    assert err.startswith("moeflow train: error: ")
+    return err
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["model.d_modle=64"], "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
+        (["trainer.stpes=5"], "did you mean 'trainer.steps'?"),
+        (["gate=nope"], "unknown choice 'nope' for gate; choose one of: "),
+        (["model.top_k=9"], "model.top_k=9 is larger than model.num_experts=8; set top_k <= num_experts"),
+        (["model.d_model=130"], "model.d_model=130 is not divisible by model.n_heads=4"),
+        (["data=text"], "data.path is required here but was not set"),
+        (["data=text", "data.path=/nonexistent/corpus"], "data.path=/nonexistent/corpus does not exist"),
+        (["gate.capacity_factr=2"], "unknown config key 'gate.capacity_factr'"),
+        (["experts.gather_rows=sometimes"], "experts.gather_rows='sometimes' must be true or false"),
+        (["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"], "trainer."),
+    ],
+)
+def test_config_errors_are_one_line(capsys, args, expect):
+    assert expect in run_preflight(capsys, *args)
+
+
+def test_empty_data_file(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in run_preflight(capsys, "data=text", f"data.path={empty}")
+
+
+def test_unwritable_output_dir(capsys, tmp_path):
+    if os.geteuid() == 0:
+        blocker = tmp_path / "a_file"  # root can write anywhere: use a path under a regular file instead
+        blocker.write_text("x")
+        err = run_preflight(capsys, f"hydra.run.dir={blocker}/run")
+        assert "cannot be created" in err
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "not writable" in run_preflight(capsys, f"hydra.run.dir={locked}/run")
+
+
+def test_resume_from_a_different_model_shape(tmp_path):
+    train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "a")
+    with pytest.raises(CheckpointError, match=r"different model shape \(d_model: checkpoint 32 vs run 48.*start a fresh run"):
+        train(compose_cfg(*TINY, "model.d_model=48", "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")
+
+
+def test_corrupt_checkpoint(tmp_path):
+    train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "a")
+    weights = next((tmp_path / "a" / "checkpoints").iterdir()) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt model.safetensors.*resume from an earlier checkpoint"):
+        train(compose_cfg(*TINY, "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "model.top_k=99"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "moeflow train: error: model.top_k=99 is larger than model.num_experts=8; set top_k <= num_experts"
+    assert not (tmp_path / "outputs").exists()  # nothing started
