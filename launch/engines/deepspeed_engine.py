@@ -210,6 +210,7 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
     elif dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
         for layer in model.moe_layers():
             layer.gate.token_group = dist.group.WORLD
+    build_ops(progress=log.info)  # before DeepSpeed's comm builds them: under moeflow's guard against stale locks
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if ep > 1:
@@ -422,3 +423,39 @@ class DeepSpeedEngine:
 
     def close(self) -> None:
         pass
+
+
+# -- DeepSpeed's JIT-built ops -----------------------------------------------------------
+# DeepSpeed builds its CPU communication op with torch's JIT extension builder on first use.
+# torch marks a build in progress with a `lock` file that a killed build leaves behind, and
+# every later build then waits on it forever. moeflow builds under an fcntl lock of its own,
+# which the kernel releases when its holder dies: holding it, a `lock` file left in the build
+# directory belongs to a build that is gone, and is removed (with a warning naming it).
+JIT_OPS = ("ShareMemCommBuilder",)
+
+
+def build_ops(progress=print) -> list[str]:
+    """Build (or load, when already built) the DeepSpeed ops moeflow's runs use; their names."""
+    import fcntl
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = []
+    for op in JIT_OPS:
+        builder = get_accelerator().create_op_builder(op)
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            continue
+        build_dir = Path(_get_build_directory(builder.NAME, False))
+        with open(build_dir.parent / f".moeflow-build-{builder.NAME}.lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)  # another moeflow process building it: wait for it (it may die: then we get it)
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("removing a stale DeepSpeed build lock %s (left by a build that was killed; nothing holds it)", stale)
+                stale.unlink()
+            if not any(build_dir.glob("*.so")):
+                progress(f"moeflow: building DeepSpeed's {builder.NAME} op in {build_dir} (the first time only, ~1 min)")
+            builder.load(verbose=False)
+        built.append(builder.NAME)
+    return built

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from moeflow.launch.config import ConfigError
+from moeflow.moe.errors import ConfigError
 from moeflow.parallel.layout import check_layout
+from helpers.timeouts import limit
 
 SMALL = ["data.max_bytes=200000", "data.batch_size=2", "data.seq_len=32", "trainer.progress=false", "trainer.eval_batches=1"]
 
@@ -48,7 +49,8 @@ def test_torchrun_ranks_agree_on_run_dir(monkeypatch, capsys):
         shared_run_dir([])
 
 
-def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
+    timeout = limit(240) if timeout is None else timeout
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from moeflow.moe.gates import build_gate
 from moeflow.moe.gates.base import SequenceShape
+from helpers.timeouts import limit
 
 D, E, T = 16, 8, 96
 CASES = {
@@ -70,7 +71,7 @@ def _worker(rank, world, out_dir):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(limit(180))
 def test_sharded_batch_routes_like_the_global_batch(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path)), nprocs=world, join=True)

@@ -19,9 +19,10 @@ import torch.distributed as dist
 
 megatron_core = pytest.importorskip("megatron.core", reason="pip install moeflow[megatron]")
 
-from moeflow.launch.config import ConfigError  # noqa: E402
+from moeflow.moe.errors import ConfigError  # noqa: E402
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer  # noqa: E402
 from moeflow.parallel.integrations import megatron_ckpt as mck  # noqa: E402
+from helpers.timeouts import limit
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (megatron-core attention/GPTModel)")
 
@@ -500,7 +501,7 @@ def test_convert_cli_round_trip(tmp_path):
     mc = tiny(n_layers=4, moe_every=2, shared_experts=1)
     state = random_state(mc, seed=4)
     src = ckpt.save_checkpoint(tmp_path / "run", 7, state, {"step": 7}, {"model": mc.to_dict(), "config": {}})
-    run = lambda *a: subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "convert", *a], capture_output=True, text=True, timeout=120)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "convert", *a], capture_output=True, text=True, timeout=limit(120))  # noqa: E731
     p = run("moeflow-to-megatron", str(src), str(tmp_path / "meg"), "--layout", "grouped")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "7"
@@ -574,7 +575,7 @@ def test_engine_megatron_trains_like_engine_torch(tmp_path):
 
     def run(name, *extra):
         p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *common, f"hydra.run.dir={tmp_path / name}", *extra],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=limit(300))
         assert p.returncode == 0, p.stderr[-4000:]
         acc = EventAccumulator(str(tmp_path / name / "tensorboard"))
         acc.Reload()

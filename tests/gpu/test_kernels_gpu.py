@@ -7,7 +7,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton", reason="needs Triton: pip install -e '.[triton]'")
 
-from moeflow.kernels import ops  # noqa: E402
+from moeflow.kernels import autotune, gemm, ops  # noqa: E402
 from moeflow.moe.experts import IMPLEMENTATIONS, GroupedExperts, expert_mlp  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def test_rows_gathered_inside_the_gemms_match_float64():
 
 @pytest.fixture
 def restore_autotune_lists():
-    from moeflow.kernels import autotune, gemm, permute, tma
+    from moeflow.kernels import gemm
 
     saved = {k: k.configs for k in (gemm._up_kernel, gemm._gmm_kernel, gemm._wgrad_kernel)}
     yield

@@ -30,6 +30,7 @@ from moeflow.moe.layer import MoELayer
 from moeflow.moe.model import ModelConfig, Transformer
 from moeflow.parallel import build_layout, expert_shard, parallelize
 from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
+from helpers.timeouts import limit
 
 EQUIVALENCE_GATES = ("topk", "sinkhorn", "dts")
 D, F_, E, K = 16, 24, 8, 2
@@ -45,7 +46,7 @@ def _free_port() -> int:
 def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=limit(90)))
     try:
         result = _worker(fn_name)(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -65,8 +66,9 @@ def _worker(fn_name: str):
     return getattr(importlib.import_module(module), name)
 
 
-def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float = 240) -> list:
+def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float | None = None) -> list:
     """Run `fn_name(rank, world, *args)` on `world` gloo ranks; return each rank's result."""
+    timeout = limit(240) if timeout is None else timeout
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn_name, args, str(out_dir)), daemon=True) for r in range(world)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers.config import TINY
+from helpers.timeouts import limit
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent)
@@ -35,6 +36,7 @@ def free_port() -> int:
 
 def moeflow(*args: str, timeout: float = 240, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `moeflow` command line in a subprocess."""
+    timeout = limit(240) if timeout is None else timeout
     full_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **ISOLATED, **(env or {})}
     return subprocess.run([sys.executable, "-m", "moeflow.launch.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=full_env)
@@ -60,7 +62,7 @@ def slurm_cluster() -> None:
         if "idle" not in up and "mix" not in up:
             pytest.skip("no Slurm cluster answers and starting one needs root: run `bash tests/fixtures/local-slurm.sh start` as root")
         return
-    done = subprocess.run(["bash", str(SLURM_FIXTURE), "start"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(["bash", str(SLURM_FIXTURE), "start"], capture_output=True, text=True, timeout=limit(120))
     if done.returncode != 0:
         pytest.fail(f"could not start the local Slurm cluster: {done.stdout}{done.stderr}")
     env = subprocess.run(["bash", str(SLURM_FIXTURE), "env"], capture_output=True, text=True, check=True).stdout

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow.launch.config import ConfigError
+from helpers.timeouts import limit
+from moeflow.moe.errors import ConfigError
 
 deepspeed = pytest.importorskip("deepspeed", reason="pip install moeflow[deepspeed]")
 
@@ -51,7 +52,7 @@ def torchrun(run_dir: Path, *overrides: str, nproc: int = 2, base: list[str] = T
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(free_port()),
            "-m", "moeflow.launch.cli", "train", *base, f"trainer.steps={STEPS}", f"hydra.run.dir={run_dir}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=run_dir.parent)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit(240), env=env, cwd=run_dir.parent)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 
@@ -212,7 +213,7 @@ def test_resume_expert_parallel_deepspeed_checkpoint(runs, tmp_path):
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7, msg=k)
     p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *EP_TINY, "engine=deepspeed", "engine.zero_stage=2",
-                        f"resume={step2}", f"hydra.run.dir={tmp_path / 'ep1'}"], capture_output=True, text=True, timeout=240,
+                        f"resume={step2}", f"hydra.run.dir={tmp_path / 'ep1'}"], capture_output=True, text=True, timeout=limit(240),
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "written with parallel.ep=2" in p.stderr and "resume with parallel.ep=2" in p.stderr
@@ -255,7 +256,7 @@ def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
     env = {**os.environ, "MOEFLOW_PREEMPTIBLE": "1", "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
-        p = subprocess.run([sys.executable, "-c", PREEMPTED_RUN, str(run_dir), *overrides, *extra], capture_output=True, text=True, timeout=240, env=env)
+        p = subprocess.run([sys.executable, "-c", PREEMPTED_RUN, str(run_dir), *overrides, *extra], capture_output=True, text=True, timeout=limit(240), env=env)
         assert p.returncode == 0, p.stderr[-4000:]
         return json.loads(p.stdout.split("RESULT ")[-1]), p.stderr
 
@@ -275,8 +276,8 @@ def test_resume_with_other_attention_shape_fails_in_one_line(tmp_path):
     run_dir = tmp_path / "run"
     cli = [sys.executable, "-m", "moeflow.launch.cli", "train", *TINY, "engine=deepspeed", "trainer.steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    assert subprocess.run(cli, capture_output=True, text=True, timeout=240, env=env).returncode == 0
-    p = subprocess.run([*cli, "model.n_kv_heads=2", "trainer.steps=2", "resume=auto"], capture_output=True, text=True, timeout=240, env=env)
+    assert subprocess.run(cli, capture_output=True, text=True, timeout=limit(240), env=env).returncode == 0
+    p = subprocess.run([*cli, "model.n_kv_heads=2", "trainer.steps=2", "resume=auto"], capture_output=True, text=True, timeout=limit(240), env=env)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0, p.stderr
     assert p.stderr.startswith("moeflow train: error: checkpoint ") and "n_kv_heads: checkpoint None vs run 2" in p.stderr
@@ -345,7 +346,7 @@ def test_missing_deepspeed_names_the_extra(monkeypatch):
 
 def test_cli_reports_conflict_in_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "engine=deepspeed", "engine.zero_stage=3", "parallel.ep=2",
-                        f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=120)
+                        f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=limit(120))
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("moeflow train: error: engine.zero_stage=3 conflicts with parallel.ep=2")
 

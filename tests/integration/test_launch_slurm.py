@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from helpers.launch import BIN, QUICK, free_port, job_id, job_state, moeflow, slurm_cluster, val_losses, wait_job
+from helpers.timeouts import limit
 
 pytestmark = [pytest.mark.slurm]
 
@@ -97,7 +98,7 @@ def test_submit_two_rank_training_to_completion(slurm, tmp_path):
     assert f"log: {tmp_path / 'runs' / job}.out" in done.stdout
     status = moeflow("slurm", "status", job)
     assert status.returncode == 0 and f"job {job}:" in status.stdout
-    assert wait_job(job, 180) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    assert wait_job(job, limit(180)) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
     log = moeflow("slurm", "logs", job).stdout
     assert "rank 0/2 up" in log and "rank 1/2 up" in log
     losses = val_losses(log)
@@ -114,7 +115,7 @@ def test_srun_template_one_task_per_rank(slurm, tmp_path):
                    *cpu_job(tmp_path, "launcher.template=srun", "launcher.nproc_per_node=2", "launcher.cpus_per_task=1"), cwd=tmp_path)
     job = job_id(done.stdout)
     try:
-        assert wait_job(job, 90) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+        assert wait_job(job, limit(90)) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
     finally:
         moeflow("slurm", "cancel", job)  # a hung job must not hold the node for the tests after it
     log = moeflow("slurm", "logs", job).stdout
@@ -124,10 +125,10 @@ def test_srun_template_one_task_per_rank(slurm, tmp_path):
 def test_cancel_a_running_job(slurm, tmp_path):
     done = moeflow("slurm", "submit", *QUICK, "trainer.steps=100000", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path)
     job = job_id(done.stdout)
-    wait_job(job, 60, until=("RUNNING",))
+    wait_job(job, limit(60), until=("RUNNING",))
     cancelled = moeflow("slurm", "cancel", job)
     assert cancelled.returncode == 0 and f"cancelled job {job}" in cancelled.stdout
-    assert wait_job(job, 60) == "CANCELLED"
+    assert wait_job(job, limit(60)) == "CANCELLED"
     assert "CANCELLED" in moeflow("slurm", "status", job).stdout
 
 
@@ -139,18 +140,18 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
     job = job_id(done.stdout)
     run_dir = tmp_path / "runs" / job
     stats = run_dir / "routing_stats.jsonl"  # rank 0 appends a line per MoE layer at every step
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + limit(120)
     while not (stats.exists() and stats.read_text().count("\n") >= 10):
         assert time.monotonic() < deadline and job_state(job) in ("PENDING", "RUNNING"), job_state(job)
         time.sleep(0.1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + limit(120)
     while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout:
         assert time.monotonic() < deadline, "the job was not requeued"
         time.sleep(0.5)
-    wait_job(job, 120, until=("PENDING", "RUNNING", "COMPLETED"))  # the old step ends, the job is queued again
+    wait_job(job, limit(120), until=("PENDING", "RUNNING", "COMPLETED"))  # the old step ends, the job is queued again
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # skip Slurm's requeue hold-off
-    assert wait_job(job, 180) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
+    assert wait_job(job, limit(180)) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
     log = moeflow("slurm", "logs", job).stdout
     assert "SIGUSR1 at step" in log and "requeued" in log
     preempted_at = int(log.split("SIGUSR1 at step ")[1].split(":")[0])
@@ -179,7 +180,7 @@ def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
     done = moeflow("slurm", "submit", "launcher=ray", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     job = job_id(done.stdout)
-    state = wait_job(job, 300)
+    state = wait_job(job, limit(300))
     log = moeflow("slurm", "logs", job).stdout
     assert state == "COMPLETED", log[-4000:]
     assert "1 Ray nodes up" in log and "Ray Train with 2 workers" in log
@@ -187,7 +188,7 @@ def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
     losses = val_losses(log)
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert "stopping the Ray cluster" in log
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + limit(30)
     while (left := ray_processes_of(job)) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, left

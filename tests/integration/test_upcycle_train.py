@@ -15,13 +15,12 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[hf]'")
 
 from helpers.config import compose_cfg  # noqa: E402
-from moeflow.launch import cli  # noqa: E402
 from moeflow.launch.upcycle import cli as upcycle_cli  # noqa: E402
-from moeflow.launch.upcycle import run as upcycle_run  # noqa: E402
 from moeflow.launch.data import BatchSampler, load_splits  # noqa: E402
 from moeflow.launch.train import train  # noqa: E402
 
 from helpers.upcycle import make_hf  # noqa: E402
+from helpers.timeouts import limit
 
 SEQ, BATCH, SEED = 16, 4, 7
 
@@ -85,13 +84,13 @@ def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
     tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.num_experts=1", "model.top_k=1", "model.max_seq_len=32"]
     dense_run = tmp_path / "dense_run"
     cmd = [sys.executable, "-m", "moeflow.launch.cli", "train", *tiny, *train_overrides(data, steps=2), "trainer.ckpt_every=2", f"hydra.run.dir={dense_run}"]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
-    up = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "upcycle", str(dense_run), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2", "--granularity", "2"], check=True, env=env, capture_output=True, text=True, timeout=300)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=limit(300))
+    up = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "upcycle", str(dense_run), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2", "--granularity", "2"], check=True, env=env, capture_output=True, text=True, timeout=limit(300))
     assert "verify moeflow MoE vs dense" in up.stdout
     line = next(ln.strip() for ln in up.stdout.splitlines() if ln.strip().startswith("moeflow train "))
     argv = shlex.split(line)[2:]  # the printed command is shell-quoted
     run_dir = tmp_path / "moe_run"
-    res = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *argv, *train_overrides(data, steps=1), f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *argv, *train_overrides(data, steps=1), f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=limit(300))
     assert res.returncode == 0, res.stderr[-2000:]
     log = next(run_dir.glob("*.log")).read_text()
     assert "weights-only checkpoint" in log

@@ -9,6 +9,7 @@ from helpers.config import TINY, compose_cfg
 from moeflow.moe.errors import CheckpointError
 from moeflow.launch import cli
 from moeflow.launch.train import train
+from helpers.timeouts import limit
 
 
 def run_preflight(capsys, *args):
@@ -74,7 +75,7 @@ def test_corrupt_checkpoint(tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "model.top_k=99"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "model.top_k=99"], capture_output=True, text=True, cwd=tmp_path, timeout=limit(120))
     assert proc.returncode == 2
     assert proc.stderr.strip() == "moeflow train: error: model.top_k=99 is larger than model.num_experts=8; set top_k <= num_experts"
     assert not (tmp_path / "outputs").exists()  # nothing started

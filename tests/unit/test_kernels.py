@@ -12,6 +12,7 @@ from helpers.triton_device import DEV  # first: picks the interpreter on a CPU-o
 from moeflow.kernels import ops  # noqa: E402
 from moeflow.moe.dispatch import DispatchPlan, combine  # noqa: E402
 from moeflow.moe.experts import GroupedExperts, expert_mlp, torch_loop  # noqa: E402
+from helpers.timeouts import limit
 
 # Triton's CPU interpreter computes bf16 dots wrongly (numpy has no bf16): fp16 there, bf16 on the GPU
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16
@@ -151,7 +152,7 @@ def test_deterministic():
 def test_tma_loads_equal_pointer_loads_bitwise(monkeypatch, routed):
     """TMA boxes read past an expert's rows (masked on store, or cancelled by the other operand's
     zeroed rows): the results must still equal the pointer-load path (bit for bit at one tile shape)."""
-    from moeflow.kernels import autotune, gemm, permute, tma
+    from moeflow.kernels import tma
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     T, D, F, counts = 40, 32, 40, [9, 0, 1, 17, 3]  # K = 40 is no multiple of the tile: mixed TMA/pointer reads
@@ -177,7 +178,7 @@ def test_tma_loads_equal_pointer_loads_bitwise(monkeypatch, routed):
 
 def test_unaligned_rows_fall_back_to_pointer_loads():
     """TMA needs 16-byte row strides; D = 20 halves (40 bytes) must take the pointer path and stay right."""
-    from moeflow.kernels import autotune, gemm, permute, tma
+    from moeflow.kernels import tma
 
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     counts = [3, 0, 6]
@@ -246,7 +247,7 @@ def test_registration_is_lazy_and_auto_picks_triton_on_cuda():
     assert resolve_experts_impl("auto", torch.device("cuda")) == "triton"
     assert resolve_experts_impl("auto", torch.device("cpu")) == "torch"
     code = "import sys, moeflow.moe.model, moeflow.moe.experts; assert 'triton' not in sys.modules, 'moe imported triton'"
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=limit(120))
 
 
 def test_gather_rows_reaches_every_moe_layer_from_the_config():
@@ -297,7 +298,7 @@ def test_token_order_from_a_token_major_gate_gives_a_valid_layout(capacity):
 def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
     """Groups start on multiples of ROW_ALIGN, keep their rows in order, and pad rows carry token -1,
     position -1 and weight 0; the weight gradient flows back to the real rows only."""
-    from moeflow.kernels import autotune, gemm, permute, tma
+    from moeflow.kernels import autotune
 
     align = autotune.ROW_ALIGN
     counts = torch.tensor([0, 1, align - 1, align, align + 1, 3])
@@ -331,7 +332,7 @@ def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
 def test_fan_out_copies_each_token_row_to_its_rows(aligned):
     """fan_out == src[idx] (zeros on the pad rows inside aligned groups), for tokens with 0, 1 or
     several rows and destinations in any order."""
-    from moeflow.kernels import autotune, gemm, permute, tma
+    from moeflow.kernels import permute
 
     T, D = 9, 40  # D not a multiple of the interpreter's 16-column block
     src = torch.randn(T, D).to(DEV, DTYPE)

@@ -224,7 +224,6 @@ def test_generic_selector_and_errors(tmp_path):
 @pytest.mark.parametrize("granularity", [1, 2])
 @requires.transformers
 def test_evomoe_route_with_dts_gate(granularity):
-    import transformers
 
     """EvoMoE: the trained dense MLP (one expert) diversified into many, routed by the DTS gate.
 
@@ -246,7 +245,6 @@ def test_evomoe_route_with_dts_gate(granularity):
 @requires.transformers
 def test_generic_path_on_a_plain_torch_module():
     """upcycle_model also recognises moeflow's own MLP (w1/w3/w2) inside any nn.Module."""
-    import transformers
 
     from moeflow.moe.experts import MLP
 
