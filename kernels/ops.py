@@ -50,7 +50,7 @@ def _nothing():
     pass
 
 
-class _beside_the_next_kernel:
+class SideStream:
     """Run the block's kernels on a second CUDA stream, concurrently with the kernels launched after it,
     until `join()`: a memory-bound kernel then fills the SMs a GEMM's tail leaves idle (and shares
     bandwidth the GEMM barely uses). `src` (read on the side stream) is kept alive until that work is
@@ -154,7 +154,7 @@ def experts_bwd(
     else:
         dx_sorted = gemm.grad_input(dh1, w1, dh3 if swiglu else None, w3, counts_E, scatter_A=pos_A)
         dx = dx_sorted.new_empty(tok_offsets.shape[0] - 1, dx_sorted.shape[1])
-        with _beside_the_next_kernel(dx_sorted) as side:  # memory-bound: runs beside the dW1/dW3 GEMM
+        with SideStream(dx_sorted) as side:  # memory-bound: runs beside the dW1/dW3 GEMM
             permute.segsum(dx_sorted, tok_offsets, dx.shape[0], out=dx)
         join_segsum = side.join
         del dx_sorted

@@ -62,27 +62,27 @@ def model_config(cfg: DictConfig, device: torch.device | None = None) -> ModelCo
         raise ConfigError(f"experts.gather_rows={cfg.experts.gather_rows!r} must be true or false")
     fields["experts_gather_rows"] = cfg.experts.gather_rows
     try:
-        mc = ModelConfig(**fields)
+        model_cfg = ModelConfig(**fields)
         with torch.device("meta"):  # builds every module (gates check their options) at no cost
             from moeflow.moe.model import Transformer
 
-            Transformer(mc)
+            Transformer(model_cfg)
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    return mc
+    return model_cfg
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
     try:
-        tc = TrainerConfig(**_container(cfg.trainer))
+        trainer_cfg = TrainerConfig(**_container(cfg.trainer))
     except TypeError as e:
         raise ConfigError(f"trainer: {e}") from None
     for name in ("steps", "grad_accum", "eval_batches", "log_every"):
-        if not isinstance(getattr(tc, name), int) or getattr(tc, name) < 1:
-            raise ConfigError(f"trainer.{name} must be a positive integer, got {getattr(tc, name)!r}")
-    if tc.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"trainer.precision={tc.precision!r} is unknown; use auto, bf16 or fp32")
-    return tc
+        if not isinstance(getattr(trainer_cfg, name), int) or getattr(trainer_cfg, name) < 1:
+            raise ConfigError(f"trainer.{name} must be a positive integer, got {getattr(trainer_cfg, name)!r}")
+    if trainer_cfg.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"trainer.precision={trainer_cfg.precision!r} is unknown; use auto, bf16 or fp32")
+    return trainer_cfg
 
 
 def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
@@ -109,18 +109,6 @@ def check_optim(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
 
 
-def check_output_dir(path: str | Path) -> None:
-    """The run dir must be creatable and writable before anything starts."""
-    p = Path(path).absolute()
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"output dir {p} cannot be created: {probe} is a file; choose another hydra.run.dir=...")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder")
-
-
 def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """Expert-parallel layout: ep must divide the experts and the world (torchrun's WORLD_SIZE)."""
     from moeflow.parallel.layout import check_layout
@@ -132,12 +120,12 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
-    tc = trainer_config(cfg)
-    mc = model_config(cfg, resolve_device(tc.device))
-    check_data(cfg, mc)
+    trainer_cfg = trainer_config(cfg)
+    model_cfg = model_config(cfg, resolve_device(trainer_cfg.device))
+    check_data(cfg, model_cfg)
     check_optim(cfg)
     from .engines import check_engine
 
-    check_engine(cfg, mc, resolve_device(tc.device))
-    check_parallel(cfg, mc)
-    return mc, tc
+    check_engine(cfg, model_cfg, resolve_device(trainer_cfg.device))
+    check_parallel(cfg, model_cfg)
+    return model_cfg, trainer_cfg

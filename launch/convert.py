@@ -31,9 +31,9 @@ def moeflow_to_megatron(args) -> Path:
     if found is None:
         raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
     meta = ckpt.read_meta(found)
-    mc = ModelConfig(**meta["model"])
-    state = mck.to_megatron(ckpt.load_model_state(found), mc, layout=args.layout)
-    extra = {"moeflow_model": mc.to_dict(), "megatron_router_config": mck.router_config(mc)}  # the TransformerConfig router fields to train it with
+    model_cfg = ModelConfig(**meta["model"])
+    state = mck.to_megatron(ckpt.load_model_state(found), model_cfg, layout=args.layout)
+    extra = {"moeflow_model": model_cfg.to_dict(), "megatron_router_config": mck.router_config(model_cfg)}  # the TransformerConfig router fields to train it with
     return mck.save_megatron(state, args.out, int(meta["step"]), extra)
 
 
@@ -45,14 +45,14 @@ def megatron_to_moeflow(args) -> Path:
     if "moeflow_model" in whole:  # written by moeflow-to-megatron: the exact config travels along
         from moeflow.moe.model import ModelConfig
 
-        mc = ModelConfig(**whole["moeflow_model"])
+        model_cfg = ModelConfig(**whole["moeflow_model"])
     else:
         if args.n_heads is None or args.top_k is None:
             raise mck.ConversionError("pass --n-heads and --top-k: a megatron checkpoint's weights do not record them")
-        mc = mck.infer_model_config(state, n_heads=args.n_heads, top_k=args.top_k)
-    weights = mck.from_megatron(state, mc)
+        model_cfg = mck.infer_model_config(state, n_heads=args.n_heads, top_k=args.top_k)
+    weights = mck.from_megatron(state, model_cfg)
     step = int(whole.get("iteration", 0))
-    meta = {"model": mc.to_dict(), "config": {}, "converted_from": {"format": "megatron-core", "path": str(args.src)}}
+    meta = {"model": model_cfg.to_dict(), "config": {}, "converted_from": {"format": "megatron-core", "path": str(args.src)}}
     return ckpt.save_checkpoint(Path(args.out), step, weights, {"step": step}, meta, keep=0)
 
 

@@ -7,7 +7,9 @@ fix; then the semantic checks of `config.validate` and the output-dir check run.
 from __future__ import annotations
 
 import difflib
+import os
 import re
+from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.errors import HydraException, MissingConfigException
@@ -16,7 +18,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moeflow.moe.errors import ConfigError
 
-from .config import check_output_dir, validate
 
 # Flags after which Hydra prints something instead of running: let it.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
@@ -61,10 +62,24 @@ def compose_checked(args: list[str]) -> DictConfig:
         raise ConfigError(_explain(e, overrides)) from None
 
 
+def check_output_dir(path: str | Path) -> None:
+    """The run dir must be creatable and writable before anything starts."""
+    p = Path(path).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"output dir {p} cannot be created: {probe} is a file; choose another hydra.run.dir=...")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder")
+
+
 def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
-    cfg = compose_checked(args)
+    cfg = compose_checked(args)  # Hydra alone: a typo is reported before torch is imported
     check_output_dir(cfg.hydra.run.dir)
+    from .config import validate  # torch, the model and its gates: the semantic checks
+
     with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     validate(with_hydra_removed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -63,58 +64,77 @@ def log_routing(writer: SummaryWriter | None, stats_file, model, step: int) -> N
         stats_file.flush()
 
 
+def loss_readings(loss: float, byte_level: bool) -> tuple[str, dict[str, float]]:
+    """The loss in the units people read: bits per byte for byte-level text, perplexity for tokens.
+    (A log phrase, and the TensorBoard scalars beside val/loss, which is nats per byte or token.)"""
+    if byte_level:
+        bits = loss / math.log(2)
+        return f"nats/byte ({bits:.3f} bits/byte)", {"val/bits_per_byte": bits}
+    ppl = math.exp(min(loss, 700.0))
+    return f"nats/token (perplexity {ppl:.2f})", {"val/perplexity": ppl}
+
+
 def set_gate_step(model, step: int) -> None:
     for layer in model.moe_layers():
         layer.gate.set_step(step)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    model_cfg, tc = validate(cfg)
+    model_cfg, trainer_cfg = validate(cfg)
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
-    env, device = Engine.start(cfg, tc)
+    env, device = Engine.start(cfg, trainer_cfg)
     if not env.is_main:
         logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
 
-    torch.manual_seed(tc.seed)
-    splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, tc.seed)
-    engine = Engine(cfg, model_cfg, tc, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
+    torch.manual_seed(trainer_cfg.seed)
+    splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, trainer_cfg.seed)
+    engine = Engine(cfg, model_cfg, trainer_cfg, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
     model, start_step = engine.model, engine.start_step
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
     result = {"start_step": start_step}
     data_rank, data_ranks = engine.data_parallel_rank  # TP ranks share one batch
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * tc.grad_accum * data_ranks
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer_cfg.grad_accum * data_ranks
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
         log.info("%s", engine.describe())
 
-    def evaluate_now() -> float:  # every rank evaluates: EP all-to-alls and ZeRO-3 gathers are collective
-        return evaluate(engine.eval_model, val_data, tc.eval_batches, device, engine.autocast, 0)
+    byte_level = cfg.data.source in ("stdlib", "text")
+    if env.is_main:  # what the loss scalars mean, once, beside them in TensorBoard
+        writer.add_text("units", "train/loss and val/loss: mean cross-entropy in nats per " + ("byte; val/bits_per_byte = val/loss / ln 2" if byte_level else "token; val/perplexity = exp(val/loss)"), 0)
 
-    if start_step == 0 and tc.eval_every > 0:
+    def report_val(loss: float, step: int) -> None:
+        writer.add_scalar("val/loss", loss, step)
+        for tag, value in loss_readings(loss, byte_level)[1].items():
+            writer.add_scalar(tag, value, step)
+
+    def evaluate_now() -> float:  # every rank evaluates: EP all-to-alls and ZeRO-3 gathers are collective
+        return evaluate(engine.eval_model, val_data, trainer_cfg.eval_batches, device, engine.autocast, 0)
+
+    if start_step == 0 and trainer_cfg.eval_every > 0:
         result["val_loss_start"] = evaluate_now()
         if env.is_main:
-            writer.add_scalar("val/loss", result["val_loss_start"], 0)
-            log.info("step 0: val loss %.4f", result["val_loss_start"])
+            report_val(result["val_loss_start"], 0)
+            log.info("step 0: val loss %.4f %s", result["val_loss_start"], loss_readings(result["val_loss_start"], byte_level)[0])
 
-    bar = tqdm(total=tc.steps, initial=start_step, disable=not (tc.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(total=trainer_cfg.steps, initial=start_step, disable=not (trainer_cfg.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
     hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
     t_last, tokens_since = time.perf_counter(), 0
-    for step in range(start_step, tc.steps):
+    for step in range(start_step, trainer_cfg.steps):
         set_gate_step(model, step)
         loss_sum = 0.0
-        for micro in range(tc.grad_accum):
+        for micro in range(trainer_cfg.grad_accum):
             x, y = train_data.batch(step, micro, data_rank)
-            loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == tc.grad_accum - 1)
+            loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1)
             loss_sum += loss.item()
         grad_norm = engine.optimizer_step()
         done = step + 1
-        train_loss = loss_sum / tc.grad_accum
+        train_loss = loss_sum / trainer_cfg.grad_accum
         tokens_since += tokens_per_step
         result.update(step=done, train_loss=train_loss)
 
-        log_now = done % tc.log_every == 0 or done == tc.steps
+        log_now = done % trainer_cfg.log_every == 0 or done == trainer_cfg.steps
         if env.enabled and log_now:
             sync_routing_stats(model, engine.data_parallel_group)  # collective: routing statistics of the global batch
         if env.is_main and log_now:
@@ -127,13 +147,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     writer.add_scalar(k, v, done)
             log_routing(writer, stats_file, model, done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if tc.eval_every > 0 and (done % tc.eval_every == 0 or done == tc.steps):
+        if trainer_cfg.eval_every > 0 and (done % trainer_cfg.eval_every == 0 or done == trainer_cfg.steps):
             val = evaluate_now()
             result["val_loss"] = val
             if env.is_main:
-                writer.add_scalar("val/loss", val, done)
-                log.info("step %d: train loss %.4f, val loss %.4f", done, train_loss, val)
-        if tc.ckpt_every > 0 and (done % tc.ckpt_every == 0 or done == tc.steps):
+                report_val(val, done)
+                log.info("step %d: train loss %.4f, val loss %.4f %s", done, train_loss, val, loss_readings(val, byte_level)[0])
+        if trainer_cfg.ckpt_every > 0 and (done % trainer_cfg.ckpt_every == 0 or done == trainer_cfg.steps):
             hooks.on_checkpoint(done, result, engine.save(done))
         if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
             engine.save(done)

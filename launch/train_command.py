@@ -32,6 +32,11 @@ def main(args: list[str]) -> None:
     from .launchers import launch_elsewhere
     from .preflight import preflight
 
+    if any(a in ("-h", "--help") for a in args):
+        from .train_help import help_text
+
+        print(help_text())
+        return
     args = shared_run_dir(args)
     preflight(args)
     if launch_elsewhere(args):  # launcher=local|slurm|ray: start the run's processes there

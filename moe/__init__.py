@@ -1,15 +1,24 @@
-"""moeflow.moe: the MoE layer (gate -> dispatcher -> experts) and a transformer LM built on it."""
-from .dispatch import DispatchPlan, LocalDispatcher, combine, plan_dispatch
-from .experts import MLP, GroupedExperts, expert_mlp
-from .gates import GATES, Gate, RouterOutput, build_gate, register_gate
-from .layer import MoELayer
-from .model import ModelConfig, Transformer
-from .upcycle import UpcycleOptions, upcycle_model, upcycle_transformer
+"""moeflow.moe: the MoE layer (gate -> dispatcher -> experts) and a transformer LM built on it.
 
-__all__ = [
-    "DispatchPlan", "LocalDispatcher", "combine", "plan_dispatch",
-    "MLP", "GroupedExperts", "expert_mlp",
-    "GATES", "Gate", "RouterOutput", "build_gate", "register_gate",
-    "MoELayer", "ModelConfig", "Transformer",
-    "UpcycleOptions", "upcycle_model", "upcycle_transformer",
-]
+The names below load on first use (PEP 562), so `moeflow.moe.errors` and `moeflow.moe.config`
+import without torch: the CLI checks a command line before paying for the heavy imports.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DispatchPlan": "dispatch", "LocalDispatcher": "dispatch", "combine": "dispatch", "plan_dispatch": "dispatch",
+    "MLP": "experts", "GroupedExperts": "experts", "expert_mlp": "experts",
+    "GATES": "gates", "Gate": "gates", "RouterOutput": "gates", "build_gate": "gates", "register_gate": "gates",
+    "MoELayer": "layer", "moe_layers": "layer", "moe_aux_loss": "layer",
+    "ModelConfig": "config", "Transformer": "model",
+    "UpcycleOptions": "upcycle", "upcycle_model": "upcycle", "upcycle_transformer": "upcycle",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -177,10 +177,10 @@ def model_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_le
         raise ConversionError(f"config.json describes a model moeflow cannot build: {e}") from None
 
 
-def _expected_hf(mc: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, H, KV, hd, F_ = mc.d_model, mc.n_heads, mc.kv_heads, mc.head_size, mc.dense_d_ff
-    shapes = {"model.embed_tokens.weight": (mc.vocab_size, d), "model.norm.weight": (d,), "lm_head.weight": (mc.vocab_size, d)}
-    for i in range(mc.n_layers):
+def _expected_hf(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    d, H, KV, hd, F_ = model_cfg.d_model, model_cfg.n_heads, model_cfg.kv_heads, model_cfg.head_size, model_cfg.dense_d_ff
+    shapes = {"model.embed_tokens.weight": (model_cfg.vocab_size, d), "model.norm.weight": (d,), "lm_head.weight": (model_cfg.vocab_size, d)}
+    for i in range(model_cfg.n_layers):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
@@ -188,18 +188,18 @@ def _expected_hf(mc: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.v_proj.weight": (KV * hd, d), p + "self_attn.o_proj.weight": (d, H * hd),
             p + "mlp.gate_proj.weight": (F_, d), p + "mlp.up_proj.weight": (F_, d), p + "mlp.down_proj.weight": (d, F_),
         })
-        if mc.attn_bias:
+        if model_cfg.attn_bias:
             shapes.update({p + "self_attn.q_proj.bias": (H * hd,), p + "self_attn.k_proj.bias": (KV * hd,), p + "self_attn.v_proj.bias": (KV * hd,)})
-        if mc.qk_norm:
+        if model_cfg.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     return shapes
 
 
-def check_weights(mc: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+def check_weights(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Names and shapes against config.json; resolves tied embeddings explicitly. Returns the tensors to use."""
     tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    expected = _expected_hf(mc)
-    if mc.tie_embeddings:
+    expected = _expected_hf(model_cfg)
+    if model_cfg.tie_embeddings:
         if "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight", tensors["lm_head.weight"])):
             raise ConversionError(f"{path}/config.json says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; set tie_word_embeddings to false in config.json")
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
@@ -217,30 +217,30 @@ def check_weights(mc: ModelConfig, tensors: dict[str, torch.Tensor], path: Path)
             parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise ConversionError(f"the weights in {path} do not match its config.json ({model_type_of(mc)}): {'; '.join(parts)}; use the config.json that was saved with these weights")
+        raise ConversionError(f"the weights in {path} do not match its config.json ({model_type_of(model_cfg)}): {'; '.join(parts)}; use the config.json that was saved with these weights")
     return tensors
 
 
-def model_type_of(mc: ModelConfig) -> str:
-    return f"{mc.n_layers} layers, hidden {mc.d_model}, {mc.n_heads} heads/{mc.kv_heads} kv, MLP {mc.dense_d_ff}"
+def model_type_of(model_cfg: ModelConfig) -> str:
+    return f"{model_cfg.n_layers} layers, hidden {model_cfg.d_model}, {model_cfg.n_heads} heads/{model_cfg.kv_heads} kv, MLP {model_cfg.dense_d_ff}"
 
 
-def hf_to_moeflow_state(mc: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_to_moeflow_state(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hugging Face Llama-family tensors -> the state dict of a dense moeflow `Transformer`."""
-    hd, H, KV = mc.head_size, mc.n_heads, mc.kv_heads
+    hd, H, KV = model_cfg.head_size, model_cfg.n_heads, model_cfg.kv_heads
     perm = rotary_perm(hd)
     out = {"embed.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
     out["lm_head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
-    for i in range(mc.n_layers):
+    for i in range(model_cfg.n_layers):
         p, b = f"model.layers.{i}.", f"blocks.{i}."
         q = _permute_heads(tensors[p + "self_attn.q_proj.weight"], H, hd, perm)
         k = _permute_heads(tensors[p + "self_attn.k_proj.weight"], KV, hd, perm)
         out[b + "attn.qkv.weight"] = torch.cat([q, k, tensors[p + "self_attn.v_proj.weight"]])
-        if mc.attn_bias:
+        if model_cfg.attn_bias:
             qb = _permute_heads(tensors[p + "self_attn.q_proj.bias"], H, hd, perm)
             kb = _permute_heads(tensors[p + "self_attn.k_proj.bias"], KV, hd, perm)
             out[b + "attn.qkv.bias"] = torch.cat([qb, kb, tensors[p + "self_attn.v_proj.bias"]])
-        if mc.qk_norm:
+        if model_cfg.qk_norm:
             out[b + "attn.q_norm.weight"] = tensors[p + "self_attn.q_norm.weight"][perm]
             out[b + "attn.k_norm.weight"] = tensors[p + "self_attn.k_norm.weight"][perm]
         out[b + "attn.out.weight"] = tensors[p + "self_attn.o_proj.weight"]
@@ -255,14 +255,14 @@ def hf_to_moeflow_state(mc: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
 def load_dense(path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Transformer, HFCheckpoint]:
     """A Llama-family Hugging Face folder as a dense moeflow `Transformer` (same function)."""
     ckpt = read_checkpoint(path, dtype)
-    mc = model_config_from_hf(ckpt.config, ckpt.tensors, max_seq_len)
-    tensors = check_weights(mc, ckpt.tensors, ckpt.path)
+    model_cfg = model_config_from_hf(ckpt.config, ckpt.tensors, max_seq_len)
+    tensors = check_weights(model_cfg, ckpt.tensors, ckpt.path)
     with torch.device("meta"):
-        model = Transformer(mc)
-    model.load_state_dict(hf_to_moeflow_state(mc, tensors), assign=True, strict=True)
+        model = Transformer(model_cfg)
+    model.load_state_dict(hf_to_moeflow_state(model_cfg, tensors), assign=True, strict=True)
     for block in model.blocks:  # non-persistent rotary tables were built on the meta device
-        block.attn.rotary = Rotary(mc.head_size, mc.max_seq_len, mc.rope_theta, mc.rope_scaling)
-    if mc.tie_embeddings:
+        block.attn.rotary = Rotary(model_cfg.head_size, model_cfg.max_seq_len, model_cfg.rope_theta, model_cfg.rope_scaling)
+    if model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.to(dtype).eval(), ckpt
 
@@ -273,70 +273,70 @@ def load_dense(path: str | Path, max_seq_len: int | None = None, dtype: torch.dt
 
 def export_config(model: Transformer, source_cfg: dict) -> dict:
     """config.json of the Mixtral / Qwen2-MoE / Qwen3-MoE model equivalent to `model`."""
-    mc = model.cfg
+    model_cfg = model.cfg
     family = source_cfg.get("model_type")
     target = FAMILIES.get(family)
     if target is None:
         raise ConversionError(supported_message(family))
-    gate = mc.gate.get("name")
-    if gate != "topk" or not mc.gate.get("renormalize", True):
-        raise ConversionError(f"gate {gate!r} (renormalize={mc.gate.get('renormalize', True)}) has no Hugging Face {target} equivalent; export needs the topk gate with renormalize=true (train with another gate in moeflow instead)")
-    if target == "mixtral" and (mc.moe_every != 1 or mc.shared_experts or mc.attn_bias or mc.qk_norm):
+    gate = model_cfg.gate.get("name")
+    if gate != "topk" or not model_cfg.gate.get("renormalize", True):
+        raise ConversionError(f"gate {gate!r} (renormalize={model_cfg.gate.get('renormalize', True)}) has no Hugging Face {target} equivalent; export needs the topk gate with renormalize=true (train with another gate in moeflow instead)")
+    if target == "mixtral" and (model_cfg.moe_every != 1 or model_cfg.shared_experts or model_cfg.attn_bias or model_cfg.qk_norm):
         raise ConversionError("Mixtral has no dense layers (moe_every must be 1), no shared expert, no q/k/v biases and no q/k norms; export to moeflow format instead or drop those options")
-    if target == "qwen3_moe" and mc.shared_experts:
+    if target == "qwen3_moe" and model_cfg.shared_experts:
         raise ConversionError("Qwen3-MoE has no shared expert; drop --shared-expert, or export to moeflow format")
-    theta = mc.rope_theta
+    theta = model_cfg.rope_theta
     cfg = {
         "architectures": [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[target]],
         "model_type": target,
-        "vocab_size": mc.vocab_size,
-        "hidden_size": mc.d_model,
-        "num_hidden_layers": mc.n_layers,
-        "num_attention_heads": mc.n_heads,
-        "num_key_value_heads": mc.kv_heads,
-        "head_dim": mc.head_size,
+        "vocab_size": model_cfg.vocab_size,
+        "hidden_size": model_cfg.d_model,
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.kv_heads,
+        "head_dim": model_cfg.head_size,
         "hidden_act": "silu",
-        "max_position_embeddings": int(source_cfg.get("max_position_embeddings", mc.max_seq_len)),
-        "rms_norm_eps": mc.norm_eps,
+        "max_position_embeddings": int(source_cfg.get("max_position_embeddings", model_cfg.max_seq_len)),
+        "rms_norm_eps": model_cfg.norm_eps,
         "rope_theta": theta,
-        "rope_scaling": mc.rope_scaling,
-        "tie_word_embeddings": mc.tie_embeddings,
+        "rope_scaling": model_cfg.rope_scaling,
+        "tie_word_embeddings": model_cfg.tie_embeddings,
         "attention_dropout": 0.0,
-        "num_experts_per_tok": mc.top_k,
-        "router_aux_loss_coef": float(mc.gate.get("aux_loss_coef", 0.01)),
+        "num_experts_per_tok": model_cfg.top_k,
+        "router_aux_loss_coef": float(model_cfg.gate.get("aux_loss_coef", 0.01)),
         "output_router_logits": False,
-        "initializer_range": mc.init_std,
+        "initializer_range": model_cfg.init_std,
         "torch_dtype": source_cfg.get("torch_dtype", source_cfg.get("dtype", "float32")),
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if key in source_cfg:
             cfg[key] = source_cfg[key]
     if target == "mixtral":
-        cfg.update(num_local_experts=mc.num_experts, intermediate_size=mc.d_ff, sliding_window=source_cfg.get("sliding_window"), router_jitter_noise=0.0)
+        cfg.update(num_local_experts=model_cfg.num_experts, intermediate_size=model_cfg.d_ff, sliding_window=source_cfg.get("sliding_window"), router_jitter_noise=0.0)
     else:
-        dense_ff = mc.dense_d_ff or mc.d_ff * mc.top_k
+        dense_ff = model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k
         cfg.update(
-            num_experts=mc.num_experts, moe_intermediate_size=mc.d_ff, intermediate_size=dense_ff,
-            decoder_sparse_step=mc.moe_every, mlp_only_layers=[], norm_topk_prob=True,
+            num_experts=model_cfg.num_experts, moe_intermediate_size=model_cfg.d_ff, intermediate_size=dense_ff,
+            decoder_sparse_step=model_cfg.moe_every, mlp_only_layers=[], norm_topk_prob=True,
             use_sliding_window=bool(source_cfg.get("use_sliding_window", False)), sliding_window=source_cfg.get("sliding_window"),
-            max_window_layers=source_cfg.get("max_window_layers", mc.n_layers),
+            max_window_layers=source_cfg.get("max_window_layers", model_cfg.n_layers),
             attention_bias=False,
         )
         if target == "qwen2_moe":
-            cfg.update(shared_expert_intermediate_size=dense_ff * mc.shared_experts, qkv_bias=mc.attn_bias)
+            cfg.update(shared_expert_intermediate_size=dense_ff * model_cfg.shared_experts, qkv_bias=model_cfg.attn_bias)
     return cfg
 
 
 @torch.no_grad()
 def export_tensors(model: Transformer, target: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Per-expert tensors in the published layout of `target` (mixtral | qwen2_moe | qwen3_moe)."""
-    mc = model.cfg
-    hd, H, KV = mc.head_size, mc.n_heads, mc.kv_heads
+    model_cfg = model.cfg
+    hd, H, KV = model_cfg.head_size, model_cfg.n_heads, model_cfg.kv_heads
     inv = torch.argsort(rotary_perm(hd))
     sd = model.state_dict()
     cast = (lambda t: t.detach().to("cpu", dtype).contiguous()) if dtype is not None else (lambda t: t.detach().to("cpu").contiguous())  # noqa: E731
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not mc.tie_embeddings:
+    if not model_cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     for i, block in enumerate(model.blocks):
         p, b = f"model.layers.{i}.", f"blocks.{i}."
@@ -344,18 +344,18 @@ def export_tensors(model: Transformer, target: str, dtype: torch.dtype | None = 
         out[p + "self_attn.q_proj.weight"] = _permute_heads(q, H, hd, inv)
         out[p + "self_attn.k_proj.weight"] = _permute_heads(k, KV, hd, inv)
         out[p + "self_attn.v_proj.weight"] = v
-        if mc.attn_bias:
+        if model_cfg.attn_bias:
             qb, kb, vb = sd[b + "attn.qkv.bias"].split([H * hd, KV * hd, KV * hd])
             out[p + "self_attn.q_proj.bias"] = _permute_heads(qb, H, hd, inv)
             out[p + "self_attn.k_proj.bias"] = _permute_heads(kb, KV, hd, inv)
             out[p + "self_attn.v_proj.bias"] = vb
-        if mc.qk_norm:
+        if model_cfg.qk_norm:
             out[p + "self_attn.q_norm.weight"] = sd[b + "attn.q_norm.weight"][inv]
             out[p + "self_attn.k_norm.weight"] = sd[b + "attn.k_norm.weight"][inv]
         out[p + "self_attn.o_proj.weight"] = sd[b + "attn.out.weight"]
         out[p + "input_layernorm.weight"] = sd[b + "attn_norm.weight"]
         out[p + "post_attention_layernorm.weight"] = sd[b + "ffn_norm.weight"]
-        if not mc.is_moe_block(i):
+        if not model_cfg.is_moe_block(i):
             out[p + "mlp.gate_proj.weight"] = sd[b + "ffn.w1.weight"]
             out[p + "mlp.up_proj.weight"] = sd[b + "ffn.w3.weight"]
             out[p + "mlp.down_proj.weight"] = sd[b + "ffn.w2.weight"]
@@ -365,21 +365,21 @@ def export_tensors(model: Transformer, target: str, dtype: torch.dtype | None = 
         moe = p + ("block_sparse_moe." if target == "mixtral" else "mlp.")
         names = ("w1", "w3", "w2") if target == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         out[moe + "gate.weight"] = sd[b + "ffn.gate.proj.weight"]
-        for e in range(mc.num_experts):
+        for e in range(model_cfg.num_experts):
             out[f"{moe}experts.{e}.{names[0]}.weight"] = sd[b + "ffn.experts.w1_EDF"][e].t()
             out[f"{moe}experts.{e}.{names[1]}.weight"] = sd[b + "ffn.experts.w3_EDF"][e].t()
             out[f"{moe}experts.{e}.{names[2]}.weight"] = sd[b + "ffn.experts.w2_EFD"][e].t()
         if target == "qwen2_moe":
             # HF scales the shared expert by sigmoid(shared_expert_gate(x)); a zero gate gives 1/2, so x2 here
-            if mc.shared_experts:
+            if model_cfg.shared_experts:
                 out[moe + "shared_expert.gate_proj.weight"] = sd[b + "ffn.shared_expert.w1.weight"]
                 out[moe + "shared_expert.up_proj.weight"] = sd[b + "ffn.shared_expert.w3.weight"]
                 out[moe + "shared_expert.down_proj.weight"] = sd[b + "ffn.shared_expert.w2.weight"] * 2
             else:  # Qwen2-MoE always has one: a zero-width shared expert adds nothing
-                out[moe + "shared_expert.gate_proj.weight"] = torch.zeros(0, mc.d_model)
-                out[moe + "shared_expert.up_proj.weight"] = torch.zeros(0, mc.d_model)
-                out[moe + "shared_expert.down_proj.weight"] = torch.zeros(mc.d_model, 0)
-            out[moe + "shared_expert_gate.weight"] = torch.zeros(1, mc.d_model)
+                out[moe + "shared_expert.gate_proj.weight"] = torch.zeros(0, model_cfg.d_model)
+                out[moe + "shared_expert.up_proj.weight"] = torch.zeros(0, model_cfg.d_model)
+                out[moe + "shared_expert.down_proj.weight"] = torch.zeros(model_cfg.d_model, 0)
+            out[moe + "shared_expert_gate.weight"] = torch.zeros(1, model_cfg.d_model)
     return {k: cast(v) for k, v in out.items()}
 
 

@@ -1,8 +1,15 @@
 """Suite-wide fixtures. Helpers live in tests/helpers/ (importable as `helpers.*`)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported, and some test modules (DeepSpeed's, the GPU
+    # ones) import it while being collected: set it before any of them, for the kernel tests.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -37,9 +37,10 @@ from ..config import resolve_experts_impl
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="moeflow bench ep", description=__doc__.splitlines()[0])
     p.add_argument("--d-model", type=int, default=2048)
-    p.add_argument("--d-ff", type=int, default=1408)
+    # defaults: the OLMoE-like shape of `moeflow bench train` (64 experts of hidden 1024, top-8)
+    p.add_argument("--d-ff", type=int, default=1024)
     p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=6)
+    p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
     p.add_argument("--overlap-chunks", type=int, default=1, help="parallel.overlap_chunks for the EP step")
     p.add_argument("--impl", default="auto", help="experts implementation (auto, torch, ...)")

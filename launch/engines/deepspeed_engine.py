@@ -200,6 +200,7 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
     import deepspeed
     import torch.distributed as dist
 
+    build_ops(progress=log.info)  # before DeepSpeed's own comm setup loads them: moeflow's guard against stale locks
     if not dist.is_initialized():  # one process: a private group, or DeepSpeed goes looking for MPI
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -210,7 +211,6 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
     elif dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
         for layer in model.moe_layers():
             layer.gate.token_group = dist.group.WORLD
-    build_ops(progress=log.info)  # before DeepSpeed's comm builds them: under moeflow's guard against stale locks
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     if ep > 1:
@@ -364,14 +364,14 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     meta = ckpt.read_meta(found)
     step = int(meta["step"])
     state = consolidated_state_dict(found, checkpoint_ep(meta))
-    mc = ModelConfig(**{**meta["model"], "experts_impl": "torch"})
+    model_cfg = ModelConfig(**{**meta["model"], "experts_impl": "torch"})
     with torch.device("meta"):
-        model = Transformer(mc)
+        model = Transformer(model_cfg)
     want = set(dict(model.named_parameters()))  # tied weights once, like ckpt.unique_state_dict
     if want - set(state) or set(state) - set(model.state_dict()):
         raise CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
     state = {k: state[k] for k in sorted(want)}
-    optim_state, sched_state = fresh_optimizer_state(mc, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
+    optim_state, sched_state = fresh_optimizer_state(model_cfg, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
     model_file = next(iter(sorted(found.glob("mp_rank_*_model_states.pt"))), None)
     ds_state = torch.load(model_file, map_location="cpu", weights_only=False) if model_file else {}
     trainer_state = {"optimizer": optim_state, "scheduler": sched_state, "rng": ds_state.get("rng") or ckpt.rng_state(), "step": step}
@@ -383,11 +383,11 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
 class DeepSpeedEngine:
     """The engine interface (see `torch_engine.TorchEngine`); DeepSpeed owns backward, step and checkpoints."""
 
-    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend))
+    start = staticmethod(lambda cfg, trainer_cfg: start_distributed(trainer_cfg, cfg.parallel.backend))
 
-    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+    def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
-        use_bf16, _ = bf16_autocast(tc, device)
+        use_bf16, _ = bf16_autocast(trainer_cfg, device)
         self.autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731  (DeepSpeed casts the model itself)
         self.model = Transformer(model_cfg).to(device)
         self.engine, self.sched = initialize(self.model, cfg, use_bf16)
@@ -427,18 +427,50 @@ class DeepSpeedEngine:
 
 # -- DeepSpeed's JIT-built ops -----------------------------------------------------------
 # DeepSpeed builds its CPU communication op with torch's JIT extension builder on first use.
-# torch marks a build in progress with a `lock` file that a killed build leaves behind, and
-# every later build then waits on it forever. moeflow builds under an fcntl lock of its own,
-# which the kernel releases when its holder dies: holding it, a `lock` file left in the build
-# directory belongs to a build that is gone, and is removed (with a warning naming it).
+# torch marks a build in progress with a `lock` file in the build directory, which a killed
+# build leaves behind: every later run then waits on it forever. moeflow builds the ops first,
+# one process at a time (an fcntl lock, released by the kernel when its holder dies), and
+# before building removes a `lock` whose owner is gone: older than a live no-op load takes,
+# and no process (ninja, the compiler) working in that directory.
 JIT_OPS = ("ShareMemCommBuilder",)
+STALE_AFTER_S = 30.0
+
+
+def _busy(build_dir: Path) -> bool:
+    """Whether any process has `build_dir` as its working directory (a build running there)."""
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            if Path(os.readlink(cwd)) == build_dir:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def clear_stale_build_lock(build_dir: Path) -> bool:
+    """Remove torch's build lock in `build_dir` if its owner is gone; whether one was removed."""
+    import time
+
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_AFTER_S or _busy(build_dir):
+        return False
+    log.warning("removing a stale DeepSpeed build lock %s (%.0f s old, no build running there: a killed build left it)", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def build_ops(progress=print) -> list[str]:
-    """Build (or load, when already built) the DeepSpeed ops moeflow's runs use; their names."""
+    """Build (or load, when already built) the DeepSpeed ops moeflow's runs use; their names.
+    Under torch.distributed every rank takes part (a barrier at the end: no rank's own DeepSpeed
+    load overlaps another rank's stale-lock check)."""
     import fcntl
 
     import deepspeed
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
     from torch.utils.cpp_extension import _get_build_directory
 
@@ -447,15 +479,14 @@ def build_ops(progress=print) -> list[str]:
         builder = get_accelerator().create_op_builder(op)
         if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
             continue
-        build_dir = Path(_get_build_directory(builder.NAME, False))
+        build_dir = Path(_get_build_directory(builder.NAME, False)).resolve()
         with open(build_dir.parent / f".moeflow-build-{builder.NAME}.lock", "w") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)  # another moeflow process building it: wait for it (it may die: then we get it)
-            stale = build_dir / "lock"
-            if stale.exists():
-                log.warning("removing a stale DeepSpeed build lock %s (left by a build that was killed; nothing holds it)", stale)
-                stale.unlink()
+            clear_stale_build_lock(build_dir)
             if not any(build_dir.glob("*.so")):
                 progress(f"moeflow: building DeepSpeed's {builder.NAME} op in {build_dir} (the first time only, ~1 min)")
             builder.load(verbose=False)
         built.append(builder.NAME)
+    if dist.is_initialized():
+        dist.barrier()
     return built

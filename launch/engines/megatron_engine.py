@@ -67,7 +67,7 @@ def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device)
         raise ConfigError("parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch")
 
 
-def check_tensor_parallel(tp: int, ep: int, mc: ModelConfig) -> None:
+def check_tensor_parallel(tp: int, ep: int, model_cfg: ModelConfig) -> None:
     """engine.tensor_parallel: megatron-core splits heads, vocab and FFN hidden dims over it."""
     if tp < 1:
         raise ConfigError(f"engine.tensor_parallel must be a positive integer, got {tp}")
@@ -76,19 +76,19 @@ def check_tensor_parallel(tp: int, ep: int, mc: ModelConfig) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * ep):
         raise ConfigError(f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks")
-    sizes = {"model.n_heads": mc.n_heads, "model.n_kv_heads": mc.kv_heads, "model.vocab_size": mc.vocab_size, "model.d_ff": mc.d_ff,
-             "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": mc.dense_d_ff or mc.d_ff * mc.top_k}
+    sizes = {"model.n_heads": model_cfg.n_heads, "model.n_kv_heads": model_cfg.kv_heads, "model.vocab_size": model_cfg.vocab_size, "model.d_ff": model_cfg.d_ff,
+             "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k}
     for what, n in sizes.items():
         if n % tp:
             raise ConfigError(f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
 
 
-def start_megatron(cfg: DictConfig, tc) -> tuple[DistEnv, torch.device]:
+def start_megatron(cfg: DictConfig, trainer_cfg) -> tuple[DistEnv, torch.device]:
     """Join the process group like engine=torch, then megatron-core's parallel_state (TP, EP groups)."""
-    env, device = start_distributed(tc, cfg.parallel.backend)  # CUDA: check_options refused CPU (tests build on CPU)
+    env, device = start_distributed(trainer_cfg, cfg.parallel.backend)  # CUDA: check_options refused CPU (tests build on CPU)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mcore.initialize_parallel_state(tc.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep))
+    mcore.initialize_parallel_state(trainer_cfg.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep))
     return env, device
 
 
@@ -98,20 +98,20 @@ class MegatronEngine(AdamWStep):
 
     start = staticmethod(start_megatron)
 
-    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
+    def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
-        self.use_bf16, self.autocast = bf16_autocast(tc, device)
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, trainer_cfg.grad_accum
+        self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
         init = unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
         self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
         self.model = self.eval_model = mcore.MegatronLM(self.gpt)
         self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        self.sched = build_scheduler(self.opt, cfg.optim, tc.steps)
+        self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         load_moeflow_weights(self.gpt, init, model_cfg)
         self.start_step = resume.resume_run(self)  # a checkpoint's weights replace the initial ones
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / tc.grad_accum, device=device))
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / trainer_cfg.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
         # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch

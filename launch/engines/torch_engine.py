@@ -42,20 +42,20 @@ class TorchEngine(AdamWStep):
       `extra_result()`, `close()`.
     """
 
-    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend))
+    start = staticmethod(lambda cfg, trainer_cfg: start_distributed(trainer_cfg, cfg.parallel.backend))
 
-    def __init__(self, cfg: DictConfig, model_cfg, tc, env: DistEnv, device: torch.device, run_dir: Path):
-        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, tc.grad_accum
-        self.use_bf16, self.autocast = bf16_autocast(tc, device)
+    def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, trainer_cfg.grad_accum
+        self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
         self.model = self.eval_model = Transformer(model_cfg).to(device)
         # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.
         self.ddp = parallelize_from_config(self.model, cfg.parallel, device) if env.enabled else None
         self.data_parallel_rank, self.data_parallel_group = (env.rank, env.world_size), None
         self.opt = build_optimizer(self.model, cfg.optim)
-        self.sched = build_scheduler(self.opt, cfg.optim, tc.steps)
+        self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         self.start_step = resume.resume_run(self)
         wrapped = self.ddp or self.model
-        self.fwd = torch.compile(wrapped) if tc.compile else wrapped
+        self.fwd = torch.compile(wrapped) if trainer_cfg.compile else wrapped
 
     def describe(self) -> str:
         m = self.model

@@ -89,6 +89,14 @@ def template_path(name: str) -> Path:
     return p
 
 
+def job_python(s: DictConfig) -> str:
+    """The interpreter the job runs: launcher.python; else `python3` as `launcher.setup` leaves it on
+    PATH (a venv or module it activates); else, with no setup, the one running this command."""
+    if s.python:
+        return str(s.python)
+    return "python3" if list(s.setup) else sys.executable
+
+
 def render(s: DictConfig, train_args: list[str], sweep_file: Path | None = None, array: int | None = None) -> str:
     path = template_path(str(s.template))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(path.parent), str(TEMPLATE_DIR)]),
@@ -96,7 +104,7 @@ def render(s: DictConfig, train_args: list[str], sweep_file: Path | None = None,
     context = {k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k != "vars"}
     context.update(OmegaConf.to_container(s.vars, resolve=True))
     context.update(
-        sbatch=sbatch_lines(s, array), python=shlex.quote(str(s.python or sys.executable)),
+        sbatch=sbatch_lines(s, array), python=shlex.quote(job_python(s)),
         output_root=shlex.quote(str(Path(str(s.output_root)).resolve())), train_args=shlex.join(train_args),
         sweep_file=shlex.quote(str(sweep_file)) if sweep_file else "", setup=list(s.setup),
     )

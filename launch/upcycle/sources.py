@@ -28,12 +28,12 @@ def load_moeflow_dense(source: Path, dtype: torch.dtype = torch.float32) -> tupl
     found = ckpt.find_checkpoint(source)
     meta = ckpt.read_meta(found)
     try:
-        mc = ModelConfig(**{**meta["model"], "experts_impl": "torch"})  # CPU-safe; the trainer picks its own
+        model_cfg = ModelConfig(**{**meta["model"], "experts_impl": "torch"})  # CPU-safe; the trainer picks its own
     except (KeyError, TypeError, ValueError) as e:
         raise UpcycleError(f"{found}/meta.json has no usable model config ({e}); pass a checkpoint written by `moeflow train`") from None
-    model = Transformer(mc)
+    model = Transformer(model_cfg)
     state = ckpt.load_model_state(found)
-    ckpt.check_compatible(found, meta["model"], mc, state)
+    ckpt.check_compatible(found, meta["model"], model_cfg, state)
     model.load_state_dict(state, strict=False)
     return model.to(dtype).eval(), meta
 

@@ -53,6 +53,26 @@ class RouterOutput:
         return torch.stack([v.float() for v in self.losses.values()]).sum()
 
 
+class _DifferentiableSum(torch.autograd.Function):
+    """Sum over a process group whose every rank's result enters the loss: the gradient of each
+    input is the sum of the output gradients (an all-reduce back). torch's own
+    `torch.distributed.nn.functional.all_reduce` does this and is deprecated; the functional
+    collectives it points to define no such backward."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class Gate(nn.Module):
     """Base class: subclasses implement `route(x_TD, token_ids_T)`.
 
@@ -86,9 +106,7 @@ class Gate(nn.Module):
         """Sum over all ranks of `token_group`, differentiable (identity when local)."""
         if self.token_group is None or not dist.is_initialized():
             return t
-        import torch.distributed.nn.functional as dist_fn
-
-        return dist_fn.all_reduce(t, group=self.token_group)
+        return _DifferentiableSum.apply(t, self.token_group)
 
     def global_count(self, num_local: int, device: torch.device) -> torch.Tensor:
         n = torch.tensor(float(num_local), device=device)

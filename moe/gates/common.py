@@ -15,9 +15,17 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import need
 from .base import Gate
+
+def router_projection(d_model: int, num_experts: int, init_std: float) -> nn.Linear:
+    """The router's linear map D -> E: normal(0, init_std), or zeros (uniform routing) for init_std 0."""
+    proj = nn.Linear(d_model, num_experts, bias=False)
+    nn.init.normal_(proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(proj.weight)
+    return proj
+
 
 def router_logits(proj, x_TD: torch.Tensor) -> torch.Tensor:
     """Router logits in float32 at least (bf16 softmax/top-k is too coarse), float64 when x is."""

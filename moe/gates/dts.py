@@ -25,10 +25,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import Gate, RouterOutput
-from .common import check_choice, check_nonneg, check_top_k, counts_of, entropy, need, switch_balance_loss, router_logits
+from .common import router_projection, check_choice, check_nonneg, check_top_k, counts_of, entropy, need, switch_balance_loss, router_logits
 
 ROUTER_ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "softplus": F.softplus}
 
@@ -62,8 +61,7 @@ class DTSGate(Gate):
         self.temperature_start, self.temperature_end, self.anneal_steps = float(temperature_start), float(temperature_end), anneal_steps
         self.final_threshold, self.gumbel_noise, self.renormalize = float(threshold), gumbel_noise, renormalize
         self.aux_loss_coef, self.router_activation = aux_loss_coef, router_activation
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+        self.proj = router_projection(d_model, num_experts, init_std)
 
     # -- the schedule (a pure function of the step the trainer set) -----------------------
     def progress(self) -> float:

@@ -13,10 +13,9 @@ tokens of the global batch. Gradients reach the router through the gathered scor
 """
 from __future__ import annotations
 
-from torch import nn
 
 from .base import Gate, RouterOutput
-from .common import capacity_for, check_nonneg, check_top_k, entropy, global_fraction, keep_top_per_expert, need, tie_break_key, token_offset, router_logits
+from .common import router_projection, capacity_for, check_nonneg, check_top_k, entropy, global_fraction, keep_top_per_expert, need, tie_break_key, token_offset, router_logits
 
 
 class ExpertChoiceGate(Gate):
@@ -26,8 +25,7 @@ class ExpertChoiceGate(Gate):
         need(isinstance(capacity_factor, (int, float)) and capacity_factor > 0, f"gate.capacity_factor must be > 0 for expert choice (1.0 = k experts per token on average), got {capacity_factor!r}")
         check_nonneg("init_std", init_std)
         self.capacity_factor = capacity_factor
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+        self.proj = router_projection(d_model, num_experts, init_std)
 
     def capacity(self, num_global_tokens: int) -> int:
         """Tokens per expert: ceil(capacity_factor * N * k / E), between 1 and N."""

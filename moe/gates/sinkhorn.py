@@ -28,10 +28,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .base import Gate, RouterOutput
-from .common import check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset, router_logits
+from .common import router_projection, check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset, router_logits
 
 
 def sinkhorn_potentials(gate: Gate, logk_TE: torch.Tensor, iterations: int, tolerance: float):
@@ -129,8 +128,7 @@ class SinkhornGate(Gate):
         check_nonneg("init_std", init_std)
         self.iterations, self.tolerance, self.epsilon = iterations, float(tolerance), float(epsilon)
         self.score_func, self.renormalize, self.balance_in_eval = score_func, renormalize, balance_in_eval
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+        self.proj = router_projection(d_model, num_experts, init_std)
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
@@ -176,8 +174,7 @@ class SelectiveSinkhornGate(Gate):
         self.step_fraction, self.token_fraction = float(step_fraction), float(token_fraction)
         self.iterations, self.tolerance, self.epsilon = iterations, float(tolerance), float(epsilon)
         self.seed = seed
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+        self.proj = router_projection(d_model, num_experts, init_std)
 
     def transport_step(self) -> bool:
         """Whether the current step uses the transport map: an evenly spread `step_fraction` of steps."""

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .base import Gate, RouterOutput, SequenceShape
 from .common import (
+    router_projection,
     router_logits,
     capacity_for,
     check_capacity,
@@ -89,8 +89,7 @@ class TopKGate(Gate):
         self.jitter_eps, self.noise_std = jitter_eps, noise_std
         self.bias_update_rate = bias_update_rate
         self.n_groups, self.topk_groups = n_groups, topk_groups
-        self.proj = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.proj.weight)
+        self.proj = router_projection(d_model, num_experts, init_std)
         if bias_update_rate > 0:  # buffers: checkpoints carry them, so resume continues the same balancing
             self.register_buffer("expert_bias_E", torch.zeros(num_experts))
             self.register_buffer("load_accum_E", torch.zeros(num_experts))

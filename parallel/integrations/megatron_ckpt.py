@@ -23,7 +23,7 @@ model built from its local or Transformer-Engine layer specs:
 A megatron model built with `megatron_core.gpt_layer_specs` (moeflow's MoE inside
 megatron) keeps moeflow's own MoE names under `mlp.moe.`; `native=False` maps that.
 
-The router: `router_config(mc)` gives the TransformerConfig fields (moe_router_*,
+The router: `router_config(model_cfg)` gives the TransformerConfig fields (moe_router_*,
 moe_expert_capacity_factor, ...) under which megatron-core's TopKRouter routes like
 moeflow's `topk` gate, and refuses, naming the option, what it cannot reproduce. The
 aux-loss-free expert bias travels as `mlp.router.expert_bias`.
@@ -50,38 +50,38 @@ class ConversionError(MoeflowError):
     """A checkpoint that does not map between moeflow's and megatron-core's layouts."""
 
 
-def _qkv_to_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
+def _qkv_to_megatron(w: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
     """moeflow rows [q: H heads | k: G heads | v: G heads] -> megatron rows per query group g: [q of g's heads | k_g | v_g]."""
-    H, G, hd, D = mc.n_heads, mc.kv_heads, mc.head_size, w.shape[1]
+    H, G, hd, D = model_cfg.n_heads, model_cfg.kv_heads, model_cfg.head_size, w.shape[1]
     q, k, v = w.split([H * hd, G * hd, G * hd])
     return torch.cat([q.view(G, H // G * hd, D), k.view(G, hd, D), v.view(G, hd, D)], dim=1).reshape(-1, D)
 
 
-def _qkv_from_megatron(w: torch.Tensor, mc: ModelConfig) -> torch.Tensor:
-    H, G, hd, D = mc.n_heads, mc.kv_heads, mc.head_size, w.shape[1]
+def _qkv_from_megatron(w: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
+    H, G, hd, D = model_cfg.n_heads, model_cfg.kv_heads, model_cfg.head_size, w.shape[1]
     q, k, v = w.view(G, (H // G + 2) * hd, D).split([H // G * hd, hd, hd], dim=1)
     return torch.cat([q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)])
 
 
-def check_mappable(mc: ModelConfig, state: dict | None = None) -> None:
+def check_mappable(model_cfg: ModelConfig, state: dict | None = None) -> None:
     """Refuse model features this mapping does not carry, instead of dropping them silently."""
-    unsupported = [name for name, on in (("model.attn_bias", mc.attn_bias), ("model.qk_norm", mc.qk_norm), ("model.rope_scaling", mc.rope_scaling)) if on]
+    unsupported = [name for name, on in (("model.attn_bias", model_cfg.attn_bias), ("model.qk_norm", model_cfg.qk_norm), ("model.rope_scaling", model_cfg.rope_scaling)) if on]
     if state is not None and any(k.endswith(("experts.b1_EF", "experts.b2_ED", "experts.b3_EF")) for k in state):
         unsupported.append("expert biases (upcycled from a biased MLP)")
     if unsupported:
         raise ConversionError(f"{', '.join(unsupported)} have no megatron-core mapping in moeflow yet; convert a model without them")
 
 
-def _topk_gate_options(mc: ModelConfig) -> dict:
+def _topk_gate_options(model_cfg: ModelConfig) -> dict:
     import inspect
 
     from moeflow.moe.gates.topk import TopKGate
 
     defaults = {n: p.default for n, p in inspect.signature(TopKGate.__init__).parameters.items() if p.default is not p.empty}
-    return {**defaults, **{k: v for k, v in mc.gate.items() if k != "name"}}
+    return {**defaults, **{k: v for k, v in model_cfg.gate.items() if k != "name"}}
 
 
-def router_config(mc: ModelConfig) -> dict:
+def router_config(model_cfg: ModelConfig) -> dict:
     """megatron-core TransformerConfig router fields that reproduce moeflow's `topk` gate.
 
     Routing (which experts, which weights) is the same in one process; the loss definitions
@@ -89,10 +89,10 @@ def router_config(mc: ModelConfig) -> dict:
     the local micro-batch where moeflow counts the data-parallel batch (capacity and aux losses).
     Options megatron's router cannot reproduce raise ConversionError naming the option.
     """
-    if mc.gate.get("name") != "topk":
-        raise ConversionError(f"gate={mc.gate.get('name')!r} has no megatron-core equivalent (its router is top-k); export with the moeflow MoE layer inside megatron (native=False)")
-    g = _topk_gate_options(mc)
-    K, E = mc.top_k, mc.num_experts
+    if model_cfg.gate.get("name") != "topk":
+        raise ConversionError(f"gate={model_cfg.gate.get('name')!r} has no megatron-core equivalent (its router is top-k); export with the moeflow MoE layer inside megatron (native=False)")
+    g = _topk_gate_options(model_cfg)
+    K, E = model_cfg.top_k, model_cfg.num_experts
     sigmoid = g["score_func"] == "sigmoid"
     # moeflow weights are the raw scores unless renormalised; megatron renormalises sigmoid
     # scores iff top_k > 1, and softmax ones unless moe_router_pre_softmax.
@@ -139,24 +139,24 @@ def _split_fc1(fc1: torch.Tensor, glu: bool):
     return tuple(fc1.chunk(2)) if glu else (fc1, None)
 
 
-def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "sequential", native: bool = True) -> dict[str, torch.Tensor]:
+def to_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig, layout: str = "sequential", native: bool = True) -> dict[str, torch.Tensor]:
     """moeflow Transformer state_dict -> megatron-core GPTModel state_dict (tensors only)."""
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown experts layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if native:
-        router_config(mc)  # refuses gate options megatron-core's router cannot reproduce
-    check_mappable(mc, state)
-    glu = mc.activation == "swiglu"
+        router_config(model_cfg)  # refuses gate options megatron-core's router cannot reproduce
+    check_mappable(model_cfg, state)
+    glu = model_cfg.activation == "swiglu"
     out = {"embedding.word_embeddings.weight": state["embed.weight"], "decoder.final_layernorm.weight": state["norm.weight"]}
-    if not mc.tie_embeddings:
+    if not model_cfg.tie_embeddings:
         out["output_layer.weight"] = state["lm_head.weight"]
-    for i in range(mc.n_layers):
+    for i in range(model_cfg.n_layers):
         s, m = f"blocks.{i}.", f"decoder.layers.{i}."
         out[m + "input_layernorm.weight"] = state[s + "attn_norm.weight"]
-        out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(state[s + "attn.qkv.weight"], mc)
+        out[m + "self_attention.linear_qkv.weight"] = _qkv_to_megatron(state[s + "attn.qkv.weight"], model_cfg)
         out[m + "self_attention.linear_proj.weight"] = state[s + "attn.out.weight"]
         out[m + "pre_mlp_layernorm.weight"] = state[s + "ffn_norm.weight"]
-        if not mc.is_moe_block(i):
+        if not model_cfg.is_moe_block(i):
             out[m + "mlp.linear_fc1.weight"] = _fc1(state[s + "ffn.w1.weight"], state.get(s + "ffn.w3.weight"))
             out[m + "mlp.linear_fc2.weight"] = state[s + "ffn.w2.weight"]
             continue
@@ -173,8 +173,8 @@ def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "
         E = w1.shape[0]
         if layout == "grouped":
             w13_EDF = torch.cat([w1, w3], dim=2) if glu else w1
-            out[m + "mlp.experts.weight1"] = w13_EDF.contiguous().view(mc.d_model, -1)
-            out[m + "mlp.experts.weight2"] = w2.contiguous().view(-1, mc.d_model)
+            out[m + "mlp.experts.weight1"] = w13_EDF.contiguous().view(model_cfg.d_model, -1)
+            out[m + "mlp.experts.weight2"] = w2.contiguous().view(-1, model_cfg.d_model)
         for e in range(E) if layout != "grouped" else ():
             fc1 = _fc1(w1[e].t(), w3[e].t() if glu else None).contiguous()
             fc2 = w2[e].t().contiguous()
@@ -184,7 +184,7 @@ def to_megatron(state: dict[str, torch.Tensor], mc: ModelConfig, layout: str = "
             else:
                 out[m + f"mlp.experts.linear_fc1.weight{e}"] = fc1
                 out[m + f"mlp.experts.linear_fc2.weight{e}"] = fc2
-        if mc.shared_experts:
+        if model_cfg.shared_experts:
             out[m + "mlp.shared_experts.linear_fc1.weight"] = _fc1(state[s + "ffn.shared_expert.w1.weight"], state.get(s + "ffn.shared_expert.w3.weight"))
             out[m + "mlp.shared_experts.linear_fc2.weight"] = state[s + "ffn.shared_expert.w2.weight"]
     return {k: v.contiguous() for k, v in out.items()}
@@ -210,23 +210,23 @@ def _get(state: dict, *names: str) -> torch.Tensor:
     raise ConversionError(f"megatron checkpoint lacks {names[0]}; is it a GPT model with {names[0].split('.')[2] if names[0].count('.') > 2 else 'this'} layers?")
 
 
-def from_megatron(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, torch.Tensor]:
+def from_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """megatron-core GPTModel state_dict (any of the three expert layouts, or moeflow-inside-megatron) -> moeflow."""
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
-    check_mappable(mc)
+    check_mappable(model_cfg)
     layout = detect_layout(state)
-    glu = mc.activation == "swiglu"
-    F_, D = mc.d_ff, mc.d_model
+    glu = model_cfg.activation == "swiglu"
+    F_, D = model_cfg.d_ff, model_cfg.d_model
     out = {"embed.weight": _get(state, "embedding.word_embeddings.weight"), "norm.weight": _get(state, "decoder.final_layernorm.weight")}
-    if not mc.tie_embeddings:
+    if not model_cfg.tie_embeddings:
         out["lm_head.weight"] = _get(state, "output_layer.weight")
-    for i in range(mc.n_layers):
+    for i in range(model_cfg.n_layers):
         s, m = f"blocks.{i}.", f"decoder.layers.{i}."
         out[s + "attn_norm.weight"] = _get(state, m + "input_layernorm.weight", m + "self_attention.linear_qkv.layer_norm_weight")
-        out[s + "attn.qkv.weight"] = _qkv_from_megatron(_get(state, m + "self_attention.linear_qkv.weight"), mc)
+        out[s + "attn.qkv.weight"] = _qkv_from_megatron(_get(state, m + "self_attention.linear_qkv.weight"), model_cfg)
         out[s + "attn.out.weight"] = _get(state, m + "self_attention.linear_proj.weight")
         out[s + "ffn_norm.weight"] = _get(state, m + "pre_mlp_layernorm.weight", m + "mlp.linear_fc1.layer_norm_weight")
-        if not mc.is_moe_block(i):
+        if not model_cfg.is_moe_block(i):
             w1, w3 = _split_fc1(_get(state, m + "mlp.linear_fc1.weight"), glu)
             out[s + "ffn.w1.weight"], out[s + "ffn.w2.weight"] = w1, _get(state, m + "mlp.linear_fc2.weight")
             if glu:
@@ -241,7 +241,7 @@ def from_megatron(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, 
         if m + "mlp.router.expert_bias" in state:  # the load accumulated since the last step is not saved by megatron
             out[s + "ffn.gate.expert_bias_E"] = state[m + "mlp.router.expert_bias"]
             out[s + "ffn.gate.load_accum_E"] = torch.zeros_like(state[m + "mlp.router.expert_bias"])
-        E = mc.num_experts
+        E = model_cfg.num_experts
         if layout == "grouped":
             w13_EDF = _get(state, m + "mlp.experts.weight1").contiguous().view(E, D, -1)
             w1_EDF, w3_EDF = (w13_EDF[..., :F_], w13_EDF[..., F_:]) if glu else (w13_EDF, None)
@@ -259,7 +259,7 @@ def from_megatron(state: dict[str, torch.Tensor], mc: ModelConfig) -> dict[str, 
         out[s + "ffn.experts.w1_EDF"], out[s + "ffn.experts.w2_EFD"] = w1_EDF.contiguous(), w2_EFD.contiguous()
         if glu:
             out[s + "ffn.experts.w3_EDF"] = w3_EDF.contiguous()
-        if mc.shared_experts:
+        if model_cfg.shared_experts:
             w1, w3 = _split_fc1(_get(state, m + "mlp.shared_experts.linear_fc1.weight"), glu)
             out[s + "ffn.shared_expert.w1.weight"], out[s + "ffn.shared_expert.w2.weight"] = w1, _get(state, m + "mlp.shared_experts.linear_fc2.weight")
             if glu:

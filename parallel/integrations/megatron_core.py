@@ -187,11 +187,11 @@ def _define_moeflow_moe():
 
         def __init__(self, config, model_cfg: dict, pg_collection=None, **_unused):
             super().__init__(config=config)
-            mc = ModelConfig(**model_cfg)
-            if config.hidden_size != mc.d_model:
-                raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={mc.d_model}")
+            model_cfg = ModelConfig(**model_cfg)
+            if config.hidden_size != model_cfg.d_model:
+                raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={model_cfg.d_model}")
             self.groups = MegatronGroups.from_parallel_state()
-            self.moe = build_moe_layer(mc)
+            self.moe = build_moe_layer(model_cfg)
             self.moe.input_layout = "sbd"  # megatron's hidden states are [seq, batch, hidden]
             shard_over_expert_group(self.moe, self.groups)
             shard_over_tensor_group(self.moe, self.groups)
@@ -219,36 +219,36 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def transformer_config(mc: ModelConfig, cpu_init: bool, bf16: bool = False):
+def transformer_config(model_cfg: ModelConfig, cpu_init: bool, bf16: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from .megatron_ckpt import check_mappable
 
-    check_mappable(mc)  # features the megatron-side model does not express
+    check_mappable(model_cfg)  # features the megatron-side model does not express
     gelu_tanh = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  (moeflow's GELU)
     return TransformerConfig(
-        num_layers=mc.n_layers, hidden_size=mc.d_model, num_attention_heads=mc.n_heads,
-        num_query_groups=mc.kv_heads, kv_channels=mc.head_size,
-        ffn_hidden_size=mc.dense_d_ff or mc.d_ff * mc.top_k, normalization="RMSNorm", layernorm_epsilon=mc.norm_eps,
-        gated_linear_unit=mc.activation == "swiglu", activation_func=F.silu if mc.activation == "swiglu" else gelu_tanh,
+        num_layers=model_cfg.n_layers, hidden_size=model_cfg.d_model, num_attention_heads=model_cfg.n_heads,
+        num_query_groups=model_cfg.kv_heads, kv_channels=model_cfg.head_size,
+        ffn_hidden_size=model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k, normalization="RMSNorm", layernorm_epsilon=model_cfg.norm_eps,
+        gated_linear_unit=model_cfg.activation == "swiglu", activation_func=F.silu if model_cfg.activation == "swiglu" else gelu_tanh,
         add_bias_linear=False, rotary_interleaved=True, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, init_method_std=mc.init_std, use_cpu_initialization=cpu_init,
+        persist_layer_norm=False, init_method_std=model_cfg.init_std, use_cpu_initialization=cpu_init,
         bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
 
 
-def gpt_layer_specs(mc: ModelConfig):
+def gpt_layer_specs(model_cfg: ModelConfig):
     """Block spec: megatron-core's local layer spec with `mlp` = MoeflowMoE on moeflow's MoE blocks."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     dense = get_gpt_layer_local_spec(normalization="RMSNorm")
-    moe_mlp = ModuleSpec(module=__getattr__("MoeflowMoE"), params={"model_cfg": mc.to_dict()})
+    moe_mlp = ModuleSpec(module=__getattr__("MoeflowMoE"), params={"model_cfg": model_cfg.to_dict()})
     layers = []
-    for i in range(mc.n_layers):
-        if mc.is_moe_block(i):
+    for i in range(model_cfg.n_layers):
+        if model_cfg.is_moe_block(i):
             spec = get_gpt_layer_local_spec(normalization="RMSNorm")
             spec.submodules.mlp = moe_mlp
             layers.append(spec)
@@ -257,17 +257,17 @@ def gpt_layer_specs(mc: ModelConfig):
     return TransformerBlockSubmodules(layer_specs=layers, layer_norm=dense.submodules.input_layernorm)
 
 
-def build_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", bf16: bool = False):
+def build_gpt_model(model_cfg: ModelConfig, device: torch.device | str = "cuda", bf16: bool = False):
     """A megatron-core GPTModel with moeflow's architecture and MoE layers (parallel_state must be initialized)."""
     from megatron.core.models.gpt import GPTModel
 
     device = torch.device(device)
-    config = transformer_config(mc, cpu_init=device.type == "cpu", bf16=bf16)
+    config = transformer_config(model_cfg, cpu_init=device.type == "cpu", bf16=bf16)
     groups = MegatronGroups.from_parallel_state()
     tp = MegatronGroups.size(groups.tp)
-    model = GPTModel(config, gpt_layer_specs(mc), vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len,
-                     position_embedding_type="rope", rotary_base=int(mc.rope_theta),
-                     share_embeddings_and_output_weights=mc.tie_embeddings,
+    model = GPTModel(config, gpt_layer_specs(model_cfg), vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.max_seq_len,
+                     position_embedding_type="rope", rotary_base=int(model_cfg.rope_theta),
+                     share_embeddings_and_output_weights=model_cfg.tie_embeddings,
                      parallel_output=tp == 1)  # TP: logits gathered over the vocab, so moeflow's loss sees all of them
     if MegatronGroups.size(groups.ep) > 1:  # moeflow.parallel.sharded_state gathers/reslices expert shards over it
         model._moeflow_ep_group = groups.ep
@@ -298,7 +298,7 @@ def gpt_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
     return model(tokens_BS, position_ids, None)
 
 
-def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda", layout: str = "sequential", dispatcher: str = "alltoall"):
+def build_native_gpt_model(model_cfg: ModelConfig, device: torch.device | str = "cuda", layout: str = "sequential", dispatcher: str = "alltoall"):
     """megatron-core's own MoE GPTModel with moeflow's architecture: the target of `megatron_ckpt.to_megatron`.
 
     layout: "sequential" (SequentialMLP), "grouped" (legacy GroupedMLP, needs the
@@ -312,19 +312,19 @@ def build_native_gpt_model(mc: ModelConfig, device: torch.device | str = "cuda",
     from .megatron_ckpt import router_config
 
     device = torch.device(device)
-    base = transformer_config(mc, cpu_init=device.type == "cpu")
-    shared = (mc.dense_d_ff or mc.d_ff * mc.top_k) * mc.shared_experts
+    base = transformer_config(model_cfg, cpu_init=device.type == "cpu")
+    shared = (model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k) * model_cfg.shared_experts
     config = dataclasses.replace(
-        base, num_moe_experts=mc.num_experts, moe_ffn_hidden_size=mc.d_ff,
-        moe_layer_freq=[1 if mc.is_moe_block(i) else 0 for i in range(mc.n_layers)],
+        base, num_moe_experts=model_cfg.num_experts, moe_ffn_hidden_size=model_cfg.d_ff,
+        moe_layer_freq=[1 if model_cfg.is_moe_block(i) else 0 for i in range(model_cfg.n_layers)],
         moe_shared_expert_intermediate_size=shared or None, moe_token_dispatcher_type=dispatcher,
         moe_grouped_gemm=layout != "sequential", moe_use_legacy_grouped_gemm=layout == "grouped",
-        **router_config(mc),
+        **router_config(model_cfg),
     )
     _patch_router_without_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=layout == "te_grouped", normalization="RMSNorm")
-    model = GPTModel(config, spec, vocab_size=mc.vocab_size, max_sequence_length=mc.max_seq_len, position_embedding_type="rope",
-                     rotary_base=int(mc.rope_theta), share_embeddings_and_output_weights=mc.tie_embeddings)
+    model = GPTModel(config, spec, vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.max_seq_len, position_embedding_type="rope",
+                     rotary_base=int(model_cfg.rope_theta), share_embeddings_and_output_weights=model_cfg.tie_embeddings)
     return model.to(device)
 
 

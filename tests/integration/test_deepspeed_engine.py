@@ -370,3 +370,43 @@ def test_expert_params_get_their_own_groups():
 
     moe = [g for g in ds_groups if is_moe_param_group(g)]
     assert moe and all(g["name"] == "ep_size_2" and all(is_moe_param(p) and p.group_name == "ep_size_2" for p in g["params"]) for g in moe)
+
+
+def test_only_a_lock_whose_owner_is_gone_counts_as_stale(tmp_path):
+    import time
+
+    from moeflow.launch.engines.deepspeed_engine import STALE_AFTER_S, clear_stale_build_lock
+
+    build = tmp_path / "op"
+    build.mkdir()
+    assert not clear_stale_build_lock(build)  # no lock at all
+    (build / "lock").touch()
+    assert not clear_stale_build_lock(build) and (build / "lock").exists()  # fresh: a live load holds it for a moment
+    old = time.time() - 2 * STALE_AFTER_S
+    os.utime(build / "lock", (old, old))
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], cwd=build)  # a build running there
+    try:
+        time.sleep(0.5)
+        assert not clear_stale_build_lock(build) and (build / "lock").exists()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert clear_stale_build_lock(build) and not (build / "lock").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_builds_lock_does_not_hang_the_next_run(tmp_path):
+    """A build killed mid-way leaves torch's `lock`; `moeflow prepare deepspeed-ops` (and every
+    engine=deepspeed run, which builds through the same guard) clears it instead of waiting forever."""
+    import time
+
+    lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "prepare", "deepspeed-ops"], capture_output=True, text=True,
+                       env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=limit(300))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "stale DeepSpeed build lock" in p.stderr and "DeepSpeed ops ready: deepspeed_shm_comm" in p.stdout
+    assert not lock.exists() and list(lock.parent.glob("*.so"))

@@ -1,5 +1,6 @@
 """moeflow slurm on a real single-node Slurm cluster (munge + slurmctld + slurmd), started here if needed."""
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,19 @@ def test_dry_run_prints_a_multi_node_gpu_script(tmp_path):
     assert not (tmp_path / "sbatch").exists(), "--dry-run must not write or submit anything"
     syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+def test_the_job_runs_the_interpreter_of_launcher_setups_environment(tmp_path):
+    """With setup lines (a venv to activate, modules to load), the job runs `python3` as they leave it
+    on PATH, not the interpreter of the machine that submitted; without, the submitting one."""
+    venv = ["launcher.setup=['source ~/venvs/moeflow/bin/activate']", f"launcher.output_root={tmp_path}"]
+    script = moeflow("slurm", "submit", "--dry-run", *venv).stdout
+    assert "python3 -m torch.distributed.run" in script and sys.executable not in script
+    assert script.index("source ~/venvs/moeflow/bin/activate") < script.index("python3 -m torch.distributed.run")
+    plain = moeflow("slurm", "submit", "--dry-run", f"launcher.output_root={tmp_path}").stdout
+    assert f"{sys.executable} -m torch.distributed.run" in plain
+    pinned = moeflow("slurm", "submit", "--dry-run", *venv, "launcher.python=/opt/py/bin/python").stdout
+    assert "/opt/py/bin/python -m torch.distributed.run" in pinned
 
 
 def test_dry_run_multirun_is_a_job_array_over_hydra_sweep(tmp_path):

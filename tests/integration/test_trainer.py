@@ -18,6 +18,31 @@ def test_training_lowers_validation_loss_and_writes_run_dir(tmp_path):
     assert (tmp_path / "routing_stats.jsonl").read_text().count('"layer": 1') == 15
 
 
+def _scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_losses_are_read_as_bits_per_byte_for_bytes_and_perplexity_for_tokens(tmp_path):
+    import math
+
+    import numpy as np
+
+    train(compose_cfg(*TINY, "trainer.steps=2", "trainer.eval_every=2", "trainer.ckpt_every=0"), tmp_path / "bytes")
+    loss, bits = _scalars(tmp_path / "bytes", "val/loss"), _scalars(tmp_path / "bytes", "val/bits_per_byte")
+    assert loss.keys() == bits.keys() == {0, 2}
+    assert all(abs(bits[s] - loss[s] / math.log(2)) < 1e-5 for s in loss)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 200, 20000).astype(np.uint16).tofile(tokens)
+    train(compose_cfg(*[a for a in TINY if not a.startswith("data.max_bytes")], "data=memmap", f"data.path={tokens}", "data.seq_len=32", "data.batch_size=4", "trainer.steps=2",
+                      "trainer.eval_every=2", "trainer.ckpt_every=0"), tmp_path / "tok")
+    loss, ppl = _scalars(tmp_path / "tok", "val/loss"), _scalars(tmp_path / "tok", "val/perplexity")
+    assert loss.keys() == ppl.keys() and all(abs(ppl[s] - math.exp(loss[s])) < 1e-3 * ppl[s] for s in loss)
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     common = [*TINY, "trainer.steps=8", "trainer.eval_every=0", "trainer.ckpt_every=4", "trainer.keep_checkpoints=0", "trainer.grad_accum=2"]
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"

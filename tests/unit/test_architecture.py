@@ -106,3 +106,14 @@ def test_the_walk_sees_the_package():
     graph = _graph()
     assert "moeflow.moe.layer" in graph and "moeflow.launch.cli" in graph
     assert "moeflow.moe.dispatch" in graph["moeflow.moe.layer"]
+
+
+def test_the_installed_packages_hold_only_library_code_and_data():
+    """Developer scripts live in bench/tools/, fixtures in tests/: the package dirs hold modules,
+    Hydra configs and sbatch templates only, and every module is importable package code."""
+    allowed = {"moe": {".py"}, "kernels": {".py"}, "parallel": {".py"}, "launch": {".py", ".yaml"}, "configs": {".py", ".yaml"}, "slurm": {".py", ".j2"}}
+    stray = [str(f.relative_to(ROOT)) for pkg, exts in allowed.items() for f in (ROOT / pkg).rglob("*")
+             if f.is_file() and "__pycache__" not in f.parts and f.suffix not in exts]
+    assert not stray, f"not library code or data: {stray}"
+    scripts = [str(f.relative_to(ROOT)) for pkg in LAYERS for f in (ROOT / pkg).rglob("*.py") if "__main__" in f.read_text() and f.name != "cli.py"]
+    assert not scripts, f"scripts inside the package (move them to bench/tools/): {scripts}"

@@ -79,3 +79,34 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "moeflow train: error: model.top_k=99 is larger than model.num_experts=8; set top_k <= num_experts"
     assert not (tmp_path / "outputs").exists()  # nothing started
+
+
+BLOCK_TORCH = """
+import sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported before the command line was checked")
+sys.meta_path.insert(0, NoTorch())
+from moeflow.launch.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("args, expect", [(["model.d_modle=64"], "did you mean 'model.d_model'?"), (["gate=nope"], "unknown choice 'nope' for gate")])
+def test_a_typo_is_reported_before_torch_is_imported(tmp_path, args, expect):
+    """The fast answer (about half a second, instead of the seconds torch takes to import): the
+    command line is composed and checked by Hydra alone, with torch made unimportable here."""
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=limit(60))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("moeflow train: error: ") and expect in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_version_and_train_help(tmp_path):
+    version = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "--version"], capture_output=True, text=True, timeout=limit(60))
+    assert version.returncode == 0 and version.stdout.startswith("moeflow 0.")
+    helped = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "train", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=limit(60))
+    assert helped.returncode == 0, helped.stderr
+    for group in ("model", "gate", "data", "optim", "parallel", "engine", "launcher"):  # every group, one line per choice
+        assert f"\n  {group}\n" in helped.stdout
+    assert "*topk" in helped.stdout and "sinkhorn" in helped.stdout and "docs/configs.md" in helped.stdout
