@@ -9,7 +9,6 @@ Shape suffixes: A grouped rows, D model dim, F expert hidden dim, E experts.
 from __future__ import annotations
 
 import importlib.util
-import math
 import warnings
 
 import torch
@@ -127,13 +126,21 @@ class GroupedExperts(nn.Module):
         return f"num_experts={self.num_experts}, d_model={self.d_model}, d_ff={self.d_ff}, activation={self.activation}, impl={self.impl}"
 
 
+def local_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """This rank's part of a parameter: its experts when expert parallelism made it a DTensor
+    (sharded by expert), the tensor itself otherwise. Differentiable (gradients come back as DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def torch_loop(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Per-expert loop over the row groups (reference implementation)."""
     outs = []
+    w1, w3, w2, b1, b3, b2 = (local_tensor(t) for t in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD, experts.b1_EF, experts.b3_EF, experts.b2_ED))
     for e, rows_AD in enumerate(torch.split(x_AD, counts_E.tolist())):
-        w3 = experts.w3_EDF[e] if experts.w3_EDF is not None else None
-        biases = [b[e] if b is not None else None for b in (experts.b1_EF, experts.b3_EF, experts.b2_ED)]
-        outs.append(expert_mlp(rows_AD, experts.w1_EDF[e], w3, experts.w2_EFD[e], *biases))
+        biases = [b[e] if b is not None else None for b in (b1, b3, b2)]
+        outs.append(expert_mlp(rows_AD, w1[e], w3[e] if w3 is not None else None, w2[e], *biases))
     return torch.cat(outs) if outs else x_AD.new_zeros(0, experts.d_model)
 
 
@@ -146,8 +153,8 @@ def _warn_once(msg: str, _seen: set = set()) -> None:
 def _kernel_weights(experts: GroupedExperts, x: torch.Tensor):
     """x and the weights in the compute dtype: autocast's (bf16 on GPU) when enabled, else x's."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    w3 = experts.w3_EDF.to(dtype) if experts.w3_EDF is not None else None
-    return x.to(dtype), experts.w1_EDF.to(dtype), w3, experts.w2_EFD.to(dtype)
+    w3 = local_tensor(experts.w3_EDF).to(dtype) if experts.w3_EDF is not None else None
+    return x.to(dtype), local_tensor(experts.w1_EDF).to(dtype), w3, local_tensor(experts.w2_EFD).to(dtype)
 
 
 def _triton_ops(experts: GroupedExperts, x: torch.Tensor):
@@ -218,8 +225,3 @@ if importlib.util.find_spec("triton") is not None:  # found, not imported: moe/ 
     ROUTED_IMPLEMENTATIONS["triton"] = triton_routed
 if hasattr(torch, "_grouped_mm"):
     IMPLEMENTATIONS["grouped_mm"] = grouped_mm
-
-
-def init_std_for_output(n_layers: int, std: float = 0.02) -> float:
-    """GPT-2 style scaled init for projections that write into the residual stream."""
-    return std / math.sqrt(2 * n_layers)

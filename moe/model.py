@@ -14,11 +14,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
-from .experts import MLP, GroupedExperts, init_std_for_output
+from .experts import MLP, GroupedExperts
 from .gates import build_gate
+from .init import init_weights
 from .layer import MoELayer, moe_aux_loss, moe_layers
 
 
@@ -44,10 +46,23 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.max_seq_len, self.theta, self.scaling = head_dim, max_seq_len, theta, scaling
+        cos, sin = self._tables()
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self):
+        inv_freq = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64, device=inv_freq.device), inv_freq)
+        return angles.cos().float(), angles.sin().float()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the tables in place (a materialised meta-device model has garbage in them)."""
+        with torch.device("cpu"):
+            cos, sin = self._tables()
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def forward(self, x_BHSd: torch.Tensor) -> torch.Tensor:
         S = x_BHSd.shape[-2]
@@ -91,8 +106,16 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = ffn
+        # activation checkpointing, set from outside (moeflow.parallel.activation_checkpointing):
+        # a `context_fn` for torch.utils.checkpoint, or None to keep every activation
+        self.checkpoint_context_fn = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.checkpoint_context_fn is not None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, token_ids, use_reentrant=False, context_fn=self.checkpoint_context_fn)
+        return self._forward(x, token_ids)
+
+    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
         h = self.ffn_norm(x)
         return x + (self.ffn(h, token_ids) if isinstance(self.ffn, MoELayer) else self.ffn(h))
@@ -119,6 +142,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        # one draw from the global RNG names the model's init; every tensor then has its own stream
+        # (moeflow.moe.init), so a meta-device model initialised later gets the same weights
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         dense_d_ff = cfg.dense_d_ff or cfg.d_ff * cfg.top_k
         self.blocks = nn.ModuleList(
@@ -127,21 +153,15 @@ class Transformer(nn.Module):
         )
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        std, out_std = self.cfg.init_std, init_std_for_output(self.cfg.n_layers, self.cfg.init_std)
-        for name, p in self.named_parameters():
-            if name.endswith("bias") and ".gate." not in name:
-                nn.init.zeros_(p)
-                continue
-            if p.dim() < 2 or ".gate." in name:
-                continue  # norms keep ones; gates initialise themselves
-            is_output = name.endswith(("out.weight", "w2.weight", "w2_EFD"))
-            nn.init.normal_(p, std=out_std if is_output else std)
+    def init_weights(self) -> None:
+        """Every weight and buffer from `init_seed` (moeflow.moe.init): also after a meta-device model
+        was parallelised and materialised (`to_empty`), with the same result on every layout."""
+        init_weights(self, self.init_seed, self.cfg.init_std, self.cfg.n_layers)
 
     def moe_layers(self) -> list[MoELayer]:
         return moe_layers(self)

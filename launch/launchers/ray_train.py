@@ -211,11 +211,20 @@ def submit(args: list[str], address: str | None, wait: bool, timeout: float) -> 
 
 
 def wait_for_nodes(address: str, nodes: int, timeout: float) -> int:
+    """Wait for the head to listen (its srun step may start late on a busy node), then for N nodes."""
     import ray
 
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check_reachable(address)
+            break
+        except ConfigError as e:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the Ray head at {address} did not come up within {timeout:.0f} s ({e})") from None
+            time.sleep(1.0)
     connect(address)
     try:
-        deadline = time.monotonic() + timeout
         while (alive := sum(1 for n in ray.nodes() if n.get("Alive"))) < nodes:
             if time.monotonic() > deadline:
                 raise RunFailed(f"only {alive} of {nodes} nodes joined {address} within {timeout:.0f} s")

@@ -97,6 +97,12 @@ class Gate(nn.Module):
     def route(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None) -> RouterOutput:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """State a fresh gate starts from (zeros): after a meta-device model is materialised."""
+        for buf in self.buffers(recurse=False):
+            buf.zero_()
+
     def set_step(self, step: int) -> None:
         """Called by the trainer before each optimizer step (schedules, bias updates)."""
         self.step = step

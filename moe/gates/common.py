@@ -24,6 +24,7 @@ def router_projection(d_model: int, num_experts: int, init_std: float) -> nn.Lin
     """The router's linear map D -> E: normal(0, init_std), or zeros (uniform routing) for init_std 0."""
     proj = nn.Linear(d_model, num_experts, bias=False)
     nn.init.normal_(proj.weight, std=init_std) if init_std > 0 else nn.init.zeros_(proj.weight)
+    proj.init_std = init_std  # how moeflow.moe.init re-initialises it (meta-device models)
     return proj
 
 

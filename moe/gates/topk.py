@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..recompute import recomputing
 from .base import Gate, RouterOutput, SequenceShape
 from .common import (
     router_projection,
@@ -128,7 +129,7 @@ class TopKGate(Gate):
         probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
         counts_E = counts_of(expert_TK.reshape(-1), E)
         losses = self._losses(logits_TE, probs_TE, expert_TK, counts_E) if self.training else {}
-        if self.training and self.bias_update_rate > 0:
+        if self.training and self.bias_update_rate > 0 and not recomputing():  # count each step's tokens once
             with torch.no_grad():
                 self.load_accum_E += self.global_sum(counts_E.float())
 

@@ -1,0 +1,135 @@
+"""One mesh from config: data-parallel replicate x shard x tensor-parallel, with EP folded in.
+
+The world is a grid of `dp_replicate x dp_shard x tp` ranks (tp innermost: consecutive ranks,
+inside a node first). Dense parameters are sharded over `dp_shard` (FSDP), replicated over
+`dp_replicate` (HSDP when > 1) and split over `tp`.
+
+Experts borrow their ranks from the same grid ("parallel folding", as torchtitan and
+Megatron-Core do): inside one replica the `dp_shard x tp` ranks are regrouped as
+`efsdp x ep`, ep innermost. Expert weights are sharded over `ep` by expert (each EP rank holds
+E/ep whole experts, tokens travel by all-to-all) and over `efsdp` by FSDP, the ranks that hold
+the same experts. So ep need only divide `dp_shard x tp` and the expert count.
+
+    8 ranks, dp_shard=8, ep=4:    dense FSDP over all 8;  experts: efsdp=2 x ep=4
+        rank:    0 1 2 3 | 4 5 6 7
+        ep:      0 1 2 3 | 0 1 2 3     (experts 16e..16e+15 of 64 on ep rank e)
+        efsdp:   0 0 0 0 | 1 1 1 1     (ranks 0 and 4 hold the same experts, FSDP-sharded)
+
+`parallel.cp` (context parallelism) is reserved and refused for now.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeflow.moe.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of every parallel dimension, resolved against the world size and checked."""
+
+    world: int
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the world leaves
+    tp: int = 1
+    ep: int = 1
+    cp: int = 1
+
+    def __post_init__(self):
+        for name in ("dp_replicate", "tp", "ep", "cp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dp_shard, int) or isinstance(self.dp_shard, bool) or (self.dp_shard < 1 and self.dp_shard != -1):
+            raise ConfigError(f"parallel.dp_shard must be a positive integer or -1 (the rest of the world), got {self.dp_shard!r}")
+        if self.cp != 1:
+            raise ConfigError(f"parallel.cp={self.cp}: context parallelism is reserved and not built yet; use parallel.cp=1")
+        fixed = self.dp_replicate * self.tp
+        if self.dp_shard == -1:
+            if self.world % fixed:
+                raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not divide the world size {self.world}; pick sizes whose product divides it")
+            object.__setattr__(self, "dp_shard", self.world // fixed)
+        if self.dp_replicate * self.dp_shard * self.tp != self.world:
+            raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                              f"{self.dp_replicate * self.dp_shard * self.tp} ranks, but the world has {self.world}; "
+                              f"make the product the world size (parallel.dp_shard=-1 takes the rest)")
+        if (self.dp_shard * self.tp) % self.ep:
+            hint = f"launch with torchrun --nproc-per-node {self.ep} (or a multiple)" if self.world == 1 else "pick an ep that divides dp_shard x tp"
+            raise ConfigError(f"parallel.ep={self.ep} does not divide dp_shard x tp = {self.dp_shard * self.tp} (the ranks of one data-parallel replica); {hint}")
+
+    @property
+    def efsdp(self) -> int:
+        """Ranks of one replica that hold the same experts (the experts' FSDP degree)."""
+        return self.dp_shard * self.tp // self.ep
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: the number of different batch shards per step."""
+        return self.dp_replicate * self.dp_shard
+
+    def check_model(self, num_experts: int, n_heads: int, n_kv_heads: int) -> None:
+        """Refuse sizes the model cannot be split by, naming the fix."""
+        if num_experts % self.ep:
+            raise ConfigError(f"parallel.ep={self.ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts")
+        for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads)):
+            if n % self.tp:
+                raise ConfigError(f"parallel.tp={self.tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
+
+    def describe(self) -> str:
+        return (f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}; "
+                f"experts: dp_replicate {self.dp_replicate} x efsdp {self.efsdp} x ep {self.ep}")
+
+
+def dims_from_config(parallel_cfg, world: int) -> ParallelDims:
+    p = parallel_cfg
+    return ParallelDims(world=world, dp_replicate=p.get("dp_replicate", 1), dp_shard=p.get("dp_shard", -1),
+                        tp=p.get("tp", 1), ep=p.get("ep", 1), cp=p.get("cp", 1))
+
+
+@dataclass
+class ParallelMesh:
+    """The device meshes built from `ParallelDims` over the initialised process group.
+
+    dense:   ("dp_replicate", "dp_shard", "tp")
+    experts: ("dp_replicate", "efsdp", "ep")  (the same ranks, regrouped)
+    """
+
+    dims: ParallelDims
+    dense: object
+    experts: object
+
+    @property
+    def dense_fsdp(self):
+        """The mesh dense parameters are FSDP-sharded (and HSDP-replicated) over."""
+        return self.dense["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.dense["dp_shard"]
+
+    @property
+    def expert_fsdp(self):
+        return self.experts["dp_replicate", "efsdp"] if self.dims.dp_replicate > 1 else self.experts["efsdp"]
+
+    @property
+    def ep_mesh(self):
+        return self.experts["ep"]
+
+    @property
+    def ep_group(self):
+        return self.experts.get_group("ep")
+
+    @property
+    def ep_rank(self) -> int:
+        return self.experts.get_local_rank("ep")
+
+    @property
+    def tp_mesh(self):
+        return self.dense["tp"]
+
+
+def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
+    """Both meshes over the default process group (every rank calls this, in the same order)."""
+    import torch
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = torch.arange(dims.world)
+    dense = DeviceMesh(device_type, ranks.view(dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    experts = DeviceMesh(device_type, ranks.view(dims.dp_replicate, dims.efsdp, dims.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
+    return ParallelMesh(dims=dims, dense=dense, experts=experts)

@@ -1,0 +1,135 @@
+"""`parallelize(model, mesh, ...)`: FSDP2 + expert parallelism applied to a plain `Transformer`.
+
+In place, from outside, before the optimizer is built (and usually on the meta device, before
+the weights are materialised and initialised: `materialize`):
+
+1. every gate's `token_group` becomes the world, so aux losses, capacities and Sinkhorn
+   marginals see the global batch;
+2. expert parallelism (ep > 1): each MoE layer's stacked expert weights become DTensors sharded
+   by expert (`Shard(0)`) over the mesh's "ep" dimension, and its dispatcher an all-to-all
+   over that group;
+3. activation checkpointing of the blocks (`parallel.activation_checkpointing`);
+4. `fully_shard` (FSDP2): each MoE layer's experts are one unit over the expert-FSDP mesh
+   (the ranks holding the same experts; sharded on their model dim when EP also shards them),
+   each block one unit over the dense mesh (HSDP when dp_replicate > 1), the root (embedding,
+   final norm, LM head) the last;
+5. mixed precision: parameters kept in fp32 (the optimizer's master weights), all-gathered for
+   compute in `param_dtype` (bf16 on GPUs), gradients reduced in `reduce_dtype` (fp32).
+
+Gradients are reduced by SUM (no per-unit averaging: FSDP would average each unit over its
+own mesh, which differs between experts and dense weights); the engine divides the loss by the
+number of data-parallel ranks instead, so every gradient is the single-process gradient of the
+global batch's mean loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeflow.moe.layer import moe_layers
+
+from .all_to_all import AllToAllDispatcher
+from .mesh import ParallelMesh
+
+EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")  # every one leads with E
+
+
+@dataclass
+class ShardingOptions:
+    param_dtype: torch.dtype | None = None  # compute dtype of all-gathered weights; None: the parameters' own
+    reduce_dtype: torch.dtype = torch.float32
+    reshard_after_forward: bool = True
+    overlap_chunks: int = 1
+    overlap_shared: bool = False
+
+
+def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions) -> None:
+    """Each MoE layer keeps this EP rank's experts as DTensor shards (Shard(0) over "ep") and routes
+    its tokens there with an all-to-all; works on meta-device models (no data moves)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    ep, rank = mesh.dims.ep, mesh.ep_rank
+    for layer in moe_layers(model):
+        experts = layer.experts
+        E = experts.num_experts
+        if E % ep:
+            raise ValueError(f"parallel.ep={ep} does not divide the {E} experts of a layer")
+        L = E // ep
+        for name in EXPERT_WEIGHTS:
+            p = getattr(experts, name, None)
+            if p is None:
+                continue
+            local = p.data[rank * L:(rank + 1) * L].clone()
+            setattr(experts, name, nn.Parameter(DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False), requires_grad=p.requires_grad))
+        experts.num_experts, experts.expert_offset = L, rank * L
+        layer.dispatcher = AllToAllDispatcher(mesh.ep_group, ep, L, chunks=opts.overlap_chunks, overlap_shared=opts.overlap_shared)
+
+
+def _sum_reductions(module) -> None:
+    """Reduce gradients by SUM: the engine scales the loss by 1 / data-parallel ranks instead."""
+    module.set_gradient_divide_factor(1.0)
+    force = getattr(module, "set_force_sum_reduction_for_comms", None)
+    if force is not None:  # gloo has no PREMUL_SUM; plain SUM everywhere
+        force(True)
+
+
+def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | None = None) -> nn.Module:
+    """Apply gates' token groups, expert parallelism and FSDP2 to `model` in place (see the module docstring)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import Shard
+
+    opts = opts or ShardingOptions()
+    for layer in moe_layers(model):
+        layer.gate.token_group = dist.group.WORLD
+    if mesh.dims.ep > 1:
+        shard_experts_by_expert(model, mesh, opts)
+    mp = MixedPrecisionPolicy(param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype)
+    common = dict(mp_policy=mp, reshard_after_forward=opts.reshard_after_forward)
+    units, unsharded_experts = [], []
+    for layer in moe_layers(model):
+        if mesh.dims.efsdp == 1:
+            # nothing to shard them over: they stay this rank's expert shards (an FSDP unit of size 1
+            # inside a checkpointed block breaks selective activation checkpointing); gradients are
+            # complete after the all-to-all backward, or summed over replicas (`reduce_replicated_expert_grads`)
+            unsharded_experts.append(layer.experts)  # model order: the same on every rank
+            continue
+        # experts already sharded by expert (dim 0) are FSDP-sharded on their model dim: one plain
+        # Shard per mesh dim, which every DTensor operation (and a reshard on resume) takes
+        placement = (lambda p: Shard(1)) if mesh.dims.ep > 1 else None
+        units.append(fully_shard(layer.experts, mesh=mesh.expert_fsdp, shard_placement_fn=placement, **common))
+        register_fsdp_forward_method(layer.experts, "forward_routed")  # the fused path's entry point
+    ignored = {"ignored_params": {p for e in unsharded_experts for p in e.parameters()}} if unsharded_experts else {}
+    for block in model.blocks:
+        units.append(fully_shard(block, mesh=mesh.dense_fsdp, **ignored, **common))
+    units.append(fully_shard(model, mesh=mesh.dense_fsdp, **ignored, **common))
+    model._moeflow_replicated_experts = (unsharded_experts, mesh) if unsharded_experts and mesh.dims.dp_replicate > 1 else None
+    for unit in units:
+        _sum_reductions(unit)
+    return model
+
+
+@torch.no_grad()
+def reduce_replicated_expert_grads(model: nn.Module) -> None:
+    """Sum the gradients of experts that FSDP does not manage (efsdp = 1) over the replicas
+    (dp_replicate > 1); call once per optimizer step, after the last backward. No-op otherwise."""
+    found = getattr(model, "_moeflow_replicated_experts", None)
+    if not found:
+        return
+    experts_modules, mesh = found
+    group = mesh.experts.get_group("dp_replicate")
+    for p in (p for e in experts_modules for p in e.parameters()):  # the same order on every rank (looked up now:
+        # materialising a meta model replaces parameter objects)
+        if p.grad is not None:
+            local = p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.grad  # in place (to_local() may copy)
+            dist.all_reduce(local, group=group)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """A parallelised meta-device model: allocate this rank's shards on `device` and initialise them
+    exactly as the single-process model with the same seed (moeflow.moe.init)."""
+    model.to_empty(device=device)
+    model.init_weights()
