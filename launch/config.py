@@ -33,6 +33,10 @@ class TrainerConfig:
     seed: int
     progress: bool
     compile: bool
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 1
+    async_checkpoint: bool = False
+    on_nonfinite: str = "stop"
 
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:
@@ -109,12 +113,40 @@ def check_optim(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
 
 
+def launch_world(cfg: DictConfig) -> int:
+    """How many training processes this config runs on: torchrun's (or Slurm's, Ray's) WORLD_SIZE once
+    launched; before that, what the chosen launcher will start."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    launcher = cfg.get("launcher") or {}
+    name = launcher.get("name", "none")
+    if name == "local":
+        return int(launcher.get("nproc", 1)) * int(launcher.get("nnodes", 1))
+    if name == "slurm":
+        return int(launcher.get("nodes", 1)) * int(launcher.get("nproc_per_node", 1))
+    if name == "ray":
+        return int(launcher.get("num_workers", 1))
+    return 1
+
+
 def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
-    """Expert-parallel layout: ep must divide the experts and the world (torchrun's WORLD_SIZE)."""
+    """The mesh must fit the world and the model (engine=torch: FSDP2 + EP on one mesh; the other
+    engines: EP over consecutive ranks of the world, their own data parallelism)."""
     from moeflow.parallel.layout import check_layout
+    from moeflow.parallel.mesh import dims_from_config
+
+    from .engines import engine_name
 
     p = _container(cfg.parallel)
-    check_layout(p.get("ep", 1), model_cfg.num_experts, int(os.environ.get("WORLD_SIZE", "1")))
+    world = launch_world(cfg)
+    if engine_name(cfg) == "torch":
+        dims = dims_from_config(p, world)
+        dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
+        if dims.tp > 1:
+            raise ConfigError(f"parallel.tp={dims.tp}: engine=torch does not split attention and MLPs over tensor-parallel ranks yet; "
+                              f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron engine.tensor_parallel={dims.tp}")
+    else:
+        check_layout(p.get("ep", 1), model_cfg.num_experts, world)
     if not isinstance(p.get("overlap_chunks", 1), int) or p.get("overlap_chunks", 1) < 1:
         raise ConfigError(f"parallel.overlap_chunks must be a positive integer, got {p.get('overlap_chunks')!r}")
 
@@ -124,8 +156,10 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
     model_cfg = model_config(cfg, resolve_device(trainer_cfg.device))
     check_data(cfg, model_cfg)
     check_optim(cfg)
-    from .engines import check_engine
+    from .divergence import check_policy
+    from .engines import check_engine, engine_name
 
     check_engine(cfg, model_cfg, resolve_device(trainer_cfg.device))
+    check_policy(trainer_cfg.on_nonfinite, engine_name(cfg))
     check_parallel(cfg, model_cfg)
     return model_cfg, trainer_cfg

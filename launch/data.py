@@ -107,16 +107,24 @@ def load_splits(data_cfg) -> TokenSplits:
 
 
 class BatchSampler:
-    """Random (x, y) windows of length seq_len from a flat token array, deterministic per key."""
+    """Random (x, y) windows of length seq_len from a flat token array, deterministic per key.
+
+    The windows of one (step, micro-batch) are drawn for the whole data-parallel batch at once
+    and each rank takes its consecutive slice: the global batch is the same however it is split
+    (4 ranks x 2 sequences, 2 x 4, 1 x 8), so a run resumed on another number of ranks with the
+    same global batch sees the batches an uninterrupted run would have seen."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
         if len(tokens) <= seq_len + 1:
             raise DataError(f"the split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}; use more data or a shorter seq_len")
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
 
-    def batch(self, *key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, *key])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+    def batch(self, step: int, micro: int, rank: int = 0, ranks: int = 1, attempt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's `batch_size` windows of the (step, micro-batch) global batch of `batch_size * ranks`
+        (`attempt` > 0: other windows, after a rollback past a divergence)."""
+        rng = np.random.default_rng([self.seed, step, micro] + ([attempt] if attempt else []))
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size * ranks)
+        starts = starts[rank * self.batch_size:(rank + 1) * self.batch_size]
         window = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(window)
         return t[:, :-1], t[:, 1:]

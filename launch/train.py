@@ -21,10 +21,13 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from moeflow.moe.errors import ConfigError
 from moeflow.parallel.distributed import shutdown_distributed
 from moeflow.parallel.expert_parallel import sync_routing_stats
 
+from . import checkpoint as ckpt
 from .config import validate
+from .divergence import DivergenceGuard, finite
 from .data import BatchSampler, training_samplers
 from .engines import engine_class, engine_name
 from .losses import lm_loss
@@ -34,11 +37,11 @@ log = logging.getLogger("moeflow.train")
 
 
 @torch.no_grad()
-def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast, rank: int) -> float:
+def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast) -> float:
     model.eval()
     losses = []
     for i in range(n_batches):
-        x, y = sampler.batch(1_000_000, i, rank)  # fixed held-out batches, disjoint key space from training
+        x, y = sampler.batch(1_000_000, i)  # fixed held-out batches (every rank the same), disjoint key space from training
         with autocast():
             losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
     model.train()
@@ -72,6 +75,24 @@ def loss_readings(loss: float, byte_level: bool) -> tuple[str, dict[str, float]]
         return f"nats/byte ({bits:.3f} bits/byte)", {"val/bits_per_byte": bits}
     ppl = math.exp(min(loss, 700.0))
     return f"nats/token (perplexity {ppl:.2f})", {"val/perplexity": ppl}
+
+
+def mean_over(t: torch.Tensor, group=None) -> torch.Tensor:
+    """The mean of `t` over the data-parallel ranks (`group`, None: the world; identity in one process)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, group=group)
+    return t / dist.get_world_size(group)
+
+
+def engine_rollback(engine, checkpoint) -> int:
+    """Reload `checkpoint` into the engine (weights, optimizer, schedule, gate state, RNG); its step."""
+    from . import resume
+
+    return resume.load_into(engine, checkpoint, engine.name)
 
 
 def set_gate_step(model, step: int) -> None:
@@ -110,7 +131,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             writer.add_scalar(tag, value, step)
 
     def evaluate_now() -> float:  # every rank evaluates: EP all-to-alls and ZeRO-3 gathers are collective
-        return evaluate(engine.eval_model, val_data, trainer_cfg.eval_batches, device, engine.autocast, 0)
+        return evaluate(engine.eval_model, val_data, trainer_cfg.eval_batches, device, engine.autocast)
 
     if start_step == 0 and trainer_cfg.eval_every > 0:
         result["val_loss_start"] = evaluate_now()
@@ -118,42 +139,59 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             report_val(result["val_loss_start"], 0)
             log.info("step 0: val loss %.4f %s", result["val_loss_start"], loss_readings(result["val_loss_start"], byte_level)[0])
 
+    if start_step >= trainer_cfg.steps:
+        if start_step > trainer_cfg.steps:
+            raise ConfigError(f"the checkpoint resumed is at step {start_step} but trainer.steps={trainer_cfg.steps}: nothing to train; raise trainer.steps above {start_step}")
+        log.info("the run is already complete (step %d of %d)", start_step, trainer_cfg.steps)
     bar = tqdm(total=trainer_cfg.steps, initial=start_step, disable=not (trainer_cfg.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
     hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
-    t_last, tokens_since = time.perf_counter(), 0
-    for step in range(start_step, trainer_cfg.steps):
+    guard = DivergenceGuard(trainer_cfg.on_nonfinite)
+    t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
+    step = start_step
+    while step < trainer_cfg.steps:
         set_gate_step(model, step)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
         for micro in range(trainer_cfg.grad_accum):
-            x, y = train_data.batch(step, micro, data_rank)
+            x, y = train_data.batch(step, micro, data_rank, data_ranks, attempt)
             loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1)
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()
         grad_norm = engine.optimizer_step()
         done = step + 1
-        train_loss = loss_sum / trainer_cfg.grad_accum
         tokens_since += tokens_per_step
-        result.update(step=done, train_loss=train_loss)
 
         log_now = done % trainer_cfg.log_every == 0 or done == trainer_cfg.steps
+        eval_now = trainer_cfg.eval_every > 0 and (done % trainer_cfg.eval_every == 0 or done == trainer_cfg.steps)
+        save_now = trainer_cfg.ckpt_every > 0 and (done % trainer_cfg.ckpt_every == 0 or done == trainer_cfg.steps)
+        if log_now or eval_now or save_now:  # read the loss (the mean over data-parallel ranks) and check it
+            train_loss = mean_over(loss_sum / trainer_cfg.grad_accum, engine.data_parallel_group).item()
+            norm = None if grad_norm is None else float(grad_norm)
+            result.update(step=done, train_loss=train_loss)
+            if not finite(train_loss, norm) and not getattr(engine, "last_step_skipped", False):
+                last_good = ckpt.find_checkpoint(run_dir)
+                guard.on_nonfinite(done, train_loss, norm, last_good)  # raises unless it rolls back
+                step, attempt = engine_rollback(engine, last_good), attempt + 1
+                bar.reset(total=trainer_cfg.steps)
+                bar.update(step)
+                continue
         if env.enabled and log_now:
             sync_routing_stats(model, engine.data_parallel_group)  # collective: routing statistics of the global batch
         if env.is_main and log_now:
             elapsed = time.perf_counter() - t_last
             tok_s = tokens_since / max(elapsed, 1e-9)
             t_last, tokens_since = time.perf_counter(), 0
-            scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s}
+            scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": norm, "train/tokens_per_s": tok_s}
             for k, v in scalars.items():
                 if v is not None:  # DeepSpeed has no grad norm without clipping
                     writer.add_scalar(k, v, done)
             log_routing(writer, stats_file, model, done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if trainer_cfg.eval_every > 0 and (done % trainer_cfg.eval_every == 0 or done == trainer_cfg.steps):
+        if eval_now:
             val = evaluate_now()
             result["val_loss"] = val
             if env.is_main:
                 report_val(val, done)
                 log.info("step %d: train loss %.4f, val loss %.4f %s", done, train_loss, val, loss_readings(val, byte_level)[0])
-        if trainer_cfg.ckpt_every > 0 and (done % trainer_cfg.ckpt_every == 0 or done == trainer_cfg.steps):
+        if save_now:
             hooks.on_checkpoint(done, result, engine.save(done))
         if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
             engine.save(done)
@@ -161,6 +199,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             result["preempted"] = True
             break
         bar.update(1)
+        step = done
     bar.close()
     hooks.close()
     if writer is not None:

@@ -48,7 +48,7 @@ def _full_values(kind: str, std: float, shape, dtype, device, seed: int) -> torc
 
 
 @torch.no_grad()
-def _assign(param: torch.Tensor, full: torch.Tensor) -> None:
+def assign_full(param: torch.Tensor, full: torch.Tensor) -> None:
     """Write `full` (the whole tensor) into `param`, or this rank's slice of it for a DTensor."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -75,7 +75,7 @@ def init_weights(model: nn.Module, seed: int, std: float, n_layers: int) -> None
         kind, kind_std = _rule(name, param, owner, std, out_std)
         local = param.to_local() if isinstance(param, DTensor) else param
         full = _full_values(kind, kind_std, param.shape, param.dtype, local.device, tensor_seed(seed, _canonical(name)))
-        _assign(param, full)
+        assign_full(param, full)
     for module in model.modules():
         reset = getattr(module, "reset_buffers", None)
         if reset is not None:

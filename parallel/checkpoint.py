@@ -15,8 +15,10 @@ DCP already loads with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,10 +96,20 @@ def stored_tensors(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]
 def save_sharded(path: Path, state: dict, process_group=None, asynchronous: bool = False):
     """Write `state` (collective); with `asynchronous`, return a future that completes when the
     metadata is written (the checkpoint is complete), the state having been staged to CPU first."""
-    if asynchronous:
-        return dcp.async_save(state, checkpoint_id=str(path), process_group=process_group)
-    dcp.save(state, checkpoint_id=str(path), process_group=process_group)
+    no_dist = not dist.is_initialized()  # one process: no collectives
+    with _single_process_quietly():
+        if asynchronous:
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=process_group, no_dist=no_dist)
+        dcp.save(state, checkpoint_id=str(path), process_group=process_group, no_dist=no_dist)
     return None
+
+
+@contextlib.contextmanager
+def _single_process_quietly():
+    """DCP warns on every single-process save and load that it assumes a single process: it is one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+        yield
 
 
 def load_sharded(path: Path, state: dict) -> None:
@@ -106,13 +118,14 @@ def load_sharded(path: Path, state: dict) -> None:
 
     read_metadata_safely(path)  # refuse a hostile or corrupt file here, in one line, before DCP's machinery runs
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+        with _single_process_quietly():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=not dist.is_initialized())
     except CheckpointError:
         raise
     except (CheckpointException, RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} could not be loaded into this model ({first[:300]}); "
-                              f"resume with the checkpoint's model config, or from another checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} could not be read into this model ({first[:300]}): it is corrupt or "
+                              f"from another model; resume from an earlier checkpoint, or with the checkpoint's model config") from None
 
 
 def model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -141,5 +154,28 @@ def async_process_group():
     return dist.new_group(backend="gloo")
 
 
-__all__ = ["SafeFileSystemReader", "apply_model_and_optimizer_state", "async_process_group", "is_sharded_checkpoint",
+__all__ = ["SafeFileSystemReader", "apply_model_and_optimizer_state", "async_process_group", "is_sharded_checkpoint", "iter_full_tensors", "read_full_tensors",
            "load_sharded", "model_and_optimizer_state", "read_metadata_safely", "save_sharded", "stored_tensors"]
+
+
+def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30):
+    """(name without `prefix`, full tensor) for every stored tensor under `prefix`, loaded in batches of
+    at most `max_bytes` on the CPU of this process alone (no process group): for exports and tools."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = read_metadata_safely(path)
+    items = [(k, v) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)]
+    batch, size = {}, 0
+    for i, (key, meta) in enumerate(items):
+        t = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        batch[key], size = t, size + t.numel() * t.element_size()
+        if size >= max_bytes or i == len(items) - 1:
+            with _single_process_quietly():
+                dcp.load(batch, storage_reader=SafeFileSystemReader(str(path)), no_dist=True)
+            for k, v in batch.items():
+                yield k[len(prefix):], v
+            batch, size = {}, 0
+
+
+def read_full_tensors(path: Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    return dict(iter_full_tensors(path, prefix))

@@ -45,8 +45,7 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         return torch.zeros(())
     total = global_grad_norm(grads)
     if math.isfinite(max_norm):
-        coef = min(1.0, max_norm / (float(total) + 1e-6))  # torch's own rule; one host read per step
-        if coef < 1.0:
-            for g in grads:
-                g.mul_(coef)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's own rule, on the device: no host read
+        for g in grads:
+            (g._local_tensor if hasattr(g, "_local_tensor") else g).mul_(coef)
     return total

@@ -351,8 +351,8 @@ def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tens
 def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     """Write `<out_run_dir>/checkpoints/step_N/` (moeflow layout) from a DeepSpeed checkpoint.
 
-    The result holds the consolidated fp32 weights, the model config, the step, the RNG
-    state and the lr schedule at that step, so `moeflow train resume=<it>` (engine=torch)
+    The result holds the consolidated fp32 weights, the model config, the step and the lr
+    schedule at that step, so `moeflow train resume=<it>` (engine=torch)
     continues the schedule. AdamW's moments are not carried over (ZeRO stores them as flat
     per-rank partitions): the resumed optimizer starts them from zero; meta.json says so.
     """
@@ -371,10 +371,8 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     if want - set(state) or set(state) - set(model.state_dict()):
         raise CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
     state = {k: state[k] for k in sorted(want)}
-    optim_state, sched_state = fresh_optimizer_state(model_cfg, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
-    model_file = next(iter(sorted(found.glob("mp_rank_*_model_states.pt"))), None)
-    ds_state = torch.load(model_file, map_location="cpu", weights_only=False) if model_file else {}
-    trainer_state = {"optimizer": optim_state, "scheduler": sched_state, "rng": ds_state.get("rng") or ckpt.rng_state(), "step": step}
+    _, sched_state = fresh_optimizer_state(model_cfg, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
+    trainer_state = {"scheduler": sched_state, "step": step, "engine": "deepspeed"}
     out_meta = {"model": meta["model"], "config": meta["config"],
                 "converted_from": {"format": "deepspeed", "path": str(found), "optimizer_moments": "reset (not carried over from ZeRO partitions)"}}
     return ckpt.save_checkpoint(Path(out_run_dir), step, state, trainer_state, out_meta, keep=0)
@@ -382,6 +380,8 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
 
 class DeepSpeedEngine:
     """The engine interface (see `torch_engine.TorchEngine`); DeepSpeed owns backward, step and checkpoints."""
+
+    name = "deepspeed"
 
     start = staticmethod(lambda cfg, trainer_cfg: start_distributed(trainer_cfg, cfg.parallel.backend))
 

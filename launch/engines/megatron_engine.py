@@ -25,6 +25,7 @@ checkpoints gather every TP slice too, so they stay single-process checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -44,11 +45,15 @@ from moeflow.parallel.sharded_state import full_model_state, full_optimizer_stat
 
 from .. import resume
 from ..losses import lm_loss
-from ..optim import AdamWStep, build_scheduler, fresh_optimizer_state, replay_schedule
+from ..optim import AdamWStep, build_scheduler, replay_schedule
 from ..runtime import bf16_autocast, start_distributed
-from .torch_engine import grad_sync
 
 log = logging.getLogger("moeflow.train")
+
+
+def grad_sync(ddp, last: bool):
+    """DDP all-reduces gradients on the last micro-batch of a step only (`no_sync` before it)."""
+    return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
 
 
 def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> None:
@@ -96,6 +101,8 @@ class MegatronEngine(AdamWStep):
     """The engine interface (see `torch_engine.TorchEngine`); its optimizer step (expert-shard
     gradient sync, clipping, AdamW) is engine=torch's."""
 
+    name = "megatron"
+
     start = staticmethod(start_megatron)
 
     def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
@@ -110,7 +117,8 @@ class MegatronEngine(AdamWStep):
         self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         load_moeflow_weights(self.gpt, init, model_cfg)
-        self.start_step = resume.resume_run(self)  # a checkpoint's weights replace the initial ones
+        self.writer = resume.CheckpointWriter(self, self.name, asynchronous=bool(trainer_cfg.async_checkpoint))
+        self.start_step = resume.resume_run(self, self.name)  # a checkpoint's weights replace the initial ones
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / trainer_cfg.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
@@ -130,27 +138,35 @@ class MegatronEngine(AdamWStep):
         return loss, self.model.aux_loss().detach()
 
     # -- checkpoints (launch/resume.py) -------------------------------------------------
-    def checkpoint_state(self, step: int):
-        """moeflow-layout weights; the megatron-ordered AdamW state under its own key, and for
-        engine=torch a fresh AdamW state at this step (collective: gathers expert shards)."""
-        weights, megatron_opt = full_model_state(self.gpt), full_optimizer_state(self.gpt, self.opt)
-        if not self.env.is_main:
-            return None
-        torch_opt, torch_sched = fresh_optimizer_state(self.model_cfg, self.cfg.optim, self.cfg.trainer.steps, step)
-        return mck.from_megatron(weights, self.model_cfg), {"optimizer": torch_opt, "scheduler": torch_sched, "megatron_optimizer": megatron_opt}
+    def checkpoint_state(self, with_optimizer: bool = True) -> dict:
+        """moeflow-layout weights and the megatron-ordered AdamW moments, gathered to all experts and
+        TP slices (collective; every rank holds the same full tensors, written once)."""
+        state = {"model": mck.from_megatron(full_model_state(self.gpt), self.model_cfg)}
+        if with_optimizer:
+            from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-    def load_checkpoint_state(self, weights: dict, trainer_state: dict | None) -> None:
+            _init_optim_state(self.opt)  # moments exist before the first step, for a resume to fill them
+            osd = full_optimizer_state(self.gpt, self.opt)
+            state["megatron_optim"] = {str(i): v for i, v in osd["state"].items()}
+        return state
+
+    def schedule_state(self) -> dict:
+        return {}  # the schedule is replayed to the step (the param groups differ from engine=torch's)
+
+    def load_checkpoint_state(self, state: dict | None, trainer_state: dict | None) -> None:
+        if state is not None:
+            load_moeflow_weights(self.gpt, state["model"], self.model_cfg)
+            if "megatron_optim" in state:
+                full = {"state": {int(i): v for i, v in state["megatron_optim"].items()}, "param_groups": self.opt.state_dict()["param_groups"]}
+                self.opt.load_state_dict(local_optimizer_state(self.opt, full))  # this EP rank's expert moments
+        if trainer_state is not None:
+            replay_schedule(self.sched, int(trainer_state["step"]))
+
+    def load_full_weights(self, weights: dict) -> None:
         load_moeflow_weights(self.gpt, weights, self.model_cfg)
-        if trainer_state is None:
-            return
-        if "megatron_optimizer" in trainer_state:
-            self.opt.load_state_dict(local_optimizer_state(self.opt, trainer_state["megatron_optimizer"]))  # this EP rank's expert moments
-        else:
-            log.warning("the checkpoint was not written by engine=megatron: AdamW moments start from zero")
-        replay_schedule(self.sched, int(trainer_state["step"]))  # valid whatever engine wrote it (group counts differ)
 
     def save(self, step: int) -> Path | None:
-        return resume.save_run(self, step, "megatron")
+        return self.writer.save(step)
 
     def extra_result(self) -> dict:
         return {}
@@ -158,6 +174,7 @@ class MegatronEngine(AdamWStep):
     def close(self) -> None:
         from megatron.core import parallel_state as ps
 
+        self.writer.close()
         ps.destroy_model_parallel()
 
 

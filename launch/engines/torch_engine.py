@@ -1,35 +1,40 @@
 """engine=torch: the reference step (autocast forward, backward, clip, AdamW, schedule).
 
-Under torchrun the model is wrapped by `moeflow.parallel.parallelize` (DDP for dense
-parameters, expert parallelism with `parallel.ep`). Checkpoints go through the one
-moeflow-format path (`launch/resume.py`): full weights and optimizer moments (expert shards
-gathered), so a run resumes with any EP size.
+One process: the plain model. Under torchrun: the model is built on the meta device, given
+expert parallelism and FSDP2 on the mesh of `parallel.*` (`moeflow.parallel.parallelize`),
+then materialised shard by shard and initialised exactly as the single-process model would
+be. The loss is divided by the number of data-parallel ranks and gradients are summed, so a
+step equals the single-process step on the global batch. Checkpoints go through
+`launch/resume.py`: sharded (torch.distributed.checkpoint), every rank writing its own shards,
+loadable into any other layout.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from moeflow.moe.model import Transformer
-from moeflow.parallel import parallelize_from_config
+from moeflow.parallel import checkpoint as sharded
+from moeflow.parallel.activation_checkpointing import apply_activation_checkpointing
+from moeflow.parallel.clip import clip_grad_norm_
 from moeflow.parallel.distributed import DistEnv
-from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
+from moeflow.parallel.mesh import build_mesh, dims_from_config
+from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize, reduce_replicated_expert_grads
 
 from .. import resume
+from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
-from ..optim import AdamWStep, build_optimizer, build_scheduler
+from ..optim import build_optimizer, build_scheduler, replay_schedule
 from ..runtime import bf16_autocast, start_distributed
 
-
-def grad_sync(ddp, last: bool):
-    """DDP all-reduces gradients on the last micro-batch of a step only (`no_sync` before it)."""
-    return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
+log = logging.getLogger("moeflow.train")
 
 
-class TorchEngine(AdamWStep):
+class TorchEngine:
     """The engine interface every engine offers the loop in `launch/train.py`:
 
     - `start(cfg, trainer_cfg)` (class method): join the process group -> (DistEnv, device);
@@ -42,50 +47,130 @@ class TorchEngine(AdamWStep):
       `extra_result()`, `close()`.
     """
 
-    start = staticmethod(lambda cfg, trainer_cfg: start_distributed(trainer_cfg, cfg.parallel.backend))
+    name = "torch"
+
+    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend))
 
     def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
-        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, trainer_cfg.grad_accum
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
+        self.grad_accum = trainer_cfg.grad_accum
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
-        self.model = self.eval_model = Transformer(model_cfg).to(device)
-        # DDP + expert parallelism (parallel.ep); before the optimizer, which then holds only this rank's expert shards.
-        self.ddp = parallelize_from_config(self.model, cfg.parallel, device) if env.enabled else None
-        self.data_parallel_rank, self.data_parallel_group = (env.rank, env.world_size), None
+        self.mesh = None
+        if env.enabled:
+            dims = dims_from_config(cfg.parallel, env.world_size)
+            dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
+            self.mesh = build_mesh(dims, device.type)
+            with torch.device("meta"):  # no rank ever holds the whole model
+                self.model = Transformer(model_cfg)
+            self._checkpointing(trainer_cfg)
+            parallelize(self.model, self.mesh, ShardingOptions(
+                param_dtype=torch.bfloat16 if self.use_bf16 else None,
+                overlap_chunks=int(cfg.parallel.overlap_chunks), overlap_shared=bool(cfg.parallel.overlap_shared)))
+            materialize(self.model, device)
+            self.loss_scale = 1.0 / dims.dp  # gradients are summed over the data-parallel ranks
+            self.data_parallel_rank = (env.rank // dims.tp, dims.dp)
+        else:
+            self.model = Transformer(model_cfg).to(device)
+            self._checkpointing(trainer_cfg)
+            self.loss_scale = 1.0
+            self.data_parallel_rank = (0, 1)
+        self.eval_model, self.data_parallel_group = self.model, None
+        self.skip_nonfinite, self.skipped, self.last_stepped = trainer_cfg.on_nonfinite == "skip_step", 0, 0
+        self.last_step_skipped = False  # the loop does not count a skipped step's NaN as a divergence
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
-        self.start_step = resume.resume_run(self)
-        wrapped = self.ddp or self.model
-        self.fwd = torch.compile(wrapped) if trainer_cfg.compile else wrapped
+        self.writer = resume.CheckpointWriter(self, self.name, asynchronous=bool(trainer_cfg.async_checkpoint))
+        self.start_step = resume.resume_run(self, self.name)
+        self.fwd = torch.compile(self.model) if trainer_cfg.compile else self.model
+
+    def _checkpointing(self, trainer_cfg) -> None:
+        n = apply_activation_checkpointing(self.model, trainer_cfg.activation_checkpointing, trainer_cfg.activation_checkpointing_every)
+        if n:
+            log.info("activation checkpointing (%s) on %d of %d blocks", trainer_cfg.activation_checkpointing, n, len(self.model.blocks))
 
     def describe(self) -> str:
         m = self.model
+        layout = f"; {self.mesh.dims.describe()}" if self.mesh is not None else ""
         return (f"model: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(active_only=True) / 1e6:.2f}M active), "
-                f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
+                f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}{layout}")
+
+    def _gradient_sync(self, last: bool):
+        """FSDP reduces gradients on the last micro-batch of a step only."""
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def forward_backward(self, x, y, last: bool):
-        with grad_sync(self.ddp, last):
+        with self._gradient_sync(last):
             with self.autocast():
                 loss = lm_loss(self.fwd(x), y)
                 aux = self.model.aux_loss().to(loss.device)
-            ((loss + aux) / self.grad_accum).backward()
+            ((loss + aux) * (self.loss_scale / self.grad_accum)).backward()
         return loss, aux
 
-    # -- checkpoints (launch/resume.py) -------------------------------------------------
-    def checkpoint_state(self, step: int):
-        weights, opt_state = full_model_state(self.model), full_optimizer_state(self.model, self.opt)  # gathers expert shards (all ranks)
-        return weights, {"optimizer": opt_state, "scheduler": self.sched.state_dict()}
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
+        reduce_replicated_expert_grads(self.model)
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = clip_grad_norm_(list(self.model.parameters()), clip)
+        self.last_step_skipped = self.skip_nonfinite and not bool(torch.isfinite(norm))  # on_nonfinite=skip_step: a host read per step
+        if self.last_step_skipped:
+            self.skipped += 1
+            log.warning("skipped the optimizer step: gradient norm %s (%d skipped so far)", float(norm), self.skipped)
+            if self.skipped_in_a_row() > MAX_SKIPS_IN_A_ROW:
+                raise Diverged(f"{self.skipped_in_a_row()} optimizer steps in a row had a non-finite gradient norm; lower optim.lr")
+        else:
+            self.opt.step()
+            self.sched.step()
+            self.last_stepped = self.skipped
+        self.opt.zero_grad(set_to_none=True)
+        return norm
 
-    def load_checkpoint_state(self, weights: dict, trainer_state: dict | None) -> None:
-        self.model.load_state_dict(local_model_state(self.model, weights), strict=False)  # this rank's expert shards
-        if trainer_state is not None:
-            self.opt.load_state_dict(local_optimizer_state(self.opt, trainer_state["optimizer"]))
+    def skipped_in_a_row(self) -> int:
+        return self.skipped - self.last_stepped
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    # -- checkpoints (launch/resume.py) -------------------------------------------------
+    def checkpoint_state(self, with_optimizer: bool = True) -> dict:
+        return sharded.model_and_optimizer_state(self.model, self.opt if with_optimizer else None)
+
+    def schedule_state(self) -> dict:
+        return {"scheduler": self.sched.state_dict()}
+
+    def load_checkpoint_state(self, state: dict | None, trainer_state: dict | None) -> None:
+        if state is not None:
+            sharded.apply_model_and_optimizer_state(self.model, self.opt if "optim" in state else None, state)
+        if trainer_state is None:
+            return
+        if "scheduler" in trainer_state:
             self.sched.load_state_dict(trainer_state["scheduler"])
+        else:
+            replay_schedule(self.sched, int(trainer_state["step"]))
+
+    @torch.no_grad()
+    def load_full_weights(self, weights: dict) -> None:
+        """Consolidated weights into this rank's parameters (their shards, when sharded)."""
+        from moeflow.moe.init import assign_full
+
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        for name, full in weights.items():
+            target = params.get(name, buffers.get(name))
+            if target is not None:
+                assign_full(target, full.to(device=_local(target).device, dtype=target.dtype))
 
     def save(self, step: int) -> Path | None:
-        return resume.save_run(self, step, "torch")
+        return self.writer.save(step)
 
     def extra_result(self) -> dict:
         return {}
 
     def close(self) -> None:
-        pass
+        self.writer.close()
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -69,8 +69,7 @@ def write_moeflow(folder: Path, moe: Transformer, opts: UpcycleOptions, source: 
     except Exception as e:  # a generated config that does not compose is a bug: report it plainly
         raise UpcycleError(f"the generated Hydra configs do not compose ({' '.join(str(e).split())[:300]})") from None
     meta = {"model": cfg, "config": full, "weights_only": True, "upcycled_from": str(source), "upcycle": opts.to_dict()}
-    ckpt.save_checkpoint(folder, 0, unique_state_dict(moe), {}, meta, keep=0)
-    (folder / "checkpoints" / "step_00000000" / "trainer_state.pt").unlink()  # weights only: training starts fresh
+    ckpt.save_checkpoint(folder, 0, unique_state_dict(moe), None, meta, keep=0)  # weights only: training starts fresh
 
 
 def atomic_output(output: Path, force: bool):

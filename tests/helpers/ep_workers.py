@@ -69,6 +69,7 @@ def _worker(fn_name: str):
 def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float | None = None) -> list:
     """Run `fn_name(rank, world, *args)` on `world` gloo ranks; return each rank's result."""
     timeout = limit(240) if timeout is None else timeout
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn_name, args, str(out_dir)), daemon=True) for r in range(world)]

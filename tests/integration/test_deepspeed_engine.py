@@ -76,8 +76,8 @@ def single_process_run(run_dir: Path, *overrides: str, world: int = 2) -> None:
         def __init__(self, per_rank):
             self.per_rank = per_rank
 
-        def batch(self, step, micro, rank):
-            xs, ys = zip(*(self.per_rank.batch(step, micro, r) for r in range(world)))
+        def batch(self, step, micro, rank=0, ranks=1):
+            xs, ys = zip(*(self.per_rank.batch(step, micro, r, world) for r in range(world)))
             return torch.cat(xs), torch.cat(ys)
 
     def samplers(*args):

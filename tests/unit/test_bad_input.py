@@ -66,11 +66,14 @@ def test_resume_from_a_different_model_shape(tmp_path):
         train(compose_cfg(*TINY, "model.d_model=48", "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")
 
 
-def test_corrupt_checkpoint(tmp_path):
+@pytest.mark.parametrize("damage, match", [("data", "corrupt or from another model.*resume from an earlier checkpoint"),
+                                           ("metadata", "corrupt .metadata.*resume from another checkpoint")])
+def test_corrupt_checkpoint(tmp_path, damage, match):
     train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "a")
-    weights = next((tmp_path / "a" / "checkpoints").iterdir()) / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="corrupt model.safetensors.*resume from an earlier checkpoint"):
+    ckpt_dir = next((tmp_path / "a" / "checkpoints").iterdir())
+    target = next(ckpt_dir.glob("*.distcp")) if damage == "data" else ckpt_dir / ".metadata"
+    target.write_bytes(target.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=match):
         train(compose_cfg(*TINY, "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")
 
 
