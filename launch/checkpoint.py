@@ -37,6 +37,7 @@ META = "meta.json"
 TRAINER_STATE = "trainer_state.json"
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # consolidated weights in several files (large models)
 DCP_METADATA = ".metadata"
 
 
@@ -164,7 +165,7 @@ def remove_temp_dirs(run_dir: Path) -> list[Path]:
 
 # -- finding and reading ------------------------------------------------------------------
 def is_checkpoint(p: Path) -> bool:
-    return (p / META).is_file() and ((p / DCP_METADATA).is_file() or (p / WEIGHTS).is_file())
+    return (p / META).is_file() and any((p / f).is_file() for f in (DCP_METADATA, WEIGHTS, WEIGHTS_INDEX))
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -198,12 +199,33 @@ def read_meta(ckpt: Path) -> dict:
     return _read_json(Path(ckpt) / META)
 
 
+def weight_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a consolidated checkpoint: one, or the shards its index lists."""
+    ckpt = Path(ckpt)
+    if (ckpt / WEIGHTS_INDEX).is_file():
+        index = _read_json(ckpt / WEIGHTS_INDEX)
+        return [ckpt / f for f in sorted(set(index.get("weight_map", {}).values()))]
+    return [ckpt / WEIGHTS]
+
+
 def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """The consolidated weights of a safetensors checkpoint."""
-    try:
-        return load_file(str(ckpt / WEIGHTS))
-    except Exception as e:  # safetensors raises several types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {ckpt} has a corrupt {WEIGHTS} ({e}); delete it or resume from an earlier checkpoint") from None
+    out = {}
+    for f in weight_files(ckpt):
+        try:
+            out.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises several types for truncated/corrupt files
+            raise CheckpointError(f"checkpoint {ckpt} has a corrupt {f.name} ({e}); delete it or resume from an earlier checkpoint") from None
+    return out
+
+
+def load_full_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every weight at full size on the CPU, from either format (tools: export, conversion, upcycling)."""
+    if is_sharded(ckpt):
+        from moeflow.parallel.checkpoint import read_full_tensors
+
+        return read_full_tensors(ckpt, "model.")
+    return load_model_state(ckpt)
 
 
 def load_trainer_state(ckpt: Path) -> dict | None:
@@ -278,8 +300,11 @@ def stored_weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
         return {k[len("model."):]: shape for k, (shape, _) in stored_tensors(ckpt).items() if k.startswith("model.")}
     from safetensors import safe_open
 
-    try:
-        with safe_open(str(ckpt / WEIGHTS), "pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt} has a corrupt {WEIGHTS} ({e}); delete it or resume from an earlier checkpoint") from None
+    shapes = {}
+    for path in weight_files(ckpt):
+        try:
+            with safe_open(str(path), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {ckpt} has a corrupt {path.name} ({e}); delete it or resume from an earlier checkpoint") from None
+    return shapes

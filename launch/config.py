@@ -37,6 +37,7 @@ class TrainerConfig:
     activation_checkpointing_every: int = 1
     async_checkpoint: bool = False
     on_nonfinite: str = "stop"
+    collective_timeout: float = 600.0
 
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:
@@ -139,6 +140,9 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
 
     p = _container(cfg.parallel)
     world = launch_world(cfg)
+    ep = p.get("ep", 1)
+    if isinstance(ep, int) and ep > 0 and model_cfg.num_experts % ep:
+        raise ConfigError(f"parallel.ep={ep} does not divide model.num_experts={model_cfg.num_experts}; pick an ep that divides the number of experts")
     if engine_name(cfg) == "torch":
         dims = dims_from_config(p, world)
         dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
@@ -152,6 +156,9 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
+    from . import schema
+
+    schema.check(cfg)  # types and ranges of every key first
     trainer_cfg = trainer_config(cfg)
     model_cfg = model_config(cfg, resolve_device(trainer_cfg.device))
     check_data(cfg, model_cfg)

@@ -3,6 +3,7 @@
   moeflow convert deepspeed-to-moeflow RUN_OR_DS_CKPT OUT_RUN_DIR
   moeflow convert moeflow-to-megatron  RUN_OR_CKPT OUT_DIR [--layout sequential|te_grouped|grouped]
   moeflow convert megatron-to-moeflow  MEGATRON_CKPT OUT_RUN_DIR --n-heads N --top-k K
+  moeflow convert moeflow-to-safetensors RUN_OR_CKPT OUT_RUN_DIR [--shard-gib 5]
 
 Outputs: moeflow checkpoints land in OUT_RUN_DIR/checkpoints/step_N/ (resume with
 `moeflow train resume=...`); megatron checkpoints in megatron's torch format
@@ -19,7 +20,7 @@ def deepspeed_to_moeflow(args) -> Path:
     from moeflow.launch.engines.deepspeed_engine import convert_to_moeflow
 
     require("deepspeed")
-    return convert_to_moeflow(args.src, args.out)
+    return convert_to_moeflow(args.src, args.out, trust=args.trust_checkpoint)
 
 
 def moeflow_to_megatron(args) -> Path:
@@ -32,7 +33,7 @@ def moeflow_to_megatron(args) -> Path:
         raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
     meta = ckpt.read_meta(found)
     model_cfg = ModelConfig(**meta["model"])
-    state = mck.to_megatron(ckpt.load_model_state(found), model_cfg, layout=args.layout)
+    state = mck.to_megatron(ckpt.load_full_weights(found), model_cfg, layout=args.layout)
     extra = {"moeflow_model": model_cfg.to_dict(), "megatron_router_config": mck.router_config(model_cfg)}  # the TransformerConfig router fields to train it with
     return mck.save_megatron(state, args.out, int(meta["step"]), extra)
 
@@ -41,7 +42,7 @@ def megatron_to_moeflow(args) -> Path:
     from moeflow.launch import checkpoint as ckpt
     from moeflow.parallel.integrations import megatron_ckpt as mck
 
-    state, whole = mck.load_megatron(args.src)
+    state, whole = mck.load_megatron(args.src, trust=args.trust_checkpoint)
     if "moeflow_model" in whole:  # written by moeflow-to-megatron: the exact config travels along
         from moeflow.moe.model import ModelConfig
 
@@ -56,7 +57,57 @@ def megatron_to_moeflow(args) -> Path:
     return ckpt.save_checkpoint(Path(args.out), step, weights, {"step": step}, meta, keep=0)
 
 
-ACTIONS = {"deepspeed-to-moeflow": deepspeed_to_moeflow, "moeflow-to-megatron": moeflow_to_megatron, "megatron-to-moeflow": megatron_to_moeflow}
+def moeflow_to_safetensors(args) -> Path:
+    """A sharded (DCP) checkpoint -> a consolidated one: weights in safetensors files of at most
+    --shard-gib each (with an index when there are several), streamed tensor batch by tensor batch
+    on this machine's CPU, so no process ever holds more than a batch; the step and schedule come
+    along (optimizer moments do not: the result resumes with fresh ones)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from moeflow.launch import checkpoint as ckpt
+    from moeflow.parallel.checkpoint import iter_full_tensors
+
+    found = ckpt.find_checkpoint(args.src)
+    if found is None:
+        raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
+    if not ckpt.is_sharded(found):
+        raise ckpt.CheckpointError(f"{found} is consolidated already (safetensors); nothing to convert")
+    meta, trainer_state = ckpt.read_meta(found), ckpt.load_trainer_state(found)
+    step = int(meta.get("step", (trainer_state or {}).get("step", 0)))
+    tmp = ckpt.temp_dir(args.out, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    limit = int(args.shard_gib * 2**30)
+    files, shard, size, weight_map = [], {}, 0, {}
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name))
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    for name, tensor in iter_full_tensors(found, "model.", max_bytes=limit):
+        if size and size + tensor.numel() * tensor.element_size() > limit:
+            flush()
+        shard[name], size = tensor.contiguous(), size + tensor.numel() * tensor.element_size()
+    flush()
+    if len(files) == 1:
+        (tmp / files[0]).rename(tmp / ckpt.WEIGHTS)
+    else:
+        (tmp / ckpt.WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1))
+    out_state = {k: v for k, v in (trainer_state or {}).items() if k in ("step", "scheduler", "engine", "global_batch")} or None
+    meta = {**meta, "format": "safetensors", "converted_from": {"format": "dcp", "path": str(found)}}
+    return ckpt.commit(tmp, meta, out_state, keep=0)
+
+
+ACTIONS = {"deepspeed-to-moeflow": deepspeed_to_moeflow, "moeflow-to-megatron": moeflow_to_megatron, "megatron-to-moeflow": megatron_to_moeflow,
+           "moeflow-to-safetensors": moeflow_to_safetensors}
 
 
 def main(argv: list[str]) -> None:
@@ -69,6 +120,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--layout", choices=LAYOUTS, default="sequential", help="megatron expert layout to write (moeflow-to-megatron)")
     ap.add_argument("--n-heads", type=int, help="attention heads (megatron-to-moeflow, not in the weights)")
     ap.add_argument("--top-k", type=int, help="experts per token (megatron-to-moeflow, not in the weights)")
+    ap.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file (moeflow-to-safetensors)")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="DeepSpeed and megatron torch-format checkpoints are pickles, which can run code when loaded: load them only with this flag")
     args = ap.parse_args(argv)
     out = ACTIONS[args.action](args)  # bad input raises MoeflowError: the CLI prints it in one line
     print(f"wrote {out}")

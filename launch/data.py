@@ -6,6 +6,7 @@ uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import json
 import sysconfig
 import zlib
 from dataclasses import dataclass
@@ -74,15 +75,45 @@ def load_text(path: str, glob: str, val_percent: float, max_bytes: int | None) -
     return load_text_files(p, files, val_percent, max_bytes, f"{len(files)} text files under {p}")
 
 
+TOKEN_META = "meta.json"  # beside a prepared token file (`moeflow data prepare`): dtype, vocab, tokenizer, counts
+
+
+def token_file_meta(path: Path) -> dict | None:
+    """The metadata `moeflow data prepare` writes beside its token files, if there is any."""
+    meta = Path(path).parent / TOKEN_META
+    if not meta.is_file():
+        return None
+    try:
+        found = json.loads(meta.read_text())
+    except ValueError:
+        raise DataError(f"{meta} is not valid JSON; prepare the data again (moeflow data prepare)") from None
+    return found if isinstance(found, dict) and "dtype" in found else None
+
+
+def _looks_like_text(p: Path) -> bool:
+    head = p.read_bytes()[:4096] if p.stat().st_size < 2**20 else open(p, "rb").read(4096)
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    return len(head) > 0 and printable / len(head) > 0.95
+
+
 def load_memmap(path: str, val_path: str | None, dtype: str, val_percent: float) -> TokenSplits:
     if dtype not in ("uint16", "uint32"):
         raise DataError(f"data.dtype={dtype} is not supported; use uint16 or uint32")
+    meta = token_file_meta(Path(path))
+    if meta is not None and meta["dtype"] != dtype:
+        raise DataError(f"{path} holds {meta['dtype']} tokens (its {TOKEN_META}) but data.dtype={dtype}; set data.dtype={meta['dtype']}")
+    itemsize = np.dtype(dtype).itemsize
 
     def open_bin(p: str) -> np.ndarray:
         if not Path(p).is_file():
             raise DataError(f"{p} does not exist; pass a pre-tokenized .bin file")
-        if Path(p).stat().st_size < np.dtype(dtype).itemsize * 2:
+        size = Path(p).stat().st_size
+        if size < itemsize * 2:
             raise DataError(f"{p} is empty; pass a pre-tokenized .bin file with tokens in it")
+        if meta is None and _looks_like_text(Path(p)):
+            raise DataError(f"{p} looks like text, not a token file; tokenize it first (moeflow data prepare) or train on it as bytes with data=text")
+        if size % itemsize:
+            raise DataError(f"{p} is {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes each): a truncated file, or the wrong data.dtype")
         return np.memmap(p, dtype=dtype, mode="r")
 
     train = open_bin(path)
@@ -91,7 +122,7 @@ def load_memmap(path: str, val_path: str | None, dtype: str, val_percent: float)
     else:
         cut = int(len(train) * (1 - val_percent / 100))
         train, val = train[:cut], train[cut:]
-    vocab = int(max(train.max(initial=0), val.max(initial=0))) + 1
+    vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else int(max(train.max(initial=0), val.max(initial=0))) + 1
     return TokenSplits(train, val, vocab, f"memmap {path} ({dtype})")
 
 

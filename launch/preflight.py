@@ -18,18 +18,40 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moeflow.moe.errors import ConfigError
 
+from . import schema
+
 
 # Flags after which Hydra prints something instead of running: let it.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
 
 
-def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+def _all_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (values not read: a mandatory `???` one is fine)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
     keys = []
     for k, v in cfg.items():
         full = f"{prefix}{k}"
         keys.append(full)
-        if isinstance(v, DictConfig):
+        if isinstance(v, dict):
             keys += _all_keys(v, full + ".")
+    return keys
+
+
+def _keys_of_other_choices(group: str) -> set[str]:
+    """Every `group.key` some choice of config group `group` has (from the shipped YAML files)."""
+    import importlib.resources
+
+    import yaml
+
+    root = importlib.resources.files("moeflow.configs") / group
+    if not root.is_dir():
+        return set()
+    keys = set()
+    for f in root.iterdir():
+        if f.name.endswith(".yaml"):
+            body = yaml.safe_load(f.read_text()) or {}
+            keys |= {f"{group}.{k}" for k in body if k != "defaults"}
     return keys
 
 
@@ -40,8 +62,14 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     m = re.search(r"Key '([^']+)' is not in struct", text) or re.search(r"Could not override '([^']+)'", text)
     if m:
         key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if m.group(1) in o.split("=", 1)[0]), m.group(1))
+        groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith(("+", "~", "hydra"))]
         with initialize_config_module(config_module="moeflow.configs", version_base=None):
-            known = _all_keys(compose(config_name="train"))
+            known = _all_keys(compose(config_name="train", overrides=groups))  # the keys of the chosen groups
+        group = key.split(".", 1)[0]
+        if key in _keys_of_other_choices(group):
+            choice = next((o.split("=", 1)[1] for o in groups if o.split("=", 1)[0] == group), "the default")
+            mine = sorted(k.split(".", 1)[1] for k in known if k.startswith(group + ".") and k.count(".") == 1)
+            return f"'{key}' is not a key of {group}={choice} (only of other {group} choices); its keys are: {', '.join(mine)}"
         close = difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}; list the valid keys with `moeflow train --cfg job`"
@@ -74,10 +102,22 @@ def check_output_dir(path: str | Path) -> None:
         raise ConfigError(f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder")
 
 
+def check_resume_has_a_run_dir(cfg, args: list[str]) -> None:
+    """resume=auto looks in the run dir; the default one is new for every run, so it would never find anything."""
+    import os
+
+    explicit = any(a.startswith("hydra.run.dir=") for a in args) or os.environ.get("MOEFLOW_LAUNCHED") == "1"
+    if cfg.get("resume") == "auto" and not explicit and cfg.get("launcher", {}).get("name", "none") in ("none", "local"):
+        raise ConfigError("resume=auto continues the run in hydra.run.dir, but none was given and the default (outputs/<date>/<time>) "
+                          "is new for every run; pass hydra.run.dir=<the run's dir>, or resume=<a run or checkpoint dir>")
+
+
 def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
     cfg = compose_checked(args)  # Hydra alone: a typo is reported before torch is imported
+    schema.check(cfg)  # every value's type and range, still without torch
+    check_resume_has_a_run_dir(cfg, args)
     check_output_dir(cfg.hydra.run.dir)
     from .config import validate  # torch, the model and its gates: the semantic checks
 

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
 
 from moeflow.moe.errors import CheckpointError
@@ -52,17 +53,20 @@ class CheckpointWriter:
         done = self.finish()
         e = self.engine
         tmp = ckpt.temp_dir(e.run_dir, step)
-        if _rank() == 0:
-            tmp.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        ckpt.write_rng(tmp, _rank())
-        trainer_state = {"step": step, "engine": self.engine_name, "global_batch": global_batch(e), **e.schedule_state()}
-        meta = {"model": e.model_cfg.to_dict(), "config": OmegaConf.to_container(e.cfg, resolve=True), "engine": self.engine_name,
-                "step": step, "format": "dcp"}
-        future = sharded.save_sharded(tmp, e.checkpoint_state(with_optimizer=True), process_group=self.group, asynchronous=self.asynchronous)
-        if future is None:
-            _barrier()  # every rank's shards are on disk
-            return self._commit(tmp, step, trainer_state, meta) or done
+        try:
+            if _rank() == 0:
+                tmp.mkdir(parents=True, exist_ok=True)
+            _barrier()
+            ckpt.write_rng(tmp, _rank())
+            trainer_state = {"step": step, "engine": self.engine_name, "global_batch": global_batch(e), **e.schedule_state()}
+            meta = {"model": e.model_cfg.to_dict(), "config": OmegaConf.to_container(e.cfg, resolve=True), "engine": self.engine_name,
+                    "step": step, "format": "dcp"}
+            future = sharded.save_sharded(tmp, e.checkpoint_state(with_optimizer=True), process_group=self.group, asynchronous=self.asynchronous)
+            if future is None:
+                _barrier()  # every rank's shards are on disk
+                return self._commit(tmp, step, trainer_state, meta) or done
+        except (Exception, CheckpointException) as err:  # a full disk, a read-only dir: one line, no temp dir left behind
+            raise save_failed(tmp, step, err) from None
         self.pending = (future, tmp, step, trainer_state, meta)
         return done
 
@@ -72,8 +76,11 @@ class CheckpointWriter:
             return None
         future, tmp, step, trainer_state, meta = self.pending
         self.pending = None
-        future.result()  # raises if the write failed: the temp dir is never committed
-        return self._commit(tmp, step, trainer_state, meta)
+        try:
+            future.result()  # raises if the write failed: the temp dir is never committed
+            return self._commit(tmp, step, trainer_state, meta)
+        except (Exception, CheckpointException) as err:
+            raise save_failed(tmp, step, err) from None
 
     def _commit(self, tmp: Path, step: int, trainer_state: dict, meta: dict) -> Path | None:
         if _rank() != 0:
@@ -84,6 +91,24 @@ class CheckpointWriter:
 
     def close(self) -> None:
         self.finish()
+
+
+def save_failed(tmp: Path, step: int, err: BaseException) -> CheckpointError:
+    """The one-line error for a checkpoint that could not be written; its temp dir is removed."""
+    import errno
+    import shutil
+
+    text = f"{err} {getattr(err, '__cause__', '') or ''}"
+    codes = {getattr(e, "errno", None) for e in (err, err.__cause__, err.__context__) if e is not None}
+    if errno.ENOSPC in codes or errno.EFBIG in codes or "No space left" in text or "File too large" in text:
+        why, fix = "the disk is full (or a file-size limit was hit)", "free space, or point hydra.run.dir at a disk with room, and resume"
+    elif errno.EROFS in codes or errno.EACCES in codes or "Read-only file system" in text or "Permission denied" in text:
+        why, fix = "the run dir is not writable (read-only or no permission)", "make it writable, or choose another hydra.run.dir, and resume"
+    else:
+        why, fix = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}", "resume from the last checkpoint"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointError(f"could not write checkpoint step {step} into {tmp.parent}: {why}; {fix}")
 
 
 def global_batch(engine) -> int:
@@ -107,6 +132,10 @@ def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
         return None
     where = Path(run_dir) if resume == "auto" else Path(str(resume)).expanduser()
     found = ckpt.find_checkpoint(where)
+    deepspeed_like = (where / ckpt.CKPT_DIR / "deepspeed").is_dir() or any(where.glob("mp_rank_*_model_states.pt")) or any(where.glob("*/mp_rank_*_model_states.pt"))
+    if found is None and deepspeed_like:
+        raise CheckpointError(f"resume={resume}: {where} holds DeepSpeed checkpoints; resume them with engine=deepspeed, or convert one "
+                              f"for this engine: moeflow convert deepspeed-to-moeflow {where} OUT --trust-checkpoint")
     if found is None and resume != "auto":
         raise CheckpointError(f"resume={resume}: no checkpoint found there; pass a run dir with checkpoints/ or a checkpoint dir")
     if found is None:

@@ -23,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
 def start_distributed(trainer_cfg, backend: str) -> tuple[DistEnv, torch.device]:
     """Join the process group (torchrun's env, else one process) and pick this rank's device."""
     device = resolve_device(trainer_cfg.device)
-    env = init_distributed(device.type, backend)
+    env = init_distributed(device.type, backend, float(getattr(trainer_cfg, "collective_timeout", 600.0)))
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     return env, device

@@ -32,6 +32,7 @@ from .data import BatchSampler, training_samplers
 from .engines import engine_class, engine_name
 from .losses import lm_loss
 from .run_hooks import RunHooks
+from .watchdog import Heartbeat, is_timeout
 
 log = logging.getLogger("moeflow.train")
 
@@ -146,60 +147,70 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     bar = tqdm(total=trainer_cfg.steps, initial=start_step, disable=not (trainer_cfg.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
     hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
     guard = DivergenceGuard(trainer_cfg.on_nonfinite)
-    t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
-    step = start_step
-    while step < trainer_cfg.steps:
-        set_gate_step(model, step)
-        loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
-        for micro in range(trainer_cfg.grad_accum):
-            x, y = train_data.batch(step, micro, data_rank, data_ranks, attempt)
-            loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1)
-            loss_sum += loss.detach().float()
-        grad_norm = engine.optimizer_step()
-        done = step + 1
-        tokens_since += tokens_per_step
+    heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
 
-        log_now = done % trainer_cfg.log_every == 0 or done == trainer_cfg.steps
-        eval_now = trainer_cfg.eval_every > 0 and (done % trainer_cfg.eval_every == 0 or done == trainer_cfg.steps)
-        save_now = trainer_cfg.ckpt_every > 0 and (done % trainer_cfg.ckpt_every == 0 or done == trainer_cfg.steps)
-        if log_now or eval_now or save_now:  # read the loss (the mean over data-parallel ranks) and check it
-            train_loss = mean_over(loss_sum / trainer_cfg.grad_accum, engine.data_parallel_group).item()
-            norm = None if grad_norm is None else float(grad_norm)
-            result.update(step=done, train_loss=train_loss)
-            if not finite(train_loss, norm) and not getattr(engine, "last_step_skipped", False):
-                last_good = ckpt.find_checkpoint(run_dir)
-                guard.on_nonfinite(done, train_loss, norm, last_good)  # raises unless it rolls back
-                step, attempt = engine_rollback(engine, last_good), attempt + 1
-                bar.reset(total=trainer_cfg.steps)
-                bar.update(step)
-                continue
-        if env.enabled and log_now:
-            sync_routing_stats(model, engine.data_parallel_group)  # collective: routing statistics of the global batch
-        if env.is_main and log_now:
-            elapsed = time.perf_counter() - t_last
-            tok_s = tokens_since / max(elapsed, 1e-9)
-            t_last, tokens_since = time.perf_counter(), 0
-            scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": norm, "train/tokens_per_s": tok_s}
-            for k, v in scalars.items():
-                if v is not None:  # DeepSpeed has no grad norm without clipping
-                    writer.add_scalar(k, v, done)
-            log_routing(writer, stats_file, model, done)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if eval_now:
-            val = evaluate_now()
-            result["val_loss"] = val
-            if env.is_main:
-                report_val(val, done)
-                log.info("step %d: train loss %.4f, val loss %.4f %s", done, train_loss, val, loss_readings(val, byte_level)[0])
-        if save_now:
-            hooks.on_checkpoint(done, result, engine.save(done))
-        if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
-            engine.save(done)
-            hooks.on_preempted(done)
-            result["preempted"] = True
-            break
-        bar.update(1)
-        step = done
+    t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
+    try:
+        step = start_step
+        while step < trainer_cfg.steps:
+            set_gate_step(model, step)
+            loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
+            for micro in range(trainer_cfg.grad_accum):
+                x, y = train_data.batch(step, micro, data_rank, data_ranks, attempt)
+                loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1)
+                heartbeat.step = step
+                loss_sum += loss.detach().float()
+            grad_norm = engine.optimizer_step()
+            done = step + 1
+            tokens_since += tokens_per_step
+
+            log_now = done % trainer_cfg.log_every == 0 or done == trainer_cfg.steps
+            eval_now = trainer_cfg.eval_every > 0 and (done % trainer_cfg.eval_every == 0 or done == trainer_cfg.steps)
+            save_now = trainer_cfg.ckpt_every > 0 and (done % trainer_cfg.ckpt_every == 0 or done == trainer_cfg.steps)
+            if log_now or eval_now or save_now:  # read the loss (the mean over data-parallel ranks) and check it
+                train_loss = mean_over(loss_sum / trainer_cfg.grad_accum, engine.data_parallel_group).item()
+                norm = None if grad_norm is None else float(grad_norm)
+                result.update(step=done, train_loss=train_loss)
+                if not finite(train_loss, norm) and not getattr(engine, "last_step_skipped", False):
+                    last_good = ckpt.find_checkpoint(run_dir)
+                    guard.on_nonfinite(done, train_loss, norm, last_good)  # raises unless it rolls back
+                    step, attempt = engine_rollback(engine, last_good), attempt + 1
+                    bar.reset(total=trainer_cfg.steps)
+                    bar.update(step)
+                    continue
+            if env.enabled and log_now:
+                sync_routing_stats(model, engine.data_parallel_group)  # collective: routing statistics of the global batch
+            if env.is_main and log_now:
+                elapsed = time.perf_counter() - t_last
+                tok_s = tokens_since / max(elapsed, 1e-9)
+                t_last, tokens_since = time.perf_counter(), 0
+                scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": norm, "train/tokens_per_s": tok_s}
+                for k, v in scalars.items():
+                    if v is not None:  # DeepSpeed has no grad norm without clipping
+                        writer.add_scalar(k, v, done)
+                log_routing(writer, stats_file, model, done)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            if eval_now:
+                val = evaluate_now()
+                result["val_loss"] = val
+                if env.is_main:
+                    report_val(val, done)
+                    log.info("step %d: train loss %.4f, val loss %.4f %s", done, train_loss, val, loss_readings(val, byte_level)[0])
+            if save_now:
+                hooks.on_checkpoint(done, result, engine.save(done))
+            if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
+                engine.save(done)
+                hooks.on_preempted(done)
+                result["preempted"] = True
+                break
+            bar.update(1)
+            step = done
+    except Exception as e:
+        if env.enabled and is_timeout(e):
+            raise heartbeat.explain(e, trainer_cfg.collective_timeout) from None
+        raise
+    finally:
+        heartbeat.close()
     bar.close()
     hooks.close()
     if writer is not None:

@@ -52,8 +52,21 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Reject impossible shapes with a message that names the fix."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff", "num_experts", "top_k"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+            need(is_int(getattr(self, name)) and getattr(self, name) > 0, f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("dense_d_ff", "n_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v > 0), f"model.{name} must be a positive integer or null, got {v!r}")
+        for name in ("moe_every", "shared_experts"):
+            need(is_int(getattr(self, name)), f"model.{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("attn_bias", "qk_norm", "tie_embeddings", "experts_gather_rows"):
+            need(isinstance(getattr(self, name), bool), f"model.{name} must be true or false, got {getattr(self, name)!r}")
+        for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0), ("init_std", -1e-300)):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > low, f"model.{name} must be a number > {max(low, 0):g}, got {v!r}")
         if self.head_dim is None:
             need(self.d_model % self.n_heads == 0, f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; pick n_heads that divides d_model")
         need(self.head_size > 0 and self.head_size % 2 == 0, f"head size {self.head_size} must be even (and positive) for rotary embeddings; change model.head_dim or model.n_heads")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str, backend: str = "auto") -> DistEnv:
-    """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets it)."""
+def init_distributed(device_type: str, backend: str = "auto", timeout_s: float | None = None) -> DistEnv:
+    """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets it); every collective
+    then waits at most `timeout_s` for its peers (None: torch's default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     env = DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
@@ -32,7 +34,8 @@ def init_distributed(device_type: str, backend: str = "auto") -> DistEnv:
             backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend=backend)
+        kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        dist.init_process_group(backend=backend, **kwargs)
     return env
 
 

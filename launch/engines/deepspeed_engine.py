@@ -54,10 +54,62 @@ def _engine_cfg(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.engine, resolve=True)
 
 
+# DeepSpeed keys moeflow derives from its own config: a user JSON may repeat them only with the
+# same value; otherwise the run would silently not be the one the moeflow config describes.
+DERIVED_KEYS = {
+    ("train_micro_batch_size_per_gpu",): "data.batch_size",
+    ("gradient_accumulation_steps",): "trainer.grad_accum",
+    ("gradient_clipping",): "optim.grad_clip",
+    ("zero_optimization", "stage"): "engine.zero_stage",
+    ("bf16", "enabled"): "trainer.precision",
+    ("fp16", "enabled"): "trainer.precision",
+    ("optimizer",): "optim.* (moeflow's AdamW is the optimizer)",
+    ("scheduler",): "optim.schedule and optim.warmup_steps (moeflow's schedule)",
+    ("train_batch_size",): "data.batch_size x trainer.grad_accum x the number of ranks",
+}
+
+
+def _lookup(d: dict, path: tuple):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return _MISSING
+        d = d[k]
+    return d
+
+
+_MISSING = object()
+
+
+def _bf16(cfg: DictConfig, device) -> bool:
+    return cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device is not None and device.type == "cuda")
+
+
+def check_user_config(cfg: DictConfig, device=None) -> None:
+    """Every key of engine.config_file that moeflow derives must agree with the derived value."""
+    path = _engine_cfg(cfg).get("config_file")
+    if not path:
+        return
+    user = read_user_config(path)
+    generated = deepspeed_config(cfg, use_bf16=_bf16(cfg, device), include_user=False)
+    for key, moeflow_key in DERIVED_KEYS.items():
+        theirs, ours = _lookup(user, key), _lookup(generated, key)
+        if theirs is _MISSING or theirs == ours:
+            continue
+        shown = ".".join(key)
+        raise ConfigError(f"engine.config_file={path} sets {shown}={json.dumps(theirs)}, which moeflow derives from {moeflow_key}"
+                          f"{'' if ours is _MISSING else f' (here {json.dumps(ours)})'}; set it there and remove {shown} from the file")
+
+
 def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
-    """Reject option combinations DeepSpeed cannot run, saying which and why."""
+    """Reject option combinations DeepSpeed cannot run, saying which and why (on the merged config)."""
     e = _engine_cfg(cfg)
-    stage, offload = e.get("zero_stage"), bool(e.get("offload_optimizer"))
+    path = e.get("config_file")
+    if path and not Path(str(path)).expanduser().is_file():
+        raise ConfigError(f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)")
+    check_user_config(cfg, device)
+    merged = deepspeed_config(cfg, use_bf16=_bf16(cfg, device))
+    zero = merged.get("zero_optimization", {})
+    stage, offload = zero.get("stage"), "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
     ep = int(cfg.parallel.get("ep", 1))
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
@@ -67,11 +119,6 @@ def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
         raise ConfigError(f"engine.zero_stage=3 conflicts with parallel.ep={ep}: DeepSpeed's ZeRO-3 takes expert parallelism only for its own AutoEP layers ('Native DeepSpeed MoE is not supported with ZeRO Stage 3'), not for moeflow's MoE layers; use engine.zero_stage=1 or 2 with expert parallelism")
     if ep > 1 and stage == 0:
         raise ConfigError(f"engine.zero_stage=0 conflicts with parallel.ep={ep}: without ZeRO, DeepSpeed clips by the mean of per-rank gradient norms, which with experts sharded over EP is not the global norm; use engine.zero_stage=1 or 2 with expert parallelism")
-    path = e.get("config_file")
-    if path and not Path(str(path)).expanduser().is_file():
-        raise ConfigError(f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)")
-    if path:
-        read_user_config(path)
 
 
 def read_user_config(path) -> dict:
@@ -88,8 +135,8 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: DictConfig, use_bf16: bool) -> dict:
-    """The DeepSpeed JSON for this Hydra config (user JSON merged over it)."""
+def deepspeed_config(cfg: DictConfig, use_bf16: bool, include_user: bool = True) -> dict:
+    """The DeepSpeed JSON for this Hydra config (the user JSON merged over it, its derived keys checked to agree)."""
     e = _engine_cfg(cfg)
     zero = {"stage": int(e["zero_stage"]), "contiguous_gradients": True, "reduce_scatter": True, "overlap_comm": False}
     if e.get("offload_optimizer"):
@@ -106,7 +153,7 @@ def deepspeed_config(cfg: DictConfig, use_bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if e.get("config_file"):
+    if include_user and e.get("config_file"):
         generated = _merge(generated, read_user_config(e["config_file"]))
     return generated
 
@@ -248,14 +295,22 @@ def save(engine, run_dir: Path, step: int, cfg: DictConfig, model_cfg: dict, is_
     return root / tag(step)
 
 
+def _is_deepspeed_checkpoint(p: Path) -> bool:
+    return (p / ckpt.META).is_file() and (any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("zero_pp_rank_*_model_states.pt")))
+
+
 def list_checkpoints(root: Path) -> list[Path]:
-    return ckpt.list_checkpoints(root)
+    """The complete DeepSpeed checkpoints under `root` (meta.json, written last, marks one), by step."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(ckpt.PREFIX) and _is_deepspeed_checkpoint(p)]
+    return sorted(done, key=lambda p: int(p.name[len(ckpt.PREFIX):]))
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
     """A DeepSpeed checkpoint tag dir, or the latest one of a run dir."""
     p = Path(path)
-    if (p / "meta.json").exists() and (any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("zero_pp_rank_*_model_states.pt"))):
+    if _is_deepspeed_checkpoint(p):
         return p
     found = list_checkpoints(p / ckpt.CKPT_DIR / DS_DIR) or list_checkpoints(p / DS_DIR) or list_checkpoints(p)
     return found[-1] if found else None
@@ -276,6 +331,8 @@ def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
     diffs = ckpt.model_shape_diffs(meta.get("model", {}), engine.module.cfg.to_dict())
     if diffs:
         raise CheckpointError(f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})")
+    if not bool(cfg.engine.get("trust_checkpoint", False)):
+        raise CheckpointError(f"resume={cfg.resume} would load {found}: {PICKLE_WARNING}; pass engine.trust_checkpoint=true to resume it")
     saved_ep, ep = checkpoint_ep(meta), int(cfg.parallel.get("ep", 1))
     if saved_ep != ep:
         raise CheckpointError(f"checkpoint {found} was written with parallel.ep={saved_ep} and ZeRO keeps expert state per EP rank; resume with parallel.ep={saved_ep}, or convert it (moeflow convert deepspeed-to-moeflow) and resume the moeflow checkpoint with any EP")
@@ -348,7 +405,11 @@ def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tens
     return state
 
 
-def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
+PICKLE_WARNING = ("DeepSpeed's checkpoints are pickles (its own format), and unpickling can run any code the files hold; "
+                  "load only checkpoints you (or someone you trust) wrote")
+
+
+def convert_to_moeflow(src: str | Path, out_run_dir: str | Path, trust: bool = False) -> Path:
     """Write `<out_run_dir>/checkpoints/step_N/` (moeflow layout) from a DeepSpeed checkpoint.
 
     The result holds the consolidated fp32 weights, the model config, the step and the lr
@@ -361,6 +422,8 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path) -> Path:
     found = find_checkpoint(src)
     if found is None:
         raise CheckpointError(f"{src}: no DeepSpeed checkpoint there; pass an engine=deepspeed run dir or its checkpoints/deepspeed/step_* dir")
+    if not trust:
+        raise CheckpointError(f"{found}: {PICKLE_WARNING}; pass --trust-checkpoint to convert it")
     meta = ckpt.read_meta(found)
     step = int(meta["step"])
     state = consolidated_state_dict(found, checkpoint_ep(meta))

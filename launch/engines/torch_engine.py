@@ -69,8 +69,10 @@ class TorchEngine:
             materialize(self.model, device)
             self.loss_scale = 1.0 / dims.dp  # gradients are summed over the data-parallel ranks
             self.data_parallel_rank = (env.rank // dims.tp, dims.dp)
-        else:
-            self.model = Transformer(model_cfg).to(device)
+        else:  # also built on meta and materialised on the device: no host copy of the weights
+            with torch.device("meta"):
+                self.model = Transformer(model_cfg)
+            materialize(self.model, device)
             self._checkpointing(trainer_cfg)
             self.loss_scale = 1.0
             self.data_parallel_rank = (0, 1)

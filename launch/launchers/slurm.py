@@ -59,6 +59,48 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return BasicSweeper.split_arguments(parsed, None)[0]
 
 
+# What each launcher field may hold before it reaches an sbatch script. #SBATCH lines take no
+# quoting, so values that land there must be single tokens of safe characters; values that land
+# in the shell body are quoted (shlex) by `render`. A value outside its pattern is refused.
+SAFE_TOKEN = re.compile(r"^[A-Za-z0-9._:@%+=,/~-]+$")
+FIELD_PATTERNS = {
+    "job_name": SAFE_TOKEN, "partition": SAFE_TOKEN, "account": SAFE_TOKEN, "qos": SAFE_TOKEN, "constraint": re.compile(r"^[A-Za-z0-9._:@%+=,/|&*\[\]()!-]+$"),
+    "mem": re.compile(r"^[0-9]+[KMGT]?$"), "time": re.compile(r"^[0-9]+(-[0-9]{1,2})?(:[0-9]{1,2}){0,2}$|^(?i:unlimited|infinite)$"),
+    "output_root": SAFE_TOKEN,
+}
+INT_FIELDS = {"nodes": 1, "nproc_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1, "signal_seconds": 1, "rdzv_port": 1, "ray_port": 1, "ray_wait_s": 1}
+BOOL_FIELDS = ("exclusive", "requeue")
+
+
+def check_launcher(s: DictConfig) -> None:
+    """Every field typed and every value safe for where it lands in the script; one line per problem."""
+    for name, low in INT_FIELDS.items():
+        v = s.get(name)
+        if v is None and name in ("cpus_per_task", "rdzv_port", "ray_port"):
+            continue
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"launcher.{name} must be an integer >= {low}, got {v!r}")
+    for name in BOOL_FIELDS:
+        if not isinstance(s.get(name), bool):
+            raise ConfigError(f"launcher.{name} must be true or false, got {s.get(name)!r}")
+    for name, pattern in FIELD_PATTERNS.items():
+        v = s.get(name)
+        if v in (None, ""):
+            continue
+        if not isinstance(v, str) or not pattern.match(v):
+            raise ConfigError(f"launcher.{name}={v!r} is not a valid value: it lands in an #SBATCH line, which takes one token of "
+                              f"letters, digits and ._:@%+=,/~- (no spaces, quotes, newlines or $); pick another value")
+    for i, line in enumerate(s.extra_sbatch):
+        if not isinstance(line, str) or not re.match(r"^--?[A-Za-z][A-Za-z0-9-]*(=\S+)?$", line):
+            raise ConfigError(f"launcher.extra_sbatch[{i}]={line!r} is not one sbatch option: write it as --name or --name=value, without spaces or newlines")
+    for name, v in (("srun_args", s.srun_args), ("python", s.python)):
+        if v is not None and ("\n" in str(v) or "\r" in str(v)):
+            raise ConfigError(f"launcher.{name} holds a newline; write it on one line")
+    for i, line in enumerate(s.setup):
+        if not isinstance(line, str) or "\n" in line:
+            raise ConfigError(f"launcher.setup[{i}] must be one shell line (a string without newlines); give several lines as several items")
+
+
 def sbatch_lines(s: DictConfig, array: int | None) -> list[str]:
     log = "%A_%a.out" if array else "%j.out"
     lines = [f"--output={Path(str(s.output_root)).resolve()}/{log}", f"--time={s.time}"]
@@ -103,8 +145,10 @@ def render(s: DictConfig, train_args: list[str], sweep_file: Path | None = None,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=False)
     context = {k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k != "vars"}
     context.update(OmegaConf.to_container(s.vars, resolve=True))
+    check_launcher(s)
+    srun_args = shlex.join(shlex.split(str(s.srun_args or "")))  # its arguments, each quoted: no command can ride along
     context.update(
-        sbatch=sbatch_lines(s, array), python=shlex.quote(job_python(s)),
+        sbatch=sbatch_lines(s, array), python=shlex.quote(job_python(s)), srun_args=srun_args, job_name=str(s.job_name),
         output_root=shlex.quote(str(Path(str(s.output_root)).resolve())), train_args=shlex.join(train_args),
         sweep_file=shlex.quote(str(sweep_file)) if sweep_file else "", setup=list(s.setup),
     )

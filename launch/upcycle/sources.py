@@ -32,8 +32,8 @@ def load_moeflow_dense(source: Path, dtype: torch.dtype = torch.float32) -> tupl
     except (KeyError, TypeError, ValueError) as e:
         raise UpcycleError(f"{found}/meta.json has no usable model config ({e}); pass a checkpoint written by `moeflow train`") from None
     model = Transformer(model_cfg)
-    state = ckpt.load_model_state(found)
-    ckpt.check_compatible(found, meta["model"], model_cfg, state)
+    state = ckpt.load_full_weights(found)
+    ckpt.check_compatible(found, meta["model"], model_cfg, ckpt.stored_weight_shapes(found))
     model.load_state_dict(state, strict=False)
     return model.to(dtype).eval(), meta
 

@@ -35,6 +35,7 @@ sharded checkpoints with Megatron's own tools first.
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -327,9 +328,19 @@ def megatron_checkpoint_file(path: str | Path) -> Path:
     return files[0]
 
 
-def load_megatron(path: str | Path) -> tuple[dict, dict]:
+PICKLE_WARNING = ("megatron-core's torch-format checkpoints are pickles, and unpickling can run any code the file holds; "
+                  "pass --trust-checkpoint only for a file you (or someone you trust) wrote")
+
+
+def load_megatron(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
+    """The model state of a megatron-core torch checkpoint: tensors and plain values only (weights_only)
+    unless `trust` (its argparse Namespace, RNG states... need full unpickling)."""
     f = megatron_checkpoint_file(path)
     try:
+        ck = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trust:
+            raise ConversionError(f"{f} needs full unpickling ({str(e).splitlines()[0][:160]}); {PICKLE_WARNING}") from None
         ck = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConversionError(f"{f} is not a readable torch checkpoint ({e})") from None

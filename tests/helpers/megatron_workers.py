@@ -216,10 +216,12 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
 
     path = engine.save(1)  # collective: gathers the expert shards and their moments
     torch.distributed.barrier()  # rank 0 wrote it; every rank resumes from it
-    saved = ckpt.load_model_state(ckpt.find_checkpoint(Path(run_dir)))
-    megatron_opt = ckpt.load_trainer_state(ckpt.find_checkpoint(Path(run_dir)))["megatron_optimizer"]
-    expert_moment_rows = sorted({v["exp_avg"].shape[0] for i, v in megatron_opt["state"].items()
-                                 if v["exp_avg"].dim() == 3})  # the experts' [E, ., .] tensors
+    from moeflow.parallel.checkpoint import read_full_tensors
+
+    found = ckpt.find_checkpoint(Path(run_dir))
+    saved = read_full_tensors(found, "model.")
+    moments = read_full_tensors(found, "megatron_optim.")
+    expert_moment_rows = sorted({v.shape[0] for k, v in moments.items() if k.endswith(".exp_avg") and v.dim() == 3})  # the experts' [E, ., .] tensors
 
     resumed = _build_engine(_with_changes(cfg, resume=str(run_dir)), mc, tc, Path(run_dir))
     mine, theirs = engine.opt.state_dict()["state"], resumed.opt.state_dict()["state"]

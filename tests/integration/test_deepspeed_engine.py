@@ -76,8 +76,8 @@ def single_process_run(run_dir: Path, *overrides: str, world: int = 2) -> None:
         def __init__(self, per_rank):
             self.per_rank = per_rank
 
-        def batch(self, step, micro, rank=0, ranks=1):
-            xs, ys = zip(*(self.per_rank.batch(step, micro, r, world) for r in range(world)))
+        def batch(self, step, micro, rank=0, ranks=1, attempt=0):
+            xs, ys = zip(*(self.per_rank.batch(step, micro, r, world, attempt) for r in range(world)))
             return torch.cat(xs), torch.cat(ys)
 
     def samplers(*args):
@@ -130,7 +130,7 @@ def test_zero_matches_torch_trainer(runs, run, tmp_path):
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=RTOL), (step, ref, got)
     # the DeepSpeed checkpoint, consolidated, holds the torch trainer's weights
-    converted = convert_to_moeflow(runs[run], tmp_path / "converted")
+    converted = convert_to_moeflow(runs[run], tmp_path / "converted", trust=True)
     w_ref, w_got = weights(runs["torch"] / "checkpoints" / f"step_{STEPS:08d}"), weights(converted)
     assert sorted(w_ref) == sorted(w_got)
     for k in w_ref:
@@ -144,14 +144,14 @@ def test_resume_from_deepspeed_checkpoint(runs, tmp_path):
 
     full = runs["zero2"]
     resumed = tmp_path / "resumed"
-    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "trainer.ckpt_every=2",
+    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "trainer.ckpt_every=2", "engine.trust_checkpoint=true",
              f"resume={full / 'checkpoints' / 'deepspeed' / 'step_00000002'}")
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [3, 4]
     for step in (3, 4):
         assert b[step] == pytest.approx(a[step], rel=1e-6), (a, b)
-    w_full = weights(convert_to_moeflow(full, tmp_path / "c_full"))
-    w_res = weights(convert_to_moeflow(resumed, tmp_path / "c_res"))
+    w_full = weights(convert_to_moeflow(full, tmp_path / "c_full", trust=True))
+    w_res = weights(convert_to_moeflow(resumed, tmp_path / "c_res", trust=True))
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7, msg=k)
     meta = json.loads((tmp_path / "c_full" / "checkpoints" / "step_00000004" / "meta.json").read_text())
@@ -164,7 +164,7 @@ def test_converted_checkpoint_resumes_with_torch_engine(runs, tmp_path):
     """DeepSpeed step-2 checkpoint -> moeflow checkpoint -> engine=torch continues the schedule."""
     from moeflow.launch.engines.deepspeed_engine import convert_to_moeflow
 
-    conv = convert_to_moeflow(runs["zero1"] / "checkpoints" / "deepspeed" / "step_00000002", tmp_path / "conv")
+    conv = convert_to_moeflow(runs["zero1"] / "checkpoints" / "deepspeed" / "step_00000002", tmp_path / "conv", trust=True)
     assert conv.name == "step_00000002"
     cont = tmp_path / "cont"
     torchrun(cont, f"resume={conv}", "trainer.ckpt_every=0", nproc=1)  # rank 0's batches: the same step-3 loss
@@ -188,7 +188,7 @@ def test_expert_parallel_matches_single_process_trainer(runs, run, tmp_path):
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=RTOL), (step, ref, got)
     # consolidated from ZeRO partitions that differ per EP rank: the full model, every expert
-    w_ref, w_got = weights(runs["single"] / "checkpoints" / f"step_{STEPS:08d}"), weights(convert_to_moeflow(runs[run], tmp_path / "converted"))
+    w_ref, w_got = weights(runs["single"] / "checkpoints" / f"step_{STEPS:08d}"), weights(convert_to_moeflow(runs[run], tmp_path / "converted", trust=True))
     assert sorted(w_ref) == sorted(w_got)
     assert w_got["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4
     for k in w_ref:
@@ -203,17 +203,18 @@ def test_resume_expert_parallel_deepspeed_checkpoint(runs, tmp_path):
 
     full, step2 = runs["ep2_zero2"], runs["ep2_zero2"] / "checkpoints" / "deepspeed" / "step_00000002"
     resumed = tmp_path / "resumed"
-    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "parallel.ep=2", "trainer.ckpt_every=2", f"resume={step2}", base=EP_TINY)
+    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "parallel.ep=2", "trainer.ckpt_every=2", "engine.trust_checkpoint=true",
+             f"resume={step2}", base=EP_TINY)
     for tag in ("train/loss", "val/loss"):
         a, b = losses(full, tag), losses(resumed, tag)
         assert sorted(b) == [3, 4]
         for step in (3, 4):
             assert b[step] == pytest.approx(a[step], rel=1e-6), (tag, a, b)
-    w_full, w_res = weights(convert_to_moeflow(full, tmp_path / "c_full")), weights(convert_to_moeflow(resumed, tmp_path / "c_res"))
+    w_full, w_res = weights(convert_to_moeflow(full, tmp_path / "c_full", trust=True)), weights(convert_to_moeflow(resumed, tmp_path / "c_res", trust=True))
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7, msg=k)
     p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *EP_TINY, "engine=deepspeed", "engine.zero_stage=2",
-                        f"resume={step2}", f"hydra.run.dir={tmp_path / 'ep1'}"], capture_output=True, text=True, timeout=limit(240),
+                        "engine.trust_checkpoint=true", f"resume={step2}", f"hydra.run.dir={tmp_path / 'ep1'}"], capture_output=True, text=True, timeout=limit(240),
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "written with parallel.ep=2" in p.stderr and "resume with parallel.ep=2" in p.stderr
@@ -265,7 +266,7 @@ def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
     assert first["reported"] == [[2, str(run_dir / ckpt_dir / "step_00000002")]]  # the engine's own checkpoint dir
     assert "SIGUSR1 at step 2: checkpoint saved" in log
     assert (run_dir / ckpt_dir / "step_00000002" / "meta.json").exists()
-    second, _ = run("resume=auto")
+    second, _ = run("resume=auto", *(["engine.trust_checkpoint=true"] if engine == "deepspeed" else []))
     assert second["result"]["start_step"] == 2 and second["result"]["step"] == STEPS and "preempted" not in second["result"]
     assert second["reported"] == [[4, str(run_dir / ckpt_dir / "step_00000004")]]
 
@@ -331,6 +332,26 @@ def test_conflicting_options_fail_clearly(overrides, words):
         validate(compose("engine=deepspeed", *overrides))
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.mark.parametrize("user, words", [
+    ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps=4", "trainer.grad_accum", "(here 1)"]),
+    ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3", "engine.zero_stage"]),
+    ({"train_micro_batch_size_per_gpu": 7}, ["train_micro_batch_size_per_gpu=7", "data.batch_size"]),
+    ({"optimizer": {"type": "Adam"}}, ["optimizer=", "moeflow's AdamW"]),
+])
+def test_a_user_json_cannot_silently_override_what_moeflow_derives(tmp_path, user, words):
+    """Before: gradient_accumulation_steps=4 made 6 logged steps one optimizer step, and ZeRO-3 set in the
+    JSON slipped past the ZeRO-3 + EP refusal. Now each such key must agree, or it names the moeflow key."""
+    from moeflow.launch.config import validate
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError) as e:
+        validate(compose("engine=deepspeed", "engine.zero_stage=1", "parallel.ep=1", f"engine.config_file={path}"))
+    assert all(w in str(e.value) for w in words), str(e.value)
+    path.write_text(json.dumps({"gradient_accumulation_steps": 1, "zero_optimization": {"reduce_bucket_size": 1000}}))  # agreeing: fine
+    validate(compose("engine=deepspeed", f"engine.config_file={path}"))
 
 
 def test_missing_deepspeed_names_the_extra(monkeypatch):

@@ -221,3 +221,53 @@ def test_sweep_runs_as_a_job_array(slurm, tmp_path):
         run_dir = tmp_path / "runs" / f"{job}_{task}"
         assert f"model.num_experts={experts}" in (tmp_path / "runs" / f"{job}_{task}.out").read_text()
         assert (run_dir / "checkpoints" / "step_00000002").is_dir()
+
+
+# --- hostile launcher fields: refused, or quoted so that nothing they hold runs --------------------
+
+HOSTILE = "x$(touch INJECTED)\n#SBATCH --wrap=boom"
+HOSTILE_FIELDS = {
+    "job_name": HOSTILE, "partition": HOSTILE, "account": "a b", "qos": "q;touch INJECTED", "constraint": "c\ntouch INJECTED",
+    "mem": "1G; touch INJECTED", "time": "1:00 $(touch INJECTED)", "output_root": "/tmp/out dir", "nodes": "1 $(touch INJECTED)",
+    "nproc_per_node": "1 $(touch INJECTED); true", "gpus_per_node": "0;touch INJECTED", "cpus_per_task": "x", "signal_seconds": "-1",
+    "rdzv_port": "1;touch INJECTED", "exclusive": "yes", "extra_sbatch": ["--mail-type=END\ntouch INJECTED"],
+    "setup": ["echo ok\ntouch INJECTED"], "python": "python3\ntouch INJECTED",
+}
+QUOTED_FIELDS = {  # free text that lands in the shell body: accepted, quoted
+    "srun_args": "--container-image=x $(touch INJECTED) ; touch INJECTED",
+    "python": "/opt/my python/bin/python3 ; touch INJECTED",
+}
+
+
+@pytest.mark.parametrize("field", sorted(HOSTILE_FIELDS))
+def test_hostile_launcher_fields_are_refused_in_one_line(tmp_path, field):
+    value = HOSTILE_FIELDS[field]  # quoted for Hydra with its real characters (newlines included)
+    quoted = (lambda v: "'" + v.replace("'", "\\'") + "'")
+    override = f"launcher.{field}=[{', '.join(quoted(v) for v in value)}]" if isinstance(value, list) else f"launcher.{field}={quoted(value)}"
+    done = moeflow("slurm", "submit", "--dry-run", override, f"launcher.output_root={tmp_path}" if field != "output_root" else "trainer.steps=1")
+    assert done.returncode == 2, done.stdout[-500:]
+    err = done.stderr.strip()
+    assert err.startswith("moeflow slurm: error: ") and "\n" not in err and f"launcher.{field}" in err, err
+
+
+@pytest.mark.parametrize("template", ["torchrun", "srun", "ray"])
+def test_free_text_fields_are_quoted_and_nothing_they_hold_runs(tmp_path, template):
+    """The rendered script parses (bash -n) and, run with every command on PATH replaced by a stub
+    that only records its arguments, never runs what the values smuggled in (no `touch`)."""
+    over = [f"launcher.{k}={v!r}" for k, v in QUOTED_FIELDS.items()]
+    done = moeflow("slurm", "submit", "--dry-run", f"launcher.template={template}", *over, f"launcher.output_root={tmp_path}")
+    assert done.returncode == 0, done.stderr
+    script = tmp_path / "job.sh"
+    script.write_text(done.stdout)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls.log"
+    stubs.mkdir()
+    for tool in ("srun", "scontrol", "scancel", "python3", "python", "touch", "hostname", "head", "awk", "sed", "kill", "wait", "sleep", "/opt/my"):
+        stub = stubs / Path(tool).name
+        stub.write_text(f"#!/bin/bash\necho \"{Path(tool).name} $*\" >> {calls}\n")
+        stub.chmod(0o755)
+    env = {"PATH": str(stubs), "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_ARRAY_TASK_ID": "0"}
+    subprocess.run(["/bin/bash", str(script)], env=env, cwd=tmp_path, capture_output=True, timeout=30)
+    log = calls.read_text() if calls.exists() else ""
+    assert "touch" not in [line.split()[0] for line in log.splitlines()], log
+    assert not (tmp_path / "INJECTED").exists()

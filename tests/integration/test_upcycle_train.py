@@ -101,7 +101,7 @@ def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
 
     found = ckpt.find_checkpoint(dense_run)
     dense = Transformer(ModelConfig(**ckpt.read_meta(found)["model"])).eval()
-    dense.load_state_dict(ckpt.load_model_state(found), strict=False)
+    dense.load_state_dict(ckpt.load_full_weights(found), strict=False)
     cfg = compose_cfg(*tiny, *train_overrides(data))
     splits = load_splits(cfg.data)
     x, y = BatchSampler(splits.train, SEQ, BATCH, SEED).batch(0, 0, 0)

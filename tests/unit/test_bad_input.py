@@ -34,7 +34,19 @@ def run_preflight(capsys, *args):
         (["data=text"], "data.path is required here but was not set"),
         (["data=text", "data.path=/nonexistent/corpus"], "data.path=/nonexistent/corpus does not exist"),
         (["gate.capacity_factr=2"], "unknown config key 'gate.capacity_factr'"),
-        (["experts.gather_rows=sometimes"], "experts.gather_rows='sometimes' must be true or false"),
+        (["experts.gather_rows=sometimes"], "experts.gather_rows='sometimes' is not valid: it takes true or false"),
+        # values that once ended in a stack trace or, worse, a silent wrong run (exit 0)
+        (["optim.lr=abc"], "optim.lr='abc' is not valid: it takes a number > 0"),
+        (["optim.eps=-1"], "optim.eps=-1 is not valid"),
+        (["optim.betas=[0.9]"], "optim.betas=[0.9] is not valid: it takes a list of 2 numbers"),
+        (["data.batch_size=0"], "data.batch_size=0 is not valid: it takes an integer >= 1"),
+        (["model.top_k=true"], "model.top_k must be a positive integer, got True"),
+        (["parallel.backend=foo"], "parallel.backend='foo' is not valid: it takes one of auto, nccl, gloo"),
+        (["data.seq_len=0"], "data.seq_len=0 is not valid"),
+        (["trainer.ckpt_every=-1"], "a negative value would silently never checkpoint"),
+        (["data.val_percent=100"], "data.val_percent=100 is not valid: it takes a number > 0 and < 100"),
+        (["resume=auto"], "resume=auto continues the run in hydra.run.dir, but none was given"),
+        (["launcher=local", "launcher.nproc=2", "parallel.ep=3"], "parallel.ep=3 does not divide dp_shard x tp = 2"),
         (["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"], "trainer."),
     ],
 )
@@ -113,3 +125,29 @@ def test_version_and_train_help(tmp_path):
     for group in ("model", "gate", "data", "optim", "parallel", "engine", "launcher"):  # every group, one line per choice
         assert f"\n  {group}\n" in helped.stdout
     assert "*topk" in helped.stdout and "sinkhorn" in helped.stdout and "docs/configs.md" in helped.stdout
+
+
+def test_token_files_are_checked_against_their_metadata_and_text_is_refused(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    tokens = tmp_path / "prepared" / "train.bin"
+    tokens.parent.mkdir()
+    np.arange(1000, dtype=np.uint32).tofile(tokens)
+    (tokens.parent / "meta.json").write_text(json.dumps({"dtype": "uint32", "vocab_size": 1000}))
+    err = run_preflight(capsys, "data=memmap", f"data.path={tokens}", "data.dtype=uint16", "model.vocab_size=1000")
+    assert "holds uint32 tokens" in err and "set data.dtype=uint32" in err  # once read as uint16: garbage, silently
+    text = tmp_path / "notes.txt"
+    text.write_text("plain prose, not token ids\n" * 50)
+    assert "looks like text, not a token file" in run_preflight(capsys, "data=memmap", f"data.path={text}")
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(bytes([1, 200, 3, 250, 5]) * 101)
+    assert "not a whole number of uint16 tokens" in run_preflight(capsys, "data=memmap", f"data.path={odd}")
+
+
+def test_the_launcher_world_counts_before_torchrun_sets_it():
+    """launcher=local launcher.nproc=2 parallel.ep=2 was refused: the check read WORLD_SIZE (1) of the launching shell."""
+    from moeflow.launch.config import validate
+
+    validate(compose_cfg("launcher=local", "launcher.nproc=2", "parallel.ep=2"))
