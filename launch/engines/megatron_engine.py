@@ -117,14 +117,14 @@ class MegatronEngine(AdamWStep):
         self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         load_moeflow_weights(self.gpt, init, model_cfg)
+        # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
+        self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
+        self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
         self.writer = resume.CheckpointWriter(self, self.name, asynchronous=bool(trainer_cfg.async_checkpoint))
         self.start_step = resume.resume_run(self, self.name)  # a checkpoint's weights replace the initial ones
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / trainer_cfg.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
-        # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
-        self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
-        self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
 
     def describe(self) -> str:
         return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "

@@ -90,9 +90,14 @@ def single_process_run(run_dir: Path, *overrides: str, world: int = 2) -> None:
 
 
 def weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Model weights of a checkpoint: engine=torch's sharded (DCP) or a single safetensors file."""
     from safetensors.torch import load_file
 
-    return load_file(str(ckpt_dir / "model.safetensors"))
+    from moeflow.parallel.checkpoint import read_full_tensors
+
+    if (ckpt_dir / "model.safetensors").exists():
+        return load_file(str(ckpt_dir / "model.safetensors"))
+    return read_full_tensors(ckpt_dir, prefix="model.")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,7 @@ def test_converted_checkpoint_resumes_with_torch_engine(runs, tmp_path):
     conv = convert_to_moeflow(runs["zero1"] / "checkpoints" / "deepspeed" / "step_00000002", tmp_path / "conv", trust=True)
     assert conv.name == "step_00000002"
     cont = tmp_path / "cont"
-    torchrun(cont, f"resume={conv}", "trainer.ckpt_every=0", nproc=1)  # rank 0's batches: the same step-3 loss
+    torchrun(cont, f"resume={conv}", "trainer.ckpt_every=0", nproc=2)  # the same global batch: the same step-3 loss
     got = losses(cont)
     assert sorted(got) == [3, 4]
     # step 3's loss is computed with the step-2 weights before any update: exactly the DeepSpeed run's
