@@ -153,6 +153,16 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         check_layout(p.get("ep", 1), model_cfg.num_experts, world)
     if not isinstance(p.get("overlap_chunks", 1), int) or p.get("overlap_chunks", 1) < 1:
         raise ConfigError(f"parallel.overlap_chunks must be a positive integer, got {p.get('overlap_chunks')!r}")
+    from moeflow.parallel.dispatchers import check_options, options_from_config
+
+    opts = options_from_config(p)
+    check_options(opts, resolve_device(cfg.trainer.device).type)
+    if opts.name not in ("auto", "local", "alltoall") and engine_name(cfg) != "torch":
+        raise ConfigError(f"parallel.dispatcher={opts.name} runs with engine=torch only; engine={engine_name(cfg)} takes parallel.dispatcher=auto or alltoall")
+    if opts.name == "local" and ep > 1:
+        raise ConfigError(f"parallel.dispatcher=local keeps every expert on its rank, but parallel.ep={ep} shards them; pick a transport (alltoall, capacity, symm_mem) or parallel.ep=1")
+    if opts.name == "symm_mem" and cfg.get("experts", {}).get("impl") == "torch":
+        raise ConfigError("parallel.dispatcher=symm_mem lands tokens in worst-case buffers that only the Triton experts skip cheaply; use experts.impl=triton (or auto) or parallel.dispatcher=alltoall")
 
 
 def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:

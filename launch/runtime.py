@@ -20,10 +20,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def start_distributed(trainer_cfg, backend: str) -> tuple[DistEnv, torch.device]:
+def start_distributed(trainer_cfg, backend: str, single_rank_group: bool = False) -> tuple[DistEnv, torch.device]:
     """Join the process group (torchrun's env, else one process) and pick this rank's device."""
     device = resolve_device(trainer_cfg.device)
-    env = init_distributed(device.type, backend, float(getattr(trainer_cfg, "collective_timeout", 600.0)))
+    env = init_distributed(device.type, backend, float(getattr(trainer_cfg, "collective_timeout", 600.0)), single_rank_group)
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     return env, device

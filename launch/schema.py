@@ -56,6 +56,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
     "parallel": {
         "dp_replicate": positive_int(), "dp_shard": Rule(int, low=-1), "tp": positive_int(), "cp": positive_int(), "ep": positive_int(),
         "backend": Rule(str, choices=("auto", "nccl", "gloo")), "overlap_chunks": positive_int(), "overlap_shared": Rule(bool),
+        "dispatcher": Rule(str, choices=("auto", "local", "alltoall", "capacity", "symm_mem")),
+        "capacity_factor": Rule(float, low=0, low_exclusive=True), "capacity_warn_drop": Rule(float, low=0, high=1),
     },
     "experts": {"impl": Rule(str), "gather_rows": Rule(bool)},
 }

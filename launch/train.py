@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,7 +50,9 @@ def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast) -> 
     return sum(losses) / len(losses)
 
 
-def log_routing(writer: SummaryWriter | None, stats_file, model, step: int) -> None:
+def log_routing(writer: SummaryWriter | None, stats_file, model, step: int, warned: set | None = None) -> None:
+    """Routing statistics of every MoE layer to TensorBoard and routing_stats.jsonl; a dispatcher's
+    warning (capacity drops) is shown once per run (`warned` holds the kinds already shown)."""
     rows = []
     for i, layer in enumerate(model.moe_layers()):
         s = layer.last_stats
@@ -58,6 +61,12 @@ def log_routing(writer: SummaryWriter | None, stats_file, model, step: int) -> N
         row = {"step": step, "layer": i}
         for k, v in s.items():
             row[k] = v.tolist() if v.dim() else v.item()
+        drop_warning = getattr(layer.dispatcher, "drop_warning", None)
+        if drop_warning is not None and warned is not None and "drops" not in warned and "dispatch_dropped_fraction" in row:
+            message = drop_warning(row["dispatch_dropped_fraction"], i, step)
+            if message:
+                warned.add("drops")
+                warnings.warn(message, stacklevel=2)
             if writer is not None and v.dim() == 0:
                 writer.add_scalar(f"moe/layer{i}/{k}", v.item(), step)
         if writer is not None:
@@ -115,6 +124,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
+    warned: set = set()  # warnings shown once per run
     result = {"start_step": start_step}
     data_rank, data_ranks = engine.data_parallel_rank  # TP ranks share one batch
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer_cfg.grad_accum * data_ranks
@@ -188,7 +198,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 for k, v in scalars.items():
                     if v is not None:  # DeepSpeed has no grad norm without clipping
                         writer.add_scalar(k, v, done)
-                log_routing(writer, stats_file, model, done)
+                log_routing(writer, stats_file, model, done, warned)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if eval_now:
                 val = evaluate_now()

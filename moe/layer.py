@@ -45,6 +45,7 @@ class MoELayer(nn.Module):
         y_TD = self.dispatcher(x_TD, routing, self.experts, shared_expert=self.shared_expert)
         self.aux_loss = routing.aux_loss()
         self.last_stats = routing_stats(routing)
+        self.last_stats.update(getattr(self.dispatcher, "last_stats", {}))  # e.g. a capacity dispatcher's drops
         return y_TD.reshape(shape)
 
     def _sequence_shape(self, shape: torch.Size) -> SequenceShape | None:

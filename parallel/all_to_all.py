@@ -7,12 +7,15 @@ plan by (global) expert -> count rows per destination rank -> exchange counts ->
 Gradients flow back through both exchanges (the backward of an exchange is the
 exchange with the splits swapped).
 
-Overlap (`chunks > 1`, `overlap_shared`): the assignments are split into token chunks
-whose exchanges are all launched asynchronously up front; each chunk's expert compute
-starts as soon as its rows arrived, while later chunks are still in flight, and its
-outputs are sent back asynchronously. With `overlap_shared` the layer's shared expert runs
-while the first exchange is in flight (else after the exchanges). Only the forward overlaps; the backward
-exchanges run synchronously in autograd's order.
+Host work: one read per forward (the split sizes, copied to the host on the side while the
+GPU goes on; with `overlap_shared` the shared expert runs during that wait), none in the
+backward (its splits are the forward's). The exchanges are the `moeflow::all_to_all` custom op
+(`exchange.py`): selective activation checkpointing keeps their outputs.
+
+Overlap (`chunks > 1`): the assignments are split into token chunks whose exchanges are all
+launched asynchronously up front; each chunk's expert compute starts as soon as its rows
+arrived, while later chunks are still in flight, and its outputs are sent back
+asynchronously. Only the forward overlaps; the backward exchanges run in autograd's order.
 
 Shape suffixes: T tokens, D model dim, A assignments/rows, E global experts,
 L local experts, R ranks of the EP group, C chunks.
@@ -24,35 +27,24 @@ import torch.distributed as dist
 
 from moeflow.moe.dispatch import DispatchPlan, combine, plan_dispatch
 from moeflow.moe.gates.base import RouterOutput
-from moeflow.moe.gates.common import stable_order
+from moeflow.moe.gates.common import counts_of, stable_order
+
+from .exchange import exchange, exchange_async
 
 
-class _Exchange(torch.autograd.Function):
-    """all_to_all_single of rows with uneven splits; backward is the reverse exchange.
+def _to_host_later(t: torch.Tensor):
+    """Start copying `t` to the host without waiting; the returned function waits and gives its list."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
 
-    With `pending` (a list) the forward is launched asynchronously and its work handle
-    appended: the caller must `wait()` before reading the output.
-    """
-
-    @staticmethod
-    def forward(ctx, x_AD, out_splits, in_splits, group, pending):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out_AD = x_AD.new_empty(sum(out_splits), x_AD.shape[1])
-        work = dist.all_to_all_single(out_AD, x_AD.contiguous(), out_splits, in_splits, group=group, async_op=pending is not None)
-        if pending is not None:
-            pending.append(work)
-        return out_AD
-
-    @staticmethod
-    def backward(ctx, g_AD):
-        out_splits, in_splits = ctx.splits
-        g_in = g_AD.new_empty(sum(in_splits), g_AD.shape[1])
-        dist.all_to_all_single(g_in, g_AD.contiguous(), in_splits, out_splits, group=ctx.group)
-        return g_in, None, None, None, None
-
-
-def exchange(x_AD, out_splits: list[int], in_splits: list[int], group, pending: list | None = None) -> torch.Tensor:
-    return _Exchange.apply(x_AD, out_splits, in_splits, group, pending)
+    def wait() -> list:
+        done.synchronize()
+        return host.tolist()
+    return wait
 
 
 class AllToAllDispatcher:
@@ -66,6 +58,7 @@ class AllToAllDispatcher:
         self.overlap_shared = overlap_shared  # run the shared expert while the first exchange is in flight
         self.last_exchange_rows = (0, 0)  # (rows sent, rows received) of the last forward
         self.last_splits = ([], [])  # per chunk: rows to / from each rank, for benchmarks
+        self.host_syncs = 0  # host reads so far: one per forward (the split sizes), none in the backward
 
     def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts, shared_expert=None) -> torch.Tensor:
         R, L, C = self.ep_size, self.num_local, self.chunks
@@ -74,26 +67,34 @@ class AllToAllDispatcher:
             raise ValueError(f"the gate routes to {E} experts but {R} ranks x {L} local experts are {R * L}")
         plan = plan_dispatch(routing)
         T = plan.num_tokens
-        # Chunk of each assignment by its token (contiguous token ranges); counts per (chunk, expert).
+        # Chunk of each assignment by its token (contiguous token ranges); counts per (chunk, expert), on the device.
         chunk_A = (plan.token_A * C) // max(T, 1)
-        counts_CE = torch.bincount(chunk_A * E + plan.expert_A, minlength=C * E).view(C, E)
+        counts_CE = counts_of(chunk_A * E + plan.expert_A, C * E).view(C, E)
         send_RCL = counts_CE.view(C, R, L).permute(1, 0, 2).contiguous()
         recv_RCL = torch.empty_like(send_RCL)
         dist.all_to_all_single(recv_RCL.view(-1), send_RCL.view(-1), group=self.group)
-        in_splits_CR = send_RCL.sum(2).t().tolist()  # rows to each rank, per chunk
-        out_splits_CR = recv_RCL.sum(2).t().tolist()  # rows from each rank, per chunk
         recv_CRL = recv_RCL.permute(1, 0, 2)
-
+        # The one host read of the forward: rows to and from each rank, per chunk. It is copied on the
+        # side while the GPU goes on (the shared expert runs meanwhile when it overlaps).
+        splits = _to_host_later(torch.cat([send_RCL.sum(2).t().reshape(-1), recv_RCL.sum(2).t().reshape(-1)]))
         in_flight_shared = shared_expert if self.overlap_shared else None
-        overlap = C > 1 or in_flight_shared is not None
+        shared_TD = in_flight_shared(x_TD) if in_flight_shared is not None else None
+        both = splits()
+        in_splits_CR = [both[c * R:(c + 1) * R] for c in range(C)]  # rows to each rank, per chunk
+        out_splits_CR = [both[C * R + c * R:C * R + (c + 1) * R] for c in range(C)]  # rows from each rank, per chunk
+        self.host_syncs += 1
+
+        overlap = C > 1
         # Assignments sorted by (chunk, expert): a stable sort of the expert-sorted plan by chunk.
         by_chunk_A = stable_order(chunk_A, C)
         rows_AD = x_TD[plan.token_A[by_chunk_A]]
-        send_sizes = counts_CE.sum(1).tolist()
+        send_sizes = [sum(r) for r in in_splits_CR]
         sent_CAD = torch.split(rows_AD, send_sizes)
         pending_in: list = []
-        recv_AD = [exchange(sent_CAD[c], out_splits_CR[c], in_splits_CR[c], self.group, pending_in if overlap else None) for c in range(C)]
-        shared_TD = in_flight_shared(x_TD) if in_flight_shared is not None else None
+        if overlap:
+            recv_AD = [exchange_async(sent_CAD[c], out_splits_CR[c], in_splits_CR[c], self.group, pending_in) for c in range(C)]
+        else:
+            recv_AD = [exchange(sent_CAD[0], out_splits_CR[0], in_splits_CR[0], self.group)]
 
         pending_out: list = []
         back_AD = []
@@ -101,7 +102,10 @@ class AllToAllDispatcher:
             if overlap:
                 pending_in[c].wait()
             y_AD = self._local_experts(recv_AD[c], recv_CRL[c], experts)
-            back_AD.append(exchange(y_AD, in_splits_CR[c], out_splits_CR[c], self.group, pending_out if overlap else None))
+            if overlap:
+                back_AD.append(exchange_async(y_AD, in_splits_CR[c], out_splits_CR[c], self.group, pending_out))
+            else:
+                back_AD.append(exchange(y_AD, in_splits_CR[c], out_splits_CR[c], self.group))
         for work in pending_out:
             work.wait()
         y_AD = torch.cat(back_AD) if C > 1 else back_AD[0]
@@ -119,6 +123,10 @@ class AllToAllDispatcher:
         if shared_expert is not None:
             y_TD = y_TD + (shared_TD if shared_TD is not None else shared_expert(x_TD))
         return y_TD
+
+    def exchange_plan(self) -> tuple[list[list[int]], list[list[int]]]:
+        """Rows to and from each rank, per chunk, of the last forward (for benchmarks)."""
+        return self.last_splits
 
     def _local_experts(self, recv_AD: torch.Tensor, recv_RL: torch.Tensor, experts) -> torch.Tensor:
         """Received rows are ordered (source rank, local expert): group them by local expert,

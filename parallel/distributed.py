@@ -24,17 +24,20 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str, backend: str = "auto", timeout_s: float | None = None) -> DistEnv:
+def init_distributed(device_type: str, backend: str = "auto", timeout_s: float | None = None, single_rank_group: bool = False) -> DistEnv:
     """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets it); every collective
-    then waits at most `timeout_s` for its peers (None: torch's default)."""
+    then waits at most `timeout_s` for its peers (None: torch's default). `single_rank_group`: one
+    process still gets a group of one rank (its own store), so it runs the multi-rank code path."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     env = DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or single_rank_group) and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(env.local_rank)
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        if world == 1:
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
         dist.init_process_group(backend=backend, **kwargs)
     return env
 

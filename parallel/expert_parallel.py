@@ -1,7 +1,7 @@
 """`parallelize(model, layout)`: expert + data parallelism applied to a plain model from outside.
 
 What it does to the model (in place, before the optimizer is built):
-- every MoELayer gets an `AllToAllDispatcher` over the EP group, and its experts keep
+- every MoELayer gets a dispatcher over the EP group (`parallel.dispatcher`), and its experts keep
   only this rank's slice of the stacked weights (w1_EDF / w3_EDF / w2_EFD, and the
   biases of upcycled experts) as their
   parameters, so the optimizer state is sharded the same way;
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from moeflow.moe.layer import MoELayer, moe_layers
 
-from .all_to_all import AllToAllDispatcher
+from .dispatchers import DispatchOptions, build_dispatcher
 from .layout import ParallelLayout
 
 EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")  # every one leads with E
@@ -137,30 +137,34 @@ def sync_routing_stats(model: torch.nn.Module, group=None) -> None:
         layer.last_stats = out
 
 
-def apply_expert_parallel(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False) -> None:
-    """The in-place part of `parallelize`: gates see the world; with layout.ep > 1 every
-    MoELayer keeps this rank's experts and routes through an all-to-all dispatcher.
+def apply_expert_parallel(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False,
+                          dispatch: DispatchOptions | None = None) -> None:
+    """The in-place part of `parallelize`: gates see the world; with layout.ep > 1 (or a transport
+    named in `dispatch`) every MoELayer keeps this rank's experts and routes through that dispatcher.
 
     Gradient reduction is left to the caller (`parallelize`'s DDP wrapper, or an engine
     such as DeepSpeed that reduces dense and expert gradients itself).
     """
+    dispatch = dispatch or DispatchOptions(overlap_chunks=overlap_chunks, overlap_shared=overlap_shared)
+    routed = dispatch.resolved(layout.ep) != "local"
     if layout.ep > 1:
         model._moeflow_ep_group = layout.ep_group  # for gathering/resharding checkpoints
     for layer in moe_layers(model):
         layer.gate.token_group = dist.group.WORLD
         if layout.ep > 1:
             shard_experts(layer, layout.ep_rank, layout.ep)
-            layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep, layer.experts.num_experts, chunks=overlap_chunks,
-                                                  overlap_shared=overlap_shared)
+        if routed:
+            layer.dispatcher = build_dispatcher(dispatch, layout.ep_group, layout.ep, layer.experts.num_experts, layer)
 
 
-def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False, **ddp_kwargs) -> ExpertDataParallel:
+def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False,
+                dispatch: DispatchOptions | None = None, **ddp_kwargs) -> ExpertDataParallel:
     """Apply expert parallelism (layout.ep > 1) and data parallelism to `model` in place.
 
     Returns the DDP-style wrapper to run forward/backward through; build the optimizer
     from `model.parameters()` afterwards so it holds only this rank's expert shards.
     """
-    apply_expert_parallel(model, layout, overlap_chunks, overlap_shared)
+    apply_expert_parallel(model, layout, overlap_chunks, overlap_shared, dispatch)
     return ExpertDataParallel(model, layout, **ddp_kwargs)
 
 

@@ -6,8 +6,8 @@ the weights are materialised and initialised: `materialize`):
 1. every gate's `token_group` becomes the world, so aux losses, capacities and Sinkhorn
    marginals see the global batch;
 2. expert parallelism (ep > 1): each MoE layer's stacked expert weights become DTensors sharded
-   by expert (`Shard(0)`) over the mesh's "ep" dimension, and its dispatcher an all-to-all
-   over that group;
+   by expert (`Shard(0)`) over the mesh's "ep" dimension, and its dispatcher moves tokens over
+   that group (`parallel.dispatcher`: see dispatchers.py; a named transport runs with ep=1 too);
 3. activation checkpointing of the blocks (`parallel.activation_checkpointing`);
 4. `fully_shard` (FSDP2): each MoE layer's experts are one unit over the expert-FSDP mesh
    (the ranks holding the same experts; sharded on their model dim when EP also shards them),
@@ -23,7 +23,7 @@ global batch's mean loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from torch import nn
 
 from moeflow.moe.layer import moe_layers
 
-from .all_to_all import AllToAllDispatcher
+from .dispatchers import DispatchOptions, build_dispatcher
 from .mesh import ParallelMesh
 
 EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")  # every one leads with E
@@ -42,13 +42,12 @@ class ShardingOptions:
     param_dtype: torch.dtype | None = None  # compute dtype of all-gathered weights; None: the parameters' own
     reduce_dtype: torch.dtype = torch.float32
     reshard_after_forward: bool = True
-    overlap_chunks: int = 1
-    overlap_shared: bool = False
+    dispatch: DispatchOptions = field(default_factory=DispatchOptions)
 
 
 def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions) -> None:
     """Each MoE layer keeps this EP rank's experts as DTensor shards (Shard(0) over "ep") and routes
-    its tokens there with an all-to-all; works on meta-device models (no data moves)."""
+    its tokens there through `opts.dispatch`'s transport; works on meta-device models (no data moves)."""
     from torch.distributed.tensor import DTensor, Shard
 
     ep, rank = mesh.dims.ep, mesh.ep_rank
@@ -58,14 +57,14 @@ def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: Sharding
         if E % ep:
             raise ValueError(f"parallel.ep={ep} does not divide the {E} experts of a layer")
         L = E // ep
-        for name in EXPERT_WEIGHTS:
+        for name in EXPERT_WEIGHTS if ep > 1 else ():  # an EP group of one keeps its experts whole
             p = getattr(experts, name, None)
             if p is None:
                 continue
             local = p.data[rank * L:(rank + 1) * L].clone()
             setattr(experts, name, nn.Parameter(DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False), requires_grad=p.requires_grad))
         experts.num_experts, experts.expert_offset = L, rank * L
-        layer.dispatcher = AllToAllDispatcher(mesh.ep_group, ep, L, chunks=opts.overlap_chunks, overlap_shared=opts.overlap_shared)
+        layer.dispatcher = build_dispatcher(opts.dispatch, mesh.ep_group, ep, L, layer)
 
 
 def _sum_reductions(module) -> None:
@@ -84,7 +83,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | No
     opts = opts or ShardingOptions()
     for layer in moe_layers(model):
         layer.gate.token_group = dist.group.WORLD
-    if mesh.dims.ep > 1:
+    if opts.dispatch.resolved(mesh.dims.ep) != "local":
         shard_experts_by_expert(model, mesh, opts)
     mp = MixedPrecisionPolicy(param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype)
     common = dict(mp_policy=mp, reshard_after_forward=opts.reshard_after_forward)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: install, GPU correctness tests, then the expert benchmark (and optionally
 # the 200-step triton-vs-torch training comparison). Run from the repository root:
-#   bash bench/tools/gpu_check.sh [test] [bench] [train] [seeds] [diag] [ep]   (default: test bench)
+#   bash bench/tools/gpu_check.sh [test] [bench] [train] [seeds] [diag] [ep] [dispatch] [largest]   (default: test bench)
+# dispatch: `moeflow bench ep` with each transport on this node's GPUs; largest: bench/tools/largest_model.py.
 # diag: one step's gradients of triton-bf16 and torch-bf16 against torch-fp32, and an fp32 training run.
 # Wheels for packages the GPU image lacks (hydra-core, omegaconf, antlr4) are taken from $WHEELS.
 set -uo pipefail
@@ -17,7 +18,7 @@ stages=${*:-test bench}
 for stage in $stages; do
   case $stage in
     test)
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TEST_FILES:-tests/test_kernels.py tests/test_kernels_gpu.py tests/test_topk_kernel.py} -x -q -p no:cacheprovider --timeout 150 --durations=12 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TEST_FILES:-tests/unit/test_kernels.py tests/gpu/ tests/unit/test_topk_kernel.py} -x -q -p no:cacheprovider --timeout 150 --durations=12 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     bench)
       timeout ${BENCH_TIMEOUT:-400} moeflow bench experts --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
     train)
@@ -45,6 +46,20 @@ for stage in $stages; do
           --json "$OUT/ep_$chunks.json" ${EP_ARGS:-} > "$OUT/ep_$chunks.log" 2>&1 || { echo "bench ep failed:"; grep -m1 -A3 Error "$OUT/ep_$chunks.log"; }
         grep -A5 "^moeflow bench ep" "$OUT/ep_$chunks.log"
       done ;;
+    dispatch)  # each transport (DISPATCHERS) at the shapes DISPATCH_SHAPES ("E:k" pairs), every GPU of the node
+      gpus=$(nvidia-smi -L | wc -l)
+      for shape in ${DISPATCH_SHAPES:-16:4 64:8}; do
+        for d in ${DISPATCHERS:-alltoall capacity symm_mem}; do
+          tag=${d}_E${shape%%:*}
+          NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 timeout ${EP_TIMEOUT:-150} \
+            torchrun --standalone --nproc-per-node "$gpus" -m moeflow.launch.cli bench ep --dispatcher "$d" \
+            --experts "${shape%%:*}" --top-k "${shape##*:}" --json "$OUT/ep_$tag.json" ${EP_ARGS:-} > "$OUT/ep_$tag.log" 2>&1 \
+            || { echo "bench ep $tag failed:"; grep -m2 -B2 -A3 "Error" "$OUT/ep_$tag.log" | tail -6; }
+          grep -A7 "^moeflow bench ep" "$OUT/ep_$tag.log"
+        done
+      done ;;
+    largest)
+      timeout ${LARGEST_TIMEOUT:-420} python3 bench/tools/largest_model.py --layers ${LARGEST_LAYERS:-16 20} --ac ${LARGEST_AC:-full} ${LARGEST_ARGS:-} 2>&1 | tee "$OUT/largest.log" | grep -v '^\[' ;;
     diag)
       python3 bench/tools/compare_grads.py configs/model/small.yaml 8 512 2>&1 | tee "$OUT/grads.txt"
       timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=${FP32_STEPS:-100} trainer.log_every=10 \

@@ -1,14 +1,21 @@
 """`moeflow bench ep`: one MoE layer under expert parallelism vs the same layer on one device.
 
 Run under torchrun, e.g. on a 2-GPU node:
-    torchrun --standalone --nproc-per-node 2 -m moeflow.launch.cli bench ep
-Weak scaling: every rank keeps `--tokens` tokens. The reference is the whole layer
-(all experts, local dispatch) on one device with the same tokens per device, timed on
-every rank at the same time, without communication. The EP step is forward+backward
-through `parallelize` (all-to-all dispatch, DDP on the gate). The all-to-all time is
-measured separately by replaying the step's four exchanges (dispatch and return,
-forward and backward) with the splits of the last step; bandwidth counts the bytes
-that leave this rank for other ranks, per direction.
+    torchrun --standalone --nproc-per-node 2 -m moeflow.launch.cli bench ep --dispatcher alltoall
+One process runs the chosen transport over an EP group of one rank (the same code path).
+Weak scaling: every rank keeps `--tokens` tokens. The reference is the whole layer (all
+experts, local dispatch) on one device with the same tokens per device, timed on every rank
+at the same time, without communication. The EP step is forward+backward through
+`parallelize` with `--dispatcher`. Reported per layer and step:
+- exchange bytes: rows that leave this rank for other ranks (dispatch and return, forward
+  and backward), from the splits of the last step;
+- the exchanges replayed alone (NCCL `all_to_all_single` with those splits), their bus
+  bandwidth (nccl-tests' convention: algorithm bandwidth x (R-1)/R), and the same bytes in
+  one equal-split `all_to_all_single` (the NCCL figure to compare with);
+- time exposed (EP step minus the single-device step, at most the exchange time) and hidden
+  (the rest of the exchange time);
+- host syncs per step: the dispatcher's own split reads plus every synchronising call that
+  `torch.cuda.set_sync_debug_mode("warn")` reports during one step (CUDA only).
 Small shapes (`--d-model 32 --experts 8 ...`) make it a smoke test on CPU/gloo.
 """
 from __future__ import annotations
@@ -26,8 +33,9 @@ from moeflow.moe.errors import ConfigError
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.gates import build_gate
 from moeflow.moe.layer import MoELayer
-from moeflow.parallel.all_to_all import exchange
+from moeflow.parallel.dispatchers import DispatchOptions, check_options
 from moeflow.parallel.distributed import init_distributed, shutdown_distributed
+from moeflow.parallel.exchange import exchange
 from moeflow.parallel.expert_parallel import parallelize
 from moeflow.parallel.layout import build_layout
 
@@ -42,7 +50,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
-    p.add_argument("--overlap-chunks", type=int, default=1, help="parallel.overlap_chunks for the EP step")
+    p.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "capacity", "symm_mem"], help="parallel.dispatcher for the EP step")
+    p.add_argument("--capacity-factor", type=float, default=1.25, help="parallel.capacity_factor (dispatcher=capacity)")
+    p.add_argument("--overlap-chunks", type=int, default=1, help="parallel.overlap_chunks for the EP step (alltoall)")
     p.add_argument("--impl", default="auto", help="experts implementation (auto, torch, ...)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--warmup", type=int, default=3)
@@ -86,12 +96,33 @@ def _max_over_ranks(v: float, device: torch.device) -> float:
     return t.item()
 
 
+def _host_syncs_in(fn, device) -> int:
+    """Synchronising CUDA calls during fn(), as torch's sync debug mode reports them (0 off CUDA)."""
+    if device.type != "cuda":
+        return 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def _bus_GBps(nbytes: float, ms: float, ranks: int) -> float:
+    return nbytes / (ms / 1e3) / 1e9 * (ranks - 1) / ranks if ms > 0 and ranks > 1 else 0.0
+
+
 def main(argv: list[str]) -> None:
     a = parse(argv)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    env = init_distributed(device_type)
-    if not env.enabled:
-        raise ConfigError("needs several processes; launch with torchrun --nproc-per-node N -m moeflow.launch.cli bench ep")
+    opts = DispatchOptions(name=a.dispatcher, overlap_chunks=a.overlap_chunks, capacity_factor=a.capacity_factor)
+    check_options(opts, device_type)
+    env = init_distributed(device_type, single_rank_group=True)
     device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if (a.dtype == "bf16" or (a.dtype == "auto" and device_type == "cuda")) else torch.float32
     impl = resolve_experts_impl(a.impl, device)
@@ -115,16 +146,20 @@ def main(argv: list[str]) -> None:
     del single
 
     layer = make_layer()
-    ep_model = parallelize(_Holder(layer), layout, overlap_chunks=a.overlap_chunks, **({"device_ids": [device.index]} if device_type == "cuda" else {}))
+    ep_model = parallelize(_Holder(layer), layout, dispatch=opts, **({"device_ids": [device.index]} if device_type == "cuda" else {}))
 
     def ep_step():
         ep_model(x).backward(grad_y)
         ep_model.finish_grad_sync()
 
     t_ep = _max_over_ranks(_time(ep_step, device, a.warmup, a.iters), device)
+    own_reads = layer.dispatcher.host_syncs
+    ep_step()
+    own_reads = layer.dispatcher.host_syncs - own_reads
+    synced = int(_max_over_ranks(float(_host_syncs_in(ep_step, device)), device))
 
     # Replay the step's exchanges alone: dispatch + return, forward + backward = 4 per chunk.
-    in_splits_CR, out_splits_CR = layer.dispatcher.last_splits
+    in_splits_CR, out_splits_CR = layer.dispatcher.exchange_plan()
     rows_sent = [torch.randn(sum(s), a.d_model, device=device, dtype=dtype) for s in in_splits_CR]
     rows_back = [torch.randn(sum(s), a.d_model, device=device, dtype=dtype) for s in out_splits_CR]
     group = layout.ep_group
@@ -139,26 +174,41 @@ def main(argv: list[str]) -> None:
 
     t_a2a = _max_over_ranks(_time(exchanges, device, a.warmup, a.iters), device)
     row_bytes = a.d_model * torch.finfo(dtype).bits // 8
+    R = layout.ep
+    total_rows = sum(map(sum, in_splits_CR)) + sum(map(sum, out_splits_CR))  # one forward: out and back
+    # the same bytes (4 exchanges' worth) through one equal-split all_to_all_single: NCCL's own figure
+    per_rank = max(1, (2 * total_rows) // R) * R
+    flat_in = torch.randn(per_rank, a.d_model, device=device, dtype=dtype)
+    flat_out = torch.empty_like(flat_in)
+    t_nccl = _max_over_ranks(_time(lambda: dist.all_to_all_single(flat_out, flat_in, group=group), device, a.warmup, a.iters), device)
     remote_out = sum(s[r] for s in in_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
     remote_in = sum(s[r] for s in out_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
     # bytes this rank sends to other ranks per step (it receives about as many): dispatch and
     # return rows forward, and their gradients backward
     bytes_per_step = 2 * (remote_out + remote_in)
+    exposed = min(max(t_ep - t_single, 0.0), t_a2a)
     result = {
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
-        "world": env.world_size, "ep": layout.ep, "d_model": a.d_model, "d_ff": a.d_ff, "experts": a.experts,
+        "world": env.world_size, "ep": R, "dispatcher": a.dispatcher, "d_model": a.d_model, "d_ff": a.d_ff, "experts": a.experts,
         "top_k": a.top_k, "tokens_per_rank": a.tokens, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
-        "overlap_chunks": a.overlap_chunks,
-        "step_ms_single": t_single, "step_ms_ep": t_ep, "all_to_all_ms_per_step": t_a2a,
-        "all_to_all_bytes_per_step": bytes_per_step,
-        "all_to_all_GBps_per_direction": bytes_per_step / (t_a2a / 1e3) / 1e9 if t_a2a > 0 else 0.0,
+        "overlap_chunks": a.overlap_chunks, "capacity_factor": a.capacity_factor if a.dispatcher == "capacity" else None,
+        "step_ms_single": t_single, "step_ms_ep": t_ep, "exchange_ms_per_step": t_a2a,
+        "exchange_bytes_per_step": bytes_per_step,
+        "exchange_bus_GBps": _bus_GBps(2 * total_rows * row_bytes, t_a2a, R),
+        "nccl_equal_split_ms": t_nccl, "nccl_equal_split_bus_GBps": _bus_GBps(per_rank * row_bytes, t_nccl, R),
+        "exposed_ms": exposed, "hidden_ms": t_a2a - exposed,
+        "host_syncs_dispatcher_per_step": own_reads, "host_syncs_cuda_debug_per_step": synced,
         "weak_scaling_efficiency": t_single / t_ep,
     }
     if env.is_main:
-        print(f"moeflow bench ep: {result['device']}, world {env.world_size}, EP={layout.ep}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, {a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}")
+        print(f"moeflow bench ep: {result['device']}, world {env.world_size}, EP={R}, dispatcher {a.dispatcher}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, "
+              f"{a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}")
         print(f"  single device step (fwd+bwd): {t_single:9.2f} ms")
-        print(f"  EP={layout.ep} step (fwd+bwd):        {t_ep:9.2f} ms  ({t_ep / t_single:.3f}x)")
-        print(f"  all-to-all alone per step:    {t_a2a:9.2f} ms  ({result['all_to_all_GBps_per_direction']:.1f} GB/s per direction, {bytes_per_step / 2**20:.1f} MiB sent off-rank)")
+        print(f"  EP={R} step (fwd+bwd):        {t_ep:9.2f} ms  ({t_ep / t_single:.3f}x)")
+        print(f"  exchanges alone per step:     {t_a2a:9.2f} ms  ({bytes_per_step / 2**20:.1f} MiB sent off-rank, bus {result['exchange_bus_GBps']:.1f} GB/s; "
+              f"NCCL equal-split all_to_all of the same rows: {t_nccl:.2f} ms, bus {result['nccl_equal_split_bus_GBps']:.1f} GB/s)")
+        print(f"  exchange time exposed/hidden: {exposed:9.2f} / {t_a2a - exposed:.2f} ms")
+        print(f"  host syncs per step:          {own_reads} by the dispatcher, {synced} reported by CUDA sync debug mode")
         print(f"  weak-scaling efficiency:      {result['weak_scaling_efficiency'] * 100:8.1f} %")
         print(json.dumps(result))
         if a.json:

@@ -15,12 +15,14 @@ import logging
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from moeflow.moe.model import Transformer
 from moeflow.parallel import checkpoint as sharded
 from moeflow.parallel.activation_checkpointing import apply_activation_checkpointing
 from moeflow.parallel.clip import clip_grad_norm_
+from moeflow.parallel.dispatchers import options_from_config
 from moeflow.parallel.distributed import DistEnv
 from moeflow.parallel.mesh import build_mesh, dims_from_config
 from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize, reduce_replicated_expert_grads
@@ -49,14 +51,15 @@ class TorchEngine:
 
     name = "torch"
 
-    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend))
+    # a transport named with one process (parallel.dispatcher=capacity, ...) runs over a group of one rank
+    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend, single_rank_group=str(cfg.parallel.get("dispatcher", "auto")) not in ("auto", "local")))
 
     def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
         self.grad_accum = trainer_cfg.grad_accum
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
         self.mesh = None
-        if env.enabled:
+        if dist.is_initialized():  # torchrun's world, or one rank that runs a named dispatcher
             dims = dims_from_config(cfg.parallel, env.world_size)
             dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
             self.mesh = build_mesh(dims, device.type)
@@ -64,8 +67,7 @@ class TorchEngine:
                 self.model = Transformer(model_cfg)
             self._checkpointing(trainer_cfg)
             parallelize(self.model, self.mesh, ShardingOptions(
-                param_dtype=torch.bfloat16 if self.use_bf16 else None,
-                overlap_chunks=int(cfg.parallel.overlap_chunks), overlap_shared=bool(cfg.parallel.overlap_shared)))
+                param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=options_from_config(cfg.parallel)))
             materialize(self.model, device)
             self.loss_scale = 1.0 / dims.dp  # gradients are summed over the data-parallel ranks
             self.data_parallel_rank = (env.rank // dims.tp, dims.dp)

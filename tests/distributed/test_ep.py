@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from filelock import FileLock
 
 from moeflow.moe.gates import GATES
 
 from helpers import ep_workers as W
+from helpers.session_cache import once
 
 pytestmark = pytest.mark.multiprocess
 
@@ -41,24 +41,12 @@ def _train_cases(world: int) -> list[tuple]:
     return cases
 
 
-def _once(tmp_path_factory, worker_id: str, key: str, compute):
-    """Run the spawns once per test session, also under pytest-xdist (workers share a file cache)."""
-    if worker_id == "master":
-        return compute(tmp_path_factory.mktemp(key))
-    root = tmp_path_factory.getbasetemp().parent  # this session's dir, shared by the xdist workers
-    cached = root / f"{key}.pt"
-    with FileLock(str(root / f"{key}.lock")):
-        if not cached.exists():
-            torch.save(compute(tmp_path_factory.mktemp(key)), cached)
-    return torch.load(cached, weights_only=False)
-
-
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory, worker_id):
     def compute(tmp):
         return {"layer": W.spawn("layer_cases", 2, _mk(tmp, "l"), _layer_cases(2)), "train": W.spawn("train_cases", 2, _mk(tmp, "t"), _train_cases(2))}
 
-    return _once(tmp_path_factory, worker_id, "ep_world2", compute)
+    return once(tmp_path_factory, worker_id, "ep_world2", compute)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +58,7 @@ def world4(tmp_path_factory, worker_id):
             "resume": W.spawn("resume_case", 4, _mk(tmp, "r"), 2, 4),
         }
 
-    return _once(tmp_path_factory, worker_id, "ep_world4", compute)
+    return once(tmp_path_factory, worker_id, "ep_world4", compute)
 
 
 def _mk(tmp, name):

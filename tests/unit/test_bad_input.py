@@ -46,7 +46,7 @@ def run_preflight(capsys, *args):
         (["trainer.ckpt_every=-1"], "a negative value would silently never checkpoint"),
         (["data.val_percent=100"], "data.val_percent=100 is not valid: it takes a number > 0 and < 100"),
         (["resume=auto"], "resume=auto continues the run in hydra.run.dir, but none was given"),
-        (["launcher=local", "launcher.nproc=2", "parallel.ep=3"], "parallel.ep=3 does not divide dp_shard x tp = 2"),
+        (["launcher=local", "launcher.nproc=2", "parallel.ep=4"], "parallel.ep=4 does not divide dp_shard x tp = 2"),
         (["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"], "trainer."),
     ],
 )

@@ -214,8 +214,12 @@ def test_bad_input_is_rejected_or_falls_back():
     with pytest.warns(RuntimeWarning, match="falling back"):  # fp32 without autocast: reference path
         y = ex(x, counts)
     assert torch.allclose(y, torch_loop(ex, x, counts))
-    with pytest.raises(ValueError, match="sums to"):
-        ex(x, torch.tensor([2, 2], device=DEV))
+    # rows past the groups (a worst-case receive buffer's tail) are ignored: the reference gives them zeros
+    y_short = ex(x, torch.tensor([2, 2], device=DEV))  # (the fallback warned once above)
+    assert torch.allclose(y_short[:4], torch_loop(ex, x[:4], torch.tensor([2, 2], device=DEV))) and not y_short[4].any()
+    if DEV == "cpu":  # more rows claimed than given is refused where checking costs no host sync
+        with pytest.raises(ValueError, match="sums to 6 but x_AD has only 5 rows"):
+            ex(x, torch.tensor([3, 3], device=DEV))
     xb, w = x.to(DTYPE), ex.w1_EDF.detach().to(DTYPE)
     with pytest.raises(ops.UnsupportedInput, match="shape mismatch"):
         ops.expert_mlp(xb, w, w, w, counts)
