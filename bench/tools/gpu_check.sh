@@ -18,7 +18,7 @@ stages=${*:-test bench}
 for stage in $stages; do
   case $stage in
     test)
-      timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TEST_FILES:-tests/unit/test_kernels.py tests/gpu/ tests/unit/test_topk_kernel.py} -x -q -p no:cacheprovider --timeout 150 --durations=12 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest ${TEST_FILES:-tests/unit/test_kernels.py tests/gpu/ tests/unit/test_topk_kernel.py} ${PYTEST_FLAGS:--x} -q -p no:cacheprovider --timeout 150 --durations=12 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     bench)
       timeout ${BENCH_TIMEOUT:-400} moeflow bench experts --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" ;;
     train)

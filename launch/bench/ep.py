@@ -58,6 +58,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None, help="write the result (rank 0) to this file")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N kernels that take the most device time in each step (torch.profiler)")
     return p.parse_args(argv)
 
 
@@ -113,6 +114,39 @@ def _host_syncs_in(fn, device) -> int:
     return sum("synchroniz" in str(w.message) for w in seen)
 
 
+def _first_host_sync(fn, device) -> str:
+    """Where fn() first synchronises with the host: the innermost moeflow frame of the error that
+    sync debug mode "error" raises there ("" when nothing synchronises)."""
+    import traceback
+
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "moeflow" in f.filename or "/moe/" in f.filename or "/parallel/" in f.filename]
+        where = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]
+        return f"{where.filename.rsplit('/', 2)[-2]}/{where.filename.rsplit('/', 1)[-1]}:{where.lineno} ({where.line})"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+    return ""
+
+
+def _top_kernels(fn, device, n: int) -> list[tuple[str, float]]:
+    """The n kernels with the most device time per call of fn() (milliseconds), over 3 profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        _sync(device)
+    rows = [(e.key, e.self_device_time_total / 1e3 / 3) for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r[1])[:n]
+
+
 def _bus_GBps(nbytes: float, ms: float, ranks: int) -> float:
     return nbytes / (ms / 1e3) / 1e9 * (ranks - 1) / ranks if ms > 0 and ranks > 1 else 0.0
 
@@ -143,7 +177,6 @@ def main(argv: list[str]) -> None:
         single(x).backward(grad_y)
 
     t_single = _max_over_ranks(_time(single_step, device, a.warmup, a.iters), device)
-    del single
 
     layer = make_layer()
     ep_model = parallelize(_Holder(layer), layout, dispatch=opts, **({"device_ids": [device.index]} if device_type == "cuda" else {}))
@@ -157,6 +190,10 @@ def main(argv: list[str]) -> None:
     ep_step()
     own_reads = layer.dispatcher.host_syncs - own_reads
     synced = int(_max_over_ranks(float(_host_syncs_in(ep_step, device)), device))
+    first_sync = _first_host_sync(ep_step, device) if synced and device_type == "cuda" else ""
+    profiles = {}
+    if a.profile and device_type == "cuda":
+        profiles = {"single": _top_kernels(single_step, device, a.profile), "ep": _top_kernels(ep_step, device, a.profile)}
 
     # Replay the step's exchanges alone: dispatch + return, forward + backward = 4 per chunk.
     in_splits_CR, out_splits_CR = layer.dispatcher.exchange_plan()
@@ -197,7 +234,7 @@ def main(argv: list[str]) -> None:
         "exchange_bus_GBps": _bus_GBps(2 * total_rows * row_bytes, t_a2a, R),
         "nccl_equal_split_ms": t_nccl, "nccl_equal_split_bus_GBps": _bus_GBps(per_rank * row_bytes, t_nccl, R),
         "exposed_ms": exposed, "hidden_ms": t_a2a - exposed,
-        "host_syncs_dispatcher_per_step": own_reads, "host_syncs_cuda_debug_per_step": synced,
+        "host_syncs_dispatcher_per_step": own_reads, "host_syncs_cuda_debug_per_step": synced, "first_host_sync": first_sync,
         "weak_scaling_efficiency": t_single / t_ep,
     }
     if env.is_main:
@@ -209,7 +246,13 @@ def main(argv: list[str]) -> None:
               f"NCCL equal-split all_to_all of the same rows: {t_nccl:.2f} ms, bus {result['nccl_equal_split_bus_GBps']:.1f} GB/s)")
         print(f"  exchange time exposed/hidden: {exposed:9.2f} / {t_a2a - exposed:.2f} ms")
         print(f"  host syncs per step:          {own_reads} by the dispatcher, {synced} reported by CUDA sync debug mode")
+        if first_sync:
+            print(f"  first synchronising call:     {first_sync}")
         print(f"  weak-scaling efficiency:      {result['weak_scaling_efficiency'] * 100:8.1f} %")
+        for name, rows in profiles.items():
+            print(f"  top kernels, {name} step (ms per step; total of all kernels {sum(ms for _, ms in rows):.2f} in the top {len(rows)}):")
+            for kernel, ms in rows:
+                print(f"    {ms:7.3f}  {kernel[:110]}")
         print(json.dumps(result))
         if a.json:
             with open(a.json, "w") as f:
