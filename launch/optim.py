@@ -8,12 +8,42 @@ import torch
 from omegaconf import DictConfig
 
 
+def _placement(p: torch.Tensor) -> str:
+    """Plain tensor, or a DTensor on a given mesh."""
+    mesh = getattr(p, "device_mesh", None)
+    return "plain" if mesh is None else f"dtensor{tuple(mesh.mesh_dim_names or ())}"
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups {dense, experts} x {decay: matrices, no decay: vectors}, empty ones dropped.
+
+    AdamW makes one multi-tensor (foreach/fused) call per group, and one call cannot mix plain
+    tensors with DTensors, nor DTensors of different meshes. Dense parameters all share one
+    placement (FSDP's mesh, or none) and so do the experts (the expert mesh, or plain), but the
+    two differ (a named transport in one process: dense DTensors, plain experts). Grouping by
+    kind rather than by mesh keeps the groups the same on every mesh, which resharding a
+    checkpoint's optimizer state needs."""
+    from moeflow.parallel.expert_params import is_expert_param
+
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((is_expert_param(name, p), p.dim() >= 2), []).append(p)
+    out = []
+    for (expert, decay), params in sorted(groups.items()):
+        if len({_placement(p) for p in params}) > 1:
+            raise RuntimeError(f"{'expert' if expert else 'dense'} parameters sit on different meshes {sorted({_placement(p) for p in params})}: "
+                               "AdamW cannot step them in one group")
+        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0})
+    return out
+
+
 def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    """AdamW with weight decay on matrices only; fused on CUDA (one kernel per group, no temporaries
+    of the parameters' size: the multi-tensor path allocates a sqrt of every second moment)."""
+    groups = optimizer_groups(model, o.weight_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, o: DictConfig, total_steps: int):

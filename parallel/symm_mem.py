@@ -102,6 +102,20 @@ class _Combine(torch.autograd.Function):
         return bufs.grad_recv.detach(), None, None, None
 
 
+def _use_nvshmem(symm_mem, group_name: str) -> None:
+    """all_to_all_vdev_2d runs on NVSHMEM-allocated buffers only ("NYI" otherwise), and torch's
+    default symmetric-memory backend is CUDA: choose NVSHMEM before the first allocation."""
+    if hasattr(symm_mem, "set_backend"):
+        if symm_mem.get_backend(torch.device("cuda")) != "NVSHMEM":
+            try:
+                symm_mem.set_backend("NVSHMEM")
+            except RuntimeError as e:
+                raise RuntimeError(f"parallel.dispatcher=symm_mem needs NVSHMEM symmetric memory, but this process already allocated "
+                                   f"symmetric memory with another backend ({e}); use parallel.dispatcher=alltoall") from None
+    elif hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch: NVSHMEM by default, per-group opt-in
+        symm_mem.enable_symm_mem_for_group(group_name)
+
+
 class SymmMemDispatcher:
     def __init__(self, group, ep_size: int, num_local_experts: int, top_k: int):
         if num_local_experts > MAX_LOCAL_EXPERTS:
@@ -127,8 +141,7 @@ class SymmMemDispatcher:
         if key not in self._bufs:
             import torch.distributed._symmetric_memory as symm_mem
 
-            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch needs it, newer ignores it
-                symm_mem.enable_symm_mem_for_group(self.group_name)
+            _use_nvshmem(symm_mem, self.group_name)
             self._bufs[key] = _Buffers(self.ep_size, self.num_local, T * self.top_k, x_TD.shape[1], x_TD.dtype, x_TD.device, self.group_name)
         return self._bufs[key]
 

@@ -59,7 +59,7 @@ for stage in $stages; do
         done
       done ;;
     largest)
-      timeout ${LARGEST_TIMEOUT:-420} python3 bench/tools/largest_model.py --layers ${LARGEST_LAYERS:-16 20} --ac ${LARGEST_AC:-full} ${LARGEST_ARGS:-} 2>&1 | tee "$OUT/largest.log" | grep -v '^\[' ;;
+      timeout ${LARGEST_TIMEOUT:-420} python3 bench/tools/largest_model.py --layers ${LARGEST_LAYERS:-16 20} --ac ${LARGEST_AC:-full} -- ${LARGEST_ARGS:-} 2>&1 | tee "$OUT/largest.log" | grep -v '^\[' ;;
     diag)
       python3 bench/tools/compare_grads.py configs/model/small.yaml 8 512 2>&1 | tee "$OUT/grads.txt"
       timeout ${TRAIN_TIMEOUT:-150} moeflow train model=small data.seq_len=512 data.batch_size=32 trainer.steps=${FP32_STEPS:-100} trainer.log_every=10 \

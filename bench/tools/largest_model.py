@@ -1,7 +1,7 @@
 """How large a model `moeflow train` fits on this GPU: a few real training steps per size, each in
 its own process (an out-of-memory error ends only that try), printing total parameters and peak memory.
 
-    python bench/tools/largest_model.py --layers 16 18 20 --ac full [--ac none] -- extra.overrides=...
+    python bench/tools/largest_model.py --layers 16 18 20 --ac full none -- extra.overrides=...
 
 Shape: the OLMoE-like layer of `bench/RESULTS.md` (d_model 2048, 16 heads, 64 experts of hidden
 1024, top-8), bytes of Python's standard library as data (vocab 256), seq 2048 x batch 4, AdamW.
@@ -30,19 +30,23 @@ def main() -> None:
             code = ("import json, sys, torch\n"
                     "from hydra import compose, initialize_config_module\n"
                     "from moeflow.launch.train import train\n"
-                    "from moeflow.moe.config import ModelConfig\n"
                     "with initialize_config_module(config_module='moeflow.configs', version_base=None):\n"
                     "    cfg = compose(config_name='train', overrides=sys.argv[1:])\n"
+                    "from moeflow.launch.config import validate\n"
+                    "from moeflow.moe.model import Transformer\n"
+                    "with torch.device('meta'):\n"
+                    "    params = Transformer(validate(cfg)[0]).num_params()\n"
+                    "error = None\n"
                     "try:\n"
-                    "    result, ok = train(cfg, __import__('pathlib').Path('/tmp/largest_run')), True\n"
+                    "    result, ok = train(cfg, __import__('pathlib').Path(__import__('tempfile').mkdtemp())), True\n"
                     "except torch.OutOfMemoryError as e:\n"
-                    "    result, ok = {}, False\n"
-                    "print('RESULT ' + json.dumps({'ok': ok, 'peak_gib': torch.cuda.max_memory_allocated() / 2**30, 'train_loss': result.get('train_loss')}))\n")
+                    "    result, ok, error = {}, False, str(e).split('.')[0]\n"
+                    "print('RESULT ' + json.dumps({'ok': ok, 'params_B': params / 1e9, 'peak_gib': torch.cuda.max_memory_allocated() / 2**30,\n"
+                    "      'train_loss': result.get('train_loss'), 'error': error}))\n")
             out = subprocess.run([sys.executable, "-c", code, *overrides], capture_output=True, text=True)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             res = json.loads(line[7:]) if line else {"ok": False, "error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
-            params = next((x for x in (out.stdout + out.stderr).splitlines() if "parameters" in x), "")
-            row = {"layers": n, "activation_checkpointing": ac, **res, "log": params.strip()[:200]}
+            row = {"layers": n, "activation_checkpointing": ac, **res}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(json.dumps(rows))

@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moeflow.moe.errors import ConfigError
 from moeflow.moe.experts import GroupedExperts
 from moeflow.moe.gates import build_gate
 from moeflow.moe.layer import MoELayer
@@ -214,7 +213,8 @@ def main(argv: list[str]) -> None:
     R = layout.ep
     total_rows = sum(map(sum, in_splits_CR)) + sum(map(sum, out_splits_CR))  # one forward: out and back
     # the same bytes (4 exchanges' worth) through one equal-split all_to_all_single: NCCL's own figure
-    per_rank = max(1, (2 * total_rows) // R) * R
+    # (every rank the same size: an equal-split exchange of different sizes aborts the process group)
+    per_rank = max(1, int(_max_over_ranks(float(2 * total_rows), device)) // R) * R
     flat_in = torch.randn(per_rank, a.d_model, device=device, dtype=dtype)
     flat_out = torch.empty_like(flat_in)
     t_nccl = _max_over_ranks(_time(lambda: dist.all_to_all_single(flat_out, flat_in, group=group), device, a.warmup, a.iters), device)

@@ -149,9 +149,10 @@ class TorchEngine:
             sharded.apply_model_and_optimizer_state(self.model, self.opt if "optim" in state else None, state)
         if trainer_state is None:
             return
-        if "scheduler" in trainer_state:
-            self.sched.load_state_dict(trainer_state["scheduler"])
-        else:
+        saved = trainer_state.get("scheduler")
+        if saved is not None and len(saved.get("base_lrs", ())) == len(self.opt.param_groups):
+            self.sched.load_state_dict(saved)
+        else:  # none saved, or saved with another grouping of the parameters (another engine or mesh): the same schedule at that step
             replay_schedule(self.sched, int(trainer_state["step"]))
 
     @torch.no_grad()

@@ -115,7 +115,7 @@ class Gate(nn.Module):
         return _DifferentiableSum.apply(t, self.token_group)
 
     def global_count(self, num_local: int, device: torch.device) -> torch.Tensor:
-        n = torch.tensor(float(num_local), device=device)
+        n = torch.full((), float(num_local), device=device)  # a fill kernel: no host-to-device copy, no sync
         if self.token_group is None or not dist.is_initialized():
             return n
         dist.all_reduce(n, group=self.token_group)

@@ -85,7 +85,7 @@ def all_gather_rows(gate: Gate, t: torch.Tensor) -> torch.Tensor:
 
 def token_offset(gate: Gate, num_local: int, device: torch.device) -> tuple[int, int]:
     """(global position of this rank's first token, global token count): ranks hold consecutive slices."""
-    n = torch.tensor([num_local], device=device, dtype=torch.int64)
+    n = torch.full((1,), num_local, device=device, dtype=torch.int64)
     all_n = all_gather_rows(gate, n)
     if not _grouped(gate):
         return 0, num_local
@@ -193,7 +193,9 @@ def stable_order(ids: torch.Tensor, num_values: int) -> torch.Tensor:
 
 def global_fraction(gate: Gate, part: int | torch.Tensor, whole: int | torch.Tensor, device) -> torch.Tensor:
     """sum(part) / sum(whole) over the token group (detached)."""
-    pw = torch.stack([torch.as_tensor(part, dtype=torch.float32, device=device), torch.as_tensor(whole, dtype=torch.float32, device=device)])
+    def on_device(v):  # python numbers by a fill kernel: torch.tensor(v, device="cuda") is a synchronising copy
+        return v.to(device=device, dtype=torch.float32) if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
+    pw = torch.stack([on_device(part), on_device(whole)])
     pw = gate.global_sum(pw)
     return (pw[0] / pw[1].clamp_min(1)).detach()
 

@@ -44,7 +44,7 @@ def sinkhorn_potentials(gate: Gate, logk_TE: torch.Tensor, iterations: int, tole
         T, E = logk.shape
         log_col_target = torch.log(gate.global_count(T, device).float() / E)
         b_E = torch.zeros(E, device=device)
-        err = torch.tensor(math.inf, device=device)
+        err = torch.full((), math.inf, device=device)
         it = 0
         for it in range(1, iterations + 1):
             a_T = -torch.logsumexp(logk + b_E, dim=1)  # rows -> 1

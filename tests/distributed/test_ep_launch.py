@@ -102,5 +102,6 @@ def test_bench_ep_smoke_on_gloo(tmp_path):
                  "--d-model", "32", "--d-ff", "48", "--experts", "8", "--top-k", "2", "--tokens", "256", "--warmup", "1", "--iters", "2", "--json", str(tmp_path / "ep.json")], tmp_path)
     result = json.loads((tmp_path / "ep.json").read_text())
     assert result["ep"] == 2 and result["step_ms_ep"] > 0 and result["step_ms_single"] > 0
-    assert 0 < result["weak_scaling_efficiency"] and result["all_to_all_bytes_per_step"] > 0
+    assert 0 < result["weak_scaling_efficiency"] and result["exchange_bytes_per_step"] > 0
+    assert result["host_syncs_dispatcher_per_step"] == 1 and result["exchange_bus_GBps"] > 0
     assert "weak-scaling efficiency" in proc.stdout

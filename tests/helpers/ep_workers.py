@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
-import socket
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -37,16 +37,11 @@ D, F_, E, K = 16, 24, 8, 2
 
 
 # -- process harness ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn_name: str, args: tuple, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+def _entry(rank: int, world: int, store: str, fn_name: str, args: tuple, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=limit(90)))
+    # a file store, not a TCP port: a free port picked here can be taken by another test before
+    # rank 0 listens on it (EADDRINUSE under pytest -n)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=limit(90)))
     try:
         result = _worker(fn_name)(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -71,8 +66,8 @@ def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float | None 
     timeout = limit(240) if timeout is None else timeout
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn_name, args, str(out_dir)), daemon=True) for r in range(world)]
+    store = Path(tempfile.mkdtemp(prefix="moeflow-store-")) / "store"
+    procs = [ctx.Process(target=_entry, args=(r, world, str(store), fn_name, args, str(out_dir)), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout

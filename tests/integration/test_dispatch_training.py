@@ -43,3 +43,28 @@ def test_bad_dispatcher_settings_fail_before_any_work(tmp_path, override, messag
     with pytest.raises(ConfigError, match=message):
         train(compose_cfg(*TINY, *STEPS, override), tmp_path)
     assert not (tmp_path / "routing_stats.jsonl").exists()
+
+
+def test_optimizer_groups_never_mix_plain_tensors_and_dtensors(tmp_path):
+    """With a named transport in one process the dense layers are FSDP DTensors (a mesh of one)
+    and the experts plain tensors: AdamW's multi-tensor path (CUDA's default, forced here) must
+    see them in separate groups, or it raises 'got mixed torch.Tensor and DTensor'."""
+    import torch
+
+    from moeflow.launch.config import validate
+    from moeflow.launch.engines.torch_engine import TorchEngine
+    from moeflow.launch.optim import optimizer_groups
+
+    cfg = compose_cfg(*TINY, "parallel.dispatcher=capacity")
+    model_cfg, trainer_cfg = validate(cfg)
+    env, device = TorchEngine.start(cfg, trainer_cfg)
+    engine = TorchEngine(cfg, model_cfg, trainer_cfg, env, device, tmp_path)
+    kinds = {type(p).__name__ for p in engine.model.parameters()}
+    assert kinds == {"DTensor", "Parameter"}, kinds  # the case this test is about
+    groups = optimizer_groups(engine.model, 0.1)
+    assert all(len({type(p) for p in g["params"]}) == 1 for g in groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(engine.model.parameters()))
+    x = torch.randint(0, model_cfg.vocab_size, (2, 9))
+    engine.forward_backward(x[:, :-1], x[:, 1:], last=True)
+    torch.optim.AdamW(groups, lr=1e-3, foreach=True).step()
+    engine.close()
