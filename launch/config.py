@@ -156,7 +156,7 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     from moeflow.parallel.dispatchers import check_options, options_from_config
 
     opts = options_from_config(p)
-    check_options(opts, resolve_device(cfg.trainer.device).type)
+    check_options(opts, resolve_device(cfg.trainer.device).type, ep=ep)
     if opts.name not in ("auto", "local", "alltoall") and engine_name(cfg) != "torch":
         raise ConfigError(f"parallel.dispatcher={opts.name} runs with engine=torch only; engine={engine_name(cfg)} takes parallel.dispatcher=auto or alltoall")
     if opts.name == "local" and ep > 1:

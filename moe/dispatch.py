@@ -11,6 +11,8 @@ Shape suffixes: T tokens, D model dim, E experts, A assignments (sorted by exper
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +50,21 @@ def plan_dispatch(routing: RouterOutput) -> DispatchPlan:
     )
 
 
+@functools.cache
+def _gather_sum():
+    if importlib.util.find_spec("triton") is None:
+        return None
+    from moeflow.kernels.combine import gather_sum
+
+    return gather_sum
+
+
 def combine(y_AD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Weighted scatter-add of grouped expert outputs back to token order (unrouted tokens get 0)."""
+    """Weighted scatter-add of grouped expert outputs back to token order (unrouted tokens get 0).
+    On CUDA with Triton: one gather-sum per token (`moeflow.kernels.combine`: no weighted copy of
+    the rows, no atomics)."""
+    if y_AD.is_cuda and _gather_sum() is not None:
+        return _gather_sum()(y_AD, plan.weight_A, plan.token_A, plan.num_tokens)
     weighted_AD = y_AD * plan.weight_A.to(y_AD.dtype).unsqueeze(-1)
     y_TD = y_AD.new_zeros(plan.num_tokens, y_AD.shape[-1])
     return y_TD.index_add(0, plan.token_A, weighted_AD)

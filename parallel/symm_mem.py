@@ -26,6 +26,8 @@ from moeflow.moe.dispatch import combine, plan_dispatch
 from moeflow.moe.errors import ConfigError
 from moeflow.moe.gates.base import RouterOutput
 
+from .dispatchers import SYMM_MEM_SINGLE_RANK
+
 ALIGN = 16  # rows: where each local expert's group starts in the receive buffer
 MAX_LOCAL_EXPERTS = 16  # torch's all_to_all_vdev_2d: one 32-thread tile per local expert, 16 tiles
 MAX_RANKS = 16
@@ -121,6 +123,8 @@ class SymmMemDispatcher:
         if num_local_experts > MAX_LOCAL_EXPERTS:
             raise ConfigError(f"parallel.dispatcher=symm_mem takes at most {MAX_LOCAL_EXPERTS} experts per rank (torch's all_to_all_vdev_2d); "
                               f"this layer has {num_local_experts}: raise parallel.ep or use parallel.dispatcher=alltoall")
+        if ep_size < 2:
+            raise ConfigError(SYMM_MEM_SINGLE_RANK)
         if ep_size > MAX_RANKS:
             raise ConfigError(f"parallel.dispatcher=symm_mem takes EP groups of at most {MAX_RANKS} ranks; parallel.ep={ep_size}")
         self.group, self.ep_size, self.num_local, self.top_k = group, ep_size, num_local_experts, int(top_k)

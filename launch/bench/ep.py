@@ -21,6 +21,7 @@ Small shapes (`--d-model 32 --experts 8 ...`) make it a smoke test on CPU/gloo.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import time
@@ -110,7 +111,7 @@ def _host_syncs_in(fn, device) -> int:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize(device)
-    return sum("synchroniz" in str(w.message) for w in seen)
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in seen)  # sync debug mode's own words
 
 
 def _first_host_sync(fn, device) -> str:
@@ -154,7 +155,7 @@ def main(argv: list[str]) -> None:
     a = parse(argv)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     opts = DispatchOptions(name=a.dispatcher, overlap_chunks=a.overlap_chunks, capacity_factor=a.capacity_factor)
-    check_options(opts, device_type)
+    check_options(opts, device_type, ep=int(os.environ.get("WORLD_SIZE", "1")))  # EP over every rank
     env = init_distributed(device_type, single_rank_group=True)
     device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if (a.dtype == "bf16" or (a.dtype == "auto" and device_type == "cuda")) else torch.float32

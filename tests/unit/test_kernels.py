@@ -379,3 +379,28 @@ def test_aligned_layout_only_for_groups_large_enough(monkeypatch):
             ys.append(ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A))
         assert bool(calls) == padded
     assert rel(ys[0], ys[1]) < 1e-3
+
+
+@pytest.mark.parametrize("T, D, k", [(7, 40, 3), (33, 16, 1)])
+def test_gather_sum_combine_matches_float64_scatter_add(T, D, k):
+    """kernels.combine.gather_sum (dispatch.combine on CUDA) = the weighted index_add, values and
+    gradients of rows and weights; tokens with no rows get 0, rows arrive in a shuffled order."""
+    from moeflow.kernels.combine import gather_sum
+
+    gen = torch.Generator().manual_seed(T * D + k)
+    token_A = torch.arange(T - 2).repeat_interleave(k)  # the last two tokens: no rows
+    token_A = token_A[torch.randperm(token_A.shape[0], generator=gen)].to(DEV)
+    A = token_A.shape[0]
+    y = torch.randn(A, D, generator=gen).to(DEV, DTYPE).requires_grad_()
+    w = torch.rand(A, generator=gen).to(DEV).requires_grad_()
+    g = torch.randn(T, D, generator=gen).to(DEV, DTYPE)
+    out = gather_sum(y, w, token_A, T)
+    out.backward(g)
+    y64, w64 = y.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = torch.zeros(T, D, dtype=torch.float64, device=DEV).index_add(0, token_A, y64 * w64[:, None])
+    ref.backward(g.double())
+    tol = 2e-2 if DTYPE == torch.bfloat16 else 2e-3
+    assert out.dtype == y.dtype and torch.equal(out[-2:], torch.zeros_like(out[-2:]))
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(y.grad.double(), y64.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(w.grad.double(), w64.grad, atol=tol * 4, rtol=tol)
