@@ -73,7 +73,11 @@ def test_training_step_host_syncs(tmp_path, transport, local_first_step):
     x, y = _batch(engine)
     loss, norm = _step(engine, x, y)  # first step: autotuning and buffer allocation may sync
     ref_loss, ref_norm = local_first_step
-    assert abs(loss.item() - ref_loss) < 2e-2 and abs(norm.item() - ref_norm) / ref_norm < 2e-2, (loss.item(), ref_loss, norm.item(), ref_norm)
+    # bf16 through two precision policies (FSDP's bf16 parameters on the mesh of one vs autocast
+    # without a mesh): the loss agrees to 1e-3 here, the gradient norm to a few percent (2.6%
+    # measured on an H200); fp32 equality of the same code paths is
+    # tests/integration/test_combine_kernel_training.py's
+    assert abs(loss.item() - ref_loss) < 2e-2 and abs(norm.item() - ref_norm) / ref_norm < 5e-2, (loss.item(), ref_loss, norm.item(), ref_norm)
     reads = sum(layer.dispatcher.host_syncs for layer in layers)
     if transport in ("capacity", "symm_mem"):
         with sync_debug("error"):
@@ -83,7 +87,7 @@ def test_training_step_host_syncs(tmp_path, transport, local_first_step):
         with warnings.catch_warnings(record=True) as seen, sync_debug("warn"):
             warnings.simplefilter("always")
             _step(engine, x, y)
-        reported = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+        reported = [str(w.message) for w in seen if "called a synchronizing CUDA operation" in str(w.message)]  # not its "prototype" notice
         assert not reported, reported[:3]
         assert sum(layer.dispatcher.host_syncs for layer in layers) - reads == len(layers), "one split read per layer forward"
     engine.close()
