@@ -93,13 +93,29 @@ class CheckpointWriter:
         self.finish()
 
 
+def _causes(err: BaseException, depth: int = 4) -> list[BaseException]:
+    """err, what caused it, and the per-rank exceptions a DCP CheckpointException wraps (its
+    message names only the ranks: the OSError that says "disk full" is inside `failures`)."""
+    out = [err]
+    if depth == 0:
+        return out
+    inner = [err.__cause__, err.__context__]
+    for failure in (getattr(err, "failures", None) or {}).values():
+        inner.append(failure[0] if isinstance(failure, tuple) else failure)
+    for e in inner:
+        if isinstance(e, BaseException) and e not in out:
+            out += [c for c in _causes(e, depth - 1) if c not in out]
+    return out
+
+
 def save_failed(tmp: Path, step: int, err: BaseException) -> CheckpointError:
     """The one-line error for a checkpoint that could not be written; its temp dir is removed."""
     import errno
     import shutil
 
-    text = f"{err} {getattr(err, '__cause__', '') or ''}"
-    codes = {getattr(e, "errno", None) for e in (err, err.__cause__, err.__context__) if e is not None}
+    found = _causes(err)
+    text = " ".join(str(e) for e in found)
+    codes = {getattr(e, "errno", None) for e in found}
     if errno.ENOSPC in codes or errno.EFBIG in codes or "No space left" in text or "File too large" in text:
         why, fix = "the disk is full (or a file-size limit was hit)", "free space, or point hydra.run.dir at a disk with room, and resume"
     elif errno.EROFS in codes or errno.EACCES in codes or "Read-only file system" in text or "Permission denied" in text:

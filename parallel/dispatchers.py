@@ -62,10 +62,6 @@ def available(device_type: str) -> list[str]:
     return [n for n in DISPATCHERS if n != "symm_mem" or symm_mem_unavailable(device_type) is None]
 
 
-SYMM_MEM_SINGLE_RANK = ("parallel.dispatcher=symm_mem needs an EP group of at least 2 ranks (torch's NVSHMEM all_to_all_vdev_2d "
-                        "refuses a group of one); with parallel.ep=1 use parallel.dispatcher=alltoall or capacity")
-
-
 def check_options(opts: DispatchOptions, device_type: str, ep: int | None = None) -> None:
     """One-line errors before any work: unknown or unavailable transports, bad capacity numbers
     (`ep`: the EP group size, where known)."""
@@ -76,7 +72,9 @@ def check_options(opts: DispatchOptions, device_type: str, ep: int | None = None
         if reason is not None:
             raise ConfigError(f"parallel.dispatcher=symm_mem is unavailable: {reason}; available here: {', '.join(available(device_type))}")
         if ep is not None and ep < 2:
-            raise ConfigError(SYMM_MEM_SINGLE_RANK)
+            from .symm_mem import SINGLE_RANK
+
+            raise ConfigError(SINGLE_RANK)
     if not opts.capacity_factor > 0:
         raise ConfigError(f"parallel.capacity_factor must be > 0, got {opts.capacity_factor!r}")
     if not 0 <= opts.capacity_warn_drop <= 1:

@@ -26,7 +26,6 @@ from moeflow.moe.dispatch import combine, plan_dispatch
 from moeflow.moe.errors import ConfigError
 from moeflow.moe.gates.base import RouterOutput
 
-from .dispatchers import SYMM_MEM_SINGLE_RANK
 
 ALIGN = 16  # rows: where each local expert's group starts in the receive buffer
 MAX_LOCAL_EXPERTS = 16  # torch's all_to_all_vdev_2d: one 32-thread tile per local expert, 16 tiles
@@ -118,13 +117,17 @@ def _use_nvshmem(symm_mem, group_name: str) -> None:
         symm_mem.enable_symm_mem_for_group(group_name)
 
 
+SINGLE_RANK = ("parallel.dispatcher=symm_mem needs an EP group of at least 2 ranks (torch's NVSHMEM all_to_all_vdev_2d "
+               "refuses a group of one); with parallel.ep=1 use parallel.dispatcher=alltoall or capacity")
+
+
 class SymmMemDispatcher:
     def __init__(self, group, ep_size: int, num_local_experts: int, top_k: int):
         if num_local_experts > MAX_LOCAL_EXPERTS:
             raise ConfigError(f"parallel.dispatcher=symm_mem takes at most {MAX_LOCAL_EXPERTS} experts per rank (torch's all_to_all_vdev_2d); "
                               f"this layer has {num_local_experts}: raise parallel.ep or use parallel.dispatcher=alltoall")
         if ep_size < 2:
-            raise ConfigError(SYMM_MEM_SINGLE_RANK)
+            raise ConfigError(SINGLE_RANK)
         if ep_size > MAX_RANKS:
             raise ConfigError(f"parallel.dispatcher=symm_mem takes EP groups of at most {MAX_RANKS} ranks; parallel.ep={ep_size}")
         self.group, self.ep_size, self.num_local, self.top_k = group, ep_size, num_local_experts, int(top_k)

@@ -38,6 +38,8 @@ D, F_, E, K = 16, 24, 8, 2
 
 # -- process harness ---------------------------------------------------------------
 def _entry(rank: int, world: int, store: str, fn_name: str, args: tuple, out_dir: str) -> None:
+    # what torchrun would export (engines read it to know they are distributed), but no port:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     # a file store, not a TCP port: a free port picked here can be taken by another test before
     # rank 0 listens on it (EADDRINUSE under pytest -n)

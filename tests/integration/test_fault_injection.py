@@ -138,3 +138,18 @@ def test_a_run_dir_made_read_only_mid_run(tmp_path, reference):
         assert_resumes_like(reference, run)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_inside_a_dcp_failure_is_named():
+    """DCP reports a failed write as CheckpointException("ranks: [0]"); the OSError that says why
+    is in its `failures` (how the 64-KiB file limit above surfaces when DCP's writer hits it)."""
+    import errno
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from moeflow.launch.resume import save_failed
+
+    for code, words in ((errno.EFBIG, "disk is full"), (errno.ENOSPC, "disk is full"), (errno.EROFS, "not writable")):
+        err = CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (OSError(code, os.strerror(code)), traceback.StackSummary())})
+        assert words in str(save_failed(Path("/nonexistent/.tmp-step"), 3, err))
