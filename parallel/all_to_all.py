@@ -129,17 +129,22 @@ class AllToAllDispatcher:
         return self.last_splits
 
     def _local_experts(self, recv_AD: torch.Tensor, recv_RL: torch.Tensor, experts) -> torch.Tensor:
-        """Received rows are ordered (source rank, local expert): group them by local expert,
-        run the experts, and put the outputs back in received order."""
+        """Received rows are ordered (source rank, local expert): run them through their experts."""
         L = self.num_local
         local_expert_A = torch.repeat_interleave(torch.arange(L, device=recv_AD.device).repeat(self.ep_size), recv_RL.reshape(-1), output_size=recv_AD.shape[0])
-        order_A = stable_order(local_expert_A, L)
-        counts_L = recv_RL.sum(0)
-        if getattr(experts, "fuses_permute", False):
-            # A weight-1 "combine" onto the received rows is exactly the inverse permutation.
-            local_plan = DispatchPlan(order_A, recv_AD.new_ones(order_A.shape[0]), local_expert_A[order_A], counts_L, recv_AD.shape[0])
-            return experts.forward_routed(recv_AD, local_plan)
-        y_AD = experts(recv_AD[order_A], counts_L)
-        inverse_A = torch.empty_like(order_A)
-        inverse_A[order_A] = torch.arange(order_A.shape[0], device=order_A.device)
-        return y_AD[inverse_A]
+        return run_local_experts(recv_AD, local_expert_A, recv_RL.sum(0), experts)
+
+
+def run_local_experts(recv_AD: torch.Tensor, local_expert_A: torch.Tensor, counts_L: torch.Tensor, experts) -> torch.Tensor:
+    """Group received rows by their local expert, run the experts, and return the outputs in
+    received order (every dispatcher that moves rows between ranks ends its trip here)."""
+    L = counts_L.shape[0]
+    order_A = stable_order(local_expert_A, L)
+    if getattr(experts, "fuses_permute", False):
+        # A weight-1 "combine" onto the received rows is exactly the inverse permutation.
+        local_plan = DispatchPlan(order_A, recv_AD.new_ones(order_A.shape[0]), local_expert_A[order_A], counts_L, recv_AD.shape[0])
+        return experts.forward_routed(recv_AD, local_plan)
+    y_AD = experts(recv_AD[order_A], counts_L)
+    inverse_A = torch.empty_like(order_A)
+    inverse_A[order_A] = torch.arange(order_A.shape[0], device=order_A.device)
+    return y_AD[inverse_A]

@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from moeflow.moe.dispatch import DispatchPlan, combine
 from moeflow.moe.gates.base import RouterOutput
-from moeflow.moe.gates.common import counts_of, stable_order
+from moeflow.moe.gates.common import counts_of
 
+from .all_to_all import run_local_experts
 from .exchange import exchange
 
 
@@ -86,15 +87,7 @@ class CapacityDispatcher:
         group: zero rows, outputs nobody reads), run the experts, return outputs in slot order."""
         L = self.num_local
         local_B = recv_expert_B.clamp(max=L - 1)
-        order_B = stable_order(local_B, L)
-        counts_L = counts_of(local_B, L)
-        if getattr(experts, "fuses_permute", False):
-            plan = DispatchPlan(order_B, recv_BD.new_ones(order_B.shape[0]), local_B[order_B], counts_L, recv_BD.shape[0])
-            return experts.forward_routed(recv_BD, plan)
-        y_BD = experts(recv_BD[order_B], counts_L)
-        inverse_B = torch.empty_like(order_B)
-        inverse_B[order_B] = torch.arange(order_B.shape[0], device=order_B.device)
-        return y_BD[inverse_B]
+        return run_local_experts(recv_BD, local_B, counts_of(local_B, L), experts)
 
     def drop_warning(self, fraction: float, layer: int, step: int) -> str | None:
         """The warning (with the numbers) when a layer dropped more than `warn_drop` of its pairs; the
