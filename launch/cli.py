@@ -15,7 +15,7 @@ from typing import NoReturn
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("moeflow.launch.train_command", "main", "train an MoE LM (Hydra overrides follow; `moeflow train --help`)"),
     "bench": ("moeflow.launch.bench", "main", "benchmarks (`moeflow bench --help`)"),
-    "convert": ("moeflow.launch.convert", "main", "convert checkpoints: DeepSpeed/megatron-core <-> moeflow (`moeflow convert --help`)"),
+    "convert": ("moeflow.launch.convert", "main", "convert checkpoints: Hugging Face MoE / DeepSpeed / megatron-core <-> moeflow (`moeflow convert --help`)"),
     "upcycle": ("moeflow.launch.upcycle.cli", "main", "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)"),
     "slurm": ("moeflow.launch.launchers.slurm", "main", "submit/status/cancel/logs of Slurm jobs (`moeflow slurm --help`)"),
     "ray": ("moeflow.launch.launchers.ray_train", "main", "train on a Ray cluster: launch/submit/wait (`moeflow ray --help`)"),

@@ -1,5 +1,7 @@
-"""`moeflow convert`: move checkpoints between moeflow, DeepSpeed and megatron-core.
+"""`moeflow convert`: move checkpoints between moeflow, Hugging Face, DeepSpeed and megatron-core.
 
+  moeflow convert hf-to-moeflow          HF_MOE_FOLDER OUT_DIR   (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; --no-verify)
+  moeflow convert moeflow-to-hf          RUN_OR_CKPT OUT_DIR [--arch auto|mixtral|qwen2_moe|qwen3_moe|olmoe] [--dtype bfloat16]
   moeflow convert deepspeed-to-moeflow RUN_OR_DS_CKPT OUT_RUN_DIR
   moeflow convert moeflow-to-megatron  RUN_OR_CKPT OUT_DIR [--layout sequential|te_grouped|grouped]
   moeflow convert megatron-to-moeflow  MEGATRON_CKPT OUT_RUN_DIR --n-heads N --top-k K
@@ -106,7 +108,19 @@ def moeflow_to_safetensors(args) -> Path:
     return ckpt.commit(tmp, meta, out_state, keep=0)
 
 
-ACTIONS = {"deepspeed-to-moeflow": deepspeed_to_moeflow, "moeflow-to-megatron": moeflow_to_megatron, "megatron-to-moeflow": megatron_to_moeflow,
+def hf_to_moeflow(args) -> Path:
+    from moeflow.launch.hf_models import hf_to_moeflow as run
+
+    return run(args)
+
+
+def moeflow_to_hf(args) -> Path:
+    from moeflow.launch.hf_models import moeflow_to_hf as run
+
+    return run(args)
+
+
+ACTIONS = {"hf-to-moeflow": hf_to_moeflow, "moeflow-to-hf": moeflow_to_hf, "deepspeed-to-moeflow": deepspeed_to_moeflow, "moeflow-to-megatron": moeflow_to_megatron, "megatron-to-moeflow": megatron_to_moeflow,
            "moeflow-to-safetensors": moeflow_to_safetensors}
 
 
@@ -120,7 +134,13 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--layout", choices=LAYOUTS, default="sequential", help="megatron expert layout to write (moeflow-to-megatron)")
     ap.add_argument("--n-heads", type=int, help="attention heads (megatron-to-moeflow, not in the weights)")
     ap.add_argument("--top-k", type=int, help="experts per token (megatron-to-moeflow, not in the weights)")
-    ap.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file (moeflow-to-safetensors)")
+    ap.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file (moeflow-to-safetensors, moeflow-to-hf)")
+    ap.add_argument("--arch", choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"), default="auto", help="moeflow-to-hf: target architecture (auto: the one the model's layers match)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="moeflow-to-hf: dtype of the written weights")
+    ap.add_argument("--max-seq-len", type=int, default=None, help="hf-to-moeflow: model.max_seq_len (default: min(max_position_embeddings, sliding window, 4096))")
+    ap.add_argument("--no-verify", dest="verify", action="store_false", help="hf-to-moeflow / moeflow-to-hf: skip the logit comparison with transformers' model")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the verification tokens")
+    ap.add_argument("--force", action="store_true", help="hf-to-moeflow / moeflow-to-hf: replace OUT_DIR if it exists")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="DeepSpeed and megatron torch-format checkpoints are pickles, which can run code when loaded: load them only with this flag")
     args = ap.parse_args(argv)

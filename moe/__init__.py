@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "DispatchPlan": "dispatch", "LocalDispatcher": "dispatch", "combine": "dispatch", "plan_dispatch": "dispatch",
-    "MLP": "experts", "GroupedExperts": "experts", "expert_mlp": "experts",
+    "MLP": "experts", "SharedExpert": "experts", "GroupedExperts": "experts", "expert_mlp": "experts",
     "GATES": "gates", "Gate": "gates", "RouterOutput": "gates", "build_gate": "gates", "register_gate": "gates",
     "MoELayer": "layer", "moe_layers": "layer", "moe_aux_loss": "layer",
     "ModelConfig": "config", "Transformer": "model",

@@ -13,6 +13,7 @@ from .errors import need
 
 ACTIVATIONS = ("swiglu", "gelu")
 ROPE_TYPES = ("default", "linear", "llama3")
+QK_NORM_SCOPES = ("head", "proj")
 
 
 def shape_field(default):
@@ -33,13 +34,16 @@ class ModelConfig:
     top_k: int = 2
     moe_every: int = shape_field(1)  # block i is MoE when (i + 1) % moe_every == 0; 0 makes a dense model
     shared_experts: int = shape_field(0)
+    shared_d_ff: int | None = shape_field(None)  # hidden size of the shared expert (default: dense_d_ff * shared_experts)
+    shared_expert_gate: bool = shape_field(False)  # scale the shared expert by a per-token sigmoid gate (Qwen2-MoE)
     activation: str = shape_field("swiglu")
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # Hugging Face style: {"rope_type": "linear" | "llama3", "factor": ..., ...}
     n_kv_heads: int | None = shape_field(None)  # grouped-query attention (default: n_heads)
     head_dim: int | None = shape_field(None)  # size of one attention head (default: d_model // n_heads)
     attn_bias: bool = shape_field(False)  # biases on the q, k, v projections (Qwen2)
-    qk_norm: bool = shape_field(False)  # RMSNorm over each head of q and k before rotary (Qwen3)
+    qk_norm: bool = shape_field(False)  # RMSNorm of q and k before rotary (Qwen3, OLMoE)
+    qk_norm_scope: str = shape_field("head")  # head: over each head (Qwen3); proj: over the whole q / k projection (OLMoE)
     norm_eps: float = 1e-5
     tie_embeddings: bool = shape_field(False)
     init_std: float = 0.02
@@ -57,12 +61,12 @@ class ModelConfig:
 
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff", "num_experts", "top_k"):
             need(is_int(getattr(self, name)) and getattr(self, name) > 0, f"model.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("dense_d_ff", "n_kv_heads", "head_dim"):
+        for name in ("dense_d_ff", "shared_d_ff", "n_kv_heads", "head_dim"):
             v = getattr(self, name)
             need(v is None or (is_int(v) and v > 0), f"model.{name} must be a positive integer or null, got {v!r}")
         for name in ("moe_every", "shared_experts"):
             need(is_int(getattr(self, name)), f"model.{name} must be an integer, got {getattr(self, name)!r}")
-        for name in ("attn_bias", "qk_norm", "tie_embeddings", "experts_gather_rows"):
+        for name in ("attn_bias", "qk_norm", "shared_expert_gate", "tie_embeddings", "experts_gather_rows"):
             need(isinstance(getattr(self, name), bool), f"model.{name} must be true or false, got {getattr(self, name)!r}")
         for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0), ("init_std", -1e-300)):
             v = getattr(self, name)
@@ -77,6 +81,8 @@ class ModelConfig:
         need(self.top_k <= self.num_experts, f"model.top_k={self.top_k} is larger than model.num_experts={self.num_experts}; set top_k <= num_experts")
         need(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
         need(self.shared_experts >= 0, f"model.shared_experts must be >= 0, got {self.shared_experts}")
+        need(self.qk_norm_scope in QK_NORM_SCOPES, f"model.qk_norm_scope={self.qk_norm_scope!r} is unknown; choose one of {', '.join(QK_NORM_SCOPES)}")
+        need(not self.shared_expert_gate or self.shared_experts > 0, "model.shared_expert_gate=true needs a shared expert; set model.shared_experts=1 or drop the gate")
         need(self.activation in ACTIVATIONS, f"model.activation={self.activation!r} is unknown; choose one of {', '.join(ACTIVATIONS)}")
         from .gates import GATES  # the registry (imports torch: only once a config is being checked)
 
@@ -90,6 +96,13 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def shared_hidden(self) -> int:
+        """Hidden size of the shared expert (0: none)."""
+        if not self.shared_experts:
+            return 0
+        return self.shared_d_ff if self.shared_d_ff is not None else (self.dense_d_ff or self.d_ff * self.top_k) * self.shared_experts
 
     def is_moe_block(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0

@@ -41,6 +41,18 @@ class MLP(nn.Module):
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
+class SharedExpert(MLP):
+    """The expert every token uses; `gated` scales its output by sigmoid(gate(x)) per token (Qwen2-MoE)."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", gated: bool = False):
+        super().__init__(d_model, d_ff, activation)
+        self.gate = nn.Linear(d_model, 1, bias=False) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
 def expert_mlp(x_AD, w1_DF, w3_DF, w2_FD, b1_F=None, b3_F=None, b2_D=None):
     """One expert's MLP on its rows; the reference math every implementation must match.
 

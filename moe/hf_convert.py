@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints on disk <-> moeflow: Llama-family import, Mixtral/Qwen-MoE export.
+"""Hugging Face checkpoints on disk -> moeflow: reading folders, the Llama-family (dense) import.
 
 Reads a local folder (config.json + model.safetensors, or shards listed in
 model.safetensors.index.json); never downloads. Llama, Mistral, Qwen2 and Qwen3 map
@@ -7,10 +7,9 @@ Rotary layouts differ: Hugging Face rotates the two halves of a head, moeflow
 interleaved pairs, so q and k rows are permuted within each head on the way in (and
 back on the way out); q.k is unchanged because both get the same permutation.
 
-Exports: Llama/Mistral -> Mixtral, Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE, in the
-per-expert tensor layout of the published checkpoints, loadable with
-`transformers.AutoModelForCausalLM`. Other architectures (GPT-2, BERT, ...) go through
-the generic path, `moeflow.moe.upcycle.upcycle_model`.
+The MoE architectures (Mixtral, Qwen2/3-MoE, OLMoE), both ways, live in `moeflow.moe.hf_moe`;
+an upcycled Llama/Mistral exports as Mixtral, Qwen2 as Qwen2-MoE, Qwen3 as Qwen3-MoE (`FAMILIES`).
+Other architectures (GPT-2, BERT, ...) go through the generic path, `moeflow.moe.upcycle.upcycle_model`.
 """
 from __future__ import annotations
 
@@ -225,27 +224,67 @@ def model_type_of(model_cfg: ModelConfig) -> str:
     return f"{model_cfg.n_layers} layers, hidden {model_cfg.d_model}, {model_cfg.n_heads} heads/{model_cfg.kv_heads} kv, MLP {model_cfg.dense_d_ff}"
 
 
-def hf_to_moeflow_state(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face Llama-family tensors -> the state dict of a dense moeflow `Transformer`."""
+def qk_norm_perm(model_cfg: ModelConfig, n_heads: int, perm: torch.Tensor) -> torch.Tensor:
+    """Index of a q/k norm weight: within one head (Qwen3) or within each head of the projection (OLMoE)."""
+    if model_cfg.qk_norm_scope == "head":
+        return perm
+    hd = model_cfg.head_size
+    return (torch.arange(n_heads)[:, None] * hd + perm[None, :]).reshape(-1)
+
+
+def attention_to_moeflow(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Block i's attention and norms: Hugging Face Llama-style names -> moeflow names."""
     hd, H, KV = model_cfg.head_size, model_cfg.n_heads, model_cfg.kv_heads
     perm = rotary_perm(hd)
+    p, b = f"model.layers.{i}.", f"blocks.{i}."
+    out = {}
+    q = _permute_heads(tensors[p + "self_attn.q_proj.weight"], H, hd, perm)
+    k = _permute_heads(tensors[p + "self_attn.k_proj.weight"], KV, hd, perm)
+    out[b + "attn.qkv.weight"] = torch.cat([q, k, tensors[p + "self_attn.v_proj.weight"]])
+    if model_cfg.attn_bias:
+        qb = _permute_heads(tensors[p + "self_attn.q_proj.bias"], H, hd, perm)
+        kb = _permute_heads(tensors[p + "self_attn.k_proj.bias"], KV, hd, perm)
+        out[b + "attn.qkv.bias"] = torch.cat([qb, kb, tensors[p + "self_attn.v_proj.bias"]])
+    if model_cfg.qk_norm:
+        out[b + "attn.q_norm.weight"] = tensors[p + "self_attn.q_norm.weight"][qk_norm_perm(model_cfg, H, perm)]
+        out[b + "attn.k_norm.weight"] = tensors[p + "self_attn.k_norm.weight"][qk_norm_perm(model_cfg, KV, perm)]
+    out[b + "attn.out.weight"] = tensors[p + "self_attn.o_proj.weight"]
+    out[b + "attn_norm.weight"] = tensors[p + "input_layernorm.weight"]
+    out[b + "ffn_norm.weight"] = tensors[p + "post_attention_layernorm.weight"]
+    return out
+
+
+def attention_to_hf(model_cfg: ModelConfig, sd: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """The inverse of `attention_to_moeflow`."""
+    hd, H, KV = model_cfg.head_size, model_cfg.n_heads, model_cfg.kv_heads
+    inv = torch.argsort(rotary_perm(hd))
+    p, b = f"model.layers.{i}.", f"blocks.{i}."
+    out = {}
+    q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
+    out[p + "self_attn.q_proj.weight"] = _permute_heads(q, H, hd, inv)
+    out[p + "self_attn.k_proj.weight"] = _permute_heads(k, KV, hd, inv)
+    out[p + "self_attn.v_proj.weight"] = v
+    if model_cfg.attn_bias:
+        qb, kb, vb = sd[b + "attn.qkv.bias"].split([H * hd, KV * hd, KV * hd])
+        out[p + "self_attn.q_proj.bias"] = _permute_heads(qb, H, hd, inv)
+        out[p + "self_attn.k_proj.bias"] = _permute_heads(kb, KV, hd, inv)
+        out[p + "self_attn.v_proj.bias"] = vb
+    if model_cfg.qk_norm:
+        out[p + "self_attn.q_norm.weight"] = sd[b + "attn.q_norm.weight"][qk_norm_perm(model_cfg, H, inv)]
+        out[p + "self_attn.k_norm.weight"] = sd[b + "attn.k_norm.weight"][qk_norm_perm(model_cfg, KV, inv)]
+    out[p + "self_attn.o_proj.weight"] = sd[b + "attn.out.weight"]
+    out[p + "input_layernorm.weight"] = sd[b + "attn_norm.weight"]
+    out[p + "post_attention_layernorm.weight"] = sd[b + "ffn_norm.weight"]
+    return out
+
+
+def hf_to_moeflow_state(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama-family tensors -> the state dict of a dense moeflow `Transformer`."""
     out = {"embed.weight": tensors["model.embed_tokens.weight"], "norm.weight": tensors["model.norm.weight"]}
     out["lm_head.weight"] = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
     for i in range(model_cfg.n_layers):
         p, b = f"model.layers.{i}.", f"blocks.{i}."
-        q = _permute_heads(tensors[p + "self_attn.q_proj.weight"], H, hd, perm)
-        k = _permute_heads(tensors[p + "self_attn.k_proj.weight"], KV, hd, perm)
-        out[b + "attn.qkv.weight"] = torch.cat([q, k, tensors[p + "self_attn.v_proj.weight"]])
-        if model_cfg.attn_bias:
-            qb = _permute_heads(tensors[p + "self_attn.q_proj.bias"], H, hd, perm)
-            kb = _permute_heads(tensors[p + "self_attn.k_proj.bias"], KV, hd, perm)
-            out[b + "attn.qkv.bias"] = torch.cat([qb, kb, tensors[p + "self_attn.v_proj.bias"]])
-        if model_cfg.qk_norm:
-            out[b + "attn.q_norm.weight"] = tensors[p + "self_attn.q_norm.weight"][perm]
-            out[b + "attn.k_norm.weight"] = tensors[p + "self_attn.k_norm.weight"][perm]
-        out[b + "attn.out.weight"] = tensors[p + "self_attn.o_proj.weight"]
-        out[b + "attn_norm.weight"] = tensors[p + "input_layernorm.weight"]
-        out[b + "ffn_norm.weight"] = tensors[p + "post_attention_layernorm.weight"]
+        out.update(attention_to_moeflow(model_cfg, tensors, i))
         out[b + "ffn.w1.weight"] = tensors[p + "mlp.gate_proj.weight"]
         out[b + "ffn.w3.weight"] = tensors[p + "mlp.up_proj.weight"]
         out[b + "ffn.w2.weight"] = tensors[p + "mlp.down_proj.weight"]
@@ -267,127 +306,22 @@ def load_dense(path: str | Path, max_seq_len: int | None = None, dtype: torch.dt
     return model.to(dtype).eval(), ckpt
 
 
-# --------------------------------------------------------------------------------------
-# moeflow MoE -> Hugging Face MoE
-
-
-def export_config(model: Transformer, source_cfg: dict) -> dict:
-    """config.json of the Mixtral / Qwen2-MoE / Qwen3-MoE model equivalent to `model`."""
-    model_cfg = model.cfg
-    family = source_cfg.get("model_type")
-    target = FAMILIES.get(family)
-    if target is None:
-        raise ConversionError(supported_message(family))
-    gate = model_cfg.gate.get("name")
-    if gate != "topk" or not model_cfg.gate.get("renormalize", True):
-        raise ConversionError(f"gate {gate!r} (renormalize={model_cfg.gate.get('renormalize', True)}) has no Hugging Face {target} equivalent; export needs the topk gate with renormalize=true (train with another gate in moeflow instead)")
-    if target == "mixtral" and (model_cfg.moe_every != 1 or model_cfg.shared_experts or model_cfg.attn_bias or model_cfg.qk_norm):
-        raise ConversionError("Mixtral has no dense layers (moe_every must be 1), no shared expert, no q/k/v biases and no q/k norms; export to moeflow format instead or drop those options")
-    if target == "qwen3_moe" and model_cfg.shared_experts:
-        raise ConversionError("Qwen3-MoE has no shared expert; drop --shared-expert, or export to moeflow format")
-    theta = model_cfg.rope_theta
-    cfg = {
-        "architectures": [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[target]],
-        "model_type": target,
-        "vocab_size": model_cfg.vocab_size,
-        "hidden_size": model_cfg.d_model,
-        "num_hidden_layers": model_cfg.n_layers,
-        "num_attention_heads": model_cfg.n_heads,
-        "num_key_value_heads": model_cfg.kv_heads,
-        "head_dim": model_cfg.head_size,
-        "hidden_act": "silu",
-        "max_position_embeddings": int(source_cfg.get("max_position_embeddings", model_cfg.max_seq_len)),
-        "rms_norm_eps": model_cfg.norm_eps,
-        "rope_theta": theta,
-        "rope_scaling": model_cfg.rope_scaling,
-        "tie_word_embeddings": model_cfg.tie_embeddings,
-        "attention_dropout": 0.0,
-        "num_experts_per_tok": model_cfg.top_k,
-        "router_aux_loss_coef": float(model_cfg.gate.get("aux_loss_coef", 0.01)),
-        "output_router_logits": False,
-        "initializer_range": model_cfg.init_std,
-        "torch_dtype": source_cfg.get("torch_dtype", source_cfg.get("dtype", "float32")),
-    }
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in source_cfg:
-            cfg[key] = source_cfg[key]
-    if target == "mixtral":
-        cfg.update(num_local_experts=model_cfg.num_experts, intermediate_size=model_cfg.d_ff, sliding_window=source_cfg.get("sliding_window"), router_jitter_noise=0.0)
-    else:
-        dense_ff = model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k
-        cfg.update(
-            num_experts=model_cfg.num_experts, moe_intermediate_size=model_cfg.d_ff, intermediate_size=dense_ff,
-            decoder_sparse_step=model_cfg.moe_every, mlp_only_layers=[], norm_topk_prob=True,
-            use_sliding_window=bool(source_cfg.get("use_sliding_window", False)), sliding_window=source_cfg.get("sliding_window"),
-            max_window_layers=source_cfg.get("max_window_layers", model_cfg.n_layers),
-            attention_bias=False,
-        )
-        if target == "qwen2_moe":
-            cfg.update(shared_expert_intermediate_size=dense_ff * model_cfg.shared_experts, qkv_bias=model_cfg.attn_bias)
-    return cfg
-
-
-@torch.no_grad()
-def export_tensors(model: Transformer, target: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Per-expert tensors in the published layout of `target` (mixtral | qwen2_moe | qwen3_moe)."""
-    model_cfg = model.cfg
-    hd, H, KV = model_cfg.head_size, model_cfg.n_heads, model_cfg.kv_heads
-    inv = torch.argsort(rotary_perm(hd))
-    sd = model.state_dict()
-    cast = (lambda t: t.detach().to("cpu", dtype).contiguous()) if dtype is not None else (lambda t: t.detach().to("cpu").contiguous())  # noqa: E731
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not model_cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    for i, block in enumerate(model.blocks):
-        p, b = f"model.layers.{i}.", f"blocks.{i}."
-        q, k, v = sd[b + "attn.qkv.weight"].split([H * hd, KV * hd, KV * hd])
-        out[p + "self_attn.q_proj.weight"] = _permute_heads(q, H, hd, inv)
-        out[p + "self_attn.k_proj.weight"] = _permute_heads(k, KV, hd, inv)
-        out[p + "self_attn.v_proj.weight"] = v
-        if model_cfg.attn_bias:
-            qb, kb, vb = sd[b + "attn.qkv.bias"].split([H * hd, KV * hd, KV * hd])
-            out[p + "self_attn.q_proj.bias"] = _permute_heads(qb, H, hd, inv)
-            out[p + "self_attn.k_proj.bias"] = _permute_heads(kb, KV, hd, inv)
-            out[p + "self_attn.v_proj.bias"] = vb
-        if model_cfg.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = sd[b + "attn.q_norm.weight"][inv]
-            out[p + "self_attn.k_norm.weight"] = sd[b + "attn.k_norm.weight"][inv]
-        out[p + "self_attn.o_proj.weight"] = sd[b + "attn.out.weight"]
-        out[p + "input_layernorm.weight"] = sd[b + "attn_norm.weight"]
-        out[p + "post_attention_layernorm.weight"] = sd[b + "ffn_norm.weight"]
-        if not model_cfg.is_moe_block(i):
-            out[p + "mlp.gate_proj.weight"] = sd[b + "ffn.w1.weight"]
-            out[p + "mlp.up_proj.weight"] = sd[b + "ffn.w3.weight"]
-            out[p + "mlp.down_proj.weight"] = sd[b + "ffn.w2.weight"]
-            continue
-        if block.ffn.experts.b1_EF is not None:
-            raise ConversionError("experts with biases have no Hugging Face MoE equivalent")
-        moe = p + ("block_sparse_moe." if target == "mixtral" else "mlp.")
-        names = ("w1", "w3", "w2") if target == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        out[moe + "gate.weight"] = sd[b + "ffn.gate.proj.weight"]
-        for e in range(model_cfg.num_experts):
-            out[f"{moe}experts.{e}.{names[0]}.weight"] = sd[b + "ffn.experts.w1_EDF"][e].t()
-            out[f"{moe}experts.{e}.{names[1]}.weight"] = sd[b + "ffn.experts.w3_EDF"][e].t()
-            out[f"{moe}experts.{e}.{names[2]}.weight"] = sd[b + "ffn.experts.w2_EFD"][e].t()
-        if target == "qwen2_moe":
-            # HF scales the shared expert by sigmoid(shared_expert_gate(x)); a zero gate gives 1/2, so x2 here
-            if model_cfg.shared_experts:
-                out[moe + "shared_expert.gate_proj.weight"] = sd[b + "ffn.shared_expert.w1.weight"]
-                out[moe + "shared_expert.up_proj.weight"] = sd[b + "ffn.shared_expert.w3.weight"]
-                out[moe + "shared_expert.down_proj.weight"] = sd[b + "ffn.shared_expert.w2.weight"] * 2
-            else:  # Qwen2-MoE always has one: a zero-width shared expert adds nothing
-                out[moe + "shared_expert.gate_proj.weight"] = torch.zeros(0, model_cfg.d_model)
-                out[moe + "shared_expert.up_proj.weight"] = torch.zeros(0, model_cfg.d_model)
-                out[moe + "shared_expert.down_proj.weight"] = torch.zeros(model_cfg.d_model, 0)
-            out[moe + "shared_expert_gate.weight"] = torch.zeros(1, model_cfg.d_model)
-    return {k: cast(v) for k, v in out.items()}
-
-
-def save_hf(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path | None = None) -> None:
-    """config.json + model.safetensors (+ the source's tokenizer files) into an existing folder."""
+def save_hf(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path | None = None, shard_gib: float = 5.0) -> None:
+    """config.json + safetensors (sharded with an index past `shard_gib`, as `save_pretrained` does)
+    (+ the source's tokenizer files) into an existing folder."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total <= shard_gib * 2**30:
+        save_file(tensors, str(folder / SINGLE_FILE), metadata={"format": "pt"})
+    else:
+        from huggingface_hub import split_torch_state_dict_into_shards  # comes with transformers
+
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=int(shard_gib * 2**30))
+        for filename, names in split.filename_to_tensors.items():
+            save_file({n: tensors[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
+        index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+        (folder / SHARD_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     if source is not None:
         for name in _COPY_FILES:
             if (source / name).is_file():
@@ -454,6 +388,6 @@ def load_upcycled(path: str | Path, dtype: torch.dtype = torch.float32):
 
 __all__ = [
     "FAMILIES", "GENERIC", "ConversionError", "HFCheckpoint", "read_config", "read_checkpoint", "weight_files",
-    "model_config_from_hf", "check_weights", "hf_to_moeflow_state", "load_dense", "export_config", "export_tensors",
+    "model_config_from_hf", "check_weights", "hf_to_moeflow_state", "attention_to_moeflow", "attention_to_hf", "load_dense",
     "save_hf", "rotary_perm", "supported_message", "dtype_of", "load_hf_model", "save_generic", "load_upcycled",
 ]

@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
-from .experts import MLP, GroupedExperts
+from .experts import MLP, GroupedExperts, SharedExpert
 from .gates import build_gate
 from .init import init_weights
 from .layer import MoELayer, moe_aux_loss, moe_layers
@@ -79,20 +79,25 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_size
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.attn_bias)
         self.out = nn.Linear(self.n_heads * self.hd, cfg.d_model, bias=False)
-        self.q_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.hd, eps=cfg.norm_eps) if cfg.qk_norm else None
+        # q/k norm over each head (Qwen3) or over the whole projection before the heads split (OLMoE)
+        self.norm_proj = cfg.qk_norm and cfg.qk_norm_scope == "proj"
+        q_size, k_size = (self.n_heads * self.hd, self.n_kv * self.hd) if self.norm_proj else (self.hd, self.hd)
+        self.q_norm = nn.RMSNorm(q_size, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(k_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         qkv = self.qkv(x_BSD)
-        if self.n_kv == self.n_heads:
+        if self.n_kv == self.n_heads and not self.norm_proj:
             q, k, v = qkv.view(B, S, 3, self.n_heads, self.hd).permute(2, 0, 3, 1, 4)
         else:
             q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+            if self.norm_proj:
+                q, k = self.q_norm(q), self.k_norm(k)
             q = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)
             k, v = (t.view(B, S, self.n_kv, self.hd).transpose(1, 2) for t in (k, v))
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.norm_proj:
             q, k = self.q_norm(q), self.k_norm(k)
         gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
         y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True, **gqa)
@@ -126,8 +131,7 @@ def build_moe_layer(cfg: ModelConfig) -> MoELayer:
     gate = build_gate(cfg.gate["name"], cfg.d_model, cfg.num_experts, cfg.top_k, **gate_opts)
     experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation, impl=cfg.experts_impl)
     experts.gather_rows = cfg.experts_gather_rows
-    dense_d_ff = cfg.dense_d_ff or cfg.d_ff * cfg.top_k
-    shared = MLP(cfg.d_model, dense_d_ff * cfg.shared_experts, cfg.activation) if cfg.shared_experts else None
+    shared = SharedExpert(cfg.d_model, cfg.shared_hidden, cfg.activation, gated=cfg.shared_expert_gate) if cfg.shared_experts else None
     return MoELayer(gate, experts, shared)
 
 

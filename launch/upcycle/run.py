@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import torch
 
 from moeflow.moe import hf_convert as hf
+from moeflow.moe import hf_moe
 from moeflow.moe.upcycle import UpcycleError, UpcycleOptions, max_logit_diff, upcycle_model, upcycle_transformer
 
+from ..hf_models import round_parameters, verify as verify_export
 from .outputs import atomic_output, full_gate, train_command, write_moeflow
 from .sources import dense_reference, detect, load_moeflow_dense
 
@@ -48,14 +51,20 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
             raise UpcycleError(hf.supported_message(mt))
         if fmt == "generic":
             raise UpcycleError("--format generic needs --generic")
-        if fmt == "auto":  # the HF MoE classes route like the renormalised topk gate only
-            exportable = opts.gate == "topk" and opts.gate_options.get("renormalize", True)
-            fmt = "both" if exportable else "moeflow"
         dense, _ = hf.load_dense(source, args.max_seq_len, DTYPES[args.dtype])
 
     opts_gate = full_gate(opts)
     opts = UpcycleOptions(**{**opts.to_dict(), "gate_options": {k: v for k, v in opts_gate.items() if k != "name"}})
     moe = upcycle_transformer(dense, opts).eval()
+    if kind != "moeflow":  # an HF export is exact or not written
+        target = hf.FAMILIES[family_cfg.get("model_type")]
+        blockers = hf_moe.export_blockers(moe.cfg, target)
+        if blockers and fmt in ("hf", "both"):
+            raise UpcycleError(f"--format {fmt}: the upcycled model cannot be exported as {target} exactly: {'; '.join(blockers)}; use --format moeflow")
+        if fmt == "auto":
+            fmt = "moeflow" if blockers else "both"
+            if blockers:
+                print(f"writing moeflow format only: no exact {target} export ({'; '.join(blockers)})")
     tmp, commit = atomic_output(output, args.force)
     try:
         if args.verify:
@@ -67,15 +76,13 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
         mf_dir = tmp / "moeflow" if fmt == "both" else tmp
         hf_dir = tmp / "hf" if fmt == "both" else tmp
         if fmt in ("hf", "both"):
-            config = hf.export_config(moe, family_cfg)
-            hf.save_hf(hf_dir, config, hf.export_tensors(moe, config["model_type"], hf.dtype_of(family_cfg)), source)
-            if args.verify and hf.dtype_of(family_cfg) != torch.float32:
-                print(f"verify HF export: skipped ({hf.dtype_of(family_cfg)} weights round differently from the float32 reference)")
-            elif args.verify:
-                hf_moe = hf.load_hf_model(hf_dir)
-                diff = max_logit_diff(ref, lambda t: hf_moe(t).logits, moe.cfg.vocab_size, seq_len=seq, seed=args.seed)
-                report["verify"]["hf"] = diff
-                check_verify(f"HF {config['model_type']} vs dense", diff, opts)
+            export_dtype = hf.dtype_of(family_cfg)
+            config = hf_moe.export_config(moe.cfg, target, family_cfg)
+            hf.save_hf(hf_dir, config, hf_moe.export_tensors(moe, target, export_dtype), source)
+            if args.verify:  # transformers' model of the files against the moeflow model of the same weights
+                mine = moe if export_dtype == moe.embed.weight.dtype == torch.float32 else round_parameters(copy.deepcopy(moe).float(), export_dtype)
+                theirs = hf.load_hf_model(hf_dir)
+                report["verify"]["hf"] = verify_export(f"transformers {target} vs moeflow MoE", lambda t: theirs(t).logits, mine, moe.cfg.vocab_size, min(32, moe.cfg.max_seq_len), args.seed)
         if fmt in ("moeflow", "both"):
             mf_dir.mkdir(parents=True, exist_ok=True)
             write_moeflow(mf_dir, moe, opts, source)

@@ -66,7 +66,8 @@ def _qkv_from_megatron(w: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
 
 def check_mappable(model_cfg: ModelConfig, state: dict | None = None) -> None:
     """Refuse model features this mapping does not carry, instead of dropping them silently."""
-    unsupported = [name for name, on in (("model.attn_bias", model_cfg.attn_bias), ("model.qk_norm", model_cfg.qk_norm), ("model.rope_scaling", model_cfg.rope_scaling)) if on]
+    unsupported = [name for name, on in (("model.attn_bias", model_cfg.attn_bias), ("model.qk_norm", model_cfg.qk_norm), ("model.rope_scaling", model_cfg.rope_scaling),
+                                                 ("model.shared_expert_gate", model_cfg.shared_expert_gate), ("model.shared_d_ff", model_cfg.shared_d_ff is not None)) if on]
     if state is not None and any(k.endswith(("experts.b1_EF", "experts.b2_ED", "experts.b3_EF")) for k in state):
         unsupported.append("expert biases (upcycled from a biased MLP)")
     if unsupported:

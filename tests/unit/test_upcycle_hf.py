@@ -175,4 +175,4 @@ def test_gate_options_without_hf_equivalent_write_moeflow_only(tmp_path, capsys)
     assert "renormalize: false" in (tmp_path / "out" / "configs" / "gate" / "upcycled.yaml").read_text()
     with pytest.raises(SystemExit):
         cli.main(["upcycle", str(tmp_path / "d"), str(tmp_path / "o2"), "--format", "hf", "--gate-option", "renormalize=false"])
-    assert "renormalize=False" in capsys.readouterr().err
+    assert "gate.renormalize=false" in capsys.readouterr().err
