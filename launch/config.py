@@ -94,7 +94,16 @@ def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     d = _container(cfg.data)
     if d["seq_len"] > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len={d['seq_len']} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
-    if d.get("source") in ("text", "memmap"):
+    if d.get("mix"):
+        if d.get("source") != "memmap":
+            raise ConfigError("data.mix needs data=memmap (sets written by `moeflow data prepare`)")
+        for i, entry in enumerate(d["mix"]):
+            path = entry.get("path") if isinstance(entry, dict) else None
+            if not path or not Path(str(path)).expanduser().is_file():
+                raise ConfigError(f"data.mix[{i}] needs an existing path (a prepared train.bin), got {entry!r}")
+    elif d.get("source") == "memmap" and not d.get("path"):
+        raise ConfigError("data=memmap needs data.path=.../train.bin (a token file) or data.mix=[{path: ..., weight: ...}, ...]")
+    elif d.get("source") in ("text", "memmap"):
         p = Path(str(d["path"])).expanduser()
         if not p.exists():
             raise ConfigError(f"data.path={d['path']} does not exist; pass an existing {'file or folder' if d['source'] == 'text' else '.bin file'}")

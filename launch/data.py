@@ -24,6 +24,11 @@ class TokenSplits:
     val: np.ndarray
     vocab_size: int
     description: str
+    counts: tuple[int, int] | None = None  # (train, val) tokens where the arrays are not held here (data.mix)
+
+    @property
+    def token_counts(self) -> tuple[int, int]:
+        return self.counts if self.counts is not None else (len(self.train), len(self.val))
 
 
 def _split_files_by_hash(files: list[Path], root: Path, val_percent: float, max_bytes: int | None):
@@ -117,6 +122,8 @@ def load_memmap(path: str, val_path: str | None, dtype: str, val_percent: float)
         return np.memmap(p, dtype=dtype, mode="r")
 
     train = open_bin(path)
+    if not val_path and meta is not None and meta.get("val_file"):  # a prepared set's own split by document
+        val_path = str(Path(path).parent / meta["val_file"])
     if val_path:
         val = open_bin(val_path)
     else:
@@ -161,8 +168,63 @@ class BatchSampler:
         return t[:, :-1], t[:, 1:]
 
 
-def training_samplers(data_cfg, vocab_size: int, seed: int) -> tuple[TokenSplits, BatchSampler, BatchSampler]:
+class MixtureSampler:
+    """Windows from several token sets, each sequence's set drawn with the mixing weights.
+
+    Like `BatchSampler`, the whole data-parallel batch is drawn at once from (seed, step, micro)
+    and each rank takes its slice, so the mixture is the same however the batch is split."""
+
+    def __init__(self, samplers: list[BatchSampler], weights: list[float], seed: int):
+        self.samplers, self.seed = samplers, seed
+        self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
+        self.seq_len, self.batch_size = samplers[0].seq_len, samplers[0].batch_size
+
+    def batch(self, step: int, micro: int, rank: int = 0, ranks: int = 1, attempt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro, 2**31 - 1] + ([attempt] if attempt else []))
+        n = self.batch_size * ranks
+        source = rng.choice(len(self.samplers), size=n, p=self.p)
+        position = rng.random(n)
+        rows = []
+        for j in range(rank * self.batch_size, (rank + 1) * self.batch_size):
+            tokens = self.samplers[source[j]].tokens
+            start = int(position[j] * (len(tokens) - self.seq_len - 1))
+            rows.append(np.asarray(tokens[start:start + self.seq_len + 1], dtype=np.int64))
+        t = torch.from_numpy(np.stack(rows))
+        return t[:, :-1], t[:, 1:]
+
+
+def mixture_splits(data_cfg) -> tuple[list[TokenSplits], list[float]]:
+    """The prepared sets of `data.mix` ([{path, weight}, ...]); each must come from `moeflow data prepare`
+    with the same tokenizer, so that one id means one token everywhere."""
+    sets, weights, tokenizers = [], [], set()
+    for i, entry in enumerate(data_cfg.mix):
+        path, weight = entry.get("path"), entry.get("weight", 1.0)
+        if not path or not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise DataError(f"data.mix[{i}] must be {{path: .../train.bin, weight: > 0}}, got {dict(entry)}")
+        meta = token_file_meta(Path(path))
+        if meta is None:
+            raise DataError(f"data.mix[{i}].path={path} has no {TOKEN_META} beside it; prepare the set with `moeflow data prepare`")
+        tokenizers.add((meta.get("tokenizer_id") or meta.get("tokenizer"), meta.get("vocab_size")))
+        sets.append(load_memmap(path, None, meta["dtype"], data_cfg.val_percent))
+        weights.append(float(weight))
+    if len({vocab for _, vocab in tokenizers}) > 1:
+        raise DataError(f"the data.mix sets were tokenized with different vocabularies ({sorted(v for _, v in tokenizers)}); prepare them with one tokenizer")
+    return sets, weights
+
+
+def training_samplers(data_cfg, vocab_size: int, seed: int):
     """Load the splits and build the train/val samplers every training loop uses."""
+    if data_cfg.get("mix"):
+        sets, weights = mixture_splits(data_cfg)
+        biggest = max(s.vocab_size for s in sets)
+        if biggest > vocab_size:
+            raise DataError(f"the data has token ids up to {biggest - 1} but model.vocab_size={vocab_size}; raise model.vocab_size")
+        make = lambda split: MixtureSampler([BatchSampler(getattr(s, split), data_cfg.seq_len, data_cfg.batch_size, seed) for s in sets], weights, seed)  # noqa: E731
+        description = "mixture of " + ", ".join(f"{s.description} x{w:g}" for s, w in zip(sets, weights))
+        train, val = make("train"), make("val")
+        empty = np.empty(0, dtype=np.uint16)  # the sets stay in their own files; only the counts are summed
+        counts = (sum(len(s.train) for s in sets), sum(len(s.val) for s in sets))
+        return TokenSplits(empty, empty, biggest, description, counts), train, val
     splits = load_splits(data_cfg)
     if splits.vocab_size > vocab_size:
         raise DataError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={vocab_size}; raise model.vocab_size")

@@ -47,6 +47,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "seq_len": positive_int(), "batch_size": positive_int(), "val_percent": Rule(float, low=0, high=100, low_exclusive=True, high_exclusive=True, why="the rest of the data is the training split"),
         "max_bytes": Rule(int, low=1, nullable=True), "dtype": Rule(str, choices=("uint16", "uint32"), nullable=True), "glob": Rule(str),
         "path": Rule(str, nullable=True), "val_path": Rule(str, nullable=True), "source": Rule(str, choices=("stdlib", "text", "memmap")),
+        "mix": Rule(list, nullable=True, why="prepared sets with mixing weights: [{path: .../train.bin, weight: 0.7}, ...]"),
     },
     "optim": {
         "name": Rule(str, choices=("adamw",)), "lr": Rule(float, low=0, low_exclusive=True), "min_lr": Rule(float, low=0),
@@ -93,6 +94,8 @@ def _ok(value: Any, rule: Rule) -> bool:
     if rule.kind is list:
         if not isinstance(value, (list, tuple)) or (rule.length and len(value) != rule.length):
             return False
+        if rule.length is None:  # a list of records, checked by its consumer
+            return True
         return all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1 for v in value)
     if rule.choices is not None and value not in rule.choices:
         return False

@@ -129,7 +129,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     data_rank, data_ranks = engine.data_parallel_rank  # TP ranks share one batch
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * trainer_cfg.grad_accum * data_ranks
     if env.is_main:
-        log.info("data: %s (%d train / %d val tokens)", splits.description, len(splits.train), len(splits.val))
+        log.info("data: %s (%d train / %d val tokens)", splits.description, *splits.token_counts)
         log.info("%s", engine.describe())
 
     byte_level = cfg.data.source in ("stdlib", "text")

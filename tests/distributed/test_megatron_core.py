@@ -22,6 +22,7 @@ megatron_core = pytest.importorskip("megatron.core", reason="pip install moeflow
 from moeflow.moe.errors import ConfigError  # noqa: E402
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer  # noqa: E402
 from moeflow.parallel.integrations import megatron_ckpt as mck  # noqa: E402
+from helpers.session_cache import once
 from helpers.timeouts import limit
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (megatron-core attention/GPTModel)")
@@ -188,9 +189,9 @@ def _assert_slot_equals_one_process(rank: int, r: dict, gate: str, sync: str) ->
 
 
 @pytest.fixture(scope="module")
-def ep_runs(tmp_path_factory):
-    """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together)."""
-    return {"ep2": _slot_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _slot_spawn(tmp_path_factory, 4, 2)}
+def ep_runs(tmp_path_factory, worker_id):
+    """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together; once per session)."""
+    return once(tmp_path_factory, worker_id, "megatron_ep_runs", lambda _: {"ep2": _slot_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _slot_spawn(tmp_path_factory, 4, 2)})
 
 
 def slot_test(*layouts: str):
@@ -232,9 +233,9 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
 # ---- tensor parallelism of the MoE slot through parallel_state (gloo, 2 and 4 processes) -----
 
 @pytest.fixture(scope="module")
-def tp_runs(tmp_path_factory):
-    """TP=2 on 2 processes and TP=2 x EP=2 on 4 (data-parallel 2; about 35 s together)."""
-    return {"tp2": _slot_spawn(tmp_path_factory, 2, 1, tp=2), "tp2_ep2": _slot_spawn(tmp_path_factory, 4, 2, tp=2)}
+def tp_runs(tmp_path_factory, worker_id):
+    """TP=2 on 2 processes and TP=2 x EP=2 on 4 (data-parallel 2; about 35 s together; once per session)."""
+    return once(tmp_path_factory, worker_id, "megatron_tp_runs", lambda _: {"tp2": _slot_spawn(tmp_path_factory, 2, 1, tp=2), "tp2_ep2": _slot_spawn(tmp_path_factory, 4, 2, tp=2)})
 
 
 TP_SHARDED = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF", "shared_expert.w1.weight", "shared_expert.w2.weight", "shared_expert.w3.weight"]
