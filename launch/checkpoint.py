@@ -147,6 +147,43 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: 
         raise
 
 
+def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_bytes: int, progress=None) -> Path:
+    """A weights-only consolidated checkpoint written tensor by tensor from an iterator, in
+    safetensors files of at most `shard_bytes` (an index when there are several), so a model
+    larger than memory is never held whole (`moeflow convert hf-to-moeflow`)."""
+    tmp = temp_dir(run_dir, step)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files, shard, size, weight_map = [], {}, 0, {}
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(tmp / name))
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
+
+    try:
+        for name, tensor in named_tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            if size and size + nbytes > shard_bytes:
+                flush()
+            shard[name], size = tensor.contiguous(), size + nbytes
+            if progress is not None:
+                progress(name)
+        flush()
+        if len(files) == 1:
+            (tmp / files[0]).rename(tmp / WEIGHTS)
+        else:
+            (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1))
+        return commit(tmp, {**meta, "step": step}, None, keep=0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return

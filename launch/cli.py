@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "upcycle": ("moeflow.launch.upcycle.cli", "main", "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)"),
     "slurm": ("moeflow.launch.launchers.slurm", "main", "submit/status/cancel/logs of Slurm jobs (`moeflow slurm --help`)"),
     "ray": ("moeflow.launch.launchers.ray_train", "main", "train on a Ray cluster: launch/submit/wait (`moeflow ray --help`)"),
+    "generate": ("moeflow.launch.inference", "main_generate", "continue a prompt with a trained model (`moeflow generate RUN --prompt ...`)"),
+    "eval": ("moeflow.launch.inference", "main_eval", "loss / perplexity and expert load of a model on a token file (`moeflow eval RUN --data ...`)"),
     "data": ("moeflow.launch.data_prepare", "main", "tokenize a corpus for data=memmap (`moeflow data prepare --help`)"),
     "prepare": ("moeflow.launch.prepare", "main", "build what a first run would build on its first step (`moeflow prepare deepspeed-ops`)"),
     "stats": ("moeflow.launch.stats_table", "main", "per-layer routing statistics table of a run (`moeflow stats RUN_DIR [--step N]`)"),

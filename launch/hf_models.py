@@ -16,10 +16,11 @@ import torch
 from moeflow.moe import hf_convert as hf
 from moeflow.moe import hf_moe
 from moeflow.moe.config import ModelConfig
+from moeflow.moe.param_count import param_counts
 from moeflow.moe.upcycle import max_logit_diff
 
 from . import checkpoint as ckpt
-from .upcycle.outputs import atomic_output, gate_node, train_command, write_model_dir
+from .upcycle.outputs import atomic_output, gate_node, train_command, write_configs
 
 VERIFY_RTOL = 1e-5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,19 +46,26 @@ def round_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
 
 
 def hf_to_moeflow(args) -> Path:
-    """A Hugging Face MoE folder -> a weights-only moeflow checkpoint with `model=imported gate=imported`."""
+    """A Hugging Face MoE folder -> a weights-only moeflow checkpoint with `model=imported gate=imported`,
+    streamed layer by layer (one process never holds the whole model)."""
+    from tqdm import tqdm
+
     src, out = Path(args.src).expanduser(), Path(args.out).expanduser()
-    model, source = hf_moe.load_moe(src, args.max_seq_len)
-    model.cfg.gate = gate_node("topk", {k: v for k, v in model.cfg.gate.items() if k != "name"})
-    report = {"source": str(src), "model_type": source.model_type, "verify": None}
+    cfg, tensors = hf_moe.open_moe(src)  # config.json checked before any weights are read
+    model_type = cfg["model_type"]
+    model_cfg = hf_moe.moe_config_from_hf(cfg, tensors, args.max_seq_len)
+    model_cfg.gate = gate_node("topk", {k: v for k, v in model_cfg.gate.items() if k != "name"})
+    report = {"source": str(src), "model_type": model_type, "verify": None}
     tmp, commit = atomic_output(out, args.force)
     try:
         if args.verify:
-            theirs = hf.load_hf_model(src)
-            report["verify"] = verify(f"moeflow vs transformers {source.model_type}", lambda t: theirs(t).logits, model, model.cfg.vocab_size, min(32, model.cfg.max_seq_len), args.seed)
-            del theirs
-        meta = {"imported_from": str(src), "hf_config": source.config}
-        write_model_dir(tmp, model, meta, IMPORTED, "moeflow convert hf-to-moeflow")
+            report["verify"] = verify_import(src, cfg, tensors, model_cfg, tmp / ".verify", args)
+        full = write_configs(tmp, model_cfg, IMPORTED, "moeflow convert hf-to-moeflow")
+        meta = {"model": model_cfg.to_dict(), "config": full, "weights_only": True, "imported_from": str(src), "hf_config": cfg}
+        bar = tqdm(total=model_cfg.n_layers, desc="import", unit=" layers", disable=not getattr(args, "progress", True))
+        layer_done = lambda name: bar.update(1) if name.endswith("ffn_norm.weight") else None  # noqa: E731
+        ckpt.save_streamed(tmp, 0, hf_moe.iter_moeflow_tensors(model_cfg, tensors, model_type), meta, int(args.shard_gib * 2**30), layer_done)
+        bar.close()
         copy_tokenizer(src, tmp / TOKENIZER_DIR)
         report["train_command"] = train_command(out, IMPORTED)
         (tmp / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -65,9 +73,41 @@ def hf_to_moeflow(args) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"{source.model_type}: {model.num_params() / 1e6:.2f}M parameters ({model.num_params(active_only=True) / 1e6:.2f}M active), {model.cfg.num_experts} experts, top-{model.cfg.top_k}")
+    total, active = param_counts(model_cfg)
+    print(f"{model_type}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), {model_cfg.num_experts} experts, top-{model_cfg.top_k}")
     print(f"continue training with (add your data=... and trainer.* overrides):\n  {report['train_command']}")
     return out
+
+
+def verify_import(src: Path, cfg: dict, tensors, model_cfg: ModelConfig, scratch: Path, args) -> dict:
+    """transformers' model against moeflow's on random tokens: the whole model when it is at most
+    --verify-full-gib (float32), else its first two layers (the mapping is the same for every layer)."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    layers = model_cfg.n_layers
+    if tensors.nbytes() > args.verify_full_gib * 2**30:
+        layers = min(layers, 2)
+    if layers == model_cfg.n_layers:
+        theirs = hf.load_hf_model(src)
+        mine = hf_moe.build_from_state(model_cfg, hf_moe.hf_moe_to_moeflow_state(model_cfg, tensors, cfg["model_type"]))
+        what = "moeflow vs transformers"
+    else:  # a truncated copy of both: the same embedding, head and first layers
+        part_cfg = dataclasses.replace(model_cfg, n_layers=layers)
+        scratch.mkdir(parents=True)
+        keep = [k for k in tensors if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers]
+        save_file({k: tensors[k] for k in keep}, str(scratch / hf.SINGLE_FILE), metadata={"format": "pt"})
+        small = {**cfg, "num_hidden_layers": layers}
+        if isinstance(cfg.get("layer_types"), list):
+            small["layer_types"] = cfg["layer_types"][:layers]
+        (scratch / "config.json").write_text(json.dumps(small))
+        theirs = hf.load_hf_model(scratch)
+        mine = hf_moe.build_from_state(part_cfg, dict(hf_moe.iter_moeflow_tensors(part_cfg, tensors, cfg["model_type"], check_unused=False)))
+        what = f"moeflow vs transformers (first {layers} of {model_cfg.n_layers} layers; --verify-full-gib)"
+    diff = verify(f"{what} {cfg['model_type']}", lambda t: theirs(t).logits, mine, model_cfg.vocab_size, min(32, model_cfg.max_seq_len), args.seed)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {**diff, "layers_checked": layers}
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -105,6 +105,11 @@ def engine_rollback(engine, checkpoint) -> int:
     return resume.load_into(engine, checkpoint, engine.name)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def set_gate_step(model, step: int) -> None:
     for layer in model.moe_layers():
         layer.gate.set_step(step)
@@ -160,6 +165,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
 
     t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
+    t_start = t_last
     try:
         step = start_step
         while step < trainer_cfg.steps:
@@ -173,6 +179,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             grad_norm = engine.optimizer_step()
             done = step + 1
             tokens_since += tokens_per_step
+            if done == start_step + 1:  # one device sync, once: how long the first step (compiles, autotuning) took
+                synchronize(device)
+                result["first_step_s"] = time.perf_counter() - t_start
 
             log_now = done % trainer_cfg.log_every == 0 or done == trainer_cfg.steps
             eval_now = trainer_cfg.eval_every > 0 and (done % trainer_cfg.eval_every == 0 or done == trainer_cfg.steps)
@@ -194,6 +203,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_since / max(elapsed, 1e-9)
                 t_last, tokens_since = time.perf_counter(), 0
+                result["tokens_per_s"] = tok_s  # of the last logging interval (`moeflow bench train` reads it)
                 scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": norm, "train/tokens_per_s": tok_s}
                 for k, v in scalars.items():
                     if v is not None:  # DeepSpeed has no grad norm without clipping
@@ -227,6 +237,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         writer.close()
     if stats_file is not None:
         stats_file.close()
+    if device.type == "cuda":
+        result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result.update(engine.extra_result())
     engine.close()
     shutdown_distributed()

@@ -16,9 +16,11 @@ moeflow model exists. Their routing is expressible (`gate=deepseek_v3`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -28,7 +30,6 @@ from .hf_convert import (
     HFCheckpoint,
     attention_to_hf,
     attention_to_moeflow,
-    read_checkpoint,
     rope_config,
 )
 from .model import Rotary, Transformer
@@ -118,54 +119,121 @@ def moe_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_len:
         raise ConversionError(f"config.json describes a model moeflow cannot build: {e}") from None
 
 
-class _Taken(dict):
-    """The checkpoint's tensors, remembering which were used (the rest are reported as unexpected)."""
+class LazyTensors(Mapping):
+    """The tensors of a Hugging Face folder by name, each read from its safetensors file when asked
+    (so an import holds one layer at a time, never the whole model)."""
 
-    def __init__(self, tensors):
-        super().__init__(tensors)
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = torch.float32):
+        from safetensors import safe_open
+
+        from .hf_convert import weight_files
+
+        self.dtype, self._where, self._open = dtype, {}, {}
+        for f in weight_files(Path(path)):
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # truncated/corrupt files raise several types
+                raise ConversionError(f"{f} is unreadable ({e}); re-copy the file") from None
+            self._open[f] = handle
+            self._where.update({k: f for k in handle.keys()})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            t = self._open[self._where[key]].get_tensor(key)
+        except KeyError:
+            raise
+        except Exception as e:
+            raise ConversionError(f"{self._where[key]} is unreadable at {key} ({e}); re-copy the file") from None
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def nbytes(self) -> int:
+        return sum(int(np.prod(self._open[f].get_slice(k).get_shape())) for k, f in self._where.items()) * 4
+
+
+class _Taken(Mapping):
+    """A view of the checkpoint's tensors that remembers which were used (the rest are unexpected)."""
+
+    def __init__(self, tensors: Mapping):
+        self.tensors = tensors
         self.used: set[str] = set()
-        self.missing: list[str] = []
 
     def __getitem__(self, key):
-        if key not in self:
-            self.missing.append(key)
-            return torch.empty(0)
+        if key not in self.tensors:
+            raise ConversionError(f"the weights do not match config.json: {key} is missing; use the config.json saved with these weights")
         self.used.add(key)
-        return super().__getitem__(key)
+        return self.tensors[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
-def hf_moe_to_moeflow_state(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
-    """Hugging Face MoE tensors -> a moeflow state dict; names every missing or unexpected tensor."""
+def iter_moeflow_tensors(model_cfg: ModelConfig, tensors: Mapping, model_type: str, check_unused: bool = True):
+    """(moeflow name, tensor) pairs, block by block; names every missing or unexpected tensor at the end."""
     arch = ARCHS[model_type]
-    t = _Taken({k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)})
-    out = {"embed.weight": t["model.embed_tokens.weight"], "norm.weight": t["model.norm.weight"]}
+    t = _Taken(_Filtered(tensors))
+    yield "embed.weight", t["model.embed_tokens.weight"]
     if not model_cfg.tie_embeddings:
-        out["lm_head.weight"] = t["lm_head.weight"]
+        yield "lm_head.weight", t["lm_head.weight"]
     elif "lm_head.weight" in t:  # some tied checkpoints store the copy too
         t.used.add("lm_head.weight")
     g, u, dn = arch.expert_names
     for i in range(model_cfg.n_layers):
         p, b = f"model.layers.{i}.", f"blocks.{i}."
-        out.update(attention_to_moeflow(model_cfg, t, i))
+        yield from attention_to_moeflow(model_cfg, t, i).items()
         if not model_cfg.is_moe_block(i):
-            out[b + "ffn.w1.weight"], out[b + "ffn.w3.weight"], out[b + "ffn.w2.weight"] = (t[p + f"mlp.{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj"))
+            for mine, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                yield b + f"ffn.{mine}.weight", t[p + f"mlp.{theirs}.weight"]
             continue
         m = p + arch.moe_prefix
-        out[b + "ffn.gate.proj.weight"] = t[m + "gate.weight"]
+        yield b + "ffn.gate.proj.weight", t[m + "gate.weight"]
         experts = range(model_cfg.num_experts)
-        out[b + "ffn.experts.w1_EDF"] = torch.stack([t[f"{m}experts.{e}.{g}.weight"].t() for e in experts])
-        out[b + "ffn.experts.w3_EDF"] = torch.stack([t[f"{m}experts.{e}.{u}.weight"].t() for e in experts])
-        out[b + "ffn.experts.w2_EFD"] = torch.stack([t[f"{m}experts.{e}.{dn}.weight"].t() for e in experts])
+        yield b + "ffn.experts.w1_EDF", torch.stack([t[f"{m}experts.{e}.{g}.weight"].t() for e in experts])
+        yield b + "ffn.experts.w3_EDF", torch.stack([t[f"{m}experts.{e}.{u}.weight"].t() for e in experts])
+        yield b + "ffn.experts.w2_EFD", torch.stack([t[f"{m}experts.{e}.{dn}.weight"].t() for e in experts])
         if model_cfg.shared_experts:
             for mine, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-                out[b + f"ffn.shared_expert.{mine}.weight"] = t[m + f"shared_expert.{theirs}.weight"]
-            out[b + "ffn.shared_expert.gate.weight"] = t[m + "shared_expert_gate.weight"]
-    unexpected = sorted(set(t) - t.used)
-    if t.missing or unexpected:
-        parts = ([f"missing {', '.join(t.missing[:3])}{' ...' if len(t.missing) > 3 else ''}"] if t.missing else []) + (
-            [f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"] if unexpected else [])
-        raise ConversionError(f"the weights do not match config.json ({model_type}): {'; '.join(parts)}; use the config.json saved with these weights")
-    return out
+                yield b + f"ffn.shared_expert.{mine}.weight", t[m + f"shared_expert.{theirs}.weight"]
+            yield b + "ffn.shared_expert.gate.weight", t[m + "shared_expert_gate.weight"]
+    yield "norm.weight", t["model.norm.weight"]
+    unexpected = sorted(set(t) - t.used) if check_unused else []
+    if unexpected:
+        raise ConversionError(f"the weights do not match config.json ({model_type}): unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}; use the config.json saved with these weights")
+
+
+class _Filtered(Mapping):
+    """The tensors without the ones that hold no weights (rotary tables some checkpoints carry)."""
+
+    def __init__(self, tensors: Mapping):
+        self.tensors, self.keys_ = tensors, [k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)]
+
+    def __getitem__(self, key):
+        return self.tensors[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self.tensors and not key.endswith(_IGNORED_SUFFIXES)
+
+    def __iter__(self):
+        return iter(self.keys_)
+
+    def __len__(self) -> int:
+        return len(self.keys_)
+
+
+def hf_moe_to_moeflow_state(model_cfg: ModelConfig, tensors: Mapping, model_type: str) -> dict[str, torch.Tensor]:
+    """Hugging Face MoE tensors -> a moeflow state dict (all in memory: small models, tests)."""
+    return dict(iter_moeflow_tensors(model_cfg, tensors, model_type))
 
 
 def build_from_state(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Transformer:
@@ -185,16 +253,21 @@ def build_from_state(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dty
 
 
 def load_moe(path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Transformer, HFCheckpoint]:
-    """A Hugging Face MoE folder as a moeflow `Transformer` computing the same function."""
+    """A Hugging Face MoE folder as a moeflow `Transformer` computing the same function (in memory)."""
+    cfg, tensors = open_moe(path, dtype)
+    model_cfg = moe_config_from_hf(cfg, tensors, max_seq_len)
+    state = hf_moe_to_moeflow_state(model_cfg, tensors, cfg["model_type"])
+    return build_from_state(model_cfg, state, dtype), HFCheckpoint(Path(path), cfg, {})
+
+
+def open_moe(path: str | Path, dtype: torch.dtype | None = torch.float32) -> tuple[dict, LazyTensors]:
+    """config.json (architecture checked before any weights are touched) and the lazy tensors."""
     from .hf_convert import read_config
 
     cfg = read_config(path)
-    if cfg.get("model_type") not in ARCHS:  # before reading gigabytes of weights
+    if cfg.get("model_type") not in ARCHS:
         raise unsupported(cfg.get("model_type"))
-    ckpt = read_checkpoint(path, dtype)
-    model_cfg = moe_config_from_hf(ckpt.config, ckpt.tensors, max_seq_len)
-    state = hf_moe_to_moeflow_state(model_cfg, ckpt.tensors, ckpt.model_type)
-    return build_from_state(model_cfg, state, dtype), ckpt
+    return cfg, LazyTensors(path, dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -346,5 +419,5 @@ def _qwen2_shared_expert(model_cfg: ModelConfig, sd: dict, b: str, m: str) -> di
     return out
 
 
-__all__ = ["ARCHS", "REFUSED", "moe_config_from_hf", "hf_moe_to_moeflow_state", "build_from_state", "load_moe",
+__all__ = ["ARCHS", "REFUSED", "moe_config_from_hf", "hf_moe_to_moeflow_state", "iter_moeflow_tensors", "LazyTensors", "open_moe", "build_from_state", "load_moe",
            "export_blockers", "auto_target", "check_exportable", "export_config", "export_tensors", "unsupported"]

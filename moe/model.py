@@ -64,9 +64,9 @@ class Rotary(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, x_BHSd: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BHSd: torch.Tensor, start: int = 0) -> torch.Tensor:
         S = x_BHSd.shape[-2]
-        cos, sin = self.cos[:S].to(x_BHSd.dtype), self.sin[:S].to(x_BHSd.dtype)
+        cos, sin = self.cos[start:start + S].to(x_BHSd.dtype), self.sin[start:start + S].to(x_BHSd.dtype)
         x1, x2 = x_BHSd[..., 0::2], x_BHSd[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -86,7 +86,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(k_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         qkv = self.qkv(x_BSD)
         if self.n_kv == self.n_heads and not self.norm_proj:
@@ -100,8 +100,34 @@ class Attention(nn.Module):
         if self.q_norm is not None and not self.norm_proj:
             q, k = self.q_norm(q), self.k_norm(k)
         gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
-        y = F.scaled_dot_product_attention(self.rotary(q), self.rotary(k), v, is_causal=True, **gqa)
+        start = cache.length if cache is not None else 0
+        q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:  # generation: attend to every earlier position too
+            k, v = cache.append(self, k, v)
+        # a prefill (start 0) is causal; one new token at a time sees all cached keys
+        causal = start == 0
+        if not causal and S > 1:
+            raise ValueError("a KV cache step takes one new token at a time after the prefill")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, **gqa)
         return self.out(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per attention layer (generation)."""
+
+    def __init__(self):
+        self.length = 0
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old = self._kv.get(id(layer))
+        if old is not None:
+            k, v = torch.cat([old[0], k], dim=-2), torch.cat([old[1], v], dim=-2)
+        self._kv[id(layer)] = (k, v)
+        return k, v
+
+    def advance(self, n: int) -> None:
+        self.length += n
 
 
 class Block(nn.Module):
@@ -115,13 +141,13 @@ class Block(nn.Module):
         # a `context_fn` for torch.utils.checkpoint, or None to keep every activation
         self.checkpoint_context_fn = None
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
         if self.checkpoint_context_fn is not None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, token_ids, use_reentrant=False, context_fn=self.checkpoint_context_fn)
-        return self._forward(x, token_ids)
+        return self._forward(x, token_ids, cache)
 
-    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, token_ids) if isinstance(self.ffn, MoELayer) else self.ffn(h))
 
@@ -170,12 +196,16 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return moe_layers(self)
 
-    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
-        if tokens_BS.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {tokens_BS.shape[1]} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+    def forward(self, tokens_BS: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+        """Logits of every position; with a `KVCache`, of the new positions after the cached ones."""
+        end = tokens_BS.shape[1] + (cache.length if cache is not None else 0)
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(tokens_BS)
         for block in self.blocks:
-            x = block(x, tokens_BS)
+            x = block(x, tokens_BS, cache)
+        if cache is not None:
+            cache.advance(tokens_BS.shape[1])
         return self.lm_head(self.norm(x))
 
     def aux_loss(self) -> torch.Tensor:

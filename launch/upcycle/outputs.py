@@ -67,10 +67,16 @@ def write_moeflow(folder: Path, moe: Transformer, opts: UpcycleOptions, source: 
 def write_model_dir(folder: Path, model: Transformer, extra_meta: dict, name: str, tool: str) -> None:
     """A weights-only moeflow checkpoint (step 0, fresh optimizer) plus Hydra configs
     `model=NAME gate=NAME` that compose into a valid `moeflow train` config."""
+    meta = {"model": model.cfg.to_dict(), "config": write_configs(folder, model.cfg, name, tool), "weights_only": True, **extra_meta}
+    ckpt.save_checkpoint(folder, 0, unique_state_dict(model), None, meta, keep=0)  # weights only: training starts fresh
+
+
+def write_configs(folder: Path, model_cfg, name: str, tool: str) -> dict:
+    """configs/{model,gate}/NAME.yaml for a model, checked to compose; the composed train config."""
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    cfg = model.cfg.to_dict()
+    cfg = model_cfg.to_dict()
     (folder / "configs" / "model").mkdir(parents=True)
     (folder / "configs" / "gate").mkdir(parents=True)
     (folder / "configs" / "model" / f"{name}.yaml").write_text(model_yaml(cfg, name, tool))
@@ -81,8 +87,7 @@ def write_model_dir(folder: Path, model: Transformer, extra_meta: dict, name: st
         full = OmegaConf.to_container(train_cfg, resolve=True)
     except Exception as e:  # a generated config that does not compose is a bug: report it plainly
         raise UpcycleError(f"the generated Hydra configs do not compose ({' '.join(str(e).split())[:300]})") from None
-    meta = {"model": cfg, "config": full, "weights_only": True, **extra_meta}
-    ckpt.save_checkpoint(folder, 0, unique_state_dict(model), None, meta, keep=0)  # weights only: training starts fresh
+    return full
 
 
 def atomic_output(output: Path, force: bool):

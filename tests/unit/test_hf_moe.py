@@ -120,9 +120,12 @@ def test_cli_import_trains_then_exports_back_exactly(kind, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_cli_roundtrip_without_training(kind, tmp_path):
-    theirs = make_hf_moe(kind, tmp_path / "hf")
-    run_convert("hf-to-moeflow", tmp_path / "hf", tmp_path / "mf")
+def test_cli_roundtrip_without_training(kind, tmp_path, capsys):
+    """A large model is imported in shards and verified on its first layers (tiny limits force both here)."""
+    theirs = make_hf_moe(kind, tmp_path / "hf", num_hidden_layers=3)
+    run_convert("hf-to-moeflow", tmp_path / "hf", tmp_path / "mf", "--shard-gib", "0.0001", "--verify-full-gib", "0")
+    assert "first 2 of 3 layers" in capsys.readouterr().out
+    assert (tmp_path / "mf" / "checkpoints" / "step_00000000" / "model.safetensors.index.json").is_file()
     run_convert("moeflow-to-hf", tmp_path / "mf", tmp_path / "back", "--dtype", "bfloat16")
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32).eval()
     x = tokens(seq=12)
@@ -170,14 +173,13 @@ def test_moeflow_to_hf_refuses_before_reading_weights(tmp_path):
 
 def test_verification_failure_writes_nothing(tmp_path, monkeypatch):
     make_hf_moe("mixtral", tmp_path / "hf")
-    real = hf_moe.hf_moe_to_moeflow_state
+    real = hf_moe.iter_moeflow_tensors
 
-    def swapped_experts(model_cfg, tensors, kind):
-        out = real(model_cfg, tensors, kind)
-        out["blocks.0.ffn.experts.w2_EFD"] = out["blocks.0.ffn.experts.w2_EFD"].flip(0)
-        return out
+    def swapped_experts(model_cfg, tensors, kind, check_unused=True):
+        for name, t in real(model_cfg, tensors, kind, check_unused):
+            yield name, (t.flip(0) if name == "blocks.0.ffn.experts.w2_EFD" else t)
 
-    monkeypatch.setattr(hf_moe, "hf_moe_to_moeflow_state", swapped_experts)
+    monkeypatch.setattr(hf_moe, "iter_moeflow_tensors", swapped_experts)
     with pytest.raises(MoeflowError, match="verification failed"):
         run_convert("hf-to-moeflow", tmp_path / "hf", tmp_path / "out")
     assert not (tmp_path / "out").exists()

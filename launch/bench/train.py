@@ -1,0 +1,260 @@
+"""`moeflow bench train`: the whole training step, end to end, MoE against its dense equivalent.
+
+Each variant runs the real trainer (`moeflow.launch.train.train`, the `moeflow train` code
+path) on random tokens for 2 x --steps steps, logging once after the first --steps (warm-up:
+compiles, autotuning) and once at the end; tokens/s is the second interval's. Variants:
+
+- moe-<impl>: the MoE model with `experts.impl=<impl>` (--impls, default triton,grouped_mm on CUDA);
+- dense: the same shape with one MLP of hidden top_k * d_ff per layer (`model.moe_every=0`):
+  the same active FLOPs without routing;
+- hf: transformers' own MoE model of the same shape (Qwen3-MoE, or OLMoE for q/k norms over
+  the projection) in a plain bf16 AdamW loop, when transformers is installed.
+
+MFU = (6 x active non-embedding parameters + attention) FLOPs per token x tokens/s, over a
+matmul peak measured in the same run (bf16 8192^3 on CUDA; float32 1024^3 on a CPU, where the
+figure only compares variants). Writes a JSON (--out) with the figures the RESULTS table uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from moeflow.moe.errors import ConfigError
+
+# model overrides of the shapes in the issue tracker's targets
+SHAPES = {
+    "olmoe-like": ["model=olmoe_1b_7b", "model.n_layers=8", "gate.renormalize=false"],
+    "mixtral-like": ["model=mixtral_8x7b", "model.n_layers=4"],
+    "e128": ["model=qwen3_30b_a3b", "model.n_layers=8"],
+    "tiny": ["model=tiny"],
+}
+
+
+def compose(overrides: list[str]):
+    """The trainer's config, composed and checked as `moeflow train` does (Hydra's own keys removed)."""
+    from omegaconf import OmegaConf
+
+    from .. import schema
+    from ..preflight import compose_checked
+
+    cfg = compose_checked(overrides)
+    schema.check(cfg)
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+
+
+def flops_per_token(model_cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per active non-embedding parameter (the LM head counts: it is a
+    matmul) plus attention scores and values, 12 * layers * heads * head_size * seq (no causal discount)."""
+    from moeflow.moe.param_count import param_counts
+
+    _, active = param_counts(model_cfg)
+    matmul_params = active - model_cfg.vocab_size * model_cfg.d_model  # the embedding lookup is not a matmul
+    if model_cfg.tie_embeddings:
+        matmul_params += model_cfg.vocab_size * model_cfg.d_model
+    attention = 12 * model_cfg.n_layers * model_cfg.n_heads * model_cfg.head_size * seq_len
+    return 6.0 * matmul_params + attention
+
+
+def matmul_peak(device) -> tuple[float, str]:
+    """FLOP/s of one large matmul on this device (the MFU denominator), and what was measured."""
+    import torch
+
+    if device.type == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 20
+    else:
+        n, dtype, reps = 1024, torch.float32, 5
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t), f"{str(dtype).replace('torch.', '')} {n}^3 matmul"
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_tokens(folder: Path, vocab: int, n: int) -> Path:
+    import numpy as np
+
+    path = folder / "tokens.bin"
+    dtype = np.uint16 if vocab <= 2**16 else np.uint32
+    np.random.default_rng(0).integers(0, vocab, size=n, dtype=np.int64).astype(dtype).tofile(path)
+    return path
+
+
+def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_root: Path) -> dict:
+    """One variant through the real trainer; its tokens/s, first-step time, peak memory."""
+    from moeflow.launch.config import model_config
+    from moeflow.launch.train import train
+
+
+    dtype = "uint16" if args.vocab_size is None or args.vocab_size <= 2**16 else "uint32"
+    cfg = compose([
+        *overrides, "data=memmap", f"data.path={tokens}", f"data.dtype={dtype}", f"data.seq_len={args.seq_len}",
+        f"data.batch_size={args.batch_size}", "data.val_percent=1", f"trainer.steps={2 * args.steps}",
+        f"trainer.log_every={args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false",
+        f"trainer.device={args.device}", f"model.max_seq_len={args.seq_len}", *args.override,
+    ])
+    model_cfg = model_config(cfg)
+    result = train(cfg, run_root / name)
+    tok_s = result.get("tokens_per_s")
+    return {"variant": name, "tokens_per_s": tok_s, "first_step_s": result.get("first_step_s"),
+            "steady_step_s": (args.batch_size * args.seq_len / tok_s) if tok_s else None,
+            "peak_mem_gib": result.get("peak_mem_gib"), "flops_per_token": flops_per_token(model_cfg, args.seq_len),
+            "params": _counts(model_cfg), "final_loss": result.get("train_loss")}
+
+
+def _counts(model_cfg) -> dict:
+    from moeflow.moe.param_count import param_counts
+
+    total, active = param_counts(model_cfg)
+    return {"total": total, "active": active}
+
+
+def hf_variant(moe_overrides: list[str], args, device) -> dict:
+    """transformers' own MoE model of the same shape, in a plain AdamW loop (bf16 autocast on CUDA)."""
+    import torch
+    import torch.nn.functional as F
+
+    from moeflow.launch.config import model_config
+    from moeflow.moe.hf_moe import auto_target, export_config
+
+    try:
+        import transformers
+    except ImportError:
+        return {"variant": "hf", "skipped": "transformers is not installed"}
+    cfg = model_config(compose([*moe_overrides, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override]))
+    target = auto_target(cfg)
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in export_config(cfg, target).items() if k not in ("architectures", "torch_dtype")})
+    torch.manual_seed(0)
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["experts_implementation"] = "grouped_mm"  # transformers' fastest MoE path
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg, **kwargs).to(device)
+    except (TypeError, ValueError):
+        model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
+        with autocast:
+            logits = model(x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(args.steps - 1):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync(device)
+    tok_s = args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t)
+    return {"variant": f"hf ({target})", "tokens_per_s": tok_s, "first_step_s": first, "steady_step_s": args.batch_size * args.seq_len / tok_s,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "flops_per_token": flops_per_token(cfg, args.seq_len), "params": _counts(cfg), "final_loss": loss.item()}
+
+
+def run(args) -> dict:
+    import torch
+
+    from moeflow.launch.runtime import resolve_device
+
+    if args.shape not in SHAPES:
+        raise ConfigError(f"--shape {args.shape!r} is unknown; choose one of {', '.join(SHAPES)}")
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    device = resolve_device(args.device)
+    impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
+    shape = SHAPES[args.shape]
+    from moeflow.launch.config import model_config
+
+    vocab = model_config(compose([*shape, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])).vocab_size
+    args.vocab_size = vocab
+    peak, peak_what = matmul_peak(device)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="moeflow-bench-train-") as tmp:
+        tmp = Path(tmp)
+        tokens = random_tokens(tmp, vocab, max(4 * args.batch_size * (args.seq_len + 1), 200_000))
+        for variant in args.variants.split(","):
+            if variant == "moe":
+                for impl in impls:
+                    rows.append(trainer_variant(f"moe-{impl}", [*shape, f"experts.impl={impl}"], args, tokens, tmp))
+            elif variant == "dense":
+                rows.append(trainer_variant("dense", [*shape, "model.moe_every=0"], args, tokens, tmp))
+            elif variant == "hf":
+                rows.append(hf_variant(shape, args, device))
+            else:
+                raise ConfigError(f"--variants: {variant!r} is unknown; use moe, dense, hf")
+            print(_row(rows[-1], peak), flush=True)
+    for r in rows:
+        if r.get("tokens_per_s"):
+            r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
+    moe = next((r for r in rows if r["variant"].startswith("moe") and r.get("tokens_per_s")), None)
+    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    out = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+        "shape": args.shape, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps_measured": args.steps,
+        "peak_flops": peak, "peak_measured_with": peak_what,
+        "moe_tokens_per_s": moe and moe["tokens_per_s"], "dense_tokens_per_s": dense and dense["tokens_per_s"],
+        "moe_mfu": moe and moe.get("mfu"), "dense_mfu": dense and dense.get("mfu"),
+        "moe_over_dense": moe and dense and moe["tokens_per_s"] / dense["tokens_per_s"],
+        "moe_peak_mem_gib": moe and moe.get("peak_mem_gib"), "first_step_s": moe and moe.get("first_step_s"),
+        "variants": rows,
+    }
+    if out["moe_over_dense"]:
+        print(f"MoE ({moe['variant']}) / dense tokens/s: x{out['moe_over_dense']:.3f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return out
+
+
+def _row(r: dict, peak: float) -> str:
+    if r.get("skipped"):
+        return f"{r['variant']:<16} skipped: {r['skipped']}"
+    mfu = r["tokens_per_s"] * r["flops_per_token"] / peak if r.get("tokens_per_s") else float("nan")
+    mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
+    return (f"{r['variant']:<16} {r['tokens_per_s']:>12,.0f} tok/s  MFU {100 * mfu:5.1f}%  step {1e3 * r['steady_step_s']:8.1f} ms  "
+            f"first step {r['first_step_s']:6.1f} s  peak {mem}  ({r['params']['active'] / 1e6:.1f}M active of {r['params']['total'] / 1e6:.1f}M)")
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="moeflow bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="olmoe-like", help=f"model shape: {', '.join(SHAPES)} (default olmoe-like)")
+    ap.add_argument("--variants", default="moe,dense,hf", help="comma list of moe, dense, hf")
+    ap.add_argument("--impls", default=None, help="experts.impl values for the MoE variant (default: triton,grouped_mm on CUDA, torch on CPU)")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="measured steps (after as many warm-up steps)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="JSON file to write (e.g. bench/results/train_h200.json)")
+    ap.add_argument("override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)")
+    run(ap.parse_args(argv))

@@ -1,0 +1,203 @@
+"""`moeflow generate` and `moeflow eval`: look at what a trained (or imported) model does.
+
+  moeflow generate RUN_OR_CKPT --prompt TEXT [--max-new-tokens 64] [--temperature 0 | --top-p 0.9] [--seed 0]
+  moeflow eval     RUN_OR_CKPT --data TOKENS.bin [--batches 20] [--seq-len N] [--batch-size 8]
+
+The tokenizer comes from the run: bytes for runs on text (data=stdlib / data=text), the
+tokenizer recorded in the prepared data's meta.json for data=memmap, or an imported model's
+`tokenizer/` folder; `--tokenizer` overrides. Greedy decoding at temperature 0, nucleus
+sampling otherwise, with a KV cache (`moeflow.moe.model.KVCache`). `eval` reports the loss,
+bits per byte (byte-level) or perplexity (tokens), and each MoE layer's expert load on the data.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from moeflow.moe.errors import CheckpointError, DataError
+
+
+def load_model(src: str):
+    """The model of a run dir or checkpoint (float32, eval mode) and the checkpoint's meta."""
+    from moeflow.moe.config import ModelConfig
+    from moeflow.moe.hf_moe import build_from_state
+
+    from . import checkpoint as ckpt
+
+    found = ckpt.find_checkpoint(src)
+    if found is None:
+        raise CheckpointError(f"{src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
+    meta = ckpt.read_meta(found)
+    cfg = {**meta["model"], "experts_impl": "torch"}
+    return build_from_state(ModelConfig(**cfg), ckpt.load_full_weights(found)), meta, found
+
+
+class ByteTokenizer:
+    """The byte-level vocabulary of runs on text (ids 0-255)."""
+
+    description = "bytes (UTF-8)"
+    eos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        file = path if path.is_file() else path / "tokenizer.json"
+        if not file.is_file():
+            raise DataError(f"{path} has no tokenizer.json; pass --tokenizer PATH (a tokenizer.json or a folder with one)")
+        self.tok = Tokenizer.from_file(str(file))
+        self.description = str(file)
+        from .data_prepare import load_tokenizer
+
+        self.eos_id = load_tokenizer(str(file))[2]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+
+def tokenizer_for(meta: dict, found: Path, override: str | None):
+    """The run's own tokenizer (see the module docstring), or `override`."""
+    from .data import token_file_meta
+    from .hf_models import tokenizer_dir
+
+    if override:
+        return HFTokenizer(Path(override).expanduser())
+    if tokenizer_dir(found) is not None:
+        return HFTokenizer(tokenizer_dir(found))
+    data = (meta.get("config") or {}).get("data") or {}
+    if data.get("source") in ("stdlib", "text"):
+        return ByteTokenizer()
+    prepared = token_file_meta(Path(str(data.get("path")))) if data.get("path") else None
+    if prepared and prepared.get("tokenizer"):
+        return HFTokenizer(Path(prepared["tokenizer"]))
+    raise DataError("this run does not record its tokenizer (no prepared-data meta.json, no tokenizer/ folder); pass --tokenizer PATH")
+
+
+def sample_next(logits_V, temperature: float, top_p: float, generator):
+    """Greedy at temperature 0; else the smallest set of tokens with probability >= top_p."""
+    import torch
+
+    if temperature <= 0:
+        return int(logits_V.argmax())
+    probs = torch.softmax(logits_V.double() / temperature, -1)
+    sorted_p, order = probs.sort(descending=True)
+    keep = sorted_p.cumsum(0) - sorted_p < top_p  # the top token always stays
+    sorted_p = torch.where(keep, sorted_p, 0)
+    return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)])
+
+
+def generate_ids(model, prompt: list[int], max_new: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> list[int]:
+    """New token ids after `prompt`, one forward per token through the KV cache."""
+    import torch
+
+    from moeflow.moe.model import KVCache
+
+    room = model.cfg.max_seq_len - len(prompt)
+    if room <= 0:
+        raise DataError(f"the prompt is {len(prompt)} tokens, no room left in model.max_seq_len={model.cfg.max_seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    cache, out = KVCache(), []
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]), cache)[0, -1]
+        for _ in range(min(max_new, room)):
+            nxt = sample_next(logits, temperature, top_p, gen)
+            out.append(nxt)
+            if nxt == eos_id or cache.length >= model.cfg.max_seq_len:
+                break
+            logits = model(torch.tensor([[nxt]]), cache)[0, -1]
+    return out
+
+
+def generate(args) -> str:
+    model, meta, found = load_model(args.src)
+    tok = tokenizer_for(meta, found, args.tokenizer)
+    prompt = tok.encode(args.prompt)
+    if not prompt:
+        raise DataError("--prompt is empty; give the text to continue")
+    if max(prompt) >= model.cfg.vocab_size:
+        raise DataError(f"the tokenizer ({tok.description}) gives id {max(prompt)} but model.vocab_size={model.cfg.vocab_size}; pass the model's own --tokenizer")
+    ids = generate_ids(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, tok.eos_id)
+    text = tok.decode(ids)
+    print(args.prompt + text)
+    return text
+
+
+def evaluate(args) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .data import BatchSampler, token_file_meta
+
+    model, meta, found = load_model(args.src)
+    path = Path(args.data).expanduser()
+    if not path.is_file():
+        raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")
+    prepared = token_file_meta(path)
+    dtype = (prepared or {}).get("dtype") or args.dtype
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    vocab = model.cfg.vocab_size
+    if (prepared or {}).get("vocab_size", 0) > vocab:
+        raise DataError(f"{path} was tokenized with a vocab of {prepared['vocab_size']} but model.vocab_size={vocab}; evaluate on data tokenized for this model")
+    seq = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    sampler = BatchSampler(tokens, seq, args.batch_size, args.seed)
+    layers = model.moe_layers()
+    loads = [torch.zeros(m.experts.num_experts) for m in layers]
+    total = 0.0
+    with torch.no_grad():
+        for b in range(args.batches):
+            x, y = sampler.batch(b, 0)
+            if int(x.max()) >= vocab:
+                raise DataError(f"{path} holds token id {int(x.max())} >= model.vocab_size={vocab}")
+            total += F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item()
+            for i, m in enumerate(layers):
+                loads[i] += m.last_stats["tokens_per_expert"].float()
+    loss = total / args.batches
+    byte_level = vocab <= 256 and prepared is None
+    result = {"loss": loss, "tokens": args.batches * args.batch_size * seq}
+    if byte_level:
+        result["bits_per_byte"] = loss / math.log(2)
+    else:
+        result["perplexity"] = math.exp(min(loss, 700))
+    result["expert_load"] = [(load / load.sum().clamp_min(1)).tolist() for load in loads]
+    unit = f"{result['bits_per_byte']:.4f} bits/byte" if byte_level else f"perplexity {result['perplexity']:.3f}"
+    print(f"{path}: loss {loss:.4f} nats/{'byte' if byte_level else 'token'} ({unit}) on {result['tokens']} tokens")
+    for i, frac in enumerate(result["expert_load"]):
+        top = max(frac) * len(frac) if frac else 0
+        print(f"  MoE layer {i}: expert load {' '.join(f'{f:.3f}' for f in frac)} (max/mean {top:.2f})")
+    return result
+
+
+def main_generate(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="moeflow generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="run dir or checkpoint")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json or folder (default: the run's own)")
+    generate(ap.parse_args(argv))
+
+
+def main_eval(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="moeflow eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="run dir or checkpoint")
+    ap.add_argument("--data", required=True, help="token file (moeflow data prepare's val.bin or train.bin)")
+    ap.add_argument("--dtype", default="uint16", choices=("uint16", "uint32"), help="when the file has no meta.json")
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")
+    ap.add_argument("--seed", type=int, default=0)
+    evaluate(ap.parse_args(argv))

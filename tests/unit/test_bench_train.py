@@ -1,0 +1,62 @@
+"""`moeflow bench train` on tiny shapes (CPU): every variant runs, the figures are consistent, and
+the MoE and dense variants go through the real trainer."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from moeflow.launch.bench import train as bench_train
+from moeflow.moe.config import ModelConfig
+
+TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=32", "model.num_experts=4", "model.vocab_size=64"]
+
+
+def test_flops_per_token_counts_matmuls_and_attention():
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, d_ff=16, num_experts=4, top_k=2)
+    d, f, k, L, S, V = 32, 16, 2, 2, 64, 50
+    per_layer = 4 * d * d + 2 * d + d * 4 + k * 3 * d * f  # attention, norms, router, the k active experts
+    matmul_params = L * per_layer + V * d + d  # the LM head and the final norm; the embedding lookup is not counted
+    assert bench_train.flops_per_token(cfg, S) == 6 * matmul_params + 12 * L * 4 * 8 * S
+
+
+def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    import moeflow.launch.train as trainer
+
+    calls = []
+    real = trainer.train
+
+    def counting(cfg, run_dir):
+        calls.append((cfg.experts.impl, cfg.model.moe_every))
+        return real(cfg, run_dir)
+
+    monkeypatch.setattr(trainer, "train", counting)
+    out = tmp_path / "train.json"
+    args = argparse.Namespace(shape="tiny", variants="moe,dense,hf", impls="torch", seq_len=16, batch_size=2, steps=2,
+                              device="cpu", out=str(out), override=TINY)
+    result = bench_train.run(args)
+    assert calls == [("torch", 1), ("auto", 0)]  # the MoE (experts.impl=torch) and its dense equivalent, both by the trainer
+    saved = json.loads(out.read_text())
+    for key in ("device", "moe_tokens_per_s", "dense_tokens_per_s", "moe_mfu", "dense_mfu", "moe_peak_mem_gib", "first_step_s"):
+        assert key in saved
+    assert [r["variant"] for r in saved["variants"]] == ["moe-torch", "dense", "hf (mixtral)"]
+    assert saved["moe_over_dense"] == pytest.approx(saved["moe_tokens_per_s"] / saved["dense_tokens_per_s"])
+    for r in saved["variants"]:
+        assert r["tokens_per_s"] > 0 and r["first_step_s"] > 0 and 0 < r["mfu"]
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / saved["peak_flops"])
+    moe, dense = saved["variants"][0], saved["variants"][1]
+    assert moe["params"]["active"] == pytest.approx(dense["params"]["active"], rel=0.05)  # same active FLOPs, no router
+    assert "MoE (moe-torch) / dense tokens/s" in capsys.readouterr().out
+    assert result["shape"] == "tiny"
+
+
+def test_unknown_shape_or_variant_fails_in_one_line():
+    from moeflow.moe.errors import ConfigError
+
+    base = dict(variants="moe", impls="torch", seq_len=16, batch_size=2, steps=1, device="cpu", out=None, override=TINY)
+    with pytest.raises(ConfigError, match="--shape 'huge' is unknown"):
+        bench_train.run(argparse.Namespace(shape="huge", **base))
+    with pytest.raises(ConfigError, match="--variants: 'fast' is unknown"):
+        bench_train.run(argparse.Namespace(shape="tiny", **{**base, "variants": "fast"}))

@@ -1,0 +1,93 @@
+"""Generation with the KV cache equals recomputing every prefix, and transformers' own greedy
+generation for an imported model; eval reports the loss in the run's units and the expert load."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.config import TINY, compose_cfg
+from moeflow.launch import inference
+from moeflow.moe.config import ModelConfig
+from moeflow.moe.model import KVCache, Transformer
+
+
+def small_model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 32, "d_ff": 16,
+                         "num_experts": 4, "top_k": 2, "qk_norm": True, "qk_norm_scope": "proj", **kw})
+    return Transformer(cfg).eval()
+
+
+def test_cached_logits_equal_the_full_forward():
+    model = small_model()
+    tokens = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)[0]
+        cache = KVCache()
+        steps = [model(tokens[:, :8], cache)[0]] + [model(tokens[:, i:i + 1], cache)[0] for i in range(8, 20)]
+    got = torch.cat(steps)
+    assert (got - full).abs().max() <= 1e-5 * full.abs().max()
+    with pytest.raises(ValueError, match="one new token at a time"):
+        model(tokens[:, :2], cache)
+
+
+def test_greedy_generation_equals_argmax_of_recomputed_prefixes():
+    model = small_model(n_kv_heads=None, qk_norm=False)
+    prompt = [3, 14, 15, 9]
+    got = inference.generate_ids(model, prompt, 10)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+    assert inference.generate_ids(model, prompt, 10, temperature=1.0, top_p=1e-9) == got  # nucleus of one token
+    a = inference.generate_ids(model, prompt, 10, temperature=1.0, top_p=0.9, seed=5)
+    assert a == inference.generate_ids(model, prompt, 10, temperature=1.0, top_p=0.9, seed=5)
+    assert len(inference.generate_ids(model, list(range(30)), 10)) == 2  # stops at model.max_seq_len
+
+
+def test_imported_model_generates_like_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from helpers.tokenizer import train_bpe
+    from helpers.upcycle import make_hf_moe
+    from moeflow.launch import convert
+
+    theirs = make_hf_moe("qwen3_moe", tmp_path / "hf", vocab=600)
+    train_bpe(tmp_path / "hf")  # the model folder's tokenizer, carried into the import
+    convert.main(["hf-to-moeflow", str(tmp_path / "hf"), str(tmp_path / "mf")])
+    text = inference.generate(_args(src=str(tmp_path / "mf"), prompt="def load(", max_new_tokens=12))
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    ids = tok.encode("def load(", add_special_tokens=False).ids
+    want = theirs.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(ids):]
+    assert text == tok.decode(want.tolist(), skip_special_tokens=False)
+    assert transformers is not None
+
+
+def _args(**kw):
+    import argparse
+
+    base = {"max_new_tokens": 16, "temperature": 0.0, "top_p": 0.9, "seed": 0, "tokenizer": None}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_byte_level_run_generates_and_evaluates_in_bits_per_byte(tmp_path, capsys):
+    from moeflow.launch.train import train
+
+    run = tmp_path / "run"
+    train(compose_cfg(*TINY, "trainer.steps=2", "trainer.ckpt_every=2", "trainer.eval_every=0", "trainer.device=cpu"), run)
+    capsys.readouterr()
+    inference.generate(_args(src=str(run), prompt="import ", max_new_tokens=8))
+    assert capsys.readouterr().out.startswith("import ")
+    data = tmp_path / "bytes.bin"
+    np.frombuffer(b"def f(x):\n    return x\n" * 200, dtype=np.uint8).astype(np.uint16).tofile(data)
+    import argparse
+
+    result = inference.evaluate(argparse.Namespace(src=str(run), data=str(data), dtype="uint16", batches=2, batch_size=2, seq_len=16, seed=0))
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
+    assert len(result["expert_load"]) == 2 and all(abs(sum(f) - 1) < 1e-6 for f in result["expert_load"])
+    assert "bits/byte" in capsys.readouterr().out
