@@ -21,6 +21,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
     assert bench_train.flops_per_token(cfg, S) == 6 * matmul_params + 12 * L * 4 * 8 * S
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     import moeflow.launch.train as trainer

@@ -79,6 +79,7 @@ def test_jsonl_parquet_and_datasets_folder_give_the_same_ids(tokenizer, tmp_path
         assert read(tmp_path / f"out-{name}", "train") == want, name
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 def test_killed_run_resumes_to_the_same_files(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(data_prepare, "CHUNK_DOCS", 3)
     args = ["--glob", "*.py", "--val-percent", "30", "--workers", "1"]
@@ -111,6 +112,7 @@ def test_killed_run_resumes_to_the_same_files(tokenizer, tmp_path, monkeypatch):
     assert not (tmp_path / "part" / data_prepare.STATE).exists()
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 def test_training_runs_on_the_output_and_checks_the_vocab(tokenizer, tmp_path):
     from moeflow.launch.train import train
 
@@ -124,6 +126,7 @@ def test_training_runs_on_the_output_and_checks_the_vocab(tokenizer, tmp_path):
         train(compose_cfg(*base, "model.vocab_size=500"), tmp_path / "run2")
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 def test_large_vocab_is_uint32(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

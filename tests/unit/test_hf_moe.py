@@ -79,6 +79,7 @@ def corpus(path, vocab: int):
     return path
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 @pytest.mark.parametrize("kind", ["qwen2_moe", "olmoe"])
 def test_cli_import_trains_then_exports_back_exactly(kind, tmp_path, capsys):
     from moeflow.launch.data import BatchSampler, load_splits

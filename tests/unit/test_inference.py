@@ -49,6 +49,7 @@ def test_greedy_generation_equals_argmax_of_recomputed_prefixes():
     assert len(inference.generate_ids(model, list(range(30)), 10)) == 2  # stops at model.max_seq_len
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 def test_imported_model_generates_like_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from helpers.tokenizer import train_bpe
@@ -75,6 +76,7 @@ def _args(**kw):
     return argparse.Namespace(**{**base, **kw})
 
 
+@pytest.mark.slow  # trains (a few seconds on 2 cores)
 def test_byte_level_run_generates_and_evaluates_in_bits_per_byte(tmp_path, capsys):
     from moeflow.launch.train import train
 
