@@ -1,24 +1,30 @@
 """A run's checkpoints on disk: where they are, when one is complete, and the small files beside them.
 
     <run dir>/checkpoints/step_00000100/
-        .metadata, __0_0.distcp, ...   sharded model + optimizer (torch.distributed.checkpoint; every rank
-                                        writes its own shards, any layout loads them: parallel/checkpoint.py)
+        shard_00000.safetensors ...     sharded model + optimizer tensors, each rank's own shards
+        index.json                      every tensor's global shape and chunks, each shard's size and sha256;
+                                        written once every shard is on disk (parallel/checkpoint.py)
+        state.json                      the optimizer's non-tensor state (hyperparameters)
         model.safetensors               or: consolidated weights (`moeflow upcycle`, conversions)
         trainer_state.json              step, schedule, engine
         rng/rank_00000.json             each rank's RNG streams
-        meta.json                       model and run config; written last: its presence marks a complete checkpoint
+        meta.json                       model and run config (and the sha256 of consolidated weight files)
 
-Nothing here is pickled: JSON, DCP's tensors and safetensors. A checkpoint is written under a
-temporary name and renamed into place, so a killed run never leaves a half-written one that
-`resume` could pick; `list_checkpoints` sees only complete ones. Checkpoints of older moeflow
-versions (`trainer_state.pt`) still load, through `torch.load(weights_only=True)` with an
-allow-list of the numpy types their RNG state holds.
+Nothing here is pickled: JSON and safetensors. A checkpoint is written under a temporary name
+(`.tmp-step_...`) and renamed into place once complete, so `resume` never picks a half-written
+one; a temporary folder whose contents are complete (an async save that finished just before a
+crash) is promoted by the next run instead of being thrown away. Only folders named exactly
+`step_<8 digits>` count as checkpoints (a `step_00000010.bak` copy is ignored). Checkpoints of
+older moeflow versions (`trainer_state.pt`) still load, through `torch.load(weights_only=True)`
+with an allow-list of the numpy types their RNG state holds; their pickled DCP folders
+(`.metadata`) need an explicit `trainer.trust_checkpoint=true`.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -38,7 +44,9 @@ TRAINER_STATE = "trainer_state.json"
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"  # consolidated weights in several files (large models)
-DCP_METADATA = ".metadata"
+DCP_INDEX = "index.json"  # a sharded checkpoint (parallel/checkpoint.py)
+LEGACY_DCP_METADATA = ".metadata"  # a sharded checkpoint of earlier versions (pickles)
+STEP_NAME = re.compile(r"step_(\d{8})")
 
 
 # -- RNG state as JSON -------------------------------------------------------------------
@@ -110,17 +118,34 @@ def final_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CKPT_DIR / f"{PREFIX}{step:08d}"
 
 
-def commit(tmp: Path, meta: dict, trainer_state: dict | None, keep: int) -> Path:
-    """Write meta.json (and trainer_state.json) into `tmp`, rename it into place, prune old checkpoints."""
+def write_manifest(tmp: Path, meta: dict, trainer_state: dict | None) -> None:
+    """meta.json and trainer_state.json into a checkpoint folder being written."""
     if trainer_state is not None:
         _write_durably(tmp / TRAINER_STATE, json.dumps(trainer_state, default=_jsonable))
     _write_durably(tmp / META, json.dumps(meta, indent=2, default=str))
+
+
+def promote(tmp: Path, keep: int) -> Path:
+    """Rename a complete temporary checkpoint folder into place and prune old checkpoints."""
     final = tmp.parent / tmp.name[len(TMP_PREFIX):]
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     prune(final.parent, keep)
     return final
+
+
+def commit(tmp: Path, meta: dict, trainer_state: dict | None, keep: int) -> Path:
+    """Write meta.json (and trainer_state.json) into `tmp`, rename it into place, prune old checkpoints."""
+    write_manifest(tmp, meta, trainer_state)
+    return promote(tmp, keep)
+
+
+def weight_digests(folder: Path) -> dict[str, str]:
+    """sha256 of each consolidated weight file in `folder`, for meta.json (verified on load)."""
+    from moeflow.parallel.checkpoint import file_sha256
+
+    return {p.name: file_sha256(p) for p in sorted(Path(folder).glob("model*.safetensors"))}
 
 
 def _jsonable(o):
@@ -141,16 +166,16 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: 
         save_file(model_state, str(tmp / WEIGHTS))
         with open(tmp / WEIGHTS, "rb") as f:
             os.fsync(f.fileno())
-        return commit(tmp, {**meta, "step": step}, trainer_state, keep)
+        return commit(tmp, {**meta, "step": step, "sha256": weight_digests(tmp)}, trainer_state, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_bytes: int, progress=None) -> Path:
-    """A weights-only consolidated checkpoint written tensor by tensor from an iterator, in
-    safetensors files of at most `shard_bytes` (an index when there are several), so a model
-    larger than memory is never held whole (`moeflow convert hf-to-moeflow`)."""
+def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_bytes: int, progress=None, trainer_state: dict | None = None) -> Path:
+    """A consolidated checkpoint written tensor by tensor from an iterator, in safetensors files of
+    at most `shard_bytes` (an index when there are several), so a model larger than memory is
+    never held whole (`moeflow convert hf-to-moeflow`, `moeflow-to-safetensors`)."""
     tmp = temp_dir(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -178,7 +203,7 @@ def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_byt
             (tmp / files[0]).rename(tmp / WEIGHTS)
         else:
             (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1))
-        return commit(tmp, {**meta, "step": step}, None, keep=0)
+        return commit(tmp, {**meta, "step": step, "sha256": weight_digests(tmp)}, trainer_state, keep=0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -191,24 +216,53 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_temp_dirs(run_dir: Path) -> list[Path]:
-    """Left by a run killed mid-save: never picked by resume, removed when the next run starts."""
+def recover_temp_dirs(run_dir: Path, keep: int) -> tuple[list[Path], list[Path]]:
+    """Temporary checkpoint folders left by a run that stopped mid-save (the caller holds the run
+    dir's lock, so none is another run's): complete ones are promoted, the rest removed.
+    (promoted, removed)."""
     root = Path(run_dir) / CKPT_DIR
     found = sorted(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    promoted, removed = [], []
     for p in found:
-        shutil.rmtree(p, ignore_errors=True)
-    return found
+        if STEP_NAME.fullmatch(p.name[len(TMP_PREFIX):]) and is_complete(p):
+            promoted.append(promote(p, keep))
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return promoted, removed
+
+
+def is_complete(p: Path) -> bool:
+    """A folder whose contents make a whole checkpoint: its manifest, and all its data (a sharded
+    checkpoint's index written last, with every shard it lists at its recorded size)."""
+    if not (p / META).is_file():
+        return False
+    try:
+        read_meta(p)
+    except CheckpointError:
+        return False
+    if (p / DCP_INDEX).is_file():
+        from moeflow.parallel.checkpoint import read_index
+
+        try:
+            read_index(p)
+        except CheckpointError:
+            return False
+        return True
+    return any((p / f).is_file() for f in (WEIGHTS, WEIGHTS_INDEX, LEGACY_DCP_METADATA))
 
 
 # -- finding and reading ------------------------------------------------------------------
 def is_checkpoint(p: Path) -> bool:
-    return (p / META).is_file() and any((p / f).is_file() for f in (DCP_METADATA, WEIGHTS, WEIGHTS_INDEX))
+    return (p / META).is_file() and any((p / f).is_file() for f in (DCP_INDEX, LEGACY_DCP_METADATA, WEIGHTS, WEIGHTS_INDEX))
 
 
 def list_checkpoints(root: Path) -> list[Path]:
+    """The checkpoints under `root`, oldest first: folders named exactly step_<8 digits> (copies
+    such as step_00000010.bak are not checkpoints)."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and is_checkpoint(p)]
+    done = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and is_checkpoint(p)]
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -222,7 +276,7 @@ def find_checkpoint(path: str | Path) -> Path | None:
 
 
 def is_sharded(ckpt: Path) -> bool:
-    return (Path(ckpt) / DCP_METADATA).is_file()
+    return (Path(ckpt) / DCP_INDEX).is_file() or (Path(ckpt) / LEGACY_DCP_METADATA).is_file()
 
 
 def _read_json(path: Path) -> dict:
@@ -245,8 +299,23 @@ def weight_files(ckpt: Path) -> list[Path]:
     return [ckpt / WEIGHTS]
 
 
-def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def verify_weight_files(ckpt: Path) -> None:
+    """Consolidated weight files against the sha256 meta.json records (checkpoints written before
+    digests were recorded have none to check)."""
+    from moeflow.parallel.checkpoint import file_sha256
+
+    digests = read_meta(ckpt).get("sha256") or {}
+    for f in weight_files(ckpt):
+        want = digests.get(f.name) if isinstance(digests, dict) else None
+        if want is not None and f.is_file() and file_sha256(f) != want:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {f.name} does not match its sha256 in {META} (changed since it was written); "
+                                  f"resume from another checkpoint, or with trainer.verify_checkpoint=false to load it anyway")
+
+
+def load_model_state(ckpt: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """The consolidated weights of a safetensors checkpoint."""
+    if verify:
+        verify_weight_files(ckpt)
     out = {}
     for f in weight_files(ckpt):
         try:
@@ -256,12 +325,13 @@ def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_full_weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Every weight at full size on the CPU, from either format (tools: export, conversion, upcycling)."""
+def load_full_weights(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight at full size on the CPU, from either format (tools: export, conversion, upcycling);
+    `trust`: also the pickle-based sharded format of earlier versions."""
     if is_sharded(ckpt):
         from moeflow.parallel.checkpoint import read_full_tensors
 
-        return read_full_tensors(ckpt, "model.")
+        return read_full_tensors(ckpt, "model.", trust=trust)
     return load_model_state(ckpt)
 
 
@@ -329,12 +399,12 @@ def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: ModelConfig, 
         )
 
 
-def stored_weight_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
-    """Weight names and shapes of a checkpoint, read from its metadata or file header (no tensor data)."""
+def stored_weight_shapes(ckpt: Path, trust: bool = False) -> dict[str, tuple[int, ...]]:
+    """Weight names and shapes of a checkpoint, read from its index or file header (no tensor data)."""
     if is_sharded(ckpt):
         from moeflow.parallel.checkpoint import stored_tensors
 
-        return {k[len("model."):]: shape for k, (shape, _) in stored_tensors(ckpt).items() if k.startswith("model.")}
+        return {k[len("model."):]: shape for k, (shape, _) in stored_tensors(ckpt, trust).items() if k.startswith("model.")}
     from safetensors import safe_open
 
     shapes = {}

@@ -36,6 +36,9 @@ class TrainerConfig:
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 1
     async_checkpoint: bool = False
+    verify_checkpoint: bool = True
+    trust_checkpoint: bool = False
+    allow_config_change: bool = False
     on_nonfinite: str = "stop"
     collective_timeout: float = 600.0
 

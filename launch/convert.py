@@ -35,7 +35,7 @@ def moeflow_to_megatron(args) -> Path:
         raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
     meta = ckpt.read_meta(found)
     model_cfg = ModelConfig(**meta["model"])
-    state = mck.to_megatron(ckpt.load_full_weights(found), model_cfg, layout=args.layout)
+    state = mck.to_megatron(ckpt.load_full_weights(found, trust=args.trust_checkpoint), model_cfg, layout=args.layout)
     extra = {"moeflow_model": model_cfg.to_dict(), "megatron_router_config": mck.router_config(model_cfg)}  # the TransformerConfig router fields to train it with
     return mck.save_megatron(state, args.out, int(meta["step"]), extra)
 
@@ -64,11 +64,6 @@ def moeflow_to_safetensors(args) -> Path:
     --shard-gib each (with an index when there are several), streamed tensor batch by tensor batch
     on this machine's CPU, so no process ever holds more than a batch; the step and schedule come
     along (optimizer moments do not: the result resumes with fresh ones)."""
-    import json
-    import shutil
-
-    from safetensors.torch import save_file
-
     from moeflow.launch import checkpoint as ckpt
     from moeflow.parallel.checkpoint import iter_full_tensors
 
@@ -79,33 +74,10 @@ def moeflow_to_safetensors(args) -> Path:
         raise ckpt.CheckpointError(f"{found} is consolidated already (safetensors); nothing to convert")
     meta, trainer_state = ckpt.read_meta(found), ckpt.load_trainer_state(found)
     step = int(meta.get("step", (trainer_state or {}).get("step", 0)))
-    tmp = ckpt.temp_dir(args.out, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    limit = int(args.shard_gib * 2**30)
-    files, shard, size, weight_map = [], {}, 0, {}
-
-    def flush():
-        nonlocal shard, size
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, str(tmp / name))
-            files.append(name)
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
-
-    for name, tensor in iter_full_tensors(found, "model.", max_bytes=limit):
-        if size and size + tensor.numel() * tensor.element_size() > limit:
-            flush()
-        shard[name], size = tensor.contiguous(), size + tensor.numel() * tensor.element_size()
-    flush()
-    if len(files) == 1:
-        (tmp / files[0]).rename(tmp / ckpt.WEIGHTS)
-    else:
-        (tmp / ckpt.WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1))
     out_state = {k: v for k, v in (trainer_state or {}).items() if k in ("step", "scheduler", "engine", "global_batch")} or None
     meta = {**meta, "format": "safetensors", "converted_from": {"format": "dcp", "path": str(found)}}
-    return ckpt.commit(tmp, meta, out_state, keep=0)
+    limit = int(args.shard_gib * 2**30)
+    return ckpt.save_streamed(args.out, step, iter_full_tensors(found, "model.", max_bytes=limit, trust=args.trust_checkpoint), meta, limit, trainer_state=out_state)
 
 
 def hf_to_moeflow(args) -> Path:
@@ -144,7 +116,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--force", action="store_true", help="hf-to-moeflow / moeflow-to-hf: replace OUT_DIR if it exists")
     ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="DeepSpeed and megatron torch-format checkpoints are pickles, which can run code when loaded: load them only with this flag")
+                    help="DeepSpeed and megatron torch-format checkpoints, and moeflow's own before its safetensors format, are pickles, which can run "
+                         "code when loaded: load them only with this flag")
     args = ap.parse_args(argv)
     out = ACTIONS[args.action](args)  # bad input raises MoeflowError: the CLI prints it in one line
     print(f"wrote {out}")

@@ -132,7 +132,7 @@ def moeflow_to_hf(args) -> Path:
     target = hf_moe.auto_target(model_cfg) if args.arch == "auto" else args.arch
     hf_moe.check_exportable(model_cfg, target)  # before reading any weights
     dtype = DTYPES[args.dtype]
-    model = hf_moe.build_from_state(model_cfg, ckpt.load_full_weights(found))
+    model = hf_moe.build_from_state(model_cfg, ckpt.load_full_weights(found, trust=getattr(args, "trust_checkpoint", False)))
     if dtype != torch.float32:  # the reference computes with the weights the export holds
         round_parameters(model, dtype)
     source_cfg = meta.get("hf_config") or {}

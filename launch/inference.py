@@ -18,8 +18,9 @@ from pathlib import Path
 from moeflow.moe.errors import CheckpointError, DataError
 
 
-def load_model(src: str):
-    """The model of a run dir or checkpoint (float32, eval mode) and the checkpoint's meta."""
+def load_model(src: str, trust: bool = False):
+    """The model of a run dir or checkpoint (float32, eval mode) and the checkpoint's meta;
+    `trust`: also the pickle-based format of earlier versions."""
     from moeflow.moe.config import ModelConfig
     from moeflow.moe.hf_moe import build_from_state
 
@@ -30,7 +31,7 @@ def load_model(src: str):
         raise CheckpointError(f"{src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
     meta = ckpt.read_meta(found)
     cfg = {**meta["model"], "experts_impl": "torch"}
-    return build_from_state(ModelConfig(**cfg), ckpt.load_full_weights(found)), meta, found
+    return build_from_state(ModelConfig(**cfg), ckpt.load_full_weights(found, trust=trust)), meta, found
 
 
 class ByteTokenizer:
@@ -120,7 +121,7 @@ def generate_ids(model, prompt: list[int], max_new: int, temperature: float = 0.
 
 
 def generate(args) -> str:
-    model, meta, found = load_model(args.src)
+    model, meta, found = load_model(args.src, trust=args.trust_checkpoint)
     tok = tokenizer_for(meta, found, args.tokenizer)
     prompt = tok.encode(args.prompt)
     if not prompt:
@@ -140,7 +141,7 @@ def evaluate(args) -> dict:
 
     from .data import BatchSampler, token_file_meta
 
-    model, meta, found = load_model(args.src)
+    model, meta, found = load_model(args.src, trust=args.trust_checkpoint)
     path = Path(args.data).expanduser()
     if not path.is_file():
         raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")
@@ -179,6 +180,9 @@ def evaluate(args) -> dict:
     return result
 
 
+TRUST_HELP = "also load the pickle-based checkpoints of earlier moeflow versions (loading them can run code): only your own"
+
+
 def main_generate(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="moeflow generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="run dir or checkpoint")
@@ -188,6 +192,7 @@ def main_generate(argv: list[str]) -> None:
     ap.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling when --temperature > 0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json or folder (default: the run's own)")
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     generate(ap.parse_args(argv))
 
 
@@ -200,4 +205,5 @@ def main_eval(argv: list[str]) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate(ap.parse_args(argv))

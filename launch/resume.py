@@ -39,53 +39,67 @@ def _barrier() -> None:
 
 
 class CheckpointWriter:
-    """Writes a run's checkpoints (every rank calls `save`); `asynchronous` saves in the background:
-    the state is staged to CPU memory, training goes on, and the checkpoint is committed (renamed
-    into place, pruned) when its write completes, at the latest before the next save or at `close`."""
+    """Writes a run's checkpoints (every rank calls `save`). The manifest (meta.json,
+    trainer_state.json, RNG streams) is written first and the shards' index.json last, so a
+    folder is complete exactly when its contents say so. `asynchronous` saves in the background:
+    the state is staged to CPU memory and training goes on; `poll()` (every step) commits the
+    save as soon as its write has finished, and `close()` waits for it."""
 
     def __init__(self, engine, engine_name: str, asynchronous: bool = False):
         self.engine, self.engine_name, self.asynchronous = engine, engine_name, asynchronous
-        self.pending = None  # (future, tmp dir, step, trainer_state, meta) of an async save in flight
-        self.group = sharded.async_process_group() if asynchronous else None
+        self.pending = None  # (future, tmp dir, step) of an async save in flight
+        timeout = float(getattr(engine.cfg.trainer, "collective_timeout", 600.0))
+        self.group = sharded.async_process_group(timeout) if asynchronous else None
 
     def save(self, step: int) -> Path | None:
         """Checkpoint `step`; its dir once committed (on rank 0; None elsewhere or while in flight)."""
-        done = self.finish()
+        done = self.finish()  # one save in flight at a time
         e = self.engine
         tmp = ckpt.temp_dir(e.run_dir, step)
         try:
             if _rank() == 0:
-                tmp.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():  # left by this run's own earlier attempt at this step (a rollback): never complete
+                    import shutil
+
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                trainer_state = {"step": step, "engine": self.engine_name, "global_batch": global_batch(e), **e.schedule_state()}
+                meta = {"model": e.model_cfg.to_dict(), "config": OmegaConf.to_container(e.cfg, resolve=True), "engine": self.engine_name,
+                        "step": step, "format": "sharded-safetensors", "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+                ckpt.write_manifest(tmp, meta, trainer_state)
             _barrier()
             ckpt.write_rng(tmp, _rank())
-            trainer_state = {"step": step, "engine": self.engine_name, "global_batch": global_batch(e), **e.schedule_state()}
-            meta = {"model": e.model_cfg.to_dict(), "config": OmegaConf.to_container(e.cfg, resolve=True), "engine": self.engine_name,
-                    "step": step, "format": "dcp"}
             future = sharded.save_sharded(tmp, e.checkpoint_state(with_optimizer=True), process_group=self.group, asynchronous=self.asynchronous)
             if future is None:
-                _barrier()  # every rank's shards are on disk
-                return self._commit(tmp, step, trainer_state, meta) or done
+                _barrier()  # every rank's shards and RNG file are on disk, the index written
+                return self._commit(tmp) or done
         except (Exception, CheckpointException) as err:  # a full disk, a read-only dir: one line, no temp dir left behind
             raise save_failed(tmp, step, err) from None
-        self.pending = (future, tmp, step, trainer_state, meta)
+        self.pending = (future, tmp, step)
         return done
+
+    def poll(self) -> Path | None:
+        """Commit an async save whose write has finished (no wait); its dir (rank 0)."""
+        if self.pending is not None and self.pending[0].done():
+            return self.finish()
+        return None
 
     def finish(self) -> Path | None:
         """Wait for an async save in flight and commit it; its dir (rank 0)."""
         if self.pending is None:
             return None
-        future, tmp, step, trainer_state, meta = self.pending
+        future, tmp, step = self.pending
         self.pending = None
         try:
             future.result()  # raises if the write failed: the temp dir is never committed
-            return self._commit(tmp, step, trainer_state, meta)
+            return self._commit(tmp)
         except (Exception, CheckpointException) as err:
             raise save_failed(tmp, step, err) from None
 
-    def _commit(self, tmp: Path, step: int, trainer_state: dict, meta: dict) -> Path | None:
+    def _commit(self, tmp: Path) -> Path | None:
         if _rank() != 0:
             return None
-        path = ckpt.commit(tmp, meta, trainer_state, self.engine.cfg.trainer.keep_checkpoints)
+        path = ckpt.promote(tmp, self.engine.cfg.trainer.keep_checkpoints)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -161,36 +175,125 @@ def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
 
 def resume_run(engine, engine_name: str) -> int:
     """Load the checkpoint `resume` asks for into the engine; the step to start at (0 for a fresh run)."""
-    if _rank() == 0:
-        for stale in ckpt.remove_temp_dirs(engine.run_dir):
-            log.warning("removed %s, left by a save that did not complete", stale)
+    if _rank() == 0:  # this run holds the run dir's lock: every temporary folder there is its own predecessor's
+        promoted, removed = ckpt.recover_temp_dirs(engine.run_dir, engine.cfg.trainer.keep_checkpoints)
+        for p in promoted:
+            log.warning("committed %s: its save had completed when the run that wrote it stopped", p)
+        for p in removed:
+            log.warning("removed %s, left by a save that did not complete", p)
+    _barrier()
     found = checkpoint_to_resume(engine.cfg.resume, engine.run_dir)
     return 0 if found is None else load_into(engine, found, engine_name)
 
 
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "betas", "eps")  # optim.*: the checkpoint's would silently win
+ROUTING_KEYS = ("top_k", "gate", "rope_theta", "rope_scaling", "norm_eps")  # model.* that change the function without changing shapes
+
+
+def changed_settings(meta: dict, cfg, model_cfg) -> list[str]:
+    """The schedule and routing settings this run sets differently from the checkpoint's, as 'key: X -> Y'."""
+    saved_optim = (meta.get("config") or {}).get("optim") or {}
+    now_optim = OmegaConf.to_container(cfg.optim, resolve=True)
+    out = [f"optim.{k}: {saved_optim[k]!r} -> {now_optim[k]!r}" for k in SCHEDULE_KEYS
+           if k in saved_optim and k in now_optim and _norm(saved_optim[k]) != _norm(now_optim[k])]
+    saved_model, now_model = meta.get("model") or {}, model_cfg.to_dict()
+    for k in ROUTING_KEYS:
+        if k in saved_model and _norm(saved_model[k]) != _norm(now_model.get(k)):
+            name = "gate" if k == "gate" else f"model.{k}"
+            out.append(f"{name}: {saved_model[k]!r} -> {now_model.get(k)!r}")
+    return out
+
+
+def _norm(v):
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else ({k: _norm(x) for k, x in v.items()} if isinstance(v, dict) else v)
+
+
+def _take_new_optim_settings(engine) -> None:
+    """trainer.allow_config_change: the run's optim.* replace the checkpoint's in the optimizer and schedule."""
+    o, opt, sched = engine.cfg.optim, getattr(engine, "opt", None), getattr(engine, "sched", None)
+    if opt is None or sched is None or not hasattr(sched, "base_lrs"):
+        return
+    for g in opt.param_groups:
+        g.update(betas=tuple(o.betas), eps=float(o.eps), initial_lr=float(o.lr))
+        if g.get("weight_decay", 0.0) > 0:
+            g["weight_decay"] = float(o.weight_decay)
+    sched.base_lrs = [float(o.lr)] * len(opt.param_groups)
+    factor = sched.lr_lambdas[0](sched.last_epoch) if hasattr(sched, "lr_lambdas") else 1.0
+    for g in opt.param_groups:
+        g["lr"] = float(o.lr) * factor
+
+
+def _checked_step(found: Path, meta: dict, trainer_state: dict) -> int:
+    """The step a checkpoint was written at, agreeing in trainer_state.json, meta.json and the folder name."""
+    step = trainer_state.get("step")
+    named = ckpt.STEP_NAME.fullmatch(found.name)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {found}: trainer_state.json has step {step!r}, not a step count; the file was edited or damaged: resume from another checkpoint")
+    if ("step" in meta and meta["step"] != step) or (named and int(named.group(1)) != step):
+        raise CheckpointError(f"checkpoint {found}: its step disagrees between trainer_state.json ({step}), meta.json ({meta.get('step')}) "
+                              f"and the folder name; a file was edited or copied from another checkpoint: resume from another checkpoint")
+    return step
+
+
 def load_into(engine, found: Path, engine_name: str) -> int:
     """Checkpoint `found` into the engine: weights, and unless weights-only, optimizer, schedule and
-    RNG streams; the step it was written at (0 for weights-only)."""
+    RNG streams; the step it was written at (0 for weights-only). A checkpoint that lacks any of
+    these, or whose schedule or routing settings differ from this run's, is refused in one line."""
+    tc = engine.cfg.trainer
+    trust, verify = bool(tc.get("trust_checkpoint", False)), bool(tc.get("verify_checkpoint", True))
     meta = ckpt.read_meta(found)
-    ckpt.check_compatible(found, meta.get("model", {}), engine.model_cfg, ckpt.stored_weight_shapes(found))
-    trainer_state = None if meta.get("weights_only") else ckpt.load_trainer_state(found)
+    ckpt.check_compatible(found, meta.get("model", {}), engine.model_cfg, ckpt.stored_weight_shapes(found, trust))
+    weights_only = bool(meta.get("weights_only"))
+    trainer_state = None if weights_only else ckpt.load_trainer_state(found)
+    if not weights_only and trainer_state is None:
+        raise CheckpointError(f"checkpoint {found} has no {ckpt.TRAINER_STATE} and meta.json does not mark it weights-only: it is incomplete; "
+                              f"resume from another checkpoint (or start from its weights alone after adding \"weights_only\": true to its meta.json)")
+    step = 0 if trainer_state is None else _checked_step(found, meta, trainer_state)
+    changes = [] if trainer_state is None else changed_settings(meta, engine.cfg, engine.model_cfg)
+    allow = bool(tc.get("allow_config_change", False))
+    if changes and not allow:
+        raise CheckpointError(f"resume from {found} with settings that differ from the checkpoint's ({'; '.join(changes)}): "
+                              f"resume with the checkpoint's values (see its meta.json), or pass trainer.allow_config_change=true to take this run's")
+    rng = None
+    if trainer_state is not None:
+        rng = _rng_for_this_rank(found, meta, trainer_state)
     if ckpt.is_sharded(found):
         saved_by = (trainer_state or {}).get("engine", meta.get("engine"))
         same_optimizer = trainer_state is not None and saved_by == engine_name  # optimizer state is only ever the same engine's
         if trainer_state is not None and not same_optimizer:
             log.warning("checkpoint %s was written by engine=%s: its weights and schedule carry over, AdamW moments start from zero", found, saved_by)
         state = engine.checkpoint_state(with_optimizer=same_optimizer)
-        sharded.load_sharded(found, state)
+        sharded.load_sharded(found, state, verify=verify, trust=trust)
     else:
         state = None
-        engine.load_full_weights(ckpt.load_model_state(found))
+        engine.load_full_weights(ckpt.load_model_state(found, verify=verify))
     engine.load_checkpoint_state(state, trainer_state)
     if trainer_state is None:
         log.info("initialised from weights-only checkpoint %s; fresh optimizer and schedule at step 0", found)
         return 0
+    if changes:
+        log.warning("resume from %s takes this run's settings over the checkpoint's (trainer.allow_config_change=true): %s", found, "; ".join(changes))
+        _take_new_optim_settings(engine)
     _say_if_global_batch_changed(found, trainer_state, engine)
-    rng = ckpt.read_rng(found, _rank()) or trainer_state.get("rng")
     if rng is not None:
         ckpt.set_rng_state(rng)
-    log.info("resumed from %s at step %d", found, trainer_state["step"])
-    return int(trainer_state["step"])
+    log.info("resumed from %s at step %d", found, step)
+    return step
+
+
+def _rng_for_this_rank(found: Path, meta: dict, trainer_state: dict) -> dict | None:
+    """This rank's RNG streams: its own file where the writing run had this rank, rank 0's where it
+    did not (another world size); a refusal where a file the writing run wrote is gone. A converted
+    checkpoint has none (fresh streams)."""
+    rank, saved_world = _rank(), meta.get("world_size")
+    own, zero = ckpt.rng_file(found, rank), ckpt.rng_file(found, 0)
+    if own.is_file():
+        return ckpt.read_rng(found, rank)
+    if trainer_state.get("rng") is not None:  # older moeflow versions kept them in trainer_state
+        return trainer_state["rng"]
+    if meta.get("converted_from") is not None:
+        return None
+    if (isinstance(saved_world, int) and rank < saved_world) or not zero.is_file():
+        missing = own if isinstance(saved_world, int) and rank < saved_world else zero
+        raise CheckpointError(f"checkpoint {found} is incomplete: {missing.relative_to(found)} (RNG streams) is missing; resume from another checkpoint")
+    return ckpt.read_rng(found, 0)

@@ -40,7 +40,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "device": Rule(str), "precision": Rule(str, choices=("auto", "bf16", "fp32")), "seed": Rule(int, low=0),
         "progress": Rule(bool), "compile": Rule(bool),
         "activation_checkpointing": Rule(str, choices=("none", "full", "selective")), "activation_checkpointing_every": positive_int(),
-        "async_checkpoint": Rule(bool), "on_nonfinite": Rule(str, choices=("stop", "skip_step", "rollback")),
+        "async_checkpoint": Rule(bool), "verify_checkpoint": Rule(bool), "trust_checkpoint": Rule(bool), "allow_config_change": Rule(bool),
+        "on_nonfinite": Rule(str, choices=("stop", "skip_step", "rollback")),
         "collective_timeout": Rule(float, low=1, why="seconds a collective may wait for a stalled peer before the run fails"),
     },
     "data": {

@@ -61,14 +61,14 @@ def log_routing(writer: SummaryWriter | None, stats_file, model, step: int, warn
         row = {"step": step, "layer": i}
         for k, v in s.items():
             row[k] = v.tolist() if v.dim() else v.item()
+            if writer is not None and v.dim() == 0:  # every scalar statistic: balance, entropy, aux losses, drops
+                writer.add_scalar(f"moe/layer{i}/{k}", v.item(), step)
         drop_warning = getattr(layer.dispatcher, "drop_warning", None)
         if drop_warning is not None and warned is not None and "drops" not in warned and "dispatch_dropped_fraction" in row:
             message = drop_warning(row["dispatch_dropped_fraction"], i, step)
             if message:
                 warned.add("drops")
                 warnings.warn(message, stacklevel=2)
-            if writer is not None and v.dim() == 0:
-                writer.add_scalar(f"moe/layer{i}/{k}", v.item(), step)
         if writer is not None:
             writer.add_histogram(f"moe/layer{i}/tokens_per_expert", s["tokens_per_expert"], step)
         rows.append(row)
@@ -115,8 +115,34 @@ def set_gate_step(model, step: int) -> None:
         layer.gate.set_step(step)
 
 
+def refuse_fresh_run_over_checkpoints(cfg: DictConfig, run_dir: Path) -> None:
+    """A fresh run (resume=null) in a run dir that holds another run's checkpoints would overwrite
+    their steps while the old later ones stay "latest": refuse, naming the two ways on."""
+    if cfg.resume is not None:
+        return
+    root = Path(run_dir) / ckpt.CKPT_DIR
+    found = ckpt.list_checkpoints(root) or (sorted(root.glob(f"{ckpt.TMP_PREFIX}*")) if root.is_dir() else [])
+    if found:
+        raise ConfigError(f"run dir {run_dir} already holds checkpoints of an earlier run ({found[-1].name}); continue it with resume=auto, "
+                          f"or start a fresh run in a new dir (hydra.run.dir=...)")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    import os
+
+    from .run_lock import RunLock
+
     model_cfg, trainer_cfg = validate(cfg)
+    refuse_fresh_run_over_checkpoints(cfg, run_dir)
+    lock = RunLock(run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None  # one run per run dir
+    try:
+        return _train(cfg, run_dir, model_cfg, trainer_cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
     env, device = Engine.start(cfg, trainer_cfg)
     if not env.is_main:
@@ -164,6 +190,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     guard = DivergenceGuard(trainer_cfg.on_nonfinite)
     heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
 
+    ckpt_writer = getattr(engine, "writer", None)  # engines that save through launch/resume.py
     t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
     t_start = t_last
     try:
@@ -177,6 +204,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 heartbeat.step = step
                 loss_sum += loss.detach().float()
             grad_norm = engine.optimizer_step()
+            if ckpt_writer is not None:
+                ckpt_writer.poll()  # an async save whose write finished is committed now, not at the next save
             done = step + 1
             tokens_since += tokens_per_step
             if done == start_step + 1:  # one device sync, once: how long the first step (compiles, autotuning) took
@@ -226,6 +255,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             bar.update(1)
             step = done
     except Exception as e:
+        if ckpt_writer is not None and ckpt_writer.pending is not None:  # a save in flight is kept, not abandoned
+            try:
+                ckpt_writer.finish()
+            except Exception as err:  # noqa: BLE001  (the first error is the one to report)
+                log.warning("the checkpoint being saved when the run failed was not committed: %s", err)
         if env.enabled and is_timeout(e):
             raise heartbeat.explain(e, trainer_cfg.collective_timeout) from None
         raise

@@ -21,7 +21,7 @@ import torch
 from helpers.config import TINY
 from helpers.timeouts import limit
 from moeflow.launch import checkpoint as ckpt
-from moeflow.parallel.checkpoint import read_full_tensors
+from moeflow.parallel.checkpoint import read_full_tensors, verify_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_injection")]
 
@@ -75,7 +75,8 @@ def test_kill_9_at_random_points_of_a_save_loop(tmp_path, reference):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         for c in ckpt.list_checkpoints(run / "checkpoints"):  # whatever is listed as complete is complete
-            assert (c / "meta.json").is_file() and (c / ".metadata").is_file() and (c / "trainer_state.json").is_file()
+            assert ckpt.is_complete(c) and (c / "trainer_state.json").is_file()
+            verify_files(c)  # every shard matches the sha256 its index records
         assert_resumes_like(reference, run)
 
 

@@ -78,12 +78,12 @@ def test_resume_from_a_different_model_shape(tmp_path):
         train(compose_cfg(*TINY, "model.d_model=48", "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")
 
 
-@pytest.mark.parametrize("damage, match", [("data", "corrupt or from another model.*resume from an earlier checkpoint"),
-                                           ("metadata", "corrupt .metadata.*resume from another checkpoint")])
+@pytest.mark.parametrize("damage, match", [("data", "is damaged: shard_00000.safetensors has 100 bytes.*resume from another checkpoint"),
+                                           ("metadata", "index.json is unreadable.*resume from another checkpoint")])
 def test_corrupt_checkpoint(tmp_path, damage, match):
     train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "a")
     ckpt_dir = next((tmp_path / "a" / "checkpoints").iterdir())
-    target = next(ckpt_dir.glob("*.distcp")) if damage == "data" else ckpt_dir / ".metadata"
+    target = next(ckpt_dir.glob("shard_*.safetensors")) if damage == "data" else ckpt_dir / "index.json"
     target.write_bytes(target.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=match):
         train(compose_cfg(*TINY, "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")

@@ -1,0 +1,130 @@
+"""One run per run dir: a lock file taken atomically before any work, released on exit.
+
+Two runs in one dir would write the same checkpoint steps and delete each other's temporary
+folders. The lock file (`<run dir>/.moeflow-run.lock`) is created with O_EXCL and holds the
+holder's host, pid, Slurm job id and start time; a thread refreshes its mtime every
+HEARTBEAT_S. A lock is stale, and taken over with a warning, when its holder is gone: the same
+host and a pid that no longer exists, the same Slurm job (a requeued job is the same run), or
+no refresh for STALE_AFTER_S (a holder on another host that died).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from moeflow.moe.errors import ConfigError
+
+LOCK_FILE = ".moeflow-run.lock"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+log = logging.getLogger("moeflow.train")
+
+
+class RunDirInUse(ConfigError):
+    """Another live run holds this run dir."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+
+
+def stale_reason(info: dict, age_s: float) -> str | None:
+    """Why the lock described by `info` (last refreshed `age_s` ago) belongs to no live run, or None."""
+    me = _holder()
+    if info.get("slurm_job_id") and info.get("slurm_job_id") == me["slurm_job_id"]:
+        return f"it was taken by an earlier start of this Slurm job ({me['slurm_job_id']})"
+    if info.get("host") == me["host"] and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
+        return f"its process {info['pid']} on this host has exited"
+    if age_s > STALE_AFTER_S:
+        return f"it has not been refreshed for {age_s:.0f} s"
+    return None
+
+
+class RunLock:
+    """Hold `run_dir`'s lock; `release()` (also at interpreter exit) frees it."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.held = False
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(_holder(), f)
+            self.held = True
+            atexit.register(self.release)
+            self._thread = threading.Thread(target=self._refresh, name="moeflow-run-lock", daemon=True)
+            self._thread.start()
+            return self
+        raise RunDirInUse(f"could not take the lock {self.path}; check that no other run uses {self.path.parent}")
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            info = json.loads(self.path.read_text())
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        except (OSError, ValueError):
+            info, age = {}, time.time() - self.path.stat().st_mtime if self.path.exists() else 0.0
+        why = stale_reason(info if isinstance(info, dict) else {}, age)
+        if why is None:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0))) if isinstance(info.get("started"), (int, float)) else "?"
+            raise RunDirInUse(f"run dir {self.path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}, "
+                              f"started {started}); wait for it, or choose another hydra.run.dir (if that run is gone, delete {self.path})")
+        log.warning("taking over the lock of run dir %s: %s", self.path.parent, why)
+        stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, stale)  # atomic: of two runs taking over at once, one finds the file gone
+            stale.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        self._stop.set()
+        try:
+            info = json.loads(self.path.read_text())
+            if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
