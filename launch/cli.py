@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     if name not in SUBCOMMANDS:
         report_error("", MoeflowError(f"unknown command {name!r}; commands: {', '.join(SUBCOMMANDS)} (moeflow --help)"))
     module, func, _ = SUBCOMMANDS[name]
+    from .parent_death import exit_with_launcher
+
+    exit_with_launcher()  # a rank under torchrun dies with its launcher
     try:
         getattr(importlib.import_module(module), func)(rest)
     except MoeflowError as e:

@@ -121,7 +121,7 @@ def generate_ids(model, prompt: list[int], max_new: int, temperature: float = 0.
 
 
 def generate(args) -> str:
-    model, meta, found = load_model(args.src, trust=args.trust_checkpoint)
+    model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     tok = tokenizer_for(meta, found, args.tokenizer)
     prompt = tok.encode(args.prompt)
     if not prompt:
@@ -141,7 +141,7 @@ def evaluate(args) -> dict:
 
     from .data import BatchSampler, token_file_meta
 
-    model, meta, found = load_model(args.src, trust=args.trust_checkpoint)
+    model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     path = Path(args.data).expanduser()
     if not path.is_file():
         raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")

@@ -112,6 +112,27 @@ def check_resume_has_a_run_dir(cfg, args: list[str]) -> None:
                           "is new for every run; pass hydra.run.dir=<the run's dir>, or resume=<a run or checkpoint dir>")
 
 
+def check_training_config(args: list[str]) -> None:
+    """What a `moeflow train` command line must pass before any run starts, for launchers to check
+    every job they submit: composition, every value's type and range, the semantic checks. The
+    job runs elsewhere: trainer.device=cuda is checked as a name, not against this machine's GPUs."""
+    from omegaconf import open_dict
+
+    cfg = compose_checked(args)
+    schema.check(cfg)
+    device = str(cfg.trainer.device)
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"trainer.device={device!r} is unknown; use auto, cpu or cuda")
+    import torch
+
+    from .config import validate
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        with open_dict(cfg):
+            cfg.trainer.device = "auto"  # the model and options are checked all the same
+    validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+
+
 def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)

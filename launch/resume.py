@@ -122,12 +122,19 @@ def _causes(err: BaseException, depth: int = 4) -> list[BaseException]:
     return out
 
 
-def save_failed(tmp: Path, step: int, err: BaseException) -> CheckpointError:
-    """The one-line error for a checkpoint that could not be written; its temp dir is removed."""
+def save_failed(tmp: Path, step: int, err: BaseException) -> Exception:
+    """The one-line error for a checkpoint that could not be written; its temp dir is removed. A
+    collective that timed out during the save comes back as a timeout, for the training loop to
+    name the stalled rank."""
     import errno
     import shutil
 
+    from .watchdog import is_timeout
+
     found = _causes(err)
+    timed_out = next((e for e in found if is_timeout(e)), None)
+    if timed_out is not None:
+        return RuntimeError(f"timed out while writing checkpoint step {step}: {str(timed_out).strip().splitlines()[0][:200]}")
     text = " ".join(str(e) for e in found)
     codes = {getattr(e, "errno", None) for e in found}
     if errno.ENOSPC in codes or errno.EFBIG in codes or "No space left" in text or "File too large" in text:

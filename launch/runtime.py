@@ -22,6 +22,9 @@ def resolve_device(name: str) -> torch.device:
 
 def start_distributed(trainer_cfg, backend: str, single_rank_group: bool = False) -> tuple[DistEnv, torch.device]:
     """Join the process group (torchrun's env, else one process) and pick this rank's device."""
+    from .parent_death import exit_with_launcher
+
+    exit_with_launcher()  # (armed at the CLI's start already; here for runs started from Python)
     device = resolve_device(trainer_cfg.device)
     env = init_distributed(device.type, backend, float(getattr(trainer_cfg, "collective_timeout", 600.0)), single_rank_group)
     if device.type == "cuda":

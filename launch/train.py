@@ -145,6 +145,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
     env, device = Engine.start(cfg, trainer_cfg)
+    if device.type == "cuda":  # the peak this run reports is its own, not an earlier one's in this process
+        torch.cuda.reset_peak_memory_stats(device)
     if not env.is_main:
         logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
 

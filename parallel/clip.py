@@ -17,35 +17,62 @@ import torch.distributed as dist
 
 @torch.no_grad()
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm of all `grads` together (plain tensors, or DTensors on meshes spanning the world)."""
+    """The L2 norm of all `grads` together (plain tensors, or DTensors on meshes spanning the world):
+    one multi-tensor norm per copy count (`torch._foreach_norm`: each gradient read once), one all-reduce."""
     from torch.distributed.tensor import DTensor
 
-    device = (grads[0].to_local() if isinstance(grads[0], DTensor) else grads[0]).device
-    square = torch.zeros((), dtype=torch.float32, device=device)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    by_copies: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         if isinstance(g, DTensor):
             # copies of each element in the world: replicated mesh dims, and ranks outside this mesh
             # (a sub-mesh, e.g. experts sharded over "ep" only and replicated over the rest)
             outside = world // g.device_mesh.size()
             copies = outside * math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
-            square += g.to_local().float().square().sum() / copies
+            by_copies.setdefault(copies, []).append(g.to_local())
         else:  # a plain tensor of a parallel model is the same on every rank
-            square += g.float().square().sum() / world
+            by_copies.setdefault(world, []).append(g)
+    device = next(iter(by_copies.values()))[0].device
+    square = torch.zeros((), dtype=torch.float32, device=device)
+    for copies, tensors in by_copies.items():
+        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
+        square += torch.stack(norms).square().sum() / copies
     if world > 1:
         dist.all_reduce(square)
     return square.sqrt()
 
 
+def folds_clip_into_step(optimizer) -> bool:
+    """Whether `optimizer.step()` can apply the clip factor itself: torch's fused Adam/AdamW divide
+    each gradient by `optimizer.grad_scale` as they read it (the hook GradScaler uses), so no pass
+    over the gradients is needed. Plain tensors only (a DTensor step takes no plain-tensor scale)."""
+    from torch.distributed.tensor import DTensor
+
+    if optimizer is None or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return False
+    groups = optimizer.param_groups
+    return all(g.get("fused") for g in groups) and not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+
+
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Clip in place to `max_norm` (inf: no clipping); returns the pre-clip global norm (fp32)."""
+def clip_grad_norm_(parameters, max_norm: float, optimizer=None) -> torch.Tensor:
+    """Clip to `max_norm` (inf: no clipping); returns the pre-clip global norm (fp32). With an
+    `optimizer` that `folds_clip_into_step`, the factor goes to its next step (`grad_scale`, cleared by
+    `clear_folded_clip` after the step); otherwise the gradients are scaled in place, in one
+    multi-tensor multiply."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
     total = global_grad_norm(grads)
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's own rule, on the device: no host read
-        for g in grads:
-            (g._local_tensor if hasattr(g, "_local_tensor") else g).mul_(coef)
+        if folds_clip_into_step(optimizer):
+            optimizer.grad_scale = coef.reciprocal()
+        else:
+            torch._foreach_mul_([g._local_tensor if hasattr(g, "_local_tensor") else g for g in grads], coef)
     return total
+
+
+def clear_folded_clip(optimizer) -> None:
+    """After the step that applied it: the next step must not reuse this step's clip factor."""
+    optimizer.__dict__.pop("grad_scale", None)

@@ -94,6 +94,15 @@ def random_tokens(folder: Path, vocab: int, n: int) -> Path:
     return path
 
 
+VAL_PERCENT = 1
+
+
+def token_count(batch_size: int, seq_len: int) -> int:
+    """Random tokens to write: a few batches, and enough that the VAL_PERCENT validation split still
+    holds a window of seq_len + 2 (the documented default, seq 2048, needs 410k)."""
+    return max(4 * batch_size * (seq_len + 1), -(-100 * 2 * (seq_len + 2) // VAL_PERCENT), 200_000)
+
+
 def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_root: Path) -> dict:
     """One variant through the real trainer; its tokens/s, first-step time, peak memory."""
     from moeflow.launch.config import model_config
@@ -103,7 +112,7 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     dtype = "uint16" if args.vocab_size is None or args.vocab_size <= 2**16 else "uint32"
     cfg = compose([
         *overrides, "data=memmap", f"data.path={tokens}", f"data.dtype={dtype}", f"data.seq_len={args.seq_len}",
-        f"data.batch_size={args.batch_size}", "data.val_percent=1", f"trainer.steps={2 * args.steps}",
+        f"data.batch_size={args.batch_size}", f"data.val_percent={VAL_PERCENT}", f"trainer.steps={2 * args.steps}",
         f"trainer.log_every={args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false",
         f"trainer.device={args.device}", f"model.max_seq_len={args.seq_len}", *args.override,
     ])
@@ -200,23 +209,31 @@ def run(args) -> dict:
     rows = []
     with tempfile.TemporaryDirectory(prefix="moeflow-bench-train-") as tmp:
         tmp = Path(tmp)
-        tokens = random_tokens(tmp, vocab, max(4 * args.batch_size * (args.seq_len + 1), 200_000))
+        # enough tokens that the 1% validation split still holds a window of seq_len + 2
+        tokens = random_tokens(tmp, vocab, token_count(args.batch_size, args.seq_len))
+        modes = [("", [])] + ([("-compiled", ["trainer.compile=true"])] if getattr(args, "compile", False) else [])
         for variant in args.variants.split(","):
-            if variant == "moe":
-                for impl in impls:
-                    rows.append(trainer_variant(f"moe-{impl}", [*shape, f"experts.impl={impl}"], args, tokens, tmp))
-            elif variant == "dense":
-                rows.append(trainer_variant("dense", [*shape, "model.moe_every=0"], args, tokens, tmp))
-            elif variant == "hf":
-                rows.append(hf_variant(shape, args, device))
-            else:
-                raise ConfigError(f"--variants: {variant!r} is unknown; use moe, dense, hf")
-            print(_row(rows[-1], peak), flush=True)
+            for suffix, extra in modes if variant in ("moe", "dense") else [("", [])]:
+                if variant == "moe":
+                    for impl in impls:
+                        rows.append(trainer_variant(f"moe-{impl}{suffix}", [*shape, f"experts.impl={impl}", *extra], args, tokens, tmp))
+                        print(_row(rows[-1], peak), flush=True)
+                    continue
+                if variant == "dense":
+                    rows.append(trainer_variant(f"dense{suffix}", [*shape, "model.moe_every=0", *extra], args, tokens, tmp))
+                elif variant == "hf":
+                    rows.append(hf_variant(shape, args, device))
+                else:
+                    raise ConfigError(f"--variants: {variant!r} is unknown; use moe, dense, hf")
+                print(_row(rows[-1], peak), flush=True)
+            _release(device)
     for r in rows:
         if r.get("tokens_per_s"):
             r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-    moe = next((r for r in rows if r["variant"].startswith("moe") and r.get("tokens_per_s")), None)
+    moe = next((r for r in rows if r["variant"].startswith("moe") and not r["variant"].endswith("-compiled") and r.get("tokens_per_s")), None)
     dense = next((r for r in rows if r["variant"] == "dense"), None)
+    moe_c = next((r for r in rows if r["variant"].startswith("moe") and r["variant"].endswith("-compiled") and r.get("tokens_per_s")), None)
+    dense_c = next((r for r in rows if r["variant"] == "dense-compiled"), None)
     out = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
@@ -226,15 +243,31 @@ def run(args) -> dict:
         "moe_mfu": moe and moe.get("mfu"), "dense_mfu": dense and dense.get("mfu"),
         "moe_over_dense": moe and dense and moe["tokens_per_s"] / dense["tokens_per_s"],
         "moe_peak_mem_gib": moe and moe.get("peak_mem_gib"), "first_step_s": moe and moe.get("first_step_s"),
+        "moe_compiled_tokens_per_s": moe_c and moe_c["tokens_per_s"], "dense_compiled_tokens_per_s": dense_c and dense_c["tokens_per_s"],
+        "moe_compiled_over_dense_compiled": moe_c and dense_c and moe_c["tokens_per_s"] / dense_c["tokens_per_s"],
         "variants": rows,
     }
     if out["moe_over_dense"]:
         print(f"MoE ({moe['variant']}) / dense tokens/s: x{out['moe_over_dense']:.3f}")
+    if out["moe_compiled_over_dense_compiled"]:
+        print(f"MoE ({moe_c['variant']}) / dense, both compiled: x{out['moe_compiled_over_dense_compiled']:.3f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
     return out
+
+
+def _release(device) -> None:
+    """Free what the last variant left cached, so the next one's peak memory is its own."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _row(r: dict, peak: float) -> str:
@@ -255,6 +288,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="measured steps (after as many warm-up steps)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--compile", action="store_true", help="also run the moe and dense variants with trainer.compile=true")
     ap.add_argument("--out", default=None, help="JSON file to write (e.g. bench/results/train_h200.json)")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)")
     run(ap.parse_args(argv))

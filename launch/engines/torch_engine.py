@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from moeflow.moe.model import Transformer
 from moeflow.parallel import checkpoint as sharded
 from moeflow.parallel.activation_checkpointing import apply_activation_checkpointing
-from moeflow.parallel.clip import clip_grad_norm_
+from moeflow.parallel.clip import clear_folded_clip, clip_grad_norm_
 from moeflow.parallel.dispatchers import options_from_config
 from moeflow.parallel.distributed import DistEnv
 from moeflow.parallel.mesh import build_mesh, dims_from_config
@@ -117,7 +117,7 @@ class TorchEngine:
         """Clip, AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
         reduce_replicated_expert_grads(self.model)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = clip_grad_norm_(list(self.model.parameters()), clip)
+        norm = clip_grad_norm_(list(self.model.parameters()), clip, optimizer=self.opt)  # fused AdamW applies the factor as it reads each gradient
         self.last_step_skipped = self.skip_nonfinite and not bool(torch.isfinite(norm))  # on_nonfinite=skip_step: a host read per step
         if self.last_step_skipped:
             self.skipped += 1
@@ -128,6 +128,7 @@ class TorchEngine:
             self.opt.step()
             self.sched.step()
             self.last_stepped = self.skipped
+        clear_folded_clip(self.opt)
         self.opt.zero_grad(set_to_none=True)
         return norm
 

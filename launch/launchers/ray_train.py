@@ -181,7 +181,10 @@ def submit(args: list[str], address: str | None, wait: bool, timeout: float) -> 
     """Send `moeflow ray launch <overrides>` as a Ray job with the configured runtime env."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from ..preflight import check_training_config
+
     cfg = compose(ray_args(args))  # checked here, before anything is sent
+    check_training_config(ray_args(args))  # the checks `moeflow train` runs
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     check_reachable(address, what="--address")
     try:

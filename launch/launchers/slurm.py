@@ -63,8 +63,9 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 # quoting, so values that land there must be single tokens of safe characters; values that land
 # in the shell body are quoted (shlex) by `render`. A value outside its pattern is refused.
 SAFE_TOKEN = re.compile(r"^[A-Za-z0-9._:@%+=,/~-]+$")
+JOB_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:@%+=,~-]+$")  # also a file name under output_root: one path component
 FIELD_PATTERNS = {
-    "job_name": SAFE_TOKEN, "partition": SAFE_TOKEN, "account": SAFE_TOKEN, "qos": SAFE_TOKEN, "constraint": re.compile(r"^[A-Za-z0-9._:@%+=,/|&*\[\]()!-]+$"),
+    "job_name": JOB_NAME, "partition": SAFE_TOKEN, "account": SAFE_TOKEN, "qos": SAFE_TOKEN, "constraint": re.compile(r"^[A-Za-z0-9._:@%+=,/|&*\[\]()!-]+$"),
     "mem": re.compile(r"^[0-9]+[KMGT]?$"), "time": re.compile(r"^[0-9]+(-[0-9]{1,2})?(:[0-9]{1,2}){0,2}$|^(?i:unlimited|infinite)$"),
     "output_root": SAFE_TOKEN,
 }
@@ -89,13 +90,20 @@ def check_launcher(s: DictConfig) -> None:
             continue
         if not isinstance(v, str) or not pattern.match(v):
             raise ConfigError(f"launcher.{name}={v!r} is not a valid value: it lands in an #SBATCH line, which takes one token of "
-                              f"letters, digits and ._:@%+=,/~- (no spaces, quotes, newlines or $); pick another value")
+                              f"letters, digits and ._:@%+=,/~- (no spaces, quotes, newlines or $; a job_name also no / and not . or ..); pick another value")
     for i, line in enumerate(s.extra_sbatch):
         if not isinstance(line, str) or not re.match(r"^--?[A-Za-z][A-Za-z0-9-]*(=\S+)?$", line):
             raise ConfigError(f"launcher.extra_sbatch[{i}]={line!r} is not one sbatch option: write it as --name or --name=value, without spaces or newlines")
     for name, v in (("srun_args", s.srun_args), ("python", s.python)):
         if v is not None and ("\n" in str(v) or "\r" in str(v)):
             raise ConfigError(f"launcher.{name} holds a newline; write it on one line")
+    try:
+        words = shlex.split(str(s.srun_args or ""))
+    except ValueError as e:
+        raise ConfigError(f"launcher.srun_args={s.srun_args!r} cannot be split into words ({e}); quote it as a shell would") from None
+    stray = [w for w in words if not w.startswith("-")]
+    if stray:  # a bare word would become srun's program, ahead of the training command
+        raise ConfigError(f"launcher.srun_args takes srun options only, each written --name=value; {stray[0]!r} is not an option")
     for i, line in enumerate(s.setup):
         if not isinstance(line, str) or "\n" in line:
             raise ConfigError(f"launcher.setup[{i}] must be one shell line (a string without newlines); give several lines as several items")
@@ -168,19 +176,36 @@ def prepare(args: list[str], multirun: bool) -> tuple[DictConfig, list[str], lis
     args = slurm_args(args)
     train = [a for a in without_launcher(args) if not a.startswith("hydra.run.dir=")]
     combos = expand_sweep(train) if multirun else None
-    cfg = compose(args if not combos else [*[a for a in args if a.startswith("launcher")], *combos[0]])
+    launcher_args = [a for a in args if a.startswith("launcher")]
+    cfg = compose(args if not combos else [*launcher_args, *combos[0]])
     if cfg.launcher.name != "slurm":
         raise ConfigError(f"`moeflow slurm submit` needs launcher=slurm (got launcher={cfg.launcher.name})")
+    from ..preflight import check_training_config
+
+    check_launcher(cfg.launcher)  # its own fields first: the training checks read some (nodes, processes)
+    for i, combo in enumerate(combos or [train]):  # the checks `moeflow train` runs, on every job before any is submitted
+        try:
+            check_training_config([*launcher_args, *combo])
+        except ConfigError as e:
+            raise ConfigError(f"sweep point {i} ({shlex.join(combo)}): {e}" if combos else str(e)) from None
     if not any(a.startswith("resume=") for a in train):
         train.append("resume=auto")  # a requeued job continues from its last checkpoint
     return cfg.launcher, train, combos
+
+
+def write_sweep(folder: Path, tasks: list[list[str]]) -> None:
+    """Array task i's overrides in folder/i.args, NUL-separated: the job script reads them with bash's
+    `mapfile -d ''` as plain words, so a value holding newlines, quotes or `$(...)` stays one word."""
+    folder.mkdir(parents=True)
+    for i, words in enumerate(tasks):
+        (folder / f"{i}.args").write_bytes(b"".join(w.encode() + b"\0" for w in words))
 
 
 def submit(args: list[str], dry_run: bool = False, multirun: bool = False) -> int:
     s, train, combos = prepare(args, multirun)
     root = Path(str(s.output_root)).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sweep_file = root / "sbatch" / f"{s.job_name}-{stamp}.sweep" if combos else None
+    sweep_file = root / "sbatch" / f"{s.job_name}-{stamp}.sweep" if combos else None  # a folder: task i's overrides in i.args
     script = render(s, [] if combos else train, sweep_file, len(combos) if combos else None)
     resume = [a for a in train if a.startswith("resume=")]
     sweep_lines = [shlex.join([*c, *resume]) for c in combos] if combos else []
@@ -194,7 +219,7 @@ def submit(args: list[str], dry_run: bool = False, multirun: bool = False) -> in
     path = root / "sbatch" / f"{s.job_name}-{stamp}.sbatch"
     path.write_text(script)
     if sweep_file:
-        sweep_file.write_text("".join(line + "\n" for line in sweep_lines))
+        write_sweep(sweep_file, [[*c, *resume] for c in combos])
     done = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
         raise SlurmError(f"sbatch rejected {path}: {done.stderr.strip()}")

@@ -61,7 +61,7 @@ def test_dry_run_multirun_is_a_job_array_over_hydra_sweep(tmp_path):
     done = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "optim.lr=1e-3,3e-3", f"launcher.output_root={tmp_path}")
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --array=0-3" in done.stdout and f"#SBATCH --output={tmp_path}/%A_%a.out" in done.stdout
-    assert "SLURM_ARRAY_TASK_ID + 1" in done.stdout
+    assert "mapfile -d '' -t SWEEP <" in done.stdout and "eval " not in done.stdout  # read as data, never evaluated
     # array tasks may share a node: each needs its own rendezvous port (one port joined two jobs' stores)
     assert 'RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))' in done.stdout and '"$HEAD_NODE:$RDZV_PORT"' in done.stdout
     fixed = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "launcher.rdzv_port=31000", f"launcher.output_root={tmp_path}")
@@ -231,10 +231,10 @@ HOSTILE_FIELDS = {
     "mem": "1G; touch INJECTED", "time": "1:00 $(touch INJECTED)", "output_root": "/tmp/out dir", "nodes": "1 $(touch INJECTED)",
     "nproc_per_node": "1 $(touch INJECTED); true", "gpus_per_node": "0;touch INJECTED", "cpus_per_task": "x", "signal_seconds": "-1",
     "rdzv_port": "1;touch INJECTED", "exclusive": "yes", "extra_sbatch": ["--mail-type=END\ntouch INJECTED"],
-    "setup": ["echo ok\ntouch INJECTED"], "python": "python3\ntouch INJECTED",
+    "setup": ["echo ok\ntouch INJECTED"], "python": "python3\ntouch INJECTED", "srun_args": "--foo; touch INJECTED",
 }
 QUOTED_FIELDS = {  # free text that lands in the shell body: accepted, quoted
-    "srun_args": "--container-image=x $(touch INJECTED) ; touch INJECTED",
+    "srun_args": "--container-image='x $(touch INJECTED) ; touch INJECTED' --export=ALL",
     "python": "/opt/my python/bin/python3 ; touch INJECTED",
 }
 
@@ -248,6 +248,35 @@ def test_hostile_launcher_fields_are_refused_in_one_line(tmp_path, field):
     assert done.returncode == 2, done.stdout[-500:]
     err = done.stderr.strip()
     assert err.startswith("moeflow slurm: error: ") and "\n" not in err and f"launcher.{field}" in err, err
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", "."])
+def test_a_job_name_is_one_path_component(tmp_path, name):
+    done = moeflow("slurm", "submit", "--dry-run", f"launcher.job_name={name!r}", f"launcher.output_root={tmp_path}")
+    assert done.returncode == 2 and "launcher.job_name" in done.stderr, done.stderr[-500:]
+
+
+@pytest.mark.parametrize("bad, named", [("trainer.steps=-5", "trainer.steps=-5"), ("trainer.device=tpu", "trainer.device='tpu'"),
+                                        ("model.top_k=99", "model.top_k=99")])
+def test_submit_runs_the_checks_moeflow_train_runs(tmp_path, bad, named):
+    done = moeflow("slurm", "submit", "--dry-run", bad, f"launcher.output_root={tmp_path}")
+    assert done.returncode == 2 and named in done.stderr and "\n" not in done.stderr.strip(), done.stderr[-800:]
+    sweep = moeflow("slurm", "submit", "--dry-run", "-m", f"trainer.steps=4,{bad.split('=', 1)[1]}" if bad.startswith("trainer.steps") else bad,
+                    "optim.lr=1e-3,3e-3", f"launcher.output_root={tmp_path}")
+    assert sweep.returncode == 2 and "sweep point" in sweep.stderr, sweep.stderr[-800:]
+    assert not (tmp_path / "sbatch").exists()
+
+
+def test_sweep_values_stay_words_whatever_they_hold(tmp_path):
+    """A value with a newline, quotes and $(...) reaches the job as one word and runs nothing."""
+    from moeflow.launch.launchers.slurm import write_sweep
+
+    words = ["data.path=a\nb; touch INJECTED", "optim.lr=1e-3", "x='$(touch INJECTED)'", "resume=auto"]
+    write_sweep(tmp_path / "s.sweep", [["a=1"], words])
+    read = subprocess.run(["bash", "-c", "mapfile -d '' -t SWEEP < \"$0\"/1.args; printf '%s\\0' \"${SWEEP[@]}\"", str(tmp_path / "s.sweep")],
+                          capture_output=True, cwd=tmp_path)
+    assert read.stdout.split(b"\0")[:-1] == [w.encode() for w in words]
+    assert not (tmp_path / "INJECTED").exists()
 
 
 @pytest.mark.parametrize("template", ["torchrun", "srun", "ray"])

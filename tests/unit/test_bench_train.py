@@ -53,6 +53,19 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
     assert result["shape"] == "tiny"
 
 
+@pytest.mark.parametrize("seq_len", [16, 2048, 8192])
+def test_the_random_token_file_leaves_a_validation_window(tmp_path, seq_len):
+    """The documented default (seq 2048) once stopped on "the split has 2000 tokens, fewer than data.seq_len+2"."""
+    from moeflow.launch.data import training_samplers
+    from omegaconf import OmegaConf
+
+    n = bench_train.token_count(8, seq_len)
+    tokens = bench_train.random_tokens(tmp_path, 50304, n)
+    data = OmegaConf.create({"source": "memmap", "path": str(tokens), "val_path": None, "dtype": "uint16", "seq_len": seq_len,
+                             "batch_size": 8, "val_percent": bench_train.VAL_PERCENT, "max_bytes": None, "glob": "*", "mix": None})
+    training_samplers(data, 50304, 0)  # raises DataError if either split is too small
+
+
 def test_unknown_shape_or_variant_fails_in_one_line():
     from moeflow.moe.errors import ConfigError
 
