@@ -2,13 +2,13 @@
 
     <run dir>/checkpoints/step_00000100/
         shard_00000.safetensors ...     sharded model + optimizer tensors, each rank's own shards
-        index.json                      every tensor's global shape and chunks, each shard's size and sha256;
+        index.json                      every tensor's global shape and chunks, each shard's size and digest;
                                         written once every shard is on disk (parallel/checkpoint.py)
         state.json                      the optimizer's non-tensor state (hyperparameters)
         model.safetensors               or: consolidated weights (`moeflow upcycle`, conversions)
         trainer_state.json              step, schedule, engine
         rng/rank_00000.json             each rank's RNG streams
-        meta.json                       model and run config (and the sha256 of consolidated weight files)
+        meta.json                       model and run config (and the digests of consolidated weight files)
 
 Nothing here is pickled: JSON and safetensors. A checkpoint is written under a temporary name
 (`.tmp-step_...`) and renamed into place once complete, so `resume` never picks a half-written
@@ -141,11 +141,11 @@ def commit(tmp: Path, meta: dict, trainer_state: dict | None, keep: int) -> Path
     return promote(tmp, keep)
 
 
-def weight_digests(folder: Path) -> dict[str, str]:
-    """sha256 of each consolidated weight file in `folder`, for meta.json (verified on load)."""
-    from moeflow.parallel.checkpoint import file_sha256
+def weight_digests(folder: Path) -> dict:
+    """The digest of each consolidated weight file in `folder`, for meta.json (verified on load)."""
+    from moeflow.parallel.shard_files import DIGEST, file_digest
 
-    return {p.name: file_sha256(p) for p in sorted(Path(folder).glob("model*.safetensors"))}
+    return {"kind": DIGEST, "files": {p.name: file_digest(p) for p in sorted(Path(folder).glob("model*.safetensors"))}}
 
 
 def _jsonable(o):
@@ -166,7 +166,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: 
         save_file(model_state, str(tmp / WEIGHTS))
         with open(tmp / WEIGHTS, "rb") as f:
             os.fsync(f.fileno())
-        return commit(tmp, {**meta, "step": step, "sha256": weight_digests(tmp)}, trainer_state, keep)
+        return commit(tmp, {**meta, "step": step, "digests": weight_digests(tmp)}, trainer_state, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -203,7 +203,7 @@ def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_byt
             (tmp / files[0]).rename(tmp / WEIGHTS)
         else:
             (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1))
-        return commit(tmp, {**meta, "step": step, "sha256": weight_digests(tmp)}, trainer_state, keep=0)
+        return commit(tmp, {**meta, "step": step, "digests": weight_digests(tmp)}, trainer_state, keep=0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,15 +300,16 @@ def weight_files(ckpt: Path) -> list[Path]:
 
 
 def verify_weight_files(ckpt: Path) -> None:
-    """Consolidated weight files against the sha256 meta.json records (checkpoints written before
+    """Consolidated weight files against the digests meta.json records (checkpoints written before
     digests were recorded have none to check)."""
-    from moeflow.parallel.checkpoint import file_sha256
+    from moeflow.parallel.shard_files import DIGEST, file_digest
 
-    digests = read_meta(ckpt).get("sha256") or {}
+    recorded = read_meta(ckpt).get("digests")
+    digests = recorded.get("files") if isinstance(recorded, dict) and recorded.get("kind") == DIGEST else None
     for f in weight_files(ckpt):
         want = digests.get(f.name) if isinstance(digests, dict) else None
-        if want is not None and f.is_file() and file_sha256(f) != want:
-            raise CheckpointError(f"checkpoint {ckpt} is damaged: {f.name} does not match its sha256 in {META} (changed since it was written); "
+        if want is not None and f.is_file() and file_digest(f) != want:
+            raise CheckpointError(f"checkpoint {ckpt} is damaged: {f.name} does not match its digest in {META} (changed since it was written); "
                                   f"resume from another checkpoint, or with trainer.verify_checkpoint=false to load it anyway")
 
 

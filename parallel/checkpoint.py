@@ -6,7 +6,8 @@ what makes checkpoints reshard. What DCP would store with pickle is replaced her
 
     shard_00000.safetensors ...   each rank's tensor shards (safetensors: a JSON header, raw bytes)
     index.json                    every tensor's dtype, global shape and chunks (offsets, sizes,
-                                  file, key), and each shard file's size and sha256; written last,
+                                  file, key), and each shard file's size and digest (a sha256 tree:
+                                  parallel/shard_files.py); written last,
                                   by rank 0, once every shard is on disk: it marks the data complete
     state.json                    the non-tensor leaves of the state (optimizer hyperparameters)
 
@@ -14,7 +15,8 @@ what makes checkpoints reshard. What DCP would store with pickle is replaced her
 expert parallelism) or plain tensors. Non-tensor leaves go to state.json as JSON, and a value
 JSON cannot hold is refused at save time rather than pickled. On load, index.json is parsed
 strictly (names inside the folder, known dtypes, chunks inside their tensor), every shard's size
-is checked, and each rank checks the sha256 of the shards it reads (`verify`, on by default).
+is checked, and each rank checks the digest of the shards it reads (`verify`, on by default),
+hashing them beside the read.
 
 Checkpoints of moeflow versions before this format (`.metadata` + `.distcp`, both pickles) load
 only with `trust=True` (`trainer.trust_checkpoint=true`, `--trust-checkpoint`): loading them
@@ -23,7 +25,6 @@ can run code stored in them.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -41,6 +42,8 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 
 from moeflow.moe.errors import CheckpointError
 
+from .shard_files import DIGEST, PendingDigest, file_digest, write_safetensors
+
 INDEX = "index.json"
 STATE = "state.json"
 FORMAT = "moeflow-sharded/1"
@@ -48,19 +51,10 @@ LEGACY_METADATA = ".metadata"  # pickle-based DCP checkpoints of earlier moeflow
 SHARD_NAME = re.compile(r"shard_\d{5}\.safetensors")
 DTYPES = {name: getattr(torch, name) for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
                                                   "uint8", "bool", "float8_e4m3fn", "float8_e5m2")}
-_HASH_CHUNK = 16 * 2**20
 
 
 def shard_name(rank: int) -> str:
     return f"shard_{rank:05d}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -133,8 +127,6 @@ class SafetensorsShardWriter(StorageWriter):
         return plans
 
     def write_data(self, plan, planner) -> Future:
-        from safetensors.torch import save_file
-
         tensors, results = {}, []
         name = shard_name(self.rank)
         for item in plan.items:
@@ -144,11 +136,8 @@ class SafetensorsShardWriter(StorageWriter):
             results.append((item, key))
         out = []
         if tensors:
-            path = self.path / name
-            save_file(tensors, str(path))
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            info = {"file": name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            size, digest = write_safetensors(self.path / name, tensors)  # hashed beside the write
+            info = {"file": name, "bytes": size, "digest": digest}
             out = [WriteResult(index=item.index, size_in_bytes=tensors[key].numel() * tensors[key].element_size(),
                                storage_data={**info, "key": key}) for item, key in results]
         fut: Future = Future()
@@ -162,7 +151,7 @@ class SafetensorsShardWriter(StorageWriter):
         for rank_results in results:
             for r in rank_results:
                 where[(r.index.fqn, tuple(r.index.offset))] = r.storage_data
-                files[r.storage_data["file"]] = {"bytes": r.storage_data["bytes"], "sha256": r.storage_data["sha256"]}
+                files[r.storage_data["file"]] = {"bytes": r.storage_data["bytes"], "digest": r.storage_data["digest"]}
         tensors = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if not isinstance(md, TensorStorageMetadata):
@@ -172,7 +161,7 @@ class SafetensorsShardWriter(StorageWriter):
                 sd = where[(fqn, tuple(c.offsets))]
                 chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), "file": sd["file"], "key": sd["key"]})
             tensors[fqn] = {"dtype": _dtype_name(md.properties.dtype), "shape": list(md.size), "chunks": chunks}
-        index = {"format": FORMAT, "files": files, "tensors": tensors}
+        index = {"format": FORMAT, "digest": DIGEST, "files": files, "tensors": tensors}
         tmp = self.path / (INDEX + ".tmp")
         with open(tmp, "w") as f:
             json.dump(index, f)
@@ -208,12 +197,13 @@ def read_index(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} has no {INDEX}: its save did not complete; resume from another checkpoint") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {INDEX} is unreadable ({type(e).__name__}){bad}") from None
-    if not isinstance(index, dict) or index.get("format") != FORMAT or not isinstance(index.get("files"), dict) or not isinstance(index.get("tensors"), dict):
+    if (not isinstance(index, dict) or index.get("format") != FORMAT or index.get("digest") != DIGEST or not isinstance(index.get("files"), dict)
+            or not isinstance(index.get("tensors"), dict)):
         raise CheckpointError(f"checkpoint {path}: {INDEX} is not a {FORMAT} index{bad}")
     for name, info in index["files"].items():
         if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
             raise CheckpointError(f"checkpoint {path}: {INDEX} names a file {name!r} that is not a shard of this folder{bad}")
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("sha256"), str):
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("digest"), str):
             raise CheckpointError(f"checkpoint {path}: {INDEX} has a malformed entry for {name}{bad}")
         try:
             size = (path / name).stat().st_size
@@ -258,7 +248,8 @@ def index_metadata(index: dict) -> Metadata:
 
 # -- the reader --------------------------------------------------------------------------
 class SafetensorsShardReader(StorageReader):
-    """Reads what `SafetensorsShardWriter` wrote: slices through safetensors, sha256 checked per file read."""
+    """Reads what `SafetensorsShardWriter` wrote: slices through safetensors, each file's digest
+    computed on a thread pool beside the read and checked before the load returns."""
 
     def __init__(self, path: str | os.PathLike, verify: bool = True, index: dict | None = None):
         super().__init__()
@@ -293,10 +284,9 @@ class SafetensorsShardReader(StorageReader):
             if req.type == LoadItemType.BYTE_IO:
                 raise CheckpointError(f"checkpoint {self.path}: {req.storage_index.fqn!r} is not stored as a tensor; resume from another checkpoint")
             per_file.setdefault(self.storage_data[req.storage_index][0], []).append(req)
+        pending = {name: PendingDigest(self.path / name) for name in per_file} if self.verify else {}
         for name, reqs in per_file.items():
             path = self.path / name
-            if self.verify:
-                self._check_digest(name, path)
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for req in reqs:
@@ -314,14 +304,16 @@ class SafetensorsShardReader(StorageReader):
                 raise
             except Exception as e:  # safetensors' own errors for a damaged header or missing key
                 raise CheckpointError(f"checkpoint {self.path} is damaged: {name} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint") from None
+        for name, digest in pending.items():  # before the load returns: a damaged file fails it
+            self._check_digest(name, digest.hexdigest())
         fut: Future = Future()
         fut.set_result(None)
         return fut
 
-    def _check_digest(self, name: str, path: Path) -> None:
-        expected = self.index["files"][name]["sha256"] if self.index else None
-        if expected is not None and file_sha256(path) != expected:
-            raise CheckpointError(f"checkpoint {self.path} is damaged: {name} does not match its sha256 in {INDEX} (changed since it was written); "
+    def _check_digest(self, name: str, digest: str) -> None:
+        expected = self.index["files"][name]["digest"] if self.index else None
+        if expected is not None and digest != expected:
+            raise CheckpointError(f"checkpoint {self.path} is damaged: {name} does not match its digest in {INDEX} (changed since it was written); "
                                   f"resume from another checkpoint, or with trainer.verify_checkpoint=false to load it anyway")
 
     @classmethod
@@ -423,11 +415,11 @@ def _load_legacy(path: Path, state: dict) -> None:
 
 
 def verify_files(path: Path) -> None:
-    """Every shard of a checkpoint against its sha256 (one process: tools, tests, benchmarks)."""
+    """Every shard of a checkpoint against its digest (one process: tools, tests, benchmarks)."""
     index = read_index(path)
     reader = SafetensorsShardReader(path, True, index)
     for name in index["files"]:
-        reader._check_digest(name, Path(path) / name)
+        reader._check_digest(name, file_digest(Path(path) / name))
 
 
 def is_sharded_checkpoint(path: Path) -> bool:

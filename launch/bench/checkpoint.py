@@ -95,15 +95,16 @@ def main(argv: list[str]) -> None:
             if args.dir is None:
                 shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    result = {"state_bytes": nbytes, "repeats": args.repeats, "seconds": med, "reloaded_equal": same,
+    spread = {k: [min(v), max(v)] for k, v in runs.items()}
+    result = {"state_bytes": nbytes, "repeats": args.repeats, "dir": str(root), "seconds": med, "min_max": spread, "reloaded_equal": same,
               "save_vs_reference": med["save"] / med["ref_save"], "load_vs_reference": med["load_verified"] / med["ref_load"],
               "load_unverified_vs_reference": med["load_unverified"] / med["ref_load"]}
     print(f"state: {nbytes / 2**20:.1f} MiB of tensors (model + AdamW), median of {args.repeats}; reload bit-identical: {same}")
-    print(f"{'':24}{'seconds':>10}{'GiB/s':>9}{'x reference':>13}")
-    for name, key, ref in (("reference save (pickle)", "ref_save", None), ("moeflow save (+sha256)", "save", "ref_save"),
+    print(f"{'':24}{'seconds':>10}{'GiB/s':>9}{'x reference':>13}   min-max s")
+    for name, key, ref in (("reference save (pickle)", "ref_save", None), ("moeflow save (+digest)", "save", "ref_save"),
                            ("reference load (pickle)", "ref_load", None), ("moeflow load, verified", "load_verified", "ref_load"),
                            ("moeflow load, no verify", "load_unverified", "ref_load")):
         ratio = f"{med[key] / med[ref]:.2f}" if ref else "1.00"
-        print(f"{name:<24}{med[key]:>10.3f}{nbytes / 2**30 / med[key]:>9.2f}{ratio:>13}")
+        print(f"{name:<24}{med[key]:>10.3f}{nbytes / 2**30 / med[key]:>9.2f}{ratio:>13}   {spread[key][0]:.3f}-{spread[key][1]:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

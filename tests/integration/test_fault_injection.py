@@ -76,7 +76,7 @@ def test_kill_9_at_random_points_of_a_save_loop(tmp_path, reference):
         proc.wait()
         for c in ckpt.list_checkpoints(run / "checkpoints"):  # whatever is listed as complete is complete
             assert ckpt.is_complete(c) and (c / "trainer_state.json").is_file()
-            verify_files(c)  # every shard matches the sha256 its index records
+            verify_files(c)  # every shard matches the digest its index records
         assert_resumes_like(reference, run)
 
 

@@ -172,7 +172,7 @@ def test_flipped_bytes_in_a_shard_are_caught_by_the_checksum(tmp_path, good_run)
     for i in range(16):  # 16 bytes in the tensor data (after the header), the file size unchanged
         data[len(data) - 100 - 37 * i] ^= 0x5A
     shard.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="does not match its sha256.*trainer.verify_checkpoint=false"):
+    with pytest.raises(CheckpointError, match="does not match its digest.*trainer.verify_checkpoint=false"):
         train(cfg("trainer.steps=3", "resume=auto"), run)
     out = train(cfg("trainer.steps=3", "resume=auto", "trainer.verify_checkpoint=false"), run)  # the user's explicit choice
     assert out["start_step"] == 2
@@ -187,7 +187,7 @@ def test_consolidated_weights_are_checksummed(tmp_path, good_run):
     data = bytearray(weights.read_bytes())
     data[-8] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="does not match its sha256"):
+    with pytest.raises(CheckpointError, match="does not match its digest"):
         ckpt.load_model_state(found)
 
 
