@@ -145,14 +145,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
     env, device = Engine.start(cfg, trainer_cfg)
-    if device.type == "cuda":  # the peak this run reports is its own, not an earlier one's in this process
-        torch.cuda.reset_peak_memory_stats(device)
     if not env.is_main:
         logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
 
     torch.manual_seed(trainer_cfg.seed)
     splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, trainer_cfg.seed)
     engine = Engine(cfg, model_cfg, trainer_cfg, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
+    if device.type == "cuda":  # the peak this run reports is its own, not an earlier one's in this process (CUDA is up by now)
+        torch.cuda.reset_peak_memory_stats(device)
     model, start_step = engine.model, engine.start_step
 
     writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None

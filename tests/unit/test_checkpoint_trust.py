@@ -87,6 +87,8 @@ def test_a_pickle_planted_in_any_file_never_runs(tmp_path, good_run, planted):
             assert "\n" not in str(e)
         except SystemExit as e:  # argparse / the CLI's own exit
             outcomes[name] = f"exit {e.code}"
+        except ImportError as e:  # this machine's transformers cannot build the export's model: not about the file
+            outcomes[name] = f"environment: {e}"
         assert not marker.exists(), f"{planted} ran code under {name}"
     if planted in CHECKPOINT_FILES:  # every file resume needs is read, and a pickle in it is refused
         assert outcomes["resume"] != "ran", outcomes
