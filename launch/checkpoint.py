@@ -295,7 +295,12 @@ def weight_files(ckpt: Path) -> list[Path]:
     ckpt = Path(ckpt)
     if (ckpt / WEIGHTS_INDEX).is_file():
         index = _read_json(ckpt / WEIGHTS_INDEX)
-        return [ckpt / f for f in sorted(set(index.get("weight_map", {}).values()))]
+        names = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+        bad = [n for n in names if not isinstance(n, str) or not re.fullmatch(r"model-\d{5}\.safetensors", n)]
+        if bad or not names:
+            raise CheckpointError(f"{ckpt / WEIGHTS_INDEX} lists {bad[0] if bad else 'no'} file(s) that are not this checkpoint's weight shards; "
+                                  f"resume from another checkpoint")
+        return [ckpt / f for f in names]
     return [ckpt / WEIGHTS]
 
 

@@ -122,15 +122,63 @@ def load_memmap(path: str, val_path: str | None, dtype: str, val_percent: float)
         return np.memmap(p, dtype=dtype, mode="r")
 
     train = open_bin(path)
+    own_val = None
     if not val_path and meta is not None and meta.get("val_file"):  # a prepared set's own split by document
-        val_path = str(Path(path).parent / meta["val_file"])
+        own_val = inside_folder(Path(path).parent, meta["val_file"], f"{TOKEN_META}'s val_file")
+        val_path = str(own_val)
+    if meta is not None:  # the counts meta.json records: a file of another dtype or another preparation is refused
+        check_count(Path(path), train, meta.get("train"), dtype)
+        if own_val is not None:
+            check_count(own_val, None, meta.get("val"), dtype)
     if val_path:
         val = open_bin(val_path)
     else:
         cut = int(len(train) * (1 - val_percent / 100))
         train, val = train[:cut], train[cut:]
-    vocab = int(meta["vocab_size"]) if meta and "vocab_size" in meta else int(max(train.max(initial=0), val.max(initial=0))) + 1
+    if meta and "vocab_size" in meta:
+        vocab = int(meta["vocab_size"])
+        for split, tokens in (("train", train), ("val", val)):
+            top = sampled_max(tokens)
+            if top >= vocab:
+                raise DataError(f"{path if split == 'train' else val_path} holds token id {top}, outside the vocabulary of {vocab} its {TOKEN_META} "
+                                f"declares: the file and its metadata do not belong together (another tokenizer or dtype); prepare the data again")
+    else:
+        vocab = int(max(train.max(initial=0), val.max(initial=0))) + 1
     return TokenSplits(train, val, vocab, f"memmap {path} ({dtype})")
+
+
+def inside_folder(folder: Path, name: str, what: str) -> Path:
+    """`folder/name`, refused unless it stays inside `folder` (a metadata file is data from elsewhere)."""
+    if not isinstance(name, str) or not name:
+        raise DataError(f"{folder}: {what} is not a file name; prepare the data again")
+    target = (folder / name).resolve()
+    if folder.resolve() not in target.parents:
+        raise DataError(f"{folder}: {what} {name!r} points outside its folder; a prepared set's files sit beside its {TOKEN_META}")
+    return target
+
+
+def check_count(path: Path, tokens: np.ndarray | None, recorded, dtype: str) -> None:
+    """The file holds exactly the tokens its meta.json counted (catches a uint32 file labelled uint16)."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("tokens"), int):
+        return
+    size = Path(path).stat().st_size if path.is_file() else None
+    itemsize = np.dtype(dtype).itemsize
+    if size is not None and size != recorded["tokens"] * itemsize:
+        raise DataError(f"{path} is {size} bytes but its {TOKEN_META} counts {recorded['tokens']} {dtype} tokens ({recorded['tokens'] * itemsize} bytes): "
+                        f"the file is truncated, of another dtype, or from another preparation; prepare the data again")
+
+
+SAMPLE_WINDOWS, SAMPLE_TOKENS = 64, 65536
+
+
+def sampled_max(tokens: np.ndarray) -> int:
+    """The largest id in evenly spread windows of the file (64 x 64k tokens: a whole small file; a
+    large one without reading it all): wrong ids show up everywhere in a mislabelled file."""
+    n = len(tokens)
+    if n <= SAMPLE_WINDOWS * SAMPLE_TOKENS:
+        return int(tokens.max(initial=0))
+    starts = np.linspace(0, n - SAMPLE_TOKENS, SAMPLE_WINDOWS).astype(np.int64)
+    return int(max(tokens[s:s + SAMPLE_TOKENS].max() for s in starts))
 
 
 def load_splits(data_cfg) -> TokenSplits:

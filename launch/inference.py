@@ -120,7 +120,18 @@ def generate_ids(model, prompt: list[int], max_new: int, temperature: float = 0.
     return out
 
 
+def check_sampling(args) -> None:
+    """--max-new-tokens, --temperature and --top-p in range, before the model is loaded."""
+    if args.max_new_tokens < 0:
+        raise DataError(f"--max-new-tokens={args.max_new_tokens}: it takes 0 or more")
+    if args.temperature < 0:
+        raise DataError(f"--temperature={args.temperature}: it takes 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:
+        raise DataError(f"--top-p={args.top_p}: it takes a probability mass in (0, 1]")
+
+
 def generate(args) -> str:
+    check_sampling(args)
     model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     tok = tokenizer_for(meta, found, args.tokenizer)
     prompt = tok.encode(args.prompt)
@@ -139,19 +150,28 @@ def evaluate(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .data import BatchSampler, token_file_meta
+    from .data import BatchSampler, check_count, token_file_meta
 
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise DataError(f"{flag}={value}: it takes a positive integer")
     model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
+    if args.seq_len is not None and not 1 <= args.seq_len <= model.cfg.max_seq_len:
+        raise DataError(f"--seq-len={args.seq_len}: this model takes 1 to model.max_seq_len={model.cfg.max_seq_len} tokens per sequence")
     path = Path(args.data).expanduser()
     if not path.is_file():
         raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")
     prepared = token_file_meta(path)
     dtype = (prepared or {}).get("dtype") or args.dtype
+    if prepared:  # the file holds the tokens its meta.json counted, of its dtype
+        split = {"train.bin": "train", str(prepared.get("val_file")): "val"}.get(path.name)
+        if split:
+            check_count(path, None, prepared.get(split), dtype)
     tokens = np.memmap(path, dtype=dtype, mode="r")
     vocab = model.cfg.vocab_size
     if (prepared or {}).get("vocab_size", 0) > vocab:
         raise DataError(f"{path} was tokenized with a vocab of {prepared['vocab_size']} but model.vocab_size={vocab}; evaluate on data tokenized for this model")
-    seq = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    seq = args.seq_len or model.cfg.max_seq_len
     sampler = BatchSampler(tokens, seq, args.batch_size, args.seed)
     layers = model.moe_layers()
     loads = [torch.zeros(m.experts.num_experts) for m in layers]

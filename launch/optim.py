@@ -43,7 +43,7 @@ def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimi
     of the parameters' size: the multi-tensor path allocates a sqrt of every second moment)."""
     groups = optimizer_groups(model, o.weight_decay)
     fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps), fused=fused or None)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, o: DictConfig, total_steps: int):

@@ -37,7 +37,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "eval_batches": positive_int(), "log_every": positive_int(),
         "ckpt_every": Rule(int, low=0, why="0 disables checkpoints; a negative value would silently never checkpoint"),
         "keep_checkpoints": Rule(int, low=0, why="0 keeps every checkpoint"),
-        "device": Rule(str), "precision": Rule(str, choices=("auto", "bf16", "fp32")), "seed": Rule(int, low=0),
+        "device": Rule(str), "precision": Rule(str, choices=("auto", "bf16", "fp32")),
+        "seed": Rule(int, low=0, high=2**32 - 1, why="numpy's generators take 32-bit seeds"),
         "progress": Rule(bool), "compile": Rule(bool),
         "activation_checkpointing": Rule(str, choices=("none", "full", "selective")), "activation_checkpointing_every": positive_int(),
         "async_checkpoint": Rule(bool), "verify_checkpoint": Rule(bool), "trust_checkpoint": Rule(bool), "allow_config_change": Rule(bool),
@@ -51,7 +52,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "mix": Rule(list, nullable=True, why="prepared sets with mixing weights: [{path: .../train.bin, weight: 0.7}, ...]"),
     },
     "optim": {
-        "name": Rule(str, choices=("adamw",)), "lr": Rule(float, low=0, low_exclusive=True), "min_lr": Rule(float, low=0),
+        "name": Rule(str, choices=("adamw",)), "lr": Rule(float, low=0, high=1e30, low_exclusive=True, why="float32 holds it"), "min_lr": Rule(float, low=0),
         "weight_decay": Rule(float, low=0), "betas": Rule(list, length=2), "eps": Rule(float, low=0, low_exclusive=True),
         "warmup_steps": Rule(int, low=0), "schedule": Rule(str, choices=("cosine", "constant")), "grad_clip": Rule(float, low=0, why="0 disables clipping"),
     },

@@ -39,15 +39,17 @@ log = logging.getLogger("moeflow.train")
 
 
 @torch.no_grad()
-def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast) -> float:
+def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast, rank: int = 0, ranks: int = 1, group=None) -> float:
+    """The validation loss over `n_batches` fixed global batches (data.batch_size x data-parallel ranks
+    sequences each, every rank its slice, as in training): the same number on every mesh."""
     model.eval()
-    losses = []
+    total = torch.zeros((), device=device)
     for i in range(n_batches):
-        x, y = sampler.batch(1_000_000, i)  # fixed held-out batches (every rank the same), disjoint key space from training
+        x, y = sampler.batch(1_000_000, i, rank, ranks)  # fixed held-out batches, a key space disjoint from training's
         with autocast():
-            losses.append(lm_loss(model(x.to(device)), y.to(device)).item())
+            total += lm_loss(model(x.to(device)), y.to(device)).float()
     model.train()
-    return sum(losses) / len(losses)
+    return mean_over(total / n_batches, group).item()  # equal slices: the mean over ranks is the global batch's mean
 
 
 def log_routing(writer: SummaryWriter | None, stats_file, model, step: int, warned: set | None = None) -> None:
@@ -175,7 +177,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             writer.add_scalar(tag, value, step)
 
     def evaluate_now() -> float:  # every rank evaluates: EP all-to-alls and ZeRO-3 gathers are collective
-        return evaluate(engine.eval_model, val_data, trainer_cfg.eval_batches, device, engine.autocast)
+        return evaluate(engine.eval_model, val_data, trainer_cfg.eval_batches, device, engine.autocast, data_rank, data_ranks, engine.data_parallel_group)
 
     if start_step == 0 and trainer_cfg.eval_every > 0:
         result["val_loss_start"] = evaluate_now()

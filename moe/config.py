@@ -68,7 +68,7 @@ class ModelConfig:
             need(is_int(getattr(self, name)), f"model.{name} must be an integer, got {getattr(self, name)!r}")
         for name in ("attn_bias", "qk_norm", "shared_expert_gate", "tie_embeddings", "experts_gather_rows"):
             need(isinstance(getattr(self, name), bool), f"model.{name} must be true or false, got {getattr(self, name)!r}")
-        for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0), ("init_std", -1e-300)):
+        for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0), ("init_std", 0.0)):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > low, f"model.{name} must be a number > {max(low, 0):g}, got {v!r}")
         if self.head_dim is None:
@@ -80,6 +80,8 @@ class ModelConfig:
         need(rope_type in ROPE_TYPES, f"model.rope_scaling rope_type={rope_type!r} is not supported; choose one of {', '.join(ROPE_TYPES)} (or null)")
         need(self.top_k <= self.num_experts, f"model.top_k={self.top_k} is larger than model.num_experts={self.num_experts}; set top_k <= num_experts")
         need(self.moe_every >= 0, f"model.moe_every must be >= 0 (0 = dense model), got {self.moe_every}")
+        need(self.moe_every <= self.n_layers, f"model.moe_every={self.moe_every} with model.n_layers={self.n_layers} leaves no MoE block; "
+                                              f"use a value <= n_layers (or 0 for a dense model)")
         need(self.shared_experts >= 0, f"model.shared_experts must be >= 0, got {self.shared_experts}")
         need(self.qk_norm_scope in QK_NORM_SCOPES, f"model.qk_norm_scope={self.qk_norm_scope!r} is unknown; choose one of {', '.join(QK_NORM_SCOPES)}")
         need(not self.shared_expert_gate or self.shared_experts > 0, "model.shared_expert_gate=true needs a shared expert; set model.shared_experts=1 or drop the gate")

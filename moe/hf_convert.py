@@ -83,7 +83,12 @@ def weight_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as e:
             raise ConversionError(f"{index} is unreadable ({e!r}); restore it from the original checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConversionError(f"{index} has no weight_map of file names; restore it from the original checkpoint")
         shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if path.resolve() not in (path / s).resolve().parents]
+        if outside:  # an index is data from elsewhere: it names files of this folder, nothing else
+            raise ConversionError(f"{index} lists {outside[0]!r}, outside {path}; shards of a model folder sit inside it")
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
             raise ConversionError(f"{path} is missing {len(missing)} of {len(shards)} shards listed in {SHARD_INDEX}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; copy them into the folder")
