@@ -132,6 +132,36 @@ def check_optim(cfg: DictConfig) -> None:
                                                    "reaches optim.lr=%g", o["warmup_steps"], steps, o["lr"])
 
 
+TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight, fp32 gradient, two fp32 AdamW moments
+
+
+def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose weights, gradients and AdamW moments alone
+    cannot fit: on a GPU, 16 B per parameter spread over every rank (FSDP's best case); on the CPU,
+    all of it in this machine's memory. Activations come on top, so this only refuses certain failures."""
+    from .engines import engine_name
+
+    if engine_name(cfg) != "torch":  # DeepSpeed and megatron have their own offload and sharding
+        return
+    from moeflow.moe.param_count import param_counts
+
+    total, _ = param_counts(model_cfg)
+    world = launch_world(cfg) if device.type == "cuda" else 1
+    need = TRAIN_STATE_BYTES * total / world
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device.index or 0).total_memory, f"one GPU's {{:.0f}} GiB, with {world} rank(s) sharing the state"
+    else:
+        try:
+            have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return
+        where = "this machine's {:.0f} GiB of memory"
+    if need > have:
+        raise ConfigError(f"the model has {total / 1e9:.2f}B parameters (model.num_experts={model_cfg.num_experts}, model.d_ff={model_cfg.d_ff}, "
+                          f"model.n_layers={model_cfg.n_layers}): its weights, gradients and AdamW moments alone take {need / 2**30:,.0f} GiB per rank, "
+                          f"more than {where.format(have / 2**30)}; use fewer or smaller experts, or more ranks")
+
+
 def launch_world(cfg: DictConfig) -> int:
     """How many training processes this config runs on: torchrun's (or Slurm's, Ray's) WORLD_SIZE once
     launched; before that, what the chosen launcher will start."""
@@ -197,4 +227,5 @@ def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
     check_engine(cfg, model_cfg, resolve_device(trainer_cfg.device))
     check_policy(trainer_cfg.on_nonfinite, engine_name(cfg))
     check_parallel(cfg, model_cfg)
+    check_memory(cfg, model_cfg, resolve_device(trainer_cfg.device))
     return model_cfg, trainer_cfg

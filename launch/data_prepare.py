@@ -65,9 +65,12 @@ def _arrow_column(files: list[Path], field: str, what: str) -> Iterator[str]:
 def _column(table, field: str, what: str) -> Iterator[str]:
     if field not in table.column_names:
         raise DataError(f"{what} has no column {field!r} (columns: {', '.join(table.column_names)}); pass --field NAME")
-    for value in table.column(field).to_pylist():
-        if value is not None:
-            yield str(value)
+    for n, value in enumerate(table.column(field).to_pylist()):
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"{what}: row {n} of column {field!r} holds a {type(value).__name__}, not text; pass --field NAME of a text column")
+        yield value
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
@@ -81,7 +84,9 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
                 raise DataError(f"{path}:{n} is not a JSON object; JSONL input has one object per line") from None
             if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{path}:{n} has no {field!r} field; pass --field NAME (the key holding the text)")
-            yield str(record[field])
+            if not isinstance(record[field], str):
+                raise DataError(f"{path}:{n}: {field!r} holds a {type(record[field]).__name__}, not text; pass --field NAME of the key holding the text")
+            yield record[field]
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
@@ -94,8 +99,9 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
     yield from _column(table, field, str(path))
 
 
-def documents(inputs: list[Path], field: str, glob: str) -> Iterator[str]:
-    """All documents of all inputs, in order."""
+def documents(inputs: list[Path], field: str, glob: str, skipped: list[Path] | None = None) -> Iterator[str]:
+    """All documents of all inputs, in order; binary files met in a folder are left out and listed in
+    `skipped` (a binary file named as an input is an error)."""
     for path in inputs:
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
             arrows = sorted(path.rglob("*.arrow"))
@@ -112,8 +118,13 @@ def documents(inputs: list[Path], field: str, glob: str) -> Iterator[str]:
                 yield from _arrow_column([f], field, str(f))
             else:
                 data = f.read_bytes()
-                if data and b"\0" not in data[:4096]:  # binary files (e.g. __pycache__) are not documents
-                    yield data.decode("utf-8", errors="replace")
+                if b"\0" not in data[:4096]:
+                    if data:
+                        yield data.decode("utf-8", errors="replace")
+                elif path.is_file():
+                    raise DataError(f"{f} is a binary file (NUL bytes), not text, JSONL, Parquet or Arrow; pass text inputs")
+                elif skipped is not None:  # binary files in a folder (e.g. __pycache__) are not documents
+                    skipped.append(f)
 
 
 # --------------------------------------------------------------------------------------
@@ -222,7 +233,13 @@ def prepare(args: argparse.Namespace) -> dict:
         state = json.loads(state_file.read_text())
     elif (out / TOKEN_META).exists() or state_file.exists():
         raise DataError(f"{out} already holds prepared data; pass --resume to continue an unfinished run, or choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".moeflow-write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"cannot write into --out {out} ({e.strerror or e}); choose a writable folder") from None
     files = {}
     for split in ("train", "val"):  # drop whatever a killed run wrote after its last recorded chunk
         f = open(out / f"{split}.bin", "ab")
@@ -237,7 +254,8 @@ def prepare(args: argparse.Namespace) -> dict:
     progress = tqdm(desc="tokenizing", unit=" docs", initial=state["docs"], disable=not args.progress)
     workers = max(1, args.workers)
     pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(args.tokenizer,)) if workers > 1 else None
-    jobs = _chunks(documents(inputs, args.field, args.glob), state["docs"])
+    skipped: list[Path] = []
+    jobs = _chunks(documents(inputs, args.field, args.glob, skipped), state["docs"])
     results = pool.imap(_encode_chunk, jobs) if pool else ((first, encode(texts)) for first, texts in jobs)
     try:
         for first, encoded in results:
@@ -266,6 +284,9 @@ def prepare(args: argparse.Namespace) -> dict:
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": eos, "tokenizer": desc,
             "train": state["train"], "val": state["val"], "val_file": "val.bin" if state["val"]["tokens"] else None,
             "inputs": [str(i) for i in inputs], "val_percent": args.val_percent}
+    if skipped:
+        meta["skipped_binary_files"] = len(skipped)
+        print(f"left out {len(skipped)} binary files of the input folders (e.g. {skipped[0]})")
     (out / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
     state_file.unlink()
     print(f"wrote {out}: {state['train']['documents']} documents / {state['train']['tokens']} tokens for training, "

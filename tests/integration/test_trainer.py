@@ -1,4 +1,5 @@
 """The trainer end to end on tiny shapes: loss falls, checkpoints, bit-identical resume."""
+import json
 import shutil
 
 import torch
@@ -68,3 +69,19 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
     (root / ".tmp-step_00000004-123").mkdir()
     (root / ".tmp-step_00000004-123" / "model.safetensors").write_bytes(b"garbage")
     assert ckpt.find_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_every_scalar_routing_statistic_reaches_tensorboard(tmp_path):
+    """Per-layer balance, entropy and aux losses: once written only inside the capacity dispatcher's
+    drop-warning branch, so a default run logged none of them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(compose_cfg(*TINY, "trainer.steps=2", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.log_every=1"), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "routing_stats.jsonl").read_text().splitlines()]
+    scalar_keys = {(r["layer"], k) for r in rows for k, v in r.items() if k not in ("step", "layer") and not isinstance(v, list)}
+    assert len(scalar_keys) >= 4, scalar_keys  # e.g. load_max_over_mean, router entropy, aux loss, per layer
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    logged = set(acc.Tags()["scalars"])
+    missing = sorted(f"moe/layer{layer}/{k}" for layer, k in scalar_keys if f"moe/layer{layer}/{k}" not in logged)
+    assert not missing, missing

@@ -173,3 +173,28 @@ def test_mixture_draws_each_set_by_weight_and_is_split_invariant(tokenizer, tmp_
     for h in halves:
         h.batch_size = 2
     assert torch.equal(torch.cat([halves[r].batch(5, 0, r, 2)[0] for r in range(2)]), whole)
+
+
+def test_a_non_text_field_is_refused(tokenizer, tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": "fine"}\n{"text": 123}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: 'text' holds a int, not text"):
+        prepare(tmp_path / "c.jsonl", tokenizer=tokenizer, out=tmp_path / "out")
+
+
+def test_an_unwritable_output_folder_is_one_line(tokenizer, tmp_path):
+    (tmp_path / "a.txt").write_text("some text\n")
+    (tmp_path / "blocker").write_text("a file where a folder would go")
+    with pytest.raises(DataError, match="cannot write into --out"):
+        prepare(tmp_path / "a.txt", tokenizer=tokenizer, out=tmp_path / "blocker" / "out")
+
+
+def test_binary_inputs_are_refused_by_name_or_counted(tokenizer, tmp_path):
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x01\x02" * 100)
+    with pytest.raises(DataError, match="blob.bin is a binary file"):
+        prepare(tmp_path / "blob.bin", tokenizer=tokenizer, out=tmp_path / "out1")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text about things\n" * 50)
+    (folder / "b.pyc").write_bytes(b"\x00\x01" * 50)
+    prepare(folder, tokenizer=tokenizer, out=tmp_path / "out2", extra=["--glob", "*"])
+    assert json.loads((tmp_path / "out2" / "meta.json").read_text())["skipped_binary_files"] == 1

@@ -114,3 +114,12 @@ def test_integer_betas_train(tmp_path):
     from moeflow.launch.train import train
 
     assert train(compose_cfg(*TINY, "optim.betas=[0,0]", "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0"), tmp_path)["step"] == 1
+
+
+def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated():
+    from helpers.config import compose_cfg
+    from moeflow.launch.config import validate
+
+    with pytest.raises(MoeflowError, match=r"model.num_experts=200000.*take [\d,]+ GiB per rank, more than this machine's"):
+        validate(compose_cfg("model.num_experts=200000", "model.d_ff=4096", "trainer.device=cpu"))
+    validate(compose_cfg("model.num_experts=64", "trainer.device=cpu"))  # a model that fits passes
