@@ -153,14 +153,20 @@ def global_batch(engine) -> int:
     return int(engine.cfg.data.batch_size) * int(engine.cfg.trainer.grad_accum) * int(engine.data_parallel_rank[1])
 
 
-def _say_if_global_batch_changed(found: Path, trainer_state: dict, engine) -> None:
+def _say_if_global_batch_changed(found: Path, trainer_state: dict, engine, meta: dict | None = None) -> None:
     saved, now = trainer_state.get("global_batch"), global_batch(engine)
-    if saved is None or saved == now:
-        return
     per = int(engine.cfg.trainer.grad_accum) * int(engine.data_parallel_rank[1])
-    fix = f"data.batch_size={saved // per}" if saved % per == 0 else f"data.batch_size and trainer.grad_accum with a product of {saved} / {engine.data_parallel_rank[1]} ranks"
-    log.warning("checkpoint %s trained with a global batch of %d sequences per step; this run's is %d (%d data-parallel ranks x data.batch_size=%s x "
-                "trainer.grad_accum=%s): set %s to keep it", found, saved, now, engine.data_parallel_rank[1], engine.cfg.data.batch_size, engine.cfg.trainer.grad_accum, fix)
+    if saved is not None and saved != now:
+        fix = f"data.batch_size={saved // per}" if saved % per == 0 else f"data.batch_size and trainer.grad_accum with a product of {saved} / {engine.data_parallel_rank[1]} ranks"
+        log.warning("checkpoint %s trained with a global batch of %d sequences per step; this run's is %d (%d data-parallel ranks x data.batch_size=%s x "
+                    "trainer.grad_accum=%s): set %s to keep it", found, saved, now, engine.data_parallel_rank[1], engine.cfg.data.batch_size, engine.cfg.trainer.grad_accum, fix)
+        return
+    saved_accum = ((meta or {}).get("config") or {}).get("trainer", {}).get("grad_accum")
+    if saved is not None and isinstance(saved_accum, int) and saved_accum != int(engine.cfg.trainer.grad_accum):
+        # the windows of a step are drawn per micro-batch (batch_size x ranks of them): same global batch, other windows
+        log.warning("checkpoint %s trained with trainer.grad_accum=%d; this run uses %d with the same global batch of %d sequences, so each step "
+                    "draws other windows than the uninterrupted run would have: keep trainer.grad_accum=%d (and data.batch_size x ranks) to "
+                    "continue it exactly", found, saved_accum, engine.cfg.trainer.grad_accum, now, saved_accum)
 
 
 def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
@@ -281,7 +287,7 @@ def load_into(engine, found: Path, engine_name: str) -> int:
     if changes:
         log.warning("resume from %s takes this run's settings over the checkpoint's (trainer.allow_config_change=true): %s", found, "; ".join(changes))
         _take_new_optim_settings(engine)
-    _say_if_global_batch_changed(found, trainer_state, engine)
+    _say_if_global_batch_changed(found, trainer_state, engine, meta)
     if rng is not None:
         ckpt.set_rng_state(rng)
     log.info("resumed from %s at step %d", found, step)

@@ -283,3 +283,13 @@ def test_an_async_save_is_committed_before_the_run_fails(tmp_path, monkeypatch):
         train(cfg("trainer.steps=4", "trainer.ckpt_every=2", "trainer.async_checkpoint=true"), run)
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_00000002"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_resume_says_when_the_same_global_batch_draws_other_windows(tmp_path, good_run, caplog):
+    """batch_size 4 x grad_accum 1 -> batch_size 2 x grad_accum 2: 4 sequences a step either way, other windows."""
+    import logging
+
+    run, _ = copy_run(good_run, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="moeflow.train"):
+        train(cfg("trainer.steps=3", "resume=auto", "data.batch_size=2", "trainer.grad_accum=2"), run)
+    assert any("trainer.grad_accum=1" in r.message and "other windows" in r.message for r in caplog.records), [r.message for r in caplog.records]
