@@ -2,10 +2,11 @@
 
 Two runs in one dir would write the same checkpoint steps and delete each other's temporary
 folders. The lock file (`<run dir>/.moeflow-run.lock`) is created with O_EXCL and holds the
-holder's host, pid, Slurm job id and start time; a thread refreshes its mtime every
-HEARTBEAT_S. A lock is stale, and taken over with a warning, when its holder is gone: the same
-host and a pid that no longer exists, the same Slurm job (a requeued job is the same run), or
-no refresh for STALE_AFTER_S (a holder on another host that died).
+holder's host, pid, run id and start time; a thread refreshes its mtime every HEARTBEAT_S. A
+lock is stale, and taken over with a warning, when its holder is gone: the same host and a pid
+that no longer exists, the same run id (a requeued Slurm job, a Ray Train worker group restarted
+on another node: the launcher's own restart of this run), or no refresh for STALE_AFTER_S (a
+holder on another host that died).
 """
 from __future__ import annotations
 
@@ -41,15 +42,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+RUN_ID_ENV = "MOEFLOW_RUN_ID"  # set by launchers that restart a run themselves (Ray Train); Slurm's job id otherwise
+
+
 def _holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": os.environ.get(RUN_ID_ENV) or os.environ.get("SLURM_JOB_ID"),
+            "started": time.time()}
 
 
 def stale_reason(info: dict, age_s: float) -> str | None:
     """Why the lock described by `info` (last refreshed `age_s` ago) belongs to no live run, or None."""
     me = _holder()
-    if info.get("slurm_job_id") and info.get("slurm_job_id") == me["slurm_job_id"]:
-        return f"it was taken by an earlier start of this Slurm job ({me['slurm_job_id']})"
+    if info.get("run_id") and info.get("run_id") == me["run_id"]:
+        return f"it was taken by an earlier start of this same run ({me['run_id']}: a requeue or a restart by its launcher)"
     if info.get("host") == me["host"] and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
         return f"its process {info['pid']} on this host has exited"
     if age_s > STALE_AFTER_S:
@@ -89,9 +94,10 @@ class RunLock:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return  # released meanwhile: try again
-        except (OSError, ValueError):
-            info, age = {}, time.time() - self.path.stat().st_mtime if self.path.exists() else 0.0
-        why = stale_reason(info if isinstance(info, dict) else {}, age)
+        except (OSError, ValueError):  # unreadable or half-written: judged by its age alone
+            info, age = {}, (time.time() - self.path.stat().st_mtime) if self.path.exists() else 0.0
+        info = info if isinstance(info, dict) else {}
+        why = stale_reason(info, age)
         if why is None:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0))) if isinstance(info.get("started"), (int, float)) else "?"
             raise RunDirInUse(f"run dir {self.path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}, "

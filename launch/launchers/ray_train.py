@@ -107,7 +107,7 @@ def _worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
-                      LOCAL_RANK=str(ctx.get_local_rank()))
+                      LOCAL_RANK=str(ctx.get_local_rank()), MOEFLOW_RUN_ID=config["launch_id"])  # a restarted worker group is the same run
     run_dir = Path(config["run_dir"])
     rank = ctx.get_world_rank()
     logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s", force=True)

@@ -293,3 +293,19 @@ def test_resume_says_when_the_same_global_batch_draws_other_windows(tmp_path, go
     with caplog.at_level(logging.WARNING, logger="moeflow.train"):
         train(cfg("trainer.steps=3", "resume=auto", "data.batch_size=2", "trainer.grad_accum=2"), run)
     assert any("trainer.grad_accum=1" in r.message and "other windows" in r.message for r in caplog.records), [r.message for r in caplog.records]
+
+
+def test_a_lock_from_another_host_is_taken_over_only_by_the_same_run(tmp_path, monkeypatch):
+    """A Ray Train worker group restarted on another node (same run id) continues; another run waits."""
+    from moeflow.launch.run_lock import LOCK_FILE, RunDirInUse, RunLock
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 4242, "run_id": "launch-abc", "started": time.time()}))
+    monkeypatch.setenv("MOEFLOW_RUN_ID", "launch-other")
+    with pytest.raises(RunDirInUse, match="host node-7, pid 4242"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("MOEFLOW_RUN_ID", "launch-abc")
+    lock = RunLock(tmp_path).acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / LOCK_FILE).exists()
