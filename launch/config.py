@@ -124,12 +124,6 @@ def check_optim(cfg: DictConfig) -> None:
         raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (got lr={o['lr']}, min_lr={o['min_lr']})")
     if o["schedule"] not in ("cosine", "constant"):
         raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
-    steps = cfg.trainer.steps
-    if o["warmup_steps"] >= steps:
-        import logging
-
-        logging.getLogger("moeflow.train").warning("optim.warmup_steps=%d >= trainer.steps=%d: the whole run is warmup and the learning rate never "
-                                                   "reaches optim.lr=%g", o["warmup_steps"], steps, o["lr"])
 
 
 TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight, fp32 gradient, two fp32 AdamW moments

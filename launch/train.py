@@ -166,6 +166,9 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, *splits.token_counts)
         log.info("%s", engine.describe())
+        if cfg.optim.warmup_steps >= trainer_cfg.steps:
+            log.warning("optim.warmup_steps=%d >= trainer.steps=%d: the whole run is warmup and the learning rate never reaches optim.lr=%g",
+                        cfg.optim.warmup_steps, trainer_cfg.steps, cfg.optim.lr)
 
     byte_level = cfg.data.source in ("stdlib", "text")
     if env.is_main:  # what the loss scalars mean, once, beside them in TensorBoard

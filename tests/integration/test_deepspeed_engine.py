@@ -45,8 +45,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Expert parallelism: evaluate after every step (the validation batches are the same on every
-# rank, so the EP model and the single-process model are compared on identical inputs).
+# Expert parallelism: evaluate after every step (validation draws global batches, each rank its
+# slice, so the EP model and the single-process model see identical inputs).
 EP_TINY = [o for o in TINY if not o.startswith("trainer.eval_every")] + ["trainer.eval_every=1", "trainer.eval_batches=2"]
 
 
@@ -69,7 +69,7 @@ def losses(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
 
 def single_process_run(run_dir: Path, *overrides: str, world: int = 2) -> None:
     """The plain trainer (engine=torch, one process) on the global batch of `world` ranks: its
-    micro-batch is every rank's micro-batch stacked, so its mean loss is the mean over ranks."""
+    micro-batch (and validation batch) is every rank's stacked, so its mean loss is the mean over ranks."""
     from moeflow.launch import train as trainer
 
     real = trainer.training_samplers
@@ -84,7 +84,7 @@ def single_process_run(run_dir: Path, *overrides: str, world: int = 2) -> None:
 
     def samplers(*args):
         splits, train, val = real(*args)
-        return splits, GlobalBatch(train), val
+        return splits, GlobalBatch(train), GlobalBatch(val)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "training_samplers", samplers)
