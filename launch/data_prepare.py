@@ -22,7 +22,7 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -131,8 +131,21 @@ def documents(inputs: list[Path], field: str, glob: str, skipped: list[Path] | N
 # Tokenizer
 
 
-def load_tokenizer(spec: str):
-    """(encode_batch: list[str] -> list[list[int]], vocab size, eos id or None, description)."""
+class LoadedTokenizer(NamedTuple):
+    encode: Callable[[list[str]], list[list[int]]]  # texts -> ids, no special tokens added, never truncated or padded
+    vocab: int
+    eos: int | None
+    description: str
+    to_id: Callable[[str], int | None]
+    switched_off: list[str]  # what the tokenizer file asked for that pretraining data must not have (truncation, padding)
+    unk_id: int | None
+    special_ids: list[int]
+
+
+def load_tokenizer(spec: str) -> LoadedTokenizer:
+    """The tokenizer of a tokenizer.json or a model folder, for pretraining data: a `tokenizer.json`
+    may carry the truncation and padding of the task it was saved for (a 128-token classifier's),
+    which would cut every document and write pad tokens into the corpus; both are switched off."""
     p = Path(spec).expanduser()
     if not p.exists():
         raise DataError(f"--tokenizer {spec} does not exist; pass a tokenizer.json or a model folder that has one")
@@ -144,10 +157,15 @@ def load_tokenizer(spec: str):
             tok = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises its own exception type
             raise DataError(f"{file} is not a tokenizer.json the tokenizers library reads ({e})") from None
+        off = _switch_off(tok)
         eos = _eos_from_config(file.parent / "tokenizer_config.json", tok.token_to_id)
         if eos is None:
             eos = next((tok.token_to_id(n) for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
-        return (lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]), tok.get_vocab_size(with_added_tokens=True), eos, str(file), tok.token_to_id
+        unk = getattr(tok.model, "unk_token", None)
+        unk_id = tok.token_to_id(unk) if isinstance(unk, str) else None
+        special = sorted(i for i, t in tok.get_added_tokens_decoder().items() if getattr(t, "special", False))
+        return LoadedTokenizer((lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]),
+                               tok.get_vocab_size(with_added_tokens=True), eos, str(file), tok.token_to_id, off, unk_id, special)
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -156,12 +174,27 @@ def load_tokenizer(spec: str):
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
         raise DataError(f"transformers cannot load a tokenizer from {p}: {' '.join(str(e).split())[:200]}") from None
+    off = _switch_off(tok._tokenizer) if getattr(tok, "_tokenizer", None) is not None else []
+    tok.model_max_length = int(1e30)  # documents are any length here (no "longer than the maximum" warnings)
 
     def to_id(token):
         i = tok.convert_tokens_to_ids(token)
         return None if i is None or i == tok.unk_token_id and token != tok.unk_token else i
 
-    return (lambda texts: tok(texts, add_special_tokens=False)["input_ids"]), len(tok), tok.eos_token_id, str(p), to_id
+    return LoadedTokenizer((lambda texts: tok(texts, add_special_tokens=False, truncation=False, padding=False)["input_ids"]),
+                           len(tok), tok.eos_token_id, str(p), to_id, off, tok.unk_token_id, sorted(set(tok.all_special_ids)))
+
+
+def _switch_off(tok) -> list[str]:
+    """Turn off a tokenizers.Tokenizer's saved truncation and padding; what was on, in words."""
+    off = []
+    if tok.truncation:
+        off.append(f"truncation to {tok.truncation.get('max_length')} tokens")
+        tok.no_truncation()
+    if tok.padding:
+        off.append(f"padding{' to ' + str(tok.padding.get('length')) if tok.padding.get('length') else ''} with {tok.padding.get('pad_token')!r}")
+        tok.no_padding()
+    return off
 
 
 def _eos_from_config(config: Path, to_id) -> int | None:
@@ -218,7 +251,10 @@ def prepare(args: argparse.Namespace) -> dict:
         raise DataError(f"input {missing[0]} does not exist; pass existing files or folders")
     if not 0 <= args.val_percent < 100:
         raise DataError(f"--val-percent={args.val_percent} must be in [0, 100)")
-    encode, vocab, eos, desc, to_id = load_tokenizer(args.tokenizer)
+    loaded = load_tokenizer(args.tokenizer)
+    encode, vocab, eos, desc, to_id = loaded[:5]
+    if loaded.switched_off:
+        print(f"{desc} was saved with {' and '.join(loaded.switched_off)}: switched off for pretraining data (every document whole, no pad tokens)")
     if args.eos_token is not None:
         eos = to_id(args.eos_token)
         if eos is None:
@@ -233,6 +269,8 @@ def prepare(args: argparse.Namespace) -> dict:
         state = json.loads(state_file.read_text())
     elif (out / TOKEN_META).exists() or state_file.exists():
         raise DataError(f"{out} already holds prepared data; pass --resume to continue an unfinished run, or choose a new --out")
+    state.setdefault("unk", 0)
+    state.setdefault("special", 0)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".moeflow-write-probe"
@@ -257,8 +295,14 @@ def prepare(args: argparse.Namespace) -> dict:
     skipped: list[Path] = []
     jobs = _chunks(documents(inputs, args.field, args.glob, skipped), state["docs"])
     results = pool.imap(_encode_chunk, jobs) if pool else ((first, encode(texts)) for first, texts in jobs)
+    special = np.asarray(loaded.special_ids, dtype=np.int64)
     try:
         for first, encoded in results:
+            text_ids = np.fromiter((t for doc in encoded for t in doc), dtype=np.int64)  # the documents' own tokens (no EOS added)
+            if loaded.unk_id is not None:
+                state["unk"] += int((text_ids == loaded.unk_id).sum())
+            if special.size:
+                state["special"] += int(np.isin(text_ids, special).sum())
             for split in ("train", "val"):
                 ids = [doc + [eos] for i, doc in enumerate(encoded, first) if is_val(i, args.val_percent) == (split == "val")]
                 if not ids:
@@ -281,16 +325,23 @@ def prepare(args: argparse.Namespace) -> dict:
             pool.terminate()
     if state["train"]["tokens"] == 0:
         raise DataError(f"no documents reached the training split (inputs: {', '.join(map(str, inputs))}); check --field and the inputs")
+    docs = state["train"]["documents"] + state["val"]["documents"]
+    text_tokens = state["train"]["tokens"] + state["val"]["tokens"] - docs  # less the EOS after each document
     meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": eos, "tokenizer": desc,
             "train": state["train"], "val": state["val"], "val_file": "val.bin" if state["val"]["tokens"] else None,
-            "inputs": [str(i) for i in inputs], "val_percent": args.val_percent}
+            "inputs": [str(i) for i in inputs], "val_percent": args.val_percent,
+            "documents": docs, "tokens_per_document": text_tokens / max(docs, 1),
+            "unk_rate": state["unk"] / max(text_tokens, 1), "special_token_rate": state["special"] / max(text_tokens, 1),
+            "tokenizer_switched_off": loaded.switched_off}
     if skipped:
         meta["skipped_binary_files"] = len(skipped)
         print(f"left out {len(skipped)} binary files of the input folders (e.g. {skipped[0]})")
     (out / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
     state_file.unlink()
     print(f"wrote {out}: {state['train']['documents']} documents / {state['train']['tokens']} tokens for training, "
-          f"{state['val']['documents']} / {state['val']['tokens']} for validation ({meta['dtype']}, vocab {vocab})")
+          f"{state['val']['documents']} / {state['val']['tokens']} for validation ({meta['dtype']}, vocab {vocab}); "
+          f"{meta['tokens_per_document']:.1f} tokens per document, unknown tokens {100 * meta['unk_rate']:.3f}%, "
+          f"special tokens inside documents {100 * meta['special_token_rate']:.3f}%")
     print(f"train on it with: moeflow train data=memmap data.path={out / 'train.bin'} data.dtype={meta['dtype']} model.vocab_size={vocab}")
     return meta
 

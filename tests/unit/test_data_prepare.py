@@ -88,15 +88,15 @@ def test_killed_run_resumes_to_the_same_files(tokenizer, tmp_path, monkeypatch):
     real, calls = data_prepare.load_tokenizer, {"n": 0}
 
     def dies_on_third_chunk(spec):
-        encode, *rest = real(spec)
+        loaded = real(spec)
 
         def encode_or_die(texts):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise KeyboardInterrupt
-            return encode(texts)
+            return loaded.encode(texts)
 
-        return (encode_or_die, *rest)
+        return loaded._replace(encode=encode_or_die)
 
     monkeypatch.setattr(data_prepare, "load_tokenizer", dies_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
@@ -198,3 +198,32 @@ def test_binary_inputs_are_refused_by_name_or_counted(tokenizer, tmp_path):
     (folder / "b.pyc").write_bytes(b"\x00\x01" * 50)
     prepare(folder, tokenizer=tokenizer, out=tmp_path / "out2", extra=["--glob", "*"])
     assert json.loads((tmp_path / "out2" / "meta.json").read_text())["skipped_binary_files"] == 1
+
+
+def test_truncation_and_padding_saved_in_a_tokenizer_are_switched_off(tmp_path, capsys):
+    """A BERT-style tokenizer.json saved with truncation and padding to 128 (as sentence-transformers'
+    MiniLM ships): every document must still be whole, with no [PAD] in the corpus (it once kept 3%)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    files = sorted(str(p) for p in stdlib_package().rglob("*.py"))
+    tok.train(files, trainers.WordPieceTrainer(vocab_size=800, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    plain = [tok.encode(open(f).read(), add_special_tokens=False).ids for f in files]
+    tok.enable_truncation(max_length=128)
+    tok.enable_padding(length=128, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+
+    prepare(stdlib_package(), tokenizer=tmp_path / "tok" / "tokenizer.json", out=tmp_path / "out", extra=["--eos-token", "[SEP]", "--glob", "*.py", "--val-percent", "0"])
+    said = capsys.readouterr().out
+    assert "saved with truncation to 128 tokens and padding to 128 with '[PAD]': switched off" in said
+    ids = np.asarray(read(tmp_path / "out", "train"))
+    assert len(ids) == sum(len(d) + 1 for d in plain)  # every document whole, one [SEP] after each
+    assert not (ids == tok.token_to_id("[PAD]")).any()
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == len(files) and meta["tokens_per_document"] == pytest.approx(sum(map(len, plain)) / len(files))
+    unk = sum(d.count(tok.token_to_id("[UNK]")) for d in plain)
+    assert meta["unk_rate"] == pytest.approx(unk / sum(map(len, plain)))
+    assert meta["tokenizer_switched_off"] == ["truncation to 128 tokens", "padding to 128 with '[PAD]'"]
