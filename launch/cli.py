@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         getattr(importlib.import_module(module), func)(rest)
     except MoeflowError as e:
         report_error(name, e)
+    except KeyboardInterrupt:  # a second Ctrl-C (the first stops a training run cleanly, with a checkpoint)
+        print(f"moeflow {name}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

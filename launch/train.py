@@ -254,10 +254,12 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                     log.info("step %d: train loss %.4f, val loss %.4f %s", done, train_loss, val, loss_readings(val, byte_level)[0])
             if save_now:
                 hooks.on_checkpoint(done, result, engine.save(done))
-            if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop
+            if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop; or Ctrl-C/SIGTERM outside Slurm
                 engine.save(done)
                 hooks.on_preempted(done)
                 result["preempted"] = True
+                result["stopped_by"] = hooks.signal_name
+                result["step"] = done
                 break
             bar.update(1)
             step = done
@@ -281,8 +283,13 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     if device.type == "cuda":
         result["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result.update(engine.extra_result())
-    engine.close()
+    engine.close()  # an async save in flight is committed here
     shutdown_distributed()
+    if result.get("preempted") and not hooks.armed:
+        from moeflow.moe.errors import Interrupted
+
+        raise Interrupted(f"stopped by {result['stopped_by']} after step {result['step']}, checkpoint saved in {run_dir / ckpt.CKPT_DIR}; "
+                          f"continue with the same command plus resume=auto hydra.run.dir={run_dir}")
     return result
 
 

@@ -35,3 +35,9 @@ class RunFailed(MoeflowError):
     """A launched run or job that failed or did not finish; its logs say more (exit code 1)."""
 
     exit_code = 1
+
+
+class Interrupted(MoeflowError):
+    """The run was stopped by Ctrl-C or SIGTERM after saving a checkpoint (exit code 130, as for SIGINT)."""
+
+    exit_code = 130

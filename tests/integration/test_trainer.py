@@ -85,3 +85,34 @@ def test_every_scalar_routing_statistic_reaches_tensorboard(tmp_path):
     logged = set(acc.Tags()["scalars"])
     missing = sorted(f"moe/layer{layer}/{k}" for layer, k in scalar_keys if f"moe/layer{layer}/{k}" not in logged)
     assert not missing, missing
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(tmp_path):
+    """SIGINT outside Slurm: a checkpoint at the next step boundary, one line on stderr, exit 130;
+    the run then continues from it with resume=auto."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers.timeouts import limit
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "moeflow.launch.cli", "train", *TINY, "trainer.steps=100000", "trainer.eval_every=0", "trainer.ckpt_every=0",
+           "trainer.log_every=1", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + limit(60)
+    while not (run / "routing_stats.jsonl").exists() or not (run / "routing_stats.jsonl").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:] if proc.poll() is not None else "no step"
+        time.sleep(0.1)  # training has begun
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=limit(60))
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("moeflow train: error: stopped by SIGINT after step") and "resume=auto" in last, last
+    saved = ckpt.find_checkpoint(run)
+    assert saved is not None
+    step = int(saved.name.removeprefix("step_"))
+    done = train(compose_cfg(*TINY, f"trainer.steps={step + 1}", "trainer.eval_every=0", "resume=auto"), run)
+    assert done["start_step"] == step
