@@ -33,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2, help="experts per token (default 2; times --granularity)")
     p.add_argument("--gate", default="topk", help="gate from the registry (topk, dts, ...); HF export needs topk")
     p.add_argument("--gate-option", action="append", default=[], metavar="KEY=VALUE", help="gate constructor option (JSON value), repeatable")
-    p.add_argument("--router-init", choices=("auto", "zero", "normal"), default="auto", help="auto: zero, or tied small-normal with --granularity > 1")
+    p.add_argument("--router-init", choices=("auto", "zero", "normal"), default="auto", help="auto (default): small-normal, tied across slices with --granularity > 1, so the copies diverge; zero: uniform routing, identical experts stay identical")
     p.add_argument("--router-std", type=float, default=0.02)
     p.add_argument("--expert-noise", type=float, default=0.0, help="relative noise added to each expert copy (default off; breaks exactness)")
     p.add_argument("--granularity", type=int, default=1, help="split each MLP into m experts of width F/m (top-k scaled by m)")

@@ -2,8 +2,11 @@
 
 Function preservation (Komatsuzaki et al. 2022): with identical experts and a gate whose
 weights over the chosen experts sum to 1 (softmax top-k with renormalisation), the MoE
-layer computes exactly the dense MLP, whatever the router picks. The router starts at
-zero (uniform routing) or small-normal; both are exact.
+layer computes exactly the dense MLP, whatever the router picks. The router starts
+small-normal by default (`router_init="auto"`): exact, and it sends different tokens to the
+identical copies, so they diverge. A zero router is exact too but ties every logit: the same
+experts win every token by index and identical copies get identical gradients, so they never
+diverge (available as `router_init="zero"`, not the default).
 
 Granular upcycling (granularity m): the dense hidden dimension F is split into m slices
 of width F/m, and the N copies of the dense MLP become N*m experts (copy-major: expert
@@ -14,7 +17,7 @@ uniform selection give each slice total weight 1. Exact when the selected K = k*
 experts hold every slice equally often. That is guaranteed when the router rows are
 tied across the m slices of a copy and differ between copies: each copy's m slices then
 have identical logits, and top-(k*m) takes k whole copies. This is `router_init="auto"`
-for m > 1 (small-normal, tied). A zero router ties *all* experts, and
+(small-normal, tied across slices). A zero router ties *all* experts, and
 tie-breaking may then pick an unbalanced set; it is exact only when top_k == num_experts.
 
 `upcycle_model` is the generic path for any `nn.Module` transformer (Hugging Face

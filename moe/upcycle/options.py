@@ -19,8 +19,9 @@ class UpcycleOptions:
 
     num_experts: copies of the dense MLP (N); with granularity m the layer has N*m experts.
     top_k: experts per token before granular scaling (the layer uses top_k*m).
-    router_init: "zero" (uniform routing), "normal" (std router_std) or "auto" (zero, or
-        tied small-normal when granularity > 1; see the module docstring).
+    router_init: "zero" (uniform routing: identical experts then get identical gradients and
+        never diverge), "normal" (std router_std) or "auto" (small-normal, the default; its rows
+        tied across the slices of a copy when granularity > 1; see the module docstring).
     expert_noise: Gaussian noise added to each copy, relative to each weight's std
         (breaks symmetry, so the output is no longer exactly preserved; off by default).
     shared_expert: keep a copy of the dense MLP as an always-on shared expert; it takes
@@ -67,9 +68,10 @@ class UpcycleOptions:
 
     @property
     def resolved_router_init(self) -> str:
-        if self.router_init != "auto":
-            return self.router_init
-        return "normal" if self.granularity > 1 else "zero"
+        """auto: a random router (Sparse Upcycling's), so copies get different tokens and diverge.
+        A zero router ties the logits: every token picks the same experts by index, and identical
+        copies see identical gradients forever (8 experts at top-2 trained as 4 distinct pairs)."""
+        return "normal" if self.router_init == "auto" else self.router_init
 
     @property
     def exact(self) -> bool:

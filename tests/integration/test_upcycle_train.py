@@ -108,3 +108,24 @@ def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
     with torch.no_grad():
         want = F.cross_entropy(dense(x).flatten(0, 1), y.flatten()).item()
     assert done["train_loss"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("router_init, diverge", [("auto", True), ("zero", False)])
+def test_upcycled_experts_diverge_in_training(tmp_path, router_init, diverge):
+    """The default upcycle (a random router) makes copies that differ after a few steps, experts and
+    router rows alike; a zero router keeps pairs of experts bit-identical (it trained 8 experts as 4)."""
+    from moeflow.parallel.checkpoint import read_full_tensors
+
+    make_hf("llama", tmp_path / "dense", vocab=128)
+    data = corpus(tmp_path / "tokens.bin", 128)
+    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2",
+                         "--router-init", router_init])
+    out = (tmp_path / "moe").resolve()
+    overrides = [o for o in train_overrides(data, steps=6) if not o.startswith("trainer.ckpt_every")] + ["trainer.ckpt_every=6"]
+    train(compose_cfg(f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}", *overrides), tmp_path / "run")
+    weights = read_full_tensors(tmp_path / "run" / "checkpoints" / "step_00000006", "model.")
+    experts = {k: v for k, v in weights.items() if k.endswith("w1_EDF")}
+    routers = {k: v for k, v in weights.items() if ".gate." in k and v.dim() == 2 and v.shape[0] == 4}
+    assert experts and routers, sorted(weights)
+    tied = [(k, i, j) for group in (experts, routers) for k, v in group.items() for i in range(4) for j in range(i + 1, 4) if torch.equal(v[i], v[j])]
+    assert (not tied) if diverge else tied, tied[:4]
