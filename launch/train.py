@@ -32,6 +32,7 @@ from .divergence import DivergenceGuard, finite
 from .data import BatchSampler, training_samplers
 from .engines import engine_class, engine_name
 from .losses import lm_loss
+from .routing_health import CollapseWatch
 from .run_hooks import RunHooks
 from .watchdog import Heartbeat, is_timeout
 
@@ -196,6 +197,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
     guard = DivergenceGuard(trainer_cfg.on_nonfinite)
     heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
+    collapse = CollapseWatch()  # dead experts, routers that cannot tell experts apart
 
     ckpt_writer = getattr(engine, "writer", None)  # engines that save through launch/resume.py
     t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
@@ -245,6 +247,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                     if v is not None:  # DeepSpeed has no grad norm without clipping
                         writer.add_scalar(k, v, done)
                 log_routing(writer, stats_file, model, done, warned)
+                collapse.check(model, done)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
             if eval_now:
                 val = evaluate_now()

@@ -129,3 +129,24 @@ def test_upcycled_experts_diverge_in_training(tmp_path, router_init, diverge):
     assert experts and routers, sorted(weights)
     tied = [(k, i, j) for group in (experts, routers) for k, v in group.items() for i in range(4) for j in range(i + 1, 4) if torch.equal(v[i], v[j])]
     assert (not tied) if diverge else tied, tied[:4]
+
+
+def test_tied_router_rows_and_dead_experts_are_warned():
+    from moeflow.launch.routing_health import CollapseWatch
+    from moeflow.moe.model import ModelConfig, Transformer
+
+    model = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, num_experts=4, max_seq_len=8))
+    layer = model.moe_layers()[0]
+    watch = CollapseWatch(idle_intervals=2)
+    model(torch.randint(0, 256, (2, 8)))
+    assert watch.check(model, 1) == []  # a fresh random router: nothing to say
+    with torch.no_grad():
+        for p in layer.gate.parameters():
+            if p.dim() == 2 and p.shape[0] == 4:
+                p[2].copy_(p[1])
+    layer.last_stats = {"tokens_per_expert": torch.tensor([5.0, 0.0, 3.0, 0.0])}
+    said = watch.check(model, 2)
+    assert len(said) == 1 and "experts 1 and 2 have identical router rows" in said[0]
+    said = watch.check(model, 3)
+    assert len(said) == 1 and "experts [1, 3] got no tokens for 2 log intervals" in said[0]
+    assert watch.check(model, 4) == []  # once each
