@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -113,6 +114,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def training_flops_per_token(model_cfg, seq_len: int) -> float:
+    """6 per active matmul parameter plus attention (the count `moeflow bench train` uses for MFU)."""
+    from moeflow.moe.param_count import param_counts
+
+    _, active = param_counts(model_cfg)
+    matmul = active - model_cfg.vocab_size * model_cfg.d_model + (model_cfg.vocab_size * model_cfg.d_model if model_cfg.tie_embeddings else 0)
+    return 6.0 * matmul + 12 * model_cfg.n_layers * model_cfg.n_heads * model_cfg.head_size * seq_len
+
+
+DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def datasheet_peak_flops(device) -> float | None:
+    """The dense bf16 peak of this GPU from its datasheet (MFU's usual denominator), None if unknown."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in DATASHEET_BF16_TFLOPS.items() if key in name), None)
+
+
+def step_line(step: int, steps: int, loss: float, lr: float, norm: float | None, tok_s: float, flops_token: float, peak: float | None, device, model) -> str:
+    """One line per log step (run log, and stdout where there is no progress bar): what torchtitan and Megatron print."""
+    parts = [f"step {step}/{steps}", f"loss {loss:.4f}", f"lr {lr:.3g}"]
+    if norm is not None:
+        parts.append(f"grad norm {norm:.3f}")
+    parts.append(f"{tok_s:,.0f} tok/s")
+    if peak:
+        parts.append(f"MFU {100 * tok_s * flops_token / peak:.1f}%")
+    if device.type == "cuda":
+        parts.append(f"peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    balance = [layer.last_stats.get("load_max_over_mean") for layer in model.moe_layers() if layer.last_stats]
+    if balance:
+        values = [float(b) for b in balance if b is not None]
+        if values:
+            parts.append(f"load max/mean {min(values):.2f}-{max(values):.2f} over {len(values)} layers")
+    return ", ".join(parts)
+
+
 def set_gate_step(model, step: int) -> None:
     for layer in model.moe_layers():
         layer.gate.set_step(step)
@@ -193,7 +232,10 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
         if start_step > trainer_cfg.steps:
             raise ConfigError(f"the checkpoint resumed is at step {start_step} but trainer.steps={trainer_cfg.steps}: nothing to train; raise trainer.steps above {start_step}")
         log.info("the run is already complete (step %d of %d)", start_step, trainer_cfg.steps)
-    bar = tqdm(total=trainer_cfg.steps, initial=start_step, disable=not (trainer_cfg.progress and env.is_main), desc="train", mininterval=1.0, dynamic_ncols=True)
+    # a bar only on a terminal: a Slurm .out or a redirected log gets the one line per log step below
+    bar = tqdm(total=trainer_cfg.steps, initial=start_step, disable=not (trainer_cfg.progress and env.is_main and sys.stderr.isatty()),
+               desc="train", mininterval=1.0, dynamic_ncols=True)
+    flops_token, peak_flops = training_flops_per_token(model_cfg, cfg.data.seq_len), datasheet_peak_flops(device)
     hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
     guard = DivergenceGuard(trainer_cfg.on_nonfinite)
     heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
@@ -249,6 +291,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                 log_routing(writer, stats_file, model, done, warned)
                 collapse.check(model, done)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                log.info("%s", step_line(done, trainer_cfg.steps, train_loss, engine.lr(), norm, tok_s, flops_token, peak_flops, device, model))
             if eval_now:
                 val = evaluate_now()
                 result["val_loss"] = val

@@ -48,15 +48,11 @@ def compose(overrides: list[str]):
 
 def flops_per_token(model_cfg, seq_len: int) -> float:
     """Training FLOPs per token: 6 per active non-embedding parameter (the LM head counts: it is a
-    matmul) plus attention scores and values, 12 * layers * heads * head_size * seq (no causal discount)."""
-    from moeflow.moe.param_count import param_counts
+    matmul) plus attention scores and values, 12 * layers * heads * head_size * seq (no causal discount);
+    the trainer's own count, which its log lines use for MFU."""
+    from ..train import training_flops_per_token
 
-    _, active = param_counts(model_cfg)
-    matmul_params = active - model_cfg.vocab_size * model_cfg.d_model  # the embedding lookup is not a matmul
-    if model_cfg.tie_embeddings:
-        matmul_params += model_cfg.vocab_size * model_cfg.d_model
-    attention = 12 * model_cfg.n_layers * model_cfg.n_heads * model_cfg.head_size * seq_len
-    return 6.0 * matmul_params + attention
+    return training_flops_per_token(model_cfg, seq_len)
 
 
 def matmul_peak(device) -> tuple[float, str]:

@@ -116,3 +116,14 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(tmp_path):
     step = int(saved.name.removeprefix("step_"))
     done = train(compose_cfg(*TINY, f"trainer.steps={step + 1}", "trainer.eval_every=0", "resume=auto"), run)
     assert done["start_step"] == step
+
+
+def test_a_line_per_log_step_in_the_run_log(tmp_path, caplog):
+    """step, loss, lr, grad norm, tokens/s and the per-layer balance, once per log step (no TTY, no bar)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="moeflow.train"):
+        train(compose_cfg(*TINY, "trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=0", "trainer.ckpt_every=0"), tmp_path)
+    lines = [r.message for r in caplog.records if r.message.startswith("step ") and "tok/s" in r.message]
+    assert [ln.split(",")[0] for ln in lines] == ["step 2/4", "step 4/4"], lines
+    assert all("loss " in ln and "lr " in ln and "grad norm " in ln and "load max/mean" in ln and "over 2 layers" in ln for ln in lines), lines
