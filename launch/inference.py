@@ -150,10 +150,10 @@ def evaluate(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .data import BatchSampler, check_count, token_file_meta
+    from .data import check_count, token_file_meta
 
-    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
-        if value < 1:
+    for flag, value in (("--batches", getattr(args, "batches", None)), ("--batch-size", args.batch_size), ("--max-tokens", getattr(args, "max_tokens", None))):
+        if value is not None and value < 1:
             raise DataError(f"{flag}={value}: it takes a positive integer")
     model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     if args.seq_len is not None and not 1 <= args.seq_len <= model.cfg.max_seq_len:
@@ -172,28 +172,41 @@ def evaluate(args) -> dict:
     if (prepared or {}).get("vocab_size", 0) > vocab:
         raise DataError(f"{path} was tokenized with a vocab of {prepared['vocab_size']} but model.vocab_size={vocab}; evaluate on data tokenized for this model")
     seq = args.seq_len or model.cfg.max_seq_len
-    sampler = BatchSampler(tokens, seq, args.batch_size, args.seed)
+    windows = (len(tokens) - 1) // seq  # the file once through, in order: window i predicts tokens i*seq+1 .. (i+1)*seq
+    max_tokens = getattr(args, "max_tokens", None)
+    if max_tokens is not None:
+        windows = min(windows, max_tokens // seq)
+    if getattr(args, "batches", None) is not None:
+        windows = min(windows, args.batches * args.batch_size)
+    if windows < 1:
+        raise DataError(f"{path} holds {len(tokens)} tokens, fewer than one window of --seq-len={seq} + 1; pass a shorter --seq-len or more data")
     layers = model.moe_layers()
     loads = [torch.zeros(m.experts.num_experts) for m in layers]
     total = 0.0
     with torch.no_grad():
-        for b in range(args.batches):
-            x, y = sampler.batch(b, 0)
-            if int(x.max()) >= vocab:
-                raise DataError(f"{path} holds token id {int(x.max())} >= model.vocab_size={vocab}")
-            total += F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten()).item()
+        for first in range(0, windows, args.batch_size):
+            rows = range(first, min(first + args.batch_size, windows))
+            t = torch.from_numpy(np.stack([np.asarray(tokens[i * seq:i * seq + seq + 1], dtype=np.int64) for i in rows]))
+            x, y = t[:, :-1], t[:, 1:]
+            if int(t.max()) >= vocab:
+                raise DataError(f"{path} holds token id {int(t.max())} >= model.vocab_size={vocab}")
+            total += F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum").item()
             for i, m in enumerate(layers):
                 loads[i] += m.last_stats["tokens_per_expert"].float()
-    loss = total / args.batches
+    scored = windows * seq
+    loss = total / scored
+    unscored = len(tokens) - 1 - scored
     byte_level = vocab <= 256 and prepared is None
-    result = {"loss": loss, "tokens": args.batches * args.batch_size * seq}
+    result = {"loss": loss, "tokens": scored, "file_tokens": len(tokens), "windows": windows}
     if byte_level:
         result["bits_per_byte"] = loss / math.log(2)
     else:
         result["perplexity"] = math.exp(min(loss, 700))
     result["expert_load"] = [(load / load.sum().clamp_min(1)).tolist() for load in loads]
     unit = f"{result['bits_per_byte']:.4f} bits/byte" if byte_level else f"perplexity {result['perplexity']:.3f}"
-    print(f"{path}: loss {loss:.4f} nats/{'byte' if byte_level else 'token'} ({unit}) on {result['tokens']} tokens")
+    left = f"; {unscored} tokens past the last whole window (or --max-tokens) not scored" if unscored else ""
+    print(f"{path}: loss {loss:.4f} nats/{'byte' if byte_level else 'token'} ({unit}) on {scored} of its {len(tokens)} tokens, "
+          f"read once in order in {windows} windows of {seq}{left}")
     for i, frac in enumerate(result["expert_load"]):
         top = max(frac) * len(frac) if frac else 0
         print(f"  MoE layer {i}: expert load {' '.join(f'{f:.3f}' for f in frac)} (max/mean {top:.2f})")
@@ -221,9 +234,9 @@ def main_eval(argv: list[str]) -> None:
     ap.add_argument("src", help="run dir or checkpoint")
     ap.add_argument("--data", required=True, help="token file (moeflow data prepare's val.bin or train.bin)")
     ap.add_argument("--dtype", default="uint16", choices=("uint16", "uint32"), help="when the file has no meta.json")
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: the whole file, once, in order)")
+    ap.add_argument("--batches", type=int, default=None, help="score at most this many batches of --batch-size windows")
+    ap.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ap.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     evaluate(ap.parse_args(argv))

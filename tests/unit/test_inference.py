@@ -93,3 +93,32 @@ def test_byte_level_run_generates_and_evaluates_in_bits_per_byte(tmp_path, capsy
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
     assert len(result["expert_load"]) == 2 and all(abs(sum(f) - 1) < 1e-6 for f in result["expert_load"])
     assert "bits/byte" in capsys.readouterr().out
+
+
+def test_eval_reads_the_file_once_in_order_and_says_how_much(tmp_path, capsys):
+    """The loss over every whole window of the file, in order, equals a plain PyTorch reference on the
+    same windows; it reports the tokens it scored, not more than the file holds."""
+    import argparse
+
+    import torch.nn.functional as F
+
+    from moeflow.launch.train import train
+
+    run = tmp_path / "run"
+    train(compose_cfg(*TINY, "trainer.steps=1", "trainer.ckpt_every=1", "trainer.eval_every=0", "trainer.device=cpu"), run)
+    tokens = np.random.default_rng(3).integers(0, 256, 1000).astype(np.uint16)
+    tokens.tofile(tmp_path / "val.bin")
+    args = argparse.Namespace(src=str(run), data=str(tmp_path / "val.bin"), dtype="uint16", batch_size=4, seq_len=32, max_tokens=None, batches=None)
+    result = inference.evaluate(args)
+    windows = (1000 - 1) // 32
+    assert result["tokens"] == windows * 32 and result["windows"] == windows and result["file_tokens"] == 1000
+    model, _, _ = inference.load_model(str(run))
+    t = torch.from_numpy(tokens[:windows * 32 + 1].astype(np.int64))
+    x = torch.stack([t[i * 32:i * 32 + 32] for i in range(windows)])
+    y = torch.stack([t[i * 32 + 1:i * 32 + 33] for i in range(windows)])
+    with torch.no_grad():
+        want = F.cross_entropy(model(x).double().flatten(0, 1), y.flatten()).item()
+    assert result["loss"] == pytest.approx(want, rel=1e-5)
+    assert f"on {windows * 32} of its 1000 tokens" in capsys.readouterr().out
+    capped = inference.evaluate(argparse.Namespace(**{**vars(args), "max_tokens": 100}))
+    assert capped["tokens"] == 96
