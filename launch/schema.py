@@ -46,7 +46,8 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "collective_timeout": Rule(float, low=1, why="seconds a collective may wait for a stalled peer before the run fails"),
     },
     "data": {
-        "seq_len": positive_int(), "batch_size": positive_int(), "val_percent": Rule(float, low=0, high=100, low_exclusive=True, high_exclusive=True, why="the rest of the data is the training split"),
+        "seq_len": positive_int(), "batch_size": positive_int(),
+        "global_batch_size": Rule(int, low=1, nullable=True, why="sequences per optimizer step over all ranks, or null"), "val_percent": Rule(float, low=0, high=100, low_exclusive=True, high_exclusive=True, why="the rest of the data is the training split"),
         "max_bytes": Rule(int, low=1, nullable=True), "dtype": Rule(str, choices=("uint16", "uint32"), nullable=True), "glob": Rule(str),
         "path": Rule(str, nullable=True), "val_path": Rule(str, nullable=True), "source": Rule(str, choices=("stdlib", "text", "memmap")),
         "mix": Rule(list, nullable=True, why="prepared sets with mixing weights: [{path: .../train.bin, weight: 0.7}, ...]"),

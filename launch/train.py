@@ -184,9 +184,33 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             lock.release()
 
 
+def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
+    """data.global_batch_size (Megatron's --global-batch-size): trainer.grad_accum follows from it, the
+    per-rank micro-batch and the data-parallel ranks of this launch, so the same global batch holds on
+    any number of ranks."""
+    from omegaconf import open_dict
+
+    g = cfg.data.get("global_batch_size")
+    if g is None:
+        return
+    tp = max(int(cfg.parallel.get("tp", 1)), int((cfg.get("engine") or {}).get("tensor_parallel", 1) or 1))
+    dp = max(1, world // tp)
+    per = int(cfg.data.batch_size) * dp
+    if g % per:
+        raise ConfigError(f"data.global_batch_size={g} is not a multiple of data.batch_size={cfg.data.batch_size} x {dp} data-parallel ranks = {per}; "
+                          f"choose a global batch that is, or another data.batch_size")
+    if trainer_cfg.grad_accum not in (1, g // per):
+        raise ConfigError(f"trainer.grad_accum={trainer_cfg.grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them")
+    trainer_cfg.grad_accum = g // per
+    with open_dict(cfg):
+        cfg.trainer.grad_accum = g // per
+    log.info("global batch %d sequences = data.batch_size %d x %d data-parallel ranks x %d accumulation steps", g, cfg.data.batch_size, dp, g // per)
+
+
 def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
     env, device = Engine.start(cfg, trainer_cfg)
+    derive_grad_accum(cfg, trainer_cfg, env.world_size)
     if not env.is_main:
         logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
 

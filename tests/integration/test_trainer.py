@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from helpers.config import TINY, compose_cfg
@@ -127,3 +128,15 @@ def test_a_line_per_log_step_in_the_run_log(tmp_path, caplog):
     lines = [r.message for r in caplog.records if r.message.startswith("step ") and "tok/s" in r.message]
     assert [ln.split(",")[0] for ln in lines] == ["step 2/4", "step 4/4"], lines
     assert all("loss " in ln and "lr " in ln and "grad norm " in ln and "load max/mean" in ln and "over 2 layers" in ln for ln in lines), lines
+
+
+def test_a_global_batch_size_derives_the_accumulation(tmp_path):
+    """data.global_batch_size=8 with 4 per micro-batch on one process trains exactly as grad_accum=2."""
+    from moeflow.moe.errors import ConfigError
+
+    common = [*TINY, "trainer.steps=3", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.log_every=1", "data.batch_size=4"]
+    a = train(compose_cfg(*common, "data.global_batch_size=8"), tmp_path / "a")
+    b = train(compose_cfg(*common, "trainer.grad_accum=2"), tmp_path / "b")
+    assert a["train_loss"] == b["train_loss"]
+    with pytest.raises(ConfigError, match="data.global_batch_size=10 is not a multiple of data.batch_size=4"):
+        train(compose_cfg(*common, "data.global_batch_size=10"), tmp_path / "c")
