@@ -1,8 +1,9 @@
 """Activation checkpointing of transformer blocks, applied from outside: `trainer.activation_checkpointing`.
 
 - `full`: a checkpointed block keeps only its input; its forward runs again in the backward.
-- `selective`: the block keeps the outputs of its matmuls, attention and expert kernels (the
-  expensive ops) and recomputes the rest (norms, activations, routing arithmetic).
+- `selective`: the block keeps the outputs of its matmuls, attention, expert kernels and expert
+  exchanges (the expensive ops; an exchange recomputed is an all-to-all sent twice) and
+  recomputes the rest (norms, activations, routing arithmetic).
 - `every=N`: only every N-th block is checkpointed (the others keep everything).
 
 The block stays the same module (no wrapper: parameter names and checkpoints do not change);
@@ -35,7 +36,7 @@ def _saved_ops() -> set:
         if op is not None:
             ops.add(op.default)
     moeflow_ops = getattr(torch.ops, "moeflow", None)
-    for name in ("experts_fwd",):  # the Triton expert kernels (custom op), when registered
+    for name in ("experts_fwd", "all_to_all"):  # the Triton expert kernels and the EP exchange (custom ops), when registered
         if moeflow_ops is not None and hasattr(moeflow_ops, name):
             ops.add(getattr(moeflow_ops, name).default)
     return ops

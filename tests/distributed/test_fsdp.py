@@ -79,3 +79,11 @@ def test_the_model_must_split_over_the_mesh():
         ParallelDims(world=4, ep=4).check_model(num_experts=6, n_heads=4, n_kv_heads=4)
     dims = ParallelDims(world=8, dp_shard=8, ep=4)
     assert (dims.dp_shard, dims.efsdp, dims.ep, dims.dp) == (8, 2, 4, 8)
+
+
+def test_selective_checkpointing_does_not_resend_the_expert_exchanges(tmp_path):
+    """The backward of 2 EP blocks runs each block's exchanges' backward (4); full checkpointing also
+    re-runs the forward exchanges (8); selective keeps their outputs and must not (it ran 8, as full)."""
+    results = W.spawn("helpers.fsdp_workers:backward_exchanges", 2, tmp_path, ["none", "selective", "full"])
+    for counts in results:
+        assert counts["selective"] == counts["none"] and counts["full"] > counts["none"], counts

@@ -136,3 +136,38 @@ def state_bytes(rank: int, world: int, dims: dict, preset: dict) -> dict:
     grads = sum(nbytes(p.grad) for p in model.parameters() if p.grad is not None)
     moments = sum(nbytes(v) for s in opt.state.values() for k, v in s.items() if k in ("exp_avg", "exp_avg_sq"))
     return {"params": params, "grads": grads, "optimizer": moments, "total_params": model.num_params()}
+
+
+def backward_exchanges(rank: int, world: int, modes: list[str]) -> dict:
+    """How many `moeflow::all_to_all` exchanges one backward runs, per activation-checkpointing mode
+    (EP over `world` ranks, 2 MoE blocks): recomputed exchanges show up as extra calls."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from moeflow.parallel.activation_checkpointing import apply_activation_checkpointing
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("moeflow.all_to_all"):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    for mode in modes:
+        torch.manual_seed(0)
+        mc = model_cfg("topk")
+        with torch.device("meta"):
+            model = Transformer(mc)
+        apply_activation_checkpointing(model, mode)
+        parallelize(model, build_mesh(ParallelDims(world=world, dp_shard=world, ep=world), "cpu"), ShardingOptions())
+        materialize(model, torch.device("cpu"))
+        tokens = torch.randint(0, mc.vocab_size, (2, 9), generator=torch.Generator().manual_seed(rank))
+        loss, scaled = _loss(model, tokens, 1.0)
+        counter = Count()
+        with counter:
+            scaled.backward()
+        out[mode] = counter.n
+    return out
