@@ -46,8 +46,11 @@ def usage() -> str:
 
 def report_error(command: str, err: Exception) -> NoReturn:
     """The one way a user error leaves moeflow: one line on stderr naming the fix, then exit."""
+    import os
+
     message = " ".join(str(err).split()) or type(err).__name__
-    print(f"moeflow{' ' + command if command else ''}: error: {message}", file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks the same config: one of them says it
+        print(f"moeflow{' ' + command if command else ''}: error: {message}", file=sys.stderr, flush=True)
     sys.exit(getattr(err, "exit_code", 2))
 
 
