@@ -48,9 +48,14 @@ def report_error(command: str, err: Exception) -> NoReturn:
     """The one way a user error leaves moeflow: one line on stderr naming the fix, then exit."""
     import os
 
+    from moeflow.moe.errors import ConfigError
+
     message = " ".join(str(err).split()) or type(err).__name__
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank checks the same config: one of them says it
-        print(f"moeflow{' ' + command if command else ''}: error: {message}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" and isinstance(err, ConfigError):  # under torchrun every rank checks the same config: rank 0 says it
+        sys.exit(getattr(err, "exit_code", 2))
+    who = f" (rank {rank})" if rank != "0" else ""  # a problem only this rank met (its RNG file, its shard)
+    print(f"moeflow{' ' + command if command else ''}: error{who}: {message}", file=sys.stderr, flush=True)
     sys.exit(getattr(err, "exit_code", 2))
 
 
