@@ -59,6 +59,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    try:
+        _set_rng_state(state)
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"a checkpoint's RNG streams are malformed ({type(e).__name__}: {str(e)[:120]}); resume from another checkpoint") from None
+
+
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(_byte_tensor(state["torch"]))
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
@@ -266,6 +273,13 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
 
 
+def damaged_checkpoints(root: Path) -> list[Path]:
+    """Folders named like checkpoints (step_<8 digits>) whose contents are not a whole checkpoint."""
+    if not Path(root).is_dir():
+        return []
+    return sorted((p for p in Path(root).iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and not is_complete(p)), key=lambda p: p.name)
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
     """A checkpoint dir itself, or the latest complete checkpoint of a run dir."""
     p = Path(path)
@@ -287,7 +301,10 @@ def _read_json(path: Path) -> dict:
 
 
 def read_meta(ckpt: Path) -> dict:
-    return _read_json(Path(ckpt) / META)
+    meta = _read_json(Path(ckpt) / META)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{Path(ckpt) / META} holds no model config; the file was not written by moeflow or was edited: resume from another checkpoint")
+    return meta
 
 
 def weight_files(ckpt: Path) -> list[Path]:
@@ -345,7 +362,10 @@ def load_trainer_state(ckpt: Path) -> dict | None:
     """Step, schedule and engine (JSON; or an older moeflow's trainer_state.pt, unpickled safely); None if absent."""
     ckpt = Path(ckpt)
     if (ckpt / TRAINER_STATE).is_file():
-        return _read_json(ckpt / TRAINER_STATE)
+        state = _read_json(ckpt / TRAINER_STATE)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{ckpt / TRAINER_STATE} is not a JSON object; the file was edited or damaged: resume from another checkpoint")
+        return state
     if (ckpt / LEGACY_TRAINER_STATE).is_file():
         return _load_legacy_trainer_state(ckpt / LEGACY_TRAINER_STATE)
     return None

@@ -59,6 +59,19 @@ def megatron_to_moeflow(args) -> Path:
     return ckpt.save_checkpoint(Path(args.out), step, weights, {"step": step}, meta, keep=0)
 
 
+def refuse_writing_into_source(found: Path, out) -> None:
+    """A conversion never writes into the run it reads (it would replace the checkpoint it converts)."""
+    out_root = (Path(out).expanduser() / "checkpoints").resolve()
+    if found.resolve().parent == out_root or Path(out).expanduser().resolve() == found.resolve():
+        raise ckpt_error(f"{out} is the run being converted ({found}); write the conversion into another dir")
+
+
+def ckpt_error(message: str):
+    from moeflow.moe.errors import CheckpointError
+
+    return CheckpointError(message)
+
+
 def moeflow_to_safetensors(args) -> Path:
     """A sharded (DCP) checkpoint -> a consolidated one: weights in safetensors files of at most
     --shard-gib each (with an index when there are several), streamed tensor batch by tensor batch
@@ -72,6 +85,7 @@ def moeflow_to_safetensors(args) -> Path:
         raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
     if not ckpt.is_sharded(found):
         raise ckpt.CheckpointError(f"{found} is consolidated already (safetensors); nothing to convert")
+    refuse_writing_into_source(found, args.out)
     meta, trainer_state = ckpt.read_meta(found), ckpt.load_trainer_state(found)
     step = int(meta.get("step", (trainer_state or {}).get("step", 0)))
     out_state = {k: v for k, v in (trainer_state or {}).items() if k in ("step", "scheduler", "engine", "global_batch")} or None

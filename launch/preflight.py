@@ -140,6 +140,10 @@ def preflight(args: list[str]) -> None:
     schema.check(cfg)  # every value's type and range, still without torch
     check_resume_has_a_run_dir(cfg, args)
     check_output_dir(cfg.hydra.run.dir)
+    if os.environ.get("RANK", "0") == "0":
+        from .run_lock import check_unlocked
+
+        check_unlocked(cfg.hydra.run.dir)  # before Hydra writes its files into a dir another run uses
     from .config import validate  # torch, the model and its gates: the semantic checks
 
     with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])

@@ -175,6 +175,13 @@ def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
         return None
     where = Path(run_dir) if resume == "auto" else Path(str(resume)).expanduser()
     found = ckpt.find_checkpoint(where)
+    root = where / ckpt.CKPT_DIR if (where / ckpt.CKPT_DIR).is_dir() else where
+    damaged = [] if ckpt.is_checkpoint(where) else ckpt.damaged_checkpoints(root)
+    newer = [d for d in damaged if found is None or d.name > found.name]
+    if newer:  # never skip a later checkpoint silently (and never overwrite it when the run gets there)
+        older = f", or resume={found}" if found is not None else ""
+        raise CheckpointError(f"{newer[-1]} is not a whole checkpoint ({_what_is_missing(newer[-1])}); move it out of {root} to resume from "
+                              f"{found.name if found is not None else 'scratch'}{older}")
     deepspeed_like = (where / ckpt.CKPT_DIR / "deepspeed").is_dir() or any(where.glob("mp_rank_*_model_states.pt")) or any(where.glob("*/mp_rank_*_model_states.pt"))
     if found is None and deepspeed_like:
         raise CheckpointError(f"resume={resume}: {where} holds DeepSpeed checkpoints; resume them with engine=deepspeed, or convert one "
@@ -184,6 +191,19 @@ def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
     if found is None:
         log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
     return found
+
+
+def _what_is_missing(p: Path) -> str:
+    missing = [f for f in (ckpt.META, ckpt.DCP_INDEX) if not (p / f).is_file()]
+    if missing and not any((p / f).is_file() for f in (ckpt.WEIGHTS, ckpt.WEIGHTS_INDEX)):
+        return f"{' and '.join(missing)} missing"
+    try:
+        if (p / ckpt.DCP_INDEX).is_file():
+            sharded.read_index(p)
+        ckpt.read_meta(p)
+    except CheckpointError as e:
+        return str(e).split(": ", 1)[-1][:160]
+    return "incomplete"
 
 
 def resume_run(engine, engine_name: str) -> int:
@@ -227,8 +247,8 @@ def _take_new_optim_settings(engine) -> None:
     if opt is None or sched is None or not hasattr(sched, "base_lrs"):
         return
     for g in opt.param_groups:
-        g.update(betas=tuple(o.betas), eps=float(o.eps), initial_lr=float(o.lr))
-        if g.get("weight_decay", 0.0) > 0:
+        g.update(betas=tuple(float(b) for b in o.betas), eps=float(o.eps), initial_lr=float(o.lr))
+        if g["params"] and all(p.dim() >= 2 for p in g["params"]):  # the decay groups (matrices: optim.optimizer_groups)
             g["weight_decay"] = float(o.weight_decay)
     sched.base_lrs = [float(o.lr)] * len(opt.param_groups)
     factor = sched.lr_lambdas[0](sched.last_epoch) if hasattr(sched, "lr_lambdas") else 1.0

@@ -53,13 +53,28 @@ def _holder() -> dict:
 def stale_reason(info: dict, age_s: float) -> str | None:
     """Why the lock described by `info` (last refreshed `age_s` ago) belongs to no live run, or None."""
     me = _holder()
+    same_host, pid = info.get("host") == me["host"], info.get("pid")
+    if same_host and isinstance(pid, int):  # on this host the process itself says whether the holder lives
+        return None if _alive(pid) else f"its process {pid} on this host has exited"
     if info.get("run_id") and info.get("run_id") == me["run_id"]:
-        return f"it was taken by an earlier start of this same run ({me['run_id']}: a requeue or a restart by its launcher)"
-    if info.get("host") == me["host"] and isinstance(info.get("pid"), int) and not _alive(info["pid"]):
-        return f"its process {info['pid']} on this host has exited"
+        return f"it was taken by an earlier start of this same run ({me['run_id']}: a requeue or a restart by its launcher on another host)"
     if age_s > STALE_AFTER_S:
         return f"it has not been refreshed for {age_s:.0f} s"
     return None
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Refuse, before anything is written there, a run dir that a live run holds (Hydra writes its
+    .hydra/ files and train.log into the dir before the run takes the lock)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        info = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return
+    if isinstance(info, dict) and stale_reason(info, age) is None:
+        raise RunDirInUse(f"run dir {path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}); "
+                          f"wait for it, or choose another hydra.run.dir (if that run is gone, delete {path})")
 
 
 class RunLock:
@@ -73,7 +88,7 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(50):  # a takeover in progress elsewhere: wait for it (0.2 s a round)
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -89,6 +104,26 @@ class RunLock:
         raise RunDirInUse(f"could not take the lock {self.path}; check that no other run uses {self.path.parent}")
 
     def _take_over_if_stale(self) -> None:
+        """Replace a stale lock, one process at a time: the takeover itself is guarded by a second
+        file created with O_EXCL (two restarts racing for one stale lock must not both win)."""
+        guard = self.path.with_name(LOCK_FILE + ".takeover")
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > 60:  # left by a process that died mid-takeover
+                    guard.unlink()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.2)
+            return  # another process is taking over: look again
+        os.close(fd)
+        try:
+            self._replace_if_stale()
+        finally:
+            guard.unlink(missing_ok=True)
+
+    def _replace_if_stale(self) -> None:
         try:
             info = json.loads(self.path.read_text())
             age = time.time() - self.path.stat().st_mtime
@@ -103,12 +138,7 @@ class RunLock:
             raise RunDirInUse(f"run dir {self.path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}, "
                               f"started {started}); wait for it, or choose another hydra.run.dir (if that run is gone, delete {self.path})")
         log.warning("taking over the lock of run dir %s: %s", self.path.parent, why)
-        stale = self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}")
-        try:
-            os.replace(self.path, stale)  # atomic: of two runs taking over at once, one finds the file gone
-            stale.unlink()
-        except FileNotFoundError:
-            pass
+        self.path.unlink(missing_ok=True)  # under the takeover guard: nobody else replaces it meanwhile
 
     def _refresh(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -163,7 +163,7 @@ def refuse_fresh_run_over_checkpoints(cfg: DictConfig, run_dir: Path) -> None:
     if cfg.resume is not None:
         return
     root = Path(run_dir) / ckpt.CKPT_DIR
-    found = ckpt.list_checkpoints(root) or (sorted(root.glob(f"{ckpt.TMP_PREFIX}*")) if root.is_dir() else [])
+    found = sorted(p for p in root.iterdir() if p.is_dir() and (ckpt.STEP_NAME.fullmatch(p.name) or p.name.startswith(ckpt.TMP_PREFIX))) if root.is_dir() else []
     if found:
         raise ConfigError(f"run dir {run_dir} already holds checkpoints of an earlier run ({found[-1].name}); continue it with resume=auto, "
                           f"or start a fresh run in a new dir (hydra.run.dir=...)")

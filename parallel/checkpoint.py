@@ -161,7 +161,8 @@ class SafetensorsShardWriter(StorageWriter):
                 sd = where[(fqn, tuple(c.offsets))]
                 chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), "file": sd["file"], "key": sd["key"]})
             tensors[fqn] = {"dtype": _dtype_name(md.properties.dtype), "shape": list(md.size), "chunks": chunks}
-        index = {"format": FORMAT, "digest": DIGEST, "files": files, "tensors": tensors}
+        manifest = {str(p.relative_to(self.path)): file_digest(p) for p in sorted(self.path.rglob("*.json")) if p.name != INDEX and not p.name.endswith(".tmp")}
+        index = {"format": FORMAT, "digest": DIGEST, "files": files, "manifest": manifest, "tensors": tensors}
         tmp = self.path / (INDEX + ".tmp")
         with open(tmp, "w") as f:
             json.dump(index, f)
@@ -211,6 +212,18 @@ def read_index(path: Path) -> dict:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; resume from another checkpoint") from None
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, {INDEX} says {info['bytes']}; resume from another checkpoint")
+    manifest = index.get("manifest")
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint {path}: {INDEX} has no manifest of the folder's other files{bad}")
+    for rel, want in manifest.items():  # meta.json, trainer_state.json, state.json, the RNG files: as written with these shards
+        if not isinstance(rel, str) or not re.fullmatch(r"(rng/rank_\d{5}|meta|trainer_state|state)\.json", rel) or not isinstance(want, str):
+            raise CheckpointError(f"checkpoint {path}: {INDEX} lists {rel!r} in its manifest, not a file of a checkpoint{bad}")
+        target = path / rel
+        if not target.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; resume from another checkpoint")
+        if file_digest(target) != want:
+            raise CheckpointError(f"checkpoint {path} is damaged: {rel} does not match its digest in {INDEX} (edited, or copied from another "
+                                  f"checkpoint); resume from another checkpoint")
     for fqn, t in index["tensors"].items():
         if not isinstance(t, dict) or t.get("dtype") not in DTYPES or not isinstance(t.get("chunks"), list):
             raise CheckpointError(f"checkpoint {path}: {INDEX} has a malformed entry for tensor {fqn!r}{bad}")
@@ -314,7 +327,7 @@ class SafetensorsShardReader(StorageReader):
         expected = self.index["files"][name]["digest"] if self.index else None
         if expected is not None and digest != expected:
             raise CheckpointError(f"checkpoint {self.path} is damaged: {name} does not match its digest in {INDEX} (changed since it was written); "
-                                  f"resume from another checkpoint, or with trainer.verify_checkpoint=false to load it anyway")
+                                  f"resume from another checkpoint (moeflow train loads it anyway with trainer.verify_checkpoint=false)")
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
@@ -353,8 +366,6 @@ def save_sharded(path: Path, state: dict, process_group=None, asynchronous: bool
 def load_sharded(path: Path, state: dict, verify: bool = True, trust: bool = False) -> None:
     """Fill `state` in place from the checkpoint at `path` (any layout it was written in): its tensors
     (DTensors get just their slices) and its non-tensor leaves (from state.json)."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     path = Path(path)
     tensors, plain = split_state(state)
     if is_legacy_checkpoint(path):
@@ -373,9 +384,18 @@ def load_sharded(path: Path, state: dict, verify: bool = True, trust: bool = Fal
             raise CheckpointError(f"checkpoint {path}: {STATE} lacks {'.'.join(map(str, absent[0]))!r}; it is incomplete or from another engine: resume from another checkpoint")
         for k in plain:
             _fill_plain(state, k, saved[k])
+    with _single_process_quietly(), _one_line_errors(path):
+        dcp.load(tensors, storage_reader=SafetensorsShardReader(path, verify, index), no_dist=not dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _one_line_errors(path: Path):
+    """DCP wraps a reader's error in a CheckpointException (one per rank, with tracebacks): the
+    reader's own one-line CheckpointError comes out, or one line naming the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
-        with _single_process_quietly():
-            dcp.load(tensors, storage_reader=SafetensorsShardReader(path, verify, index), no_dist=not dist.is_initialized())
+        yield
     except CheckpointError:
         raise
     except CheckpointException as e:
@@ -453,7 +473,7 @@ def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, 
             if legacy:
                 _load_legacy(path, batch)
             else:
-                with _single_process_quietly():
+                with _single_process_quietly(), _one_line_errors(path):
                     dcp.load(batch, storage_reader=SafetensorsShardReader(path, verify, index), no_dist=True)
             for k, v in batch.items():
                 yield k[len(prefix):], v

@@ -139,7 +139,7 @@ def test_an_index_naming_files_outside_the_checkpoint_is_refused(tmp_path, good_
 def test_a_checkpoint_without_trainer_state_is_refused_not_restarted(tmp_path, good_run):
     run, found = copy_run(good_run, tmp_path)
     (found / "trainer_state.json").unlink()
-    with pytest.raises(CheckpointError, match="no trainer_state.json.*incomplete"):
+    with pytest.raises(CheckpointError, match="incomplete: trainer_state.json is missing|no trainer_state.json.*incomplete"):
         train(cfg("trainer.steps=3", "resume=auto"), run)
     assert (run / "checkpoints" / "step_00000001").is_dir()  # nothing overwritten
 
@@ -147,7 +147,7 @@ def test_a_checkpoint_without_trainer_state_is_refused_not_restarted(tmp_path, g
 def test_a_missing_rng_file_is_refused(tmp_path, good_run):
     run, found = copy_run(good_run, tmp_path)
     (found / "rng" / "rank_00000.json").unlink()
-    with pytest.raises(CheckpointError, match=r"rng/rank_00000.json \(RNG streams\) is missing"):
+    with pytest.raises(CheckpointError, match=r"incomplete: rng/rank_00000.json (\(RNG streams\) )?is missing"):
         train(cfg("trainer.steps=3", "resume=auto"), run)
 
 
@@ -251,6 +251,7 @@ def test_two_runs_started_in_one_dir(tmp_path):
         assert second.returncode == 2, second.stderr[-2000:]
         last = second.stderr.strip().splitlines()[-1]
         assert last.startswith("moeflow train: error: run dir") and "in use by another run" in last, last
+        assert "resume=auto" not in (run / ".hydra" / "overrides.yaml").read_text()  # refused before Hydra wrote into the dir
     finally:
         first.kill()
         first.wait()
@@ -309,3 +310,98 @@ def test_a_lock_from_another_host_is_taken_over_only_by_the_same_run(tmp_path, m
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
+
+
+# -- what an adversarial pass found after the first version ------------------------------------
+def test_a_live_holder_on_this_host_keeps_its_lock_whatever_its_run_id(tmp_path, monkeypatch):
+    import socket
+
+    from moeflow.launch.run_lock import LOCK_FILE, RunDirInUse, RunLock
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": "42", "started": time.time()}))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")  # two srun steps of one job pointed at one dir
+    with pytest.raises(RunDirInUse):
+        RunLock(tmp_path).acquire()
+
+
+RACE = """
+import sys, time
+from pathlib import Path
+from moeflow.launch.run_lock import RunLock, RunDirInUse
+try:
+    lock = RunLock(Path(sys.argv[1])).acquire()
+except RunDirInUse:
+    print("refused")
+else:
+    print("won", flush=True)
+    time.sleep(3)
+    lock.release()
+"""
+
+
+def test_racing_takeovers_of_a_stale_lock_leave_one_holder(tmp_path):
+    import socket
+
+    from moeflow.launch.run_lock import LOCK_FILE
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    for trial in range(3):
+        d = tmp_path / f"t{trial}"
+        d.mkdir()
+        (d / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone, "started": 0}))
+        procs = [subprocess.Popen([sys.executable, "-c", RACE, str(d)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+        outs = [p.communicate(timeout=limit(60))[0].strip() for p in procs]
+        assert sorted(outs) == ["refused", "refused", "refused", "won"], outs
+
+
+def test_a_damaged_later_checkpoint_is_refused_not_skipped(tmp_path, good_run):
+    run, found = copy_run(good_run, tmp_path)
+    (found / INDEX).unlink()  # step 2 (the latest) lost its index; step 1 is whole
+    with pytest.raises(CheckpointError, match=r"step_00000002 is not a whole checkpoint \(index.json missing\); move it out"):
+        train(cfg("trainer.steps=3", "resume=auto"), run)
+    for p in (run / "checkpoints").iterdir():
+        (p / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="is not a whole checkpoint"):
+        train(cfg("trainer.steps=3", "resume=auto"), run)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):  # nor does a fresh run write over them
+        train(cfg("trainer.steps=3"), run)
+
+
+def test_a_json_file_swapped_in_from_another_checkpoint_is_refused(tmp_path, good_run):
+    run, found = copy_run(good_run, tmp_path)
+    shutil.copy(run / "checkpoints" / "step_00000001" / "state.json", found / "state.json")
+    with pytest.raises(CheckpointError, match="state.json does not match its digest in index.json"):
+        train(cfg("trainer.steps=3", "resume=auto"), run)
+
+
+def test_allow_config_change_applies_a_new_weight_decay(tmp_path):
+    run = tmp_path / "run"
+    train(cfg("trainer.steps=1", "trainer.ckpt_every=1", "optim.weight_decay=0"), run)
+    train(cfg("trainer.steps=2", "trainer.ckpt_every=1", "resume=auto", "optim.weight_decay=0.1", "trainer.allow_config_change=true"), run)
+    leaves = json.loads((run / "checkpoints" / "step_00000002" / "state.json").read_text())["leaves"]
+    decays = sorted({v for k, v in leaves if k[-1] == "weight_decay"})
+    assert decays == [0.0, 0.1], decays  # the matrix groups decay with the new value, vectors not at all
+
+
+def test_a_conversion_never_writes_into_its_source(tmp_path, good_run):
+    from moeflow.launch import convert
+
+    run, _ = copy_run(good_run, tmp_path)
+    with pytest.raises(CheckpointError, match="is the run being converted"):
+        convert.main(["moeflow-to-safetensors", str(run), str(run)])
+
+
+def test_a_damaged_shard_is_one_line_in_the_tools_too(tmp_path, good_run):
+    from moeflow.launch import convert
+    from moeflow.launch.inference import load_model
+
+    run, found = copy_run(good_run, tmp_path)
+    shard = found / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-50] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its digest"):
+        load_model(str(run))
+    with pytest.raises(CheckpointError, match="does not match its digest"):
+        convert.main(["moeflow-to-safetensors", str(run), str(tmp_path / "out")])
