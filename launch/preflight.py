@@ -55,6 +55,14 @@ def _keys_of_other_choices(group: str) -> set[str]:
     return keys
 
 
+def _config_groups() -> set[str]:
+    """The config groups shipped in the package (model, gate, data, ...)."""
+    import importlib.resources
+
+    root = importlib.resources.files("moeflow.configs")
+    return {f.name for f in root.iterdir() if f.is_dir() and not f.name.startswith("_")}
+
+
 def _explain(err: Exception, overrides: list[str]) -> str:
     msg = str(err)
     cause = err.__cause__ or err.__context__
@@ -62,7 +70,8 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     m = re.search(r"Key '([^']+)' is not in struct", text) or re.search(r"Could not override '([^']+)'", text)
     if m:
         key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if m.group(1) in o.split("=", 1)[0]), m.group(1))
-        groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and not o.startswith(("+", "~", "hydra"))]
+        group_names = _config_groups()
+        groups = [o for o in overrides if "=" in o and o.split("=", 1)[0] in group_names]  # `seed=7` is a key, not a group
         with initialize_config_module(config_module="moeflow.configs", version_base=None):
             known = _all_keys(compose(config_name="train", overrides=groups))  # the keys of the chosen groups
         group = key.split(".", 1)[0]
@@ -70,7 +79,7 @@ def _explain(err: Exception, overrides: list[str]) -> str:
             choice = next((o.split("=", 1)[1] for o in groups if o.split("=", 1)[0] == group), "the default")
             mine = sorted(k.split(".", 1)[1] for k in known if k.startswith(group + ".") and k.count(".") == 1)
             return f"'{key}' is not a key of {group}={choice} (only of other {group} choices); its keys are: {', '.join(mine)}"
-        close = difflib.get_close_matches(key, known, n=1)
+        close = [k for k in known if k.endswith("." + key)][:1] or difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}; list the valid keys with `moeflow train --cfg job`"
     if isinstance(err, MissingConfigException):

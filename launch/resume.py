@@ -231,9 +231,13 @@ def changed_settings(meta: dict, cfg, model_cfg) -> list[str]:
            if k in saved_optim and k in now_optim and _norm(saved_optim[k]) != _norm(now_optim[k])]
     saved_model, now_model = meta.get("model") or {}, model_cfg.to_dict()
     for k in ROUTING_KEYS:
-        if k in saved_model and _norm(saved_model[k]) != _norm(now_model.get(k)):
-            name = "gate" if k == "gate" else f"model.{k}"
-            out.append(f"{name}: {saved_model[k]!r} -> {now_model.get(k)!r}")
+        if k not in saved_model or _norm(saved_model[k]) == _norm(now_model.get(k)):
+            continue
+        if k == "gate" and isinstance(saved_model[k], dict) and isinstance(now_model.get(k), dict):  # name the gate options that differ
+            old, new = saved_model[k], now_model[k]
+            out += [f"gate.{g}: {old.get(g)!r} -> {new.get(g)!r}" for g in sorted(set(old) | set(new)) if _norm(old.get(g)) != _norm(new.get(g))]
+        else:
+            out.append(f"model.{k}: {saved_model[k]!r} -> {now_model.get(k)!r}")
     return out
 
 

@@ -44,6 +44,9 @@ from moeflow.moe.errors import CheckpointError
 
 from .shard_files import DIGEST, PendingDigest, file_digest, write_safetensors
 
+# DCP says on every single-process save and load (also from an async save's thread) that it assumes one process: it is one
+warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
+
 INDEX = "index.json"
 STATE = "state.json"
 FORMAT = "moeflow-sharded/1"

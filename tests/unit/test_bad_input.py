@@ -151,3 +151,9 @@ def test_the_launcher_world_counts_before_torchrun_sets_it():
     from moeflow.launch.config import validate
 
     validate(compose_cfg("launcher=local", "launcher.nproc=2", "parallel.ep=2"))
+
+
+@pytest.mark.parametrize("override, hint", [("seed=7", "did you mean 'trainer.seed'?"), ("foo=1", "unknown config key 'foo'")])
+def test_an_unknown_top_level_key_is_one_line(capsys, override, hint):
+    """A key without a dot once reached Hydra's 81-line ConfigCompositionException (it was taken for a group)."""
+    assert hint in run_preflight(capsys, override)

@@ -194,7 +194,7 @@ def test_consolidated_weights_are_checksummed(tmp_path, good_run):
 
 
 # -- changed settings on resume -----------------------------------------------------------------
-@pytest.mark.parametrize("override, named", [("optim.lr=0.01", "optim.lr: 0.003 -> 0.01"), ("gate=sinkhorn", "gate: "),
+@pytest.mark.parametrize("override, named", [("optim.lr=0.01", "optim.lr: 0.003 -> 0.01"), ("gate=sinkhorn", "gate.name: 'topk' -> 'sinkhorn'"),
                                              ("model.top_k=1", "model.top_k: 2 -> 1"), ("optim.weight_decay=0.5", "optim.weight_decay")])
 def test_resume_with_changed_settings_is_refused_by_name(tmp_path, good_run, override, named):
     run, _ = copy_run(good_run, tmp_path)
