@@ -54,7 +54,10 @@ class HFTokenizer:
         file = path if path.is_file() else path / "tokenizer.json"
         if not file.is_file():
             raise DataError(f"{path} has no tokenizer.json; pass --tokenizer PATH (a tokenizer.json or a folder with one)")
-        self.tok = Tokenizer.from_file(str(file))
+        try:
+            self.tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises its own exception type for a file it cannot parse
+            raise DataError(f"{file} is not a tokenizer.json the tokenizers library reads ({str(e)[:120]}); pass --tokenizer PATH of one") from None
         self.description = str(file)
         from .data_prepare import load_tokenizer
 
@@ -155,12 +158,12 @@ def evaluate(args) -> dict:
     for flag, value in (("--batches", getattr(args, "batches", None)), ("--batch-size", args.batch_size), ("--max-tokens", getattr(args, "max_tokens", None))):
         if value is not None and value < 1:
             raise DataError(f"{flag}={value}: it takes a positive integer")
+    if not Path(args.data).expanduser().is_file():  # before the model is loaded
+        raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")
     model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     if args.seq_len is not None and not 1 <= args.seq_len <= model.cfg.max_seq_len:
         raise DataError(f"--seq-len={args.seq_len}: this model takes 1 to model.max_seq_len={model.cfg.max_seq_len} tokens per sequence")
     path = Path(args.data).expanduser()
-    if not path.is_file():
-        raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")
     prepared = token_file_meta(path)
     dtype = (prepared or {}).get("dtype") or args.dtype
     if prepared:  # the file holds the tokens its meta.json counted, of its dtype

@@ -123,3 +123,11 @@ def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated():
     with pytest.raises(MoeflowError, match=r"model.num_experts=200000.*take [\d,]+ GiB per rank, more than this machine's"):
         validate(compose_cfg("model.num_experts=200000", "model.d_ff=4096", "trainer.device=cpu"))
     validate(compose_cfg("model.num_experts=64", "trainer.device=cpu"))  # a model that fits passes
+
+
+def test_generate_with_a_file_that_is_no_tokenizer_is_one_line(tmp_path):
+    from moeflow.launch.inference import HFTokenizer
+
+    (tmp_path / "tokenizer.json").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(DataError, match="is not a tokenizer.json the tokenizers library reads"):
+        HFTokenizer(tmp_path)
