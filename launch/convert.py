@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from moeflow.moe.errors import CheckpointError
+
 
 def deepspeed_to_moeflow(args) -> Path:
     from moeflow.launch.engines import require
@@ -63,13 +65,7 @@ def refuse_writing_into_source(found: Path, out) -> None:
     """A conversion never writes into the run it reads (it would replace the checkpoint it converts)."""
     out_root = (Path(out).expanduser() / "checkpoints").resolve()
     if found.resolve().parent == out_root or Path(out).expanduser().resolve() == found.resolve():
-        raise ckpt_error(f"{out} is the run being converted ({found}); write the conversion into another dir")
-
-
-def ckpt_error(message: str):
-    from moeflow.moe.errors import CheckpointError
-
-    return CheckpointError(message)
+        raise CheckpointError(f"{out} is the run being converted ({found}); write the conversion into another dir")
 
 
 def moeflow_to_safetensors(args) -> Path:

@@ -298,11 +298,6 @@ def prepare(args: argparse.Namespace) -> dict:
     special = np.asarray(loaded.special_ids, dtype=np.int64)
     try:
         for first, encoded in results:
-            text_ids = np.fromiter((t for doc in encoded for t in doc), dtype=np.int64)  # the documents' own tokens (no EOS added)
-            if loaded.unk_id is not None:
-                state["unk"] += int((text_ids == loaded.unk_id).sum())
-            if special.size:
-                state["special"] += int(np.isin(text_ids, special).sum())
             for split in ("train", "val"):
                 ids = [doc + [eos] for i, doc in enumerate(encoded, first) if is_val(i, args.val_percent) == (split == "val")]
                 if not ids:
@@ -310,6 +305,11 @@ def prepare(args: argparse.Namespace) -> dict:
                 flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
                 if flat.size and (flat.max() >= vocab or flat.min() < 0):
                     raise DataError(f"the tokenizer produced id {int(flat.max())} outside its vocab of {vocab}")
+                # unknown and special tokens inside the documents: the EOS appended to each is not counted
+                if loaded.unk_id is not None:
+                    state["unk"] += int((flat == loaded.unk_id).sum()) - (len(ids) if eos == loaded.unk_id else 0)
+                if special.size:
+                    state["special"] += int(np.isin(flat, special).sum()) - (len(ids) if eos in loaded.special_ids else 0)
                 files[split].write(flat.astype(dtype).tobytes())
                 files[split].flush()
                 state[split]["tokens"] += int(flat.size)

@@ -15,6 +15,7 @@ async saves, pruning) is here.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -59,8 +60,6 @@ class CheckpointWriter:
         try:
             if _rank() == 0:
                 if tmp.exists():  # left by this run's own earlier attempt at this step (a rollback): never complete
-                    import shutil
-
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
                 trainer_state = {"step": step, "engine": self.engine_name, "global_batch": global_batch(e), **e.schedule_state()}
@@ -127,7 +126,6 @@ def save_failed(tmp: Path, step: int, err: BaseException) -> Exception:
     collective that timed out during the save comes back as a timeout, for the training loop to
     name the stalled rank."""
     import errno
-    import shutil
 
     from .watchdog import is_timeout
 

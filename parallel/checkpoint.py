@@ -6,9 +6,9 @@ what makes checkpoints reshard. What DCP would store with pickle is replaced her
 
     shard_00000.safetensors ...   each rank's tensor shards (safetensors: a JSON header, raw bytes)
     index.json                    every tensor's dtype, global shape and chunks (offsets, sizes,
-                                  file, key), and each shard file's size and digest (a sha256 tree:
-                                  parallel/shard_files.py); written last,
-                                  by rank 0, once every shard is on disk: it marks the data complete
+                                  file, key), each shard file's size and digest (parallel/shard_files.py),
+                                  and the digests of the folder's JSON files; written last, by rank 0,
+                                  once every shard is on disk: it marks the data complete
     state.json                    the non-tensor leaves of the state (optimizer hyperparameters)
 
 `save_sharded` / `load_sharded` take a nested state dict whose tensors may be DTensors (FSDP,
@@ -271,6 +271,7 @@ class SafetensorsShardReader(StorageReader):
         super().__init__()
         self.path, self.verify, self.index = Path(path), verify, index
         self.storage_data: dict = {}
+        self.verified: set[str] = set()  # shard files already checked (a reader reused over several loads reads them once)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id:
@@ -300,7 +301,7 @@ class SafetensorsShardReader(StorageReader):
             if req.type == LoadItemType.BYTE_IO:
                 raise CheckpointError(f"checkpoint {self.path}: {req.storage_index.fqn!r} is not stored as a tensor; resume from another checkpoint")
             per_file.setdefault(self.storage_data[req.storage_index][0], []).append(req)
-        pending = {name: PendingDigest(self.path / name) for name in per_file} if self.verify else {}
+        pending = {name: PendingDigest(self.path / name) for name in per_file if name not in self.verified} if self.verify else {}
         for name, reqs in per_file.items():
             path = self.path / name
             try:
@@ -322,6 +323,7 @@ class SafetensorsShardReader(StorageReader):
                 raise CheckpointError(f"checkpoint {self.path} is damaged: {name} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint") from None
         for name, digest in pending.items():  # before the load returns: a damaged file fails it
             self._check_digest(name, digest.hexdigest())
+            self.verified.add(name)
         fut: Future = Future()
         fut.set_result(None)
         return fut
@@ -340,7 +342,9 @@ class SafetensorsShardReader(StorageReader):
 # -- save and load ------------------------------------------------------------------------
 @contextlib.contextmanager
 def _single_process_quietly():
-    """DCP warns on every single-process save and load that it assumes a single process: it is one."""
+    """DCP warns on every single-process save and load that it assumes a single process: it is one.
+    (Scoped here, so it holds wherever filters are reset, pytest included; the module-level filter
+    above covers the warning an async save raises from its own thread.)"""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is (disabled, )?unavailable or uninitialized")
         yield
@@ -465,9 +469,9 @@ def stored_tensors(path: Path, trust: bool = False) -> dict[str, tuple[tuple[int
 def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, verify: bool = True, trust: bool = False):
     """(name without `prefix`, full tensor) for every stored tensor under `prefix`, loaded in batches of
     at most `max_bytes` on the CPU of this process alone (no process group): for exports and tools."""
-    items = [(k, v) for k, v in stored_tensors(path, trust).items() if k.startswith(prefix)]
     legacy = is_legacy_checkpoint(path)
-    index = None if legacy else read_index(path)
+    items = [(k, v) for k, v in stored_tensors(path, trust).items() if k.startswith(prefix)]
+    reader = None if legacy else SafetensorsShardReader(path, verify, read_index(path))  # one reader: each shard's digest checked once
     batch, size = {}, 0
     for i, (key, (shape, dtype)) in enumerate(items):
         t = torch.empty(shape, dtype=dtype)
@@ -477,7 +481,7 @@ def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, 
                 _load_legacy(path, batch)
             else:
                 with _single_process_quietly(), _one_line_errors(path):
-                    dcp.load(batch, storage_reader=SafetensorsShardReader(path, verify, index), no_dist=True)
+                    dcp.load(batch, storage_reader=reader, no_dist=True)
             for k, v in batch.items():
                 yield k[len(prefix):], v
             batch, size = {}, 0
