@@ -462,7 +462,10 @@ def stored_tensors(path: Path, trust: bool = False) -> dict[str, tuple[tuple[int
 
         md = FileSystemReader(str(path)).read_metadata()
         return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-    index = read_index(path)
+    return index_shapes(read_index(path))
+
+
+def index_shapes(index: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(t["shape"]), DTYPES[t["dtype"]]) for k, t in index["tensors"].items()}
 
 
@@ -470,8 +473,10 @@ def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, 
     """(name without `prefix`, full tensor) for every stored tensor under `prefix`, loaded in batches of
     at most `max_bytes` on the CPU of this process alone (no process group): for exports and tools."""
     legacy = is_legacy_checkpoint(path)
-    items = [(k, v) for k, v in stored_tensors(path, trust).items() if k.startswith(prefix)]
-    reader = None if legacy else SafetensorsShardReader(path, verify, read_index(path))  # one reader: each shard's digest checked once
+    index = None if legacy else read_index(path)
+    stored = stored_tensors(path, trust) if legacy else index_shapes(index)
+    items = [(k, v) for k, v in stored.items() if k.startswith(prefix)]
+    reader = None if legacy else SafetensorsShardReader(path, verify, index)  # one reader: each shard's digest checked once
     batch, size = {}, 0
     for i, (key, (shape, dtype)) in enumerate(items):
         t = torch.empty(shape, dtype=dtype)
