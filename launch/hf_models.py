@@ -67,7 +67,7 @@ def hf_to_moeflow(args) -> Path:
         ckpt.save_streamed(tmp, 0, hf_moe.iter_moeflow_tensors(model_cfg, tensors, model_type), meta, int(args.shard_gib * 2**30), layer_done)
         bar.close()
         copy_tokenizer(src, tmp / TOKENIZER_DIR)
-        report["train_command"] = train_command(out, IMPORTED)
+        report["train_command"] = train_command(out)
         (tmp / "convert.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         commit()
     except BaseException:

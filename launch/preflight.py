@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moeflow.moe.errors import ConfigError
 
 from . import schema
+from .recorded_model import adopt_recorded_model
 
 
 # Flags after which Hydra prints something instead of running: let it.
@@ -128,6 +129,7 @@ def check_training_config(args: list[str]) -> None:
     from omegaconf import open_dict
 
     cfg = compose_checked(args)
+    adopt_recorded_model(cfg, args, cfg.hydra.run.dir)
     schema.check(cfg)
     device = str(cfg.trainer.device)
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
@@ -146,6 +148,9 @@ def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
     cfg = compose_checked(args)  # Hydra alone: a typo is reported before torch is imported
+    adopted = adopt_recorded_model(cfg, args, cfg.hydra.run.dir)
+    if adopted and os.environ.get("RANK", "0") == "0":
+        print(adopted)
     schema.check(cfg)  # every value's type and range, still without torch
     check_resume_has_a_run_dir(cfg, args)
     check_output_dir(cfg.hydra.run.dir)

@@ -371,11 +371,15 @@ def hydra_main() -> None:
     from moeflow.moe.errors import MoeflowError
 
     from .cli import report_error
+    from .recorded_model import adopt_recorded_model
 
     @hydra.main(version_base=None, config_path="pkg://moeflow.configs", config_name="train")
     def run(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
+            adopted = adopt_recorded_model(cfg, sys.argv[1:], run_dir)
+            if adopted:
+                log.info("%s", adopted)
             result = train(cfg, run_dir)
         except MoeflowError as e:  # inside Hydra's job: into train.log too, then the one-line error
             log.error("%s", e)

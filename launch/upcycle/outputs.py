@@ -53,10 +53,10 @@ def full_gate(opts: UpcycleOptions) -> dict:
     return out
 
 
-def train_command(moeflow_dir: Path, name: str = "upcycled") -> str:
-    d = moeflow_dir.resolve()
-    # quoted: `[...]` is a glob to zsh, and the paths may hold spaces
-    return shlex.join(["moeflow", "train", f"hydra.searchpath=[file://{d / 'configs'}]", f"model={name}", f"gate={name}", f"resume={d}"])
+def train_command(moeflow_dir: Path) -> str:
+    """The command that continues a written model: a resume takes the model its checkpoint records
+    (launch/recorded_model.py), so naming the model is not needed; configs/ offers model=NAME for sweeps."""
+    return shlex.join(["moeflow", "train", f"resume={moeflow_dir.resolve()}"])  # quoted: the path may hold spaces
 
 
 def write_moeflow(folder: Path, moe: Transformer, opts: UpcycleOptions, source: Path) -> None:

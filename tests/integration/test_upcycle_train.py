@@ -52,7 +52,7 @@ def test_upcycled_llama_continues_in_moeflow_train(tmp_path):
     data = corpus(tmp_path / "tokens.bin", 128)
     report = upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
     out = (tmp_path / "moe").resolve()
-    assert report["train_command"] == shlex.join(["moeflow", "train", f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}"])
+    assert report["train_command"] == shlex.join(["moeflow", "train", f"resume={out}"])
     cfg = compose_cfg(f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}", *train_overrides(data))
     result = train(cfg, tmp_path / "run")
     assert result["start_step"] == 0 and result["step"] == 1
@@ -150,3 +150,24 @@ def test_tied_router_rows_and_dead_experts_are_warned():
     said = watch.check(model, 3)
     assert len(said) == 1 and "experts [1, 3] got no tokens for 2 log intervals" in said[0]
     assert watch.check(model, 4) == []  # once each
+
+
+def test_upcycled_and_resumed_runs_need_no_model_restated(tmp_path):
+    """`moeflow train resume=<upcycled dir>` and then `resume=auto` use the model the checkpoints
+    record (once: the default model's shapes, refused); naming single keys still applies them."""
+    make_hf("llama", tmp_path / "dense", vocab=128)
+    data = corpus(tmp_path / "tokens.bin", 128)
+    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run_dir = tmp_path / "run"
+    base = [sys.executable, "-m", "moeflow.launch.cli", "train", *train_overrides(data, steps=1), "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"]
+    first = subprocess.run([*base, f"resume={tmp_path / 'moe'}", "gate.aux_loss_coef=0.02"], env=env, capture_output=True, text=True, timeout=limit(300))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "model and gate as recorded in" in first.stdout
+    again = subprocess.run([*base, "resume=auto", "trainer.steps=2"], env=env, capture_output=True, text=True, timeout=limit(300))
+    assert again.returncode == 0, again.stderr[-2000:]
+    from moeflow.launch import checkpoint as ckpt
+
+    meta = ckpt.read_meta(ckpt.find_checkpoint(run_dir))
+    assert meta["step"] == 2 and meta["model"]["num_experts"] == 4 and meta["model"]["vocab_size"] == 128
+    assert meta["config"]["gate"]["aux_loss_coef"] == 0.02  # the single key given at the start, kept on resume

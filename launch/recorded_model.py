@@ -1,0 +1,61 @@
+"""A resumed run's model is the one its checkpoint records, unless the command line names another.
+
+An imported, upcycled or trained model's checkpoint holds its whole composed config. Without
+this, every resume had to restate the model (`hydra.searchpath=[...] model=imported
+gate=imported`) or fail on the default model's shapes. Naming a model or gate choice
+(`model=...`, `gate=...`) keeps the command line's; single keys (`model.experts_impl=triton`,
+`gate.aux_loss_coef=0.02`) apply on top of the recorded model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+RECORDED_GROUPS = ("model", "gate")
+
+
+def _key(arg: str) -> str:
+    return arg.split("=", 1)[0].lstrip("+~")
+
+
+def names_its_own(args: list[str], group: str) -> bool:
+    """Does the command line choose a config of `group` (`model=tiny`), not just set one of its keys?"""
+    return any(_key(a) == group for a in args if "=" in a)
+
+
+def recorded_config(resume, run_dir: str | Path) -> tuple[dict, Path] | None:
+    """The composed config of the checkpoint `resume` names (auto: this run dir's latest), if it records one."""
+    if resume is None:
+        return None
+    from . import checkpoint as ckpt
+
+    where = Path(run_dir) if resume == "auto" else Path(str(resume)).expanduser()
+    found = ckpt.find_checkpoint(where)
+    if found is None:
+        return None
+    config = ckpt.read_meta(found).get("config")
+    return (config, found) if isinstance(config, dict) else None
+
+
+def adopt_recorded_model(cfg: DictConfig, args: list[str], run_dir: str | Path) -> str | None:
+    """Replace cfg.model / cfg.gate by the resumed checkpoint's (see the module docstring); what was done, in words."""
+    groups = [g for g in RECORDED_GROUPS if not names_its_own(args, g)]
+    recorded = recorded_config(cfg.get("resume"), run_dir) if groups else None
+    if recorded is None:
+        return None
+    config, found = recorded
+    taken = []
+    for group in groups:
+        node = config.get(group)
+        if not isinstance(node, dict) or OmegaConf.to_container(cfg[group], resolve=True) == node:
+            continue
+        dotted = {_key(a): OmegaConf.select(cfg, _key(a)) for a in args if "=" in a and _key(a).startswith(group + ".")}
+        with open_dict(cfg):
+            cfg[group] = node
+            for key, value in dotted.items():  # the command line's single keys win over the recorded ones
+                OmegaConf.update(cfg, key, value, force_add=True)
+        taken.append(group)
+    if not taken:
+        return None
+    return f"resume: {' and '.join(taken)} as recorded in {found} (name {'/'.join(f'{g}=...' for g in taken)} to use another)"
