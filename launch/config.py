@@ -41,6 +41,7 @@ class TrainerConfig:
     allow_config_change: bool = False
     on_nonfinite: str = "stop"
     collective_timeout: float = 600.0
+    profile: bool = False
 
 
 def resolve_experts_impl(impl: str, device: torch.device) -> str:

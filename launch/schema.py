@@ -39,7 +39,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "keep_checkpoints": Rule(int, low=0, why="0 keeps every checkpoint"),
         "device": Rule(str), "precision": Rule(str, choices=("auto", "bf16", "fp32")),
         "seed": Rule(int, low=0, high=2**32 - 1, why="numpy's generators take 32-bit seeds"),
-        "progress": Rule(bool), "compile": Rule(bool),
+        "progress": Rule(bool), "compile": Rule(bool), "profile": Rule(bool),
         "activation_checkpointing": Rule(str, choices=("none", "full", "selective")), "activation_checkpointing_every": positive_int(),
         "async_checkpoint": Rule(bool), "verify_checkpoint": Rule(bool), "trust_checkpoint": Rule(bool), "allow_config_change": Rule(bool),
         "on_nonfinite": Rule(str, choices=("stop", "skip_step", "rollback")),

@@ -33,6 +33,7 @@ from .divergence import DivergenceGuard, finite
 from .data import BatchSampler, training_samplers
 from .engines import engine_class, engine_name
 from .losses import lm_loss
+from .profiling import StepProbe
 from .routing_health import CollapseWatch
 from .run_hooks import RunHooks
 from .watchdog import Heartbeat, is_timeout
@@ -264,6 +265,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     guard = DivergenceGuard(trainer_cfg.on_nonfinite)
     heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
     collapse = CollapseWatch()  # dead experts, routers that cannot tell experts apart
+    probe = StepProbe(trainer_cfg, run_dir, device, start_step, env.rank, env.world_size, env.is_main)  # trainer.profile, bench phase times
 
     ckpt_writer = getattr(engine, "writer", None)  # engines that save through launch/resume.py
     t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
@@ -271,6 +273,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     try:
         step = start_step
         while step < trainer_cfg.steps:
+            probe.begin(step)
             set_gate_step(model, step)
             loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
             for micro in range(trainer_cfg.grad_accum):
@@ -279,6 +282,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                 heartbeat.step = step
                 loss_sum += loss.detach().float()
             grad_norm = engine.optimizer_step()
+            probe.end(step + 1, result)
             if ckpt_writer is not None:
                 ckpt_writer.poll()  # an async save whose write finished is committed now, not at the next save
             done = step + 1
@@ -344,6 +348,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
         raise
     finally:
         heartbeat.close()
+        probe.close()
     bar.close()
     hooks.close()
     if writer is not None:

@@ -55,6 +55,7 @@ def folds_clip_into_step(optimizer) -> bool:
 
 
 @torch.no_grad()
+@torch.profiler.record_function("moeflow/clip_grad_norm")  # a scope trainer.profile=true groups by (launch/profiling.py)
 def clip_grad_norm_(parameters, max_norm: float, optimizer=None) -> torch.Tensor:
     """Clip to `max_norm` (inf: no clipping); returns the pre-clip global norm (fp32). With an
     `optimizer` that `folds_clip_into_step`, the factor goes to its next step (`grad_scale`, cleared by
