@@ -13,6 +13,11 @@ compiles, autotuning) and once at the end; tokens/s is the second interval's. Va
 MFU = (6 x active non-embedding parameters + attention) FLOPs per token x tokens/s, over a
 matmul peak measured in the same run (bf16 8192^3 on CUDA; float32 1024^3 on a CPU, where the
 figure only compares variants). Writes a JSON (--out) with the figures the RESULTS table uses.
+
+Each variant also reports its steady step per phase (`forward_s`, `backward_s`, `optimizer_s`: the
+mean over the measured steps, from CUDA events on a GPU, perf_counter on a CPU; `launch/profiling.py`).
+Forward includes the batch's copy to the device, optimizer the clipping and the schedule; the three
+add up to at most `steady_step_s`, which also holds logging and the host's gaps between steps.
 """
 from __future__ import annotations
 
@@ -102,8 +107,9 @@ def token_count(batch_size: int, seq_len: int) -> int:
 def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_root: Path) -> dict:
     """One variant through the real trainer; its tokens/s, first-step time, peak memory."""
     from moeflow.launch.config import model_config
+    from moeflow.launch.profiling import PhaseTimer, timing_phases
+    from moeflow.launch.runtime import resolve_device
     from moeflow.launch.train import train
-
 
     dtype = "uint16" if args.vocab_size is None or args.vocab_size <= 2**16 else "uint32"
     cfg = compose([
@@ -113,12 +119,23 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
         f"trainer.device={args.device}", f"model.max_seq_len={args.seq_len}", *args.override,
     ])
     model_cfg = model_config(cfg)
-    result = train(cfg, run_root / name)
+    timer = PhaseTimer(resolve_device(args.device), first_step=args.steps)  # the measured steps, after as many warm-up ones
+    with timing_phases(timer):
+        result = train(cfg, run_root / name)
     tok_s = result.get("tokens_per_s")
     return {"variant": name, "tokens_per_s": tok_s, "first_step_s": result.get("first_step_s"),
             "steady_step_s": (args.batch_size * args.seq_len / tok_s) if tok_s else None,
             "peak_mem_gib": result.get("peak_mem_gib"), "flops_per_token": flops_per_token(model_cfg, args.seq_len),
-            "params": _counts(model_cfg), "final_loss": result.get("train_loss")}
+            "params": _counts(model_cfg), "final_loss": result.get("train_loss"), **_phases(timer)}
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def _phases(timer) -> dict:
+    """forward_s, backward_s, optimizer_s: seconds per measured step (None where a phase was not timed)."""
+    means = timer.means()
+    return {**{f"{p}_s": means.get(p) for p in PHASES}, "phases_measured_with": timer.measured_with}
 
 
 def _counts(model_cfg) -> dict:
@@ -156,14 +173,23 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def step():
+    from moeflow.launch.profiling import PhaseTimer
+
+    timer = PhaseTimer(device, first_step=1)  # step 0: warm-up, 1: the measured steps
+
+    def step(measured: int = 0):
+        timer.begin(measured)
         x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
         with autocast:
             logits = model(x[:, :-1]).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        timer.mark("forward")
         loss.backward()
+        timer.mark("backward")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        timer.mark("optimizer")
+        timer.end()
         return loss
 
     if device.type == "cuda":
@@ -177,12 +203,12 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
     sync(device)
     t = time.perf_counter()
     for _ in range(args.steps):
-        loss = step()
+        loss = step(measured=1)
     sync(device)
     tok_s = args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t)
     return {"variant": f"hf ({target})", "tokens_per_s": tok_s, "first_step_s": first, "steady_step_s": args.batch_size * args.seq_len / tok_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "flops_per_token": flops_per_token(cfg, args.seq_len), "params": _counts(cfg), "final_loss": loss.item()}
+            "flops_per_token": flops_per_token(cfg, args.seq_len), "params": _counts(cfg), "final_loss": loss.item(), **_phases(timer)}
 
 
 def run(args) -> dict:
@@ -239,6 +265,7 @@ def run(args) -> dict:
         "moe_mfu": moe and moe.get("mfu"), "dense_mfu": dense and dense.get("mfu"),
         "moe_over_dense": moe and dense and moe["tokens_per_s"] / dense["tokens_per_s"],
         "moe_peak_mem_gib": moe and moe.get("peak_mem_gib"), "first_step_s": moe and moe.get("first_step_s"),
+        "moe_phases_s": moe and {p: moe.get(f"{p}_s") for p in PHASES}, "dense_phases_s": dense and {p: dense.get(f"{p}_s") for p in PHASES},
         "moe_compiled_tokens_per_s": moe_c and moe_c["tokens_per_s"], "dense_compiled_tokens_per_s": dense_c and dense_c["tokens_per_s"],
         "moe_compiled_over_dense_compiled": moe_c and dense_c and moe_c["tokens_per_s"] / dense_c["tokens_per_s"],
         "variants": rows,
@@ -271,7 +298,9 @@ def _row(r: dict, peak: float) -> str:
         return f"{r['variant']:<16} skipped: {r['skipped']}"
     mfu = r["tokens_per_s"] * r["flops_per_token"] / peak if r.get("tokens_per_s") else float("nan")
     mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
+    phases = " / ".join(f"{1e3 * r[f'{p}_s']:.1f}" if r.get(f"{p}_s") is not None else "-" for p in PHASES)
     return (f"{r['variant']:<16} {r['tokens_per_s']:>12,.0f} tok/s  MFU {100 * mfu:5.1f}%  step {1e3 * r['steady_step_s']:8.1f} ms  "
+            f"(fwd / bwd / opt {phases} ms)  "
             f"first step {r['first_step_s']:6.1f} s  peak {mem}  ({r['params']['active'] / 1e6:.1f}M active of {r['params']['total'] / 1e6:.1f}M)")
 
 

@@ -43,6 +43,7 @@ from moeflow.parallel.expert_params import ep_group_name, is_expert_param, mark_
 from .. import checkpoint as ckpt
 from ..losses import lm_loss
 from ..optim import build_scheduler, fresh_optimizer_state
+from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
 
 log = logging.getLogger("moeflow.deepspeed")
@@ -464,8 +465,11 @@ class DeepSpeedEngine:
     def forward_backward(self, x, y, last: bool):
         loss = lm_loss(self.engine(x), y)
         aux = self.model.aux_loss().to(device=loss.device, dtype=loss.dtype)
+        phase("forward")  # phase times of `moeflow bench train`; a no-op otherwise
         self.engine.backward(loss + aux)  # DeepSpeed divides by grad_accum
+        phase("backward")
         self.engine.step()  # steps optimizer + scheduler only at the accumulation boundary
+        phase("optimizer")
         return loss, aux
 
     def optimizer_step(self) -> float | None:

@@ -46,6 +46,7 @@ from moeflow.parallel.sharded_state import full_model_state, full_optimizer_stat
 from .. import resume
 from ..losses import lm_loss
 from ..optim import AdamWStep, build_scheduler, replay_schedule
+from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
 
 log = logging.getLogger("moeflow.train")
@@ -134,7 +135,9 @@ class MegatronEngine(AdamWStep):
         with grad_sync(self.ddp, last):
             with self.autocast():
                 loss = lm_loss((self.ddp or self.model)(x), y)
+            phase("forward")  # phase times of `moeflow bench train`; a no-op otherwise
             (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
+            phase("backward")
         return loss, self.model.aux_loss().detach()
 
     # -- checkpoints (launch/resume.py) -------------------------------------------------

@@ -31,6 +31,7 @@ from .. import resume
 from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
 from ..optim import build_optimizer, build_scheduler, replay_schedule
+from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
 
 log = logging.getLogger("moeflow.train")
@@ -110,7 +111,9 @@ class TorchEngine:
             with self.autocast():
                 loss = lm_loss(self.fwd(x), y)
                 aux = self.model.aux_loss().to(loss.device)
+            phase("forward")  # phase times of `moeflow bench train`; a no-op otherwise
             ((loss + aux) * (self.loss_scale / self.grad_accum)).backward()
+            phase("backward")
         return loss, aux
 
     def optimizer_step(self) -> torch.Tensor:

@@ -53,6 +53,20 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
     assert result["shape"] == "tiny"
 
 
+@pytest.mark.slow  # trains 4 tiny steps (about a second on 2 cores)
+def test_phase_times_are_reported_and_fit_in_the_steady_step(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    args = argparse.Namespace(shape="tiny", variants="dense", impls="torch", seq_len=16, batch_size=2, steps=2,
+                              device="cpu", out=str(out), override=TINY)
+    bench_train.run(args)
+    row = json.loads(out.read_text())["variants"][0]
+    phases = [row["forward_s"], row["backward_s"], row["optimizer_s"]]
+    assert all(p > 0 for p in phases) and row["phases_measured_with"] == "perf_counter"
+    assert sum(phases) <= row["steady_step_s"]  # the measured steps' phases, inside the interval tokens/s comes from
+    assert json.loads(out.read_text())["dense_phases_s"] == {"forward": phases[0], "backward": phases[1], "optimizer": phases[2]}
+    assert "fwd / bwd / opt" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("seq_len", [16, 2048, 8192])
 def test_the_random_token_file_leaves_a_validation_window(tmp_path, seq_len):
     """The documented default (seq 2048) once stopped on "the split has 2000 tokens, fewer than data.seq_len+2"."""
