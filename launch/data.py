@@ -101,10 +101,13 @@ def _looks_like_text(p: Path) -> bool:
     return len(head) > 0 and printable / len(head) > 0.95
 
 
-def load_memmap(path: str, val_path: str | None, dtype: str, val_percent: float) -> TokenSplits:
+def load_memmap(path: str, val_path: str | None, dtype: str | None, val_percent: float) -> TokenSplits:
+    """dtype None: the one the data's meta.json records (uint16 for bare token files)."""
+    meta = token_file_meta(Path(path))
+    if dtype is None:
+        dtype = meta["dtype"] if meta is not None else "uint16"
     if dtype not in ("uint16", "uint32"):
         raise DataError(f"data.dtype={dtype} is not supported; use uint16 or uint32")
-    meta = token_file_meta(Path(path))
     if meta is not None and meta["dtype"] != dtype:
         raise DataError(f"{path} holds {meta['dtype']} tokens (its {TOKEN_META}) but data.dtype={dtype}; set data.dtype={meta['dtype']}")
     itemsize = np.dtype(dtype).itemsize

@@ -9,8 +9,9 @@ INPUT: text files or folders of them (`--glob`), JSONL (one JSON object per line
 library) or a model folder (its tokenizer.json, else transformers' `AutoTokenizer`).
 
 DIR gets train.bin and val.bin (each document's ids followed by one EOS: one EOS between
-documents; uint16 when the vocab fits, else uint32) and meta.json (tokenizer, vocab size,
-EOS id, documents and tokens per split), which training checks against `model.vocab_size`.
+documents; uint16 when the vocab fits, else uint32), meta.json (tokenizer, vocab size,
+EOS id, documents and tokens per split), which training checks against `model.vocab_size`,
+and tokenizer/ (a copy of the tokenizer as used: runs on the data carry it on).
 Documents go to the validation split by a hash of their position, so the split does not
 depend on the number of workers. Work is done in chunks of documents, in order, by a pool of
 processes; `--resume` continues after the last chunk a killed run finished.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import zlib
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -29,6 +31,7 @@ import numpy as np
 from moeflow.moe.errors import DataError
 
 from .data import TOKEN_META
+from .tokenizer_files import TOKENIZER_DIR, make_auto_loadable
 
 STATE = "prepare_state.json"  # progress of an unfinished run (removed when it completes)
 CHUNK_DOCS = 512
@@ -140,6 +143,7 @@ class LoadedTokenizer(NamedTuple):
     switched_off: list[str]  # what the tokenizer file asked for that pretraining data must not have (truncation, padding)
     unk_id: int | None
     special_ids: list[int]
+    save: Callable[[Path, int | None], None]  # (folder, eos id): the tokenizer as used here, for the data to carry
 
 
 def load_tokenizer(spec: str) -> LoadedTokenizer:
@@ -164,8 +168,17 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
         unk = getattr(tok.model, "unk_token", None)
         unk_id = tok.token_to_id(unk) if isinstance(unk, str) else None
         special = sorted(i for i, t in tok.get_added_tokens_decoder().items() if getattr(t, "special", False))
+
+        def save(folder: Path, eos_id: int | None) -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            tok.save(str(folder / "tokenizer.json"))  # truncation and padding off, as the data was made
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                if (file.parent / name).is_file():
+                    shutil.copy2(file.parent / name, folder / name)
+            make_auto_loadable(folder, tok.id_to_token(eos_id) if eos_id is not None else None)
+
         return LoadedTokenizer((lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]),
-                               tok.get_vocab_size(with_added_tokens=True), eos, str(file), tok.token_to_id, off, unk_id, special)
+                               tok.get_vocab_size(with_added_tokens=True), eos, str(file.resolve()), tok.token_to_id, off, unk_id, special, save)
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -181,8 +194,11 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
         i = tok.convert_tokens_to_ids(token)
         return None if i is None or i == tok.unk_token_id and token != tok.unk_token else i
 
+    def save(folder: Path, eos_id: int | None) -> None:
+        tok.save_pretrained(str(folder))
+
     return LoadedTokenizer((lambda texts: tok(texts, add_special_tokens=False, truncation=False, padding=False)["input_ids"]),
-                           len(tok), tok.eos_token_id, str(p), to_id, off, tok.unk_token_id, sorted(set(tok.all_special_ids)))
+                           len(tok), tok.eos_token_id, str(p.resolve()), to_id, off, tok.unk_token_id, sorted(set(tok.all_special_ids)), save)
 
 
 def _switch_off(tok) -> list[str]:
@@ -336,13 +352,15 @@ def prepare(args: argparse.Namespace) -> dict:
     if skipped:
         meta["skipped_binary_files"] = len(skipped)
         print(f"left out {len(skipped)} binary files of the input folders (e.g. {skipped[0]})")
+    loaded.save(out / TOKENIZER_DIR, eos)  # the data carries its tokenizer: runs on it, their exports and generate use this copy
+    meta["tokenizer_dir"] = TOKENIZER_DIR
     (out / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
     state_file.unlink()
     print(f"wrote {out}: {state['train']['documents']} documents / {state['train']['tokens']} tokens for training, "
           f"{state['val']['documents']} / {state['val']['tokens']} for validation ({meta['dtype']}, vocab {vocab}); "
           f"{meta['tokens_per_document']:.1f} tokens per document, unknown tokens {100 * meta['unk_rate']:.3f}%, "
           f"special tokens inside documents {100 * meta['special_token_rate']:.3f}%")
-    print(f"train on it with: moeflow train data=memmap data.path={out / 'train.bin'} data.dtype={meta['dtype']} model.vocab_size={vocab}")
+    print(f"train on it with: moeflow train data=memmap data.path={out / 'train.bin'} model.vocab_size={vocab}")
     return meta
 
 

@@ -20,12 +20,12 @@ from moeflow.moe.param_count import param_counts
 from moeflow.moe.upcycle import max_logit_diff
 
 from . import checkpoint as ckpt
+from .tokenizer_files import TOKENIZER_DIR, checkpoint_tokenizer, copy_tokenizer, make_auto_loadable
 from .upcycle.outputs import atomic_output, gate_node, train_command, write_configs
 
 VERIFY_RTOL = 1e-5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMPORTED = "imported"  # the config names `moeflow train model=imported gate=imported`
-TOKENIZER_DIR = "tokenizer"  # the source's tokenizer files, kept for generate / eval / data prepare
 
 
 def verify(name: str, reference, model, vocab: int, seq: int, seed: int) -> dict:
@@ -110,14 +110,6 @@ def verify_import(src: Path, cfg: dict, tensors, model_cfg: ModelConfig, scratch
     return {**diff, "layers_checked": layers}
 
 
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    names = [n for n in hf._COPY_FILES if (src / n).is_file()]
-    if names:
-        dst.mkdir(parents=True, exist_ok=True)
-        for n in names:
-            shutil.copy2(src / n, dst / n)
-
-
 def load_moeflow(src: str | Path) -> tuple[ModelConfig, dict, Path]:
     found = ckpt.find_checkpoint(src)
     if found is None:
@@ -140,8 +132,8 @@ def moeflow_to_hf(args) -> Path:
     out = Path(args.out).expanduser()
     tmp, commit = atomic_output(out, args.force)
     try:
-        tokenizer = tokenizer_dir(found)
-        hf.save_hf(tmp, config, hf_moe.export_tensors(model, target, dtype), tokenizer, shard_gib=args.shard_gib)
+        hf.save_hf(tmp, config, hf_moe.export_tensors(model, target, dtype), shard_gib=args.shard_gib)
+        carry_tokenizer(found, tmp, config)
         if args.verify:
             theirs = hf.load_hf_model(tmp)  # float32
             verify(f"transformers {target} vs moeflow", lambda t: theirs(t).logits, model, model_cfg.vocab_size, min(32, model_cfg.max_seq_len), args.seed)
@@ -149,13 +141,20 @@ def moeflow_to_hf(args) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+          + (f" and AutoTokenizer.from_pretrained({str(out)!r})" if (out / "tokenizer_config.json").is_file() else
+             " (the run records no tokenizer: byte-level, or pass one to transformers yourself)"))
     return out
 
 
-def tokenizer_dir(found: Path) -> Path | None:
-    """The tokenizer files that came with the model (an import's tokenizer/ folder), if any."""
-    for d in (found.parent.parent / TOKENIZER_DIR, found.parent / TOKENIZER_DIR, found / TOKENIZER_DIR):
-        if d.is_dir():
-            return d
-    return None
+def carry_tokenizer(found: Path, folder: Path, config: dict) -> None:
+    """The run's tokenizer into an export, loadable by AutoTokenizer, and its special-token ids into
+    config.json where the source config had none (transformers' generate stops at eos_token_id)."""
+    src = checkpoint_tokenizer(found)
+    if src is None or not copy_tokenizer(src, folder):
+        return
+    ids = make_auto_loadable(folder)
+    for key, value in ids.items():
+        if config.get(key) is None and value < config["vocab_size"]:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

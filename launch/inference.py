@@ -3,9 +3,9 @@
   moeflow generate RUN_OR_CKPT --prompt TEXT [--max-new-tokens 64] [--temperature 0 | --top-p 0.9] [--seed 0]
   moeflow eval     RUN_OR_CKPT --data TOKENS.bin [--batches 20] [--seq-len N] [--batch-size 8]
 
-The tokenizer comes from the run: bytes for runs on text (data=stdlib / data=text), the
-tokenizer recorded in the prepared data's meta.json for data=memmap, or an imported model's
-`tokenizer/` folder; `--tokenizer` overrides. Greedy decoding at temperature 0, nucleus
+The tokenizer comes with the model: the `tokenizer/` folder a run, an import or an upcycle
+carries (launch/tokenizer_files.py), bytes for runs on text (data=stdlib / data=text);
+`--tokenizer` overrides. A tokenizer whose vocabulary does not fit the model's is refused. Greedy decoding at temperature 0, nucleus
 sampling otherwise, with a KV cache (`moeflow.moe.model.KVCache`). `eval` reports the loss,
 bits per byte (byte-level) or perplexity (tokens), and each MoE layer's expert load on the data.
 """
@@ -39,6 +39,7 @@ class ByteTokenizer:
 
     description = "bytes (UTF-8)"
     eos_id = None
+    vocab_size = 256
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -59,6 +60,7 @@ class HFTokenizer:
         except Exception as e:  # tokenizers raises its own exception type for a file it cannot parse
             raise DataError(f"{file} is not a tokenizer.json the tokenizers library reads ({str(e)[:120]}); pass --tokenizer PATH of one") from None
         self.description = str(file)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         from .data_prepare import load_tokenizer
 
         self.eos_id = load_tokenizer(str(file))[2]
@@ -73,19 +75,26 @@ class HFTokenizer:
 def tokenizer_for(meta: dict, found: Path, override: str | None):
     """The run's own tokenizer (see the module docstring), or `override`."""
     from .data import token_file_meta
-    from .hf_models import tokenizer_dir
+    from .tokenizer_files import checkpoint_tokenizer, data_tokenizer
 
     if override:
         return HFTokenizer(Path(override).expanduser())
-    if tokenizer_dir(found) is not None:
-        return HFTokenizer(tokenizer_dir(found))
+    if checkpoint_tokenizer(found) is not None:
+        return HFTokenizer(checkpoint_tokenizer(found))
     data = (meta.get("config") or {}).get("data") or {}
-    if data.get("source") in ("stdlib", "text"):
+    if data.get("source") in ("stdlib", "text") and not meta.get("weights_only"):  # an import's config names the default data
         return ByteTokenizer()
-    prepared = token_file_meta(Path(str(data.get("path")))) if data.get("path") else None
-    if prepared and prepared.get("tokenizer"):
-        return HFTokenizer(Path(prepared["tokenizer"]))
-    raise DataError("this run does not record its tokenizer (no prepared-data meta.json, no tokenizer/ folder); pass --tokenizer PATH")
+    if data_tokenizer(data) is not None:  # runs from before runs carried their tokenizer
+        return HFTokenizer(data_tokenizer(data))
+    raise DataError("this model carries no tokenizer (no tokenizer/ folder beside its checkpoint, no prepared data that has one); pass --tokenizer PATH")
+
+
+def check_vocab(tok, vocab_size: int) -> None:
+    """A tokenizer that does not belong to the model decodes nonsense: one line instead.
+    (Models often pad their vocabulary past the tokenizer's, so only a clear misfit is refused.)"""
+    if tok.vocab_size > vocab_size or vocab_size > 2 * tok.vocab_size + 64:
+        raise DataError(f"the tokenizer ({tok.description}) has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}: they do not "
+                        f"belong together; pass the model's own --tokenizer PATH")
 
 
 def sample_next(logits_V, temperature: float, top_p: float, generator):
@@ -137,6 +146,7 @@ def generate(args) -> str:
     check_sampling(args)
     model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     tok = tokenizer_for(meta, found, args.tokenizer)
+    check_vocab(tok, model.cfg.vocab_size)
     prompt = tok.encode(args.prompt)
     if not prompt:
         raise DataError("--prompt is empty; give the text to continue")

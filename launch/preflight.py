@@ -148,9 +148,7 @@ def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
     cfg = compose_checked(args)  # Hydra alone: a typo is reported before torch is imported
-    adopted = adopt_recorded_model(cfg, args, cfg.hydra.run.dir)
-    if adopted and os.environ.get("RANK", "0") == "0":
-        print(adopted)
+    adopt_recorded_model(cfg, args, cfg.hydra.run.dir)  # the run's log says so
     schema.check(cfg)  # every value's type and range, still without torch
     check_resume_has_a_run_dir(cfg, args)
     check_output_dir(cfg.hydra.run.dir)

@@ -36,6 +36,7 @@ from .losses import lm_loss
 from .profiling import StepProbe
 from .routing_health import CollapseWatch
 from .run_hooks import RunHooks
+from .tokenizer_files import TOKENIZER_DIR, carry_into_run
 from .watchdog import Heartbeat, is_timeout
 
 log = logging.getLogger("moeflow.train")
@@ -217,6 +218,11 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
 
     torch.manual_seed(trainer_cfg.seed)
     splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, trainer_cfg.seed)
+    if env.is_main:  # the run carries its tokenizer (generate, eval and exports read this copy)
+        start = ckpt.find_checkpoint(Path(str(cfg.resume)).expanduser()) if cfg.resume not in (None, "auto") else None
+        src = carry_into_run(run_dir, start, cfg.data)
+        if src is not None:
+            log.info("tokenizer: copied %s into %s", src, run_dir / TOKENIZER_DIR)
     engine = Engine(cfg, model_cfg, trainer_cfg, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
     if device.type == "cuda":  # the peak this run reports is its own, not an earlier one's in this process (CUDA is up by now)
         torch.cuda.reset_peak_memory_stats(device)

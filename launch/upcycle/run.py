@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
         if fmt in ("moeflow", "both"):
             mf_dir.mkdir(parents=True, exist_ok=True)
             write_moeflow(mf_dir, moe, opts, source)
+            carry_source_tokenizer(source, kind, mf_dir)
             final_mf = output / "moeflow" if fmt == "both" else output
             report["train_command"] = train_command(final_mf)
         (tmp / "upcycle.json" if fmt != "hf" else tmp / "moeflow_upcycle.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -97,6 +98,16 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
     if "train_command" in report:
         print(f"continue training with (add your data=... and trainer.* overrides):\n  {report['train_command']}")
     return report
+
+
+def carry_source_tokenizer(source: Path, kind: str, folder: Path) -> None:
+    """The dense model's tokenizer goes with the MoE (generate, data prepare and exports use it)."""
+    from .. import checkpoint as ckpt
+    from ..tokenizer_files import TOKENIZER_DIR, checkpoint_tokenizer, copy_tokenizer
+
+    src = checkpoint_tokenizer(ckpt.find_checkpoint(source)) if kind == "moeflow" else source
+    if src is not None:
+        copy_tokenizer(src, folder / TOKENIZER_DIR)
 
 
 def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dict, report: dict) -> dict:

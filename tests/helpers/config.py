@@ -11,6 +11,11 @@ TINY = [
 ]
 
 
-def compose_cfg(*overrides: str):
+def compose_cfg(*overrides: str, run_dir=None):
+    """The config `moeflow train OVERRIDES` runs (a resume takes its checkpoint's model, as on the command line)."""
+    from moeflow.launch.recorded_model import adopt_recorded_model
+
     with initialize_config_module(config_module="moeflow.configs", version_base=None):
-        return compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name="train", overrides=list(overrides))
+    adopt_recorded_model(cfg, list(overrides), run_dir if run_dir is not None else ".")
+    return cfg

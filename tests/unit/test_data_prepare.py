@@ -4,6 +4,7 @@ resumes to the same files, and training runs on the output."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -227,3 +228,10 @@ def test_truncation_and_padding_saved_in_a_tokenizer_are_switched_off(tmp_path, 
     unk = sum(d.count(tok.token_to_id("[UNK]")) for d in plain)
     assert meta["unk_rate"] == pytest.approx(unk / sum(map(len, plain)))
     assert meta["tokenizer_switched_off"] == ["truncation to 128 tokens", "padding to 128 with '[PAD]'"]
+    # the data carries the tokenizer as it was used: truncation and padding off, loadable by transformers
+    copy = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer" / "tokenizer.json"))
+    assert copy.truncation is None and copy.padding is None
+    assert meta["tokenizer_dir"] == "tokenizer" and Path(meta["tokenizer"]).is_absolute()
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
+    assert auto(open(files[0]).read(), add_special_tokens=False)["input_ids"] == plain[0] and auto.eos_token == "[SEP]"
