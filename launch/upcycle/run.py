@@ -112,7 +112,9 @@ def carry_source_tokenizer(source: Path, kind: str, folder: Path) -> None:
 
 def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dict, report: dict) -> dict:
     dense = hf.load_hf_model(source, DTYPES[args.dtype])
-    model = hf.load_hf_model(source, DTYPES[args.dtype])
+    # one load, copied: a head the checkpoint lacks (an encoder's LM head) is initialised randomly by
+    # transformers, differently on each load; and the check compares the hidden states the upcycle changes
+    model = copy.deepcopy(dense)
     replaced = upcycle_model(model, options=opts, selector=args.selector)
     model.eval()
     tmp, commit = atomic_output(output, args.force)
@@ -120,9 +122,12 @@ def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dic
         if args.verify:
             vocab = int(cfg.get("vocab_size") or model.config.vocab_size)
             seq = min(32, int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 32))
-            diff = max_logit_diff(lambda t: dense(t).logits, lambda t: model(t).logits, vocab, seq_len=seq, seed=args.seed)
+            def last_hidden(m):
+                return lambda t: m(t, output_hidden_states=True).hidden_states[-1]
+
+            diff = max_logit_diff(last_hidden(dense), last_hidden(model), vocab, seq_len=seq, seed=args.seed)
             report["verify"]["generic"] = diff
-            check_verify(f"upcycled {cfg.get('model_type')} vs dense", diff, opts, DTYPES[args.dtype])
+            check_verify(f"upcycled {cfg.get('model_type')} vs dense (last hidden states)", diff, opts, DTYPES[args.dtype])
         report["replaced_modules"] = replaced
         hf.save_generic(tmp, model, source, {"options": opts.to_dict(), "selector": args.selector, "report": report})
         commit()

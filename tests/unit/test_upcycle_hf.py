@@ -176,3 +176,16 @@ def test_gate_options_without_hf_equivalent_write_moeflow_only(tmp_path, capsys)
     with pytest.raises(SystemExit):
         cli.main(["upcycle", str(tmp_path / "d"), str(tmp_path / "o2"), "--format", "hf", "--gate-option", "renormalize=false"])
     assert "gate.renormalize=false" in capsys.readouterr().err
+
+
+def test_generic_upcycle_of_an_encoder_without_lm_head_verifies(tmp_path):
+    """A MiniLM-style encoder saved as BertModel has no LM head: transformers invents one at random on
+    every load. The check compares the hidden states the upcycle changes (it once failed on the head)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    T.BertModel(cfg).save_pretrained(str(tmp_path / "minilm"))
+    report = upcycle_cli.upcycle([str(tmp_path / "minilm"), str(tmp_path / "out"), "--generic", "--num-experts", "4", "--top-k", "2"])
+    assert report["verify"]["generic"]["max_rel_diff"] <= 1e-5
+    assert report["replaced_modules"]
