@@ -3,9 +3,25 @@
 `MOEFLOW_AUTOTUNE=0` makes every kernel run its first candidate, untuned (no compile of the
 others: a faster first step, e.g. for tests; slower steps after). Under Triton's CPU
 interpreter (`TRITON_INTERPRET=1`) every kernel gets one small tile.
+
+Tuned configs persist on disk (`persist_tuning`), so a new process skips the benchmark of every
+shape a process on the same GPU already tuned: one small JSON per (kernel, tuning key) in Triton's
+cache dir (`$TRITON_CACHE_DIR`, default `~/.triton/cache`: `<hash>/moeflow-<kernel>.autotune.json`).
+The hash covers what Triton's own `cache_results=True` covers (the Triton build, the GPU target,
+the kernel's source and dependencies, Triton's cache-invalidating env vars, the tuning key, which
+holds the key arguments and the dtypes, and the candidate list) plus the GPU's name and SM count
+(an H100 and an H200 share sm_90 but not their best tiles) and this file (its prune rules).
+Triton's own option (Triton >= 3.4) cannot be used here: it caches nothing for candidates with a
+`pre_hook`, and every candidate here has one (it sets the TMA descriptors' boxes).
+`MOEFLOW_AUTOTUNE_CACHE=0` turns the disk cache off (tune in every process, as before); deleting
+the files forces a retune. Nothing is cached under the interpreter or with `MOEFLOW_AUTOTUNE=0`
+(a single candidate is never tuned).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 
 import torch
@@ -13,6 +29,9 @@ import triton
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MOEFLOW_AUTOTUNE", "1") != "0"
+CACHE = os.environ.get("MOEFLOW_AUTOTUNE_CACHE", "1") != "0"
+
+log = logging.getLogger("moeflow.kernels")
 
 
 def candidate_configs(shapes, hook=None):
@@ -29,6 +48,128 @@ def candidate_configs(shapes, hook=None):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": bool(p[0]) if p else False},
                           num_warps=w, num_stages=s, pre_hook=hook)
             for bm, bn, bk, w, s, *p in shapes]
+
+
+# ----------------------------------------------------------------------------- tuned configs on disk
+def _gpu_target() -> str:
+    """What a tuned config depends on beyond the kernel: Triton's compile target (arch, ptxas) and the GPU model."""
+    parts = []
+    try:
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.driver import driver
+
+        parts.append(make_backend(driver.active.get_current_target()).hash())
+    except Exception as e:  # noqa: BLE001  (an internal of Triton's; the GPU's name below still keys the file)
+        log.debug("autotune cache: no Triton target hash (%s)", e)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        parts.append(f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs")
+    return " | ".join(parts)
+
+
+def _kernel_source_key(kernel) -> str:
+    fn = kernel
+    while not hasattr(fn, "cache_key") and hasattr(fn, "fn"):
+        fn = fn.fn
+    try:
+        return str(fn.cache_key)  # the JIT function's source and its dependencies, as Triton keys compiles
+    except Exception:  # noqa: BLE001
+        import inspect
+
+        return hashlib.sha256(inspect.getsource(getattr(kernel, "base_fn", fn)).encode()).hexdigest()
+
+
+def _kernel_name(kernel) -> str:
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return getattr(fn, "__name__", "kernel")[:150]
+
+
+def _base_key(kernel, target: str) -> list[str]:
+    """Everything but the tuning key: Triton build, target, source, env, this file (prune rules), candidates."""
+    try:
+        from triton.runtime.cache import triton_key
+
+        version = triton_key()
+    except Exception:  # noqa: BLE001
+        version = triton.__version__
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+
+        env = str(sorted(get_cache_invalidating_env_vars().items()))
+    except Exception:  # noqa: BLE001
+        env = ""
+    with open(__file__, "rb") as f:  # the candidates' prune rules (fits_*) live here
+        rules = hashlib.sha256(f.read()).hexdigest()
+    return [version, target, _kernel_source_key(kernel), env, rules, *map(str, kernel.configs)]
+
+
+def _config_record(config) -> dict:
+    return {"kwargs": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+            "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}
+
+
+class DiskCache(dict):
+    """An autotuner's best-config cache (tuning key -> Config) that also lives on disk.
+
+    Triton's `Autotuner.run` asks `key in self.cache` before it benchmarks and stores its pick with
+    `self.cache[key] = config`: a miss here reads the file that key names (and hands back the
+    kernel's own candidate, so its pre_hook stays), a store writes it. Any failure to read or write
+    leaves the tuning in memory only, as without the cache.
+    """
+
+    def __init__(self, kernel, target=_gpu_target):
+        super().__init__()
+        self.kernel, self.target, self.name = kernel, target, _kernel_name(kernel)
+        self._base: list[str] | None = None
+
+    def _manager(self, key):
+        from triton.runtime.cache import get_cache_manager
+
+        if self._base is None:
+            self._base = _base_key(self.kernel, self.target())
+        digest = hashlib.sha256("-".join([*self._base, str(key)]).encode()).hexdigest()
+        return get_cache_manager(digest), f"moeflow-{self.name}.autotune.json"
+
+    def __contains__(self, key) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        try:
+            manager, filename = self._manager(key)
+            path = manager.get_file(filename)
+            if path is None:
+                return False
+            with open(path) as f:
+                stored = json.load(f)
+            if stored.get("key") != [str(k) for k in key]:
+                return False
+            config = next((c for c in self.kernel.configs if _config_record(c) == stored.get("best")), None)
+        except Exception as e:  # noqa: BLE001
+            log.debug("autotune cache: %s not read (%s)", self.name, e)
+            return False
+        if config is None:
+            return False
+        dict.__setitem__(self, key, config)
+        return True
+
+    def __setitem__(self, key, config) -> None:
+        dict.__setitem__(self, key, config)
+        try:
+            manager, filename = self._manager(key)
+            manager.put(json.dumps({"kernel": self.name, "target": self.target(), "key": [str(k) for k in key],
+                                    "best": _config_record(config)}), filename, binary=False)
+        except Exception as e:  # noqa: BLE001
+            log.debug("autotune cache: %s not written (%s)", self.name, e)
+
+
+def persist_tuning(*kernels) -> None:
+    """Give each `@triton.autotune` kernel an on-disk cache of its tuned configs (module docstring)."""
+    if INTERPRET or not AUTOTUNE or not CACHE:
+        return
+    for kernel in kernels:
+        if isinstance(getattr(kernel, "cache", None), dict) and not isinstance(kernel.cache, DiskCache):
+            kernel.cache = DiskCache(kernel)
 
 
 def force_tiles(kernel, shape) -> None:

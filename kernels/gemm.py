@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .autotune import (GMM_SHAPES, INTERPRET, UP_SHAPES, WGRAD_SHAPES, candidate_configs, e_pow2, even_k, fits_gmm,
-                       fits_wgrad, grid_for, m_bucket, m_grid)
+                       fits_wgrad, grid_for, m_bucket, m_grid, persist_tuning)
 from .tma import GMM_BOXES, UP_BOXES, WGRAD_BOXES, desc_pair, rows_desc, weight_desc
 
 
@@ -385,6 +385,9 @@ def _wgrad_kernel(
         tl.store(out1_ptr + o_off, acc1.to(out1_ptr.dtype.element_ty), mask=omask)
         if TWO:
             tl.store(out2_ptr + o_off, acc2.to(out2_ptr.dtype.element_ty), mask=omask)
+
+
+persist_tuning(_up_kernel, _gmm_kernel, _wgrad_kernel)  # tuned configs kept on disk across processes (autotune.py)
 
 
 # ============================================================================= launchers

@@ -149,3 +149,40 @@ def test_impls_agree_and_compile_traces():
         yc = compiled(x, counts)
         yc.float().sum().backward()
     assert rel(yc, outs["torch"]) < 1e-2 and torch.isfinite(ex.w1_EDF.grad).all()
+
+
+_TUNE_ONCE = """
+import json, sys, time, torch
+from moeflow.kernels import gemm, ops
+T, D, F, E, k = 2048, 512, 1024, 16, 4
+torch.manual_seed(0)
+x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+val, idx = torch.randn(T, E, device="cuda").softmax(-1).topk(k, -1)
+order = torch.argsort(idx.reshape(-1), stable=True)
+token_A = torch.arange(T, device="cuda").repeat_interleave(k)[order]
+weight_A = val.reshape(-1)[order].clone().requires_grad_()
+counts_E = torch.bincount(idx.reshape(-1), minlength=E)
+ws = [(torch.randn(*s, device="cuda") * s[1] ** -0.5).bfloat16().requires_grad_() for s in ((E, D, F), (E, D, F), (E, F, D))]
+t = time.perf_counter()
+y = ops.expert_mlp_routed(x, *ws, counts_E, token_A, weight_A)
+torch.autograd.grad(y, [x, *ws, weight_A], torch.randn_like(y))
+torch.cuda.synchronize()
+kernels = (gemm._up_kernel, gemm._gmm_kernel, gemm._wgrad_kernel)
+print(json.dumps({"seconds": time.perf_counter() - t, "benchmarked": [hasattr(k, "bench_time") for k in kernels],
+                  "picks": [len(k.cache) for k in kernels]}))
+"""
+
+
+def test_a_second_process_reuses_the_tuned_tiles(tmp_path):
+    """Autotuning runs once per GPU kind and shape: the next process reads every pick from disk."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "MOEFLOW_AUTOTUNE": "1", "MOEFLOW_AUTOTUNE_CACHE": "1"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _TUNE_ONCE], env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+    assert any(runs[0]["benchmarked"]) and not any(runs[1]["benchmarked"]), runs
+    assert runs[1]["picks"] == runs[0]["picks"] and len(list(tmp_path.rglob("moeflow-*.autotune.json"))) == sum(runs[0]["picks"])
+    print(f"first call: {runs[0]['seconds']:.1f} s tuning, {runs[1]['seconds']:.1f} s from the disk cache")
