@@ -136,3 +136,20 @@ def test_profile_is_off_by_default_and_checked_as_a_bool():
     assert compose_cfg().trainer.profile is False
     with pytest.raises(ConfigError, match="trainer.profile='yes' is not valid: it takes true or false"):
         schema.check(compose_cfg("trainer.profile=yes"))
+
+
+def test_cuda_kernels_are_timed_on_the_device_and_scoped_by_the_op_that_launched_them():
+    """profiler_rows on a GPU (fake events shaped as torch.profiler's): kernels only, their launching op's scopes."""
+    from types import SimpleNamespace as NS
+
+    cpu, cuda = NS(name="CPU"), NS(name="CUDA")
+    step = NS(name="Optimizer.step#AdamW.step", device_type=cpu, id=1, linked_correlation_id=0, cpu_parent=None, is_async=False)
+    foreach = NS(name="aten::_foreach_copy_", device_type=cpu, id=2, linked_correlation_id=0, cpu_parent=step, is_async=False)
+    launch = NS(name="cudaLaunchKernel", device_type=cpu, id=9, linked_correlation_id=2, cpu_parent=None, is_async=False)
+    kernel = NS(name="direct_copy_kernel_cuda", device_type=cuda, id=9, linked_correlation_id=2, cpu_parent=None,
+                time_range=NS(elapsed_us=lambda: 40.0))
+    stray = NS(name="_topk_rows_kernel", device_type=cuda, id=10, linked_correlation_id=77, cpu_parent=None, time_range=NS(elapsed_us=lambda: 5.0))
+    prof = NS(events=lambda: [step, foreach, launch, kernel, stray])
+    rows = profiling.profiler_rows(prof, "cuda")
+    assert rows == [("direct_copy_kernel_cuda", 40.0, ["aten::_foreach_copy_", "Optimizer.step#AdamW.step"]), ("_topk_rows_kernel", 5.0, [])]
+    assert [g.key for g in group_times(rows)] == ["optimizer", "experts"]  # the copy the optimizer's step writes is its time
