@@ -18,6 +18,8 @@ Each variant also reports its steady step per phase (`forward_s`, `backward_s`, 
 mean over the measured steps, from CUDA events on a GPU, perf_counter on a CPU; `launch/profiling.py`).
 Forward includes the batch's copy to the device, optimizer the clipping and the schedule; the three
 add up to at most `steady_step_s`, which also holds logging and the host's gaps between steps.
+With `trainer.profile=true` among the overrides, each trainer variant also prints its profile table
+(top kernels by category) and keeps `profile_ms_per_step`; its tokens/s then includes the profiler.
 """
 from __future__ import annotations
 
@@ -123,10 +125,14 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     with timing_phases(timer):
         result = train(cfg, run_root / name)
     tok_s = result.get("tokens_per_s")
+    extra = {}
+    if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)
+        print(f"{name}: " + (Path(result["profile"]["trace"]).parent / "summary.txt").read_text(), flush=True)
+        extra["profile_ms_per_step"] = result["profile"]["ms_per_step"]
     return {"variant": name, "tokens_per_s": tok_s, "first_step_s": result.get("first_step_s"),
             "steady_step_s": (args.batch_size * args.seq_len / tok_s) if tok_s else None,
             "peak_mem_gib": result.get("peak_mem_gib"), "flops_per_token": flops_per_token(model_cfg, args.seq_len),
-            "params": _counts(model_cfg), "final_loss": result.get("train_loss"), **_phases(timer)}
+            "params": _counts(model_cfg), "final_loss": result.get("train_loss"), **_phases(timer), **extra}
 
 
 PHASES = ("forward", "backward", "optimizer")

@@ -67,6 +67,15 @@ def test_phase_times_are_reported_and_fit_in_the_steady_step(tmp_path, capsys):
     assert "fwd / bwd / opt" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # trains 4 tiny steps, two of them profiled
+def test_a_profiled_variant_prints_its_table(tmp_path, capsys):
+    args = argparse.Namespace(shape="tiny", variants="dense", impls="torch", seq_len=16, batch_size=2, steps=2,
+                              device="cpu", out=None, override=[*TINY, "trainer.profile=true"])
+    row = bench_train.run(args)["variants"][0]
+    assert row["profile_ms_per_step"]["gemm"] > 0
+    assert "dense: profile: CPU self time per step" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("seq_len", [16, 2048, 8192])
 def test_the_random_token_file_leaves_a_validation_window(tmp_path, seq_len):
     """The documented default (seq 2048) once stopped on "the split has 2000 tokens, fewer than data.seq_len+2"."""
