@@ -64,6 +64,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "capacity_factor": Rule(float, low=0, low_exclusive=True), "capacity_warn_drop": Rule(float, low=0, high=1),
     },
     "experts": {"impl": Rule(str), "gather_rows": Rule(bool)},
+    "tracking": {"project": Rule(str), "run_name": Rule(str, nullable=True), "mlflow_tracking_uri": Rule(str, nullable=True)},
 }
 
 
@@ -109,6 +110,10 @@ def _ok(value: Any, rule: Rule) -> bool:
 
 def check(cfg) -> None:
     """Refuse the first config value that does not match its key's rule."""
+    if hasattr(cfg, "get") and cfg.get("logger", "tensorboard") != "tensorboard":
+        from moeflow.launch.trackers import chosen
+
+        chosen(list(cfg.logger) if type(cfg.logger).__name__ == "ListConfig" else cfg.logger)
     for group, rules in SCHEMA.items():
         node = cfg.get(group) if hasattr(cfg, "get") else None
         if node is None:

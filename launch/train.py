@@ -19,8 +19,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
-from torch.utils.tensorboard import SummaryWriter
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from moeflow.moe.errors import ConfigError
@@ -37,6 +36,7 @@ from .profiling import StepProbe
 from .routing_health import CollapseWatch
 from .run_hooks import RunHooks
 from .tokenizer_files import TOKENIZER_DIR, carry_into_run
+from .trackers import Trackers, chosen
 from .watchdog import Heartbeat, is_timeout
 
 log = logging.getLogger("moeflow.train")
@@ -56,7 +56,7 @@ def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast, ran
     return mean_over(total / n_batches, group).item()  # equal slices: the mean over ranks is the global batch's mean
 
 
-def log_routing(writer: SummaryWriter | None, stats_file, model, step: int, warned: set | None = None) -> None:
+def log_routing(writer: Trackers | None, stats_file, model, step: int, warned: set | None = None) -> None:
     """Routing statistics of every MoE layer to TensorBoard and routing_stats.jsonl; a dispatcher's
     warning (capacity drops) is shown once per run (`warned` holds the kinds already shown)."""
     rows = []
@@ -223,12 +223,14 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
         src = carry_into_run(run_dir, start, cfg.data)
         if src is not None:
             log.info("tokenizer: copied %s into %s", src, run_dir / TOKENIZER_DIR)
+    # the trackers start before the model is built: a tracker that cannot start fails the run before any work
+    writer = Trackers(chosen(cfg.get("logger", "tensorboard")), run_dir, OmegaConf.to_container(cfg, resolve=True),
+                      OmegaConf.to_container(cfg.tracking, resolve=True) if cfg.get("tracking") else None) if env.is_main else None
     engine = Engine(cfg, model_cfg, trainer_cfg, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
     if device.type == "cuda":  # the peak this run reports is its own, not an earlier one's in this process (CUDA is up by now)
         torch.cuda.reset_peak_memory_stats(device)
     model, start_step = engine.model, engine.start_step
 
-    writer = SummaryWriter(str(run_dir / "tensorboard")) if env.is_main else None
     stats_file = open(run_dir / "routing_stats.jsonl", "a") if env.is_main else None
     warned: set = set()  # warnings shown once per run
     result = {"start_step": start_step}
