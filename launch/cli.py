@@ -44,6 +44,9 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+RANK0_GRACE_S = 30.0  # how long a quiet rank waits for rank 0 to report the same config error
+
+
 def report_error(command: str, err: Exception) -> NoReturn:
     """The one way a user error leaves moeflow: one line on stderr naming the fix, then exit."""
     import os
@@ -53,6 +56,9 @@ def report_error(command: str, err: Exception) -> NoReturn:
     message = " ".join(str(err).split()) or type(err).__name__
     rank = os.environ.get("RANK", "0")
     if rank != "0" and isinstance(err, ConfigError):  # under torchrun every rank checks the same config: rank 0 says it
+        import time
+
+        time.sleep(RANK0_GRACE_S)  # exiting first would have torchrun stop rank 0 before it prints; it stops this rank instead
         sys.exit(getattr(err, "exit_code", 2))
     who = f" (rank {rank})" if rank != "0" else ""  # a problem only this rank met (its RNG file, its shard)
     print(f"moeflow{' ' + command if command else ''}: error{who}: {message}", file=sys.stderr, flush=True)

@@ -37,6 +37,18 @@ def test_train_cli_rejects_impossible_ep_before_starting(capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.multiprocess
+def test_a_config_error_under_raw_torchrun_is_said_once(tmp_path):
+    """Every rank checks the same config; rank 0 says it. A quiet rank that exited first used to have
+    torchrun stop rank 0 before it printed: the error was said by nobody."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "train",
+                        "parallel.ep=2", "model.num_experts=3", f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=limit(120))
+    assert p.returncode != 0
+    said = [ln for ln in p.stderr.splitlines() if ln.startswith("moeflow train: error")]
+    assert said == ["moeflow train: error: parallel.ep=2 does not divide model.num_experts=3; pick an ep that divides the number of experts"], p.stderr[-2000:]
+
+
 def test_torchrun_ranks_agree_on_run_dir(monkeypatch, capsys):
     from moeflow.launch.train_command import shared_run_dir
 
