@@ -281,10 +281,16 @@ def prepare(args: argparse.Namespace) -> dict:
     out = Path(args.out).expanduser()
     state_file = out / STATE
     state = {"docs": 0, "train": {"tokens": 0, "documents": 0}, "val": {"tokens": 0, "documents": 0}}
+    ours = [out / n for n in (TOKEN_META, STATE, "train.bin", "val.bin", TOKENIZER_DIR) if (out / n).exists()]
     if args.resume and state_file.is_file():
         state = json.loads(state_file.read_text())
-    elif (out / TOKEN_META).exists() or state_file.exists():
-        raise DataError(f"{out} already holds prepared data; pass --resume to continue an unfinished run, or choose a new --out")
+    elif ours and args.force:
+        for p in ours:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        print(f"--force: removed {', '.join(p.name for p in ours)} from {out}")
+    elif ours:
+        resumable = " pass --resume to continue the unfinished run there," if state_file.exists() else ""
+        raise DataError(f"{out} already holds {', '.join(p.name for p in ours)};{resumable} pass --force to replace them, or choose a new --out")
     state.setdefault("unk", 0)
     state.setdefault("special", 0)
     try:
@@ -374,6 +380,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--field", default="text", help="JSONL key / Parquet or Arrow column holding the text (default: text)")
     p.add_argument("--glob", default="**/*", help="files to read inside folders (default: all)")
     p.add_argument("--val-percent", type=float, default=1.0, help="percent of documents for validation (default 1)")
+    p.add_argument("--force", action="store_true", help="replace the prepared data already in --out")
     p.add_argument("--eos-token", default=None, help="end-of-text token (default: the tokenizer's)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizing processes")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")

@@ -235,3 +235,17 @@ def test_truncation_and_padding_saved_in_a_tokenizer_are_switched_off(tmp_path, 
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
     assert auto(open(files[0]).read(), add_special_tokens=False)["input_ids"] == plain[0] and auto.eos_token == "[SEP]"
+
+
+def test_existing_token_files_are_never_overwritten_without_force(tokenizer, tmp_path, capsys):
+    """A folder holding someone's train.bin (nanoGPT's, no meta.json) was once truncated to nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = np.arange(1000, dtype=np.uint16)
+    theirs.tofile(out / "train.bin")
+    with pytest.raises(DataError, match=r"already holds train.bin; pass --force to replace them, or choose a new --out"):
+        prepare(CORPUS, tokenizer=tokenizer, out=out)
+    assert np.array_equal(np.fromfile(out / "train.bin", dtype=np.uint16), theirs)
+    prepare(CORPUS, tokenizer=tokenizer, out=out, extra=["--force"])
+    assert "--force: removed train.bin" in capsys.readouterr().out
+    assert json.loads((out / "meta.json").read_text())["train"]["tokens"] == len(read(out, "train"))
