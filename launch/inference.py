@@ -1,7 +1,7 @@
 """`moeflow generate` and `moeflow eval`: look at what a trained (or imported) model does.
 
   moeflow generate RUN_OR_CKPT --prompt TEXT [--max-new-tokens 64] [--temperature 0 | --top-p 0.9] [--seed 0]
-  moeflow eval     RUN_OR_CKPT --data TOKENS.bin [--batches 20] [--seq-len N] [--batch-size 8]
+  moeflow eval     RUN_OR_CKPT --data TOKENS.bin|TEXT [--max-tokens N] [--seq-len N] [--batch-size 8]
 
 The tokenizer comes with the model: the `tokenizer/` folder a run, an import or an upcycle
 carries (launch/tokenizer_files.py), bytes for runs on text (data=stdlib / data=text);
@@ -163,7 +163,7 @@ def evaluate(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from .data import check_count, token_file_meta
+    from .data import _looks_like_text, check_count, token_file_meta
 
     for flag, value in (("--batches", getattr(args, "batches", None)), ("--batch-size", args.batch_size), ("--max-tokens", getattr(args, "max_tokens", None))):
         if value is not None and value < 1:
@@ -175,13 +175,20 @@ def evaluate(args) -> dict:
         raise DataError(f"--seq-len={args.seq_len}: this model takes 1 to model.max_seq_len={model.cfg.max_seq_len} tokens per sequence")
     path = Path(args.data).expanduser()
     prepared = token_file_meta(path)
-    dtype = (prepared or {}).get("dtype") or args.dtype
-    if prepared:  # the file holds the tokens its meta.json counted, of its dtype
-        split = {"train.bin": "train", str(prepared.get("val_file")): "val"}.get(path.name)
-        if split:
-            check_count(path, None, prepared.get(split), dtype)
-    tokens = np.memmap(path, dtype=dtype, mode="r")
     vocab = model.cfg.vocab_size
+    trained_on_bytes = ((meta.get("config") or {}).get("data") or {}).get("source") in ("stdlib", "text") and not meta.get("weights_only")
+    if trained_on_bytes and prepared:
+        raise DataError(f"this run was trained on the bytes of text (data={meta['config']['data']['source']}), but {path} holds ids of the tokenizer "
+                        f"{prepared.get('tokenizer')}; evaluate it on a text file (--data notes.txt), read as bytes")
+    if trained_on_bytes and path.suffix != ".bin" and _looks_like_text(path):
+        tokens = np.fromfile(path, dtype=np.uint8)  # a byte-level run reads text as its UTF-8 bytes
+    else:
+        dtype = (prepared or {}).get("dtype") or args.dtype
+        if prepared:  # the file holds the tokens its meta.json counted, of its dtype
+            split = {"train.bin": "train", str(prepared.get("val_file")): "val"}.get(path.name)
+            if split:
+                check_count(path, None, prepared.get(split), dtype)
+        tokens = np.memmap(path, dtype=dtype, mode="r")
     if (prepared or {}).get("vocab_size", 0) > vocab:
         raise DataError(f"{path} was tokenized with a vocab of {prepared['vocab_size']} but model.vocab_size={vocab}; evaluate on data tokenized for this model")
     seq = args.seq_len or model.cfg.max_seq_len
@@ -209,7 +216,7 @@ def evaluate(args) -> dict:
     scored = windows * seq
     loss = total / scored
     unscored = len(tokens) - 1 - scored
-    byte_level = vocab <= 256 and prepared is None
+    byte_level = trained_on_bytes or (vocab <= 256 and prepared is None)
     result = {"loss": loss, "tokens": scored, "file_tokens": len(tokens), "windows": windows}
     if byte_level:
         result["bits_per_byte"] = loss / math.log(2)
@@ -245,7 +252,7 @@ def main_generate(argv: list[str]) -> None:
 def main_eval(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="moeflow eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="run dir or checkpoint")
-    ap.add_argument("--data", required=True, help="token file (moeflow data prepare's val.bin or train.bin)")
+    ap.add_argument("--data", required=True, help="token file (moeflow data prepare's val.bin or train.bin); a text file for byte-level runs (data=stdlib/text)")
     ap.add_argument("--dtype", default="uint16", choices=("uint16", "uint32"), help="when the file has no meta.json")
     ap.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: the whole file, once, in order)")
     ap.add_argument("--batches", type=int, default=None, help="score at most this many batches of --batch-size windows")

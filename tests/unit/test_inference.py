@@ -10,6 +10,7 @@ import torch
 
 from helpers.config import TINY, compose_cfg
 from moeflow.launch import inference
+from moeflow.moe.errors import DataError
 from moeflow.moe.config import ModelConfig
 from moeflow.moe.model import KVCache, Transformer
 
@@ -122,3 +123,27 @@ def test_eval_reads_the_file_once_in_order_and_says_how_much(tmp_path, capsys):
     assert f"on {windows * 32} of its 1000 tokens" in capsys.readouterr().out
     capped = inference.evaluate(argparse.Namespace(**{**vars(args), "max_tokens": 100}))
     assert capped["tokens"] == 96
+
+
+def test_a_byte_level_run_evaluates_text_files_and_refuses_other_tokenizers_ids(tmp_path):
+    """A run on data=stdlib reads text as its bytes; a prepared token file (another tokenizer's ids) is one line."""
+    import argparse
+    import json
+
+    from moeflow.launch.train import train
+
+    run = tmp_path / "run"
+    train(compose_cfg(*TINY, "trainer.steps=1", "trainer.ckpt_every=1", "trainer.eval_every=0", "trainer.device=cpu"), run)
+    text = "def f(x):\n    return x + 1\n" * 40
+    (tmp_path / "notes.txt").write_text(text)
+    np.frombuffer(text.encode(), dtype=np.uint8).astype(np.uint16).tofile(tmp_path / "bytes.bin")
+    args = dict(src=str(run), dtype="uint16", batch_size=4, seq_len=32, max_tokens=None, batches=None)
+    from_text = inference.evaluate(argparse.Namespace(data=str(tmp_path / "notes.txt"), **args))
+    from_ids = inference.evaluate(argparse.Namespace(data=str(tmp_path / "bytes.bin"), **args))
+    assert from_text["loss"] == pytest.approx(from_ids["loss"], rel=1e-6) and "bits_per_byte" in from_text
+    prepared = tmp_path / "corpus"
+    prepared.mkdir()
+    np.arange(200, dtype=np.uint16).tofile(prepared / "val.bin")
+    (prepared / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 600, "tokenizer": "/models/x/tokenizer.json"}))
+    with pytest.raises(DataError, match="trained on the bytes of text .* evaluate it on a text file"):
+        inference.evaluate(argparse.Namespace(data=str(prepared / "val.bin"), **args))
