@@ -19,3 +19,11 @@ def _single_thread_torch():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+def pytest_sessionfinish(session):
+    """Once, in the controlling process (not an xdist worker): stop the Slurm daemons the suite started."""
+    if not hasattr(session.config, "workerinput"):
+        from helpers.launch import stop_slurm_if_tests_started_it
+
+        stop_slurm_if_tests_started_it()

@@ -49,6 +49,14 @@ def val_losses(log: str) -> list[float]:
 # --- Slurm -------------------------------------------------------------------------------------
 
 SLURM_FIXTURE = ROOT / "tests" / "fixtures" / "local-slurm.sh"
+SLURM_STARTED = Path(os.environ.get("MOEFLOW_SLURM_STATE", ROOT / ".cache" / "slurm")) / "started-by-tests"
+
+
+def stop_slurm_if_tests_started_it() -> None:
+    """The daemons a test session started (never a cluster that was already up) stop with the session."""
+    if SLURM_STARTED.exists():
+        subprocess.run(["bash", str(SLURM_FIXTURE), "stop"], capture_output=True, timeout=60)
+        SLURM_STARTED.unlink(missing_ok=True)
 
 
 def slurm_cluster() -> None:
@@ -65,6 +73,9 @@ def slurm_cluster() -> None:
     done = subprocess.run(["bash", str(SLURM_FIXTURE), "start"], capture_output=True, text=True, timeout=limit(120))
     if done.returncode != 0:
         pytest.fail(f"could not start the local Slurm cluster: {done.stdout}{done.stderr}")
+    if "slurm: up" in done.stdout:  # this test session started it: the session stops it (tests/conftest.py)
+        SLURM_STARTED.parent.mkdir(parents=True, exist_ok=True)
+        SLURM_STARTED.touch()
     env = subprocess.run(["bash", str(SLURM_FIXTURE), "env"], capture_output=True, text=True, check=True).stdout
     os.environ["SLURM_CONF"] = env.strip().split("=", 1)[1]
 
