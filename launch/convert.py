@@ -124,10 +124,39 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the verification tokens")
     ap.add_argument("--verify-full-gib", type=float, default=8.0, help="hf-to-moeflow: verify the whole model up to this float32 size, else its first two layers")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
-    ap.add_argument("--force", action="store_true", help="hf-to-moeflow / moeflow-to-hf: replace OUT_DIR if it exists")
+    ap.add_argument("--force", action="store_true", help="replace OUT if it exists (otherwise refused)")
     ap.add_argument("--trust-checkpoint", action="store_true",
                     help="DeepSpeed and megatron torch-format checkpoints, and moeflow's own before its safetensors format, are pickles, which can run "
                          "code when loaded: load them only with this flag")
     args = ap.parse_args(argv)
-    out = ACTIONS[args.action](args)  # bad input raises MoeflowError: the CLI prints it in one line
+    if args.action in ("hf-to-moeflow", "moeflow-to-hf"):  # these two write through their own temp folder
+        out = ACTIONS[args.action](args)  # bad input raises MoeflowError: the CLI prints it in one line
+    else:
+        out = write_whole(args)
     print(f"wrote {out}")
+
+
+def write_whole(args) -> Path:
+    """Every conversion alike: OUT that exists is refused without --force, and the result is written
+    into a temp folder beside it and moved into place once whole (a failure leaves OUT as it was)."""
+    import shutil
+
+    from .upcycle.outputs import atomic_output
+
+    out = Path(args.out).expanduser()
+    if args.action != "megatron-to-moeflow":
+        from . import checkpoint as ckpt
+
+        found = ckpt.find_checkpoint(args.src)
+        if found is not None:
+            refuse_writing_into_source(found, out)  # even with --force
+    if out.exists() and not args.force:
+        raise CheckpointError(f"{out} already exists; choose a new output folder or pass --force to replace it")
+    tmp, commit = atomic_output(out, args.force)
+    try:
+        ACTIONS[args.action](argparse.Namespace(**{**vars(args), "out": str(tmp)}))
+        commit()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

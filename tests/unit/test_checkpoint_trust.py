@@ -405,3 +405,18 @@ def test_a_damaged_shard_is_one_line_in_the_tools_too(tmp_path, good_run):
         load_model(str(run))
     with pytest.raises(CheckpointError, match="does not match its digest"):
         convert.main(["moeflow-to-safetensors", str(run), str(tmp_path / "out")])
+
+
+def test_every_conversion_refuses_an_existing_output_without_force(tmp_path, good_run):
+    from moeflow.launch import convert
+
+    run, _ = copy_run(good_run, tmp_path)
+    out = tmp_path / "st"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="already exists; choose a new output folder or pass --force"):
+        convert.main(["moeflow-to-safetensors", str(run), str(out)])
+    assert (out / "mine.txt").read_text() == "keep me"
+    convert.main(["moeflow-to-safetensors", str(run), str(out), "--force"])
+    assert not (out / "mine.txt").exists() and (out / "checkpoints").is_dir()
+    assert not list(tmp_path.glob(".tmp-st-*"))  # the temp folder it wrote through is gone
