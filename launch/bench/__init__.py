@@ -14,6 +14,14 @@ BENCHES: dict[str, tuple[str, str, str]] = {
 }
 
 
+def check_out(path: str | None, force: bool) -> None:
+    """A results file that exists is replaced only with --force, checked before the benchmark runs."""
+    from pathlib import Path
+
+    if path and Path(path).exists() and not force:
+        raise ConfigError(f"--out {path} already exists; pass --force to replace it, or choose another --out")
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: moeflow bench <what> [args]\n\nbenchmarks:")

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import check_out
+
 
 def _state(d_model: int, layers: int, experts: int, seed: int = 0):
     import torch
@@ -54,7 +56,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args(argv)
+    check_out(args.out, args.force)
 
     model, opt, state_of = _state(args.d_model, args.layers, args.experts)
     state = state_of(model, opt)

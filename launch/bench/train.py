@@ -32,6 +32,8 @@ from pathlib import Path
 
 from moeflow.moe.errors import ConfigError
 
+from . import check_out
+
 # model overrides of the shapes in the issue tracker's targets
 SHAPES = {
     "olmoe-like": ["model=olmoe_1b_7b", "model.n_layers=8", "gate.renormalize=false"],
@@ -322,4 +324,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--compile", action="store_true", help="also run the moe and dense variants with trainer.compile=true")
     ap.add_argument("--out", default=None, help="JSON file to write (e.g. bench/results/train_h200.json)")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)")
-    run(ap.parse_args(argv))
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = ap.parse_args(argv)
+    check_out(args.out, args.force)
+    run(args)

@@ -97,3 +97,13 @@ def test_unknown_shape_or_variant_fails_in_one_line():
         bench_train.run(argparse.Namespace(shape="huge", **base))
     with pytest.raises(ConfigError, match="--variants: 'fast' is unknown"):
         bench_train.run(argparse.Namespace(shape="tiny", **{**base, "variants": "fast"}))
+
+
+def test_an_existing_results_file_is_replaced_only_with_force(tmp_path):
+    from moeflow.moe.errors import ConfigError
+
+    out = tmp_path / "train_h100.json"
+    out.write_text("{}")
+    with pytest.raises(ConfigError, match="--out .* already exists; pass --force"):
+        bench_train.main(["--shape", "huge", "--out", str(out)])  # refused before the (bad) shape is even looked at
+    assert out.read_text() == "{}"
