@@ -208,10 +208,27 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError("parallel.dispatcher=symm_mem lands tokens in worst-case buffers that only the Triton experts skip cheaply; use experts.impl=triton (or auto) or parallel.dispatcher=alltoall")
 
 
-def validate(cfg: DictConfig) -> tuple[ModelConfig, TrainerConfig]:
+_VALIDATED: dict[str, tuple[ModelConfig, TrainerConfig]] = {}  # this process's checked configs, by their YAML
+
+
+def validate(cfg: DictConfig, schema_checked: bool = False) -> tuple[ModelConfig, TrainerConfig]:
+    """Every check of a training config, once per process: `moeflow train` checks in its preflight and
+    the run that follows gets the same answer without checking (or building the model on meta) again.
+    `schema_checked`: the caller has run schema.check already (the preflight does, before torch)."""
+    import copy
+
+    key = f"{os.environ.get('WORLD_SIZE', '1')}\n{OmegaConf.to_yaml(cfg)}"
+    if key not in _VALIDATED:
+        _VALIDATED.clear()  # one config at a time is ever reused
+        _VALIDATED[key] = _validate(cfg, schema_checked)
+    return copy.deepcopy(_VALIDATED[key])  # the caller may adjust its copy (trainer.grad_accum)
+
+
+def _validate(cfg: DictConfig, schema_checked: bool) -> tuple[ModelConfig, TrainerConfig]:
     from . import schema
 
-    schema.check(cfg)  # types and ranges of every key first
+    if not schema_checked:
+        schema.check(cfg)  # types and ranges of every key first
     trainer_cfg = trainer_config(cfg)
     model_cfg = model_config(cfg, resolve_device(trainer_cfg.device))
     check_data(cfg, model_cfg)

@@ -141,7 +141,7 @@ def check_training_config(args: list[str]) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         with open_dict(cfg):
             cfg.trainer.device = "auto"  # the model and options are checked all the same
-    validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), schema_checked=True)
 
 
 def preflight(args: list[str]) -> None:
@@ -159,4 +159,4 @@ def preflight(args: list[str]) -> None:
     from .config import validate  # torch, the model and its gates: the semantic checks
 
     with_hydra_removed = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    validate(with_hydra_removed)
+    validate(with_hydra_removed, schema_checked=True)
