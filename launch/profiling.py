@@ -179,8 +179,8 @@ def profiler_rows(prof, device_type: str) -> list[tuple[str, float, list[str]]]:
     if device_type == "cuda":
         ops = {ev.id: ev for ev in events if ev.device_type.name == "CPU" and getattr(ev, "linked_correlation_id", 0) == 0}
         for ev in events:
-            if ev.device_type.name != "CUDA":
-                continue
+            if ev.device_type.name != "CUDA" or getattr(ev, "is_user_annotation", False):
+                continue  # a record_function range on the GPU timeline spans kernels counted on their own
             op = ops.get(getattr(ev, "linked_correlation_id", 0))
             rows.append((ev.name, ev.time_range.elapsed_us(), scopes(op) if op is not None else []))
         return rows

@@ -149,7 +149,10 @@ def test_cuda_kernels_are_timed_on_the_device_and_scoped_by_the_op_that_launched
     kernel = NS(name="direct_copy_kernel_cuda", device_type=cuda, id=9, linked_correlation_id=2, cpu_parent=None,
                 time_range=NS(elapsed_us=lambda: 40.0))
     stray = NS(name="_topk_rows_kernel", device_type=cuda, id=10, linked_correlation_id=77, cpu_parent=None, time_range=NS(elapsed_us=lambda: 5.0))
-    prof = NS(events=lambda: [step, foreach, launch, kernel, stray])
+    # the GPU-side span of a record_function range (Optimizer.step#AdamW.step): counted once, through its kernels
+    span = NS(name="Optimizer.step#AdamW.step", device_type=cuda, id=11, linked_correlation_id=1, cpu_parent=None, is_user_annotation=True,
+              time_range=NS(elapsed_us=lambda: 45.0))
+    prof = NS(events=lambda: [step, foreach, launch, kernel, stray, span])
     rows = profiling.profiler_rows(prof, "cuda")
     assert rows == [("direct_copy_kernel_cuda", 40.0, ["aten::_foreach_copy_", "Optimizer.step#AdamW.step"]), ("_topk_rows_kernel", 5.0, [])]
     assert [g.key for g in group_times(rows)] == ["optimizer", "experts"]  # the copy the optimizer's step writes is its time
