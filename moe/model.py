@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
+from .errors import DataError
 from .experts import MLP, GroupedExperts, SharedExpert
 from .gates import build_gate
 from .init import init_weights
@@ -71,6 +72,15 @@ class Rotary(nn.Module):
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
+def norm_like_input(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm of autocast's bf16 q/k with the fp32 weight, in the input's dtype: torch's fused kernel
+    needs one dtype, and a bf16 input with an fp32 weight fell back to several unfused kernels
+    (the same fp32 math; bench/RESULTS.md has the eager step before and after)."""
+    if x.dtype == norm.weight.dtype:
+        return norm(x)
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight, norm.eps).to(x.dtype)
+
+
 class Attention(nn.Module):
     """Causal self-attention; qkv rows are [q heads | k heads | v heads] (k, v: n_kv_heads each)."""
 
@@ -94,11 +104,11 @@ class Attention(nn.Module):
         else:
             q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
             if self.norm_proj:
-                q, k = self.q_norm(q), self.k_norm(k)
+                q, k = norm_like_input(self.q_norm, q), norm_like_input(self.k_norm, k)
             q = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)
             k, v = (t.view(B, S, self.n_kv, self.hd).transpose(1, 2) for t in (k, v))
         if self.q_norm is not None and not self.norm_proj:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = norm_like_input(self.q_norm, q), norm_like_input(self.k_norm, k)
         gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
         start = cache.length if cache is not None else 0
         q, k = self.rotary(q, start), self.rotary(k, start)
@@ -200,7 +210,7 @@ class Transformer(nn.Module):
         """Logits of every position; with a `KVCache`, of the new positions after the cached ones."""
         end = tokens_BS.shape[1] + (cache.length if cache is not None else 0)
         if end > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise DataError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}; feed shorter sequences or build the model with a larger model.max_seq_len")
         x = self.embed(tokens_BS)
         for block in self.blocks:
             x = block(x, tokens_BS, cache)

@@ -106,3 +106,32 @@ def test_load_balance_loss_is_one_for_uniform_routing():
     probs = torch.full((8, 4), 0.25)
     expert_TK = torch.arange(8).remainder(4).unsqueeze(1)
     assert gate.load_balance_loss(probs, expert_TK).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("scope", ["head", "proj"])
+def test_qk_norm_under_autocast_takes_the_fused_kernel_with_the_same_values(scope):
+    """bf16 q/k with an fp32 norm weight: once torch's unfused fallback (with a warning), now the fused
+    fp32 kernel; the values are the fallback's to bf16 rounding."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from moeflow.moe.model import norm_like_input
+
+    norm = torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(16) * 0.3)
+    x = torch.randn(4, 3, 16).bfloat16()
+    want = F.rms_norm(x.double(), (16,), norm.weight.double(), 1e-6)  # float64 reference
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Mismatch dtype ... Cannot dispatch to fused implementation"
+        got = norm_like_input(norm, x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, rtol=8e-3, atol=8e-3)  # bf16 rounding of the output
+    from moeflow.moe.config import ModelConfig
+    from moeflow.moe.model import Transformer
+
+    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=32, num_experts=2, max_seq_len=16, qk_norm=True, qk_norm_scope=scope))
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.filterwarnings("error", message=".*Mismatch dtype.*")
+        model(torch.randint(0, 256, (2, 8)))
