@@ -25,6 +25,10 @@ class DataError(MoeflowError):
     """Training data that is missing, empty or does not fit the model."""
 
 
+class ConversionError(MoeflowError):
+    """A checkpoint that does not map between moeflow and another format (Hugging Face, megatron-core)."""
+
+
 def need(cond: bool, msg: str, error: type[MoeflowError] = ConfigError) -> None:
     """Raise `error(msg)` unless `cond`: the one-line check every config validation uses."""
     if not cond:

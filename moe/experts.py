@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ACTIVATIONS
+from .errors import ConfigError
 
 
 
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
 class MLP(nn.Module):

@@ -22,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import ConversionError
 from .model import ModelConfig, Rotary, Transformer
-from .upcycle import UpcycleError
 
 # model_type -> exported MoE model_type
 FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
@@ -33,10 +33,6 @@ SINGLE_FILE = "model.safetensors"
 # tensors some checkpoints carry that hold no weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-
-
-class ConversionError(UpcycleError):
-    pass
 
 
 def supported_message(model_type: str | None) -> str:

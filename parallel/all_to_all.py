@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from moeflow.moe.dispatch import DispatchPlan, combine, plan_dispatch
+from moeflow.moe.errors import ConfigError
 from moeflow.moe.gates.base import RouterOutput
 from moeflow.moe.gates.common import counts_of, stable_order
 
@@ -52,7 +53,7 @@ class AllToAllDispatcher:
 
     def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int, chunks: int = 1, overlap_shared: bool = False):
         if chunks < 1:
-            raise ValueError(f"parallel.overlap_chunks must be >= 1, got {chunks}")
+            raise ConfigError(f"parallel.overlap_chunks must be >= 1, got {chunks}; set parallel.overlap_chunks=1 (no overlap) or more")
         self.group, self.ep_size, self.num_local = group, ep_size, num_local_experts
         self.chunks = chunks
         self.overlap_shared = overlap_shared  # run the shared expert while the first exchange is in flight

@@ -20,6 +20,8 @@ import re
 
 from torch import nn
 
+from moeflow.moe.errors import ConfigError
+
 _EXPERT_NAME = re.compile(r"(^|\.)experts\.")
 
 
@@ -62,7 +64,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             ep_sizes.add(getattr(p, "ep_size", 1))
         buckets.setdefault((expert, p.dim() >= 2), []).append(p)
     if len(ep_sizes) > 1:
-        raise ValueError(f"expert parameters carry different ep_size values {sorted(ep_sizes)}; shard all experts with one EP size")
+        raise ConfigError(f"expert parameters carry different ep_size values {sorted(ep_sizes)}; shard all experts with one EP size")
     ep = ep_sizes.pop() if ep_sizes else 1
     groups = []
     for (expert, decay), params in sorted(buckets.items()):

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moeflow.moe.errors import ConfigError
 from moeflow.moe.layer import moe_layers
 
 from .dispatchers import DispatchOptions, build_dispatcher
@@ -55,7 +56,7 @@ def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: Sharding
         experts = layer.experts
         E = experts.num_experts
         if E % ep:
-            raise ValueError(f"parallel.ep={ep} does not divide the {E} experts of a layer")
+            raise ConfigError(f"parallel.ep={ep} does not divide the {E} experts of a layer; pick a parallel.ep that divides model.num_experts")
         L = E // ep
         for name in EXPERT_WEIGHTS if ep > 1 else ():  # an EP group of one keeps its experts whole
             p = getattr(experts, name, None)

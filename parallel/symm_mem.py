@@ -111,7 +111,7 @@ def _use_nvshmem(symm_mem, group_name: str) -> None:
             try:
                 symm_mem.set_backend("NVSHMEM")
             except RuntimeError as e:
-                raise RuntimeError(f"parallel.dispatcher=symm_mem needs NVSHMEM symmetric memory, but this process already allocated "
+                raise ConfigError(f"parallel.dispatcher=symm_mem needs NVSHMEM symmetric memory, but this process already allocated "
                                    f"symmetric memory with another backend ({e}); use parallel.dispatcher=alltoall") from None
     elif hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch: NVSHMEM by default, per-group opt-in
         symm_mem.enable_symm_mem_for_group(group_name)
@@ -159,7 +159,7 @@ class SymmMemDispatcher:
         plan = plan_dispatch(routing)  # grouped by global expert = rank-major, as the exchange sends
         T, A = x_TD.shape[0], plan.token_A.shape[0]
         if A > T * self.top_k:
-            raise ValueError(f"parallel.dispatcher=symm_mem: the gate emitted {A} assignments for {T} tokens, more than top_k={self.top_k} each "
+            raise ConfigError(f"parallel.dispatcher=symm_mem: the gate emitted {A} assignments for {T} tokens, more than top_k={self.top_k} each "
                              "(its buffers hold tokens x top_k); use parallel.dispatcher=alltoall with this gate")
         bufs = self._buffers(T, x_TD)
         self._last = bufs

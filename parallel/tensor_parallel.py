@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.moe.errors import ConfigError
+
 # param name -> the dim that holds F (routed experts: leading E; shared expert: nn.Linear [out, in])
 EXPERT_F_DIMS = {"w1_EDF": 2, "w3_EDF": 2, "b1_EF": 1, "b3_EF": 1, "w2_EFD": 1}
 SHARED_F_DIMS = {"w1.weight": 0, "w3.weight": 0, "w2.weight": 1}
@@ -33,9 +35,9 @@ def shard_hidden_dim(layer, tp_rank: int, tp: int) -> list[torch.nn.Parameter]:
     experts, shared = layer.experts, layer.shared_expert
     for what, F in (("model.d_ff", experts.d_ff), ("the shared expert's hidden size", shared.w1.out_features if shared else 0)):
         if F % tp:
-            raise ValueError(f"tensor_model_parallel_size={tp} does not divide {what}={F}; pick a tensor-parallel size that divides it")
+            raise ConfigError(f"tensor_model_parallel_size={tp} does not divide {what}={F}; pick a tensor-parallel size that divides it")
     if getattr(experts, "b2_ED", None) is not None:
-        raise ValueError("experts with an output bias (b2_ED) cannot be tensor-parallel (the bias would be summed tp times); use tensor_model_parallel_size=1")
+        raise ConfigError("experts with an output bias (b2_ED) cannot be tensor-parallel (the bias would be summed tp times); use tensor_model_parallel_size=1")
     sharded = []
     for module, dims in ((experts, EXPERT_F_DIMS), (shared, SHARED_F_DIMS)):
         for name, dim in dims.items():

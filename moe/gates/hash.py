@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import Gate, RouterOutput
+from ..errors import ConfigError
 from .common import check_top_k, need
 
 _KNUTH = 2654435761  # floor(2^32 / golden ratio)
@@ -32,7 +33,7 @@ class HashGate(Gate):
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         if token_ids_T is None:
-            raise ValueError("the hash gate routes by token id; call the MoE layer with token_ids (the Transformer does)")
+            raise ConfigError("the hash gate routes by token id; call the MoE layer with token_ids (the Transformer does) or choose another gate")
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         expert_TK = self.hash_experts(token_ids_T.reshape(-1))
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)

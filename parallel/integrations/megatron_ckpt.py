@@ -41,14 +41,10 @@ from pathlib import Path
 
 import torch
 
-from moeflow.moe.errors import MoeflowError
+from moeflow.moe.errors import ConversionError  # re-exported: callers catch mck.ConversionError
 from moeflow.moe.model import ModelConfig
 
 LAYOUTS = ("sequential", "te_grouped", "grouped")
-
-
-class ConversionError(MoeflowError):
-    """A checkpoint that does not map between moeflow's and megatron-core's layouts."""
 
 
 def _qkv_to_megatron(w: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:

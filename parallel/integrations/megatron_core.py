@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeflow.moe.errors import ConfigError, MoeflowError
 from moeflow.moe.layer import moe_aux_loss, moe_layers
 from moeflow.moe.model import ModelConfig, build_moe_layer
 
@@ -71,7 +72,7 @@ class MegatronGroups:
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
-            raise RuntimeError("megatron-core's parallel_state is not initialized; call parallel_state.initialize_model_parallel(...) first")
+            raise MoeflowError("megatron-core's parallel_state is not initialized; call parallel_state.initialize_model_parallel(...) first")
         return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(with_context_parallel=True),
                    ep=ps.get_expert_model_parallel_group(), expert_dp=ps.get_expert_data_parallel_group())
 
@@ -133,7 +134,7 @@ def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
     ep = MegatronGroups.size(groups.ep)
     if ep > 1:
         if moe.experts.num_experts % ep:
-            raise ValueError(f"expert_model_parallel_size={ep} does not divide model.num_experts={moe.experts.num_experts}; pick an EP size that divides the experts")
+            raise ConfigError(f"expert_model_parallel_size={ep} does not divide model.num_experts={moe.experts.num_experts}; pick an EP size that divides the experts")
         shard_experts(moe, torch.distributed.get_rank(groups.ep), ep)
         moe.dispatcher = AllToAllDispatcher(groups.ep, ep, moe.experts.num_experts)
     if MegatronGroups.size(groups.dp) > 1:
@@ -169,7 +170,7 @@ def shard_over_tensor_group(moe, groups: MegatronGroups) -> None:
     if tp == 1:
         return
     if ps.get_expert_tensor_parallel_world_size() != tp:
-        raise ValueError(f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset")
+        raise ConfigError(f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset")
     for p in shard_hidden_dim(moe, torch.distributed.get_rank(groups.tp), tp):
         set_tensor_model_parallel_attributes(p, True, p._moeflow_tp_shard[0], 1)
     for module in (moe.experts, moe.shared_expert):
@@ -189,7 +190,7 @@ def _define_moeflow_moe():
             super().__init__(config=config)
             model_cfg = ModelConfig(**model_cfg)
             if config.hidden_size != model_cfg.d_model:
-                raise ValueError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={model_cfg.d_model}")
+                raise ConfigError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={model_cfg.d_model}; set the same width in both configs")
             self.groups = MegatronGroups.from_parallel_state()
             self.moe = build_moe_layer(model_cfg)
             self.moe.input_layout = "sbd"  # megatron's hidden states are [seq, batch, hidden]
