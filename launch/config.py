@@ -117,8 +117,18 @@ def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(f"byte-level text needs model.vocab_size >= 256, got {model_cfg.vocab_size}")
 
 
-def check_optim(cfg: DictConfig) -> None:
+def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> None:
     o = _container(cfg.optim)
+    if o.get("master_weights") and trainer_cfg is not None:
+        from .engines import engine_name
+        from .runtime import bf16_autocast
+
+        use_bf16, _ = bf16_autocast(trainer_cfg, resolve_device(trainer_cfg.device))
+        why = ("engine=torch" if engine_name(cfg) != "torch" else "one process (FSDP2 keeps its own fp32 shards)" if launch_world(cfg) > 1
+               else "bf16 (trainer.precision=bf16, or auto on a GPU)" if not use_bf16
+               else "trainer.grad_accum=1 (bf16 gradients would be summed in bf16)" if trainer_cfg.grad_accum != 1 else None)
+        if why:
+            raise ConfigError(f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting")
     if o.get("name") != "adamw":
         raise ConfigError(f"optim.name={o.get('name')!r} is unknown; use optim=adamw")
     if not o["lr"] > 0 or o["min_lr"] < 0 or o["min_lr"] > o["lr"]:
@@ -232,7 +242,7 @@ def _validate(cfg: DictConfig, schema_checked: bool) -> tuple[ModelConfig, Train
     trainer_cfg = trainer_config(cfg)
     model_cfg = model_config(cfg, resolve_device(trainer_cfg.device))
     check_data(cfg, model_cfg)
-    check_optim(cfg)
+    check_optim(cfg, trainer_cfg)
     from .divergence import check_policy
     from .engines import check_engine, engine_name
 

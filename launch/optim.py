@@ -1,6 +1,7 @@
 """AdamW and its learning-rate schedule, built the same way for every engine."""
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -40,10 +41,116 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only; fused on CUDA (one kernel per group, no temporaries
-    of the parameters' size: the multi-tensor path allocates a sqrt of every second moment)."""
+    of the parameters' size: the multi-tensor path allocates a sqrt of every second moment).
+    `optim.master_weights`: `MasterWeightAdamW` (bf16 compute copies written by the step)."""
     groups = optimizer_groups(model, o.weight_decay)
+    if o.get("master_weights", False):
+        return MasterWeightAdamW(groups, bf16_compute_params(model), lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps))
     fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     return torch.optim.AdamW(groups, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps), fused=fused or None)
+
+
+def bf16_compute_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters autocast would cast to bf16 at every use: Linear weights and biases and the
+    stacked expert matrices (cast by `moe.experts`); never an embedding (looked up in fp32, also when
+    tied to the output layer), a norm weight or an expert bias (used in fp32)."""
+    from moeflow.moe.experts import GroupedExperts
+
+    fp32 = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    out = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            out += [p for p in (module.weight, module.bias) if p is not None]
+        elif isinstance(module, GroupedExperts):
+            out += [p for p in (module.w1_EDF, module.w3_EDF, module.w2_EFD) if p is not None]
+    return [p for p in dict.fromkeys(out) if id(p) not in fp32]
+
+
+class MasterWeightAdamW(torch.optim.Optimizer):
+    """AdamW whose step also writes the bf16 copy the forward computes with (`optim.master_weights`).
+
+    The parameters autocast would cast at every use (`bf16_compute_params`) are stored in bf16 in
+    the model, and their fp32 values live here (`state["master"]`); the step reads the bf16 gradient
+    and writes master, moments and the bf16 copy in one kernel (`moeflow.kernels.adamw`): 28 B per
+    parameter against 40 B for autocast's casts plus fused AdamW. The forward is the same: autocast
+    would have rounded the same fp32 weights to bf16. Other parameters stay fp32 and take the same
+    update. Checkpoints hold the fp32 weights (`masters_in_model`), the moments under torch AdamW's
+    names. The clip factor is read from `grad_scale` like torch's fused AdamW (parallel/clip.py).
+    One process, no FSDP (FSDP2 keeps its own fp32 shards and casts when it gathers).
+    """
+
+    accepts_grad_scale = True  # parallel/clip.py folds the clip factor into the step
+
+    def __init__(self, groups, compute_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        lowered = {id(p) for p in compute_params}
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    state = self.state[p]
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    if id(p) in lowered and p.dtype == torch.float32:
+                        state["master"] = p.detach().clone(memory_format=torch.contiguous_format)
+                        p.data = p.data.to(torch.bfloat16)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from moeflow.kernels.adamw import adamw_master_step
+
+        scale = getattr(self, "grad_scale", None)  # the clip factor's reciprocal (parallel/clip.py), on the device
+        inv = {}
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] += 1  # a CPU scalar: no host read of the device
+                step = int(state["step"])
+                if p.device not in inv:
+                    one = torch.ones((), device=p.device, dtype=torch.float32)
+                    inv[p.device] = one / scale.to(p.device, torch.float32) if scale is not None else one
+                master = state.get("master")
+                adamw_master_step(master if master is not None else p.data, p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], inv[p.device], step,
+                                  group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+    def state_dict(self):
+        """torch AdamW's state (the fp32 weights travel as the model's, see `masters_in_model`)."""
+        out = super().state_dict()
+        out["state"] = {k: {n: v for n, v in s.items() if n != "master"} for k, s in out["state"].items()}
+        return out
+
+    def load_state_dict(self, state_dict):
+        masters = {id(p): self.state[p]["master"] for g in self.param_groups for p in g["params"] if "master" in self.state[p]}
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for p in g["params"]:
+                if id(p) in masters:
+                    self.state[p]["master"] = masters[id(p)]
+                    for name in ("exp_avg", "exp_avg_sq"):  # moments stay fp32 whatever dtype the model's copy has
+                        self.state[p][name] = self.state[p][name].float()
+
+    @contextlib.contextmanager
+    def masters_in_model(self):
+        """The model's bf16 copies swapped for their fp32 weights (to save, load or export them); on the
+        way out the bf16 copies are rewritten from the fp32 weights, which a load may have changed."""
+        pairs = [(p, self.state[p]) for g in self.param_groups for p in g["params"] if "master" in self.state[p]]
+        with torch.no_grad():
+            for p, state in pairs:
+                p.data, state["master"] = state["master"], p.data
+            try:
+                yield
+            finally:
+                for p, state in pairs:
+                    p.data, state["master"] = state["master"], p.data
+                    p.data.copy_(state["master"])
+
+
+def masters_in_model(optimizer):
+    """`MasterWeightAdamW.masters_in_model()`, or nothing to do for any other optimizer."""
+    return optimizer.masters_in_model() if isinstance(optimizer, MasterWeightAdamW) else contextlib.nullcontext()
 
 
 def build_scheduler(opt: torch.optim.Optimizer, o: DictConfig, total_steps: int):

@@ -56,6 +56,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "name": Rule(str, choices=("adamw",)), "lr": Rule(float, low=0, high=1e30, low_exclusive=True, why="float32 holds it"), "min_lr": Rule(float, low=0),
         "weight_decay": Rule(float, low=0), "betas": Rule(list, length=2), "eps": Rule(float, low=0, low_exclusive=True),
         "warmup_steps": Rule(int, low=0), "schedule": Rule(str, choices=("cosine", "constant")), "grad_clip": Rule(float, low=0, why="0 disables clipping"),
+        "master_weights": Rule(bool),
     },
     "parallel": {
         "dp_replicate": positive_int(), "dp_shard": Rule(int, low=-1), "tp": positive_int(), "cp": positive_int(), "ep": positive_int(),

@@ -48,10 +48,14 @@ def folds_clip_into_step(optimizer) -> bool:
     over the gradients is needed. Plain tensors only (a DTensor step takes no plain-tensor scale)."""
     from torch.distributed.tensor import DTensor
 
-    if optimizer is None or not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if optimizer is None:
         return False
     groups = optimizer.param_groups
-    return all(g.get("fused") for g in groups) and not any(isinstance(p, DTensor) for g in groups for p in g["params"])
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        return False
+    if getattr(optimizer, "accepts_grad_scale", False):  # an optimizer of ours that reads it (launch/optim.py)
+        return True
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(g.get("fused") for g in groups)
 
 
 @torch.no_grad()
