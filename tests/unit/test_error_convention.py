@@ -28,8 +28,10 @@ ALLOWED = {
     ("parallel/capacity.py", "CapacityDispatcher.__call__", "ValueError"),
     ("parallel/symm_mem.py", "SymmMemDispatcher.__call__", "ValueError"),
     # kernels/ sits below moe/ (no moe.errors there). The custom op is reached through `topk_indices`,
-    # which checks E <= MAX_EXPERTS, from gates that check k <= E at config time.
+    # which checks E <= MAX_EXPERTS, from gates that check k <= E at config time; the master-weight
+    # optimizer hands the AdamW step a bf16 compute copy (a wrong dtype is its caller's bug).
     ("kernels/topk.py", "topk_indices_triton", "ValueError"),
+    ("kernels/adamw.py", "adamw_master_step", "TypeError"),
     # autograd's convention: torch raises RuntimeError for a second backward through a graph too.
     ("kernels/ops.py", "ExpertMLPFunction.backward", "RuntimeError"),
     # Protocols that name the type: json.dumps' default= hook must raise TypeError; a tensor dtype
