@@ -136,14 +136,16 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def masters_in_model(self):
         """The model's bf16 copies swapped for their fp32 weights (to save, load or export them); on the
         way out the bf16 copies are rewritten from the fp32 weights, which a load may have changed."""
-        pairs = [(p, self.state[p]) for g in self.param_groups for p in g["params"] if "master" in self.state[p]]
+        params = [p for g in self.param_groups for p in g["params"] if "master" in self.state[p]]
         with torch.no_grad():
-            for p, state in pairs:
+            for p in params:
+                state = self.state[p]
                 p.data, state["master"] = state["master"], p.data
             try:
                 yield
             finally:
-                for p, state in pairs:
+                for p in params:  # self.state[p] afresh: a load_state_dict inside replaced the dicts
+                    state = self.state[p]
                     p.data, state["master"] = state["master"], p.data
                     p.data.copy_(state["master"])
 

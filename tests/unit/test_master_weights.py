@@ -82,3 +82,62 @@ def test_its_state_dict_is_torch_adamw_s_and_a_load_keeps_the_fp32_weights():
     opt.load_state_dict(sd)
     with opt.masters_in_model():
         assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_checkpoint_round_trip_restores_weights_moments_and_copies():
+    """Saved through torch.distributed.checkpoint's state dicts (as the trainer saves) and loaded into a
+    fresh model: the same fp32 weights, moments and bf16 copies (a load once left the optimizer holding
+    the bf16 copy as its 'master')."""
+    from moeflow.parallel.checkpoint import apply_model_and_optimizer_state, model_and_optimizer_state
+
+    def fresh():
+        model = _model()
+        return model, MasterWeightAdamW(optimizer_groups(model, 0.1), bf16_compute_params(model), lr=3e-3, betas=(0.9, 0.95))
+
+    a, opt_a = fresh()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a(x).float().square().mean().backward()
+    opt_a.step()
+    saved = copy.deepcopy(model_and_optimizer_state(a, opt_a))
+    b, opt_b = fresh()
+    template = model_and_optimizer_state(b, opt_b)
+
+    def fill(dst, src):
+        for k, v in src.items():
+            if isinstance(v, dict):
+                fill(dst[k], v)
+            elif isinstance(v, torch.Tensor):
+                dst[k].copy_(v)
+
+    fill(template, saved)  # what load_sharded does, in place
+    apply_model_and_optimizer_state(b, opt_b, template)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert torch.equal(pa, pb) and pa.dtype == pb.dtype, name
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            assert (key in sa) == (key in sb) and (key not in sa or (torch.equal(sa[key], sb[key]) and sb[key].dtype == torch.float32)), (name, key)
+
+
+def test_a_run_with_master_weights_resumes_bit_identically(tmp_path):
+    from helpers.config import TINY, compose_cfg
+    from moeflow.launch.train import train
+
+    common = [*TINY, "trainer.precision=bf16", "optim.master_weights=true", "trainer.eval_every=0", "trainer.keep_checkpoints=0", "trainer.ckpt_every=1"]
+    whole = train(compose_cfg(*common, "trainer.steps=3"), tmp_path / "whole")
+    train(compose_cfg(*common, "trainer.steps=1"), tmp_path / "split")
+    resumed = train(compose_cfg(*common, "trainer.steps=3", "resume=auto", run_dir=tmp_path / "split"), tmp_path / "split")
+    assert resumed["start_step"] == 1 and resumed["train_loss"] == whole["train_loss"]
+    plain = train(compose_cfg(*[c for c in common if "master_weights" not in c], "trainer.steps=3"), tmp_path / "plain")
+    assert whole["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)  # autocast + torch AdamW on the same model
+
+
+def test_master_weights_are_refused_where_they_cannot_work():
+    from helpers.config import TINY, compose_cfg
+    from moeflow.launch.config import validate
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"optim.master_weights=true needs bf16"):
+        validate(compose_cfg(*TINY, "optim.master_weights=true", "trainer.device=cpu"))
+    with pytest.raises(ConfigError, match=r"needs trainer.grad_accum=1"):
+        validate(compose_cfg(*TINY, "optim.master_weights=true", "trainer.precision=bf16", "trainer.grad_accum=2"))
