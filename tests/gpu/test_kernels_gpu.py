@@ -186,3 +186,43 @@ def test_a_second_process_reuses_the_tuned_tiles(tmp_path):
     assert any(runs[0]["benchmarked"]) and not any(runs[1]["benchmarked"]), runs
     assert runs[1]["picks"] == runs[0]["picks"] and len(list(tmp_path.rglob("moeflow-*.autotune.json"))) == sum(runs[0]["picks"])
     print(f"first call: {runs[0]['seconds']:.1f} s tuning, {runs[1]['seconds']:.1f} s from the disk cache")
+
+
+def test_master_weight_adamw_kernel_matches_the_reference_on_the_gpu():
+    """kernels/adamw.py on CUDA (odd size: a masked tail) against its torch-ops reference, 3 steps."""
+    from moeflow.kernels.adamw import adamw_master_step, adamw_reference
+
+    torch.manual_seed(0)
+    n = 3 * 1024 * 1024 + 17
+    w0 = torch.randn(n, device="cuda")
+    a = {"master": w0.clone(), "param": w0.bfloat16(), "m": torch.zeros(n, device="cuda"), "v": torch.zeros(n, device="cuda")}
+    b = {k: v.clone() for k, v in a.items()}
+    for step in range(1, 4):
+        grad = torch.randn(n, device="cuda").bfloat16()
+        scale = torch.tensor(0.7, device="cuda")
+        adamw_master_step(a["master"], a["param"], grad, a["m"], a["v"], scale, step, 1e-3, 0.9, 0.95, 1e-8, 0.1)
+        adamw_reference(b["master"], b["param"], grad, b["m"], b["v"], scale, step, 1e-3, 0.9, 0.95, 1e-8, 0.1)
+    torch.testing.assert_close(a["master"], b["master"], rtol=1e-6, atol=1e-7)
+    assert (a["param"] != b["param"]).float().mean().item() < 1e-4  # the same rounding but where the masters differ by an ulp
+    assert torch.equal(a["param"], a["master"].bfloat16())  # round to nearest even, as autocast's cast
+
+
+def test_fused_cross_entropy_matches_float64_at_a_real_vocabulary():
+    """kernels/cross_entropy.py on CUDA, bf16 logits of OLMoE's 50,304 classes, against float64."""
+    import torch.nn.functional as F
+
+    from moeflow.kernels.cross_entropy import cross_entropy_per_token
+    from moeflow.launch.losses import lm_loss
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 96, 50304, device="cuda") * 4).bfloat16().requires_grad_()
+    target = torch.randint(0, 50304, (2, 96), device="cuda")
+    loss = lm_loss(logits, target)
+    loss.backward()
+    ref_logits = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
+    torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-2, atol=1e-6)
+    per_token = cross_entropy_per_token(logits.detach().flatten(0, 1), target.flatten())
+    torch.testing.assert_close(per_token.double(), F.cross_entropy(ref_logits.detach().flatten(0, 1), target.flatten(), reduction="none"), rtol=1e-5, atol=1e-5)
