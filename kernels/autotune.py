@@ -189,7 +189,7 @@ GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6), 
                (128, 256, 64, 8, 3, PERSISTENT), (128, 256, 64, 8, 4, PERSISTENT), (128, 256, 32, 8, 6, PERSISTENT)]
 # Row-gathered operands (gather_rows) get one shared-memory buffer fewer than num_stages asks
 # for (the index load takes a pipeline stage), hence the deeper candidates. Two B operands
-# (dW1 + dW3) fit only 128 x 128 tiles (`_fits_one`); one (dW2) runs best at 128 x 256.
+# (dW1 + dW3) fit only 128 x 128 tiles (`fits_one`); one (dW2) runs best at 128 x 256.
 WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 32, 8, 6),
                  (128, 128, 32, 8, 6), (128, 128, 64, 8, 4, PERSISTENT), (128, 256, 64, 8, 4, PERSISTENT)]
 # An aligned layout pads every expert's rows to a multiple of ROW_ALIGN, so that wgrad's row chunks

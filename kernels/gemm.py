@@ -337,7 +337,7 @@ def _wgrad_kernel(
     offs_e = tl.arange(0, E_POW2)
     cnt = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     cum = tl.cumsum(cnt, 0)
-    # PERSISTENT only sizes the launch (`_grid`): programs walk tiles pid, pid + P, ... either way.
+    # PERSISTENT only sizes the launch (`autotune.grid_for`): programs walk tiles pid, pid + P, ... either way.
     # The row loop's length differs per expert, so Triton cannot flatten it with the tile loop (a
     # hand-flattened single loop ran at half the rate: bench/RESULTS.md); each tile fills its own pipeline.
     for tile in tl.range(tl.program_id(0), E * per_e, tl.num_programs(0)):

@@ -8,7 +8,7 @@ gate, Qwen3-MoE per-head q/k norms, OLMoE q/k norms over the whole projection.
 An export is exact or refused: `export_blockers` names every option of a moeflow model that
 the target architecture cannot compute (sigmoid scores, capacity dropping, group-limited
 routing, expert-bias balancing, ...), and the converters compare logits with transformers'
-own model before anything is written (`moeflow.launch.hf_io`).
+own model before anything is written (`moeflow.launch.hf_models`).
 
 DeepSeek-V2/V3 are refused on import: their multi-head latent attention (keys and values
 from a low-rank latent, a separate rotary part) is not moeflow's attention, so no exact

@@ -46,7 +46,6 @@ def shard_experts(layer: MoELayer, ep_rank: int, ep: int) -> None:
         p.data = p.data[lo:hi].clone()
         p._moeflow_ep_shard = (E, lo, hi)
     experts.num_experts = L
-    experts.expert_offset = lo
 
 
 class ExpertDataParallel(DistributedDataParallel):
@@ -166,14 +165,6 @@ def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: 
     """
     apply_expert_parallel(model, layout, overlap_chunks, overlap_shared, dispatch)
     return ExpertDataParallel(model, layout, **ddp_kwargs)
-
-
-def parallelize_from_config(model: torch.nn.Module, parallel_cfg, device: torch.device) -> ExpertDataParallel:
-    """The trainer's entry point: `parallel.ep`, `parallel.overlap_chunks`, `parallel.overlap_shared`."""
-    from .layout import build_layout
-
-    layout = build_layout(int(parallel_cfg.ep), model.cfg.num_experts, device.type)
-    return parallelize(model, layout, overlap_chunks=int(parallel_cfg.overlap_chunks), overlap_shared=bool(parallel_cfg.overlap_shared), **ddp_device_kwargs(device))
 
 
 def ddp_device_kwargs(device: torch.device) -> dict:

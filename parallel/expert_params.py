@@ -11,7 +11,7 @@ megatron-core) asks the same predicate and builds the same groups:
   are dense and live under `shared_expert.`);
 - `param_groups(model, weight_decay)` splits {expert, non-expert} x {decay, no decay};
   expert groups carry `moe_expert: True` and `ep_group_name` (the EP size they were
-  sharded with), which `moeflow.parallel.integrations.deepspeed_engine` turns into
+  sharded with), which `moeflow.launch.engines.deepspeed_engine` turns into
   DeepSpeed-MoE groups (`moe: True`, `name`) when EP > 1.
 """
 from __future__ import annotations

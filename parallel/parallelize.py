@@ -64,7 +64,7 @@ def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: Sharding
                 continue
             local = p.data[rank * L:(rank + 1) * L].clone()
             setattr(experts, name, nn.Parameter(DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False), requires_grad=p.requires_grad))
-        experts.num_experts, experts.expert_offset = L, rank * L
+        experts.num_experts = L
         layer.dispatcher = build_dispatcher(opts.dispatch, mesh.ep_group, ep, L, layer)
 
 

@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import need
@@ -198,7 +197,3 @@ def global_fraction(gate: Gate, part: int | torch.Tensor, whole: int | torch.Ten
     pw = torch.stack([on_device(part), on_device(whole)])
     pw = gate.global_sum(pw)
     return (pw[0] / pw[1].clamp_min(1)).detach()
-
-
-def one_hot_counts(expert_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return F.one_hot(expert_TK.reshape(-1), num_experts).sum(0)

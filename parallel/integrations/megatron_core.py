@@ -14,7 +14,7 @@ megatron's own marker `allreduce=False`, so megatron-core's DistributedDataParal
 them over the expert-data-parallel group and its optimizer treats them as expert params;
 `data_parallel(model)` gives the same gradient sync with moeflow's `ExpertDataParallel`
 over parallel_state's groups (for a loop that keeps torch AdamW, like moeflow's). Both
-match one process on the global batch (tests/test_megatron_core.py, gloo, 2 and 4 ranks).
+match one process on the global batch (tests/distributed/test_megatron_core.py, gloo, 2 and 4 ranks).
 
 `gpt_layer_specs(model_cfg)` gives one layer spec per block (moeflow MoE where
 `model_cfg.is_moe_block(i)`, megatron's dense MLP elsewhere), `build_gpt_model(model_cfg)`
@@ -48,7 +48,7 @@ from moeflow.moe.model import ModelConfig, build_moe_layer
 CPU_MESSAGE = (
     "engine=megatron needs a CUDA GPU: megatron-core's attention (DotProductAttention's memory buffer) and "
     "GPTModel's rotary embedding allocate on CUDA; on CPU, megatron-core's parallel_state, model construction and "
-    "the moeflow MoE submodule run (see tests/test_megatron_core.py); use engine=torch or engine=deepspeed on CPU"
+    "the moeflow MoE submodule run (see tests/distributed/test_megatron_core.py); use engine=torch or engine=deepspeed on CPU"
 )
 
 
