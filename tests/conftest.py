@@ -1,7 +1,9 @@
 """Suite-wide fixtures. Helpers live in tests/helpers/ (importable as `helpers.*`)."""
 from __future__ import annotations
 
+import getpass
 import os
+import tempfile
 
 import pytest
 import torch
@@ -10,6 +12,20 @@ if not torch.cuda.is_available():
     # Triton reads this when it is first imported, and some test modules (DeepSpeed's, the GPU
     # ones) import it while being collected: set it before any of them, for the kernel tests.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# torch.compile's cache stays shared across tests (its default place), whatever TMPDIR a test gets below
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+
+
+@pytest.fixture(autouse=True)
+def _private_temp_dir(tmp_path_factory, monkeypatch):
+    """The temp files of the code under test, and of the processes it starts (torchrun's torchelastic_*
+    folders, rendezvous files), land in this test's own pytest temp dir, which pytest prunes: a suite
+    run once left hundreds of folders in the machine's temp dir."""
+    private = str(tmp_path_factory.mktemp("tmp"))
+    monkeypatch.setenv("TMPDIR", private)
+    monkeypatch.setattr(tempfile, "tempdir", private)
 
 
 @pytest.fixture(autouse=True)

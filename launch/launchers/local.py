@@ -12,7 +12,7 @@ from moeflow.moe.errors import ConfigError, RunFailed
 from .common import LAUNCHED_ENV, compose, replace_run_dir, run_dir_of, without_launcher
 
 
-def torchrun_argv(launcher, train_args: list[str]) -> list[str]:
+def torchrun_argv(launcher, train_args: list[str], run_dir=None) -> list[str]:
     if int(launcher.nproc) < 1:
         raise ConfigError(f"launcher.nproc={launcher.nproc}: need at least 1 process per node")
     argv = [f"--nproc-per-node={launcher.nproc}", f"--max-restarts={launcher.max_restarts}"]
@@ -24,6 +24,8 @@ def torchrun_argv(launcher, train_args: list[str]) -> list[str]:
         argv += ["--standalone"]
     if launcher.log_dir:
         argv += [f"--log-dir={launcher.log_dir}", "--tee=3"]
+    elif run_dir is not None:  # torchrun's own bookkeeping goes into the run, not a torchelastic_* folder left in the temp dir
+        argv += [f"--log-dir={os.path.join(str(run_dir), 'torchrun')}"]
     return argv + ["-m", "moeflow.launch.cli", "train", *train_args]
 
 
@@ -32,7 +34,7 @@ def launch(args: list[str]) -> int:
 
     cfg = compose(args)
     run_dir = run_dir_of(cfg)
-    argv = torchrun_argv(cfg.launcher, replace_run_dir(without_launcher(args), run_dir))
+    argv = torchrun_argv(cfg.launcher, replace_run_dir(without_launcher(args), run_dir), run_dir)
     os.environ[LAUNCHED_ENV] = "1"
     print(f"moeflow: torchrun {' '.join(argv)}", flush=True)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import shutil
 import tempfile
 import time
 import traceback
@@ -70,15 +71,18 @@ def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float | None 
     ctx = mp.get_context("spawn")
     store = Path(tempfile.mkdtemp(prefix="moeflow-store-")) / "store"
     procs = [ctx.Process(target=_entry, args=(r, world, str(store), fn_name, args, str(out_dir)), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join(5)
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join(5)
+    finally:
+        shutil.rmtree(store.parent, ignore_errors=True)  # the rendezvous file's folder: nothing left in the temp dir
     errors = "".join(f.read_text() for f in sorted(Path(out_dir).glob("rank*.err")))
     if alive:
         raise TimeoutError(f"{fn_name} on {world} ranks did not finish in {timeout:.0f}s\n{errors}")
