@@ -6,7 +6,7 @@ unpermuted tokens: rows are copied into expert order once (the backward needs th
 order too), each expert's group padded with zero rows to a multiple of `ROW_ALIGN` when
 groups are large (`aligned_layout`: the weight gradients then read both operands through TMA,
 unmasked), and the outputs, times their gate weight, are scattered by the last GEMM's stores
-into token order and summed per token (`moeflow.moe.dispatch.combine`'s semantics), so the
+into token order and summed per token (`moeflow.moe.routing.combine`'s semantics), so the
 routed copy of the outputs is never materialised. (The kernels can also gather rows inside their loads;
 on the H100 the copy + TMA loads is faster: bench/RESULTS.md.) The backward's un-permute sum
 runs on a second CUDA stream beside the last weight-gradient GEMM.

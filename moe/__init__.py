@@ -8,9 +8,9 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "DispatchPlan": "dispatch", "LocalDispatcher": "dispatch", "combine": "dispatch", "plan_dispatch": "dispatch",
+    "DispatchPlan": "routing", "LocalDispatcher": "dispatch", "combine": "routing", "plan_dispatch": "routing",
     "MLP": "experts", "SharedExpert": "experts", "GroupedExperts": "experts", "expert_mlp": "experts",
-    "GATES": "gates", "Gate": "gates", "RouterOutput": "gates", "build_gate": "gates", "register_gate": "gates",
+    "GATES": "gates", "Gate": "gates", "RouterOutput": "routing", "build_gate": "gates", "register_gate": "gates",
     "MoELayer": "layer", "moe_layers": "layer", "moe_aux_loss": "layer",
     "ModelConfig": "config", "Transformer": "model",
     "UpcycleOptions": "upcycle", "upcycle_model": "upcycle", "upcycle_transformer": "upcycle",

@@ -121,7 +121,7 @@ class GroupedExperts(nn.Module):
         """combine(experts(x_TD[plan.token_A], plan.counts_E), plan), with the permutation fused where the impl can."""
         fn = ROUTED_IMPLEMENTATIONS.get(self.impl) if self.fuses_permute else None
         if fn is None:
-            from .dispatch import combine
+            from .routing import combine
 
             return combine(self(x_TD[plan.token_A], plan.counts_E), plan)
         return fn(self, x_TD, plan)
@@ -212,7 +212,7 @@ def triton_routed(experts: GroupedExperts, x_TD: torch.Tensor, plan) -> torch.Te
     """Triton path with the un-permutation fused (weighted scatter in the last GEMM's stores)."""
     found = _triton_ops(experts, x_TD)
     if found is None:
-        from .dispatch import combine
+        from .routing import combine
 
         return combine(torch_loop(experts, x_TD[plan.token_A], plan.counts_E), plan)
     ops, (x, w1, w3, w2) = found

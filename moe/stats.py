@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .gates.base import RouterOutput
-from .gates.common import counts_of
+from .routing import RouterOutput, counts_of
 
 
 def routing_stats(routing: RouterOutput, counts_E: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

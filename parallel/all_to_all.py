@@ -25,10 +25,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from moeflow.moe.dispatch import DispatchPlan, combine, plan_dispatch
 from moeflow.moe.errors import ConfigError
-from moeflow.moe.gates.base import RouterOutput
-from moeflow.moe.gates.common import counts_of, stable_order
+from moeflow.moe.routing import DispatchPlan, RouterOutput, combine, counts_of, plan_dispatch, stable_order
 
 from .exchange import exchange, exchange_async
 

@@ -23,9 +23,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from moeflow.moe.dispatch import DispatchPlan, combine
-from moeflow.moe.gates.base import RouterOutput
-from moeflow.moe.gates.common import counts_of
+from moeflow.moe.routing import DispatchPlan, RouterOutput, combine, counts_of
 
 from .all_to_all import run_local_experts
 from .exchange import exchange

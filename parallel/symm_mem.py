@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from moeflow.moe.dispatch import combine, plan_dispatch
 from moeflow.moe.errors import ConfigError
-from moeflow.moe.gates.base import RouterOutput
+from moeflow.moe.routing import RouterOutput, combine, plan_dispatch
 
 
 ALIGN = 16  # rows: where each local expert's group starts in the receive buffer

@@ -15,7 +15,7 @@ import triton.testing
 from moeflow.kernels import autotune, gemm, permute, tma
 from moeflow.launch.bench.experts import CASES, route
 from moeflow.kernels.ops import aligned_layout, routing_layout
-from moeflow.moe.dispatch import plan_dispatch
+from moeflow.moe.routing import plan_dispatch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each one-program-per-tile and persistent (PERSIST=0 / 1 / both)
 _PERSIST = {"0": (False,), "1": (True,)}.get(os.environ.get("PERSIST", ""), (False, True))

@@ -26,7 +26,7 @@ GiB = 2**30
 
 def route(x_TD, w_DE, k: int, skew: bool):
     """Softmax top-k routing (renormalised), as `TopKGate` routes; with `skew`, expert 0 is forced on a 4k/E share of tokens."""
-    from moeflow.moe.gates.base import RouterOutput
+    from moeflow.moe.routing import RouterOutput
     from moeflow.moe.gates.common import top_k_indices
 
     T, E = x_TD.shape[0], w_DE.shape[1]
@@ -108,7 +108,7 @@ def breakdown(T, d, f, E, k, warmup, rep):
 
     from moeflow.kernels import gemm, permute
     from moeflow.kernels.ops import aligned_layout, routing_layout
-    from moeflow.moe.dispatch import plan_dispatch
+    from moeflow.moe.routing import plan_dispatch
 
     dev = torch.device("cuda")
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ import inspect
 from typing import Callable
 
 from ..errors import need
-from .base import Gate, RouterOutput
+from ..routing import RouterOutput
+from .base import Gate
 from .dts import ActivationDTSGate, DTSGate
 from .expert_choice import ExpertChoiceGate
 from .hash import HashGate

@@ -1,6 +1,7 @@
 """The gate (router) interface shared by every routing algorithm.
 
-A gate maps token activations to a *flat list of assignments* (token, expert, weight).
+A gate maps token activations to a *flat list of assignments* (token, expert, weight):
+a `RouterOutput` (`moeflow.moe.routing`, which dispatchers read too).
 Flat assignments express every routing family with one shape: top-k (k per token),
 capacity dropping (dropped pairs are simply absent), expert choice (a token may get
 0..E experts) and dense-to-sparse (a varying number per token).
@@ -9,11 +10,13 @@ Shape suffixes: T tokens, D model dim, E experts, K top-k, A assignments.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..routing import RouterOutput
 
 
 @dataclass(frozen=True)
@@ -23,34 +26,6 @@ class SequenceShape:
 
     seq_len: int
     seq_major: bool = False
-
-
-@dataclass
-class RouterOutput:
-    """What every gate returns.
-
-    token_A, expert_A, weight_A: one entry per (token, expert) assignment, any order
-        (gates that emit them token-major say so with `token_sorted=True`).
-    losses: auxiliary losses, already multiplied by their coefficients; the trainer adds
-        their sum to the LM loss.
-    stats: detached scalars/tensors for logging (see `moeflow.moe.stats`).
-    """
-
-    token_A: torch.Tensor
-    expert_A: torch.Tensor
-    weight_A: torch.Tensor
-    num_tokens: int
-    num_experts: int
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
-    # True when token_A is non-decreasing (token-major order, as top-k emits it): the fused
-    # kernels then know each assignment's place among its token's rows without a second sort.
-    token_sorted: bool = False
-
-    def aux_loss(self) -> torch.Tensor:
-        if not self.losses:
-            return self.weight_A.new_zeros(())
-        return torch.stack([v.float() for v in self.losses.values()]).sum()
 
 
 class _DifferentiableSum(torch.autograd.Function):

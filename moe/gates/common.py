@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import need
+from ..routing import stable_order  # noqa: F401  (re-exported: tests import it from here)
 from .base import Gate
 
 def router_projection(d_model: int, num_experts: int, init_std: float) -> nn.Linear:
@@ -160,13 +161,6 @@ def entropy(gate: Gate, probs_TE: torch.Tensor) -> torch.Tensor:
         return gate.global_sum(h.sum()) / gate.global_count(p.shape[0], p.device)
 
 
-def counts_of(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Assignments per expert (int64). Not torch.bincount: on CUDA that reads the maximum back
-    to the host, and the sync leaves the GPU idle while the CPU queues the next kernels."""
-    ones = torch.ones_like(expert_A, dtype=torch.int64)
-    return torch.zeros(num_experts, dtype=torch.int64, device=expert_A.device).scatter_add_(0, expert_A.long(), ones)
-
-
 @functools.cache
 def _topk_kernel():
     try:  # Triton is an optional dependency
@@ -181,13 +175,6 @@ def top_k_indices(select_TE: torch.Tensor, k: int) -> torch.Tensor:
     kernel when Triton is installed (torch.topk takes ~10x longer on router-sized rows)."""
     kernel = _topk_kernel() if select_TE.is_cuda else None
     return kernel(select_TE, k) if kernel is not None else select_TE.detach().topk(k, dim=-1).indices
-
-
-def stable_order(ids: torch.Tensor, num_values: int) -> torch.Tensor:
-    """torch.argsort(ids, stable=True) for ids in [0, num_values), sorted as the narrowest integer
-    type that holds them: a GPU radix sort makes one pass per key byte (8 for int64 ids)."""
-    narrow = torch.uint8 if num_values <= 256 else torch.int16 if num_values <= 2**15 else torch.int32 if num_values <= 2**31 else ids.dtype
-    return torch.argsort(ids.to(narrow), stable=True)
 
 
 def global_fraction(gate: Gate, part: int | torch.Tensor, whole: int | torch.Tensor, device) -> torch.Tensor:

@@ -26,8 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Gate, RouterOutput
-from .common import router_projection, check_choice, check_nonneg, check_top_k, counts_of, entropy, need, switch_balance_loss, router_logits
+from ..routing import RouterOutput, counts_of
+from .base import Gate
+from .common import router_projection, check_choice, check_nonneg, check_top_k, entropy, need, switch_balance_loss, router_logits
 
 ROUTER_ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "softplus": F.softplus}
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Gate, RouterOutput
 from ..errors import ConfigError
+from ..routing import RouterOutput
+from .base import Gate
 from .common import check_top_k, need
 
 _KNUTH = 2654435761  # floor(2^32 / golden ratio)

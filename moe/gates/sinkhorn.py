@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from .base import Gate, RouterOutput
+from ..routing import RouterOutput
+from .base import Gate
 from .common import router_projection, check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset, router_logits
 
 

@@ -27,7 +27,8 @@ import math
 import torch
 
 from ..recompute import recomputing
-from .base import Gate, RouterOutput, SequenceShape
+from ..routing import RouterOutput, counts_of
+from .base import Gate, SequenceShape
 from .common import (
     router_projection,
     router_logits,
@@ -36,7 +37,6 @@ from .common import (
     check_choice,
     check_nonneg,
     check_top_k,
-    counts_of,
     entropy,
     global_fraction,
     keep_top_per_expert,
