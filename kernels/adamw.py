@@ -13,6 +13,8 @@ multiplied by `1 / grad_scale` as it is read (the clip factor, a device scalar: 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,7 @@ import triton.language as tl
 from .autotune import INTERPRET
 
 BLOCK = 1024 if not INTERPRET else 128
+KERNEL = os.environ.get("MOEFLOW_ADAMW_KERNEL", "1") != "0"  # 0: the torch-ops reference on the GPU too (A/B)
 
 
 @triton.jit
@@ -74,7 +77,7 @@ def adamw_reference(master, param, grad, m, v, inv_scale, step: int, lr: float, 
 def adamw_master_step(master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float) -> None:
     """One AdamW step of one tensor (contiguous, same number of elements); Triton on CUDA (and under
     the CPU interpreter), the torch reference elsewhere."""
-    if not (master.is_cuda or INTERPRET):
+    if not KERNEL or not (master.is_cuda or INTERPRET):
         return adamw_reference(master, param, grad, m, v, inv_scale, step, lr, beta1, beta2, eps, decay)
     n = master.numel()
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)

@@ -325,6 +325,6 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", default=None, help="JSON file to write (e.g. bench/results/train_h200.json)")
     ap.add_argument("override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     check_out(args.out, args.force)
     run(args)

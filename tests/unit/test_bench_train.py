@@ -107,3 +107,11 @@ def test_an_existing_results_file_is_replaced_only_with_force(tmp_path):
     with pytest.raises(ConfigError, match="--out .* already exists; pass --force"):
         bench_train.main(["--shape", "huge", "--out", str(out)])  # refused before the (bad) shape is even looked at
     assert out.read_text() == "{}"
+
+
+def test_overrides_may_follow_the_flags(monkeypatch):
+    """`moeflow bench train --compile optim.master_weights=true` once failed with 'unrecognized arguments'."""
+    seen = {}
+    monkeypatch.setattr(bench_train, "run", lambda args: seen.update(vars(args)))
+    bench_train.main(["model.n_layers=4", "--compile", "optim.master_weights=true", "--steps", "3"])
+    assert seen["override"] == ["model.n_layers=4", "optim.master_weights=true"] and seen["compile"] and seen["steps"] == 3
