@@ -3,7 +3,8 @@
 validate config -> join the process group -> data -> engine (model, optimizer, schedule,
 resume) -> loop of {micro-batches, optimizer step, log, eval, checkpoint, preemption check}.
 The engine object owns only the step (`moeflow.launch.engines`: torch, DeepSpeed,
-megatron-core), so launcher hooks (Slurm preemption, Ray Train reports), logging and
+megatron-core; the loop uses its contract, `engines/contract.py`, alone), so launcher hooks
+(Slurm preemption, Ray Train reports), logging and
 evaluation behave the same under every engine. Everything the run writes (train.log,
 TensorBoard events, routing_stats.jsonl, checkpoints) lands in the run dir.
 `moeflow train` (train_command.py) is the command line around it.
@@ -102,13 +103,6 @@ def mean_over(t: torch.Tensor, group=None) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, group=group)
     return t / dist.get_world_size(group)
-
-
-def engine_rollback(engine, checkpoint) -> int:
-    """Reload `checkpoint` into the engine (weights, optimizer, schedule, gate state, RNG); its step."""
-    from . import resume
-
-    return resume.load_into(engine, checkpoint, engine.name)
 
 
 def synchronize(device: torch.device) -> None:
@@ -275,7 +269,6 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     collapse = CollapseWatch()  # dead experts, routers that cannot tell experts apart
     probe = StepProbe(trainer_cfg, run_dir, device, start_step, env.rank, env.world_size, env.is_main)  # trainer.profile, bench phase times
 
-    ckpt_writer = getattr(engine, "writer", None)  # engines that save through launch/resume.py
     t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
     t_start = t_last
     try:
@@ -291,8 +284,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                 loss_sum += loss.detach().float()
             grad_norm = engine.optimizer_step()
             probe.end(step + 1, result)
-            if ckpt_writer is not None:
-                ckpt_writer.poll()  # an async save whose write finished is committed now, not at the next save
+            engine.poll_save()  # an async save whose write finished is committed now, not at the next save
             done = step + 1
             tokens_since += tokens_per_step
             if done == start_step + 1:  # one device sync, once: how long the first step (compiles, autotuning) took
@@ -306,10 +298,10 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                 train_loss = mean_over(loss_sum / trainer_cfg.grad_accum, engine.data_parallel_group).item()
                 norm = None if grad_norm is None else float(grad_norm)
                 result.update(step=done, train_loss=train_loss)
-                if not finite(train_loss, norm) and not getattr(engine, "last_step_skipped", False):
+                if not finite(train_loss, norm) and not engine.last_step_skipped:
                     last_good = ckpt.find_checkpoint(run_dir)
                     guard.on_nonfinite(done, train_loss, norm, last_good)  # raises unless it rolls back
-                    step, attempt = engine_rollback(engine, last_good), attempt + 1
+                    step, attempt = engine.rollback(last_good), attempt + 1
                     bar.reset(total=trainer_cfg.steps)
                     bar.update(step)
                     continue
@@ -346,11 +338,10 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             bar.update(1)
             step = done
     except Exception as e:
-        if ckpt_writer is not None and ckpt_writer.pending is not None:  # a save in flight is kept, not abandoned
-            try:
-                ckpt_writer.finish()
-            except Exception as err:  # noqa: BLE001  (the first error is the one to report)
-                log.warning("the checkpoint being saved when the run failed was not committed: %s", err)
+        try:
+            engine.finish_save()  # a save in flight is kept, not abandoned
+        except Exception as err:  # noqa: BLE001  (the first error is the one to report)
+            log.warning("the checkpoint being saved when the run failed was not committed: %s", err)
         if env.enabled and is_timeout(e):
             raise heartbeat.explain(e, trainer_cfg.collective_timeout) from None
         raise

@@ -4,16 +4,18 @@
 - `deepspeed` (`deepspeed_engine.py`): DeepSpeed's ZeRO owns backward and step;
 - `megatron` (`megatron_engine.py`): a megatron-core GPTModel whose MoE layers are moeflow's.
 
-The interface the loop uses (`TorchEngine` documents it in full): the class method
-`start(cfg, trainer_cfg) -> (DistEnv, device)` joins the process group; `Engine(cfg,
-model_cfg, trainer_cfg, env, device, run_dir)` builds model, optimizer and schedule and
-resumes if asked; then `forward_backward(x, y, last) -> (loss, aux)`, `optimizer_step() ->
-grad norm | None`, `lr()`, `save(step) -> checkpoint dir | None`, `describe()`,
-`extra_result()`, `close()`, and the attributes `model` (moeflow modules: gates, aux
-losses, routing statistics), `eval_model`, `autocast`, `start_step`, `data_parallel_rank`
-and `data_parallel_group`. Engines that write moeflow checkpoints (torch, megatron) do it
-through `launch/checkpoint.py`'s one save/resume path (`checkpoint_state` /
-`load_checkpoint_state`).
+The loop uses an engine through one contract, `contract.Engine` (an ABC every engine
+subclasses, with the defaults): the class method `start(cfg, trainer_cfg) -> (DistEnv,
+device)` joins the process group; `Engine(cfg, model_cfg, trainer_cfg, env, device,
+run_dir)` builds model, optimizer and schedule and resumes if asked; then
+`forward_backward(x, y, last) -> (loss, aux)`, `optimizer_step() -> grad norm tensor | None`,
+`lr()`, `save(step) -> checkpoint dir | None`, `poll_save()`, `finish_save()`,
+`rollback(checkpoint) -> step`, `describe()`, `extra_result()`, `close()`, and the
+attributes `model` (moeflow modules: gates, aux losses, routing statistics), `eval_model`,
+`autocast`, `start_step`, `data_parallel_rank`, `data_parallel_group` and
+`last_step_skipped`. Engines that write moeflow checkpoints (torch, megatron) subclass
+`contract.MoeflowCheckpointEngine` and save and resume through `launch/resume.py`'s one
+path (`checkpoint_state` / `load_checkpoint_state`).
 
 Frameworks are imported lazily: `moeflow train` (engine=torch) never pays for DeepSpeed or
 megatron-core imports, and a missing package is a one-line error naming the extra.

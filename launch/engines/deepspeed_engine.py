@@ -1,10 +1,11 @@
 """engine=deepspeed: DeepSpeed owns the step; the loop is `launch/train.py`'s.
 
-What changes against engine=torch is who does the step: `engine.backward` (loss scaling
-by 1/grad_accum, ZeRO gradient reduction), `engine.step` (clipping, optimizer, scheduler,
-only on the accumulation boundary; DeepSpeed counts micro-steps, so it is called after
-every micro-batch) and DeepSpeed checkpoints. Launch several processes with torchrun (or
-`deepspeed`); the process group is joined the same way as the torch engine.
+What changes against engine=torch is who does the step: `engine.backward` in
+`forward_backward` (loss scaling by 1/grad_accum, ZeRO gradient reduction on the step's last
+micro-batch, which `set_gradient_accumulation_boundary` marks), `engine.step` in
+`optimizer_step` (clipping, optimizer, scheduler, once per step) and DeepSpeed checkpoints.
+Launch several processes with torchrun (or `deepspeed`); the process group is joined the same
+way as the torch engine.
 
 Everything DeepSpeed-specific lives here: config generation, `deepspeed.initialize`, checkpoints.
 With expert parallelism (`parallel.ep > 1`, ZeRO-1/2, CPU optimizer offload too) moeflow
@@ -45,6 +46,7 @@ from ..losses import lm_loss
 from ..optim import build_scheduler, fresh_optimizer_state
 from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
+from .contract import Engine
 
 log = logging.getLogger("moeflow.deepspeed")
 
@@ -442,8 +444,8 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path, trust: bool = F
     return ckpt.save_checkpoint(Path(out_run_dir), step, state, trainer_state, out_meta, keep=0)
 
 
-class DeepSpeedEngine:
-    """The engine interface (see `torch_engine.TorchEngine`); DeepSpeed owns backward, step and checkpoints."""
+class DeepSpeedEngine(Engine):
+    """The engine contract (`contract.Engine`); DeepSpeed owns backward, step and checkpoints."""
 
     name = "deepspeed"
 
@@ -463,21 +465,23 @@ class DeepSpeedEngine:
         return f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}, world {self.env.world_size}, engine deepspeed"
 
     def forward_backward(self, x, y, last: bool):
+        # the step's last micro-batch is the accumulation boundary (ZeRO reduces there), whatever DeepSpeed's micro-step count says
+        self.engine.set_gradient_accumulation_boundary(last)
         loss = lm_loss(self.engine(x), y)
         aux = self.model.aux_loss().to(device=loss.device, dtype=loss.dtype)
         phase("forward")  # phase times of `moeflow bench train`; a no-op otherwise
         self.engine.backward(loss + aux)  # DeepSpeed divides by grad_accum
         phase("backward")
-        self.engine.step()  # steps optimizer + scheduler only at the accumulation boundary
-        phase("optimizer")
         return loss, aux
 
-    def optimizer_step(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()  # engine.step() above already stepped
-        return None if norm is None else float(norm)
-
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
+    def optimizer_step(self) -> torch.Tensor | None:
+        """DeepSpeed's step (clipping, optimizer, scheduler) once per step, at the boundary the last
+        micro-batch set; its global gradient norm as a tensor (None without clipping), not read here."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if norm is None or isinstance(norm, torch.Tensor):
+            return norm
+        return torch.tensor(float(norm))  # a host number already (some of its optimizers keep one): wrapped, as every engine returns a tensor
 
     def save(self, step: int) -> Path:
         path = save(self.engine, self.run_dir, step, self.cfg, self.model_cfg.to_dict(), self.env.is_main)
@@ -487,9 +491,6 @@ class DeepSpeedEngine:
 
     def extra_result(self) -> dict:
         return {"param_dtype": str(next(self.engine.module.parameters()).dtype)}
-
-    def close(self) -> None:
-        pass
 
 
 # -- DeepSpeed's JIT-built ops -----------------------------------------------------------

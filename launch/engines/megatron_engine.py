@@ -12,7 +12,7 @@ fresh AdamW moments) and `moeflow convert` exports them. Needs CUDA: see
 
 Expert parallelism (`parallel.ep` > 1) is megatron-core's `expert_model_parallel_size`: each
 MoE slot keeps its EP rank's experts and routes over parallel_state's expert group
-(`megatron_core.shard_over_expert_group`). The step is engine=torch's (`optim.AdamWStep`)
+(`megatron_core.shard_over_expert_group`). The step is engine=torch's (torch AdamW and schedule)
 with `megatron_core.data_parallel`, moeflow's `ExpertDataParallel` over parallel_state's
 groups. Checkpoints gather the expert shards (written full, like one process would) and
 resume on any EP size.
@@ -43,11 +43,11 @@ from moeflow.parallel.integrations import megatron_ckpt as mck
 from moeflow.parallel.integrations import megatron_core as mcore
 from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
 
-from .. import resume
 from ..losses import lm_loss
-from ..optim import AdamWStep, build_scheduler, replay_schedule
+from ..optim import build_scheduler, replay_schedule
 from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
+from .contract import MoeflowCheckpointEngine
 
 log = logging.getLogger("moeflow.train")
 
@@ -98,9 +98,9 @@ def start_megatron(cfg: DictConfig, trainer_cfg) -> tuple[DistEnv, torch.device]
     return env, device
 
 
-class MegatronEngine(AdamWStep):
-    """The engine interface (see `torch_engine.TorchEngine`); its optimizer step (expert-shard
-    gradient sync, clipping, AdamW) is engine=torch's."""
+class MegatronEngine(MoeflowCheckpointEngine):
+    """The engine contract (`contract.Engine`); its optimizer step (expert-shard gradient sync,
+    clipping, AdamW) is engine=torch's."""
 
     name = "megatron"
 
@@ -121,8 +121,7 @@ class MegatronEngine(AdamWStep):
         # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
         self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
         self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
-        self.writer = resume.CheckpointWriter(self, self.name, asynchronous=bool(trainer_cfg.async_checkpoint))
-        self.start_step = resume.resume_run(self, self.name)  # a checkpoint's weights replace the initial ones
+        self.start_step = self.start_checkpoints(trainer_cfg)  # a checkpoint's weights replace the initial ones
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / trainer_cfg.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
@@ -139,6 +138,20 @@ class MegatronEngine(AdamWStep):
             (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
             phase("backward")
         return loss, self.model.aux_loss().detach()
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Expert-shard gradient sync (once per step), clipping with every shard counted once, AdamW,
+        schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        if self.ddp is None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        else:
+            self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
+            norm = self.ddp.clip_grad_norm_(clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.detach()
 
     # -- checkpoints (launch/resume.py) -------------------------------------------------
     def checkpoint_state(self, with_optimizer: bool = True) -> dict:
@@ -168,16 +181,10 @@ class MegatronEngine(AdamWStep):
     def load_full_weights(self, weights: dict) -> None:
         load_moeflow_weights(self.gpt, weights, self.model_cfg)
 
-    def save(self, step: int) -> Path | None:
-        return self.writer.save(step)
-
-    def extra_result(self) -> dict:
-        return {}
-
     def close(self) -> None:
         from megatron.core import parallel_state as ps
 
-        self.writer.close()
+        super().close()  # an async save in flight is committed
         ps.destroy_model_parallel()
 
 

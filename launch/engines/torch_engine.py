@@ -27,28 +27,19 @@ from moeflow.parallel.distributed import DistEnv
 from moeflow.parallel.mesh import build_mesh, dims_from_config
 from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize, reduce_replicated_expert_grads
 
-from .. import resume
 from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
 from ..optim import build_optimizer, build_scheduler, replay_schedule
 from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
+from .contract import MoeflowCheckpointEngine
 
 log = logging.getLogger("moeflow.train")
 
 
-class TorchEngine:
-    """The engine interface every engine offers the loop in `launch/train.py`:
-
-    - `start(cfg, trainer_cfg)` (class method): join the process group -> (DistEnv, device);
-    - construction builds model, optimizer and schedule, and resumes if `cfg.resume` asks;
-    - `model` (the moeflow modules: gates, aux loss, routing stats), `eval_model`, `autocast`,
-      `start_step`, `data_parallel_rank` = (rank, size) of this rank's batch shard and
-      `data_parallel_group` (None: the world);
-    - `describe()`, `forward_backward(x, y, last) -> (loss, aux)`, `optimizer_step() -> grad
-      norm or None`, `lr()`, `save(step) -> checkpoint dir (None on ranks that write none)`,
-      `extra_result()`, `close()`.
-    """
+class TorchEngine(MoeflowCheckpointEngine):
+    """The reference engine (the contract: `contract.Engine`); saves, rollbacks and closing are
+    `MoeflowCheckpointEngine`'s."""
 
     name = "torch"
 
@@ -84,8 +75,7 @@ class TorchEngine:
         self.last_step_skipped = False  # the loop does not count a skipped step's NaN as a divergence
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
-        self.writer = resume.CheckpointWriter(self, self.name, asynchronous=bool(trainer_cfg.async_checkpoint))
-        self.start_step = resume.resume_run(self, self.name)
+        self.start_step = self.start_checkpoints(trainer_cfg)
         self.fwd = torch.compile(self.model) if trainer_cfg.compile else self.model
 
     def _checkpointing(self, trainer_cfg) -> None:
@@ -138,9 +128,6 @@ class TorchEngine:
     def skipped_in_a_row(self) -> int:
         return self.skipped - self.last_stepped
 
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
-
     # -- checkpoints (launch/resume.py) -------------------------------------------------
     def checkpoint_state(self, with_optimizer: bool = True) -> dict:
         return sharded.model_and_optimizer_state(self.model, self.opt if with_optimizer else None)
@@ -170,15 +157,6 @@ class TorchEngine:
             target = params.get(name, buffers.get(name))
             if target is not None:
                 assign_full(target, full.to(device=_local(target).device, dtype=target.dtype))
-
-    def save(self, step: int) -> Path | None:
-        return self.writer.save(step)
-
-    def extra_result(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def _local(t):
