@@ -25,7 +25,8 @@ BLOCK_V = 64 if INTERPRET else 4096
 def _cross_entropy_fwd_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, stride, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride
-    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    # a finite floor, not -inf: a lane masked in every block (V < BLOCK_V) would compute exp(-inf + inf) = NaN
+    m = tl.full((BLOCK_V,), -1.0e30, tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
