@@ -496,33 +496,23 @@ def read_full_tensors(path: Path, prefix: str = "", verify: bool = True, trust: 
     return dict(iter_full_tensors(path, prefix, verify=verify, trust=trust))
 
 
-def _full_precision(optimizer):
-    """An optimizer that keeps the fp32 weights of a bf16 model (`masters_in_model`, launch/optim.py)
-    shows them in the model while its state is read or written: checkpoints hold fp32 weights."""
-    import contextlib
-
-    return optimizer.masters_in_model() if hasattr(optimizer, "masters_in_model") else contextlib.nullcontext()
-
-
 def model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     """{"model": ..., "optim": ...}: FQN-keyed, sharded state dicts (DTensors where the model is sharded)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    with _full_precision(optimizer):
-        if optimizer is None:
-            return {"model": get_model_state_dict(model)}
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd}
 
 
 def apply_model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    with _full_precision(optimizer):
-        if optimizer is None or "optim" not in state:
-            set_model_state_dict(model, state["model"])
-        else:
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if optimizer is None or "optim" not in state:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def async_process_group(timeout_s: float | None = None):

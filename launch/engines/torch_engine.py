@@ -29,7 +29,7 @@ from moeflow.parallel.parallelize import ShardingOptions, materialize, paralleli
 
 from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
-from ..optim import build_optimizer, build_scheduler, replay_schedule
+from ..optim import build_optimizer, build_scheduler, masters_in_model, replay_schedule
 from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
 from .contract import MoeflowCheckpointEngine
@@ -130,14 +130,16 @@ class TorchEngine(MoeflowCheckpointEngine):
 
     # -- checkpoints (launch/resume.py) -------------------------------------------------
     def checkpoint_state(self, with_optimizer: bool = True) -> dict:
-        return sharded.model_and_optimizer_state(self.model, self.opt if with_optimizer else None)
+        with masters_in_model(self.opt):  # optim.master_weights: the fp32 weights, not the bf16 copies
+            return sharded.model_and_optimizer_state(self.model, self.opt if with_optimizer else None)
 
     def schedule_state(self) -> dict:
         return {"scheduler": self.sched.state_dict()}
 
     def load_checkpoint_state(self, state: dict | None, trainer_state: dict | None) -> None:
         if state is not None:
-            sharded.apply_model_and_optimizer_state(self.model, self.opt if "optim" in state else None, state)
+            with masters_in_model(self.opt):
+                sharded.apply_model_and_optimizer_state(self.model, self.opt if "optim" in state else None, state)
         if trainer_state is None:
             return
         saved = trainer_state.get("scheduler")
@@ -151,12 +153,13 @@ class TorchEngine(MoeflowCheckpointEngine):
         """Consolidated weights into this rank's parameters (their shards, when sharded)."""
         from moeflow.moe.init import assign_full
 
-        params = dict(self.model.named_parameters())
-        buffers = dict(self.model.named_buffers())
-        for name, full in weights.items():
-            target = params.get(name, buffers.get(name))
-            if target is not None:
-                assign_full(target, full.to(device=_local(target).device, dtype=target.dtype))
+        with masters_in_model(self.opt):  # a weights-only start sets the fp32 weights (the copies follow)
+            params = dict(self.model.named_parameters())
+            buffers = dict(self.model.named_buffers())
+            for name, full in weights.items():
+                target = params.get(name, buffers.get(name))
+                if target is not None:
+                    assign_full(target, full.to(device=_local(target).device, dtype=target.dtype))
 
 
 def _local(t):

@@ -99,9 +99,11 @@ def test_a_checkpoint_round_trip_restores_weights_moments_and_copies():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         a(x).float().square().mean().backward()
     opt_a.step()
-    saved = copy.deepcopy(model_and_optimizer_state(a, opt_a))
+    with opt_a.masters_in_model():  # as the torch engine saves
+        saved = copy.deepcopy(model_and_optimizer_state(a, opt_a))
     b, opt_b = fresh()
-    template = model_and_optimizer_state(b, opt_b)
+    with opt_b.masters_in_model():
+        template = model_and_optimizer_state(b, opt_b)
 
     def fill(dst, src):
         for k, v in src.items():
@@ -111,7 +113,8 @@ def test_a_checkpoint_round_trip_restores_weights_moments_and_copies():
                 dst[k].copy_(v)
 
     fill(template, saved)  # what load_sharded does, in place
-    apply_model_and_optimizer_state(b, opt_b, template)
+    with opt_b.masters_in_model():  # as the torch engine loads
+        apply_model_and_optimizer_state(b, opt_b, template)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         assert torch.equal(pa, pb) and pa.dtype == pb.dtype, name
@@ -141,3 +144,24 @@ def test_master_weights_are_refused_where_they_cannot_work():
         validate(compose_cfg(*TINY, "optim.master_weights=true", "trainer.device=cpu"))
     with pytest.raises(ConfigError, match=r"needs trainer.grad_accum=1"):
         validate(compose_cfg(*TINY, "optim.master_weights=true", "trainer.precision=bf16", "trainer.grad_accum=2"))
+
+
+def test_a_weights_only_start_sets_the_fp32_weights(tmp_path):
+    """An upcycled model (a weights-only checkpoint) trained with master weights: the fp32 weights are the
+    checkpoint's, not the fresh init's (a load into the bf16 copies alone would leave them stale)."""
+    pytest.importorskip("transformers")
+    import numpy as np
+
+    from helpers.config import compose_cfg
+    from helpers.upcycle import make_hf
+    from moeflow.launch.train import train
+    from moeflow.launch.upcycle import cli as upcycle_cli
+
+    make_hf("llama", tmp_path / "dense", vocab=128)
+    np.random.default_rng(0).integers(0, 128, size=4000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    base = [f"resume={tmp_path / 'moe'}", "data=memmap", f"data.path={tmp_path / 'tokens.bin'}", "data.seq_len=16", "data.batch_size=4",
+            "trainer.steps=3", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.device=cpu", "trainer.precision=bf16", "experts.impl=torch"]
+    plain = train(compose_cfg(*base), tmp_path / "plain")
+    master = train(compose_cfg(*base, "optim.master_weights=true"), tmp_path / "master")
+    assert master["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3)
