@@ -41,8 +41,8 @@ ALLOWED = {
     # Internal invariants: parallelize puts each kind of parameter on one mesh; DeepSpeed's marker
     # module is never called; DeepSpeed's group layout is the one moeflow built (private API drift).
     ("launch/optim.py", "optimizer_groups", "RuntimeError"),
-    ("launch/engines/deepspeed_engine.py", "_deepspeed_moe_marker.DeepSpeedMoEMarker.forward", "RuntimeError"),
-    ("launch/engines/deepspeed_engine.py", "shard_experts_for_deepspeed", "RuntimeError"),
+    ("launch/engines/deepspeed_groups.py", "_deepspeed_moe_marker.DeepSpeedMoEMarker.forward", "RuntimeError"),
+    ("launch/engines/deepspeed_groups.py", "shard_experts_for_deepspeed", "RuntimeError"),
 }
 
 
