@@ -29,8 +29,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import (GMM_SHAPES, INTERPRET, UP_SHAPES, WGRAD_SHAPES, candidate_configs, e_pow2, even_k, fits_gmm,
-                       fits_wgrad, grid_for, m_bucket, m_grid, persist_tuning)
+from .autotune import (
+    GMM_SHAPES,
+    INTERPRET,
+    UP_SHAPES,
+    WGRAD_SHAPES,
+    candidate_configs,
+    e_pow2,
+    even_k,
+    fits_gmm,
+    fits_wgrad,
+    grid_for,
+    m_bucket,
+    m_grid,
+    persist_tuning,
+)
 from .tma import GMM_BOXES, UP_BOXES, WGRAD_BOXES, desc_pair, rows_desc, weight_desc
 
 

@@ -18,7 +18,6 @@ Forward and backward are the custom ops `moeflow::experts_fwd` / `moeflow::exper
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +28,7 @@ from .autotune import ROW_ALIGN
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _copies_rows(token_A: Optional[Tensor], gather_rows: bool) -> bool:
+def _copies_rows(token_A: Tensor | None, gather_rows: bool) -> bool:
     """Whether routed rows are copied into expert order (x_AD, dy_AD) rather than gathered in the loads."""
     return token_A is not None and not gather_rows
 
@@ -86,9 +85,9 @@ class SideStream:
 
 @torch.library.custom_op("moeflow::experts_fwd", mutates_args=())
 def experts_fwd(
-    x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
-    token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    expert_row_A: Optional[Tensor], num_rows: int, save: bool, gather_rows: bool,
+    x: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor,
+    token_A: Tensor | None, weight_A: Tensor | None, pos_A: Tensor | None, tok_offsets: Tensor | None,
+    expert_row_A: Tensor | None, num_rows: int, save: bool, gather_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, h1, h3, x_AD (all but y empty unless `save`; h3 empty for GELU; x_AD empty if not copied).
 
@@ -127,9 +126,9 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row
 
 @torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
 def experts_bwd(
-    dy: Tensor, x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
-    token_A: Optional[Tensor], weight_A: Optional[Tensor], pos_A: Optional[Tensor], tok_offsets: Optional[Tensor],
-    expert_row_A: Optional[Tensor], h1: Tensor, h3: Tensor, gather_rows: bool, aligned: bool,
+    dy: Tensor, x_AD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor,
+    token_A: Tensor | None, weight_A: Tensor | None, pos_A: Tensor | None, tok_offsets: Tensor | None,
+    expert_row_A: Tensor | None, h1: Tensor, h3: Tensor, gather_rows: bool, aligned: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
 
@@ -217,7 +216,7 @@ def triton_usable(device: torch.device) -> str | None:
     return None
 
 
-def check_inputs(x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> None:
+def check_inputs(x: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor) -> None:
     """Raise UnsupportedInput (one line, naming the fix) for anything the kernels must not see."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise UnsupportedInput(f"dtype {x.dtype} is not supported (bf16/fp16 only; enable autocast or cast the model)")
@@ -239,13 +238,13 @@ def check_inputs(x: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts
         raise UnsupportedInput("x must have unit stride along its last dim (call .contiguous())")
 
 
-def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor) -> Tensor:
+def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor) -> Tensor:
     """All experts on rows grouped by expert (counts_E rows each, in order)."""
     check_inputs(x_AD, w1, w3, w2, counts_E)
     return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, None, x_AD.shape[0], False, False)
 
 
-def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """pos_A (row of each assignment in token-sorted order) and per-token row offsets (T+1).
 
     `token_order_A`: each row's index in a token-sorted order the caller already has (the
@@ -297,8 +296,8 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
 ALIGN_FROM_ROWS_PER_EXPERT = 4 * ROW_ALIGN
 
 
-def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Optional[Tensor], w2: Tensor, counts_E: Tensor,
-                      token_A: Tensor, weight_A: Tensor, token_order_A: Optional[Tensor] = None,
+def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor,
+                      token_A: Tensor, weight_A: Tensor, token_order_A: Tensor | None = None,
                       gather_rows: bool = False) -> Tensor:
     """y_TD[t] = sum over assignments a of t: weight_A[a] * MLP_{e(a)}(x_TD[t]), grouped by expert.
 

@@ -9,9 +9,9 @@ Nothing here knows about models: tensors, index arrays, group sizes.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 
 from .autotune import INTERPRET, ROW_ALIGN, e_pow2
 

@@ -6,8 +6,6 @@ picked back out after the down projection. Autograd comes from torch.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,7 +29,7 @@ def padded_rows(counts_E: Tensor, num_rows: int) -> tuple[Tensor, Tensor, int]:
     return dest_A, pend.to(torch.int32), num_rows + ALIGN * E
 
 
-def grouped_mm_mlp(x_AD: Tensor, w1_EDF: Tensor, w3_EDF: Optional[Tensor], w2_EFD: Tensor, counts_E: Tensor) -> Tensor:
+def grouped_mm_mlp(x_AD: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor, counts_E: Tensor) -> Tensor:
     A, D = x_AD.shape
     dest_A, offs_E, size = padded_rows(counts_E, A)
     x_PD = x_AD.new_zeros(size, D).index_copy(0, dest_A, x_AD)

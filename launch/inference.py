@@ -74,7 +74,6 @@ class HFTokenizer:
 
 def tokenizer_for(meta: dict, found: Path, override: str | None):
     """The run's own tokenizer (see the module docstring), or `override`."""
-    from .data import token_file_meta
     from .tokenizer_files import checkpoint_tokenizer, data_tokenizer
 
     if override:

@@ -21,7 +21,6 @@ from moeflow.moe.errors import ConfigError
 from . import schema
 from .recorded_model import adopt_recorded_model
 
-
 # Flags after which Hydra prints something instead of running: let it.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
 

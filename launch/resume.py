@@ -19,8 +19,8 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moeflow.moe.errors import CheckpointError
 from moeflow.parallel import checkpoint as sharded

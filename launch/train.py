@@ -29,8 +29,8 @@ from moeflow.parallel.expert_parallel import sync_routing_stats
 
 from . import checkpoint as ckpt
 from .config import validate
-from .divergence import DivergenceGuard, finite
 from .data import BatchSampler, training_samplers
+from .divergence import DivergenceGuard, finite
 from .engines import engine_class, engine_name
 from .losses import lm_loss
 from .profiling import StepProbe

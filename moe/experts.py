@@ -19,7 +19,6 @@ from .config import ACTIVATIONS
 from .errors import ConfigError
 
 
-
 def _check_activation(activation: str) -> None:
     if activation not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")

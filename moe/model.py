@@ -96,7 +96,7 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(k_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, x_BSD: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         qkv = self.qkv(x_BSD)
         if self.n_kv == self.n_heads and not self.norm_proj:
@@ -151,12 +151,12 @@ class Block(nn.Module):
         # a `context_fn` for torch.utils.checkpoint, or None to keep every activation
         self.checkpoint_context_fn = None
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         if self.checkpoint_context_fn is not None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, token_ids, use_reentrant=False, context_fn=self.checkpoint_context_fn)
         return self._forward(x, token_ids, cache)
 
-    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: "KVCache | None" = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, token_ids) if isinstance(self.ffn, MoELayer) else self.ffn(h))
@@ -206,7 +206,7 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return moe_layers(self)
 
-    def forward(self, tokens_BS: torch.Tensor, cache: "KVCache | None" = None) -> torch.Tensor:
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits of every position; with a `KVCache`, of the new positions after the cached ones."""
         end = tokens_BS.shape[1] + (cache.length if cache is not None else 0)
         if end > self.cfg.max_seq_len:

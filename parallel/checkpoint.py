@@ -29,16 +29,22 @@ import json
 import os
 import re
 import warnings
-from torch.futures import Future
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
+from torch.futures import Future
 
 from moeflow.moe.errors import CheckpointError
 
@@ -192,7 +198,7 @@ def read_index(path: Path) -> dict:
     """index.json, checked: every name a shard file inside the folder, dtypes known, chunks inside
     their tensors, every listed file present at its recorded size."""
     path = Path(path)
-    bad = f"; the file was not written by moeflow or was edited: resume from another checkpoint"
+    bad = "; the file was not written by moeflow or was edited: resume from another checkpoint"
     try:
         index = json.loads((path / INDEX).read_text())
     except FileNotFoundError:

@@ -25,7 +25,6 @@ import torch
 from moeflow.moe.errors import ConfigError
 from moeflow.moe.routing import RouterOutput, combine, plan_dispatch
 
-
 ALIGN = 16  # rows: where each local expert's group starts in the receive buffer
 MAX_LOCAL_EXPERTS = 16  # torch's all_to_all_vdev_2d: one 32-thread tile per local expert, 16 tiles
 MAX_RANKS = 16

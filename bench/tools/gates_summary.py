@@ -14,9 +14,8 @@ import json
 import re
 import statistics
 import sys
-from pathlib import Path
-
 from datetime import datetime
+from pathlib import Path
 
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

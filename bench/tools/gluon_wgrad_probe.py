@@ -15,8 +15,14 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.experimental.gluon.language.nvidia.hopper import tma, mbarrier, warpgroup_mma, warpgroup_mma_wait, fence_async_shared
 
 
 @gluon.jit
@@ -144,7 +150,7 @@ VARIANTS = [(128, 256, 64, 3, 1, 8), (128, 256, 32, 6, 1, 8), (128, 128, 64, 4, 
 
 
 def main():
-    from moeflow.kernels import autotune, gemm, permute, tma
+    from moeflow.kernels import autotune, gemm
 
     torch.manual_seed(0)
     for E, M, N, mean in [(4, 256, 320, 100), (128, 768, 2048, 1024), (128, 2048, 768, 1024)]:

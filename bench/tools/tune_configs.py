@@ -13,8 +13,8 @@ import triton
 import triton.testing
 
 from moeflow.kernels import autotune, gemm, permute, tma
-from moeflow.launch.bench.experts import CASES, route
 from moeflow.kernels.ops import aligned_layout, routing_layout
+from moeflow.launch.bench.experts import CASES, route
 from moeflow.moe.routing import plan_dispatch
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), each one-program-per-tile and persistent (PERSIST=0 / 1 / both)

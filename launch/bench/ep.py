@@ -21,8 +21,8 @@ Small shapes (`--d-model 32 --experts 8 ...`) make it a smoke test on CPU/gloo.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import time
 

@@ -26,8 +26,8 @@ GiB = 2**30
 
 def route(x_TD, w_DE, k: int, skew: bool):
     """Softmax top-k routing (renormalised), as `TopKGate` routes; with `skew`, expert 0 is forced on a 4k/E share of tokens."""
-    from moeflow.moe.routing import RouterOutput
     from moeflow.moe.gates.common import top_k_indices
+    from moeflow.moe.routing import RouterOutput
 
     T, E = x_TD.shape[0], w_DE.shape[1]
     logits = (x_TD @ w_DE).float()
@@ -56,17 +56,10 @@ def _measure(fn, warmup: int, rep: int):
     return ms, extra
 
 
-def bench_case(T, d, f, E, k, skew, impls, warmup, rep, seed=0):
-    from moeflow.moe.dispatch import LocalDispatcher
-    from moeflow.moe.experts import GroupedExperts
 
-    dev = torch.device("cuda")
-    torch.manual_seed(seed)
-    A = T * k
-    flops = 18 * A * d * f
-    rows = []
-
-    # dense ceiling: one SwiGLU MLP over the T*k routed rows, no routing
+def _dense_ceiling(A: int, d: int, f: int, dev, warmup: int, rep: int) -> tuple[float, float]:
+    """One SwiGLU MLP over the T*k routed rows, no routing: (ms, peak memory) of its forward+backward
+    (its tensors are freed on return, before the MoE variants are measured)."""
     xA = torch.randn(A, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w1 = (torch.randn(d, f, device=dev, dtype=torch.bfloat16) * d**-0.5).requires_grad_()
     w3 = (torch.randn(d, f, device=dev, dtype=torch.bfloat16) * d**-0.5).requires_grad_()
@@ -77,9 +70,20 @@ def bench_case(T, d, f, E, k, skew, impls, warmup, rep, seed=0):
         y = (F.silu(xA @ w1) * (xA @ w3)) @ w2
         torch.autograd.grad(y, [xA, w1, w3, w2], dyA)
 
-    dense_ms, dense_mem = _measure(dense, warmup, rep)
+    return _measure(dense, warmup, rep)
+
+def bench_case(T, d, f, E, k, skew, impls, warmup, rep, seed=0):
+    from moeflow.moe.dispatch import LocalDispatcher
+    from moeflow.moe.experts import GroupedExperts
+
+    dev = torch.device("cuda")
+    torch.manual_seed(seed)
+    A = T * k
+    flops = 18 * A * d * f
+    rows = []
+
+    dense_ms, dense_mem = _dense_ceiling(A, d, f, dev, warmup, rep)
     rows.append(("dense ceiling", dense_ms, dense_mem))
-    del xA, w1, w3, w2, dyA
 
     x = torch.randn(T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w_router = (torch.randn(d, E, device=dev, dtype=torch.bfloat16) * d**-0.5).requires_grad_()

@@ -14,8 +14,10 @@ the gradient norm comes back as a tensor, and the loop reads it only when it log
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import Any, Callable, ClassVar, ContextManager
+from typing import Any, ClassVar
 
 import torch
 

@@ -41,7 +41,12 @@ from moeflow.parallel.expert_parallel import ddp_device_kwargs
 from moeflow.parallel.expert_params import param_groups
 from moeflow.parallel.integrations import megatron_ckpt as mck
 from moeflow.parallel.integrations import megatron_core as mcore
-from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
+from moeflow.parallel.sharded_state import (
+    full_model_state,
+    full_optimizer_state,
+    local_model_state,
+    local_optimizer_state,
+)
 
 from ..losses import lm_loss
 from ..optim import build_scheduler, replay_schedule

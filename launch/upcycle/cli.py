@@ -12,7 +12,6 @@ folder (config.json + safetensors). OUTPUT receives, by --format:
 Everything is written under a temporary name and renamed into place once verified.
 """
 from __future__ import annotations
-from __future__ import annotations
 
 import argparse
 import json

@@ -30,7 +30,8 @@ def gate_node(gate: str, options: dict) -> dict:
     """The gate node with every constructor option spelled out (what the trainer's config holds)."""
     import inspect
 
-    from moeflow.moe.gates import GATES, gate_options as accepted
+    from moeflow.moe.gates import GATES
+    from moeflow.moe.gates import gate_options as accepted
 
     if gate not in GATES:
         raise UpcycleError(f"gate {gate!r} is unknown; known gates: {', '.join(sorted(GATES))}")

@@ -13,7 +13,8 @@ from moeflow.moe import hf_convert as hf
 from moeflow.moe import hf_moe
 from moeflow.moe.upcycle import UpcycleError, UpcycleOptions, max_logit_diff, upcycle_model, upcycle_transformer
 
-from ..hf_models import round_parameters, verify as verify_export
+from ..hf_models import round_parameters
+from ..hf_models import verify as verify_export
 from .outputs import atomic_output, full_gate, train_command, write_moeflow
 from .sources import dense_reference, detect, load_moeflow_dense
 

@@ -20,6 +20,7 @@ from ..errors import need
 from ..routing import stable_order  # noqa: F401  (re-exported: tests import it from here)
 from .base import Gate
 
+
 def router_projection(d_model: int, num_experts: int, init_std: float) -> nn.Linear:
     """The router's linear map D -> E: normal(0, init_std), or zeros (uniform routing) for init_std 0."""
     proj = nn.Linear(d_model, num_experts, bias=False)

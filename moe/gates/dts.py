@@ -28,7 +28,16 @@ import torch.nn.functional as F
 
 from ..routing import RouterOutput, counts_of
 from .base import Gate
-from .common import router_projection, check_choice, check_nonneg, check_top_k, entropy, need, switch_balance_loss, router_logits
+from .common import (
+    check_choice,
+    check_nonneg,
+    check_top_k,
+    entropy,
+    need,
+    router_logits,
+    router_projection,
+    switch_balance_loss,
+)
 
 ROUTER_ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "softplus": F.softplus}
 

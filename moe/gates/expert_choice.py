@@ -13,10 +13,21 @@ tokens of the global batch. Gradients reach the router through the gathered scor
 """
 from __future__ import annotations
 
-
 from ..routing import RouterOutput
 from .base import Gate
-from .common import router_projection, capacity_for, check_nonneg, check_top_k, entropy, global_fraction, keep_top_per_expert, need, tie_break_key, token_offset, router_logits
+from .common import (
+    capacity_for,
+    check_nonneg,
+    check_top_k,
+    entropy,
+    global_fraction,
+    keep_top_per_expert,
+    need,
+    router_logits,
+    router_projection,
+    tie_break_key,
+    token_offset,
+)
 
 
 class ExpertChoiceGate(Gate):

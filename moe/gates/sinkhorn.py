@@ -31,7 +31,17 @@ import torch
 
 from ..routing import RouterOutput
 from .base import Gate
-from .common import router_projection, check_choice, check_nonneg, check_top_k, entropy, global_max, need, token_offset, router_logits
+from .common import (
+    check_choice,
+    check_nonneg,
+    check_top_k,
+    entropy,
+    global_max,
+    need,
+    router_logits,
+    router_projection,
+    token_offset,
+)
 
 
 def sinkhorn_potentials(gate: Gate, logk_TE: torch.Tensor, iterations: int, tolerance: float):

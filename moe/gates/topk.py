@@ -30,8 +30,6 @@ from ..recompute import recomputing
 from ..routing import RouterOutput, counts_of
 from .base import Gate, SequenceShape
 from .common import (
-    router_projection,
-    router_logits,
     capacity_for,
     check_capacity,
     check_choice,
@@ -41,10 +39,12 @@ from .common import (
     global_fraction,
     keep_top_per_expert,
     need,
+    router_logits,
+    router_projection,
     switch_balance_loss,
     tie_break_key,
-    top_k_indices,
     token_offset,
+    top_k_indices,
     z_loss,
 )
 

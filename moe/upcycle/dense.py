@@ -11,6 +11,7 @@ from ..gates import build_gate
 from ..layer import MoELayer
 from .options import UpcycleError, UpcycleOptions
 
+
 @dataclass
 class DenseFFN:
     w1_FD: torch.Tensor  # input projection (the gate projection of a SwiGLU MLP)
@@ -37,11 +38,11 @@ class DenseFFN:
         return self.w1_FD.shape[1]
 
     @classmethod
-    def from_mlp(cls, mlp: MLP) -> "DenseFFN":
+    def from_mlp(cls, mlp: MLP) -> DenseFFN:
         return cls(mlp.w1.weight, mlp.w2.weight, mlp.w3.weight if mlp.w3 is not None else None)
 
     @classmethod
-    def from_expert(cls, experts: GroupedExperts, e: int = 0) -> "DenseFFN":
+    def from_expert(cls, experts: GroupedExperts, e: int = 0) -> DenseFFN:
         pick = lambda t: t[e] if t is not None else None  # noqa: E731
         w3 = experts.w3_EDF[e].t() if experts.w3_EDF is not None else None
         return cls(experts.w1_EDF[e].t(), experts.w2_EFD[e].t(), w3, pick(experts.b1_EF), pick(experts.b3_EF), pick(experts.b2_ED))

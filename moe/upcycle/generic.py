@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from ..gates import build_gate
 from ..layer import MoELayer
 from .dense import DenseFFN, _noisy, build_upcycled_layer, init_router
 from .options import UpcycleError, UpcycleOptions
+
 
 class ModuleExperts(nn.Module):
     """Experts that are copies of an arbitrary FFN module (any activation, any layout).

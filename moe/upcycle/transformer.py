@@ -12,6 +12,7 @@ from ..model import ModelConfig, Rotary, Transformer
 from .dense import DenseFFN, fill_moe_layer
 from .options import UpcycleError, UpcycleOptions
 
+
 def dense_ffns(model: Transformer) -> list[DenseFFN]:
     """The dense FFN of every block: a dense MLP, or the single expert of a 1-expert MoE block."""
     out = []

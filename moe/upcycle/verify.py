@@ -1,9 +1,10 @@
 """Does the upcycled model compute what the dense one did? Both on the same random tokens."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+
 
 @torch.no_grad()
 def max_logit_diff(dense_fn: Callable[[torch.Tensor], torch.Tensor], moe_fn: Callable[[torch.Tensor], torch.Tensor], vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> dict:

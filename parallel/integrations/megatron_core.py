@@ -68,7 +68,7 @@ class MegatronGroups:
     expert_dp: object
 
     @classmethod
-    def from_parallel_state(cls) -> "MegatronGroups":
+    def from_parallel_state(cls) -> MegatronGroups:
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
@@ -80,7 +80,7 @@ class MegatronGroups:
     def size(group) -> int:
         return torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
 
-    def expert_layout(self) -> "MegatronExpertLayout":
+    def expert_layout(self) -> MegatronExpertLayout:
         return MegatronExpertLayout(ep_group=self.ep, edp_group=self.expert_dp, ep=self.size(self.ep), dp=self.size(self.expert_dp),
                                     ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0,
                                     tp_group=self.tp if self.size(self.tp) > 1 else None)
@@ -161,7 +161,10 @@ def shard_over_tensor_group(moe, groups: MegatronGroups) -> None:
     TP group: parallel_state's expert-tensor-parallel group must be the same ranks.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region
+    from megatron.core.tensor_parallel import (
+        copy_to_tensor_model_parallel_region,
+        reduce_from_tensor_model_parallel_region,
+    )
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
     from moeflow.parallel.tensor_parallel import shard_hidden_dim

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from moeflow.moe.errors import ConfigError
-from moeflow.moe.gates import GATES
-from moeflow.parallel.dispatchers import DispatchOptions, check_options, symm_mem_unavailable
-
 from helpers import dispatch_workers as W  # noqa: F401  (spawned by name)
 from helpers.ep_workers import spawn
 from helpers.session_cache import once
+from moeflow.moe.errors import ConfigError
+from moeflow.moe.gates import GATES
+from moeflow.parallel.dispatchers import DispatchOptions, check_options, symm_mem_unavailable
 
 TOL = 1e-6  # float64 model; router probabilities are float32 by design
 GATE_FAMILIES = sorted(GATES) + ["skewed"]

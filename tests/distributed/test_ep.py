@@ -10,12 +10,10 @@ overlap path; resume with a different EP size. Gates missing from the registry s
 from __future__ import annotations
 
 import pytest
-import torch
-
-from moeflow.moe.gates import GATES
 
 from helpers import ep_workers as W
 from helpers.session_cache import once
+from moeflow.moe.gates import GATES
 
 pytestmark = pytest.mark.multiprocess
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers.timeouts import limit
 from moeflow.moe.errors import ConfigError
 from moeflow.parallel.layout import check_layout
-from helpers.timeouts import limit
 
 SMALL = ["data.max_bytes=200000", "data.batch_size=2", "data.seq_len=32", "trainer.progress=false", "trainer.eval_batches=1"]
 

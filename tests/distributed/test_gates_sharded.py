@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers.timeouts import limit
 from moeflow.moe.gates import build_gate
 from moeflow.moe.gates.base import SequenceShape
-from helpers.timeouts import limit
 
 D, E, T = 16, 8, 96
 CASES = {

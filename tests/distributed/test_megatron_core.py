@@ -19,11 +19,11 @@ import torch.distributed as dist
 
 megatron_core = pytest.importorskip("megatron.core", reason="pip install moeflow[megatron]")
 
+from helpers.session_cache import once  # noqa: E402
+from helpers.timeouts import limit  # noqa: E402
 from moeflow.moe.errors import ConfigError  # noqa: E402
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer  # noqa: E402
 from moeflow.parallel.integrations import megatron_ckpt as mck  # noqa: E402
-from helpers.session_cache import once
-from helpers.timeouts import limit
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (megatron-core attention/GPTModel)")
 
@@ -430,7 +430,8 @@ def test_router_config_maps_losses_and_options():
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     with initialize_config_module(config_module="moeflow.configs", version_base=None):
         return hydra_compose(config_name="train", overrides=list(overrides))

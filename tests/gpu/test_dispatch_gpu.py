@@ -19,12 +19,11 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 pytest.importorskip("triton", reason="needs Triton")
 
+from helpers.config import compose_cfg  # noqa: E402
 from moeflow.launch.config import validate  # noqa: E402
 from moeflow.launch.engines.torch_engine import TorchEngine  # noqa: E402
 from moeflow.moe.layer import moe_layers  # noqa: E402
 from moeflow.parallel.dispatchers import symm_mem_unavailable  # noqa: E402
-
-from helpers.config import compose_cfg  # noqa: E402
 
 SHAPE = ["model.d_model=256", "model.n_layers=2", "model.n_heads=4", "model.d_ff=512", "model.num_experts=8", "model.top_k=2",
          "model.max_seq_len=256", "data.seq_len=256", "data.batch_size=8", "experts.impl=triton", "trainer.progress=false",

@@ -14,11 +14,10 @@ import math
 
 import torch
 
+from helpers.ep_workers import D, E, Holder, K, _maxdiff, _param_diffs, build_layer
 from moeflow.moe.dispatch import LocalDispatcher
 from moeflow.moe.gates import GATES
 from moeflow.parallel import DispatchOptions, build_layout, parallelize
-
-from helpers.ep_workers import E, K, Holder, _maxdiff, _param_diffs, build_layer, D
 
 
 class DroppingReference:

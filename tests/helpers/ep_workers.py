@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.timeouts import limit
 from moeflow.moe.dispatch import combine
 from moeflow.moe.experts import MLP, GroupedExperts
 from moeflow.moe.gates import GATES, build_gate
@@ -30,8 +31,12 @@ from moeflow.moe.gates.topk import TopKGate
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.model import ModelConfig, Transformer
 from moeflow.parallel import build_layout, expert_shard, parallelize
-from moeflow.parallel.sharded_state import full_model_state, full_optimizer_state, local_model_state, local_optimizer_state
-from helpers.timeouts import limit
+from moeflow.parallel.sharded_state import (
+    full_model_state,
+    full_optimizer_state,
+    local_model_state,
+    local_optimizer_state,
+)
 
 EQUIVALENCE_GATES = ("topk", "sinkhorn", "dts")
 D, F_, E, K = 16, 24, 8, 2

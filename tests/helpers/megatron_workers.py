@@ -19,13 +19,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeflow.moe.state import unique_state_dict
+from helpers.ep_workers import _maxdiff
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer
+from moeflow.moe.state import unique_state_dict
 from moeflow.parallel.expert_parallel import expert_shard, sync_routing_stats
 from moeflow.parallel.sharded_state import full_model_state, local_model_state
 from moeflow.parallel.tensor_parallel import local_slice, tp_shard
-
-from helpers.ep_workers import _maxdiff
 
 D, F_, E, K, S, B = 16, 24, 4, 2, 3, 2  # tokens: S x B per rank
 

@@ -1,12 +1,11 @@
 """The CUDA combine (`moeflow.kernels.combine.gather_sum`) inside each dispatcher, run here under
 Triton's CPU interpreter in float32: a full engine=torch step (forward, backward, clip, AdamW)
 gives the local dispatcher's loss and gradient norm with every transport's combine replaced."""
-from helpers.triton_device import DEV  # noqa: F401  (first: picks the interpreter on a CPU-only machine)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from helpers.config import TINY, compose_cfg  # noqa: E402
+from helpers.triton_device import DEV  # noqa: F401  (first: picks the interpreter on a CPU-only machine)
 from moeflow.kernels.combine import gather_sum  # noqa: E402
 
 

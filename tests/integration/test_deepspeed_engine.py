@@ -314,7 +314,8 @@ def test_shape_keys_cover_the_llama_family_fields():
 # ---- config generation and bad input (no processes) ---------------------------------------
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
 
     with initialize_config_module(config_module="moeflow.configs", version_base=None):
         return hydra_compose(config_name="train", overrides=list(overrides))
@@ -390,9 +391,9 @@ def test_cli_reports_conflict_in_one_line(tmp_path):
 
 
 def test_expert_params_get_their_own_groups():
+    from moeflow.launch.engines.deepspeed_engine import to_deepspeed_moe_groups
     from moeflow.moe.model import ModelConfig, Transformer
     from moeflow.parallel.expert_params import mark_expert_params, param_groups
-    from moeflow.launch.engines.deepspeed_engine import to_deepspeed_moe_groups
 
     model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=32, n_layers=2, moe_every=2, shared_experts=1, num_experts=4))
     names = mark_expert_params(model, ep_size=2)

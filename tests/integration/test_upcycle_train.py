@@ -15,12 +15,11 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[hf]'")
 
 from helpers.config import compose_cfg  # noqa: E402
-from moeflow.launch.upcycle import cli as upcycle_cli  # noqa: E402
+from helpers.timeouts import limit  # noqa: E402
+from helpers.upcycle import make_hf  # noqa: E402
 from moeflow.launch.data import BatchSampler, load_splits  # noqa: E402
 from moeflow.launch.train import train  # noqa: E402
-
-from helpers.upcycle import make_hf  # noqa: E402
-from helpers.timeouts import limit
+from moeflow.launch.upcycle import cli as upcycle_cli  # noqa: E402
 
 SEQ, BATCH, SEED = 16, 4, 7
 

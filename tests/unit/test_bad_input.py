@@ -6,10 +6,10 @@ import sys
 import pytest
 
 from helpers.config import TINY, compose_cfg
-from moeflow.moe.errors import CheckpointError
+from helpers.timeouts import limit
 from moeflow.launch import cli
 from moeflow.launch.train import train
-from helpers.timeouts import limit
+from moeflow.moe.errors import CheckpointError
 
 
 def run_preflight(capsys, *args):

@@ -79,8 +79,9 @@ def test_a_profiled_variant_prints_its_table(tmp_path, capsys):
 @pytest.mark.parametrize("seq_len", [16, 2048, 8192])
 def test_the_random_token_file_leaves_a_validation_window(tmp_path, seq_len):
     """The documented default (seq 2048) once stopped on "the split has 2000 tokens, fewer than data.seq_len+2"."""
-    from moeflow.launch.data import training_samplers
     from omegaconf import OmegaConf
+
+    from moeflow.launch.data import training_samplers
 
     n = bench_train.token_count(8, seq_len)
     tokens = bench_train.random_tokens(tmp_path, 50304, n)

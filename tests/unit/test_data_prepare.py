@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 pytest.importorskip("tokenizers", reason="needs tokenizers (comes with transformers): pip install -e '.[hf]'")
 

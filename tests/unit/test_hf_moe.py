@@ -19,8 +19,8 @@ from moeflow.launch import convert  # noqa: E402
 from moeflow.launch.hf_models import round_parameters  # noqa: E402
 from moeflow.launch.upcycle import cli as upcycle_cli  # noqa: E402
 from moeflow.moe import hf_moe  # noqa: E402
-from moeflow.moe.hf_convert import read_checkpoint  # noqa: E402
 from moeflow.moe.errors import MoeflowError  # noqa: E402
+from moeflow.moe.hf_convert import read_checkpoint  # noqa: E402
 
 
 def run_convert(*argv: str):
@@ -109,8 +109,8 @@ def test_cli_import_trains_then_exports_back_exactly(kind, tmp_path, capsys):
     run_convert("moeflow-to-hf", tmp_path / "run", tmp_path / "back")
     back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back")).eval()
     assert back.config.model_type == kind
-    from moeflow.launch.hf_models import load_moeflow
     from moeflow.launch import checkpoint as ckpt
+    from moeflow.launch.hf_models import load_moeflow
 
     model_cfg, _, found = load_moeflow(tmp_path / "run")
     trained = hf_moe.build_from_state(model_cfg, ckpt.load_full_weights(found))

@@ -10,8 +10,8 @@ import torch
 
 from helpers.config import TINY, compose_cfg
 from moeflow.launch import inference
-from moeflow.moe.errors import DataError
 from moeflow.moe.config import ModelConfig
+from moeflow.moe.errors import DataError
 from moeflow.moe.model import KVCache, Transformer
 
 

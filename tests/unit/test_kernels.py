@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from helpers.triton_device import DEV  # first: picks the interpreter on a CPU-only machine
 
+from helpers.timeouts import limit
+from helpers.triton_device import DEV  # first: picks the interpreter on a CPU-only machine
 from moeflow.kernels import ops  # noqa: E402
 from moeflow.moe.dispatch import DispatchPlan, combine  # noqa: E402
 from moeflow.moe.experts import GroupedExperts, expert_mlp, torch_loop  # noqa: E402
-from helpers.timeouts import limit
 
 # Triton's CPU interpreter computes bf16 dots wrongly (numpy has no bf16): fp16 there, bf16 on the GPU
 DTYPE = torch.bfloat16 if DEV == "cuda" else torch.float16

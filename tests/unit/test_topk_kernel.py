@@ -1,8 +1,8 @@
 """The router's Triton top-k kernel vs torch.topk: on CPU under TRITON_INTERPRET=1, on CUDA when present."""
 import pytest
 import torch
-from helpers.triton_device import DEV  # first: picks the interpreter on a CPU-only machine
 
+from helpers.triton_device import DEV  # first: picks the interpreter on a CPU-only machine
 from moeflow.kernels.topk import topk_indices, topk_indices_triton  # noqa: E402
 from moeflow.moe.gates.common import top_k_indices  # noqa: E402
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import requires
+from helpers.upcycle import assert_logits_close, tokens
 from moeflow.moe import GATES
 from moeflow.moe.experts import GroupedExperts, expert_mlp
 from moeflow.moe.model import ModelConfig, Transformer
@@ -15,9 +17,6 @@ from moeflow.moe.upcycle import (
     upcycle_model,
     upcycle_transformer,
 )
-
-from helpers import requires
-from helpers.upcycle import assert_logits_close, tokens
 
 
 def dense_model(seed: int = 0, **kw) -> Transformer:

@@ -9,13 +9,12 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[hf]'")
 
+from helpers.upcycle import assert_logits_close, make_hf, tokens  # noqa: E402
 from moeflow.launch import cli  # noqa: E402
 from moeflow.launch.upcycle import cli as upcycle_cli  # noqa: E402
 from moeflow.launch.upcycle import run as upcycle_run  # noqa: E402
 from moeflow.moe import hf_convert as hf  # noqa: E402
 from moeflow.moe.upcycle import UpcycleOptions, upcycle_transformer  # noqa: E402
-
-from helpers.upcycle import assert_logits_close, make_hf, tokens  # noqa: E402
 
 CASES = {
     # kind, config overrides, upcycle options, expected HF class
