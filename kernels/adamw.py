@@ -11,6 +11,7 @@ The update is torch's AdamW (decoupled weight decay, bias correction) in fp32, w
 multiplied by `1 / grad_scale` as it is read (the clip factor, a device scalar: no host read).
 `adamw_reference` is the same math in torch ops: the CPU path, and the tests' reference.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,24 @@ def _round_to_bf16_bits(w):
 
 
 @triton.jit
-def _adamw_master_kernel(master_ptr, param_ptr, grad_ptr, m_ptr, v_ptr, inv_scale_ptr, n, lr, beta1, beta2, eps, decay,
-                         bias_c1, sqrt_bias_c2, WRITE_COPY: tl.constexpr, BLOCK: tl.constexpr):
+def _adamw_master_kernel(
+    master_ptr,
+    param_ptr,
+    grad_ptr,
+    m_ptr,
+    v_ptr,
+    inv_scale_ptr,
+    n,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    decay,
+    bias_c1,
+    sqrt_bias_c2,
+    WRITE_COPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_scale_ptr)
@@ -56,11 +73,13 @@ def _adamw_master_kernel(master_ptr, param_ptr, grad_ptr, m_ptr, v_ptr, inv_scal
 
 
 def _coefficients(step: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
-    return 1.0 - beta1 ** step, (1.0 - beta2 ** step) ** 0.5
+    return 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
 
 
 @torch.no_grad()
-def adamw_reference(master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float) -> None:
+def adamw_reference(
+    master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float
+) -> None:
     """The update in torch ops (fp32 math), in place: master, moments, and the compute copy `param`."""
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)
     g = grad.float() * inv_scale
@@ -74,7 +93,9 @@ def adamw_reference(master, param, grad, m, v, inv_scale, step: int, lr: float, 
 
 
 @torch.no_grad()
-def adamw_master_step(master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float) -> None:
+def adamw_master_step(
+    master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float
+) -> None:
     """One AdamW step of one tensor (contiguous, same number of elements); Triton on CUDA (and under
     the CPU interpreter), the torch reference elsewhere."""
     if not KERNEL or not (master.is_cuda or INTERPRET):
@@ -84,5 +105,22 @@ def adamw_master_step(master, param, grad, m, v, inv_scale, step: int, lr: float
     copy = param.data_ptr() != master.data_ptr()
     if copy and param.dtype != torch.bfloat16:
         raise TypeError(f"the compute copy must be bf16, got {param.dtype}")  # a caller's bug, not the user's
-    _adamw_master_kernel[(triton.cdiv(n, BLOCK),)](master, param.view(torch.uint16) if copy else master, grad, m, v, inv_scale, n, lr,
-                                                   beta1, beta2, eps, decay, bias_c1, sqrt_bias_c2, WRITE_COPY=copy, BLOCK=BLOCK, num_warps=4)
+    _adamw_master_kernel[(triton.cdiv(n, BLOCK),)](
+        master,
+        param.view(torch.uint16) if copy else master,
+        grad,
+        m,
+        v,
+        inv_scale,
+        n,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        decay,
+        bias_c1,
+        sqrt_bias_c2,
+        WRITE_COPY=copy,
+        BLOCK=BLOCK,
+        num_warps=4,
+    )

@@ -17,6 +17,7 @@ Triton's own option (Triton >= 3.4) cannot be used here: it caches nothing for c
 the files forces a retune. Nothing is cached under the interpreter or with `MOEFLOW_AUTOTUNE=0`
 (a single candidate is never tuned).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,12 +43,25 @@ def candidate_configs(shapes, hook=None):
     persistent loop is the one exercised (a few programs walk all tiles).
     """
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSISTENT": True}, num_warps=4, num_stages=1, pre_hook=hook)]
+        return [
+            triton.Config(
+                {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "PERSISTENT": True},
+                num_warps=4,
+                num_stages=1,
+                pre_hook=hook,
+            )
+        ]
     if not AUTOTUNE:
         shapes = shapes[:1]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": bool(p[0]) if p else False},
-                          num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, bk, w, s, *p in shapes]
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": bool(p[0]) if p else False},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=hook,
+        )
+        for bm, bn, bk, w, s, *p in shapes
+    ]
 
 
 # ----------------------------------------------------------------------------- tuned configs on disk
@@ -106,8 +120,13 @@ def _base_key(kernel, target: str) -> list[str]:
 
 
 def _config_record(config) -> dict:
-    return {"kwargs": config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-            "num_ctas": getattr(config, "num_ctas", 1), "maxnreg": getattr(config, "maxnreg", None)}
+    return {
+        "kwargs": config.kwargs,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+        "num_ctas": getattr(config, "num_ctas", 1),
+        "maxnreg": getattr(config, "maxnreg", None),
+    }
 
 
 class DiskCache(dict):
@@ -157,8 +176,18 @@ class DiskCache(dict):
         dict.__setitem__(self, key, config)
         try:
             manager, filename = self._manager(key)
-            manager.put(json.dumps({"kernel": self.name, "target": self.target(), "key": [str(k) for k in key],
-                                    "best": _config_record(config)}), filename, binary=False)
+            manager.put(
+                json.dumps(
+                    {
+                        "kernel": self.name,
+                        "target": self.target(),
+                        "key": [str(k) for k in key],
+                        "best": _config_record(config),
+                    }
+                ),
+                filename,
+                binary=False,
+            )
         except Exception as e:  # noqa: BLE001
             log.debug("autotune cache: %s not written (%s)", self.name, e)
 
@@ -185,13 +214,29 @@ PERSISTENT = True  # persistent: one program per SM walks the tiles
 # `up` stays one program per tile: persistent, its two accumulators and three stores ran 15-20%
 # slower (bench/RESULTS.md), so it has no persistent candidate.
 UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4)]
-GMM_SHAPES = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 6), (256, 128, 64, 8, 4), (128, 128, 64, 8, 4),
-               (128, 256, 64, 8, 3, PERSISTENT), (128, 256, 64, 8, 4, PERSISTENT), (128, 256, 32, 8, 6, PERSISTENT)]
+GMM_SHAPES = [
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (128, 256, 32, 8, 6),
+    (256, 128, 64, 8, 4),
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 3, PERSISTENT),
+    (128, 256, 64, 8, 4, PERSISTENT),
+    (128, 256, 32, 8, 6, PERSISTENT),
+]
 # Row-gathered operands (gather_rows) get one shared-memory buffer fewer than num_stages asks
 # for (the index load takes a pipeline stage), hence the deeper candidates. Two B operands
 # (dW1 + dW3) fit only 128 x 128 tiles (`fits_one`); one (dW2) runs best at 128 x 256.
-WGRAD_SHAPES = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 32, 8, 6),
-                 (128, 128, 32, 8, 6), (128, 128, 64, 8, 4, PERSISTENT), (128, 256, 64, 8, 4, PERSISTENT)]
+WGRAD_SHAPES = [
+    (128, 128, 64, 8, 4),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 4),
+    (128, 128, 64, 8, 5),
+    (256, 128, 32, 8, 6),
+    (128, 128, 32, 8, 6),
+    (128, 128, 64, 8, 4, PERSISTENT),
+    (128, 256, 64, 8, 4, PERSISTENT),
+]
 # An aligned layout pads every expert's rows to a multiple of ROW_ALIGN, so that wgrad's row chunks
 # (BLOCK_K, which divides it) never cross into the next expert: `wgrad(aligned=True)`.
 ROW_ALIGN = 64
@@ -209,7 +254,11 @@ def fits_one(m: int, n: int, k: int, stages: int, two: bool, staged_epilogue: bo
 
 
 def _keep_fitting(configs, two: bool, staged):
-    keep = [c for c in configs if fits_one(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, two, staged(c))]
+    keep = [
+        c
+        for c in configs
+        if fits_one(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, two, staged(c))
+    ]
     return keep or configs[-1:]
 
 
@@ -251,6 +300,7 @@ def grid_for(tiles, device: torch.device):
     def grid(meta):
         n = tiles(meta)
         return (min(n, sms) if meta["PERSISTENT"] else n,)
+
     return grid
 
 

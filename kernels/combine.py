@@ -10,6 +10,7 @@ w[a] * g_T[t] once and the weight's gradient <g_T[t], y_A[a]> beside it.
 Bytes (A rows of D, T tokens, b bytes per element): forward reads A*D*b and writes T*D*b; the
 backward reads A*D*b (y_A, for the weight gradient) and T*D*b, and writes A*D*b.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,7 +69,9 @@ class _GatherSum(torch.autograd.Function):
         out = y_AD.new_empty(num_tokens, D)
         if num_tokens and D:
             block = _block(D, 1024)
-            _gather_sum_kernel[(num_tokens, triton.cdiv(D, block))](y_AD, rows_P, weight_A, offsets_T, out, D, BLOCK_D=block, num_warps=4)
+            _gather_sum_kernel[(num_tokens, triton.cdiv(D, block))](
+                y_AD, rows_P, weight_A, offsets_T, out, D, BLOCK_D=block, num_warps=4
+            )
         ctx.save_for_backward(y_AD, weight_A, rows_P, offsets_T)
         return out
 
@@ -81,7 +84,9 @@ class _GatherSum(torch.autograd.Function):
         g_w = torch.zeros(weight_A.shape, dtype=torch.float32, device=weight_A.device)
         T, D = g_TD.shape
         if T and D:
-            _gather_sum_bwd_kernel[(T,)](g_TD, y_AD, rows_P, weight_A, offsets_T, g_AD, g_w, D, BLOCK_D=_block(D, 2048), num_warps=8)
+            _gather_sum_bwd_kernel[(T,)](
+                g_TD, y_AD, rows_P, weight_A, offsets_T, g_AD, g_w, D, BLOCK_D=_block(D, 2048), num_warps=8
+            )
         return g_AD, g_w.to(weight_A.dtype), None, None, None
 
 
@@ -89,7 +94,9 @@ def gather_sum(y_AD: torch.Tensor, weight_A: torch.Tensor, token_A: torch.Tensor
     """y_T[t] = sum of weight_A[a] * y_AD[a] over the rows a with token_A[a] == t (0 for tokens with none);
     differentiable in y_AD and weight_A."""
     rows_P = torch.argsort(token_A, stable=True)  # rows grouped by token, in row order within a token
-    counts_T = torch.zeros(num_tokens, dtype=torch.int64, device=token_A.device).scatter_add_(0, token_A, torch.ones_like(token_A))
+    counts_T = torch.zeros(num_tokens, dtype=torch.int64, device=token_A.device).scatter_add_(
+        0, token_A, torch.ones_like(token_A)
+    )
     offsets_T = torch.zeros(num_tokens + 1, dtype=torch.int64, device=token_A.device)
     torch.cumsum(counts_T, 0, out=offsets_T[1:])
     return _GatherSum.apply(y_AD, weight_A.contiguous(), rows_P, offsets_T, num_tokens)

@@ -10,6 +10,7 @@ On the OLMoE-like bench (16,384 tokens x 50,304 classes) that is 0.8e9 logits: ~
 Math in fp32 from the stored logits, as `F.cross_entropy` on their fp32 upcast; the mean over the
 rows is taken by the caller, so any reduction works.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,9 @@ def _cross_entropy_fwd_kernel(logits_ptr, target_ptr, loss_ptr, lse_ptr, V, stri
 
 
 @triton.jit
-def _cross_entropy_bwd_kernel(logits_ptr, target_ptr, lse_ptr, grad_loss_ptr, grad_ptr, V, stride, BLOCK_V: tl.constexpr):
+def _cross_entropy_bwd_kernel(
+    logits_ptr, target_ptr, lse_ptr, grad_loss_ptr, grad_ptr, V, stride, BLOCK_V: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
     g = tl.load(grad_loss_ptr + row)
@@ -61,7 +64,9 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
         T, V = logits_TV.shape
         loss, lse = (torch.empty(T, device=logits_TV.device, dtype=torch.float32) for _ in range(2))
-        _cross_entropy_fwd_kernel[(T,)](logits_TV, target_T, loss, lse, V, logits_TV.stride(0), BLOCK_V=BLOCK_V, num_warps=8)
+        _cross_entropy_fwd_kernel[(T,)](
+            logits_TV, target_T, loss, lse, V, logits_TV.stride(0), BLOCK_V=BLOCK_V, num_warps=8
+        )
         ctx.save_for_backward(logits_TV, target_T, lse)
         return loss
 
@@ -70,14 +75,25 @@ class _CrossEntropy(torch.autograd.Function):
         logits_TV, target_T, lse = ctx.saved_tensors
         T, V = logits_TV.shape
         grad = torch.empty_like(logits_TV)
-        _cross_entropy_bwd_kernel[(T,)](logits_TV, target_T, lse, grad_T.float().contiguous(), grad, V, logits_TV.stride(0),
-                                        BLOCK_V=BLOCK_V, num_warps=8)
+        _cross_entropy_bwd_kernel[(T,)](
+            logits_TV,
+            target_T,
+            lse,
+            grad_T.float().contiguous(),
+            grad,
+            V,
+            logits_TV.stride(0),
+            BLOCK_V=BLOCK_V,
+            num_warps=8,
+        )
         return grad, None
 
 
 def fused_available(logits: torch.Tensor) -> bool:
     """CUDA (or Triton's CPU interpreter), a plain contiguous 2-D tensor: the kernels' inputs."""
-    return (logits.is_cuda or INTERPRET) and type(logits) is torch.Tensor and logits.dim() == 2 and logits.stride(1) == 1
+    return (
+        (logits.is_cuda or INTERPRET) and type(logits) is torch.Tensor and logits.dim() == 2 and logits.stride(1) == 1
+    )
 
 
 def cross_entropy_per_token(logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:

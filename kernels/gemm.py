@@ -23,6 +23,7 @@ tiles and grids in `autotune.py`; TMA descriptors in `tma.py`.
 
 Nothing here knows about models: tensors, strides, group sizes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -128,8 +129,9 @@ def _load_rows(desc, ptrs, row0, k0, mask_m, offs_k, K, TMA: tl.constexpr, EVEN_
 
 
 @triton.jit
-def _load_weight(desc, ptrs, e_row, k0, n0, mask_n, offs_k, K,
-                 TMA: tl.constexpr, TRANS: tl.constexpr, EVEN_K: tl.constexpr):
+def _load_weight(
+    desc, ptrs, e_row, k0, n0, mask_n, offs_k, K, TMA: tl.constexpr, TRANS: tl.constexpr, EVEN_K: tl.constexpr
+):
     """A (BLOCK_K, BLOCK_N) tile of expert e's weight at (k0, n0).
 
     TMA reads the weights as one 2-D (E * rows, cols) tensor, e_row = e * rows: with TRANS the
@@ -158,12 +160,37 @@ def _load_weight(desc, ptrs, e_row, k0, n0, mask_n, offs_k, K,
 @triton.heuristics({"EVEN_K": even_k})
 @triton.jit
 def _up_kernel(
-    x_ptr, x_desc, idx_ptr, w1_ptr, w3_ptr, w1_desc, w3_desc, h1_ptr, h3_ptr, g_ptr, counts_ptr,
-    E, N, K, M_BUCKET,
-    stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
-    HAS_GATHER: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, SWIGLU: tl.constexpr, STORE_H: tl.constexpr,
+    x_ptr,
+    x_desc,
+    idx_ptr,
+    w1_ptr,
+    w3_ptr,
+    w1_desc,
+    w3_desc,
+    h1_ptr,
+    h3_ptr,
+    g_ptr,
+    counts_ptr,
+    E,
+    N,
+    K,
+    M_BUCKET,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    HAS_GATHER: tl.constexpr,
+    A_TMA: tl.constexpr,
+    W_TMA: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    STORE_H: tl.constexpr,
     E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
     PERSISTENT: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
@@ -211,8 +238,27 @@ def _up_kernel(
 
 # ----------------------------------------------------------------------------- gmm
 @triton.jit
-def _dot_loop(acc, a_desc, a_ptrs, b_desc, b_ptrs, row0, e_row, n0, mask_m, mask_n, offs_k, K, stride_ak, stride_bk,
-              A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_TRANS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+def _dot_loop(
+    acc,
+    a_desc,
+    a_ptrs,
+    b_desc,
+    b_ptrs,
+    row0,
+    e_row,
+    n0,
+    mask_m,
+    mask_n,
+    offs_k,
+    K,
+    stride_ak,
+    stride_bk,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_TRANS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
     """acc += A @ B over the K dimension, one (A, B) tile pair per pipeline stage."""
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kk * BLOCK_K
@@ -229,18 +275,52 @@ def _flatten(args):
     return args["PERSISTENT"] and not args["TWO"]
 
 
-@triton.autotune(configs=candidate_configs(GMM_SHAPES, GMM_BOXES), key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET", "A_TMA", "B_TMA"],
-                 prune_configs_by={"early_config_prune": fits_gmm})
+@triton.autotune(
+    configs=candidate_configs(GMM_SHAPES, GMM_BOXES),
+    key=["N", "K", "TWO", "HAS_GATHER", "M_BUCKET", "A_TMA", "B_TMA"],
+    prune_configs_by={"early_config_prune": fits_gmm},
+)
 @triton.heuristics({"EVEN_K": even_k, "FLATTEN": _flatten})
 @triton.jit
 def _gmm_kernel(
-    a1_ptr, b1_ptr, a2_ptr, b2_ptr, a1_desc, b1_desc, a2_desc, b2_desc, out_ptr, scale_ptr, gather_ptr, scatter_ptr, counts_ptr,
-    E, N, K, M_BUCKET,
-    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_om,
-    TWO: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_GATHER: tl.constexpr, HAS_SCATTER: tl.constexpr,
-    A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_TRANS: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-    PERSISTENT: tl.constexpr, FLATTEN: tl.constexpr,
+    a1_ptr,
+    b1_ptr,
+    a2_ptr,
+    b2_ptr,
+    a1_desc,
+    b1_desc,
+    a2_desc,
+    b2_desc,
+    out_ptr,
+    scale_ptr,
+    gather_ptr,
+    scatter_ptr,
+    counts_ptr,
+    E,
+    N,
+    K,
+    M_BUCKET,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_om,
+    TWO: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_GATHER: tl.constexpr,
+    HAS_SCATTER: tl.constexpr,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    B_TRANS: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    FLATTEN: tl.constexpr,
 ):
     num_n = tl.cdiv(N, BLOCK_N)
     cnt, tiles, cum_tiles, cum_rows, num_m = _expert_tiling(counts_ptr, E, BLOCK_M, E_POW2)
@@ -258,11 +338,49 @@ def _gmm_kernel(
         b_off = e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
         e_row = e * N if B_TRANS else e * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _dot_loop(acc, a1_desc, a1_ptr + a_off, b1_desc, b1_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
-                        stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
+        acc = _dot_loop(
+            acc,
+            a1_desc,
+            a1_ptr + a_off,
+            b1_desc,
+            b1_ptr + b_off,
+            row0,
+            e_row,
+            n0,
+            mask_m,
+            mask_n,
+            offs_k,
+            K,
+            stride_ak,
+            stride_bk,
+            A_TMA,
+            B_TMA,
+            B_TRANS,
+            BLOCK_K,
+            EVEN_K,
+        )
         if TWO:  # a second loop, not a second dot per step: one operand pair per stage fits wider tiles
-            acc = _dot_loop(acc, a2_desc, a2_ptr + a_off, b2_desc, b2_ptr + b_off, row0, e_row, n0, mask_m, mask_n, offs_k, K,
-                            stride_ak, stride_bk, A_TMA, B_TMA, B_TRANS, BLOCK_K, EVEN_K)
+            acc = _dot_loop(
+                acc,
+                a2_desc,
+                a2_ptr + a_off,
+                b2_desc,
+                b2_ptr + b_off,
+                row0,
+                e_row,
+                n0,
+                mask_m,
+                mask_n,
+                offs_k,
+                K,
+                stride_ak,
+                stride_bk,
+                A_TMA,
+                B_TMA,
+                B_TRANS,
+                BLOCK_K,
+                EVEN_K,
+            )
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=mask_m, other=0.0).to(tl.float32)
             acc = acc * s[:, None]
@@ -276,8 +394,22 @@ def _gmm_kernel(
 # ----------------------------------------------------------------------------- activation backward
 @triton.jit
 def _act_bwd_kernel(
-    dg_ptr, h1_ptr, h3_ptr, scale_ptr, gw_ptr, dh1_ptr, dh3_ptr, dscale_ptr, counts_ptr, E, F,
-    SWIGLU: tl.constexpr, HAS_SCALE: tl.constexpr, E_POW2: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    dg_ptr,
+    h1_ptr,
+    h3_ptr,
+    scale_ptr,
+    gw_ptr,
+    dh1_ptr,
+    dh3_ptr,
+    dscale_ptr,
+    counts_ptr,
+    E,
+    F,
+    SWIGLU: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_F: tl.constexpr,
 ):
     """From dG = dL/d(scale * g) (unscaled by the gate weight): dh1, dh3, scale * g and dL/dscale.
 
@@ -324,16 +456,45 @@ def _act_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- weight gradient
-@triton.autotune(configs=candidate_configs(WGRAD_SHAPES, WGRAD_BOXES), key=["M", "N", "TWO", "R_BUCKET", "A_TMA", "B_TMA"],
-                 prune_configs_by={"early_config_prune": fits_wgrad})
+@triton.autotune(
+    configs=candidate_configs(WGRAD_SHAPES, WGRAD_BOXES),
+    key=["M", "N", "TWO", "R_BUCKET", "A_TMA", "B_TMA"],
+    prune_configs_by={"early_config_prune": fits_wgrad},
+)
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, ia_ptr, b1_ptr, b2_ptr, ib_ptr, a_desc, b1_desc, b2_desc, scale_ptr, out1_ptr, out2_ptr, counts_ptr,
-    E, M, N, R_BUCKET,
-    stride_ar, stride_am, stride_br, stride_bn,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, TWO: tl.constexpr,
-    A_TMA: tl.constexpr, B_TMA: tl.constexpr, E_POW2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+    a_ptr,
+    ia_ptr,
+    b1_ptr,
+    b2_ptr,
+    ib_ptr,
+    a_desc,
+    b1_desc,
+    b2_desc,
+    scale_ptr,
+    out1_ptr,
+    out2_ptr,
+    counts_ptr,
+    E,
+    M,
+    N,
+    R_BUCKET,
+    stride_ar,
+    stride_am,
+    stride_br,
+    stride_bn,
+    A_GATHER: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    TWO: tl.constexpr,
+    A_TMA: tl.constexpr,
+    B_TMA: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,
 ):
     """out_p[e] (M x N) = sum over expert e's rows r of A[ia[r]]^T (scale[r] * B_p[ib[r]]).
 
@@ -375,8 +536,11 @@ def _wgrad_kernel(
             if A_TMA:
                 a = a_desc.load([r0, m0]).T  # (BLOCK_M, BLOCK_K) = A^T tile
             else:
-                a = tl.load(a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
-                            mask=mask_r[None, :] & mask_m[:, None], other=0.0)
+                a = tl.load(
+                    a_ptr + ra[None, :] * stride_ar + offs_m[:, None] * stride_am,
+                    mask=mask_r[None, :] & mask_m[:, None],
+                    other=0.0,
+                )
             b_off = rb[:, None] * stride_br + offs_n[None, :] * stride_bn
             bmask = mask_r[:, None] & mask_n[None, :]
             if B_TMA:
@@ -418,12 +582,31 @@ def up(x, gather_A, w1, w3, counts_E, A: int, store_h: bool):
     x_desc = rows_desc(x) if gather_A is None else None
     w_descs = desc_pair(weight_desc, w1, w3)
     _up_kernel[m_grid(A, E, N, x.device)](
-        x, x_desc if x_desc is not None else x, gather_A if gather_A is not None else counts_E,
-        w1, w3 if swiglu else w1, *(w_descs or (w1, w1)), h1, h3, g, counts_E,
-        E, N, K, m_bucket(A),
-        x.stride(0), x.stride(1), w1.stride(0), w1.stride(1), w1.stride(2),
-        HAS_GATHER=gather_A is not None, A_TMA=x_desc is not None, W_TMA=w_descs is not None,
-        SWIGLU=swiglu, STORE_H=store_h, E_POW2=e_pow2(E),
+        x,
+        x_desc if x_desc is not None else x,
+        gather_A if gather_A is not None else counts_E,
+        w1,
+        w3 if swiglu else w1,
+        *(w_descs or (w1, w1)),
+        h1,
+        h3,
+        g,
+        counts_E,
+        E,
+        N,
+        K,
+        m_bucket(A),
+        x.stride(0),
+        x.stride(1),
+        w1.stride(0),
+        w1.stride(1),
+        w1.stride(2),
+        HAS_GATHER=gather_A is not None,
+        A_TMA=x_desc is not None,
+        W_TMA=w_descs is not None,
+        SWIGLU=swiglu,
+        STORE_H=store_h,
+        E_POW2=e_pow2(E),
     )
     return g, h1, h3
 
@@ -440,13 +623,37 @@ def _launch_gmm(a1, b1, a2, b2, out, scale, scatter, counts_E, A: int, N: int, K
     b_descs = desc_pair(weight_desc, b1, b2)
     (a1_desc, a2_desc), (b1_desc, b2_desc) = a_descs or (a1, a1), b_descs or (b1, b1)
     _gmm_kernel[m_grid(A, E, N, out.device)](
-        a1, b1, a2 if a2 is not None else a1, b2 if b2 is not None else b1, a1_desc, b1_desc, a2_desc, b2_desc, out,
-        scale if scale is not None else counts_E, gather if gather is not None else counts_E,
-        scatter if scatter is not None else counts_E, counts_E,
-        E, N, K, m_bucket(A),
-        a1.stride(0), a1.stride(1), stride_be, stride_bk, stride_bn, out.stride(0),
-        TWO=a2 is not None, HAS_SCALE=scale is not None, HAS_GATHER=gather is not None, HAS_SCATTER=scatter is not None,
-        A_TMA=a_descs is not None, B_TMA=b_descs is not None, B_TRANS=b_trans, E_POW2=e_pow2(E),
+        a1,
+        b1,
+        a2 if a2 is not None else a1,
+        b2 if b2 is not None else b1,
+        a1_desc,
+        b1_desc,
+        a2_desc,
+        b2_desc,
+        out,
+        scale if scale is not None else counts_E,
+        gather if gather is not None else counts_E,
+        scatter if scatter is not None else counts_E,
+        counts_E,
+        E,
+        N,
+        K,
+        m_bucket(A),
+        a1.stride(0),
+        a1.stride(1),
+        stride_be,
+        stride_bk,
+        stride_bn,
+        out.stride(0),
+        TWO=a2 is not None,
+        HAS_SCALE=scale is not None,
+        HAS_GATHER=gather is not None,
+        HAS_SCATTER=scatter is not None,
+        A_TMA=a_descs is not None,
+        B_TMA=b_descs is not None,
+        B_TRANS=b_trans,
+        E_POW2=e_pow2(E),
     )
 
 
@@ -490,9 +697,23 @@ def down_bwd(dy, gather_A, w2, h1, h3, scale_A, counts_E, swiglu: bool, in_place
     dscale = torch.empty(A, device=h1.device, dtype=torch.float32) if scale_A is not None else None
     block_r, block_f = (16, 16) if INTERPRET else (8, 256)
     _act_bwd_kernel[(triton.cdiv(A, block_r),)](
-        dg, h1, h3 if swiglu else h1, scale_A if scale_A is not None else dg, dg, dh1, dh3,
-        dscale if dscale is not None else dg, counts_E, E, F,
-        SWIGLU=swiglu, HAS_SCALE=scale_A is not None, E_POW2=e_pow2(E), BLOCK_R=block_r, BLOCK_F=block_f, num_warps=4,
+        dg,
+        h1,
+        h3 if swiglu else h1,
+        scale_A if scale_A is not None else dg,
+        dg,
+        dh1,
+        dh3,
+        dscale if dscale is not None else dg,
+        counts_E,
+        E,
+        F,
+        SWIGLU=swiglu,
+        HAS_SCALE=scale_A is not None,
+        E_POW2=e_pow2(E),
+        BLOCK_R=block_r,
+        BLOCK_F=block_f,
+        num_warps=4,
     )
     return dh1, dh3, dg, dscale
 
@@ -518,13 +739,31 @@ def wgrad(a, gather_a, b1, b2, gather_b, scale, counts_E, aligned: bool = False)
     a_desc = rows_desc(a) if gather_a is None and (b_descs is None or aligned) else None
     grid = grid_for(lambda meta: E * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), a.device)
     _wgrad_kernel[grid](
-        a, gather_a if gather_a is not None else counts_E, b1, b2 if b2 is not None else b1,
+        a,
+        gather_a if gather_a is not None else counts_E,
+        b1,
+        b2 if b2 is not None else b1,
         gather_b if gather_b is not None else counts_E,
-        a_desc if a_desc is not None else a, *(b_descs or (b1, b1)),
-        scale if scale is not None else counts_E, out1, out2, counts_E,
-        E, M, N, m_bucket(R),
-        a.stride(0), a.stride(1), b1.stride(0), b1.stride(1),
-        A_GATHER=gather_a is not None, B_GATHER=gather_b is not None, HAS_SCALE=scale is not None,
-        TWO=b2 is not None, A_TMA=a_desc is not None, B_TMA=b_descs is not None, E_POW2=e_pow2(E),
+        a_desc if a_desc is not None else a,
+        *(b_descs or (b1, b1)),
+        scale if scale is not None else counts_E,
+        out1,
+        out2,
+        counts_E,
+        E,
+        M,
+        N,
+        m_bucket(R),
+        a.stride(0),
+        a.stride(1),
+        b1.stride(0),
+        b1.stride(1),
+        A_GATHER=gather_a is not None,
+        B_GATHER=gather_b is not None,
+        HAS_SCALE=scale is not None,
+        TWO=b2 is not None,
+        A_TMA=a_desc is not None,
+        B_TMA=b_descs is not None,
+        E_POW2=e_pow2(E),
     )
     return out1, (out2 if b2 is not None else None)

@@ -15,6 +15,7 @@ Forward and backward are the custom ops `moeflow::experts_fwd` / `moeflow::exper
 (with fake implementations, so torch.compile traces them as opaque nodes);
 `ExpertMLPFunction` (a torch.autograd.Function) ties them together.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,9 +86,19 @@ class SideStream:
 
 @torch.library.custom_op("moeflow::experts_fwd", mutates_args=())
 def experts_fwd(
-    x: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor,
-    token_A: Tensor | None, weight_A: Tensor | None, pos_A: Tensor | None, tok_offsets: Tensor | None,
-    expert_row_A: Tensor | None, num_rows: int, save: bool, gather_rows: bool,
+    x: Tensor,
+    w1: Tensor,
+    w3: Tensor | None,
+    w2: Tensor,
+    counts_E: Tensor,
+    token_A: Tensor | None,
+    weight_A: Tensor | None,
+    pos_A: Tensor | None,
+    tok_offsets: Tensor | None,
+    expert_row_A: Tensor | None,
+    num_rows: int,
+    save: bool,
+    gather_rows: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, h1, h3, x_AD (all but y empty unless `save`; h3 empty for GELU; x_AD empty if not copied).
 
@@ -107,10 +118,16 @@ def experts_fwd(
     else:
         y_sorted = gemm.down(g, w2, counts_E, scale_A=weight_A, scatter_A=pos_A)  # token-sorted rows
         y = permute.segsum(y_sorted, tok_offsets, tok_offsets.shape[0] - 1)
+
     def empty():  # one per output: custom ops may not return aliases of each other
         return x.new_empty(0)
 
-    return y, (h1 if save else empty()), (h3 if save and w3 is not None else empty()), (x_AD if save and copy else empty())
+    return (
+        y,
+        (h1 if save else empty()),
+        (h3 if save and w3 is not None else empty()),
+        (x_AD if save and copy else empty()),
+    )
 
 
 @experts_fwd.register_fake
@@ -126,9 +143,21 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row
 
 @torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
 def experts_bwd(
-    dy: Tensor, x_AD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor,
-    token_A: Tensor | None, weight_A: Tensor | None, pos_A: Tensor | None, tok_offsets: Tensor | None,
-    expert_row_A: Tensor | None, h1: Tensor, h3: Tensor, gather_rows: bool, aligned: bool,
+    dy: Tensor,
+    x_AD: Tensor,
+    w1: Tensor,
+    w3: Tensor | None,
+    w2: Tensor,
+    counts_E: Tensor,
+    token_A: Tensor | None,
+    weight_A: Tensor | None,
+    pos_A: Tensor | None,
+    tok_offsets: Tensor | None,
+    expert_row_A: Tensor | None,
+    h1: Tensor,
+    h3: Tensor,
+    gather_rows: bool,
+    aligned: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
 
@@ -144,7 +173,9 @@ def experts_bwd(
     # dy rows in expert order, as x_AD (contiguous rows are read through TMA; dropped after dW2)
     dy_AD = _copy_rows(dy, tok_offsets, expert_row_A, token_A, counts_E) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
-    dh1, dh3, g, dweight = gemm.down_bwd(dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True)
+    dh1, dh3, g, dweight = gemm.down_bwd(
+        dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True
+    )
     dw2, _ = gemm.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
     del g, dy_AD
     join_segsum = _nothing
@@ -165,38 +196,103 @@ def experts_bwd(
 
 
 @experts_bwd.register_fake
-def _(dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3, gather_rows, aligned):
+def _(
+    dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3, gather_rows, aligned
+):
     dweight = torch.empty_like(weight_A) if weight_A is not None else x_AD.new_empty(0, dtype=torch.float32)
     dx = x_AD.new_empty(tok_offsets.shape[0] - 1 if token_A is not None else x_AD.shape[0], w1.shape[1])
-    return (dx, torch.empty_like(w1), torch.empty_like(w3) if w3 is not None else x_AD.new_empty(0),
-            torch.empty_like(w2), dweight)
+    return (
+        dx,
+        torch.empty_like(w1),
+        torch.empty_like(w3) if w3 is not None else x_AD.new_empty(0),
+        torch.empty_like(w2),
+        dweight,
+    )
 
 
 class ExpertMLPFunction(torch.autograd.Function):
     """Autograd over the custom ops. Integer routing tensors carry no gradient."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, num_rows, gather_rows, aligned):
+    def forward(
+        ctx,
+        x,
+        w1,
+        w3,
+        w2,
+        counts_E,
+        token_A,
+        weight_A,
+        pos_A,
+        tok_offsets,
+        expert_row_A,
+        num_rows,
+        gather_rows,
+        aligned,
+    ):
         save = any(ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 6))
-        y, h1, h3, x_AD = torch.ops.moeflow.experts_fwd(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets,
-                                                        expert_row_A, num_rows, save, gather_rows)
+        y, h1, h3, x_AD = torch.ops.moeflow.experts_fwd(
+            x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, num_rows, save, gather_rows
+        )
         # the backward reads x in expert order: the copy when one was made, else x itself
-        ctx.save_for_backward(x_AD if _copies_rows(token_A, gather_rows) else x, w1, w3, w2, counts_E, token_A, weight_A,
-                              pos_A, tok_offsets, expert_row_A, h1, h3)
+        ctx.save_for_backward(
+            x_AD if _copies_rows(token_A, gather_rows) else x,
+            w1,
+            w3,
+            w2,
+            counts_E,
+            token_A,
+            weight_A,
+            pos_A,
+            tok_offsets,
+            expert_row_A,
+            h1,
+            h3,
+        )
         ctx.gather_rows, ctx.aligned = gather_rows, aligned
         return y
 
     @staticmethod
     def backward(ctx, dy):
         if getattr(ctx, "consumed", False):
-            raise RuntimeError("moeflow experts: a second backward through the same forward is not supported "
-                               "(saved activations are reused in place); recompute the forward instead")
+            raise RuntimeError(
+                "moeflow experts: a second backward through the same forward is not supported "
+                "(saved activations are reused in place); recompute the forward instead"
+            )
         ctx.consumed = True
         x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3 = ctx.saved_tensors
         dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
-            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3, ctx.gather_rows, ctx.aligned)
-        return (dx, dw1, dw3 if w3 is not None else None, dw2, None, None,
-                dweight if weight_A is not None else None, None, None, None, None, None, None)
+            dy,
+            x_AD,
+            w1,
+            w3,
+            w2,
+            counts_E,
+            token_A,
+            weight_A,
+            pos_A,
+            tok_offsets,
+            expert_row_A,
+            h1,
+            h3,
+            ctx.gather_rows,
+            ctx.aligned,
+        )
+        return (
+            dx,
+            dw1,
+            dw3 if w3 is not None else None,
+            dw2,
+            None,
+            None,
+            dweight if weight_A is not None else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------- checks
@@ -207,7 +303,11 @@ class UnsupportedInput(ValueError):
 def triton_usable(device: torch.device) -> str | None:
     """None if the kernels can run on `device`, else why not (one line)."""
     if device.type == "cpu":
-        return None if os.environ.get("TRITON_INTERPRET") == "1" else "tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+        return (
+            None
+            if os.environ.get("TRITON_INTERPRET") == "1"
+            else "tensors are on the CPU (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+        )
     if device.type != "cuda":
         return f"device {device} is not supported by the Triton kernels"
     major, _ = torch.cuda.get_device_capability(device)
@@ -226,7 +326,9 @@ def check_inputs(x: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E:
         if w is not None and w.device != x.device:
             raise UnsupportedInput(f"{name} is on {w.device} but x is on {x.device}")
     if x.dim() != 2 or w1.dim() != 3 or w2.dim() != 3:
-        raise UnsupportedInput(f"expected x 2-D and weights 3-D, got x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+        raise UnsupportedInput(
+            f"expected x 2-D and weights 3-D, got x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}"
+        )
     E, D, F = w1.shape
     if x.shape[1] != D or tuple(w2.shape) != (E, F, D) or (w3 is not None and w3.shape != w1.shape):
         raise UnsupportedInput(f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
@@ -241,7 +343,9 @@ def check_inputs(x: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E:
 def expert_mlp(x_AD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor) -> Tensor:
     """All experts on rows grouped by expert (counts_E rows each, in order)."""
     check_inputs(x_AD, w1, w3, w2, counts_E)
-    return ExpertMLPFunction.apply(x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, None, x_AD.shape[0], False, False)
+    return ExpertMLPFunction.apply(
+        x_AD, w1, w3, w2, counts_E.to(torch.int32), None, None, None, None, None, x_AD.shape[0], False, False
+    )
 
 
 def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -257,7 +361,9 @@ def routing_layout(token_A: Tensor, num_tokens: int, token_order_A: Tensor | Non
         pos_A = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     offsets = torch.zeros(num_tokens + 1, dtype=torch.int32, device=token_A.device)
     # rows per token without torch.bincount, whose CUDA version syncs with the host
-    per_token = torch.zeros(num_tokens, dtype=torch.int32, device=token_A.device).scatter_add_(0, token_A.long(), torch.ones_like(token_A, dtype=torch.int32))
+    per_token = torch.zeros(num_tokens, dtype=torch.int32, device=token_A.device).scatter_add_(
+        0, token_A.long(), torch.ones_like(token_A, dtype=torch.int32)
+    )
     offsets[1:] = torch.cumsum(per_token, 0)
     return pos_A.to(torch.int32), offsets
 
@@ -267,7 +373,9 @@ class _AlignedLayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight_A, counts_E, token_A, pos_A, align):
-        counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A = permute.aligned_layout(counts_E, token_A, pos_A, weight_A, align)
+        counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A = permute.aligned_layout(
+            counts_E, token_A, pos_A, weight_A, align
+        )
         ctx.save_for_backward(dest_A)
         ctx.mark_non_differentiable(counts_P, token_P, pos_P, expert_row_A)
         return counts_P, token_P, weight_P, pos_P, expert_row_A
@@ -296,9 +404,17 @@ def aligned_layout(counts_E: Tensor, token_A: Tensor, weight_A: Tensor, pos_A: T
 ALIGN_FROM_ROWS_PER_EXPERT = 4 * ROW_ALIGN
 
 
-def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, counts_E: Tensor,
-                      token_A: Tensor, weight_A: Tensor, token_order_A: Tensor | None = None,
-                      gather_rows: bool = False) -> Tensor:
+def expert_mlp_routed(
+    x_TD: Tensor,
+    w1: Tensor,
+    w3: Tensor | None,
+    w2: Tensor,
+    counts_E: Tensor,
+    token_A: Tensor,
+    weight_A: Tensor,
+    token_order_A: Tensor | None = None,
+    gather_rows: bool = False,
+) -> Tensor:
     """y_TD[t] = sum over assignments a of t: weight_A[a] * MLP_{e(a)}(x_TD[t]), grouped by expert.
 
     `token_order_A` (optional): a token-sorted position of each row (see `routing_layout`).
@@ -309,15 +425,37 @@ def expert_mlp_routed(x_TD: Tensor, w1: Tensor, w3: Tensor | None, w2: Tensor, c
     """
     check_inputs(x_TD, w1, w3, w2, counts_E)
     if token_A.dim() != 1 or weight_A.shape != token_A.shape:
-        raise UnsupportedInput(f"token_A {tuple(token_A.shape)} and weight_A {tuple(weight_A.shape)} must be 1-D and equal")
+        raise UnsupportedInput(
+            f"token_A {tuple(token_A.shape)} and weight_A {tuple(weight_A.shape)} must be 1-D and equal"
+        )
     if token_order_A is not None and token_order_A.shape != token_A.shape:
         raise UnsupportedInput(f"token_order_A {tuple(token_order_A.shape)} must match token_A {tuple(token_A.shape)}")
     pos_A, offsets = routing_layout(token_A, x_TD.shape[0], token_order_A)
     if gather_rows or token_A.shape[0] < ALIGN_FROM_ROWS_PER_EXPERT * counts_E.shape[0]:
         A = token_A.shape[0]
-        expert_row_A = None if gather_rows else torch.empty_like(pos_A).scatter_(0, pos_A.long(), torch.arange(A, dtype=torch.int32, device=pos_A.device))
-        return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_E.to(torch.int32), token_A.to(torch.int32), weight_A,
-                                       pos_A, offsets, expert_row_A, x_TD.shape[0], gather_rows, False)
+        expert_row_A = (
+            None
+            if gather_rows
+            else torch.empty_like(pos_A).scatter_(
+                0, pos_A.long(), torch.arange(A, dtype=torch.int32, device=pos_A.device)
+            )
+        )
+        return ExpertMLPFunction.apply(
+            x_TD,
+            w1,
+            w3,
+            w2,
+            counts_E.to(torch.int32),
+            token_A.to(torch.int32),
+            weight_A,
+            pos_A,
+            offsets,
+            expert_row_A,
+            x_TD.shape[0],
+            gather_rows,
+            False,
+        )
     counts_P, token_P, weight_P, pos_P, expert_row_A = aligned_layout(counts_E, token_A, weight_A, pos_A)
-    return ExpertMLPFunction.apply(x_TD, w1, w3, w2, counts_P, token_P, weight_P, pos_P, offsets, expert_row_A,
-                                   x_TD.shape[0], False, True)
+    return ExpertMLPFunction.apply(
+        x_TD, w1, w3, w2, counts_P, token_P, weight_P, pos_P, offsets, expert_row_A, x_TD.shape[0], False, True
+    )

@@ -7,6 +7,7 @@
 
 Nothing here knows about models: tensors, index arrays, group sizes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,7 +51,9 @@ def _fan_out_kernel(src_ptr, offs_ptr, dest_ptr, out_ptr, D, stride_s, BLOCK_D: 
 
 
 @triton.jit
-def _zero_pad_rows_kernel(idx_ptr, counts_ptr, out_ptr, E, D, E_POW2: tl.constexpr, PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+def _zero_pad_rows_kernel(
+    idx_ptr, counts_ptr, out_ptr, E, D, E_POW2: tl.constexpr, PAD: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """Zero the pad rows (idx < 0) among the last PAD rows of expert e's group (program e): the
     groups of an aligned layout end with fewer than PAD of them."""
     offs_e = tl.arange(0, E_POW2)
@@ -62,13 +65,32 @@ def _zero_pad_rows_kernel(idx_ptr, counts_ptr, out_ptr, E, D, E_POW2: tl.constex
     idx = tl.load(idx_ptr + rows, mask=in_group, other=0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     zeros = tl.zeros((PAD, BLOCK_D), dtype=out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], zeros, mask=(in_group & (idx < 0))[:, None] & (cols < D)[None, :])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :],
+        zeros,
+        mask=(in_group & (idx < 0))[:, None] & (cols < D)[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------- aligned layout
 @triton.jit
-def _aligned_layout_kernel(counts_ptr, token_ptr, pos_ptr, weight_ptr, counts_out, token_out, pos_out, weight_out,
-                           dest_out, row_of_pos_out, E, P, ALIGN: tl.constexpr, E_POW2: tl.constexpr, BLOCK: tl.constexpr):
+def _aligned_layout_kernel(
+    counts_ptr,
+    token_ptr,
+    pos_ptr,
+    weight_ptr,
+    counts_out,
+    token_out,
+    pos_out,
+    weight_out,
+    dest_out,
+    row_of_pos_out,
+    E,
+    P,
+    ALIGN: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Rows [pid * BLOCK, ...) of the aligned layout (each expert's group starts on a multiple of ALIGN):
     the assignment each row holds, or -1 / weight 0 on pad rows; and, for each assignment held, its row
     (dest_out by expert-sorted index, row_of_pos_out by token-sorted position)."""
@@ -109,8 +131,23 @@ def aligned_layout(counts_E, token_A, pos_A, weight_A, align: int = ROW_ALIGN):
     if E:
         block = 64
         _aligned_layout_kernel[(max(1, triton.cdiv(P, block)),)](
-            counts_E, token_A, pos_A, weight_A, counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A, E, P,
-            ALIGN=align, E_POW2=e_pow2(E), BLOCK=block, num_warps=4)
+            counts_E,
+            token_A,
+            pos_A,
+            weight_A,
+            counts_P,
+            token_P,
+            pos_P,
+            weight_P,
+            dest_A,
+            expert_row_A,
+            E,
+            P,
+            ALIGN=align,
+            E_POW2=e_pow2(E),
+            BLOCK=block,
+            num_warps=4,
+        )
     return counts_P, token_P, pos_P, weight_P, dest_A, expert_row_A
 
 
@@ -125,14 +162,16 @@ def fan_out(src, offsets, dest, num_rows: int, pads=None, out=None):
     out = src.new_empty(R, D) if out is None else out
     if R and D:
         block_d = 16 if INTERPRET else min(4096, triton.next_power_of_2(D))
-        _fan_out_kernel[(offsets.shape[0] - 1, triton.cdiv(D, block_d))](src, offsets, dest, out, D, src.stride(0),
-                                                                          BLOCK_D=block_d, num_warps=4)
+        _fan_out_kernel[(offsets.shape[0] - 1, triton.cdiv(D, block_d))](
+            src, offsets, dest, out, D, src.stride(0), BLOCK_D=block_d, num_warps=4
+        )
         if pads is not None:
             idx, counts_P = pads
             E = counts_P.shape[0]
             block_d = 16 if INTERPRET else min(256, triton.next_power_of_2(D))
-            _zero_pad_rows_kernel[(E, triton.cdiv(D, block_d))](idx, counts_P, out, E, D, E_POW2=e_pow2(E), PAD=ROW_ALIGN,
-                                                                BLOCK_D=block_d, num_warps=4)
+            _zero_pad_rows_kernel[(E, triton.cdiv(D, block_d))](
+                idx, counts_P, out, E, D, E_POW2=e_pow2(E), PAD=ROW_ALIGN, BLOCK_D=block_d, num_warps=4
+            )
     return out
 
 

@@ -6,6 +6,7 @@ other GPUs use pointer loads. `MOEFLOW_TMA=0` forces pointer loads everywhere (f
 timing; results are bit-identical). A descriptor's box is a placeholder until the autotune
 candidate's `pre_hook` (`box_hook`) sets it from its tile shape.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ USE_TMA = os.environ.get("MOEFLOW_TMA", "1") != "0"
 
 def box_hook(**boxes):
     """A pre_hook setting each named descriptor's box from the tile sizes: name=(dim names)."""
+
     def hook(nargs):
         for name, dims in boxes.items():
             desc = nargs[name]
@@ -31,6 +33,7 @@ def box_hook(**boxes):
                 if callable(dims):
                     dims = dims(nargs)
                 desc.block_shape = [nargs[d] for d in dims]
+
     return hook
 
 
@@ -62,14 +65,27 @@ def rows_desc(t: torch.Tensor | None):
 
     The box shape is a placeholder: each autotune candidate sets its own (`box_hook`).
     """
-    if t is None or t.dim() != 2 or t.shape[0] == 0 or t.stride(1) != 1 or not aligned_strides(t, t.stride(0)) or not tma_device(t):
+    if (
+        t is None
+        or t.dim() != 2
+        or t.shape[0] == 0
+        or t.stride(1) != 1
+        or not aligned_strides(t, t.stride(0))
+        or not tma_device(t)
+    ):
         return None
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], [16, 16])
 
 
 def weight_desc(w: torch.Tensor | None):
     """TMA descriptor over (E, R, C) expert weights read as one (E * R, C) matrix, or None."""
-    if w is None or w.stride(2) != 1 or w.stride(0) != w.shape[1] * w.stride(1) or not aligned_strides(w, w.stride(1)) or not tma_device(w):
+    if (
+        w is None
+        or w.stride(2) != 1
+        or w.stride(0) != w.shape[1] * w.stride(1)
+        or not aligned_strides(w, w.stride(1))
+        or not tma_device(w)
+    ):
         return None
     return TensorDescriptor(w, [w.shape[0] * w.shape[1], w.shape[2]], [w.stride(1), 1], [16, 16])
 

@@ -8,6 +8,7 @@ registers and takes the maximum k times: one read of the scores, one write of th
 Order and ties: indices come out by descending score (as `topk(sorted=True)`); equal scores go
 to the lower expert index; NaN counts as larger than every number (as in torch.topk).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ def topk_indices_triton(scores_TE: torch.Tensor, k: int) -> torch.Tensor:
     if T:
         block_e = max(16, triton.next_power_of_2(E))
         block_t = max(1, min(64, 4096 // block_e))
-        _topk_rows_kernel[(triton.cdiv(T, block_t),)](scores_TE, out, T, E, scores_TE.stride(0), k,
-                                                      BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+        _topk_rows_kernel[(triton.cdiv(T, block_t),)](
+            scores_TE, out, T, E, scores_TE.stride(0), k, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4
+        )
     return out
 
 

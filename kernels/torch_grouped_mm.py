@@ -4,6 +4,7 @@ cuBLAS's grouped GEMM wants every group to start on a 16-row boundary, so rows a
 copied into a padded buffer (no host sync: the padded size is bounded by A + 16*E) and
 picked back out after the down projection. Autograd comes from torch.
 """
+
 from __future__ import annotations
 
 import torch

@@ -19,6 +19,7 @@ older moeflow versions (`trainer_state.pt`) still load, through `torch.load(weig
 with an allow-list of the numpy types their RNG state holds; their pickled DCP folders
 (`.metadata`) need an explicit `trainer.trust_checkpoint=true`.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,11 @@ STEP_NAME = re.compile(r"step_(\d{8})")
 
 # -- RNG state as JSON -------------------------------------------------------------------
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state().tolist(), "numpy": _numpy_state_json(np.random.get_state()),
-             "python": _python_state_json(random.getstate())}
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": _numpy_state_json(np.random.get_state()),
+        "python": _python_state_json(random.getstate()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -62,15 +66,22 @@ def set_rng_state(state: dict) -> None:
     try:
         _set_rng_state(state)
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f"a checkpoint's RNG streams are malformed ({type(e).__name__}: {str(e)[:120]}); resume from another checkpoint") from None
+        raise CheckpointError(
+            f"a checkpoint's RNG streams are malformed ({type(e).__name__}: {str(e)[:120]}); resume from another checkpoint"
+        ) from None
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(_byte_tensor(state["torch"]))
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["kind"], np.asarray(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
-                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        numpy_state = (
+            numpy_state["kind"],
+            np.asarray(numpy_state["keys"], dtype=np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
     np.random.set_state(numpy_state)
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]) if isinstance(py, list) else py)
@@ -83,7 +94,13 @@ def _byte_tensor(v) -> torch.Tensor:
 
 
 def _numpy_state_json(s) -> dict:
-    return {"kind": s[0], "keys": s[1].tolist(), "pos": int(s[2]), "has_gauss": int(s[3]), "cached_gaussian": float(s[4])}
+    return {
+        "kind": s[0],
+        "keys": s[1].tolist(),
+        "pos": int(s[2]),
+        "has_gauss": int(s[3]),
+        "cached_gaussian": float(s[4]),
+    }
 
 
 def _python_state_json(s) -> list:
@@ -134,7 +151,7 @@ def write_manifest(tmp: Path, meta: dict, trainer_state: dict | None) -> None:
 
 def promote(tmp: Path, keep: int) -> Path:
     """Rename a complete temporary checkpoint folder into place and prune old checkpoints."""
-    final = tmp.parent / tmp.name[len(TMP_PREFIX):]
+    final = tmp.parent / tmp.name[len(TMP_PREFIX) :]
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -163,7 +180,9 @@ def _jsonable(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: dict | None, meta: dict, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model_state: dict, trainer_state: dict | None, meta: dict, keep: int = 2
+) -> Path:
     """A consolidated checkpoint (one process: `moeflow upcycle`, conversions): safetensors weights
     and, unless weights-only, the step and schedule (JSON)."""
     tmp = temp_dir(run_dir, step)
@@ -179,7 +198,15 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, trainer_state: 
         raise
 
 
-def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_bytes: int, progress=None, trainer_state: dict | None = None) -> Path:
+def save_streamed(
+    run_dir: Path,
+    step: int,
+    named_tensors,
+    meta: dict,
+    shard_bytes: int,
+    progress=None,
+    trainer_state: dict | None = None,
+) -> Path:
     """A consolidated checkpoint written tensor by tensor from an iterator, in safetensors files of
     at most `shard_bytes` (an index when there are several), so a model larger than memory is
     never held whole (`moeflow convert hf-to-moeflow`, `moeflow-to-safetensors`)."""
@@ -209,7 +236,9 @@ def save_streamed(run_dir: Path, step: int, named_tensors, meta: dict, shard_byt
         if len(files) == 1:
             (tmp / files[0]).rename(tmp / WEIGHTS)
         else:
-            (tmp / WEIGHTS_INDEX).write_text(json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1))
+            (tmp / WEIGHTS_INDEX).write_text(
+                json.dumps({"metadata": {"format": "moeflow"}, "weight_map": weight_map}, indent=1)
+            )
         return commit(tmp, {**meta, "step": step, "digests": weight_digests(tmp)}, trainer_state, keep=0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +260,7 @@ def recover_temp_dirs(run_dir: Path, keep: int) -> tuple[list[Path], list[Path]]
     found = sorted(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
     promoted, removed = [], []
     for p in found:
-        if STEP_NAME.fullmatch(p.name[len(TMP_PREFIX):]) and is_complete(p):
+        if STEP_NAME.fullmatch(p.name[len(TMP_PREFIX) :]) and is_complete(p):
             promoted.append(promote(p, keep))
         else:
             shutil.rmtree(p, ignore_errors=True)
@@ -261,7 +290,9 @@ def is_complete(p: Path) -> bool:
 
 # -- finding and reading ------------------------------------------------------------------
 def is_checkpoint(p: Path) -> bool:
-    return (p / META).is_file() and any((p / f).is_file() for f in (DCP_INDEX, LEGACY_DCP_METADATA, WEIGHTS, WEIGHTS_INDEX))
+    return (p / META).is_file() and any(
+        (p / f).is_file() for f in (DCP_INDEX, LEGACY_DCP_METADATA, WEIGHTS, WEIGHTS_INDEX)
+    )
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -270,14 +301,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and is_checkpoint(p)]
-    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def damaged_checkpoints(root: Path) -> list[Path]:
     """Folders named like checkpoints (step_<8 digits>) whose contents are not a whole checkpoint."""
     if not Path(root).is_dir():
         return []
-    return sorted((p for p in Path(root).iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and not is_complete(p)), key=lambda p: p.name)
+    return sorted(
+        (p for p in Path(root).iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name) and not is_complete(p)),
+        key=lambda p: p.name,
+    )
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -303,7 +337,9 @@ def _read_json(path: Path) -> dict:
 def read_meta(ckpt: Path) -> dict:
     meta = _read_json(Path(ckpt) / META)
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{Path(ckpt) / META} holds no model config; the file was not written by moeflow or was edited: resume from another checkpoint")
+        raise CheckpointError(
+            f"{Path(ckpt) / META} holds no model config; the file was not written by moeflow or was edited: resume from another checkpoint"
+        )
     return meta
 
 
@@ -315,8 +351,10 @@ def weight_files(ckpt: Path) -> list[Path]:
         names = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
         bad = [n for n in names if not isinstance(n, str) or not re.fullmatch(r"model-\d{5}\.safetensors", n)]
         if bad or not names:
-            raise CheckpointError(f"{ckpt / WEIGHTS_INDEX} lists {bad[0] if bad else 'no'} file(s) that are not this checkpoint's weight shards; "
-                                  f"resume from another checkpoint")
+            raise CheckpointError(
+                f"{ckpt / WEIGHTS_INDEX} lists {bad[0] if bad else 'no'} file(s) that are not this checkpoint's weight shards; "
+                f"resume from another checkpoint"
+            )
         return [ckpt / f for f in names]
     return [ckpt / WEIGHTS]
 
@@ -331,8 +369,10 @@ def verify_weight_files(ckpt: Path) -> None:
     for f in weight_files(ckpt):
         want = digests.get(f.name) if isinstance(digests, dict) else None
         if want is not None and f.is_file() and file_digest(f) != want:
-            raise CheckpointError(f"checkpoint {ckpt} is damaged: {f.name} does not match its digest in {META} (changed since it was written); "
-                                  f"resume from another checkpoint, or with trainer.verify_checkpoint=false to load it anyway")
+            raise CheckpointError(
+                f"checkpoint {ckpt} is damaged: {f.name} does not match its digest in {META} (changed since it was written); "
+                f"resume from another checkpoint, or with trainer.verify_checkpoint=false to load it anyway"
+            )
 
 
 def load_model_state(ckpt: Path, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -344,7 +384,9 @@ def load_model_state(ckpt: Path, verify: bool = True) -> dict[str, torch.Tensor]
         try:
             out.update(load_file(str(f)))
         except Exception as e:  # safetensors raises several types for truncated/corrupt files
-            raise CheckpointError(f"checkpoint {ckpt} has a corrupt {f.name} ({e}); delete it or resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {ckpt} has a corrupt {f.name} ({e}); delete it or resume from an earlier checkpoint"
+            ) from None
     return out
 
 
@@ -364,7 +406,9 @@ def load_trainer_state(ckpt: Path) -> dict | None:
     if (ckpt / TRAINER_STATE).is_file():
         state = _read_json(ckpt / TRAINER_STATE)
         if not isinstance(state, dict):
-            raise CheckpointError(f"{ckpt / TRAINER_STATE} is not a JSON object; the file was edited or damaged: resume from another checkpoint")
+            raise CheckpointError(
+                f"{ckpt / TRAINER_STATE} is not a JSON object; the file was edited or damaged: resume from another checkpoint"
+            )
         return state
     if (ckpt / LEGACY_TRAINER_STATE).is_file():
         return _load_legacy_trainer_state(ckpt / LEGACY_TRAINER_STATE)
@@ -380,8 +424,10 @@ def _load_legacy_trainer_state(path: Path) -> dict:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path} is not loadable without running code from it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              f"moeflow never unpickles checkpoints beyond tensors and plain values: resume from a checkpoint written by moeflow") from None
+        raise CheckpointError(
+            f"{path} is not loadable without running code from it ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"moeflow never unpickles checkpoints beyond tensors and plain values: resume from a checkpoint written by moeflow"
+        ) from None
 
 
 SHAPE_KEYS = tuple(ModelConfig.shape_keys())  # the fields moe/config.py marks with shape_field
@@ -407,14 +453,20 @@ def expected_shapes(model_cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]],
     return state_shapes(model), {k for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
-def check_compatible(ckpt: Path, saved_model_cfg: dict, model_cfg: ModelConfig, stored: dict[str, tuple[int, ...]]) -> None:
+def check_compatible(
+    ckpt: Path, saved_model_cfg: dict, model_cfg: ModelConfig, stored: dict[str, tuple[int, ...]]
+) -> None:
     """Refuse a checkpoint whose model shape differs from `model_cfg`'s, naming the differing keys.
     `stored`: the checkpoint's weight names and shapes (its model weights only)."""
     diffs = model_shape_diffs(saved_model_cfg, model_cfg.to_dict())
     if not diffs:
         expected, names = expected_shapes(model_cfg)
         bad = [f"{k}: missing" for k in sorted(set(expected) - set(stored))]
-        bad += [f"{k}: {stored[k]} vs {shape}" for k, shape in sorted(expected.items()) if k in stored and tuple(stored[k]) != shape]
+        bad += [
+            f"{k}: {stored[k]} vs {shape}"
+            for k, shape in sorted(expected.items())
+            if k in stored and tuple(stored[k]) != shape
+        ]
         bad += [f"{k}: not in this model" for k in sorted(set(stored) - names)]
         if bad:
             diffs.append(f"parameters differ, e.g. {bad[:3]}")
@@ -430,7 +482,9 @@ def stored_weight_shapes(ckpt: Path, trust: bool = False) -> dict[str, tuple[int
     if is_sharded(ckpt):
         from moeflow.parallel.checkpoint import stored_tensors
 
-        return {k[len("model."):]: shape for k, (shape, _) in stored_tensors(ckpt, trust).items() if k.startswith("model.")}
+        return {
+            k[len("model.") :]: shape for k, (shape, _) in stored_tensors(ckpt, trust).items() if k.startswith("model.")
+        }
     from safetensors import safe_open
 
     shapes = {}
@@ -439,5 +493,7 @@ def stored_weight_shapes(ckpt: Path, trust: bool = False) -> dict[str, tuple[int
             with safe_open(str(path), "pt") as f:
                 shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
         except Exception as e:
-            raise CheckpointError(f"checkpoint {ckpt} has a corrupt {path.name} ({e}); delete it or resume from an earlier checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {ckpt} has a corrupt {path.name} ({e}); delete it or resume from an earlier checkpoint"
+            ) from None
     return shapes

@@ -5,6 +5,7 @@ train` does not pay for Ray or DeepSpeed imports. A subcommand signals bad input
 raising `moeflow.moe.errors.MoeflowError` (or a subclass); `main` prints it as
 `moeflow <command>: error: <message>` and exits with its code (2), no traceback.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -13,17 +14,57 @@ from typing import NoReturn
 
 # name -> (module, function taking the remaining argv, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("moeflow.launch.train_command", "main", "train an MoE LM (Hydra overrides follow; `moeflow train --help`)"),
+    "train": (
+        "moeflow.launch.train_command",
+        "main",
+        "train an MoE LM (Hydra overrides follow; `moeflow train --help`)",
+    ),
     "bench": ("moeflow.launch.bench", "main", "benchmarks (`moeflow bench --help`)"),
-    "convert": ("moeflow.launch.convert", "main", "convert checkpoints: Hugging Face MoE / DeepSpeed / megatron-core <-> moeflow (`moeflow convert --help`)"),
-    "upcycle": ("moeflow.launch.upcycle.cli", "main", "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)"),
-    "slurm": ("moeflow.launch.launchers.slurm", "main", "submit/status/cancel/logs of Slurm jobs (`moeflow slurm --help`)"),
-    "ray": ("moeflow.launch.launchers.ray_train", "main", "train on a Ray cluster: launch/submit/wait (`moeflow ray --help`)"),
-    "generate": ("moeflow.launch.inference", "main_generate", "continue a prompt with a trained model (`moeflow generate RUN --prompt ...`)"),
-    "eval": ("moeflow.launch.inference", "main_eval", "loss / perplexity and expert load of a model on a token file (`moeflow eval RUN --data ...`)"),
-    "data": ("moeflow.launch.data_prepare", "main", "tokenize a corpus for data=memmap (`moeflow data prepare --help`)"),
-    "prepare": ("moeflow.launch.prepare", "main", "build what a first run would build on its first step (`moeflow prepare deepspeed-ops`)"),
-    "stats": ("moeflow.launch.stats_table", "main", "per-layer routing statistics table of a run (`moeflow stats RUN_DIR [--step N]`)"),
+    "convert": (
+        "moeflow.launch.convert",
+        "main",
+        "convert checkpoints: Hugging Face MoE / DeepSpeed / megatron-core <-> moeflow (`moeflow convert --help`)",
+    ),
+    "upcycle": (
+        "moeflow.launch.upcycle.cli",
+        "main",
+        "dense checkpoint (moeflow or Hugging Face) -> MoE (`moeflow upcycle --help`)",
+    ),
+    "slurm": (
+        "moeflow.launch.launchers.slurm",
+        "main",
+        "submit/status/cancel/logs of Slurm jobs (`moeflow slurm --help`)",
+    ),
+    "ray": (
+        "moeflow.launch.launchers.ray_train",
+        "main",
+        "train on a Ray cluster: launch/submit/wait (`moeflow ray --help`)",
+    ),
+    "generate": (
+        "moeflow.launch.inference",
+        "main_generate",
+        "continue a prompt with a trained model (`moeflow generate RUN --prompt ...`)",
+    ),
+    "eval": (
+        "moeflow.launch.inference",
+        "main_eval",
+        "loss / perplexity and expert load of a model on a token file (`moeflow eval RUN --data ...`)",
+    ),
+    "data": (
+        "moeflow.launch.data_prepare",
+        "main",
+        "tokenize a corpus for data=memmap (`moeflow data prepare --help`)",
+    ),
+    "prepare": (
+        "moeflow.launch.prepare",
+        "main",
+        "build what a first run would build on its first step (`moeflow prepare deepspeed-ops`)",
+    ),
+    "stats": (
+        "moeflow.launch.stats_table",
+        "main",
+        "per-layer routing statistics table of a run (`moeflow stats RUN_DIR [--step N]`)",
+    ),
 }
 
 
@@ -58,7 +99,9 @@ def report_error(command: str, err: Exception) -> NoReturn:
     if rank != "0" and isinstance(err, ConfigError):  # under torchrun every rank checks the same config: rank 0 says it
         import time
 
-        time.sleep(RANK0_GRACE_S)  # exiting first would have torchrun stop rank 0 before it prints; it stops this rank instead
+        time.sleep(
+            RANK0_GRACE_S
+        )  # exiting first would have torchrun stop rank 0 before it prints; it stops this rank instead
         sys.exit(getattr(err, "exit_code", 2))
     who = f" (rank {rank})" if rank != "0" else ""  # a problem only this rank met (its RNG file, its shard)
     print(f"moeflow{' ' + command if command else ''}: error{who}: {message}", file=sys.stderr, flush=True)

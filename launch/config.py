@@ -3,6 +3,7 @@
 Everything here runs before any training starts (and in `moeflow train`'s preflight), so
 a bad option is reported as `moeflow train: error: ...` naming the fix.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,9 @@ def resolve_experts_impl(impl: str, device: torch.device) -> str:
     if impl == "auto":
         return "triton" if device.type == "cuda" and "triton" in IMPLEMENTATIONS else "torch"
     if impl not in IMPLEMENTATIONS:
-        raise ConfigError(f"experts.impl={impl!r} is not available here; available: auto, {', '.join(sorted(IMPLEMENTATIONS))}")
+        raise ConfigError(
+            f"experts.impl={impl!r} is not available here; available: auto, {', '.join(sorted(IMPLEMENTATIONS))}"
+        )
     return impl
 
 
@@ -97,7 +100,9 @@ def trainer_config(cfg: DictConfig) -> TrainerConfig:
 def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     d = _container(cfg.data)
     if d["seq_len"] > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={d['seq_len']} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len or raise model.max_seq_len")
+        raise ConfigError(
+            f"data.seq_len={d['seq_len']} exceeds model.max_seq_len={model_cfg.max_seq_len}; lower data.seq_len or raise model.max_seq_len"
+        )
     if d.get("mix"):
         if d.get("source") != "memmap":
             raise ConfigError("data.mix needs data=memmap (sets written by `moeflow data prepare`)")
@@ -106,11 +111,15 @@ def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
             if not path or not Path(str(path)).expanduser().is_file():
                 raise ConfigError(f"data.mix[{i}] needs an existing path (a prepared train.bin), got {entry!r}")
     elif d.get("source") == "memmap" and not d.get("path"):
-        raise ConfigError("data=memmap needs data.path=.../train.bin (a token file) or data.mix=[{path: ..., weight: ...}, ...]")
+        raise ConfigError(
+            "data=memmap needs data.path=.../train.bin (a token file) or data.mix=[{path: ..., weight: ...}, ...]"
+        )
     elif d.get("source") in ("text", "memmap"):
         p = Path(str(d["path"])).expanduser()
         if not p.exists():
-            raise ConfigError(f"data.path={d['path']} does not exist; pass an existing {'file or folder' if d['source'] == 'text' else '.bin file'}")
+            raise ConfigError(
+                f"data.path={d['path']} does not exist; pass an existing {'file or folder' if d['source'] == 'text' else '.bin file'}"
+            )
         if p.is_file() and p.stat().st_size == 0:
             raise ConfigError(f"data.path={d['path']} is empty; pass a file with data in it")
     if d.get("source") != "memmap" and model_cfg.vocab_size < 256:
@@ -124,15 +133,27 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
         from .runtime import bf16_autocast
 
         use_bf16, _ = bf16_autocast(trainer_cfg, resolve_device(trainer_cfg.device))
-        why = ("engine=torch" if engine_name(cfg) != "torch" else "one process (FSDP2 keeps its own fp32 shards)" if launch_world(cfg) > 1
-               else "bf16 (trainer.precision=bf16, or auto on a GPU)" if not use_bf16
-               else "trainer.grad_accum=1 (bf16 gradients would be summed in bf16)" if trainer_cfg.grad_accum != 1 else None)
+        why = (
+            "engine=torch"
+            if engine_name(cfg) != "torch"
+            else "one process (FSDP2 keeps its own fp32 shards)"
+            if launch_world(cfg) > 1
+            else "bf16 (trainer.precision=bf16, or auto on a GPU)"
+            if not use_bf16
+            else "trainer.grad_accum=1 (bf16 gradients would be summed in bf16)"
+            if trainer_cfg.grad_accum != 1
+            else None
+        )
         if why:
-            raise ConfigError(f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting")
+            raise ConfigError(
+                f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting"
+            )
     if o.get("name") != "adamw":
         raise ConfigError(f"optim.name={o.get('name')!r} is unknown; use optim=adamw")
     if not o["lr"] > 0 or o["min_lr"] < 0 or o["min_lr"] > o["lr"]:
-        raise ConfigError(f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (got lr={o['lr']}, min_lr={o['min_lr']})")
+        raise ConfigError(
+            f"need 0 <= optim.min_lr <= optim.lr and optim.lr > 0 (got lr={o['lr']}, min_lr={o['min_lr']})"
+        )
     if o["schedule"] not in ("cosine", "constant"):
         raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
 
@@ -154,7 +175,10 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
     world = launch_world(cfg) if device.type == "cuda" else 1
     need = TRAIN_STATE_BYTES * total / world
     if device.type == "cuda":
-        have, where = torch.cuda.get_device_properties(device.index or 0).total_memory, f"one GPU's {{:.0f}} GiB, with {world} rank(s) sharing the state"
+        have, where = (
+            torch.cuda.get_device_properties(device.index or 0).total_memory,
+            f"one GPU's {{:.0f}} GiB, with {world} rank(s) sharing the state",
+        )
     else:
         try:
             have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -162,9 +186,11 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
             return
         where = "this machine's {:.0f} GiB of memory"
     if need > have:
-        raise ConfigError(f"the model has {total / 1e9:.2f}B parameters (model.num_experts={model_cfg.num_experts}, model.d_ff={model_cfg.d_ff}, "
-                          f"model.n_layers={model_cfg.n_layers}): its weights, gradients and AdamW moments alone take {need / 2**30:,.0f} GiB per rank, "
-                          f"more than {where.format(have / 2**30)}; use fewer or smaller experts, or more ranks")
+        raise ConfigError(
+            f"the model has {total / 1e9:.2f}B parameters (model.num_experts={model_cfg.num_experts}, model.d_ff={model_cfg.d_ff}, "
+            f"model.n_layers={model_cfg.n_layers}): its weights, gradients and AdamW moments alone take {need / 2**30:,.0f} GiB per rank, "
+            f"more than {where.format(have / 2**30)}; use fewer or smaller experts, or more ranks"
+        )
 
 
 def launch_world(cfg: DictConfig) -> int:
@@ -195,13 +221,17 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     world = launch_world(cfg)
     ep = p.get("ep", 1)
     if isinstance(ep, int) and ep > 0 and model_cfg.num_experts % ep:
-        raise ConfigError(f"parallel.ep={ep} does not divide model.num_experts={model_cfg.num_experts}; pick an ep that divides the number of experts")
+        raise ConfigError(
+            f"parallel.ep={ep} does not divide model.num_experts={model_cfg.num_experts}; pick an ep that divides the number of experts"
+        )
     if engine_name(cfg) == "torch":
         dims = dims_from_config(p, world)
         dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
         if dims.tp > 1:
-            raise ConfigError(f"parallel.tp={dims.tp}: engine=torch does not split attention and MLPs over tensor-parallel ranks yet; "
-                              f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron engine.tensor_parallel={dims.tp}")
+            raise ConfigError(
+                f"parallel.tp={dims.tp}: engine=torch does not split attention and MLPs over tensor-parallel ranks yet; "
+                f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron engine.tensor_parallel={dims.tp}"
+            )
     else:
         check_layout(p.get("ep", 1), model_cfg.num_experts, world)
     if not isinstance(p.get("overlap_chunks", 1), int) or p.get("overlap_chunks", 1) < 1:
@@ -211,11 +241,17 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     opts = options_from_config(p)
     check_options(opts, resolve_device(cfg.trainer.device).type, ep=ep)
     if opts.name not in ("auto", "local", "alltoall") and engine_name(cfg) != "torch":
-        raise ConfigError(f"parallel.dispatcher={opts.name} runs with engine=torch only; engine={engine_name(cfg)} takes parallel.dispatcher=auto or alltoall")
+        raise ConfigError(
+            f"parallel.dispatcher={opts.name} runs with engine=torch only; engine={engine_name(cfg)} takes parallel.dispatcher=auto or alltoall"
+        )
     if opts.name == "local" and ep > 1:
-        raise ConfigError(f"parallel.dispatcher=local keeps every expert on its rank, but parallel.ep={ep} shards them; pick a transport (alltoall, capacity, symm_mem) or parallel.ep=1")
+        raise ConfigError(
+            f"parallel.dispatcher=local keeps every expert on its rank, but parallel.ep={ep} shards them; pick a transport (alltoall, capacity, symm_mem) or parallel.ep=1"
+        )
     if opts.name == "symm_mem" and cfg.get("experts", {}).get("impl") == "torch":
-        raise ConfigError("parallel.dispatcher=symm_mem lands tokens in worst-case buffers that only the Triton experts skip cheaply; use experts.impl=triton (or auto) or parallel.dispatcher=alltoall")
+        raise ConfigError(
+            "parallel.dispatcher=symm_mem lands tokens in worst-case buffers that only the Triton experts skip cheaply; use experts.impl=triton (or auto) or parallel.dispatcher=alltoall"
+        )
 
 
 _VALIDATED: dict[str, tuple[ModelConfig, TrainerConfig]] = {}  # this process's checked configs, by their YAML

@@ -11,6 +11,7 @@ Outputs: moeflow checkpoints land in OUT_RUN_DIR/checkpoints/step_N/ (resume wit
 `moeflow train resume=...`); megatron checkpoints in megatron's torch format
 (OUT_DIR/iter_N/mp_rank_00/model_optim_rng.pt + latest_checkpointed_iteration.txt).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,16 @@ def moeflow_to_megatron(args) -> Path:
 
     found = ckpt.find_checkpoint(args.src)
     if found is None:
-        raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
+        raise ckpt.CheckpointError(
+            f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir"
+        )
     meta = ckpt.read_meta(found)
     model_cfg = ModelConfig(**meta["model"])
     state = mck.to_megatron(ckpt.load_full_weights(found, trust=args.trust_checkpoint), model_cfg, layout=args.layout)
-    extra = {"moeflow_model": model_cfg.to_dict(), "megatron_router_config": mck.router_config(model_cfg)}  # the TransformerConfig router fields to train it with
+    extra = {
+        "moeflow_model": model_cfg.to_dict(),
+        "megatron_router_config": mck.router_config(model_cfg),
+    }  # the TransformerConfig router fields to train it with
     return mck.save_megatron(state, args.out, int(meta["step"]), extra)
 
 
@@ -57,7 +63,11 @@ def megatron_to_moeflow(args) -> Path:
         model_cfg = mck.infer_model_config(state, n_heads=args.n_heads, top_k=args.top_k)
     weights = mck.from_megatron(state, model_cfg)
     step = int(whole.get("iteration", 0))
-    meta = {"model": model_cfg.to_dict(), "config": {}, "converted_from": {"format": "megatron-core", "path": str(args.src)}}
+    meta = {
+        "model": model_cfg.to_dict(),
+        "config": {},
+        "converted_from": {"format": "megatron-core", "path": str(args.src)},
+    }
     return ckpt.save_checkpoint(Path(args.out), step, weights, {"step": step}, meta, keep=0)
 
 
@@ -78,16 +88,27 @@ def moeflow_to_safetensors(args) -> Path:
 
     found = ckpt.find_checkpoint(args.src)
     if found is None:
-        raise ckpt.CheckpointError(f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir")
+        raise ckpt.CheckpointError(
+            f"{args.src}: no moeflow checkpoint there; pass a run dir or a checkpoints/step_* dir"
+        )
     if not ckpt.is_sharded(found):
         raise ckpt.CheckpointError(f"{found} is consolidated already (safetensors); nothing to convert")
     refuse_writing_into_source(found, args.out)
     meta, trainer_state = ckpt.read_meta(found), ckpt.load_trainer_state(found)
     step = int(meta.get("step", (trainer_state or {}).get("step", 0)))
-    out_state = {k: v for k, v in (trainer_state or {}).items() if k in ("step", "scheduler", "engine", "global_batch")} or None
+    out_state = {
+        k: v for k, v in (trainer_state or {}).items() if k in ("step", "scheduler", "engine", "global_batch")
+    } or None
     meta = {**meta, "format": "safetensors", "converted_from": {"format": "dcp", "path": str(found)}}
     limit = int(args.shard_gib * 2**30)
-    return ckpt.save_streamed(args.out, step, iter_full_tensors(found, "model.", max_bytes=limit, trust=args.trust_checkpoint), meta, limit, trainer_state=out_state)
+    return ckpt.save_streamed(
+        args.out,
+        step,
+        iter_full_tensors(found, "model.", max_bytes=limit, trust=args.trust_checkpoint),
+        meta,
+        limit,
+        trainer_state=out_state,
+    )
 
 
 def hf_to_moeflow(args) -> Path:
@@ -102,32 +123,75 @@ def moeflow_to_hf(args) -> Path:
     return run(args)
 
 
-ACTIONS = {"hf-to-moeflow": hf_to_moeflow, "moeflow-to-hf": moeflow_to_hf, "deepspeed-to-moeflow": deepspeed_to_moeflow, "moeflow-to-megatron": moeflow_to_megatron, "megatron-to-moeflow": megatron_to_moeflow,
-           "moeflow-to-safetensors": moeflow_to_safetensors}
+ACTIONS = {
+    "hf-to-moeflow": hf_to_moeflow,
+    "moeflow-to-hf": moeflow_to_hf,
+    "deepspeed-to-moeflow": deepspeed_to_moeflow,
+    "moeflow-to-megatron": moeflow_to_megatron,
+    "megatron-to-moeflow": megatron_to_moeflow,
+    "moeflow-to-safetensors": moeflow_to_safetensors,
+}
 
 
 def main(argv: list[str]) -> None:
     from moeflow.parallel.integrations.megatron_ckpt import LAYOUTS
 
-    ap = argparse.ArgumentParser(prog="moeflow convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="moeflow convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("action", choices=sorted(ACTIONS))
     ap.add_argument("src")
     ap.add_argument("out")
-    ap.add_argument("--layout", choices=LAYOUTS, default="sequential", help="megatron expert layout to write (moeflow-to-megatron)")
+    ap.add_argument(
+        "--layout", choices=LAYOUTS, default="sequential", help="megatron expert layout to write (moeflow-to-megatron)"
+    )
     ap.add_argument("--n-heads", type=int, help="attention heads (megatron-to-moeflow, not in the weights)")
     ap.add_argument("--top-k", type=int, help="experts per token (megatron-to-moeflow, not in the weights)")
-    ap.add_argument("--shard-gib", type=float, default=5.0, help="largest safetensors file (moeflow-to-safetensors, moeflow-to-hf, hf-to-moeflow)")
-    ap.add_argument("--arch", choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"), default="auto", help="moeflow-to-hf: target architecture (auto: the one the model's layers match)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="moeflow-to-hf: dtype of the written weights")
-    ap.add_argument("--max-seq-len", type=int, default=None, help="hf-to-moeflow: model.max_seq_len (default: min(max_position_embeddings, sliding window, 4096))")
-    ap.add_argument("--no-verify", dest="verify", action="store_false", help="hf-to-moeflow / moeflow-to-hf: skip the logit comparison with transformers' model")
+    ap.add_argument(
+        "--shard-gib",
+        type=float,
+        default=5.0,
+        help="largest safetensors file (moeflow-to-safetensors, moeflow-to-hf, hf-to-moeflow)",
+    )
+    ap.add_argument(
+        "--arch",
+        choices=("auto", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe"),
+        default="auto",
+        help="moeflow-to-hf: target architecture (auto: the one the model's layers match)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="moeflow-to-hf: dtype of the written weights",
+    )
+    ap.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="hf-to-moeflow: model.max_seq_len (default: min(max_position_embeddings, sliding window, 4096))",
+    )
+    ap.add_argument(
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="hf-to-moeflow / moeflow-to-hf: skip the logit comparison with transformers' model",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the verification tokens")
-    ap.add_argument("--verify-full-gib", type=float, default=8.0, help="hf-to-moeflow: verify the whole model up to this float32 size, else its first two layers")
+    ap.add_argument(
+        "--verify-full-gib",
+        type=float,
+        default=8.0,
+        help="hf-to-moeflow: verify the whole model up to this float32 size, else its first two layers",
+    )
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     ap.add_argument("--force", action="store_true", help="replace OUT if it exists (otherwise refused)")
-    ap.add_argument("--trust-checkpoint", action="store_true",
-                    help="DeepSpeed and megatron torch-format checkpoints, and moeflow's own before its safetensors format, are pickles, which can run "
-                         "code when loaded: load them only with this flag")
+    ap.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="DeepSpeed and megatron torch-format checkpoints, and moeflow's own before its safetensors format, are pickles, which can run "
+        "code when loaded: load them only with this flag",
+    )
     args = ap.parse_args(argv)
     if args.action in ("hf-to-moeflow", "moeflow-to-hf"):  # these two write through their own temp folder
         out = ACTIONS[args.action](args)  # bad input raises MoeflowError: the CLI prints it in one line

@@ -4,6 +4,7 @@ Text is byte-level (vocab 256). Batches are random windows drawn from a generato
 by (seed, step, micro-batch, rank), so a resumed run sees exactly the batches an
 uninterrupted run would have seen.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,7 +110,9 @@ def load_memmap(path: str, val_path: str | None, dtype: str | None, val_percent:
     if dtype not in ("uint16", "uint32"):
         raise DataError(f"data.dtype={dtype} is not supported; use uint16 or uint32")
     if meta is not None and meta["dtype"] != dtype:
-        raise DataError(f"{path} holds {meta['dtype']} tokens (its {TOKEN_META}) but data.dtype={dtype}; set data.dtype={meta['dtype']}")
+        raise DataError(
+            f"{path} holds {meta['dtype']} tokens (its {TOKEN_META}) but data.dtype={dtype}; set data.dtype={meta['dtype']}"
+        )
     itemsize = np.dtype(dtype).itemsize
 
     def open_bin(p: str) -> np.ndarray:
@@ -119,9 +122,13 @@ def load_memmap(path: str, val_path: str | None, dtype: str | None, val_percent:
         if size < itemsize * 2:
             raise DataError(f"{p} is empty; pass a pre-tokenized .bin file with tokens in it")
         if meta is None and _looks_like_text(Path(p)):
-            raise DataError(f"{p} looks like text, not a token file; tokenize it first (moeflow data prepare) or train on it as bytes with data=text")
+            raise DataError(
+                f"{p} looks like text, not a token file; tokenize it first (moeflow data prepare) or train on it as bytes with data=text"
+            )
         if size % itemsize:
-            raise DataError(f"{p} is {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes each): a truncated file, or the wrong data.dtype")
+            raise DataError(
+                f"{p} is {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes each): a truncated file, or the wrong data.dtype"
+            )
         return np.memmap(p, dtype=dtype, mode="r")
 
     train = open_bin(path)
@@ -143,8 +150,10 @@ def load_memmap(path: str, val_path: str | None, dtype: str | None, val_percent:
         for split, tokens in (("train", train), ("val", val)):
             top = sampled_max(tokens)
             if top >= vocab:
-                raise DataError(f"{path if split == 'train' else val_path} holds token id {top}, outside the vocabulary of {vocab} its {TOKEN_META} "
-                                f"declares: the file and its metadata do not belong together (another tokenizer or dtype); prepare the data again")
+                raise DataError(
+                    f"{path if split == 'train' else val_path} holds token id {top}, outside the vocabulary of {vocab} its {TOKEN_META} "
+                    f"declares: the file and its metadata do not belong together (another tokenizer or dtype); prepare the data again"
+                )
     else:
         vocab = int(max(train.max(initial=0), val.max(initial=0))) + 1
     return TokenSplits(train, val, vocab, f"memmap {path} ({dtype})")
@@ -156,7 +165,9 @@ def inside_folder(folder: Path, name: str, what: str) -> Path:
         raise DataError(f"{folder}: {what} is not a file name; prepare the data again")
     target = (folder / name).resolve()
     if folder.resolve() not in target.parents:
-        raise DataError(f"{folder}: {what} {name!r} points outside its folder; a prepared set's files sit beside its {TOKEN_META}")
+        raise DataError(
+            f"{folder}: {what} {name!r} points outside its folder; a prepared set's files sit beside its {TOKEN_META}"
+        )
     return target
 
 
@@ -167,8 +178,10 @@ def check_count(path: Path, tokens: np.ndarray | None, recorded, dtype: str) -> 
     size = Path(path).stat().st_size if path.is_file() else None
     itemsize = np.dtype(dtype).itemsize
     if size is not None and size != recorded["tokens"] * itemsize:
-        raise DataError(f"{path} is {size} bytes but its {TOKEN_META} counts {recorded['tokens']} {dtype} tokens ({recorded['tokens'] * itemsize} bytes): "
-                        f"the file is truncated, of another dtype, or from another preparation; prepare the data again")
+        raise DataError(
+            f"{path} is {size} bytes but its {TOKEN_META} counts {recorded['tokens']} {dtype} tokens ({recorded['tokens'] * itemsize} bytes): "
+            f"the file is truncated, of another dtype, or from another preparation; prepare the data again"
+        )
 
 
 SAMPLE_WINDOWS, SAMPLE_TOKENS = 64, 65536
@@ -181,7 +194,7 @@ def sampled_max(tokens: np.ndarray) -> int:
     if n <= SAMPLE_WINDOWS * SAMPLE_TOKENS:
         return int(tokens.max(initial=0))
     starts = np.linspace(0, n - SAMPLE_TOKENS, SAMPLE_WINDOWS).astype(np.int64)
-    return int(max(tokens[s:s + SAMPLE_TOKENS].max() for s in starts))
+    return int(max(tokens[s : s + SAMPLE_TOKENS].max() for s in starts))
 
 
 def load_splits(data_cfg) -> TokenSplits:
@@ -205,15 +218,19 @@ class BatchSampler:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int):
         if len(tokens) <= seq_len + 1:
-            raise DataError(f"the split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}; use more data or a shorter seq_len")
+            raise DataError(
+                f"the split has {len(tokens)} tokens, fewer than data.seq_len+2={seq_len + 2}; use more data or a shorter seq_len"
+            )
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
 
-    def batch(self, step: int, micro: int, rank: int = 0, ranks: int = 1, attempt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, step: int, micro: int, rank: int = 0, ranks: int = 1, attempt: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's `batch_size` windows of the (step, micro-batch) global batch of `batch_size * ranks`
         (`attempt` > 0: other windows, after a rollback past a divergence)."""
         rng = np.random.default_rng([self.seed, step, micro] + ([attempt] if attempt else []))
         starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size * ranks)
-        starts = starts[rank * self.batch_size:(rank + 1) * self.batch_size]
+        starts = starts[rank * self.batch_size : (rank + 1) * self.batch_size]
         window = np.stack([np.asarray(self.tokens[s : s + self.seq_len + 1], dtype=np.int64) for s in starts])
         t = torch.from_numpy(window)
         return t[:, :-1], t[:, 1:]
@@ -230,7 +247,9 @@ class MixtureSampler:
         self.p = np.asarray(weights, dtype=np.float64) / sum(weights)
         self.seq_len, self.batch_size = samplers[0].seq_len, samplers[0].batch_size
 
-    def batch(self, step: int, micro: int, rank: int = 0, ranks: int = 1, attempt: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, step: int, micro: int, rank: int = 0, ranks: int = 1, attempt: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, micro, 2**31 - 1] + ([attempt] if attempt else []))
         n = self.batch_size * ranks
         source = rng.choice(len(self.samplers), size=n, p=self.p)
@@ -239,7 +258,7 @@ class MixtureSampler:
         for j in range(rank * self.batch_size, (rank + 1) * self.batch_size):
             tokens = self.samplers[source[j]].tokens
             start = int(position[j] * (len(tokens) - self.seq_len - 1))
-            rows.append(np.asarray(tokens[start:start + self.seq_len + 1], dtype=np.int64))
+            rows.append(np.asarray(tokens[start : start + self.seq_len + 1], dtype=np.int64))
         t = torch.from_numpy(np.stack(rows))
         return t[:, :-1], t[:, 1:]
 
@@ -254,12 +273,16 @@ def mixture_splits(data_cfg) -> tuple[list[TokenSplits], list[float]]:
             raise DataError(f"data.mix[{i}] must be {{path: .../train.bin, weight: > 0}}, got {dict(entry)}")
         meta = token_file_meta(Path(path))
         if meta is None:
-            raise DataError(f"data.mix[{i}].path={path} has no {TOKEN_META} beside it; prepare the set with `moeflow data prepare`")
+            raise DataError(
+                f"data.mix[{i}].path={path} has no {TOKEN_META} beside it; prepare the set with `moeflow data prepare`"
+            )
         tokenizers.add((meta.get("tokenizer_id") or meta.get("tokenizer"), meta.get("vocab_size")))
         sets.append(load_memmap(path, None, meta["dtype"], data_cfg.val_percent))
         weights.append(float(weight))
     if len({vocab for _, vocab in tokenizers}) > 1:
-        raise DataError(f"the data.mix sets were tokenized with different vocabularies ({sorted(v for _, v in tokenizers)}); prepare them with one tokenizer")
+        raise DataError(
+            f"the data.mix sets were tokenized with different vocabularies ({sorted(v for _, v in tokenizers)}); prepare them with one tokenizer"
+        )
     return sets, weights
 
 
@@ -269,8 +292,12 @@ def training_samplers(data_cfg, vocab_size: int, seed: int):
         sets, weights = mixture_splits(data_cfg)
         biggest = max(s.vocab_size for s in sets)
         if biggest > vocab_size:
-            raise DataError(f"the data has token ids up to {biggest - 1} but model.vocab_size={vocab_size}; raise model.vocab_size")
-        make = lambda split: MixtureSampler([BatchSampler(getattr(s, split), data_cfg.seq_len, data_cfg.batch_size, seed) for s in sets], weights, seed)  # noqa: E731
+            raise DataError(
+                f"the data has token ids up to {biggest - 1} but model.vocab_size={vocab_size}; raise model.vocab_size"
+            )
+        make = lambda split: MixtureSampler(
+            [BatchSampler(getattr(s, split), data_cfg.seq_len, data_cfg.batch_size, seed) for s in sets], weights, seed
+        )  # noqa: E731
         description = "mixture of " + ", ".join(f"{s.description} x{w:g}" for s, w in zip(sets, weights))
         train, val = make("train"), make("val")
         empty = np.empty(0, dtype=np.uint16)  # the sets stay in their own files; only the counts are summed
@@ -278,7 +305,9 @@ def training_samplers(data_cfg, vocab_size: int, seed: int):
         return TokenSplits(empty, empty, biggest, description, counts), train, val
     splits = load_splits(data_cfg)
     if splits.vocab_size > vocab_size:
-        raise DataError(f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={vocab_size}; raise model.vocab_size")
+        raise DataError(
+            f"the data has token ids up to {splits.vocab_size - 1} but model.vocab_size={vocab_size}; raise model.vocab_size"
+        )
     train = BatchSampler(splits.train, data_cfg.seq_len, data_cfg.batch_size, seed)
     val = BatchSampler(splits.val, data_cfg.seq_len, data_cfg.batch_size, seed)
     return splits, train, val

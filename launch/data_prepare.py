@@ -16,6 +16,7 @@ Documents go to the validation split by a hash of their position, so the split d
 depend on the number of workers. Work is done in chunks of documents, in order, by a pool of
 processes; `--resume` continues after the last chunk a killed run finished.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,9 @@ def _column(table, field: str, what: str) -> Iterator[str]:
         if value is None:
             continue
         if not isinstance(value, str):
-            raise DataError(f"{what}: row {n} of column {field!r} holds a {type(value).__name__}, not text; pass --field NAME of a text column")
+            raise DataError(
+                f"{what}: row {n} of column {field!r} holds a {type(value).__name__}, not text; pass --field NAME of a text column"
+            )
         yield value
 
 
@@ -89,7 +92,9 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
             if not isinstance(record, dict) or field not in record:
                 raise DataError(f"{path}:{n} has no {field!r} field; pass --field NAME (the key holding the text)")
             if not isinstance(record[field], str):
-                raise DataError(f"{path}:{n}: {field!r} holds a {type(record[field]).__name__}, not text; pass --field NAME of the key holding the text")
+                raise DataError(
+                    f"{path}:{n}: {field!r} holds a {type(record[field]).__name__}, not text; pass --field NAME of the key holding the text"
+                )
             yield record[field]
 
 
@@ -110,7 +115,9 @@ def documents(inputs: list[Path], field: str, glob: str, skipped: list[Path] | N
         if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
             arrows = sorted(path.rglob("*.arrow"))
             if not arrows:
-                raise DataError(f"{path} looks like a datasets folder but holds no .arrow files; pass the folder save_to_disk wrote")
+                raise DataError(
+                    f"{path} looks like a datasets folder but holds no .arrow files; pass the folder save_to_disk wrote"
+                )
             yield from _arrow_column(arrows, field, str(path))
             continue
         for f in _text_files(path, glob):
@@ -126,7 +133,9 @@ def documents(inputs: list[Path], field: str, glob: str, skipped: list[Path] | N
                     if data:
                         yield data.decode("utf-8", errors="replace")
                 elif path.is_file():
-                    raise DataError(f"{f} is a binary file (NUL bytes), not text, JSONL, Parquet or Arrow; pass text inputs")
+                    raise DataError(
+                        f"{f} is a binary file (NUL bytes), not text, JSONL, Parquet or Arrow; pass text inputs"
+                    )
                 elif skipped is not None:  # binary files in a folder (e.g. __pycache__) are not documents
                     skipped.append(f)
 
@@ -141,7 +150,9 @@ class LoadedTokenizer(NamedTuple):
     eos: int | None
     description: str
     to_id: Callable[[str], int | None]
-    switched_off: list[str]  # what the tokenizer file asked for that pretraining data must not have (truncation, padding)
+    switched_off: list[
+        str
+    ]  # what the tokenizer file asked for that pretraining data must not have (truncation, padding)
     unk_id: int | None
     special_ids: list[int]
     save: Callable[[Path, int | None], None]  # (folder, eos id): the tokenizer as used here, for the data to carry
@@ -178,12 +189,23 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
                     shutil.copy2(file.parent / name, folder / name)
             make_auto_loadable(folder, tok.id_to_token(eos_id) if eos_id is not None else None)
 
-        return LoadedTokenizer((lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]),
-                               tok.get_vocab_size(with_added_tokens=True), eos, str(file.resolve()), tok.token_to_id, off, unk_id, special, save)
+        return LoadedTokenizer(
+            (lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]),
+            tok.get_vocab_size(with_added_tokens=True),
+            eos,
+            str(file.resolve()),
+            tok.token_to_id,
+            off,
+            unk_id,
+            special,
+            save,
+        )
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise DataError(f"{p} has no tokenizer.json; install transformers (pip install 'moeflow[hf]') to load other tokenizers") from None
+        raise DataError(
+            f"{p} has no tokenizer.json; install transformers (pip install 'moeflow[hf]') to load other tokenizers"
+        ) from None
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -198,8 +220,17 @@ def load_tokenizer(spec: str) -> LoadedTokenizer:
     def save(folder: Path, eos_id: int | None) -> None:
         tok.save_pretrained(str(folder))
 
-    return LoadedTokenizer((lambda texts: tok(texts, add_special_tokens=False, truncation=False, padding=False)["input_ids"]),
-                           len(tok), tok.eos_token_id, str(p.resolve()), to_id, off, tok.unk_token_id, sorted(set(tok.all_special_ids)), save)
+    return LoadedTokenizer(
+        (lambda texts: tok(texts, add_special_tokens=False, truncation=False, padding=False)["input_ids"]),
+        len(tok),
+        tok.eos_token_id,
+        str(p.resolve()),
+        to_id,
+        off,
+        tok.unk_token_id,
+        sorted(set(tok.all_special_ids)),
+        save,
+    )
 
 
 def _switch_off(tok) -> list[str]:
@@ -209,7 +240,9 @@ def _switch_off(tok) -> list[str]:
         off.append(f"truncation to {tok.truncation.get('max_length')} tokens")
         tok.no_truncation()
     if tok.padding:
-        off.append(f"padding{' to ' + str(tok.padding.get('length')) if tok.padding.get('length') else ''} with {tok.padding.get('pad_token')!r}")
+        off.append(
+            f"padding{' to ' + str(tok.padding.get('length')) if tok.padding.get('length') else ''} with {tok.padding.get('pad_token')!r}"
+        )
         tok.no_padding()
     return off
 
@@ -271,7 +304,9 @@ def prepare(args: argparse.Namespace) -> dict:
     loaded = load_tokenizer(args.tokenizer)
     encode, vocab, eos, desc, to_id = loaded[:5]
     if loaded.switched_off:
-        print(f"{desc} was saved with {' and '.join(loaded.switched_off)}: switched off for pretraining data (every document whole, no pad tokens)")
+        print(
+            f"{desc} was saved with {' and '.join(loaded.switched_off)}: switched off for pretraining data (every document whole, no pad tokens)"
+        )
     if args.eos_token is not None:
         eos = to_id(args.eos_token)
         if eos is None:
@@ -291,7 +326,9 @@ def prepare(args: argparse.Namespace) -> dict:
         print(f"--force: removed {', '.join(p.name for p in ours)} from {out}")
     elif ours:
         resumable = " pass --resume to continue the unfinished run there," if state_file.exists() else ""
-        raise DataError(f"{out} already holds {', '.join(p.name for p in ours)};{resumable} pass --force to replace them, or choose a new --out")
+        raise DataError(
+            f"{out} already holds {', '.join(p.name for p in ours)};{resumable} pass --force to replace them, or choose a new --out"
+        )
     state.setdefault("unk", 0)
     state.setdefault("special", 0)
     try:
@@ -314,7 +351,11 @@ def prepare(args: argparse.Namespace) -> dict:
 
     progress = tqdm(desc="tokenizing", unit=" docs", initial=state["docs"], disable=not args.progress)
     workers = max(1, args.workers)
-    pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(args.tokenizer,)) if workers > 1 else None
+    pool = (
+        get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(args.tokenizer,))
+        if workers > 1
+        else None
+    )
     skipped: list[Path] = []
     jobs = _chunks(documents(inputs, args.field, args.glob, skipped), state["docs"])
     results = pool.imap(_encode_chunk, jobs) if pool else ((first, encode(texts)) for first, texts in jobs)
@@ -322,7 +363,11 @@ def prepare(args: argparse.Namespace) -> dict:
     try:
         for first, encoded in results:
             for split in ("train", "val"):
-                ids = [doc + [eos] for i, doc in enumerate(encoded, first) if is_val(i, args.val_percent) == (split == "val")]
+                ids = [
+                    doc + [eos]
+                    for i, doc in enumerate(encoded, first)
+                    if is_val(i, args.val_percent) == (split == "val")
+                ]
                 if not ids:
                     continue
                 flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
@@ -332,7 +377,9 @@ def prepare(args: argparse.Namespace) -> dict:
                 if loaded.unk_id is not None:
                     state["unk"] += int((flat == loaded.unk_id).sum()) - (len(ids) if eos == loaded.unk_id else 0)
                 if special.size:
-                    state["special"] += int(np.isin(flat, special).sum()) - (len(ids) if eos in loaded.special_ids else 0)
+                    state["special"] += int(np.isin(flat, special).sum()) - (
+                        len(ids) if eos in loaded.special_ids else 0
+                    )
                 files[split].write(flat.astype(dtype).tobytes())
                 files[split].flush()
                 state[split]["tokens"] += int(flat.size)
@@ -347,38 +394,58 @@ def prepare(args: argparse.Namespace) -> dict:
         if pool:
             pool.terminate()
     if state["train"]["tokens"] == 0:
-        raise DataError(f"no documents reached the training split (inputs: {', '.join(map(str, inputs))}); check --field and the inputs")
+        raise DataError(
+            f"no documents reached the training split (inputs: {', '.join(map(str, inputs))}); check --field and the inputs"
+        )
     docs = state["train"]["documents"] + state["val"]["documents"]
     text_tokens = state["train"]["tokens"] + state["val"]["tokens"] - docs  # less the EOS after each document
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "eos_id": eos, "tokenizer": desc,
-            "train": state["train"], "val": state["val"], "val_file": "val.bin" if state["val"]["tokens"] else None,
-            "inputs": [str(i) for i in inputs], "val_percent": args.val_percent,
-            "documents": docs, "tokens_per_document": text_tokens / max(docs, 1),
-            "unk_rate": state["unk"] / max(text_tokens, 1), "special_token_rate": state["special"] / max(text_tokens, 1),
-            "tokenizer_switched_off": loaded.switched_off}
+    meta = {
+        "dtype": np.dtype(dtype).name,
+        "vocab_size": vocab,
+        "eos_id": eos,
+        "tokenizer": desc,
+        "train": state["train"],
+        "val": state["val"],
+        "val_file": "val.bin" if state["val"]["tokens"] else None,
+        "inputs": [str(i) for i in inputs],
+        "val_percent": args.val_percent,
+        "documents": docs,
+        "tokens_per_document": text_tokens / max(docs, 1),
+        "unk_rate": state["unk"] / max(text_tokens, 1),
+        "special_token_rate": state["special"] / max(text_tokens, 1),
+        "tokenizer_switched_off": loaded.switched_off,
+    }
     if skipped:
         meta["skipped_binary_files"] = len(skipped)
         print(f"left out {len(skipped)} binary files of the input folders (e.g. {skipped[0]})")
-    loaded.save(out / TOKENIZER_DIR, eos)  # the data carries its tokenizer: runs on it, their exports and generate use this copy
+    loaded.save(
+        out / TOKENIZER_DIR, eos
+    )  # the data carries its tokenizer: runs on it, their exports and generate use this copy
     meta["tokenizer_dir"] = TOKENIZER_DIR
     (out / TOKEN_META).write_text(json.dumps(meta, indent=2) + "\n")
     state_file.unlink()
-    print(f"wrote {out}: {state['train']['documents']} documents / {state['train']['tokens']} tokens for training, "
-          f"{state['val']['documents']} / {state['val']['tokens']} for validation ({meta['dtype']}, vocab {vocab}); "
-          f"{meta['tokens_per_document']:.1f} tokens per document, unknown tokens {100 * meta['unk_rate']:.3f}%, "
-          f"special tokens inside documents {100 * meta['special_token_rate']:.3f}%")
+    print(
+        f"wrote {out}: {state['train']['documents']} documents / {state['train']['tokens']} tokens for training, "
+        f"{state['val']['documents']} / {state['val']['tokens']} for validation ({meta['dtype']}, vocab {vocab}); "
+        f"{meta['tokens_per_document']:.1f} tokens per document, unknown tokens {100 * meta['unk_rate']:.3f}%, "
+        f"special tokens inside documents {100 * meta['special_token_rate']:.3f}%"
+    )
     print(f"train on it with: moeflow train data=memmap data.path={out / 'train.bin'} model.vocab_size={vocab}")
     return meta
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="moeflow data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="moeflow data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="action", required=True)
     p = sub.add_parser("prepare", help="tokenize text / JSONL / Parquet / datasets folders into token files")
     p.add_argument("inputs", nargs="+", help="files or folders")
     p.add_argument("--tokenizer", required=True, help="tokenizer.json, or a model folder")
     p.add_argument("--out", required=True, help="output folder (train.bin, val.bin, meta.json)")
-    p.add_argument("--field", default="text", help="JSONL key / Parquet or Arrow column holding the text (default: text)")
+    p.add_argument(
+        "--field", default="text", help="JSONL key / Parquet or Arrow column holding the text (default: text)"
+    )
     p.add_argument("--glob", default="**/*", help="files to read inside folders (default: all)")
     p.add_argument("--val-percent", type=float, default=1.0, help="percent of documents for validation (default 1)")
     p.add_argument("--force", action="store_true", help="replace the prepared data already in --out")

@@ -11,6 +11,7 @@ The loss and norm are checked where the loop reads them anyway, at log points, a
 checkpoint, which is never written from a non-finite state (so pruning never deletes the last
 good one for a bad one).
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,13 @@ def check_policy(policy: str, engine: str) -> None:
     if policy not in POLICIES:
         raise ConfigError(f"trainer.on_nonfinite={policy!r} is unknown; choose one of {', '.join(POLICIES)}")
     if policy != "stop" and engine == "deepspeed":
-        raise ConfigError(f"trainer.on_nonfinite={policy}: engine=deepspeed owns its optimizer step and its checkpoints; use trainer.on_nonfinite=stop")
+        raise ConfigError(
+            f"trainer.on_nonfinite={policy}: engine=deepspeed owns its optimizer step and its checkpoints; use trainer.on_nonfinite=stop"
+        )
     if policy == "skip_step" and engine == "megatron":
-        raise ConfigError("trainer.on_nonfinite=skip_step is engine=torch's; with engine=megatron use trainer.on_nonfinite=stop or rollback")
+        raise ConfigError(
+            "trainer.on_nonfinite=skip_step is engine=torch's; with engine=megatron use trainer.on_nonfinite=stop or rollback"
+        )
 
 
 def finite(*values) -> bool:
@@ -53,7 +58,16 @@ class DivergenceGuard:
         where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written before it"
         if self.policy != "rollback" or last_good is None or self.rollbacks >= MAX_ROLLBACKS:
             tried = f" after {self.rollbacks} rollbacks" if self.rollbacks else ""
-            raise Diverged(f"training diverged at step {step} ({what}){tried}; {where}. Lower optim.lr or raise optim.warmup_steps "
-                           f"and resume from it, or set trainer.on_nonfinite=rollback")
+            raise Diverged(
+                f"training diverged at step {step} ({what}){tried}; {where}. Lower optim.lr or raise optim.warmup_steps "
+                f"and resume from it, or set trainer.on_nonfinite=rollback"
+            )
         self.rollbacks += 1
-        log.warning("step %d: %s; rollback %d of %d: reloading %s and going on with other batches", step, what, self.rollbacks, MAX_ROLLBACKS, last_good)
+        log.warning(
+            "step %d: %s; rollback %d of %d: reloading %s and going on with other batches",
+            step,
+            what,
+            self.rollbacks,
+            MAX_ROLLBACKS,
+            last_good,
+        )

@@ -5,6 +5,7 @@ and write nothing unless the float32 logits agree to `VERIFY_RTOL` (relative to 
 logit). An export that cannot be exact is refused before any weights are read, naming the
 option (`moeflow.moe.hf_moe.export_blockers`).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,13 @@ IMPORTED = "imported"  # the config names `moeflow train model=imported gate=imp
 def verify(name: str, reference, model, vocab: int, seq: int, seed: int) -> dict:
     """Logits of both on the same random tokens; raises unless they agree to VERIFY_RTOL."""
     diff = max_logit_diff(reference, model, vocab, seq_len=seq, seed=seed)
-    print(f"verify {name}: max |logit diff| {diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}, limit {VERIFY_RTOL:g}) on {diff['tokens'][0]}x{diff['tokens'][1]} random tokens")
+    print(
+        f"verify {name}: max |logit diff| {diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}, limit {VERIFY_RTOL:g}) on {diff['tokens'][0]}x{diff['tokens'][1]} random tokens"
+    )
     if not diff["max_rel_diff"] <= VERIFY_RTOL:
-        raise hf.ConversionError(f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {VERIFY_RTOL:g}; nothing was written (please report this model)")
+        raise hf.ConversionError(
+            f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {VERIFY_RTOL:g}; nothing was written (please report this model)"
+        )
     return diff
 
 
@@ -61,10 +66,23 @@ def hf_to_moeflow(args) -> Path:
         if args.verify:
             report["verify"] = verify_import(src, cfg, tensors, model_cfg, tmp / ".verify", args)
         full = write_configs(tmp, model_cfg, IMPORTED, "moeflow convert hf-to-moeflow")
-        meta = {"model": model_cfg.to_dict(), "config": full, "weights_only": True, "imported_from": str(src), "hf_config": cfg}
+        meta = {
+            "model": model_cfg.to_dict(),
+            "config": full,
+            "weights_only": True,
+            "imported_from": str(src),
+            "hf_config": cfg,
+        }
         bar = tqdm(total=model_cfg.n_layers, desc="import", unit=" layers", disable=not getattr(args, "progress", True))
         layer_done = lambda name: bar.update(1) if name.endswith("ffn_norm.weight") else None  # noqa: E731
-        ckpt.save_streamed(tmp, 0, hf_moe.iter_moeflow_tensors(model_cfg, tensors, model_type), meta, int(args.shard_gib * 2**30), layer_done)
+        ckpt.save_streamed(
+            tmp,
+            0,
+            hf_moe.iter_moeflow_tensors(model_cfg, tensors, model_type),
+            meta,
+            int(args.shard_gib * 2**30),
+            layer_done,
+        )
         bar.close()
         copy_tokenizer(src, tmp / TOKENIZER_DIR)
         report["train_command"] = train_command(out)
@@ -74,7 +92,9 @@ def hf_to_moeflow(args) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     total, active = param_counts(model_cfg)
-    print(f"{model_type}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), {model_cfg.num_experts} experts, top-{model_cfg.top_k}")
+    print(
+        f"{model_type}: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), {model_cfg.num_experts} experts, top-{model_cfg.top_k}"
+    )
     print(f"continue training with (add your data=... and trainer.* overrides):\n  {report['train_command']}")
     return out
 
@@ -103,9 +123,18 @@ def verify_import(src: Path, cfg: dict, tensors, model_cfg: ModelConfig, scratch
             small["layer_types"] = cfg["layer_types"][:layers]
         (scratch / "config.json").write_text(json.dumps(small))
         theirs = hf.load_hf_model(scratch)
-        mine = hf_moe.build_from_state(part_cfg, dict(hf_moe.iter_moeflow_tensors(part_cfg, tensors, cfg["model_type"], check_unused=False)))
+        mine = hf_moe.build_from_state(
+            part_cfg, dict(hf_moe.iter_moeflow_tensors(part_cfg, tensors, cfg["model_type"], check_unused=False))
+        )
         what = f"moeflow vs transformers (first {layers} of {model_cfg.n_layers} layers; --verify-full-gib)"
-    diff = verify(f"{what} {cfg['model_type']}", lambda t: theirs(t).logits, mine, model_cfg.vocab_size, min(32, model_cfg.max_seq_len), args.seed)
+    diff = verify(
+        f"{what} {cfg['model_type']}",
+        lambda t: theirs(t).logits,
+        mine,
+        model_cfg.vocab_size,
+        min(32, model_cfg.max_seq_len),
+        args.seed,
+    )
     shutil.rmtree(scratch, ignore_errors=True)
     return {**diff, "layers_checked": layers}
 
@@ -124,7 +153,9 @@ def moeflow_to_hf(args) -> Path:
     target = hf_moe.auto_target(model_cfg) if args.arch == "auto" else args.arch
     hf_moe.check_exportable(model_cfg, target)  # before reading any weights
     dtype = DTYPES[args.dtype]
-    model = hf_moe.build_from_state(model_cfg, ckpt.load_full_weights(found, trust=getattr(args, "trust_checkpoint", False)))
+    model = hf_moe.build_from_state(
+        model_cfg, ckpt.load_full_weights(found, trust=getattr(args, "trust_checkpoint", False))
+    )
     if dtype != torch.float32:  # the reference computes with the weights the export holds
         round_parameters(model, dtype)
     source_cfg = meta.get("hf_config") or {}
@@ -136,14 +167,26 @@ def moeflow_to_hf(args) -> Path:
         carry_tokenizer(found, tmp, config)
         if args.verify:
             theirs = hf.load_hf_model(tmp)  # float32
-            verify(f"transformers {target} vs moeflow", lambda t: theirs(t).logits, model, model_cfg.vocab_size, min(32, model_cfg.max_seq_len), args.seed)
+            verify(
+                f"transformers {target} vs moeflow",
+                lambda t: theirs(t).logits,
+                model,
+                model_cfg.vocab_size,
+                min(32, model_cfg.max_seq_len),
+                args.seed,
+            )
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
-          + (f" and AutoTokenizer.from_pretrained({str(out)!r})" if (out / "tokenizer_config.json").is_file() else
-             " (the run records no tokenizer: byte-level, or pass one to transformers yourself)"))
+    print(
+        f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+        + (
+            f" and AutoTokenizer.from_pretrained({str(out)!r})"
+            if (out / "tokenizer_config.json").is_file()
+            else " (the run records no tokenizer: byte-level, or pass one to transformers yourself)"
+        )
+    )
     return out
 
 

@@ -9,6 +9,7 @@ carries (launch/tokenizer_files.py), bytes for runs on text (data=stdlib / data=
 sampling otherwise, with a KV cache (`moeflow.moe.model.KVCache`). `eval` reports the loss,
 bits per byte (byte-level) or perplexity (tokens), and each MoE layer's expert load on the data.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,15 @@ class HFTokenizer:
 
         file = path if path.is_file() else path / "tokenizer.json"
         if not file.is_file():
-            raise DataError(f"{path} has no tokenizer.json; pass --tokenizer PATH (a tokenizer.json or a folder with one)")
+            raise DataError(
+                f"{path} has no tokenizer.json; pass --tokenizer PATH (a tokenizer.json or a folder with one)"
+            )
         try:
             self.tok = Tokenizer.from_file(str(file))
         except Exception as e:  # tokenizers raises its own exception type for a file it cannot parse
-            raise DataError(f"{file} is not a tokenizer.json the tokenizers library reads ({str(e)[:120]}); pass --tokenizer PATH of one") from None
+            raise DataError(
+                f"{file} is not a tokenizer.json the tokenizers library reads ({str(e)[:120]}); pass --tokenizer PATH of one"
+            ) from None
         self.description = str(file)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         from .data_prepare import load_tokenizer
@@ -81,19 +86,25 @@ def tokenizer_for(meta: dict, found: Path, override: str | None):
     if checkpoint_tokenizer(found) is not None:
         return HFTokenizer(checkpoint_tokenizer(found))
     data = (meta.get("config") or {}).get("data") or {}
-    if data.get("source") in ("stdlib", "text") and not meta.get("weights_only"):  # an import's config names the default data
+    if data.get("source") in ("stdlib", "text") and not meta.get(
+        "weights_only"
+    ):  # an import's config names the default data
         return ByteTokenizer()
     if data_tokenizer(data) is not None:  # runs from before runs carried their tokenizer
         return HFTokenizer(data_tokenizer(data))
-    raise DataError("this model carries no tokenizer (no tokenizer/ folder beside its checkpoint, no prepared data that has one); pass --tokenizer PATH")
+    raise DataError(
+        "this model carries no tokenizer (no tokenizer/ folder beside its checkpoint, no prepared data that has one); pass --tokenizer PATH"
+    )
 
 
 def check_vocab(tok, vocab_size: int) -> None:
     """A tokenizer that does not belong to the model decodes nonsense: one line instead.
     (Models often pad their vocabulary past the tokenizer's, so only a clear misfit is refused.)"""
     if tok.vocab_size > vocab_size or vocab_size > 2 * tok.vocab_size + 64:
-        raise DataError(f"the tokenizer ({tok.description}) has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}: they do not "
-                        f"belong together; pass the model's own --tokenizer PATH")
+        raise DataError(
+            f"the tokenizer ({tok.description}) has {tok.vocab_size} tokens but the model's vocabulary is {vocab_size}: they do not "
+            f"belong together; pass the model's own --tokenizer PATH"
+        )
 
 
 def sample_next(logits_V, temperature: float, top_p: float, generator):
@@ -109,7 +120,15 @@ def sample_next(logits_V, temperature: float, top_p: float, generator):
     return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)])
 
 
-def generate_ids(model, prompt: list[int], max_new: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> list[int]:
+def generate_ids(
+    model,
+    prompt: list[int],
+    max_new: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> list[int]:
     """New token ids after `prompt`, one forward per token through the KV cache."""
     import torch
 
@@ -117,7 +136,9 @@ def generate_ids(model, prompt: list[int], max_new: int, temperature: float = 0.
 
     room = model.cfg.max_seq_len - len(prompt)
     if room <= 0:
-        raise DataError(f"the prompt is {len(prompt)} tokens, no room left in model.max_seq_len={model.cfg.max_seq_len}")
+        raise DataError(
+            f"the prompt is {len(prompt)} tokens, no room left in model.max_seq_len={model.cfg.max_seq_len}"
+        )
     gen = torch.Generator().manual_seed(seed)
     cache, out = KVCache(), []
     with torch.no_grad():
@@ -150,7 +171,9 @@ def generate(args) -> str:
     if not prompt:
         raise DataError("--prompt is empty; give the text to continue")
     if max(prompt) >= model.cfg.vocab_size:
-        raise DataError(f"the tokenizer ({tok.description}) gives id {max(prompt)} but model.vocab_size={model.cfg.vocab_size}; pass the model's own --tokenizer")
+        raise DataError(
+            f"the tokenizer ({tok.description}) gives id {max(prompt)} but model.vocab_size={model.cfg.vocab_size}; pass the model's own --tokenizer"
+        )
     ids = generate_ids(model, prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed, tok.eos_id)
     text = tok.decode(ids)
     print(args.prompt + text)
@@ -164,21 +187,34 @@ def evaluate(args) -> dict:
 
     from .data import _looks_like_text, check_count, token_file_meta
 
-    for flag, value in (("--batches", getattr(args, "batches", None)), ("--batch-size", args.batch_size), ("--max-tokens", getattr(args, "max_tokens", None))):
+    for flag, value in (
+        ("--batches", getattr(args, "batches", None)),
+        ("--batch-size", args.batch_size),
+        ("--max-tokens", getattr(args, "max_tokens", None)),
+    ):
         if value is not None and value < 1:
             raise DataError(f"{flag}={value}: it takes a positive integer")
     if not Path(args.data).expanduser().is_file():  # before the model is loaded
-        raise DataError(f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)")
+        raise DataError(
+            f"--data {args.data} does not exist; pass a token file (train.bin / val.bin of moeflow data prepare)"
+        )
     model, meta, found = load_model(args.src, trust=getattr(args, "trust_checkpoint", False))
     if args.seq_len is not None and not 1 <= args.seq_len <= model.cfg.max_seq_len:
-        raise DataError(f"--seq-len={args.seq_len}: this model takes 1 to model.max_seq_len={model.cfg.max_seq_len} tokens per sequence")
+        raise DataError(
+            f"--seq-len={args.seq_len}: this model takes 1 to model.max_seq_len={model.cfg.max_seq_len} tokens per sequence"
+        )
     path = Path(args.data).expanduser()
     prepared = token_file_meta(path)
     vocab = model.cfg.vocab_size
-    trained_on_bytes = ((meta.get("config") or {}).get("data") or {}).get("source") in ("stdlib", "text") and not meta.get("weights_only")
+    trained_on_bytes = ((meta.get("config") or {}).get("data") or {}).get("source") in (
+        "stdlib",
+        "text",
+    ) and not meta.get("weights_only")
     if trained_on_bytes and prepared:
-        raise DataError(f"this run was trained on the bytes of text (data={meta['config']['data']['source']}), but {path} holds ids of the tokenizer "
-                        f"{prepared.get('tokenizer')}; evaluate it on a text file (--data notes.txt), read as bytes")
+        raise DataError(
+            f"this run was trained on the bytes of text (data={meta['config']['data']['source']}), but {path} holds ids of the tokenizer "
+            f"{prepared.get('tokenizer')}; evaluate it on a text file (--data notes.txt), read as bytes"
+        )
     if trained_on_bytes and path.suffix != ".bin" and _looks_like_text(path):
         tokens = np.fromfile(path, dtype=np.uint8)  # a byte-level run reads text as its UTF-8 bytes
     else:
@@ -189,7 +225,9 @@ def evaluate(args) -> dict:
                 check_count(path, None, prepared.get(split), dtype)
         tokens = np.memmap(path, dtype=dtype, mode="r")
     if (prepared or {}).get("vocab_size", 0) > vocab:
-        raise DataError(f"{path} was tokenized with a vocab of {prepared['vocab_size']} but model.vocab_size={vocab}; evaluate on data tokenized for this model")
+        raise DataError(
+            f"{path} was tokenized with a vocab of {prepared['vocab_size']} but model.vocab_size={vocab}; evaluate on data tokenized for this model"
+        )
     seq = args.seq_len or model.cfg.max_seq_len
     windows = (len(tokens) - 1) // seq  # the file once through, in order: window i predicts tokens i*seq+1 .. (i+1)*seq
     max_tokens = getattr(args, "max_tokens", None)
@@ -198,14 +236,18 @@ def evaluate(args) -> dict:
     if getattr(args, "batches", None) is not None:
         windows = min(windows, args.batches * args.batch_size)
     if windows < 1:
-        raise DataError(f"{path} holds {len(tokens)} tokens, fewer than one window of --seq-len={seq} + 1; pass a shorter --seq-len or more data")
+        raise DataError(
+            f"{path} holds {len(tokens)} tokens, fewer than one window of --seq-len={seq} + 1; pass a shorter --seq-len or more data"
+        )
     layers = model.moe_layers()
     loads = [torch.zeros(m.experts.num_experts) for m in layers]
     total = 0.0
     with torch.no_grad():
         for first in range(0, windows, args.batch_size):
             rows = range(first, min(first + args.batch_size, windows))
-            t = torch.from_numpy(np.stack([np.asarray(tokens[i * seq:i * seq + seq + 1], dtype=np.int64) for i in rows]))
+            t = torch.from_numpy(
+                np.stack([np.asarray(tokens[i * seq : i * seq + seq + 1], dtype=np.int64) for i in rows])
+            )
             x, y = t[:, :-1], t[:, 1:]
             if int(t.max()) >= vocab:
                 raise DataError(f"{path} holds token id {int(t.max())} >= model.vocab_size={vocab}")
@@ -224,15 +266,19 @@ def evaluate(args) -> dict:
     result["expert_load"] = [(load / load.sum().clamp_min(1)).tolist() for load in loads]
     unit = f"{result['bits_per_byte']:.4f} bits/byte" if byte_level else f"perplexity {result['perplexity']:.3f}"
     left = f"; {unscored} tokens past the last whole window (or --max-tokens) not scored" if unscored else ""
-    print(f"{path}: loss {loss:.4f} nats/{'byte' if byte_level else 'token'} ({unit}) on {scored} of its {len(tokens)} tokens, "
-          f"read once in order in {windows} windows of {seq}{left}")
+    print(
+        f"{path}: loss {loss:.4f} nats/{'byte' if byte_level else 'token'} ({unit}) on {scored} of its {len(tokens)} tokens, "
+        f"read once in order in {windows} windows of {seq}{left}"
+    )
     for i, frac in enumerate(result["expert_load"]):
         top = max(frac) * len(frac) if frac else 0
         print(f"  MoE layer {i}: expert load {' '.join(f'{f:.3f}' for f in frac)} (max/mean {top:.2f})")
     return result
 
 
-TRUST_HELP = "also load the pickle-based checkpoints of earlier moeflow versions (loading them can run code): only your own"
+TRUST_HELP = (
+    "also load the pickle-based checkpoints of earlier moeflow versions (loading them can run code): only your own"
+)
 
 
 def main_generate(argv: list[str]) -> None:
@@ -251,9 +297,18 @@ def main_generate(argv: list[str]) -> None:
 def main_eval(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="moeflow eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("src", help="run dir or checkpoint")
-    ap.add_argument("--data", required=True, help="token file (moeflow data prepare's val.bin or train.bin); a text file for byte-level runs (data=stdlib/text)")
+    ap.add_argument(
+        "--data",
+        required=True,
+        help="token file (moeflow data prepare's val.bin or train.bin); a text file for byte-level runs (data=stdlib/text)",
+    )
     ap.add_argument("--dtype", default="uint16", choices=("uint16", "uint32"), help="when the file has no meta.json")
-    ap.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens (default: the whole file, once, in order)")
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="score at most this many tokens (default: the whole file, once, in order)",
+    )
     ap.add_argument("--batches", type=int, default=None, help="score at most this many batches of --batch-size windows")
     ap.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ap.add_argument("--seq-len", type=int, default=None, help="default: model.max_seq_len")

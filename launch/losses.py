@@ -1,4 +1,5 @@
 """The language-model loss every engine trains and evaluates with."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """AdamW and its learning-rate schedule, built the same way for every engine."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,10 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     out = []
     for (expert, decay), params in sorted(groups.items()):
         if len({_placement(p) for p in params}) > 1:
-            raise RuntimeError(f"{'expert' if expert else 'dense'} parameters sit on different meshes {sorted({_placement(p) for p in params})}: "
-                               "AdamW cannot step them in one group")
+            raise RuntimeError(
+                f"{'expert' if expert else 'dense'} parameters sit on different meshes {sorted({_placement(p) for p in params})}: "
+                "AdamW cannot step them in one group"
+            )
         out.append({"params": params, "weight_decay": weight_decay if decay else 0.0})
     return out
 
@@ -45,9 +48,13 @@ def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimi
     `optim.master_weights`: `MasterWeightAdamW` (bf16 compute copies written by the step)."""
     groups = optimizer_groups(model, o.weight_decay)
     if o.get("master_weights", False):
-        return MasterWeightAdamW(groups, bf16_compute_params(model), lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps))
+        return MasterWeightAdamW(
+            groups, bf16_compute_params(model), lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps)
+        )
     fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
-    return torch.optim.AdamW(groups, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps), fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps), fused=fused or None
+    )
 
 
 def bf16_compute_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -81,7 +88,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
     accepts_grad_scale = True  # parallel/clip.py folds the clip factor into the step
 
-    def __init__(self, groups, compute_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self, groups, compute_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+    ):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         lowered = {id(p) for p in compute_params}
         with torch.no_grad():
@@ -90,7 +99,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     state = self.state[p]
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.contiguous_format
+                    )
                     if id(p) in lowered and p.dtype == torch.float32:
                         state["master"] = p.detach().clone(memory_format=torch.contiguous_format)
                         p.data = p.data.to(torch.bfloat16)
@@ -113,8 +124,20 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     one = torch.ones((), device=p.device, dtype=torch.float32)
                     inv[p.device] = one / scale.to(p.device, torch.float32) if scale is not None else one
                 master = state.get("master")
-                adamw_master_step(master if master is not None else p.data, p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], inv[p.device], step,
-                                  group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                adamw_master_step(
+                    master if master is not None else p.data,
+                    p.data,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    inv[p.device],
+                    step,
+                    group["lr"],
+                    beta1,
+                    beta2,
+                    group["eps"],
+                    group["weight_decay"],
+                )
 
     def state_dict(self):
         """torch AdamW's state (the fp32 weights travel as the model's, see `masters_in_model`)."""
@@ -123,7 +146,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict):
-        masters = {id(p): self.state[p]["master"] for g in self.param_groups for p in g["params"] if "master" in self.state[p]}
+        masters = {
+            id(p): self.state[p]["master"] for g in self.param_groups for p in g["params"] if "master" in self.state[p]
+        }
         super().load_state_dict(state_dict)
         for g in self.param_groups:
             for p in g["params"]:
@@ -209,7 +234,9 @@ class AdamWStep:
     def optimizer_step(self) -> float:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         if self.ddp is None:
-            return clip_and_step(self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            return clip_and_step(
+                self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            )
         self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
         return clip_and_step(self.opt, self.sched, lambda: self.ddp.clip_grad_norm_(clip))
 

@@ -4,6 +4,7 @@ torchrun's ranks are its children. Linux's parent-death signal (prctl PR_SET_PDE
 rank the moment its launcher exits, however it exits. Armed as the `moeflow` command starts
 (before torch is imported), and again when a run joins its process group.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ Hydra's own composition errors are multi-line and suggest `+key=` for a misspell
 Here the same composition runs first, and any problem becomes one line that names the
 fix; then the semantic checks of `config.validate` and the output-dir check run.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -71,7 +72,9 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     if m:
         key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if m.group(1) in o.split("=", 1)[0]), m.group(1))
         group_names = _config_groups()
-        groups = [o for o in overrides if "=" in o and o.split("=", 1)[0] in group_names]  # `seed=7` is a key, not a group
+        groups = [
+            o for o in overrides if "=" in o and o.split("=", 1)[0] in group_names
+        ]  # `seed=7` is a key, not a group
         with initialize_config_module(config_module="moeflow.configs", version_base=None):
             known = _all_keys(compose(config_name="train", overrides=groups))  # the keys of the chosen groups
         group = key.split(".", 1)[0]
@@ -108,7 +111,9 @@ def check_output_dir(path: str | Path) -> None:
     if not probe.is_dir():
         raise ConfigError(f"output dir {p} cannot be created: {probe} is a file; choose another hydra.run.dir=...")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder")
+        raise ConfigError(
+            f"output dir {p} is not writable ({probe} denies writes); choose a writable hydra.run.dir=... or run from a writable folder"
+        )
 
 
 def check_resume_has_a_run_dir(cfg, args: list[str]) -> None:
@@ -116,9 +121,15 @@ def check_resume_has_a_run_dir(cfg, args: list[str]) -> None:
     import os
 
     explicit = any(a.startswith("hydra.run.dir=") for a in args) or os.environ.get("MOEFLOW_LAUNCHED") == "1"
-    if cfg.get("resume") == "auto" and not explicit and cfg.get("launcher", {}).get("name", "none") in ("none", "local"):
-        raise ConfigError("resume=auto continues the run in hydra.run.dir, but none was given and the default (outputs/<date>/<time>) "
-                          "is new for every run; pass hydra.run.dir=<the run's dir>, or resume=<a run or checkpoint dir>")
+    if (
+        cfg.get("resume") == "auto"
+        and not explicit
+        and cfg.get("launcher", {}).get("name", "none") in ("none", "local")
+    ):
+        raise ConfigError(
+            "resume=auto continues the run in hydra.run.dir, but none was given and the default (outputs/<date>/<time>) "
+            "is new for every run; pass hydra.run.dir=<the run's dir>, or resume=<a run or checkpoint dir>"
+        )
 
 
 def check_training_config(args: list[str]) -> None:

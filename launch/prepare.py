@@ -5,6 +5,7 @@ silent, on every rank at once). Building it here first makes that first run star
 clears a build lock that a killed build left behind (see `engines.deepspeed_engine.build_ops`).
 The build lands in torch's extension dir (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -16,6 +16,7 @@ sync, no profiler):
   from CUDA events on a GPU (read once, at the end) or `perf_counter` on a CPU. The engines mark
   their phase boundaries with `phase(name)`, a no-op unless a timer is active (`timing_phases`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,24 +46,44 @@ CATEGORIES = {  # key: label, in the order the table lists them
 }
 
 # every Triton kernel moeflow launches (kernels/*.py; a unit test keeps this list complete)
-MOEFLOW_KERNELS = ("_up_kernel", "_gmm_kernel", "_act_bwd_kernel", "_wgrad_kernel", "_gather_sum_kernel", "_gather_sum_bwd_kernel",
-                   "_segsum_kernel", "_fan_out_kernel", "_zero_pad_rows_kernel", "_aligned_layout_kernel", "_topk_rows_kernel")
+MOEFLOW_KERNELS = (
+    "_up_kernel",
+    "_gmm_kernel",
+    "_act_bwd_kernel",
+    "_wgrad_kernel",
+    "_gather_sum_kernel",
+    "_gather_sum_bwd_kernel",
+    "_segsum_kernel",
+    "_fan_out_kernel",
+    "_zero_pad_rows_kernel",
+    "_aligned_layout_kernel",
+    "_topk_rows_kernel",
+)
 CLIP_SCOPE = "moeflow/clip_grad_norm"  # the record_function around parallel/clip.py's clip_grad_norm_
 
 _MOEFLOW = re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(MOEFLOW_KERNELS) + r")(?![A-Za-z0-9])")
 # patterns over a normalised name: lower case, no underscores ("aten::_log_softmax" -> "aten::logsoftmax")
-_COMMUNICATION = re.compile(r"nccl|allreduce|allgather|reducescatter|alltoall|c10d::|sendrecv|recordparamcomms|symmmem|gloo")
+_COMMUNICATION = re.compile(
+    r"nccl|allreduce|allgather|reducescatter|alltoall|c10d::|sendrecv|recordparamcomms|symmmem|gloo"
+)
 _EXPERTS = re.compile(r"groupedmm|groupproblemshape|groupedgemm|moeflow::experts|moeflow::topk")
 _OPTIMIZER = re.compile(r"adam|^optimizer\.|multitensorapply.*adam")
 _CLIP = re.compile(r"foreachnorm|lpnorm|clipgrad")
 _ATTENTION = re.compile(r"flash|fmha|attention|sdpa|scaleddotproduct")
 _CROSS_ENTROPY = re.compile(r"logsoftmax|nllloss|crossentropy")
 _CASTS = re.compile(r"tocopy|copykernel|^aten::to$|^aten::copy$|bfloat16copy|convertelementtype|^aten::typeas$")
-_GEMM = re.compile(r"gemm|matmul|nvjet|cutlass|cublas|xmma|wgmma|s16816|^aten::(?:mm|bmm|addmm|baddbmm|addbmm|linear|addmmactivation)$"
-                   r"|^tritontem.*mm|mmbackward")
+_GEMM = re.compile(
+    r"gemm|matmul|nvjet|cutlass|cublas|xmma|wgmma|s16816|^aten::(?:mm|bmm|addmm|baddbmm|addbmm|linear|addmmactivation)$"
+    r"|^tritontem.*mm|mmbackward"
+)
 # scopes (the enclosing ops and record_function ranges): what a generic kernel or op belongs to
-_SCOPES = (("optimizer", re.compile(r"^optimizer\.")), ("clip", re.compile(r"clipgrad")), ("experts", re.compile(r"^moeflow::(?:experts|topk)|groupedmm")),
-           ("cross_entropy", re.compile(r"^aten::(?:crossentropyloss|nllloss|logsoftmax)")), ("attention", re.compile(r"scaleddotproduct|flash")))
+_SCOPES = (
+    ("optimizer", re.compile(r"^optimizer\.")),
+    ("clip", re.compile(r"clipgrad")),
+    ("experts", re.compile(r"^moeflow::(?:experts|topk)|groupedmm")),
+    ("cross_entropy", re.compile(r"^aten::(?:crossentropyloss|nllloss|logsoftmax)")),
+    ("attention", re.compile(r"scaleddotproduct|flash")),
+)
 
 
 def _norm(name: str) -> str:
@@ -84,8 +105,14 @@ def categorize(name: str, scopes: Sequence[str] = ()) -> str:
                 return key
     if _MOEFLOW.search(name) or _EXPERTS.search(n):
         return "experts"
-    for key, pattern in (("optimizer", _OPTIMIZER), ("clip", _CLIP), ("attention", _ATTENTION), ("cross_entropy", _CROSS_ENTROPY),
-                         ("casts", _CASTS), ("gemm", _GEMM)):
+    for key, pattern in (
+        ("optimizer", _OPTIMIZER),
+        ("clip", _CLIP),
+        ("attention", _ATTENTION),
+        ("cross_entropy", _CROSS_ENTROPY),
+        ("casts", _CASTS),
+        ("gemm", _GEMM),
+    ):
         if pattern.search(n):
             return key
     return "other"
@@ -177,7 +204,9 @@ def profiler_rows(prof, device_type: str) -> list[tuple[str, float, list[str]]]:
 
     rows = []
     if device_type == "cuda":
-        ops = {ev.id: ev for ev in events if ev.device_type.name == "CPU" and getattr(ev, "linked_correlation_id", 0) == 0}
+        ops = {
+            ev.id: ev for ev in events if ev.device_type.name == "CPU" and getattr(ev, "linked_correlation_id", 0) == 0
+        }
         for ev in events:
             if ev.device_type.name != "CUDA" or getattr(ev, "is_user_annotation", False):
                 continue  # a record_function range on the GPU timeline spans kernels counted on their own
@@ -193,7 +222,15 @@ def profiler_rows(prof, device_type: str) -> list[tuple[str, float, list[str]]]:
 class StepProfiler:
     """torch.profiler over the steps of `profile_window`; on its last step, the trace and the table."""
 
-    def __init__(self, run_dir: Path, device: torch.device, window: tuple[int, int], rank: int = 0, world: int = 1, is_main: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        device: torch.device,
+        window: tuple[int, int],
+        rank: int = 0,
+        world: int = 1,
+        is_main: bool = True,
+    ):
         self.dir, self.device, self.window = Path(run_dir) / "profile", device, window
         self.rank, self.world, self.is_main = rank, world, is_main
         self.prof, self.t0 = None, 0.0
@@ -222,13 +259,27 @@ class StepProfiler:
         groups = group_times(profiler_rows(prof, self.device.type))
         what = "CUDA kernel time" if self.device.type == "cuda" else "CPU self time"
         table = format_table(groups, steps, what, wall_ms / steps)
-        result["profile"] = {"trace": str(trace), "steps": list(range(self.window[0] + 1, self.window[1] + 1)),  # as the log counts them
-                             "wall_ms_per_step": wall_ms / steps,
-                             "ms_per_step": {g.key: g.us / 1e3 / steps for g in groups}}
+        result["profile"] = {
+            "trace": str(trace),
+            "steps": list(range(self.window[0] + 1, self.window[1] + 1)),  # as the log counts them
+            "wall_ms_per_step": wall_ms / steps,
+            "ms_per_step": {g.key: g.us / 1e3 / steps for g in groups},
+        }
         if self.is_main:
             (self.dir / "summary.txt").write_text(table + "\n")
-            (self.dir / "summary.json").write_text(json.dumps({**result["profile"], "measured": what, "top": {
-                g.key: [[k, us / 1e3 / steps, calls // steps] for k, us, calls in g.top(10)] for g in groups}}, indent=1) + "\n")
+            (self.dir / "summary.json").write_text(
+                json.dumps(
+                    {
+                        **result["profile"],
+                        "measured": what,
+                        "top": {
+                            g.key: [[k, us / 1e3 / steps, calls // steps] for k, us, calls in g.top(10)] for g in groups
+                        },
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
             log.info("%s\ntrace: %s (chrome://tracing or ui.perfetto.dev)", table, trace)
 
 
@@ -308,7 +359,16 @@ class StepProbe:
     """What the training loop calls around each step: the profiler of trainer.profile=true, the phase timer
     of `moeflow bench train`; nothing at all in a normal run."""
 
-    def __init__(self, trainer_cfg, run_dir: Path, device: torch.device, start_step: int, rank: int = 0, world: int = 1, is_main: bool = True):
+    def __init__(
+        self,
+        trainer_cfg,
+        run_dir: Path,
+        device: torch.device,
+        start_step: int,
+        rank: int = 0,
+        world: int = 1,
+        is_main: bool = True,
+    ):
         window = profile_window(start_step, trainer_cfg.steps) if getattr(trainer_cfg, "profile", False) else None
         self.profiler = StepProfiler(run_dir, device, window, rank, world, is_main) if window else None
 

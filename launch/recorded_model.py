@@ -6,6 +6,7 @@ gate=imported`) or fail on the default model's shapes. Naming a model or gate ch
 (`model=...`, `gate=...`) keeps the command line's; single keys (`model.experts_impl=triton`,
 `gate.aux_loss_coef=0.02`) apply on top of the recorded model.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

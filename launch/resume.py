@@ -12,6 +12,7 @@ An engine that writes moeflow checkpoints (torch, megatron) offers:
 Everything else (where checkpoints are, atomic commits, compatibility, RNG streams, steps,
 async saves, pruning) is here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,17 +63,33 @@ class CheckpointWriter:
                 if tmp.exists():  # left by this run's own earlier attempt at this step (a rollback): never complete
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
-                trainer_state = {"step": step, "engine": self.engine_name, "global_batch": global_batch(e), **e.schedule_state()}
-                meta = {"model": e.model_cfg.to_dict(), "config": OmegaConf.to_container(e.cfg, resolve=True), "engine": self.engine_name,
-                        "step": step, "format": "sharded-safetensors", "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+                trainer_state = {
+                    "step": step,
+                    "engine": self.engine_name,
+                    "global_batch": global_batch(e),
+                    **e.schedule_state(),
+                }
+                meta = {
+                    "model": e.model_cfg.to_dict(),
+                    "config": OmegaConf.to_container(e.cfg, resolve=True),
+                    "engine": self.engine_name,
+                    "step": step,
+                    "format": "sharded-safetensors",
+                    "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                }
                 ckpt.write_manifest(tmp, meta, trainer_state)
             _barrier()
             ckpt.write_rng(tmp, _rank())
-            future = sharded.save_sharded(tmp, e.checkpoint_state(with_optimizer=True), process_group=self.group, asynchronous=self.asynchronous)
+            future = sharded.save_sharded(
+                tmp, e.checkpoint_state(with_optimizer=True), process_group=self.group, asynchronous=self.asynchronous
+            )
             if future is None:
                 _barrier()  # every rank's shards and RNG file are on disk, the index written
                 return self._commit(tmp) or done
-        except (Exception, CheckpointException) as err:  # a full disk, a read-only dir: one line, no temp dir left behind
+        except (
+            Exception,
+            CheckpointException,
+        ) as err:  # a full disk, a read-only dir: one line, no temp dir left behind
             raise save_failed(tmp, step, err) from None
         self.pending = (future, tmp, step)
         return done
@@ -132,15 +149,28 @@ def save_failed(tmp: Path, step: int, err: BaseException) -> Exception:
     found = _causes(err)
     timed_out = next((e for e in found if is_timeout(e)), None)
     if timed_out is not None:
-        return RuntimeError(f"timed out while writing checkpoint step {step}: {str(timed_out).strip().splitlines()[0][:200]}")
+        return RuntimeError(
+            f"timed out while writing checkpoint step {step}: {str(timed_out).strip().splitlines()[0][:200]}"
+        )
     text = " ".join(str(e) for e in found)
     codes = {getattr(e, "errno", None) for e in found}
     if errno.ENOSPC in codes or errno.EFBIG in codes or "No space left" in text or "File too large" in text:
-        why, fix = "the disk is full (or a file-size limit was hit)", "free space, or point hydra.run.dir at a disk with room, and resume"
-    elif errno.EROFS in codes or errno.EACCES in codes or "Read-only file system" in text or "Permission denied" in text:
-        why, fix = "the run dir is not writable (read-only or no permission)", "make it writable, or choose another hydra.run.dir, and resume"
+        why, fix = (
+            "the disk is full (or a file-size limit was hit)",
+            "free space, or point hydra.run.dir at a disk with room, and resume",
+        )
+    elif (
+        errno.EROFS in codes or errno.EACCES in codes or "Read-only file system" in text or "Permission denied" in text
+    ):
+        why, fix = (
+            "the run dir is not writable (read-only or no permission)",
+            "make it writable, or choose another hydra.run.dir, and resume",
+        )
     else:
-        why, fix = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}", "resume from the last checkpoint"
+        why, fix = (
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}",
+            "resume from the last checkpoint",
+        )
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     return CheckpointError(f"could not write checkpoint step {step} into {tmp.parent}: {why}; {fix}")
@@ -155,16 +185,36 @@ def _say_if_global_batch_changed(found: Path, trainer_state: dict, engine, meta:
     saved, now = trainer_state.get("global_batch"), global_batch(engine)
     per = int(engine.cfg.trainer.grad_accum) * int(engine.data_parallel_rank[1])
     if saved is not None and saved != now:
-        fix = f"data.batch_size={saved // per}" if saved % per == 0 else f"data.batch_size and trainer.grad_accum with a product of {saved} / {engine.data_parallel_rank[1]} ranks"
-        log.warning("checkpoint %s trained with a global batch of %d sequences per step; this run's is %d (%d data-parallel ranks x data.batch_size=%s x "
-                    "trainer.grad_accum=%s): set %s to keep it", found, saved, now, engine.data_parallel_rank[1], engine.cfg.data.batch_size, engine.cfg.trainer.grad_accum, fix)
+        fix = (
+            f"data.batch_size={saved // per}"
+            if saved % per == 0
+            else f"data.batch_size and trainer.grad_accum with a product of {saved} / {engine.data_parallel_rank[1]} ranks"
+        )
+        log.warning(
+            "checkpoint %s trained with a global batch of %d sequences per step; this run's is %d (%d data-parallel ranks x data.batch_size=%s x "
+            "trainer.grad_accum=%s): set %s to keep it",
+            found,
+            saved,
+            now,
+            engine.data_parallel_rank[1],
+            engine.cfg.data.batch_size,
+            engine.cfg.trainer.grad_accum,
+            fix,
+        )
         return
     saved_accum = ((meta or {}).get("config") or {}).get("trainer", {}).get("grad_accum")
     if saved is not None and isinstance(saved_accum, int) and saved_accum != int(engine.cfg.trainer.grad_accum):
         # the windows of a step are drawn per micro-batch (batch_size x ranks of them): same global batch, other windows
-        log.warning("checkpoint %s trained with trainer.grad_accum=%d; this run uses %d with the same global batch of %d sequences, so each step "
-                    "draws other windows than the uninterrupted run would have: keep trainer.grad_accum=%d (and data.batch_size x ranks) to "
-                    "continue it exactly", found, saved_accum, engine.cfg.trainer.grad_accum, now, saved_accum)
+        log.warning(
+            "checkpoint %s trained with trainer.grad_accum=%d; this run uses %d with the same global batch of %d sequences, so each step "
+            "draws other windows than the uninterrupted run would have: keep trainer.grad_accum=%d (and data.batch_size x ranks) to "
+            "continue it exactly",
+            found,
+            saved_accum,
+            engine.cfg.trainer.grad_accum,
+            now,
+            saved_accum,
+        )
 
 
 def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
@@ -178,14 +228,24 @@ def checkpoint_to_resume(resume, run_dir: Path) -> Path | None:
     newer = [d for d in damaged if found is None or d.name > found.name]
     if newer:  # never skip a later checkpoint silently (and never overwrite it when the run gets there)
         older = f", or resume={found}" if found is not None else ""
-        raise CheckpointError(f"{newer[-1]} is not a whole checkpoint ({_what_is_missing(newer[-1])}); move it out of {root} to resume from "
-                              f"{found.name if found is not None else 'scratch'}{older}")
-    deepspeed_like = (where / ckpt.CKPT_DIR / "deepspeed").is_dir() or any(where.glob("mp_rank_*_model_states.pt")) or any(where.glob("*/mp_rank_*_model_states.pt"))
+        raise CheckpointError(
+            f"{newer[-1]} is not a whole checkpoint ({_what_is_missing(newer[-1])}); move it out of {root} to resume from "
+            f"{found.name if found is not None else 'scratch'}{older}"
+        )
+    deepspeed_like = (
+        (where / ckpt.CKPT_DIR / "deepspeed").is_dir()
+        or any(where.glob("mp_rank_*_model_states.pt"))
+        or any(where.glob("*/mp_rank_*_model_states.pt"))
+    )
     if found is None and deepspeed_like:
-        raise CheckpointError(f"resume={resume}: {where} holds DeepSpeed checkpoints; resume them with engine=deepspeed, or convert one "
-                              f"for this engine: moeflow convert deepspeed-to-moeflow {where} OUT --trust-checkpoint")
+        raise CheckpointError(
+            f"resume={resume}: {where} holds DeepSpeed checkpoints; resume them with engine=deepspeed, or convert one "
+            f"for this engine: moeflow convert deepspeed-to-moeflow {where} OUT --trust-checkpoint"
+        )
     if found is None and resume != "auto":
-        raise CheckpointError(f"resume={resume}: no checkpoint found there; pass a run dir with checkpoints/ or a checkpoint dir")
+        raise CheckpointError(
+            f"resume={resume}: no checkpoint found there; pass a run dir with checkpoints/ or a checkpoint dir"
+        )
     if found is None:
         log.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
     return found
@@ -217,30 +277,57 @@ def resume_run(engine, engine_name: str) -> int:
     return 0 if found is None else load_into(engine, found, engine_name)
 
 
-SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "schedule", "weight_decay", "betas", "eps")  # optim.*: the checkpoint's would silently win
-ROUTING_KEYS = ("top_k", "gate", "rope_theta", "rope_scaling", "norm_eps")  # model.* that change the function without changing shapes
+SCHEDULE_KEYS = (
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "schedule",
+    "weight_decay",
+    "betas",
+    "eps",
+)  # optim.*: the checkpoint's would silently win
+ROUTING_KEYS = (
+    "top_k",
+    "gate",
+    "rope_theta",
+    "rope_scaling",
+    "norm_eps",
+)  # model.* that change the function without changing shapes
 
 
 def changed_settings(meta: dict, cfg, model_cfg) -> list[str]:
     """The schedule and routing settings this run sets differently from the checkpoint's, as 'key: X -> Y'."""
     saved_optim = (meta.get("config") or {}).get("optim") or {}
     now_optim = OmegaConf.to_container(cfg.optim, resolve=True)
-    out = [f"optim.{k}: {saved_optim[k]!r} -> {now_optim[k]!r}" for k in SCHEDULE_KEYS
-           if k in saved_optim and k in now_optim and _norm(saved_optim[k]) != _norm(now_optim[k])]
+    out = [
+        f"optim.{k}: {saved_optim[k]!r} -> {now_optim[k]!r}"
+        for k in SCHEDULE_KEYS
+        if k in saved_optim and k in now_optim and _norm(saved_optim[k]) != _norm(now_optim[k])
+    ]
     saved_model, now_model = meta.get("model") or {}, model_cfg.to_dict()
     for k in ROUTING_KEYS:
         if k not in saved_model or _norm(saved_model[k]) == _norm(now_model.get(k)):
             continue
-        if k == "gate" and isinstance(saved_model[k], dict) and isinstance(now_model.get(k), dict):  # name the gate options that differ
+        if (
+            k == "gate" and isinstance(saved_model[k], dict) and isinstance(now_model.get(k), dict)
+        ):  # name the gate options that differ
             old, new = saved_model[k], now_model[k]
-            out += [f"gate.{g}: {old.get(g)!r} -> {new.get(g)!r}" for g in sorted(set(old) | set(new)) if _norm(old.get(g)) != _norm(new.get(g))]
+            out += [
+                f"gate.{g}: {old.get(g)!r} -> {new.get(g)!r}"
+                for g in sorted(set(old) | set(new))
+                if _norm(old.get(g)) != _norm(new.get(g))
+            ]
         else:
             out.append(f"model.{k}: {saved_model[k]!r} -> {now_model.get(k)!r}")
     return out
 
 
 def _norm(v):
-    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else ({k: _norm(x) for k, x in v.items()} if isinstance(v, dict) else v)
+    return (
+        [_norm(x) for x in v]
+        if isinstance(v, (list, tuple))
+        else ({k: _norm(x) for k, x in v.items()} if isinstance(v, dict) else v)
+    )
 
 
 def _take_new_optim_settings(engine) -> None:
@@ -250,7 +337,9 @@ def _take_new_optim_settings(engine) -> None:
         return
     for g in opt.param_groups:
         g.update(betas=tuple(float(b) for b in o.betas), eps=float(o.eps), initial_lr=float(o.lr))
-        if g["params"] and all(p.dim() >= 2 for p in g["params"]):  # the decay groups (matrices: optim.optimizer_groups)
+        if g["params"] and all(
+            p.dim() >= 2 for p in g["params"]
+        ):  # the decay groups (matrices: optim.optimizer_groups)
             g["weight_decay"] = float(o.weight_decay)
     sched.base_lrs = [float(o.lr)] * len(opt.param_groups)
     factor = sched.lr_lambdas[0](sched.last_epoch) if hasattr(sched, "lr_lambdas") else 1.0
@@ -263,10 +352,14 @@ def _checked_step(found: Path, meta: dict, trainer_state: dict) -> int:
     step = trainer_state.get("step")
     named = ckpt.STEP_NAME.fullmatch(found.name)
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"checkpoint {found}: trainer_state.json has step {step!r}, not a step count; the file was edited or damaged: resume from another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {found}: trainer_state.json has step {step!r}, not a step count; the file was edited or damaged: resume from another checkpoint"
+        )
     if ("step" in meta and meta["step"] != step) or (named and int(named.group(1)) != step):
-        raise CheckpointError(f"checkpoint {found}: its step disagrees between trainer_state.json ({step}), meta.json ({meta.get('step')}) "
-                              f"and the folder name; a file was edited or copied from another checkpoint: resume from another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {found}: its step disagrees between trainer_state.json ({step}), meta.json ({meta.get('step')}) "
+            f"and the folder name; a file was edited or copied from another checkpoint: resume from another checkpoint"
+        )
     return step
 
 
@@ -281,22 +374,32 @@ def load_into(engine, found: Path, engine_name: str) -> int:
     weights_only = bool(meta.get("weights_only"))
     trainer_state = None if weights_only else ckpt.load_trainer_state(found)
     if not weights_only and trainer_state is None:
-        raise CheckpointError(f"checkpoint {found} has no {ckpt.TRAINER_STATE} and meta.json does not mark it weights-only: it is incomplete; "
-                              f"resume from another checkpoint (or start from its weights alone after adding \"weights_only\": true to its meta.json)")
+        raise CheckpointError(
+            f"checkpoint {found} has no {ckpt.TRAINER_STATE} and meta.json does not mark it weights-only: it is incomplete; "
+            f'resume from another checkpoint (or start from its weights alone after adding "weights_only": true to its meta.json)'
+        )
     step = 0 if trainer_state is None else _checked_step(found, meta, trainer_state)
     changes = [] if trainer_state is None else changed_settings(meta, engine.cfg, engine.model_cfg)
     allow = bool(tc.get("allow_config_change", False))
     if changes and not allow:
-        raise CheckpointError(f"resume from {found} with settings that differ from the checkpoint's ({'; '.join(changes)}): "
-                              f"resume with the checkpoint's values (see its meta.json), or pass trainer.allow_config_change=true to take this run's")
+        raise CheckpointError(
+            f"resume from {found} with settings that differ from the checkpoint's ({'; '.join(changes)}): "
+            f"resume with the checkpoint's values (see its meta.json), or pass trainer.allow_config_change=true to take this run's"
+        )
     rng = None
     if trainer_state is not None:
         rng = _rng_for_this_rank(found, meta, trainer_state)
     if ckpt.is_sharded(found):
         saved_by = (trainer_state or {}).get("engine", meta.get("engine"))
-        same_optimizer = trainer_state is not None and saved_by == engine_name  # optimizer state is only ever the same engine's
+        same_optimizer = (
+            trainer_state is not None and saved_by == engine_name
+        )  # optimizer state is only ever the same engine's
         if trainer_state is not None and not same_optimizer:
-            log.warning("checkpoint %s was written by engine=%s: its weights and schedule carry over, AdamW moments start from zero", found, saved_by)
+            log.warning(
+                "checkpoint %s was written by engine=%s: its weights and schedule carry over, AdamW moments start from zero",
+                found,
+                saved_by,
+            )
         state = engine.checkpoint_state(with_optimizer=same_optimizer)
         sharded.load_sharded(found, state, verify=verify, trust=trust)
     else:
@@ -307,7 +410,11 @@ def load_into(engine, found: Path, engine_name: str) -> int:
         log.info("initialised from weights-only checkpoint %s; fresh optimizer and schedule at step 0", found)
         return 0
     if changes:
-        log.warning("resume from %s takes this run's settings over the checkpoint's (trainer.allow_config_change=true): %s", found, "; ".join(changes))
+        log.warning(
+            "resume from %s takes this run's settings over the checkpoint's (trainer.allow_config_change=true): %s",
+            found,
+            "; ".join(changes),
+        )
         _take_new_optim_settings(engine)
     _say_if_global_batch_changed(found, trainer_state, engine, meta)
     if rng is not None:
@@ -330,5 +437,7 @@ def _rng_for_this_rank(found: Path, meta: dict, trainer_state: dict) -> dict | N
         return None
     if (isinstance(saved_world, int) and rank < saved_world) or not zero.is_file():
         missing = own if isinstance(saved_world, int) and rank < saved_world else zero
-        raise CheckpointError(f"checkpoint {found} is incomplete: {missing.relative_to(found)} (RNG streams) is missing; resume from another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {found} is incomplete: {missing.relative_to(found)} (RNG streams) is missing; resume from another checkpoint"
+        )
     return ckpt.read_rng(found, 0)

@@ -4,6 +4,7 @@ experts apart (identical router rows: identical logits, so identical experts the
 Checked at log points from what the loop already has (each layer's global token counts) and,
 where the router is a plain tensor on this process, its rows; each problem is warned once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,13 +34,17 @@ class CollapseWatch:
                 dead = (idle >= self.idle_intervals).nonzero().flatten().tolist()
                 if dead and ("dead", i) not in self.warned:
                     self.warned.add(("dead", i))
-                    said.append(f"step {step}: layer {i}: experts {dead[:8]} got no tokens for {self.idle_intervals} log intervals "
-                                f"(routing collapse); raise gate.aux_loss_coef or check the gate")
+                    said.append(
+                        f"step {step}: layer {i}: experts {dead[:8]} got no tokens for {self.idle_intervals} log intervals "
+                        f"(routing collapse); raise gate.aux_loss_coef or check the gate"
+                    )
             tied = tied_router_rows(layer)
             if tied and ("tied", i) not in self.warned:
                 self.warned.add(("tied", i))
-                said.append(f"step {step}: layer {i}: experts {tied[0]} and {tied[1]} have identical router rows, so they are always routed "
-                            f"alike (identical copies then never diverge); upcycle with a random router (the default) or add noise")
+                said.append(
+                    f"step {step}: layer {i}: experts {tied[0]} and {tied[1]} have identical router rows, so they are always routed "
+                    f"alike (identical copies then never diverge); upcycle with a random router (the default) or add noise"
+                )
         for line in said:
             log.warning("%s", line)
         return said

@@ -9,6 +9,7 @@
 - Ray Train: each checkpoint is reported to Ray Train (`ray.train.report`), so FailureConfig
   restarts resume from it. Armed by `set_checkpoint_reporter` in the Ray worker.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,9 @@ class RunHooks:
         self.signal_name: str | None = None
         self.armed = os.environ.get("MOEFLOW_PREEMPTIBLE") == "1"
         # one process outside Slurm (under torchrun, SIGTERM is how the launcher tears ranks down: it must stay fatal)
-        self.interruptible = not self.armed and env.world_size == 1 and threading.current_thread() is threading.main_thread()
+        self.interruptible = (
+            not self.armed and env.world_size == 1 and threading.current_thread() is threading.main_thread()
+        )
         self._old = {}
         if self.armed:
             for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -51,7 +54,11 @@ class RunHooks:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._on_interrupt)
         if env.world_size > 1 or self.armed:  # every rank, whatever its log level: launcher logs show who ran
-            print(f"moeflow: rank {env.rank}/{env.world_size} up on {socket.gethostname()} (pid {os.getpid()})", file=sys.stderr, flush=True)
+            print(
+                f"moeflow: rank {env.rank}/{env.world_size} up on {socket.gethostname()} (pid {os.getpid()})",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _on_signal(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
@@ -60,8 +67,11 @@ class RunHooks:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.signal_name is None and self.env.is_main:
-            print(f"moeflow: {signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"moeflow: {signal.Signals(signum).name}: stopping after this step with a checkpoint (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.signal_name = signal.Signals(signum).name
 
     def stop_requested(self) -> bool:
@@ -85,7 +95,10 @@ class RunHooks:
             dist.barrier()
         if not self.armed:
             return
-        job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+        job = (
+            os.environ.get("SLURM_ARRAY_JOB_ID")
+            and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
+        )
         job = job or os.environ.get("SLURM_JOB_ID")
         if self.env.is_main:
             if job and shutil.which("scontrol"):
@@ -93,7 +106,9 @@ class RunHooks:
                 outcome = "requeued" if done.returncode == 0 else f"requeue failed: {done.stderr.strip()}"
                 log.warning("%s at step %d: checkpoint saved, job %s %s", self.signal_name, step, job, outcome)
             else:
-                log.warning("%s at step %d: checkpoint saved; restart with resume=auto to continue", self.signal_name, step)
+                log.warning(
+                    "%s at step %d: checkpoint saved; restart with resume=auto to continue", self.signal_name, step
+                )
 
     def close(self) -> None:
         for sig, old in self._old.items():

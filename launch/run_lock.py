@@ -8,6 +8,7 @@ that no longer exists, the same run id (a requeued Slurm job, a Ray Train worker
 on another node: the launcher's own restart of this run), or no refresh for STALE_AFTER_S (a
 holder on another host that died).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -46,8 +47,12 @@ RUN_ID_ENV = "MOEFLOW_RUN_ID"  # set by launchers that restart a run themselves 
 
 
 def _holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "run_id": os.environ.get(RUN_ID_ENV) or os.environ.get("SLURM_JOB_ID"),
-            "started": time.time()}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "run_id": os.environ.get(RUN_ID_ENV) or os.environ.get("SLURM_JOB_ID"),
+        "started": time.time(),
+    }
 
 
 def stale_reason(info: dict, age_s: float) -> str | None:
@@ -73,8 +78,10 @@ def check_unlocked(run_dir: Path) -> None:
     except (OSError, ValueError):
         return
     if isinstance(info, dict) and stale_reason(info, age) is None:
-        raise RunDirInUse(f"run dir {path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}); "
-                          f"wait for it, or choose another hydra.run.dir (if that run is gone, delete {path})")
+        raise RunDirInUse(
+            f"run dir {path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}); "
+            f"wait for it, or choose another hydra.run.dir (if that run is gone, delete {path})"
+        )
 
 
 class RunLock:
@@ -134,9 +141,15 @@ class RunLock:
         info = info if isinstance(info, dict) else {}
         why = stale_reason(info, age)
         if why is None:
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0))) if isinstance(info.get("started"), (int, float)) else "?"
-            raise RunDirInUse(f"run dir {self.path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}, "
-                              f"started {started}); wait for it, or choose another hydra.run.dir (if that run is gone, delete {self.path})")
+            started = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
+                if isinstance(info.get("started"), (int, float))
+                else "?"
+            )
+            raise RunDirInUse(
+                f"run dir {self.path.parent} is in use by another run (host {info.get('host')}, pid {info.get('pid')}, "
+                f"started {started}); wait for it, or choose another hydra.run.dir (if that run is gone, delete {self.path})"
+            )
         log.warning("taking over the lock of run dir %s: %s", self.path.parent, why)
         self.path.unlink(missing_ok=True)  # under the takeover guard: nobody else replaces it meanwhile
 

@@ -2,6 +2,7 @@
 
 Every engine makes these decisions the same way, so they live here once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,9 @@ def start_distributed(trainer_cfg, backend: str, single_rank_group: bool = False
 
     exit_with_launcher()  # (armed at the CLI's start already; here for runs started from Python)
     device = resolve_device(trainer_cfg.device)
-    env = init_distributed(device.type, backend, float(getattr(trainer_cfg, "collective_timeout", 600.0)), single_rank_group)
+    env = init_distributed(
+        device.type, backend, float(getattr(trainer_cfg, "collective_timeout", 600.0)), single_rank_group
+    )
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
     return env, device

@@ -5,6 +5,7 @@ composed config and refuses a value of the wrong type or out of range, naming th
 given and what it takes. (Hydra has already refused unknown keys; a gate's own options are
 checked by its constructor, the model's shape by `ModelConfig`.) Imports nothing heavy.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,39 +34,85 @@ def positive_int(why: str = "") -> Rule:
 
 SCHEMA: dict[str, dict[str, Rule]] = {
     "trainer": {
-        "steps": positive_int(), "grad_accum": positive_int(), "eval_every": Rule(int, low=0, why="0 disables evaluation"),
-        "eval_batches": positive_int(), "log_every": positive_int(),
+        "steps": positive_int(),
+        "grad_accum": positive_int(),
+        "eval_every": Rule(int, low=0, why="0 disables evaluation"),
+        "eval_batches": positive_int(),
+        "log_every": positive_int(),
         "ckpt_every": Rule(int, low=0, why="0 disables checkpoints; a negative value would silently never checkpoint"),
         "keep_checkpoints": Rule(int, low=0, why="0 keeps every checkpoint"),
-        "device": Rule(str), "precision": Rule(str, choices=("auto", "bf16", "fp32")),
+        "device": Rule(str),
+        "precision": Rule(str, choices=("auto", "bf16", "fp32")),
         "seed": Rule(int, low=0, high=2**32 - 1, why="numpy's generators take 32-bit seeds"),
-        "progress": Rule(bool), "compile": Rule(bool), "profile": Rule(bool),
-        "activation_checkpointing": Rule(str, choices=("none", "full", "selective")), "activation_checkpointing_every": positive_int(),
-        "async_checkpoint": Rule(bool), "verify_checkpoint": Rule(bool), "trust_checkpoint": Rule(bool), "allow_config_change": Rule(bool),
+        "progress": Rule(bool),
+        "compile": Rule(bool),
+        "profile": Rule(bool),
+        "activation_checkpointing": Rule(str, choices=("none", "full", "selective")),
+        "activation_checkpointing_every": positive_int(),
+        "async_checkpoint": Rule(bool),
+        "verify_checkpoint": Rule(bool),
+        "trust_checkpoint": Rule(bool),
+        "allow_config_change": Rule(bool),
         "on_nonfinite": Rule(str, choices=("stop", "skip_step", "rollback")),
-        "collective_timeout": Rule(float, low=1, why="seconds a collective may wait for a stalled peer before the run fails"),
+        "collective_timeout": Rule(
+            float, low=1, why="seconds a collective may wait for a stalled peer before the run fails"
+        ),
     },
     "data": {
-        "seq_len": positive_int(), "batch_size": positive_int(),
-        "global_batch_size": Rule(int, low=1, nullable=True, why="sequences per optimizer step over all ranks, or null"), "val_percent": Rule(float, low=0, high=100, low_exclusive=True, high_exclusive=True, why="the rest of the data is the training split"),
-        "max_bytes": Rule(int, low=1, nullable=True), "dtype": Rule(str, choices=("uint16", "uint32"), nullable=True), "glob": Rule(str),
-        "path": Rule(str, nullable=True), "val_path": Rule(str, nullable=True), "source": Rule(str, choices=("stdlib", "text", "memmap")),
-        "mix": Rule(list, nullable=True, why="prepared sets with mixing weights: [{path: .../train.bin, weight: 0.7}, ...]"),
+        "seq_len": positive_int(),
+        "batch_size": positive_int(),
+        "global_batch_size": Rule(
+            int, low=1, nullable=True, why="sequences per optimizer step over all ranks, or null"
+        ),
+        "val_percent": Rule(
+            float,
+            low=0,
+            high=100,
+            low_exclusive=True,
+            high_exclusive=True,
+            why="the rest of the data is the training split",
+        ),
+        "max_bytes": Rule(int, low=1, nullable=True),
+        "dtype": Rule(str, choices=("uint16", "uint32"), nullable=True),
+        "glob": Rule(str),
+        "path": Rule(str, nullable=True),
+        "val_path": Rule(str, nullable=True),
+        "source": Rule(str, choices=("stdlib", "text", "memmap")),
+        "mix": Rule(
+            list, nullable=True, why="prepared sets with mixing weights: [{path: .../train.bin, weight: 0.7}, ...]"
+        ),
     },
     "optim": {
-        "name": Rule(str, choices=("adamw",)), "lr": Rule(float, low=0, high=1e30, low_exclusive=True, why="float32 holds it"), "min_lr": Rule(float, low=0),
-        "weight_decay": Rule(float, low=0), "betas": Rule(list, length=2), "eps": Rule(float, low=0, low_exclusive=True),
-        "warmup_steps": Rule(int, low=0), "schedule": Rule(str, choices=("cosine", "constant")), "grad_clip": Rule(float, low=0, why="0 disables clipping"),
+        "name": Rule(str, choices=("adamw",)),
+        "lr": Rule(float, low=0, high=1e30, low_exclusive=True, why="float32 holds it"),
+        "min_lr": Rule(float, low=0),
+        "weight_decay": Rule(float, low=0),
+        "betas": Rule(list, length=2),
+        "eps": Rule(float, low=0, low_exclusive=True),
+        "warmup_steps": Rule(int, low=0),
+        "schedule": Rule(str, choices=("cosine", "constant")),
+        "grad_clip": Rule(float, low=0, why="0 disables clipping"),
         "master_weights": Rule(bool),
     },
     "parallel": {
-        "dp_replicate": positive_int(), "dp_shard": Rule(int, low=-1), "tp": positive_int(), "cp": positive_int(), "ep": positive_int(),
-        "backend": Rule(str, choices=("auto", "nccl", "gloo")), "overlap_chunks": positive_int(), "overlap_shared": Rule(bool),
+        "dp_replicate": positive_int(),
+        "dp_shard": Rule(int, low=-1),
+        "tp": positive_int(),
+        "cp": positive_int(),
+        "ep": positive_int(),
+        "backend": Rule(str, choices=("auto", "nccl", "gloo")),
+        "overlap_chunks": positive_int(),
+        "overlap_shared": Rule(bool),
         "dispatcher": Rule(str, choices=("auto", "local", "alltoall", "capacity", "symm_mem")),
-        "capacity_factor": Rule(float, low=0, low_exclusive=True), "capacity_warn_drop": Rule(float, low=0, high=1),
+        "capacity_factor": Rule(float, low=0, low_exclusive=True),
+        "capacity_warn_drop": Rule(float, low=0, high=1),
     },
     "experts": {"impl": Rule(str), "gather_rows": Rule(bool)},
-    "tracking": {"project": Rule(str), "run_name": Rule(str, nullable=True), "mlflow_tracking_uri": Rule(str, nullable=True)},
+    "tracking": {
+        "project": Rule(str),
+        "run_name": Rule(str, nullable=True),
+        "mlflow_tracking_uri": Rule(str, nullable=True),
+    },
 }
 
 
@@ -130,5 +177,3 @@ def check(cfg) -> None:
                 if rule.kind is list and key == "betas":
                     why = " (each in [0, 1), e.g. [0.9, 0.95])"
                 raise ConfigError(f"{group}.{key}={value!r} is not valid: it takes {_describe(rule)}{why}")
-
-

@@ -5,6 +5,7 @@ logged step) and prints, for one step (the last by default): tokens per expert
 (min/mean/max), max/mean load, dropped fraction, router entropy, mean active experts per
 token, the aux losses, and any other scalar the gate reports (temperature, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,15 @@ from rich.table import Table
 
 from moeflow.moe.errors import MoeflowError
 
-FIXED = ("step", "layer", "tokens_per_expert", "load_max_over_mean", "dropped_fraction", "router_entropy", "active_experts_per_token")
+FIXED = (
+    "step",
+    "layer",
+    "tokens_per_expert",
+    "load_max_over_mean",
+    "dropped_fraction",
+    "router_entropy",
+    "active_experts_per_token",
+)
 
 
 class StatsError(MoeflowError):
@@ -36,7 +45,9 @@ def read_rows(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             raise StatsError(f"{path}:{n} is not valid JSON (a run killed mid-write?); delete that line") from None
     if not rows:
-        raise StatsError(f"{path} is empty; the run logged no routing statistics yet (it logs every trainer.log_every steps)")
+        raise StatsError(
+            f"{path} is empty; the run logged no routing statistics yet (it logs every trainer.log_every steps)"
+        )
     return rows
 
 
@@ -56,14 +67,33 @@ def _fmt(v) -> str:
 
 def build_table(step: int, layer_rows: list[dict]) -> Table:
     losses = sorted({k for r in layer_rows for k in r if k.startswith("loss/")})
-    extras = sorted({k for r in layer_rows for k, v in r.items() if k not in FIXED and not k.startswith("loss/") and isinstance(v, (int, float))})
+    extras = sorted(
+        {
+            k
+            for r in layer_rows
+            for k, v in r.items()
+            if k not in FIXED and not k.startswith("loss/") and isinstance(v, (int, float))
+        }
+    )
     table = Table()
-    for col in ("layer", "tokens/expert min/mean/max", "max/mean load", "dropped", "entropy", "active/token", *(k[5:] for k in losses), *extras):
+    for col in (
+        "layer",
+        "tokens/expert min/mean/max",
+        "max/mean load",
+        "dropped",
+        "entropy",
+        "active/token",
+        *(k[5:] for k in losses),
+        *extras,
+    ):
         table.add_column(col, justify="right")
     for r in layer_rows:
         counts = r.get("tokens_per_expert") or [0]
         spread = f"{min(counts):.0f}/{sum(counts) / len(counts):.1f}/{max(counts):.0f}"
-        cells = [str(r["layer"]), spread] + [_fmt(r.get(k, "-")) for k in ("load_max_over_mean", "dropped_fraction", "router_entropy", "active_experts_per_token")]
+        cells = [str(r["layer"]), spread] + [
+            _fmt(r.get(k, "-"))
+            for k in ("load_max_over_mean", "dropped_fraction", "router_entropy", "active_experts_per_token")
+        ]
         cells += [_fmt(r.get(k, "-")) for k in (*losses, *extras)]
         table.add_row(*cells)
     return table

@@ -5,6 +5,7 @@ included), a run copies its data's or its starting checkpoint's into `<run dir>/
 imports and upcycles copy the source's, and exports copy the run's with the special-token ids
 in config.json, so that `AutoTokenizer.from_pretrained(export)` loads it.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,15 @@ from pathlib import Path
 
 TOKENIZER_DIR = "tokenizer"
 # what a Hugging Face folder's tokenizer is made of
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+)
 SPECIAL = ("bos", "eos", "pad", "unk")
 
 
@@ -44,7 +53,9 @@ def data_tokenizer(data_cfg) -> Path | None:
     if data_cfg.get("source") != "memmap" or not data_cfg.get("path"):
         return None
     folder = Path(str(data_cfg.path)).expanduser().parent
-    if (folder / TOKENIZER_DIR / "tokenizer.json").is_file() or (folder / TOKENIZER_DIR / "tokenizer_config.json").is_file():
+    if (folder / TOKENIZER_DIR / "tokenizer.json").is_file() or (
+        folder / TOKENIZER_DIR / "tokenizer_config.json"
+    ).is_file():
         return folder / TOKENIZER_DIR
     meta = token_file_meta(Path(str(data_cfg.path)).expanduser()) or {}
     old = Path(str(meta.get("tokenizer") or "")).expanduser()

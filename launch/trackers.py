@@ -6,6 +6,7 @@ object with TensorBoard's calls (add_scalar, add_text, add_histogram); each trac
 its own form. A resumed run continues the same W&B / MLflow run: their ids are kept in the run
 dir. W&B honours its own environment (WANDB_MODE=offline, WANDB_API_KEY, WANDB_ENTITY).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -25,11 +26,15 @@ def chosen(logger) -> list[str]:
     names = [n for n in names if n not in (None, "none")]
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
-        raise ConfigError(f"logger={unknown[0]!r} is unknown; use {', '.join(TRACKERS)}, none, or a list such as logger=[tensorboard,wandb]")
+        raise ConfigError(
+            f"logger={unknown[0]!r} is unknown; use {', '.join(TRACKERS)}, none, or a list such as logger=[tensorboard,wandb]"
+        )
     missing = [n for n in names if importlib.util.find_spec(TRACKERS[n]) is None]
     if missing:
         extra = "pip install 'moeflow[trackers]'" if missing[0] != "tensorboard" else "pip install tensorboard"
-        raise ConfigError(f"logger={missing[0]} needs the {TRACKERS[missing[0]]} package: {extra}, or choose another logger")
+        raise ConfigError(
+            f"logger={missing[0]} needs the {TRACKERS[missing[0]]} package: {extra}, or choose another logger"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -70,17 +75,23 @@ class Trackers:
 
             run_id = _kept_id(Path(run_dir) / WANDB_ID, lambda: uuid.uuid4().hex[:12])
             try:
-                self.wandb = wandb.init(project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir), config=config)
+                self.wandb = wandb.init(
+                    project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir), config=config
+                )
             except Exception as e:  # not logged in, no network: wandb raises its own types
-                raise ConfigError(f"logger=wandb could not start a W&B run ({' '.join(str(e).split())[:200]}); log in with `wandb login`, "
-                                  f"or log locally with WANDB_MODE=offline (then `wandb sync` later)") from None
+                raise ConfigError(
+                    f"logger=wandb could not start a W&B run ({' '.join(str(e).split())[:200]}); log in with `wandb login`, "
+                    f"or log locally with WANDB_MODE=offline (then `wandb sync` later)"
+                ) from None
         if "mlflow" in names:
             import mlflow
 
             uri = tracking.get("mlflow_tracking_uri")
             if uri:
                 mlflow.set_tracking_uri(uri)
-            elif not _env("MLFLOW_TRACKING_URI"):  # a store in the run dir: SQLite where MLflow's database layer is installed
+            elif not _env(
+                "MLFLOW_TRACKING_URI"
+            ):  # a store in the run dir: SQLite where MLflow's database layer is installed
                 if importlib.util.find_spec("sqlalchemy") is not None:
                     mlflow.set_tracking_uri(f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
                 else:  # mlflow-skinny: the file store, which MLflow 3 keeps behind an opt-in

@@ -9,6 +9,7 @@ evaluation behave the same under every engine. Everything the run writes (train.
 TensorBoard events, routing_stats.jsonl, checkpoints) lands in the run dir.
 `moeflow train` (train_command.py) is the command line around it.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,9 @@ log = logging.getLogger("moeflow.train")
 
 
 @torch.no_grad()
-def evaluate(model, sampler: BatchSampler, n_batches: int, device, autocast, rank: int = 0, ranks: int = 1, group=None) -> float:
+def evaluate(
+    model, sampler: BatchSampler, n_batches: int, device, autocast, rank: int = 0, ranks: int = 1, group=None
+) -> float:
     """The validation loss over `n_batches` fixed global batches (data.batch_size x data-parallel ranks
     sequences each, every rank its slice, as in training): the same number on every mesh."""
     model.eval()
@@ -71,7 +74,12 @@ def log_routing(writer: Trackers | None, stats_file, model, step: int, warned: s
             if writer is not None and v.dim() == 0:  # every scalar statistic: balance, entropy, aux losses, drops
                 writer.add_scalar(f"moe/layer{i}/{k}", v.item(), step)
         drop_warning = getattr(layer.dispatcher, "drop_warning", None)
-        if drop_warning is not None and warned is not None and "drops" not in warned and "dispatch_dropped_fraction" in row:
+        if (
+            drop_warning is not None
+            and warned is not None
+            and "drops" not in warned
+            and "dispatch_dropped_fraction" in row
+        ):
             message = drop_warning(row["dispatch_dropped_fraction"], i, step)
             if message:
                 warned.add("drops")
@@ -115,11 +123,24 @@ def training_flops_per_token(model_cfg, seq_len: int) -> float:
     from moeflow.moe.param_count import param_counts
 
     _, active = param_counts(model_cfg)
-    matmul = active - model_cfg.vocab_size * model_cfg.d_model + (model_cfg.vocab_size * model_cfg.d_model if model_cfg.tie_embeddings else 0)
+    matmul = (
+        active
+        - model_cfg.vocab_size * model_cfg.d_model
+        + (model_cfg.vocab_size * model_cfg.d_model if model_cfg.tie_embeddings else 0)
+    )
     return 6.0 * matmul + 12 * model_cfg.n_layers * model_cfg.n_heads * model_cfg.head_size * seq_len
 
 
-DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
+DATASHEET_BF16_TFLOPS = {
+    "H100": 989.4,
+    "H200": 989.4,
+    "H800": 989.4,
+    "GH200": 989.4,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+}
 
 
 def datasheet_peak_flops(device) -> float | None:
@@ -130,7 +151,18 @@ def datasheet_peak_flops(device) -> float | None:
     return next((tf * 1e12 for key, tf in DATASHEET_BF16_TFLOPS.items() if key in name), None)
 
 
-def step_line(step: int, steps: int, loss: float, lr: float, norm: float | None, tok_s: float, flops_token: float, peak: float | None, device, model) -> str:
+def step_line(
+    step: int,
+    steps: int,
+    loss: float,
+    lr: float,
+    norm: float | None,
+    tok_s: float,
+    flops_token: float,
+    peak: float | None,
+    device,
+    model,
+) -> str:
     """One line per log step (run log, and stdout where there is no progress bar): what torchtitan and Megatron print."""
     parts = [f"step {step}/{steps}", f"loss {loss:.4f}", f"lr {lr:.3g}"]
     if norm is not None:
@@ -159,10 +191,20 @@ def refuse_fresh_run_over_checkpoints(cfg: DictConfig, run_dir: Path) -> None:
     if cfg.resume is not None:
         return
     root = Path(run_dir) / ckpt.CKPT_DIR
-    found = sorted(p for p in root.iterdir() if p.is_dir() and (ckpt.STEP_NAME.fullmatch(p.name) or p.name.startswith(ckpt.TMP_PREFIX))) if root.is_dir() else []
+    found = (
+        sorted(
+            p
+            for p in root.iterdir()
+            if p.is_dir() and (ckpt.STEP_NAME.fullmatch(p.name) or p.name.startswith(ckpt.TMP_PREFIX))
+        )
+        if root.is_dir()
+        else []
+    )
     if found:
-        raise ConfigError(f"run dir {run_dir} already holds checkpoints of an earlier run ({found[-1].name}); continue it with resume=auto, "
-                          f"or start a fresh run in a new dir (hydra.run.dir=...)")
+        raise ConfigError(
+            f"run dir {run_dir} already holds checkpoints of an earlier run ({found[-1].name}); continue it with resume=auto, "
+            f"or start a fresh run in a new dir (hydra.run.dir=...)"
+        )
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -193,14 +235,24 @@ def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
     dp = max(1, world // tp)
     per = int(cfg.data.batch_size) * dp
     if g % per:
-        raise ConfigError(f"data.global_batch_size={g} is not a multiple of data.batch_size={cfg.data.batch_size} x {dp} data-parallel ranks = {per}; "
-                          f"choose a global batch that is, or another data.batch_size")
+        raise ConfigError(
+            f"data.global_batch_size={g} is not a multiple of data.batch_size={cfg.data.batch_size} x {dp} data-parallel ranks = {per}; "
+            f"choose a global batch that is, or another data.batch_size"
+        )
     if trainer_cfg.grad_accum not in (1, g // per):
-        raise ConfigError(f"trainer.grad_accum={trainer_cfg.grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them")
+        raise ConfigError(
+            f"trainer.grad_accum={trainer_cfg.grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them"
+        )
     trainer_cfg.grad_accum = g // per
     with open_dict(cfg):
         cfg.trainer.grad_accum = g // per
-    log.info("global batch %d sequences = data.batch_size %d x %d data-parallel ranks x %d accumulation steps", g, cfg.data.batch_size, dp, g // per)
+    log.info(
+        "global batch %d sequences = data.batch_size %d x %d data-parallel ranks x %d accumulation steps",
+        g,
+        cfg.data.batch_size,
+        dp,
+        g // per,
+    )
 
 
 def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
@@ -218,10 +270,20 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
         if src is not None:
             log.info("tokenizer: copied %s into %s", src, run_dir / TOKENIZER_DIR)
     # the trackers start before the model is built: a tracker that cannot start fails the run before any work
-    writer = Trackers(chosen(cfg.get("logger", "tensorboard")), run_dir, OmegaConf.to_container(cfg, resolve=True),
-                      OmegaConf.to_container(cfg.tracking, resolve=True) if cfg.get("tracking") else None) if env.is_main else None
+    writer = (
+        Trackers(
+            chosen(cfg.get("logger", "tensorboard")),
+            run_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            OmegaConf.to_container(cfg.tracking, resolve=True) if cfg.get("tracking") else None,
+        )
+        if env.is_main
+        else None
+    )
     engine = Engine(cfg, model_cfg, trainer_cfg, env, device, run_dir)  # model, optimizer, schedule; resumes if asked
-    if device.type == "cuda":  # the peak this run reports is its own, not an earlier one's in this process (CUDA is up by now)
+    if (
+        device.type == "cuda"
+    ):  # the peak this run reports is its own, not an earlier one's in this process (CUDA is up by now)
         torch.cuda.reset_peak_memory_stats(device)
     model, start_step = engine.model, engine.start_step
 
@@ -234,12 +296,21 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
         log.info("data: %s (%d train / %d val tokens)", splits.description, *splits.token_counts)
         log.info("%s", engine.describe())
         if cfg.optim.warmup_steps >= trainer_cfg.steps:
-            log.warning("optim.warmup_steps=%d >= trainer.steps=%d: the whole run is warmup and the learning rate never reaches optim.lr=%g",
-                        cfg.optim.warmup_steps, trainer_cfg.steps, cfg.optim.lr)
+            log.warning(
+                "optim.warmup_steps=%d >= trainer.steps=%d: the whole run is warmup and the learning rate never reaches optim.lr=%g",
+                cfg.optim.warmup_steps,
+                trainer_cfg.steps,
+                cfg.optim.lr,
+            )
 
     byte_level = cfg.data.source in ("stdlib", "text")
     if env.is_main:  # what the loss scalars mean, once, beside them in TensorBoard
-        writer.add_text("units", "train/loss and val/loss: mean cross-entropy in nats per " + ("byte; val/bits_per_byte = val/loss / ln 2" if byte_level else "token; val/perplexity = exp(val/loss)"), 0)
+        writer.add_text(
+            "units",
+            "train/loss and val/loss: mean cross-entropy in nats per "
+            + ("byte; val/bits_per_byte = val/loss / ln 2" if byte_level else "token; val/perplexity = exp(val/loss)"),
+            0,
+        )
 
     def report_val(loss: float, step: int) -> None:
         writer.add_scalar("val/loss", loss, step)
@@ -247,27 +318,50 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             writer.add_scalar(tag, value, step)
 
     def evaluate_now() -> float:  # every rank evaluates: EP all-to-alls and ZeRO-3 gathers are collective
-        return evaluate(engine.eval_model, val_data, trainer_cfg.eval_batches, device, engine.autocast, data_rank, data_ranks, engine.data_parallel_group)
+        return evaluate(
+            engine.eval_model,
+            val_data,
+            trainer_cfg.eval_batches,
+            device,
+            engine.autocast,
+            data_rank,
+            data_ranks,
+            engine.data_parallel_group,
+        )
 
     if start_step == 0 and trainer_cfg.eval_every > 0:
         result["val_loss_start"] = evaluate_now()
         if env.is_main:
             report_val(result["val_loss_start"], 0)
-            log.info("step 0: val loss %.4f %s", result["val_loss_start"], loss_readings(result["val_loss_start"], byte_level)[0])
+            log.info(
+                "step 0: val loss %.4f %s",
+                result["val_loss_start"],
+                loss_readings(result["val_loss_start"], byte_level)[0],
+            )
 
     if start_step >= trainer_cfg.steps:
         if start_step > trainer_cfg.steps:
-            raise ConfigError(f"the checkpoint resumed is at step {start_step} but trainer.steps={trainer_cfg.steps}: nothing to train; raise trainer.steps above {start_step}")
+            raise ConfigError(
+                f"the checkpoint resumed is at step {start_step} but trainer.steps={trainer_cfg.steps}: nothing to train; raise trainer.steps above {start_step}"
+            )
         log.info("the run is already complete (step %d of %d)", start_step, trainer_cfg.steps)
     # a bar only on a terminal: a Slurm .out or a redirected log gets the one line per log step below
-    bar = tqdm(total=trainer_cfg.steps, initial=start_step, disable=not (trainer_cfg.progress and env.is_main and sys.stderr.isatty()),
-               desc="train", mininterval=1.0, dynamic_ncols=True)
+    bar = tqdm(
+        total=trainer_cfg.steps,
+        initial=start_step,
+        disable=not (trainer_cfg.progress and env.is_main and sys.stderr.isatty()),
+        desc="train",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
     flops_token, peak_flops = training_flops_per_token(model_cfg, cfg.data.seq_len), datasheet_peak_flops(device)
     hooks = RunHooks(env, run_dir, device)  # launcher touch points: preemption, Ray Train reports
     guard = DivergenceGuard(trainer_cfg.on_nonfinite)
     heartbeat = Heartbeat(env.rank, env.world_size)  # names a stalled rank if a collective times out
     collapse = CollapseWatch()  # dead experts, routers that cannot tell experts apart
-    probe = StepProbe(trainer_cfg, run_dir, device, start_step, env.rank, env.world_size, env.is_main)  # trainer.profile, bench phase times
+    probe = StepProbe(
+        trainer_cfg, run_dir, device, start_step, env.rank, env.world_size, env.is_main
+    )  # trainer.profile, bench phase times
 
     t_last, tokens_since, attempt, train_loss = time.perf_counter(), 0, 0, None
     t_start = t_last
@@ -279,7 +373,9 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
             for micro in range(trainer_cfg.grad_accum):
                 x, y = train_data.batch(step, micro, data_rank, data_ranks, attempt)
-                loss, aux = engine.forward_backward(x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1)
+                loss, aux = engine.forward_backward(
+                    x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1
+                )
                 heartbeat.step = step
                 loss_sum += loss.detach().float()
             grad_norm = engine.optimizer_step()
@@ -306,29 +402,59 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                     bar.update(step)
                     continue
             if env.enabled and log_now:
-                sync_routing_stats(model, engine.data_parallel_group)  # collective: routing statistics of the global batch
+                sync_routing_stats(
+                    model, engine.data_parallel_group
+                )  # collective: routing statistics of the global batch
             if env.is_main and log_now:
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_since / max(elapsed, 1e-9)
                 t_last, tokens_since = time.perf_counter(), 0
                 result["tokens_per_s"] = tok_s  # of the last logging interval (`moeflow bench train` reads it)
-                scalars = {"train/loss": train_loss, "train/aux_loss": aux.item(), "train/lr": engine.lr(), "train/grad_norm": norm, "train/tokens_per_s": tok_s}
+                scalars = {
+                    "train/loss": train_loss,
+                    "train/aux_loss": aux.item(),
+                    "train/lr": engine.lr(),
+                    "train/grad_norm": norm,
+                    "train/tokens_per_s": tok_s,
+                }
                 for k, v in scalars.items():
                     if v is not None:  # DeepSpeed has no grad norm without clipping
                         writer.add_scalar(k, v, done)
                 log_routing(writer, stats_file, model, done, warned)
                 collapse.check(model, done)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                log.info("%s", step_line(done, trainer_cfg.steps, train_loss, engine.lr(), norm, tok_s, flops_token, peak_flops, device, model))
+                log.info(
+                    "%s",
+                    step_line(
+                        done,
+                        trainer_cfg.steps,
+                        train_loss,
+                        engine.lr(),
+                        norm,
+                        tok_s,
+                        flops_token,
+                        peak_flops,
+                        device,
+                        model,
+                    ),
+                )
             if eval_now:
                 val = evaluate_now()
                 result["val_loss"] = val
                 if env.is_main:
                     report_val(val, done)
-                    log.info("step %d: train loss %.4f, val loss %.4f %s", done, train_loss, val, loss_readings(val, byte_level)[0])
+                    log.info(
+                        "step %d: train loss %.4f, val loss %.4f %s",
+                        done,
+                        train_loss,
+                        val,
+                        loss_readings(val, byte_level)[0],
+                    )
             if save_now:
                 hooks.on_checkpoint(done, result, engine.save(done))
-            if hooks.stop_requested():  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop; or Ctrl-C/SIGTERM outside Slurm
+            if (
+                hooks.stop_requested()
+            ):  # preempted (SIGUSR1/SIGTERM): checkpoint, requeue, stop; or Ctrl-C/SIGTERM outside Slurm
                 engine.save(done)
                 hooks.on_preempted(done)
                 result["preempted"] = True
@@ -362,8 +488,10 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     if result.get("preempted") and not hooks.armed:
         from moeflow.moe.errors import Interrupted
 
-        raise Interrupted(f"stopped by {result['stopped_by']} after step {result['step']}, checkpoint saved in {run_dir / ckpt.CKPT_DIR}; "
-                          f"continue with the same command plus resume=auto hydra.run.dir={run_dir}")
+        raise Interrupted(
+            f"stopped by {result['stopped_by']} after step {result['step']}, checkpoint saved in {run_dir / ckpt.CKPT_DIR}; "
+            f"continue with the same command plus resume=auto hydra.run.dir={run_dir}"
+        )
     return result
 
 

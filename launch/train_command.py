@@ -5,6 +5,7 @@ torch) before anything heavy is imported, so a typo fails in about a second; the
 semantic checks; then a launcher (launcher=local|slurm|ray) starts the real processes, or
 Hydra runs `train()` in this process with the run dir as its output dir.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ def shared_run_dir(args: list[str]) -> list[str]:
         return args
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if run_id in ("", "none"):
-        raise ConfigError("under torchrun all ranks need the same run dir; pass hydra.run.dir=... (or launch with torchrun --standalone)")
+        raise ConfigError(
+            "under torchrun all ranks need the same run dir; pass hydra.run.dir=... (or launch with torchrun --standalone)"
+        )
     return [*args, f"hydra.run.dir=outputs/torchrun/{run_id}"]
 
 

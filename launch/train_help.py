@@ -3,6 +3,7 @@
 Each config group lists its choices with the first comment line of each choice's YAML file, so
 the help stays what the shipped configs say. Hydra's own help is `moeflow train --hydra-help`.
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -32,10 +33,14 @@ def help_text() -> str:
     for entry in yaml.safe_load((root / "train.yaml").read_text())["defaults"]:
         if isinstance(entry, dict):
             defaults.update(entry)
-    lines = ["usage: moeflow train [GROUP=CHOICE ...] [KEY=VALUE ...] [--cfg job] [-m]", "",
-             "Train an MoE language model. Every option is a Hydra config key: override any with KEY=VALUE",
-             "(e.g. model.num_experts=16 trainer.steps=1000); `moeflow train --cfg job` prints them all.", "",
-             "config groups (GROUP=CHOICE):"]
+    lines = [
+        "usage: moeflow train [GROUP=CHOICE ...] [KEY=VALUE ...] [--cfg job] [-m]",
+        "",
+        "Train an MoE language model. Every option is a Hydra config key: override any with KEY=VALUE",
+        "(e.g. model.num_experts=16 trainer.steps=1000); `moeflow train --cfg job` prints them all.",
+        "",
+        "config groups (GROUP=CHOICE):",
+    ]
     for group in GROUPS:
         choices = sorted(p.name[: -len(".yaml")] for p in (root / group).iterdir() if p.name.endswith(".yaml"))
         lines.append(f"  {group}")

@@ -6,6 +6,7 @@ few seconds; a rank that is stopped (SIGSTOP), swapped out or dead stops writing
 collective times out, the rank that saw it reads every heartbeat and names the ranks whose
 heartbeat is oldest: the one that stalled, not the one that waited.
 """
+
 from __future__ import annotations
 
 import threading
@@ -60,10 +61,16 @@ class Heartbeat:
 
     def explain(self, err: BaseException, timeout_s: float) -> StalledPeer:
         stalled = [s for s in self.stalled_ranks() if s[0] != self.rank]
-        who = ", ".join(f"rank {r} (silent for {age:.0f} s, at step {step})" for r, age, step in stalled[:4]) if stalled else "no rank's heartbeat stopped (all alive but one is slower than the timeout)"
+        who = (
+            ", ".join(f"rank {r} (silent for {age:.0f} s, at step {step})" for r, age, step in stalled[:4])
+            if stalled
+            else "no rank's heartbeat stopped (all alive but one is slower than the timeout)"
+        )
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        return StalledPeer(f"rank {self.rank}: a collective waited more than trainer.collective_timeout={timeout_s:g} s ({first}); stalled: {who}. "
-                           f"Look at that rank's log and host; raise trainer.collective_timeout if steps are legitimately this slow")
+        return StalledPeer(
+            f"rank {self.rank}: a collective waited more than trainer.collective_timeout={timeout_s:g} s ({first}); stalled: {who}. "
+            f"Look at that rank's log and host; raise trainer.collective_timeout if steps are legitimately this slow"
+        )
 
     def close(self) -> None:
         self._stop.set()
@@ -82,4 +89,6 @@ def _store():
 
 def is_timeout(err: BaseException) -> bool:
     text = f"{type(err).__name__} {err}".lower()
-    return isinstance(err, (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError)) and ("timed out" in text or "timeout" in text)
+    return isinstance(
+        err, (RuntimeError, dist.DistBackendError if hasattr(dist, "DistBackendError") else RuntimeError)
+    ) and ("timed out" in text or "timeout" in text)

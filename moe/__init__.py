@@ -3,17 +3,33 @@
 The names below load on first use (PEP 562), so `moeflow.moe.errors` and `moeflow.moe.config`
 import without torch: the CLI checks a command line before paying for the heavy imports.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "DispatchPlan": "routing", "LocalDispatcher": "dispatch", "combine": "routing", "plan_dispatch": "routing",
-    "MLP": "experts", "SharedExpert": "experts", "GroupedExperts": "experts", "expert_mlp": "experts",
-    "GATES": "gates", "Gate": "gates", "RouterOutput": "routing", "build_gate": "gates", "register_gate": "gates",
-    "MoELayer": "layer", "moe_layers": "layer", "moe_aux_loss": "layer",
-    "ModelConfig": "config", "Transformer": "model",
-    "UpcycleOptions": "upcycle", "upcycle_model": "upcycle", "upcycle_transformer": "upcycle",
+    "DispatchPlan": "routing",
+    "LocalDispatcher": "dispatch",
+    "combine": "routing",
+    "plan_dispatch": "routing",
+    "MLP": "experts",
+    "SharedExpert": "experts",
+    "GroupedExperts": "experts",
+    "expert_mlp": "experts",
+    "GATES": "gates",
+    "Gate": "gates",
+    "RouterOutput": "routing",
+    "build_gate": "gates",
+    "register_gate": "gates",
+    "MoELayer": "layer",
+    "moe_layers": "layer",
+    "moe_aux_loss": "layer",
+    "ModelConfig": "config",
+    "Transformer": "model",
+    "UpcycleOptions": "upcycle",
+    "upcycle_model": "upcycle",
+    "upcycle_transformer": "upcycle",
 }
 __all__ = sorted(_EXPORTS)
 

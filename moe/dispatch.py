@@ -10,6 +10,7 @@ shared with the expert-parallel dispatchers.
 
 Shape suffixes: T tokens, D model dim, E experts, A assignments (sorted by expert).
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Every layer raises a `MoeflowError` (or a subclass naming the area) for bad inpu
 `moeflow` CLI catches it and prints `moeflow <command>: error: <message>`, exit code 2
 (`exit_code` says otherwise). Anything else is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

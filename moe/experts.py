@@ -6,6 +6,7 @@ implementation here is the CPU path and the oracle for the Triton kernels.
 
 Shape suffixes: A grouped rows, D model dim, F expert hidden dim, E experts.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -85,7 +86,15 @@ class GroupedExperts(nn.Module):
         nor with `permute_fusion` off (tensor parallelism must reduce the rows before they are gate-weighted)."""
         return self.permute_fusion and self.impl in ROUTED_IMPLEMENTATIONS and self.b1_EF is None and self.b2_ED is None
 
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu", impl: str = "torch", bias: bool = False):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        d_ff: int,
+        activation: str = "swiglu",
+        impl: str = "torch",
+        bias: bool = False,
+    ):
         super().__init__()
         _check_activation(activation)
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
@@ -149,10 +158,13 @@ def local_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
 def torch_loop(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Per-expert loop over the row groups (reference implementation)."""
     outs = []
-    w1, w3, w2, b1, b3, b2 = (local_tensor(t) for t in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD, experts.b1_EF, experts.b3_EF, experts.b2_ED))
+    w1, w3, w2, b1, b3, b2 = (
+        local_tensor(t)
+        for t in (experts.w1_EDF, experts.w3_EDF, experts.w2_EFD, experts.b1_EF, experts.b3_EF, experts.b2_ED)
+    )
     counts = counts_E.tolist()
     rest = x_AD.shape[0] - sum(counts)  # rows past the last group (a worst-case receive buffer's tail): zeros out
-    for e, rows_AD in enumerate(torch.split(x_AD, counts + [rest])[:len(counts)]):
+    for e, rows_AD in enumerate(torch.split(x_AD, counts + [rest])[: len(counts)]):
         biases = [b[e] if b is not None else None for b in (b1, b3, b2)]
         outs.append(expert_mlp(rows_AD, w1[e], w3[e] if w3 is not None else None, w2[e], *biases))
     if rest:
@@ -215,8 +227,9 @@ def triton_routed(experts: GroupedExperts, x_TD: torch.Tensor, plan) -> torch.Te
 
         return combine(torch_loop(experts, x_TD[plan.token_A], plan.counts_E), plan)
     ops, (x, w1, w3, w2) = found
-    return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A, plan.token_order_A,
-                                 gather_rows=experts.gather_rows)
+    return ops.expert_mlp_routed(
+        x, w1, w3, w2, plan.counts_E, plan.token_A, plan.weight_A, plan.token_order_A, gather_rows=experts.gather_rows
+    )
 
 
 def grouped_mm(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

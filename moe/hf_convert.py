@@ -11,6 +11,7 @@ The MoE architectures (Mixtral, Qwen2/3-MoE, OLMoE), both ways, live in `moeflow
 an upcycled Llama/Mistral exports as Mixtral, Qwen2 as Qwen2-MoE, Qwen3 as Qwen3-MoE (`FAMILIES`).
 Other architectures (GPT-2, BERT, ...) go through the generic path, `moeflow.moe.upcycle.upcycle_model`.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,16 @@ SHARD_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # tensors some checkpoints carry that hold no weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+_COPY_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
 
 
 def supported_message(model_type: str | None) -> str:
@@ -61,14 +71,18 @@ class HFCheckpoint:
 def read_config(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_dir():
-        raise ConversionError(f"{p} is not a folder; pass a Hugging Face model folder (config.json + safetensors) or a moeflow checkpoint")
+        raise ConversionError(
+            f"{p} is not a folder; pass a Hugging Face model folder (config.json + safetensors) or a moeflow checkpoint"
+        )
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{p} has no config.json; pass the folder that `save_pretrained` wrote")
     try:
         return json.loads(cfg_file.read_text())
     except ValueError as e:
-        raise ConversionError(f"{cfg_file} is not valid JSON ({e}); restore the file from the original checkpoint") from None
+        raise ConversionError(
+            f"{cfg_file} is not valid JSON ({e}); restore the file from the original checkpoint"
+        ) from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -84,10 +98,14 @@ def weight_files(path: Path) -> list[Path]:
         shards = sorted(set(weight_map.values()))
         outside = [s for s in shards if path.resolve() not in (path / s).resolve().parents]
         if outside:  # an index is data from elsewhere: it names files of this folder, nothing else
-            raise ConversionError(f"{index} lists {outside[0]!r}, outside {path}; shards of a model folder sit inside it")
+            raise ConversionError(
+                f"{index} lists {outside[0]!r}, outside {path}; shards of a model folder sit inside it"
+            )
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
-            raise ConversionError(f"{path} is missing {len(missing)} of {len(shards)} shards listed in {SHARD_INDEX}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; copy them into the folder")
+            raise ConversionError(
+                f"{path} is missing {len(missing)} of {len(shards)} shards listed in {SHARD_INDEX}: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; copy them into the folder"
+            )
         return [path / s for s in shards]
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
@@ -95,8 +113,12 @@ def weight_files(path: Path) -> list[Path]:
     if found:
         return found
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ConversionError(f"{path} holds only pickle weights (.bin/.pt); re-save it with `save_pretrained(dir, safe_serialization=True)` to get safetensors")
-    raise ConversionError(f"{path} has no safetensors weights ({SINGLE_FILE} or {SHARD_INDEX}); pass a complete model folder")
+        raise ConversionError(
+            f"{path} holds only pickle weights (.bin/.pt); re-save it with `save_pretrained(dir, safe_serialization=True)` to get safetensors"
+        )
+    raise ConversionError(
+        f"{path} has no safetensors weights ({SINGLE_FILE} or {SHARD_INDEX}); pass a complete model folder"
+    )
 
 
 def read_checkpoint(path: str | Path, dtype: torch.dtype | None = torch.float32) -> HFCheckpoint:
@@ -146,11 +168,15 @@ def model_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_le
         raise ConversionError(supported_message(mt))
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ConversionError(f"hidden_act={act!r}: only SwiGLU (silu) MLPs convert exactly; use the generic path (`--generic`)")
+        raise ConversionError(
+            f"hidden_act={act!r}: only SwiGLU (silu) MLPs convert exactly; use the generic path (`--generic`)"
+        )
     if cfg.get("mlp_bias"):
         raise ConversionError("mlp_bias=true is not supported by the converter; use the generic path (`--generic`)")
     if any(k.endswith("self_attn.o_proj.bias") for k in tensors):
-        raise ConversionError("the checkpoint has attention output biases (o_proj.bias), which the moeflow model does not represent; use the generic path (`--generic`)")
+        raise ConversionError(
+            "the checkpoint has attention output biases (o_proj.bias), which the moeflow model does not represent; use the generic path (`--generic`)"
+        )
     try:
         d, L, H = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
         F_, V = int(cfg["intermediate_size"]), int(cfg["vocab_size"])
@@ -166,30 +192,66 @@ def model_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_le
     tied = bool(cfg.get("tie_word_embeddings", False))
     try:
         return ModelConfig(
-            vocab_size=V, d_model=d, n_layers=L, n_heads=H, max_seq_len=seq, d_ff=F_, dense_d_ff=F_,
-            num_experts=1, top_k=1, moe_every=0, activation="swiglu", rope_theta=theta, rope_scaling=scaling,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or H), head_dim=head_dim if head_dim * H != d else None,
+            vocab_size=V,
+            d_model=d,
+            n_layers=L,
+            n_heads=H,
+            max_seq_len=seq,
+            d_ff=F_,
+            dense_d_ff=F_,
+            num_experts=1,
+            top_k=1,
+            moe_every=0,
+            activation="swiglu",
+            rope_theta=theta,
+            rope_scaling=scaling,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or H),
+            head_dim=head_dim if head_dim * H != d else None,
             attn_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
             qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=tied,
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=tied,
         )
     except ValueError as e:
         raise ConversionError(f"config.json describes a model moeflow cannot build: {e}") from None
 
 
 def _expected_hf(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    d, H, KV, hd, F_ = model_cfg.d_model, model_cfg.n_heads, model_cfg.kv_heads, model_cfg.head_size, model_cfg.dense_d_ff
-    shapes = {"model.embed_tokens.weight": (model_cfg.vocab_size, d), "model.norm.weight": (d,), "lm_head.weight": (model_cfg.vocab_size, d)}
+    d, H, KV, hd, F_ = (
+        model_cfg.d_model,
+        model_cfg.n_heads,
+        model_cfg.kv_heads,
+        model_cfg.head_size,
+        model_cfg.dense_d_ff,
+    )
+    shapes = {
+        "model.embed_tokens.weight": (model_cfg.vocab_size, d),
+        "model.norm.weight": (d,),
+        "lm_head.weight": (model_cfg.vocab_size, d),
+    }
     for i in range(model_cfg.n_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (H * hd, d), p + "self_attn.k_proj.weight": (KV * hd, d),
-            p + "self_attn.v_proj.weight": (KV * hd, d), p + "self_attn.o_proj.weight": (d, H * hd),
-            p + "mlp.gate_proj.weight": (F_, d), p + "mlp.up_proj.weight": (F_, d), p + "mlp.down_proj.weight": (d, F_),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (H * hd, d),
+                p + "self_attn.k_proj.weight": (KV * hd, d),
+                p + "self_attn.v_proj.weight": (KV * hd, d),
+                p + "self_attn.o_proj.weight": (d, H * hd),
+                p + "mlp.gate_proj.weight": (F_, d),
+                p + "mlp.up_proj.weight": (F_, d),
+                p + "mlp.down_proj.weight": (d, F_),
+            }
+        )
         if model_cfg.attn_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (H * hd,), p + "self_attn.k_proj.bias": (KV * hd,), p + "self_attn.v_proj.bias": (KV * hd,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (H * hd,),
+                    p + "self_attn.k_proj.bias": (KV * hd,),
+                    p + "self_attn.v_proj.bias": (KV * hd,),
+                }
+            )
         if model_cfg.qk_norm:
             shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     return shapes
@@ -200,15 +262,25 @@ def check_weights(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor], path
     tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
     expected = _expected_hf(model_cfg)
     if model_cfg.tie_embeddings:
-        if "lm_head.weight" in tensors and not torch.equal(tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight", tensors["lm_head.weight"])):
-            raise ConversionError(f"{path}/config.json says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; set tie_word_embeddings to false in config.json")
+        if "lm_head.weight" in tensors and not torch.equal(
+            tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight", tensors["lm_head.weight"])
+        ):
+            raise ConversionError(
+                f"{path}/config.json says tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight; set tie_word_embeddings to false in config.json"
+            )
         tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
         expected.pop("lm_head.weight")
     elif "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
-        raise ConversionError(f"{path} has no lm_head.weight and config.json says tie_word_embeddings=false; if the model shares its input and output embeddings, set tie_word_embeddings to true")
+        raise ConversionError(
+            f"{path} has no lm_head.weight and config.json says tie_word_embeddings=false; if the model shares its input and output embeddings, set tie_word_embeddings to true"
+        )
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: {tuple(tensors[k].shape)} vs config {expected[k]}" for k in sorted(expected) if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    wrong = [
+        f"{k}: {tuple(tensors[k].shape)} vs config {expected[k]}"
+        for k in sorted(expected)
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    ]
     if missing or unexpected or wrong:
         parts = []
         if wrong:
@@ -217,7 +289,9 @@ def check_weights(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor], path
             parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise ConversionError(f"the weights in {path} do not match its config.json ({model_type_of(model_cfg)}): {'; '.join(parts)}; use the config.json that was saved with these weights")
+        raise ConversionError(
+            f"the weights in {path} do not match its config.json ({model_type_of(model_cfg)}): {'; '.join(parts)}; use the config.json that was saved with these weights"
+        )
     return tensors
 
 
@@ -292,7 +366,9 @@ def hf_to_moeflow_state(model_cfg: ModelConfig, tensors: dict[str, torch.Tensor]
     return out
 
 
-def load_dense(path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Transformer, HFCheckpoint]:
+def load_dense(
+    path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, HFCheckpoint]:
     """A Llama-family Hugging Face folder as a dense moeflow `Transformer` (same function)."""
     ckpt = read_checkpoint(path, dtype)
     model_cfg = model_config_from_hf(ckpt.config, ckpt.tensors, max_seq_len)
@@ -301,13 +377,17 @@ def load_dense(path: str | Path, max_seq_len: int | None = None, dtype: torch.dt
         model = Transformer(model_cfg)
     model.load_state_dict(hf_to_moeflow_state(model_cfg, tensors), assign=True, strict=True)
     for block in model.blocks:  # non-persistent rotary tables were built on the meta device
-        block.attn.rotary = Rotary(model_cfg.head_size, model_cfg.max_seq_len, model_cfg.rope_theta, model_cfg.rope_scaling)
+        block.attn.rotary = Rotary(
+            model_cfg.head_size, model_cfg.max_seq_len, model_cfg.rope_theta, model_cfg.rope_scaling
+        )
     if model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.to(dtype).eval(), ckpt
 
 
-def save_hf(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path | None = None, shard_gib: float = 5.0) -> None:
+def save_hf(
+    folder: Path, config: dict, tensors: dict[str, torch.Tensor], source: Path | None = None, shard_gib: float = 5.0
+) -> None:
     """config.json + safetensors (sharded with an index past `shard_gib`, as `save_pretrained` does)
     (+ the source's tokenizer files) into an existing folder."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -331,9 +411,9 @@ def save_hf(folder: Path, config: dict, tensors: dict[str, torch.Tensor], source
 
 def dtype_of(cfg: dict) -> torch.dtype:
     name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).replace("torch.", ""), torch.float32)
-
-
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        str(name).replace("torch.", ""), torch.float32
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -383,12 +463,31 @@ def load_upcycled(path: str | Path, dtype: torch.dtype = torch.float32):
     upcycle_model(model, options=UpcycleOptions(**recipe["options"]), selector=recipe.get("selector"))
     missing, unexpected = load_model(model, str(p / SINGLE_FILE), strict=False)
     if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise ConversionError(f"{p}: saved weights do not match the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConversionError(
+            f"{p}: saved weights do not match the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval()
 
 
 __all__ = [
-    "FAMILIES", "GENERIC", "ConversionError", "HFCheckpoint", "read_config", "read_checkpoint", "weight_files",
-    "model_config_from_hf", "check_weights", "hf_to_moeflow_state", "attention_to_moeflow", "attention_to_hf", "load_dense",
-    "save_hf", "rotary_perm", "supported_message", "dtype_of", "load_hf_model", "save_generic", "load_upcycled",
+    "FAMILIES",
+    "GENERIC",
+    "ConversionError",
+    "HFCheckpoint",
+    "read_config",
+    "read_checkpoint",
+    "weight_files",
+    "model_config_from_hf",
+    "check_weights",
+    "hf_to_moeflow_state",
+    "attention_to_moeflow",
+    "attention_to_hf",
+    "load_dense",
+    "save_hf",
+    "rotary_perm",
+    "supported_message",
+    "dtype_of",
+    "load_hf_model",
+    "save_generic",
+    "load_upcycled",
 ]

@@ -14,6 +14,7 @@ DeepSeek-V2/V3 are refused on import: their multi-head latent attention (keys an
 from a low-rank latent, a separate rotary part) is not moeflow's attention, so no exact
 moeflow model exists. Their routing is expressible (`gate=deepseek_v3`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -47,10 +48,30 @@ class Arch:
 
 
 ARCHS = {
-    "mixtral": Arch("MixtralForCausalLM", "block_sparse_moe.", ("w1", "w3", "w2"), ("num_local_experts",), "intermediate_size"),
-    "qwen2_moe": Arch("Qwen2MoeForCausalLM", "mlp.", ("gate_proj", "up_proj", "down_proj"), ("num_experts", "num_local_experts"), "moe_intermediate_size"),
-    "qwen3_moe": Arch("Qwen3MoeForCausalLM", "mlp.", ("gate_proj", "up_proj", "down_proj"), ("num_experts", "num_local_experts"), "moe_intermediate_size"),
-    "olmoe": Arch("OlmoeForCausalLM", "mlp.", ("gate_proj", "up_proj", "down_proj"), ("num_experts", "num_local_experts"), "intermediate_size"),
+    "mixtral": Arch(
+        "MixtralForCausalLM", "block_sparse_moe.", ("w1", "w3", "w2"), ("num_local_experts",), "intermediate_size"
+    ),
+    "qwen2_moe": Arch(
+        "Qwen2MoeForCausalLM",
+        "mlp.",
+        ("gate_proj", "up_proj", "down_proj"),
+        ("num_experts", "num_local_experts"),
+        "moe_intermediate_size",
+    ),
+    "qwen3_moe": Arch(
+        "Qwen3MoeForCausalLM",
+        "mlp.",
+        ("gate_proj", "up_proj", "down_proj"),
+        ("num_experts", "num_local_experts"),
+        "moe_intermediate_size",
+    ),
+    "olmoe": Arch(
+        "OlmoeForCausalLM",
+        "mlp.",
+        ("gate_proj", "up_proj", "down_proj"),
+        ("num_experts", "num_local_experts"),
+        "intermediate_size",
+    ),
 }
 REFUSED = {
     "deepseek_v2": "its multi-head latent attention (k/v from a low-rank latent with a decoupled rotary part) is not moeflow's attention, so no exact moeflow model exists",
@@ -60,7 +81,9 @@ REFUSED = {
 
 def unsupported(model_type: str | None) -> ConversionError:
     why = f" ({REFUSED[model_type]})" if model_type in REFUSED else ""
-    return ConversionError(f"architecture {model_type!r} cannot be imported{why}; supported MoE architectures: {', '.join(ARCHS)} (dense Llama/Mistral/Qwen2/Qwen3 models: `moeflow upcycle`)")
+    return ConversionError(
+        f"architecture {model_type!r} cannot be imported{why}; supported MoE architectures: {', '.join(ARCHS)} (dense Llama/Mistral/Qwen2/Qwen3 models: `moeflow upcycle`)"
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -72,7 +95,9 @@ def _int(cfg: dict, key: str, default=None) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ConversionError(f"config.json lacks a usable {key!r} entry (got {value!r}); restore the original config.json") from None
+        raise ConversionError(
+            f"config.json lacks a usable {key!r} entry (got {value!r}); restore the original config.json"
+        ) from None
 
 
 def moe_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_len: int | None = None) -> ModelConfig:
@@ -86,10 +111,19 @@ def moe_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_len:
     if cfg.get("clip_qkv") is not None:
         raise ConversionError(f"clip_qkv={cfg['clip_qkv']}: moeflow's attention does not clamp q/k/v; no exact import")
     if any(k.endswith("self_attn.o_proj.bias") for k in tensors):
-        raise ConversionError("the checkpoint has attention output biases (o_proj.bias), which moeflow's attention does not have")
+        raise ConversionError(
+            "the checkpoint has attention output biases (o_proj.bias), which moeflow's attention does not have"
+        )
     if cfg.get("mlp_only_layers"):
-        raise ConversionError(f"mlp_only_layers={cfg['mlp_only_layers']}: moeflow places dense layers every model.moe_every blocks only, not at a list of positions")
-    d, L, H, V = _int(cfg, "hidden_size"), _int(cfg, "num_hidden_layers"), _int(cfg, "num_attention_heads"), _int(cfg, "vocab_size")
+        raise ConversionError(
+            f"mlp_only_layers={cfg['mlp_only_layers']}: moeflow places dense layers every model.moe_every blocks only, not at a list of positions"
+        )
+    d, L, H, V = (
+        _int(cfg, "hidden_size"),
+        _int(cfg, "num_hidden_layers"),
+        _int(cfg, "num_attention_heads"),
+        _int(cfg, "vocab_size"),
+    )
     experts_key = next((k for k in arch.num_experts_keys if cfg.get(k) is not None), arch.num_experts_keys[0])
     E, K, F_ = _int(cfg, experts_key), _int(cfg, "num_experts_per_tok"), _int(cfg, arch.expert_ff_key)
     head_dim = int(cfg.get("head_dim") or d // H)
@@ -101,18 +135,37 @@ def moe_config_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], max_seq_len:
     shared_ff = _int(cfg, "shared_expert_intermediate_size", 0) if mt == "qwen2_moe" else 0
     sparse_step = _int(cfg, "decoder_sparse_step", 1) if mt in ("qwen2_moe", "qwen3_moe") else 1
     renormalize = True if mt == "mixtral" else bool(cfg.get("norm_topk_prob", False))
-    gate = {"name": "topk", "score_func": "softmax", "renormalize": renormalize, "aux_loss_coef": float(cfg.get("router_aux_loss_coef", 0.01))}
+    gate = {
+        "name": "topk",
+        "score_func": "softmax",
+        "renormalize": renormalize,
+        "aux_loss_coef": float(cfg.get("router_aux_loss_coef", 0.01)),
+    }
     try:
         return ModelConfig(
-            vocab_size=V, d_model=d, n_layers=L, n_heads=H, max_seq_len=min(limit, max_seq_len or 4096),
-            d_ff=F_, dense_d_ff=_int(cfg, "intermediate_size") if sparse_step > 1 else None,
-            num_experts=E, top_k=K, moe_every=sparse_step, activation="swiglu",
-            shared_experts=1 if shared_ff else 0, shared_d_ff=shared_ff or None, shared_expert_gate=bool(shared_ff),
-            rope_theta=theta, rope_scaling=scaling, n_kv_heads=int(cfg.get("num_key_value_heads") or H),
+            vocab_size=V,
+            d_model=d,
+            n_layers=L,
+            n_heads=H,
+            max_seq_len=min(limit, max_seq_len or 4096),
+            d_ff=F_,
+            dense_d_ff=_int(cfg, "intermediate_size") if sparse_step > 1 else None,
+            num_experts=E,
+            top_k=K,
+            moe_every=sparse_step,
+            activation="swiglu",
+            shared_experts=1 if shared_ff else 0,
+            shared_d_ff=shared_ff or None,
+            shared_expert_gate=bool(shared_ff),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or H),
             head_dim=head_dim if head_dim * H != d else None,
             attn_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
-            qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors, qk_norm_scope="proj" if mt == "olmoe" else "head",
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
+            qk_norm_scope="proj" if mt == "olmoe" else "head",
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             gate=gate,
         )
     except ValueError as e:
@@ -165,7 +218,9 @@ class _Taken(Mapping):
 
     def __getitem__(self, key):
         if key not in self.tensors:
-            raise ConversionError(f"the weights do not match config.json: {key} is missing; use the config.json saved with these weights")
+            raise ConversionError(
+                f"the weights do not match config.json: {key} is missing; use the config.json saved with these weights"
+            )
         self.used.add(key)
         return self.tensors[key]
 
@@ -209,7 +264,9 @@ def iter_moeflow_tensors(model_cfg: ModelConfig, tensors: Mapping, model_type: s
     yield "norm.weight", t["model.norm.weight"]
     unexpected = sorted(set(t) - t.used) if check_unused else []
     if unexpected:
-        raise ConversionError(f"the weights do not match config.json ({model_type}): unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}; use the config.json saved with these weights")
+        raise ConversionError(
+            f"the weights do not match config.json ({model_type}): unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}; use the config.json saved with these weights"
+        )
 
 
 class _Filtered(Mapping):
@@ -236,23 +293,38 @@ def hf_moe_to_moeflow_state(model_cfg: ModelConfig, tensors: Mapping, model_type
     return dict(iter_moeflow_tensors(model_cfg, tensors, model_type))
 
 
-def build_from_state(model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> Transformer:
+def build_from_state(
+    model_cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> Transformer:
     """A moeflow model holding exactly `state` (shapes checked, in one line)."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     try:
         model.load_state_dict(state, assign=True, strict=True)
     except RuntimeError as e:
-        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "Missing" in line or "Unexpected" in line), str(e)[:300])
-        raise ConversionError(f"the weights do not fit the shapes in config.json: {first}; use the config.json saved with these weights") from None
+        first = next(
+            (
+                line.strip()
+                for line in str(e).splitlines()
+                if "size mismatch" in line or "Missing" in line or "Unexpected" in line
+            ),
+            str(e)[:300],
+        )
+        raise ConversionError(
+            f"the weights do not fit the shapes in config.json: {first}; use the config.json saved with these weights"
+        ) from None
     for block in model.blocks:  # non-persistent rotary tables were built on the meta device
-        block.attn.rotary = Rotary(model_cfg.head_size, model_cfg.max_seq_len, model_cfg.rope_theta, model_cfg.rope_scaling)
+        block.attn.rotary = Rotary(
+            model_cfg.head_size, model_cfg.max_seq_len, model_cfg.rope_theta, model_cfg.rope_scaling
+        )
     if model_cfg.tie_embeddings:
         model.lm_head.weight = model.embed.weight
     return model.to(dtype).eval()
 
 
-def load_moe(path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[Transformer, HFCheckpoint]:
+def load_moe(
+    path: str | Path, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Transformer, HFCheckpoint]:
     """A Hugging Face MoE folder as a moeflow `Transformer` computing the same function (in memory)."""
     cfg, tensors = open_moe(path, dtype)
     model_cfg = moe_config_from_hf(cfg, tensors, max_seq_len)
@@ -290,10 +362,14 @@ def export_blockers(model_cfg: ModelConfig, target: str) -> list[str]:
         if g.get("n_groups") is not None or g.get("topk_groups") is not None:
             out.append(f"gate.n_groups/gate.topk_groups (group-limited routing): {target} picks from all experts")
         if g.get("bias_update_rate", 0.0) > 0:
-            out.append(f"gate.bias_update_rate={g.get('bias_update_rate')} (expert-bias balancing changes which experts are picked): {target} has no expert bias")
+            out.append(
+                f"gate.bias_update_rate={g.get('bias_update_rate')} (expert-bias balancing changes which experts are picked): {target} has no expert bias"
+            )
         renorm = g.get("renormalize", True) or g.get("topk_before_softmax", False)
         if target == "mixtral" and not renorm:
-            out.append("gate.renormalize=false: Mixtral always renormalises the top-k weights; export as qwen3_moe or olmoe (norm_topk_prob=false)")
+            out.append(
+                "gate.renormalize=false: Mixtral always renormalises the top-k weights; export as qwen3_moe or olmoe (norm_topk_prob=false)"
+            )
     if model_cfg.activation != "swiglu":
         out.append(f"model.activation={model_cfg.activation}: {target} experts are SwiGLU")
     if model_cfg.moe_every != 1 and target in ("mixtral", "olmoe"):
@@ -301,14 +377,22 @@ def export_blockers(model_cfg: ModelConfig, target: str) -> list[str]:
     if model_cfg.moe_every == 0:
         out.append("model.moe_every=0 (a dense model): export it as its dense architecture instead")
     if model_cfg.shared_experts and target != "qwen2_moe":
-        out.append(f"model.shared_experts={model_cfg.shared_experts}: {target} has no shared expert (qwen2_moe has one)")
+        out.append(
+            f"model.shared_experts={model_cfg.shared_experts}: {target} has no shared expert (qwen2_moe has one)"
+        )
     if model_cfg.attn_bias and target not in ("qwen2_moe",):
         out.append(f"model.attn_bias=true: {target} has no q/k/v biases (qwen2_moe has them)")
     want_norm = {"qwen3_moe": "head", "olmoe": "proj"}.get(target)
     have_norm = model_cfg.qk_norm_scope if model_cfg.qk_norm else None
     if have_norm != want_norm:
-        need_text = {"head": "q/k norms per head (model.qk_norm=true)", "proj": "q/k norms over the projection (model.qk_norm_scope=proj)", None: "no q/k norms"}
-        out.append(f"model.qk_norm={model_cfg.qk_norm} qk_norm_scope={model_cfg.qk_norm_scope}: {target} has {need_text[want_norm]}")
+        need_text = {
+            "head": "q/k norms per head (model.qk_norm=true)",
+            "proj": "q/k norms over the projection (model.qk_norm_scope=proj)",
+            None: "no q/k norms",
+        }
+        out.append(
+            f"model.qk_norm={model_cfg.qk_norm} qk_norm_scope={model_cfg.qk_norm_scope}: {target} has {need_text[want_norm]}"
+        )
     if model_cfg.shared_expert_gate and target != "qwen2_moe":
         out.append(f"model.shared_expert_gate=true: {target} has no gated shared expert")
     return out
@@ -321,7 +405,9 @@ def auto_target(model_cfg: ModelConfig) -> str:
     g = model_cfg.gate
     renorm = g.get("renormalize", True) or g.get("topk_before_softmax", False)
     plain = model_cfg.moe_every == 1 and not model_cfg.shared_experts and not model_cfg.attn_bias
-    return "mixtral" if plain and renorm else "qwen2_moe"  # Qwen2-MoE: biases, shared expert, dense layers, either weighting
+    return (
+        "mixtral" if plain and renorm else "qwen2_moe"
+    )  # Qwen2-MoE: biases, shared expert, dense layers, either weighting
 
 
 def check_exportable(model_cfg: ModelConfig, target: str) -> None:
@@ -336,31 +422,57 @@ def export_config(model_cfg: ModelConfig, target: str, source_cfg: dict | None =
     src = source_cfg or {}
     g = model_cfg.gate
     cfg = {
-        "architectures": [ARCHS[target].cls], "model_type": target,
-        "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.d_model,
-        "num_hidden_layers": model_cfg.n_layers, "num_attention_heads": model_cfg.n_heads,
-        "num_key_value_heads": model_cfg.kv_heads, "head_dim": model_cfg.head_size, "hidden_act": "silu",
+        "architectures": [ARCHS[target].cls],
+        "model_type": target,
+        "vocab_size": model_cfg.vocab_size,
+        "hidden_size": model_cfg.d_model,
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.kv_heads,
+        "head_dim": model_cfg.head_size,
+        "hidden_act": "silu",
         "max_position_embeddings": int(src.get("max_position_embeddings", model_cfg.max_seq_len)),
-        "rms_norm_eps": model_cfg.norm_eps, "rope_theta": model_cfg.rope_theta, "rope_scaling": model_cfg.rope_scaling,
-        "tie_word_embeddings": model_cfg.tie_embeddings, "attention_dropout": 0.0,
-        "num_experts_per_tok": model_cfg.top_k, "router_aux_loss_coef": float(g.get("aux_loss_coef", 0.01)),
-        "output_router_logits": False, "initializer_range": model_cfg.init_std,
+        "rms_norm_eps": model_cfg.norm_eps,
+        "rope_theta": model_cfg.rope_theta,
+        "rope_scaling": model_cfg.rope_scaling,
+        "tie_word_embeddings": model_cfg.tie_embeddings,
+        "attention_dropout": 0.0,
+        "num_experts_per_tok": model_cfg.top_k,
+        "router_aux_loss_coef": float(g.get("aux_loss_coef", 0.01)),
+        "output_router_logits": False,
+        "initializer_range": model_cfg.init_std,
         "torch_dtype": src.get("torch_dtype", src.get("dtype", "float32")),
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         cfg[key] = src.get(key)  # absent: none (the architectures' defaults may lie outside a small vocab)
     renorm = bool(g.get("renormalize", True) or g.get("topk_before_softmax", False))
     if target == "mixtral":
-        cfg.update(num_local_experts=model_cfg.num_experts, intermediate_size=model_cfg.d_ff, sliding_window=src.get("sliding_window"), router_jitter_noise=0.0)
+        cfg.update(
+            num_local_experts=model_cfg.num_experts,
+            intermediate_size=model_cfg.d_ff,
+            sliding_window=src.get("sliding_window"),
+            router_jitter_noise=0.0,
+        )
     elif target == "olmoe":
-        cfg.update(num_experts=model_cfg.num_experts, intermediate_size=model_cfg.d_ff, norm_topk_prob=renorm, clip_qkv=None, attention_bias=False)
+        cfg.update(
+            num_experts=model_cfg.num_experts,
+            intermediate_size=model_cfg.d_ff,
+            norm_topk_prob=renorm,
+            clip_qkv=None,
+            attention_bias=False,
+        )
     else:
         cfg.update(
-            num_experts=model_cfg.num_experts, moe_intermediate_size=model_cfg.d_ff,
+            num_experts=model_cfg.num_experts,
+            moe_intermediate_size=model_cfg.d_ff,
             intermediate_size=model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k,
-            decoder_sparse_step=model_cfg.moe_every, mlp_only_layers=[], norm_topk_prob=renorm,
-            use_sliding_window=bool(src.get("use_sliding_window", False)), sliding_window=src.get("sliding_window"),
-            max_window_layers=src.get("max_window_layers", model_cfg.n_layers), attention_bias=False,
+            decoder_sparse_step=model_cfg.moe_every,
+            mlp_only_layers=[],
+            norm_topk_prob=renorm,
+            use_sliding_window=bool(src.get("use_sliding_window", False)),
+            sliding_window=src.get("sliding_window"),
+            max_window_layers=src.get("max_window_layers", model_cfg.n_layers),
+            attention_bias=False,
         )
         if target == "qwen2_moe":
             cfg.update(shared_expert_intermediate_size=model_cfg.shared_hidden, qkv_bias=model_cfg.attn_bias)
@@ -386,7 +498,9 @@ def export_tensors(model: Transformer, target: str, dtype: torch.dtype | None = 
                 out[p + f"mlp.{theirs}.weight"] = sd[b + f"ffn.{mine}.weight"]
             continue
         if block.ffn.experts.b1_EF is not None:
-            raise ConversionError("experts with biases (an upcycled GPT-2) have no Hugging Face MoE equivalent; keep the moeflow format")
+            raise ConversionError(
+                "experts with biases (an upcycled GPT-2) have no Hugging Face MoE equivalent; keep the moeflow format"
+            )
         m = p + arch.moe_prefix
         out[m + "gate.weight"] = sd[b + "ffn.gate.proj.weight"]
         for e in range(model_cfg.num_experts):
@@ -419,5 +533,20 @@ def _qwen2_shared_expert(model_cfg: ModelConfig, sd: dict, b: str, m: str) -> di
     return out
 
 
-__all__ = ["ARCHS", "REFUSED", "moe_config_from_hf", "hf_moe_to_moeflow_state", "iter_moeflow_tensors", "LazyTensors", "open_moe", "build_from_state", "load_moe",
-           "export_blockers", "auto_target", "check_exportable", "export_config", "export_tensors", "unsupported"]
+__all__ = [
+    "ARCHS",
+    "REFUSED",
+    "moe_config_from_hf",
+    "hf_moe_to_moeflow_state",
+    "iter_moeflow_tensors",
+    "LazyTensors",
+    "open_moe",
+    "build_from_state",
+    "load_moe",
+    "export_blockers",
+    "auto_target",
+    "check_exportable",
+    "export_config",
+    "export_tensors",
+    "unsupported",
+]

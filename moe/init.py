@@ -10,6 +10,7 @@ The rules (GPT-2 style): matrices normal(0, init_std); projections into the resi
 zero; norm weights one; router projections normal(0, the gate's own `init_std`), or zero.
 Buffers are reset too: rotary tables recomputed, gate state zeroed.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,4 +85,8 @@ def init_weights(model: nn.Module, seed: int, std: float, n_layers: int) -> None
 
 def _canonical(name: str) -> str:
     """The parameter's name in the plain model (wrappers such as activation checkpointing add parts)."""
-    return ".".join(part for part in name.split(".") if part not in ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod"))
+    return ".".join(
+        part
+        for part in name.split(".")
+        if part not in ("_checkpoint_wrapped_module", "_fsdp_wrapped_module", "_orig_mod")
+    )

@@ -9,6 +9,7 @@ Inputs are `[batch, seq, dim]` by default; a host that passes `[seq, batch, dim]
 (megatron-core) sets `input_layout="sbd"`, so sequence-level gate statistics (the
 sequence balance loss) group the right tokens.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,9 +25,19 @@ INPUT_LAYOUTS = ("bsd", "sbd")
 
 
 class MoELayer(nn.Module):
-    def __init__(self, gate: Gate, experts: GroupedExperts, shared_expert: nn.Module | None = None, dispatcher=None, input_layout: str = "bsd"):
+    def __init__(
+        self,
+        gate: Gate,
+        experts: GroupedExperts,
+        shared_expert: nn.Module | None = None,
+        dispatcher=None,
+        input_layout: str = "bsd",
+    ):
         super().__init__()
-        need(input_layout in INPUT_LAYOUTS, f"input_layout={input_layout!r} is unknown; use one of {', '.join(INPUT_LAYOUTS)}")
+        need(
+            input_layout in INPUT_LAYOUTS,
+            f"input_layout={input_layout!r} is unknown; use one of {', '.join(INPUT_LAYOUTS)}",
+        )
         self.gate = gate
         self.experts = experts
         self.shared_expert = shared_expert

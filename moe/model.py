@@ -8,6 +8,7 @@ biases, per-head q/k RMSNorm, rope scaling) default to off; they let the model
 represent the Llama family (Llama, Mistral, Qwen2, Qwen3) exactly, so that upcycled
 Hugging Face checkpoints train here (`moeflow.moe.hf_convert`).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ class Rotary(nn.Module):
 
     def forward(self, x_BHSd: torch.Tensor, start: int = 0) -> torch.Tensor:
         S = x_BHSd.shape[-2]
-        cos, sin = self.cos[start:start + S].to(x_BHSd.dtype), self.sin[start:start + S].to(x_BHSd.dtype)
+        cos, sin = self.cos[start : start + S].to(x_BHSd.dtype), self.sin[start : start + S].to(x_BHSd.dtype)
         x1, x2 = x_BHSd[..., 0::2], x_BHSd[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -151,12 +152,18 @@ class Block(nn.Module):
         # a `context_fn` for torch.utils.checkpoint, or None to keep every activation
         self.checkpoint_context_fn = None
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         if self.checkpoint_context_fn is not None and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, token_ids, use_reentrant=False, context_fn=self.checkpoint_context_fn)
+            return torch.utils.checkpoint.checkpoint(
+                self._forward, x, token_ids, use_reentrant=False, context_fn=self.checkpoint_context_fn
+            )
         return self._forward(x, token_ids, cache)
 
-    def _forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def _forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, token_ids) if isinstance(self.ffn, MoELayer) else self.ffn(h))
@@ -167,7 +174,11 @@ def build_moe_layer(cfg: ModelConfig) -> MoELayer:
     gate = build_gate(cfg.gate["name"], cfg.d_model, cfg.num_experts, cfg.top_k, **gate_opts)
     experts = GroupedExperts(cfg.num_experts, cfg.d_model, cfg.d_ff, cfg.activation, impl=cfg.experts_impl)
     experts.gather_rows = cfg.experts_gather_rows
-    shared = SharedExpert(cfg.d_model, cfg.shared_hidden, cfg.activation, gated=cfg.shared_expert_gate) if cfg.shared_experts else None
+    shared = (
+        SharedExpert(cfg.d_model, cfg.shared_hidden, cfg.activation, gated=cfg.shared_expert_gate)
+        if cfg.shared_experts
+        else None
+    )
     return MoELayer(gate, experts, shared)
 
 
@@ -210,7 +221,9 @@ class Transformer(nn.Module):
         """Logits of every position; with a `KVCache`, of the new positions after the cached ones."""
         end = tokens_BS.shape[1] + (cache.length if cache is not None else 0)
         if end > self.cfg.max_seq_len:
-            raise DataError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}; feed shorter sequences or build the model with a larger model.max_seq_len")
+            raise DataError(
+                f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}; feed shorter sequences or build the model with a larger model.max_seq_len"
+            )
         x = self.embed(tokens_BS)
         for block in self.blocks:
             x = block(x, tokens_BS, cache)

@@ -3,6 +3,7 @@
 What a 30B-parameter preset costs is known before anything is allocated; the trainer's
 own count of the built model (`Transformer.num_params`) must agree (tested).
 """
+
 from __future__ import annotations
 
 from .config import ModelConfig

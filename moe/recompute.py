@@ -4,6 +4,7 @@ A checkpointed block runs its forward again during the backward. Most of it is p
 gate that accumulates load for its bias update (DeepSeek-V3's aux-loss-free balancing) would
 count the recomputed tokens twice; it asks `recomputing()` first.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -11,6 +11,7 @@ derive the rest from it with the helpers below, so each is written once:
 
 Shape suffixes: T tokens, D model dim, E experts, A assignments (sorted by expert in a plan).
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,7 +59,15 @@ def counts_of(expert_A: torch.Tensor, num_experts: int) -> torch.Tensor:
 def stable_order(ids: torch.Tensor, num_values: int) -> torch.Tensor:
     """torch.argsort(ids, stable=True) for ids in [0, num_values), sorted as the narrowest integer
     type that holds them: a GPU radix sort makes one pass per key byte (8 for int64 ids)."""
-    narrow = torch.uint8 if num_values <= 256 else torch.int16 if num_values <= 2**15 else torch.int32 if num_values <= 2**31 else ids.dtype
+    narrow = (
+        torch.uint8
+        if num_values <= 256
+        else torch.int16
+        if num_values <= 2**15
+        else torch.int32
+        if num_values <= 2**31
+        else ids.dtype
+    )
     return torch.argsort(ids.to(narrow), stable=True)
 
 

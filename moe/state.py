@@ -1,4 +1,5 @@
 """A model's weights as safetensors stores them: one entry per tensor, on the CPU."""
+
 from __future__ import annotations
 
 import torch

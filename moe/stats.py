@@ -1,4 +1,5 @@
 """Routing statistics for one MoE layer and one forward pass (detached, cheap)."""
+
 from __future__ import annotations
 
 import torch

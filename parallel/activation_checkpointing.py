@@ -11,6 +11,7 @@ it runs `torch.utils.checkpoint` with the context this module gives it. Recomput
 inside `moeflow.moe.recompute.recompute_scope`, so gates skip side effects the first pass did.
 Both are numerically equal to no checkpointing (tested): the RNG state is replayed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,15 +29,24 @@ MODES = ("none", "full", "selective")
 def _saved_ops() -> set:
     """The ops whose outputs selective checkpointing keeps."""
     aten = torch.ops.aten
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.linear.default,
-           aten._scaled_dot_product_flash_attention.default, aten._scaled_dot_product_efficient_attention.default,
-           aten._scaled_dot_product_cudnn_attention.default}
+    ops = {
+        aten.mm.default,
+        aten.addmm.default,
+        aten.bmm.default,
+        aten.linear.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+    }
     for name in ("_scaled_dot_product_flash_attention_for_cpu",):
         op = getattr(aten, name, None)
         if op is not None:
             ops.add(op.default)
     moeflow_ops = getattr(torch.ops, "moeflow", None)
-    for name in ("experts_fwd", "all_to_all"):  # the Triton expert kernels and the EP exchange (custom ops), when registered
+    for name in (
+        "experts_fwd",
+        "all_to_all",
+    ):  # the Triton expert kernels and the EP exchange (custom ops), when registered
         if moeflow_ops is not None and hasattr(moeflow_ops, name):
             ops.add(getattr(moeflow_ops, name).default)
     return ops

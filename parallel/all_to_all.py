@@ -20,6 +20,7 @@ asynchronously. Only the forward overlaps; the backward exchanges run in autogra
 Shape suffixes: T tokens, D model dim, A assignments/rows, E global experts,
 L local experts, R ranks of the EP group, C chunks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,15 +44,25 @@ def _to_host_later(t: torch.Tensor):
     def wait() -> list:
         done.synchronize()
         return host.tolist()
+
     return wait
 
 
 class AllToAllDispatcher:
     """Experts e in [rank * L, (rank + 1) * L) live on EP rank `rank` (L = E / R)."""
 
-    def __init__(self, group: dist.ProcessGroup, ep_size: int, num_local_experts: int, chunks: int = 1, overlap_shared: bool = False):
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        ep_size: int,
+        num_local_experts: int,
+        chunks: int = 1,
+        overlap_shared: bool = False,
+    ):
         if chunks < 1:
-            raise ConfigError(f"parallel.overlap_chunks must be >= 1, got {chunks}; set parallel.overlap_chunks=1 (no overlap) or more")
+            raise ConfigError(
+                f"parallel.overlap_chunks must be >= 1, got {chunks}; set parallel.overlap_chunks=1 (no overlap) or more"
+            )
         self.group, self.ep_size, self.num_local = group, ep_size, num_local_experts
         self.chunks = chunks
         self.overlap_shared = overlap_shared  # run the shared expert while the first exchange is in flight
@@ -79,8 +90,8 @@ class AllToAllDispatcher:
         in_flight_shared = shared_expert if self.overlap_shared else None
         shared_TD = in_flight_shared(x_TD) if in_flight_shared is not None else None
         both = splits()
-        in_splits_CR = [both[c * R:(c + 1) * R] for c in range(C)]  # rows to each rank, per chunk
-        out_splits_CR = [both[C * R + c * R:C * R + (c + 1) * R] for c in range(C)]  # rows from each rank, per chunk
+        in_splits_CR = [both[c * R : (c + 1) * R] for c in range(C)]  # rows to each rank, per chunk
+        out_splits_CR = [both[C * R + c * R : C * R + (c + 1) * R] for c in range(C)]  # rows from each rank, per chunk
         self.host_syncs += 1
 
         overlap = C > 1
@@ -91,7 +102,9 @@ class AllToAllDispatcher:
         sent_CAD = torch.split(rows_AD, send_sizes)
         pending_in: list = []
         if overlap:
-            recv_AD = [exchange_async(sent_CAD[c], out_splits_CR[c], in_splits_CR[c], self.group, pending_in) for c in range(C)]
+            recv_AD = [
+                exchange_async(sent_CAD[c], out_splits_CR[c], in_splits_CR[c], self.group, pending_in) for c in range(C)
+            ]
         else:
             recv_AD = [exchange(sent_CAD[0], out_splits_CR[0], in_splits_CR[0], self.group)]
 
@@ -130,18 +143,26 @@ class AllToAllDispatcher:
     def _local_experts(self, recv_AD: torch.Tensor, recv_RL: torch.Tensor, experts) -> torch.Tensor:
         """Received rows are ordered (source rank, local expert): run them through their experts."""
         L = self.num_local
-        local_expert_A = torch.repeat_interleave(torch.arange(L, device=recv_AD.device).repeat(self.ep_size), recv_RL.reshape(-1), output_size=recv_AD.shape[0])
+        local_expert_A = torch.repeat_interleave(
+            torch.arange(L, device=recv_AD.device).repeat(self.ep_size),
+            recv_RL.reshape(-1),
+            output_size=recv_AD.shape[0],
+        )
         return run_local_experts(recv_AD, local_expert_A, recv_RL.sum(0), experts)
 
 
-def run_local_experts(recv_AD: torch.Tensor, local_expert_A: torch.Tensor, counts_L: torch.Tensor, experts) -> torch.Tensor:
+def run_local_experts(
+    recv_AD: torch.Tensor, local_expert_A: torch.Tensor, counts_L: torch.Tensor, experts
+) -> torch.Tensor:
     """Group received rows by their local expert, run the experts, and return the outputs in
     received order (every dispatcher that moves rows between ranks ends its trip here)."""
     L = counts_L.shape[0]
     order_A = stable_order(local_expert_A, L)
     if getattr(experts, "fuses_permute", False):
         # A weight-1 "combine" onto the received rows is exactly the inverse permutation.
-        local_plan = DispatchPlan(order_A, recv_AD.new_ones(order_A.shape[0]), local_expert_A[order_A], counts_L, recv_AD.shape[0])
+        local_plan = DispatchPlan(
+            order_A, recv_AD.new_ones(order_A.shape[0]), local_expert_A[order_A], counts_L, recv_AD.shape[0]
+        )
         return experts.forward_routed(recv_AD, local_plan)
     y_AD = experts(recv_AD[order_A], counts_L)
     inverse_A = torch.empty_like(order_A)

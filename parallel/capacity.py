@@ -16,6 +16,7 @@ statistics; `drop_warning` words the warning the trainer shows once when it exce
 Shape suffixes: T tokens, D model dim, A assignments, S assignments in slot order,
 R ranks of the EP group, L local experts, B send/receive slots (R * capacity).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,7 +31,9 @@ from .exchange import exchange
 
 
 class CapacityDispatcher:
-    def __init__(self, group, ep_size: int, num_local_experts: int, capacity_factor: float, top_k: int, warn_drop: float = 0.01):
+    def __init__(
+        self, group, ep_size: int, num_local_experts: int, capacity_factor: float, top_k: int, warn_drop: float = 0.01
+    ):
         self.group, self.ep_size, self.num_local = group, ep_size, num_local_experts
         self.capacity_factor, self.top_k, self.warn_drop = float(capacity_factor), int(top_k), float(warn_drop)
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -44,7 +47,9 @@ class CapacityDispatcher:
     def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts, shared_expert=None) -> torch.Tensor:
         R, L = self.ep_size, self.num_local
         if routing.num_experts != R * L:
-            raise ValueError(f"the gate routes to {routing.num_experts} experts but {R} ranks x {L} local experts are {R * L}")
+            raise ValueError(
+                f"the gate routes to {routing.num_experts} experts but {R} ranks x {L} local experts are {R * L}"
+            )
         T, D = x_TD.shape
         cap = self.capacity(T)
         B = R * cap
@@ -92,6 +97,8 @@ class CapacityDispatcher:
         trainer shows the first one of a run."""
         if fraction <= self.warn_drop:
             return None
-        return (f"parallel.dispatcher=capacity dropped {fraction:.1%} of the token-expert pairs of MoE layer {layer} at step {step} "
-                f"(parallel.capacity_factor={self.capacity_factor:g}, more than parallel.capacity_warn_drop={self.warn_drop:g}); "
-                f"raise parallel.capacity_factor or use parallel.dispatcher=alltoall (dropless)")
+        return (
+            f"parallel.dispatcher=capacity dropped {fraction:.1%} of the token-expert pairs of MoE layer {layer} at step {step} "
+            f"(parallel.capacity_factor={self.capacity_factor:g}, more than parallel.capacity_warn_drop={self.warn_drop:g}); "
+            f"raise parallel.capacity_factor or use parallel.dispatcher=alltoall (dropless)"
+        )

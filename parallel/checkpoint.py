@@ -22,6 +22,7 @@ Checkpoints of moeflow versions before this format (`.metadata` + `.distcp`, bot
 only with `trust=True` (`trainer.trust_checkpoint=true`, `--trust-checkpoint`): loading them
 can run code stored in them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,23 @@ STATE = "state.json"
 FORMAT = "moeflow-sharded/1"
 LEGACY_METADATA = ".metadata"  # pickle-based DCP checkpoints of earlier moeflow versions
 SHARD_NAME = re.compile(r"shard_\d{5}\.safetensors")
-DTYPES = {name: getattr(torch, name) for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                                                  "uint8", "bool", "float8_e4m3fn", "float8_e5m2")}
+DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    )
+}
 
 
 def shard_name(rank: int) -> str:
@@ -80,7 +96,9 @@ def split_state(state, prefix: str = "", path: tuple = ()) -> tuple[dict[str, to
         key = f"{prefix}{k}"
         if isinstance(v, torch.Tensor):
             tensors[key] = v
-        elif isinstance(v, dict) or (isinstance(v, (list, tuple)) and any(isinstance(x, (dict, list, tuple, torch.Tensor)) for x in v)):
+        elif isinstance(v, dict) or (
+            isinstance(v, (list, tuple)) and any(isinstance(x, (dict, list, tuple, torch.Tensor)) for x in v)
+        ):
             t, p = split_state(v, key + ".", path + (k,))
             tensors.update(t)
             plain.update(p)
@@ -94,8 +112,10 @@ def _jsonable(key: str, value):
         return value
     if isinstance(value, (list, tuple)):
         return [_jsonable(key, v) for v in value]
-    raise CheckpointError(f"checkpoint state {key!r} holds a {type(value).__name__}, which moeflow does not store "
-                          f"(only tensors and JSON values: nothing in a checkpoint is pickled); this is a moeflow bug, please report it")
+    raise CheckpointError(
+        f"checkpoint state {key!r} holds a {type(value).__name__}, which moeflow does not store "
+        f"(only tensors and JSON values: nothing in a checkpoint is pickled); this is a moeflow bug, please report it"
+    )
 
 
 def _fill_plain(state, key_path: tuple, value) -> None:
@@ -129,7 +149,9 @@ class SafetensorsShardWriter(StorageWriter):
     def prepare_local_plan(self, plan):
         byte_items = [item.index.fqn for item in plan.items if item.type == WriteItemType.BYTE_IO]
         if byte_items:  # never pickled: save_sharded moves non-tensors to state.json first
-            raise CheckpointError(f"checkpoint state {byte_items[0]!r} is not a tensor; moeflow stores only tensors in shards (a bug, please report it)")
+            raise CheckpointError(
+                f"checkpoint state {byte_items[0]!r} is not a tensor; moeflow stores only tensors in shards (a bug, please report it)"
+            )
         return plan
 
     def prepare_global_plan(self, plans):
@@ -140,15 +162,25 @@ class SafetensorsShardWriter(StorageWriter):
         name = shard_name(self.rank)
         for item in plan.items:
             t = planner.resolve_data(item).detach()
-            key = item.index.fqn if item.index.fqn not in tensors else f"{item.index.fqn}@{','.join(map(str, item.index.offset))}"
+            key = (
+                item.index.fqn
+                if item.index.fqn not in tensors
+                else f"{item.index.fqn}@{','.join(map(str, item.index.offset))}"
+            )
             tensors[key] = t.to("cpu").contiguous()
             results.append((item, key))
         out = []
         if tensors:
             size, digest = write_safetensors(self.path / name, tensors)  # hashed beside the write
             info = {"file": name, "bytes": size, "digest": digest}
-            out = [WriteResult(index=item.index, size_in_bytes=tensors[key].numel() * tensors[key].element_size(),
-                               storage_data={**info, "key": key}) for item, key in results]
+            out = [
+                WriteResult(
+                    index=item.index,
+                    size_in_bytes=tensors[key].numel() * tensors[key].element_size(),
+                    storage_data={**info, "key": key},
+                )
+                for item, key in results
+            ]
         fut: Future = Future()
         fut.set_result(out)
         return fut
@@ -168,9 +200,15 @@ class SafetensorsShardWriter(StorageWriter):
             chunks = []
             for c in md.chunks:
                 sd = where[(fqn, tuple(c.offsets))]
-                chunks.append({"offsets": list(c.offsets), "sizes": list(c.sizes), "file": sd["file"], "key": sd["key"]})
+                chunks.append(
+                    {"offsets": list(c.offsets), "sizes": list(c.sizes), "file": sd["file"], "key": sd["key"]}
+                )
             tensors[fqn] = {"dtype": _dtype_name(md.properties.dtype), "shape": list(md.size), "chunks": chunks}
-        manifest = {str(p.relative_to(self.path)): file_digest(p) for p in sorted(self.path.rglob("*.json")) if p.name != INDEX and not p.name.endswith(".tmp")}
+        manifest = {
+            str(p.relative_to(self.path)): file_digest(p)
+            for p in sorted(self.path.rglob("*.json"))
+            if p.name != INDEX and not p.name.endswith(".tmp")
+        }
         index = {"format": FORMAT, "digest": DIGEST, "files": files, "manifest": manifest, "tensors": tensors}
         tmp = self.path / (INDEX + ".tmp")
         with open(tmp, "w") as f:
@@ -190,7 +228,9 @@ class SafetensorsShardWriter(StorageWriter):
 # -- the index, parsed as untrusted data ---------------------------------------------------
 def _int_list(v, what: str, path: Path) -> list[int]:
     if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-        raise CheckpointError(f"checkpoint {path}: {INDEX} has a malformed {what}; the file was not written by moeflow or was edited: resume from another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path}: {INDEX} has a malformed {what}; the file was not written by moeflow or was edited: resume from another checkpoint"
+        )
     return v
 
 
@@ -204,35 +244,63 @@ def read_index(path: Path) -> dict:
     except FileNotFoundError:
         if (path / LEGACY_METADATA).is_file():
             raise CheckpointError(legacy_message(path)) from None
-        raise CheckpointError(f"checkpoint {path} has no {INDEX}: its save did not complete; resume from another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} has no {INDEX}: its save did not complete; resume from another checkpoint"
+        ) from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"checkpoint {path}: {INDEX} is unreadable ({type(e).__name__}){bad}") from None
-    if (not isinstance(index, dict) or index.get("format") != FORMAT or index.get("digest") != DIGEST or not isinstance(index.get("files"), dict)
-            or not isinstance(index.get("tensors"), dict)):
+    if (
+        not isinstance(index, dict)
+        or index.get("format") != FORMAT
+        or index.get("digest") != DIGEST
+        or not isinstance(index.get("files"), dict)
+        or not isinstance(index.get("tensors"), dict)
+    ):
         raise CheckpointError(f"checkpoint {path}: {INDEX} is not a {FORMAT} index{bad}")
     for name, info in index["files"].items():
         if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
-            raise CheckpointError(f"checkpoint {path}: {INDEX} names a file {name!r} that is not a shard of this folder{bad}")
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or not isinstance(info.get("digest"), str):
+            raise CheckpointError(
+                f"checkpoint {path}: {INDEX} names a file {name!r} that is not a shard of this folder{bad}"
+            )
+        if (
+            not isinstance(info, dict)
+            or not isinstance(info.get("bytes"), int)
+            or not isinstance(info.get("digest"), str)
+        ):
             raise CheckpointError(f"checkpoint {path}: {INDEX} has a malformed entry for {name}{bad}")
         try:
             size = (path / name).stat().st_size
         except OSError:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; resume from another checkpoint") from None
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {name} is missing; resume from another checkpoint"
+            ) from None
         if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is damaged: {name} has {size} bytes, {INDEX} says {info['bytes']}; resume from another checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {name} has {size} bytes, {INDEX} says {info['bytes']}; resume from another checkpoint"
+            )
     manifest = index.get("manifest")
     if not isinstance(manifest, dict):
         raise CheckpointError(f"checkpoint {path}: {INDEX} has no manifest of the folder's other files{bad}")
-    for rel, want in manifest.items():  # meta.json, trainer_state.json, state.json, the RNG files: as written with these shards
-        if not isinstance(rel, str) or not re.fullmatch(r"(rng/rank_\d{5}|meta|trainer_state|state)\.json", rel) or not isinstance(want, str):
-            raise CheckpointError(f"checkpoint {path}: {INDEX} lists {rel!r} in its manifest, not a file of a checkpoint{bad}")
+    for (
+        rel,
+        want,
+    ) in manifest.items():  # meta.json, trainer_state.json, state.json, the RNG files: as written with these shards
+        if (
+            not isinstance(rel, str)
+            or not re.fullmatch(r"(rng/rank_\d{5}|meta|trainer_state|state)\.json", rel)
+            or not isinstance(want, str)
+        ):
+            raise CheckpointError(
+                f"checkpoint {path}: {INDEX} lists {rel!r} in its manifest, not a file of a checkpoint{bad}"
+            )
         target = path / rel
         if not target.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing; resume from another checkpoint")
         if file_digest(target) != want:
-            raise CheckpointError(f"checkpoint {path} is damaged: {rel} does not match its digest in {INDEX} (edited, or copied from another "
-                                  f"checkpoint); resume from another checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {rel} does not match its digest in {INDEX} (edited, or copied from another "
+                f"checkpoint); resume from another checkpoint"
+            )
     for fqn, t in index["tensors"].items():
         if not isinstance(t, dict) or t.get("dtype") not in DTYPES or not isinstance(t.get("chunks"), list):
             raise CheckpointError(f"checkpoint {path}: {INDEX} has a malformed entry for tensor {fqn!r}{bad}")
@@ -240,16 +308,21 @@ def read_index(path: Path) -> dict:
         for c in t["chunks"]:
             if not isinstance(c, dict) or c.get("file") not in index["files"] or not isinstance(c.get("key"), str):
                 raise CheckpointError(f"checkpoint {path}: {INDEX} has a chunk of {fqn!r} in no listed shard file{bad}")
-            off, size = _int_list(c.get("offsets"), f"chunk of {fqn!r}", path), _int_list(c.get("sizes"), f"chunk of {fqn!r}", path)
+            off, size = (
+                _int_list(c.get("offsets"), f"chunk of {fqn!r}", path),
+                _int_list(c.get("sizes"), f"chunk of {fqn!r}", path),
+            )
             if len(off) != len(shape) or len(size) != len(shape) or any(o + s > n for o, s, n in zip(off, size, shape)):
                 raise CheckpointError(f"checkpoint {path}: {INDEX} has a chunk of {fqn!r} outside the tensor{bad}")
     return index
 
 
 def legacy_message(path: Path) -> str:
-    return (f"checkpoint {path} is in the pickle-based format of earlier moeflow versions (.metadata/.distcp), and loading it can run "
-            f"code stored in it; if you trust where it came from, load it once with trainer.trust_checkpoint=true "
-            f"(moeflow convert/generate/eval: --trust-checkpoint) and the next save writes the safe format")
+    return (
+        f"checkpoint {path} is in the pickle-based format of earlier moeflow versions (.metadata/.distcp), and loading it can run "
+        f"code stored in it; if you trust where it came from, load it once with trainer.trust_checkpoint=true "
+        f"(moeflow convert/generate/eval: --trust-checkpoint) and the next save writes the safe format"
+    )
 
 
 def is_legacy_checkpoint(path: Path) -> bool:
@@ -264,7 +337,9 @@ def index_metadata(index: dict) -> Metadata:
         for c in t["chunks"]:
             chunks.append(ChunkStorageMetadata(offsets=torch.Size(c["offsets"]), sizes=torch.Size(c["sizes"])))
             storage[MetadataIndex(fqn=fqn, offset=torch.Size(c["offsets"]))] = (c["file"], c["key"], tuple(c["sizes"]))
-        sd_md[fqn] = TensorStorageMetadata(properties=TensorProperties(dtype=DTYPES[t["dtype"]]), size=torch.Size(t["shape"]), chunks=chunks)
+        sd_md[fqn] = TensorStorageMetadata(
+            properties=TensorProperties(dtype=DTYPES[t["dtype"]]), size=torch.Size(t["shape"]), chunks=chunks
+        )
     return Metadata(state_dict_metadata=sd_md, storage_data=storage)
 
 
@@ -277,7 +352,9 @@ class SafetensorsShardReader(StorageReader):
         super().__init__()
         self.path, self.verify, self.index = Path(path), verify, index
         self.storage_data: dict = {}
-        self.verified: set[str] = set()  # shard files already checked (a reader reused over several loads reads them once)
+        self.verified: set[str] = (
+            set()
+        )  # shard files already checked (a reader reused over several loads reads them once)
 
     def reset(self, checkpoint_id=None) -> None:
         if checkpoint_id:
@@ -305,9 +382,15 @@ class SafetensorsShardReader(StorageReader):
         per_file: dict[str, list] = {}
         for req in plan.items:
             if req.type == LoadItemType.BYTE_IO:
-                raise CheckpointError(f"checkpoint {self.path}: {req.storage_index.fqn!r} is not stored as a tensor; resume from another checkpoint")
+                raise CheckpointError(
+                    f"checkpoint {self.path}: {req.storage_index.fqn!r} is not stored as a tensor; resume from another checkpoint"
+                )
             per_file.setdefault(self.storage_data[req.storage_index][0], []).append(req)
-        pending = {name: PendingDigest(self.path / name) for name in per_file if name not in self.verified} if self.verify else {}
+        pending = (
+            {name: PendingDigest(self.path / name) for name in per_file if name not in self.verified}
+            if self.verify
+            else {}
+        )
         for name, reqs in per_file.items():
             path = self.path / name
             try:
@@ -316,17 +399,23 @@ class SafetensorsShardReader(StorageReader):
                         _, key, sizes = self.storage_data[req.storage_index]
                         piece = f.get_slice(key)
                         if tuple(piece.get_shape()) != sizes:
-                            raise CheckpointError(f"checkpoint {self.path} is damaged: {name}[{key}] has shape {piece.get_shape()}, {INDEX} says {list(sizes)}")
+                            raise CheckpointError(
+                                f"checkpoint {self.path} is damaged: {name}[{key}] has shape {piece.get_shape()}, {INDEX} says {list(sizes)}"
+                            )
                         tensor = piece[tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths))]
                         target = planner.resolve_tensor(req).detach()
                         if target.size() != tensor.size():
-                            raise CheckpointError(f"checkpoint {self.path}: {req.storage_index.fqn} does not fit this model ({tuple(tensor.size())} vs {tuple(target.size())})")
+                            raise CheckpointError(
+                                f"checkpoint {self.path}: {req.storage_index.fqn} does not fit this model ({tuple(tensor.size())} vs {tuple(target.size())})"
+                            )
                         target.copy_(tensor)
                         planner.commit_tensor(req, target)
             except CheckpointError:
                 raise
             except Exception as e:  # safetensors' own errors for a damaged header or missing key
-                raise CheckpointError(f"checkpoint {self.path} is damaged: {name} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint") from None
+                raise CheckpointError(
+                    f"checkpoint {self.path} is damaged: {name} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from another checkpoint"
+                ) from None
         for name, digest in pending.items():  # before the load returns: a damaged file fails it
             self._check_digest(name, digest.hexdigest())
             self.verified.add(name)
@@ -337,8 +426,10 @@ class SafetensorsShardReader(StorageReader):
     def _check_digest(self, name: str, digest: str) -> None:
         expected = self.index["files"][name]["digest"] if self.index else None
         if expected is not None and digest != expected:
-            raise CheckpointError(f"checkpoint {self.path} is damaged: {name} does not match its digest in {INDEX} (changed since it was written); "
-                                  f"resume from another checkpoint (moeflow train loads it anyway with trainer.verify_checkpoint=false)")
+            raise CheckpointError(
+                f"checkpoint {self.path} is damaged: {name} does not match its digest in {INDEX} (changed since it was written); "
+                f"resume from another checkpoint (moeflow train loads it anyway with trainer.verify_checkpoint=false)"
+            )
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id) -> bool:
@@ -388,13 +479,17 @@ def load_sharded(path: Path, state: dict, verify: bool = True, trust: bool = Fal
     index = read_index(path)  # a hostile or damaged index is refused here, in one line, before DCP runs
     missing = sorted(set(tensors) - set(index["tensors"]))
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors this run needs (e.g. {missing[0]!r}): it is from another "
-                              f"model or engine; resume with the checkpoint's config, or from another checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} lacks {len(missing)} tensors this run needs (e.g. {missing[0]!r}): it is from another "
+            f"model or engine; resume with the checkpoint's config, or from another checkpoint"
+        )
     if plain:
         saved = _read_state_json(path)
         absent = [k for k in plain if k not in saved]
         if absent:
-            raise CheckpointError(f"checkpoint {path}: {STATE} lacks {'.'.join(map(str, absent[0]))!r}; it is incomplete or from another engine: resume from another checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path}: {STATE} lacks {'.'.join(map(str, absent[0]))!r}; it is incomplete or from another engine: resume from another checkpoint"
+            )
         for k in plain:
             _fill_plain(state, k, saved[k])
     with _single_process_quietly(), _one_line_errors(path):
@@ -416,27 +511,39 @@ def _one_line_errors(path: Path):
         first = next((x for x in inner if isinstance(x, CheckpointError)), None)
         if first is not None:
             raise CheckpointError(str(first)) from None
-        raise CheckpointError(f"checkpoint {path} could not be read into this model ({str(e).strip().splitlines()[0][:300]}); resume from another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} could not be read into this model ({str(e).strip().splitlines()[0][:300]}); resume from another checkpoint"
+        ) from None
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} could not be read into this model ({first[:300]}): it is corrupt or "
-                              f"from another model; resume from an earlier checkpoint, or with the checkpoint's model config") from None
+        raise CheckpointError(
+            f"checkpoint {path} could not be read into this model ({first[:300]}): it is corrupt or "
+            f"from another model; resume from an earlier checkpoint, or with the checkpoint's model config"
+        ) from None
 
 
 def _read_state_json(path: Path) -> dict:
     try:
         saved = json.loads((path / STATE).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {STATE} is missing; resume from another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {STATE} is missing; resume from another checkpoint"
+        ) from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {STATE} is unreadable ({type(e).__name__}); resume from another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path}: {STATE} is unreadable ({type(e).__name__}); resume from another checkpoint"
+        ) from None
     leaves = saved.get("leaves") if isinstance(saved, dict) else None
-    if not isinstance(leaves, list) or not all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], list) for x in leaves):
+    if not isinstance(leaves, list) or not all(
+        isinstance(x, list) and len(x) == 2 and isinstance(x[0], list) for x in leaves
+    ):
         raise CheckpointError(f"checkpoint {path}: {STATE} is not moeflow's state file; resume from another checkpoint")
     try:
         return {tuple(k): v for k, v in leaves}
     except TypeError:
-        raise CheckpointError(f"checkpoint {path}: {STATE} is not moeflow's state file; resume from another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path}: {STATE} is not moeflow's state file; resume from another checkpoint"
+        ) from None
 
 
 def _load_legacy(path: Path, state: dict) -> None:
@@ -467,7 +574,11 @@ def stored_tensors(path: Path, trust: bool = False) -> dict[str, tuple[tuple[int
         from torch.distributed.checkpoint import FileSystemReader
 
         md = FileSystemReader(str(path)).read_metadata()
-        return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+        return {
+            k: (tuple(v.size), v.properties.dtype)
+            for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)
+        }
     return index_shapes(read_index(path))
 
 
@@ -475,14 +586,18 @@ def index_shapes(index: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     return {k: (tuple(t["shape"]), DTYPES[t["dtype"]]) for k, t in index["tensors"].items()}
 
 
-def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, verify: bool = True, trust: bool = False):
+def iter_full_tensors(
+    path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, verify: bool = True, trust: bool = False
+):
     """(name without `prefix`, full tensor) for every stored tensor under `prefix`, loaded in batches of
     at most `max_bytes` on the CPU of this process alone (no process group): for exports and tools."""
     legacy = is_legacy_checkpoint(path)
     index = None if legacy else read_index(path)
     stored = stored_tensors(path, trust) if legacy else index_shapes(index)
     items = [(k, v) for k, v in stored.items() if k.startswith(prefix)]
-    reader = None if legacy else SafetensorsShardReader(path, verify, index)  # one reader: each shard's digest checked once
+    reader = (
+        None if legacy else SafetensorsShardReader(path, verify, index)
+    )  # one reader: each shard's digest checked once
     batch, size = {}, 0
     for i, (key, (shape, dtype)) in enumerate(items):
         t = torch.empty(shape, dtype=dtype)
@@ -494,11 +609,13 @@ def iter_full_tensors(path: Path, prefix: str = "", max_bytes: int = 2 * 2**30, 
                 with _single_process_quietly(), _one_line_errors(path):
                     dcp.load(batch, storage_reader=reader, no_dist=True)
             for k, v in batch.items():
-                yield k[len(prefix):], v
+                yield k[len(prefix) :], v
             batch, size = {}, 0
 
 
-def read_full_tensors(path: Path, prefix: str = "", verify: bool = True, trust: bool = False) -> dict[str, torch.Tensor]:
+def read_full_tensors(
+    path: Path, prefix: str = "", verify: bool = True, trust: bool = False
+) -> dict[str, torch.Tensor]:
     return dict(iter_full_tensors(path, prefix, verify=verify, trust=trust))
 
 
@@ -512,7 +629,9 @@ def model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     return {"model": model_sd, "optim": optim_sd}
 
 
-def apply_model_and_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
+def apply_model_and_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, state: dict
+) -> None:
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     if optimizer is None or "optim" not in state:
@@ -531,7 +650,22 @@ def async_process_group(timeout_s: float | None = None):
     return dist.new_group(backend="gloo", timeout=None if timeout_s is None else timedelta(seconds=timeout_s))
 
 
-__all__ = ["INDEX", "STATE", "SafetensorsShardReader", "SafetensorsShardWriter", "apply_model_and_optimizer_state", "async_process_group",
-           "is_legacy_checkpoint", "is_sharded_checkpoint", "iter_full_tensors", "load_sharded", "model_and_optimizer_state", "read_full_tensors",
-           "read_index", "save_sharded", "split_state", "stored_tensors", "verify_files"]
-
+__all__ = [
+    "INDEX",
+    "STATE",
+    "SafetensorsShardReader",
+    "SafetensorsShardWriter",
+    "apply_model_and_optimizer_state",
+    "async_process_group",
+    "is_legacy_checkpoint",
+    "is_sharded_checkpoint",
+    "iter_full_tensors",
+    "load_sharded",
+    "model_and_optimizer_state",
+    "read_full_tensors",
+    "read_index",
+    "save_sharded",
+    "split_state",
+    "stored_tensors",
+    "verify_files",
+]

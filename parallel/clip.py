@@ -7,6 +7,7 @@ ranks outside a sub-mesh; every rank for a plain tensor), summed over the world 
 all-reduce: the single-process norm of the same gradients. Every gradient is then scaled by
 the same factor.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
             # copies of each element in the world: replicated mesh dims, and ranks outside this mesh
             # (a sub-mesh, e.g. experts sharded over "ep" only and replicated over the rest)
             outside = world // g.device_mesh.size()
-            copies = outside * math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate())
+            copies = outside * math.prod(
+                g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate()
+            )
             by_copies.setdefault(copies, []).append(g.to_local())
         else:  # a plain tensor of a parallel model is the same on every rank
             by_copies.setdefault(world, []).append(g)
@@ -59,7 +62,9 @@ def folds_clip_into_step(optimizer) -> bool:
 
 
 @torch.no_grad()
-@torch.profiler.record_function("moeflow/clip_grad_norm")  # a scope trainer.profile=true groups by (launch/profiling.py)
+@torch.profiler.record_function(
+    "moeflow/clip_grad_norm"
+)  # a scope trainer.profile=true groups by (launch/profiling.py)
 def clip_grad_norm_(parameters, max_norm: float, optimizer=None) -> torch.Tensor:
     """Clip to `max_norm` (inf: no clipping); returns the pre-clip global norm (fp32). With an
     `optimizer` that `folds_clip_into_step`, the factor goes to its next step (`grad_scale`, cleared by

@@ -10,6 +10,7 @@
 `auto` is `alltoall` when parallel.ep > 1 and the local dispatcher otherwise; naming a
 transport with ep=1 runs it over an EP group of one rank (the same code path as larger groups).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,9 +38,12 @@ class DispatchOptions:
 def options_from_config(parallel_cfg) -> DispatchOptions:
     get = parallel_cfg.get
     return DispatchOptions(
-        name=str(get("dispatcher", "auto")), overlap_chunks=int(get("overlap_chunks", 1)),
-        overlap_shared=bool(get("overlap_shared", False)), capacity_factor=float(get("capacity_factor", 1.25)),
-        capacity_warn_drop=float(get("capacity_warn_drop", 0.01)))
+        name=str(get("dispatcher", "auto")),
+        overlap_chunks=int(get("overlap_chunks", 1)),
+        overlap_shared=bool(get("overlap_shared", False)),
+        capacity_factor=float(get("capacity_factor", 1.25)),
+        capacity_warn_drop=float(get("capacity_warn_drop", 0.01)),
+    )
 
 
 def symm_mem_unavailable(device_type: str) -> str | None:
@@ -70,7 +74,9 @@ def check_options(opts: DispatchOptions, device_type: str, ep: int | None = None
     if opts.name == "symm_mem":
         reason = symm_mem_unavailable(device_type)
         if reason is not None:
-            raise ConfigError(f"parallel.dispatcher=symm_mem is unavailable: {reason}; available here: {', '.join(available(device_type))}")
+            raise ConfigError(
+                f"parallel.dispatcher=symm_mem is unavailable: {reason}; available here: {', '.join(available(device_type))}"
+            )
         if ep is not None and ep < 2:
             from .symm_mem import SINGLE_RANK
 
@@ -80,7 +86,9 @@ def check_options(opts: DispatchOptions, device_type: str, ep: int | None = None
     if not 0 <= opts.capacity_warn_drop <= 1:
         raise ConfigError(f"parallel.capacity_warn_drop must be a fraction in [0, 1], got {opts.capacity_warn_drop!r}")
     if opts.overlap_chunks > 1 and opts.name not in ("auto", "alltoall"):
-        raise ConfigError(f"parallel.overlap_chunks={opts.overlap_chunks} is an alltoall option; parallel.dispatcher={opts.name} takes 1")
+        raise ConfigError(
+            f"parallel.overlap_chunks={opts.overlap_chunks} is an alltoall option; parallel.dispatcher={opts.name} takes 1"
+        )
 
 
 def build_dispatcher(opts: DispatchOptions, group, ep: int, num_local: int, layer):
@@ -98,4 +106,6 @@ def build_dispatcher(opts: DispatchOptions, group, ep: int, num_local: int, laye
         from .symm_mem import SymmMemDispatcher
 
         return SymmMemDispatcher(group, ep, num_local, layer.gate.top_k)
-    raise ConfigError(f"parallel.dispatcher={name!r} cannot be built over an EP group; choose one of: {', '.join(DISPATCHERS)}")
+    raise ConfigError(
+        f"parallel.dispatcher={name!r} cannot be built over an EP group; choose one of: {', '.join(DISPATCHERS)}"
+    )

@@ -1,4 +1,5 @@
 """Process-group setup from the environment torchrun/Slurm/Ray provide."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,9 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str, backend: str = "auto", timeout_s: float | None = None, single_rank_group: bool = False) -> DistEnv:
+def init_distributed(
+    device_type: str, backend: str = "auto", timeout_s: float | None = None, single_rank_group: bool = False
+) -> DistEnv:
     """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets it); every collective
     then waits at most `timeout_s` for its peers (None: torch's default). `single_rank_group`: one
     process still gets a group of one rank (its own store), so it runs the multi-rank code path."""

@@ -9,6 +9,7 @@ the exchange again during the backward, and torch.compile traces it as one node.
 `exchange_async` (for the chunked overlap of `AllToAllDispatcher`) launches the same exchange
 without waiting; the caller waits on the returned work before reading the output.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,7 +59,9 @@ class _AsyncExchange(torch.autograd.Function):
     def forward(ctx, x_AD, out_splits, in_splits, group, pending):
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out_AD = x_AD.new_empty(sum(out_splits), *x_AD.shape[1:])
-        pending.append(dist.all_to_all_single(out_AD, x_AD.contiguous(), out_splits, in_splits, group=group, async_op=True))
+        pending.append(
+            dist.all_to_all_single(out_AD, x_AD.contiguous(), out_splits, in_splits, group=group, async_op=True)
+        )
         return out_AD
 
     @staticmethod

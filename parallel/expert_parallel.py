@@ -14,6 +14,7 @@ What it does to the model (in place, before the optimizer is built):
   optimizer step, after the last micro-batch's backward: `no_sync` is implied for the
   earlier micro-batches).
 """
+
 from __future__ import annotations
 
 import torch
@@ -136,8 +137,13 @@ def sync_routing_stats(model: torch.nn.Module, group=None) -> None:
         layer.last_stats = out
 
 
-def apply_expert_parallel(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False,
-                          dispatch: DispatchOptions | None = None) -> None:
+def apply_expert_parallel(
+    model: torch.nn.Module,
+    layout: ParallelLayout,
+    overlap_chunks: int = 1,
+    overlap_shared: bool = False,
+    dispatch: DispatchOptions | None = None,
+) -> None:
     """The in-place part of `parallelize`: gates see the world; with layout.ep > 1 (or a transport
     named in `dispatch`) every MoELayer keeps this rank's experts and routes through that dispatcher.
 
@@ -156,8 +162,14 @@ def apply_expert_parallel(model: torch.nn.Module, layout: ParallelLayout, overla
             layer.dispatcher = build_dispatcher(dispatch, layout.ep_group, layout.ep, layer.experts.num_experts, layer)
 
 
-def parallelize(model: torch.nn.Module, layout: ParallelLayout, overlap_chunks: int = 1, overlap_shared: bool = False,
-                dispatch: DispatchOptions | None = None, **ddp_kwargs) -> ExpertDataParallel:
+def parallelize(
+    model: torch.nn.Module,
+    layout: ParallelLayout,
+    overlap_chunks: int = 1,
+    overlap_shared: bool = False,
+    dispatch: DispatchOptions | None = None,
+    **ddp_kwargs,
+) -> ExpertDataParallel:
     """Apply expert parallelism (layout.ep > 1) and data parallelism to `model` in place.
 
     Returns the DDP-style wrapper to run forward/backward through; build the optimizer

@@ -14,6 +14,7 @@ megatron-core) asks the same predicate and builds the same groups:
   sharded with), which `moeflow.launch.engines.deepspeed_engine` turns into
   DeepSpeed-MoE groups (`moe: True`, `name`) when EP > 1.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,12 +65,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             ep_sizes.add(getattr(p, "ep_size", 1))
         buckets.setdefault((expert, p.dim() >= 2), []).append(p)
     if len(ep_sizes) > 1:
-        raise ConfigError(f"expert parameters carry different ep_size values {sorted(ep_sizes)}; shard all experts with one EP size")
+        raise ConfigError(
+            f"expert parameters carry different ep_size values {sorted(ep_sizes)}; shard all experts with one EP size"
+        )
     ep = ep_sizes.pop() if ep_sizes else 1
     groups = []
     for (expert, decay), params in sorted(buckets.items()):
-        g = {"params": params, "weight_decay": weight_decay if decay else 0.0,
-             "name": f"{'experts' if expert else 'dense'}_{'decay' if decay else 'no_decay'}"}
+        g = {
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            "name": f"{'experts' if expert else 'dense'}_{'decay' if decay else 'no_decay'}",
+        }
         if expert:
             g.update(moe_expert=True, ep_group_name=ep_group_name(ep))
         groups.append(g)

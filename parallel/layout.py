@@ -6,6 +6,7 @@ all-to-all traffic stays inside a node first. Expert weights are sharded over "e
 and replicated over "dp" (the expert-data-parallel group); everything else is
 replicated over the whole world.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,13 +20,21 @@ from moeflow.moe.errors import ConfigError
 def check_layout(ep: int, num_experts: int, world_size: int) -> None:
     """Reject impossible layouts before anything starts, naming the fix."""
     if not isinstance(ep, int) or ep < 1:
-        raise ConfigError(f"parallel.ep must be a positive integer, got {ep!r}; use parallel.ep=1 for no expert parallelism")
+        raise ConfigError(
+            f"parallel.ep must be a positive integer, got {ep!r}; use parallel.ep=1 for no expert parallelism"
+        )
     if ep == 1:
         return
     if num_experts % ep:
-        raise ConfigError(f"parallel.ep={ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts")
+        raise ConfigError(
+            f"parallel.ep={ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts"
+        )
     if world_size % ep:
-        hint = f"launch with torchrun --nproc-per-node {ep} (or a multiple)" if world_size == 1 else "pick an ep that divides the world size"
+        hint = (
+            f"launch with torchrun --nproc-per-node {ep} (or a multiple)"
+            if world_size == 1
+            else "pick an ep that divides the world size"
+        )
         raise ConfigError(f"parallel.ep={ep} does not divide the world size {world_size}; {hint}")
 
 

@@ -17,6 +17,7 @@ the same experts. So ep need only divide `dp_shard x tp` and the expert count.
 
 `parallel.cp` (context parallelism) is reserved and refused for now.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,22 +41,40 @@ class ParallelDims:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.dp_shard, int) or isinstance(self.dp_shard, bool) or (self.dp_shard < 1 and self.dp_shard != -1):
-            raise ConfigError(f"parallel.dp_shard must be a positive integer or -1 (the rest of the world), got {self.dp_shard!r}")
+        if (
+            not isinstance(self.dp_shard, int)
+            or isinstance(self.dp_shard, bool)
+            or (self.dp_shard < 1 and self.dp_shard != -1)
+        ):
+            raise ConfigError(
+                f"parallel.dp_shard must be a positive integer or -1 (the rest of the world), got {self.dp_shard!r}"
+            )
         if self.cp != 1:
-            raise ConfigError(f"parallel.cp={self.cp}: context parallelism is reserved and not built yet; use parallel.cp=1")
+            raise ConfigError(
+                f"parallel.cp={self.cp}: context parallelism is reserved and not built yet; use parallel.cp=1"
+            )
         fixed = self.dp_replicate * self.tp
         if self.dp_shard == -1:
             if self.world % fixed:
-                raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not divide the world size {self.world}; pick sizes whose product divides it")
+                raise ConfigError(
+                    f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not divide the world size {self.world}; pick sizes whose product divides it"
+                )
             object.__setattr__(self, "dp_shard", self.world // fixed)
         if self.dp_replicate * self.dp_shard * self.tp != self.world:
-            raise ConfigError(f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
-                              f"{self.dp_replicate * self.dp_shard * self.tp} ranks, but the world has {self.world}; "
-                              f"make the product the world size (parallel.dp_shard=-1 takes the rest)")
+            raise ConfigError(
+                f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
+                f"{self.dp_replicate * self.dp_shard * self.tp} ranks, but the world has {self.world}; "
+                f"make the product the world size (parallel.dp_shard=-1 takes the rest)"
+            )
         if (self.dp_shard * self.tp) % self.ep:
-            hint = f"launch with torchrun --nproc-per-node {self.ep} (or a multiple)" if self.world == 1 else "pick an ep that divides dp_shard x tp"
-            raise ConfigError(f"parallel.ep={self.ep} does not divide dp_shard x tp = {self.dp_shard * self.tp} (the ranks of one data-parallel replica); {hint}")
+            hint = (
+                f"launch with torchrun --nproc-per-node {self.ep} (or a multiple)"
+                if self.world == 1
+                else "pick an ep that divides dp_shard x tp"
+            )
+            raise ConfigError(
+                f"parallel.ep={self.ep} does not divide dp_shard x tp = {self.dp_shard * self.tp} (the ranks of one data-parallel replica); {hint}"
+            )
 
     @property
     def efsdp(self) -> int:
@@ -70,20 +89,32 @@ class ParallelDims:
     def check_model(self, num_experts: int, n_heads: int, n_kv_heads: int) -> None:
         """Refuse sizes the model cannot be split by, naming the fix."""
         if num_experts % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts")
+            raise ConfigError(
+                f"parallel.ep={self.ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts"
+            )
         for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads)):
             if n % self.tp:
-                raise ConfigError(f"parallel.tp={self.tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
+                raise ConfigError(
+                    f"parallel.tp={self.tp} does not divide {what}={n}; pick a tensor-parallel size that divides it"
+                )
 
     def describe(self) -> str:
-        return (f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}; "
-                f"experts: dp_replicate {self.dp_replicate} x efsdp {self.efsdp} x ep {self.ep}")
+        return (
+            f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}; "
+            f"experts: dp_replicate {self.dp_replicate} x efsdp {self.efsdp} x ep {self.ep}"
+        )
 
 
 def dims_from_config(parallel_cfg, world: int) -> ParallelDims:
     p = parallel_cfg
-    return ParallelDims(world=world, dp_replicate=p.get("dp_replicate", 1), dp_shard=p.get("dp_shard", -1),
-                        tp=p.get("tp", 1), ep=p.get("ep", 1), cp=p.get("cp", 1))
+    return ParallelDims(
+        world=world,
+        dp_replicate=p.get("dp_replicate", 1),
+        dp_shard=p.get("dp_shard", -1),
+        tp=p.get("tp", 1),
+        ep=p.get("ep", 1),
+        cp=p.get("cp", 1),
+    )
 
 
 @dataclass
@@ -130,6 +161,12 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = torch.arange(dims.world)
-    dense = DeviceMesh(device_type, ranks.view(dims.dp_replicate, dims.dp_shard, dims.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-    experts = DeviceMesh(device_type, ranks.view(dims.dp_replicate, dims.efsdp, dims.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep"))
+    dense = DeviceMesh(
+        device_type,
+        ranks.view(dims.dp_replicate, dims.dp_shard, dims.tp),
+        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+    )
+    experts = DeviceMesh(
+        device_type, ranks.view(dims.dp_replicate, dims.efsdp, dims.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep")
+    )
     return ParallelMesh(dims=dims, dense=dense, experts=experts)

@@ -21,6 +21,7 @@ own mesh, which differs between experts and dense weights); the engine divides t
 number of data-parallel ranks instead, so every gradient is the single-process gradient of the
 global batch's mean loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -56,14 +57,22 @@ def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: Sharding
         experts = layer.experts
         E = experts.num_experts
         if E % ep:
-            raise ConfigError(f"parallel.ep={ep} does not divide the {E} experts of a layer; pick a parallel.ep that divides model.num_experts")
+            raise ConfigError(
+                f"parallel.ep={ep} does not divide the {E} experts of a layer; pick a parallel.ep that divides model.num_experts"
+            )
         L = E // ep
         for name in EXPERT_WEIGHTS if ep > 1 else ():  # an EP group of one keeps its experts whole
             p = getattr(experts, name, None)
             if p is None:
                 continue
-            local = p.data[rank * L:(rank + 1) * L].clone()
-            setattr(experts, name, nn.Parameter(DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False), requires_grad=p.requires_grad))
+            local = p.data[rank * L : (rank + 1) * L].clone()
+            setattr(
+                experts,
+                name,
+                nn.Parameter(
+                    DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False), requires_grad=p.requires_grad
+                ),
+            )
         experts.num_experts = L
         layer.dispatcher = build_dispatcher(opts.dispatch, mesh.ep_group, ep, L, layer)
 
@@ -105,7 +114,9 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | No
     for block in model.blocks:
         units.append(fully_shard(block, mesh=mesh.dense_fsdp, **ignored, **common))
     units.append(fully_shard(model, mesh=mesh.dense_fsdp, **ignored, **common))
-    model._moeflow_replicated_experts = (unsharded_experts, mesh) if unsharded_experts and mesh.dims.dp_replicate > 1 else None
+    model._moeflow_replicated_experts = (
+        (unsharded_experts, mesh) if unsharded_experts and mesh.dims.dp_replicate > 1 else None
+    )
     for unit in units:
         _sum_reductions(unit)
     return model
@@ -123,7 +134,9 @@ def reduce_replicated_expert_grads(model: nn.Module) -> None:
     for p in (p for e in experts_modules for p in e.parameters()):  # the same order on every rank (looked up now:
         # materialising a meta model replaces parameter objects)
         if p.grad is not None:
-            local = p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.grad  # in place (to_local() may copy)
+            local = (
+                p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.grad
+            )  # in place (to_local() may copy)
             dist.all_reduce(local, group=group)
 
 

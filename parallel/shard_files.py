@@ -13,6 +13,7 @@ The writer emits the safetensors layout itself (an 8-byte little-endian header s
 header padded to 8 bytes, then each tensor's bytes), straight from the tensors' memory, so the
 bytes it writes are the bytes it hashes; every file is read back through the safetensors library.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,9 +28,20 @@ import torch
 
 LEAF_BYTES = 64 * 2**20
 DIGEST = "crc32-64MiB-leaves+sha256"
-SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
 
 _pool: ThreadPoolExecutor | None = None
 
@@ -37,7 +49,9 @@ _pool: ThreadPoolExecutor | None = None
 def _hash_pool() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="moeflow-digest")
+        _pool = ThreadPoolExecutor(
+            max_workers=max(2, min(16, os.cpu_count() or 2)), thread_name_prefix="moeflow-digest"
+        )
     return _pool
 
 
@@ -90,7 +104,11 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int
         if t.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {t.dtype} has no safetensors name")
         view = _bytes_of(t)
-        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(view)]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(view)],
+        }
         views.append(view)
         offset += len(view)
     head = json.dumps(header, separators=(",", ":")).encode()

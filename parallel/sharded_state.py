@@ -7,6 +7,7 @@ this rank's experts, then to its hidden units. A run can therefore resume with a
 size (including none). On a model without sharded params every function here is a no-op
 (the gathers are collectives only when EP/TP is on: call them on every rank).
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,7 +34,9 @@ def _sharded(p: torch.Tensor) -> bool:
 def _gather(t: torch.Tensor, p: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     """Full tensor from this rank's shard `t` of `p`: hidden units over TP, then expert rows over EP."""
     t = gather_full(t, p, _tp_group_of(model))
-    return _gather_rows(t, _ep_group_of(model)) if expert_shard(p) is not None and _ep_group_of(model) is not None else t
+    return (
+        _gather_rows(t, _ep_group_of(model)) if expert_shard(p) is not None and _ep_group_of(model) is not None else t
+    )
 
 
 def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
@@ -57,7 +60,9 @@ def full_optimizer_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> 
     for idx, p in enumerate(_ordered_params(opt)):
         if not _sharded(p) or idx not in osd["state"]:
             continue
-        osd["state"][idx] = {k: _gather(v, p, model) if _is_row_state(v, p) else v for k, v in osd["state"][idx].items()}
+        osd["state"][idx] = {
+            k: _gather(v, p, model) if _is_row_state(v, p) else v for k, v in osd["state"][idx].items()
+        }
     return osd
 
 
@@ -75,7 +80,7 @@ def _expert_rows(t, p: torch.Tensor):
     shard = expert_shard(p)
     if shard is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != shard[0]:
         return t
-    return t[shard[1]:shard[2]].clone()
+    return t[shard[1] : shard[2]].clone()
 
 
 def local_optimizer_state(opt: torch.optim.Optimizer, full_osd: dict) -> dict:

@@ -18,6 +18,7 @@ may emit at most tokens x top_k assignments (checked on the host, from the shape
 Shape suffixes: T tokens, D model dim, A assignments, R ranks, L local experts,
 N rows of a worst-case receive buffer (R * T * top_k + L * ALIGN).
 """
+
 from __future__ import annotations
 
 import torch
@@ -79,7 +80,7 @@ class _Dispatch(torch.autograd.Function):
         bufs = ctx.bufs
         bufs.expert_out.copy_(g_ND)
         _vdev_2d_back(bufs.expert_out, bufs.back, bufs.recv_splits_offsets, bufs.scratch_splits_offsets, ctx.group_name)
-        return bufs.back[:ctx.A].clone(), None, None, None
+        return bufs.back[: ctx.A].clone(), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -95,7 +96,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_AD):
         bufs = ctx.bufs
-        bufs.send[:ctx.A].copy_(g_AD)
+        bufs.send[: ctx.A].copy_(g_AD)
         bufs.grad_recv.zero_()  # pad rows get no gradient
         _vdev_2d(bufs.send, bufs.grad_recv, bufs.in_splits, bufs.scratch_splits_offsets, ctx.group_name)
         return bufs.grad_recv.detach(), None, None, None
@@ -109,25 +110,33 @@ def _use_nvshmem(symm_mem, group_name: str) -> None:
             try:
                 symm_mem.set_backend("NVSHMEM")
             except RuntimeError as e:
-                raise ConfigError(f"parallel.dispatcher=symm_mem needs NVSHMEM symmetric memory, but this process already allocated "
-                                   f"symmetric memory with another backend ({e}); use parallel.dispatcher=alltoall") from None
+                raise ConfigError(
+                    f"parallel.dispatcher=symm_mem needs NVSHMEM symmetric memory, but this process already allocated "
+                    f"symmetric memory with another backend ({e}); use parallel.dispatcher=alltoall"
+                ) from None
     elif hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch: NVSHMEM by default, per-group opt-in
         symm_mem.enable_symm_mem_for_group(group_name)
 
 
-SINGLE_RANK = ("parallel.dispatcher=symm_mem needs an EP group of at least 2 ranks (torch's NVSHMEM all_to_all_vdev_2d "
-               "refuses a group of one); with parallel.ep=1 use parallel.dispatcher=alltoall or capacity")
+SINGLE_RANK = (
+    "parallel.dispatcher=symm_mem needs an EP group of at least 2 ranks (torch's NVSHMEM all_to_all_vdev_2d "
+    "refuses a group of one); with parallel.ep=1 use parallel.dispatcher=alltoall or capacity"
+)
 
 
 class SymmMemDispatcher:
     def __init__(self, group, ep_size: int, num_local_experts: int, top_k: int):
         if num_local_experts > MAX_LOCAL_EXPERTS:
-            raise ConfigError(f"parallel.dispatcher=symm_mem takes at most {MAX_LOCAL_EXPERTS} experts per rank (torch's all_to_all_vdev_2d); "
-                              f"this layer has {num_local_experts}: raise parallel.ep or use parallel.dispatcher=alltoall")
+            raise ConfigError(
+                f"parallel.dispatcher=symm_mem takes at most {MAX_LOCAL_EXPERTS} experts per rank (torch's all_to_all_vdev_2d); "
+                f"this layer has {num_local_experts}: raise parallel.ep or use parallel.dispatcher=alltoall"
+            )
         if ep_size < 2:
             raise ConfigError(SINGLE_RANK)
         if ep_size > MAX_RANKS:
-            raise ConfigError(f"parallel.dispatcher=symm_mem takes EP groups of at most {MAX_RANKS} ranks; parallel.ep={ep_size}")
+            raise ConfigError(
+                f"parallel.dispatcher=symm_mem takes EP groups of at most {MAX_RANKS} ranks; parallel.ep={ep_size}"
+            )
         self.group, self.ep_size, self.num_local, self.top_k = group, ep_size, num_local_experts, int(top_k)
         self.group_name = group.group_name
         self.host_syncs = 0  # stays 0
@@ -147,18 +156,24 @@ class SymmMemDispatcher:
             import torch.distributed._symmetric_memory as symm_mem
 
             _use_nvshmem(symm_mem, self.group_name)
-            self._bufs[key] = _Buffers(self.ep_size, self.num_local, T * self.top_k, x_TD.shape[1], x_TD.dtype, x_TD.device, self.group_name)
+            self._bufs[key] = _Buffers(
+                self.ep_size, self.num_local, T * self.top_k, x_TD.shape[1], x_TD.dtype, x_TD.device, self.group_name
+            )
         return self._bufs[key]
 
     def __call__(self, x_TD: torch.Tensor, routing: RouterOutput, experts, shared_expert=None) -> torch.Tensor:
         R, L = self.ep_size, self.num_local
         if routing.num_experts != R * L:
-            raise ValueError(f"the gate routes to {routing.num_experts} experts but {R} ranks x {L} local experts are {R * L}")
+            raise ValueError(
+                f"the gate routes to {routing.num_experts} experts but {R} ranks x {L} local experts are {R * L}"
+            )
         plan = plan_dispatch(routing)  # grouped by global expert = rank-major, as the exchange sends
         T, A = x_TD.shape[0], plan.token_A.shape[0]
         if A > T * self.top_k:
-            raise ConfigError(f"parallel.dispatcher=symm_mem: the gate emitted {A} assignments for {T} tokens, more than top_k={self.top_k} each "
-                             "(its buffers hold tokens x top_k); use parallel.dispatcher=alltoall with this gate")
+            raise ConfigError(
+                f"parallel.dispatcher=symm_mem: the gate emitted {A} assignments for {T} tokens, more than top_k={self.top_k} each "
+                "(its buffers hold tokens x top_k); use parallel.dispatcher=alltoall with this gate"
+            )
         bufs = self._buffers(T, x_TD)
         self._last = bufs
         recv_ND = _Dispatch.apply(x_TD[plan.token_A], plan.counts_E, bufs, self.group_name)

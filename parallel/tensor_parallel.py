@@ -13,6 +13,7 @@ them back on load (after the expert-parallel rows). A param whose full tensor is
 stacked blocks along `dim`, each sliced [lo, hi) (megatron's gated fc1 = [w1; w3]), also
 carries `_moeflow_tp_parts`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,11 +34,18 @@ def shard_hidden_dim(layer, tp_rank: int, tp: int) -> list[torch.nn.Parameter]:
     """Keep this TP rank's F/tp hidden units of `layer`'s experts and shared expert (in place;
     the Parameter objects stay the same). Returns the sharded params."""
     experts, shared = layer.experts, layer.shared_expert
-    for what, F in (("model.d_ff", experts.d_ff), ("the shared expert's hidden size", shared.w1.out_features if shared else 0)):
+    for what, F in (
+        ("model.d_ff", experts.d_ff),
+        ("the shared expert's hidden size", shared.w1.out_features if shared else 0),
+    ):
         if F % tp:
-            raise ConfigError(f"tensor_model_parallel_size={tp} does not divide {what}={F}; pick a tensor-parallel size that divides it")
+            raise ConfigError(
+                f"tensor_model_parallel_size={tp} does not divide {what}={F}; pick a tensor-parallel size that divides it"
+            )
     if getattr(experts, "b2_ED", None) is not None:
-        raise ConfigError("experts with an output bias (b2_ED) cannot be tensor-parallel (the bias would be summed tp times); use tensor_model_parallel_size=1")
+        raise ConfigError(
+            "experts with an output bias (b2_ED) cannot be tensor-parallel (the bias would be summed tp times); use tensor_model_parallel_size=1"
+        )
     sharded = []
     for module, dims in ((experts, EXPERT_F_DIMS), (shared, SHARED_F_DIMS)):
         for name, dim in dims.items():

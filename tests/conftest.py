@@ -1,4 +1,5 @@
 """Suite-wide fixtures. Helpers live in tests/helpers/ (importable as `helpers.*`)."""
+
 from __future__ import annotations
 
 import getpass
@@ -15,7 +16,9 @@ if not torch.cuda.is_available():
 
 
 # torch.compile's cache stays shared across tests (its default place), whatever TMPDIR a test gets below
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ fp32: relative gradient error of each bf16 path against the fp32 one (which bf16
 
     python bench/tools/compare_grads.py configs/model/small.yaml [batch] [seq]
 """
+
 import copy
 import sys
 
@@ -28,7 +29,9 @@ def main(path, batch=8, seq=512):
             loss = torch.nn.functional.cross_entropy(m(x).float().flatten(0, 1), y.flatten()) + m.aux_loss()
         loss.backward()
         grads[name] = {n: p.grad.double() for n, p in m.named_parameters() if p.grad is not None}
-        print(f"{name}: loss {loss.item():.5f} grad norm {torch.stack([g.norm() for g in grads[name].values()]).norm():.5f}")
+        print(
+            f"{name}: loss {loss.item():.5f} grad norm {torch.stack([g.norm() for g in grads[name].values()]).norm():.5f}"
+        )
     print("param | rel err triton-bf16 vs fp32 | rel err torch-bf16 vs fp32")
     for n, g in grads["fp32"].items():
         if "experts" in n or "gate" in n or n.startswith("blocks.0.") or n == "lm_head.weight":

@@ -1,4 +1,5 @@
 """Compare two training runs' loss curves from their TensorBoard event files (triton vs torch)."""
+
 import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

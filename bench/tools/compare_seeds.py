@@ -6,6 +6,7 @@ Prints per seed: val loss at each eval step and the mean train loss of the last 
 per impl, and the triton - torch gap; then the gap's mean and spread over seeds next to
 the seed-to-seed spread of each impl (what "same curve within noise" is measured against).
 """
+
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +22,11 @@ def main(root: str) -> None:
     impls = sorted(runs)
     seeds = sorted(set.intersection(*(set(r) for r in runs.values())))
     tail = {}
-    print("| seed | " + " | ".join(f"{i} val (steps) | {i} train last-50 mean" for i in impls) + " | gap train (triton - torch) |")
+    print(
+        "| seed | "
+        + " | ".join(f"{i} val (steps) | {i} train last-50 mean" for i in impls)
+        + " | gap train (triton - torch) |"
+    )
     for s in seeds:
         cells = []
         for i in impls:
@@ -30,7 +35,9 @@ def main(root: str) -> None:
             last = [v for k, v in tr.items() if k > max(tr) - 50]
             tail[(i, s)] = statistics.mean(last)
             cells += [" ".join(f"{v:.4f}@{k}" for k, v in sorted(val.items())), f"{tail[(i, s)]:.4f}"]
-        gap = tail[("triton", s)] - tail[("torch", s)] if ("triton", s) in tail and ("torch", s) in tail else float("nan")
+        gap = (
+            tail[("triton", s)] - tail[("torch", s)] if ("triton", s) in tail and ("torch", s) in tail else float("nan")
+        )
         print(f"| {s} | " + " | ".join(cells) + f" | {gap:+.4f} |")
     if len(seeds) > 1 and "triton" in runs and "torch" in runs:
         gaps = [tail[("triton", s)] - tail[("torch", s)] for s in seeds]

@@ -8,6 +8,7 @@ averaged over all logged steps)
 batch_size * seq_len / tokens_per_s (TensorBoard), and the mean over the whole loop
 (train.log timestamps; includes evals and checkpoints).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,17 +35,28 @@ def summarize(run: Path) -> dict:
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tok_s = statistics.median(e.value for e in acc.Scalars("train/tokens_per_s"))
-    stamp = lambda pattern: datetime.strptime(re.search(r"\[([\d\- :,]+)\]\[[^\]]+\]\[INFO\] - " + pattern, log).group(1), "%Y-%m-%d %H:%M:%S,%f")  # noqa: E731
+    stamp = lambda pattern: datetime.strptime(
+        re.search(r"\[([\d\- :,]+)\]\[[^\]]+\]\[INFO\] - " + pattern, log).group(1), "%Y-%m-%d %H:%M:%S,%f"
+    )  # noqa: E731
     loop_s = (stamp("done:") - stamp("step 0: val loss")).total_seconds()
     return {
-        "gate": cfg["gate"]["name"], "steps": int(finals[-1][0]), "val0": val0, "val": float(finals[-1][1]),
-        "load": mean("load_max_over_mean"), "load_all": statistics.fmean(r["load_max_over_mean"] for r in rows), "dropped": mean("dropped_fraction"), "active": mean("active_experts_per_token"),
-        "s_per_step": tokens_per_step / tok_s, "mean_s_per_step": loop_s / int(finals[-1][0]),
+        "gate": cfg["gate"]["name"],
+        "steps": int(finals[-1][0]),
+        "val0": val0,
+        "val": float(finals[-1][1]),
+        "load": mean("load_max_over_mean"),
+        "load_all": statistics.fmean(r["load_max_over_mean"] for r in rows),
+        "dropped": mean("dropped_fraction"),
+        "active": mean("active_experts_per_token"),
+        "s_per_step": tokens_per_step / tok_s,
+        "mean_s_per_step": loop_s / int(finals[-1][0]),
     }
 
 
 def main(out_dir: str) -> None:
-    print("| gate | steps | val loss step 0 -> final | max/mean load (last; mean of logged steps) | dropped | active experts/token | s/step median; mean |")
+    print(
+        "| gate | steps | val loss step 0 -> final | max/mean load (last; mean of logged steps) | dropped | active experts/token | s/step median; mean |"
+    )
     print("|---|---|---|---|---|---|---|")
     for run in sorted(p for p in Path(out_dir).iterdir() if (p / "train.log").exists()):
         try:
@@ -52,7 +64,9 @@ def main(out_dir: str) -> None:
         except (AttributeError, IndexError, FileNotFoundError, KeyError) as e:
             print(f"| {run.name} | (incomplete: {e}) | | | | | |")
             continue
-        print(f"| {run.name} | {s['steps']} | {s['val0']:.3f} -> {s['val']:.3f} | {s['load']:.2f}; {s['load_all']:.2f} | {s['dropped']:.3f} | {s['active']:.2f} | {s['s_per_step']:.2f}; {s['mean_s_per_step']:.2f} |")
+        print(
+            f"| {run.name} | {s['steps']} | {s['val0']:.3f} -> {s['val']:.3f} | {s['load']:.2f}; {s['load_all']:.2f} | {s['dropped']:.3f} | {s['active']:.2f} | {s['s_per_step']:.2f}; {s['mean_s_per_step']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ with TMA. `CONSUMERS=1`: one 8-warp MMA partition per tile ("cooperative"); `CON
 4-warp MMA partitions take alternate tiles ("ping-pong"), so one's epilogue runs under the other's
 products. What it showed: both reach the Triton kernels' ~600 TFLOP/s, not cuBLAS's ~720.
 """
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -33,8 +34,22 @@ def _tile_coords(t, per_e, num_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
 
 
 @gluon.jit
-def _load_partition(a_desc, b_desc, offs_ptr, a_bufs, b_bufs, empty, ready, total, per_e, num_n,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr):
+def _load_partition(
+    a_desc,
+    b_desc,
+    offs_ptr,
+    a_bufs,
+    b_bufs,
+    empty,
+    ready,
+    total,
+    per_e,
+    num_n,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    NBUF: gl.constexpr,
+):
     idx = 0
     for t in range(gl.program_id(0), total, gl.num_programs(0)):
         e, m0, n0 = _tile_coords(t, per_e, num_n, BLOCK_M, BLOCK_N)
@@ -50,13 +65,34 @@ def _load_partition(a_desc, b_desc, offs_ptr, a_bufs, b_bufs, empty, ready, tota
 
 
 @gluon.jit
-def _mma_partition(out_desc, c_smem, offs_ptr, a_bufs, b_bufs, empty, ready, my_turn, their_turn, total, per_e, num_n, M,
-                   WHICH: gl.constexpr, CONSUMERS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   BLOCK_K: gl.constexpr, NBUF: gl.constexpr, WARPS: gl.constexpr):
+def _mma_partition(
+    out_desc,
+    c_smem,
+    offs_ptr,
+    a_bufs,
+    b_bufs,
+    empty,
+    ready,
+    my_turn,
+    their_turn,
+    total,
+    per_e,
+    num_n,
+    M,
+    WHICH: gl.constexpr,
+    CONSUMERS: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    NBUF: gl.constexpr,
+    WARPS: gl.constexpr,
+):
     """Tiles j = WHICH, WHICH + CONSUMERS, ... of this program's sequence (the others only advance the ring index).
     Two consumers take turns at the ring (my_turn / their_turn), so a slot's barrier is never more than one
     phase ahead of its waiter."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16]
+    )
     idx = 0
     j = 0
     for t in range(gl.program_id(0), total, gl.num_programs(0)):
@@ -73,7 +109,9 @@ def _mma_partition(out_desc, c_smem, offs_ptr, a_bufs, b_bufs, empty, ready, my_
                 mbarrier.wait(ready.index(s), (idx // NBUF) & 1)
                 acc = warpgroup_mma(a_bufs.index(s).permute((1, 0)), b_bufs.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(1, deps=[acc])
-                mbarrier.arrive(empty.index((idx + NBUF - 1) % NBUF), count=1, pred=idx > first)  # previous product done
+                mbarrier.arrive(
+                    empty.index((idx + NBUF - 1) % NBUF), count=1, pred=idx > first
+                )  # previous product done
                 idx += 1
             if CONSUMERS == 2:
                 mbarrier.arrive(their_turn, count=1)
@@ -90,9 +128,22 @@ def _mma_partition(out_desc, c_smem, offs_ptr, a_bufs, b_bufs, empty, ready, my_
 
 
 @gluon.jit
-def ws_wgrad_kernel(a_desc, b_desc, out_desc, offs_ptr, E, M, N,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, NBUF: gl.constexpr,
-                    CONSUMERS: gl.constexpr, WORKER_REGS: gl.constexpr, num_warps: gl.constexpr):
+def ws_wgrad_kernel(
+    a_desc,
+    b_desc,
+    out_desc,
+    offs_ptr,
+    E,
+    M,
+    N,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
+    NBUF: gl.constexpr,
+    CONSUMERS: gl.constexpr,
+    WORKER_REGS: gl.constexpr,
+    num_warps: gl.constexpr,
+):
     a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NBUF, BLOCK_K, BLOCK_M], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NBUF, BLOCK_K, BLOCK_N], b_desc.layout)
     c0 = gl.allocate_shared_memory(out_desc.dtype, [BLOCK_M, BLOCK_N], out_desc.layout)
@@ -109,21 +160,132 @@ def ws_wgrad_kernel(a_desc, b_desc, out_desc, offs_ptr, E, M, N,
     total = E * per_e
     if CONSUMERS == 2:
         c1 = gl.allocate_shared_memory(out_desc.dtype, [BLOCK_M, BLOCK_N], out_desc.layout)
-        gl.warp_specialize([
-            (_mma_partition, (out_desc, c0, offs_ptr, a_bufs, b_bufs, empty, ready, turns.index(0), turns.index(1), total,
-                              per_e, num_n, M, 0, 2, BLOCK_M, BLOCK_N, BLOCK_K, NBUF, num_warps)),
-            (_mma_partition, (out_desc, c1, offs_ptr, a_bufs, b_bufs, empty, ready, turns.index(1), turns.index(0), total,
-                              per_e, num_n, M, 1, 2, BLOCK_M, BLOCK_N, BLOCK_K, NBUF, num_warps)),
-            (_load_partition, (a_desc, b_desc, offs_ptr, a_bufs, b_bufs, empty, ready, total, per_e, num_n,
-                               BLOCK_M, BLOCK_N, BLOCK_K, NBUF)),
-        ], [num_warps, 1], [WORKER_REGS, 24])
+        gl.warp_specialize(
+            [
+                (
+                    _mma_partition,
+                    (
+                        out_desc,
+                        c0,
+                        offs_ptr,
+                        a_bufs,
+                        b_bufs,
+                        empty,
+                        ready,
+                        turns.index(0),
+                        turns.index(1),
+                        total,
+                        per_e,
+                        num_n,
+                        M,
+                        0,
+                        2,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        NBUF,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _mma_partition,
+                    (
+                        out_desc,
+                        c1,
+                        offs_ptr,
+                        a_bufs,
+                        b_bufs,
+                        empty,
+                        ready,
+                        turns.index(1),
+                        turns.index(0),
+                        total,
+                        per_e,
+                        num_n,
+                        M,
+                        1,
+                        2,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        NBUF,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _load_partition,
+                    (
+                        a_desc,
+                        b_desc,
+                        offs_ptr,
+                        a_bufs,
+                        b_bufs,
+                        empty,
+                        ready,
+                        total,
+                        per_e,
+                        num_n,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        NBUF,
+                    ),
+                ),
+            ],
+            [num_warps, 1],
+            [WORKER_REGS, 24],
+        )
     else:
-        gl.warp_specialize([
-            (_mma_partition, (out_desc, c0, offs_ptr, a_bufs, b_bufs, empty, ready, turns.index(0), turns.index(1), total,
-                              per_e, num_n, M, 0, 1, BLOCK_M, BLOCK_N, BLOCK_K, NBUF, num_warps)),
-            (_load_partition, (a_desc, b_desc, offs_ptr, a_bufs, b_bufs, empty, ready, total, per_e, num_n,
-                               BLOCK_M, BLOCK_N, BLOCK_K, NBUF)),
-        ], [1], [24])
+        gl.warp_specialize(
+            [
+                (
+                    _mma_partition,
+                    (
+                        out_desc,
+                        c0,
+                        offs_ptr,
+                        a_bufs,
+                        b_bufs,
+                        empty,
+                        ready,
+                        turns.index(0),
+                        turns.index(1),
+                        total,
+                        per_e,
+                        num_n,
+                        M,
+                        0,
+                        1,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        NBUF,
+                        num_warps,
+                    ),
+                ),
+                (
+                    _load_partition,
+                    (
+                        a_desc,
+                        b_desc,
+                        offs_ptr,
+                        a_bufs,
+                        b_bufs,
+                        empty,
+                        ready,
+                        total,
+                        per_e,
+                        num_n,
+                        BLOCK_M,
+                        BLOCK_N,
+                        BLOCK_K,
+                        NBUF,
+                    ),
+                ),
+            ],
+            [1],
+            [24],
+        )
 
 
 def ws_wgrad(a, b, counts_P, BLOCK_M, BLOCK_N, BLOCK_K, NBUF, consumers, num_warps, maxnreg=168, worker_regs=232):
@@ -137,11 +299,28 @@ def ws_wgrad(a, b, counts_P, BLOCK_M, BLOCK_N, BLOCK_K, NBUF, consumers, num_war
     lay = gl.NVMMASharedLayout.get_default_for
     a_desc = TensorDescriptor.from_tensor(a, [BLOCK_K, BLOCK_M], lay([BLOCK_K, BLOCK_M], gl.bfloat16))
     b_desc = TensorDescriptor.from_tensor(b, [BLOCK_K, BLOCK_N], lay([BLOCK_K, BLOCK_N], gl.bfloat16))
-    out_desc = TensorDescriptor.from_tensor(out.view(E * M, N), [BLOCK_M, BLOCK_N], lay([BLOCK_M, BLOCK_N], gl.bfloat16))
+    out_desc = TensorDescriptor.from_tensor(
+        out.view(E * M, N), [BLOCK_M, BLOCK_N], lay([BLOCK_M, BLOCK_N], gl.bfloat16)
+    )
     tiles = E * triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N)
     grid = (min(tiles, torch.cuda.get_device_properties(a.device).multi_processor_count),)
-    ws_wgrad_kernel[grid](a_desc, b_desc, out_desc, offs, E, M, N, BLOCK_M, BLOCK_N, BLOCK_K, NBUF, consumers, worker_regs,
-                          num_warps=num_warps, maxnreg=maxnreg)
+    ws_wgrad_kernel[grid](
+        a_desc,
+        b_desc,
+        out_desc,
+        offs,
+        E,
+        M,
+        N,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        NBUF,
+        consumers,
+        worker_regs,
+        num_warps=num_warps,
+        maxnreg=maxnreg,
+    )
     return out
 
 
@@ -158,7 +337,10 @@ def main():
         counts[0] = 0  # an empty expert: exact zeros
         counts_P = ((counts + autotune.ROW_ALIGN - 1) // autotune.ROW_ALIGN * autotune.ROW_ALIGN).to(torch.int32)
         P = int(counts_P.sum())
-        a, b = torch.randn(P, M, device="cuda", dtype=torch.bfloat16), torch.randn(P, N, device="cuda", dtype=torch.bfloat16)
+        a, b = (
+            torch.randn(P, M, device="cuda", dtype=torch.bfloat16),
+            torch.randn(P, N, device="cuda", dtype=torch.bfloat16),
+        )
         ref, _ = gemm.wgrad(a, None, b, None, None, None, counts_P, aligned=True)
         flops = 2 * P * M * N
         print(f"## E={E} M={M} N={N} rows={P}", flush=True)

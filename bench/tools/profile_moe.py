@@ -5,6 +5,7 @@
 Prints every CUDA kernel grouped by name (total ms, calls) and the GPU-busy vs wall time of
 one step, so routing, sorting and launch gaps show next to the GEMMs.
 """
+
 import sys
 
 import torch
@@ -54,7 +55,9 @@ def main() -> None:
         t, n = rows.get(name, (0.0, 0))
         rows[name] = (t + ev.device_time / 1e3 / 5, n + 1)
     busy = sum(t for t, _ in rows.values())
-    print(f"## profile case {(T, d, f, E, k)}: wall {wall:.3f} ms/step, GPU busy {busy:.3f} ms/step, {sum(n for _, n in rows.values()) / 5:.0f} kernels/step")
+    print(
+        f"## profile case {(T, d, f, E, k)}: wall {wall:.3f} ms/step, GPU busy {busy:.3f} ms/step, {sum(n for _, n in rows.values()) / 5:.0f} kernels/step"
+    )
     for name, (t, n) in sorted(rows.items(), key=lambda r: -r[1][0])[:top]:
         print(f"| {t:7.3f} ms | {n / 5:4.0f}x | {name}")
 

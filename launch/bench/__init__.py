@@ -1,4 +1,5 @@
 """`moeflow bench <what> [args]`: benchmarks of the kernels, the expert-parallel layer and the training step."""
+
 from __future__ import annotations
 
 import importlib
@@ -9,8 +10,16 @@ from moeflow.moe.errors import ConfigError
 BENCHES: dict[str, tuple[str, str, str]] = {
     "experts": ("moeflow.launch.bench.experts", "main", "expert MLP implementations vs the dense-GEMM ceiling"),
     "ep": ("moeflow.launch.bench.ep", "main", "one MoE layer under expert parallelism vs one GPU"),
-    "train": ("moeflow.launch.bench.train", "main", "the whole training step: MoE vs its dense equivalent (and transformers), tokens/s and MFU"),
-    "checkpoint": ("moeflow.launch.bench.checkpoint", "main", "checkpoint save and load: moeflow's safetensors format vs DCP's pickle format"),
+    "train": (
+        "moeflow.launch.bench.train",
+        "main",
+        "the whole training step: MoE vs its dense equivalent (and transformers), tokens/s and MFU",
+    ),
+    "checkpoint": (
+        "moeflow.launch.bench.checkpoint",
+        "main",
+        "checkpoint save and load: moeflow's safetensors format vs DCP's pickle format",
+    ),
 }
 
 

@@ -8,6 +8,7 @@ same process, same disk.
 Every figure is the median over --repeats; each save is fsync'd by both writers. Loads read
 from the page cache (a just-written file), so they measure parsing and copying, not the disk.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,14 @@ def _state(d_model: int, layers: int, experts: int, seed: int = 0):
     from moeflow.parallel.checkpoint import model_and_optimizer_state
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=4096, d_model=d_model, n_layers=layers, n_heads=max(1, d_model // 64), d_ff=d_model * 2, num_experts=experts)
+    cfg = ModelConfig(
+        vocab_size=4096,
+        d_model=d_model,
+        n_layers=layers,
+        n_heads=max(1, d_model // 64),
+        d_ff=d_model * 2,
+        num_experts=experts,
+    )
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.vocab_size, (2, 32))
@@ -90,7 +98,9 @@ def main(argv: list[str]) -> None:
                 runs["load_verified"].append(_time(lambda: sharded.load_sharded(ours, target, verify=True)))
                 target = load_target()
                 runs["load_unverified"].append(_time(lambda: sharded.load_sharded(ours, target, verify=False)))
-            other, other_opt, _ = _state(args.d_model, args.layers, args.experts, seed=1)  # another model: the load must overwrite it
+            other, other_opt, _ = _state(
+                args.d_model, args.layers, args.experts, seed=1
+            )  # another model: the load must overwrite it
             check = state_of(other, other_opt)
             sharded.load_sharded(ours, check)
             got = sharded.split_state(check)[0]
@@ -100,15 +110,31 @@ def main(argv: list[str]) -> None:
                 shutil.rmtree(root, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in runs.items()}
     spread = {k: [min(v), max(v)] for k, v in runs.items()}
-    result = {"state_bytes": nbytes, "repeats": args.repeats, "dir": str(root), "seconds": med, "min_max": spread, "reloaded_equal": same,
-              "save_vs_reference": med["save"] / med["ref_save"], "load_vs_reference": med["load_verified"] / med["ref_load"],
-              "load_unverified_vs_reference": med["load_unverified"] / med["ref_load"]}
-    print(f"state: {nbytes / 2**20:.1f} MiB of tensors (model + AdamW), median of {args.repeats}; reload bit-identical: {same}")
+    result = {
+        "state_bytes": nbytes,
+        "repeats": args.repeats,
+        "dir": str(root),
+        "seconds": med,
+        "min_max": spread,
+        "reloaded_equal": same,
+        "save_vs_reference": med["save"] / med["ref_save"],
+        "load_vs_reference": med["load_verified"] / med["ref_load"],
+        "load_unverified_vs_reference": med["load_unverified"] / med["ref_load"],
+    }
+    print(
+        f"state: {nbytes / 2**20:.1f} MiB of tensors (model + AdamW), median of {args.repeats}; reload bit-identical: {same}"
+    )
     print(f"{'':24}{'seconds':>10}{'GiB/s':>9}{'x reference':>13}   min-max s")
-    for name, key, ref in (("reference save (pickle)", "ref_save", None), ("moeflow save (+digest)", "save", "ref_save"),
-                           ("reference load (pickle)", "ref_load", None), ("moeflow load, verified", "load_verified", "ref_load"),
-                           ("moeflow load, no verify", "load_unverified", "ref_load")):
+    for name, key, ref in (
+        ("reference save (pickle)", "ref_save", None),
+        ("moeflow save (+digest)", "save", "ref_save"),
+        ("reference load (pickle)", "ref_load", None),
+        ("moeflow load, verified", "load_verified", "ref_load"),
+        ("moeflow load, no verify", "load_unverified", "ref_load"),
+    ):
         ratio = f"{med[key] / med[ref]:.2f}" if ref else "1.00"
-        print(f"{name:<24}{med[key]:>10.3f}{nbytes / 2**30 / med[key]:>9.2f}{ratio:>13}   {spread[key][0]:.3f}-{spread[key][1]:.3f}")
+        print(
+            f"{name:<24}{med[key]:>10.3f}{nbytes / 2**30 / med[key]:>9.2f}{ratio:>13}   {spread[key][0]:.3f}-{spread[key][1]:.3f}"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

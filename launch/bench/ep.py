@@ -18,6 +18,7 @@ at the same time, without communication. The EP step is forward+backward through
   `torch.cuda.set_sync_debug_mode("warn")` reports during one step (CUDA only).
 Small shapes (`--d-model 32 --experts 8 ...`) make it a smoke test on CPU/gloo.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--tokens", type=int, default=16384, help="tokens per device")
-    p.add_argument("--dispatcher", default="alltoall", choices=["alltoall", "capacity", "symm_mem"], help="parallel.dispatcher for the EP step")
+    p.add_argument(
+        "--dispatcher",
+        default="alltoall",
+        choices=["alltoall", "capacity", "symm_mem"],
+        help="parallel.dispatcher for the EP step",
+    )
     p.add_argument("--capacity-factor", type=float, default=1.25, help="parallel.capacity_factor (dispatcher=capacity)")
     p.add_argument("--overlap-chunks", type=int, default=1, help="parallel.overlap_chunks for the EP step (alltoall)")
     p.add_argument("--impl", default="auto", help="experts implementation (auto, torch, ...)")
@@ -58,7 +64,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None, help="write the result (rank 0) to this file")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="also print the N kernels that take the most device time in each step (torch.profiler)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also print the N kernels that take the most device time in each step (torch.profiler)",
+    )
     return p.parse_args(argv)
 
 
@@ -124,7 +136,11 @@ def _first_host_sync(fn, device) -> str:
     try:
         fn()
     except RuntimeError as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if "moeflow" in f.filename or "/moe/" in f.filename or "/parallel/" in f.filename]
+        frames = [
+            f
+            for f in traceback.extract_tb(e.__traceback__)
+            if "moeflow" in f.filename or "/moe/" in f.filename or "/parallel/" in f.filename
+        ]
         where = frames[-1] if frames else traceback.extract_tb(e.__traceback__)[-1]
         return f"{where.filename.rsplit('/', 2)[-2]}/{where.filename.rsplit('/', 1)[-1]}:{where.lineno} ({where.line})"
     finally:
@@ -179,7 +195,9 @@ def main(argv: list[str]) -> None:
     t_single = _max_over_ranks(_time(single_step, device, a.warmup, a.iters), device)
 
     layer = make_layer()
-    ep_model = parallelize(_Holder(layer), layout, dispatch=opts, **({"device_ids": [device.index]} if device_type == "cuda" else {}))
+    ep_model = parallelize(
+        _Holder(layer), layout, dispatch=opts, **({"device_ids": [device.index]} if device_type == "cuda" else {})
+    )
 
     def ep_step():
         ep_model(x).backward(grad_y)
@@ -193,7 +211,10 @@ def main(argv: list[str]) -> None:
     first_sync = _first_host_sync(ep_step, device) if synced and device_type == "cuda" else ""
     profiles = {}
     if a.profile and device_type == "cuda":
-        profiles = {"single": _top_kernels(single_step, device, a.profile), "ep": _top_kernels(ep_step, device, a.profile)}
+        profiles = {
+            "single": _top_kernels(single_step, device, a.profile),
+            "ep": _top_kernels(ep_step, device, a.profile),
+        }
 
     # Replay the step's exchanges alone: dispatch + return, forward + backward = 4 per chunk.
     in_splits_CR, out_splits_CR = layer.dispatcher.exchange_plan()
@@ -218,7 +239,9 @@ def main(argv: list[str]) -> None:
     per_rank = max(1, int(_max_over_ranks(float(2 * total_rows), device)) // R) * R
     flat_in = torch.randn(per_rank, a.d_model, device=device, dtype=dtype)
     flat_out = torch.empty_like(flat_in)
-    t_nccl = _max_over_ranks(_time(lambda: dist.all_to_all_single(flat_out, flat_in, group=group), device, a.warmup, a.iters), device)
+    t_nccl = _max_over_ranks(
+        _time(lambda: dist.all_to_all_single(flat_out, flat_in, group=group), device, a.warmup, a.iters), device
+    )
     remote_out = sum(s[r] for s in in_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
     remote_in = sum(s[r] for s in out_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
     # bytes this rank sends to other ranks per step (it receives about as many): dispatch and
@@ -227,31 +250,54 @@ def main(argv: list[str]) -> None:
     exposed = min(max(t_ep - t_single, 0.0), t_a2a)
     result = {
         "device": torch.cuda.get_device_name(device) if device_type == "cuda" else "cpu",
-        "world": env.world_size, "ep": R, "dispatcher": a.dispatcher, "d_model": a.d_model, "d_ff": a.d_ff, "experts": a.experts,
-        "top_k": a.top_k, "tokens_per_rank": a.tokens, "dtype": str(dtype).replace("torch.", ""), "impl": impl,
-        "overlap_chunks": a.overlap_chunks, "capacity_factor": a.capacity_factor if a.dispatcher == "capacity" else None,
-        "step_ms_single": t_single, "step_ms_ep": t_ep, "exchange_ms_per_step": t_a2a,
+        "world": env.world_size,
+        "ep": R,
+        "dispatcher": a.dispatcher,
+        "d_model": a.d_model,
+        "d_ff": a.d_ff,
+        "experts": a.experts,
+        "top_k": a.top_k,
+        "tokens_per_rank": a.tokens,
+        "dtype": str(dtype).replace("torch.", ""),
+        "impl": impl,
+        "overlap_chunks": a.overlap_chunks,
+        "capacity_factor": a.capacity_factor if a.dispatcher == "capacity" else None,
+        "step_ms_single": t_single,
+        "step_ms_ep": t_ep,
+        "exchange_ms_per_step": t_a2a,
         "exchange_bytes_per_step": bytes_per_step,
         "exchange_bus_GBps": _bus_GBps(2 * total_rows * row_bytes, t_a2a, R),
-        "nccl_equal_split_ms": t_nccl, "nccl_equal_split_bus_GBps": _bus_GBps(per_rank * row_bytes, t_nccl, R),
-        "exposed_ms": exposed, "hidden_ms": t_a2a - exposed,
-        "host_syncs_dispatcher_per_step": own_reads, "host_syncs_cuda_debug_per_step": synced, "first_host_sync": first_sync,
+        "nccl_equal_split_ms": t_nccl,
+        "nccl_equal_split_bus_GBps": _bus_GBps(per_rank * row_bytes, t_nccl, R),
+        "exposed_ms": exposed,
+        "hidden_ms": t_a2a - exposed,
+        "host_syncs_dispatcher_per_step": own_reads,
+        "host_syncs_cuda_debug_per_step": synced,
+        "first_host_sync": first_sync,
         "weak_scaling_efficiency": t_single / t_ep,
     }
     if env.is_main:
-        print(f"moeflow bench ep: {result['device']}, world {env.world_size}, EP={R}, dispatcher {a.dispatcher}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, "
-              f"{a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}")
+        print(
+            f"moeflow bench ep: {result['device']}, world {env.world_size}, EP={R}, dispatcher {a.dispatcher}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, "
+            f"{a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}"
+        )
         print(f"  single device step (fwd+bwd): {t_single:9.2f} ms")
         print(f"  EP={R} step (fwd+bwd):        {t_ep:9.2f} ms  ({t_ep / t_single:.3f}x)")
-        print(f"  exchanges alone per step:     {t_a2a:9.2f} ms  ({bytes_per_step / 2**20:.1f} MiB sent off-rank, bus {result['exchange_bus_GBps']:.1f} GB/s; "
-              f"NCCL equal-split all_to_all of the same rows: {t_nccl:.2f} ms, bus {result['nccl_equal_split_bus_GBps']:.1f} GB/s)")
+        print(
+            f"  exchanges alone per step:     {t_a2a:9.2f} ms  ({bytes_per_step / 2**20:.1f} MiB sent off-rank, bus {result['exchange_bus_GBps']:.1f} GB/s; "
+            f"NCCL equal-split all_to_all of the same rows: {t_nccl:.2f} ms, bus {result['nccl_equal_split_bus_GBps']:.1f} GB/s)"
+        )
         print(f"  exchange time exposed/hidden: {exposed:9.2f} / {t_a2a - exposed:.2f} ms")
-        print(f"  host syncs per step:          {own_reads} by the dispatcher, {synced} reported by CUDA sync debug mode")
+        print(
+            f"  host syncs per step:          {own_reads} by the dispatcher, {synced} reported by CUDA sync debug mode"
+        )
         if first_sync:
             print(f"  first synchronising call:     {first_sync}")
         print(f"  weak-scaling efficiency:      {result['weak_scaling_efficiency'] * 100:8.1f} %")
         for name, rows in profiles.items():
-            print(f"  top kernels, {name} step (ms per step; total of all kernels {sum(ms for _, ms in rows):.2f} in the top {len(rows)}):")
+            print(
+                f"  top kernels, {name} step (ms per step; total of all kernels {sum(ms for _, ms in rows):.2f} in the top {len(rows)}):"
+            )
             for kernel, ms in rows:
                 print(f"    {ms:7.3f}  {kernel[:110]}")
         print(json.dumps(result))

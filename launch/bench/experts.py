@@ -6,6 +6,7 @@ router and all expert weights), routing and permutation included, as the median 
 `triton.testing.do_bench`. FLOPs counted as 18*T*k*d*f (SwiGLU). The dense ceiling is
 one dense SwiGLU MLP (d, f) over T*k rows: the same FLOPs with no routing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,14 @@ def route(x_TD, w_DE, k: int, skew: bool):
     top_v = probs.gather(1, top_i)
     top_v = top_v / top_v.sum(-1, keepdim=True)
     token_A = torch.arange(T, device=x_TD.device).repeat_interleave(k)
-    return RouterOutput(token_A=token_A, expert_A=top_i.reshape(-1), weight_A=top_v.reshape(-1), num_tokens=T, num_experts=E, token_sorted=True)
+    return RouterOutput(
+        token_A=token_A,
+        expert_A=top_i.reshape(-1),
+        weight_A=top_v.reshape(-1),
+        num_tokens=T,
+        num_experts=E,
+        token_sorted=True,
+    )
 
 
 def _measure(fn, warmup: int, rep: int):
@@ -56,7 +64,6 @@ def _measure(fn, warmup: int, rep: int):
     return ms, extra
 
 
-
 def _dense_ceiling(A: int, d: int, f: int, dev, warmup: int, rep: int) -> tuple[float, float]:
     """One SwiGLU MLP over the T*k routed rows, no routing: (ms, peak memory) of its forward+backward
     (its tensors are freed on return, before the MoE variants are measured)."""
@@ -71,6 +78,7 @@ def _dense_ceiling(A: int, d: int, f: int, dev, warmup: int, rep: int) -> tuple[
         torch.autograd.grad(y, [xA, w1, w3, w2], dyA)
 
     return _measure(dense, warmup, rep)
+
 
 def bench_case(T, d, f, E, k, skew, impls, warmup, rep, seed=0):
     from moeflow.moe.dispatch import LocalDispatcher
@@ -103,7 +111,10 @@ def bench_case(T, d, f, E, k, skew, impls, warmup, rep, seed=0):
         torch.manual_seed(seed + 1)  # the same skewed routing for every impl
         ms, mem = _measure(moe, warmup, rep)
         rows.append((names[impl], ms, mem))
-    return [dict(impl=n, ms=ms, tflops=flops / ms / 1e9, x_dense=dense_ms / ms, extra_peak_gib=mem / GiB) for n, ms, mem in rows]
+    return [
+        dict(impl=n, ms=ms, tflops=flops / ms / 1e9, x_dense=dense_ms / ms, extra_peak_gib=mem / GiB)
+        for n, ms, mem in rows
+    ]
 
 
 def breakdown(T, d, f, E, k, warmup, rep):
@@ -138,7 +149,15 @@ def breakdown(T, d, f, E, k, warmup, rep):
     dh1, dh3, g2, _ = gemm.down_bwd(dy_AD, None, w2, h1, h3, weight, counts, True)
     gemm = 2 * A * d * f
     steps = [
-        ("route+plan+layout", lambda: (plan_dispatch(route(x, w_router, k, False)), routing_layout(plan.token_A, T, plan.token_order_A), layout()), 0),
+        (
+            "route+plan+layout",
+            lambda: (
+                plan_dispatch(route(x, w_router, k, False)),
+                routing_layout(plan.token_A, T, plan.token_order_A),
+                layout(),
+            ),
+            0,
+        ),
         ("fwd x rows into expert order", lambda: permute.fan_out(x, offs, rows_A, P, (tok, counts)), 0),
         ("fwd up (x@W1,x@W3, SwiGLU)", lambda: gemm.up(x_AD, None, w1, w3, counts, P, True), 2 * gemm),
         ("fwd down (g@W2, scale, scatter)", lambda: gemm.down(g, w2, counts, weight, pos_P), gemm),
@@ -177,19 +196,27 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         raise ConfigError(f"unknown impl {bad[0]!r}; choose from {', '.join(IMPLS)}")
     cases = CASES if a.cases == "all" else [CASES[int(i)] for i in a.cases.split(",")]
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    for var, meaning in (("MOEFLOW_AUTOTUNE", "every kernel runs its first tile candidate, untuned"), ("MOEFLOW_TMA", "TMA loads off")):
+    print(
+        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+    for var, meaning in (
+        ("MOEFLOW_AUTOTUNE", "every kernel runs its first tile candidate, untuned"),
+        ("MOEFLOW_TMA", "TMA loads off"),
+    ):
         if os.environ.get(var) == "0":  # easy to inherit from a test run in the same shell
             print(f"# warning: {var}=0 is set: {meaning}; these are not the default path's timings", file=sys.stderr)
             print(f"# {var}=0 ({meaning})")
     out = []
     for case in cases:
-        for skew in ([False] if a.no_skew else [False, True]):
+        for skew in [False] if a.no_skew else [False, True]:
             rows = bench_case(*case, skew, impls, a.warmup, a.rep)
             label = f"{case}{' skewed' if skew else ''}"
             for r in rows:
                 r.update(case=list(case), skew=skew)
-                print(f"| {label} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | x{r['x_dense']:.2f} | {r['extra_peak_gib']:.2f} |", flush=True)
+                print(
+                    f"| {label} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | x{r['x_dense']:.2f} | {r['extra_peak_gib']:.2f} |",
+                    flush=True,
+                )
             out += rows
         if a.breakdown:
             breakdown(*case, a.warmup, a.rep)

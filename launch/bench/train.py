@@ -21,6 +21,7 @@ add up to at most `steady_step_s`, which also holds logging and the host's gaps 
 With `trainer.profile=true` among the overrides, each trainer variant also prints its profile table
 (top kernels by category) and keeps `profile_ms_per_step`; its tokens/s then includes the profiler.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,14 +117,29 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     from moeflow.launch.train import train
 
     dtype = "uint16" if args.vocab_size is None or args.vocab_size <= 2**16 else "uint32"
-    cfg = compose([
-        *overrides, "data=memmap", f"data.path={tokens}", f"data.dtype={dtype}", f"data.seq_len={args.seq_len}",
-        f"data.batch_size={args.batch_size}", f"data.val_percent={VAL_PERCENT}", f"trainer.steps={2 * args.steps}",
-        f"trainer.log_every={args.steps}", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false",
-        f"trainer.device={args.device}", f"model.max_seq_len={args.seq_len}", *args.override,
-    ])
+    cfg = compose(
+        [
+            *overrides,
+            "data=memmap",
+            f"data.path={tokens}",
+            f"data.dtype={dtype}",
+            f"data.seq_len={args.seq_len}",
+            f"data.batch_size={args.batch_size}",
+            f"data.val_percent={VAL_PERCENT}",
+            f"trainer.steps={2 * args.steps}",
+            f"trainer.log_every={args.steps}",
+            "trainer.eval_every=0",
+            "trainer.ckpt_every=0",
+            "trainer.progress=false",
+            f"trainer.device={args.device}",
+            f"model.max_seq_len={args.seq_len}",
+            *args.override,
+        ]
+    )
     model_cfg = model_config(cfg)
-    timer = PhaseTimer(resolve_device(args.device), first_step=args.steps)  # the measured steps, after as many warm-up ones
+    timer = PhaseTimer(
+        resolve_device(args.device), first_step=args.steps
+    )  # the measured steps, after as many warm-up ones
     with timing_phases(timer):
         result = train(cfg, run_root / name)
     tok_s = result.get("tokens_per_s")
@@ -131,10 +147,18 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)
         print(f"{name}: " + (Path(result["profile"]["trace"]).parent / "summary.txt").read_text(), flush=True)
         extra["profile_ms_per_step"] = result["profile"]["ms_per_step"]
-    return {"variant": name, "tokens_per_s": tok_s, "first_step_s": result.get("first_step_s"),
-            "steady_step_s": (args.batch_size * args.seq_len / tok_s) if tok_s else None,
-            "peak_mem_gib": result.get("peak_mem_gib"), "flops_per_token": flops_per_token(model_cfg, args.seq_len),
-            "params": _counts(model_cfg), "final_loss": result.get("train_loss"), **_phases(timer), **extra}
+    return {
+        "variant": name,
+        "tokens_per_s": tok_s,
+        "first_step_s": result.get("first_step_s"),
+        "steady_step_s": (args.batch_size * args.seq_len / tok_s) if tok_s else None,
+        "peak_mem_gib": result.get("peak_mem_gib"),
+        "flops_per_token": flops_per_token(model_cfg, args.seq_len),
+        "params": _counts(model_cfg),
+        "final_loss": result.get("train_loss"),
+        **_phases(timer),
+        **extra,
+    }
 
 
 PHASES = ("forward", "backward", "optimizer")
@@ -165,9 +189,13 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
         import transformers
     except ImportError:
         return {"variant": "hf", "skipped": "transformers is not installed"}
-    cfg = model_config(compose([*moe_overrides, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override]))
+    cfg = model_config(
+        compose([*moe_overrides, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
+    )
     target = auto_target(cfg)
-    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in export_config(cfg, target).items() if k not in ("architectures", "torch_dtype")})
+    hf_cfg = transformers.AutoConfig.for_model(
+        **{k: v for k, v in export_config(cfg, target).items() if k not in ("architectures", "torch_dtype")}
+    )
     torch.manual_seed(0)
     kwargs = {}
     if device.type == "cuda":
@@ -179,7 +207,9 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator(device="cpu").manual_seed(0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     from moeflow.launch.profiling import PhaseTimer
 
@@ -214,9 +244,17 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
         loss = step(measured=1)
     sync(device)
     tok_s = args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t)
-    return {"variant": f"hf ({target})", "tokens_per_s": tok_s, "first_step_s": first, "steady_step_s": args.batch_size * args.seq_len / tok_s,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "flops_per_token": flops_per_token(cfg, args.seq_len), "params": _counts(cfg), "final_loss": loss.item(), **_phases(timer)}
+    return {
+        "variant": f"hf ({target})",
+        "tokens_per_s": tok_s,
+        "first_step_s": first,
+        "steady_step_s": args.batch_size * args.seq_len / tok_s,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "flops_per_token": flops_per_token(cfg, args.seq_len),
+        "params": _counts(cfg),
+        "final_loss": loss.item(),
+        **_phases(timer),
+    }
 
 
 def run(args) -> dict:
@@ -233,7 +271,9 @@ def run(args) -> dict:
     shape = SHAPES[args.shape]
     from moeflow.launch.config import model_config
 
-    vocab = model_config(compose([*shape, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])).vocab_size
+    vocab = model_config(
+        compose([*shape, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
+    ).vocab_size
     args.vocab_size = vocab
     peak, peak_what = matmul_peak(device)
     rows = []
@@ -246,11 +286,17 @@ def run(args) -> dict:
             for suffix, extra in modes if variant in ("moe", "dense") else [("", [])]:
                 if variant == "moe":
                     for impl in impls:
-                        rows.append(trainer_variant(f"moe-{impl}{suffix}", [*shape, f"experts.impl={impl}", *extra], args, tokens, tmp))
+                        rows.append(
+                            trainer_variant(
+                                f"moe-{impl}{suffix}", [*shape, f"experts.impl={impl}", *extra], args, tokens, tmp
+                            )
+                        )
                         print(_row(rows[-1], peak), flush=True)
                     continue
                 if variant == "dense":
-                    rows.append(trainer_variant(f"dense{suffix}", [*shape, "model.moe_every=0", *extra], args, tokens, tmp))
+                    rows.append(
+                        trainer_variant(f"dense{suffix}", [*shape, "model.moe_every=0", *extra], args, tokens, tmp)
+                    )
                 elif variant == "hf":
                     rows.append(hf_variant(shape, args, device))
                 else:
@@ -260,21 +306,47 @@ def run(args) -> dict:
     for r in rows:
         if r.get("tokens_per_s"):
             r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
-    moe = next((r for r in rows if r["variant"].startswith("moe") and not r["variant"].endswith("-compiled") and r.get("tokens_per_s")), None)
+    moe = next(
+        (
+            r
+            for r in rows
+            if r["variant"].startswith("moe") and not r["variant"].endswith("-compiled") and r.get("tokens_per_s")
+        ),
+        None,
+    )
     dense = next((r for r in rows if r["variant"] == "dense"), None)
-    moe_c = next((r for r in rows if r["variant"].startswith("moe") and r["variant"].endswith("-compiled") and r.get("tokens_per_s")), None)
+    moe_c = next(
+        (
+            r
+            for r in rows
+            if r["variant"].startswith("moe") and r["variant"].endswith("-compiled") and r.get("tokens_per_s")
+        ),
+        None,
+    )
     dense_c = next((r for r in rows if r["variant"] == "dense-compiled"), None)
     out = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-        "shape": args.shape, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps_measured": args.steps,
-        "peak_flops": peak, "peak_measured_with": peak_what,
-        "moe_tokens_per_s": moe and moe["tokens_per_s"], "dense_tokens_per_s": dense and dense["tokens_per_s"],
-        "moe_mfu": moe and moe.get("mfu"), "dense_mfu": dense and dense.get("mfu"),
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "steps_measured": args.steps,
+        "peak_flops": peak,
+        "peak_measured_with": peak_what,
+        "moe_tokens_per_s": moe and moe["tokens_per_s"],
+        "dense_tokens_per_s": dense and dense["tokens_per_s"],
+        "moe_mfu": moe and moe.get("mfu"),
+        "dense_mfu": dense and dense.get("mfu"),
         "moe_over_dense": moe and dense and moe["tokens_per_s"] / dense["tokens_per_s"],
-        "moe_peak_mem_gib": moe and moe.get("peak_mem_gib"), "first_step_s": moe and moe.get("first_step_s"),
-        "moe_phases_s": moe and {p: moe.get(f"{p}_s") for p in PHASES}, "dense_phases_s": dense and {p: dense.get(f"{p}_s") for p in PHASES},
-        "moe_compiled_tokens_per_s": moe_c and moe_c["tokens_per_s"], "dense_compiled_tokens_per_s": dense_c and dense_c["tokens_per_s"],
+        "moe_peak_mem_gib": moe and moe.get("peak_mem_gib"),
+        "first_step_s": moe and moe.get("first_step_s"),
+        "moe_phases_s": moe and {p: moe.get(f"{p}_s") for p in PHASES},
+        "dense_phases_s": dense and {p: dense.get(f"{p}_s") for p in PHASES},
+        "moe_compiled_tokens_per_s": moe_c and moe_c["tokens_per_s"],
+        "dense_compiled_tokens_per_s": dense_c and dense_c["tokens_per_s"],
         "moe_compiled_over_dense_compiled": moe_c and dense_c and moe_c["tokens_per_s"] / dense_c["tokens_per_s"],
         "variants": rows,
     }
@@ -307,23 +379,35 @@ def _row(r: dict, peak: float) -> str:
     mfu = r["tokens_per_s"] * r["flops_per_token"] / peak if r.get("tokens_per_s") else float("nan")
     mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
     phases = " / ".join(f"{1e3 * r[f'{p}_s']:.1f}" if r.get(f"{p}_s") is not None else "-" for p in PHASES)
-    return (f"{r['variant']:<16} {r['tokens_per_s']:>12,.0f} tok/s  MFU {100 * mfu:5.1f}%  step {1e3 * r['steady_step_s']:8.1f} ms  "
-            f"(fwd / bwd / opt {phases} ms)  "
-            f"first step {r['first_step_s']:6.1f} s  peak {mem}  ({r['params']['active'] / 1e6:.1f}M active of {r['params']['total'] / 1e6:.1f}M)")
+    return (
+        f"{r['variant']:<16} {r['tokens_per_s']:>12,.0f} tok/s  MFU {100 * mfu:5.1f}%  step {1e3 * r['steady_step_s']:8.1f} ms  "
+        f"(fwd / bwd / opt {phases} ms)  "
+        f"first step {r['first_step_s']:6.1f} s  peak {mem}  ({r['params']['active'] / 1e6:.1f}M active of {r['params']['total'] / 1e6:.1f}M)"
+    )
 
 
 def main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="moeflow bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="moeflow bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shape", default="olmoe-like", help=f"model shape: {', '.join(SHAPES)} (default olmoe-like)")
     ap.add_argument("--variants", default="moe,dense,hf", help="comma list of moe, dense, hf")
-    ap.add_argument("--impls", default=None, help="experts.impl values for the MoE variant (default: triton,grouped_mm on CUDA, torch on CPU)")
+    ap.add_argument(
+        "--impls",
+        default=None,
+        help="experts.impl values for the MoE variant (default: triton,grouped_mm on CUDA, torch on CPU)",
+    )
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="measured steps (after as many warm-up steps)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--compile", action="store_true", help="also run the moe and dense variants with trainer.compile=true")
+    ap.add_argument(
+        "--compile", action="store_true", help="also run the moe and dense variants with trainer.compile=true"
+    )
     ap.add_argument("--out", default=None, help="JSON file to write (e.g. bench/results/train_h200.json)")
-    ap.add_argument("override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)")
+    ap.add_argument(
+        "override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)"
+    )
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_intermixed_args(argv)  # overrides before or after the flags
     check_out(args.out, args.force)

@@ -20,6 +20,7 @@ path (`checkpoint_state` / `load_checkpoint_state`).
 Frameworks are imported lazily: `moeflow train` (engine=torch) never pays for DeepSpeed or
 megatron-core imports, and a missing package is a one-line error naming the extra.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,7 +46,9 @@ def require(engine: str) -> None:
     except ModuleNotFoundError:
         found = False
     if not found:
-        raise ConfigError(f"engine={engine} needs the {package.split('.')[0]} package, which is not installed; run `pip install moeflow[{extra}]`")
+        raise ConfigError(
+            f"engine={engine} needs the {package.split('.')[0]} package, which is not installed; run `pip install moeflow[{extra}]`"
+        )
 
 
 def engine_name(cfg) -> str:

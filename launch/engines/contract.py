@@ -11,6 +11,7 @@ of one micro-batch (gradients accumulate), `optimizer_step` syncs what is left, 
 optimizer and schedule and clears the gradients. Neither reads a device value on the host:
 the gradient norm comes back as a tensor, and the loop reads it only when it logs or checks.
 """
+
 from __future__ import annotations
 
 import abc
@@ -34,10 +35,14 @@ class Engine(abc.ABC):
 
     # -- attributes every engine sets in its constructor ------------------------------------
     model: torch.nn.Module  # the moeflow view of the model: `moe_layers()` (gates, routing stats), `aux_loss()`
-    eval_model: Callable[[torch.Tensor], torch.Tensor]  # tokens -> logits for evaluation (DeepSpeed: its engine, which gathers ZeRO-3 shards)
+    eval_model: Callable[
+        [torch.Tensor], torch.Tensor
+    ]  # tokens -> logits for evaluation (DeepSpeed: its engine, which gathers ZeRO-3 shards)
     autocast: Callable[[], ContextManager]  # the autocast context evaluation runs under
     start_step: int  # the step a resume starts at (0: a fresh run)
-    data_parallel_rank: tuple[int, int]  # (rank, size) of this rank's batch shard: the ranks of one TP group share a batch
+    data_parallel_rank: tuple[
+        int, int
+    ]  # (rank, size) of this rank's batch shard: the ranks of one TP group share a batch
     data_parallel_group: Any  # the process group routing statistics and the loss are averaged over (None: the world)
     last_step_skipped: bool = False  # whether the last optimizer_step skipped the update (on_nonfinite=skip_step)
 
@@ -81,8 +86,10 @@ class Engine(abc.ABC):
     def rollback(self, checkpoint: Path) -> int:
         """trainer.on_nonfinite=rollback: reload `checkpoint` (weights, optimizer, schedule, gate state,
         RNG streams) into the engine; the step it was written at."""
-        raise ConfigError(f"trainer.on_nonfinite=rollback needs an engine that writes moeflow checkpoints (torch, megatron), "
-                          f"not engine={self.name}; use trainer.on_nonfinite=stop")
+        raise ConfigError(
+            f"trainer.on_nonfinite=rollback needs an engine that writes moeflow checkpoints (torch, megatron), "
+            f"not engine={self.name}; use trainer.on_nonfinite=stop"
+        )
 
     def extra_result(self) -> dict:
         """Engine-specific entries for the run's result dict."""

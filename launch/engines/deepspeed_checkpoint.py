@@ -3,6 +3,7 @@
 `<run>/checkpoints/deepspeed/step_XXXXXXXX/`: every rank's DeepSpeed shards plus a meta.json
 (model config, run config, step), written last, that marks a complete checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,12 @@ def save(engine, run_dir: Path, step: int, cfg: DictConfig, model_cfg: dict, is_
     root = Path(run_dir) / ckpt.CKPT_DIR / DS_DIR
     engine.save_checkpoint(str(root), tag=tag(step), client_state={"step": step, "rng": ckpt.rng_state()})
     if is_main:  # meta.json last: its presence marks a complete checkpoint
-        meta = {"model": model_cfg, "config": OmegaConf.to_container(cfg, resolve=True), "step": step, "format": "deepspeed"}
+        meta = {
+            "model": model_cfg,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "step": step,
+            "format": "deepspeed",
+        }
         (root / tag(step) / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         keep = int(cfg.trainer.keep_checkpoints)
         if keep > 0:
@@ -44,7 +50,9 @@ def save(engine, run_dir: Path, step: int, cfg: DictConfig, model_cfg: dict, is_
 
 
 def _is_deepspeed_checkpoint(p: Path) -> bool:
-    return (p / ckpt.META).is_file() and (any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("zero_pp_rank_*_model_states.pt")))
+    return (p / ckpt.META).is_file() and (
+        any(p.glob("mp_rank_*_model_states.pt")) or any(p.glob("zero_pp_rank_*_model_states.pt"))
+    )
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -52,7 +60,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(ckpt.PREFIX) and _is_deepspeed_checkpoint(p)]
-    return sorted(done, key=lambda p: int(p.name[len(ckpt.PREFIX):]))
+    return sorted(done, key=lambda p: int(p.name[len(ckpt.PREFIX) :]))
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -74,20 +82,30 @@ def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
         if cfg.resume == "auto":
             log.info("resume=auto: no DeepSpeed checkpoint in %s, starting fresh", run_dir)
             return 0
-        raise CheckpointError(f"resume={cfg.resume}: no DeepSpeed checkpoint found there; pass a run dir of an engine=deepspeed run or one of its checkpoints/deepspeed/step_* dirs")
+        raise CheckpointError(
+            f"resume={cfg.resume}: no DeepSpeed checkpoint found there; pass a run dir of an engine=deepspeed run or one of its checkpoints/deepspeed/step_* dirs"
+        )
     meta = ckpt.read_meta(found)
     diffs = ckpt.model_shape_diffs(meta.get("model", {}), engine.module.cfg.to_dict())
     if diffs:
-        raise CheckpointError(f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})")
+        raise CheckpointError(
+            f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})"
+        )
     if not bool(cfg.engine.get("trust_checkpoint", False)):
-        raise CheckpointError(f"resume={cfg.resume} would load {found}: {PICKLE_WARNING}; pass engine.trust_checkpoint=true to resume it")
+        raise CheckpointError(
+            f"resume={cfg.resume} would load {found}: {PICKLE_WARNING}; pass engine.trust_checkpoint=true to resume it"
+        )
     saved_ep, ep = checkpoint_ep(meta), int(cfg.parallel.get("ep", 1))
     if saved_ep != ep:
-        raise CheckpointError(f"checkpoint {found} was written with parallel.ep={saved_ep} and ZeRO keeps expert state per EP rank; resume with parallel.ep={saved_ep}, or convert it (moeflow convert deepspeed-to-moeflow) and resume the moeflow checkpoint with any EP")
+        raise CheckpointError(
+            f"checkpoint {found} was written with parallel.ep={saved_ep} and ZeRO keeps expert state per EP rank; resume with parallel.ep={saved_ep}, or convert it (moeflow convert deepspeed-to-moeflow) and resume the moeflow checkpoint with any EP"
+        )
     try:
         path, client = engine.load_checkpoint(str(found.parent), tag=found.name)
     except Exception as e:  # DeepSpeed raises many types for partial/corrupt shards
-        raise CheckpointError(f"DeepSpeed could not load {found} ({type(e).__name__}: {e}); resume from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"DeepSpeed could not load {found} ({type(e).__name__}: {e}); resume from an earlier checkpoint"
+        ) from None
     if path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint in {found}; resume from an earlier checkpoint")
     if ep > 1:
@@ -104,5 +122,7 @@ def checkpoint_ep(meta: dict) -> int:
     return int(meta.get("config", {}).get("parallel", {}).get("ep", 1))
 
 
-PICKLE_WARNING = ("DeepSpeed's checkpoints are pickles (its own format), and unpickling can run any code the files hold; "
-                  "load only checkpoints you (or someone you trust) wrote")
+PICKLE_WARNING = (
+    "DeepSpeed's checkpoints are pickles (its own format), and unpickling can run any code the files hold; "
+    "load only checkpoints you (or someone you trust) wrote"
+)

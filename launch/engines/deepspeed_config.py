@@ -6,6 +6,7 @@ is merged over it, so anything DeepSpeed offers stays reachable; the keys moeflo
 must agree (`check_user_config`), and option combinations DeepSpeed cannot run are refused
 before any work (`check_options`).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ _MISSING = object()
 
 
 def _bf16(cfg: DictConfig, device) -> bool:
-    return cfg.trainer.precision == "bf16" or (cfg.trainer.precision == "auto" and device is not None and device.type == "cuda")
+    return cfg.trainer.precision == "bf16" or (
+        cfg.trainer.precision == "auto" and device is not None and device.type == "cuda"
+    )
 
 
 def check_user_config(cfg: DictConfig, device=None) -> None:
@@ -62,8 +65,10 @@ def check_user_config(cfg: DictConfig, device=None) -> None:
         if theirs is _MISSING or theirs == ours:
             continue
         shown = ".".join(key)
-        raise ConfigError(f"engine.config_file={path} sets {shown}={json.dumps(theirs)}, which moeflow derives from {moeflow_key}"
-                          f"{'' if ours is _MISSING else f' (here {json.dumps(ours)})'}; set it there and remove {shown} from the file")
+        raise ConfigError(
+            f"engine.config_file={path} sets {shown}={json.dumps(theirs)}, which moeflow derives from {moeflow_key}"
+            f"{'' if ours is _MISSING else f' (here {json.dumps(ours)})'}; set it there and remove {shown} from the file"
+        )
 
 
 def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
@@ -71,20 +76,31 @@ def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
     e = _engine_cfg(cfg)
     path = e.get("config_file")
     if path and not Path(str(path)).expanduser().is_file():
-        raise ConfigError(f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)")
+        raise ConfigError(
+            f"engine.config_file={path} does not exist; pass the path of a DeepSpeed JSON config (or null)"
+        )
     check_user_config(cfg, device)
     merged = deepspeed_config(cfg, use_bf16=_bf16(cfg, device))
     zero = merged.get("zero_optimization", {})
-    stage, offload = zero.get("stage"), "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none"
+    stage, offload = (
+        zero.get("stage"),
+        "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none",
+    )
     ep = int(cfg.parallel.get("ep", 1))
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
     if offload and stage == 0:
-        raise ConfigError("engine.offload_optimizer=true needs ZeRO (DeepSpeed offloads the partitioned optimizer state); set engine.zero_stage=1, 2 or 3")
+        raise ConfigError(
+            "engine.offload_optimizer=true needs ZeRO (DeepSpeed offloads the partitioned optimizer state); set engine.zero_stage=1, 2 or 3"
+        )
     if ep > 1 and stage == 3:
-        raise ConfigError(f"engine.zero_stage=3 conflicts with parallel.ep={ep}: DeepSpeed's ZeRO-3 takes expert parallelism only for its own AutoEP layers ('Native DeepSpeed MoE is not supported with ZeRO Stage 3'), not for moeflow's MoE layers; use engine.zero_stage=1 or 2 with expert parallelism")
+        raise ConfigError(
+            f"engine.zero_stage=3 conflicts with parallel.ep={ep}: DeepSpeed's ZeRO-3 takes expert parallelism only for its own AutoEP layers ('Native DeepSpeed MoE is not supported with ZeRO Stage 3'), not for moeflow's MoE layers; use engine.zero_stage=1 or 2 with expert parallelism"
+        )
     if ep > 1 and stage == 0:
-        raise ConfigError(f"engine.zero_stage=0 conflicts with parallel.ep={ep}: without ZeRO, DeepSpeed clips by the mean of per-rank gradient norms, which with experts sharded over EP is not the global norm; use engine.zero_stage=1 or 2 with expert parallelism")
+        raise ConfigError(
+            f"engine.zero_stage=0 conflicts with parallel.ep={ep}: without ZeRO, DeepSpeed clips by the mean of per-rank gradient norms, which with experts sharded over EP is not the global norm; use engine.zero_stage=1 or 2 with expert parallelism"
+        )
 
 
 def read_user_config(path) -> dict:

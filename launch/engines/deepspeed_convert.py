@@ -4,6 +4,7 @@
 checkpoint (any ZeRO stage; ZeRO-1/2 with expert parallelism too) into a moeflow
 safetensors checkpoint that engine=torch resumes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,15 +49,22 @@ def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tens
     model_state = z.parse_model_states(z.get_model_state_files(d))[0]
     stage, world, flat, paddings = z.parse_optim_states(z.get_optim_files(d), d)
     if stage > 2:
-        raise CheckpointError(f"{ds_ckpt}: a ZeRO-{stage} checkpoint with parallel.ep={ep} is not something engine=deepspeed writes")
+        raise CheckpointError(
+            f"{ds_ckpt}: a ZeRO-{stage} checkpoint with parallel.ep={ep} is not something engine=deepspeed writes"
+        )
     shapes = model_state.param_shapes
     is_expert = [bool(g) and all(is_expert_param(n, torch.empty(0)) for n in g) for g in shapes]
 
     def merge(group_ids: list[int], ranks) -> dict:
         out = {}
         sub = replace(model_state, param_shapes=[shapes[i] for i in group_ids])
-        z._zero2_merge_trainable_params(out, len(ranks), [[flat[r][i] for i in group_ids] for r in ranks], [sub],
-                                        None if paddings is None else [paddings[i] for i in group_ids])
+        z._zero2_merge_trainable_params(
+            out,
+            len(ranks),
+            [[flat[r][i] for i in group_ids] for r in ranks],
+            [sub],
+            None if paddings is None else [paddings[i] for i in group_ids],
+        )
         return out
 
     state = dict(model_state.buffers)
@@ -81,7 +89,9 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path, trust: bool = F
 
     found = find_checkpoint(src)
     if found is None:
-        raise CheckpointError(f"{src}: no DeepSpeed checkpoint there; pass an engine=deepspeed run dir or its checkpoints/deepspeed/step_* dir")
+        raise CheckpointError(
+            f"{src}: no DeepSpeed checkpoint there; pass an engine=deepspeed run dir or its checkpoints/deepspeed/step_* dir"
+        )
     if not trust:
         raise CheckpointError(f"{found}: {PICKLE_WARNING}; pass --trust-checkpoint to convert it")
     meta = ckpt.read_meta(found)
@@ -92,10 +102,21 @@ def convert_to_moeflow(src: str | Path, out_run_dir: str | Path, trust: bool = F
         model = Transformer(model_cfg)
     want = set(dict(model.named_parameters()))  # tied weights once, like ckpt.unique_state_dict
     if want - set(state) or set(state) - set(model.state_dict()):
-        raise CheckpointError(f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})")
+        raise CheckpointError(
+            f"{found}: weights do not match the model in its meta.json (missing {sorted(want - set(state))[:3]}, extra {sorted(set(state) - want)[:3]})"
+        )
     state = {k: state[k] for k in sorted(want)}
-    _, sched_state = fresh_optimizer_state(model_cfg, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step)
+    _, sched_state = fresh_optimizer_state(
+        model_cfg, OmegaConf.create(meta["config"]["optim"]), int(meta["config"]["trainer"]["steps"]), step
+    )
     trainer_state = {"scheduler": sched_state, "step": step, "engine": "deepspeed"}
-    out_meta = {"model": meta["model"], "config": meta["config"],
-                "converted_from": {"format": "deepspeed", "path": str(found), "optimizer_moments": "reset (not carried over from ZeRO partitions)"}}
+    out_meta = {
+        "model": meta["model"],
+        "config": meta["config"],
+        "converted_from": {
+            "format": "deepspeed",
+            "path": str(found),
+            "optimizer_moments": "reset (not carried over from ZeRO partitions)",
+        },
+    }
     return ckpt.save_checkpoint(Path(out_run_dir), step, state, trainer_state, out_meta, keep=0)

@@ -30,6 +30,7 @@ Checkpoints are DeepSpeed's own (`<run>/checkpoints/deepspeed/step_XXXXXXXX/`, p
 meta.json with the model config); `convert_to_moeflow` consolidates one (any ZeRO stage)
 into a moeflow safetensors checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,17 @@ from .deepspeed_convert import convert_to_moeflow
 from .deepspeed_groups import shard_experts_for_deepspeed, to_deepspeed_moe_groups
 from .deepspeed_ops import STALE_AFTER_S, build_ops, clear_stale_build_lock
 
-__all__ = ["DeepSpeedEngine", "initialize",  # and, for their callers (engines.check_engine, moeflow convert/prepare), re-exported:
-           "check_options", "deepspeed_config", "convert_to_moeflow", "to_deepspeed_moe_groups", "STALE_AFTER_S", "build_ops", "clear_stale_build_lock"]
+__all__ = [
+    "DeepSpeedEngine",
+    "initialize",  # and, for their callers (engines.check_engine, moeflow convert/prepare), re-exported:
+    "check_options",
+    "deepspeed_config",
+    "convert_to_moeflow",
+    "to_deepspeed_moe_groups",
+    "STALE_AFTER_S",
+    "build_ops",
+    "clear_stale_build_lock",
+]
 
 log = logging.getLogger("moeflow.deepspeed")
 
@@ -85,9 +95,15 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
     config = deepspeed_config(cfg, use_bf16)
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
     n_expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n, p))
-    log.info("deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups%s)",
-             config["zero_optimization"]["stage"], " + CPU optimizer offload" if "offload_optimizer" in config["zero_optimization"] else "",
-             config["bf16"]["enabled"], len(groups), n_expert / 1e6, f", sharded over EP={ep} and ZeRO-partitioned over the expert-data-parallel group" if ep > 1 else "")
+    log.info(
+        "deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups%s)",
+        config["zero_optimization"]["stage"],
+        " + CPU optimizer offload" if "offload_optimizer" in config["zero_optimization"] else "",
+        config["bf16"]["enabled"],
+        len(groups),
+        n_expert / 1e6,
+        f", sharded over EP={ep} and ZeRO-partitioned over the expert-data-parallel group" if ep > 1 else "",
+    )
     return engine, sched
 
 
@@ -128,7 +144,9 @@ class DeepSpeedEngine(Engine):
         norm = self.engine.get_global_grad_norm()
         if norm is None or isinstance(norm, torch.Tensor):
             return norm
-        return torch.tensor(float(norm))  # a host number already (some of its optimizers keep one): wrapped, as every engine returns a tensor
+        return torch.tensor(
+            float(norm)
+        )  # a host number already (some of its optimizers keep one): wrapped, as every engine returns a tensor
 
     def save(self, step: int) -> Path:
         path = save(self.engine, self.run_dir, step, self.cfg, self.model_cfg.to_dict(), self.env.is_main)

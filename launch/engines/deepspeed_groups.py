@@ -5,6 +5,7 @@ machinery reduces and ZeRO-partitions the expert parameter groups over its
 expert-data-parallel groups, created here through its (private) `deepspeed.utils.groups`
 API and checked against moeflow's layout.
 """
+
 from __future__ import annotations
 
 import torch
@@ -89,8 +90,13 @@ def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_typ
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group (deepspeed.comm)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep)
-    for ours, theirs in ((layout.ep_group, groups._get_expert_parallel_group(name)), (layout.edp_group, groups._get_expert_data_parallel_group(name))):
+    for ours, theirs in (
+        (layout.ep_group, groups._get_expert_parallel_group(name)),
+        (layout.edp_group, groups._get_expert_data_parallel_group(name)),
+    ):
         if dist.get_process_group_ranks(ours) != dist.get_process_group_ranks(theirs):
-            raise RuntimeError(f"DeepSpeed's {name} groups {dist.get_process_group_ranks(theirs)} differ from moeflow's {dist.get_process_group_ranks(ours)}")
+            raise RuntimeError(
+                f"DeepSpeed's {name} groups {dist.get_process_group_ranks(theirs)} differ from moeflow's {dist.get_process_group_ranks(ours)}"
+            )
     for layer in model.moe_layers():
         layer.add_module("deepspeed_moe_marker", _deepspeed_moe_marker(model.cfg.num_experts, ep))

@@ -1,4 +1,5 @@
 """DeepSpeed's JIT-built ops, built before a run uses them, and the stale build locks a killed build leaves."""
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,11 @@ def clear_stale_build_lock(build_dir: Path) -> bool:
         return False
     if age < STALE_AFTER_S or _busy(build_dir):
         return False
-    log.warning("removing a stale DeepSpeed build lock %s (%.0f s old, no build running there: a killed build left it)", lock, age)
+    log.warning(
+        "removing a stale DeepSpeed build lock %s (%.0f s old, no build running there: a killed build left it)",
+        lock,
+        age,
+    )
     lock.unlink(missing_ok=True)
     return True
 
@@ -64,10 +69,14 @@ def build_ops(progress=print) -> list[str]:
             continue
         build_dir = Path(_get_build_directory(builder.NAME, False)).resolve()
         with open(build_dir.parent / f".moeflow-build-{builder.NAME}.lock", "w") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)  # another moeflow process building it: wait for it (it may die: then we get it)
+            fcntl.flock(
+                guard, fcntl.LOCK_EX
+            )  # another moeflow process building it: wait for it (it may die: then we get it)
             clear_stale_build_lock(build_dir)
             if not any(build_dir.glob("*.so")):
-                progress(f"moeflow: building DeepSpeed's {builder.NAME} op in {build_dir} (the first time only, ~1 min)")
+                progress(
+                    f"moeflow: building DeepSpeed's {builder.NAME} op in {build_dir} (the first time only, ~1 min)"
+                )
             builder.load(verbose=False)
         built.append(builder.NAME)
     if dist.is_initialized():

@@ -23,6 +23,7 @@ own for attention, embedding and output layer (logits gathered over the vocab), 
 dim). The ranks of a TP group train on the same batch (parallel_state's data-parallel rank);
 checkpoints gather every TP slice too, so they stay single-process checkpoints.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,7 +76,9 @@ def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device)
     # (ep divides the experts and the world) is checked by launch.config.check_parallel.
     p = cfg.parallel
     if int(p.get("overlap_chunks", 1)) != 1 or bool(p.get("overlap_shared", False)):
-        raise ConfigError("parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch")
+        raise ConfigError(
+            "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch"
+        )
 
 
 def check_tensor_parallel(tp: int, ep: int, model_cfg: ModelConfig) -> None:
@@ -86,20 +89,34 @@ def check_tensor_parallel(tp: int, ep: int, model_cfg: ModelConfig) -> None:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * ep):
-        raise ConfigError(f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks")
-    sizes = {"model.n_heads": model_cfg.n_heads, "model.n_kv_heads": model_cfg.kv_heads, "model.vocab_size": model_cfg.vocab_size, "model.d_ff": model_cfg.d_ff,
-             "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k}
+        raise ConfigError(
+            f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks"
+        )
+    sizes = {
+        "model.n_heads": model_cfg.n_heads,
+        "model.n_kv_heads": model_cfg.kv_heads,
+        "model.vocab_size": model_cfg.vocab_size,
+        "model.d_ff": model_cfg.d_ff,
+        "the dense/shared-expert FFN size (model.dense_d_ff or d_ff x top_k)": model_cfg.dense_d_ff
+        or model_cfg.d_ff * model_cfg.top_k,
+    }
     for what, n in sizes.items():
         if n % tp:
-            raise ConfigError(f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it")
+            raise ConfigError(
+                f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it"
+            )
 
 
 def start_megatron(cfg: DictConfig, trainer_cfg) -> tuple[DistEnv, torch.device]:
     """Join the process group like engine=torch, then megatron-core's parallel_state (TP, EP groups)."""
-    env, device = start_distributed(trainer_cfg, cfg.parallel.backend)  # CUDA: check_options refused CPU (tests build on CPU)
+    env, device = start_distributed(
+        trainer_cfg, cfg.parallel.backend
+    )  # CUDA: check_options refused CPU (tests build on CPU)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    mcore.initialize_parallel_state(trainer_cfg.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep))
+    mcore.initialize_parallel_state(
+        trainer_cfg.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep)
+    )
     return env, device
 
 
@@ -115,25 +132,43 @@ class MegatronEngine(MoeflowCheckpointEngine):
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = cfg, model_cfg, env, device, run_dir, trainer_cfg.grad_accum
+        self.cfg, self.model_cfg, self.env, self.device, self.run_dir, self.grad_accum = (
+            cfg,
+            model_cfg,
+            env,
+            device,
+            run_dir,
+            trainer_cfg.grad_accum,
+        )
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
         init = unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
         self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
         self.model = self.eval_model = mcore.MegatronLM(self.gpt)
-        self.opt = torch.optim.AdamW(param_groups(self.gpt, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.opt = torch.optim.AdamW(
+            param_groups(self.gpt, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps,
+        )
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         load_moeflow_weights(self.gpt, init, model_cfg)
         # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
-        self.data_parallel_rank = (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
-        self.data_parallel_group = ps.get_data_parallel_group() if env.enabled else None  # routing stats: each batch once
+        self.data_parallel_rank = (
+            (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
+        )
+        self.data_parallel_group = (
+            ps.get_data_parallel_group() if env.enabled else None
+        )  # routing stats: each batch once
         self.start_step = self.start_checkpoints(trainer_cfg)  # a checkpoint's weights replace the initial ones
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / trainer_cfg.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
         self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
 
     def describe(self) -> str:
-        return (f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "
-                f"{sum(p.numel() for p in self.gpt.parameters()) / 1e6:.2f}M parameters, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}")
+        return (
+            f"engine megatron: megatron-core GPTModel with {len(self.model.moe_layers())} moeflow MoE layers, "
+            f"{sum(p.numel() for p in self.gpt.parameters()) / 1e6:.2f}M parameters, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}"
+        )
 
     def forward_backward(self, x, y, last: bool):
         with grad_sync(self.ddp, last):
@@ -178,7 +213,10 @@ class MegatronEngine(MoeflowCheckpointEngine):
         if state is not None:
             load_moeflow_weights(self.gpt, state["model"], self.model_cfg)
             if "megatron_optim" in state:
-                full = {"state": {int(i): v for i, v in state["megatron_optim"].items()}, "param_groups": self.opt.state_dict()["param_groups"]}
+                full = {
+                    "state": {int(i): v for i, v in state["megatron_optim"].items()},
+                    "param_groups": self.opt.state_dict()["param_groups"],
+                }
                 self.opt.load_state_dict(local_optimizer_state(self.opt, full))  # this EP rank's expert moments
         if trainer_state is not None:
             replay_schedule(self.sched, int(trainer_state["step"]))
@@ -196,7 +234,11 @@ class MegatronEngine(MoeflowCheckpointEngine):
 def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
     device = next(gpt.parameters()).device
     full = {k: v.to(device) for k, v in mck.to_megatron(state, model_cfg, native=False).items()}
-    missing, unexpected = gpt.load_state_dict(local_model_state(gpt, full), strict=False)  # sliced to this EP rank's experts
+    missing, unexpected = gpt.load_state_dict(
+        local_model_state(gpt, full), strict=False
+    )  # sliced to this EP rank's experts
     bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
     if bad:
-        raise CheckpointError(f"moeflow weights do not fit the megatron model (e.g. {bad[:3]}); resume with the checkpoint's model config")
+        raise CheckpointError(
+            f"moeflow weights do not fit the megatron model (e.g. {bad[:3]}); resume with the checkpoint's model config"
+        )

@@ -8,6 +8,7 @@ step equals the single-process step on the global batch. Checkpoints go through
 `launch/resume.py`: sharded (torch.distributed.checkpoint), every rank writing its own shards,
 loadable into any other layout.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,13 @@ class TorchEngine(MoeflowCheckpointEngine):
     name = "torch"
 
     # a transport named with one process (parallel.dispatcher=capacity, ...) runs over a group of one rank
-    start = staticmethod(lambda cfg, tc: start_distributed(tc, cfg.parallel.backend, single_rank_group=str(cfg.parallel.get("dispatcher", "auto")) not in ("auto", "local")))
+    start = staticmethod(
+        lambda cfg, tc: start_distributed(
+            tc,
+            cfg.parallel.backend,
+            single_rank_group=str(cfg.parallel.get("dispatcher", "auto")) not in ("auto", "local"),
+        )
+    )
 
     def __init__(self, cfg: DictConfig, model_cfg, trainer_cfg, env: DistEnv, device: torch.device, run_dir: Path):
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
@@ -58,8 +65,13 @@ class TorchEngine(MoeflowCheckpointEngine):
             with torch.device("meta"):  # no rank ever holds the whole model
                 self.model = Transformer(model_cfg)
             self._checkpointing(trainer_cfg)
-            parallelize(self.model, self.mesh, ShardingOptions(
-                param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=options_from_config(cfg.parallel)))
+            parallelize(
+                self.model,
+                self.mesh,
+                ShardingOptions(
+                    param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=options_from_config(cfg.parallel)
+                ),
+            )
             materialize(self.model, device)
             self.loss_scale = 1.0 / dims.dp  # gradients are summed over the data-parallel ranks
             self.data_parallel_rank = (env.rank // dims.tp, dims.dp)
@@ -79,15 +91,24 @@ class TorchEngine(MoeflowCheckpointEngine):
         self.fwd = torch.compile(self.model) if trainer_cfg.compile else self.model
 
     def _checkpointing(self, trainer_cfg) -> None:
-        n = apply_activation_checkpointing(self.model, trainer_cfg.activation_checkpointing, trainer_cfg.activation_checkpointing_every)
+        n = apply_activation_checkpointing(
+            self.model, trainer_cfg.activation_checkpointing, trainer_cfg.activation_checkpointing_every
+        )
         if n:
-            log.info("activation checkpointing (%s) on %d of %d blocks", trainer_cfg.activation_checkpointing, n, len(self.model.blocks))
+            log.info(
+                "activation checkpointing (%s) on %d of %d blocks",
+                trainer_cfg.activation_checkpointing,
+                n,
+                len(self.model.blocks),
+            )
 
     def describe(self) -> str:
         m = self.model
         layout = f"; {self.mesh.dims.describe()}" if self.mesh is not None else ""
-        return (f"model: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(active_only=True) / 1e6:.2f}M active), "
-                f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}{layout}")
+        return (
+            f"model: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(active_only=True) / 1e6:.2f}M active), "
+            f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}{layout}"
+        )
 
     def _gradient_sync(self, last: bool):
         """FSDP reduces gradients on the last micro-batch of a step only."""
@@ -110,13 +131,19 @@ class TorchEngine(MoeflowCheckpointEngine):
         """Clip, AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
         reduce_replicated_expert_grads(self.model)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = clip_grad_norm_(list(self.model.parameters()), clip, optimizer=self.opt)  # fused AdamW applies the factor as it reads each gradient
-        self.last_step_skipped = self.skip_nonfinite and not bool(torch.isfinite(norm))  # on_nonfinite=skip_step: a host read per step
+        norm = clip_grad_norm_(
+            list(self.model.parameters()), clip, optimizer=self.opt
+        )  # fused AdamW applies the factor as it reads each gradient
+        self.last_step_skipped = self.skip_nonfinite and not bool(
+            torch.isfinite(norm)
+        )  # on_nonfinite=skip_step: a host read per step
         if self.last_step_skipped:
             self.skipped += 1
             log.warning("skipped the optimizer step: gradient norm %s (%d skipped so far)", float(norm), self.skipped)
             if self.skipped_in_a_row() > MAX_SKIPS_IN_A_ROW:
-                raise Diverged(f"{self.skipped_in_a_row()} optimizer steps in a row had a non-finite gradient norm; lower optim.lr")
+                raise Diverged(
+                    f"{self.skipped_in_a_row()} optimizer steps in a row had a non-finite gradient norm; lower optim.lr"
+                )
         else:
             self.opt.step()
             self.sched.step()

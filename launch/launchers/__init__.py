@@ -4,6 +4,7 @@ Each launcher is a thin layer over the real tool: `local` (torchrun), `slurm` (s
 `ray_train` (Ray Train, `ray job`). The processes they start run the same overrides with
 MOEFLOW_LAUNCHED=1, so they train in-process instead of launching again.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ def launch_elsewhere(args: list[str]) -> bool:
 
         return _exit(submit([a for a in args if a not in multirun], multirun=True))
     if multirun:
-        raise ConfigError(f"launcher={name} runs one training; sweep with `moeflow slurm submit -m ...` (a job array) or run each point yourself")
+        raise ConfigError(
+            f"launcher={name} runs one training; sweep with `moeflow slurm submit -m ...` (a job array) or run each point yourself"
+        )
     if name == "local":
         from .local import launch
     elif name == "slurm":

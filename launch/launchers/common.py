@@ -1,4 +1,5 @@
 """What every launcher does to a `moeflow train` command line before starting processes elsewhere."""
+
 from __future__ import annotations
 
 from omegaconf import DictConfig

@@ -6,6 +6,7 @@ launch  composes the config, connects to (or starts) a Ray cluster, and runs `tr
 submit  sends `moeflow ray launch ...` to a cluster as a Ray job (JobSubmissionClient) with a runtime env.
 wait    blocks until N nodes have joined (used by the Ray-on-Slurm template).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,11 @@ log = logging.getLogger("moeflow.ray")
 
 
 def ray_args(args: list[str]) -> list[str]:
-    return ["launcher=ray", *without_launcher([a for a in args if a != "launcher=ray"]),
-            *[a for a in args if a.startswith("launcher.")]]
+    return [
+        "launcher=ray",
+        *without_launcher([a for a in args if a != "launcher=ray"]),
+        *[a for a in args if a.startswith("launcher.")],
+    ]
 
 
 def check_reachable(address: str | None, what: str = "launcher.address") -> None:
@@ -48,8 +52,10 @@ def check_reachable(address: str | None, what: str = "launcher.address") -> None
         with socket.create_connection((url.hostname, port), timeout=5):
             pass
     except OSError as e:
-        raise ConfigError(f"cannot reach a Ray cluster at {address} ({e.strerror or e}): start one with "
-                          f"`ray start --head`, or fix {what} (auto = the cluster this node belongs to)") from None
+        raise ConfigError(
+            f"cannot reach a Ray cluster at {address} ({e.strerror or e}): start one with "
+            f"`ray start --head`, or fix {what} (auto = the cluster this node belongs to)"
+        ) from None
 
 
 def connect(address: str | None) -> None:
@@ -62,8 +68,10 @@ def connect(address: str | None) -> None:
         else:
             ray.init(address=address, log_to_driver=True)
     except ConnectionError as e:
-        raise ConfigError(f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}; start a cluster with "
-                          f"`ray start --head` or set launcher.address (token auth: the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
+        raise ConfigError(
+            f"cannot connect to Ray at {address}: {str(e).splitlines()[0]}; start a cluster with "
+            f"`ray start --head` or set launcher.address (token auth: the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        ) from None
 
 
 def check_capacity(launcher: DictConfig) -> dict:
@@ -79,8 +87,10 @@ def check_capacity(launcher: DictConfig) -> dict:
     for res, amount in per_worker.items():
         need = amount * int(launcher.num_workers)
         if need > have.get(res, 0):
-            raise ConfigError(f"launcher.num_workers={launcher.num_workers} needs {need:g} {res} but the Ray cluster has "
-                              f"{have.get(res, 0):g}: lower launcher.num_workers (or launcher.resources_per_worker) or add nodes")
+            raise ConfigError(
+                f"launcher.num_workers={launcher.num_workers} needs {need:g} {res} but the Ray cluster has "
+                f"{have.get(res, 0):g}: lower launcher.num_workers (or launcher.resources_per_worker) or add nodes"
+            )
     return per_worker
 
 
@@ -106,11 +116,17 @@ def _worker(config: dict) -> None:
     from ..train import train
 
     ctx = ray.train.get_context()
-    os.environ.update(RANK=str(ctx.get_world_rank()), WORLD_SIZE=str(ctx.get_world_size()),
-                      LOCAL_RANK=str(ctx.get_local_rank()), MOEFLOW_RUN_ID=config["launch_id"])  # a restarted worker group is the same run
+    os.environ.update(
+        RANK=str(ctx.get_world_rank()),
+        WORLD_SIZE=str(ctx.get_world_size()),
+        LOCAL_RANK=str(ctx.get_local_rank()),
+        MOEFLOW_RUN_ID=config["launch_id"],
+    )  # a restarted worker group is the same run
     run_dir = Path(config["run_dir"])
     rank = ctx.get_world_rank()
-    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO, format=f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s", force=True
+    )
     if rank == 0:
         handler = logging.FileHandler(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -156,17 +172,30 @@ def launch(args: list[str]) -> int:
         OmegaConf.save(train_cfg, run_dir / "config.yaml")
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"cfg": OmegaConf.to_container(train_cfg, resolve=True), "run_dir": str(run_dir), "launch_id": uuid.uuid4().hex},
-            scaling_config=ScalingConfig(num_workers=int(launcher.num_workers), use_gpu=bool(launcher.use_gpu), resources_per_worker=per_worker),
-            run_config=RunConfig(name="ray_train", storage_path=str(run_dir / "ray"),
-                                 failure_config=FailureConfig(max_failures=int(launcher.max_failures))),
+            train_loop_config={
+                "cfg": OmegaConf.to_container(train_cfg, resolve=True),
+                "run_dir": str(run_dir),
+                "launch_id": uuid.uuid4().hex,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=int(launcher.num_workers), use_gpu=bool(launcher.use_gpu), resources_per_worker=per_worker
+            ),
+            run_config=RunConfig(
+                name="ray_train",
+                storage_path=str(run_dir / "ray"),
+                failure_config=FailureConfig(max_failures=int(launcher.max_failures)),
+            ),
         )
-        print(f"moeflow: Ray Train with {launcher.num_workers} workers ({per_worker} each), run dir {run_dir}", flush=True)
+        print(
+            f"moeflow: Ray Train with {launcher.num_workers} workers ({per_worker} each), run dir {run_dir}", flush=True
+        )
         try:
             result = trainer.fit()
         except Exception as e:  # noqa: BLE001 - Ray's TrainingFailedError wraps the worker's error
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RunFailed(f"training failed after {launcher.max_failures} restarts: {first} (worker logs above; run dir {run_dir})") from None
+            raise RunFailed(
+                f"training failed after {launcher.max_failures} restarts: {first} (worker logs above; run dir {run_dir})"
+            ) from None
         print(f"moeflow: done: {result.metrics}; run dir {run_dir}", flush=True)
         return 0
     finally:
@@ -190,8 +219,10 @@ def submit(args: list[str], address: str | None, wait: bool, timeout: float) -> 
     try:
         client = JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"cannot reach the Ray job server at {address}: {str(e).splitlines()[0]}; "
-                          f"pass --address http://HEAD:8265 (the dashboard address)") from None
+        raise ConfigError(
+            f"cannot reach the Ray job server at {address}: {str(e).splitlines()[0]}; "
+            f"pass --address http://HEAD:8265 (the dashboard address)"
+        ) from None
     inner = [a for a in ray_args(args) if a != "launcher=ray" and not a.startswith("launcher.address=")]
     entrypoint = shlex.join(["python", "-m", "moeflow.launch.cli", "ray", "launch", *inner, "launcher.address=auto"])
     runtime_env = OmegaConf.to_container(cfg.launcher.runtime_env, resolve=True) or {}
@@ -204,7 +235,9 @@ def submit(args: list[str], address: str | None, wait: bool, timeout: float) -> 
     deadline = time.monotonic() + timeout
     while (state := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.monotonic() > deadline:
-            raise RunFailed(f"job {job} still {state} after {timeout:.0f} s; it keeps running (stop it with `ray job stop {job}`)")
+            raise RunFailed(
+                f"job {job} still {state} after {timeout:.0f} s; it keeps running (stop it with `ray job stop {job}`)"
+            )
         time.sleep(1.0)
     print(client.get_job_logs(job), end="")
     print(f"Ray job {job}: {state}")
@@ -244,7 +277,9 @@ def main(argv: list[str]) -> None:
     p = sub.add_parser("launch", help="run training through Ray Train (Hydra overrides follow)")
     p.add_argument("overrides", nargs="*")
     p = sub.add_parser("submit", help="send the training as a Ray job (JobSubmissionClient)")
-    p.add_argument("--address", default=None, help="the job server (dashboard), e.g. http://HEAD:8265; default $RAY_ADDRESS")
+    p.add_argument(
+        "--address", default=None, help="the job server (dashboard), e.g. http://HEAD:8265; default $RAY_ADDRESS"
+    )
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job")
     p.add_argument("overrides", nargs="*")

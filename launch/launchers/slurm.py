@@ -4,6 +4,7 @@
 `slurm/` (`launcher.template`), and hands it to `sbatch`. Hydra multirun (`-m a=1,2 b=x,y`)
 becomes a job array, one task per combination.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,10 @@ class SlurmError(ConfigError):
 def require(tool: str) -> str:
     path = shutil.which(tool)
     if path is None:
-        raise SlurmError(f"`{tool}` is not on PATH: run this on a Slurm login node, or install the Slurm client "
-                         f"(Debian/Ubuntu: apt-get install slurm-client) and add it to PATH")
+        raise SlurmError(
+            f"`{tool}` is not on PATH: run this on a Slurm login node, or install the Slurm client "
+            f"(Debian/Ubuntu: apt-get install slurm-client) and add it to PATH"
+        )
     return path
 
 
@@ -65,11 +68,25 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 SAFE_TOKEN = re.compile(r"^[A-Za-z0-9._:@%+=,/~-]+$")
 JOB_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:@%+=,~-]+$")  # also a file name under output_root: one path component
 FIELD_PATTERNS = {
-    "job_name": JOB_NAME, "partition": SAFE_TOKEN, "account": SAFE_TOKEN, "qos": SAFE_TOKEN, "constraint": re.compile(r"^[A-Za-z0-9._:@%+=,/|&*\[\]()!-]+$"),
-    "mem": re.compile(r"^[0-9]+[KMGT]?$"), "time": re.compile(r"^[0-9]+(-[0-9]{1,2})?(:[0-9]{1,2}){0,2}$|^(?i:unlimited|infinite)$"),
+    "job_name": JOB_NAME,
+    "partition": SAFE_TOKEN,
+    "account": SAFE_TOKEN,
+    "qos": SAFE_TOKEN,
+    "constraint": re.compile(r"^[A-Za-z0-9._:@%+=,/|&*\[\]()!-]+$"),
+    "mem": re.compile(r"^[0-9]+[KMGT]?$"),
+    "time": re.compile(r"^[0-9]+(-[0-9]{1,2})?(:[0-9]{1,2}){0,2}$|^(?i:unlimited|infinite)$"),
     "output_root": SAFE_TOKEN,
 }
-INT_FIELDS = {"nodes": 1, "nproc_per_node": 1, "gpus_per_node": 0, "cpus_per_task": 1, "signal_seconds": 1, "rdzv_port": 1, "ray_port": 1, "ray_wait_s": 1}
+INT_FIELDS = {
+    "nodes": 1,
+    "nproc_per_node": 1,
+    "gpus_per_node": 0,
+    "cpus_per_task": 1,
+    "signal_seconds": 1,
+    "rdzv_port": 1,
+    "ray_port": 1,
+    "ray_wait_s": 1,
+}
 BOOL_FIELDS = ("exclusive", "requeue")
 
 
@@ -89,31 +106,47 @@ def check_launcher(s: DictConfig) -> None:
         if v in (None, ""):
             continue
         if not isinstance(v, str) or not pattern.match(v):
-            raise ConfigError(f"launcher.{name}={v!r} is not a valid value: it lands in an #SBATCH line, which takes one token of "
-                              f"letters, digits and ._:@%+=,/~- (no spaces, quotes, newlines or $; a job_name also no / and not . or ..); pick another value")
+            raise ConfigError(
+                f"launcher.{name}={v!r} is not a valid value: it lands in an #SBATCH line, which takes one token of "
+                f"letters, digits and ._:@%+=,/~- (no spaces, quotes, newlines or $; a job_name also no / and not . or ..); pick another value"
+            )
     for i, line in enumerate(s.extra_sbatch):
         if not isinstance(line, str) or not re.match(r"^--?[A-Za-z][A-Za-z0-9-]*(=\S+)?$", line):
-            raise ConfigError(f"launcher.extra_sbatch[{i}]={line!r} is not one sbatch option: write it as --name or --name=value, without spaces or newlines")
+            raise ConfigError(
+                f"launcher.extra_sbatch[{i}]={line!r} is not one sbatch option: write it as --name or --name=value, without spaces or newlines"
+            )
     for name, v in (("srun_args", s.srun_args), ("python", s.python)):
         if v is not None and ("\n" in str(v) or "\r" in str(v)):
             raise ConfigError(f"launcher.{name} holds a newline; write it on one line")
     try:
         words = shlex.split(str(s.srun_args or ""))
     except ValueError as e:
-        raise ConfigError(f"launcher.srun_args={s.srun_args!r} cannot be split into words ({e}); quote it as a shell would") from None
+        raise ConfigError(
+            f"launcher.srun_args={s.srun_args!r} cannot be split into words ({e}); quote it as a shell would"
+        ) from None
     stray = [w for w in words if not w.startswith("-")]
     if stray:  # a bare word would become srun's program, ahead of the training command
-        raise ConfigError(f"launcher.srun_args takes srun options only, each written --name=value; {stray[0]!r} is not an option")
+        raise ConfigError(
+            f"launcher.srun_args takes srun options only, each written --name=value; {stray[0]!r} is not an option"
+        )
     for i, line in enumerate(s.setup):
         if not isinstance(line, str) or "\n" in line:
-            raise ConfigError(f"launcher.setup[{i}] must be one shell line (a string without newlines); give several lines as several items")
+            raise ConfigError(
+                f"launcher.setup[{i}] must be one shell line (a string without newlines); give several lines as several items"
+            )
 
 
 def sbatch_lines(s: DictConfig, array: int | None) -> list[str]:
     log = "%A_%a.out" if array else "%j.out"
     lines = [f"--output={Path(str(s.output_root)).resolve()}/{log}", f"--time={s.time}"]
-    options = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
-               "cpus-per-task": s.cpus_per_task, "mem": s.mem}
+    options = {
+        "partition": s.partition,
+        "account": s.account,
+        "qos": s.qos,
+        "constraint": s.constraint,
+        "cpus-per-task": s.cpus_per_task,
+        "mem": s.mem,
+    }
     lines += [f"--{k}={v}" for k, v in options.items() if v not in (None, "")]
     if int(s.gpus_per_node) > 0:
         lines.append(f"--gpus-per-node={s.gpus_per_node}")
@@ -130,12 +163,16 @@ def template_path(name: str) -> Path:
     p = Path(name).expanduser()
     if p.suffix or "/" in name:
         if not p.is_file():
-            raise ConfigError(f"launcher.template={name}: no such file; use torchrun, srun, ray or a path to a Jinja sbatch template")
+            raise ConfigError(
+                f"launcher.template={name}: no such file; use torchrun, srun, ray or a path to a Jinja sbatch template"
+            )
         return p.resolve()
     p = TEMPLATE_DIR / f"{name}.sbatch.j2"
     if not p.is_file():
         known = sorted(t.name.removesuffix(".sbatch.j2") for t in TEMPLATE_DIR.glob("*.sbatch.j2"))
-        raise ConfigError(f"launcher.template={name}: unknown template; choose one of {', '.join(known)} or give a path")
+        raise ConfigError(
+            f"launcher.template={name}: unknown template; choose one of {', '.join(known)} or give a path"
+        )
     return p
 
 
@@ -149,24 +186,35 @@ def job_python(s: DictConfig) -> str:
 
 def render(s: DictConfig, train_args: list[str], sweep_file: Path | None = None, array: int | None = None) -> str:
     path = template_path(str(s.template))
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader([str(path.parent), str(TEMPLATE_DIR)]),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=False)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(path.parent), str(TEMPLATE_DIR)]),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+    )
     context = {k: v for k, v in OmegaConf.to_container(s, resolve=True).items() if k != "vars"}
     context.update(OmegaConf.to_container(s.vars, resolve=True))
     check_launcher(s)
     srun_args = shlex.join(shlex.split(str(s.srun_args or "")))  # its arguments, each quoted: no command can ride along
     context.update(
-        sbatch=sbatch_lines(s, array), python=shlex.quote(job_python(s)), srun_args=srun_args, job_name=str(s.job_name),
-        output_root=shlex.quote(str(Path(str(s.output_root)).resolve())), train_args=shlex.join(train_args),
-        sweep_file=shlex.quote(str(sweep_file)) if sweep_file else "", setup=list(s.setup),
+        sbatch=sbatch_lines(s, array),
+        python=shlex.quote(job_python(s)),
+        srun_args=srun_args,
+        job_name=str(s.job_name),
+        output_root=shlex.quote(str(Path(str(s.output_root)).resolve())),
+        train_args=shlex.join(train_args),
+        sweep_file=shlex.quote(str(sweep_file)) if sweep_file else "",
+        setup=list(s.setup),
     )
     try:
         return env.get_template(path.name).render(**context)
     except jinja2.UndefinedError as e:
         name = re.search(r"'(\w+)' is undefined", str(e))
         var = name.group(1) if name else str(e)
-        raise ConfigError(f"template {path} uses the variable '{var}', which the launcher config does not set: "
-                          f"pass +launcher.vars.{var}=VALUE (or remove it from the template)") from None
+        raise ConfigError(
+            f"template {path} uses the variable '{var}', which the launcher config does not set: "
+            f"pass +launcher.vars.{var}=VALUE (or remove it from the template)"
+        ) from None
     except jinja2.TemplateError as e:
         raise ConfigError(f"template {path}: {e}") from None
 
@@ -183,7 +231,9 @@ def prepare(args: list[str], multirun: bool) -> tuple[DictConfig, list[str], lis
     from ..preflight import check_training_config
 
     check_launcher(cfg.launcher)  # its own fields first: the training checks read some (nodes, processes)
-    for i, combo in enumerate(combos or [train]):  # the checks `moeflow train` runs, on every job before any is submitted
+    for i, combo in enumerate(
+        combos or [train]
+    ):  # the checks `moeflow train` runs, on every job before any is submitted
         try:
             check_training_config([*launcher_args, *combo])
         except ConfigError as e:
@@ -205,7 +255,9 @@ def submit(args: list[str], dry_run: bool = False, multirun: bool = False) -> in
     s, train, combos = prepare(args, multirun)
     root = Path(str(s.output_root)).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sweep_file = root / "sbatch" / f"{s.job_name}-{stamp}.sweep" if combos else None  # a folder: task i's overrides in i.args
+    sweep_file = (
+        root / "sbatch" / f"{s.job_name}-{stamp}.sweep" if combos else None
+    )  # a folder: task i's overrides in i.args
     script = render(s, [] if combos else train, sweep_file, len(combos) if combos else None)
     resume = [a for a in train if a.startswith("resume=")]
     sweep_lines = [shlex.join([*c, *resume]) for c in combos] if combos else []
@@ -256,8 +308,12 @@ def status(job: str) -> int:
         return 0
     info = job_info(job)
     if not info:
-        raise RunFailed(f"job {job} is not known to Slurm (finished jobs are forgotten after MinJobAge; check `moeflow slurm logs {job}`)")
-    print(f"job {job}: {info.get('JobState', '?')} (exit code {info.get('ExitCode', '?')}, elapsed {info.get('RunTime', '?')})")
+        raise RunFailed(
+            f"job {job} is not known to Slurm (finished jobs are forgotten after MinJobAge; check `moeflow slurm logs {job}`)"
+        )
+    print(
+        f"job {job}: {info.get('JobState', '?')} (exit code {info.get('ExitCode', '?')}, elapsed {info.get('RunTime', '?')})"
+    )
     return 0
 
 
@@ -280,13 +336,21 @@ def log_path(job: str) -> Path | None:
 def logs(job: str, follow: bool) -> int:
     path = log_path(job)
     if path is None or not path.exists():
-        raise RunFailed(f"no log for job {job} (looked at {path or 'scontrol and ' + 'outputs/slurm'}); it may not have started yet")
+        raise RunFailed(
+            f"no log for job {job} (looked at {path or 'scontrol and ' + 'outputs/slurm'}); it may not have started yet"
+        )
     with open(path) as f:
         while True:
             chunk = f.read()
             sys.stdout.write(chunk)
             sys.stdout.flush()
-            if not follow or job_info(job).get("JobState", "COMPLETED") not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
+            if not follow or job_info(job).get("JobState", "COMPLETED") not in (
+                "PENDING",
+                "RUNNING",
+                "CONFIGURING",
+                "COMPLETING",
+                "REQUEUED",
+            ):
                 sys.stdout.write(f.read())
                 return 0
             time.sleep(1.0)
@@ -295,8 +359,11 @@ def logs(job: str, follow: bool) -> int:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="moeflow slurm", description="Run moeflow training on a Slurm cluster.")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("submit", help="render the sbatch script from config and submit it",
-                       description="Hydra overrides follow, e.g. launcher.nodes=2 launcher.gpus_per_node=8 trainer.steps=1000")
+    p = sub.add_parser(
+        "submit",
+        help="render the sbatch script from config and submit it",
+        description="Hydra overrides follow, e.g. launcher.nodes=2 launcher.gpus_per_node=8 trainer.steps=1000",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.add_argument("-m", "--multirun", action="store_true", help="sweep (a=1,2 b=x,y) as a job array")
     p.add_argument("overrides", nargs="*")

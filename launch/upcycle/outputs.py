@@ -1,4 +1,5 @@
 """What `moeflow upcycle` writes: moeflow checkpoints with their Hydra configs, atomically."""
+
 from __future__ import annotations
 
 import os
@@ -16,14 +17,20 @@ from .. import checkpoint as ckpt
 def model_yaml(cfg: dict, name: str = "upcycled", tool: str = "moeflow upcycle") -> str:
     import yaml  # PyYAML comes with omegaconf
 
-    body = {k: v for k, v in cfg.items() if k not in ("gate", "experts_impl", "experts_gather_rows")}  # not model.* keys
-    return f"# Written by `{tool}`: the model's shape (use with model={name}).\n" + yaml.safe_dump(body, sort_keys=False)
+    body = {
+        k: v for k, v in cfg.items() if k not in ("gate", "experts_impl", "experts_gather_rows")
+    }  # not model.* keys
+    return f"# Written by `{tool}`: the model's shape (use with model={name}).\n" + yaml.safe_dump(
+        body, sort_keys=False
+    )
 
 
 def gate_yaml(gate: dict, name: str = "upcycled", tool: str = "moeflow upcycle") -> str:
     import yaml
 
-    return f"# Written by `{tool}`: the model's router (use with gate={name}).\n" + yaml.safe_dump(gate, sort_keys=False)
+    return f"# Written by `{tool}`: the model's router (use with gate={name}).\n" + yaml.safe_dump(
+        gate, sort_keys=False
+    )
 
 
 def gate_node(gate: str, options: dict) -> dict:
@@ -62,13 +69,20 @@ def train_command(moeflow_dir: Path) -> str:
 
 def write_moeflow(folder: Path, moe: Transformer, opts: UpcycleOptions, source: Path) -> None:
     """An upcycled model as a weights-only moeflow checkpoint with `model=upcycled gate=upcycled`."""
-    write_model_dir(folder, moe, {"upcycled_from": str(source), "upcycle": opts.to_dict()}, "upcycled", "moeflow upcycle")
+    write_model_dir(
+        folder, moe, {"upcycled_from": str(source), "upcycle": opts.to_dict()}, "upcycled", "moeflow upcycle"
+    )
 
 
 def write_model_dir(folder: Path, model: Transformer, extra_meta: dict, name: str, tool: str) -> None:
     """A weights-only moeflow checkpoint (step 0, fresh optimizer) plus Hydra configs
     `model=NAME gate=NAME` that compose into a valid `moeflow train` config."""
-    meta = {"model": model.cfg.to_dict(), "config": write_configs(folder, model.cfg, name, tool), "weights_only": True, **extra_meta}
+    meta = {
+        "model": model.cfg.to_dict(),
+        "config": write_configs(folder, model.cfg, name, tool),
+        "weights_only": True,
+        **extra_meta,
+    }
     ckpt.save_checkpoint(folder, 0, unique_state_dict(model), None, meta, keep=0)  # weights only: training starts fresh
 
 
@@ -84,7 +98,14 @@ def write_configs(folder: Path, model_cfg, name: str, tool: str) -> dict:
     (folder / "configs" / "gate" / f"{name}.yaml").write_text(gate_yaml(cfg["gate"], name, tool))
     try:  # the generated configs must compose into a valid `moeflow train` config
         with initialize_config_module(config_module="moeflow.configs", version_base=None):
-            train_cfg = compose(config_name="train", overrides=[f"hydra.searchpath=[file://{(folder / 'configs').resolve()}]", f"model={name}", f"gate={name}"])
+            train_cfg = compose(
+                config_name="train",
+                overrides=[
+                    f"hydra.searchpath=[file://{(folder / 'configs').resolve()}]",
+                    f"model={name}",
+                    f"gate={name}",
+                ],
+            )
         full = OmegaConf.to_container(train_cfg, resolve=True)
     except Exception as e:  # a generated config that does not compose is a bug: report it plainly
         raise UpcycleError(f"the generated Hydra configs do not compose ({' '.join(str(e).split())[:300]})") from None

@@ -1,4 +1,5 @@
 """One upcycling run: read the dense source, build the MoE, verify it, write the chosen formats."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def check_verify(name: str, diff: dict, opts: UpcycleOptions, dtype: torch.dtype = torch.float32) -> None:
     rtol = LOW_PRECISION_RTOL.get(dtype, VERIFY_RTOL)
-    print(f"verify {name}: max |logit diff| {diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}) on {diff['tokens'][0]}x{diff['tokens'][1]} random tokens")
+    print(
+        f"verify {name}: max |logit diff| {diff['max_abs_diff']:.3e} (relative {diff['max_rel_diff']:.3e}) on {diff['tokens'][0]}x{diff['tokens'][1]} random tokens"
+    )
     if opts.exact and not diff["max_rel_diff"] <= rtol:
-        raise UpcycleError(f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {rtol:g} although the options promise an exact copy; nothing was written (report this, or pass --no-verify)")
+        raise UpcycleError(
+            f"verification failed for {name}: relative logit difference {diff['max_rel_diff']:.3e} > {rtol:g} although the options promise an exact copy; nothing was written (report this, or pass --no-verify)"
+        )
 
 
 def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
@@ -38,7 +43,9 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
     fmt = args.format
     if kind == "moeflow":
         if fmt not in ("auto", "moeflow"):
-            raise UpcycleError(f"--format {fmt}: a moeflow checkpoint upcycles to moeflow format only (HF export needs a Llama-family HF source)")
+            raise UpcycleError(
+                f"--format {fmt}: a moeflow checkpoint upcycles to moeflow format only (HF export needs a Llama-family HF source)"
+            )
         dense, _ = load_moeflow_dense(source, DTYPES[args.dtype])
         fmt, family_cfg = "moeflow", None
     else:
@@ -46,7 +53,9 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
         mt = family_cfg.get("model_type")
         if args.generic or mt in hf.GENERIC:
             if fmt not in ("auto", "generic"):
-                raise UpcycleError(f"--format {fmt}: {mt!r} goes through the generic path, which writes --format generic only")
+                raise UpcycleError(
+                    f"--format {fmt}: {mt!r} goes through the generic path, which writes --format generic only"
+                )
             return run_generic(source, output, opts, args, family_cfg, report)
         if mt not in hf.FAMILIES:
             raise UpcycleError(hf.supported_message(mt))
@@ -61,7 +70,9 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
         target = hf.FAMILIES[family_cfg.get("model_type")]
         blockers = hf_moe.export_blockers(moe.cfg, target)
         if blockers and fmt in ("hf", "both"):
-            raise UpcycleError(f"--format {fmt}: the upcycled model cannot be exported as {target} exactly: {'; '.join(blockers)}; use --format moeflow")
+            raise UpcycleError(
+                f"--format {fmt}: the upcycled model cannot be exported as {target} exactly: {'; '.join(blockers)}; use --format moeflow"
+            )
         if fmt == "auto":
             fmt = "moeflow" if blockers else "both"
             if blockers:
@@ -81,21 +92,36 @@ def run(args: argparse.Namespace, opts: UpcycleOptions) -> dict:
             config = hf_moe.export_config(moe.cfg, target, family_cfg)
             hf.save_hf(hf_dir, config, hf_moe.export_tensors(moe, target, export_dtype), source)
             if args.verify:  # transformers' model of the files against the moeflow model of the same weights
-                mine = moe if export_dtype == moe.embed.weight.dtype == torch.float32 else round_parameters(copy.deepcopy(moe).float(), export_dtype)
+                mine = (
+                    moe
+                    if export_dtype == moe.embed.weight.dtype == torch.float32
+                    else round_parameters(copy.deepcopy(moe).float(), export_dtype)
+                )
                 theirs = hf.load_hf_model(hf_dir)
-                report["verify"]["hf"] = verify_export(f"transformers {target} vs moeflow MoE", lambda t: theirs(t).logits, mine, moe.cfg.vocab_size, min(32, moe.cfg.max_seq_len), args.seed)
+                report["verify"]["hf"] = verify_export(
+                    f"transformers {target} vs moeflow MoE",
+                    lambda t: theirs(t).logits,
+                    mine,
+                    moe.cfg.vocab_size,
+                    min(32, moe.cfg.max_seq_len),
+                    args.seed,
+                )
         if fmt in ("moeflow", "both"):
             mf_dir.mkdir(parents=True, exist_ok=True)
             write_moeflow(mf_dir, moe, opts, source)
             carry_source_tokenizer(source, kind, mf_dir)
             final_mf = output / "moeflow" if fmt == "both" else output
             report["train_command"] = train_command(final_mf)
-        (tmp / "upcycle.json" if fmt != "hf" else tmp / "moeflow_upcycle.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / "upcycle.json" if fmt != "hf" else tmp / "moeflow_upcycle.json").write_text(
+            json.dumps(report, indent=2, default=str) + "\n"
+        )
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {output} ({fmt}): {opts.total_experts} experts, top-{opts.active_experts}, gate {opts.gate}, {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active_only=True) / 1e6:.2f}M active)")
+    print(
+        f"wrote {output} ({fmt}): {opts.total_experts} experts, top-{opts.active_experts}, gate {opts.gate}, {moe.num_params() / 1e6:.2f}M parameters ({moe.num_params(active_only=True) / 1e6:.2f}M active)"
+    )
     if "train_command" in report:
         print(f"continue training with (add your data=... and trainer.* overrides):\n  {report['train_command']}")
     return report
@@ -123,17 +149,22 @@ def run_generic(source: Path, output: Path, opts: UpcycleOptions, args, cfg: dic
         if args.verify:
             vocab = int(cfg.get("vocab_size") or model.config.vocab_size)
             seq = min(32, int(cfg.get("n_positions") or cfg.get("max_position_embeddings") or 32))
+
             def last_hidden(m):
                 return lambda t: m(t, output_hidden_states=True).hidden_states[-1]
 
             diff = max_logit_diff(last_hidden(dense), last_hidden(model), vocab, seq_len=seq, seed=args.seed)
             report["verify"]["generic"] = diff
-            check_verify(f"upcycled {cfg.get('model_type')} vs dense (last hidden states)", diff, opts, DTYPES[args.dtype])
+            check_verify(
+                f"upcycled {cfg.get('model_type')} vs dense (last hidden states)", diff, opts, DTYPES[args.dtype]
+            )
         report["replaced_modules"] = replaced
         hf.save_generic(tmp, model, source, {"options": opts.to_dict(), "selector": args.selector, "report": report})
         commit()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"wrote {output} (generic): {len(replaced)} MLPs -> {opts.total_experts} experts, top-{opts.active_experts}; load with moeflow.moe.hf_convert.load_upcycled('{output}')")
+    print(
+        f"wrote {output} (generic): {len(replaced)} MLPs -> {opts.total_experts} experts, top-{opts.active_experts}; load with moeflow.moe.hf_convert.load_upcycled('{output}')"
+    )
     return report

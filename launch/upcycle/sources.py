@@ -1,4 +1,5 @@
 """What `moeflow upcycle` reads: a moeflow checkpoint of a dense model, or a Hugging Face folder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,12 @@ def detect(source: Path) -> str:
     if (source / "config.json").is_file():
         return "hf"
     if not source.exists():
-        raise UpcycleError(f"{source} does not exist; pass a moeflow checkpoint / run dir or a Hugging Face model folder")
-    raise UpcycleError(f"{source} is neither a moeflow checkpoint (meta.json + model.safetensors, or a run dir with checkpoints/) nor a Hugging Face folder (config.json)")
+        raise UpcycleError(
+            f"{source} does not exist; pass a moeflow checkpoint / run dir or a Hugging Face model folder"
+        )
+    raise UpcycleError(
+        f"{source} is neither a moeflow checkpoint (meta.json + model.safetensors, or a run dir with checkpoints/) nor a Hugging Face folder (config.json)"
+    )
 
 
 def load_moeflow_dense(source: Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
@@ -30,7 +35,9 @@ def load_moeflow_dense(source: Path, dtype: torch.dtype = torch.float32) -> tupl
     try:
         model_cfg = ModelConfig(**{**meta["model"], "experts_impl": "torch"})  # CPU-safe; the trainer picks its own
     except (KeyError, TypeError, ValueError) as e:
-        raise UpcycleError(f"{found}/meta.json has no usable model config ({e}); pass a checkpoint written by `moeflow train`") from None
+        raise UpcycleError(
+            f"{found}/meta.json has no usable model config ({e}); pass a checkpoint written by `moeflow train`"
+        ) from None
     model = Transformer(model_cfg)
     state = ckpt.load_full_weights(found)
     ckpt.check_compatible(found, meta["model"], model_cfg, ckpt.stored_weight_shapes(found))

@@ -1,4 +1,5 @@
 """Gates (routers): registry and factory. Chosen by config `gate.name`."""
+
 from __future__ import annotations
 
 import inspect
@@ -45,5 +46,18 @@ def build_gate(name: str, d_model: int, num_experts: int, top_k: int, **options)
     return GATES[name](d_model, num_experts, top_k, **options)
 
 
-__all__ = ["Gate", "RouterOutput", "TopKGate", "ExpertChoiceGate", "DTSGate", "ActivationDTSGate", "SinkhornGate",
-           "SelectiveSinkhornGate", "HashGate", "GATES", "register_gate", "gate_options", "build_gate"]
+__all__ = [
+    "Gate",
+    "RouterOutput",
+    "TopKGate",
+    "ExpertChoiceGate",
+    "DTSGate",
+    "ActivationDTSGate",
+    "SinkhornGate",
+    "SelectiveSinkhornGate",
+    "HashGate",
+    "GATES",
+    "register_gate",
+    "gate_options",
+    "build_gate",
+]

@@ -8,6 +8,7 @@ capacity dropping (dropped pairs are simply absent), expert choice (a token may 
 
 Shape suffixes: T tokens, D model dim, E experts, K top-k, A assignments.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -7,6 +7,7 @@ best c tokens" decisions through a gathered per-expert threshold (`keep_top_per_
 
 Shape suffixes: T tokens, E experts, K top-k, A assignments, C capacity.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,15 +38,19 @@ def router_logits(proj, x_TD: torch.Tensor) -> torch.Tensor:
 # -- config-time checks (no data: gates are built on the meta device) ----------------
 
 
-
-
 def check_top_k(top_k: int, num_experts: int) -> None:
     need(isinstance(top_k, int) and top_k >= 1, f"top_k must be a positive integer, got {top_k!r}")
-    need(top_k <= num_experts, f"top_k={top_k} is larger than num_experts={num_experts}; set model.top_k <= model.num_experts")
+    need(
+        top_k <= num_experts,
+        f"top_k={top_k} is larger than num_experts={num_experts}; set model.top_k <= model.num_experts",
+    )
 
 
 def check_nonneg(name: str, value) -> None:
-    need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0, f"gate.{name} must be a number >= 0, got {value!r}")
+    need(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+        f"gate.{name} must be a number >= 0, got {value!r}",
+    )
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -55,10 +60,19 @@ def check_choice(name: str, value, choices) -> None:
 def check_capacity(capacity_factor, dropless: bool, drop_policy: str | None = None) -> None:
     """`dropless` and `capacity_factor` are two answers to one question: exactly one must be given."""
     if dropless:
-        need(capacity_factor is None, f"gate.capacity_factor={capacity_factor} conflicts with gate.dropless=true (dropless never drops); set gate.capacity_factor=null or gate.dropless=false")
+        need(
+            capacity_factor is None,
+            f"gate.capacity_factor={capacity_factor} conflicts with gate.dropless=true (dropless never drops); set gate.capacity_factor=null or gate.dropless=false",
+        )
     else:
-        need(capacity_factor is not None, "gate.dropless=false needs a capacity: set gate.capacity_factor (e.g. 1.25) or gate.dropless=true")
-        need(isinstance(capacity_factor, (int, float)) and capacity_factor > 0, f"gate.capacity_factor must be > 0, got {capacity_factor!r}")
+        need(
+            capacity_factor is not None,
+            "gate.dropless=false needs a capacity: set gate.capacity_factor (e.g. 1.25) or gate.dropless=true",
+        )
+        need(
+            isinstance(capacity_factor, (int, float)) and capacity_factor > 0,
+            f"gate.capacity_factor must be > 0, got {capacity_factor!r}",
+        )
     if drop_policy is not None:
         check_choice("drop_policy", drop_policy, ("score", "position"))
 
@@ -111,7 +125,7 @@ def tie_break_key(score_TE: torch.Tensor, first_position: int, num_global: int) 
     scores closer than 2^-26 relative may swap: harmless, they are equal for routing purposes.)
     """
     pos_T = torch.arange(score_TE.shape[0], device=score_TE.device, dtype=torch.float64) + first_position
-    d_T = (2.0 ** -27) * (1.0 - pos_T / (max(num_global, 1) + 1))
+    d_T = (2.0**-27) * (1.0 - pos_T / (max(num_global, 1) + 1))
     s = score_TE.detach().double()
     return s + (s.abs() + 1e-40) * d_T.unsqueeze(1)
 
@@ -136,7 +150,9 @@ def keep_top_per_expert(gate: Gate, key_TE: torch.Tensor, capacity: int) -> torc
 # -- losses and statistics ---------------------------------------------------------------
 
 
-def switch_balance_loss(gate: Gate, probs_TE: torch.Tensor, counts_E: torch.Tensor, num_assignments_per_token: float) -> torch.Tensor:
+def switch_balance_loss(
+    gate: Gate, probs_TE: torch.Tensor, counts_E: torch.Tensor, num_assignments_per_token: float
+) -> torch.Tensor:
     """Switch Transformer (eq. 4): E * sum_e f_e * P_e over the global batch; 1 when uniform.
 
     f_e: fraction of assignments routed to e (no gradient); P_e: mean router probability of e.
@@ -180,8 +196,14 @@ def top_k_indices(select_TE: torch.Tensor, k: int) -> torch.Tensor:
 
 def global_fraction(gate: Gate, part: int | torch.Tensor, whole: int | torch.Tensor, device) -> torch.Tensor:
     """sum(part) / sum(whole) over the token group (detached)."""
+
     def on_device(v):  # python numbers by a fill kernel: torch.tensor(v, device="cuda") is a synchronising copy
-        return v.to(device=device, dtype=torch.float32) if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
+        return (
+            v.to(device=device, dtype=torch.float32)
+            if isinstance(v, torch.Tensor)
+            else torch.full((), float(v), device=device)
+        )
+
     pw = torch.stack([on_device(part), on_device(whole)])
     pw = gate.global_sum(pw)
     return (pw[0] / pw[1].clamp_min(1)).detach()

@@ -19,6 +19,7 @@ tokens) and ends at most at `top_k`. Gumbel noise (training only) adds explorati
 
 Gradients reach the router through the gathered softmax weights and the balance loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,14 @@ from .common import (
     switch_balance_loss,
 )
 
-ROUTER_ACTIVATIONS = {"none": lambda x: x, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "softplus": F.softplus}
+ROUTER_ACTIVATIONS = {
+    "none": lambda x: x,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "softplus": F.softplus,
+}
 
 
 class DTSGate(Gate):
@@ -60,15 +68,32 @@ class DTSGate(Gate):
     ):
         super().__init__(d_model, num_experts, top_k)
         check_top_k(top_k, num_experts)
-        need(isinstance(temperature_start, (int, float)) and isinstance(temperature_end, (int, float)) and 0 < temperature_end <= temperature_start,
-             f"need 0 < gate.temperature_end <= gate.temperature_start (got {temperature_start!r} -> {temperature_end!r}); the schedule anneals the temperature down")
-        need(isinstance(anneal_steps, int) and anneal_steps >= 1, f"gate.anneal_steps must be a positive integer, got {anneal_steps!r}")
-        need(isinstance(threshold, (int, float)) and 0 < threshold < 1, f"gate.threshold={threshold!r} must be in (0, 1); e.g. gate.threshold=0.05")
-        need(threshold < 1 / num_experts, f"gate.threshold={threshold} must be below 1/num_experts={1 / num_experts:.4g} so that the active set only shrinks as the temperature falls; lower gate.threshold")
+        need(
+            isinstance(temperature_start, (int, float))
+            and isinstance(temperature_end, (int, float))
+            and 0 < temperature_end <= temperature_start,
+            f"need 0 < gate.temperature_end <= gate.temperature_start (got {temperature_start!r} -> {temperature_end!r}); the schedule anneals the temperature down",
+        )
+        need(
+            isinstance(anneal_steps, int) and anneal_steps >= 1,
+            f"gate.anneal_steps must be a positive integer, got {anneal_steps!r}",
+        )
+        need(
+            isinstance(threshold, (int, float)) and 0 < threshold < 1,
+            f"gate.threshold={threshold!r} must be in (0, 1); e.g. gate.threshold=0.05",
+        )
+        need(
+            threshold < 1 / num_experts,
+            f"gate.threshold={threshold} must be below 1/num_experts={1 / num_experts:.4g} so that the active set only shrinks as the temperature falls; lower gate.threshold",
+        )
         check_choice("router_activation", router_activation, tuple(ROUTER_ACTIVATIONS))
         check_nonneg("aux_loss_coef", aux_loss_coef)
         check_nonneg("init_std", init_std)
-        self.temperature_start, self.temperature_end, self.anneal_steps = float(temperature_start), float(temperature_end), anneal_steps
+        self.temperature_start, self.temperature_end, self.anneal_steps = (
+            float(temperature_start),
+            float(temperature_end),
+            anneal_steps,
+        )
         self.final_threshold, self.gumbel_noise, self.renormalize = float(threshold), gumbel_noise, renormalize
         self.aux_loss_coef, self.router_activation = aux_loss_coef, router_activation
         self.proj = router_projection(d_model, num_experts, init_std)
@@ -112,21 +137,49 @@ class DTSGate(Gate):
         if self.training and self.aux_loss_coef > 0:
             counts_E = counts_of(expert_A, E)
             per_token = self.global_sum(active_TE.sum().float()) / self.global_count(T, x_TD.device)
-            losses["load_balance"] = self.aux_loss_coef * switch_balance_loss(self, probs_TE, counts_E, per_token.clamp_min(1e-9))
+            losses["load_balance"] = self.aux_loss_coef * switch_balance_loss(
+                self, probs_TE, counts_E, per_token.clamp_min(1e-9)
+            )
         stats = {
             "router_entropy": entropy(self, probs_TE),
             "temperature": torch.tensor(tau),
             "threshold": torch.tensor(self.threshold()),
             "max_active_experts": torch.tensor(float(cap)),
         }
-        return RouterOutput(token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats, token_sorted=True)  # nonzero() is row-major
+        return RouterOutput(
+            token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats, token_sorted=True
+        )  # nonzero() is row-major
 
 
 class ActivationDTSGate(DTSGate):
     """Activation dense-to-sparse: a linear layer, then an activation (`router_activation`), then the DTS softmax."""
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, temperature_start: float = 2.0, temperature_end: float = 0.3,
-                 anneal_steps: int = 200, threshold: float = 0.05, gumbel_noise: bool = False, renormalize: bool = False,
-                 aux_loss_coef: float = 0.01, router_activation: str = "gelu", init_std: float = 0.02):
-        super().__init__(d_model, num_experts, top_k, temperature_start, temperature_end, anneal_steps, threshold,
-                         gumbel_noise, renormalize, aux_loss_coef, router_activation, init_std)
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        temperature_start: float = 2.0,
+        temperature_end: float = 0.3,
+        anneal_steps: int = 200,
+        threshold: float = 0.05,
+        gumbel_noise: bool = False,
+        renormalize: bool = False,
+        aux_loss_coef: float = 0.01,
+        router_activation: str = "gelu",
+        init_std: float = 0.02,
+    ):
+        super().__init__(
+            d_model,
+            num_experts,
+            top_k,
+            temperature_start,
+            temperature_end,
+            anneal_steps,
+            threshold,
+            gumbel_noise,
+            renormalize,
+            aux_loss_coef,
+            router_activation,
+            init_std,
+        )

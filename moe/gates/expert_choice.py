@@ -11,6 +11,7 @@ positions of the same batch; it is the algorithm's known trade-off). Under a tok
 the per-expert cut-off is the global c-th best score, so every expert gets exactly c
 tokens of the global batch. Gradients reach the router through the gathered scores.
 """
+
 from __future__ import annotations
 
 from ..routing import RouterOutput
@@ -31,17 +32,24 @@ from .common import (
 
 
 class ExpertChoiceGate(Gate):
-    def __init__(self, d_model: int, num_experts: int, top_k: int, capacity_factor: float = 1.0, init_std: float = 0.02):
+    def __init__(
+        self, d_model: int, num_experts: int, top_k: int, capacity_factor: float = 1.0, init_std: float = 0.02
+    ):
         super().__init__(d_model, num_experts, top_k)
         check_top_k(top_k, num_experts)
-        need(isinstance(capacity_factor, (int, float)) and capacity_factor > 0, f"gate.capacity_factor must be > 0 for expert choice (1.0 = k experts per token on average), got {capacity_factor!r}")
+        need(
+            isinstance(capacity_factor, (int, float)) and capacity_factor > 0,
+            f"gate.capacity_factor must be > 0 for expert choice (1.0 = k experts per token on average), got {capacity_factor!r}",
+        )
         check_nonneg("init_std", init_std)
         self.capacity_factor = capacity_factor
         self.proj = router_projection(d_model, num_experts, init_std)
 
     def capacity(self, num_global_tokens: int) -> int:
         """Tokens per expert: ceil(capacity_factor * N * k / E), between 1 and N."""
-        return min(num_global_tokens, capacity_for(self.capacity_factor, num_global_tokens, self.top_k, self.num_experts))
+        return min(
+            num_global_tokens, capacity_for(self.capacity_factor, num_global_tokens, self.top_k, self.num_experts)
+        )
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
@@ -51,5 +59,8 @@ class ExpertChoiceGate(Gate):
         token_A, expert_A = keep_TE.nonzero(as_tuple=True)
         weight_A = scores_TE[token_A, expert_A]
         unrouted = (~keep_TE.any(-1)).sum()
-        stats = {"router_entropy": entropy(self, scores_TE), "dropped_fraction": global_fraction(self, unrouted, T, x_TD.device)}
+        stats = {
+            "router_entropy": entropy(self, scores_TE),
+            "dropped_fraction": global_fraction(self, unrouted, T, x_TD.device),
+        }
         return RouterOutput(token_A, expert_A, weight_A.to(x_TD.dtype), T, E, {}, stats)

@@ -6,6 +6,7 @@ model (`MoELayer` passes the input token ids). Expert j of token id v is
 (h(v) + j) mod E with h a multiplicative hash (Knuth) of v mixed with `seed`, so the k
 experts of a token are distinct; each gets weight 1/k.
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,7 +35,9 @@ class HashGate(Gate):
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         if token_ids_T is None:
-            raise ConfigError("the hash gate routes by token id; call the MoE layer with token_ids (the Transformer does) or choose another gate")
+            raise ConfigError(
+                "the hash gate routes by token id; call the MoE layer with token_ids (the Transformer does) or choose another gate"
+            )
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         expert_TK = self.hash_experts(token_ids_T.reshape(-1))
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)

@@ -23,6 +23,7 @@ renormalised to sum to 1; gradients reach the router through it (the potentials 
 constants). For k > 1 both gates transport k times (`balanced_topk`).
 No aux loss.
 """
+
 from __future__ import annotations
 
 import math
@@ -87,7 +88,7 @@ def balanced_topk(gate: Gate, logk_TE: torch.Tensor, k: int, iterations: int, to
         _, b_E, iters, err = sinkhorn_potentials(gate, logk, iterations, tolerance)
         expert_TK[:, j] = (logk + b_E).argmax(-1)
         b_KE[j] = b_E
-        logk = logk.scatter(1, expert_TK[:, j:j + 1], -math.inf)
+        logk = logk.scatter(1, expert_TK[:, j : j + 1], -math.inf)
         total, worst = total + iters, torch.maximum(worst, err)
     return expert_TK, b_KE, total, worst
 
@@ -113,9 +114,15 @@ def transport_kernel(gate: Gate, logits_TE: torch.Tensor, epsilon: float) -> tor
 
 
 def _check_sinkhorn_options(iterations, tolerance, epsilon) -> None:
-    need(isinstance(iterations, int) and iterations >= 1, f"gate.iterations must be a positive integer, got {iterations!r}")
+    need(
+        isinstance(iterations, int) and iterations >= 1,
+        f"gate.iterations must be a positive integer, got {iterations!r}",
+    )
     need(isinstance(tolerance, (int, float)) and tolerance > 0, f"gate.tolerance must be > 0, got {tolerance!r}")
-    need(isinstance(epsilon, (int, float)) and epsilon > 0, f"gate.epsilon (entropic temperature) must be > 0, got {epsilon!r}")
+    need(
+        isinstance(epsilon, (int, float)) and epsilon > 0,
+        f"gate.epsilon (entropic temperature) must be > 0, got {epsilon!r}",
+    )
 
 
 class SinkhornGate(Gate):
@@ -148,7 +155,9 @@ class SinkhornGate(Gate):
         stats = {"router_entropy": entropy(self, logits_TE.softmax(-1))}
         select_TE = logits_TE.detach()
         if self.training or self.balance_in_eval:
-            expert_TK, _, iters, err = balanced_topk(self, transport_kernel(self, logits_TE, self.epsilon), K, self.iterations, self.tolerance)
+            expert_TK, _, iters, err = balanced_topk(
+                self, transport_kernel(self, logits_TE, self.epsilon), K, self.iterations, self.tolerance
+            )
             stats.update(sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
         else:
             expert_TK = select_TE.topk(K, dim=-1).indices
@@ -156,7 +165,9 @@ class SinkhornGate(Gate):
         if self.renormalize:
             weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats, token_sorted=True)
+        return RouterOutput(
+            token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats, token_sorted=True
+        )
 
 
 class SelectiveSinkhornGate(Gate):
@@ -179,7 +190,10 @@ class SelectiveSinkhornGate(Gate):
         check_top_k(top_k, num_experts)
         _check_sinkhorn_options(iterations, tolerance, epsilon)
         for name, v in (("step_fraction", step_fraction), ("token_fraction", token_fraction)):
-            need(isinstance(v, (int, float)) and 0 < v <= 1, f"gate.{name}={v!r} must be in (0, 1]; 1 applies Sinkhorn everywhere")
+            need(
+                isinstance(v, (int, float)) and 0 < v <= 1,
+                f"gate.{name}={v!r} must be in (0, 1]; 1 applies Sinkhorn everywhere",
+            )
         need(isinstance(seed, int), f"gate.seed must be an integer, got {seed!r}")
         check_nonneg("init_std", init_std)
         self.step_fraction, self.token_fraction = float(step_fraction), float(token_fraction)
@@ -196,7 +210,7 @@ class SelectiveSinkhornGate(Gate):
             return torch.ones(T, dtype=torch.bool, device=device)
         first, n_global = token_offset(self, T, device)
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
-        return (torch.rand(n_global, generator=g)[first:first + T] < self.token_fraction).to(device)
+        return (torch.rand(n_global, generator=g)[first : first + T] < self.token_fraction).to(device)
 
     def route(self, x_TD, token_ids_T=None) -> RouterOutput:
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
@@ -215,6 +229,12 @@ class SelectiveSinkhornGate(Gate):
             use_T = self._transported_tokens(T, x_TD.device)
             expert_TK = torch.where(use_T.unsqueeze(1), ot_expert_TK, expert_TK)
             weight_TK = torch.where(use_T.unsqueeze(1), ot_weight_TK, weight_TK)
-            stats.update(transported_fraction=use_T.float().mean(), sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
+            stats.update(
+                transported_fraction=use_T.float().mean(),
+                sinkhorn_iterations=torch.tensor(float(iters)),
+                sinkhorn_error=err,
+            )
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)
-        return RouterOutput(token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats, token_sorted=True)
+        return RouterOutput(
+            token_A, expert_TK.reshape(-1), weight_TK.reshape(-1).to(x_TD.dtype), T, E, {}, stats, token_sorted=True
+        )

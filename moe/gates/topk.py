@@ -20,6 +20,7 @@ One gate covers the family through options (all checked at construction):
 Gradients reach the router through the k gathered weights (and the aux losses).
 Load statistics are global over `token_group`; the choice of each token's experts is local.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,16 +75,41 @@ class TopKGate(Gate):
         super().__init__(d_model, num_experts, top_k)
         check_top_k(top_k, num_experts)
         check_choice("score_func", score_func, ("softmax", "sigmoid"))
-        need(not (topk_before_softmax and score_func != "softmax"), "gate.topk_before_softmax=true only applies to gate.score_func=softmax; drop it or use softmax")
-        for name, value in (("aux_loss_coef", aux_loss_coef), ("seq_aux_loss_coef", seq_aux_loss_coef), ("z_loss_coef", z_loss_coef), ("noise_std", noise_std), ("bias_update_rate", bias_update_rate), ("init_std", init_std)):
+        need(
+            not (topk_before_softmax and score_func != "softmax"),
+            "gate.topk_before_softmax=true only applies to gate.score_func=softmax; drop it or use softmax",
+        )
+        for name, value in (
+            ("aux_loss_coef", aux_loss_coef),
+            ("seq_aux_loss_coef", seq_aux_loss_coef),
+            ("z_loss_coef", z_loss_coef),
+            ("noise_std", noise_std),
+            ("bias_update_rate", bias_update_rate),
+            ("init_std", init_std),
+        ):
             check_nonneg(name, value)
-        need(isinstance(jitter_eps, (int, float)) and 0 <= jitter_eps < 1, f"gate.jitter_eps must be in [0, 1), got {jitter_eps!r}")
+        need(
+            isinstance(jitter_eps, (int, float)) and 0 <= jitter_eps < 1,
+            f"gate.jitter_eps must be in [0, 1), got {jitter_eps!r}",
+        )
         check_capacity(capacity_factor, dropless, drop_policy)
         if n_groups is not None or topk_groups is not None:
-            need(n_groups is not None and topk_groups is not None, "group-limited routing needs both gate.n_groups and gate.topk_groups (or neither)")
-            need(isinstance(n_groups, int) and n_groups >= 1 and num_experts % n_groups == 0, f"gate.n_groups={n_groups!r} must divide num_experts={num_experts}")
-            need(isinstance(topk_groups, int) and 1 <= topk_groups <= n_groups, f"gate.topk_groups={topk_groups!r} must be in [1, gate.n_groups={n_groups}]")
-            need(top_k <= topk_groups * (num_experts // n_groups), f"top_k={top_k} exceeds the experts in gate.topk_groups={topk_groups} groups ({topk_groups * (num_experts // n_groups)}); raise topk_groups")
+            need(
+                n_groups is not None and topk_groups is not None,
+                "group-limited routing needs both gate.n_groups and gate.topk_groups (or neither)",
+            )
+            need(
+                isinstance(n_groups, int) and n_groups >= 1 and num_experts % n_groups == 0,
+                f"gate.n_groups={n_groups!r} must divide num_experts={num_experts}",
+            )
+            need(
+                isinstance(topk_groups, int) and 1 <= topk_groups <= n_groups,
+                f"gate.topk_groups={topk_groups!r} must be in [1, gate.n_groups={n_groups}]",
+            )
+            need(
+                top_k <= topk_groups * (num_experts // n_groups),
+                f"top_k={top_k} exceeds the experts in gate.topk_groups={topk_groups} groups ({topk_groups * (num_experts // n_groups)}); raise topk_groups",
+            )
         self.score_func, self.topk_before_softmax, self.renormalize = score_func, topk_before_softmax, renormalize
         self.aux_loss_coef, self.seq_aux_loss_coef, self.z_loss_coef = aux_loss_coef, seq_aux_loss_coef, z_loss_coef
         self.dropless, self.capacity_factor, self.drop_policy = dropless, capacity_factor, drop_policy
@@ -126,7 +152,9 @@ class TopKGate(Gate):
             if self.renormalize:
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
 
-        probs_TE = scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        probs_TE = (
+            scores_TE if self.score_func == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+        )
         counts_E = counts_of(expert_TK.reshape(-1), E)
         losses = self._losses(logits_TE, probs_TE, expert_TK, counts_E) if self.training else {}
         if self.training and self.bias_update_rate > 0 and not recomputing():  # count each step's tokens once
@@ -149,7 +177,9 @@ class TopKGate(Gate):
         per_group = E // self.n_groups
         grouped_TGe = select_TE.view(T, self.n_groups, per_group)
         group_score_TG = grouped_TGe.topk(min(2, per_group), dim=-1).values.sum(-1)
-        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_score_TG.topk(self.topk_groups, dim=-1).indices, True)
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(
+            1, group_score_TG.topk(self.topk_groups, dim=-1).indices, True
+        )
         return select_TE.masked_fill(~keep_TG.repeat_interleave(per_group, dim=1), -math.inf)
 
     def _losses(self, logits_TE, probs_TE, expert_TK, counts_E) -> dict[str, torch.Tensor]:
@@ -165,7 +195,9 @@ class TopKGate(Gate):
 
     def load_balance_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         """Switch loss (unweighted) for given probabilities and choices; 1 when routing is uniform."""
-        return switch_balance_loss(self, probs_TE, counts_of(expert_TK.reshape(-1), self.num_experts), expert_TK.shape[1])
+        return switch_balance_loss(
+            self, probs_TE, counts_of(expert_TK.reshape(-1), self.num_experts), expert_TK.shape[1]
+        )
 
     def sequence_balance_loss(self, probs_TE: torch.Tensor, expert_TK: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss: the Switch loss per sequence, averaged over sequences.
@@ -202,6 +234,8 @@ class TopKGate(Gate):
             pos_T = torch.arange(T, device=expert_TK.device, dtype=torch.float64) + first
             slot_K = torch.arange(K, device=expert_TK.device, dtype=torch.float64)
             key_TK = -(slot_K.unsqueeze(0) * n_global + pos_T.unsqueeze(1))
-        key_TE = torch.full(scores_TE.shape, -math.inf, dtype=torch.float64, device=scores_TE.device).scatter_(1, expert_TK, key_TK)
+        key_TE = torch.full(scores_TE.shape, -math.inf, dtype=torch.float64, device=scores_TE.device).scatter_(
+            1, expert_TK, key_TK
+        )
         keep_TE = keep_top_per_expert(self, key_TE, capacity)
         return keep_TE.gather(1, expert_TK).reshape(-1)

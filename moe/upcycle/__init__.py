@@ -25,6 +25,7 @@ Llama/Mistral/Qwen/GPT-2/BERT, ...): MLP modules found by a selector become `MoE
 `upcycle_transformer` upcycles a dense moeflow `Transformer` into a new one whose config
 (and so its checkpoint) describes the MoE, for `moeflow train`.
 """
+
 from __future__ import annotations
 
 from ..layer import moe_aux_loss, moe_layers
@@ -34,6 +35,24 @@ from .options import ROUTER_INITS, UpcycleError, UpcycleOptions
 from .transformer import dense_ffns, upcycle_transformer, upcycled_config
 from .verify import max_logit_diff
 
-__all__ = ["ROUTER_INITS", "DenseFFN", "ModuleExperts", "ScaledFFN", "UpcycleError", "UpcycleOptions", "UpcycledFFN",
-           "build_upcycled_layer", "dense_ffns", "fill_experts", "fill_moe_layer", "find_ffns", "init_router", "max_logit_diff",
-           "moe_aux_loss", "moe_layers", "upcycle_model", "upcycle_transformer", "upcycled_config"]
+__all__ = [
+    "ROUTER_INITS",
+    "DenseFFN",
+    "ModuleExperts",
+    "ScaledFFN",
+    "UpcycleError",
+    "UpcycleOptions",
+    "UpcycledFFN",
+    "build_upcycled_layer",
+    "dense_ffns",
+    "fill_experts",
+    "fill_moe_layer",
+    "find_ffns",
+    "init_router",
+    "max_logit_diff",
+    "moe_aux_loss",
+    "moe_layers",
+    "upcycle_model",
+    "upcycle_transformer",
+    "upcycled_config",
+]

@@ -1,4 +1,5 @@
 """Experts as copies of one dense FFN: the canonical dense form, filling experts and router."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ class DenseFFN:
     def from_expert(cls, experts: GroupedExperts, e: int = 0) -> DenseFFN:
         pick = lambda t: t[e] if t is not None else None  # noqa: E731
         w3 = experts.w3_EDF[e].t() if experts.w3_EDF is not None else None
-        return cls(experts.w1_EDF[e].t(), experts.w2_EFD[e].t(), w3, pick(experts.b1_EF), pick(experts.b3_EF), pick(experts.b2_ED))
+        return cls(
+            experts.w1_EDF[e].t(),
+            experts.w2_EFD[e].t(),
+            w3,
+            pick(experts.b1_EF),
+            pick(experts.b3_EF),
+            pick(experts.b2_ED),
+        )
 
 
 def _noisy(t: torch.Tensor, rel_std: float, gen: torch.Generator | None) -> torch.Tensor:
@@ -56,7 +64,15 @@ def _noisy(t: torch.Tensor, rel_std: float, gen: torch.Generator | None) -> torc
 
 
 @torch.no_grad()
-def fill_experts(experts: GroupedExperts, ffn: DenseFFN, copies: int, granularity: int, out_scale: float = 1.0, noise: float = 0.0, gen: torch.Generator | None = None) -> None:
+def fill_experts(
+    experts: GroupedExperts,
+    ffn: DenseFFN,
+    copies: int,
+    granularity: int,
+    out_scale: float = 1.0,
+    noise: float = 0.0,
+    gen: torch.Generator | None = None,
+) -> None:
     """Copy `ffn` into copies*granularity experts: expert c*m + j holds slice j of copy c.
 
     Slices are scaled by m (and by out_scale, e.g. 1 - shared_fraction) on the output side.
@@ -65,7 +81,9 @@ def fill_experts(experts: GroupedExperts, ffn: DenseFFN, copies: int, granularit
     if F_ % m:
         raise UpcycleError(f"granularity={m} does not divide the MLP hidden size {F_}; pick a divisor of {F_}")
     if experts.num_experts != copies * m or experts.d_ff != F_ // m:
-        raise UpcycleError(f"experts module has {experts.num_experts} experts of width {experts.d_ff}, expected {copies * m} of width {F_ // m}")
+        raise UpcycleError(
+            f"experts module has {experts.num_experts} experts of width {experts.d_ff}, expected {copies * m} of width {F_ // m}"
+        )
     if (experts.w3_EDF is None) != (ffn.w3_FD is None):
         raise UpcycleError(f"experts activation {experts.activation} does not match the dense MLP ({ffn.activation})")
     width, scale = F_ // m, m * out_scale
@@ -81,7 +99,9 @@ def fill_experts(experts: GroupedExperts, ffn: DenseFFN, copies: int, granularit
                     dst[e].copy_(src[sl] if src is not None else torch.zeros_like(dst[e]))
             if experts.b2_ED is not None:
                 # not sliced or scaled by m: a token's gate weights sum to 1, so b2 is added once
-                experts.b2_ED[e].copy_(ffn.b2_D * out_scale if ffn.b2_D is not None else torch.zeros_like(experts.b2_ED[e]))
+                experts.b2_ED[e].copy_(
+                    ffn.b2_D * out_scale if ffn.b2_D is not None else torch.zeros_like(experts.b2_ED[e])
+                )
 
 
 @torch.no_grad()
@@ -103,16 +123,26 @@ def init_router(gate: nn.Module, num_experts: int, opts: UpcycleOptions, gen: to
         w_ED.copy_(rows.repeat_interleave(m, dim=0).to(p.dtype))
 
 
-def build_upcycled_layer(ffn: DenseFFN, opts: UpcycleOptions, experts_impl: str = "torch", shared: nn.Module | None = None, gen: torch.Generator | None = None) -> MoELayer:
+def build_upcycled_layer(
+    ffn: DenseFFN,
+    opts: UpcycleOptions,
+    experts_impl: str = "torch",
+    shared: nn.Module | None = None,
+    gen: torch.Generator | None = None,
+) -> MoELayer:
     """A `MoELayer` whose experts are (granular) copies of `ffn`: the generic building block."""
     E, K = opts.total_experts, opts.active_experts
     if ffn.d_ff % opts.granularity:
-        raise UpcycleError(f"granularity={opts.granularity} does not divide the MLP hidden size {ffn.d_ff}; pick a divisor of {ffn.d_ff}")
+        raise UpcycleError(
+            f"granularity={opts.granularity} does not divide the MLP hidden size {ffn.d_ff}; pick a divisor of {ffn.d_ff}"
+        )
     try:
         gate = build_gate(opts.gate, ffn.d_model, E, K, **opts.gate_options)
     except (TypeError, ValueError) as e:
         raise UpcycleError(str(e)) from None
-    experts = GroupedExperts(E, ffn.d_model, ffn.d_ff // opts.granularity, ffn.activation, impl=experts_impl, bias=ffn.has_bias)
+    experts = GroupedExperts(
+        E, ffn.d_model, ffn.d_ff // opts.granularity, ffn.activation, impl=experts_impl, bias=ffn.has_bias
+    )
     layer = MoELayer(gate, experts, shared)
     fill_moe_layer(layer, ffn, opts, gen)
     return layer.to(device=ffn.w1_FD.device, dtype=ffn.w1_FD.dtype)

@@ -1,4 +1,5 @@
 """The generic path: the MLPs of any `nn.Module` transformer become moeflow MoE layers."""
+
 from __future__ import annotations
 
 import copy
@@ -79,21 +80,35 @@ def _linear_weight(mod: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] |
 
 
 _GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))  # (gate, up, down)
-_TWO_LAYER = (("c_fc", "c_proj"), ("fc1", "fc2"), ("fc_in", "fc_out"), ("dense_h_to_4h", "dense_4h_to_h"), ("up_proj", "down_proj"), ("w1", "w2"))
+_TWO_LAYER = (
+    ("c_fc", "c_proj"),
+    ("fc1", "fc2"),
+    ("fc_in", "fc_out"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+    ("up_proj", "down_proj"),
+    ("w1", "w2"),
+)
 
 
 def _ffn_parts(mod: nn.Module) -> tuple[str, ...] | None:
     children = dict(mod.named_children())
     param_children = {n for n, c in children.items() if any(True for _ in c.parameters())}
     for parts in (*_GATED, *_TWO_LAYER):
-        if all(p in children and _linear_weight(children[p]) is not None for p in parts) and param_children <= set(parts):
+        if all(p in children and _linear_weight(children[p]) is not None for p in parts) and param_children <= set(
+            parts
+        ):
             return parts
     return None
 
 
 def _is_bert_layer(mod: nn.Module) -> bool:
     inter, out = getattr(mod, "intermediate", None), getattr(mod, "output", None)
-    return inter is not None and out is not None and isinstance(getattr(inter, "dense", None), nn.Linear) and isinstance(getattr(out, "dense", None), nn.Linear)
+    return (
+        inter is not None
+        and out is not None
+        and isinstance(getattr(inter, "dense", None), nn.Linear)
+        and isinstance(getattr(out, "dense", None), nn.Linear)
+    )
 
 
 def find_ffns(model: nn.Module, selector: str | Callable[[str, nn.Module], bool] | None = None) -> list[str]:
@@ -141,7 +156,9 @@ def _same_function(ffn: DenseFFN, mod: nn.Module) -> bool:
     was_training = mod.training
     mod.eval()
     try:
-        x = torch.randn(4, ffn.d_model, generator=torch.Generator().manual_seed(0)).to(ffn.w1_FD.device, ffn.w1_FD.dtype)
+        x = torch.randn(4, ffn.d_model, generator=torch.Generator().manual_seed(0)).to(
+            ffn.w1_FD.device, ffn.w1_FD.dtype
+        )
         want = mod(x)
         h = F.linear(x, ffn.w1_FD, ffn.b1_F)
         h = F.silu(h) * F.linear(x, ffn.w3_FD, ffn.b3_F) if ffn.w3_FD is not None else F.gelu(h, approximate="tanh")
@@ -182,7 +199,9 @@ def upcycle_model(
     names = find_ffns(model, selector)
     if not names:
         how = "the selector matched no module" if selector is not None else "no MLP module was recognised"
-        raise UpcycleError(f"{how}; pass selector= (a regex on module names such as r'layers\\.\\d+\\.mlp$', or a callable)")
+        raise UpcycleError(
+            f"{how}; pass selector= (a regex on module names such as r'layers\\.\\d+\\.mlp$', or a callable)"
+        )
     gen = torch.Generator().manual_seed(opts.seed)
     replaced = []
     for i, name in enumerate(names):
@@ -200,9 +219,13 @@ def upcycle_model(
             layer = build_upcycled_layer(ffn, opts, experts_impl, shared, gen)
         else:
             if opts.granularity != 1:
-                raise UpcycleError(f"{name} ({type(module).__name__}) is not a SwiGLU/GELU MLP that can be sliced; use granularity=1 for it")
+                raise UpcycleError(
+                    f"{name} ({type(module).__name__}) is not a SwiGLU/GELU MLP that can be sliced; use granularity=1 for it"
+                )
             try:
-                gate = build_gate(opts.gate, _d_model(module, ref), opts.total_experts, opts.active_experts, **opts.gate_options)
+                gate = build_gate(
+                    opts.gate, _d_model(module, ref), opts.total_experts, opts.active_experts, **opts.gate_options
+                )
             except (TypeError, ValueError) as e:
                 raise UpcycleError(str(e)) from None
             out_scale = 1.0 - opts.shared_fraction if shared is not None else 1.0

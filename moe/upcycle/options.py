@@ -1,4 +1,5 @@
 """What an upcycling run is asked to do (`UpcycleOptions`), checked at construction."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -49,14 +50,29 @@ class UpcycleOptions:
         def need(cond, msg):
             _need(cond, msg, UpcycleError)
 
-        need(isinstance(self.num_experts, int) and self.num_experts >= 1, f"num_experts must be a positive integer, got {self.num_experts!r}")
-        need(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts, f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
-        need(isinstance(self.granularity, int) and self.granularity >= 1, f"granularity must be a positive integer, got {self.granularity!r}")
-        need(self.router_init in ROUTER_INITS, f"router_init={self.router_init!r} is unknown; choose one of {', '.join(ROUTER_INITS)}")
+        need(
+            isinstance(self.num_experts, int) and self.num_experts >= 1,
+            f"num_experts must be a positive integer, got {self.num_experts!r}",
+        )
+        need(
+            isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_experts,
+            f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}",
+        )
+        need(
+            isinstance(self.granularity, int) and self.granularity >= 1,
+            f"granularity must be a positive integer, got {self.granularity!r}",
+        )
+        need(
+            self.router_init in ROUTER_INITS,
+            f"router_init={self.router_init!r} is unknown; choose one of {', '.join(ROUTER_INITS)}",
+        )
         need(self.router_std >= 0, f"router_std must be >= 0, got {self.router_std}")
         need(self.expert_noise >= 0, f"expert_noise must be >= 0, got {self.expert_noise}")
         need(0.0 < self.shared_fraction < 1.0, f"shared_fraction must be in (0, 1), got {self.shared_fraction}")
-        need(isinstance(self.moe_every, int) and self.moe_every >= 1, f"moe_every must be a positive integer, got {self.moe_every!r}")
+        need(
+            isinstance(self.moe_every, int) and self.moe_every >= 1,
+            f"moe_every must be a positive integer, got {self.moe_every!r}",
+        )
 
     @property
     def total_experts(self) -> int:

@@ -1,4 +1,5 @@
 """A dense moeflow `Transformer` -> a moeflow MoE `Transformer` (the checkpoint path)."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -23,13 +24,17 @@ def dense_ffns(model: Transformer) -> list[DenseFFN]:
         elif isinstance(ffn, MoELayer) and ffn.experts.num_experts == 1 and ffn.shared_expert is None:
             out.append(DenseFFN.from_expert(ffn.experts, 0))
         else:
-            raise UpcycleError(f"block {i} is already a mixture of {ffn.experts.num_experts} experts; upcycle a dense checkpoint (model.num_experts=1 or moe_every=0)")
+            raise UpcycleError(
+                f"block {i} is already a mixture of {ffn.experts.num_experts} experts; upcycle a dense checkpoint (model.num_experts=1 or moe_every=0)"
+            )
     return out
 
 
 def upcycled_config(dense: ModelConfig, d_ff: int, opts: UpcycleOptions) -> ModelConfig:
     if d_ff % opts.granularity:
-        raise UpcycleError(f"granularity={opts.granularity} does not divide the MLP hidden size {d_ff}; pick a divisor of {d_ff}")
+        raise UpcycleError(
+            f"granularity={opts.granularity} does not divide the MLP hidden size {d_ff}; pick a divisor of {d_ff}"
+        )
     gate = {"name": opts.gate, **opts.gate_options}
     try:
         return replace(
@@ -65,12 +70,16 @@ def upcycle_transformer(dense: Transformer, opts: UpcycleOptions) -> Transformer
     missing, unexpected = moe.load_state_dict(state, strict=False)
     unwritten = [k for k in missing if ".ffn." not in k and not (cfg.tie_embeddings and k == "lm_head.weight")]
     if unexpected or unwritten:
-        raise UpcycleError(f"dense and upcycled models differ outside the FFNs (unexpected {unexpected[:3]}, missing {unwritten[:3]})")
+        raise UpcycleError(
+            f"dense and upcycled models differ outside the FFNs (unexpected {unexpected[:3]}, missing {unwritten[:3]})"
+        )
     gate_opts = {k: v for k, v in cfg.gate.items() if k != "name"}
     for block, ffn in zip(moe.blocks, ffns):
         block.attn.rotary = Rotary(cfg.head_size, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling).to(param.device)
         if isinstance(block.ffn, MoELayer):
-            block.ffn.gate = build_gate(cfg.gate["name"], cfg.d_model, cfg.num_experts, cfg.top_k, **gate_opts).to(param.device, param.dtype)
+            block.ffn.gate = build_gate(cfg.gate["name"], cfg.d_model, cfg.num_experts, cfg.top_k, **gate_opts).to(
+                param.device, param.dtype
+            )
             fill_moe_layer(block.ffn, ffn, opts, gen)
         else:
             block.ffn.w1.weight.copy_(ffn.w1_FD)

@@ -33,6 +33,7 @@ holding {"model": state_dict, "iteration", "checkpoint_version"} and
 `latest_checkpointed_iteration.txt`), one tensor/pipeline/expert-parallel rank; merge
 sharded checkpoints with Megatron's own tools first.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -62,12 +63,23 @@ def _qkv_from_megatron(w: torch.Tensor, model_cfg: ModelConfig) -> torch.Tensor:
 
 def check_mappable(model_cfg: ModelConfig, state: dict | None = None) -> None:
     """Refuse model features this mapping does not carry, instead of dropping them silently."""
-    unsupported = [name for name, on in (("model.attn_bias", model_cfg.attn_bias), ("model.qk_norm", model_cfg.qk_norm), ("model.rope_scaling", model_cfg.rope_scaling),
-                                                 ("model.shared_expert_gate", model_cfg.shared_expert_gate), ("model.shared_d_ff", model_cfg.shared_d_ff is not None)) if on]
+    unsupported = [
+        name
+        for name, on in (
+            ("model.attn_bias", model_cfg.attn_bias),
+            ("model.qk_norm", model_cfg.qk_norm),
+            ("model.rope_scaling", model_cfg.rope_scaling),
+            ("model.shared_expert_gate", model_cfg.shared_expert_gate),
+            ("model.shared_d_ff", model_cfg.shared_d_ff is not None),
+        )
+        if on
+    ]
     if state is not None and any(k.endswith(("experts.b1_EF", "experts.b2_ED", "experts.b3_EF")) for k in state):
         unsupported.append("expert biases (upcycled from a biased MLP)")
     if unsupported:
-        raise ConversionError(f"{', '.join(unsupported)} have no megatron-core mapping in moeflow yet; convert a model without them")
+        raise ConversionError(
+            f"{', '.join(unsupported)} have no megatron-core mapping in moeflow yet; convert a model without them"
+        )
 
 
 def _topk_gate_options(model_cfg: ModelConfig) -> dict:
@@ -75,7 +87,9 @@ def _topk_gate_options(model_cfg: ModelConfig) -> dict:
 
     from moeflow.moe.gates.topk import TopKGate
 
-    defaults = {n: p.default for n, p in inspect.signature(TopKGate.__init__).parameters.items() if p.default is not p.empty}
+    defaults = {
+        n: p.default for n, p in inspect.signature(TopKGate.__init__).parameters.items() if p.default is not p.empty
+    }
     return {**defaults, **{k: v for k, v in model_cfg.gate.items() if k != "name"}}
 
 
@@ -88,7 +102,9 @@ def router_config(model_cfg: ModelConfig) -> dict:
     Options megatron's router cannot reproduce raise ConversionError naming the option.
     """
     if model_cfg.gate.get("name") != "topk":
-        raise ConversionError(f"gate={model_cfg.gate.get('name')!r} has no megatron-core equivalent (its router is top-k); export with the moeflow MoE layer inside megatron (native=False)")
+        raise ConversionError(
+            f"gate={model_cfg.gate.get('name')!r} has no megatron-core equivalent (its router is top-k); export with the moeflow MoE layer inside megatron (native=False)"
+        )
     g = _topk_gate_options(model_cfg)
     K, E = model_cfg.top_k, model_cfg.num_experts
     sigmoid = g["score_func"] == "sigmoid"
@@ -96,30 +112,59 @@ def router_config(model_cfg: ModelConfig) -> dict:
     # scores iff top_k > 1, and softmax ones unless moe_router_pre_softmax.
     raw_weights = not g["renormalize"] and not g["topk_before_softmax"]
     if g["noise_std"] > 0:
-        raise ConversionError("gate.noise_std (Gaussian logit noise) has no megatron-core router option; export with gate.noise_std=0")
+        raise ConversionError(
+            "gate.noise_std (Gaussian logit noise) has no megatron-core router option; export with gate.noise_std=0"
+        )
     if sigmoid and raw_weights != (K == 1):
-        raise ConversionError(f"gate.renormalize={g['renormalize']} with gate.score_func=sigmoid and top_k={K}: megatron-core renormalises sigmoid weights exactly when top_k > 1; set gate.renormalize={K > 1}")
+        raise ConversionError(
+            f"gate.renormalize={g['renormalize']} with gate.score_func=sigmoid and top_k={K}: megatron-core renormalises sigmoid weights exactly when top_k > 1; set gate.renormalize={K > 1}"
+        )
     if not sigmoid and K == 1 and not raw_weights:
-        raise ConversionError("gate.renormalize=true (or topk_before_softmax) with top_k=1: megatron-core needs moe_router_pre_softmax for top-1, weighting by the softmax probability; set gate.renormalize=false")
+        raise ConversionError(
+            "gate.renormalize=true (or topk_before_softmax) with top_k=1: megatron-core needs moe_router_pre_softmax for top-1, weighting by the softmax probability; set gate.renormalize=false"
+        )
     if g["bias_update_rate"] > 0 and not sigmoid:
-        raise ConversionError("gate.bias_update_rate with gate.score_func=softmax: megatron-core's expert bias only works with sigmoid scores; use gate.score_func=sigmoid or gate.bias_update_rate=0")
-    out = {"moe_router_topk": K, "moe_router_score_function": g["score_func"], "moe_router_pre_softmax": not sigmoid and raw_weights}
+        raise ConversionError(
+            "gate.bias_update_rate with gate.score_func=softmax: megatron-core's expert bias only works with sigmoid scores; use gate.score_func=sigmoid or gate.bias_update_rate=0"
+        )
+    out = {
+        "moe_router_topk": K,
+        "moe_router_score_function": g["score_func"],
+        "moe_router_pre_softmax": not sigmoid and raw_weights,
+    }
     if g["n_groups"] is not None:
         per_group = E // g["n_groups"]
         if K % g["topk_groups"] or K // g["topk_groups"] != min(2, per_group):
-            raise ConversionError(f"gate.n_groups/topk_groups: moeflow ranks groups by their best {min(2, per_group)} scores, megatron-core by their best top_k/topk_groups={K // g['topk_groups']}; pick topk_groups = top_k / {min(2, per_group)}")
+            raise ConversionError(
+                f"gate.n_groups/topk_groups: moeflow ranks groups by their best {min(2, per_group)} scores, megatron-core by their best top_k/topk_groups={K // g['topk_groups']}; pick topk_groups = top_k / {min(2, per_group)}"
+            )
         if not sigmoid and not g["topk_before_softmax"] and g["renormalize"]:
-            raise ConversionError("gate.n_groups with softmax scores and gate.renormalize=true: moeflow ranks groups on softmax scores, megatron-core on logits unless moe_router_pre_softmax (which does not renormalise); set gate.topk_before_softmax=true or gate.renormalize=false")
+            raise ConversionError(
+                "gate.n_groups with softmax scores and gate.renormalize=true: moeflow ranks groups on softmax scores, megatron-core on logits unless moe_router_pre_softmax (which does not renormalise); set gate.topk_before_softmax=true or gate.renormalize=false"
+            )
         out.update(moe_router_num_groups=g["n_groups"], moe_router_group_topk=g["topk_groups"])
     if not g["dropless"]:
         if g["drop_policy"] != "score":
-            raise ConversionError("gate.drop_policy=position: megatron-core's position policy keeps an arbitrary capacity of each expert's tokens, not GShard's order; use gate.drop_policy=score")
+            raise ConversionError(
+                "gate.drop_policy=position: megatron-core's position policy keeps an arbitrary capacity of each expert's tokens, not GShard's order; use gate.drop_policy=score"
+            )
         if not raw_weights:
-            raise ConversionError("gate.capacity_factor with renormalised weights: megatron-core drops by renormalised weight, moeflow by router score; set gate.renormalize=false (and topk_before_softmax=false) or gate.dropless=true")
-        out.update(moe_expert_capacity_factor=float(g["capacity_factor"]), moe_token_drop_policy="probs", moe_pad_expert_input_to_capacity=False)
-    losses = [(t, float(g[k])) for t, k in (("aux_loss", "aux_loss_coef"), ("seq_aux_loss", "seq_aux_loss_coef")) if g[k] > 0]
+            raise ConversionError(
+                "gate.capacity_factor with renormalised weights: megatron-core drops by renormalised weight, moeflow by router score; set gate.renormalize=false (and topk_before_softmax=false) or gate.dropless=true"
+            )
+        out.update(
+            moe_expert_capacity_factor=float(g["capacity_factor"]),
+            moe_token_drop_policy="probs",
+            moe_pad_expert_input_to_capacity=False,
+        )
+    losses = [
+        (t, float(g[k])) for t, k in (("aux_loss", "aux_loss_coef"), ("seq_aux_loss", "seq_aux_loss_coef")) if g[k] > 0
+    ]
     types, coeffs = [t for t, _ in losses] or ["none"], [c for _, c in losses] or [0.0]
-    out.update(moe_router_load_balancing_type=types[0] if len(types) == 1 else types, moe_aux_loss_coeff=coeffs[0] if len(coeffs) == 1 else coeffs)
+    out.update(
+        moe_router_load_balancing_type=types[0] if len(types) == 1 else types,
+        moe_aux_loss_coeff=coeffs[0] if len(coeffs) == 1 else coeffs,
+    )
     if g["z_loss_coef"] > 0:
         out["moe_z_loss_coeff"] = float(g["z_loss_coef"])
     if g["jitter_eps"] > 0:
@@ -137,7 +182,9 @@ def _split_fc1(fc1: torch.Tensor, glu: bool):
     return tuple(fc1.chunk(2)) if glu else (fc1, None)
 
 
-def to_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig, layout: str = "sequential", native: bool = True) -> dict[str, torch.Tensor]:
+def to_megatron(
+    state: dict[str, torch.Tensor], model_cfg: ModelConfig, layout: str = "sequential", native: bool = True
+) -> dict[str, torch.Tensor]:
     """moeflow Transformer state_dict -> megatron-core GPTModel state_dict (tensors only)."""
     if layout not in LAYOUTS:
         raise ConversionError(f"unknown experts layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -145,7 +192,10 @@ def to_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig, layout: 
         router_config(model_cfg)  # refuses gate options megatron-core's router cannot reproduce
     check_mappable(model_cfg, state)
     glu = model_cfg.activation == "swiglu"
-    out = {"embedding.word_embeddings.weight": state["embed.weight"], "decoder.final_layernorm.weight": state["norm.weight"]}
+    out = {
+        "embedding.word_embeddings.weight": state["embed.weight"],
+        "decoder.final_layernorm.weight": state["norm.weight"],
+    }
     if not model_cfg.tie_embeddings:
         out["output_layer.weight"] = state["lm_head.weight"]
     for i in range(model_cfg.n_layers):
@@ -161,7 +211,7 @@ def to_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig, layout: 
         if not native:
             for k, v in state.items():
                 if k.startswith(s + "ffn."):
-                    out[m + "mlp.moe." + k[len(s + "ffn."):]] = v
+                    out[m + "mlp.moe." + k[len(s + "ffn.") :]] = v
             continue
         out[m + "mlp.router.weight"] = state[s + "ffn.gate.proj.weight"]
         if s + "ffn.gate.expert_bias_E" in state:  # aux-loss-free balancing (megatron keeps it in float32)
@@ -183,7 +233,9 @@ def to_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig, layout: 
                 out[m + f"mlp.experts.linear_fc1.weight{e}"] = fc1
                 out[m + f"mlp.experts.linear_fc2.weight{e}"] = fc2
         if model_cfg.shared_experts:
-            out[m + "mlp.shared_experts.linear_fc1.weight"] = _fc1(state[s + "ffn.shared_expert.w1.weight"], state.get(s + "ffn.shared_expert.w3.weight"))
+            out[m + "mlp.shared_experts.linear_fc1.weight"] = _fc1(
+                state[s + "ffn.shared_expert.w1.weight"], state.get(s + "ffn.shared_expert.w3.weight")
+            )
             out[m + "mlp.shared_experts.linear_fc2.weight"] = state[s + "ffn.shared_expert.w2.weight"]
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -205,7 +257,9 @@ def _get(state: dict, *names: str) -> torch.Tensor:
     for n in names:
         if n in state:
             return state[n]
-    raise ConversionError(f"megatron checkpoint lacks {names[0]}; is it a GPT model with {names[0].split('.')[2] if names[0].count('.') > 2 else 'this'} layers?")
+    raise ConversionError(
+        f"megatron checkpoint lacks {names[0]}; is it a GPT model with {names[0].split('.')[2] if names[0].count('.') > 2 else 'this'} layers?"
+    )
 
 
 def from_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -215,12 +269,17 @@ def from_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dic
     layout = detect_layout(state)
     glu = model_cfg.activation == "swiglu"
     F_, D = model_cfg.d_ff, model_cfg.d_model
-    out = {"embed.weight": _get(state, "embedding.word_embeddings.weight"), "norm.weight": _get(state, "decoder.final_layernorm.weight")}
+    out = {
+        "embed.weight": _get(state, "embedding.word_embeddings.weight"),
+        "norm.weight": _get(state, "decoder.final_layernorm.weight"),
+    }
     if not model_cfg.tie_embeddings:
         out["lm_head.weight"] = _get(state, "output_layer.weight")
     for i in range(model_cfg.n_layers):
         s, m = f"blocks.{i}.", f"decoder.layers.{i}."
-        out[s + "attn_norm.weight"] = _get(state, m + "input_layernorm.weight", m + "self_attention.linear_qkv.layer_norm_weight")
+        out[s + "attn_norm.weight"] = _get(
+            state, m + "input_layernorm.weight", m + "self_attention.linear_qkv.layer_norm_weight"
+        )
         out[s + "attn.qkv.weight"] = _qkv_from_megatron(_get(state, m + "self_attention.linear_qkv.weight"), model_cfg)
         out[s + "attn.out.weight"] = _get(state, m + "self_attention.linear_proj.weight")
         out[s + "ffn_norm.weight"] = _get(state, m + "pre_mlp_layernorm.weight", m + "mlp.linear_fc1.layer_norm_weight")
@@ -233,7 +292,7 @@ def from_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dic
         if layout == "moeflow":
             for k, v in state.items():
                 if k.startswith(m + "mlp.moe."):
-                    out[s + "ffn." + k[len(m + "mlp.moe."):]] = v
+                    out[s + "ffn." + k[len(m + "mlp.moe.") :]] = v
             continue
         out[s + "ffn.gate.proj.weight"] = _get(state, m + "mlp.router.weight")
         if m + "mlp.router.expert_bias" in state:  # the load accumulated since the last step is not saved by megatron
@@ -245,7 +304,11 @@ def from_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dic
             w1_EDF, w3_EDF = (w13_EDF[..., :F_], w13_EDF[..., F_:]) if glu else (w13_EDF, None)
             w2_EFD = _get(state, m + "mlp.experts.weight2").contiguous().view(E, F_, D)
         else:
-            fmt = (m + "mlp.experts.local_experts.{e}.linear_fc{n}.weight") if layout == "sequential" else (m + "mlp.experts.linear_fc{n}.weight{e}")
+            fmt = (
+                (m + "mlp.experts.local_experts.{e}.linear_fc{n}.weight")
+                if layout == "sequential"
+                else (m + "mlp.experts.linear_fc{n}.weight{e}")
+            )
             w1s, w3s, w2s = [], [], []
             for e in range(E):
                 a, b = _split_fc1(_get(state, fmt.format(e=e, n=1)), glu)
@@ -259,7 +322,10 @@ def from_megatron(state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dic
             out[s + "ffn.experts.w3_EDF"] = w3_EDF.contiguous()
         if model_cfg.shared_experts:
             w1, w3 = _split_fc1(_get(state, m + "mlp.shared_experts.linear_fc1.weight"), glu)
-            out[s + "ffn.shared_expert.w1.weight"], out[s + "ffn.shared_expert.w2.weight"] = w1, _get(state, m + "mlp.shared_experts.linear_fc2.weight")
+            out[s + "ffn.shared_expert.w1.weight"], out[s + "ffn.shared_expert.w2.weight"] = (
+                w1,
+                _get(state, m + "mlp.shared_experts.linear_fc2.weight"),
+            )
             if glu:
                 out[s + "ffn.shared_expert.w3.weight"] = w3
     return {k: v.contiguous() for k, v in out.items()}
@@ -270,46 +336,80 @@ def infer_model_config(state: dict, n_heads: int, top_k: int, **overrides) -> Mo
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     vocab, D = state["embedding.word_embeddings.weight"].shape
     layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("decoder.layers.")})
-    moe = [i for i in layers if any(k.startswith(f"decoder.layers.{i}.mlp.") and (".experts." in k or ".moe." in k) for k in state)]
+    moe = [
+        i
+        for i in layers
+        if any(k.startswith(f"decoder.layers.{i}.mlp.") and (".experts." in k or ".moe." in k) for k in state)
+    ]
     if not moe:
         raise ConversionError("the megatron checkpoint has no MoE layers; moeflow converts MoE GPT models")
     every = moe[0] + 1
     if moe != [i for i in layers if (i + 1) % every == 0]:
-        raise ConversionError(f"MoE layers {moe} are not every {every}-th layer; moeflow's model.moe_every cannot express this layout")
+        raise ConversionError(
+            f"MoE layers {moe} are not every {every}-th layer; moeflow's model.moe_every cannot express this layout"
+        )
     m = f"decoder.layers.{moe[0]}.mlp."
     layout = detect_layout(state)
     if layout == "moeflow":
-        raise ConversionError("this checkpoint holds moeflow MoE layers inside megatron: read its model config from the moeflow run that wrote it")
+        raise ConversionError(
+            "this checkpoint holds moeflow MoE layers inside megatron: read its model config from the moeflow run that wrote it"
+        )
     E = state[m + "router.weight"].shape[0]
     if layout == "grouped":
         F2 = state[m + "experts.weight2"].shape[0] // E
         glu = state[m + "experts.weight1"].shape[1] // E == 2 * F2
         F_ = F2
     else:
-        fc1 = state[m + "experts.local_experts.0.linear_fc1.weight"] if layout == "sequential" else state[m + "experts.linear_fc1.weight0"]
-        fc2 = state[m + "experts.local_experts.0.linear_fc2.weight"] if layout == "sequential" else state[m + "experts.linear_fc2.weight0"]
+        fc1 = (
+            state[m + "experts.local_experts.0.linear_fc1.weight"]
+            if layout == "sequential"
+            else state[m + "experts.linear_fc1.weight0"]
+        )
+        fc2 = (
+            state[m + "experts.local_experts.0.linear_fc2.weight"]
+            if layout == "sequential"
+            else state[m + "experts.linear_fc2.weight0"]
+        )
         F_, glu = fc2.shape[1], fc1.shape[0] == 2 * fc2.shape[1]
     dense = [i for i in layers if i not in moe]
     dense_d_ff = state[f"decoder.layers.{dense[0]}.mlp.linear_fc2.weight"].shape[1] if dense else None
     shared = m + "shared_experts.linear_fc2.weight"
-    qkv_rows, proj_cols = state["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0], state["decoder.layers.0.self_attention.linear_proj.weight"].shape[1]
+    qkv_rows, proj_cols = (
+        state["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0],
+        state["decoder.layers.0.self_attention.linear_proj.weight"].shape[1],
+    )
     hd = proj_cols // n_heads
     kv = (qkv_rows // hd - n_heads) // 2
-    fields = dict(vocab_size=vocab, d_model=D, n_layers=len(layers), n_heads=n_heads, d_ff=F_, num_experts=E, top_k=top_k,
-                  n_kv_heads=kv if kv != n_heads else None, head_dim=hd if hd * n_heads != D else None,
-                  moe_every=every, activation="swiglu" if glu else "gelu", tie_embeddings="output_layer.weight" not in state,
-                  dense_d_ff=dense_d_ff, gate={"name": "topk"})
+    fields = dict(
+        vocab_size=vocab,
+        d_model=D,
+        n_layers=len(layers),
+        n_heads=n_heads,
+        d_ff=F_,
+        num_experts=E,
+        top_k=top_k,
+        n_kv_heads=kv if kv != n_heads else None,
+        head_dim=hd if hd * n_heads != D else None,
+        moe_every=every,
+        activation="swiglu" if glu else "gelu",
+        tie_embeddings="output_layer.weight" not in state,
+        dense_d_ff=dense_d_ff,
+        gate={"name": "topk"},
+    )
     if shared in state:
         shared_ff = state[shared].shape[1]
         unit = dense_d_ff or F_ * top_k
         if shared_ff % unit:
-            raise ConversionError(f"shared expert hidden size {shared_ff} is not a multiple of {unit}; set dense_d_ff to express it")
+            raise ConversionError(
+                f"shared expert hidden size {shared_ff} is not a multiple of {unit}; set dense_d_ff to express it"
+            )
         fields["shared_experts"] = shared_ff // unit
     fields.update(overrides)
     return ModelConfig(**fields)
 
 
 # ---- files -------------------------------------------------------------------------------
+
 
 def megatron_checkpoint_file(path: str | Path) -> Path:
     """A model_optim_rng.pt, an iter_N dir, or a checkpoint root with latest_checkpointed_iteration.txt."""
@@ -321,12 +421,16 @@ def megatron_checkpoint_file(path: str | Path) -> Path:
         p = p / (f"iter_{int(it):07d}" if it.isdigit() else it)
     files = sorted(p.glob("mp_rank_*/model_optim_rng.pt"))
     if len(files) != 1:
-        raise ConversionError(f"{path}: expected one mp_rank_*/model_optim_rng.pt (a torch-format checkpoint of one model-parallel rank), found {len(files)}; merge sharded checkpoints with Megatron's tools first")
+        raise ConversionError(
+            f"{path}: expected one mp_rank_*/model_optim_rng.pt (a torch-format checkpoint of one model-parallel rank), found {len(files)}; merge sharded checkpoints with Megatron's tools first"
+        )
     return files[0]
 
 
-PICKLE_WARNING = ("megatron-core's torch-format checkpoints are pickles, and unpickling can run any code the file holds; "
-                  "pass --trust-checkpoint only for a file you (or someone you trust) wrote")
+PICKLE_WARNING = (
+    "megatron-core's torch-format checkpoints are pickles, and unpickling can run any code the file holds; "
+    "pass --trust-checkpoint only for a file you (or someone you trust) wrote"
+)
 
 
 def load_megatron(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
@@ -337,7 +441,9 @@ def load_megatron(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
         ck = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if not trust:
-            raise ConversionError(f"{f} needs full unpickling ({str(e).splitlines()[0][:160]}); {PICKLE_WARNING}") from None
+            raise ConversionError(
+                f"{f} needs full unpickling ({str(e).splitlines()[0][:160]}); {PICKLE_WARNING}"
+            ) from None
         ck = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ConversionError(f"{f} is not a readable torch checkpoint ({e})") from None
@@ -350,6 +456,8 @@ def load_megatron(path: str | Path, trust: bool = False) -> tuple[dict, dict]:
 def save_megatron(state: dict, out_dir: str | Path, iteration: int, extra: dict | None = None) -> Path:
     out = Path(out_dir) / f"iter_{iteration:07d}" / "mp_rank_00"
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "iteration": iteration, "checkpoint_version": 3.0, **(extra or {})}, out / "model_optim_rng.pt")
+    torch.save(
+        {"model": state, "iteration": iteration, "checkpoint_version": 3.0, **(extra or {})}, out / "model_optim_rng.pt"
+    )
     (Path(out_dir) / "latest_checkpointed_iteration.txt").write_text(str(iteration))
     return out / "model_optim_rng.pt"

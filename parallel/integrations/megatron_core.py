@@ -34,6 +34,7 @@ Tensor parallelism (`tensor_model_parallel_size > 1`, sequence parallelism off):
 dim with megatron-core's copy/reduce mappings; the gate stays replicated. Checked against one
 process on gloo (TP=2, TP=2 x EP=2); megatron's attention TP itself needs CUDA.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,18 +73,31 @@ class MegatronGroups:
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():
-            raise MoeflowError("megatron-core's parallel_state is not initialized; call parallel_state.initialize_model_parallel(...) first")
-        return cls(tp=ps.get_tensor_model_parallel_group(), dp=ps.get_data_parallel_group(with_context_parallel=True),
-                   ep=ps.get_expert_model_parallel_group(), expert_dp=ps.get_expert_data_parallel_group())
+            raise MoeflowError(
+                "megatron-core's parallel_state is not initialized; call parallel_state.initialize_model_parallel(...) first"
+            )
+        return cls(
+            tp=ps.get_tensor_model_parallel_group(),
+            dp=ps.get_data_parallel_group(with_context_parallel=True),
+            ep=ps.get_expert_model_parallel_group(),
+            expert_dp=ps.get_expert_data_parallel_group(),
+        )
 
     @staticmethod
     def size(group) -> int:
-        return torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
+        return (
+            torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
+        )
 
     def expert_layout(self) -> MegatronExpertLayout:
-        return MegatronExpertLayout(ep_group=self.ep, edp_group=self.expert_dp, ep=self.size(self.ep), dp=self.size(self.expert_dp),
-                                    ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0,
-                                    tp_group=self.tp if self.size(self.tp) > 1 else None)
+        return MegatronExpertLayout(
+            ep_group=self.ep,
+            edp_group=self.expert_dp,
+            ep=self.size(self.ep),
+            dp=self.size(self.expert_dp),
+            ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0,
+            tp_group=self.tp if self.size(self.tp) > 1 else None,
+        )
 
 
 @dataclass
@@ -134,7 +148,9 @@ def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
     ep = MegatronGroups.size(groups.ep)
     if ep > 1:
         if moe.experts.num_experts % ep:
-            raise ConfigError(f"expert_model_parallel_size={ep} does not divide model.num_experts={moe.experts.num_experts}; pick an EP size that divides the experts")
+            raise ConfigError(
+                f"expert_model_parallel_size={ep} does not divide model.num_experts={moe.experts.num_experts}; pick an EP size that divides the experts"
+            )
         shard_experts(moe, torch.distributed.get_rank(groups.ep), ep)
         moe.dispatcher = AllToAllDispatcher(groups.ep, ep, moe.experts.num_experts)
     if MegatronGroups.size(groups.dp) > 1:
@@ -173,12 +189,16 @@ def shard_over_tensor_group(moe, groups: MegatronGroups) -> None:
     if tp == 1:
         return
     if ps.get_expert_tensor_parallel_world_size() != tp:
-        raise ConfigError(f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset")
+        raise ConfigError(
+            f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset"
+        )
     for p in shard_hidden_dim(moe, torch.distributed.get_rank(groups.tp), tp):
         set_tensor_model_parallel_attributes(p, True, p._moeflow_tp_shard[0], 1)
     for module in (moe.experts, moe.shared_expert):
         if module is not None:
-            module.register_forward_pre_hook(lambda m, args: (copy_to_tensor_model_parallel_region(args[0], groups.tp), *args[1:]))
+            module.register_forward_pre_hook(
+                lambda m, args: (copy_to_tensor_model_parallel_region(args[0], groups.tp), *args[1:])
+            )
             module.register_forward_hook(lambda m, args, out: reduce_from_tensor_model_parallel_region(out, groups.tp))
 
 
@@ -193,7 +213,9 @@ def _define_moeflow_moe():
             super().__init__(config=config)
             model_cfg = ModelConfig(**model_cfg)
             if config.hidden_size != model_cfg.d_model:
-                raise ConfigError(f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={model_cfg.d_model}; set the same width in both configs")
+                raise ConfigError(
+                    f"megatron hidden_size={config.hidden_size} differs from moeflow model.d_model={model_cfg.d_model}; set the same width in both configs"
+                )
             self.groups = MegatronGroups.from_parallel_state()
             self.moe = build_moe_layer(model_cfg)
             self.moe.input_layout = "sbd"  # megatron's hidden states are [seq, batch, hidden]
@@ -231,14 +253,29 @@ def transformer_config(model_cfg: ModelConfig, cpu_init: bool, bf16: bool = Fals
     check_mappable(model_cfg)  # features the megatron-side model does not express
     gelu_tanh = lambda x: F.gelu(x, approximate="tanh")  # noqa: E731  (moeflow's GELU)
     return TransformerConfig(
-        num_layers=model_cfg.n_layers, hidden_size=model_cfg.d_model, num_attention_heads=model_cfg.n_heads,
-        num_query_groups=model_cfg.kv_heads, kv_channels=model_cfg.head_size,
-        ffn_hidden_size=model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k, normalization="RMSNorm", layernorm_epsilon=model_cfg.norm_eps,
-        gated_linear_unit=model_cfg.activation == "swiglu", activation_func=F.silu if model_cfg.activation == "swiglu" else gelu_tanh,
-        add_bias_linear=False, rotary_interleaved=True, hidden_dropout=0.0, attention_dropout=0.0,
-        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, init_method_std=model_cfg.init_std, use_cpu_initialization=cpu_init,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        num_layers=model_cfg.n_layers,
+        hidden_size=model_cfg.d_model,
+        num_attention_heads=model_cfg.n_heads,
+        num_query_groups=model_cfg.kv_heads,
+        kv_channels=model_cfg.head_size,
+        ffn_hidden_size=model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k,
+        normalization="RMSNorm",
+        layernorm_epsilon=model_cfg.norm_eps,
+        gated_linear_unit=model_cfg.activation == "swiglu",
+        activation_func=F.silu if model_cfg.activation == "swiglu" else gelu_tanh,
+        add_bias_linear=False,
+        rotary_interleaved=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        init_method_std=model_cfg.init_std,
+        use_cpu_initialization=cpu_init,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
     )
 
 
@@ -269,10 +306,16 @@ def build_gpt_model(model_cfg: ModelConfig, device: torch.device | str = "cuda",
     config = transformer_config(model_cfg, cpu_init=device.type == "cpu", bf16=bf16)
     groups = MegatronGroups.from_parallel_state()
     tp = MegatronGroups.size(groups.tp)
-    model = GPTModel(config, gpt_layer_specs(model_cfg), vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.max_seq_len,
-                     position_embedding_type="rope", rotary_base=int(model_cfg.rope_theta),
-                     share_embeddings_and_output_weights=model_cfg.tie_embeddings,
-                     parallel_output=tp == 1)  # TP: logits gathered over the vocab, so moeflow's loss sees all of them
+    model = GPTModel(
+        config,
+        gpt_layer_specs(model_cfg),
+        vocab_size=model_cfg.vocab_size,
+        max_sequence_length=model_cfg.max_seq_len,
+        position_embedding_type="rope",
+        rotary_base=int(model_cfg.rope_theta),
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+        parallel_output=tp == 1,
+    )  # TP: logits gathered over the vocab, so moeflow's loss sees all of them
     if MegatronGroups.size(groups.ep) > 1:  # moeflow.parallel.sharded_state gathers/reslices expert shards over it
         model._moeflow_ep_group = groups.ep
     if tp > 1:  # ... and tensor-parallel slices over this one
@@ -302,7 +345,12 @@ def gpt_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:
     return model(tokens_BS, position_ids, None)
 
 
-def build_native_gpt_model(model_cfg: ModelConfig, device: torch.device | str = "cuda", layout: str = "sequential", dispatcher: str = "alltoall"):
+def build_native_gpt_model(
+    model_cfg: ModelConfig,
+    device: torch.device | str = "cuda",
+    layout: str = "sequential",
+    dispatcher: str = "alltoall",
+):
     """megatron-core's own MoE GPTModel with moeflow's architecture: the target of `megatron_ckpt.to_megatron`.
 
     layout: "sequential" (SequentialMLP), "grouped" (legacy GroupedMLP, needs the
@@ -319,16 +367,27 @@ def build_native_gpt_model(model_cfg: ModelConfig, device: torch.device | str = 
     base = transformer_config(model_cfg, cpu_init=device.type == "cpu")
     shared = (model_cfg.dense_d_ff or model_cfg.d_ff * model_cfg.top_k) * model_cfg.shared_experts
     config = dataclasses.replace(
-        base, num_moe_experts=model_cfg.num_experts, moe_ffn_hidden_size=model_cfg.d_ff,
+        base,
+        num_moe_experts=model_cfg.num_experts,
+        moe_ffn_hidden_size=model_cfg.d_ff,
         moe_layer_freq=[1 if model_cfg.is_moe_block(i) else 0 for i in range(model_cfg.n_layers)],
-        moe_shared_expert_intermediate_size=shared or None, moe_token_dispatcher_type=dispatcher,
-        moe_grouped_gemm=layout != "sequential", moe_use_legacy_grouped_gemm=layout == "grouped",
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=layout != "sequential",
+        moe_use_legacy_grouped_gemm=layout == "grouped",
         **router_config(model_cfg),
     )
     _patch_router_without_transformer_engine()
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=layout == "te_grouped", normalization="RMSNorm")
-    model = GPTModel(config, spec, vocab_size=model_cfg.vocab_size, max_sequence_length=model_cfg.max_seq_len, position_embedding_type="rope",
-                     rotary_base=int(model_cfg.rope_theta), share_embeddings_and_output_weights=model_cfg.tie_embeddings)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=model_cfg.vocab_size,
+        max_sequence_length=model_cfg.max_seq_len,
+        position_embedding_type="rope",
+        rotary_base=int(model_cfg.rope_theta),
+        share_embeddings_and_output_weights=model_cfg.tie_embeddings,
+    )
     return model.to(device)
 
 
@@ -356,9 +415,15 @@ def initialize_parallel_state(seed: int, tensor_parallel: int = 1, expert_parall
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     if not dist.is_initialized():  # one process: a private group
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=1, expert_model_parallel_size=expert_parallel)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=1,
+            expert_model_parallel_size=expert_parallel,
+        )
     if torch.cuda.is_available():
         model_parallel_cuda_manual_seed(seed)
 

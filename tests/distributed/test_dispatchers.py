@@ -5,6 +5,7 @@ layer's outputs and gradients exactly (float64); capacity with a small factor mu
 reference that drops the same pairs. Every gate family, plus a skewed gate that leaves whole
 ranks and experts without tokens. Options are checked before any work (one-line errors).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,16 +28,25 @@ def _cases(world: int) -> list[tuple]:
     cases += [(f"{g}/capacity-roomy/ep{ep}", ep, g, "capacity", ROOMY) for g in GATE_FAMILIES]
     cases += [(f"{g}/capacity-tight/ep{ep}", ep, g, "capacity", TIGHT) for g in GATE_FAMILIES]
     if world == 4:
-        cases += [("topk/capacity-tight/ep2dp2", 2, "topk", "capacity", TIGHT), ("skewed/alltoall/ep2dp2", 2, "skewed", "alltoall", ROOMY)]
+        cases += [
+            ("topk/capacity-tight/ep2dp2", 2, "topk", "capacity", TIGHT),
+            ("skewed/alltoall/ep2dp2", 2, "skewed", "alltoall", ROOMY),
+        ]
     if world == 2:
-        cases += [("topk/capacity/ep1dp2", 1, "topk", "capacity", TIGHT), ("topk/alltoall/ep1dp2", 1, "topk", "alltoall", ROOMY)]
+        cases += [
+            ("topk/capacity/ep1dp2", 1, "topk", "capacity", TIGHT),
+            ("topk/alltoall/ep1dp2", 1, "topk", "alltoall", ROOMY),
+        ]
     return cases
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, worker_id):
     def compute(tmp):
-        return {world: spawn("helpers.dispatch_workers:dispatch_cases", world, tmp / f"world{world}", _cases(world)) for world in (2, 4)}
+        return {
+            world: spawn("helpers.dispatch_workers:dispatch_cases", world, tmp / f"world{world}", _cases(world))
+            for world in (2, 4)
+        }
 
     return once(tmp_path_factory, worker_id, "dispatchers", compute)
 
@@ -88,7 +98,12 @@ def test_capacity_drops_exactly_the_overflow(results, world, gate):
 def test_zero_token_ranks_and_mixed_layouts(results):
     # the skewed gate sends nothing to the ranks holding experts 3..7 (checked by the cases above);
     # here: EP groups smaller than the world, and an EP group of one running the same code path
-    for world, name in [(4, "topk/capacity-tight/ep2dp2"), (4, "skewed/alltoall/ep2dp2"), (2, "topk/capacity/ep1dp2"), (2, "topk/alltoall/ep1dp2")]:
+    for world, name in [
+        (4, "topk/capacity-tight/ep2dp2"),
+        (4, "skewed/alltoall/ep2dp2"),
+        (2, "topk/capacity/ep1dp2"),
+        (2, "topk/alltoall/ep1dp2"),
+    ]:
         r = _check(results[world], name)
         assert r["dispatcher"] in ("CapacityDispatcher", "AllToAllDispatcher")
     received = [res["skewed/alltoall/ep4"]["rows_received"] for res in results[4]]
@@ -96,7 +111,10 @@ def test_zero_token_ranks_and_mixed_layouts(results):
 
 
 def test_unavailable_transport_names_the_available_ones():
-    with pytest.raises(ConfigError, match="parallel.dispatcher=symm_mem is unavailable: it needs CUDA.*available here: alltoall, capacity"):
+    with pytest.raises(
+        ConfigError,
+        match="parallel.dispatcher=symm_mem is unavailable: it needs CUDA.*available here: alltoall, capacity",
+    ):
         check_options(DispatchOptions(name="symm_mem"), "cpu")
     assert symm_mem_unavailable("cpu")
     with pytest.raises(ConfigError, match="unknown; choose one of: auto, local, alltoall, capacity, symm_mem"):

@@ -7,6 +7,7 @@ LM training steps with gradient accumulation and active clipping; uneven loads w
 ranks that receive zero rows, experts with zero tokens and dropped pairs; the chunked
 overlap path; resume with a different EP size. Gates missing from the registry skip.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,14 @@ def _layer_cases(world: int) -> list[tuple]:
     cases = [(f"{g}/ep{ep}", ep, g, 1, False, "grouped") for ep in eps for g in GATE_NAMES]
     cases += [(f"skewed/ep{ep}", ep, "skewed", 1, False, "grouped") for ep in eps]
     if world == 2:
-        cases += [("topk/ep2/overlap", 2, "topk", 3, True, "grouped"), ("skewed/ep2/overlap", 2, "skewed", 4, True, "grouped")]
-        cases += [("skewed/ep2/fused_permute", 2, "skewed", 1, False, "fused"), ("topk/ep2/expert_biases", 2, "topk", 1, False, "bias")]
+        cases += [
+            ("topk/ep2/overlap", 2, "topk", 3, True, "grouped"),
+            ("skewed/ep2/overlap", 2, "skewed", 4, True, "grouped"),
+        ]
+        cases += [
+            ("skewed/ep2/fused_permute", 2, "skewed", 1, False, "fused"),
+            ("topk/ep2/expert_biases", 2, "topk", 1, False, "bias"),
+        ]
     return cases
 
 
@@ -42,7 +49,10 @@ def _train_cases(world: int) -> list[tuple]:
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory, worker_id):
     def compute(tmp):
-        return {"layer": W.spawn("layer_cases", 2, _mk(tmp, "l"), _layer_cases(2)), "train": W.spawn("train_cases", 2, _mk(tmp, "t"), _train_cases(2))}
+        return {
+            "layer": W.spawn("layer_cases", 2, _mk(tmp, "l"), _layer_cases(2)),
+            "train": W.spawn("train_cases", 2, _mk(tmp, "t"), _train_cases(2)),
+        }
 
     return once(tmp_path_factory, worker_id, "ep_world2", compute)
 
@@ -156,7 +166,11 @@ def test_training_steps_ep4_and_ep2_dp2(world4, gate):
 def test_resume_with_different_ep_size(world4):
     for rank, r in enumerate(world4["resume"]):
         assert r["saved_keys_match"], rank
-        assert r["saved_vs_ref"] < TOL, (rank, "gathered checkpoint differs from the single-process state", r["saved_vs_ref"])
+        assert r["saved_vs_ref"] < TOL, (
+            rank,
+            "gathered checkpoint differs from the single-process state",
+            r["saved_vs_ref"],
+        )
         assert r["next_loss"] < TOL, (rank, "next-step loss after resharding", r["next_loss"])
         bad = {k: v for k, v in r["params_after"].items() if not v < TOL}
         assert not bad, (rank, "params after the resumed step differ", bad)

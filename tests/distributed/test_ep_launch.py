@@ -1,4 +1,5 @@
 """Expert parallelism from the command line: layout errors, torchrun training, resume, bench smoke."""
+
 from __future__ import annotations
 
 import json
@@ -13,12 +14,23 @@ from helpers.timeouts import limit
 from moeflow.moe.errors import ConfigError
 from moeflow.parallel.layout import check_layout
 
-SMALL = ["data.max_bytes=200000", "data.batch_size=2", "data.seq_len=32", "trainer.progress=false", "trainer.eval_batches=1"]
+SMALL = [
+    "data.max_bytes=200000",
+    "data.batch_size=2",
+    "data.seq_len=32",
+    "trainer.progress=false",
+    "trainer.eval_batches=1",
+]
 
 
 @pytest.mark.parametrize(
     "ep, experts, world, fix",
-    [(3, 8, 6, "divides the number of experts"), (4, 8, 6, "divides the world size"), (2, 8, 1, "torchrun --nproc-per-node 2"), (0, 8, 2, "parallel.ep=1")],
+    [
+        (3, 8, 6, "divides the number of experts"),
+        (4, 8, 6, "divides the world size"),
+        (2, 8, 1, "torchrun --nproc-per-node 2"),
+        (0, 8, 2, "parallel.ep=1"),
+    ],
 )
 def test_impossible_layout_is_one_line_config_error(ep, experts, world, fix):
     with pytest.raises(ConfigError) as e:
@@ -42,11 +54,31 @@ def test_a_config_error_under_raw_torchrun_is_said_once(tmp_path):
     """Every rank checks the same config; rank 0 says it. A quiet rank that exited first used to have
     torchrun stop rank 0 before it printed: the error was said by nobody."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "train",
-                        "parallel.ep=2", "model.num_experts=3", f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=limit(120))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            "parallel.ep=2",
+            "model.num_experts=3",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=limit(120),
+    )
     assert p.returncode != 0
     said = [ln for ln in p.stderr.splitlines() if ln.startswith("moeflow train: error")]
-    assert said == ["moeflow train: error: parallel.ep=2 does not divide model.num_experts=3; pick an ep that divides the number of experts"], p.stderr[-2000:]
+    assert said == [
+        "moeflow train: error: parallel.ep=2 does not divide model.num_experts=3; pick an ep that divides the number of experts"
+    ], p.stderr[-2000:]
 
 
 def test_torchrun_ranks_agree_on_run_dir(monkeypatch, capsys):
@@ -74,17 +106,42 @@ REPO = Path(__file__).resolve().parents[2]
 
 def moeflow_warnings(stderr: str) -> list[str]:
     """Warning lines whose source is a moeflow module ("<path>:<line>: SomeWarning: ...")."""
-    return [line for line in stderr.splitlines() if "Warning:" in line and line.startswith(str(REPO)) and "/tests/" not in line]
+    return [
+        line
+        for line in stderr.splitlines()
+        if "Warning:" in line and line.startswith(str(REPO)) and "/tests/" not in line
+    ]
 
 
 @pytest.mark.multiprocess
 def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
     run = tmp_path / "run"
-    first = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "train",
-          "parallel.ep=2", "trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=2", "trainer.ckpt_every=2", *SMALL, f"hydra.run.dir={run}"], tmp_path)
+    first = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            "parallel.ep=2",
+            "trainer.steps=4",
+            "trainer.log_every=2",
+            "trainer.eval_every=2",
+            "trainer.ckpt_every=2",
+            *SMALL,
+            f"hydra.run.dir={run}",
+        ],
+        tmp_path,
+    )
     log = (run / "train.log").read_text()
     assert "world 2" in log and "step 4: train loss" in log and "saved checkpoint" in log
-    assert not moeflow_warnings(first.stderr), moeflow_warnings(first.stderr)  # e.g. the deprecated torch.distributed.nn all_reduce
+    assert not moeflow_warnings(first.stderr), moeflow_warnings(
+        first.stderr
+    )  # e.g. the deprecated torch.distributed.nn all_reduce
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(line) for line in (run / "routing_stats.jsonl").read_text().splitlines()]
     assert {r["step"] for r in rows} == {2, 4}
@@ -96,22 +153,82 @@ def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
 
     # the gathered checkpoint resumes in one process (a different EP size), full expert shapes
     run2 = tmp_path / "run2"
-    _run([sys.executable, "-m", "moeflow.launch.cli", "train", f"resume={run}", "trainer.steps=5", "trainer.eval_every=0", *SMALL, f"hydra.run.dir={run2}"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            f"resume={run}",
+            "trainer.steps=5",
+            "trainer.eval_every=0",
+            *SMALL,
+            f"hydra.run.dir={run2}",
+        ],
+        tmp_path,
+    )
     log2 = (run2 / "train.log").read_text()
     assert "resumed from" in log2 and "step_00000004" in log2 and '"step": 5' in log2
 
     # and the single-process checkpoint resumes under EP=2 again (resharded on load)
     run3 = tmp_path / "run3"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "train",
-          "parallel.ep=2", f"resume={run2}", "trainer.steps=6", "trainer.eval_every=0", *SMALL, f"hydra.run.dir={run3}"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            "parallel.ep=2",
+            f"resume={run2}",
+            "trainer.steps=6",
+            "trainer.eval_every=0",
+            *SMALL,
+            f"hydra.run.dir={run3}",
+        ],
+        tmp_path,
+    )
     log3 = (run3 / "train.log").read_text()
     assert "resumed from" in log3 and "step_00000005" in log3 and '"step": 6' in log3
 
 
 @pytest.mark.multiprocess
 def test_bench_ep_smoke_on_gloo(tmp_path):
-    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeflow.launch.cli", "bench", "ep",
-                 "--d-model", "32", "--d-ff", "48", "--experts", "8", "--top-k", "2", "--tokens", "256", "--warmup", "1", "--iters", "2", "--json", str(tmp_path / "ep.json")], tmp_path)
+    proc = _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "moeflow.launch.cli",
+            "bench",
+            "ep",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "48",
+            "--experts",
+            "8",
+            "--top-k",
+            "2",
+            "--tokens",
+            "256",
+            "--warmup",
+            "1",
+            "--iters",
+            "2",
+            "--json",
+            str(tmp_path / "ep.json"),
+        ],
+        tmp_path,
+    )
     result = json.loads((tmp_path / "ep.json").read_text())
     assert result["ep"] == 2 and result["step_ms_ep"] > 0 and result["step_ms_single"] > 0
     assert 0 < result["weak_scaling_efficiency"] and result["exchange_bytes_per_step"] > 0

@@ -6,6 +6,7 @@ batch its losses, every gradient, the clipping norm and the weights after AdamW 
 single-process run's (float32 tolerance). Also: bytes per rank fall as 1/N with dp_shard = N,
 activation checkpointing changes nothing, and impossible meshes fail in one line.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -32,7 +33,9 @@ def assert_equal_to_single_process(results: dict) -> None:
         assert r["grad"] < 1e-4 and r["weights"] < 1e-4, (gate, r)
 
 
-@pytest.mark.parametrize("world, dims", MESHES, ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) if isinstance(v, dict) else f"w{v}")
+@pytest.mark.parametrize(
+    "world, dims", MESHES, ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) if isinstance(v, dict) else f"w{v}"
+)
 def test_every_gate_trains_like_one_process(tmp_path, world, dims):
     results = W.spawn("helpers.fsdp_workers:equivalence_all", world, tmp_path, dims, sorted(GATES), 2, "none")
     for rank_result in results:
@@ -44,30 +47,55 @@ def test_activation_checkpointing_changes_nothing(tmp_path, mode):
     """Under FSDP2 + EP (both expert layouts: 2 ranks have no expert FSDP, 4 have), with the DeepSeek
     gate whose bias update is a side effect the recomputation must not repeat."""
     for world, dims in ((2, {"dp_shard": 2, "ep": 2}), (4, {"dp_replicate": 2, "dp_shard": 2, "ep": 2})):
-        results = W.spawn("helpers.fsdp_workers:equivalence_all", world, tmp_path / f"w{world}", dims, ["deepseek_v3", "topk"], 2, mode)
+        results = W.spawn(
+            "helpers.fsdp_workers:equivalence_all",
+            world,
+            tmp_path / f"w{world}",
+            dims,
+            ["deepseek_v3", "topk"],
+            2,
+            mode,
+        )
         assert_equal_to_single_process(results[0])
 
 
 def test_per_rank_state_falls_as_one_over_dp_shard(tmp_path):
     """Parameters + gradients + AdamW moments held per rank, from the live local tensors."""
-    preset = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=64, num_experts=8, top_k=2, max_seq_len=16, gate={"name": "topk"})
+    preset = dict(
+        vocab_size=256,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        num_experts=8,
+        top_k=2,
+        max_seq_len=16,
+        gate={"name": "topk"},
+    )
     per_rank = {}
     for n in (1, 2, 4):
         results = W.spawn("helpers.fsdp_workers:state_bytes", n, tmp_path / f"n{n}", {"dp_shard": n}, preset)
         per_rank[n] = max(r["params"] + r["grads"] + r["optimizer"] for r in results)
         total = results[0]["total_params"] * 4 * 4  # fp32 params, grads and two moments
-        assert sum(r["params"] + r["grads"] + r["optimizer"] for r in results) == pytest.approx(total, rel=0.02)  # nothing replicated
-    assert per_rank[2] == pytest.approx(per_rank[1] / 2, rel=0.05) and per_rank[4] == pytest.approx(per_rank[1] / 4, rel=0.05), per_rank
+        assert sum(r["params"] + r["grads"] + r["optimizer"] for r in results) == pytest.approx(
+            total, rel=0.02
+        )  # nothing replicated
+    assert per_rank[2] == pytest.approx(per_rank[1] / 2, rel=0.05) and per_rank[4] == pytest.approx(
+        per_rank[1] / 4, rel=0.05
+    ), per_rank
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(world=4, dp_shard=3), ["dp_shard=3", "= 3 ranks", "world has 4"]),
-    (dict(world=4, dp_replicate=3), ["dp_replicate=3", "does not divide the world size 4"]),
-    (dict(world=4, ep=3), ["parallel.ep=3 does not divide dp_shard x tp = 4"]),
-    (dict(world=1, ep=2), ["torchrun --nproc-per-node 2"]),
-    (dict(world=2, cp=2), ["context parallelism is reserved"]),
-    (dict(world=2, dp_shard=0), ["dp_shard must be a positive integer or -1"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(world=4, dp_shard=3), ["dp_shard=3", "= 3 ranks", "world has 4"]),
+        (dict(world=4, dp_replicate=3), ["dp_replicate=3", "does not divide the world size 4"]),
+        (dict(world=4, ep=3), ["parallel.ep=3 does not divide dp_shard x tp = 4"]),
+        (dict(world=1, ep=2), ["torchrun --nproc-per-node 2"]),
+        (dict(world=2, cp=2), ["context parallelism is reserved"]),
+        (dict(world=2, dp_shard=0), ["dp_shard must be a positive integer or -1"]),
+    ],
+)
 def test_impossible_meshes_are_one_line_errors(kwargs, words):
     with pytest.raises(ConfigError) as e:
         ParallelDims(**kwargs)

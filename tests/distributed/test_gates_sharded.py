@@ -4,6 +4,7 @@ Two gloo ranks each route half of the tokens with `gate.token_group` set; their
 assignments (shifted to global token ids), aux losses and statistics must equal the
 single-process routing of the whole batch.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -20,7 +21,11 @@ from moeflow.moe.gates.base import SequenceShape
 
 D, E, T = 16, 8, 96
 CASES = {
-    "topk-capacity-score": ("topk", 2, {"dropless": False, "capacity_factor": 1.0, "z_loss_coef": 1e-3, "seq_aux_loss_coef": 1e-2}),
+    "topk-capacity-score": (
+        "topk",
+        2,
+        {"dropless": False, "capacity_factor": 1.0, "z_loss_coef": 1e-3, "seq_aux_loss_coef": 1e-2},
+    ),
     "topk-capacity-position": ("topk", 2, {"dropless": False, "capacity_factor": 0.75, "drop_policy": "position"}),
     "topk-bias": ("topk", 2, {"score_func": "sigmoid", "bias_update_rate": 0.01}),
     "expert_choice": ("expert_choice", 2, {}),
@@ -56,14 +61,20 @@ def summary(out, offset, gate):
 def _worker(rank, world, out_dir):
     torch.set_num_threads(1)
     # file rendezvous: no TCP port to race for with other jobs on the machine
-    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{out_dir}/rendezvous",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         results = {}
         for case in CASES:
             gate, x = make(case)
             gate.token_group = dist.group.WORLD
             n = T // world
-            results[case] = summary(gate(x[rank * n:(rank + 1) * n]), rank * n, gate)
+            results[case] = summary(gate(x[rank * n : (rank + 1) * n]), rank * n, gate)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # leave together: tearing gloo down while a peer still talks aborts the process
     finally:
@@ -87,4 +98,6 @@ def test_sharded_batch_routes_like_the_global_batch(tmp_path):
             if key in ("token", "expert", "weight"):
                 continue
             for p in parts:  # reduced values are the same on every rank
-                torch.testing.assert_close(p[key].float(), want.float(), rtol=1e-5, atol=1e-6, msg=f"{case}: {key} differs")
+                torch.testing.assert_close(
+                    p[key].float(), want.float(), rtol=1e-5, atol=1e-6, msg=f"{case}: {key} differs"
+                )

@@ -7,6 +7,7 @@ conversion round trips against a real megatron-core GPTModel's state_dict.
 GPU (`gpu` marker, run through the device tool): megatron-core's attention and GPTModel
 forward need CUDA, so the block/model equivalence and `moeflow train engine=megatron` run there.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,7 +35,9 @@ def parallel_state():
 
     own = not dist.is_initialized()
     if own:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
     ps.initialize_model_parallel(1, 1, expert_model_parallel_size=1)
@@ -49,7 +52,9 @@ def parallel_state():
 
 
 def tiny(**kw) -> ModelConfig:
-    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, d_ff=24, num_experts=4, top_k=2, moe_every=1)
+    base = dict(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, d_ff=24, num_experts=4, top_k=2, moe_every=1
+    )
     return ModelConfig(**{**base, **kw})
 
 
@@ -84,7 +89,19 @@ def test_checkpoint_round_trip(case, layout):
     for k in state:
         assert torch.equal(back[k], state[k]), k
     inferred = mck.infer_model_config(meg, n_heads=mc.n_heads, top_k=mc.top_k)
-    for f in ("vocab_size", "d_model", "n_layers", "d_ff", "num_experts", "moe_every", "activation", "tie_embeddings", "shared_experts", "kv_heads", "head_size"):
+    for f in (
+        "vocab_size",
+        "d_model",
+        "n_layers",
+        "d_ff",
+        "num_experts",
+        "moe_every",
+        "activation",
+        "tie_embeddings",
+        "shared_experts",
+        "kv_heads",
+        "head_size",
+    ):
         assert getattr(inferred, f) == getattr(mc, f), f
 
 
@@ -116,7 +133,9 @@ def test_megatron_sequential_experts_compute_like_moeflow(parallel_state):
     model.load_state_dict(mck.to_megatron(state, mc, layout="sequential"), strict=False)
     theirs = model.decoder.layers[0].mlp.experts
     ours = build_moe_layer(mc).experts
-    ours.load_state_dict({k.split("ffn.experts.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.experts.")})
+    ours.load_state_dict(
+        {k.split("ffn.experts.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.experts.")}
+    )
     counts_E = torch.tensor([5, 0, 3, 8])
     x_AD = torch.randn(int(counts_E.sum()), mc.d_model)
     y_theirs, _ = theirs(x_AD, counts_E, torch.ones(x_AD.shape[0]))
@@ -162,7 +181,13 @@ def test_moeflow_moe_inside_megatron_model(parallel_state):
 EP_GATES = {
     "topk": {"name": "topk", "aux_loss_coef": 0.1},
     # capacity dropping: the capacity and which pairs drop depend on the global token count
-    "capacity": {"name": "topk", "aux_loss_coef": 0.1, "dropless": False, "capacity_factor": 1.0, "drop_policy": "position"},
+    "capacity": {
+        "name": "topk",
+        "aux_loss_coef": 0.1,
+        "dropless": False,
+        "capacity_factor": 1.0,
+        "drop_policy": "position",
+    },
 }
 EP_SYNCS = ("moeflow", "megatron")  # gradient sync: moeflow's ExpertDataParallel / megatron-core's DDP
 EP_TOL = 1e-6  # float64 layer; the gate's router probabilities are float32 by design
@@ -172,7 +197,9 @@ def _slot_spawn(tmp_path_factory, world: int, ep: int, tp: int = 1) -> list[dict
     from helpers import ep_workers as W
 
     cases = [(f"{g}/{s}", ep, EP_GATES[g], s, tp) for g in EP_GATES for s in EP_SYNCS]
-    return W.spawn("helpers.megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_tp{tp}_ep{ep}_w{world}"), cases)
+    return W.spawn(
+        "helpers.megatron_workers:slot_cases", world, tmp_path_factory.mktemp(f"mcore_tp{tp}_ep{ep}_w{world}"), cases
+    )
 
 
 def _assert_slot_equals_one_process(rank: int, r: dict, gate: str, sync: str) -> None:
@@ -180,7 +207,9 @@ def _assert_slot_equals_one_process(rank: int, r: dict, gate: str, sync: str) ->
     assert r["out"] < EP_TOL and r["x_grad"] < EP_TOL and r["aux"] < EP_TOL, (rank, r)
     bad = {k: v for k, v in r["grads"].items() if not v < EP_TOL}
     assert not bad, (rank, "grads differ", bad)
-    assert sync != "moeflow" or r["norm"] < EP_TOL, "data_parallel's clip norm: expert/F shards summed over EP/TP, the gate once"
+    assert sync != "moeflow" or r["norm"] < EP_TOL, (
+        "data_parallel's clip norm: expert/F shards summed over EP/TP, the gate once"
+    )
     assert r["gathered"] == 0.0, "full_model_state must gather the shards back to the full weights"
     if gate == "capacity":
         assert r["dropped"] > 0, "the capacity case should drop pairs"
@@ -191,16 +220,28 @@ def _assert_slot_equals_one_process(rank: int, r: dict, gate: str, sync: str) ->
 @pytest.fixture(scope="module")
 def ep_runs(tmp_path_factory, worker_id):
     """EP=2 on 2 processes and EP=2 x expert-DP=2 on 4 processes (about 20 s together; once per session)."""
-    return once(tmp_path_factory, worker_id, "megatron_ep_runs", lambda _: {"ep2": _slot_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _slot_spawn(tmp_path_factory, 4, 2)})
+    return once(
+        tmp_path_factory,
+        worker_id,
+        "megatron_ep_runs",
+        lambda _: {"ep2": _slot_spawn(tmp_path_factory, 2, 2), "ep2_dp2": _slot_spawn(tmp_path_factory, 4, 2)},
+    )
 
 
 def slot_test(*layouts: str):
     """A multiprocess MoE-slot test over `layouts` x EP_GATES x EP_SYNCS (one spawn per layout, shared)."""
+
     def mark(fn):
-        for m in (pytest.mark.parametrize("sync", EP_SYNCS), pytest.mark.parametrize("gate", EP_GATES),
-                  pytest.mark.parametrize("layout", layouts), pytest.mark.xdist_group("megatron_ep"), pytest.mark.multiprocess):
+        for m in (
+            pytest.mark.parametrize("sync", EP_SYNCS),
+            pytest.mark.parametrize("gate", EP_GATES),
+            pytest.mark.parametrize("layout", layouts),
+            pytest.mark.xdist_group("megatron_ep"),
+            pytest.mark.multiprocess,
+        ):
             fn = m(fn)
         return fn
+
     return mark
 
 
@@ -232,13 +273,29 @@ def test_megatron_ddp_puts_moeflow_experts_in_its_expert_buffers(ep_runs):
 
 # ---- tensor parallelism of the MoE slot through parallel_state (gloo, 2 and 4 processes) -----
 
+
 @pytest.fixture(scope="module")
 def tp_runs(tmp_path_factory, worker_id):
     """TP=2 on 2 processes and TP=2 x EP=2 on 4 (data-parallel 2; about 35 s together; once per session)."""
-    return once(tmp_path_factory, worker_id, "megatron_tp_runs", lambda _: {"tp2": _slot_spawn(tmp_path_factory, 2, 1, tp=2), "tp2_ep2": _slot_spawn(tmp_path_factory, 4, 2, tp=2)})
+    return once(
+        tmp_path_factory,
+        worker_id,
+        "megatron_tp_runs",
+        lambda _: {
+            "tp2": _slot_spawn(tmp_path_factory, 2, 1, tp=2),
+            "tp2_ep2": _slot_spawn(tmp_path_factory, 4, 2, tp=2),
+        },
+    )
 
 
-TP_SHARDED = ["experts.w1_EDF", "experts.w2_EFD", "experts.w3_EDF", "shared_expert.w1.weight", "shared_expert.w2.weight", "shared_expert.w3.weight"]
+TP_SHARDED = [
+    "experts.w1_EDF",
+    "experts.w2_EFD",
+    "experts.w3_EDF",
+    "shared_expert.w1.weight",
+    "shared_expert.w2.weight",
+    "shared_expert.w3.weight",
+]
 
 
 @slot_test("tp2", "tp2_ep2")
@@ -254,8 +311,16 @@ def test_tensor_parallel_moe_slot_equals_one_process(tp_runs, layout, gate, sync
         assert (r["tp_group_size"], r["ep_group_size"], r["dp_group_size"]) == (2, ep, world // 2), r
         _assert_slot_equals_one_process(rank, r, gate, sync)
         lo = (rank % 2) * 12  # TP rank = rank % 2 (megatron's tp-first order); model.d_ff=24, shared 48
-        assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (1, 24, lo, lo + 12)
-        assert r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24) and r["tp_shards"]["gate.proj.weight"] is None
+        assert r["tp_shards"]["experts.w1_EDF"] == (2, 24, lo, lo + 12) and r["tp_shards"]["experts.w2_EFD"] == (
+            1,
+            24,
+            lo,
+            lo + 12,
+        )
+        assert (
+            r["tp_shards"]["shared_expert.w2.weight"] == (1, 48, 2 * lo, 2 * lo + 24)
+            and r["tp_shards"]["gate.proj.weight"] is None
+        )
         assert r["tp_attrs"] == TP_SHARDED, "megatron's tensor_model_parallel marker on exactly the F-sharded params"
         if ep == 2:
             assert r["shards"]["experts.w1_EDF"][1] == 2 * r["ep_rank"]
@@ -271,10 +336,20 @@ def test_shard_hidden_dim_keeps_this_ranks_hidden_units(activation):
     assert layer.experts.fuses_permute  # the fused kernels weight rows by the gate before a TP reduce could run
     sharded = shard_hidden_dim(layer, 1, 2)
     params = dict(layer.named_parameters())
-    assert sorted(n for n, p in params.items() if any(p is q for q in sharded)) == sorted(n for n in params if "experts" in n or "shared_expert" in n)
-    assert params["experts.w1_EDF"].shape == (4, 32, 12) and params["experts.w2_EFD"].shape == (4, 12, 32) and layer.experts.d_ff == 12
-    assert torch.equal(params["experts.w1_EDF"], full["experts.w1_EDF"][:, :, 12:]) and torch.equal(params["experts.w2_EFD"], full["experts.w2_EFD"][:, 12:])
-    assert torch.equal(params["shared_expert.w1.weight"], full["shared_expert.w1.weight"][24:]) and tp_shard(params["shared_expert.w2.weight"]) == (1, 48, 24, 48)
+    assert sorted(n for n, p in params.items() if any(p is q for q in sharded)) == sorted(
+        n for n in params if "experts" in n or "shared_expert" in n
+    )
+    assert (
+        params["experts.w1_EDF"].shape == (4, 32, 12)
+        and params["experts.w2_EFD"].shape == (4, 12, 32)
+        and layer.experts.d_ff == 12
+    )
+    assert torch.equal(params["experts.w1_EDF"], full["experts.w1_EDF"][:, :, 12:]) and torch.equal(
+        params["experts.w2_EFD"], full["experts.w2_EFD"][:, 12:]
+    )
+    assert torch.equal(params["shared_expert.w1.weight"], full["shared_expert.w1.weight"][24:]) and tp_shard(
+        params["shared_expert.w2.weight"]
+    ) == (1, 48, 24, 48)
     assert all(torch.equal(local_slice(full[n], p), p) for n, p in params.items())
     assert tp_shard(params["gate.proj.weight"]) is None and not layer.experts.fuses_permute
 
@@ -327,7 +402,16 @@ def engine_run_tp(tmp_path_factory):
     from helpers import ep_workers as W
 
     run_dir = tmp_path_factory.mktemp("mcore_engine_tp2_w2")
-    return W.spawn("helpers.megatron_workers:engine_step", 2, run_dir, 1, str(run_dir / "run"), "engine.tensor_parallel=2", "model.moe_every=2", "model.shared_experts=1")
+    return W.spawn(
+        "helpers.megatron_workers:engine_step",
+        2,
+        run_dir,
+        1,
+        str(run_dir / "run"),
+        "engine.tensor_parallel=2",
+        "model.moe_every=2",
+        "model.shared_experts=1",
+    )
 
 
 @pytest.mark.multiprocess
@@ -341,8 +425,14 @@ def test_megatron_engine_applies_tensor_parallelism(engine_run_tp):
         assert (r["tp_size"], r["ep_size"], r["data_parallel_rank"]) == (2, 1, (0, 1)), r
         assert r["wrapper"] == "ExpertDataParallel" and r["wrapped_model"]
         sliced = r["tp_sliced"]
-        for part in ("self_attention.linear_qkv.weight", "self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.moe.experts.w2_EFD",
-                     "mlp.moe.shared_expert", "embedding.word_embeddings.weight"):
+        for part in (
+            "self_attention.linear_qkv.weight",
+            "self_attention.linear_proj.weight",
+            "mlp.linear_fc1.weight",
+            "mlp.moe.experts.w2_EFD",
+            "mlp.moe.shared_expert",
+            "embedding.word_embeddings.weight",
+        ):
             assert any(part in n for n in sliced), (part, sliced)
         assert not any("router" in n or "gate" in n or "norm" in n for n in sliced), sliced
         assert r["dense_mlp"] < 1e-5, "megatron's TP dense MLP on the loaded slices must compute moeflow's MLP"
@@ -387,7 +477,9 @@ def test_megatron_router_routes_like_the_moeflow_gate(parallel_state, monkeypatc
     assert not unexpected and all(k.endswith("_extra_state") for k in missing)
     router = model.decoder.layers[0].mlp.router.eval()
     gate = build_moe_layer(mc).gate.eval()
-    gate.load_state_dict({k.split("blocks.0.ffn.gate.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.gate.")})
+    gate.load_state_dict(
+        {k.split("blocks.0.ffn.gate.")[1]: v for k, v in state.items() if k.startswith("blocks.0.ffn.gate.")}
+    )
 
     x_SBD = torch.randn(8, 4, mc.d_model, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -400,20 +492,30 @@ def test_megatron_router_routes_like_the_moeflow_gate(parallel_state, monkeypatc
     if not mc.gate.get("dropless", True):
         assert map_TE.sum() < x_SBD.shape[0] * x_SBD.shape[1] * mc.top_k, "the capacity case should drop pairs"
     if "bias_update_rate" in opts:
-        assert torch.equal(mck.from_megatron(model.state_dict(), mc)["blocks.0.ffn.gate.expert_bias_E"], state["blocks.0.ffn.gate.expert_bias_E"])
+        assert torch.equal(
+            mck.from_megatron(model.state_dict(), mc)["blocks.0.ffn.gate.expert_bias_E"],
+            state["blocks.0.ffn.gate.expert_bias_E"],
+        )
 
 
-@pytest.mark.parametrize("options, top_k, names", [
-    ({"noise_std": 0.1}, 2, "gate.noise_std"),
-    ({"score_func": "sigmoid", "renormalize": False}, 2, "gate.renormalize=False with gate.score_func=sigmoid"),
-    ({"score_func": "sigmoid"}, 1, "gate.renormalize=True with gate.score_func=sigmoid and top_k=1"),
-    ({}, 1, "gate.renormalize=true (or topk_before_softmax) with top_k=1"),
-    ({"bias_update_rate": 0.001}, 2, "gate.bias_update_rate with gate.score_func=softmax"),
-    ({"n_groups": 2, "topk_groups": 2, "topk_before_softmax": True}, 2, "gate.n_groups/topk_groups"),
-    ({"n_groups": 2, "topk_groups": 1}, 2, "gate.n_groups with softmax scores and gate.renormalize=true"),
-    ({"dropless": False, "capacity_factor": 1.0, "renormalize": False, "drop_policy": "position"}, 2, "gate.drop_policy=position"),
-    ({"dropless": False, "capacity_factor": 1.0}, 2, "gate.capacity_factor with renormalised weights"),
-])
+@pytest.mark.parametrize(
+    "options, top_k, names",
+    [
+        ({"noise_std": 0.1}, 2, "gate.noise_std"),
+        ({"score_func": "sigmoid", "renormalize": False}, 2, "gate.renormalize=False with gate.score_func=sigmoid"),
+        ({"score_func": "sigmoid"}, 1, "gate.renormalize=True with gate.score_func=sigmoid and top_k=1"),
+        ({}, 1, "gate.renormalize=true (or topk_before_softmax) with top_k=1"),
+        ({"bias_update_rate": 0.001}, 2, "gate.bias_update_rate with gate.score_func=softmax"),
+        ({"n_groups": 2, "topk_groups": 2, "topk_before_softmax": True}, 2, "gate.n_groups/topk_groups"),
+        ({"n_groups": 2, "topk_groups": 1}, 2, "gate.n_groups with softmax scores and gate.renormalize=true"),
+        (
+            {"dropless": False, "capacity_factor": 1.0, "renormalize": False, "drop_policy": "position"},
+            2,
+            "gate.drop_policy=position",
+        ),
+        ({"dropless": False, "capacity_factor": 1.0}, 2, "gate.capacity_factor with renormalised weights"),
+    ],
+)
 def test_export_refuses_router_options_megatron_cannot_reproduce(options, top_k, names):
     mc = tiny(top_k=top_k, gate={"name": "topk", **options})
     with pytest.raises(mck.ConversionError, match=re.escape(names)):
@@ -422,9 +524,26 @@ def test_export_refuses_router_options_megatron_cannot_reproduce(options, top_k,
 
 
 def test_router_config_maps_losses_and_options():
-    cfg = mck.router_config(tiny(gate={"name": "topk", "aux_loss_coef": 0.02, "seq_aux_loss_coef": 0.001, "z_loss_coef": 0.001, "jitter_eps": 0.01}))
-    assert cfg["moe_router_load_balancing_type"] == ["aux_loss", "seq_aux_loss"] and cfg["moe_aux_loss_coeff"] == [0.02, 0.001]
-    assert cfg["moe_z_loss_coeff"] == 0.001 and cfg["moe_input_jitter_eps"] == 0.01 and cfg["moe_router_pre_softmax"] is False
+    cfg = mck.router_config(
+        tiny(
+            gate={
+                "name": "topk",
+                "aux_loss_coef": 0.02,
+                "seq_aux_loss_coef": 0.001,
+                "z_loss_coef": 0.001,
+                "jitter_eps": 0.01,
+            }
+        )
+    )
+    assert cfg["moe_router_load_balancing_type"] == ["aux_loss", "seq_aux_loss"] and cfg["moe_aux_loss_coeff"] == [
+        0.02,
+        0.001,
+    ]
+    assert (
+        cfg["moe_z_loss_coeff"] == 0.001
+        and cfg["moe_input_jitter_eps"] == 0.01
+        and cfg["moe_router_pre_softmax"] is False
+    )
     default = mck.router_config(tiny())  # TopKGate's own defaults, not 0
     assert (default["moe_router_load_balancing_type"], default["moe_aux_loss_coeff"]) == ("aux_loss", 0.01)
 
@@ -464,15 +583,24 @@ def test_engine_megatron_accepts_tensor_parallel_with_expert_parallel(monkeypatc
     assert mc.num_experts == 8
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
-    (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
-    (("engine.tensor_parallel=3",), "engine.tensor_parallel=3 x parallel.ep=1 does not divide the world size 4"),
-    (("engine.tensor_parallel=4", "model.n_heads=2"), "engine.tensor_parallel=4 does not divide model.n_heads=2"),
-    (("engine.tensor_parallel=2", "model.d_ff=25"), "engine.tensor_parallel=2 does not divide model.d_ff=25"),
-    (("engine.tensor_parallel=2", "parallel.ep=4", "model.num_experts=8"), "engine.tensor_parallel=2 x parallel.ep=4 does not divide the world size 4"),
-    (("parallel.ep=2", "parallel.overlap_chunks=2"), "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
+        (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
+        (("engine.tensor_parallel=3",), "engine.tensor_parallel=3 x parallel.ep=1 does not divide the world size 4"),
+        (("engine.tensor_parallel=4", "model.n_heads=2"), "engine.tensor_parallel=4 does not divide model.n_heads=2"),
+        (("engine.tensor_parallel=2", "model.d_ff=25"), "engine.tensor_parallel=2 does not divide model.d_ff=25"),
+        (
+            ("engine.tensor_parallel=2", "parallel.ep=4", "model.num_experts=8"),
+            "engine.tensor_parallel=2 x parallel.ep=4 does not divide the world size 4",
+        ),
+        (
+            ("parallel.ep=2", "parallel.overlap_chunks=2"),
+            "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron",
+        ),
+    ],
+)
 def test_engine_megatron_refuses_impossible_layouts_in_one_line(monkeypatch, overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         _validate_as_if_on_gpu(monkeypatch, 4, *overrides)
@@ -491,7 +619,9 @@ def test_missing_megatron_names_the_extra(monkeypatch):
     from moeflow.launch.engines import check_engine
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("megatron") else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name.startswith("megatron") else real(name, *a)
+    )
     with pytest.raises(ConfigError, match=r"pip install moeflow\[megatron\]"):
         check_engine(compose("engine=megatron"), None, torch.device("cpu"))
 
@@ -503,7 +633,9 @@ def test_convert_cli_round_trip(tmp_path):
     mc = tiny(n_layers=4, moe_every=2, shared_experts=1)
     state = random_state(mc, seed=4)
     src = ckpt.save_checkpoint(tmp_path / "run", 7, state, {"step": 7}, {"model": mc.to_dict(), "config": {}})
-    run = lambda *a: subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "convert", *a], capture_output=True, text=True, timeout=limit(120))  # noqa: E731
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "moeflow.launch.cli", "convert", *a], capture_output=True, text=True, timeout=limit(120)
+    )  # noqa: E731
     p = run("moeflow-to-megatron", str(src), str(tmp_path / "meg"), "--layout", "grouped")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text() == "7"
@@ -519,6 +651,7 @@ def test_convert_cli_round_trip(tmp_path):
 
 
 # ---- GPU: megatron-core attention and GPTModel forward ---------------------------------------
+
 
 def _moeflow_logits(mc, state, tokens):
     ref = Transformer(mc).cuda()
@@ -571,13 +704,30 @@ def test_engine_megatron_trains_like_engine_torch(tmp_path):
     from the same initial weights, and writes moeflow checkpoints that engine=torch resumes."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    common = ["model.n_layers=2", "model.d_model=64", "model.d_ff=64", "model.num_experts=4", "data.max_bytes=200000",
-              "data.batch_size=8", "data.seq_len=64", "trainer.steps=6", "trainer.log_every=1", "trainer.eval_every=0",
-              "trainer.progress=false", "trainer.precision=fp32", "trainer.grad_accum=2", "trainer.ckpt_every=6"]
+    common = [
+        "model.n_layers=2",
+        "model.d_model=64",
+        "model.d_ff=64",
+        "model.num_experts=4",
+        "data.max_bytes=200000",
+        "data.batch_size=8",
+        "data.seq_len=64",
+        "trainer.steps=6",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.progress=false",
+        "trainer.precision=fp32",
+        "trainer.grad_accum=2",
+        "trainer.ckpt_every=6",
+    ]
 
     def run(name, *extra):
-        p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *common, f"hydra.run.dir={tmp_path / name}", *extra],
-                           capture_output=True, text=True, timeout=limit(300))
+        p = subprocess.run(
+            [sys.executable, "-m", "moeflow.launch.cli", "train", *common, f"hydra.run.dir={tmp_path / name}", *extra],
+            capture_output=True,
+            text=True,
+            timeout=limit(300),
+        )
         assert p.returncode == 0, p.stderr[-4000:]
         acc = EventAccumulator(str(tmp_path / name / "tensorboard"))
         acc.Reload()

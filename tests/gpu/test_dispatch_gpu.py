@@ -8,6 +8,7 @@ over an NCCL expert-parallel group of one rank, which runs the same code path as
   sizes per MoE layer forward (the dispatcher counts its own reads, which wait on an event);
 - each transport's first-step loss and gradient norm equal the local dispatcher's (bf16).
 """
+
 import warnings
 from contextlib import contextmanager
 
@@ -25,9 +26,20 @@ from moeflow.launch.engines.torch_engine import TorchEngine  # noqa: E402
 from moeflow.moe.layer import moe_layers  # noqa: E402
 from moeflow.parallel.dispatchers import symm_mem_unavailable  # noqa: E402
 
-SHAPE = ["model.d_model=256", "model.n_layers=2", "model.n_heads=4", "model.d_ff=512", "model.num_experts=8", "model.top_k=2",
-         "model.max_seq_len=256", "data.seq_len=256", "data.batch_size=8", "experts.impl=triton", "trainer.progress=false",
-         "parallel.capacity_factor=4.0"]  # room for every pair: capacity equals dropless here
+SHAPE = [
+    "model.d_model=256",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.d_ff=512",
+    "model.num_experts=8",
+    "model.top_k=2",
+    "model.max_seq_len=256",
+    "data.seq_len=256",
+    "data.batch_size=8",
+    "experts.impl=triton",
+    "trainer.progress=false",
+    "parallel.capacity_factor=4.0",
+]  # room for every pair: capacity equals dropless here
 
 
 @contextmanager
@@ -76,7 +88,12 @@ def test_training_step_host_syncs(tmp_path, transport, local_first_step):
     # without a mesh): the loss agrees to 1e-3 here, the gradient norm to a few percent (2.6%
     # measured on an H200); fp32 equality of the same code paths is
     # tests/integration/test_combine_kernel_training.py's
-    assert abs(loss.item() - ref_loss) < 2e-2 and abs(norm.item() - ref_norm) / ref_norm < 5e-2, (loss.item(), ref_loss, norm.item(), ref_norm)
+    assert abs(loss.item() - ref_loss) < 2e-2 and abs(norm.item() - ref_norm) / ref_norm < 5e-2, (
+        loss.item(),
+        ref_loss,
+        norm.item(),
+        ref_norm,
+    )
     reads = sum(layer.dispatcher.host_syncs for layer in layers)
     if transport in ("capacity", "symm_mem"):
         with sync_debug("error"):
@@ -86,9 +103,13 @@ def test_training_step_host_syncs(tmp_path, transport, local_first_step):
         with warnings.catch_warnings(record=True) as seen, sync_debug("warn"):
             warnings.simplefilter("always")
             _step(engine, x, y)
-        reported = [str(w.message) for w in seen if "called a synchronizing CUDA operation" in str(w.message)]  # not its "prototype" notice
+        reported = [
+            str(w.message) for w in seen if "called a synchronizing CUDA operation" in str(w.message)
+        ]  # not its "prototype" notice
         assert not reported, reported[:3]
-        assert sum(layer.dispatcher.host_syncs for layer in layers) - reads == len(layers), "one split read per layer forward"
+        assert sum(layer.dispatcher.host_syncs for layer in layers) - reads == len(layers), (
+            "one split read per layer forward"
+        )
     engine.close()
 
 
@@ -100,4 +121,8 @@ def test_symm_mem_refuses_a_group_of_one_or_names_why_it_is_unavailable(tmp_path
     reason = symm_mem_unavailable("cuda")
     with pytest.raises(ConfigError) as err:
         _engine(tmp_path, "symm_mem")
-    assert ("at least 2 ranks" in str(err.value) and "alltoall or capacity" in str(err.value)) if reason is None else reason in str(err.value)
+    assert (
+        ("at least 2 ranks" in str(err.value) and "alltoall or capacity" in str(err.value))
+        if reason is None
+        else reason in str(err.value)
+    )

@@ -1,4 +1,5 @@
 """Triton expert kernels on a real GPU (bf16, compiled, autotuned): run through the device tool."""
+
 import pytest
 import torch
 
@@ -26,7 +27,10 @@ def routed_case(T, D, F, E, k, skew_expert=None):
     token_A = torch.arange(T, device="cuda").repeat_interleave(k)[order]
     weight_A = val.reshape(-1)[order].clone().requires_grad_()
     counts_E = torch.bincount(expert_A, minlength=E)
-    ws = [(torch.randn(*s, device="cuda") * s[1] ** -0.5).bfloat16().requires_grad_() for s in ((E, D, F), (E, D, F), (E, F, D))]
+    ws = [
+        (torch.randn(*s, device="cuda") * s[1] ** -0.5).bfloat16().requires_grad_()
+        for s in ((E, D, F), (E, D, F), (E, F, D))
+    ]
     return x, ws, token_A, weight_A, counts_E
 
 
@@ -80,7 +84,10 @@ def test_every_autotune_candidate_is_correct(restore_autotune_lists):
     program walks several tiles through one flattened pipeline."""
     autotune.force_tiles(gemm._wgrad_kernel, autotune.WGRAD_SHAPES[0])
     for i in range(max(len(autotune.UP_SHAPES), len(autotune.GMM_SHAPES))):
-        up_shape, gmm_shape = autotune.UP_SHAPES[i % len(autotune.UP_SHAPES)], autotune.GMM_SHAPES[i % len(autotune.GMM_SHAPES)]
+        up_shape, gmm_shape = (
+            autotune.UP_SHAPES[i % len(autotune.UP_SHAPES)],
+            autotune.GMM_SHAPES[i % len(autotune.GMM_SHAPES)],
+        )
         autotune.force_tiles(gemm._up_kernel, up_shape)
         autotune.force_tiles(gemm._gmm_kernel, gmm_shape)
         check_routed((700, 256, 320, 8, 2, 1), gather_rows=i % 2 == 1)
@@ -123,7 +130,9 @@ def test_every_autotune_candidate_is_correct(restore_autotune_lists):
             if not autotune.fits_one(*shape[:3], shape[4], two):
                 continue
             autotune.force_tiles(gemm._wgrad_kernel, shape)
-            o1, o2 = gemm.wgrad(padded[0], None, padded[1], padded[2] if two else None, None, None, counts_P, aligned=True)
+            o1, o2 = gemm.wgrad(
+                padded[0], None, padded[1], padded[2] if two else None, None, None, counts_P, aligned=True
+            )
             for o, b in zip([o1, o2], [b1, b2] if two else [b1]):
                 assert rel(o, reference(b)) < 1e-2, (shape, two, "aligned")
 
@@ -181,10 +190,18 @@ def test_a_second_process_reuses_the_tuned_tiles(tmp_path):
     import sys
 
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path), "MOEFLOW_AUTOTUNE": "1", "MOEFLOW_AUTOTUNE_CACHE": "1"}
-    runs = [json.loads(subprocess.run([sys.executable, "-c", _TUNE_ONCE], env=env, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            for _ in range(2)]
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", _TUNE_ONCE], env=env, check=True, capture_output=True, text=True
+            ).stdout.splitlines()[-1]
+        )
+        for _ in range(2)
+    ]
     assert any(runs[0]["benchmarked"]) and not any(runs[1]["benchmarked"]), runs
-    assert runs[1]["picks"] == runs[0]["picks"] and len(list(tmp_path.rglob("moeflow-*.autotune.json"))) == sum(runs[0]["picks"])
+    assert runs[1]["picks"] == runs[0]["picks"] and len(list(tmp_path.rglob("moeflow-*.autotune.json"))) == sum(
+        runs[0]["picks"]
+    )
     print(f"first call: {runs[0]['seconds']:.1f} s tuning, {runs[1]['seconds']:.1f} s from the disk cache")
 
 
@@ -195,7 +212,12 @@ def test_master_weight_adamw_kernel_matches_the_reference_on_the_gpu():
     torch.manual_seed(0)
     n = 3 * 1024 * 1024 + 17
     w0 = torch.randn(n, device="cuda")
-    a = {"master": w0.clone(), "param": w0.bfloat16(), "m": torch.zeros(n, device="cuda"), "v": torch.zeros(n, device="cuda")}
+    a = {
+        "master": w0.clone(),
+        "param": w0.bfloat16(),
+        "m": torch.zeros(n, device="cuda"),
+        "v": torch.zeros(n, device="cuda"),
+    }
     b = {k: v.clone() for k, v in a.items()}
     for step in range(1, 4):
         grad = torch.randn(n, device="cuda").bfloat16()
@@ -203,7 +225,9 @@ def test_master_weight_adamw_kernel_matches_the_reference_on_the_gpu():
         adamw_master_step(a["master"], a["param"], grad, a["m"], a["v"], scale, step, 1e-3, 0.9, 0.95, 1e-8, 0.1)
         adamw_reference(b["master"], b["param"], grad, b["m"], b["v"], scale, step, 1e-3, 0.9, 0.95, 1e-8, 0.1)
     torch.testing.assert_close(a["master"], b["master"], rtol=1e-6, atol=1e-7)
-    assert (a["param"] != b["param"]).float().mean().item() < 1e-4  # the same rounding but where the masters differ by an ulp
+    assert (
+        a["param"] != b["param"]
+    ).float().mean().item() < 1e-4  # the same rounding but where the masters differ by an ulp
     assert torch.equal(a["param"], a["master"].bfloat16())  # round to nearest even, as autocast's cast
 
 
@@ -225,4 +249,9 @@ def test_fused_cross_entropy_matches_float64_at_a_real_vocabulary():
     assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
     torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-2, atol=1e-6)
     per_token = cross_entropy_per_token(logits.detach().flatten(0, 1), target.flatten())
-    torch.testing.assert_close(per_token.double(), F.cross_entropy(ref_logits.detach().flatten(0, 1), target.flatten(), reduction="none"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        per_token.double(),
+        F.cross_entropy(ref_logits.detach().flatten(0, 1), target.flatten(), reduction="none"),
+        rtol=1e-5,
+        atol=1e-5,
+    )

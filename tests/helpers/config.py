@@ -1,13 +1,23 @@
 """Compose the trainer's Hydra config in-process, and the small settings trainer tests share."""
+
 from __future__ import annotations
 
 from hydra import compose, initialize_config_module
 
 # Small, fast settings for trainer tests on a 2-core CPU.
 TINY = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=32", "model.num_experts=4",
-    "model.max_seq_len=32", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=300000",
-    "trainer.eval_batches=2", "trainer.log_every=2", "trainer.progress=false",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.d_ff=32",
+    "model.num_experts=4",
+    "model.max_seq_len=32",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "data.max_bytes=300000",
+    "trainer.eval_batches=2",
+    "trainer.log_every=2",
+    "trainer.progress=false",
 ]
 
 

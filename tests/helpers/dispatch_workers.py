@@ -7,6 +7,7 @@ parameter gradient. For `capacity` with a small factor the reference drops the s
 decided here by a plain loop (per source rank and destination rank, the first `capacity`
 pairs in token order), independently of the dispatcher's vectorised bookkeeping.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,7 +44,11 @@ class DroppingReference:
                 keep[a] = True
         mask = torch.tensor(keep, dtype=torch.bool)
         self.kept_fraction = mask.double().mean().item() if len(keep) else 1.0
-        routing.token_A, routing.expert_A, routing.weight_A = routing.token_A[mask], routing.expert_A[mask], routing.weight_A[mask]
+        routing.token_A, routing.expert_A, routing.weight_A = (
+            routing.token_A[mask],
+            routing.expert_A[mask],
+            routing.weight_A[mask],
+        )
         return LocalDispatcher()(x_TD, routing, experts, shared_expert)
 
 
@@ -86,6 +91,8 @@ def dispatch_cases(rank: int, world: int, cases: list[tuple]) -> dict:
             "dropped": None if dropped is None else float(dropped),
             "ref_kept": getattr(ref.dispatcher, "kept_fraction", None),
             "host_syncs": layer.dispatcher.host_syncs,
-            "rows_received": layer.dispatcher.last_exchange_rows[1] if hasattr(layer.dispatcher, "last_exchange_rows") else None,
+            "rows_received": layer.dispatcher.last_exchange_rows[1]
+            if hasattr(layer.dispatcher, "last_exchange_rows")
+            else None,
         }
     return results

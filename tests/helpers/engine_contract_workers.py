@@ -4,6 +4,7 @@ alone, on the gloo ranks `helpers.ep_workers.spawn` starts. Each contract member
 the loop relies on (its type, and what it must and must not do); the worker returns the members it
 checked, so the test can require a check for every member of the contract.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.d_ff=24", "model.num_experts=4", "model.max_seq_len=16",
-         "data.seq_len=16", "data.batch_size=2", "trainer.grad_accum=2", "trainer.steps=2", "trainer.precision=fp32", "optim.warmup_steps=1"]
+MODEL = [
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.d_ff=24",
+    "model.num_experts=4",
+    "model.max_seq_len=16",
+    "data.seq_len=16",
+    "data.batch_size=2",
+    "trainer.grad_accum=2",
+    "trainer.steps=2",
+    "trainer.precision=fp32",
+    "optim.warmup_steps=1",
+]
 ENGINES = {
     "torch": ["engine=torch"],
     "deepspeed": ["engine=deepspeed", "engine.zero_stage=1"],
@@ -42,7 +55,9 @@ def _scalar(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dim() == 0 and t.is_floating_point()
 
 
-def two_steps(rank: int, world: int, name: str, run_dir: str, forward: bool, device: str = "cpu", *overrides: str) -> dict:
+def two_steps(
+    rank: int, world: int, name: str, run_dir: str, forward: bool, device: str = "cpu", *overrides: str
+) -> dict:
     """Build engine `name` and run it two steps as the loop does. `forward=False` (megatron on CPU,
     whose GPTModel forward needs CUDA): each micro-batch's backward is stood in for by gradients
     set on the parameters, and `forward_backward` is not called."""
@@ -60,27 +75,48 @@ def two_steps(rank: int, world: int, name: str, run_dir: str, forward: bool, dev
 
     cfg, mc, tc = _config(name, device, *overrides)
     Cls = engine_class(name)
-    check("name", issubclass(Cls, Engine) and Cls.name == name, f"the class {Cls} must subclass contract.Engine and be named {name!r}")
+    check(
+        "name",
+        issubclass(Cls, Engine) and Cls.name == name,
+        f"the class {Cls} must subclass contract.Engine and be named {name!r}",
+    )
     env, dev = Cls.start(cfg, tc)
-    check("start", isinstance(env, DistEnv) and isinstance(dev, torch.device) and env.world_size == world,
-          f"start() -> (DistEnv, torch.device) of this world, got {env!r}, {dev!r}")
+    check(
+        "start",
+        isinstance(env, DistEnv) and isinstance(dev, torch.device) and env.world_size == world,
+        f"start() -> (DistEnv, torch.device) of this world, got {env!r}, {dev!r}",
+    )
     torch.manual_seed(tc.seed)
     engine = Cls(cfg, mc, tc, env, dev, Path(run_dir))
 
     model = engine.model
-    check("model", isinstance(model, torch.nn.Module) and len(model.moe_layers()) > 0 and _scalar(model.aux_loss()),
-          "a torch module with moe_layers() and a scalar aux_loss()")
+    check(
+        "model",
+        isinstance(model, torch.nn.Module) and len(model.moe_layers()) > 0 and _scalar(model.aux_loss()),
+        "a torch module with moe_layers() and a scalar aux_loss()",
+    )
     check("eval_model", callable(engine.eval_model), "callable (tokens -> logits)")
     ctx = engine.autocast()
     with ctx:
         pass
     check("autocast", hasattr(ctx, "__enter__"), "a factory of context managers")
-    check("start_step", type(engine.start_step) is int and engine.start_step == 0, f"an int, 0 for a fresh run; got {engine.start_step!r}")
+    check(
+        "start_step",
+        type(engine.start_step) is int and engine.start_step == 0,
+        f"an int, 0 for a fresh run; got {engine.start_step!r}",
+    )
     r, n = engine.data_parallel_rank
-    check("data_parallel_rank", type(r) is int and type(n) is int and 0 <= r < n and world % n == 0,
-          f"(rank, size) with size dividing the world, got {engine.data_parallel_rank!r}")
+    check(
+        "data_parallel_rank",
+        type(r) is int and type(n) is int and 0 <= r < n and world % n == 0,
+        f"(rank, size) with size dividing the world, got {engine.data_parallel_rank!r}",
+    )
     group = engine.data_parallel_group
-    check("data_parallel_group", group is None or isinstance(group, dist.ProcessGroup), f"None or a process group, got {group!r}")
+    check(
+        "data_parallel_group",
+        group is None or isinstance(group, dist.ProcessGroup),
+        f"None or a process group, got {group!r}",
+    )
     check("last_step_skipped", engine.last_step_skipped is False, "False before any step")
     text = engine.describe()
     check("describe", isinstance(text, str) and text.strip() != "", "a non-empty string")
@@ -95,19 +131,34 @@ def two_steps(rank: int, world: int, name: str, run_dir: str, forward: bool, dev
                 x = torch.randint(0, mc.vocab_size, (cfg.data.batch_size, cfg.data.seq_len), generator=gen).to(dev)
                 y = torch.randint(0, mc.vocab_size, (cfg.data.batch_size, cfg.data.seq_len), generator=gen).to(dev)
                 loss, aux = engine.forward_backward(x, y, last=last)
-                check("forward_backward", _scalar(loss) and _scalar(aux) and bool(torch.isfinite(loss)), f"(loss, aux) 0-dim tensors, got {loss!r}, {aux!r}")
-                check("forward_backward", not _changed(model, before), "must not step the optimizer (that is optimizer_step's)")
+                check(
+                    "forward_backward",
+                    _scalar(loss) and _scalar(aux) and bool(torch.isfinite(loss)),
+                    f"(loss, aux) 0-dim tensors, got {loss!r}, {aux!r}",
+                )
+                check(
+                    "forward_backward",
+                    not _changed(model, before),
+                    "must not step the optimizer (that is optimizer_step's)",
+                )
                 losses.append(float(loss))
             else:
                 for p in model.parameters():
                     g = torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 1e-2
                     p.grad = g if p.grad is None else p.grad + g
         norm = engine.optimizer_step()
-        check("optimizer_step", norm is None or (_scalar(norm) and not norm.requires_grad),
-              f"the gradient norm as a 0-dim tensor (read by the loop when it logs, not here) or None, got {type(norm).__name__} {norm!r}")
+        check(
+            "optimizer_step",
+            norm is None or (_scalar(norm) and not norm.requires_grad),
+            f"the gradient norm as a 0-dim tensor (read by the loop when it logs, not here) or None, got {type(norm).__name__} {norm!r}",
+        )
         check("optimizer_step", _changed(model, before), "must update the weights")
         norms.append(None if norm is None else float(norm))
-        check("last_step_skipped", type(engine.last_step_skipped) is bool and not engine.last_step_skipped, "a bool, False after a finite step")
+        check(
+            "last_step_skipped",
+            type(engine.last_step_skipped) is bool and not engine.last_step_skipped,
+            "a bool, False after a finite step",
+        )
         lr = engine.lr()
         check("lr", isinstance(lr, float) and lr > 0, f"the learning rate as a float, got {lr!r}")
         lrs.append(lr)
@@ -115,9 +166,17 @@ def two_steps(rank: int, world: int, name: str, run_dir: str, forward: bool, dev
         check("poll_save", polled is None or isinstance(polled, Path), f"None or a checkpoint dir, got {polled!r}")
 
     saved = engine.save(tc.steps)
-    check("save", saved is None or (isinstance(saved, Path) and saved.is_dir()), f"None or the checkpoint dir, got {saved!r}")
+    check(
+        "save",
+        saved is None or (isinstance(saved, Path) and saved.is_dir()),
+        f"None or the checkpoint dir, got {saved!r}",
+    )
     if rank == 0:
-        check("save", isinstance(saved, Path) and (saved / ckpt.META).is_file(), f"rank 0 reports the committed checkpoint, got {saved!r}")
+        check(
+            "save",
+            isinstance(saved, Path) and (saved / ckpt.META).is_file(),
+            f"rank 0 reports the committed checkpoint, got {saved!r}",
+        )
     finished = engine.finish_save()
     check("finish_save", finished is None or isinstance(finished, Path), f"None or a checkpoint dir, got {finished!r}")
     dist.barrier()
@@ -135,4 +194,10 @@ def two_steps(rank: int, world: int, name: str, run_dir: str, forward: bool, dev
     check("extra_result", isinstance(extra, dict), f"a dict, got {extra!r}")
     engine.close()
     check("close", True, "")
-    return {"checked": sorted(checked), "norms": norms, "lrs": lrs, "losses": losses, "saved": None if saved is None else str(saved)}
+    return {
+        "checked": sorted(checked),
+        "norms": norms,
+        "lrs": lrs,
+        "losses": losses,
+        "saved": None if saved is None else str(saved),
+    }

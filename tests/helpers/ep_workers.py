@@ -5,6 +5,7 @@ reference copy that sees the whole global batch, runs the parallel copy on this 
 slice, and returns the largest differences; the test process asserts on them.
 `spawn(...)` starts the ranks with a free port and a hard timeout, so nothing hangs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,9 @@ def _entry(rank: int, world: int, store: str, fn_name: str, args: tuple, out_dir
     torch.set_num_threads(1)
     # a file store, not a TCP port: a free port picked here can be taken by another test before
     # rank 0 listens on it (EADDRINUSE under pytest -n)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=limit(90)))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=limit(90))
+    )
     try:
         result = _worker(fn_name)(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
@@ -75,7 +78,10 @@ def spawn(fn_name: str, world: int, out_dir: Path, *args, timeout: float | None 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")
     store = Path(tempfile.mkdtemp(prefix="moeflow-store-")) / "store"
-    procs = [ctx.Process(target=_entry, args=(r, world, str(store), fn_name, args, str(out_dir)), daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_entry, args=(r, world, str(store), fn_name, args, str(out_dir)), daemon=True)
+        for r in range(world)
+    ]
     try:
         for p in procs:
             p.start()
@@ -178,7 +184,7 @@ def _param_diffs(parallel: nn.Module, ref: nn.Module, what: str) -> dict[str, fl
             out[name] = 0.0 if a is None and b is None else float("inf")
             continue
         shard = expert_shard(p)
-        out[name] = _maxdiff(a, b[shard[1]:shard[2]] if shard else b)
+        out[name] = _maxdiff(a, b[shard[1] : shard[2]] if shard else b)
     return out
 
 
@@ -241,7 +247,18 @@ def _expert_ids(layer: MoELayer, x_TD, ids_T):
 
 # -- a few training steps of the LM -----------------------------------------------
 def tiny_model_config(gate: str = "topk") -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, d_ff=16, num_experts=E, top_k=K, shared_experts=1, gate={"name": gate})
+    return ModelConfig(
+        vocab_size=64,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=16,
+        d_ff=16,
+        num_experts=E,
+        top_k=K,
+        shared_experts=1,
+        gate={"name": gate},
+    )
 
 
 def _batches(world: int, steps: int, micro: int, seqs_per_rank: int = 2, seq: int = 8):
@@ -259,7 +276,7 @@ def _train_steps(model_fwd, model: Transformer, opt, tokens, step_range, rank, w
             batch = tokens[step, m]
             if ddp is not None:
                 per = batch.shape[0] // world
-                batch = batch[rank * per:(rank + 1) * per]
+                batch = batch[rank * per : (rank + 1) * per]
             x, y = batch[:, :-1], batch[:, 1:]
             ctx = ddp.no_sync() if (ddp is not None and m < micro - 1) else _null()
             with ctx:
@@ -303,9 +320,13 @@ def train_cases(rank: int, world: int, cases: list[tuple], steps: int = 3, micro
         layout = build_layout(ep, E)
         ref = _fresh_lm(gate_name)
         model = copy.deepcopy(ref)
-        ref_losses, ref_norms = _train_steps(ref, ref, torch.optim.AdamW(ref.parameters(), lr=3e-3), tokens, range(steps), rank, world)
+        ref_losses, ref_norms = _train_steps(
+            ref, ref, torch.optim.AdamW(ref.parameters(), lr=3e-3), tokens, range(steps), rank, world
+        )
         ddp = parallelize(model, layout, overlap_chunks=chunks)
-        losses, norms = _train_steps(ddp, model, torch.optim.AdamW(model.parameters(), lr=3e-3), tokens, range(steps), rank, world, ddp)
+        losses, norms = _train_steps(
+            ddp, model, torch.optim.AdamW(model.parameters(), lr=3e-3), tokens, range(steps), rank, world, ddp
+        )
         results[name] = {
             "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
             "grad_norm": max(abs(a - b) for a, b in zip(norms, ref_norms)),

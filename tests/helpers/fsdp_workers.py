@@ -5,6 +5,7 @@ and a single-process reference (same seed) that sees the whole global batch; it 
 largest differences (initial weights, losses, gradients, clip norms, weights after AdamW
 steps) for the test process to assert on. Launched with `helpers.ep_workers.spawn`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,13 +23,30 @@ GATES = {
     "dts": {"name": "dts", "gumbel_noise": False, "anneal_steps": 10},
     "expert_choice": {"name": "expert_choice"},
     "hash": {"name": "hash"},
-    "deepseek_v3": {"name": "topk", "score_func": "sigmoid", "bias_update_rate": 0.01, "n_groups": 2, "topk_groups": 1, "aux_loss_coef": 0.0},
+    "deepseek_v3": {
+        "name": "topk",
+        "score_func": "sigmoid",
+        "bias_update_rate": 0.01,
+        "n_groups": 2,
+        "topk_groups": 1,
+        "aux_loss_coef": 0.0,
+    },
 }
 
 
 def model_cfg(gate: str, **over) -> ModelConfig:
-    base = dict(vocab_size=64, d_model=16, n_layers=2, n_heads=2, d_ff=24, num_experts=4, top_k=2, max_seq_len=16,
-                gate=dict(GATES[gate]), shared_experts=0)
+    base = dict(
+        vocab_size=64,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        d_ff=24,
+        num_experts=4,
+        top_k=2,
+        max_seq_len=16,
+        gate=dict(GATES[gate]),
+        shared_experts=0,
+    )
     base.update(over)
     return ModelConfig(**base)
 
@@ -55,7 +73,9 @@ def equivalence_all(rank: int, world: int, dims: dict, gates: list[str], steps: 
     return {g: equivalence(rank, world, dims, g, steps, ac) for g in gates}
 
 
-def equivalence(rank: int, world: int, dims: dict, gate: str, steps: int = 2, ac: str = "none", over: dict | None = None) -> dict:
+def equivalence(
+    rank: int, world: int, dims: dict, gate: str, steps: int = 2, ac: str = "none", over: dict | None = None
+) -> dict:
     """Parallel (meta init, FSDP2, EP) vs single process on the global batch, over `steps` AdamW steps."""
     from moeflow.parallel.activation_checkpointing import apply_activation_checkpointing
 

@@ -1,4 +1,5 @@
 """Real clusters for the launcher tests: a private local Slurm (tests/fixtures/local-slurm.sh) and a local Ray head."""
+
 from __future__ import annotations
 
 import os
@@ -34,12 +35,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def moeflow(*args: str, timeout: float = 240, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+def moeflow(
+    *args: str, timeout: float = 240, cwd: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the real `moeflow` command line in a subprocess."""
     timeout = limit(240) if timeout is None else timeout
     full_env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **ISOLATED, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "moeflow.launch.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=full_env)
+    return subprocess.run(
+        [sys.executable, "-m", "moeflow.launch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+    )
 
 
 def val_losses(log: str) -> list[float]:
@@ -62,13 +71,21 @@ def stop_slurm_if_tests_started_it() -> None:
 def slurm_cluster() -> None:
     """Start the private single-node Slurm cluster (idempotent) and point Slurm's clients at it
     (SLURM_CONF, inherited by every subprocess and job); or skip saying why not."""
-    missing = [t for t in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()]
+    missing = [
+        t
+        for t in ("slurmctld", "slurmd", "munged", "sbatch")
+        if shutil.which(t) is None and not Path(f"/usr/sbin/{t}").exists()
+    ]
     if missing:
-        pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}): apt-get install slurmctld slurmd slurm-client munge, as .ci/run does")
+        pytest.skip(
+            f"Slurm is not installed (missing {', '.join(missing)}): apt-get install slurmctld slurmd slurm-client munge, as .ci/run does"
+        )
     if os.geteuid() != 0:
         up = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
         if "idle" not in up and "mix" not in up:
-            pytest.skip("no Slurm cluster answers and starting one needs root: run `bash tests/fixtures/local-slurm.sh start` as root")
+            pytest.skip(
+                "no Slurm cluster answers and starting one needs root: run `bash tests/fixtures/local-slurm.sh start` as root"
+            )
         return
     done = subprocess.run(["bash", str(SLURM_FIXTURE), "start"], capture_output=True, text=True, timeout=limit(120))
     if done.returncode != 0:
@@ -92,7 +109,9 @@ def job_state(job: str) -> str:
     return m.group(1) if m else "UNKNOWN"
 
 
-def wait_job(job: str, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")) -> str:
+def wait_job(
+    job: str, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+) -> str:
     deadline = time.monotonic() + timeout
     while (state := job_state(job)) not in until:
         if time.monotonic() > deadline:
@@ -104,16 +123,31 @@ def wait_job(job: str, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED"
 
 # --- Ray ---------------------------------------------------------------------------------------
 
+
 class RayHead:
     """`ray start --head --block` in its own process group, with private ports and temp dir."""
 
     def __init__(self, num_cpus: int = 2):
         self.tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
         self.port, self.dash = free_port(), free_port()
-        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={self.port}",
-               f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={self.dash}", f"--ray-client-server-port={free_port()}",
-               f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={self.tmp}", "--disable-usage-stats"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--block",
+            f"--port={self.port}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dash}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--temp-dir={self.tmp}",
+            "--disable-usage-stats",
+        ]
         self.log = open(Path(self.tmp) / "head.log", "w")
         env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", **ISOLATED}
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -14,6 +14,7 @@ the full weights on the whole batch (float64). Gradients are synchronised two wa
 
 GPTModel's own forward (attention, rotary) needs CUDA, so only the MoE slot runs here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,18 @@ D, F_, E, K, S, B = 16, 24, 4, 2, 3, 2  # tokens: S x B per rank
 
 
 def model_config(gate: dict) -> ModelConfig:
-    return ModelConfig(vocab_size=32, d_model=D, n_layers=1, n_heads=2, max_seq_len=8, d_ff=F_, num_experts=E, top_k=K,
-                       shared_experts=1, gate=gate)
+    return ModelConfig(
+        vocab_size=32,
+        d_model=D,
+        n_layers=1,
+        n_heads=2,
+        max_seq_len=8,
+        d_ff=F_,
+        num_experts=E,
+        top_k=K,
+        shared_experts=1,
+        gate=gate,
+    )
 
 
 def full_state(mc: ModelConfig) -> dict[str, torch.Tensor]:
@@ -81,14 +92,19 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         mc = model_config(gate)
         state = full_state(mc)
         gpt = build_gpt_model(mc, "cpu")
-        slot_state = {k: v for k, v in mck.to_megatron(state, mc, native=False).items() if ".mlp." in k}  # attention: megatron's own TP layout
+        slot_state = {
+            k: v for k, v in mck.to_megatron(state, mc, native=False).items() if ".mlp." in k
+        }  # attention: megatron's own TP layout
         gpt.load_state_dict(local_model_state(gpt, slot_state), strict=False)
         gpt.double()
         slot = gpt.decoder.layers[0].mlp
         ref = build_moe_layer(mc).double()
-        ref.load_state_dict({k[len("blocks.0.ffn."):]: v for k, v in state.items() if k.startswith("blocks.0.ffn.")})
+        ref.load_state_dict({k[len("blocks.0.ffn.") :]: v for k, v in state.items() if k.startswith("blocks.0.ffn.")})
 
-        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()  # distinct batches (TP ranks share one)
+        dp, dp_rank = (
+            ps.get_data_parallel_world_size(),
+            ps.get_data_parallel_rank(),
+        )  # distinct batches (TP ranks share one)
         gen = torch.Generator().manual_seed(5)
         x_RSBD = torch.randn(dp, S, B, D, generator=gen, dtype=torch.float64)
         g_RSBD = torch.randn(dp, S, B, D, generator=gen, dtype=torch.float64)
@@ -113,7 +129,7 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         grads, shards = {}, {}
         for n, p in slot.moe.named_parameters():
             shard = expert_shard(p)
-            want = refs[n].grad[shard[1]:shard[2]] if shard else refs[n].grad
+            want = refs[n].grad[shard[1] : shard[2]] if shard else refs[n].grad
             grads[n] = _maxdiff(grad_of(p), local_slice(want, p))  # this rank's hidden units under TP
             shards[n] = shard
         norm = wrapped.clip_grad_norm_(1e9).item() if sync == "moeflow" else None  # every shard counted once
@@ -132,7 +148,8 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
             "gathered": max(_maxdiff(gathered[k].double(), v.double()) for k, v in slot_state.items()),
             "tp_shards": {n: tp_shard(p) for n, p in slot.moe.named_parameters()},
             "tp_attrs": sorted(n for n, p in slot.moe.named_parameters() if getattr(p, "tensor_model_parallel", False)),
-            "tp_group_size": ps.get_tensor_model_parallel_world_size(), "dp_group_size": dp,
+            "tp_group_size": ps.get_tensor_model_parallel_world_size(),
+            "dp_group_size": dp,
             "dropped": float(slot.moe.last_stats.get("dropped_fraction", 0.0)),
             "routed_tokens": (slot.moe.last_stats["tokens_per_expert"].sum().item(), dp * S * B * mc.top_k),
             "ep_rank": ps.get_expert_model_parallel_rank(),
@@ -150,8 +167,19 @@ def _expert_buffer_names(ddp, slot) -> list[str]:
 
 # ---- engine=megatron's engine object under parallel.ep (everything but GPTModel's forward) -----
 
-ENGINE_OVERRIDES = ["engine=megatron", "trainer.device=cpu", "trainer.precision=fp32", "experts.impl=torch", "optim.weight_decay=0.0",
-                    "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.max_seq_len=16", "model.d_ff=24", "model.num_experts=4"]
+ENGINE_OVERRIDES = [
+    "engine=megatron",
+    "trainer.device=cpu",
+    "trainer.precision=fp32",
+    "experts.impl=torch",
+    "optim.weight_decay=0.0",
+    "model.n_layers=2",
+    "model.d_model=32",
+    "model.n_heads=4",
+    "model.max_seq_len=16",
+    "model.d_ff=24",
+    "model.num_experts=4",
+]
 
 
 def _engine_config(*overrides: str):
@@ -198,7 +226,10 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
 
     dense_mlp = _dense_mlp_vs_moeflow(engine.gpt, mc, init) if not mc.is_moe_block(0) else None
 
-    G = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for i, (k, v) in enumerate(sorted(init.items()))}
+    G = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
+        for i, (k, v) in enumerate(sorted(init.items()))
+    }
     local_G = local_model_state(engine.gpt, mck.to_megatron(G, mc, native=False))
     edp, d = ps.get_expert_data_parallel_world_size(), ps.get_expert_data_parallel_rank()
     w_d = (d + 1) / (edp * (edp + 1) / 2)  # sums to 1 over the expert-DP replicas
@@ -211,7 +242,9 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
     for k, p in ref.items():
         p.grad = G[k].clone()
     ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), cfg.optim.grad_clip).item()
-    torch.optim.AdamW(list(ref.values()), lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0).step()
+    torch.optim.AdamW(
+        list(ref.values()), lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0
+    ).step()
 
     path = engine.save(1)  # collective: gathers the expert shards and their moments
     torch.distributed.barrier()  # rank 0 wrote it; every rank resumes from it
@@ -220,26 +253,41 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
     found = ckpt.find_checkpoint(Path(run_dir))
     saved = read_full_tensors(found, "model.")
     moments = read_full_tensors(found, "megatron_optim.")
-    expert_moment_rows = sorted({v.shape[0] for k, v in moments.items() if k.endswith(".exp_avg") and v.dim() == 3})  # the experts' [E, ., .] tensors
+    expert_moment_rows = sorted(
+        {v.shape[0] for k, v in moments.items() if k.endswith(".exp_avg") and v.dim() == 3}
+    )  # the experts' [E, ., .] tensors
 
     resumed = _build_engine(_with_changes(cfg, resume=str(run_dir)), mc, tc, Path(run_dir))
     mine, theirs = engine.opt.state_dict()["state"], resumed.opt.state_dict()["state"]
     result = {
-        "ep_size": ps.get_expert_model_parallel_world_size(), "edp_size": edp, "ep_rank": ps.get_expert_model_parallel_rank(),
+        "ep_size": ps.get_expert_model_parallel_world_size(),
+        "edp_size": edp,
+        "ep_rank": ps.get_expert_model_parallel_rank(),
         "dense_mlp": dense_mlp,
-        "tp_size": ps.get_tensor_model_parallel_world_size(), "data_parallel_rank": engine.data_parallel_rank,
+        "tp_size": ps.get_tensor_model_parallel_world_size(),
+        "data_parallel_rank": engine.data_parallel_rank,
         "tp_sliced": sorted(n for n, p in engine.gpt.named_parameters() if tp_shard(p) is not None),
-        "local_vs_full": (sum(p.numel() for p in engine.gpt.parameters()), sum(v.numel() for v in mck.to_megatron(init, mc, native=False).values())),
+        "local_vs_full": (
+            sum(p.numel() for p in engine.gpt.parameters()),
+            sum(v.numel() for v in mck.to_megatron(init, mc, native=False).values()),
+        ),
         "wrapper": type(engine.ddp).__name__ if isinstance(engine.ddp, ExpertDataParallel) else repr(engine.ddp),
-        "wrapper_layout": (engine.ddp.layout.ep, engine.ddp.layout.dp), "wrapped_model": engine.ddp.module is engine.model,
-        "shards": shards, "opt_numel": opt_numel, "local_numel": sum(p.numel() for p in engine.gpt.parameters()),
+        "wrapper_layout": (engine.ddp.layout.ep, engine.ddp.layout.dp),
+        "wrapped_model": engine.ddp.module is engine.model,
+        "shards": shards,
+        "opt_numel": opt_numel,
+        "local_numel": sum(p.numel() for p in engine.gpt.parameters()),
         "grad_norm": (grad_norm, ref_norm),
         "saved_path": str(path) if path else None,
-        "weights": max(_maxdiff(saved[k], ref[k].detach()) for k in ref) if sorted(saved) == sorted(ref) else float("inf"),
+        "weights": max(_maxdiff(saved[k], ref[k].detach()) for k in ref)
+        if sorted(saved) == sorted(ref)
+        else float("inf"),
         "expert_moment_rows": expert_moment_rows,
         "resume_step": resumed.start_step,
         "resume_weights": max(_maxdiff(p, q) for p, q in zip(engine.gpt.parameters(), resumed.gpt.parameters())),
-        "resume_moments": max(_maxdiff(mine[i][k], theirs[i][k]) for i in mine for k in ("exp_avg", "exp_avg_sq")) if sorted(mine) == sorted(theirs) else float("inf"),
+        "resume_moments": max(_maxdiff(mine[i][k], theirs[i][k]) for i in mine for k in ("exp_avg", "exp_avg_sq"))
+        if sorted(mine) == sorted(theirs)
+        else float("inf"),
     }
     resumed.close()
     return result

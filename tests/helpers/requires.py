@@ -1,4 +1,5 @@
 """Skip marks for optional dependencies, each saying what to install (never a silent module-wide skip)."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -1,4 +1,5 @@
 """Run an expensive multi-process computation once per test session, also under pytest-xdist."""
+
 from __future__ import annotations
 
 import torch

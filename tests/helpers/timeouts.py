@@ -4,6 +4,7 @@ Each limit in the tests is the time the step takes on a quiet 2-core machine wit
 spare; `limit(s)` multiplies it by the scale (default 2: a busy machine, a first-use JIT build).
 Raise it on a slower machine, e.g. MOEFLOW_TEST_TIMEOUT_SCALE=4 bash .ci/run.
 """
+
 from __future__ import annotations
 
 import os

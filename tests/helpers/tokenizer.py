@@ -1,4 +1,5 @@
 """A real byte-level BPE tokenizer (the `tokenizers` library), trained in a second on stdlib sources."""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,15 @@ def train_bpe(folder: Path, vocab_size: int = 600, corpus: Path | None = None) -
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     files = sorted(str(p) for p in (corpus or stdlib_package()).rglob("*.py"))
-    tok.train(files, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train(
+        files,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS}))

@@ -3,6 +3,7 @@
 Import this before anything that imports Triton (it sets TRITON_INTERPRET=1 on a CPU-only machine);
 the importing test module is skipped when Triton is missing or cannot run here.
 """
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """Tiny random Hugging Face dense models saved to folders, for the upcycling tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,26 @@ def make_hf(kind: str, folder: Path, vocab: int = VOCAB, seed: int = 0, **overri
     import transformers as T
 
     torch.manual_seed(seed)
-    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64)
+    base = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+    )
     if kind == "gpt2":
-        cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=vocab, n_positions=64, bos_token_id=0, eos_token_id=0, **overrides)
+        cfg = T.GPT2Config(
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            vocab_size=vocab,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+            **overrides,
+        )
         model = T.GPT2LMHeadModel(cfg)
     else:
         cls_cfg, cls_model = {
@@ -56,11 +74,32 @@ def make_hf_moe(kind: str, folder: Path, vocab: int = VOCAB, seed: int = 0, **ov
     import transformers as T
 
     torch.manual_seed(seed)
-    base = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                vocab_size=vocab, max_position_embeddings=64, num_experts_per_tok=2, bos_token_id=None, eos_token_id=0, pad_token_id=None)
+    base = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=64,
+        num_experts_per_tok=2,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
     cls_cfg, cls_model, extra = {
         "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(num_local_experts=4)),
-        "qwen2_moe": (T.Qwen2MoeConfig, T.Qwen2MoeForCausalLM, dict(num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, decoder_sparse_step=2, norm_topk_prob=True)),
+        "qwen2_moe": (
+            T.Qwen2MoeConfig,
+            T.Qwen2MoeForCausalLM,
+            dict(
+                num_experts=4,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=24,
+                decoder_sparse_step=2,
+                norm_topk_prob=True,
+            ),
+        ),
         "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, dict(num_experts=4, moe_intermediate_size=16)),
         "olmoe": (T.OlmoeConfig, T.OlmoeForCausalLM, dict(num_experts=4)),
     }[kind]

@@ -1,6 +1,7 @@
 """The CUDA combine (`moeflow.kernels.combine.gather_sum`) inside each dispatcher, run here under
 Triton's CPU interpreter in float32: a full engine=torch step (forward, backward, clip, AdamW)
 gives the local dispatcher's loss and gradient norm with every transport's combine replaced."""
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -14,7 +15,9 @@ def _first_step(tmp_path, dispatcher: str) -> tuple[float, float]:
     from moeflow.launch.engines.torch_engine import TorchEngine
 
     torch.manual_seed(0)
-    cfg = compose_cfg(*TINY, f"parallel.dispatcher={dispatcher}", "parallel.capacity_factor=4.0")  # capacity: room for every pair
+    cfg = compose_cfg(
+        *TINY, f"parallel.dispatcher={dispatcher}", "parallel.capacity_factor=4.0"
+    )  # capacity: room for every pair
     model_cfg, trainer_cfg = validate(cfg)
     env, device = TorchEngine.start(cfg, trainer_cfg)
     engine = TorchEngine(cfg, model_cfg, trainer_cfg, env, device, tmp_path)

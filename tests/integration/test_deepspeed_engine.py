@@ -9,6 +9,7 @@ converts to a moeflow checkpoint that the torch engine resumes from. With expert
 match the single-process torch trainer on the same global batch (validation loss after every
 step, final weights of all experts after conversion), and resume exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,22 @@ from moeflow.moe.errors import ConfigError
 
 deepspeed = pytest.importorskip("deepspeed", reason="pip install moeflow[deepspeed]")
 
-TINY = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.d_ff=64", "model.num_experts=4",
-        "data.max_bytes=200000", "data.batch_size=4", "data.seq_len=32", "trainer.grad_accum=2",
-        "trainer.log_every=1", "trainer.eval_every=0", "trainer.progress=false", "optim.warmup_steps=2",
-        "optim.lr=1e-2"]
+TINY = [
+    "model.n_layers=2",
+    "model.d_model=64",
+    "model.n_heads=4",
+    "model.d_ff=64",
+    "model.num_experts=4",
+    "data.max_bytes=200000",
+    "data.batch_size=4",
+    "data.seq_len=32",
+    "trainer.grad_accum=2",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.progress=false",
+    "optim.warmup_steps=2",
+    "optim.lr=1e-2",
+]
 STEPS = 4
 # Loss tolerance: ZeRO reduces gradients with reduce-scatter in a different order than DDP's
 # bucketed all-reduce, so fp32 sums differ in the last bits; after 4 AdamW steps the
@@ -47,12 +60,28 @@ def free_port() -> int:
 
 # Expert parallelism: evaluate after every step (validation draws global batches, each rank its
 # slice, so the EP model and the single-process model see identical inputs).
-EP_TINY = [o for o in TINY if not o.startswith("trainer.eval_every")] + ["trainer.eval_every=1", "trainer.eval_batches=2"]
+EP_TINY = [o for o in TINY if not o.startswith("trainer.eval_every")] + [
+    "trainer.eval_every=1",
+    "trainer.eval_batches=2",
+]
 
 
 def torchrun(run_dir: Path, *overrides: str, nproc: int = 2, base: list[str] = TINY) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port", str(free_port()),
-           "-m", "moeflow.launch.cli", "train", *base, f"trainer.steps={STEPS}", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "moeflow.launch.cli",
+        "train",
+        *base,
+        f"trainer.steps={STEPS}",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit(240), env=env, cwd=run_dir.parent)
     assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
@@ -118,12 +147,21 @@ def _train_all(root):
         out[f"zero{stage}"] = root / f"zero{stage}"
     torchrun(root / "zero3", "engine=deepspeed", "engine.zero_stage=3", "trainer.ckpt_every=4")
     out["zero3"] = root / "zero3"
-    torchrun(root / "zero2_offload", "engine=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true", "trainer.ckpt_every=4")
+    torchrun(
+        root / "zero2_offload",
+        "engine=deepspeed",
+        "engine.zero_stage=2",
+        "engine.offload_optimizer=true",
+        "trainer.ckpt_every=4",
+    )
     out["zero2_offload"] = root / "zero2_offload"
     single_process_run(root / "single", "trainer.ckpt_every=4")
     out["single"] = root / "single"
-    for name, zero in [("ep2_zero1", ["engine.zero_stage=1"]), ("ep2_zero2", ["engine.zero_stage=2"]),
-                       ("ep2_zero2_offload", ["engine.zero_stage=2", "engine.offload_optimizer=true"])]:
+    for name, zero in [
+        ("ep2_zero1", ["engine.zero_stage=1"]),
+        ("ep2_zero2", ["engine.zero_stage=2"]),
+        ("ep2_zero2_offload", ["engine.zero_stage=2", "engine.offload_optimizer=true"]),
+    ]:
         torchrun(root / name, "engine=deepspeed", *zero, "parallel.ep=2", "trainer.ckpt_every=2", base=EP_TINY)
         out[name] = root / name
     return out
@@ -147,7 +185,9 @@ def test_zero_matches_torch_trainer(runs, run, tmp_path):
     w_ref, w_got = weights(runs["torch"] / "checkpoints" / f"step_{STEPS:08d}"), weights(converted)
     assert sorted(w_ref) == sorted(w_got)
     for k in w_ref:
-        torch.testing.assert_close(w_got[k], w_ref[k], rtol=0, atol=1e-4, msg=k)  # 1% of one AdamW step (lr 1e-2); observed <= 3.5e-5 (ZeRO-3)
+        torch.testing.assert_close(
+            w_got[k], w_ref[k], rtol=0, atol=1e-4, msg=k
+        )  # 1% of one AdamW step (lr 1e-2); observed <= 3.5e-5 (ZeRO-3)
 
 
 @pytest.mark.slow
@@ -158,8 +198,14 @@ def test_resume_from_deepspeed_checkpoint(runs, tmp_path):
 
     full = runs["zero2"]
     resumed = tmp_path / "resumed"
-    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "trainer.ckpt_every=2", "engine.trust_checkpoint=true",
-             f"resume={full / 'checkpoints' / 'deepspeed' / 'step_00000002'}")
+    torchrun(
+        resumed,
+        "engine=deepspeed",
+        "engine.zero_stage=2",
+        "trainer.ckpt_every=2",
+        "engine.trust_checkpoint=true",
+        f"resume={full / 'checkpoints' / 'deepspeed' / 'step_00000002'}",
+    )
     a, b = losses(full), losses(resumed)
     assert sorted(b) == [3, 4]
     for step in (3, 4):
@@ -179,7 +225,9 @@ def test_converted_checkpoint_resumes_with_torch_engine(runs, tmp_path):
     """DeepSpeed step-2 checkpoint -> moeflow checkpoint -> engine=torch continues the schedule."""
     from moeflow.launch.engines.deepspeed_engine import convert_to_moeflow
 
-    conv = convert_to_moeflow(runs["zero1"] / "checkpoints" / "deepspeed" / "step_00000002", tmp_path / "conv", trust=True)
+    conv = convert_to_moeflow(
+        runs["zero1"] / "checkpoints" / "deepspeed" / "step_00000002", tmp_path / "conv", trust=True
+    )
     assert conv.name == "step_00000002"
     cont = tmp_path / "cont"
     torchrun(cont, f"resume={conv}", "trainer.ckpt_every=0", nproc=2)  # the same global batch: the same step-3 loss
@@ -204,11 +252,16 @@ def test_expert_parallel_matches_single_process_trainer(runs, run, tmp_path):
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=RTOL), (step, ref, got)
     # consolidated from ZeRO partitions that differ per EP rank: the full model, every expert
-    w_ref, w_got = weights(runs["single"] / "checkpoints" / f"step_{STEPS:08d}"), weights(convert_to_moeflow(runs[run], tmp_path / "converted", trust=True))
+    w_ref, w_got = (
+        weights(runs["single"] / "checkpoints" / f"step_{STEPS:08d}"),
+        weights(convert_to_moeflow(runs[run], tmp_path / "converted", trust=True)),
+    )
     assert sorted(w_ref) == sorted(w_got)
     assert w_got["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4
     for k in w_ref:
-        torch.testing.assert_close(w_got[k], w_ref[k], rtol=0, atol=1e-4, msg=k)  # observed <= 1.6e-5 (val losses: equal)
+        torch.testing.assert_close(
+            w_got[k], w_ref[k], rtol=0, atol=1e-4, msg=k
+        )  # observed <= 1.6e-5 (val losses: equal)
 
 
 @pytest.mark.slow
@@ -220,19 +273,45 @@ def test_resume_expert_parallel_deepspeed_checkpoint(runs, tmp_path):
 
     full, step2 = runs["ep2_zero2"], runs["ep2_zero2"] / "checkpoints" / "deepspeed" / "step_00000002"
     resumed = tmp_path / "resumed"
-    torchrun(resumed, "engine=deepspeed", "engine.zero_stage=2", "parallel.ep=2", "trainer.ckpt_every=2", "engine.trust_checkpoint=true",
-             f"resume={step2}", base=EP_TINY)
+    torchrun(
+        resumed,
+        "engine=deepspeed",
+        "engine.zero_stage=2",
+        "parallel.ep=2",
+        "trainer.ckpt_every=2",
+        "engine.trust_checkpoint=true",
+        f"resume={step2}",
+        base=EP_TINY,
+    )
     for tag in ("train/loss", "val/loss"):
         a, b = losses(full, tag), losses(resumed, tag)
         assert sorted(b) == [3, 4]
         for step in (3, 4):
             assert b[step] == pytest.approx(a[step], rel=1e-6), (tag, a, b)
-    w_full, w_res = weights(convert_to_moeflow(full, tmp_path / "c_full", trust=True)), weights(convert_to_moeflow(resumed, tmp_path / "c_res", trust=True))
+    w_full, w_res = (
+        weights(convert_to_moeflow(full, tmp_path / "c_full", trust=True)),
+        weights(convert_to_moeflow(resumed, tmp_path / "c_res", trust=True)),
+    )
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-6, atol=1e-7, msg=k)
-    p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *EP_TINY, "engine=deepspeed", "engine.zero_stage=2",
-                        "engine.trust_checkpoint=true", f"resume={step2}", f"hydra.run.dir={tmp_path / 'ep1'}"], capture_output=True, text=True, timeout=limit(240),
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            *EP_TINY,
+            "engine=deepspeed",
+            "engine.zero_stage=2",
+            "engine.trust_checkpoint=true",
+            f"resume={step2}",
+            f"hydra.run.dir={tmp_path / 'ep1'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=limit(240),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
     assert "written with parallel.ep=2" in p.stderr and "resume with parallel.ep=2" in p.stderr
 
@@ -240,7 +319,14 @@ def test_resume_expert_parallel_deepspeed_checkpoint(runs, tmp_path):
 @pytest.mark.slow
 def test_bf16_single_process(tmp_path):
     """bf16: DeepSpeed keeps bf16 weights (fp32 master copy in the optimizer) and still trains."""
-    torchrun(tmp_path / "bf16", "engine=deepspeed", "engine.zero_stage=1", "trainer.precision=bf16", "trainer.ckpt_every=0", nproc=1)
+    torchrun(
+        tmp_path / "bf16",
+        "engine=deepspeed",
+        "engine.zero_stage=1",
+        "trainer.precision=bf16",
+        "trainer.ckpt_every=0",
+        nproc=1,
+    )
     got = losses(tmp_path / "bf16")
     assert all(v == v for v in got.values()) and got[STEPS] < got[1]
     assert '"param_dtype": "torch.bfloat16"' in (tmp_path / "bf16" / "train.log").read_text()
@@ -270,11 +356,23 @@ print("RESULT " + json.dumps({"result": train(cfg, Path(sys.argv[1])), "reported
 def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
     """Every engine runs the same loop: SIGUSR1 -> checkpoint + stop; checkpoints reported to Ray; resume=auto."""
     run_dir = tmp_path / "run"
-    overrides = [*TINY, f"engine={engine}", f"trainer.steps={STEPS}", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}"]
+    overrides = [
+        *TINY,
+        f"engine={engine}",
+        f"trainer.steps={STEPS}",
+        "trainer.ckpt_every=2",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "MOEFLOW_PREEMPTIBLE": "1", "OMP_NUM_THREADS": "1"}
 
     def run(*extra):
-        p = subprocess.run([sys.executable, "-c", PREEMPTED_RUN, str(run_dir), *overrides, *extra], capture_output=True, text=True, timeout=limit(240), env=env)
+        p = subprocess.run(
+            [sys.executable, "-c", PREEMPTED_RUN, str(run_dir), *overrides, *extra],
+            capture_output=True,
+            text=True,
+            timeout=limit(240),
+            env=env,
+        )
         assert p.returncode == 0, p.stderr[-4000:]
         return json.loads(p.stdout.split("RESULT ")[-1]), p.stderr
 
@@ -284,7 +382,11 @@ def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
     assert "SIGUSR1 at step 2: checkpoint saved" in log
     assert (run_dir / ckpt_dir / "step_00000002" / "meta.json").exists()
     second, _ = run("resume=auto", *(["engine.trust_checkpoint=true"] if engine == "deepspeed" else []))
-    assert second["result"]["start_step"] == 2 and second["result"]["step"] == STEPS and "preempted" not in second["result"]
+    assert (
+        second["result"]["start_step"] == 2
+        and second["result"]["step"] == STEPS
+        and "preempted" not in second["result"]
+    )
     assert second["reported"] == [[4, str(run_dir / ckpt_dir / "step_00000004")]]
 
 
@@ -292,13 +394,31 @@ def test_preemption_and_ray_hooks(engine, ckpt_dir, tmp_path):
 def test_resume_with_other_attention_shape_fails_in_one_line(tmp_path):
     """A Llama-family shape field (n_kv_heads) that differs from the DeepSpeed checkpoint's is refused before loading."""
     run_dir = tmp_path / "run"
-    cli = [sys.executable, "-m", "moeflow.launch.cli", "train", *TINY, "engine=deepspeed", "trainer.steps=1", "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"]
+    cli = [
+        sys.executable,
+        "-m",
+        "moeflow.launch.cli",
+        "train",
+        *TINY,
+        "engine=deepspeed",
+        "trainer.steps=1",
+        "trainer.ckpt_every=1",
+        f"hydra.run.dir={run_dir}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert subprocess.run(cli, capture_output=True, text=True, timeout=limit(240), env=env).returncode == 0
-    p = subprocess.run([*cli, "model.n_kv_heads=2", "trainer.steps=2", "resume=auto"], capture_output=True, text=True, timeout=limit(240), env=env)
+    p = subprocess.run(
+        [*cli, "model.n_kv_heads=2", "trainer.steps=2", "resume=auto"],
+        capture_output=True,
+        text=True,
+        timeout=limit(240),
+        env=env,
+    )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0, p.stderr
-    assert p.stderr.startswith("moeflow train: error: checkpoint ") and "n_kv_heads: checkpoint None vs run 2" in p.stderr
+    assert (
+        p.stderr.startswith("moeflow train: error: checkpoint ") and "n_kv_heads: checkpoint None vs run 2" in p.stderr
+    )
 
 
 def test_shape_keys_cover_the_llama_family_fields():
@@ -308,10 +428,13 @@ def test_shape_keys_cover_the_llama_family_fields():
     assert not {"top_k", "max_seq_len", "rope_theta", "gate", "experts_impl"} & set(SHAPE_KEYS)
     old = {"d_model": 64, "n_heads": 4}  # a config saved before the Llama-family fields existed: their defaults apply
     assert model_shape_diffs(old, {"d_model": 64, "n_heads": 4, "qk_norm": False}) == []
-    assert model_shape_diffs(old, {"d_model": 64, "n_heads": 4, "qk_norm": True}) == ["qk_norm: checkpoint False vs run True"]
+    assert model_shape_diffs(old, {"d_model": 64, "n_heads": 4, "qk_norm": True}) == [
+        "qk_norm: checkpoint False vs run True"
+    ]
 
 
 # ---- config generation and bad input (no processes) ---------------------------------------
+
 
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
@@ -326,8 +449,15 @@ def test_generated_config_follows_hydra_and_user_json(tmp_path):
 
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "steps_per_print": 5}))
-    cfg = compose("engine=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true", "trainer.grad_accum=3",
-                  "data.batch_size=5", "optim.grad_clip=0.5", f"engine.config_file={user}")
+    cfg = compose(
+        "engine=deepspeed",
+        "engine.zero_stage=2",
+        "engine.offload_optimizer=true",
+        "trainer.grad_accum=3",
+        "data.batch_size=5",
+        "optim.grad_clip=0.5",
+        f"engine.config_file={user}",
+    )
     c = deepspeed_config(cfg, use_bf16=True)
     assert c["train_micro_batch_size_per_gpu"] == 5 and c["gradient_accumulation_steps"] == 3
     assert c["gradient_clipping"] == 0.5 and c["bf16"] == {"enabled": True}
@@ -336,13 +466,16 @@ def test_generated_config_follows_hydra_and_user_json(tmp_path):
     assert z["reduce_bucket_size"] == 1000 and c["steps_per_print"] == 5  # user JSON wins, generated keys kept
 
 
-@pytest.mark.parametrize("overrides, words", [
-    (["engine.zero_stage=3", "parallel.ep=2"], ["zero_stage=3", "parallel.ep=2", "Stage 3"]),
-    (["engine.zero_stage=0", "parallel.ep=2"], ["zero_stage=0", "not the global norm"]),
-    (["engine.zero_stage=0", "engine.offload_optimizer=true"], ["needs ZeRO"]),
-    (["engine.zero_stage=5"], ["not a ZeRO stage"]),
-    (["engine.config_file=/nonexistent.json"], ["does not exist"]),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["engine.zero_stage=3", "parallel.ep=2"], ["zero_stage=3", "parallel.ep=2", "Stage 3"]),
+        (["engine.zero_stage=0", "parallel.ep=2"], ["zero_stage=0", "not the global norm"]),
+        (["engine.zero_stage=0", "engine.offload_optimizer=true"], ["needs ZeRO"]),
+        (["engine.zero_stage=5"], ["not a ZeRO stage"]),
+        (["engine.config_file=/nonexistent.json"], ["does not exist"]),
+    ],
+)
 def test_conflicting_options_fail_clearly(overrides, words):
     from moeflow.launch.config import validate
 
@@ -352,12 +485,15 @@ def test_conflicting_options_fail_clearly(overrides, words):
         assert w in str(e.value)
 
 
-@pytest.mark.parametrize("user, words", [
-    ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps=4", "trainer.grad_accum", "(here 1)"]),
-    ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3", "engine.zero_stage"]),
-    ({"train_micro_batch_size_per_gpu": 7}, ["train_micro_batch_size_per_gpu=7", "data.batch_size"]),
-    ({"optimizer": {"type": "Adam"}}, ["optimizer=", "moeflow's AdamW"]),
-])
+@pytest.mark.parametrize(
+    "user, words",
+    [
+        ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps=4", "trainer.grad_accum", "(here 1)"]),
+        ({"zero_optimization": {"stage": 3}}, ["zero_optimization.stage=3", "engine.zero_stage"]),
+        ({"train_micro_batch_size_per_gpu": 7}, ["train_micro_batch_size_per_gpu=7", "data.batch_size"]),
+        ({"optimizer": {"type": "Adam"}}, ["optimizer=", "moeflow's AdamW"]),
+    ],
+)
 def test_a_user_json_cannot_silently_override_what_moeflow_derives(tmp_path, user, words):
     """Before: gradient_accumulation_steps=4 made 6 logged steps one optimizer step, and ZeRO-3 set in the
     JSON slipped past the ZeRO-3 + EP refusal. Now each such key must agree, or it names the moeflow key."""
@@ -368,7 +504,9 @@ def test_a_user_json_cannot_silently_override_what_moeflow_derives(tmp_path, use
     with pytest.raises(ConfigError) as e:
         validate(compose("engine=deepspeed", "engine.zero_stage=1", "parallel.ep=1", f"engine.config_file={path}"))
     assert all(w in str(e.value) for w in words), str(e.value)
-    path.write_text(json.dumps({"gradient_accumulation_steps": 1, "zero_optimization": {"reduce_bucket_size": 1000}}))  # agreeing: fine
+    path.write_text(
+        json.dumps({"gradient_accumulation_steps": 1, "zero_optimization": {"reduce_bucket_size": 1000}})
+    )  # agreeing: fine
     validate(compose("engine=deepspeed", f"engine.config_file={path}"))
 
 
@@ -384,10 +522,25 @@ def test_missing_deepspeed_names_the_extra(monkeypatch):
 
 
 def test_cli_reports_conflict_in_one_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "engine=deepspeed", "engine.zero_stage=3", "parallel.ep=2",
-                        f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=limit(120))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            "engine=deepspeed",
+            "engine.zero_stage=3",
+            "parallel.ep=2",
+            f"hydra.run.dir={tmp_path / 'r'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=limit(120),
+    )
     assert p.returncode == 2
-    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("moeflow train: error: engine.zero_stage=3 conflicts with parallel.ep=2")
+    assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith(
+        "moeflow train: error: engine.zero_stage=3 conflicts with parallel.ep=2"
+    )
 
 
 def test_expert_params_get_their_own_groups():
@@ -395,7 +548,9 @@ def test_expert_params_get_their_own_groups():
     from moeflow.moe.model import ModelConfig, Transformer
     from moeflow.parallel.expert_params import mark_expert_params, param_groups
 
-    model = Transformer(ModelConfig(d_model=32, n_heads=2, d_ff=32, n_layers=2, moe_every=2, shared_experts=1, num_experts=4))
+    model = Transformer(
+        ModelConfig(d_model=32, n_heads=2, d_ff=32, n_layers=2, moe_every=2, shared_experts=1, num_experts=4)
+    )
     names = mark_expert_params(model, ep_size=2)
     assert names and all(".experts." in n for n in names)  # routed experts only: not shared_expert, not the gate
     groups = param_groups(model, weight_decay=0.1)
@@ -408,7 +563,10 @@ def test_expert_params_get_their_own_groups():
     from deepspeed.moe.utils import is_moe_param, is_moe_param_group
 
     moe = [g for g in ds_groups if is_moe_param_group(g)]
-    assert moe and all(g["name"] == "ep_size_2" and all(is_moe_param(p) and p.group_name == "ep_size_2" for p in g["params"]) for g in moe)
+    assert moe and all(
+        g["name"] == "ep_size_2" and all(is_moe_param(p) and p.group_name == "ep_size_2" for p in g["params"])
+        for g in moe
+    )
 
 
 def test_only_a_lock_whose_owner_is_gone_counts_as_stale(tmp_path):
@@ -442,14 +600,21 @@ def test_a_killed_builds_lock_does_not_hang_the_next_run(tmp_path):
     lock = tmp_path / "ext" / "deepspeed_shm_comm" / "lock"
     built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", "")) / "deepspeed_shm_comm"
     if os.environ.get("TORCH_EXTENSIONS_DIR") and list(built.glob("*.so")):
-        shutil.copytree(built, lock.parent)  # the build `.ci/run` made: torch takes the lock even for an up-to-date build
+        shutil.copytree(
+            built, lock.parent
+        )  # the build `.ci/run` made: torch takes the lock even for an up-to-date build
     else:
         lock.parent.mkdir(parents=True)
     lock.touch()
     old = time.time() - 600
     os.utime(lock, (old, old))
-    p = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "prepare", "deepspeed-ops"], capture_output=True, text=True,
-                       env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=limit(300))
+    p = subprocess.run(
+        [sys.executable, "-m", "moeflow.launch.cli", "prepare", "deepspeed-ops"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")},
+        timeout=limit(300),
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "stale DeepSpeed build lock" in p.stderr and "DeepSpeed ops ready: deepspeed_shm_comm" in p.stdout
     assert not lock.exists() and list(lock.parent.glob("*.so"))  # cleared, then built (or found up to date)

@@ -1,6 +1,7 @@
 """parallel.dispatcher in the trainer: one process runs a named transport over an EP group of one
 rank (the multi-rank code path, gloo on CPU) and trains exactly like the local dispatcher; a
 capacity that drops too much warns once, with the numbers, and the drops are logged."""
+
 import json
 import warnings
 
@@ -32,11 +33,14 @@ def test_a_capacity_that_drops_too_much_warns_once_and_is_logged(tmp_path):
     assert rows and all(r["dispatch_dropped_fraction"] > 0.3 for r in rows), rows[:2]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("parallel.dispatcher=nccl", "parallel.dispatcher"),
-    ("parallel.dispatcher=symm_mem", "parallel.dispatcher=symm_mem is unavailable: it needs CUDA"),
-    ("parallel.capacity_factor=0", "parallel.capacity_factor"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("parallel.dispatcher=nccl", "parallel.dispatcher"),
+        ("parallel.dispatcher=symm_mem", "parallel.dispatcher=symm_mem is unavailable: it needs CUDA"),
+        ("parallel.capacity_factor=0", "parallel.capacity_factor"),
+    ],
+)
 def test_bad_dispatcher_settings_fail_before_any_work(tmp_path, override, message):
     from moeflow.moe.errors import ConfigError
 

@@ -1,5 +1,6 @@
 """A run whose loss or gradients become NaN/inf: it stops (exit 1), skips the step, or rolls back,
 and it never writes (or prunes for) a non-finite checkpoint."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,23 @@ def all_finite(ckpt_dir) -> bool:
 
 
 def test_a_diverging_run_stops_with_exit_1_and_keeps_its_good_checkpoints(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *QUICK, "trainer.steps=20", "optim.lr=1e6", "optim.min_lr=1e5",
-                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=limit(120), cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            *QUICK,
+            "trainer.steps=20",
+            "optim.lr=1e6",
+            "optim.min_lr=1e5",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=limit(120),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("moeflow train: error: training diverged at step") and "last good checkpoint is" in err
@@ -74,4 +90,9 @@ def test_rollback_reloads_the_last_good_checkpoint_and_goes_on(tmp_path, monkeyp
 
 def test_rollback_gives_up_after_three_and_stops(tmp_path):
     with pytest.raises(Diverged, match="after 3 rollbacks"):
-        train(compose_cfg(*QUICK, "trainer.steps=30", "optim.lr=1e6", "optim.min_lr=1e5", "trainer.on_nonfinite=rollback"), tmp_path)
+        train(
+            compose_cfg(
+                *QUICK, "trainer.steps=30", "optim.lr=1e6", "optim.min_lr=1e5", "trainer.on_nonfinite=rollback"
+            ),
+            tmp_path,
+        )

@@ -10,6 +10,7 @@ and every engine offers all of it.
   GPTModel's forward, which needs CUDA (gradients set on the parameters stand in for the backward),
   and in full where a GPU is present.
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,7 +49,8 @@ def test_the_loop_touches_only_contract_members():
     assert used <= MEMBERS, f"launch/train.py uses engine members outside the contract: {sorted(used - MEMBERS)}"
     calls_of_the_class = [u for u in bare if "Engine(" in u]  # the one construction
     assert len(calls_of_the_class) == 1 and set(bare) == set(calls_of_the_class), (
-        "launch/train.py hands the engine to other code (or duck-types it with getattr/hasattr): " + "; ".join(bare))
+        "launch/train.py hands the engine to other code (or duck-types it with getattr/hasattr): " + "; ".join(bare)
+    )
 
 
 def test_the_static_check_catches_duck_typing():
@@ -58,9 +60,27 @@ def test_the_static_check_catches_duck_typing():
 
 
 def test_the_contract_members():
-    assert MEMBERS == {"name", "start", "model", "eval_model", "autocast", "start_step", "data_parallel_rank", "data_parallel_group",
-                       "last_step_skipped", "describe", "forward_backward", "optimizer_step", "lr", "save", "poll_save", "finish_save",
-                       "rollback", "extra_result", "close"}
+    assert MEMBERS == {
+        "name",
+        "start",
+        "model",
+        "eval_model",
+        "autocast",
+        "start_step",
+        "data_parallel_rank",
+        "data_parallel_group",
+        "last_step_skipped",
+        "describe",
+        "forward_backward",
+        "optimizer_step",
+        "lr",
+        "save",
+        "poll_save",
+        "finish_save",
+        "rollback",
+        "extra_result",
+        "close",
+    }
 
 
 @pytest.mark.parametrize("name", list(ENGINES))
@@ -78,10 +98,14 @@ def _two_steps(tmp_path, name: str, forward: bool, world: int = 2, device: str =
     from helpers.engine_contract_workers import ENGINES as CONFIGS
 
     assert set(CONFIGS) == set(ENGINES), "every engine needs a conformance config"
-    results = W.spawn("helpers.engine_contract_workers:two_steps", world, tmp_path, name, str(tmp_path / "run"), forward, device)
+    results = W.spawn(
+        "helpers.engine_contract_workers:two_steps", world, tmp_path, name, str(tmp_path / "run"), forward, device
+    )
     want = MEMBERS if forward else MEMBERS - {"forward_backward"}
     for rank, r in enumerate(results):
-        assert set(r["checked"]) == want, f"rank {rank}: contract members the run did not check: {sorted(want - set(r['checked']))}"
+        assert set(r["checked"]) == want, (
+            f"rank {rank}: contract members the run did not check: {sorted(want - set(r['checked']))}"
+        )
         assert len(r["lrs"]) == 2 and all(n is None or n > 0 for n in r["norms"])
     assert results[0]["saved"] is not None
     return results
@@ -98,7 +122,9 @@ def test_torch_engine_runs_two_steps_through_the_contract(tmp_path):
 @requires.deepspeed
 def test_deepspeed_engine_runs_two_steps_through_the_contract(tmp_path):
     results = _two_steps(tmp_path, "deepspeed", forward=True)
-    assert all(n is not None for r in results for n in r["norms"]), "clipping is on (optim.grad_clip): DeepSpeed reports the norm"
+    assert all(n is not None for r in results for n in r["norms"]), (
+        "clipping is on (optim.grad_clip): DeepSpeed reports the norm"
+    )
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 After each fault: the newest complete checkpoint resumes bit-identically to an uninterrupted run,
 no partial checkpoint is ever picked, and no temporary files remain after the next run.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,16 +27,38 @@ from moeflow.parallel.checkpoint import read_full_tensors, verify_files
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("fault_injection")]
 
 STEPS = 8
-COMMON = [*TINY, f"trainer.steps={STEPS}", "trainer.eval_every=0", "trainer.ckpt_every=1", "trainer.keep_checkpoints=2",
-          "data.max_bytes=200000"]
+COMMON = [
+    *TINY,
+    f"trainer.steps={STEPS}",
+    "trainer.eval_every=0",
+    "trainer.ckpt_every=1",
+    "trainer.keep_checkpoints=2",
+    "data.max_bytes=200000",
+]
 
 
 def cli(run_dir: Path, *extra: str, preexec=None, wait=True, timeout=None):
     cmd = [sys.executable, "-m", "moeflow.launch.cli", "train", *COMMON, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=run_dir.parent, preexec_fn=preexec)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or limit(180), env=env, cwd=run_dir.parent, preexec_fn=preexec)
+        return subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=run_dir.parent,
+            preexec_fn=preexec,
+        )
+    return subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout or limit(180),
+        env=env,
+        cwd=run_dir.parent,
+        preexec_fn=preexec,
+    )
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -107,14 +130,19 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_last_checkpoint(tm
 def _can_mount() -> bool:
     probe = Path("/tmp") / f"moeflow-mount-probe-{os.getpid()}"
     probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    ok = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode
+        == 0
+    )
     if ok:
         subprocess.run(["umount", str(probe)], capture_output=True)
     probe.rmdir()
     return ok
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a tmpfs it can remount read-only")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a tmpfs it can remount read-only"
+)
 def test_a_run_dir_made_read_only_mid_run(tmp_path, reference):
     if not _can_mount():
         pytest.skip("this machine does not allow mounting a tmpfs (no CAP_SYS_ADMIN)")
@@ -132,7 +160,10 @@ def test_a_run_dir_made_read_only_mid_run(tmp_path, reference):
             deadline = time.monotonic() + limit(120)
             while not ckpt.list_checkpoints(mnt) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            while subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True).returncode != 0 and proc.poll() is None:
+            while (
+                subprocess.run(["mount", "-o", "remount,ro", str(mnt)], capture_output=True).returncode != 0
+                and proc.poll() is None
+            ):
                 time.sleep(0.01)  # a save in progress holds a file open: the next gap between saves
             _, stderr = proc.communicate(timeout=limit(120))
             subprocess.run(["mount", "-o", "remount,rw", str(mnt)], check=True)
@@ -158,5 +189,8 @@ def test_a_full_disk_inside_a_dcp_failure_is_named():
     from moeflow.launch.resume import save_failed
 
     for code, words in ((errno.EFBIG, "disk is full"), (errno.ENOSPC, "disk is full"), (errno.EROFS, "not writable")):
-        err = CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (OSError(code, os.strerror(code)), traceback.StackSummary())})
+        err = CheckpointException(
+            "CheckpointException ranks:dict_keys([0])",
+            {0: (OSError(code, os.strerror(code)), traceback.StackSummary())},
+        )
         assert words in str(save_failed(Path("/nonexistent/.tmp-step"), 3, err))

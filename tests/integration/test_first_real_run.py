@@ -5,6 +5,7 @@ tokenizer.json saved with truncation and padding (as a classifier's tokenizer sh
 tokenizer_config.json; a corpus of Python standard-library files. The block ends with
 transformers alone (AutoModelForCausalLM + AutoTokenizer) generating the text moeflow did.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,24 +39,37 @@ def a_llama_with_its_tokenizer(folder: Path) -> None:
     tok.enable_truncation(max_length=64)
     tok.enable_padding(length=64, pad_id=eos, pad_token=EOS)
     tok.save(str(file))
-    make_hf("llama", folder, vocab=tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, max_position_embeddings=128)
+    make_hf(
+        "llama", folder, vocab=tok.get_vocab_size(), bos_token_id=eos, eos_token_id=eos, max_position_embeddings=128
+    )
 
 
 def test_the_first_real_run_page_runs_as_written(tmp_path):
     a_llama_with_its_tokenizer(tmp_path / "llama")
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
-           "MODEL": str(tmp_path / "llama"), "CORPUS": str(stdlib_package("email")), "WORK": "work", "PROMPT": "def main(",
-           "TRAIN": "data.seq_len=32 data.batch_size=4 trainer.steps=12 trainer.eval_every=6 trainer.eval_batches=2 "
-                    "trainer.ckpt_every=12 trainer.device=cpu trainer.precision=fp32 model.max_seq_len=64"}
-    run = subprocess.run(["bash", "-c", script()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(600))
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "MODEL": str(tmp_path / "llama"),
+        "CORPUS": str(stdlib_package("email")),
+        "WORK": "work",
+        "PROMPT": "def main(",
+        "TRAIN": "data.seq_len=32 data.batch_size=4 trainer.steps=12 trainer.eval_every=6 trainer.eval_batches=2 "
+        "trainer.ckpt_every=12 trainer.device=cpu trainer.precision=fp32 model.max_seq_len=64",
+    }
+    run = subprocess.run(
+        ["bash", "-c", script()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=limit(600)
+    )
     assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
     out = run.stdout
     assert "switched off for pretraining data" in out  # the truncation and padding saved in the tokenizer
     assert "verify moeflow MoE vs dense" in out and "transformers and moeflow generate the same text" in out
     work = tmp_path / "work"
     meta = json.loads((work / "data" / "meta.json").read_text())
-    assert meta["documents"] == sum(1 for f in stdlib_package("email").rglob("*.py") if f.stat().st_size)  # every non-empty file
+    assert meta["documents"] == sum(
+        1 for f in stdlib_package("email").rglob("*.py") if f.stat().st_size
+    )  # every non-empty file
     # every folder a model lives in carries its tokenizer, by copy
     for d in (work / "data", work / "moe" / "moeflow", work / "run"):
         assert (d / "tokenizer" / "tokenizer.json").is_file(), d
@@ -64,7 +78,23 @@ def test_the_first_real_run_page_runs_as_written(tmp_path):
     assert exported["eos_token_id"] == meta["eos_id"]
     # generate works from another folder: nothing in the run refers to a relative path
     (tmp_path / "elsewhere").mkdir()
-    again = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "generate", str(work / "run"), "--prompt", "def main(", "--max-new-tokens", "16"],
-                           cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=limit(120))
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "generate",
+            str(work / "run"),
+            "--prompt",
+            "def main(",
+            "--max-new-tokens",
+            "16",
+        ],
+        cwd=tmp_path / "elsewhere",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=limit(120),
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.rstrip("\n") == (work / "moeflow-generate.txt").read_text().rstrip("\n")

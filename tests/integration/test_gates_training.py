@@ -4,6 +4,7 @@ survives a checkpoint round trip, and bad gate options fail before training star
 Gates without a gradient by design: `hash` (no parameters: a fixed function of the
 token id; its docstring says so). Every other gate is checked with autograd below.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -42,13 +43,22 @@ def test_hash_gate_has_no_gradient_by_design():
 
 
 def tiny_model(gate: dict) -> Transformer:
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, d_ff=32, num_experts=4, top_k=2, gate=gate)
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, d_ff=32, num_experts=4, top_k=2, gate=gate
+    )
     return Transformer(cfg)
 
 
 GATE_CONFIGS = [{"name": n, **OPTIONS.get(n, {})} for n in sorted(GATES)] + [
     {"name": "topk", "dropless": False, "capacity_factor": 1.0, "drop_policy": "position", "z_loss_coef": 1e-3},
-    {"name": "topk", "score_func": "sigmoid", "bias_update_rate": 1e-2, "seq_aux_loss_coef": 1e-3, "n_groups": 2, "topk_groups": 1},
+    {
+        "name": "topk",
+        "score_func": "sigmoid",
+        "bias_update_rate": 1e-2,
+        "seq_aux_loss_coef": 1e-3,
+        "n_groups": 2,
+        "topk_groups": 1,
+    },
 ]
 
 
@@ -85,14 +95,20 @@ def test_each_gate_trains_inside_the_model(gate):
         assert sum(k.endswith("expert_bias_E") for k in state) == len(model.moe_layers())
 
 
-@pytest.mark.parametrize("args,words", [
-    (["gate=topk", "gate.capacity_factor=1.25"], ["gate.capacity_factor", "dropless"]),
-    (["gate=topk", "gate.dropless=false"], ["capacity_factor"]),
-    (["gate=topk", "gate.drop_policy=random", "gate.dropless=false", "gate.capacity_factor=1.0"], ["drop_policy", "score", "position"]),
-    (["gate=dts", "gate.threshold=1.5"], ["gate.threshold", "(0, 1)"]),
-    (["model.top_k=9"], ["top_k"]),
-    (["gate=nope"], ["gate"] + sorted(GATES)),
-])
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["gate=topk", "gate.capacity_factor=1.25"], ["gate.capacity_factor", "dropless"]),
+        (["gate=topk", "gate.dropless=false"], ["capacity_factor"]),
+        (
+            ["gate=topk", "gate.drop_policy=random", "gate.dropless=false", "gate.capacity_factor=1.0"],
+            ["drop_policy", "score", "position"],
+        ),
+        (["gate=dts", "gate.threshold=1.5"], ["gate.threshold", "(0, 1)"]),
+        (["model.top_k=9"], ["top_k"]),
+        (["gate=nope"], ["gate"] + sorted(GATES)),
+    ],
+)
 def test_bad_gate_options_fail_before_training(args, words, capsys, tmp_path):
     from moeflow.launch.cli import main
 

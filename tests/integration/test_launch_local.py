@@ -1,4 +1,5 @@
 """launcher=local: torchrun's elastic launcher starts N real processes that train one run (gloo)."""
+
 import pytest
 
 from helpers.launch import QUICK, moeflow, val_losses

@@ -1,4 +1,5 @@
 """moeflow ray on a real local Ray cluster (one `ray start --head` shared by this module's tests)."""
+
 import os
 import signal
 import subprocess
@@ -25,7 +26,9 @@ def cluster():
 
 
 def test_unreachable_address_names_the_fix(tmp_path):
-    done = moeflow("ray", "launch", f"launcher.address=127.0.0.1:{free_port()}", f"hydra.run.dir={tmp_path}", timeout=limit(60))
+    done = moeflow(
+        "ray", "launch", f"launcher.address=127.0.0.1:{free_port()}", f"hydra.run.dir={tmp_path}", timeout=limit(60)
+    )
     assert done.returncode == 2
     assert "cannot reach a Ray cluster at 127.0.0.1:" in done.stderr and "ray start --head" in done.stderr
     done = moeflow("ray", "submit", "--address", f"http://127.0.0.1:{free_port()}", timeout=limit(60))
@@ -33,7 +36,14 @@ def test_unreachable_address_names_the_fix(tmp_path):
 
 
 def test_more_workers_than_the_cluster_has(cluster, tmp_path):
-    done = moeflow("ray", "launch", f"launcher.address={cluster.address}", "launcher.num_workers=5", f"hydra.run.dir={tmp_path}", timeout=limit(120))
+    done = moeflow(
+        "ray",
+        "launch",
+        f"launcher.address={cluster.address}",
+        "launcher.num_workers=5",
+        f"hydra.run.dir={tmp_path}",
+        timeout=limit(120),
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "launcher.num_workers=5 needs 5 CPU but the Ray cluster has 2: lower launcher.num_workers" in done.stderr
 
@@ -43,14 +53,31 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_checkpoint(cluster, 
     run = tmp_path / "run"
     overrides = [*QUICK, "trainer.steps=200", "trainer.eval_every=100", "trainer.ckpt_every=20", "trainer.log_every=1"]
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", **ISOLATED}
-    proc = subprocess.Popen([sys.executable, "-m", "moeflow.launch.cli", "ray", "launch", *overrides, f"launcher.address={cluster.address}",
-                             "launcher.num_workers=2", "launcher.max_failures=1", f"hydra.run.dir={run}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "ray",
+            "launch",
+            *overrides,
+            f"launcher.address={cluster.address}",
+            "launcher.num_workers=2",
+            "launcher.max_failures=1",
+            f"hydra.run.dir={run}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         pid_file, first_ckpt = run / "ray_workers" / "rank1.pid", run / "checkpoints" / "step_00000020"
         deadline = time.monotonic() + limit(180)
         while not (first_ckpt.exists() and pid_file.exists()):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stdout.read()[-3000:] if proc.poll() is not None else "no checkpoint in time"
+            )
             time.sleep(0.2)
         victim = int(pid_file.read_text())
         os.kill(victim, signal.SIGKILL)  # a worker dies mid-run
@@ -72,7 +99,16 @@ def test_two_workers_train_and_a_killed_worker_resumes_from_checkpoint(cluster, 
 
 def test_submit_as_a_ray_job(cluster, tmp_path):
     run = tmp_path / "run"
-    done = moeflow("ray", "submit", "--address", cluster.dashboard, *QUICK, "launcher.num_workers=2", f"hydra.run.dir={run}", timeout=limit(300))
+    done = moeflow(
+        "ray",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        *QUICK,
+        "launcher.num_workers=2",
+        f"hydra.run.dir={run}",
+        timeout=limit(300),
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-4000:]
     assert "submitted Ray job" in out and "SUCCEEDED" in out

@@ -1,4 +1,5 @@
 """moeflow slurm on a real single-node Slurm cluster (munge + slurmctld + slurmd), started here if needed."""
+
 import subprocess
 import sys
 import time
@@ -11,9 +12,17 @@ from helpers.timeouts import limit
 
 pytestmark = [pytest.mark.slurm]
 
-GPU_CLUSTER = ["launcher.nodes=4", "launcher.nproc_per_node=8", "launcher.gpus_per_node=8", "launcher.partition=gpu",
-               "launcher.account=proj42", "launcher.time=2-00:00:00", "launcher.exclusive=true",
-               "launcher.extra_sbatch=['--mail-type=END']", "launcher.setup=['module load cuda/12.4']"]
+GPU_CLUSTER = [
+    "launcher.nodes=4",
+    "launcher.nproc_per_node=8",
+    "launcher.gpus_per_node=8",
+    "launcher.partition=gpu",
+    "launcher.account=proj42",
+    "launcher.time=2-00:00:00",
+    "launcher.exclusive=true",
+    "launcher.extra_sbatch=['--mail-type=END']",
+    "launcher.setup=['module load cuda/12.4']",
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,20 +32,41 @@ def slurm():
 
 def cpu_job(tmp_path, *extra):
     """2 training processes on the 2-CPU node; a private rendezvous port (the machine is shared)."""
-    return ["launcher.cpus_per_task=2", f"launcher.output_root={tmp_path / 'runs'}", f"launcher.rdzv_port={free_port()}", *extra]
+    return [
+        "launcher.cpus_per_task=2",
+        f"launcher.output_root={tmp_path / 'runs'}",
+        f"launcher.rdzv_port={free_port()}",
+        *extra,
+    ]
 
 
 # --- no cluster needed ---------------------------------------------------------------------------
 
+
 def test_dry_run_prints_a_multi_node_gpu_script(tmp_path):
-    done = moeflow("slurm", "submit", "--dry-run", *GPU_CLUSTER, f"launcher.output_root={tmp_path}", "trainer.steps=1000")
+    done = moeflow(
+        "slurm", "submit", "--dry-run", *GPU_CLUSTER, f"launcher.output_root={tmp_path}", "trainer.steps=1000"
+    )
     assert done.returncode == 0, done.stderr
     script = done.stdout
-    for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=proj42", "#SBATCH --time=2-00:00:00", "#SBATCH --exclusive", "#SBATCH --mail-type=END",
-                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", f"#SBATCH --output={tmp_path}/%j.out",
-                 "module load cuda/12.4", "--nproc-per-node=8", "--rdzv-backend=c10d", "ARGS=(trainer.steps=1000 resume=auto)",
-                 f"RUN_DIR={tmp_path}/$RUN_ID"]:
+    for line in [
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj42",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --exclusive",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        f"#SBATCH --output={tmp_path}/%j.out",
+        "module load cuda/12.4",
+        "--nproc-per-node=8",
+        "--rdzv-backend=c10d",
+        "ARGS=(trainer.steps=1000 resume=auto)",
+        f"RUN_DIR={tmp_path}/$RUN_ID",
+    ]:
         assert line in script, line
     assert script.index("module load") < script.index("srun --kill-on-bad-exit")
     assert not (tmp_path / "sbatch").exists(), "--dry-run must not write or submit anything"
@@ -58,22 +88,49 @@ def test_the_job_runs_the_interpreter_of_launcher_setups_environment(tmp_path):
 
 
 def test_dry_run_multirun_is_a_job_array_over_hydra_sweep(tmp_path):
-    done = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "optim.lr=1e-3,3e-3", f"launcher.output_root={tmp_path}")
+    done = moeflow(
+        "slurm",
+        "submit",
+        "--dry-run",
+        "-m",
+        "model.num_experts=4,8",
+        "optim.lr=1e-3,3e-3",
+        f"launcher.output_root={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --array=0-3" in done.stdout and f"#SBATCH --output={tmp_path}/%A_%a.out" in done.stdout
     assert "mapfile -d '' -t SWEEP <" in done.stdout and "eval " not in done.stdout  # read as data, never evaluated
     # array tasks may share a node: each needs its own rendezvous port (one port joined two jobs' stores)
-    assert 'RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))' in done.stdout and '"$HEAD_NODE:$RDZV_PORT"' in done.stdout
-    fixed = moeflow("slurm", "submit", "--dry-run", "-m", "model.num_experts=4,8", "launcher.rdzv_port=31000", f"launcher.output_root={tmp_path}")
+    assert "RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))" in done.stdout and '"$HEAD_NODE:$RDZV_PORT"' in done.stdout
+    fixed = moeflow(
+        "slurm",
+        "submit",
+        "--dry-run",
+        "-m",
+        "model.num_experts=4,8",
+        "launcher.rdzv_port=31000",
+        f"launcher.output_root={tmp_path}",
+    )
     assert "RDZV_PORT=$((31000 + ${SLURM_ARRAY_TASK_ID:-0}))" in fixed.stdout
     tasks = [line for line in done.stderr.splitlines() if line.startswith("# array task")]
-    assert tasks == ["# array task 0: model.num_experts=4 optim.lr=0.001 resume=auto", "# array task 1: model.num_experts=4 optim.lr=0.003 resume=auto",
-                     "# array task 2: model.num_experts=8 optim.lr=0.001 resume=auto", "# array task 3: model.num_experts=8 optim.lr=0.003 resume=auto"]
+    assert tasks == [
+        "# array task 0: model.num_experts=4 optim.lr=0.001 resume=auto",
+        "# array task 1: model.num_experts=4 optim.lr=0.003 resume=auto",
+        "# array task 2: model.num_experts=8 optim.lr=0.001 resume=auto",
+        "# array task 3: model.num_experts=8 optim.lr=0.003 resume=auto",
+    ]
 
 
 @pytest.mark.parametrize("template, expect", [("srun", "RANK=$SLURM_PROCID"), ("ray", "ray launch")])
 def test_dry_run_other_templates(tmp_path, template, expect):
-    done = moeflow("slurm", "submit", "--dry-run", f"launcher.template={template}", "launcher.nodes=2", f"launcher.output_root={tmp_path}")
+    done = moeflow(
+        "slurm",
+        "submit",
+        "--dry-run",
+        f"launcher.template={template}",
+        "launcher.nodes=2",
+        f"launcher.output_root={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr
     assert expect in done.stdout and subprocess.run(["bash", "-n"], input=done.stdout, text=True).returncode == 0
 
@@ -104,6 +161,7 @@ def test_sbatch_not_on_path_names_the_fix(tmp_path):
 
 # --- on the real cluster -------------------------------------------------------------------------
 
+
 @pytest.mark.multiprocess
 def test_submit_two_rank_training_to_completion(slurm, tmp_path):
     done = moeflow("slurm", "submit", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
@@ -122,11 +180,21 @@ def test_submit_two_rank_training_to_completion(slurm, tmp_path):
     assert "COMPLETED" in moeflow("slurm", "status", job).stdout
 
 
-@pytest.mark.xfail(strict=False, reason="watching a teardown hang (3 of 14 runs before ranks barriered before destroying the "
-                   "process group; 11 of 11 passed since): drop this mark once it stays green")
+@pytest.mark.xfail(
+    strict=False,
+    reason="watching a teardown hang (3 of 14 runs before ranks barriered before destroying the "
+    "process group; 11 of 11 passed since): drop this mark once it stays green",
+)
 def test_srun_template_one_task_per_rank(slurm, tmp_path):
-    done = moeflow("slurm", "submit", *QUICK, "trainer.steps=4", "trainer.eval_every=0",
-                   *cpu_job(tmp_path, "launcher.template=srun", "launcher.nproc_per_node=2", "launcher.cpus_per_task=1"), cwd=tmp_path)
+    done = moeflow(
+        "slurm",
+        "submit",
+        *QUICK,
+        "trainer.steps=4",
+        "trainer.eval_every=0",
+        *cpu_job(tmp_path, "launcher.template=srun", "launcher.nproc_per_node=2", "launcher.cpus_per_task=1"),
+        cwd=tmp_path,
+    )
     job = job_id(done.stdout)
     try:
         assert wait_job(job, limit(90)) == "COMPLETED", moeflow("slurm", "logs", job).stdout[-3000:]
@@ -137,7 +205,9 @@ def test_srun_template_one_task_per_rank(slurm, tmp_path):
 
 
 def test_cancel_a_running_job(slurm, tmp_path):
-    done = moeflow("slurm", "submit", *QUICK, "trainer.steps=100000", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path)
+    done = moeflow(
+        "slurm", "submit", *QUICK, "trainer.steps=100000", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path
+    )
     job = job_id(done.stdout)
     wait_job(job, limit(60), until=("RUNNING",))
     cancelled = moeflow("slurm", "cancel", job)
@@ -191,7 +261,9 @@ def ray_processes_of(job: str) -> list[str]:
 @pytest.mark.slow
 def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[ray]'")
-    done = moeflow("slurm", "submit", "launcher=ray", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path)
+    done = moeflow(
+        "slurm", "submit", "launcher=ray", *QUICK, *cpu_job(tmp_path, "launcher.nproc_per_node=2"), cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     job = job_id(done.stdout)
     state = wait_job(job, limit(300))
@@ -210,8 +282,18 @@ def test_ray_on_slurm_starts_trains_and_tears_down(slurm, tmp_path):
 
 def test_sweep_runs_as_a_job_array(slurm, tmp_path):
     """`moeflow train -m launcher=slurm a=1,2` == `moeflow slurm submit -m a=1,2`: one array task per point."""
-    done = moeflow("train", "-m", "launcher=slurm", *QUICK, "trainer.steps=2", "trainer.eval_every=0", "trainer.ckpt_every=2",
-                   "model.num_experts=2,4", *cpu_job(tmp_path, "launcher.cpus_per_task=1"), cwd=tmp_path)
+    done = moeflow(
+        "train",
+        "-m",
+        "launcher=slurm",
+        *QUICK,
+        "trainer.steps=2",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=2",
+        "model.num_experts=2,4",
+        *cpu_job(tmp_path, "launcher.cpus_per_task=1"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "(array of 2)" in done.stdout
     job = job_id(done.stdout)
@@ -227,11 +309,25 @@ def test_sweep_runs_as_a_job_array(slurm, tmp_path):
 
 HOSTILE = "x$(touch INJECTED)\n#SBATCH --wrap=boom"
 HOSTILE_FIELDS = {
-    "job_name": HOSTILE, "partition": HOSTILE, "account": "a b", "qos": "q;touch INJECTED", "constraint": "c\ntouch INJECTED",
-    "mem": "1G; touch INJECTED", "time": "1:00 $(touch INJECTED)", "output_root": "/tmp/out dir", "nodes": "1 $(touch INJECTED)",
-    "nproc_per_node": "1 $(touch INJECTED); true", "gpus_per_node": "0;touch INJECTED", "cpus_per_task": "x", "signal_seconds": "-1",
-    "rdzv_port": "1;touch INJECTED", "exclusive": "yes", "extra_sbatch": ["--mail-type=END\ntouch INJECTED"],
-    "setup": ["echo ok\ntouch INJECTED"], "python": "python3\ntouch INJECTED", "srun_args": "--foo; touch INJECTED",
+    "job_name": HOSTILE,
+    "partition": HOSTILE,
+    "account": "a b",
+    "qos": "q;touch INJECTED",
+    "constraint": "c\ntouch INJECTED",
+    "mem": "1G; touch INJECTED",
+    "time": "1:00 $(touch INJECTED)",
+    "output_root": "/tmp/out dir",
+    "nodes": "1 $(touch INJECTED)",
+    "nproc_per_node": "1 $(touch INJECTED); true",
+    "gpus_per_node": "0;touch INJECTED",
+    "cpus_per_task": "x",
+    "signal_seconds": "-1",
+    "rdzv_port": "1;touch INJECTED",
+    "exclusive": "yes",
+    "extra_sbatch": ["--mail-type=END\ntouch INJECTED"],
+    "setup": ["echo ok\ntouch INJECTED"],
+    "python": "python3\ntouch INJECTED",
+    "srun_args": "--foo; touch INJECTED",
 }
 QUOTED_FIELDS = {  # free text that lands in the shell body: accepted, quoted
     "srun_args": "--container-image='x $(touch INJECTED) ; touch INJECTED' --export=ALL",
@@ -242,9 +338,19 @@ QUOTED_FIELDS = {  # free text that lands in the shell body: accepted, quoted
 @pytest.mark.parametrize("field", sorted(HOSTILE_FIELDS))
 def test_hostile_launcher_fields_are_refused_in_one_line(tmp_path, field):
     value = HOSTILE_FIELDS[field]  # quoted for Hydra with its real characters (newlines included)
-    quoted = (lambda v: "'" + v.replace("'", "\\'") + "'")
-    override = f"launcher.{field}=[{', '.join(quoted(v) for v in value)}]" if isinstance(value, list) else f"launcher.{field}={quoted(value)}"
-    done = moeflow("slurm", "submit", "--dry-run", override, f"launcher.output_root={tmp_path}" if field != "output_root" else "trainer.steps=1")
+    quoted = lambda v: "'" + v.replace("'", "\\'") + "'"
+    override = (
+        f"launcher.{field}=[{', '.join(quoted(v) for v in value)}]"
+        if isinstance(value, list)
+        else f"launcher.{field}={quoted(value)}"
+    )
+    done = moeflow(
+        "slurm",
+        "submit",
+        "--dry-run",
+        override,
+        f"launcher.output_root={tmp_path}" if field != "output_root" else "trainer.steps=1",
+    )
     assert done.returncode == 2, done.stdout[-500:]
     err = done.stderr.strip()
     assert err.startswith("moeflow slurm: error: ") and "\n" not in err and f"launcher.{field}" in err, err
@@ -256,13 +362,26 @@ def test_a_job_name_is_one_path_component(tmp_path, name):
     assert done.returncode == 2 and "launcher.job_name" in done.stderr, done.stderr[-500:]
 
 
-@pytest.mark.parametrize("bad, named", [("trainer.steps=-5", "trainer.steps=-5"), ("trainer.device=tpu", "trainer.device='tpu'"),
-                                        ("model.top_k=99", "model.top_k=99")])
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ("trainer.steps=-5", "trainer.steps=-5"),
+        ("trainer.device=tpu", "trainer.device='tpu'"),
+        ("model.top_k=99", "model.top_k=99"),
+    ],
+)
 def test_submit_runs_the_checks_moeflow_train_runs(tmp_path, bad, named):
     done = moeflow("slurm", "submit", "--dry-run", bad, f"launcher.output_root={tmp_path}")
     assert done.returncode == 2 and named in done.stderr and "\n" not in done.stderr.strip(), done.stderr[-800:]
-    sweep = moeflow("slurm", "submit", "--dry-run", "-m", f"trainer.steps=4,{bad.split('=', 1)[1]}" if bad.startswith("trainer.steps") else bad,
-                    "optim.lr=1e-3,3e-3", f"launcher.output_root={tmp_path}")
+    sweep = moeflow(
+        "slurm",
+        "submit",
+        "--dry-run",
+        "-m",
+        f"trainer.steps=4,{bad.split('=', 1)[1]}" if bad.startswith("trainer.steps") else bad,
+        "optim.lr=1e-3,3e-3",
+        f"launcher.output_root={tmp_path}",
+    )
     assert sweep.returncode == 2 and "sweep point" in sweep.stderr, sweep.stderr[-800:]
     assert not (tmp_path / "sbatch").exists()
 
@@ -273,8 +392,16 @@ def test_sweep_values_stay_words_whatever_they_hold(tmp_path):
 
     words = ["data.path=a\nb; touch INJECTED", "optim.lr=1e-3", "x='$(touch INJECTED)'", "resume=auto"]
     write_sweep(tmp_path / "s.sweep", [["a=1"], words])
-    read = subprocess.run(["bash", "-c", "mapfile -d '' -t SWEEP < \"$0\"/1.args; printf '%s\\0' \"${SWEEP[@]}\"", str(tmp_path / "s.sweep")],
-                          capture_output=True, cwd=tmp_path)
+    read = subprocess.run(
+        [
+            "bash",
+            "-c",
+            "mapfile -d '' -t SWEEP < \"$0\"/1.args; printf '%s\\0' \"${SWEEP[@]}\"",
+            str(tmp_path / "s.sweep"),
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+    )
     assert read.stdout.split(b"\0")[:-1] == [w.encode() for w in words]
     assert not (tmp_path / "INJECTED").exists()
 
@@ -284,18 +411,41 @@ def test_free_text_fields_are_quoted_and_nothing_they_hold_runs(tmp_path, templa
     """The rendered script parses (bash -n) and, run with every command on PATH replaced by a stub
     that only records its arguments, never runs what the values smuggled in (no `touch`)."""
     over = [f"launcher.{k}={v!r}" for k, v in QUOTED_FIELDS.items()]
-    done = moeflow("slurm", "submit", "--dry-run", f"launcher.template={template}", *over, f"launcher.output_root={tmp_path}")
+    done = moeflow(
+        "slurm", "submit", "--dry-run", f"launcher.template={template}", *over, f"launcher.output_root={tmp_path}"
+    )
     assert done.returncode == 0, done.stderr
     script = tmp_path / "job.sh"
     script.write_text(done.stdout)
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     stubs, calls = tmp_path / "stubs", tmp_path / "calls.log"
     stubs.mkdir()
-    for tool in ("srun", "scontrol", "scancel", "python3", "python", "touch", "hostname", "head", "awk", "sed", "kill", "wait", "sleep", "/opt/my"):
+    for tool in (
+        "srun",
+        "scontrol",
+        "scancel",
+        "python3",
+        "python",
+        "touch",
+        "hostname",
+        "head",
+        "awk",
+        "sed",
+        "kill",
+        "wait",
+        "sleep",
+        "/opt/my",
+    ):
         stub = stubs / Path(tool).name
-        stub.write_text(f"#!/bin/bash\necho \"{Path(tool).name} $*\" >> {calls}\n")
+        stub.write_text(f'#!/bin/bash\necho "{Path(tool).name} $*" >> {calls}\n')
         stub.chmod(0o755)
-    env = {"PATH": str(stubs), "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1", "SLURM_ARRAY_TASK_ID": "0"}
+    env = {
+        "PATH": str(stubs),
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_NNODES": "1",
+        "SLURM_ARRAY_TASK_ID": "0",
+    }
     subprocess.run(["/bin/bash", str(script)], env=env, cwd=tmp_path, capture_output=True, timeout=30)
     log = calls.read_text() if calls.exists() else ""
     assert "touch" not in [line.split()[0] for line in log.splitlines()], log

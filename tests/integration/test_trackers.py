@@ -1,5 +1,6 @@
 """logger=tensorboard|wandb|mlflow, several at once, each read back through its own format:
 W&B offline (WANDB_MODE=offline, its .wandb record log), MLflow's local store (its client)."""
+
 from __future__ import annotations
 
 import struct
@@ -26,8 +27,8 @@ def wandb_history(run_dir) -> dict[int, dict]:
             if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
                 pos += 32768 - pos % 32768
                 continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            buf = data[pos + 7:pos + 7 + length] if kind in (1, 2) else buf + data[pos + 7:pos + 7 + length]
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            buf = data[pos + 7 : pos + 7 + length] if kind in (1, 2) else buf + data[pos + 7 : pos + 7 + length]
             pos += 7 + length
             if kind in (1, 4):
                 record = pb.Record()
@@ -51,7 +52,13 @@ def test_three_trackers_get_the_same_numbers_and_a_resume_continues_their_runs(t
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run = tmp_path / "run"
-    common = [*TINY, "trainer.eval_every=2", "trainer.ckpt_every=2", "trainer.log_every=2", "logger=[tensorboard,wandb,mlflow]"]
+    common = [
+        *TINY,
+        "trainer.eval_every=2",
+        "trainer.ckpt_every=2",
+        "trainer.log_every=2",
+        "logger=[tensorboard,wandb,mlflow]",
+    ]
     try:
         train(compose_cfg(*common, "trainer.steps=4"), run)
         train(compose_cfg(*common, "trainer.steps=6", "resume=auto", run_dir=run), run)

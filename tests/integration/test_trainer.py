@@ -1,4 +1,5 @@
 """The trainer end to end on tiny shapes: loss falls, checkpoints, bit-identical resume."""
+
 import json
 import shutil
 
@@ -39,14 +40,32 @@ def test_losses_are_read_as_bits_per_byte_for_bytes_and_perplexity_for_tokens(tm
     assert all(abs(bits[s] - loss[s] / math.log(2)) < 1e-5 for s in loss)
     tokens = tmp_path / "tokens.bin"
     np.random.default_rng(0).integers(0, 200, 20000).astype(np.uint16).tofile(tokens)
-    train(compose_cfg(*[a for a in TINY if not a.startswith("data.max_bytes")], "data=memmap", f"data.path={tokens}", "data.seq_len=32", "data.batch_size=4", "trainer.steps=2",
-                      "trainer.eval_every=2", "trainer.ckpt_every=0"), tmp_path / "tok")
+    train(
+        compose_cfg(
+            *[a for a in TINY if not a.startswith("data.max_bytes")],
+            "data=memmap",
+            f"data.path={tokens}",
+            "data.seq_len=32",
+            "data.batch_size=4",
+            "trainer.steps=2",
+            "trainer.eval_every=2",
+            "trainer.ckpt_every=0",
+        ),
+        tmp_path / "tok",
+    )
     loss, ppl = _scalars(tmp_path / "tok", "val/loss"), _scalars(tmp_path / "tok", "val/perplexity")
     assert loss.keys() == ppl.keys() and all(abs(ppl[s] - math.exp(loss[s])) < 1e-3 * ppl[s] for s in loss)
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    common = [*TINY, "trainer.steps=8", "trainer.eval_every=0", "trainer.ckpt_every=4", "trainer.keep_checkpoints=0", "trainer.grad_accum=2"]
+    common = [
+        *TINY,
+        "trainer.steps=8",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=4",
+        "trainer.keep_checkpoints=0",
+        "trainer.grad_accum=2",
+    ]
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
     train(compose_cfg(*common), full)
     train(compose_cfg(*common), interrupted)
@@ -77,9 +96,14 @@ def test_every_scalar_routing_statistic_reaches_tensorboard(tmp_path):
     drop-warning branch, so a default run logged none of them."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train(compose_cfg(*TINY, "trainer.steps=2", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.log_every=1"), tmp_path)
+    train(
+        compose_cfg(*TINY, "trainer.steps=2", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.log_every=1"),
+        tmp_path,
+    )
     rows = [json.loads(line) for line in (tmp_path / "routing_stats.jsonl").read_text().splitlines()]
-    scalar_keys = {(r["layer"], k) for r in rows for k, v in r.items() if k not in ("step", "layer") and not isinstance(v, list)}
+    scalar_keys = {
+        (r["layer"], k) for r in rows for k, v in r.items() if k not in ("step", "layer") and not isinstance(v, list)
+    }
     assert len(scalar_keys) >= 4, scalar_keys  # e.g. load_max_over_mean, router entropy, aux loss, per layer
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
@@ -99,12 +123,24 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(tmp_path):
     from helpers.timeouts import limit
 
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "moeflow.launch.cli", "train", *TINY, "trainer.steps=100000", "trainer.eval_every=0", "trainer.ckpt_every=0",
-           "trainer.log_every=1", f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeflow.launch.cli",
+        "train",
+        *TINY,
+        "trainer.steps=100000",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=0",
+        "trainer.log_every=1",
+        f"hydra.run.dir={run}",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + limit(60)
     while not (run / "routing_stats.jsonl").exists() or not (run / "routing_stats.jsonl").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:] if proc.poll() is not None else "no step"
+        assert time.monotonic() < deadline and proc.poll() is None, (
+            proc.stderr.read()[-2000:] if proc.poll() is not None else "no step"
+        )
         time.sleep(0.1)  # training has begun
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=limit(60))
@@ -124,17 +160,32 @@ def test_a_line_per_log_step_in_the_run_log(tmp_path, caplog):
     import logging
 
     with caplog.at_level(logging.INFO, logger="moeflow.train"):
-        train(compose_cfg(*TINY, "trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=0", "trainer.ckpt_every=0"), tmp_path)
+        train(
+            compose_cfg(
+                *TINY, "trainer.steps=4", "trainer.log_every=2", "trainer.eval_every=0", "trainer.ckpt_every=0"
+            ),
+            tmp_path,
+        )
     lines = [r.message for r in caplog.records if r.message.startswith("step ") and "tok/s" in r.message]
     assert [ln.split(",")[0] for ln in lines] == ["step 2/4", "step 4/4"], lines
-    assert all("loss " in ln and "lr " in ln and "grad norm " in ln and "load max/mean" in ln and "over 2 layers" in ln for ln in lines), lines
+    assert all(
+        "loss " in ln and "lr " in ln and "grad norm " in ln and "load max/mean" in ln and "over 2 layers" in ln
+        for ln in lines
+    ), lines
 
 
 def test_a_global_batch_size_derives_the_accumulation(tmp_path):
     """data.global_batch_size=8 with 4 per micro-batch on one process trains exactly as grad_accum=2."""
     from moeflow.moe.errors import ConfigError
 
-    common = [*TINY, "trainer.steps=3", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.log_every=1", "data.batch_size=4"]
+    common = [
+        *TINY,
+        "trainer.steps=3",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=0",
+        "trainer.log_every=1",
+        "data.batch_size=4",
+    ]
     a = train(compose_cfg(*common, "data.global_batch_size=8"), tmp_path / "a")
     b = train(compose_cfg(*common, "trainer.grad_accum=2"), tmp_path / "b")
     assert a["train_loss"] == b["train_loss"]

@@ -1,4 +1,5 @@
 """(d) An upcycled checkpoint continues in `moeflow train`; its first loss is the dense model's loss."""
+
 from __future__ import annotations
 
 import json
@@ -40,19 +41,36 @@ def dense_first_loss(dense, cfg) -> float:
 
 def train_overrides(data, steps: int = 1):
     return [
-        "data=memmap", f"data.path={data}", f"data.seq_len={SEQ}", f"data.batch_size={BATCH}",
-        f"trainer.steps={steps}", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.device=cpu",
-        "trainer.precision=fp32", "trainer.progress=false", f"trainer.seed={SEED}", "experts.impl=torch",
+        "data=memmap",
+        f"data.path={data}",
+        f"data.seq_len={SEQ}",
+        f"data.batch_size={BATCH}",
+        f"trainer.steps={steps}",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=0",
+        "trainer.device=cpu",
+        "trainer.precision=fp32",
+        "trainer.progress=false",
+        f"trainer.seed={SEED}",
+        "experts.impl=torch",
     ]
 
 
 def test_upcycled_llama_continues_in_moeflow_train(tmp_path):
     dense = make_hf("llama", tmp_path / "dense", vocab=128)
     data = corpus(tmp_path / "tokens.bin", 128)
-    report = upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    report = upcycle_cli.upcycle(
+        [str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"]
+    )
     out = (tmp_path / "moe").resolve()
     assert report["train_command"] == shlex.join(["moeflow", "train", f"resume={out}"])
-    cfg = compose_cfg(f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}", *train_overrides(data))
+    cfg = compose_cfg(
+        f"hydra.searchpath=[file://{out / 'configs'}]",
+        "model=upcycled",
+        "gate=upcycled",
+        f"resume={out}",
+        *train_overrides(data),
+    )
     result = train(cfg, tmp_path / "run")
     assert result["start_step"] == 0 and result["step"] == 1
     want = dense_first_loss(dense, cfg)
@@ -64,9 +82,17 @@ def test_slurm_style_run_in_the_upcycled_dir_with_resume_auto(tmp_path):
     weights, and a requeued job resumes from the run's own later checkpoint."""
     dense = make_hf("qwen3", tmp_path / "dense", vocab=128, head_dim=16)
     data = corpus(tmp_path / "tokens.bin", 128)
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "1", "--granularity", "2"])
+    upcycle_cli.upcycle(
+        [str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "1", "--granularity", "2"]
+    )
     run_dir = (tmp_path / "moe" / "moeflow").resolve()
-    base = [f"hydra.searchpath=[file://{run_dir / 'configs'}]", "model=upcycled", "gate=upcycled", "resume=auto", *train_overrides(data)]
+    base = [
+        f"hydra.searchpath=[file://{run_dir / 'configs'}]",
+        "model=upcycled",
+        "gate=upcycled",
+        "resume=auto",
+        *train_overrides(data),
+    ]
     cfg = compose_cfg(*base, "trainer.ckpt_every=1")
     first = train(cfg, run_dir)
     assert first["start_step"] == 0
@@ -80,16 +106,67 @@ def test_user_command_from_a_moeflow_dense_checkpoint(tmp_path):
     """The real CLI, twice: a dense moeflow run -> `moeflow upcycle` -> the printed `moeflow train` command."""
     data = corpus(tmp_path / "tokens.bin", 256)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.num_experts=1", "model.top_k=1", "model.max_seq_len=32"]
+    tiny = [
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.d_ff=64",
+        "model.num_experts=1",
+        "model.top_k=1",
+        "model.max_seq_len=32",
+    ]
     dense_run = tmp_path / "dense_run"
-    cmd = [sys.executable, "-m", "moeflow.launch.cli", "train", *tiny, *train_overrides(data, steps=2), "trainer.ckpt_every=2", f"hydra.run.dir={dense_run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moeflow.launch.cli",
+        "train",
+        *tiny,
+        *train_overrides(data, steps=2),
+        "trainer.ckpt_every=2",
+        f"hydra.run.dir={dense_run}",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=limit(300))
-    up = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "upcycle", str(dense_run), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2", "--granularity", "2"], check=True, env=env, capture_output=True, text=True, timeout=limit(300))
+    up = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "upcycle",
+            str(dense_run),
+            str(tmp_path / "moe"),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--granularity",
+            "2",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=limit(300),
+    )
     assert "verify moeflow MoE vs dense" in up.stdout
     line = next(ln.strip() for ln in up.stdout.splitlines() if ln.strip().startswith("moeflow train "))
     argv = shlex.split(line)[2:]  # the printed command is shell-quoted
     run_dir = tmp_path / "moe_run"
-    res = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", *argv, *train_overrides(data, steps=1), f"hydra.run.dir={run_dir}"], env=env, capture_output=True, text=True, timeout=limit(300))
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moeflow.launch.cli",
+            "train",
+            *argv,
+            *train_overrides(data, steps=1),
+            f"hydra.run.dir={run_dir}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=limit(300),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     log = next(run_dir.glob("*.log")).read_text()
     assert "weights-only checkpoint" in log
@@ -117,16 +194,46 @@ def test_upcycled_experts_diverge_in_training(tmp_path, router_init, diverge):
 
     make_hf("llama", tmp_path / "dense", vocab=128)
     data = corpus(tmp_path / "tokens.bin", 128)
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2",
-                         "--router-init", router_init])
+    upcycle_cli.upcycle(
+        [
+            str(tmp_path / "dense"),
+            str(tmp_path / "moe"),
+            "--format",
+            "moeflow",
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--router-init",
+            router_init,
+        ]
+    )
     out = (tmp_path / "moe").resolve()
-    overrides = [o for o in train_overrides(data, steps=6) if not o.startswith("trainer.ckpt_every")] + ["trainer.ckpt_every=6"]
-    train(compose_cfg(f"hydra.searchpath=[file://{out / 'configs'}]", "model=upcycled", "gate=upcycled", f"resume={out}", *overrides), tmp_path / "run")
+    overrides = [o for o in train_overrides(data, steps=6) if not o.startswith("trainer.ckpt_every")] + [
+        "trainer.ckpt_every=6"
+    ]
+    train(
+        compose_cfg(
+            f"hydra.searchpath=[file://{out / 'configs'}]",
+            "model=upcycled",
+            "gate=upcycled",
+            f"resume={out}",
+            *overrides,
+        ),
+        tmp_path / "run",
+    )
     weights = read_full_tensors(tmp_path / "run" / "checkpoints" / "step_00000006", "model.")
     experts = {k: v for k, v in weights.items() if k.endswith("w1_EDF")}
     routers = {k: v for k, v in weights.items() if ".gate." in k and v.dim() == 2 and v.shape[0] == 4}
     assert experts and routers, sorted(weights)
-    tied = [(k, i, j) for group in (experts, routers) for k, v in group.items() for i in range(4) for j in range(i + 1, 4) if torch.equal(v[i], v[j])]
+    tied = [
+        (k, i, j)
+        for group in (experts, routers)
+        for k, v in group.items()
+        for i in range(4)
+        for j in range(i + 1, 4)
+        if torch.equal(v[i], v[j])
+    ]
     assert (not tied) if diverge else tied, tied[:4]
 
 
@@ -156,14 +263,32 @@ def test_upcycled_and_resumed_runs_need_no_model_restated(tmp_path):
     record (once: the default model's shapes, refused); naming single keys still applies them."""
     make_hf("llama", tmp_path / "dense", vocab=128)
     data = corpus(tmp_path / "tokens.bin", 128)
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    upcycle_cli.upcycle(
+        [str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "run"
-    base = [sys.executable, "-m", "moeflow.launch.cli", "train", *train_overrides(data, steps=1), "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"]
-    first = subprocess.run([*base, f"resume={tmp_path / 'moe'}", "gate.aux_loss_coef=0.02"], env=env, capture_output=True, text=True, timeout=limit(300))
+    base = [
+        sys.executable,
+        "-m",
+        "moeflow.launch.cli",
+        "train",
+        *train_overrides(data, steps=1),
+        "trainer.ckpt_every=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    first = subprocess.run(
+        [*base, f"resume={tmp_path / 'moe'}", "gate.aux_loss_coef=0.02"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=limit(300),
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     assert "resume: model and gate as recorded in" in (run_dir / "train.log").read_text()
-    again = subprocess.run([*base, "resume=auto", "trainer.steps=2"], env=env, capture_output=True, text=True, timeout=limit(300))
+    again = subprocess.run(
+        [*base, "resume=auto", "trainer.steps=2"], env=env, capture_output=True, text=True, timeout=limit(300)
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     from moeflow.launch import checkpoint as ckpt
 

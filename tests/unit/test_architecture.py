@@ -3,6 +3,7 @@
 Walks every module of the installed packages with `ast` (imports inside functions count too:
 they run sooner or later) and fails on an upward import or an import cycle, naming it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -111,9 +112,25 @@ def test_the_walk_sees_the_package():
 def test_the_installed_packages_hold_only_library_code_and_data():
     """Developer scripts live in bench/tools/, fixtures in tests/: the package dirs hold modules,
     Hydra configs and sbatch templates only, and every module is importable package code."""
-    allowed = {"moe": {".py"}, "kernels": {".py"}, "parallel": {".py"}, "launch": {".py", ".yaml"}, "configs": {".py", ".yaml"}, "slurm": {".py", ".j2"}}
-    stray = [str(f.relative_to(ROOT)) for pkg, exts in allowed.items() for f in (ROOT / pkg).rglob("*")
-             if f.is_file() and "__pycache__" not in f.parts and f.suffix not in exts]
+    allowed = {
+        "moe": {".py"},
+        "kernels": {".py"},
+        "parallel": {".py"},
+        "launch": {".py", ".yaml"},
+        "configs": {".py", ".yaml"},
+        "slurm": {".py", ".j2"},
+    }
+    stray = [
+        str(f.relative_to(ROOT))
+        for pkg, exts in allowed.items()
+        for f in (ROOT / pkg).rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts and f.suffix not in exts
+    ]
     assert not stray, f"not library code or data: {stray}"
-    scripts = [str(f.relative_to(ROOT)) for pkg in LAYERS for f in (ROOT / pkg).rglob("*.py") if "__main__" in f.read_text() and f.name != "cli.py"]
+    scripts = [
+        str(f.relative_to(ROOT))
+        for pkg in LAYERS
+        for f in (ROOT / pkg).rglob("*.py")
+        if "__main__" in f.read_text() and f.name != "cli.py"
+    ]
     assert not scripts, f"scripts inside the package (move them to bench/tools/): {scripts}"

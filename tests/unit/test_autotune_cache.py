@@ -2,6 +2,7 @@
 second autotuner over the same kernel source, reuses the first one's pick without benchmarking;
 another GPU does not. Runs through Triton's real `Autotuner.run` under the CPU interpreter, with a
 stand-in benchmark (the interpreter has no timer)."""
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,20 @@ def _bench(kernel_call, quantiles):
 
 def make_kernel():
     """A fresh autotuner over the same source (what a new process builds)."""
-    @triton.autotune(configs=[triton.Config({"BLOCK": 16}, num_warps=1, pre_hook=_hook), triton.Config({"BLOCK": 32}, num_warps=1, pre_hook=_hook)],
-                     key=["n"], do_bench=_bench)
+
+    @triton.autotune(
+        configs=[
+            triton.Config({"BLOCK": 16}, num_warps=1, pre_hook=_hook),
+            triton.Config({"BLOCK": 32}, num_warps=1, pre_hook=_hook),
+        ],
+        key=["n"],
+        do_bench=_bench,
+    )
     @triton.jit
     def add_one(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
+
     return add_one
 
 
@@ -64,7 +73,11 @@ def test_a_new_process_reuses_the_tuned_config_and_keeps_its_pre_hook(cache_dir)
     files = list(cache_dir.rglob("moeflow-add_one.autotune.json"))
     assert len(files) == 1
     stored = json.loads(files[0].read_text())
-    assert stored["key"] == ["100", "torch.float32", "torch.float32"] and stored["best"]["kwargs"] == {"BLOCK": 32} and stored["target"] == "H100 sm_90 132 SMs"  # n, then the dtypes: as Triton keys it
+    assert (
+        stored["key"] == ["100", "torch.float32", "torch.float32"]
+        and stored["best"]["kwargs"] == {"BLOCK": 32}
+        and stored["target"] == "H100 sm_90 132 SMs"
+    )  # n, then the dtypes: as Triton keys it
 
     benched.clear()
     ran.clear()

@@ -1,4 +1,5 @@
 """Bad input fails before training, with one line that names the problem and the fix."""
+
 import os
 import subprocess
 import sys
@@ -47,7 +48,10 @@ def run_preflight(capsys, *args):
         (["data.val_percent=100"], "data.val_percent=100 is not valid: it takes a number > 0 and < 100"),
         (["resume=auto"], "resume=auto continues the run in hydra.run.dir, but none was given"),
         (["launcher=local", "launcher.nproc=2", "parallel.ep=4"], "parallel.ep=4 does not divide dp_shard x tp = 2"),
-        (["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"], "trainer."),
+        (
+            ["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"],
+            "trainer.",
+        ),
     ],
 )
 def test_config_errors_are_one_line(capsys, args, expect):
@@ -74,12 +78,19 @@ def test_unwritable_output_dir(capsys, tmp_path):
 
 def test_resume_from_a_different_model_shape(tmp_path):
     train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "a")
-    with pytest.raises(CheckpointError, match=r"different model shape \(d_model: checkpoint 32 vs run 48.*start a fresh run"):
+    with pytest.raises(
+        CheckpointError, match=r"different model shape \(d_model: checkpoint 32 vs run 48.*start a fresh run"
+    ):
         train(compose_cfg(*TINY, "model.d_model=48", "trainer.steps=2", f"resume={tmp_path / 'a'}"), tmp_path / "b")
 
 
-@pytest.mark.parametrize("damage, match", [("data", "is damaged: shard_00000.safetensors has 100 bytes.*resume from another checkpoint"),
-                                           ("metadata", "index.json is unreadable.*resume from another checkpoint")])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("data", "is damaged: shard_00000.safetensors has 100 bytes.*resume from another checkpoint"),
+        ("metadata", "index.json is unreadable.*resume from another checkpoint"),
+    ],
+)
 def test_corrupt_checkpoint(tmp_path, damage, match):
     train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "a")
     ckpt_dir = next((tmp_path / "a" / "checkpoints").iterdir())
@@ -90,9 +101,18 @@ def test_corrupt_checkpoint(tmp_path, damage, match):
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "train", "model.top_k=99"], capture_output=True, text=True, cwd=tmp_path, timeout=limit(120))
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeflow.launch.cli", "train", "model.top_k=99"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=limit(120),
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "moeflow train: error: model.top_k=99 is larger than model.num_experts=8; set top_k <= num_experts"
+    assert (
+        proc.stderr.strip()
+        == "moeflow train: error: model.top_k=99 is larger than model.num_experts=8; set top_k <= num_experts"
+    )
     assert not (tmp_path / "outputs").exists()  # nothing started
 
 
@@ -108,21 +128,46 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.parametrize("args, expect", [(["model.d_modle=64"], "did you mean 'model.d_model'?"), (["gate=nope"], "unknown choice 'nope' for gate")])
+@pytest.mark.parametrize(
+    "args, expect",
+    [(["model.d_modle=64"], "did you mean 'model.d_model'?"), (["gate=nope"], "unknown choice 'nope' for gate")],
+)
 def test_a_typo_is_reported_before_torch_is_imported(tmp_path, args, expect):
     """The fast answer (about half a second, instead of the seconds torch takes to import): the
     command line is composed and checked by Hydra alone, with torch made unimportable here."""
-    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "train", *args], capture_output=True, text=True, cwd=tmp_path, timeout=limit(60))
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, "train", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=limit(60),
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("moeflow train: error: ") and expect in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_version_and_train_help(tmp_path):
-    version = subprocess.run([sys.executable, "-m", "moeflow.launch.cli", "--version"], capture_output=True, text=True, timeout=limit(60))
+    version = subprocess.run(
+        [sys.executable, "-m", "moeflow.launch.cli", "--version"], capture_output=True, text=True, timeout=limit(60)
+    )
     assert version.returncode == 0 and version.stdout.startswith("moeflow 0.")
-    helped = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "train", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=limit(60))
+    helped = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, "train", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=limit(60),
+    )
     assert helped.returncode == 0, helped.stderr
-    for group in ("model", "gate", "data", "optim", "parallel", "engine", "launcher"):  # every group, one line per choice
+    for group in (
+        "model",
+        "gate",
+        "data",
+        "optim",
+        "parallel",
+        "engine",
+        "launcher",
+    ):  # every group, one line per choice
         assert f"\n  {group}\n" in helped.stdout
     assert "*topk" in helped.stdout and "sinkhorn" in helped.stdout and "docs/configs.md" in helped.stdout
 
@@ -153,7 +198,9 @@ def test_the_launcher_world_counts_before_torchrun_sets_it():
     validate(compose_cfg("launcher=local", "launcher.nproc=2", "parallel.ep=2"))
 
 
-@pytest.mark.parametrize("override, hint", [("seed=7", "did you mean 'trainer.seed'?"), ("foo=1", "unknown config key 'foo'")])
+@pytest.mark.parametrize(
+    "override, hint", [("seed=7", "did you mean 'trainer.seed'?"), ("foo=1", "unknown config key 'foo'")]
+)
 def test_an_unknown_top_level_key_is_one_line(capsys, override, hint):
     """A key without a dot once reached Hydra's 81-line ConfigCompositionException (it was taken for a group)."""
     assert hint in run_preflight(capsys, override)

@@ -1,5 +1,6 @@
 """`moeflow bench train` on tiny shapes (CPU): every variant runs, the figures are consistent, and
 the MoE and dense variants go through the real trainer."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,14 @@ import pytest
 from moeflow.launch.bench import train as bench_train
 from moeflow.moe.config import ModelConfig
 
-TINY = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=32", "model.num_experts=4", "model.vocab_size=64"]
+TINY = [
+    "model.n_layers=1",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.d_ff=32",
+    "model.num_experts=4",
+    "model.vocab_size=64",
+]
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
@@ -35,12 +43,32 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(trainer, "train", counting)
     out = tmp_path / "train.json"
-    args = argparse.Namespace(shape="tiny", variants="moe,dense,hf", impls="torch", seq_len=16, batch_size=2, steps=2,
-                              device="cpu", out=str(out), override=TINY)
+    args = argparse.Namespace(
+        shape="tiny",
+        variants="moe,dense,hf",
+        impls="torch",
+        seq_len=16,
+        batch_size=2,
+        steps=2,
+        device="cpu",
+        out=str(out),
+        override=TINY,
+    )
     result = bench_train.run(args)
-    assert calls == [("torch", 1), ("auto", 0)]  # the MoE (experts.impl=torch) and its dense equivalent, both by the trainer
+    assert calls == [
+        ("torch", 1),
+        ("auto", 0),
+    ]  # the MoE (experts.impl=torch) and its dense equivalent, both by the trainer
     saved = json.loads(out.read_text())
-    for key in ("device", "moe_tokens_per_s", "dense_tokens_per_s", "moe_mfu", "dense_mfu", "moe_peak_mem_gib", "first_step_s"):
+    for key in (
+        "device",
+        "moe_tokens_per_s",
+        "dense_tokens_per_s",
+        "moe_mfu",
+        "dense_mfu",
+        "moe_peak_mem_gib",
+        "first_step_s",
+    ):
         assert key in saved
     assert [r["variant"] for r in saved["variants"]] == ["moe-torch", "dense", "hf (mixtral)"]
     assert saved["moe_over_dense"] == pytest.approx(saved["moe_tokens_per_s"] / saved["dense_tokens_per_s"])
@@ -56,21 +84,43 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
 @pytest.mark.slow  # trains 4 tiny steps (about a second on 2 cores)
 def test_phase_times_are_reported_and_fit_in_the_steady_step(tmp_path, capsys):
     out = tmp_path / "train.json"
-    args = argparse.Namespace(shape="tiny", variants="dense", impls="torch", seq_len=16, batch_size=2, steps=2,
-                              device="cpu", out=str(out), override=TINY)
+    args = argparse.Namespace(
+        shape="tiny",
+        variants="dense",
+        impls="torch",
+        seq_len=16,
+        batch_size=2,
+        steps=2,
+        device="cpu",
+        out=str(out),
+        override=TINY,
+    )
     bench_train.run(args)
     row = json.loads(out.read_text())["variants"][0]
     phases = [row["forward_s"], row["backward_s"], row["optimizer_s"]]
     assert all(p > 0 for p in phases) and row["phases_measured_with"] == "perf_counter"
     assert sum(phases) <= row["steady_step_s"]  # the measured steps' phases, inside the interval tokens/s comes from
-    assert json.loads(out.read_text())["dense_phases_s"] == {"forward": phases[0], "backward": phases[1], "optimizer": phases[2]}
+    assert json.loads(out.read_text())["dense_phases_s"] == {
+        "forward": phases[0],
+        "backward": phases[1],
+        "optimizer": phases[2],
+    }
     assert "fwd / bwd / opt" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # trains 4 tiny steps, two of them profiled
 def test_a_profiled_variant_prints_its_table(tmp_path, capsys):
-    args = argparse.Namespace(shape="tiny", variants="dense", impls="torch", seq_len=16, batch_size=2, steps=2,
-                              device="cpu", out=None, override=[*TINY, "trainer.profile=true"])
+    args = argparse.Namespace(
+        shape="tiny",
+        variants="dense",
+        impls="torch",
+        seq_len=16,
+        batch_size=2,
+        steps=2,
+        device="cpu",
+        out=None,
+        override=[*TINY, "trainer.profile=true"],
+    )
     row = bench_train.run(args)["variants"][0]
     assert row["profile_ms_per_step"]["gemm"] > 0
     assert "dense: profile: CPU self time per step" in capsys.readouterr().out
@@ -85,8 +135,20 @@ def test_the_random_token_file_leaves_a_validation_window(tmp_path, seq_len):
 
     n = bench_train.token_count(8, seq_len)
     tokens = bench_train.random_tokens(tmp_path, 50304, n)
-    data = OmegaConf.create({"source": "memmap", "path": str(tokens), "val_path": None, "dtype": "uint16", "seq_len": seq_len,
-                             "batch_size": 8, "val_percent": bench_train.VAL_PERCENT, "max_bytes": None, "glob": "*", "mix": None})
+    data = OmegaConf.create(
+        {
+            "source": "memmap",
+            "path": str(tokens),
+            "val_path": None,
+            "dtype": "uint16",
+            "seq_len": seq_len,
+            "batch_size": 8,
+            "val_percent": bench_train.VAL_PERCENT,
+            "max_bytes": None,
+            "glob": "*",
+            "mix": None,
+        }
+    )
     training_samplers(data, 50304, 0)  # raises DataError if either split is too small
 
 
@@ -115,4 +177,6 @@ def test_overrides_may_follow_the_flags(monkeypatch):
     seen = {}
     monkeypatch.setattr(bench_train, "run", lambda args: seen.update(vars(args)))
     bench_train.main(["model.n_layers=4", "--compile", "optim.master_weights=true", "--steps", "3"])
-    assert seen["override"] == ["model.n_layers=4", "optim.master_weights=true"] and seen["compile"] and seen["steps"] == 3
+    assert (
+        seen["override"] == ["model.n_layers=4", "optim.master_weights=true"] and seen["compile"] and seen["steps"] == 3
+    )

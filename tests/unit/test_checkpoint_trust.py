@@ -5,6 +5,7 @@ Each test breaks a real checkpoint the way it breaks in the field (a tampered fi
 byte, a deleted file, a copy, a second run) and asserts what the user gets: a one-line
 `MoeflowError` that names the fix, and no code run from the files.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,14 @@ def copy_run(good_run, tmp_path):
 
 
 # -- no code from a checkpoint -------------------------------------------------------------
-CHECKPOINT_FILES = ["meta.json", "trainer_state.json", "rng/rank_00000.json", INDEX, "state.json", "shard_00000.safetensors"]
+CHECKPOINT_FILES = [
+    "meta.json",
+    "trainer_state.json",
+    "rng/rank_00000.json",
+    INDEX,
+    "state.json",
+    "shard_00000.safetensors",
+]
 
 
 def commands(run, ckpt_dir, out):
@@ -116,7 +124,9 @@ def test_a_legacy_pickle_checkpoint_needs_an_explicit_opt_in(tmp_path, good_run)
         load_model(str(legacy))
     model, _, _ = load_model(str(legacy), trust=True)  # the user's own old checkpoint, by choice
     assert torch.equal(model.state_dict()["embed.weight"], tensors["model.embed.weight"])
-    (legacy / ".metadata").write_bytes(pickle.dumps(Payload(marker)))  # and a hostile one is still refused without the flag
+    (legacy / ".metadata").write_bytes(
+        pickle.dumps(Payload(marker))
+    )  # and a hostile one is still refused without the flag
     with pytest.raises(CheckpointError, match="pickle-based format"):
         train(cfg("trainer.steps=1", f"resume={legacy}"), tmp_path / "c")
     assert not marker.exists()
@@ -139,7 +149,9 @@ def test_an_index_naming_files_outside_the_checkpoint_is_refused(tmp_path, good_
 def test_a_checkpoint_without_trainer_state_is_refused_not_restarted(tmp_path, good_run):
     run, found = copy_run(good_run, tmp_path)
     (found / "trainer_state.json").unlink()
-    with pytest.raises(CheckpointError, match="incomplete: trainer_state.json is missing|no trainer_state.json.*incomplete"):
+    with pytest.raises(
+        CheckpointError, match="incomplete: trainer_state.json is missing|no trainer_state.json.*incomplete"
+    ):
         train(cfg("trainer.steps=3", "resume=auto"), run)
     assert (run / "checkpoints" / "step_00000001").is_dir()  # nothing overwritten
 
@@ -176,7 +188,9 @@ def test_flipped_bytes_in_a_shard_are_caught_by_the_checksum(tmp_path, good_run)
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="does not match its digest.*trainer.verify_checkpoint=false"):
         train(cfg("trainer.steps=3", "resume=auto"), run)
-    out = train(cfg("trainer.steps=3", "resume=auto", "trainer.verify_checkpoint=false"), run)  # the user's explicit choice
+    out = train(
+        cfg("trainer.steps=3", "resume=auto", "trainer.verify_checkpoint=false"), run
+    )  # the user's explicit choice
     assert out["start_step"] == 2
 
 
@@ -194,11 +208,21 @@ def test_consolidated_weights_are_checksummed(tmp_path, good_run):
 
 
 # -- changed settings on resume -----------------------------------------------------------------
-@pytest.mark.parametrize("override, named", [("optim.lr=0.01", "optim.lr: 0.003 -> 0.01"), ("gate=sinkhorn", "gate.name: 'topk' -> 'sinkhorn'"),
-                                             ("model.top_k=1", "model.top_k: 2 -> 1"), ("optim.weight_decay=0.5", "optim.weight_decay")])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("optim.lr=0.01", "optim.lr: 0.003 -> 0.01"),
+        ("gate=sinkhorn", "gate.name: 'topk' -> 'sinkhorn'"),
+        ("model.top_k=1", "model.top_k: 2 -> 1"),
+        ("optim.weight_decay=0.5", "optim.weight_decay"),
+    ],
+)
 def test_resume_with_changed_settings_is_refused_by_name(tmp_path, good_run, override, named):
     run, _ = copy_run(good_run, tmp_path)
-    with pytest.raises(CheckpointError, match=f"differ from the checkpoint's.*{named}.*trainer.allow_config_change=true".replace("(", r"\(")):
+    with pytest.raises(
+        CheckpointError,
+        match=f"differ from the checkpoint's.*{named}.*trainer.allow_config_change=true".replace("(", r"\("),
+    ):
         train(cfg("trainer.steps=3", "resume=auto", override), run)
 
 
@@ -207,8 +231,17 @@ def test_allow_config_change_takes_the_new_learning_rate(tmp_path, good_run):
 
     run, _ = copy_run(good_run, tmp_path)
     shutil.rmtree(run / "tensorboard")
-    train(cfg("trainer.steps=4", "resume=auto", "optim.lr=0.01", "optim.warmup_steps=0", "optim.schedule=constant",
-              "trainer.allow_config_change=true"), run)
+    train(
+        cfg(
+            "trainer.steps=4",
+            "resume=auto",
+            "optim.lr=0.01",
+            "optim.warmup_steps=0",
+            "optim.schedule=constant",
+            "trainer.allow_config_change=true",
+        ),
+        run,
+    )
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert {e.step: e.value for e in acc.Scalars("train/lr")}[4] == pytest.approx(0.01)
@@ -231,7 +264,9 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, good_run):
     (run / LOCK_FILE).write_text(json.dumps(holder))
     with pytest.raises(ConfigError, match=f"in use by another run.*pid {os.getpid()}"):
         train(cfg("trainer.steps=3", "resume=auto"), run)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     (run / LOCK_FILE).write_text(json.dumps({**holder, "pid": int(gone)}))  # its process has exited
     assert train(cfg("trainer.steps=3", "resume=auto"), run)["start_step"] == 2
     assert not (run / LOCK_FILE).exists()  # released at the end
@@ -240,7 +275,17 @@ def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(tmp_path, good_run):
 def test_two_runs_started_in_one_dir(tmp_path):
     """The second `moeflow train` into a dir in use exits 2 in one line while the first trains on."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "moeflow.launch.cli", "train", *TINY, *QUIET, "trainer.steps=100000", "trainer.ckpt_every=0", f"hydra.run.dir={run}"]
+    args = [
+        sys.executable,
+        "-m",
+        "moeflow.launch.cli",
+        "train",
+        *TINY,
+        *QUIET,
+        "trainer.steps=100000",
+        "trainer.ckpt_every=0",
+        f"hydra.run.dir={run}",
+    ]
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + limit(60)
@@ -251,7 +296,9 @@ def test_two_runs_started_in_one_dir(tmp_path):
         assert second.returncode == 2, second.stderr[-2000:]
         last = second.stderr.strip().splitlines()[-1]
         assert last.startswith("moeflow train: error: run dir") and "in use by another run" in last, last
-        assert "resume=auto" not in (run / ".hydra" / "overrides.yaml").read_text()  # refused before Hydra wrote into the dir
+        assert (
+            "resume=auto" not in (run / ".hydra" / "overrides.yaml").read_text()
+        )  # refused before Hydra wrote into the dir
     finally:
         first.kill()
         first.wait()
@@ -293,7 +340,9 @@ def test_resume_says_when_the_same_global_batch_draws_other_windows(tmp_path, go
     run, _ = copy_run(good_run, tmp_path)
     with caplog.at_level(logging.WARNING, logger="moeflow.train"):
         train(cfg("trainer.steps=3", "resume=auto", "data.batch_size=2", "trainer.grad_accum=2"), run)
-    assert any("trainer.grad_accum=1" in r.message and "other windows" in r.message for r in caplog.records), [r.message for r in caplog.records]
+    assert any("trainer.grad_accum=1" in r.message and "other windows" in r.message for r in caplog.records), [
+        r.message for r in caplog.records
+    ]
 
 
 def test_a_lock_from_another_host_is_taken_over_only_by_the_same_run(tmp_path, monkeypatch):
@@ -301,7 +350,9 @@ def test_a_lock_from_another_host_is_taken_over_only_by_the_same_run(tmp_path, m
     from moeflow.launch.run_lock import LOCK_FILE, RunDirInUse, RunLock
 
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "node-7", "pid": 4242, "run_id": "launch-abc", "started": time.time()}))
+    (tmp_path / LOCK_FILE).write_text(
+        json.dumps({"host": "node-7", "pid": 4242, "run_id": "launch-abc", "started": time.time()})
+    )
     monkeypatch.setenv("MOEFLOW_RUN_ID", "launch-other")
     with pytest.raises(RunDirInUse, match="host node-7, pid 4242"):
         RunLock(tmp_path).acquire()
@@ -319,7 +370,9 @@ def test_a_live_holder_on_this_host_keeps_its_lock_whatever_its_run_id(tmp_path,
     from moeflow.launch.run_lock import LOCK_FILE, RunDirInUse, RunLock
 
     tmp_path.mkdir(exist_ok=True)
-    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": "42", "started": time.time()}))
+    (tmp_path / LOCK_FILE).write_text(
+        json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "run_id": "42", "started": time.time()})
+    )
     monkeypatch.setenv("SLURM_JOB_ID", "42")  # two srun steps of one job pointed at one dir
     with pytest.raises(RunDirInUse):
         RunLock(tmp_path).acquire()
@@ -345,12 +398,19 @@ def test_racing_takeovers_of_a_stale_lock_leave_one_holder(tmp_path):
 
     from moeflow.launch.run_lock import LOCK_FILE
 
-    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    gone = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     for trial in range(3):
         d = tmp_path / f"t{trial}"
         d.mkdir()
         (d / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": gone, "started": 0}))
-        procs = [subprocess.Popen([sys.executable, "-c", RACE, str(d)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(4)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACE, str(d)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            )
+            for _ in range(4)
+        ]
         outs = [p.communicate(timeout=limit(60))[0].strip() for p in procs]
         assert sorted(outs) == ["refused", "refused", "refused", "won"], outs
 
@@ -358,7 +418,9 @@ def test_racing_takeovers_of_a_stale_lock_leave_one_holder(tmp_path):
 def test_a_damaged_later_checkpoint_is_refused_not_skipped(tmp_path, good_run):
     run, found = copy_run(good_run, tmp_path)
     (found / INDEX).unlink()  # step 2 (the latest) lost its index; step 1 is whole
-    with pytest.raises(CheckpointError, match=r"step_00000002 is not a whole checkpoint \(index.json missing\); move it out"):
+    with pytest.raises(
+        CheckpointError, match=r"step_00000002 is not a whole checkpoint \(index.json missing\); move it out"
+    ):
         train(cfg("trainer.steps=3", "resume=auto"), run)
     for p in (run / "checkpoints").iterdir():
         (p / "meta.json").unlink()
@@ -378,7 +440,16 @@ def test_a_json_file_swapped_in_from_another_checkpoint_is_refused(tmp_path, goo
 def test_allow_config_change_applies_a_new_weight_decay(tmp_path):
     run = tmp_path / "run"
     train(cfg("trainer.steps=1", "trainer.ckpt_every=1", "optim.weight_decay=0"), run)
-    train(cfg("trainer.steps=2", "trainer.ckpt_every=1", "resume=auto", "optim.weight_decay=0.1", "trainer.allow_config_change=true"), run)
+    train(
+        cfg(
+            "trainer.steps=2",
+            "trainer.ckpt_every=1",
+            "resume=auto",
+            "optim.weight_decay=0.1",
+            "trainer.allow_config_change=true",
+        ),
+        run,
+    )
     leaves = json.loads((run / "checkpoints" / "step_00000002" / "state.json").read_text())["leaves"]
     decays = sorted({v for k, v in leaves if k[-1] == "weight_decay"})
     assert decays == [0.0, 0.1], decays  # the matrix groups decay with the new value, vectors not at all

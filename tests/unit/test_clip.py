@@ -1,5 +1,6 @@
 """Gradient clipping: the global norm against torch's own (float64 reference), and the clip factor
 folded into fused AdamW's step (`grad_scale`) against clipping the gradients first."""
+
 from __future__ import annotations
 
 import copy

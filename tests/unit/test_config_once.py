@@ -1,5 +1,6 @@
 """`moeflow train` checks its config once: one schema pass and one meta build of the model for the
 checks (the engine's build is the model it trains), however many layers ask (preflight, the run)."""
+
 from __future__ import annotations
 
 
@@ -21,7 +22,23 @@ def test_moeflow_train_checks_the_config_once(tmp_path, monkeypatch):
     monkeypatch.setattr(schema, "check", counting_check)
     monkeypatch.setattr(model_module.Transformer, "__init__", counting_init)
     monkeypatch.setattr("sys.argv", ["moeflow-train"])
-    train_command.main(["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=32", "data.seq_len=16", "data.batch_size=2",
-                        "data.max_bytes=100000", "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.progress=false",
-                        f"hydra.run.dir={tmp_path / 'run'}"])
-    assert counts == {"schema": 1, "meta_builds": 2}  # the checks' build, and the engine's model (materialised from meta)
+    train_command.main(
+        [
+            "model.d_model=32",
+            "model.n_layers=1",
+            "model.n_heads=2",
+            "model.d_ff=32",
+            "data.seq_len=16",
+            "data.batch_size=2",
+            "data.max_bytes=100000",
+            "trainer.steps=1",
+            "trainer.eval_every=0",
+            "trainer.ckpt_every=0",
+            "trainer.progress=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert counts == {
+        "schema": 1,
+        "meta_builds": 2,
+    }  # the checks' build, and the engine's model (materialised from meta)

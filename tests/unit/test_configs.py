@@ -1,4 +1,5 @@
 """Every number a config or the README states about a model is what the model really has."""
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,10 @@ def test_model_config_comments_state_the_real_parameter_counts(model):
     first_line = (ROOT / "configs" / "model" / f"{model}.yaml").read_text().splitlines()[0]
     total, active = stated(first_line, r"\(([\d.]+)M total parameters, ([\d.]+)M active")
     real_total, real_active = counts(model)
-    assert (rounded_like(real_total, total), rounded_like(real_active, active)) == (total, active), (real_total, real_active)
+    assert (rounded_like(real_total, total), rounded_like(real_active, active)) == (total, active), (
+        real_total,
+        real_active,
+    )
 
 
 def test_readme_states_the_default_models_parameter_counts():

@@ -1,4 +1,5 @@
 """kernels/cross_entropy.py (Triton, under the CPU interpreter here) against a float64 reference."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,9 @@ from moeflow.kernels.cross_entropy import cross_entropy_per_token, fused_availab
 
 # 37 < the interpreter's block of 64: lanes masked in every block (a GPU's 4096-wide block and a small
 # vocabulary gave NaN); 131: a ragged last block; 64: exactly one
-@pytest.mark.parametrize("dtype, V", [(torch.float32, 200), (torch.bfloat16, 131), (torch.bfloat16, 64), (torch.float32, 37)])
+@pytest.mark.parametrize(
+    "dtype, V", [(torch.float32, 200), (torch.bfloat16, 131), (torch.bfloat16, 64), (torch.float32, 37)]
+)
 def test_loss_and_gradient_match_float64(dtype, V):
     """Several vocabulary blocks and a ragged last one; large logits (no overflow: online max)."""
     g = torch.Generator().manual_seed(0)

@@ -1,6 +1,7 @@
 """`moeflow data prepare`: the ids are exactly the tokenizers library's, one EOS after each
 document, the split is by document, every input format gives the same ids, a killed run
 resumes to the same files, and training runs on the output."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,9 @@ def tokenizer(tmp_path_factory):
 
 
 def prepare(*inputs, tokenizer, out, extra=()):
-    return data_prepare.main(["prepare", *map(str, inputs), "--tokenizer", str(tokenizer), "--out", str(out), "--no-progress", *extra])
+    return data_prepare.main(
+        ["prepare", *map(str, inputs), "--tokenizer", str(tokenizer), "--out", str(out), "--no-progress", *extra]
+    )
 
 
 def expected(texts, tokenizer, val_percent):
@@ -50,7 +53,12 @@ def corpus_texts():
 
 
 def test_ids_are_the_tokenizers_ids_with_eos_between_documents(tokenizer, tmp_path):
-    prepare(CORPUS, tokenizer=tokenizer, out=tmp_path / "out", extra=["--glob", "*.py", "--val-percent", "30", "--workers", "2"])
+    prepare(
+        CORPUS,
+        tokenizer=tokenizer,
+        out=tmp_path / "out",
+        extra=["--glob", "*.py", "--val-percent", "30", "--workers", "2"],
+    )
     want = expected(corpus_texts(), tokenizer, 30)
     assert read(tmp_path / "out", "train") == want["train"]
     assert read(tmp_path / "out", "val") == want["val"]
@@ -76,7 +84,12 @@ def test_jsonl_parquet_and_datasets_folder_give_the_same_ids(tokenizer, tmp_path
             writer.write_table(table)
     want = expected(texts, tokenizer, 0)["train"]
     for name in ("docs.jsonl", "docs.parquet", "ds"):
-        prepare(tmp_path / name, tokenizer=tokenizer, out=tmp_path / f"out-{name}", extra=["--field", "body", "--val-percent", "0", "--workers", "1"])
+        prepare(
+            tmp_path / name,
+            tokenizer=tokenizer,
+            out=tmp_path / f"out-{name}",
+            extra=["--field", "body", "--val-percent", "0", "--workers", "1"],
+        )
         assert read(tmp_path / f"out-{name}", "train") == want, name
 
 
@@ -117,10 +130,31 @@ def test_killed_run_resumes_to_the_same_files(tokenizer, tmp_path, monkeypatch):
 def test_training_runs_on_the_output_and_checks_the_vocab(tokenizer, tmp_path):
     from moeflow.launch.train import train
 
-    prepare(CORPUS, tokenizer=tokenizer, out=tmp_path / "out", extra=["--glob", "*.py", "--val-percent", "30", "--workers", "1"])
-    base = ["data=memmap", f"data.path={tmp_path / 'out' / 'train.bin'}", "data.seq_len=32", "data.batch_size=2",
-            "model=tiny", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=32", "model.num_experts=2", "model.top_k=1",
-            "trainer.steps=1", "trainer.eval_every=1", "trainer.eval_batches=1", "trainer.ckpt_every=0", "trainer.device=cpu", "trainer.progress=false"]
+    prepare(
+        CORPUS,
+        tokenizer=tokenizer,
+        out=tmp_path / "out",
+        extra=["--glob", "*.py", "--val-percent", "30", "--workers", "1"],
+    )
+    base = [
+        "data=memmap",
+        f"data.path={tmp_path / 'out' / 'train.bin'}",
+        "data.seq_len=32",
+        "data.batch_size=2",
+        "model=tiny",
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.d_ff=32",
+        "model.num_experts=2",
+        "model.top_k=1",
+        "trainer.steps=1",
+        "trainer.eval_every=1",
+        "trainer.eval_batches=1",
+        "trainer.ckpt_every=0",
+        "trainer.device=cpu",
+        "trainer.progress=false",
+    ]
     result = train(compose_cfg(*base, "model.vocab_size=600"), tmp_path / "run")
     assert result["step"] == 1 and np.isfinite(result["train_loss"])
     with pytest.raises(DataError, match=r"model.vocab_size=500; raise model.vocab_size"):
@@ -136,7 +170,9 @@ def test_large_vocab_is_uint32(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "doc.txt").write_text("w1 w69999 w5")
-    prepare(tmp_path / "doc.txt", tokenizer=tmp_path / "tokenizer.json", out=tmp_path / "out", extra=["--val-percent", "0"])
+    prepare(
+        tmp_path / "doc.txt", tokenizer=tmp_path / "tokenizer.json", out=tmp_path / "out", extra=["--val-percent", "0"]
+    )
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["dtype"] == "uint32"
     assert read(tmp_path / "out", "train", "uint32") == [1, 69999, 5, 70001]
 
@@ -161,8 +197,13 @@ def test_mixture_draws_each_set_by_weight_and_is_split_invariant(tokenizer, tmp_
     for name, text in texts.items():
         (tmp_path / f"{name}.txt").write_text(text)
         prepare(tmp_path / f"{name}.txt", tokenizer=tokenizer, out=tmp_path / name, extra=["--val-percent", "0"])
-    cfg = compose_cfg("data=memmap", "data.seq_len=8", "data.batch_size=4", "data.val_percent=10",
-                      f"data.mix=[{{path: {tmp_path / 'a' / 'train.bin'}, weight: 3}}, {{path: {tmp_path / 'b' / 'train.bin'}, weight: 1}}]")
+    cfg = compose_cfg(
+        "data=memmap",
+        "data.seq_len=8",
+        "data.batch_size=4",
+        "data.val_percent=10",
+        f"data.mix=[{{path: {tmp_path / 'a' / 'train.bin'}, weight: 3}}, {{path: {tmp_path / 'b' / 'train.bin'}, weight: 1}}]",
+    )
     _, train, _ = training_samplers(cfg.data, 600, seed=0)
     assert isinstance(train, MixtureSampler)
     a_ids = set(np.fromfile(tmp_path / "a" / "train.bin", dtype="uint16").tolist())
@@ -210,21 +251,33 @@ def test_truncation_and_padding_saved_in_a_tokenizer_are_switched_off(tmp_path, 
     tok.normalizer = normalizers.BertNormalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     files = sorted(str(p) for p in stdlib_package().rglob("*.py"))
-    tok.train(files, trainers.WordPieceTrainer(vocab_size=800, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False))
+    tok.train(
+        files,
+        trainers.WordPieceTrainer(
+            vocab_size=800, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"], show_progress=False
+        ),
+    )
     plain = [tok.encode(open(f).read(), add_special_tokens=False).ids for f in files]
     tok.enable_truncation(max_length=128)
     tok.enable_padding(length=128, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
     (tmp_path / "tok").mkdir()
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
 
-    prepare(stdlib_package(), tokenizer=tmp_path / "tok" / "tokenizer.json", out=tmp_path / "out", extra=["--eos-token", "[SEP]", "--glob", "*.py", "--val-percent", "0"])
+    prepare(
+        stdlib_package(),
+        tokenizer=tmp_path / "tok" / "tokenizer.json",
+        out=tmp_path / "out",
+        extra=["--eos-token", "[SEP]", "--glob", "*.py", "--val-percent", "0"],
+    )
     said = capsys.readouterr().out
     assert "saved with truncation to 128 tokens and padding to 128 with '[PAD]': switched off" in said
     ids = np.asarray(read(tmp_path / "out", "train"))
     assert len(ids) == sum(len(d) + 1 for d in plain)  # every document whole, one [SEP] after each
     assert not (ids == tok.token_to_id("[PAD]")).any()
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["documents"] == len(files) and meta["tokens_per_document"] == pytest.approx(sum(map(len, plain)) / len(files))
+    assert meta["documents"] == len(files) and meta["tokens_per_document"] == pytest.approx(
+        sum(map(len, plain)) / len(files)
+    )
     unk = sum(d.count(tok.token_to_id("[UNK]")) for d in plain)
     assert meta["unk_rate"] == pytest.approx(unk / sum(map(len, plain)))
     assert meta["tokenizer_switched_off"] == ["truncation to 128 tokens", "padding to 128 with '[PAD]'"]
@@ -243,7 +296,9 @@ def test_existing_token_files_are_never_overwritten_without_force(tokenizer, tmp
     out.mkdir()
     theirs = np.arange(1000, dtype=np.uint16)
     theirs.tofile(out / "train.bin")
-    with pytest.raises(DataError, match=r"already holds train.bin; pass --force to replace them, or choose a new --out"):
+    with pytest.raises(
+        DataError, match=r"already holds train.bin; pass --force to replace them, or choose a new --out"
+    ):
         prepare(CORPUS, tokenizer=tokenizer, out=out)
     assert np.array_equal(np.fromfile(out / "train.bin", dtype=np.uint16), theirs)
     prepare(CORPUS, tokenizer=tokenizer, out=out, extra=["--force"])

@@ -7,6 +7,7 @@ ConversionError, ...) whose message names the fix instead. A bare class (`raise 
 re-raise passes. `ALLOWED` holds programming errors only (a broken internal invariant or API
 contract, which keeps its traceback); keep it short and say why for each entry.
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,6 +49,7 @@ ALLOWED = {
 
 def _raises(tree: ast.AST):
     """(enclosing qualified name, exception name, line) of every `raise <builtin>(message)`."""
+
     def visit(node, scope):
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -59,6 +61,7 @@ def _raises(tree: ast.AST):
                 if name in BUILTINS and (child.exc.args or child.exc.keywords):
                     yield ".".join(scope) or "<module>", name, child.lineno
             yield from visit(child, scope)
+
     yield from visit(tree, [])
 
 
@@ -73,11 +76,17 @@ def _found() -> dict[tuple[str, str, str], list[int]]:
 
 
 def test_user_facing_errors_are_moeflow_errors():
-    bare = sorted(f"{f}:{line} ({scope}) raises {name}" for (f, scope, name), lines in _found().items()
-                  if (f, scope, name) not in ALLOWED for line in lines)
-    assert not bare, ("raise a MoeflowError subclass from moeflow.moe.errors (ConfigError, DataError, CheckpointError, "
-                      "ConversionError, ...) with a message that names the fix; for a programming error, add it to ALLOWED "
-                      "with the reason:\n" + "\n".join(bare))
+    bare = sorted(
+        f"{f}:{line} ({scope}) raises {name}"
+        for (f, scope, name), lines in _found().items()
+        if (f, scope, name) not in ALLOWED
+        for line in lines
+    )
+    assert not bare, (
+        "raise a MoeflowError subclass from moeflow.moe.errors (ConfigError, DataError, CheckpointError, "
+        "ConversionError, ...) with a message that names the fix; for a programming error, add it to ALLOWED "
+        "with the reason:\n" + "\n".join(bare)
+    )
 
 
 def test_the_allow_list_names_only_live_raises():

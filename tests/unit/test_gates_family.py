@@ -1,4 +1,5 @@
 """Expert choice, dense-to-sparse, Sinkhorn/SSR and hash gates: each one's defining property."""
+
 from __future__ import annotations
 
 import math
@@ -98,10 +99,17 @@ def test_dts_gumbel_noise_only_in_training_and_schedule_in_stats():
     assert stats["temperature"].item() == pytest.approx(0.3) and stats["max_active_experts"].item() == 2
 
 
-@pytest.mark.parametrize("opts,word", [
-    ({"threshold": 1.5}, "threshold"), ({"threshold": 0.0}, "threshold"), ({"threshold": 0.2}, "1/num_experts"),
-    ({"temperature_end": 3.0}, "temperature"), ({"anneal_steps": 0}, "anneal_steps"), ({"router_activation": "swish"}, "router_activation"),
-])
+@pytest.mark.parametrize(
+    "opts,word",
+    [
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": 0.0}, "threshold"),
+        ({"threshold": 0.2}, "1/num_experts"),
+        ({"temperature_end": 3.0}, "temperature"),
+        ({"anneal_steps": 0}, "anneal_steps"),
+        ({"router_activation": "swish"}, "router_activation"),
+    ],
+)
 def test_dts_bad_options(opts, word):
     with pytest.raises(ValueError, match=word):
         build_gate("dts", D, E, 2, **opts)
@@ -216,11 +224,17 @@ def test_ssr_token_fraction_transports_about_that_share_of_tokens():
     assert (out.expert_A != plain).float().mean() > 0.05  # some tokens moved by the transport
 
 
-@pytest.mark.parametrize("name,opts,word", [
-    ("sinkhorn", {"iterations": 0}, "iterations"), ("sinkhorn", {"tolerance": 0}, "tolerance"),
-    ("sinkhorn", {"epsilon": -1.0}, "epsilon"), ("ssr", {"step_fraction": 0.0}, "step_fraction"),
-    ("ssr", {"token_fraction": 1.5}, "token_fraction"), ("expert_choice", {"capacity_factor": 0}, "capacity_factor"),
-])
+@pytest.mark.parametrize(
+    "name,opts,word",
+    [
+        ("sinkhorn", {"iterations": 0}, "iterations"),
+        ("sinkhorn", {"tolerance": 0}, "tolerance"),
+        ("sinkhorn", {"epsilon": -1.0}, "epsilon"),
+        ("ssr", {"step_fraction": 0.0}, "step_fraction"),
+        ("ssr", {"token_fraction": 1.5}, "token_fraction"),
+        ("expert_choice", {"capacity_factor": 0}, "capacity_factor"),
+    ],
+)
 def test_bad_options(name, opts, word):
     with pytest.raises(ValueError, match=word):
         build_gate(name, D, E, 2, **opts)

@@ -1,4 +1,5 @@
 """Top-k token choice: each option's defining property on fresh random inputs."""
+
 from __future__ import annotations
 
 import math
@@ -131,7 +132,9 @@ def test_switch_aux_loss_equals_hand_computed_value():
 
 def test_sequence_aux_loss_is_the_mean_of_per_sequence_switch_losses():
     gate, x = _hand_gate(aux_loss_coef=0.0, seq_aux_loss_coef=1.0)
-    gate.sequence_shape = SequenceShape(seq_len=2)  # sequences: rows (0, 1) -> both expert 0; rows (2, 3) -> experts 1, 0
+    gate.sequence_shape = SequenceShape(
+        seq_len=2
+    )  # sequences: rows (0, 1) -> both expert 0; rows (2, 3) -> experts 1, 0
     out = gate(x)
     seq1 = 2 * (1.0 * 0.75 + 0.0 * 0.25)  # f = (1, 0), P = (.75, .25)
     seq2 = 2 * (0.5 * 0.5 + 0.5 * 0.5)  # f = (.5, .5), P = (.5, .5)
@@ -151,9 +154,13 @@ def test_sequence_balance_loss_groups_each_layouts_sequences(layout):
     want = []
     for b in range(B):  # each sequence on its own: E * sum_e f_e * P_e
         probs = torch.softmax(gate.proj(x_BSD[b]), -1)
-        f = torch.zeros(E, dtype=torch.float64).index_add_(0, probs.topk(K, -1).indices.reshape(-1), torch.ones(S * K, dtype=torch.float64)) / (S * K)
+        f = torch.zeros(E, dtype=torch.float64).index_add_(
+            0, probs.topk(K, -1).indices.reshape(-1), torch.ones(S * K, dtype=torch.float64)
+        ) / (S * K)
         want.append(E * (f * probs.mean(0)).sum())
-    assert layer.last_stats["loss/seq_load_balance"].item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-6)  # the loss sums in float32
+    assert layer.last_stats["loss/seq_load_balance"].item() == pytest.approx(
+        torch.stack(want).mean().item(), rel=1e-6
+    )  # the loss sums in float32
 
 
 def test_expert_bias_balancing_lowers_max_over_mean_load_on_skewed_logits():

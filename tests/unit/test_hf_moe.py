@@ -1,6 +1,7 @@
 """Hugging Face MoE models in and out (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): equal logits and
 gradients against transformers' own model, a training step after import, exact exports or
 refusals naming the option."""
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,18 @@ def test_imported_features_are_the_architectures():
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
-        q2, ol, q3 = cfg_of("qwen2_moe", Path(d) / "a"), cfg_of("olmoe", Path(d) / "b"), cfg_of("qwen3_moe", Path(d) / "c")
-    assert q2.shared_expert_gate and q2.shared_hidden == 24 and q2.moe_every == 2 and q2.attn_bias and q2.gate["renormalize"]
+        q2, ol, q3 = (
+            cfg_of("qwen2_moe", Path(d) / "a"),
+            cfg_of("olmoe", Path(d) / "b"),
+            cfg_of("qwen3_moe", Path(d) / "c"),
+        )
+    assert (
+        q2.shared_expert_gate
+        and q2.shared_hidden == 24
+        and q2.moe_every == 2
+        and q2.attn_bias
+        and q2.gate["renormalize"]
+    )
     assert ol.qk_norm and ol.qk_norm_scope == "proj" and not ol.gate["renormalize"]
     assert q3.qk_norm and q3.qk_norm_scope == "head" and not q3.shared_experts
 
@@ -94,9 +105,19 @@ def test_cli_import_trains_then_exports_back_exactly(kind, tmp_path, capsys):
     assert cmd == shlex.join(["moeflow", "train", f"resume={out.resolve()}"])
 
     overrides = shlex.split(cmd)[2:] + [
-        "data=memmap", f"data.path={corpus(tmp_path / 'tokens.bin', 128)}", "data.seq_len=16", "data.batch_size=4",
-        "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1", "trainer.device=cpu", "trainer.precision=fp32",
-        "trainer.progress=false", "trainer.seed=3", "experts.impl=torch", "gate.aux_loss_coef=0.0",
+        "data=memmap",
+        f"data.path={corpus(tmp_path / 'tokens.bin', 128)}",
+        "data.seq_len=16",
+        "data.batch_size=4",
+        "trainer.steps=1",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=1",
+        "trainer.device=cpu",
+        "trainer.precision=fp32",
+        "trainer.progress=false",
+        "trainer.seed=3",
+        "experts.impl=torch",
+        "gate.aux_loss_coef=0.0",
     ]
     cfg = compose_cfg(*overrides)
     x, y = BatchSampler(load_splits(cfg.data).train, 16, 4, 3).batch(0, 0, 0)
@@ -137,7 +158,7 @@ def test_cli_roundtrip_without_training(kind, tmp_path, capsys):
 
 # each option the Hugging Face classes cannot compute: the upcycle export refuses it by name
 REFUSED_OPTIONS = [
-    (["--gate-option", "score_func=\"sigmoid\""], "gate.score_func=sigmoid"),
+    (["--gate-option", 'score_func="sigmoid"'], "gate.score_func=sigmoid"),
     (["--gate-option", "dropless=false", "--gate-option", "capacity_factor=1.25"], "gate.dropless=false"),
     (["--gate-option", "n_groups=2", "--gate-option", "topk_groups=1"], "gate.n_groups"),
     (["--gate-option", "bias_update_rate=0.001"], "gate.bias_update_rate"),
@@ -150,21 +171,57 @@ REFUSED_OPTIONS = [
 def test_upcycle_hf_export_refuses_what_the_target_cannot_compute(options, named, tmp_path):
     make_hf("llama", tmp_path / "dense")
     with pytest.raises(MoeflowError, match="cannot be exported as mixtral exactly") as err:
-        upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "hf", "--num-experts", "4", "--top-k", "2", *options])
+        upcycle_cli.upcycle(
+            [
+                str(tmp_path / "dense"),
+                str(tmp_path / "moe"),
+                "--format",
+                "hf",
+                "--num-experts",
+                "4",
+                "--top-k",
+                "2",
+                *options,
+            ]
+        )
     assert named in str(err.value)
     assert not (tmp_path / "moe").exists()
 
 
 def test_upcycle_auto_format_writes_moeflow_only_when_not_exact(tmp_path, capsys):
     make_hf("qwen2", tmp_path / "dense")
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "4", "--top-k", "2", "--gate-option", "score_func=\"sigmoid\""])
+    upcycle_cli.upcycle(
+        [
+            str(tmp_path / "dense"),
+            str(tmp_path / "moe"),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--gate-option",
+            'score_func="sigmoid"',
+        ]
+    )
     assert "no exact qwen2_moe export" in capsys.readouterr().out
     assert (tmp_path / "moe" / "checkpoints").is_dir() and not (tmp_path / "moe" / "hf").exists()
 
 
 def test_moeflow_to_hf_refuses_before_reading_weights(tmp_path):
     make_hf("llama", tmp_path / "dense")
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2", "--gate-option", "bias_update_rate=0.01"])
+    upcycle_cli.upcycle(
+        [
+            str(tmp_path / "dense"),
+            str(tmp_path / "moe"),
+            "--format",
+            "moeflow",
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--gate-option",
+            "bias_update_rate=0.01",
+        ]
+    )
     for w in (tmp_path / "moe").rglob("*.safetensors"):
         w.write_bytes(b"corrupt")  # never read: the refusal comes first
     with pytest.raises(MoeflowError, match="gate.bias_update_rate"):
@@ -192,7 +249,10 @@ def test_bad_sources_fail_in_one_line(tmp_path):
     ds = tmp_path / "deepseek"
     ds.mkdir()
     (ds / "config.json").write_text(json.dumps({"model_type": "deepseek_v3"}))
-    with pytest.raises(MoeflowError, match="multi-head latent attention.*supported MoE architectures: mixtral, qwen2_moe, qwen3_moe, olmoe"):
+    with pytest.raises(
+        MoeflowError,
+        match="multi-head latent attention.*supported MoE architectures: mixtral, qwen2_moe, qwen3_moe, olmoe",
+    ):
         run_convert("hf-to-moeflow", ds, tmp_path / "out")
     (ds / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
     with pytest.raises(MoeflowError, match="'gpt_neox' cannot be imported; supported MoE architectures"):

@@ -3,6 +3,7 @@
 Fresh random inputs each test; group sizes include 0, 1 and sizes not divisible by the
 tile (16 under the interpreter); feature sizes not divisible by the tile either.
 """
+
 import copy
 
 import pytest
@@ -51,7 +52,9 @@ def weights(E, D, F, swiglu, dtype, gen):
     return w(E, D, F), (w(E, D, F) if swiglu else None), w(E, F, D)
 
 
-@pytest.mark.parametrize("activation,rows", [("swiglu", "copied"), ("swiglu", "aligned"), ("gelu", "aligned"), ("swiglu", "gathered")])
+@pytest.mark.parametrize(
+    "activation,rows", [("swiglu", "copied"), ("swiglu", "aligned"), ("gelu", "aligned"), ("swiglu", "gathered")]
+)
 def test_routed_forward_backward_matches_float64(monkeypatch, activation, rows):
     """Routed rows copied into expert order, copied into the aligned layout (zero pad rows; forced
     here, these groups are small), or read through token_A inside the GEMMs."""
@@ -103,7 +106,11 @@ def test_grouped_forward_backward_and_every_output_written():
     orig_empty = torch.Tensor.new_empty
 
     def poisoned(self, *size, **kw):
-        return orig_empty(self, *size, **kw).fill_(float("nan")) if self.is_floating_point() else orig_empty(self, *size, **kw)
+        return (
+            orig_empty(self, *size, **kw).fill_(float("nan"))
+            if self.is_floating_point()
+            else orig_empty(self, *size, **kw)
+        )
 
     torch.Tensor.new_empty = poisoned
     try:
@@ -112,8 +119,12 @@ def test_grouped_forward_backward_and_every_output_written():
     finally:
         torch.Tensor.new_empty = orig_empty
     assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
-    ref = torch.cat([expert_mlp(r.double(), w1[e].double(), w3[e].double(), w2[e].double())
-                     for e, r in enumerate(torch.split(x.double(), counts))])
+    ref = torch.cat(
+        [
+            expert_mlp(r.double(), w1[e].double(), w3[e].double(), w2[e].double())
+            for e, r in enumerate(torch.split(x.double(), counts))
+        ]
+    )
     assert rel(y, ref) < 1e-2
 
 
@@ -186,8 +197,12 @@ def test_unaligned_rows_fall_back_to_pointer_loads():
     w1, w3, w2 = weights(len(counts), 20, 24, True, DTYPE, gen)
     assert tma.rows_desc(x.detach()) is None and tma.weight_desc(w2.detach()) is None
     y = ops.expert_mlp(x, w1, w3, w2, torch.tensor(counts, device=DEV))
-    ref = torch.cat([expert_mlp(r.double(), w1[e].double(), w3[e].double(), w2[e].double())
-                     for e, r in enumerate(torch.split(x.double(), counts))])
+    ref = torch.cat(
+        [
+            expert_mlp(r.double(), w1[e].double(), w3[e].double(), w2[e].double())
+            for e, r in enumerate(torch.split(x.double(), counts))
+        ]
+    )
     assert rel(y, ref) < 1e-2
 
 
@@ -201,8 +216,10 @@ def test_grouped_experts_module_uses_fused_path_and_matches_torch_impl():
     with torch.autocast(DEV, dtype=DTYPE):
         y = ex.forward_routed(x, plan)
         y_rows = ex(x[plan.token_A], plan.counts_E)
-    ref = combine(torch_loop(copy.deepcopy(ex).double(), x.double()[plan.token_A], plan.counts_E),
-                  DispatchPlan(plan.token_A, plan.weight_A.double(), plan.expert_A, plan.counts_E, 12))
+    ref = combine(
+        torch_loop(copy.deepcopy(ex).double(), x.double()[plan.token_A], plan.counts_E),
+        DispatchPlan(plan.token_A, plan.weight_A.double(), plan.expert_A, plan.counts_E, 12),
+    )
     assert y.dtype == DTYPE and rel(y, ref) < 1e-2
     assert rel(combine(y_rows.float(), plan), ref) < 1e-2
 
@@ -250,7 +267,9 @@ def test_registration_is_lazy_and_auto_picks_triton_on_cuda():
     assert "triton" in IMPLEMENTATIONS
     assert resolve_experts_impl("auto", torch.device("cuda")) == "triton"
     assert resolve_experts_impl("auto", torch.device("cpu")) == "torch"
-    code = "import sys, moeflow.moe.model, moeflow.moe.experts; assert 'triton' not in sys.modules, 'moe imported triton'"
+    code = (
+        "import sys, moeflow.moe.model, moeflow.moe.experts; assert 'triton' not in sys.modules, 'moe imported triton'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=limit(120))
 
 
@@ -318,10 +337,12 @@ def test_aligned_layout_pads_each_group_with_rows_that_point_nowhere():
     for c, cp in zip(counts.tolist(), counts_P.tolist()):
         assert start % align == 0
         real = slice(start, start + c)
-        assert torch.equal(token_P[real].long(), token_A[first:first + c]) and torch.equal(pos_P[real].long(), pos_A[first:first + c])
-        assert torch.equal(weight_P[real], weight_A[first:first + c])
-        assert (token_P[start + c:start + cp] == -1).all() and (pos_P[start + c:start + cp] == -1).all()
-        assert (weight_P[start + c:start + cp] == 0).all()
+        assert torch.equal(token_P[real].long(), token_A[first : first + c]) and torch.equal(
+            pos_P[real].long(), pos_A[first : first + c]
+        )
+        assert torch.equal(weight_P[real], weight_A[first : first + c])
+        assert (token_P[start + c : start + cp] == -1).all() and (pos_P[start + c : start + cp] == -1).all()
+        assert (weight_P[start + c : start + cp] == 0).all()
         start, first = start + cp, first + c
     assert (token_P[start:] == -1).all() and (pos_P[start:] == -1).all()
     # expert_row_A: the padded row of each assignment in token-sorted order (fan_out's destinations)
@@ -347,13 +368,19 @@ def test_fan_out_copies_each_token_row_to_its_rows(aligned):
     counts = torch.tensor([5, 0, 1, A - 6])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(per_token, 0)]).to(DEV, torch.int32)
     if aligned:
-        counts_P, idx, _, _, dest = ops.aligned_layout(counts.to(DEV), token_Q[order].to(DEV), torch.rand(A, device=DEV), order.to(DEV))
-        out = torch.full((idx.shape[0], D), float("nan"), dtype=DTYPE, device=DEV)  # poisoned: every row must be written
+        counts_P, idx, _, _, dest = ops.aligned_layout(
+            counts.to(DEV), token_Q[order].to(DEV), torch.rand(A, device=DEV), order.to(DEV)
+        )
+        out = torch.full(
+            (idx.shape[0], D), float("nan"), dtype=DTYPE, device=DEV
+        )  # poisoned: every row must be written
         permute.fan_out(src, offsets, dest, idx.shape[0], (idx, counts_P), out=out)
         rows = int(counts_P.sum())  # rows past the last group are left unwritten
     else:
         idx, dest = token_Q[order], torch.empty_like(order).scatter_(0, order, torch.arange(A))
-        out = permute.fan_out(src, offsets, dest.to(DEV, torch.int32), A, out=torch.full((A, D), float("nan"), dtype=DTYPE, device=DEV))
+        out = permute.fan_out(
+            src, offsets, dest.to(DEV, torch.int32), A, out=torch.full((A, D), float("nan"), dtype=DTYPE, device=DEV)
+        )
         rows = A
     idx = idx[:rows].long().to(DEV)
     ref = torch.where((idx >= 0)[:, None], src[idx.clamp_min(0)], torch.zeros((), dtype=DTYPE, device=DEV))

@@ -1,5 +1,6 @@
 """optim.master_weights: AdamW on fp32 weights that writes the model's bf16 copy (kernels/adamw.py,
 launch/optim.py), against torch's own AdamW and autocast on the same model."""
+
 from __future__ import annotations
 
 import copy
@@ -38,7 +39,9 @@ def test_the_kernel_is_torch_adamw_in_fp32_and_writes_the_rounded_copy():
 
 def _model():
     torch.manual_seed(0)
-    return Transformer(ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=32, num_experts=4, top_k=2, max_seq_len=16, qk_norm=True))
+    return Transformer(
+        ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=32, num_experts=4, top_k=2, max_seq_len=16, qk_norm=True)
+    )
 
 
 def test_training_with_master_weights_follows_autocast_and_torch_adamw():
@@ -50,7 +53,11 @@ def test_training_with_master_weights_follows_autocast_and_torch_adamw():
     opt_a = torch.optim.AdamW(optimizer_groups(a, 0.1), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
     opt_b = MasterWeightAdamW(optimizer_groups(b, 0.1), bf16_compute_params(b), lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
     lowered = {n for n, p in b.named_parameters() if p.dtype == torch.bfloat16}
-    assert "blocks.0.ffn.experts.w1_EDF" in lowered and "blocks.0.attn.qkv.weight" in lowered and "lm_head.weight" in lowered
+    assert (
+        "blocks.0.ffn.experts.w1_EDF" in lowered
+        and "blocks.0.attn.qkv.weight" in lowered
+        and "lm_head.weight" in lowered
+    )
     assert not any(k in lowered for k in ("embed.weight", "norm.weight", "blocks.0.attn.q_norm.weight"))
     gen = torch.Generator().manual_seed(1)
     losses = {"a": [], "b": []}
@@ -58,7 +65,10 @@ def test_training_with_master_weights_follows_autocast_and_torch_adamw():
         x = torch.randint(0, 256, (4, 16), generator=gen)
         for name, model, opt in (("a", a, opt_a), ("b", b, opt_b)):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), x.roll(-1, 1).flatten()) + model.aux_loss()
+                loss = (
+                    torch.nn.functional.cross_entropy(model(x).float().flatten(0, 1), x.roll(-1, 1).flatten())
+                    + model.aux_loss()
+                )
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -92,7 +102,9 @@ def test_a_checkpoint_round_trip_restores_weights_moments_and_copies():
 
     def fresh():
         model = _model()
-        return model, MasterWeightAdamW(optimizer_groups(model, 0.1), bf16_compute_params(model), lr=3e-3, betas=(0.9, 0.95))
+        return model, MasterWeightAdamW(
+            optimizer_groups(model, 0.1), bf16_compute_params(model), lr=3e-3, betas=(0.9, 0.95)
+        )
 
     a, opt_a = fresh()
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -119,20 +131,33 @@ def test_a_checkpoint_round_trip_restores_weights_moments_and_copies():
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         assert torch.equal(pa, pb) and pa.dtype == pb.dtype, name
         for key in ("exp_avg", "exp_avg_sq", "master"):
-            assert (key in sa) == (key in sb) and (key not in sa or (torch.equal(sa[key], sb[key]) and sb[key].dtype == torch.float32)), (name, key)
+            assert (key in sa) == (key in sb) and (
+                key not in sa or (torch.equal(sa[key], sb[key]) and sb[key].dtype == torch.float32)
+            ), (name, key)
 
 
 def test_a_run_with_master_weights_resumes_bit_identically(tmp_path):
     from helpers.config import TINY, compose_cfg
     from moeflow.launch.train import train
 
-    common = [*TINY, "trainer.precision=bf16", "optim.master_weights=true", "trainer.eval_every=0", "trainer.keep_checkpoints=0", "trainer.ckpt_every=1"]
+    common = [
+        *TINY,
+        "trainer.precision=bf16",
+        "optim.master_weights=true",
+        "trainer.eval_every=0",
+        "trainer.keep_checkpoints=0",
+        "trainer.ckpt_every=1",
+    ]
     whole = train(compose_cfg(*common, "trainer.steps=3"), tmp_path / "whole")
     train(compose_cfg(*common, "trainer.steps=1"), tmp_path / "split")
-    resumed = train(compose_cfg(*common, "trainer.steps=3", "resume=auto", run_dir=tmp_path / "split"), tmp_path / "split")
+    resumed = train(
+        compose_cfg(*common, "trainer.steps=3", "resume=auto", run_dir=tmp_path / "split"), tmp_path / "split"
+    )
     assert resumed["start_step"] == 1 and resumed["train_loss"] == whole["train_loss"]
     plain = train(compose_cfg(*[c for c in common if "master_weights" not in c], "trainer.steps=3"), tmp_path / "plain")
-    assert whole["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)  # autocast + torch AdamW on the same model
+    assert whole["train_loss"] == pytest.approx(
+        plain["train_loss"], rel=1e-4
+    )  # autocast + torch AdamW on the same model
 
 
 def test_master_weights_are_refused_where_they_cannot_work():
@@ -159,9 +184,22 @@ def test_a_weights_only_start_sets_the_fp32_weights(tmp_path):
 
     make_hf("llama", tmp_path / "dense", vocab=128)
     np.random.default_rng(0).integers(0, 128, size=4000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
-    base = [f"resume={tmp_path / 'moe'}", "data=memmap", f"data.path={tmp_path / 'tokens.bin'}", "data.seq_len=16", "data.batch_size=4",
-            "trainer.steps=3", "trainer.eval_every=0", "trainer.ckpt_every=0", "trainer.device=cpu", "trainer.precision=bf16", "experts.impl=torch"]
+    upcycle_cli.upcycle(
+        [str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"]
+    )
+    base = [
+        f"resume={tmp_path / 'moe'}",
+        "data=memmap",
+        f"data.path={tmp_path / 'tokens.bin'}",
+        "data.seq_len=16",
+        "data.batch_size=4",
+        "trainer.steps=3",
+        "trainer.eval_every=0",
+        "trainer.ckpt_every=0",
+        "trainer.device=cpu",
+        "trainer.precision=bf16",
+        "experts.impl=torch",
+    ]
     plain = train(compose_cfg(*base), tmp_path / "plain")
     master = train(compose_cfg(*base, "optim.master_weights=true"), tmp_path / "master")
     assert master["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-3)

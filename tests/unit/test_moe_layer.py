@@ -1,4 +1,5 @@
 """The MoE layer and the LM: shapes, gradients, and function preservation against a dense MLP."""
+
 import pytest
 import torch
 
@@ -40,7 +41,10 @@ def test_dispatch_plan_groups_rows_by_expert():
     routing = gate(torch.randn(10, 8))
     plan = plan_dispatch(routing)
     assert torch.all(plan.expert_A[1:] >= plan.expert_A[:-1])
-    assert plan.counts_E.sum().item() == 20 and plan.counts_E.tolist() == torch.bincount(routing.expert_A, minlength=4).tolist()
+    assert (
+        plan.counts_E.sum().item() == 20
+        and plan.counts_E.tolist() == torch.bincount(routing.expert_A, minlength=4).tolist()
+    )
 
 
 @pytest.mark.parametrize("num_values", [2, 255, 256, 257, 2**15, 2**15 + 1])
@@ -57,7 +61,17 @@ def test_stable_order_matches_argsort_at_every_key_width(num_values):
 @pytest.mark.parametrize("moe_every,shared", [(1, 0), (2, 1)])
 def test_lm_forward_backward_shapes_and_grads(moe_every, shared):
     torch.manual_seed(3)
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=16, num_experts=4, top_k=2, max_seq_len=16, moe_every=moe_every, shared_experts=shared)
+    cfg = ModelConfig(
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        d_ff=16,
+        num_experts=4,
+        top_k=2,
+        max_seq_len=16,
+        moe_every=moe_every,
+        shared_experts=shared,
+    )
     model = Transformer(cfg)
     tokens = torch.randint(0, 256, (3, 16))
     logits = model(tokens)
@@ -131,7 +145,11 @@ def test_qk_norm_under_autocast_takes_the_fused_kernel_with_the_same_values(scop
     from moeflow.moe.config import ModelConfig
     from moeflow.moe.model import Transformer
 
-    model = Transformer(ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=32, num_experts=2, max_seq_len=16, qk_norm=True, qk_norm_scope=scope))
+    model = Transformer(
+        ModelConfig(
+            d_model=32, n_layers=1, n_heads=4, d_ff=32, num_experts=2, max_seq_len=16, qk_norm=True, qk_norm_scope=scope
+        )
+    )
     with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
         warnings.filterwarnings("error", message=".*Mismatch dtype.*")
         model(torch.randint(0, 256, (2, 8)))

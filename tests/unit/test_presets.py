@@ -1,4 +1,5 @@
 """Model presets of real MoE shapes: the counts they claim, the formula, and the built model agree."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,14 +18,32 @@ SMALL = [
     {},
     {"n_kv_heads": 2, "head_dim": 24, "attn_bias": True, "tie_embeddings": True},
     {"qk_norm": True, "qk_norm_scope": "proj", "top_k": 3},
-    {"qk_norm": True, "moe_every": 2, "dense_d_ff": 40, "shared_experts": 1, "shared_d_ff": 24, "shared_expert_gate": True},
+    {
+        "qk_norm": True,
+        "moe_every": 2,
+        "dense_d_ff": 40,
+        "shared_experts": 1,
+        "shared_d_ff": 24,
+        "shared_expert_gate": True,
+    },
     {"activation": "gelu", "shared_experts": 2, "moe_every": 3},
 ]
 
 
 @pytest.mark.parametrize("options", SMALL, ids=[",".join(o) or "default" for o in SMALL])
 def test_formula_counts_the_built_model(options):
-    cfg = ModelConfig(**{"vocab_size": 50, "d_model": 32, "n_layers": 3, "n_heads": 4, "d_ff": 16, "num_experts": 6, "top_k": 2, **options})
+    cfg = ModelConfig(
+        **{
+            "vocab_size": 50,
+            "d_model": 32,
+            "n_layers": 3,
+            "n_heads": 4,
+            "d_ff": 16,
+            "num_experts": 6,
+            "top_k": 2,
+            **options,
+        }
+    )
     model = Transformer(cfg)
     assert param_counts(cfg) == (model.num_params(), model.num_params(active_only=True))
 

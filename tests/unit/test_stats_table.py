@@ -1,4 +1,5 @@
 """`moeflow stats RUN_DIR`: the per-layer routing table from routing_stats.jsonl."""
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,29 @@ def write_run(path, rows):
 
 def row(step, layer, counts, **extra):
     mean = sum(counts) / len(counts)
-    return {"step": step, "layer": layer, "tokens_per_expert": counts, "load_max_over_mean": max(counts) / mean,
-            "active_experts_per_token": 2.0, "dropped_fraction": 0.125, "router_entropy": 1.75, **extra}
+    return {
+        "step": step,
+        "layer": layer,
+        "tokens_per_expert": counts,
+        "load_max_over_mean": max(counts) / mean,
+        "active_experts_per_token": 2.0,
+        "dropped_fraction": 0.125,
+        "router_entropy": 1.75,
+        **extra,
+    }
 
 
 def test_table_shows_last_step_by_default_and_any_step_on_request(tmp_path, capsys):
     assert "stats" in SUBCOMMANDS
-    run = write_run(tmp_path / "run", [
-        row(10, 0, [10, 30], **{"loss/load_balance": 0.0123}), row(10, 1, [20, 20]),
-        row(20, 0, [5, 35], temperature=0.75), row(20, 1, [40, 0]),
-    ])
+    run = write_run(
+        tmp_path / "run",
+        [
+            row(10, 0, [10, 30], **{"loss/load_balance": 0.0123}),
+            row(10, 1, [20, 20]),
+            row(20, 0, [5, 35], temperature=0.75),
+            row(20, 1, [40, 0]),
+        ],
+    )
     main([str(run)])
     out = capsys.readouterr().out
     assert "step 20" in out and "5/20.0/35" in out and "0/20.0/40" in out and "1.75" in out and "temperature" in out

@@ -1,4 +1,5 @@
 """The router's Triton top-k kernel vs torch.topk: on CPU under TRITON_INTERPRET=1, on CUDA when present."""
+
 import pytest
 import torch
 
@@ -25,14 +26,19 @@ def test_bf16_and_strided_rows():
 def test_ties_nan_and_all_minus_inf():
     inf = float("inf")
     nan = float("nan")
-    scores = torch.tensor([[1.0, 3.0, 3.0, nan, -inf],
-                           [-inf, -inf, -inf, -inf, -inf],
-                           [2.0, 2.0, 2.0, 2.0, 2.0],
-                           [1.0, inf, 3.0, nan, 0.0],
-                           [nan, 1.0, nan, inf, 2.0],
-                           [-0.0, 0.0, -1.0, -inf, -2.0],
-                           [0.0, -0.0, -1.0, -inf, -2.0],
-                           [1.0, -nan, inf, -inf, 2.0]], device=DEV)
+    scores = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, nan, -inf],
+            [-inf, -inf, -inf, -inf, -inf],
+            [2.0, 2.0, 2.0, 2.0, 2.0],
+            [1.0, inf, 3.0, nan, 0.0],
+            [nan, 1.0, nan, inf, 2.0],
+            [-0.0, 0.0, -1.0, -inf, -2.0],
+            [0.0, -0.0, -1.0, -inf, -2.0],
+            [1.0, -nan, inf, -inf, 2.0],
+        ],
+        device=DEV,
+    )
     got = topk_indices_triton(scores, 3).cpu().tolist()
     assert got[0] == [3, 1, 2]  # NaN first (as torch.topk), then the tie by lower index
     assert got[1] == [0, 1, 2]  # never a repeated or out-of-range expert

@@ -1,5 +1,6 @@
 """Token folders and model folders are data from elsewhere: their metadata is checked against the
 files, and no path in them leads outside their folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,14 @@ def prepared(folder, tokens: np.ndarray, dtype: str, vocab: int, val: np.ndarray
     tokens.astype(dtype).tofile(folder / "train.bin")
     val = tokens[:64] if val is None else val
     val.astype(dtype).tofile(folder / "val.bin")
-    meta = {"dtype": dtype, "vocab_size": vocab, "train": {"tokens": int(tokens.size), "documents": 1},
-            "val": {"tokens": int(val.size), "documents": 1}, "val_file": "val.bin", **meta_over}
+    meta = {
+        "dtype": dtype,
+        "vocab_size": vocab,
+        "train": {"tokens": int(tokens.size), "documents": 1},
+        "val": {"tokens": int(val.size), "documents": 1},
+        "val_file": "val.bin",
+        **meta_over,
+    }
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder / "train.bin"
 
@@ -81,7 +88,9 @@ def test_eval_refuses_bad_numbers_in_one_line(tmp_path, flag, value):
 
     train(compose_cfg(*TINY, "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=1"), tmp_path / "run")
     data = prepared(tmp_path / "d", np.arange(5000) % 200, "uint16", 200)
-    args = argparse.Namespace(src=str(tmp_path / "run"), data=str(data), dtype="uint16", batches=2, batch_size=2, seq_len=None, seed=0)
+    args = argparse.Namespace(
+        src=str(tmp_path / "run"), data=str(data), dtype="uint16", batches=2, batch_size=2, seq_len=None, seed=0
+    )
     setattr(args, flag, value)
     with pytest.raises(MoeflowError, match=f"--{flag.replace('_', '-')}={value}"):
         evaluate(args)
@@ -91,15 +100,23 @@ def test_eval_refuses_bad_numbers_in_one_line(tmp_path, flag, value):
 def test_generate_refuses_bad_sampling_settings(flag, value):
     from moeflow.launch.inference import generate
 
-    args = argparse.Namespace(src="/nonexistent", prompt="x", max_new_tokens=4, temperature=0.0, top_p=0.9, seed=0, tokenizer=None)
+    args = argparse.Namespace(
+        src="/nonexistent", prompt="x", max_new_tokens=4, temperature=0.0, top_p=0.9, seed=0, tokenizer=None
+    )
     setattr(args, flag, value)
     with pytest.raises(MoeflowError, match=f"--{flag.replace('_', '-')}={value}"):
         generate(args)
 
 
-@pytest.mark.parametrize("override, match", [("optim.lr=1e39", "optim.lr=1e.39 is not valid"), ("trainer.seed=100000000000000000000", "trainer.seed=.* is not valid"),
-                                             ("model.init_std=0", "model.init_std must be a number > 0"),
-                                             ("model.moe_every=3", "leaves no MoE block")])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optim.lr=1e39", "optim.lr=1e.39 is not valid"),
+        ("trainer.seed=100000000000000000000", "trainer.seed=.* is not valid"),
+        ("model.init_std=0", "model.init_std must be a number > 0"),
+        ("model.moe_every=3", "leaves no MoE block"),
+    ],
+)
 def test_out_of_range_numbers_fail_in_one_line(override, match):
     from helpers.config import compose_cfg
     from moeflow.launch.config import validate
@@ -113,14 +130,22 @@ def test_integer_betas_train(tmp_path):
     from helpers.config import TINY, compose_cfg
     from moeflow.launch.train import train
 
-    assert train(compose_cfg(*TINY, "optim.betas=[0,0]", "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0"), tmp_path)["step"] == 1
+    assert (
+        train(
+            compose_cfg(*TINY, "optim.betas=[0,0]", "trainer.steps=1", "trainer.eval_every=0", "trainer.ckpt_every=0"),
+            tmp_path,
+        )["step"]
+        == 1
+    )
 
 
 def test_a_model_that_cannot_fit_is_refused_before_anything_is_allocated():
     from helpers.config import compose_cfg
     from moeflow.launch.config import validate
 
-    with pytest.raises(MoeflowError, match=r"model.num_experts=200000.*take [\d,]+ GiB per rank, more than this machine's"):
+    with pytest.raises(
+        MoeflowError, match=r"model.num_experts=200000.*take [\d,]+ GiB per rank, more than this machine's"
+    ):
         validate(compose_cfg("model.num_experts=200000", "model.d_ff=4096", "trainer.device=cpu"))
     validate(compose_cfg("model.num_experts=64", "trainer.device=cpu"))  # a model that fits passes
 

@@ -1,4 +1,5 @@
 """Upcycling API: function preservation (moeflow and generic path), granular upcycling, options."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,18 @@ from moeflow.moe.upcycle import (
 
 def dense_model(seed: int = 0, **kw) -> Transformer:
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, d_ff=64, dense_d_ff=64, num_experts=1, top_k=1, moe_every=0)
+    cfg = dict(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        max_seq_len=32,
+        d_ff=64,
+        dense_d_ff=64,
+        num_experts=1,
+        top_k=1,
+        moe_every=0,
+    )
     model = Transformer(ModelConfig(**{**cfg, **kw})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -34,7 +46,9 @@ def dense_model(seed: int = 0, **kw) -> Transformer:
     "opts",
     [
         dict(num_experts=4, top_k=2),
-        dict(num_experts=8, top_k=1, router_init="normal", router_std=0.5),  # any routing is exact with identical experts
+        dict(
+            num_experts=8, top_k=1, router_init="normal", router_std=0.5
+        ),  # any routing is exact with identical experts
         dict(num_experts=4, top_k=2, shared_expert=True, shared_fraction=0.25),
         dict(num_experts=4, top_k=2, moe_every=2),
     ],
@@ -138,7 +152,11 @@ def test_grouped_experts_with_biases_match_float64_reference():
         rows = [0, 0, 2, 2, 2]
         for a, e in enumerate(rows):
             h = x[a] @ ex.w1_EDF[e] + ex.b1_EF[e]
-            h = torch.nn.functional.silu(h) * (x[a] @ ex.w3_EDF[e] + ex.b3_EF[e]) if act == "swiglu" else torch.nn.functional.gelu(h, approximate="tanh")
+            h = (
+                torch.nn.functional.silu(h) * (x[a] @ ex.w3_EDF[e] + ex.b3_EF[e])
+                if act == "swiglu"
+                else torch.nn.functional.gelu(h, approximate="tanh")
+            )
             torch.testing.assert_close(got[a], h @ ex.w2_EFD[e] + ex.b2_ED[e])
 
 
@@ -195,7 +213,14 @@ def test_generic_bert_encoder_copies_the_module():
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     dense = transformers.BertModel(cfg).eval()
     moe = transformers.BertModel(cfg).eval()
     moe.load_state_dict(dense.state_dict())
@@ -223,7 +248,6 @@ def test_generic_selector_and_errors(tmp_path):
 @pytest.mark.parametrize("granularity", [1, 2])
 @requires.transformers
 def test_evomoe_route_with_dts_gate(granularity):
-
     """EvoMoE: the trained dense MLP (one expert) diversified into many, routed by the DTS gate.
 
     At step 0 the DTS gate is fully dense (every expert active, softmax weights summing

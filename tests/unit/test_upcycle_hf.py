@@ -1,4 +1,5 @@
 """Hugging Face folders -> moeflow MoE and Mixtral / Qwen2-MoE / Qwen3-MoE, through `moeflow upcycle`."""
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,33 @@ from moeflow.moe.upcycle import UpcycleOptions, upcycle_transformer  # noqa: E40
 
 CASES = {
     # kind, config overrides, upcycle options, expected HF class
-    "llama": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}), dict(num_experts=4, top_k=2), "MixtralForCausalLM"),
-    "mistral": ("mistral", dict(sliding_window=32, head_dim=16), dict(num_experts=4, top_k=2, granularity=2), "MixtralForCausalLM"),
-    "qwen2": ("qwen2", dict(tie_word_embeddings=True), dict(num_experts=4, top_k=2, shared_expert=True), "Qwen2MoeForCausalLM"),
+    "llama": (
+        "llama",
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        ),
+        dict(num_experts=4, top_k=2),
+        "MixtralForCausalLM",
+    ),
+    "mistral": (
+        "mistral",
+        dict(sliding_window=32, head_dim=16),
+        dict(num_experts=4, top_k=2, granularity=2),
+        "MixtralForCausalLM",
+    ),
+    "qwen2": (
+        "qwen2",
+        dict(tie_word_embeddings=True),
+        dict(num_experts=4, top_k=2, shared_expert=True),
+        "Qwen2MoeForCausalLM",
+    ),
     "qwen2-no-shared": ("qwen2", dict(), dict(num_experts=4, top_k=1, moe_every=2), "Qwen2MoeForCausalLM"),
     "qwen3": ("qwen3", dict(head_dim=16), dict(num_experts=4, top_k=2, granularity=2), "Qwen3MoeForCausalLM"),
 }
@@ -79,7 +104,9 @@ def _edit_config(folder: Path, **changes):
 def test_config_weights_mismatch(tmp_path):
     make_hf("llama", tmp_path / "d")
     _edit_config(tmp_path / "d", intermediate_size=96)
-    with pytest.raises(hf.ConversionError, match=r"do not match its config.json.*mlp.down_proj.weight: \(32, 64\) vs config \(32, 96\)"):
+    with pytest.raises(
+        hf.ConversionError, match=r"do not match its config.json.*mlp.down_proj.weight: \(32, 64\) vs config \(32, 96\)"
+    ):
         hf.load_dense(tmp_path / "d")
 
 
@@ -142,13 +169,21 @@ def test_bf16_source_exports_bf16_and_trains_in_float32(tmp_path):
     upcycle_cli.upcycle([str(tmp_path / "bf16"), str(tmp_path / "out"), "--num-experts", "2", "--top-k", "1"])
     with __import__("safetensors").safe_open(str(tmp_path / "out" / "hf" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.block_sparse_moe.experts.1.w1.weight").dtype == torch.bfloat16
-    with __import__("safetensors").safe_open(str(tmp_path / "out" / "moeflow" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt") as f:
+    with __import__("safetensors").safe_open(
+        str(tmp_path / "out" / "moeflow" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt"
+    ) as f:
         assert f.get_tensor("blocks.0.ffn.experts.w1_EDF").dtype == torch.float32
-    report = upcycle_cli.upcycle([str(tmp_path / "bf16"), str(tmp_path / "out16"), "--dtype", "bfloat16", "--format", "moeflow"])
+    report = upcycle_cli.upcycle(
+        [str(tmp_path / "bf16"), str(tmp_path / "out16"), "--dtype", "bfloat16", "--format", "moeflow"]
+    )
     assert report["verify"]["moeflow"]["max_rel_diff"] <= 5e-2
-    with __import__("safetensors").safe_open(str(tmp_path / "out16" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt") as f:
+    with __import__("safetensors").safe_open(
+        str(tmp_path / "out16" / "checkpoints" / "step_00000000" / "model.safetensors"), "pt"
+    ) as f:
         assert f.get_tensor("blocks.0.ffn.experts.w1_EDF").dtype == torch.bfloat16
-    exported = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out" / "hf"), dtype=torch.float32).eval()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out" / "hf"), dtype=torch.float32
+    ).eval()
     dense = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.float32).eval()
     assert_logits_close(exported(tokens()).logits, dense(tokens()).logits)  # bf16 values copy exactly
 
@@ -168,12 +203,24 @@ def test_pickle_only_and_corrupt_weights(tmp_path):
 
 def test_gate_options_without_hf_equivalent_write_moeflow_only(tmp_path, capsys):
     make_hf("llama", tmp_path / "d")
-    report = upcycle_cli.upcycle([str(tmp_path / "d"), str(tmp_path / "out"), "--num-experts", "4", "--gate-option", "renormalize=false"])
+    report = upcycle_cli.upcycle(
+        [str(tmp_path / "d"), str(tmp_path / "out"), "--num-experts", "4", "--gate-option", "renormalize=false"]
+    )
     assert (tmp_path / "out" / "checkpoints").is_dir() and not (tmp_path / "out" / "hf").exists()
     assert report["verify"]["moeflow"]["max_rel_diff"] > 1e-3  # weights sum to k/E: not a copy, reported
     assert "renormalize: false" in (tmp_path / "out" / "configs" / "gate" / "upcycled.yaml").read_text()
     with pytest.raises(SystemExit):
-        cli.main(["upcycle", str(tmp_path / "d"), str(tmp_path / "o2"), "--format", "hf", "--gate-option", "renormalize=false"])
+        cli.main(
+            [
+                "upcycle",
+                str(tmp_path / "d"),
+                str(tmp_path / "o2"),
+                "--format",
+                "hf",
+                "--gate-option",
+                "renormalize=false",
+            ]
+        )
     assert "gate.renormalize=false" in capsys.readouterr().err
 
 
@@ -183,8 +230,17 @@ def test_generic_upcycle_of_an_encoder_without_lm_head_verifies(tmp_path):
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100, max_position_embeddings=64)
+    cfg = T.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     T.BertModel(cfg).save_pretrained(str(tmp_path / "minilm"))
-    report = upcycle_cli.upcycle([str(tmp_path / "minilm"), str(tmp_path / "out"), "--generic", "--num-experts", "4", "--top-k", "2"])
+    report = upcycle_cli.upcycle(
+        [str(tmp_path / "minilm"), str(tmp_path / "out"), "--generic", "--num-experts", "4", "--top-k", "2"]
+    )
     assert report["verify"]["generic"]["max_rel_diff"] <= 1e-5
     assert report["replaced_modules"]
