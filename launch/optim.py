@@ -214,31 +214,3 @@ def fresh_optimizer_state(model_cfg, optim_cfg, total_steps: int, step: int) -> 
     sched = build_scheduler(opt, optim_cfg, total_steps)
     replay_schedule(sched, step)
     return opt.state_dict(), sched.state_dict()
-
-
-def clip_and_step(opt, sched, grad_norm_and_clip) -> float:
-    """Clip (the callable returns the pre-clip global norm), step optimizer and schedule, clear grads."""
-    grad_norm = grad_norm_and_clip().item()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return grad_norm
-
-
-class AdamWStep:
-    """The optimizer step engine=torch and engine=megatron share: torch AdamW and schedule on
-    `self.model`'s parameters, gradients synced by `self.ddp` (moeflow's `ExpertDataParallel`,
-    None in one process): expert shards reduced once per step, and the clipping norm counts
-    every expert shard once. Subclasses set `cfg`, `model`, `ddp`, `opt`, `sched`."""
-
-    def optimizer_step(self) -> float:
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.ddp is None:
-            return clip_and_step(
-                self.opt, self.sched, lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            )
-        self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
-        return clip_and_step(self.opt, self.sched, lambda: self.ddp.clip_grad_norm_(clip))
-
-    def lr(self) -> float:
-        return self.sched.get_last_lr()[0]
