@@ -230,7 +230,7 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         if dims.tp > 1:
             raise ConfigError(
                 f"parallel.tp={dims.tp}: engine=torch does not split attention and MLPs over tensor-parallel ranks yet; "
-                f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron engine.tensor_parallel={dims.tp}"
+                f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron (megatron-core's tensor parallelism) with parallel.tp={dims.tp}"
             )
     else:
         check_layout(p.get("ep", 1), model_cfg.num_experts, world)

@@ -231,7 +231,7 @@ def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
     g = cfg.data.get("global_batch_size")
     if g is None:
         return
-    tp = max(int(cfg.parallel.get("tp", 1)), int((cfg.get("engine") or {}).get("tensor_parallel", 1) or 1))
+    tp = int(cfg.parallel.tp)
     dp = max(1, world // tp)
     per = int(cfg.data.batch_size) * dp
     if g % per:

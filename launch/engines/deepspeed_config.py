@@ -74,6 +74,10 @@ def check_user_config(cfg: DictConfig, device=None) -> None:
 def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
     """Reject option combinations DeepSpeed cannot run, saying which and why (on the merged config)."""
     e = _engine_cfg(cfg)
+    if int(cfg.parallel.get("tp", 1)) > 1:
+        raise ConfigError(
+            f"parallel.tp={cfg.parallel.tp}: engine=deepspeed has no tensor parallelism here; use engine=megatron for it, or parallel.tp=1"
+        )
     path = e.get("config_file")
     if path and not Path(str(path)).expanduser().is_file():
         raise ConfigError(

@@ -17,7 +17,7 @@ with `megatron_core.data_parallel`, moeflow's `ExpertDataParallel` over parallel
 groups. Checkpoints gather the expert shards (written full, like one process would) and
 resume on any EP size.
 
-Tensor parallelism (`engine.tensor_parallel` > 1, sequence parallelism off) is megatron-core's
+Tensor parallelism (`parallel.tp` > 1, sequence parallelism off) is megatron-core's
 own for attention, embedding and output layer (logits gathered over the vocab), and
 `megatron_core.shard_over_tensor_group` for the MoE slots (experts split on their hidden
 dim). The ranks of a TP group train on the same batch (parallel_state's data-parallel rank);
@@ -71,7 +71,7 @@ def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device)
         raise ConfigError(f"engine=megatron: {err}") from None
     if device.type != "cuda":
         raise ConfigError(mcore.CPU_MESSAGE)
-    check_tensor_parallel(int(cfg.engine.get("tensor_parallel", 1)), int(cfg.parallel.get("ep", 1)), model_cfg)
+    check_tensor_parallel(int(cfg.parallel.tp), int(cfg.parallel.ep), model_cfg)
     # parallel.ep > 1 is megatron's expert_model_parallel_size; whether the layout is possible
     # (ep divides the experts and the world) is checked by launch.config.check_parallel.
     p = cfg.parallel
@@ -82,15 +82,15 @@ def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device)
 
 
 def check_tensor_parallel(tp: int, ep: int, model_cfg: ModelConfig) -> None:
-    """engine.tensor_parallel: megatron-core splits heads, vocab and FFN hidden dims over it."""
+    """parallel.tp: megatron-core splits heads, vocab and FFN hidden dims over it."""
     if tp < 1:
-        raise ConfigError(f"engine.tensor_parallel must be a positive integer, got {tp}")
+        raise ConfigError(f"parallel.tp must be a positive integer, got {tp}")
     if tp == 1:
         return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * ep):
         raise ConfigError(
-            f"engine.tensor_parallel={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks"
+            f"parallel.tp={tp} x parallel.ep={ep} does not divide the world size {world}; launch a multiple of {tp * ep} ranks"
         )
     sizes = {
         "model.n_heads": model_cfg.n_heads,
@@ -103,7 +103,7 @@ def check_tensor_parallel(tp: int, ep: int, model_cfg: ModelConfig) -> None:
     for what, n in sizes.items():
         if n % tp:
             raise ConfigError(
-                f"engine.tensor_parallel={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it"
+                f"parallel.tp={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it"
             )
 
 
@@ -115,7 +115,7 @@ def start_megatron(cfg: DictConfig, trainer_cfg) -> tuple[DistEnv, torch.device]
     if device.type == "cuda":
         torch.cuda.set_device(device)
     mcore.initialize_parallel_state(
-        trainer_cfg.seed, tensor_parallel=int(cfg.engine.tensor_parallel), expert_parallel=int(cfg.parallel.ep)
+        trainer_cfg.seed, tensor_parallel=int(cfg.parallel.tp), expert_parallel=int(cfg.parallel.ep)
     )
     return env, device
 

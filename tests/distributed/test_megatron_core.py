@@ -398,7 +398,7 @@ def test_megatron_engine_applies_expert_parallelism(engine_run):
 
 @pytest.fixture(scope="module")
 def engine_run_tp(tmp_path_factory):
-    """MegatronEngine with engine.tensor_parallel=2 on 2 gloo ranks, one dense (gated fc1) and one MoE block with a shared expert."""
+    """MegatronEngine with parallel.tp=2 on 2 gloo ranks, one dense (gated fc1) and one MoE block with a shared expert."""
     from helpers import ep_workers as W
 
     run_dir = tmp_path_factory.mktemp("mcore_engine_tp2_w2")
@@ -408,7 +408,7 @@ def engine_run_tp(tmp_path_factory):
         run_dir,
         1,
         str(run_dir / "run"),
-        "engine.tensor_parallel=2",
+        "parallel.tp=2",
         "model.moe_every=2",
         "model.shared_experts=1",
     )
@@ -417,7 +417,7 @@ def engine_run_tp(tmp_path_factory):
 @pytest.mark.multiprocess
 @pytest.mark.xdist_group("megatron_ep")
 def test_megatron_engine_applies_tensor_parallelism(engine_run_tp):
-    """engine.tensor_parallel=2: parallel_state's TP group, both ranks on the same batch, megatron's attention/
+    """parallel.tp=2: parallel_state's TP group, both ranks on the same batch, megatron's attention/
     embedding/dense-MLP slices and the MoE experts' F slices loaded from the full initial weights; one step
     (gradient norm summing TP slices once each, AdamW) equals one process; the checkpoint gathers every slice
     (gated fc1 = [w1; w3] blocks included) to the single-process weights; resume reslices weights and moments."""
@@ -579,7 +579,7 @@ def test_engine_megatron_accepts_a_possible_expert_parallel_layout(monkeypatch):
 
 
 def test_engine_megatron_accepts_tensor_parallel_with_expert_parallel(monkeypatch):
-    mc, _ = _validate_as_if_on_gpu(monkeypatch, 4, "engine.tensor_parallel=2", "parallel.ep=2", "model.num_experts=8")
+    mc, _ = _validate_as_if_on_gpu(monkeypatch, 4, "parallel.tp=2", "parallel.ep=2", "model.num_experts=8")
     assert mc.num_experts == 8
 
 
@@ -588,12 +588,12 @@ def test_engine_megatron_accepts_tensor_parallel_with_expert_parallel(monkeypatc
     [
         (("parallel.ep=3", "model.num_experts=8"), "parallel.ep=3 does not divide model.num_experts=8"),
         (("parallel.ep=8", "model.num_experts=8"), "parallel.ep=8 does not divide the world size 4"),
-        (("engine.tensor_parallel=3",), "engine.tensor_parallel=3 x parallel.ep=1 does not divide the world size 4"),
-        (("engine.tensor_parallel=4", "model.n_heads=2"), "engine.tensor_parallel=4 does not divide model.n_heads=2"),
-        (("engine.tensor_parallel=2", "model.d_ff=25"), "engine.tensor_parallel=2 does not divide model.d_ff=25"),
+        (("parallel.tp=3",), "parallel.tp=3 x parallel.ep=1 does not divide the world size 4"),
+        (("parallel.tp=4", "model.n_heads=2"), "parallel.tp=4 does not divide model.n_heads=2"),
+        (("parallel.tp=2", "model.d_ff=25"), "parallel.tp=2 does not divide model.d_ff=25"),
         (
-            ("engine.tensor_parallel=2", "parallel.ep=4", "model.num_experts=8"),
-            "engine.tensor_parallel=2 x parallel.ep=4 does not divide the world size 4",
+            ("parallel.tp=2", "parallel.ep=4", "model.num_experts=8"),
+            "parallel.tp=2 x parallel.ep=4 does not divide the world size 4",
         ),
         (
             ("parallel.ep=2", "parallel.overlap_chunks=2"),

@@ -208,7 +208,7 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
     on the same layout. The gradients: a full moeflow-layout G the same on every rank; dense
     params get G (what DDP's mean would leave), expert shards get G's rows times world * w_d,
     with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo).
-    `overrides` (e.g. engine.tensor_parallel=2): TP-sliced params get their slice of G."""
+    `overrides` (e.g. parallel.tp=2): TP-sliced params get their slice of G."""
     from pathlib import Path
 
     from megatron.core import parallel_state as ps

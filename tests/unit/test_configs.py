@@ -57,3 +57,21 @@ def test_every_gate_config_builds_the_model(gate):
     mc = model_config(compose_cfg(f"gate={gate}", "trainer.device=cpu"))
     with torch.device("meta"):
         assert Transformer(mc).moe_layers()
+
+
+def test_tensor_parallelism_is_one_key_for_every_engine():
+    """parallel.tp is the one tensor-parallel size (engine.tensor_parallel folded into it): megatron reads
+    it, DeepSpeed and torch refuse tp > 1 in one line naming the engine that has it."""
+    import pytest
+
+    from helpers.config import compose_cfg
+    from moeflow.launch.config import validate
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"engine=megatron .* with parallel.tp=2"):
+        validate(compose_cfg("parallel.tp=2", "launcher=local", "launcher.nproc=2"))
+    pytest.importorskip("deepspeed")
+    with pytest.raises(ConfigError, match=r"engine=deepspeed has no tensor parallelism here; use engine=megatron"):
+        validate(compose_cfg("engine=deepspeed", "parallel.tp=2", "trainer.device=cpu"))
+    with pytest.raises(Exception, match="tensor_parallel"):  # no such key any more: Hydra refuses it
+        compose_cfg("engine=megatron", "engine.tensor_parallel=2")
