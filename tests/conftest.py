@@ -15,10 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-# torch.compile's cache stays shared across tests (its default place), whatever TMPDIR a test gets below
+# torch.compile's cache stays shared across tests (its default place), whatever TMPDIR a test gets below;
+# Ray keeps the machine's temp dir too (it follows TMPDIR, and its socket paths must stay under 108 bytes)
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
 )
+os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
 
 
 @pytest.fixture(autouse=True)
