@@ -394,8 +394,14 @@ def prepare(args: argparse.Namespace) -> dict:
         if pool:
             pool.terminate()
     if state["train"]["tokens"] == 0:
+        read = state["train"]["documents"] + state["val"]["documents"]
+        why = (
+            f"--glob {args.glob!r} matched no non-empty file in the input folders, or --field {args.field!r} held no text"
+            if read == 0
+            else f"all {read} documents went to validation (--val-percent {args.val_percent})"
+        )
         raise DataError(
-            f"no documents reached the training split (inputs: {', '.join(map(str, inputs))}); check --field and the inputs"
+            f"no documents reached the training split (inputs: {', '.join(map(str, inputs))}): {why}; check the inputs"
         )
     docs = state["train"]["documents"] + state["val"]["documents"]
     text_tokens = state["train"]["tokens"] + state["val"]["tokens"] - docs  # less the EOS after each document

@@ -116,6 +116,16 @@ def check_output_dir(path: str | Path) -> None:
         )
 
 
+def check_resume_path_exists(cfg) -> None:
+    """resume=PATH that is not there is the problem to name first (a typo once surfaced as a vocab mismatch
+    between the data and the default model that the missing checkpoint left in place)."""
+    resume = cfg.get("resume")
+    if resume not in (None, "auto") and not Path(str(resume)).expanduser().exists():
+        raise ConfigError(
+            f"resume={resume} does not exist; pass a run dir or a checkpoints/step_* dir (or resume=auto to continue this run dir)"
+        )
+
+
 def check_resume_has_a_run_dir(cfg, args: list[str]) -> None:
     """resume=auto looks in the run dir; the default one is new for every run, so it would never find anything."""
     import os
@@ -158,8 +168,12 @@ def preflight(args: list[str]) -> None:
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
     cfg = compose_checked(args)  # Hydra alone: a typo is reported before torch is imported
+    check_resume_path_exists(cfg)
     adopt_recorded_model(cfg, args, cfg.hydra.run.dir)  # the run's log says so
     schema.check(cfg)  # every value's type and range, still without torch
+    from .tokenizer_files import check_data_matches_model
+
+    check_data_matches_model(cfg.data, cfg.get("resume"), Path(cfg.hydra.run.dir))
     check_resume_has_a_run_dir(cfg, args)
     check_output_dir(cfg.hydra.run.dir)
     if os.environ.get("RANK", "0") == "0":

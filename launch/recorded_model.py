@@ -4,7 +4,10 @@ An imported, upcycled or trained model's checkpoint holds its whole composed con
 this, every resume had to restate the model (`hydra.searchpath=[...] model=imported
 gate=imported`) or fail on the default model's shapes. Naming a model or gate choice
 (`model=...`, `gate=...`) keeps the command line's; single keys (`model.experts_impl=triton`,
-`gate.aux_loss_coef=0.02`) apply on top of the recorded model.
+`gate.aux_loss_coef=0.02`) apply on top of the recorded model. A run resumed from its own
+training checkpoint (not a weights-only model folder, whose config names no real data) also keeps
+its data unless `data=...` or a `data.*` key is given: a resume that silently fell back to the
+default data trained a BPE model on bytes.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ def names_its_own(args: list[str], group: str) -> bool:
     return any(_key(a) == group for a in args if "=" in a)
 
 
-def recorded_config(resume, run_dir: str | Path) -> tuple[dict, Path] | None:
-    """The composed config of the checkpoint `resume` names (auto: this run dir's latest), if it records one."""
+def recorded_config(resume, run_dir: str | Path) -> tuple[dict, Path, bool] | None:
+    """The composed config of the checkpoint `resume` names (auto: this run dir's latest), if it records
+    one, with the checkpoint and whether it is weights-only (a model folder: its data means nothing)."""
     if resume is None:
         return None
     from . import checkpoint as ckpt
@@ -35,17 +39,21 @@ def recorded_config(resume, run_dir: str | Path) -> tuple[dict, Path] | None:
     found = ckpt.find_checkpoint(where)
     if found is None:
         return None
-    config = ckpt.read_meta(found).get("config")
-    return (config, found) if isinstance(config, dict) else None
+    meta = ckpt.read_meta(found)
+    config = meta.get("config")
+    return (config, found, bool(meta.get("weights_only"))) if isinstance(config, dict) else None
 
 
 def adopt_recorded_model(cfg: DictConfig, args: list[str], run_dir: str | Path) -> str | None:
     """Replace cfg.model / cfg.gate by the resumed checkpoint's (see the module docstring); what was done, in words."""
-    groups = [g for g in RECORDED_GROUPS if not names_its_own(args, g)]
-    recorded = recorded_config(cfg.get("resume"), run_dir) if groups else None
+    recorded = recorded_config(cfg.get("resume"), run_dir)
     if recorded is None:
         return None
-    config, found = recorded
+    config, found, weights_only = recorded
+    data_named = any(_key(a) == "data" or _key(a).startswith("data.") for a in args if "=" in a)
+    groups = [g for g in RECORDED_GROUPS if not names_its_own(args, g)] + (
+        [] if weights_only or data_named else ["data"]
+    )
     taken = []
     for group in groups:
         node = config.get(group)

@@ -118,3 +118,30 @@ def make_auto_loadable(folder: Path, eos_token: str | None = None) -> dict[str, 
                 body.setdefault(f"{s}_token", token)
             config.write_text(json.dumps(body, indent=2) + "\n")
     return {f"{s}_token_id": i for s, (_, i) in found.items() if s != "unk"}
+
+
+def check_data_matches_model(data_cfg, resume, run_dir: Path) -> None:
+    """Data tokenized with another tokenizer than the model carries trains on ids that mean other tokens:
+    refuse before any work, naming the fix (a newcomer got "raise model.vocab_size", or nothing at all
+    when the foreign vocabulary was smaller)."""
+    from moeflow.moe.errors import ConfigError
+
+    from . import checkpoint as ckpt
+
+    data_tok = data_tokenizer(data_cfg)
+    if data_tok is None or resume is None:
+        return
+    start = ckpt.find_checkpoint(Path(run_dir) if resume == "auto" else Path(str(resume)).expanduser())
+    model_tok = checkpoint_tokenizer(start) if start is not None else None
+    files = [d / "tokenizer.json" for d in (data_tok, model_tok) if d is not None]
+    if model_tok is None or not all(f.is_file() for f in files):
+        return
+    from tokenizers import Tokenizer
+
+    data_vocab, model_vocab = (Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True) for f in files)
+    if data_vocab != model_vocab:
+        raise ConfigError(
+            f"data.path={data_cfg.path} was tokenized with another tokenizer ({len(data_vocab)} tokens) than the model carries "
+            f"({model_tok}, {len(model_vocab)} tokens): its ids would mean other tokens; prepare the data with the model's "
+            f"tokenizer (moeflow data prepare ... --tokenizer {model_tok})"
+        )

@@ -186,10 +186,15 @@ def set_gate_step(model, step: int) -> None:
 
 
 def refuse_fresh_run_over_checkpoints(cfg: DictConfig, run_dir: Path) -> None:
-    """A fresh run (resume=null) in a run dir that holds another run's checkpoints would overwrite
-    their steps while the old later ones stay "latest": refuse, naming the two ways on."""
-    if cfg.resume is not None:
+    """A fresh run (resume=null, or starting from a checkpoint outside this run dir: an upcycled model)
+    in a run dir that holds another run's checkpoints would overwrite their steps while the old later
+    ones stay "latest": refuse, naming the two ways on."""
+    if cfg.resume == "auto":
         return
+    if cfg.resume is not None:
+        start = Path(str(cfg.resume)).expanduser().resolve()
+        if start == Path(run_dir).resolve() or Path(run_dir).resolve() in start.parents:
+            return  # this run's own checkpoint
     root = Path(run_dir) / ckpt.CKPT_DIR
     found = (
         sorted(
@@ -295,7 +300,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     if env.is_main:
         log.info("data: %s (%d train / %d val tokens)", splits.description, *splits.token_counts)
         log.info("%s", engine.describe())
-        if cfg.optim.warmup_steps >= trainer_cfg.steps:
+        if cfg.optim.warmup_steps > trainer_cfg.steps:  # warmup reaches optim.lr at step warmup_steps
             log.warning(
                 "optim.warmup_steps=%d >= trainer.steps=%d: the whole run is warmup and the learning rate never reaches optim.lr=%g",
                 cfg.optim.warmup_steps,

@@ -295,3 +295,41 @@ def test_upcycled_and_resumed_runs_need_no_model_restated(tmp_path):
     meta = ckpt.read_meta(ckpt.find_checkpoint(run_dir))
     assert meta["step"] == 2 and meta["model"]["num_experts"] == 4 and meta["model"]["vocab_size"] == 128
     assert meta["config"]["gate"]["aux_loss_coef"] == 0.02  # the single key given at the start, kept on resume
+
+
+def test_a_resume_keeps_its_data_and_a_fresh_start_never_mixes_into_a_used_run_dir(tmp_path):
+    """Found by a newcomer: `resume=auto` without repeating data=... fell back to the default byte-level data
+    (a BPE model trained on bytes); and starting from an upcycled folder into a run dir that held another
+    run's checkpoints mixed the two runs' steps."""
+    from moeflow.moe.errors import ConfigError
+
+    make_hf("llama", tmp_path / "dense", vocab=128)
+    data = corpus(tmp_path / "tokens.bin", 128)
+    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    run = tmp_path / "run"
+    first = [f"resume={tmp_path / 'moe'}", *train_overrides(data, steps=1), "trainer.ckpt_every=1"]
+    train(compose_cfg(*first), run)
+    # continue without naming the data: the run's own data, not data=stdlib
+    again = compose_cfg("resume=auto", "trainer.steps=2", "trainer.ckpt_every=1", "trainer.device=cpu", run_dir=run)
+    assert again.data.source == "memmap" and again.data.path == str(data)
+    assert train(again, run)["step"] == 2
+    with pytest.raises(ConfigError, match="already holds checkpoints of an earlier run"):
+        train(compose_cfg(*first), run)  # the first command again, into the used run dir
+
+
+def test_data_of_another_tokenizer_than_the_model_carries_is_refused_before_the_run(tmp_path):
+    from helpers.tokenizer import stdlib_package, train_bpe
+    from moeflow.launch import data_prepare
+    from moeflow.launch.preflight import preflight
+    from moeflow.moe.errors import ConfigError
+
+    train_bpe(tmp_path / "dense", vocab_size=300)  # the model's own tokenizer, in its folder
+    make_hf("llama", tmp_path / "dense", vocab=300)
+    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "2", "--top-k", "1"])
+    train_bpe(tmp_path / "other", vocab_size=280, corpus=stdlib_package("email"))
+    for name, tok in (("mine", tmp_path / "dense"), ("theirs", tmp_path / "other")):
+        data_prepare.main(["prepare", str(stdlib_package("json")), "--tokenizer", str(tok), "--out", str(tmp_path / name), "--no-progress"])
+    args = [f"resume={tmp_path / 'moe'}", "data=memmap", "data.seq_len=32", f"hydra.run.dir={tmp_path / 'run'}", "trainer.device=cpu"]
+    preflight([*args, f"data.path={tmp_path / 'mine' / 'train.bin'}"])  # the model's tokenizer: fine
+    with pytest.raises(ConfigError, match=r"was tokenized with another tokenizer .* prepare the data with the model's tokenizer"):
+        preflight([*args, f"data.path={tmp_path / 'theirs' / 'train.bin'}"])
