@@ -305,7 +305,9 @@ def test_a_resume_keeps_its_data_and_a_fresh_start_never_mixes_into_a_used_run_d
 
     make_hf("llama", tmp_path / "dense", vocab=128)
     data = corpus(tmp_path / "tokens.bin", 128)
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"])
+    upcycle_cli.upcycle(
+        [str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "4", "--top-k", "2"]
+    )
     run = tmp_path / "run"
     first = [f"resume={tmp_path / 'moe'}", *train_overrides(data, steps=1), "trainer.ckpt_every=1"]
     train(compose_cfg(*first), run)
@@ -325,11 +327,31 @@ def test_data_of_another_tokenizer_than_the_model_carries_is_refused_before_the_
 
     train_bpe(tmp_path / "dense", vocab_size=300)  # the model's own tokenizer, in its folder
     make_hf("llama", tmp_path / "dense", vocab=300)
-    upcycle_cli.upcycle([str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "2", "--top-k", "1"])
+    upcycle_cli.upcycle(
+        [str(tmp_path / "dense"), str(tmp_path / "moe"), "--format", "moeflow", "--num-experts", "2", "--top-k", "1"]
+    )
     train_bpe(tmp_path / "other", vocab_size=280, corpus=stdlib_package("email"))
     for name, tok in (("mine", tmp_path / "dense"), ("theirs", tmp_path / "other")):
-        data_prepare.main(["prepare", str(stdlib_package("json")), "--tokenizer", str(tok), "--out", str(tmp_path / name), "--no-progress"])
-    args = [f"resume={tmp_path / 'moe'}", "data=memmap", "data.seq_len=32", f"hydra.run.dir={tmp_path / 'run'}", "trainer.device=cpu"]
+        data_prepare.main(
+            [
+                "prepare",
+                str(stdlib_package("json")),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(tmp_path / name),
+                "--no-progress",
+            ]
+        )
+    args = [
+        f"resume={tmp_path / 'moe'}",
+        "data=memmap",
+        "data.seq_len=32",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer.device=cpu",
+    ]
     preflight([*args, f"data.path={tmp_path / 'mine' / 'train.bin'}"])  # the model's tokenizer: fine
-    with pytest.raises(ConfigError, match=r"was tokenized with another tokenizer .* prepare the data with the model's tokenizer"):
+    with pytest.raises(
+        ConfigError, match=r"was tokenized with another tokenizer .* prepare the data with the model's tokenizer"
+    ):
         preflight([*args, f"data.path={tmp_path / 'theirs' / 'train.bin'}"])
