@@ -93,7 +93,6 @@ def moeflow_to_safetensors(args) -> Path:
         )
     if not ckpt.is_sharded(found):
         raise ckpt.CheckpointError(f"{found} is consolidated already (safetensors); nothing to convert")
-    refuse_writing_into_source(found, args.out)
     meta, trainer_state = ckpt.read_meta(found), ckpt.load_trainer_state(found)
     step = int(meta.get("step", (trainer_state or {}).get("step", 0)))
     out_state = {

@@ -163,8 +163,8 @@ def moeflow_to_hf(args) -> Path:
     out = Path(args.out).expanduser()
     tmp, commit = atomic_output(out, args.force)
     try:
+        carry_tokenizer(found, tmp, config)  # before save_hf, which writes config.json with the ids it adds
         hf.save_hf(tmp, config, hf_moe.export_tensors(model, target, dtype), shard_gib=args.shard_gib)
-        carry_tokenizer(found, tmp, config)
         if args.verify:
             theirs = hf.load_hf_model(tmp)  # float32
             verify(
@@ -192,7 +192,7 @@ def moeflow_to_hf(args) -> Path:
 
 def carry_tokenizer(found: Path, folder: Path, config: dict) -> None:
     """The run's tokenizer into an export, loadable by AutoTokenizer, and its special-token ids into
-    config.json where the source config had none (transformers' generate stops at eos_token_id)."""
+    `config` where the source config had none (transformers' generate stops at eos_token_id)."""
     src = checkpoint_tokenizer(found)
     if src is None or not copy_tokenizer(src, folder):
         return
@@ -200,4 +200,3 @@ def carry_tokenizer(found: Path, folder: Path, config: dict) -> None:
     for key, value in ids.items():
         if config.get(key) is None and value < config["vocab_size"]:
             config[key] = value
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -12,17 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
+from moeflow.moe.hf_convert import TOKENIZER_FILES
+
 TOKENIZER_DIR = "tokenizer"
-# what a Hugging Face folder's tokenizer is made of
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
 SPECIAL = ("bos", "eos", "pad", "unk")
 
 

@@ -89,9 +89,8 @@ class Trackers:
             uri = tracking.get("mlflow_tracking_uri")
             if uri:
                 mlflow.set_tracking_uri(uri)
-            elif not _env(
-                "MLFLOW_TRACKING_URI"
-            ):  # a store in the run dir: SQLite where MLflow's database layer is installed
+            elif not os.environ.get("MLFLOW_TRACKING_URI"):
+                # a store in the run dir: SQLite where MLflow's database layer is installed
                 if importlib.util.find_spec("sqlalchemy") is not None:
                     mlflow.set_tracking_uri(f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
                 else:  # mlflow-skinny: the file store, which MLflow 3 keeps behind an opt-in
@@ -137,7 +136,3 @@ class Trackers:
             self.wandb.finish()
         if self.mlflow is not None:
             self.mlflow.end_run()
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name)

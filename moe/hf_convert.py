@@ -33,16 +33,17 @@ SHARD_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # tensors some checkpoints carry that hold no weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_COPY_FILES = (
+# what a Hugging Face folder's tokenizer is made of (launch/tokenizer_files.py copies these too)
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
     "special_tokens_map.json",
     "vocab.json",
     "merges.txt",
-    "generation_config.json",
-    "chat_template.jinja",
+    "vocab.txt",
 )
+_COPY_FILES = (*TOKENIZER_FILES, "generation_config.json", "chat_template.jinja")
 
 
 def supported_message(model_type: str | None) -> str:
