@@ -212,28 +212,21 @@ def launch_world(cfg: DictConfig) -> int:
 def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """The mesh must fit the world and the model (engine=torch: FSDP2 + EP on one mesh; the other
     engines: EP over consecutive ranks of the world, their own data parallelism)."""
-    from moeflow.parallel.layout import check_layout
-    from moeflow.parallel.mesh import dims_from_config
+    from moeflow.parallel.mesh import check_model_split, dims_from_config
 
     from .engines import engine_name
 
     p = _container(cfg.parallel)
     world = launch_world(cfg)
-    ep = p.get("ep", 1)
-    if isinstance(ep, int) and ep > 0 and model_cfg.num_experts % ep:
-        raise ConfigError(
-            f"parallel.ep={ep} does not divide model.num_experts={model_cfg.num_experts}; pick an ep that divides the number of experts"
-        )
+    check_model_split(p.get("ep", 1), p.get("tp", 1), model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
+    dims = dims_from_config(p, world)
+    ep = dims.ep
     if engine_name(cfg) == "torch":
-        dims = dims_from_config(p, world)
-        dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
         if dims.tp > 1:
             raise ConfigError(
                 f"parallel.tp={dims.tp}: engine=torch does not split attention and MLPs over tensor-parallel ranks yet; "
                 f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron (megatron-core's tensor parallelism) with parallel.tp={dims.tp}"
             )
-    else:
-        check_layout(p.get("ep", 1), model_cfg.num_experts, world)
     if not isinstance(p.get("overlap_chunks", 1), int) or p.get("overlap_chunks", 1) < 1:
         raise ConfigError(f"parallel.overlap_chunks must be a positive integer, got {p.get('overlap_chunks')!r}")
     from moeflow.parallel.dispatchers import check_options, options_from_config

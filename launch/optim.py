@@ -17,7 +17,8 @@ def _placement(p: torch.Tensor) -> str:
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups {dense, experts} x {decay: matrices, no decay: vectors}, empty ones dropped.
+    """AdamW groups {dense, experts} x {decay: matrices, no decay: vectors}, empty ones dropped, named
+    `dense_decay`, `experts_no_decay`, ... (every engine's: DeepSpeed reduces the expert ones apart).
 
     AdamW makes one multi-tensor (foreach/fused) call per group, and one call cannot mix plain
     tensors with DTensors, nor DTensors of different meshes. Dense parameters all share one
@@ -25,12 +26,12 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     two differ (a named transport in one process: dense DTensors, plain experts). Grouping by
     kind rather than by mesh keeps the groups the same on every mesh, which resharding a
     checkpoint's optimizer state needs."""
-    from moeflow.parallel.expert_params import is_expert_param
+    from moeflow.parallel.plan import is_expert
 
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((is_expert_param(name, p), p.dim() >= 2), []).append(p)
+            groups.setdefault((is_expert(name), p.dim() >= 2), []).append(p)
     out = []
     for (expert, decay), params in sorted(groups.items()):
         if len({_placement(p) for p in params}) > 1:
@@ -38,7 +39,13 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
                 f"{'expert' if expert else 'dense'} parameters sit on different meshes {sorted({_placement(p) for p in params})}: "
                 "AdamW cannot step them in one group"
             )
-        out.append({"params": params, "weight_decay": weight_decay if decay else 0.0})
+        out.append(
+            {
+                "params": params,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{'experts' if expert else 'dense'}_{'decay' if decay else 'no_decay'}",
+            }
+        )
     return out
 
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from moeflow.moe.errors import ConfigError
 from moeflow.parallel.distributed import shutdown_distributed
-from moeflow.parallel.expert_parallel import sync_routing_stats
+from moeflow.parallel.routing_stats import sync_routing_stats
 
 from . import checkpoint as ckpt
 from .config import validate

@@ -121,6 +121,11 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 nn.init.zeros_(b)
 
+    @property
+    def num_local_experts(self) -> int:
+        """The experts this rank holds (`num_experts` stays the model's count under expert parallelism)."""
+        return local_tensor(self.w1_EDF).shape[0]
+
     def forward(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         impl = self.impl if self.b1_EF is None and self.b2_ED is None else "torch"  # only the reference has biases
         return IMPLEMENTATIONS[impl](self, x_AD, counts_E)
@@ -193,7 +198,7 @@ def _triton_ops(experts: GroupedExperts, x: torch.Tensor):
     if reason is None:
         args = _kernel_weights(experts, x)
         try:
-            ops.check_inputs(*args[:4], torch.empty(experts.num_experts))
+            ops.check_inputs(*args[:4], torch.empty(experts.num_local_experts))
             return ops, args
         except ops.UnsupportedInput as e:
             reason = str(e)
@@ -211,7 +216,7 @@ def _check_counts(x_AD: torch.Tensor, counts_E: torch.Tensor, num_experts: int) 
 
 def triton_grouped(experts: GroupedExperts, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Triton grouped GEMMs (moeflow.kernels) on rows already grouped by expert."""
-    _check_counts(x_AD, counts_E, experts.num_experts)
+    _check_counts(x_AD, counts_E, experts.num_local_experts)
     found = _triton_ops(experts, x_AD)
     if found is None:
         return torch_loop(experts, x_AD, counts_E)

@@ -182,13 +182,6 @@ def build_moe_layer(cfg: ModelConfig) -> MoELayer:
     return MoELayer(gate, experts, shared)
 
 
-def _full_numel(p: torch.Tensor) -> int:
-    """Elements of the unsharded parameter: expert parallelism marks its expert shards with
-    `_moeflow_ep_shard = (experts in all, first, end)` (moeflow.parallel.expert_parallel)."""
-    shard = getattr(p, "_moeflow_ep_shard", None)
-    return p.numel() if shard is None else p.numel() * shard[0] // (shard[2] - shard[1])
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -236,11 +229,12 @@ class Transformer(nn.Module):
         return moe_aux_loss(self)
 
     def num_params(self, active_only: bool = False) -> int:
-        """The whole model's count, also under expert parallelism (where this rank holds a shard)."""
-        total = sum(_full_numel(p) for p in self.parameters())
+        """The whole model's count, also when parallelised (a DTensor's numel is the full tensor's; plain
+        shards of an engine without DTensors are counted by its `ParallelPlan.global_numel`)."""
+        total = sum(p.numel() for p in self.parameters())
         if not active_only:
             return total
         for m in self.moe_layers():
-            expert_params = sum(_full_numel(p) for p in m.experts.parameters())
+            expert_params = sum(p.numel() for p in m.experts.parameters())
             total -= expert_params - expert_params * self.cfg.top_k // self.cfg.num_experts
         return total

@@ -1,20 +1,19 @@
-"""moeflow.parallel: process groups, data and expert parallelism applied to a plain model."""
+"""moeflow.parallel: process groups, data and expert parallelism applied to a plain model from outside.
+
+`parallelize.parallelize(model, mesh, options)` applies it and returns a `ParallelPlan` (the one record
+of which tensors are shards); `mesh.build_mesh` makes the mesh.
+"""
 
 from .all_to_all import AllToAllDispatcher
 from .capacity import CapacityDispatcher
 from .dispatchers import DispatchOptions, build_dispatcher
-from .expert_parallel import ExpertDataParallel, expert_shard, parallelize
-from .layout import ParallelLayout, build_layout, check_layout
+from .plan import ParallelPlan, is_expert
 
 __all__ = [
     "AllToAllDispatcher",
     "CapacityDispatcher",
     "DispatchOptions",
+    "ParallelPlan",
     "build_dispatcher",
-    "ExpertDataParallel",
-    "ParallelLayout",
-    "build_layout",
-    "check_layout",
-    "expert_shard",
-    "parallelize",
+    "is_expert",
 ]

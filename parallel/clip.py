@@ -3,7 +3,7 @@
 `torch.nn.utils.clip_grad_norm_` cannot mix DTensors of different meshes (dense weights on the
 FSDP mesh, experts on the expert mesh). Here the squared norm is each rank's local shards'
 squares, each divided by how many ranks in the world hold a copy of it (replicated mesh dims,
-ranks outside a sub-mesh; every rank for a plain tensor), summed over the world in one
+ranks outside a sub-mesh; every rank for a plain tensor, unless the plan says it is a shard), summed over the world in one
 all-reduce: the single-process norm of the same gradients. Every gradient is then scaled by
 the same factor.
 """
@@ -15,31 +15,28 @@ import math
 import torch
 import torch.distributed as dist
 
+from .plan import copies_in_world
+
 
 @torch.no_grad()
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def global_grad_norm(grads: list[torch.Tensor], copies: list[int] | None = None) -> torch.Tensor:
     """The L2 norm of all `grads` together (plain tensors, or DTensors on meshes spanning the world):
-    one multi-tensor norm per copy count (`torch._foreach_norm`: each gradient read once), one all-reduce."""
+    one multi-tensor norm per copy count (`torch._foreach_norm`: each gradient read once), one all-reduce.
+    `copies` (a plan's `copies`, one per gradient) says how many ranks hold each element of a plain
+    tensor that is a shard; without it a plain tensor is the same on every rank."""
     from torch.distributed.tensor import DTensor
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     by_copies: dict[int, list[torch.Tensor]] = {}
-    for g in grads:
-        if isinstance(g, DTensor):
-            # copies of each element in the world: replicated mesh dims, and ranks outside this mesh
-            # (a sub-mesh, e.g. experts sharded over "ep" only and replicated over the rest)
-            outside = world // g.device_mesh.size()
-            copies = outside * math.prod(
-                g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_replicate()
-            )
-            by_copies.setdefault(copies, []).append(g.to_local())
-        else:  # a plain tensor of a parallel model is the same on every rank
-            by_copies.setdefault(world, []).append(g)
-    device = next(iter(by_copies.values()))[0].device
-    square = torch.zeros((), dtype=torch.float32, device=device)
-    for copies, tensors in by_copies.items():
-        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
-        square += torch.stack(norms).square().sum() / copies
+    for i, g in enumerate(grads):
+        n = copies[i] if copies is not None else copies_in_world(g, world)
+        by_copies.setdefault(n, []).append(g.to_local() if isinstance(g, DTensor) else g)
+    first = next(iter(by_copies.values()))[0]
+    dtype = torch.promote_types(first.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+    square = torch.zeros((), dtype=dtype, device=first.device)
+    for n, tensors in by_copies.items():
+        norms = torch._foreach_norm(tensors, 2.0, dtype=dtype)
+        square += torch.stack(norms).square().sum() / n
     if world > 1:
         dist.all_reduce(square)
     return square.sqrt()
@@ -65,15 +62,17 @@ def folds_clip_into_step(optimizer) -> bool:
 @torch.profiler.record_function(
     "moeflow/clip_grad_norm"
 )  # a scope trainer.profile=true groups by (launch/profiling.py)
-def clip_grad_norm_(parameters, max_norm: float, optimizer=None) -> torch.Tensor:
+def clip_grad_norm_(parameters, max_norm: float, optimizer=None, copies: list[int] | None = None) -> torch.Tensor:
     """Clip to `max_norm` (inf: no clipping); returns the pre-clip global norm (fp32). With an
     `optimizer` that `folds_clip_into_step`, the factor goes to its next step (`grad_scale`, cleared by
     `clear_folded_clip` after the step); otherwise the gradients are scaled in place, in one
-    multi-tensor multiply."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    multi-tensor multiply. `copies`: one per parameter, for plain tensors that are shards (`global_grad_norm`)."""
+    parameters = list(parameters)
+    has_grad = [i for i, p in enumerate(parameters) if p.grad is not None]
+    grads = [parameters[i].grad for i in has_grad]
     if not grads:
         return torch.zeros(())
-    total = global_grad_norm(grads)
+    total = global_grad_norm(grads, [copies[i] for i in has_grad] if copies is not None else None)
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's own rule, on the device: no host read
         if folds_clip_into_step(optimizer):

@@ -88,21 +88,26 @@ class ParallelDims:
 
     def check_model(self, num_experts: int, n_heads: int, n_kv_heads: int) -> None:
         """Refuse sizes the model cannot be split by, naming the fix."""
-        if num_experts % self.ep:
-            raise ConfigError(
-                f"parallel.ep={self.ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts"
-            )
-        for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads)):
-            if n % self.tp:
-                raise ConfigError(
-                    f"parallel.tp={self.tp} does not divide {what}={n}; pick a tensor-parallel size that divides it"
-                )
+        check_model_split(self.ep, self.tp, num_experts, n_heads, n_kv_heads)
 
     def describe(self) -> str:
         return (
             f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}; "
             f"experts: dp_replicate {self.dp_replicate} x efsdp {self.efsdp} x ep {self.ep}"
         )
+
+
+def check_model_split(ep, tp, num_experts: int, n_heads: int, n_kv_heads: int) -> None:
+    """The model's side of a layout (before the world's side: a wrong ep is first a wrong split of experts)."""
+    if isinstance(ep, int) and ep > 0 and num_experts % ep:
+        raise ConfigError(
+            f"parallel.ep={ep} does not divide model.num_experts={num_experts}; pick an ep that divides the number of experts"
+        )
+    for what, n in (("model.n_heads", n_heads), ("model.n_kv_heads", n_kv_heads)):
+        if isinstance(tp, int) and tp > 0 and n % tp:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide {what}={n}; pick a tensor-parallel size that divides it"
+            )
 
 
 def dims_from_config(parallel_cfg, world: int) -> ParallelDims:

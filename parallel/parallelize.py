@@ -9,7 +9,8 @@ the weights are materialised and initialised: `materialize`):
    by expert (`Shard(0)`) over the mesh's "ep" dimension, and its dispatcher moves tokens over
    that group (`parallel.dispatcher`: see dispatchers.py; a named transport runs with ep=1 too);
 3. activation checkpointing of the blocks (`parallel.activation_checkpointing`);
-4. `fully_shard` (FSDP2): each MoE layer's experts are one unit over the expert-FSDP mesh
+4. `fully_shard` (FSDP2; `ShardingOptions.fully_shard=False` skips it, and 5, for an engine that
+   reduces gradients itself): each MoE layer's experts are one unit over the expert-FSDP mesh
    (the ranks holding the same experts; sharded on their model dim when EP also shards them),
    each block one unit over the dense mesh (HSDP when dp_replicate > 1), the root (embedding,
    final norm, LM head) the last;
@@ -35,8 +36,7 @@ from moeflow.moe.layer import moe_layers
 
 from .dispatchers import DispatchOptions, build_dispatcher
 from .mesh import ParallelMesh
-
-EXPERT_WEIGHTS = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")  # every one leads with E
+from .plan import EXPERT_WEIGHTS, LocalShard, ParallelPlan, ShardStep, expert_rows
 
 
 @dataclass
@@ -45,14 +45,20 @@ class ShardingOptions:
     reduce_dtype: torch.dtype = torch.float32
     reshard_after_forward: bool = True
     dispatch: DispatchOptions = field(default_factory=DispatchOptions)
+    # False: no FSDP, and expert shards stay plain tensors (recorded in the plan), for an engine that
+    # reduces gradients itself and takes no DTensors (DeepSpeed)
+    fully_shard: bool = True
 
 
-def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions) -> None:
-    """Each MoE layer keeps this EP rank's experts as DTensor shards (Shard(0) over "ep") and routes
-    its tokens there through `opts.dispatch`'s transport; works on meta-device models (no data moves)."""
+def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions) -> dict[str, LocalShard]:
+    """Each MoE layer keeps this EP rank's experts (Shard(0) over "ep": DTensors, or plain tensors whose
+    placements go in the plan) and routes its tokens there through `opts.dispatch`'s transport; works on
+    meta-device models (no data moves). Returns the plain shards by parameter name."""
     from torch.distributed.tensor import DTensor, Shard
 
     ep, rank = mesh.dims.ep, mesh.ep_rank
+    local_shards = {}
+    layer_names = {id(m): n for n, m in model.named_modules()}
     for layer in moe_layers(model):
         experts = layer.experts
         E = experts.num_experts
@@ -60,21 +66,17 @@ def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: Sharding
             raise ConfigError(
                 f"parallel.ep={ep} does not divide the {E} experts of a layer; pick a parallel.ep that divides model.num_experts"
             )
-        L = E // ep
         for name in EXPERT_WEIGHTS if ep > 1 else ():  # an EP group of one keeps its experts whole
             p = getattr(experts, name, None)
             if p is None:
                 continue
-            local = p.data[rank * L : (rank + 1) * L].clone()
-            setattr(
-                experts,
-                name,
-                nn.Parameter(
-                    DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False), requires_grad=p.requires_grad
-                ),
-            )
-        experts.num_experts = L
-        layer.dispatcher = build_dispatcher(opts.dispatch, mesh.ep_group, ep, L, layer)
+            local = expert_rows(p.data, rank, ep)
+            value = DTensor.from_local(local, mesh.ep_mesh, [Shard(0)], run_check=False) if opts.fully_shard else local
+            setattr(experts, name, nn.Parameter(value, requires_grad=p.requires_grad))
+            if not opts.fully_shard:
+                local_shards[f"{layer_names[id(experts)]}.{name}"] = LocalShard((ShardStep(mesh.ep_mesh, 0),))
+        layer.dispatcher = build_dispatcher(opts.dispatch, mesh.ep_group, ep, E // ep, layer)
+    return local_shards
 
 
 def _sum_reductions(module) -> None:
@@ -85,16 +87,31 @@ def _sum_reductions(module) -> None:
         force(True)
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | None = None) -> nn.Module:
-    """Apply gates' token groups, expert parallelism and FSDP2 to `model` in place (see the module docstring)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    from torch.distributed.tensor import Shard
-
+def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | None = None) -> ParallelPlan:
+    """Apply gates' token groups, expert parallelism and FSDP2 to `model` in place (see the module docstring);
+    returns the plan: what the optimizer, clipping, counts and export need to know."""
     opts = opts or ShardingOptions()
     for layer in moe_layers(model):
         layer.gate.token_group = dist.group.WORLD
+    local_shards = {}
     if opts.dispatch.resolved(mesh.dims.ep) != "local":
-        shard_experts_by_expert(model, mesh, opts)
+        local_shards = shard_experts_by_expert(model, mesh, opts)
+    layers = moe_layers(model)
+    plan = ParallelPlan(
+        world=mesh.dims.world,
+        ep=mesh.dims.ep,
+        num_experts=layers[0].experts.num_experts if layers else 0,
+        local_shards=local_shards,
+    )
+    if opts.fully_shard:
+        _fully_shard(model, mesh, opts, plan)
+    return plan
+
+
+def _fully_shard(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions, plan: ParallelPlan) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.tensor import Shard
+
     mp = MixedPrecisionPolicy(param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype)
     common = dict(mp_policy=mp, reshard_after_forward=opts.reshard_after_forward)
     units, unsharded_experts = [], []
@@ -111,33 +128,14 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | No
         units.append(fully_shard(layer.experts, mesh=mesh.expert_fsdp, shard_placement_fn=placement, **common))
         register_fsdp_forward_method(layer.experts, "forward_routed")  # the fused path's entry point
     ignored = {"ignored_params": {p for e in unsharded_experts for p in e.parameters()}} if unsharded_experts else {}
-    for block in model.blocks:
+    for block in getattr(model, "blocks", ()):  # a bare MoE layer in a holder module is one unit (tests)
         units.append(fully_shard(block, mesh=mesh.dense_fsdp, **ignored, **common))
     units.append(fully_shard(model, mesh=mesh.dense_fsdp, **ignored, **common))
-    model._moeflow_replicated_experts = (
-        (unsharded_experts, mesh) if unsharded_experts and mesh.dims.dp_replicate > 1 else None
-    )
+    if unsharded_experts and mesh.dims.dp_replicate > 1:
+        plan.replicated_experts = tuple(unsharded_experts)
+        plan.replica_group = mesh.experts.get_group("dp_replicate")
     for unit in units:
         _sum_reductions(unit)
-    return model
-
-
-@torch.no_grad()
-def reduce_replicated_expert_grads(model: nn.Module) -> None:
-    """Sum the gradients of experts that FSDP does not manage (efsdp = 1) over the replicas
-    (dp_replicate > 1); call once per optimizer step, after the last backward. No-op otherwise."""
-    found = getattr(model, "_moeflow_replicated_experts", None)
-    if not found:
-        return
-    experts_modules, mesh = found
-    group = mesh.experts.get_group("dp_replicate")
-    for p in (p for e in experts_modules for p in e.parameters()):  # the same order on every rank (looked up now:
-        # materialising a meta model replaces parameter objects)
-        if p.grad is not None:
-            local = (
-                p.grad._local_tensor if hasattr(p.grad, "_local_tensor") else p.grad
-            )  # in place (to_local() may copy)
-            dist.all_reduce(local, group=group)
 
 
 @torch.no_grad()

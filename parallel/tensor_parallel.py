@@ -7,11 +7,8 @@ exact (identity forward / all-reduce backward on the input, all-reduce forward o
 are attached by the caller (`megatron_core.shard_over_tensor_group`, with megatron-core's own
 mappings). The gate is not sharded: every TP rank routes the same tokens the same way.
 
-Every sharded param carries `_moeflow_tp_shard = (dim, full size, lo, hi)`, which
-`sharded_state` uses to gather full checkpoints over the model's TP group and to slice
-them back on load (after the expert-parallel rows). A param whose full tensor is `parts`
-stacked blocks along `dim`, each sliced [lo, hi) (megatron's gated fc1 = [w1; w3]), also
-carries `_moeflow_tp_parts`.
+The caller records which dim each returned param was split on (megatron-core: its own
+`tensor_model_parallel` attributes, which `megatron_core.megatron_plan` reads into the plan).
 """
 
 from __future__ import annotations
@@ -25,14 +22,9 @@ EXPERT_F_DIMS = {"w1_EDF": 2, "w3_EDF": 2, "b1_EF": 1, "b3_EF": 1, "w2_EFD": 1}
 SHARED_F_DIMS = {"w1.weight": 0, "w3.weight": 0, "w2.weight": 1}
 
 
-def tp_shard(p: torch.Tensor) -> tuple[int, int, int, int] | None:
-    """(dim, full size, first, end) of a TP-sharded param, else None."""
-    return getattr(p, "_moeflow_tp_shard", None)
-
-
-def shard_hidden_dim(layer, tp_rank: int, tp: int) -> list[torch.nn.Parameter]:
+def shard_hidden_dim(layer, tp_rank: int, tp: int) -> list[tuple[torch.nn.Parameter, int]]:
     """Keep this TP rank's F/tp hidden units of `layer`'s experts and shared expert (in place;
-    the Parameter objects stay the same). Returns the sharded params."""
+    the Parameter objects stay the same). Returns (param, the dim it was split on) pairs."""
     experts, shared = layer.experts, layer.shared_expert
     for what, F in (
         ("model.d_ff", experts.d_ff),
@@ -55,8 +47,7 @@ def shard_hidden_dim(layer, tp_rank: int, tp: int) -> list[torch.nn.Parameter]:
             full = p.shape[dim]
             lo, hi = tp_rank * full // tp, (tp_rank + 1) * full // tp
             p.data = p.data.narrow(dim, lo, hi - lo).clone()
-            mark_tp_shard(p, dim, full, lo, hi)
-            sharded.append(p)
+            sharded.append((p, dim))
     experts.d_ff //= tp
     experts.permute_fusion = False  # fused kernels weight rows by the gate before the TP reduce: keep them unfused
     return sharded
@@ -69,30 +60,3 @@ def _param_or_none(module, name: str):
         return module.get_parameter(name)
     except AttributeError:  # e.g. w3 of a GELU expert
         return None
-
-
-def mark_tp_shard(p: torch.Tensor, dim: int, full: int, lo: int, hi: int, parts: int = 1) -> None:
-    p._moeflow_tp_shard = (dim, full, lo, hi)
-    if parts > 1:
-        p._moeflow_tp_parts = parts
-
-
-def local_slice(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """This rank's TP slice of a full tensor shaped like `p`'s full version (else `t` unchanged)."""
-    shard = tp_shard(p)
-    if shard is None or t.dim() != p.dim() or t.shape[shard[0]] != shard[1]:
-        return t
-    dim, _, lo, hi = shard
-    blocks = t.chunk(getattr(p, "_moeflow_tp_parts", 1), dim)
-    return torch.cat([b.narrow(dim, lo, hi - lo) for b in blocks], dim).clone()
-
-
-def gather_full(t: torch.Tensor, p: torch.Tensor, group) -> torch.Tensor:
-    """The full tensor from every TP rank's slice `t` (collective over `group`)."""
-    shard = tp_shard(p)
-    if shard is None or group is None or t.shape != p.shape:
-        return t
-    ranks = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(ranks, t.contiguous(), group=group)
-    parts, dim = getattr(p, "_moeflow_tp_parts", 1), shard[0]
-    return torch.cat([torch.cat([r.chunk(parts, dim)[j] for r in ranks], dim) for j in range(parts)], dim)

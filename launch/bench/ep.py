@@ -6,7 +6,7 @@ One process runs the chosen transport over an EP group of one rank (the same cod
 Weak scaling: every rank keeps `--tokens` tokens. The reference is the whole layer (all
 experts, local dispatch) on one device with the same tokens per device, timed on every rank
 at the same time, without communication. The EP step is forward+backward through
-`parallelize` with `--dispatcher`. Reported per layer and step:
+`parallelize` (FSDP2 + EP on the mesh engine=torch builds, EP over every rank) with `--dispatcher`. Reported per layer and step:
 - exchange bytes: rows that leave this rank for other ranks (dispatch and return, forward
   and backward), from the splits of the last step;
 - the exchanges replayed alone (NCCL `all_to_all_single` with those splits), their bus
@@ -37,8 +37,8 @@ from moeflow.moe.layer import MoELayer
 from moeflow.parallel.dispatchers import DispatchOptions, check_options
 from moeflow.parallel.distributed import init_distributed, shutdown_distributed
 from moeflow.parallel.exchange import exchange
-from moeflow.parallel.expert_parallel import parallelize
-from moeflow.parallel.layout import build_layout
+from moeflow.parallel.mesh import ParallelDims, build_mesh
+from moeflow.parallel.parallelize import ShardingOptions, parallelize
 
 from ..config import resolve_experts_impl
 
@@ -176,7 +176,9 @@ def main(argv: list[str]) -> None:
     device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if (a.dtype == "bf16" or (a.dtype == "auto" and device_type == "cuda")) else torch.float32
     impl = resolve_experts_impl(a.impl, device)
-    layout = build_layout(env.world_size, a.experts, device_type)
+    dims = ParallelDims(world=env.world_size, ep=env.world_size)  # EP over every rank, as engine=torch builds it
+    dims.check_model(a.experts, 1, 1)
+    mesh = build_mesh(dims, device_type)
 
     def make_layer():
         torch.manual_seed(0)
@@ -195,13 +197,11 @@ def main(argv: list[str]) -> None:
     t_single = _max_over_ranks(_time(single_step, device, a.warmup, a.iters), device)
 
     layer = make_layer()
-    ep_model = parallelize(
-        _Holder(layer), layout, dispatch=opts, **({"device_ids": [device.index]} if device_type == "cuda" else {})
-    )
+    ep_model = _Holder(layer)
+    parallelize(ep_model, mesh, ShardingOptions(dispatch=opts))  # the production path: FSDP2 + EP
 
     def ep_step():
         ep_model(x).backward(grad_y)
-        ep_model.finish_grad_sync()
 
     t_ep = _max_over_ranks(_time(ep_step, device, a.warmup, a.iters), device)
     own_reads = layer.dispatcher.host_syncs
@@ -220,7 +220,7 @@ def main(argv: list[str]) -> None:
     in_splits_CR, out_splits_CR = layer.dispatcher.exchange_plan()
     rows_sent = [torch.randn(sum(s), a.d_model, device=device, dtype=dtype) for s in in_splits_CR]
     rows_back = [torch.randn(sum(s), a.d_model, device=device, dtype=dtype) for s in out_splits_CR]
-    group = layout.ep_group
+    group = mesh.ep_group
 
     def exchanges():
         for c in range(len(in_splits_CR)):
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> None:
 
     t_a2a = _max_over_ranks(_time(exchanges, device, a.warmup, a.iters), device)
     row_bytes = a.d_model * torch.finfo(dtype).bits // 8
-    R = layout.ep
+    R = dims.ep
     total_rows = sum(map(sum, in_splits_CR)) + sum(map(sum, out_splits_CR))  # one forward: out and back
     # the same bytes (4 exchanges' worth) through one equal-split all_to_all_single: NCCL's own figure
     # (every rank the same size: an equal-split exchange of different sizes aborts the process group)
@@ -242,8 +242,8 @@ def main(argv: list[str]) -> None:
     t_nccl = _max_over_ranks(
         _time(lambda: dist.all_to_all_single(flat_out, flat_in, group=group), device, a.warmup, a.iters), device
     )
-    remote_out = sum(s[r] for s in in_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
-    remote_in = sum(s[r] for s in out_splits_CR for r in range(len(s)) if r != layout.ep_rank) * row_bytes
+    remote_out = sum(s[r] for s in in_splits_CR for r in range(len(s)) if r != mesh.ep_rank) * row_bytes
+    remote_in = sum(s[r] for s in out_splits_CR for r in range(len(s)) if r != mesh.ep_rank) * row_bytes
     # bytes this rank sends to other ranks per step (it receives about as many): dispatch and
     # return rows forward, and their gradients backward
     bytes_per_step = 2 * (remote_out + remote_in)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from moeflow.moe.errors import CheckpointError
 from moeflow.moe.model import Transformer
-from moeflow.parallel.expert_params import is_expert_param
+from moeflow.parallel.plan import is_expert
 
 from .. import checkpoint as ckpt
 from ..optim import fresh_optimizer_state
@@ -53,7 +53,7 @@ def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tens
             f"{ds_ckpt}: a ZeRO-{stage} checkpoint with parallel.ep={ep} is not something engine=deepspeed writes"
         )
     shapes = model_state.param_shapes
-    is_expert = [bool(g) and all(is_expert_param(n, torch.empty(0)) for n in g) for g in shapes]
+    expert_group = [bool(g) and all(is_expert(n) for n in g) for g in shapes]
 
     def merge(group_ids: list[int], ranks) -> dict:
         out = {}
@@ -68,8 +68,8 @@ def _consolidate_expert_parallel(ds_ckpt: Path, ep: int) -> dict[str, torch.Tens
         return out
 
     state = dict(model_state.buffers)
-    state.update(merge([i for i, e in enumerate(is_expert) if not e], range(world)))
-    shards = [merge([i for i, e in enumerate(is_expert) if e], range(r, world, ep)) for r in range(ep)]
+    state.update(merge([i for i, e in enumerate(expert_group) if not e], range(world)))
+    shards = [merge([i for i, e in enumerate(expert_group) if e], range(r, world, ep)) for r in range(ep)]
     state.update({name: torch.cat([s[name] for s in shards]) for name in shards[0]})
     for alias, target in model_state.shared_params:  # tied weights
         if target in state:

@@ -21,7 +21,7 @@ groups (`shard_experts_for_deepspeed`, `_deepspeed_moe_marker`).
 The DeepSpeed config is generated from the Hydra config (micro-batch, grad accumulation,
 clipping, ZeRO stage, CPU optimizer offload, bf16) and a user JSON (`engine.config_file`)
 is merged over it, so anything DeepSpeed offers stays reachable. The optimizer is
-moeflow's AdamW over `moeflow.parallel.expert_params.param_groups`: expert parameters sit
+moeflow's AdamW over `launch.optim.optimizer_groups`: expert parameters sit
 in their own groups, which is what lets ZeRO shard them over the expert-data-parallel
 group instead of the whole world once experts are sharded over EP (DeepSpeed-MoE's
 `moe: True` groups, see `to_deepspeed_moe_groups`).
@@ -42,10 +42,10 @@ from omegaconf import DictConfig
 
 from moeflow.moe.model import Transformer
 from moeflow.parallel.distributed import DistEnv
-from moeflow.parallel.expert_params import is_expert_param, param_groups
+from moeflow.parallel.plan import ParallelPlan, is_expert
 
 from ..losses import lm_loss
-from ..optim import build_scheduler
+from ..optim import build_scheduler, optimizer_groups
 from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
 from .contract import Engine
@@ -71,7 +71,7 @@ log = logging.getLogger("moeflow.deepspeed")
 
 
 def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
-    """`deepspeed.initialize` with moeflow's AdamW and schedule; returns (engine, scheduler)."""
+    """`deepspeed.initialize` with moeflow's AdamW and schedule; returns (engine, scheduler, plan)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -80,21 +80,21 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set (torchrun sets it)
-    ep = int(cfg.parallel.get("ep", 1))
-    if ep > 1:
-        shard_experts_for_deepspeed(model, cfg.parallel, next(model.parameters()).device.type)
-    elif dist.get_world_size() > 1:  # like the torch engine: routing statistics and aux losses over the global batch
-        for layer in model.moe_layers():
-            layer.gate.token_group = dist.group.WORLD
+    ep = int(cfg.parallel.ep)
+    plan = ParallelPlan()
+    if (
+        dist.get_world_size() > 1 or ep > 1
+    ):  # like the torch engine: routing statistics and aux losses over the global batch
+        plan = shard_experts_for_deepspeed(model, cfg.parallel, next(model.parameters()).device.type)
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    groups = optimizer_groups(model, o.weight_decay)
     if ep > 1:
-        groups = to_deepspeed_moe_groups(groups)
+        groups = to_deepspeed_moe_groups(groups, ep)
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     sched = build_scheduler(opt, o, cfg.trainer.steps)
     config = deepspeed_config(cfg, use_bf16)
     engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=config)
-    n_expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n, p))
+    n_expert = sum(plan.global_numel(n, p) for n, p in model.named_parameters() if is_expert(n))
     log.info(
         "deepspeed: ZeRO stage %d%s, bf16 %s, %d param groups (%.2fM expert params in their own groups%s)",
         config["zero_optimization"]["stage"],
@@ -104,7 +104,7 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
         n_expert / 1e6,
         f", sharded over EP={ep} and ZeRO-partitioned over the expert-data-parallel group" if ep > 1 else "",
     )
-    return engine, sched
+    return engine, sched, plan
 
 
 class DeepSpeedEngine(Engine):
@@ -119,13 +119,14 @@ class DeepSpeedEngine(Engine):
         use_bf16, _ = bf16_autocast(trainer_cfg, device)
         self.autocast = lambda: torch.autocast(device.type, enabled=False)  # noqa: E731  (DeepSpeed casts the model itself)
         self.model = Transformer(model_cfg).to(device)
-        self.engine, self.sched = initialize(self.model, cfg, use_bf16)
+        self.engine, self.sched, self.plan = initialize(self.model, cfg, use_bf16)
         self.data_parallel_rank, self.data_parallel_group = (env.rank, env.world_size), None
         self.eval_model = self.engine  # under ZeRO-3 the engine's forward gathers the partitioned parameters
         self.start_step = resume(self.engine, cfg, run_dir)
 
     def describe(self) -> str:
-        return f"model: {self.model.num_params() / 1e6:.2f}M parameters, device {self.device}, world {self.env.world_size}, engine deepspeed"
+        n = sum(self.plan.global_numel(k, p) for k, p in self.model.named_parameters())
+        return f"model: {n / 1e6:.2f}M parameters, device {self.device}, world {self.env.world_size}, engine deepspeed"
 
     def forward_backward(self, x, y, last: bool):
         # the step's last micro-batch is the accumulation boundary (ZeRO reduces there), whatever DeepSpeed's micro-step count says

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import torch
 
-from moeflow.parallel.expert_params import ep_group_name, mark_expert_params
+from moeflow.parallel.plan import ParallelPlan
 
 
-def to_deepspeed_moe_groups(groups: list[dict]) -> list[dict]:
-    """Mark expert groups the way DeepSpeed-MoE expects (for EP > 1).
+def ep_group_name(ep_size: int) -> str:
+    """DeepSpeed-MoE's name for the expert-data-parallel group of an EP size."""
+    return f"ep_size_{ep_size}"
+
+
+def to_deepspeed_moe_groups(groups: list[dict], ep: int) -> list[dict]:
+    """Mark the expert groups (`launch.optim.optimizer_groups`' `experts_*`) the way DeepSpeed-MoE expects (EP > 1).
 
     DeepSpeed's ZeRO reduces a group's gradients over `expert_data_parallel_group[name]`
     when the group has `moe: True`, and each of its params `allreduce=False` plus
-    `group_name` (what `split_params_into_different_moe_groups_for_optimizer` produces).
+    `group_name` (what `split_params_into_different_moe_groups_for_optimizer` produces):
+    DeepSpeed's own attributes, set here at its boundary.
     """
     out = []
     for g in groups:
         g = dict(g)
-        if g.get("moe_expert"):
+        if g["name"].startswith("experts"):
             for p in g["params"]:
                 p.allreduce = False
-                p.group_name = g["ep_group_name"]
-            g.update(moe=True, name=g["ep_group_name"])
+                p.group_name = ep_group_name(ep)
+            g.update(moe=True, name=ep_group_name(ep))
         out.append(g)
     return out
 
@@ -64,35 +70,38 @@ def _deepspeed_moe_marker(num_experts: int, ep: int) -> torch.nn.Module:
     return DeepSpeedMoEMarker()
 
 
-def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_type: str) -> None:
-    """moeflow's expert parallelism (expert shards, all-to-all dispatcher) with DeepSpeed's groups.
+def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_type: str) -> ParallelPlan:
+    """moeflow's expert parallelism (expert shards, all-to-all dispatcher) with DeepSpeed's groups; with
+    parallel.ep=1 only the gates' token groups (the global batch, like engine=torch).
 
-    `apply_expert_parallel` without moeflow's DDP: DeepSpeed reduces the gradients. Its
-    expert-parallel groups are consecutive ranks and its expert-data-parallel groups strided
-    ones (`groups._create_expert_and_data_parallel`, E + D order), which is moeflow's
-    ("dp", "ep") DeviceMesh; checked here. Gradient scale: ZeRO divides every gradient by
-    the data-parallel world size and sums expert gradients over the expert-data-parallel
-    group, which is `ExpertDataParallel.finish_grad_sync` (EDP sum / world): the
-    single-process model's gradients.
+    `parallelize` without FSDP (`fully_shard=False`: the expert shards stay plain tensors, the plan
+    records their placement): DeepSpeed reduces the gradients. Its expert-parallel groups are
+    consecutive ranks and its expert-data-parallel groups strided ones
+    (`groups._create_expert_and_data_parallel`, E + D order), which is the mesh's ("efsdp", "ep")
+    expert grid; checked here. Gradient scale: ZeRO divides every gradient by the data-parallel world
+    size and sums expert gradients over the expert-data-parallel group: the single-process model's
+    gradients (the sum over every rank's batch, divided by the world).
     """
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from moeflow.parallel.expert_parallel import apply_expert_parallel
-    from moeflow.parallel.layout import build_layout
+    from moeflow.parallel.dispatchers import options_from_config
+    from moeflow.parallel.mesh import ParallelDims, build_mesh
+    from moeflow.parallel.parallelize import ShardingOptions, parallelize
 
     ep = int(parallel_cfg.ep)
-    layout = build_layout(ep, model.cfg.num_experts, device_type)
-    apply_expert_parallel(model, layout, int(parallel_cfg.overlap_chunks), bool(parallel_cfg.overlap_shared))
-    mark_expert_params(model, ep_size=ep)
+    mesh = build_mesh(ParallelDims(world=dist.get_world_size(), ep=ep), device_type)
+    plan = parallelize(model, mesh, ShardingOptions(dispatch=options_from_config(parallel_cfg), fully_shard=False))
+    if ep == 1:
+        return plan  # no expert groups: DeepSpeed reduces every gradient over the world
     name = ep_group_name(ep)
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing process group (deepspeed.comm)
     if name not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep)
     for ours, theirs in (
-        (layout.ep_group, groups._get_expert_parallel_group(name)),
-        (layout.edp_group, groups._get_expert_data_parallel_group(name)),
+        (mesh.ep_group, groups._get_expert_parallel_group(name)),
+        (mesh.experts.get_group("efsdp"), groups._get_expert_data_parallel_group(name)),
     ):
         if dist.get_process_group_ranks(ours) != dist.get_process_group_ranks(theirs):
             raise RuntimeError(
@@ -100,3 +109,4 @@ def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_typ
             )
     for layer in model.moe_layers():
         layer.add_module("deepspeed_moe_marker", _deepspeed_moe_marker(model.cfg.num_experts, ep))
+    return plan

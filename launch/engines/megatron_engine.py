@@ -12,10 +12,12 @@ fresh AdamW moments) and `moeflow convert` exports them. Needs CUDA: see
 
 Expert parallelism (`parallel.ep` > 1) is megatron-core's `expert_model_parallel_size`: each
 MoE slot keeps its EP rank's experts and routes over parallel_state's expert group
-(`megatron_core.shard_over_expert_group`). The step is engine=torch's (torch AdamW and schedule)
-with `megatron_core.data_parallel`, moeflow's `ExpertDataParallel` over parallel_state's
-groups. Checkpoints gather the expert shards (written full, like one process would) and
-resume on any EP size.
+(`megatron_core.shard_over_expert_group`). Gradients are reduced by megatron-core's own
+DistributedDataParallel (`megatron_core.megatron_ddp`: expert shards over the expert-data-parallel
+group); the step is engine=torch's (moeflow's clipping over the model's `ParallelPlan`, which
+`megatron_core.megatron_plan` reads from megatron's attributes, torch AdamW and schedule).
+Checkpoints gather the expert shards through the plan (written full, like one process would)
+and resume on any EP size.
 
 Tensor parallelism (`parallel.tp` > 1, sequence parallelism off) is megatron-core's
 own for attention, embedding and output layer (logits gathered over the vocab), and
@@ -26,7 +28,6 @@ checkpoints gather every TP slice too, so they stay single-process checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -37,30 +38,18 @@ from omegaconf import DictConfig
 from moeflow.moe.errors import CheckpointError, ConfigError
 from moeflow.moe.model import ModelConfig, Transformer
 from moeflow.moe.state import unique_state_dict
+from moeflow.parallel.clip import clip_grad_norm_
 from moeflow.parallel.distributed import DistEnv
-from moeflow.parallel.expert_parallel import ddp_device_kwargs
-from moeflow.parallel.expert_params import param_groups
 from moeflow.parallel.integrations import megatron_ckpt as mck
 from moeflow.parallel.integrations import megatron_core as mcore
-from moeflow.parallel.sharded_state import (
-    full_model_state,
-    full_optimizer_state,
-    local_model_state,
-    local_optimizer_state,
-)
 
 from ..losses import lm_loss
-from ..optim import build_scheduler, replay_schedule
+from ..optim import build_scheduler, optimizer_groups, replay_schedule
 from ..profiling import phase
 from ..runtime import bf16_autocast, start_distributed
 from .contract import MoeflowCheckpointEngine
 
 log = logging.getLogger("moeflow.train")
-
-
-def grad_sync(ddp, last: bool):
-    """DDP all-reduces gradients on the last micro-batch of a step only (`no_sync` before it)."""
-    return contextlib.nullcontext() if (ddp is None or last) else ddp.no_sync()
 
 
 def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> None:
@@ -144,14 +133,15 @@ class MegatronEngine(MoeflowCheckpointEngine):
         init = unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
         self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
         self.model = self.eval_model = mcore.MegatronLM(self.gpt)
+        self.plan = mcore.megatron_plan(self.gpt)  # which tensors are shards, read from megatron's attributes
         self.opt = torch.optim.AdamW(
-            param_groups(self.gpt, cfg.optim.weight_decay),
+            optimizer_groups(self.gpt, cfg.optim.weight_decay),
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
         )
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
-        load_moeflow_weights(self.gpt, init, model_cfg)
+        load_moeflow_weights(self.gpt, self.plan, init, model_cfg)
         # (rank, size) of parallel_state's data-parallel group: the ranks of one TP group train on the same batch
         self.data_parallel_rank = (
             (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()) if env.enabled else (0, 1)
@@ -162,7 +152,7 @@ class MegatronEngine(MoeflowCheckpointEngine):
         self.start_step = self.start_checkpoints(trainer_cfg)  # a checkpoint's weights replace the initial ones
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / trainer_cfg.grad_accum, device=device))
         # dense grads averaged over parallel_state's data-parallel group, expert shards over its expert-data-parallel group
-        self.ddp = mcore.data_parallel(self.model, **ddp_device_kwargs(device)) if env.enabled else None
+        self.ddp = mcore.megatron_ddp(self.gpt) if env.enabled else None
 
     def describe(self) -> str:
         return (
@@ -171,38 +161,44 @@ class MegatronEngine(MoeflowCheckpointEngine):
         )
 
     def forward_backward(self, x, y, last: bool):
-        with grad_sync(self.ddp, last):
-            with self.autocast():
-                loss = lm_loss((self.ddp or self.model)(x), y)
-            phase("forward")  # phase times of `moeflow bench train`; a no-op otherwise
-            (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
-            phase("backward")
+        # megatron's DDP accumulates every micro-batch into its grad buffers; they are reduced once, in the step
+        with self.autocast():
+            loss = lm_loss(self.model(x), y)
+        phase("forward")  # phase times of `moeflow bench train`; a no-op otherwise
+        (loss / self.grad_accum).backward()  # the aux losses ride along via MoEAuxLossAutoScaler
+        phase("backward")
         return loss, self.model.aux_loss().detach()
 
     def optimizer_step(self) -> torch.Tensor:
-        """Expert-shard gradient sync (once per step), clipping with every shard counted once, AdamW,
-        schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
+        """megatron DDP's gradient sync (once per step), clipping with every shard counted once (the plan),
+        AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        if self.ddp is None:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        else:
-            self.ddp.finish_grad_sync()  # expert grads: reduce once per step; the norm counts every expert shard once
-            norm = self.ddp.clip_grad_norm_(clip)
+        names, params = zip(*self.gpt.named_parameters())
+        if self.ddp is not None:
+            self.ddp.finish_grad_sync()
+            for p in params:  # torch AdamW reads .grad: the reduced buffer, no copy
+                if p.requires_grad:
+                    p.grad = p.main_grad
+        norm = clip_grad_norm_(params, clip, copies=[self.plan.copies(n, p) for n, p in zip(names, params)])
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.ddp is not None:
+            self.ddp.zero_grad_buffer()
         return norm.detach()
 
     # -- checkpoints (launch/resume.py) -------------------------------------------------
     def checkpoint_state(self, with_optimizer: bool = True) -> dict:
         """moeflow-layout weights and the megatron-ordered AdamW moments, gathered to all experts and
         TP slices (collective; every rank holds the same full tensors, written once)."""
-        state = {"model": mck.from_megatron(full_model_state(self.gpt), self.model_cfg)}
+        state = {
+            "model": mck.from_megatron(self.plan.full_state(self.gpt, unique_state_dict(self.gpt)), self.model_cfg)
+        }
         if with_optimizer:
             from torch.distributed.checkpoint.state_dict import _init_optim_state
 
             _init_optim_state(self.opt)  # moments exist before the first step, for a resume to fill them
-            osd = full_optimizer_state(self.gpt, self.opt)
+            osd = self.plan.full_optimizer_state(self.gpt, self.opt)
             state["megatron_optim"] = {str(i): v for i, v in osd["state"].items()}
         return state
 
@@ -211,18 +207,20 @@ class MegatronEngine(MoeflowCheckpointEngine):
 
     def load_checkpoint_state(self, state: dict | None, trainer_state: dict | None) -> None:
         if state is not None:
-            load_moeflow_weights(self.gpt, state["model"], self.model_cfg)
+            load_moeflow_weights(self.gpt, self.plan, state["model"], self.model_cfg)
             if "megatron_optim" in state:
                 full = {
                     "state": {int(i): v for i, v in state["megatron_optim"].items()},
                     "param_groups": self.opt.state_dict()["param_groups"],
                 }
-                self.opt.load_state_dict(local_optimizer_state(self.opt, full))  # this EP rank's expert moments
+                self.opt.load_state_dict(
+                    self.plan.local_optimizer_state(self.gpt, self.opt, full)
+                )  # this rank's shards
         if trainer_state is not None:
             replay_schedule(self.sched, int(trainer_state["step"]))
 
     def load_full_weights(self, weights: dict) -> None:
-        load_moeflow_weights(self.gpt, weights, self.model_cfg)
+        load_moeflow_weights(self.gpt, self.plan, weights, self.model_cfg)
 
     def close(self) -> None:
         from megatron.core import parallel_state as ps
@@ -231,12 +229,10 @@ class MegatronEngine(MoeflowCheckpointEngine):
         ps.destroy_model_parallel()
 
 
-def load_moeflow_weights(gpt, state: dict, model_cfg) -> None:
+def load_moeflow_weights(gpt, plan, state: dict, model_cfg) -> None:
     device = next(gpt.parameters()).device
     full = {k: v.to(device) for k, v in mck.to_megatron(state, model_cfg, native=False).items()}
-    missing, unexpected = gpt.load_state_dict(
-        local_model_state(gpt, full), strict=False
-    )  # sliced to this EP rank's experts
+    missing, unexpected = gpt.load_state_dict(plan.local_state(full), strict=False)  # sliced to this rank's shards
     bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
     if bad:
         raise CheckpointError(

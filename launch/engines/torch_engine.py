@@ -26,7 +26,8 @@ from moeflow.parallel.clip import clear_folded_clip, clip_grad_norm_
 from moeflow.parallel.dispatchers import options_from_config
 from moeflow.parallel.distributed import DistEnv
 from moeflow.parallel.mesh import build_mesh, dims_from_config
-from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize, reduce_replicated_expert_grads
+from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize
+from moeflow.parallel.plan import reduce_replicated_expert_grads
 
 from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
@@ -57,7 +58,7 @@ class TorchEngine(MoeflowCheckpointEngine):
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
         self.grad_accum = trainer_cfg.grad_accum
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
-        self.mesh = None
+        self.mesh = self.plan = None
         if dist.is_initialized():  # torchrun's world, or one rank that runs a named dispatcher
             dims = dims_from_config(cfg.parallel, env.world_size)
             dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
@@ -65,7 +66,7 @@ class TorchEngine(MoeflowCheckpointEngine):
             with torch.device("meta"):  # no rank ever holds the whole model
                 self.model = Transformer(model_cfg)
             self._checkpointing(trainer_cfg)
-            parallelize(
+            self.plan = parallelize(
                 self.model,
                 self.mesh,
                 ShardingOptions(
@@ -129,7 +130,7 @@ class TorchEngine(MoeflowCheckpointEngine):
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip, AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
-        reduce_replicated_expert_grads(self.model)
+        reduce_replicated_expert_grads(self.plan)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = clip_grad_norm_(
             list(self.model.parameters()), clip, optimizer=self.opt

@@ -9,12 +9,15 @@ it (no change to the loss function). Process groups come from megatron-core's
 
 Expert parallelism: with `expert_model_parallel_size > 1` each MoeflowMoE keeps its EP
 rank's experts and sends tokens over parallel_state's expert group with moeflow's
-`shard_experts` + `AllToAllDispatcher` (`shard_over_expert_group`). Expert params carry
-megatron's own marker `allreduce=False`, so megatron-core's DistributedDataParallel reduces
-them over the expert-data-parallel group and its optimizer treats them as expert params;
-`data_parallel(model)` gives the same gradient sync with moeflow's `ExpertDataParallel`
-over parallel_state's groups (for a loop that keeps torch AdamW, like moeflow's). Both
-match one process on the global batch (tests/distributed/test_megatron_core.py, gloo, 2 and 4 ranks).
+`AllToAllDispatcher` (`shard_over_expert_group`). Expert params carry megatron's own marker
+`allreduce=False`, so megatron-core's DistributedDataParallel (`megatron_ddp`) reduces them
+over the expert-data-parallel group and its optimizer treats them as expert params. Matches
+one process on the global batch (tests/distributed/test_megatron_core.py, gloo, 2 and 4 ranks).
+
+Sharding is recorded once, in megatron's own attributes (`allreduce`, `tensor_model_parallel`,
+`partition_dim`, `partition_stride`); `megatron_plan(model)` reads them into moeflow's
+`ParallelPlan` (DTensor placements over meshes made from parallel_state's groups), which
+clipping and full-tensor checkpoints use.
 
 `gpt_layer_specs(model_cfg)` gives one layer spec per block (moeflow MoE where
 `model_cfg.is_moe_block(i)`, megatron's dense MLP elsewhere), `build_gpt_model(model_cfg)`
@@ -89,50 +92,54 @@ class MegatronGroups:
             torch.distributed.get_world_size(group) if group is not None and torch.distributed.is_initialized() else 1
         )
 
-    def expert_layout(self) -> MegatronExpertLayout:
-        return MegatronExpertLayout(
-            ep_group=self.ep,
-            edp_group=self.expert_dp,
-            ep=self.size(self.ep),
-            dp=self.size(self.expert_dp),
-            ep_rank=torch.distributed.get_rank(self.ep) if self.size(self.ep) > 1 else 0,
-            tp_group=self.tp if self.size(self.tp) > 1 else None,
-        )
+    def mesh(self, group, device_type: str):
+        """A 1-D DeviceMesh over one of parallel_state's groups (None for a group of one)."""
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(group, device_type) if self.size(group) > 1 else None
 
 
-@dataclass
-class MegatronExpertLayout:
-    """parallel_state's groups seen through moeflow's `ParallelLayout` interface, so that
-    `ExpertDataParallel` (gradient sync, clipping, routing stats) runs on megatron's groups.
-    `dp` is the number of replicas of one expert shard (the expert-data-parallel size);
-    `tp_group` (TP > 1 only): the gradient norm sums params marked `tensor_model_parallel` over it."""
+def megatron_ddp(model):
+    """megatron-core's DistributedDataParallel over parallel_state's groups: dense gradients averaged over
+    the data-parallel group, expert shards (`allreduce=False`) over the expert-data-parallel group, both
+    scaled by 1/dp; gradients land in each parameter's `main_grad` (`finish_grad_sync()` once a step)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    ep_group: object
-    edp_group: object
-    ep: int
-    dp: int
-    ep_rank: int
-    tp_group: object = None
-
-    @property
-    def world_size(self) -> int:
-        return self.ep * self.dp
+    return DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
 
 
-def data_parallel(model: torch.nn.Module, **ddp_kwargs):
-    """moeflow's `ExpertDataParallel` over parallel_state's groups: dense grads averaged over the
-    data-parallel group by torch DDP, expert shards summed over the expert-data-parallel group and
-    divided by the data-parallel size in `finish_grad_sync()` (megatron DDP's 1/dp scaling)."""
-    from moeflow.parallel.expert_parallel import ExpertDataParallel
+def megatron_plan(model, world: int | None = None):
+    """moeflow's `ParallelPlan` of a megatron-core model, read from megatron's own sharding attributes:
+    expert shards (`allreduce=False`: Shard(0) over the EP group), then tensor-parallel slices
+    (`tensor_model_parallel`: Shard(partition_dim) of `partition_stride` blocks over the TP group)."""
+    from moeflow.parallel.plan import LocalShard, ParallelPlan, ShardStep
 
     groups = MegatronGroups.from_parallel_state()
-    return ExpertDataParallel(model, groups.expert_layout(), process_group=groups.dp, **ddp_kwargs)
+    device_type = next(model.parameters()).device.type
+    ep_mesh, tp_mesh = groups.mesh(groups.ep, device_type), groups.mesh(groups.tp, device_type)
+    shards = {}
+    for name, p in model.named_parameters():
+        steps = []
+        if ep_mesh is not None and getattr(p, "allreduce", True) is False:
+            steps.append(ShardStep(ep_mesh, 0))
+        if tp_mesh is not None and getattr(p, "tensor_model_parallel", False):
+            steps.append(ShardStep(tp_mesh, p.partition_dim, getattr(p, "partition_stride", 1)))
+        if steps:
+            shards[name] = LocalShard(tuple(steps))
+    world = world or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    layers = moe_layers(model)
+    return ParallelPlan(
+        world=world,
+        ep=MegatronGroups.size(groups.ep),
+        num_experts=layers[0].experts.num_experts if layers else 0,
+        local_shards=shards,
+    )
 
 
 def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
     """Expert parallelism for one moeflow MoELayer over parallel_state's groups.
 
-    - EP > 1: keep this EP rank's experts (`shard_experts`: experts [r*L, (r+1)*L), megatron's
+    - EP > 1: keep this EP rank's experts (`expert_rows`: experts [r*L, (r+1)*L), megatron's
       own placement) and send tokens over the EP group (`AllToAllDispatcher`);
     - the gate counts tokens (load, aux losses, capacity) over the data-parallel group, i.e.
       the global batch, as engine=torch does over the world;
@@ -140,23 +147,27 @@ def shard_over_expert_group(moe, groups: MegatronGroups) -> None:
       ColumnParallelLinear/GroupedMLP set): megatron's DistributedDataParallel puts
       `allreduce=False` params in its expert buffers, reduced over the expert-data-parallel
       group with the same 1/dp scaling as dense grads, and its optimizer keeps them in the
-      expert optimizer. `moe_expert`/`ep_size` serve moeflow's own optimizer groups.
+      expert optimizer; `megatron_plan` reads it as "sharded by expert".
     """
     from moeflow.parallel.all_to_all import AllToAllDispatcher
-    from moeflow.parallel.expert_parallel import shard_experts
+    from moeflow.parallel.plan import EXPERT_WEIGHTS, expert_rows
 
     ep = MegatronGroups.size(groups.ep)
+    experts = moe.experts
     if ep > 1:
-        if moe.experts.num_experts % ep:
+        if experts.num_experts % ep:
             raise ConfigError(
-                f"expert_model_parallel_size={ep} does not divide model.num_experts={moe.experts.num_experts}; pick an EP size that divides the experts"
+                f"expert_model_parallel_size={ep} does not divide model.num_experts={experts.num_experts}; pick an EP size that divides the experts"
             )
-        shard_experts(moe, torch.distributed.get_rank(groups.ep), ep)
-        moe.dispatcher = AllToAllDispatcher(groups.ep, ep, moe.experts.num_experts)
+        rank = torch.distributed.get_rank(groups.ep)
+        for name in EXPERT_WEIGHTS:
+            p = getattr(experts, name, None)
+            if p is not None:
+                p.data = expert_rows(p.data, rank, ep)
+        moe.dispatcher = AllToAllDispatcher(groups.ep, ep, experts.num_experts // ep)
     if MegatronGroups.size(groups.dp) > 1:
         moe.gate.token_group = groups.dp
-    for p in moe.experts.parameters():
-        p.moe_expert, p.ep_size = True, ep
+    for p in experts.parameters():
         p.allreduce = ep == 1
 
 
@@ -192,8 +203,8 @@ def shard_over_tensor_group(moe, groups: MegatronGroups) -> None:
         raise ConfigError(
             f"expert_tensor_parallel_size={ps.get_expert_tensor_parallel_world_size()} differs from tensor_model_parallel_size={tp}; the moeflow MoE layer shards its experts over the TP group: leave expert_tensor_parallel_size unset"
         )
-    for p in shard_hidden_dim(moe, torch.distributed.get_rank(groups.tp), tp):
-        set_tensor_model_parallel_attributes(p, True, p._moeflow_tp_shard[0], 1)
+    for p, dim in shard_hidden_dim(moe, torch.distributed.get_rank(groups.tp), tp):
+        set_tensor_model_parallel_attributes(p, True, dim, 1)
     for module in (moe.experts, moe.shared_expert):
         if module is not None:
             module.register_forward_pre_hook(
@@ -316,26 +327,7 @@ def build_gpt_model(model_cfg: ModelConfig, device: torch.device | str = "cuda",
         share_embeddings_and_output_weights=model_cfg.tie_embeddings,
         parallel_output=tp == 1,
     )  # TP: logits gathered over the vocab, so moeflow's loss sees all of them
-    if MegatronGroups.size(groups.ep) > 1:  # moeflow.parallel.sharded_state gathers/reslices expert shards over it
-        model._moeflow_ep_group = groups.ep
-    if tp > 1:  # ... and tensor-parallel slices over this one
-        model._moeflow_tp_group = groups.tp
-        mark_megatron_tp_slices(model, torch.distributed.get_rank(groups.tp), tp)
     return model.to(device)
-
-
-def mark_megatron_tp_slices(model, tp_rank: int, tp: int) -> None:
-    """Give megatron's own tensor-parallel params (attention, embedding, output layer, dense MLP:
-    `tensor_model_parallel` with `partition_dim`/`partition_stride`) moeflow's TP shard marker,
-    so checkpoints gather them to the single-process layout and reslice them on load. Rank r
-    holds rows/columns [r*n, (r+1)*n) of each of `partition_stride` blocks (gated fc1 = [w1; w3])."""
-    from moeflow.parallel.tensor_parallel import mark_tp_shard, tp_shard
-
-    for p in model.parameters():
-        if getattr(p, "tensor_model_parallel", False) and tp_shard(p) is None:
-            dim, parts = p.partition_dim, getattr(p, "partition_stride", 1)
-            n = p.shape[dim] // parts
-            mark_tp_shard(p, dim, p.shape[dim] * tp, tp_rank * n, (tp_rank + 1) * n, parts)
 
 
 def gpt_logits(model, tokens_BS: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ import pytest
 
 from helpers.timeouts import limit
 from moeflow.moe.errors import ConfigError
-from moeflow.parallel.layout import check_layout
+from moeflow.parallel.mesh import ParallelDims
 
 SMALL = [
     "data.max_bytes=200000",
@@ -27,14 +27,14 @@ SMALL = [
     "ep, experts, world, fix",
     [
         (3, 8, 6, "divides the number of experts"),
-        (4, 8, 6, "divides the world size"),
+        (4, 8, 6, "does not divide dp_shard x tp = 6"),
         (2, 8, 1, "torchrun --nproc-per-node 2"),
-        (0, 8, 2, "parallel.ep=1"),
+        (0, 8, 2, "parallel.ep must be a positive integer"),
     ],
 )
 def test_impossible_layout_is_one_line_config_error(ep, experts, world, fix):
     with pytest.raises(ConfigError) as e:
-        check_layout(ep, experts, world)
+        ParallelDims(world=world, ep=ep).check_model(experts, 1, 1)
     assert fix in str(e.value) and "\n" not in str(e.value)
 
 

@@ -1,8 +1,8 @@
 """Workers for the dispatcher tests: every transport against the single-process layer (gloo, float64).
 
 Each case builds one MoE layer from one seed on every rank, keeps a single-process reference
-that sees the whole global batch, routes this rank's slice through `parallelize(...,
-dispatch=...)`, and returns the largest differences of outputs, input gradients and every
+that sees the whole global batch, routes this rank's slice through `parallelize` (FSDP2 + EP on
+engine=torch's mesh, `dispatch=...`), and returns the largest differences of outputs, input gradients and every
 parameter gradient. For `capacity` with a small factor the reference drops the same pairs,
 decided here by a plain loop (per source rank and destination rank, the first `capacity`
 pairs in token order), independently of the dispatcher's vectorised bookkeeping.
@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from helpers.ep_workers import D, E, Holder, K, _maxdiff, _param_diffs, build_layer
+from helpers.ep_workers import D, E, Holder, K, _maxdiff, _param_diffs, build_layer, parallel_copy
 from moeflow.moe.dispatch import LocalDispatcher
 from moeflow.moe.gates import GATES
-from moeflow.parallel import DispatchOptions, build_layout, parallelize
+from moeflow.parallel import DispatchOptions
 
 
 class DroppingReference:
@@ -58,7 +58,6 @@ def dispatch_cases(rank: int, world: int, cases: list[tuple]) -> dict:
     for name, ep, gate_name, transport, factor in cases:
         if gate_name not in GATES and gate_name != "skewed":
             continue
-        layout = build_layout(ep, E)
         torch.manual_seed(1234)
         layer = build_layer(gate_name, shared=True)
         ref = copy.deepcopy(layer)
@@ -76,17 +75,16 @@ def dispatch_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         y_ref = ref(x_ref, ids_T)
         ((y_ref * g_TD).sum() / world + ref.aux_loss).backward()
 
-        model = parallelize(Holder(layer), layout, dispatch=DispatchOptions(name=transport, capacity_factor=factor))
+        model = parallel_copy(Holder(layer), ep, world, DispatchOptions(name=transport, capacity_factor=factor))
         x_loc = x_TD[rows].clone().requires_grad_()
         y_loc = model(x_loc, ids_T[rows])
-        ((y_loc * g_TD[rows]).sum() + layer.aux_loss).backward()
-        model.finish_grad_sync()
+        (((y_loc * g_TD[rows]).sum() + layer.aux_loss) / world).backward()
         dropped = layer.last_stats.get("dispatch_dropped_fraction")
         results[name] = {
             "dispatcher": type(layer.dispatcher).__name__,
             "out": _maxdiff(y_loc.detach(), y_ref.detach()[rows]),
-            "x_grad": _maxdiff(x_loc.grad / world, x_ref.grad[rows]),
-            "grads": _param_diffs(model.module.layer, ref, "grad"),
+            "x_grad": _maxdiff(x_loc.grad, x_ref.grad[rows]),
+            "grads": _param_diffs(model.layer, ref, "grad"),
             "aux": abs(layer.aux_loss.item() - ref.aux_loss.item()),
             "dropped": None if dropped is None else float(dropped),
             "ref_kept": getattr(ref.dispatcher, "kept_fraction", None),

@@ -60,7 +60,8 @@ def two_steps(
 ) -> dict:
     """Build engine `name` and run it two steps as the loop does. `forward=False` (megatron on CPU,
     whose GPTModel forward needs CUDA): each micro-batch's backward is stood in for by gradients
-    set on the parameters, and `forward_backward` is not called."""
+    set on the parameters (in megatron DDP's grad buffers, where its backward puts them), and
+    `forward_backward` is not called."""
     from moeflow.launch import checkpoint as ckpt
     from moeflow.launch.engines import engine_class
     from moeflow.launch.engines.contract import Engine, MoeflowCheckpointEngine
@@ -80,6 +81,10 @@ def two_steps(
         issubclass(Cls, Engine) and Cls.name == name,
         f"the class {Cls} must subclass contract.Engine and be named {name!r}",
     )
+    if name == "megatron":
+        from helpers.megatron_workers import _grad_buffers_on_cpu
+
+        _grad_buffers_on_cpu()  # megatron DDP's grad buffers
     env, dev = Cls.start(cfg, tc)
     check(
         "start",
@@ -145,7 +150,10 @@ def two_steps(
             else:
                 for p in model.parameters():
                     g = torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * 1e-2
-                    p.grad = g if p.grad is None else p.grad + g
+                    if hasattr(p, "main_grad"):  # where megatron DDP's backward hook accumulates
+                        p.main_grad.add_(g)
+                    else:
+                        p.grad = g if p.grad is None else p.grad + g
         norm = engine.optimizer_step()
         check(
             "optimizer_step",

@@ -31,13 +31,10 @@ from moeflow.moe.gates import GATES, build_gate
 from moeflow.moe.gates.topk import TopKGate
 from moeflow.moe.layer import MoELayer
 from moeflow.moe.model import ModelConfig, Transformer
-from moeflow.parallel import build_layout, expert_shard, parallelize
-from moeflow.parallel.sharded_state import (
-    full_model_state,
-    full_optimizer_state,
-    local_model_state,
-    local_optimizer_state,
-)
+from moeflow.parallel.clip import clip_grad_norm_
+from moeflow.parallel.dispatchers import DispatchOptions
+from moeflow.parallel.mesh import ParallelDims, build_mesh
+from moeflow.parallel.parallelize import ShardingOptions, parallelize
 
 EQUIVALENCE_GATES = ("topk", "sinkhorn", "dts")
 D, F_, E, K = 16, 24, 8, 2
@@ -173,8 +170,13 @@ class Holder(nn.Module):
         return self.layer(x_TD, ids_T)
 
 
+def _full(t):
+    """The whole tensor of a DTensor (a collective: every rank calls it in the same order)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _param_diffs(parallel: nn.Module, ref: nn.Module, what: str) -> dict[str, float]:
-    """Compare each parallel parameter (or its grad) with the reference's (slice for expert shards)."""
+    """Compare each parallel parameter (or its grad), gathered whole, with the reference's."""
     refs = dict(ref.named_parameters())
     out = {}
     for name, p in parallel.named_parameters():
@@ -183,20 +185,30 @@ def _param_diffs(parallel: nn.Module, ref: nn.Module, what: str) -> dict[str, fl
         if a is None or b is None:
             out[name] = 0.0 if a is None and b is None else float("inf")
             continue
-        shard = expert_shard(p)
-        out[name] = _maxdiff(a, b[shard[1] : shard[2]] if shard else b)
+        out[name] = _maxdiff(_full(a), b)
     return out
+
+
+def parallel_copy(module: nn.Module, ep: int, world: int, dispatch: DispatchOptions | None = None) -> nn.Module:
+    """`module` parallelised in place the way engine=torch does it (FSDP2 over the world, EP=ep on the
+    same mesh): gradients are summed over the ranks, so each rank's loss is scaled by 1/world; reduced in
+    float64, the models' dtype here (engine=torch reduces its fp32 gradients in fp32)."""
+    mesh = build_mesh(ParallelDims(world=world, ep=ep), "cpu")
+    parallelize(module, mesh, ShardingOptions(reduce_dtype=torch.float64, dispatch=dispatch or DispatchOptions()))
+    return module
+
+
+def _adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, foreach=False)  # DTensors of two meshes: per tensor
 
 
 # -- one MoE layer -----------------------------------------------------------------
 def layer_cases(rank: int, world: int, cases: list[tuple]) -> dict:
     """cases: (name, ep, gate_name, overlap_chunks, overlap_shared, experts_kind). Returns name -> diffs."""
     results = {}
-    layouts = {}
     for name, ep, gate_name, chunks, overlap_shared, experts_kind in cases:
         if gate_name not in GATES and gate_name != "skewed":
             continue
-        layout = layouts.setdefault(ep, build_layout(ep, E))
         torch.manual_seed(1234)
         layer = build_layer(gate_name, shared=True, experts_kind=experts_kind)
         ref = copy.deepcopy(layer)
@@ -211,27 +223,26 @@ def layer_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         y_ref = ref(x_ref, ids_T)
         ((y_ref * g_TD).sum() / world + ref.aux_loss).backward()
 
-        model = parallelize(Holder(layer), layout, overlap_chunks=chunks, overlap_shared=overlap_shared)
+        model = parallel_copy(
+            Holder(layer), ep, world, DispatchOptions(overlap_chunks=chunks, overlap_shared=overlap_shared)
+        )
         x_loc = x_TD[rows].clone().requires_grad_()
         y_loc = model(x_loc, ids_T[rows])
-        ((y_loc * g_TD[rows]).sum() + layer.aux_loss).backward()
-        model.finish_grad_sync()
-        norm = model.clip_grad_norm_(float("inf")).item()
+        (((y_loc * g_TD[rows]).sum() + layer.aux_loss) / world).backward()
+        norm = clip_grad_norm_(list(model.parameters()), float("inf")).item()
         ref_norm = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters() if p.grad is not None]).item()
 
-        opt = torch.optim.AdamW(model.module.parameters(), lr=1e-2, weight_decay=0.1)
+        opt = _adamw(model.parameters())
         ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
-        grad_diffs = _param_diffs(model.module.layer, ref, "grad")
+        grad_diffs = _param_diffs(model.layer, ref, "grad")
         opt.step()
         ref_opt.step()
         routed_rows = layer.dispatcher.last_exchange_rows[1] if ep > 1 else None
         results[name] = {
             "out": _maxdiff(y_loc.detach(), y_ref.detach()[rows]),
-            # activations are not averaged like DDP's parameter grads: the rank's input grad is
-            # that of the SUM of all ranks' losses, i.e. world x the mean objective's
-            "x_grad": _maxdiff(x_loc.grad / world, x_ref.grad[rows]),
+            "x_grad": _maxdiff(x_loc.grad, x_ref.grad[rows]),  # the rank's loss is 1/world of its rows' share
             "grads": grad_diffs,
-            "params_after_step": _param_diffs(model.module.layer, ref, "param"),
+            "params_after_step": _param_diffs(model.layer, ref, "param"),
             "grad_norm": abs(norm - ref_norm),
             "aux": abs(layer.aux_loss.item() - ref.aux_loss.item()),
             "rows_received": routed_rows,
@@ -266,43 +277,37 @@ def _batches(world: int, steps: int, micro: int, seqs_per_rank: int = 2, seq: in
     return torch.randint(0, 64, (steps, micro, world * seqs_per_rank, seq + 1), generator=gen)
 
 
-def _train_steps(model_fwd, model: Transformer, opt, tokens, step_range, rank, world, ddp=None, clip=0.05):
-    """Returns the per-step loss of the GLOBAL batch (mean over ranks) and grad norms."""
+def _train_steps(model: Transformer, opt, tokens, step_range, rank, world, parallel=False, clip=0.05):
+    """Returns the per-step loss of the GLOBAL batch (mean over ranks) and grad norms. `parallel`: this
+    rank takes its slice of each batch and scales its loss by 1/world (gradients are summed), syncing
+    gradients on the step's last micro-batch only, like engine=torch."""
     losses, norms = [], []
     for step in step_range:
         micro = tokens.shape[1]
         total = 0.0
         for m in range(micro):
             batch = tokens[step, m]
-            if ddp is not None:
+            scale = 1.0
+            if parallel:
                 per = batch.shape[0] // world
                 batch = batch[rank * per : (rank + 1) * per]
+                scale = 1.0 / world
+                model.set_requires_gradient_sync(m == micro - 1)
             x, y = batch[:, :-1], batch[:, 1:]
-            ctx = ddp.no_sync() if (ddp is not None and m < micro - 1) else _null()
-            with ctx:
-                loss = F.cross_entropy(model_fwd(x).flatten(0, 1), y.flatten())
-                ((loss + model.aux_loss()) / micro).backward()
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            ((loss + model.aux_loss()) * scale / micro).backward()
             total += loss.item() / micro
-        if ddp is not None:
+        if parallel:
             t = torch.tensor([total], dtype=torch.float64)
             dist.all_reduce(t)
             total = t.item() / world
-            ddp.finish_grad_sync()
-            norms.append(ddp.clip_grad_norm_(clip).item())
+            norms.append(clip_grad_norm_(list(model.parameters()), clip).item())
         else:
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     return losses, norms
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _fresh_lm(gate: str, seed: int = 0) -> Transformer:
@@ -317,51 +322,64 @@ def train_cases(rank: int, world: int, cases: list[tuple], steps: int = 3, micro
     for name, ep, gate_name, chunks in cases:
         if gate_name not in GATES:
             continue
-        layout = build_layout(ep, E)
         ref = _fresh_lm(gate_name)
         model = copy.deepcopy(ref)
         ref_losses, ref_norms = _train_steps(
-            ref, ref, torch.optim.AdamW(ref.parameters(), lr=3e-3), tokens, range(steps), rank, world
+            ref, torch.optim.AdamW(ref.parameters(), lr=3e-3), tokens, range(steps), rank, world
         )
-        ddp = parallelize(model, layout, overlap_chunks=chunks)
-        losses, norms = _train_steps(
-            ddp, model, torch.optim.AdamW(model.parameters(), lr=3e-3), tokens, range(steps), rank, world, ddp
-        )
+        full_count = (model.num_params(), model.num_params(active_only=True))
+        parallel_copy(model, ep, world, DispatchOptions(overlap_chunks=chunks))
+        losses, norms = _train_steps(model, _lm_adamw(model), tokens, range(steps), rank, world, parallel=True)
         results[name] = {
             "loss": max(abs(a - b) for a, b in zip(losses, ref_losses)),
             "grad_norm": max(abs(a - b) for a, b in zip(norms, ref_norms)),
             "clipped": min(ref_norms) > 0.05,
             "params": _param_diffs(model, ref, "param"),
+            "param_count": ((model.num_params(), model.num_params(active_only=True)), full_count),
         }
     return results
 
 
+def _lm_adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=False)
+
+
 def resume_case(rank: int, world: int, ep_save: int, ep_load: int, steps: int = 3) -> dict:
-    """Train `steps - 1` steps with EP=ep_save, gather a checkpoint, resume with EP=ep_load
-    (resharding model and optimizer state), take one more step; compare with one process."""
+    """Train `steps - 1` steps with EP=ep_save, gather a full checkpoint (torch.distributed.checkpoint's
+    state-dict API), resume with EP=ep_load (resharding model and optimizer state), take one more step;
+    compare with one process."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = StateDictOptions(full_state_dict=True)
     tokens = _batches(world, steps, 1)
     ref = _fresh_lm("topk")
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=3e-3)
-    _train_steps(ref, ref, ref_opt, tokens, range(steps - 1), rank, world)
+    _train_steps(ref, ref_opt, tokens, range(steps - 1), rank, world)
     ref_at_save = {k: v.clone() for k, v in ref.state_dict().items()}
-    ref_losses, _ = _train_steps(ref, ref, ref_opt, tokens, range(steps - 1, steps), rank, world)
+    ref_losses, _ = _train_steps(ref, ref_opt, tokens, range(steps - 1, steps), rank, world)
 
-    a = _fresh_lm("topk")
-    ddp_a = parallelize(a, build_layout(ep_save, E))
-    opt_a = torch.optim.AdamW(a.parameters(), lr=3e-3)
-    _train_steps(ddp_a, a, opt_a, tokens, range(steps - 1), rank, world, ddp_a)
-    saved_model, saved_opt = full_model_state(a), full_optimizer_state(a, opt_a)
+    a = parallel_copy(_fresh_lm("topk"), ep_save, world)
+    opt_a = _lm_adamw(a)
+    _train_steps(a, opt_a, tokens, range(steps - 1), rank, world, parallel=True)
+    saved_model, saved_opt = get_model_state_dict(a, options=full), get_optimizer_state_dict(a, opt_a, options=full)
     blob = Path(os.environ.get("TMPDIR", "/tmp")) / f"ep_resume_{os.getpid()}.pt"  # round-trip like a checkpoint
     torch.save({"model": saved_model, "opt": saved_opt}, blob)
     loaded = torch.load(blob, weights_only=False)
     blob.unlink()
 
-    b = _fresh_lm("topk", seed=1)  # different init: everything must come from the checkpoint
-    ddp_b = parallelize(b, build_layout(ep_load, E))
-    opt_b = torch.optim.AdamW(b.parameters(), lr=3e-3)
-    b.load_state_dict(local_model_state(b, loaded["model"]))
-    opt_b.load_state_dict(local_optimizer_state(opt_b, loaded["opt"]))
-    next_loss, _ = _train_steps(ddp_b, b, opt_b, tokens, range(steps - 1, steps), rank, world, ddp_b)
+    b = parallel_copy(
+        _fresh_lm("topk", seed=1), ep_load, world
+    )  # different init: everything must come from the checkpoint
+    opt_b = _lm_adamw(b)
+    set_model_state_dict(b, loaded["model"], options=full)
+    set_optimizer_state_dict(b, opt_b, loaded["opt"], options=full)
+    next_loss, _ = _train_steps(b, opt_b, tokens, range(steps - 1, steps), rank, world, parallel=True)
     return {
         "next_loss": abs(next_loss[0] - ref_losses[0]),
         "saved_vs_ref": max(_maxdiff(saved_model[k], ref_at_save[k]) for k in saved_model),

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from moeflow.moe.model import ModelConfig, Transformer
 from moeflow.parallel.clip import clip_grad_norm_
 from moeflow.parallel.mesh import ParallelDims, build_mesh
-from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize, reduce_replicated_expert_grads
+from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize
+from moeflow.parallel.plan import reduce_replicated_expert_grads
 
 GATES = {
     "topk": {"name": "topk", "aux_loss_coef": 0.01},
@@ -89,7 +90,7 @@ def equivalence(
     pdims.check_model(mc.num_experts, mc.n_heads, mc.kv_heads)
     mesh = build_mesh(pdims, "cpu")
     apply_activation_checkpointing(par, ac)
-    parallelize(par, mesh, ShardingOptions())
+    plan = parallelize(par, mesh, ShardingOptions())
     materialize(par, torch.device("cpu"))
     out = {"init": max(_maxdiff(a, b) for a, b in zip(par.state_dict().values(), ref.state_dict().values()))}
 
@@ -108,7 +109,7 @@ def equivalence(
         ref_obj.backward()
         par_loss, par_obj = _loss(par, mine, 1.0 / pdims.dp)
         par_obj.backward()
-        reduce_replicated_expert_grads(par)
+        reduce_replicated_expert_grads(plan)
         global_loss = par_loss.detach().clone()
         dist.all_reduce(global_loss)
         out["loss"] = max(out["loss"], abs(global_loss.item() / world - ref_loss.item()))
@@ -139,13 +140,13 @@ def state_bytes(rank: int, world: int, dims: dict, preset: dict) -> dict:
     with torch.device("meta"):
         model = Transformer(mc)
     pdims = ParallelDims(world=world, **dims)
-    parallelize(model, build_mesh(pdims, "cpu"), ShardingOptions())
+    plan = parallelize(model, build_mesh(pdims, "cpu"), ShardingOptions())
     materialize(model, torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, mc.vocab_size, (1, 9), generator=torch.Generator().manual_seed(rank))
     _, obj = _loss(model, tokens, 1.0 / pdims.dp)
     obj.backward()
-    reduce_replicated_expert_grads(model)
+    reduce_replicated_expert_grads(plan)
     opt.step()
 
     def nbytes(t):

@@ -5,12 +5,12 @@ GPTModel through moeflow's layer spec (`build_gpt_model`: the MoE slot is `Moefl
 which shards its experts over parallel_state's expert group), loads the same full weights
 on every rank (sliced to its experts like the training loop does), runs the MoE slot on
 this rank's part of the global batch and compares it with one moeflow `MoELayer` holding
-the full weights on the whole batch (float64). Gradients are synchronised two ways:
-- moeflow's `ExpertDataParallel` over parallel_state's groups (`megatron_core.data_parallel`);
-- megatron-core's own `DistributedDataParallel`, which must put the params `MoeflowMoE`
-  marks `allreduce=False` into its expert buffers (reduced over the expert-data-parallel
-  group). Its grad buffers are allocated with `torch.cuda.current_device()`; on CPU the
-  worker points that at "cpu" (nothing else in its all-reduce path needs CUDA).
+the full weights on the whole batch (float64). Gradients are synchronised by megatron-core's
+own `DistributedDataParallel` (`megatron_core.megatron_ddp`, what engine=megatron uses), which
+must put the params `MoeflowMoE` marks `allreduce=False` into its expert buffers (reduced over
+the expert-data-parallel group). Its grad buffers are allocated with `torch.cuda.current_device()`;
+on CPU the worker points that at "cpu" (nothing else in its all-reduce path needs CUDA). Which
+tensors are shards comes from `megatron_core.megatron_plan`, read from megatron's attributes.
 
 GPTModel's own forward (attention, rotary) needs CUDA, so only the MoE slot runs here.
 """
@@ -23,9 +23,8 @@ from torch import nn
 from helpers.ep_workers import _maxdiff
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer
 from moeflow.moe.state import unique_state_dict
-from moeflow.parallel.expert_parallel import expert_shard, sync_routing_stats
-from moeflow.parallel.sharded_state import full_model_state, local_model_state
-from moeflow.parallel.tensor_parallel import local_slice, tp_shard
+from moeflow.parallel.clip import clip_grad_norm_
+from moeflow.parallel.routing_stats import sync_routing_stats
 
 D, F_, E, K, S, B = 16, 24, 4, 2, 3, 2  # tokens: S x B per rank
 
@@ -65,16 +64,30 @@ class SlotOnly(nn.Module):
         return self.slot(x_SBD)[0]
 
 
-def _megatron_ddp(gpt):
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
+def _grad_buffers_on_cpu() -> None:
     if not torch.cuda.is_available():
-        torch.cuda.current_device = lambda: "cpu"  # grad buffers on CPU (spawned worker process only)
-    return DistributedDataParallel(gpt.config, DistributedDataParallelConfig(), gpt)
+        torch.cuda.current_device = lambda: "cpu"  # megatron DDP's grad buffers on CPU (spawned worker process only)
+
+
+def shard_spans(plan, model) -> tuple[dict, dict]:
+    """What the plan says each parameter is, in numbers: (experts in all, first, end) for an expert shard,
+    (dim, full size, first, end) for a tensor-parallel slice (None where the plan has no such step)."""
+    ep_spans, tp_spans = {}, {}
+    for name, p in model.named_parameters():
+        ep_spans[name] = tp_spans[name] = None
+        shard = plan.local_shards.get(name)
+        for i, step in enumerate(shard.steps if shard else ()):
+            rank, size = step.mesh.get_local_rank(), step.mesh.size()
+            n = p.shape[step.dim] // step.blocks
+            if i == 0 and step.dim == 0 and plan.is_expert(name) and plan.ep > 1:
+                ep_spans[name] = (p.shape[0] * size, rank * n, (rank + 1) * n)
+            else:
+                tp_spans[name] = (step.dim, p.shape[step.dim] * size, rank * n, (rank + 1) * n)
+    return ep_spans, tp_spans
 
 
 def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
-    """cases: (name, ep, gate options, sync: "moeflow" | "megatron"[, tp]). Returns name -> diffs.
+    """cases: (name, ep, gate options, sync: "megatron"[, tp]). Returns name -> diffs.
 
     Every rank of a TP group gets the same batch (its data-parallel rank's part of the global
     batch); its experts hold F/tp hidden units, compared with that slice of the reference."""
@@ -82,7 +95,7 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     from moeflow.parallel.integrations import megatron_ckpt as mck
-    from moeflow.parallel.integrations.megatron_core import build_gpt_model, data_parallel
+    from moeflow.parallel.integrations.megatron_core import build_gpt_model, megatron_ddp, megatron_plan
 
     results = {}
     for name, ep, gate, sync, *tp in cases:
@@ -92,10 +105,11 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         mc = model_config(gate)
         state = full_state(mc)
         gpt = build_gpt_model(mc, "cpu")
+        plan = megatron_plan(gpt)
         slot_state = {
             k: v for k, v in mck.to_megatron(state, mc, native=False).items() if ".mlp." in k
         }  # attention: megatron's own TP layout
-        gpt.load_state_dict(local_model_state(gpt, slot_state), strict=False)
+        gpt.load_state_dict(plan.local_state(slot_state), strict=False)
         gpt.double()
         slot = gpt.decoder.layers[0].mlp
         ref = build_moe_layer(mc).double()
@@ -112,41 +126,38 @@ def slot_cases(rank: int, world: int, cases: list[tuple]) -> dict:
         y_ref = ref(x_ref)
         ((y_ref * g_RSBD.reshape(-1, D)).sum() / dp + ref.aux_loss).backward()
 
-        if sync == "moeflow":
-            wrapped = data_parallel(SlotOnly(slot))  # torch DDP: only the slot's params take part
-            run, finish = wrapped, wrapped.finish_grad_sync
-            grad_of = lambda p: p.grad  # noqa: E731
-        else:
-            wrapped = _megatron_ddp(gpt)
-            run, finish = SlotOnly(slot), wrapped.finish_grad_sync
-            grad_of = lambda p: p.main_grad  # noqa: E731
+        _grad_buffers_on_cpu()
+        wrapped = megatron_ddp(gpt)
         x_loc = x_RSBD[dp_rank].clone().requires_grad_()
-        y_loc = run(x_loc)
+        y_loc = SlotOnly(slot)(x_loc)
         (y_loc * g_RSBD[dp_rank]).sum().backward()  # the aux loss rides along via MoEAuxLossAutoScaler
-        finish()
+        wrapped.finish_grad_sync()
 
         refs = dict(ref.named_parameters())
-        grads, shards = {}, {}
+        gpt_names = {id(p): n for n, p in gpt.named_parameters()}
+        ep_spans, tp_spans = shard_spans(plan, gpt)
+        grads, shards, tp_shards, copies = {}, {}, {}, []
         for n, p in slot.moe.named_parameters():
-            shard = expert_shard(p)
-            want = refs[n].grad[shard[1] : shard[2]] if shard else refs[n].grad
-            grads[n] = _maxdiff(grad_of(p), local_slice(want, p))  # this rank's hidden units under TP
-            shards[n] = shard
-        norm = wrapped.clip_grad_norm_(1e9).item() if sync == "moeflow" else None  # every shard counted once
+            full_name = gpt_names[id(p)]
+            grads[n] = _maxdiff(p.main_grad, plan.local(full_name, refs[n].grad))  # this rank's experts and F slice
+            shards[n], tp_shards[n] = ep_spans[full_name], tp_spans[full_name]
+            p.grad = p.main_grad
+            copies.append(plan.copies(full_name, p))
+        norm = clip_grad_norm_(list(slot.moe.parameters()), 1e9, copies=copies).item()  # every shard counted once
         sync_routing_stats(slot.moe, ps.get_data_parallel_group())  # the global batch's counts, TP duplicates once
         ref_norm = torch.nn.utils.get_total_norm([q.grad for q in refs.values()]).item()
-        gathered = full_model_state(gpt)  # checkpoints gather the shards back (collective)
+        gathered = plan.full_state(gpt, unique_state_dict(gpt))  # checkpoints gather the shards back (collective)
         results[name] = {
             "out": _maxdiff(y_loc.detach(), y_ref.detach().view(dp, S, B, D)[dp_rank]),
             "x_grad": _maxdiff(x_loc.grad / dp, x_ref.grad.view(dp, S, B, D)[dp_rank]),
             "aux": abs(slot.moe.aux_loss.item() - ref.aux_loss.item()),
-            "norm": abs(norm - ref_norm) if norm is not None else None,
+            "norm": abs(norm - ref_norm),
             "grads": grads,
             "shards": shards,
             "allreduce": {n: getattr(p, "allreduce", True) for n, p in slot.moe.named_parameters()},
-            "expert_buffer_params": _expert_buffer_names(wrapped, slot) if sync == "megatron" else None,
+            "expert_buffer_params": _expert_buffer_names(wrapped, slot),
             "gathered": max(_maxdiff(gathered[k].double(), v.double()) for k, v in slot_state.items()),
-            "tp_shards": {n: tp_shard(p) for n, p in slot.moe.named_parameters()},
+            "tp_shards": tp_shards,
             "tp_attrs": sorted(n for n, p in slot.moe.named_parameters() if getattr(p, "tensor_model_parallel", False)),
             "tp_group_size": ps.get_tensor_model_parallel_world_size(),
             "dp_group_size": dp,
@@ -195,6 +206,7 @@ def _engine_config(*overrides: str):
 def _build_engine(cfg, mc, tc, run_dir):
     from moeflow.launch.engines.megatron_engine import MegatronEngine
 
+    _grad_buffers_on_cpu()
     env, device = MegatronEngine.start(cfg, tc)
     torch.manual_seed(tc.seed)  # as train() does before building the engine
     return MegatronEngine(cfg, mc, tc, env, device, run_dir)
@@ -203,8 +215,9 @@ def _build_engine(cfg, mc, tc, run_dir):
 def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -> dict:
     """MegatronEngine built from a train config with parallel.ep=ep on CPU (the loop itself needs
     CUDA for GPTModel's forward): parallel_state's groups, the expert-aware wrapper, the weights
-    it starts from, one optimizer step on given gradients (expert-shard sync over the expert-DP
-    group, clipping with each shard counted once, AdamW), the gathered checkpoint, and a resume
+    it starts from, one optimizer step on given gradients (written where megatron DDP's backward puts
+    them, its grad buffers: expert-shard sync over the expert-DP group, clipping with each shard counted
+    once, AdamW), the gathered checkpoint, and a resume
     on the same layout. The gradients: a full moeflow-layout G the same on every rank; dense
     params get G (what DDP's mean would leave), expert shards get G's rows times world * w_d,
     with w_d summing to 1 over the expert-DP replicas d (what the EDP sum / world must undo).
@@ -214,14 +227,14 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
     from megatron.core import parallel_state as ps
 
     from moeflow.launch import checkpoint as ckpt
-    from moeflow.parallel.expert_parallel import ExpertDataParallel
     from moeflow.parallel.integrations import megatron_ckpt as mck
 
     cfg, mc, tc = _engine_config(f"parallel.ep={ep}", *overrides)
     engine = _build_engine(cfg, mc, tc, Path(run_dir))
     torch.manual_seed(tc.seed)
     init = unique_state_dict(Transformer(mc))  # the torch engine's initial weights (full)
-    shards = {n: expert_shard(p) for n, p in engine.gpt.named_parameters() if expert_shard(p) is not None}
+    ep_spans, tp_spans = shard_spans(engine.plan, engine.gpt)
+    shards = {n: s for n, s in ep_spans.items() if s is not None}
     opt_numel = sum(p.numel() for g in engine.opt.param_groups for p in g["params"])
 
     dense_mlp = _dense_mlp_vs_moeflow(engine.gpt, mc, init) if not mc.is_moe_block(0) else None
@@ -230,11 +243,11 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
         k: torch.randn(v.shape, generator=torch.Generator().manual_seed(i))
         for i, (k, v) in enumerate(sorted(init.items()))
     }
-    local_G = local_model_state(engine.gpt, mck.to_megatron(G, mc, native=False))
+    local_G = engine.plan.local_state(mck.to_megatron(G, mc, native=False))
     edp, d = ps.get_expert_data_parallel_world_size(), ps.get_expert_data_parallel_rank()
     w_d = (d + 1) / (edp * (edp + 1) / 2)  # sums to 1 over the expert-DP replicas
     for n, p in engine.gpt.named_parameters():
-        p.grad = local_G[n].clone() * (world * w_d if n in shards else 1.0)
+        p.main_grad.copy_(local_G[n] * (world * w_d if n in shards else 1.0))
     lr = engine.opt.param_groups[0]["lr"]
     grad_norm = engine.optimizer_step()
 
@@ -266,14 +279,13 @@ def engine_step(rank: int, world: int, ep: int, run_dir: str, *overrides: str) -
         "dense_mlp": dense_mlp,
         "tp_size": ps.get_tensor_model_parallel_world_size(),
         "data_parallel_rank": engine.data_parallel_rank,
-        "tp_sliced": sorted(n for n, p in engine.gpt.named_parameters() if tp_shard(p) is not None),
+        "tp_sliced": sorted(n for n, s in tp_spans.items() if s is not None),
         "local_vs_full": (
             sum(p.numel() for p in engine.gpt.parameters()),
             sum(v.numel() for v in mck.to_megatron(init, mc, native=False).values()),
         ),
-        "wrapper": type(engine.ddp).__name__ if isinstance(engine.ddp, ExpertDataParallel) else repr(engine.ddp),
-        "wrapper_layout": (engine.ddp.layout.ep, engine.ddp.layout.dp),
-        "wrapped_model": engine.ddp.module is engine.model,
+        "wrapper": f"{type(engine.ddp).__module__}.{type(engine.ddp).__name__}",
+        "wrapped_model": engine.ddp.module is engine.gpt,
         "shards": shards,
         "opt_numel": opt_numel,
         "local_numel": sum(p.numel() for p in engine.gpt.parameters()),

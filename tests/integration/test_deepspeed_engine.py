@@ -545,21 +545,23 @@ def test_cli_reports_conflict_in_one_line(tmp_path):
 
 def test_expert_params_get_their_own_groups():
     from moeflow.launch.engines.deepspeed_engine import to_deepspeed_moe_groups
+    from moeflow.launch.optim import optimizer_groups
     from moeflow.moe.model import ModelConfig, Transformer
-    from moeflow.parallel.expert_params import mark_expert_params, param_groups
+    from moeflow.parallel.plan import is_expert
 
     model = Transformer(
         ModelConfig(d_model=32, n_heads=2, d_ff=32, n_layers=2, moe_every=2, shared_experts=1, num_experts=4)
     )
-    names = mark_expert_params(model, ep_size=2)
+    names = [n for n, _ in model.named_parameters() if is_expert(n)]
     assert names and all(".experts." in n for n in names)  # routed experts only: not shared_expert, not the gate
-    groups = param_groups(model, weight_decay=0.1)
+    assert any("shared_expert" in n for n, _ in model.named_parameters())
+    groups = optimizer_groups(model, weight_decay=0.1)
     ids = lambda ps: {id(p) for p in ps}  # noqa: E731
     expert_ids = ids(p for n, p in model.named_parameters() if n in names)
-    assert set().union(*(ids(g["params"]) for g in groups if g.get("moe_expert"))) == expert_ids
-    assert all(not (ids(g["params"]) & expert_ids) for g in groups if not g.get("moe_expert"))
+    assert set().union(*(ids(g["params"]) for g in groups if g["name"].startswith("experts"))) == expert_ids
+    assert all(not (ids(g["params"]) & expert_ids) for g in groups if not g["name"].startswith("experts"))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
-    ds_groups = to_deepspeed_moe_groups(groups)
+    ds_groups = to_deepspeed_moe_groups(groups, 2)
     from deepspeed.moe.utils import is_moe_param, is_moe_param_group
 
     moe = [g for g in ds_groups if is_moe_param_group(g)]
