@@ -65,6 +65,13 @@ def _container(node) -> dict:
         raise ConfigError(f"{key} is required here but was not set; pass {key}=... on the command line") from None
 
 
+def parallel_config(cfg: DictConfig):
+    """The typed `parallel.*` group (`moeflow.parallel.mesh.ParallelConfig`)."""
+    from moeflow.parallel.mesh import ParallelConfig
+
+    return ParallelConfig.from_mapping(_container(cfg.parallel))
+
+
 def model_config(cfg: DictConfig, device: torch.device | None = None) -> ModelConfig:
     device = device or resolve_device(cfg.trainer.device)
     fields = _container(cfg.model)
@@ -212,14 +219,14 @@ def launch_world(cfg: DictConfig) -> int:
 def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     """The mesh must fit the world and the model (engine=torch: FSDP2 + EP on one mesh; the other
     engines: EP over consecutive ranks of the world, their own data parallelism)."""
-    from moeflow.parallel.mesh import check_model_split, dims_from_config
+    from moeflow.parallel.mesh import check_model_split
 
     from .engines import engine_name
 
-    p = _container(cfg.parallel)
+    p = parallel_config(cfg)
     world = launch_world(cfg)
-    check_model_split(p.get("ep", 1), p.get("tp", 1), model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
-    dims = dims_from_config(p, world)
+    check_model_split(p.ep, p.tp, model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
+    dims = p.dims(world)
     ep = dims.ep
     if engine_name(cfg) == "torch":
         if dims.tp > 1:
@@ -227,11 +234,9 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
                 f"parallel.tp={dims.tp}: engine=torch does not split attention and MLPs over tensor-parallel ranks yet; "
                 f"use parallel.tp=1 (shard with parallel.dp_shard and parallel.ep), or engine=megatron (megatron-core's tensor parallelism) with parallel.tp={dims.tp}"
             )
-    if not isinstance(p.get("overlap_chunks", 1), int) or p.get("overlap_chunks", 1) < 1:
-        raise ConfigError(f"parallel.overlap_chunks must be a positive integer, got {p.get('overlap_chunks')!r}")
-    from moeflow.parallel.dispatchers import check_options, options_from_config
+    from moeflow.parallel.dispatchers import check_options
 
-    opts = options_from_config(p)
+    opts = p.dispatch()  # overlap_chunks' type and range: schema.py
     check_options(opts, resolve_device(cfg.trainer.device).type, ep=ep)
     if opts.name not in ("auto", "local", "alltoall") and engine_name(cfg) != "torch":
         raise ConfigError(
@@ -241,7 +246,7 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(
             f"parallel.dispatcher=local keeps every expert on its rank, but parallel.ep={ep} shards them; pick a transport (alltoall, capacity, symm_mem) or parallel.ep=1"
         )
-    if opts.name == "symm_mem" and cfg.get("experts", {}).get("impl") == "torch":
+    if opts.name == "symm_mem" and cfg.experts.impl == "torch":
         raise ConfigError(
             "parallel.dispatcher=symm_mem lands tokens in worst-case buffers that only the Triton experts skip cheaply; use experts.impl=triton (or auto) or parallel.dispatcher=alltoall"
         )

@@ -54,7 +54,7 @@ def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimi
     of the parameters' size: the multi-tensor path allocates a sqrt of every second moment).
     `optim.master_weights`: `MasterWeightAdamW` (bf16 compute copies written by the step)."""
     groups = optimizer_groups(model, o.weight_decay)
-    if o.get("master_weights", False):
+    if o.master_weights:
         return MasterWeightAdamW(
             groups, bf16_compute_params(model), lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps)
         )

@@ -35,17 +35,6 @@ class DispatchOptions:
         return self.name
 
 
-def options_from_config(parallel_cfg) -> DispatchOptions:
-    get = parallel_cfg.get
-    return DispatchOptions(
-        name=str(get("dispatcher", "auto")),
-        overlap_chunks=int(get("overlap_chunks", 1)),
-        overlap_shared=bool(get("overlap_shared", False)),
-        capacity_factor=float(get("capacity_factor", 1.25)),
-        capacity_warn_drop=float(get("capacity_warn_drop", 0.01)),
-    )
-
-
 def symm_mem_unavailable(device_type: str) -> str | None:
     """Why `symm_mem` cannot run here, or None."""
     if device_type != "cuda":

@@ -20,7 +20,7 @@ the same experts. So ep need only divide `dp_shard x tp` and the expert count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from moeflow.moe.errors import ConfigError
 
@@ -110,16 +110,48 @@ def check_model_split(ep, tp, num_experts: int, n_heads: int, n_kv_heads: int) -
             )
 
 
-def dims_from_config(parallel_cfg, world: int) -> ParallelDims:
-    p = parallel_cfg
-    return ParallelDims(
-        world=world,
-        dp_replicate=p.get("dp_replicate", 1),
-        dp_shard=p.get("dp_shard", -1),
-        tp=p.get("tp", 1),
-        ep=p.get("ep", 1),
-        cp=p.get("cp", 1),
-    )
+@dataclass(frozen=True)
+class ParallelConfig:
+    """The `parallel.*` group, typed, built once from the composed config (`launch.config.parallel_config`)
+    and handed down. No defaults here: configs/parallel/default.yaml is their one home."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    cp: int
+    ep: int
+    backend: str
+    overlap_chunks: int
+    overlap_shared: bool
+    dispatcher: str
+    capacity_factor: float
+    capacity_warn_drop: float
+
+    @classmethod
+    def from_mapping(cls, node) -> ParallelConfig:
+        names = [f.name for f in fields(cls)]
+        missing = [n for n in names if n not in node]
+        if missing:
+            raise ConfigError(
+                f"parallel.{missing[0]} is missing from the config; compose it from configs/ (the parallel group's YAML has every key)"
+            )
+        return cls(**{n: node[n] for n in names})
+
+    def dims(self, world: int) -> ParallelDims:
+        return ParallelDims(
+            world=world, dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, ep=self.ep, cp=self.cp
+        )
+
+    def dispatch(self):
+        from .dispatchers import DispatchOptions
+
+        return DispatchOptions(
+            name=self.dispatcher,
+            overlap_chunks=self.overlap_chunks,
+            overlap_shared=self.overlap_shared,
+            capacity_factor=self.capacity_factor,
+            capacity_warn_drop=self.capacity_warn_drop,
+        )
 
 
 @dataclass

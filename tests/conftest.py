@@ -23,6 +23,17 @@ os.environ.setdefault(
 os.environ.setdefault("RAY_TMPDIR", tempfile.gettempdir())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_temp_dir(tmp_path_factory):
+    """The same for what session- and module-scoped fixtures start (they run before any test's own
+    temp dir exists: a multi-process run shared by several tests, say)."""
+    private = str(tmp_path_factory.mktemp("session_tmp"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", private)
+        mp.setattr(tempfile, "tempdir", private)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _private_temp_dir(tmp_path_factory, monkeypatch):
     """The temp files of the code under test, and of the processes it starts (torchrun's torchelastic_*

@@ -91,11 +91,11 @@ def resume(engine, cfg: DictConfig, run_dir: Path) -> int:
         raise CheckpointError(
             f"checkpoint {found} is from a different model shape ({'; '.join(diffs)}); resume with the checkpoint's model config (see {found / 'meta.json'})"
         )
-    if not bool(cfg.engine.get("trust_checkpoint", False)):
+    if not cfg.engine.trust_checkpoint:
         raise CheckpointError(
             f"resume={cfg.resume} would load {found}: {PICKLE_WARNING}; pass engine.trust_checkpoint=true to resume it"
         )
-    saved_ep, ep = checkpoint_ep(meta), int(cfg.parallel.get("ep", 1))
+    saved_ep, ep = checkpoint_ep(meta), int(cfg.parallel.ep)
     if saved_ep != ep:
         raise CheckpointError(
             f"checkpoint {found} was written with parallel.ep={saved_ep} and ZeRO keeps expert state per EP rank; resume with parallel.ep={saved_ep}, or convert it (moeflow convert deepspeed-to-moeflow) and resume the moeflow checkpoint with any EP"

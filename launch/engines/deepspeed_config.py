@@ -74,7 +74,7 @@ def check_user_config(cfg: DictConfig, device=None) -> None:
 def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
     """Reject option combinations DeepSpeed cannot run, saying which and why (on the merged config)."""
     e = _engine_cfg(cfg)
-    if int(cfg.parallel.get("tp", 1)) > 1:
+    if int(cfg.parallel.tp) > 1:
         raise ConfigError(
             f"parallel.tp={cfg.parallel.tp}: engine=deepspeed has no tensor parallelism here; use engine=megatron for it, or parallel.tp=1"
         )
@@ -90,7 +90,7 @@ def check_options(cfg: DictConfig, model_cfg=None, device=None) -> None:
         zero.get("stage"),
         "offload_optimizer" in zero and zero["offload_optimizer"].get("device", "none") != "none",
     )
-    ep = int(cfg.parallel.get("ep", 1))
+    ep = int(cfg.parallel.ep)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"engine.zero_stage={stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
     if offload and stage == 0:

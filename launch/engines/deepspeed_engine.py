@@ -44,6 +44,7 @@ from moeflow.moe.model import Transformer
 from moeflow.parallel.distributed import DistEnv
 from moeflow.parallel.plan import ParallelPlan, is_expert
 
+from ..config import parallel_config
 from ..losses import lm_loss
 from ..optim import build_scheduler, optimizer_groups
 from ..profiling import phase
@@ -80,12 +81,11 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, use_bf16: bool):
         backend = "nccl" if next(model.parameters()).is_cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set (torchrun sets it)
-    ep = int(cfg.parallel.ep)
+    parallel = parallel_config(cfg)
+    ep = parallel.ep
     plan = ParallelPlan()
-    if (
-        dist.get_world_size() > 1 or ep > 1
-    ):  # like the torch engine: routing statistics and aux losses over the global batch
-        plan = shard_experts_for_deepspeed(model, cfg.parallel, next(model.parameters()).device.type)
+    if dist.get_world_size() > 1 or ep > 1:  # like engine=torch: routing statistics and aux losses of the global batch
+        plan = shard_experts_for_deepspeed(model, parallel, next(model.parameters()).device.type)
     o = cfg.optim
     groups = optimizer_groups(model, o.weight_decay)
     if ep > 1:

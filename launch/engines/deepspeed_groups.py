@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moeflow.parallel.mesh import ParallelConfig
 from moeflow.parallel.plan import ParallelPlan
 
 
@@ -70,7 +71,7 @@ def _deepspeed_moe_marker(num_experts: int, ep: int) -> torch.nn.Module:
     return DeepSpeedMoEMarker()
 
 
-def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_type: str) -> ParallelPlan:
+def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg: ParallelConfig, device_type: str) -> ParallelPlan:
     """moeflow's expert parallelism (expert shards, all-to-all dispatcher) with DeepSpeed's groups; with
     parallel.ep=1 only the gates' token groups (the global batch, like engine=torch).
 
@@ -86,13 +87,12 @@ def shard_experts_for_deepspeed(model: torch.nn.Module, parallel_cfg, device_typ
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from moeflow.parallel.dispatchers import options_from_config
     from moeflow.parallel.mesh import ParallelDims, build_mesh
     from moeflow.parallel.parallelize import ShardingOptions, parallelize
 
-    ep = int(parallel_cfg.ep)
+    ep = parallel_cfg.ep
     mesh = build_mesh(ParallelDims(world=dist.get_world_size(), ep=ep), device_type)
-    plan = parallelize(model, mesh, ShardingOptions(dispatch=options_from_config(parallel_cfg), fully_shard=False))
+    plan = parallelize(model, mesh, ShardingOptions(dispatch=parallel_cfg.dispatch(), fully_shard=False))
     if ep == 1:
         return plan  # no expert groups: DeepSpeed reduces every gradient over the world
     name = ep_group_name(ep)

@@ -64,7 +64,7 @@ def check_options(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device)
     # parallel.ep > 1 is megatron's expert_model_parallel_size; whether the layout is possible
     # (ep divides the experts and the world) is checked by launch.config.check_parallel.
     p = cfg.parallel
-    if int(p.get("overlap_chunks", 1)) != 1 or bool(p.get("overlap_shared", False)):
+    if int(p.overlap_chunks) != 1 or bool(p.overlap_shared):
         raise ConfigError(
             "parallel.overlap_chunks/overlap_shared are not wired into engine=megatron (its MoE slot dispatches without overlap); use parallel.overlap_chunks=1 parallel.overlap_shared=false or engine=torch"
         )

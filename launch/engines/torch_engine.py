@@ -23,12 +23,12 @@ from moeflow.moe.model import Transformer
 from moeflow.parallel import checkpoint as sharded
 from moeflow.parallel.activation_checkpointing import apply_activation_checkpointing
 from moeflow.parallel.clip import clear_folded_clip, clip_grad_norm_
-from moeflow.parallel.dispatchers import options_from_config
 from moeflow.parallel.distributed import DistEnv
-from moeflow.parallel.mesh import build_mesh, dims_from_config
+from moeflow.parallel.mesh import build_mesh
 from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize
 from moeflow.parallel.plan import reduce_replicated_expert_grads
 
+from ..config import parallel_config
 from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
 from ..optim import build_optimizer, build_scheduler, masters_in_model, replay_schedule
@@ -50,7 +50,7 @@ class TorchEngine(MoeflowCheckpointEngine):
         lambda cfg, tc: start_distributed(
             tc,
             cfg.parallel.backend,
-            single_rank_group=str(cfg.parallel.get("dispatcher", "auto")) not in ("auto", "local"),
+            single_rank_group=parallel_config(cfg).dispatcher not in ("auto", "local"),
         )
     )
 
@@ -60,7 +60,8 @@ class TorchEngine(MoeflowCheckpointEngine):
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
         self.mesh = self.plan = None
         if dist.is_initialized():  # torchrun's world, or one rank that runs a named dispatcher
-            dims = dims_from_config(cfg.parallel, env.world_size)
+            p = parallel_config(cfg)
+            dims = p.dims(env.world_size)
             dims.check_model(model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
             self.mesh = build_mesh(dims, device.type)
             with torch.device("meta"):  # no rank ever holds the whole model
@@ -69,9 +70,7 @@ class TorchEngine(MoeflowCheckpointEngine):
             self.plan = parallelize(
                 self.model,
                 self.mesh,
-                ShardingOptions(
-                    param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=options_from_config(cfg.parallel)
-                ),
+                ShardingOptions(param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=p.dispatch()),
             )
             materialize(self.model, device)
             self.loss_scale = 1.0 / dims.dp  # gradients are summed over the data-parallel ranks
