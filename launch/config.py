@@ -228,6 +228,8 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     check_model_split(p.ep, p.tp, model_cfg.num_experts, model_cfg.n_heads, model_cfg.kv_heads)
     dims = p.dims(world)
     ep = dims.ep
+    if dims.cp > 1:
+        check_context_parallel(cfg, model_cfg, dims.cp)
     if engine_name(cfg) == "torch":
         if dims.tp > 1:
             raise ConfigError(
@@ -249,6 +251,25 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     if opts.name == "symm_mem" and cfg.experts.impl == "torch":
         raise ConfigError(
             "parallel.dispatcher=symm_mem lands tokens in worst-case buffers that only the Triton experts skip cheaply; use experts.impl=triton (or auto) or parallel.dispatcher=alltoall"
+        )
+
+
+def check_context_parallel(cfg: DictConfig, model_cfg: ModelConfig, cp: int) -> None:
+    """parallel.cp > 1: what context parallelism cannot run yet, refused before any work."""
+    from moeflow.parallel.context_parallel import check_sequence
+
+    from .engines import engine_name
+
+    if engine_name(cfg) != "torch":
+        raise ConfigError(
+            f"parallel.cp={cp}: engine={engine_name(cfg)} has no context parallelism here; use engine=torch "
+            "(or parallel.cp=1 and megatron-core's own context_parallel_size outside moeflow)"
+        )
+    check_sequence(int(cfg.data.seq_len), cp)
+    if float(model_cfg.gate.get("seq_aux_loss_coef", 0.0)) > 0:
+        raise ConfigError(
+            f"gate.seq_aux_loss_coef with parallel.cp={cp}: the sequence-level balance loss would see one shard of "
+            "each sequence, not the whole; use gate.aux_loss_coef (the batch-level loss) or parallel.cp=1"
         )
 
 

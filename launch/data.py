@@ -202,7 +202,7 @@ def load_splits(data_cfg) -> TokenSplits:
     if src == "stdlib":
         return load_stdlib(data_cfg.val_percent, data_cfg.get("max_bytes"))
     if src == "text":
-        return load_text(data_cfg.path, data_cfg.get("glob", "**/*"), data_cfg.val_percent, data_cfg.get("max_bytes"))
+        return load_text(data_cfg.path, data_cfg.glob, data_cfg.val_percent, data_cfg.max_bytes)
     if src == "memmap":
         return load_memmap(data_cfg.path, data_cfg.get("val_path"), data_cfg.dtype, data_cfg.val_percent)
     raise DataError(f"data.source={src!r} is unknown; use data=stdlib, data=text or data=memmap")

@@ -131,11 +131,7 @@ def check_resume_has_a_run_dir(cfg, args: list[str]) -> None:
     import os
 
     explicit = any(a.startswith("hydra.run.dir=") for a in args) or os.environ.get("MOEFLOW_LAUNCHED") == "1"
-    if (
-        cfg.get("resume") == "auto"
-        and not explicit
-        and cfg.get("launcher", {}).get("name", "none") in ("none", "local")
-    ):
+    if cfg.get("resume") == "auto" and not explicit and cfg.launcher.name in ("none", "local"):
         raise ConfigError(
             "resume=auto continues the run in hydra.run.dir, but none was given and the default (outputs/<date>/<time>) "
             "is new for every run; pass hydra.run.dir=<the run's dir>, or resume=<a run or checkpoint dir>"

@@ -277,7 +277,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     # the trackers start before the model is built: a tracker that cannot start fails the run before any work
     writer = (
         Trackers(
-            chosen(cfg.get("logger", "tensorboard")),
+            chosen(cfg.logger),
             run_dir,
             OmegaConf.to_container(cfg, resolve=True),
             OmegaConf.to_container(cfg.tracking, resolve=True) if cfg.get("tracking") else None,

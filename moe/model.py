@@ -66,9 +66,18 @@ class Rotary(nn.Module):
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
-    def forward(self, x_BHSd: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def forward(self, x_BHSd: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotate by positions start..start+S-1, or by the given `positions` (a sequence shard's true ones)."""
         S = x_BHSd.shape[-2]
-        cos, sin = self.cos[start : start + S].to(x_BHSd.dtype), self.sin[start : start + S].to(x_BHSd.dtype)
+        cos, sin = (
+            (self.cos[start : start + S], self.sin[start : start + S])
+            if positions is None
+            else (
+                self.cos[positions],
+                self.sin[positions],
+            )
+        )
+        cos, sin = cos.to(x_BHSd.dtype), sin.to(x_BHSd.dtype)
         x1, x2 = x_BHSd[..., 0::2], x_BHSd[..., 1::2]
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
@@ -96,6 +105,10 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(q_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(k_size, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+        # context parallelism, set from outside (moeflow.parallel.context_parallel.SequenceShard): this rank
+        # holds a shard of every sequence; `positions(S_local, device)` are its tokens' true positions and
+        # `attend(q, k, v, positions)` is causal attention over the whole sequences
+        self.sequence_shard = None
 
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
@@ -110,6 +123,11 @@ class Attention(nn.Module):
             k, v = (t.view(B, S, self.n_kv, self.hd).transpose(1, 2) for t in (k, v))
         if self.q_norm is not None and not self.norm_proj:
             q, k = norm_like_input(self.q_norm, q), norm_like_input(self.k_norm, k)
+        if self.sequence_shard is not None:
+            positions = self.sequence_shard.positions(S, x_BSD.device)
+            q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
+            y = self.sequence_shard.attend(q, k, v, positions)
+            return self.out(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
         gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
         start = cache.length if cache is not None else 0
         q, k = self.rotary(q, start), self.rotary(k, start)

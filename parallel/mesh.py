@@ -1,21 +1,22 @@
-"""One mesh from config: data-parallel replicate x shard x tensor-parallel, with EP folded in.
+"""One mesh from config: data-parallel replicate x shard x context-parallel x tensor-parallel, with EP folded in.
 
-The world is a grid of `dp_replicate x dp_shard x tp` ranks (tp innermost: consecutive ranks,
-inside a node first). Dense parameters are sharded over `dp_shard` (FSDP), replicated over
-`dp_replicate` (HSDP when > 1) and split over `tp`.
+The world is a grid of `dp_replicate x dp_shard x cp x tp` ranks (tp innermost: consecutive ranks,
+inside a node first). Dense parameters are sharded over `dp_shard x cp` (FSDP: the ranks of a CP
+group hold different parts of the same sequences, so they shard the weights like data-parallel
+ranks do, as torchtitan does), replicated over `dp_replicate` (HSDP when > 1) and split over `tp`.
+The ranks of one CP group read the same batch and each keeps its shard of every sequence
+(`context_parallel.py`).
 
 Experts borrow their ranks from the same grid ("parallel folding", as torchtitan and
-Megatron-Core do): inside one replica the `dp_shard x tp` ranks are regrouped as
+Megatron-Core do): inside one replica the `dp_shard x cp x tp` ranks are regrouped as
 `efsdp x ep`, ep innermost. Expert weights are sharded over `ep` by expert (each EP rank holds
 E/ep whole experts, tokens travel by all-to-all) and over `efsdp` by FSDP, the ranks that hold
-the same experts. So ep need only divide `dp_shard x tp` and the expert count.
+the same experts. So ep need only divide `dp_shard x cp x tp` and the expert count.
 
     8 ranks, dp_shard=8, ep=4:    dense FSDP over all 8;  experts: efsdp=2 x ep=4
         rank:    0 1 2 3 | 4 5 6 7
         ep:      0 1 2 3 | 0 1 2 3     (experts 16e..16e+15 of 64 on ep rank e)
         efsdp:   0 0 0 0 | 1 1 1 1     (ranks 0 and 4 hold the same experts, FSDP-sharded)
-
-`parallel.cp` (context parallelism) is reserved and refused for now.
 """
 
 from __future__ import annotations
@@ -49,42 +50,52 @@ class ParallelDims:
             raise ConfigError(
                 f"parallel.dp_shard must be a positive integer or -1 (the rest of the world), got {self.dp_shard!r}"
             )
-        if self.cp != 1:
-            raise ConfigError(
-                f"parallel.cp={self.cp}: context parallelism is reserved and not built yet; use parallel.cp=1"
-            )
-        fixed = self.dp_replicate * self.tp
+        fixed = self.dp_replicate * self.cp * self.tp
+        grid = "dp_replicate x dp_shard x tp" if self.cp == 1 else "dp_replicate x dp_shard x cp x tp"
         if self.dp_shard == -1:
             if self.world % fixed:
+                named = f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp}"
+                if self.cp > 1:
+                    named = f"parallel.dp_replicate={self.dp_replicate} x parallel.cp={self.cp} x parallel.tp={self.tp}"
                 raise ConfigError(
-                    f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp} does not divide the world size {self.world}; pick sizes whose product divides it"
+                    f"{named} does not divide the world size {self.world}; pick sizes whose product divides it"
                 )
             object.__setattr__(self, "dp_shard", self.world // fixed)
-        if self.dp_replicate * self.dp_shard * self.tp != self.world:
-            raise ConfigError(
-                f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} x tp={self.tp} = "
-                f"{self.dp_replicate * self.dp_shard * self.tp} ranks, but the world has {self.world}; "
-                f"make the product the world size (parallel.dp_shard=-1 takes the rest)"
+        if self.dp_shard * fixed != self.world:
+            sizes = f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}" + (
+                f" x cp={self.cp}" if self.cp > 1 else ""
             )
-        if (self.dp_shard * self.tp) % self.ep:
+            raise ConfigError(
+                f"{sizes} x tp={self.tp} = {self.dp_shard * fixed} ranks, but the world has {self.world}; "
+                f"make the product ({grid}) the world size (parallel.dp_shard=-1 takes the rest)"
+            )
+        inner = self.dp_shard * self.cp * self.tp
+        if inner % self.ep:
+            what = "dp_shard x tp" if self.cp == 1 else "dp_shard x cp x tp"
             hint = (
                 f"launch with torchrun --nproc-per-node {self.ep} (or a multiple)"
                 if self.world == 1
-                else "pick an ep that divides dp_shard x tp"
+                else f"pick an ep that divides {what}"
             )
             raise ConfigError(
-                f"parallel.ep={self.ep} does not divide dp_shard x tp = {self.dp_shard * self.tp} (the ranks of one data-parallel replica); {hint}"
+                f"parallel.ep={self.ep} does not divide {what} = {inner} (the ranks of one data-parallel replica); {hint}"
             )
 
     @property
     def efsdp(self) -> int:
         """Ranks of one replica that hold the same experts (the experts' FSDP degree)."""
-        return self.dp_shard * self.tp // self.ep
+        return self.dp_shard * self.cp * self.tp // self.ep
 
     @property
     def dp(self) -> int:
-        """Data-parallel degree: the number of different batch shards per step."""
+        """Data-parallel degree: the number of different batch shards per step (a CP group reads one)."""
         return self.dp_replicate * self.dp_shard
+
+    @property
+    def grad_ranks(self) -> int:
+        """Ranks whose gradients are summed into each dense gradient: the data-parallel ranks and, within
+        each, the CP ranks holding the other parts of the same sequences (the loss is scaled by 1/this)."""
+        return self.dp * self.cp
 
     def check_model(self, num_experts: int, n_heads: int, n_kv_heads: int) -> None:
         """Refuse sizes the model cannot be split by, naming the fix."""
@@ -92,7 +103,9 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (
-            f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x tp {self.tp}; "
+            f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}"
+            + (f" x cp {self.cp}" if self.cp > 1 else "")
+            + f" x tp {self.tp}; "
             f"experts: dp_replicate {self.dp_replicate} x efsdp {self.efsdp} x ep {self.ep}"
         )
 
@@ -158,18 +171,31 @@ class ParallelConfig:
 class ParallelMesh:
     """The device meshes built from `ParallelDims` over the initialised process group.
 
-    dense:   ("dp_replicate", "dp_shard", "tp")
+    dense:   ("dp_replicate", "dp_shard", "tp"), or ("dp_replicate", "dp_shard", "cp", "tp") under parallel.cp > 1
     experts: ("dp_replicate", "efsdp", "ep")  (the same ranks, regrouped)
     """
 
     dims: ParallelDims
     dense: object
     experts: object
+    # parallel.cp > 1: ("dp_replicate", "dp_shard_cp", "tp"), the same ranks with dp_shard and cp merged (FSDP's)
+    dense_cp_merged: object = None
 
     @property
     def dense_fsdp(self):
-        """The mesh dense parameters are FSDP-sharded (and HSDP-replicated) over."""
+        """The mesh dense parameters are FSDP-sharded (and HSDP-replicated) over: dp_shard, with cp folded in."""
+        if self.dims.cp > 1:
+            m = self.dense_cp_merged
+            return m["dp_replicate", "dp_shard_cp"] if self.dims.dp_replicate > 1 else m["dp_shard_cp"]
         return self.dense["dp_replicate", "dp_shard"] if self.dims.dp_replicate > 1 else self.dense["dp_shard"]
+
+    @property
+    def cp_group(self):
+        return self.dense.get_group("cp") if self.dims.cp > 1 else None
+
+    @property
+    def cp_rank(self) -> int:
+        return self.dense.get_local_rank("cp") if self.dims.cp > 1 else 0
 
     @property
     def expert_fsdp(self):
@@ -198,12 +224,25 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = torch.arange(dims.world)
-    dense = DeviceMesh(
-        device_type,
-        ranks.view(dims.dp_replicate, dims.dp_shard, dims.tp),
-        mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
-    )
+    if dims.cp > 1:
+        dense = DeviceMesh(
+            device_type,
+            ranks.view(dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp),
+            mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"),
+        )
+        merged = DeviceMesh(
+            device_type,
+            ranks.view(dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),
+            mesh_dim_names=("dp_replicate", "dp_shard_cp", "tp"),
+        )
+    else:
+        merged = None
+        dense = DeviceMesh(
+            device_type,
+            ranks.view(dims.dp_replicate, dims.dp_shard, dims.tp),
+            mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
+        )
     experts = DeviceMesh(
         device_type, ranks.view(dims.dp_replicate, dims.efsdp, dims.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep")
     )
-    return ParallelMesh(dims=dims, dense=dense, experts=experts)
+    return ParallelMesh(dims=dims, dense=dense, experts=experts, dense_cp_merged=merged)

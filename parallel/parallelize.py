@@ -8,6 +8,8 @@ the weights are materialised and initialised: `materialize`):
 2. expert parallelism (ep > 1): each MoE layer's stacked expert weights become DTensors sharded
    by expert (`Shard(0)`) over the mesh's "ep" dimension, and its dispatcher moves tokens over
    that group (`parallel.dispatcher`: see dispatchers.py; a named transport runs with ep=1 too);
+   context parallelism (cp > 1): every attention layer gets the CP group's `SequenceShard` (causal
+   attention over the whole sequences; rotary positions are the shard's true ones);
 3. activation checkpointing of the blocks (`parallel.activation_checkpointing`);
 4. `fully_shard` (FSDP2; `ShardingOptions.fully_shard=False` skips it, and 5, for an engine that
    reduces gradients itself): each MoE layer's experts are one unit over the expert-FSDP mesh
@@ -103,9 +105,22 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | No
         num_experts=layers[0].experts.num_experts if layers else 0,
         local_shards=local_shards,
     )
+    if mesh.dims.cp > 1:
+        plan.sequence_shard = _shard_sequences(model, mesh)
     if opts.fully_shard:
         _fully_shard(model, mesh, opts, plan)
     return plan
+
+
+def _shard_sequences(model: nn.Module, mesh: ParallelMesh):
+    """Context parallelism: every attention layer attends over the whole sequences of its CP group."""
+    from .context_parallel import SequenceShard
+
+    shard = SequenceShard(mesh.cp_group, mesh.cp_rank, mesh.dims.cp)
+    for module in model.modules():
+        if hasattr(module, "sequence_shard"):  # moe.model.Attention's seam
+            module.sequence_shard = shard
+    return shard
 
 
 def _fully_shard(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions, plan: ParallelPlan) -> None:

@@ -86,6 +86,9 @@ class ParallelPlan:
     # summed over `replica_group` once per step (`reduce_replicated_expert_grads`)
     replicated_experts: tuple[nn.Module, ...] = ()
     replica_group: object = None
+    # context parallelism (parallel.cp > 1): which shard of every sequence this rank holds
+    # (`context_parallel.SequenceShard`); the engine feeds the model that shard of its batch
+    sequence_shard: object = None
 
     def is_expert(self, name: str) -> bool:
         return is_expert(name)

@@ -130,7 +130,7 @@ class MegatronEngine(MoeflowCheckpointEngine):
             trainer_cfg.grad_accum,
         )
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
-        init = unique_state_dict(Transformer(model_cfg))  # the torch engine's initial weights, same seed
+        init = initial_weights(model_cfg, device)  # the torch engine's initial weights: same seed, same device
         self.gpt = mcore.build_gpt_model(model_cfg, device)  # with parallel.ep > 1: this EP rank's experts only
         self.model = self.eval_model = mcore.MegatronLM(self.gpt)
         self.plan = mcore.megatron_plan(self.gpt)  # which tensors are shards, read from megatron's attributes
@@ -227,6 +227,17 @@ class MegatronEngine(MoeflowCheckpointEngine):
 
         super().close()  # an async save in flight is committed
         ps.destroy_model_parallel()
+
+
+def initial_weights(model_cfg: ModelConfig, device: torch.device) -> dict:
+    """engine=torch's initial weights: built on meta and initialised on `device` as it does (each tensor's
+    random stream is the device's: the same seed gives other numbers on a GPU than on the CPU)."""
+    from moeflow.parallel.parallelize import materialize
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    materialize(model, device)
+    return unique_state_dict(model)
 
 
 def load_moeflow_weights(gpt, plan, state: dict, model_cfg) -> None:

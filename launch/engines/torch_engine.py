@@ -73,8 +73,8 @@ class TorchEngine(MoeflowCheckpointEngine):
                 ShardingOptions(param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=p.dispatch()),
             )
             materialize(self.model, device)
-            self.loss_scale = 1.0 / dims.dp  # gradients are summed over the data-parallel ranks
-            self.data_parallel_rank = (env.rank // dims.tp, dims.dp)
+            self.loss_scale = 1.0 / dims.grad_ranks  # gradients are summed over the data-parallel (and CP) ranks
+            self.data_parallel_rank = (env.rank // (dims.tp * dims.cp), dims.dp)  # a CP group reads one batch
         else:  # also built on meta and materialised on the device: no host copy of the weights
             with torch.device("meta"):
                 self.model = Transformer(model_cfg)
@@ -82,7 +82,11 @@ class TorchEngine(MoeflowCheckpointEngine):
             self._checkpointing(trainer_cfg)
             self.loss_scale = 1.0
             self.data_parallel_rank = (0, 1)
-        self.eval_model, self.data_parallel_group = self.model, None
+        self.sequence_shard = self.plan.sequence_shard if self.plan is not None else None
+        self.eval_model = (
+            self.model if self.sequence_shard is None else WholeSequenceLogits(self.model, self.sequence_shard)
+        )
+        self.data_parallel_group = None
         self.skip_nonfinite, self.skipped, self.last_stepped = trainer_cfg.on_nonfinite == "skip_step", 0, 0
         self.last_step_skipped = False  # the loop does not count a skipped step's NaN as a divergence
         self.opt = build_optimizer(self.model, cfg.optim)
@@ -118,6 +122,8 @@ class TorchEngine(MoeflowCheckpointEngine):
         return contextlib.nullcontext()
 
     def forward_backward(self, x, y, last: bool):
+        if self.sequence_shard is not None:  # context parallelism: this rank's shard of every sequence
+            x, y = self.sequence_shard.shard(x), self.sequence_shard.shard(y)
         with self._gradient_sync(last):
             with self.autocast():
                 loss = lm_loss(self.fwd(x), y)
@@ -187,6 +193,20 @@ class TorchEngine(MoeflowCheckpointEngine):
                 target = params.get(name, buffers.get(name))
                 if target is not None:
                     assign_full(target, full.to(device=_local(target).device, dtype=target.dtype))
+
+
+class WholeSequenceLogits(torch.nn.Module):
+    """Under context parallelism, evaluation and generation see whole sequences: the model runs on this
+    rank's shard and the logits of the CP group's shards are gathered back into sequence order."""
+
+    def __init__(self, model: torch.nn.Module, shard):
+        super().__init__()
+        self.model, self.shard = model, shard
+
+    def forward(self, tokens_BS: torch.Tensor) -> torch.Tensor:
+        from moeflow.parallel.context_parallel import gather_sequence
+
+        return gather_sequence(self.model(self.shard.shard(tokens_BS)), self.shard)
 
 
 def _local(t):

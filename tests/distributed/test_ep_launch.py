@@ -6,21 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers.cli_runs import SMALL, moeflow_warnings
+from helpers.cli_runs import run_cmd as _run
 from helpers.timeouts import limit
 from moeflow.moe.errors import ConfigError
 from moeflow.parallel.mesh import ParallelDims
-
-SMALL = [
-    "data.max_bytes=200000",
-    "data.batch_size=2",
-    "data.seq_len=32",
-    "trainer.progress=false",
-    "trainer.eval_batches=1",
-]
 
 
 @pytest.mark.parametrize(
@@ -91,26 +84,6 @@ def test_torchrun_ranks_agree_on_run_dir(monkeypatch, capsys):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(ConfigError, match="pass hydra.run.dir="):
         shared_run_dir([])
-
-
-def _run(cmd: list[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
-    timeout = limit(240) if timeout is None else timeout
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def moeflow_warnings(stderr: str) -> list[str]:
-    """Warning lines whose source is a moeflow module ("<path>:<line>: SomeWarning: ...")."""
-    return [
-        line
-        for line in stderr.splitlines()
-        if "Warning:" in line and line.startswith(str(REPO)) and "/tests/" not in line
-    ]
 
 
 @pytest.mark.multiprocess

@@ -42,6 +42,34 @@ def test_every_gate_trains_like_one_process(tmp_path, world, dims):
         assert_equal_to_single_process(rank_result)
 
 
+CP_MESHES = [
+    (2, {"cp": 2}),  # every rank holds half of every sequence (chunks r and 3-r of 4); cp=4: test_context_parallel.py
+    (4, {"cp": 2, "ep": 2}),  # experts borrow from dp_shard x cp = 4 ranks: efsdp 2 x ep 2
+    (4, {"dp_shard": 2, "cp": 2}),  # two batches, each split over a CP group of two
+]
+
+
+@pytest.mark.parametrize(
+    "world, dims",
+    CP_MESHES,
+    ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()) if isinstance(v, dict) else f"w{v}",
+)
+def test_context_parallel_trains_like_one_process(tmp_path, world, dims):
+    """parallel.cp: sequence shards with exact attention across them, rotary at the true positions, GQA and q/k
+    norms on, the topk and sinkhorn gates over the global batch: losses, gradients, norm and weights equal
+    the single-process run on the same global batch."""
+    results = W.spawn(
+        "helpers.fsdp_workers:equivalence_over",
+        world,
+        tmp_path,
+        dims,
+        ["topk", "sinkhorn"],
+        {"n_kv_heads": 1, "qk_norm": True},
+    )
+    for rank_result in results:
+        assert_equal_to_single_process(rank_result)
+
+
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_changes_nothing(tmp_path, mode):
     """Under FSDP2 + EP (both expert layouts: 2 ranks have no expert FSDP, 4 have), with the DeepSeek
@@ -92,7 +120,7 @@ def test_per_rank_state_falls_as_one_over_dp_shard(tmp_path):
         (dict(world=4, dp_replicate=3), ["dp_replicate=3", "does not divide the world size 4"]),
         (dict(world=4, ep=3), ["parallel.ep=3 does not divide dp_shard x tp = 4"]),
         (dict(world=1, ep=2), ["torchrun --nproc-per-node 2"]),
-        (dict(world=2, cp=2), ["context parallelism is reserved"]),
+        (dict(world=6, cp=4), ["parallel.cp=4", "does not divide the world size 6"]),
         (dict(world=2, dp_shard=0), ["dp_shard must be a positive integer or -1"]),
     ],
 )

@@ -63,15 +63,23 @@ def _maxdiff(a, b) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
 
-def _loss(model, tokens, scale: float):
-    logits = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+def _loss(model, tokens, scale: float, sequence_shard=None):
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if sequence_shard is not None:  # context parallelism: this rank's shard of every sequence, as the engine feeds it
+        x, y = sequence_shard.shard(x), sequence_shard.shard(y)
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
     return loss, (loss + model.aux_loss()) * scale
 
 
 def equivalence_all(rank: int, world: int, dims: dict, gates: list[str], steps: int = 2, ac: str = "none") -> dict:
     """`equivalence` for several gates in one set of processes (process start-up is the expensive part)."""
     return {g: equivalence(rank, world, dims, g, steps, ac) for g in gates}
+
+
+def equivalence_over(rank: int, world: int, dims: dict, gates: list[str], over: dict, steps: int = 2) -> dict:
+    """`equivalence` for several gates with model overrides `over` (e.g. GQA, q/k norms)."""
+    return {g: equivalence(rank, world, dims, g, steps, "none", over) for g in gates}
 
 
 def equivalence(
@@ -104,10 +112,10 @@ def equivalence(
             for layer in m.moe_layers():
                 layer.gate.set_step(step)
         tokens = torch.randint(0, mc.vocab_size, (B, 9), generator=gen)
-        mine = tokens.chunk(pdims.dp)[rank // pdims.tp]
+        mine = tokens.chunk(pdims.dp)[rank // (pdims.tp * pdims.cp)]  # a CP group reads one batch
         ref_loss, ref_obj = _loss(ref, tokens, 1.0)
         ref_obj.backward()
-        par_loss, par_obj = _loss(par, mine, 1.0 / pdims.dp)
+        par_loss, par_obj = _loss(par, mine, 1.0 / pdims.grad_ranks, plan.sequence_shard)
         par_obj.backward()
         reduce_replicated_expert_grads(plan)
         global_loss = par_loss.detach().clone()

@@ -1,0 +1,67 @@
+"""Context parallelism's attention equals full causal attention (float64), forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow.moe.errors import ConfigError
+from moeflow.parallel.context_parallel import (
+    attend_blocks,
+    check_sequence,
+    shard_positions,
+    shard_sequence,
+    unshard_sequence,
+)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_shards_are_load_balanced_chunks_with_their_true_positions(cp):
+    S = 8 * cp
+    x = torch.arange(S).view(1, S)
+    shards = [shard_sequence(x, r, cp) for r in range(cp)]
+    assert torch.equal(unshard_sequence(shards), x)
+    c = S // (2 * cp)
+    for r, t in enumerate(shards):
+        assert t.tolist()[0] == [*range(r * c, (r + 1) * c), *range((2 * cp - 1 - r) * c, (2 * cp - r) * c)]
+        assert torch.equal(shard_positions(S, r, cp), t[0])
+    # every rank does the same causal work: the sum of (position + 1) over its tokens
+    work = {int((shard_positions(S, r, cp) + 1).sum()) for r in range(cp)}
+    assert len(work) == 1
+
+
+def test_a_sequence_the_shards_cannot_split_evenly_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="data.seq_len=12 is not divisible by 2 x parallel.cp = 8") as err:
+        check_sequence(12, 4)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("cp, heads, kv_heads", [(1, 2, 2), (2, 4, 4), (4, 4, 2), (3, 6, 1)])
+def test_blockwise_attention_over_emulated_ranks_equals_full_attention(cp, heads, kv_heads):
+    gen = torch.Generator().manual_seed(cp)
+    B, S, d = 2, 4 * cp, 8
+    q = torch.randn(B, heads, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, kv_heads, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, kv_heads, S, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(B, heads, S, d, generator=gen, dtype=torch.float64)
+    full = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+    ref = torch.autograd.grad((full * g).sum(), (q, k, v))
+
+    pos = [shard_positions(S, r, cp) for r in range(cp)]
+    blocks = [(shard_sequence(k, r, cp, 2), shard_sequence(v, r, cp, 2), pos[r]) for r in range(cp)]
+    outs = [attend_blocks(shard_sequence(q, r, cp, 2), pos[r], blocks) for r in range(cp)]
+    out = unshard_sequence(outs, dim=2)
+    got = torch.autograd.grad((out * g).sum(), (q, k, v))
+    torch.testing.assert_close(out, full, rtol=0, atol=1e-12)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("world, heads, kv_heads", [(2, 4, 4), (4, 4, 2)])
+def test_cp_attention_over_gloo_ranks_equals_full_attention(tmp_path, world, heads, kv_heads):
+    from helpers import ep_workers as W
+
+    for rank, diffs in enumerate(W.spawn("helpers.cp_workers:attention_case", world, tmp_path, heads, kv_heads)):
+        assert all(d < 1e-12 for d in diffs.values()), (rank, diffs)
