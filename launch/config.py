@@ -266,11 +266,6 @@ def check_context_parallel(cfg: DictConfig, model_cfg: ModelConfig, cp: int) -> 
             "(or parallel.cp=1 and megatron-core's own context_parallel_size outside moeflow)"
         )
     check_sequence(int(cfg.data.seq_len), cp)
-    if float(model_cfg.gate.get("seq_aux_loss_coef", 0.0)) > 0:
-        raise ConfigError(
-            f"gate.seq_aux_loss_coef with parallel.cp={cp}: the sequence-level balance loss would see one shard of "
-            "each sequence, not the whole; use gate.aux_loss_coef (the batch-level loss) or parallel.cp=1"
-        )
 
 
 _VALIDATED: dict[str, tuple[ModelConfig, TrainerConfig]] = {}  # this process's checked configs, by their YAML

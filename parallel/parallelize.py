@@ -120,6 +120,8 @@ def _shard_sequences(model: nn.Module, mesh: ParallelMesh):
     for module in model.modules():
         if hasattr(module, "sequence_shard"):  # moe.model.Attention's seam
             module.sequence_shard = shard
+    for layer in moe_layers(model):  # sequence-level statistics (DeepSeek-V3's balance loss) join the parts
+        layer.gate.sequence_group = mesh.cp_group
     return shard
 
 

@@ -66,6 +66,8 @@ class Gate(nn.Module):
         self.token_group: dist.ProcessGroup | None = None
         self.step = 0
         self.sequence_shape: SequenceShape | None = None  # set by the MoE layer each forward
+        # context parallelism (set from outside): the ranks holding the other parts of this rank's sequences
+        self.sequence_group: dist.ProcessGroup | None = None
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: torch.Tensor | None = None) -> RouterOutput:
         return self.route(x_TD, token_ids_T)
@@ -89,6 +91,16 @@ class Gate(nn.Module):
         if self.token_group is None or not dist.is_initialized():
             return t
         return _DifferentiableSum.apply(t, self.token_group)
+
+    def sequence_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks holding the other parts of the same sequences (context parallelism),
+        differentiable; identity when every rank holds whole sequences."""
+        if self.sequence_group is None or not dist.is_initialized():
+            return t
+        return _DifferentiableSum.apply(t, self.sequence_group)
+
+    def sequence_parts(self) -> int:
+        return dist.get_world_size(self.sequence_group) if self.sequence_group is not None else 1
 
     def global_count(self, num_local: int, device: torch.device) -> torch.Tensor:
         n = torch.full((), float(num_local), device=device)  # a fill kernel: no host-to-device copy, no sync

@@ -218,8 +218,10 @@ class TopKGate(Gate):
             onehot_BSE, probs_BSE = (t.view(S, B, E).transpose(0, 1) for t in (onehot_TE, probs_TE))
         else:
             onehot_BSE, probs_BSE = onehot_TE.view(B, S, E), probs_TE.view(B, S, E)
-        f_BE = onehot_BSE.sum(1) * E / (K * S)
-        P_BE = probs_BSE.mean(1)
+        # under context parallelism a rank holds part of each sequence: its sums join the other parts'
+        S_whole = S * self.sequence_parts()
+        f_BE = self.sequence_sum(onehot_BSE.sum(1)) * E / (K * S_whole)
+        P_BE = self.sequence_sum(probs_BSE.sum(1)) / S_whole
         per_seq_B = (f_BE * P_BE).sum(-1)
         return self.global_sum(per_seq_B.sum()) / self.global_count(B, probs_TE.device)
 

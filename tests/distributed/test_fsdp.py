@@ -43,7 +43,8 @@ def test_every_gate_trains_like_one_process(tmp_path, world, dims):
 
 
 CP_MESHES = [
-    (2, {"cp": 2}),  # every rank holds half of every sequence (chunks r and 3-r of 4); cp=4: test_context_parallel.py
+    (2, {"cp": 2}),  # every rank holds half of every sequence (chunks r and 3-r of 4)
+    (4, {"cp": 4}),
     (4, {"cp": 2, "ep": 2}),  # experts borrow from dp_shard x cp = 4 ranks: efsdp 2 x ep 2
     (4, {"dp_shard": 2, "cp": 2}),  # two batches, each split over a CP group of two
 ]
@@ -56,14 +57,15 @@ CP_MESHES = [
 )
 def test_context_parallel_trains_like_one_process(tmp_path, world, dims):
     """parallel.cp: sequence shards with exact attention across them, rotary at the true positions, GQA and q/k
-    norms on, the topk and sinkhorn gates over the global batch: losses, gradients, norm and weights equal
+    norms on, the topk gate with DeepSeek-V3's sequence-level balance loss (its per-sequence sums joined
+    over the CP group) and the sinkhorn gate: losses, gradients, norm and weights equal
     the single-process run on the same global batch."""
     results = W.spawn(
         "helpers.fsdp_workers:equivalence_over",
         world,
         tmp_path,
         dims,
-        ["topk", "sinkhorn"],
+        ["topk_seq_aux", "sinkhorn"],
         {"n_kv_heads": 1, "qk_norm": True},
     )
     for rank_result in results:

@@ -35,6 +35,10 @@ GATES = {
 }
 
 
+# gates some tests use beyond GATES (which every mesh test runs in full)
+MORE_GATES = {"topk_seq_aux": {"name": "topk", "aux_loss_coef": 0.01, "seq_aux_loss_coef": 0.01}}
+
+
 def model_cfg(gate: str, **over) -> ModelConfig:
     base = dict(
         vocab_size=64,
@@ -45,7 +49,7 @@ def model_cfg(gate: str, **over) -> ModelConfig:
         num_experts=4,
         top_k=2,
         max_seq_len=16,
-        gate=dict(GATES[gate]),
+        gate=dict(GATES.get(gate) or MORE_GATES[gate]),
         shared_experts=0,
     )
     base.update(over)
