@@ -65,3 +65,21 @@ def test_cp_attention_over_gloo_ranks_equals_full_attention(tmp_path, world, hea
 
     for rank, diffs in enumerate(W.spawn("helpers.cp_workers:attention_case", world, tmp_path, heads, kv_heads)):
         assert all(d < 1e-12 for d in diffs.values()), (rank, diffs)
+
+
+def test_a_32k_token_sequence_comes_from_a_memmap_file_and_shards_by_rank(tmp_path):
+    """data=memmap reads only the windows it samples (a 32k-token window is 256 KiB of int64 ids per
+    sequence, whatever the file's size); each CP rank keeps its two chunks of it, in order."""
+    import numpy as np
+
+    from moeflow.launch.data import BatchSampler, load_memmap
+
+    tokens = np.arange(70_000, dtype=np.uint32)  # every id once: a window's first id says where it starts
+    tokens.tofile(tmp_path / "train.bin")
+    splits = load_memmap(str(tmp_path / "train.bin"), None, "uint32", 5)
+    x, y = BatchSampler(splits.train, 32_768, 1, seed=0).batch(step=0, micro=0)
+    assert x.shape == y.shape == (1, 32_768) and torch.equal(x[:, 1:], y[:, :-1])
+    start = int(x[0, 0])
+    assert torch.equal(x[0], torch.from_numpy(tokens[start : start + 32_768].astype(np.int64)))
+    shards = [shard_sequence(x, r, 4) for r in range(4)]
+    assert all(s.shape == (1, 8192) for s in shards) and torch.equal(unshard_sequence(shards), x)
