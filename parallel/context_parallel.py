@@ -61,14 +61,16 @@ def shard_positions(seq_len: int, cp_rank: int, cp: int, device=None) -> torch.T
 
 def attend_block(q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of queries q [B, H, Sq, d] to one block of keys/values [B, H, Sk, d] by true positions:
-    (output [B, H, Sq, d], log-sum-exp of the scores [B, H, Sq]). Hidden keys score the dtype's lowest finite
-    value, not -inf: a row that sees no key of this block gets an lse so low that `merge` gives it weight
+    (output [B, H, Sq, d], log-sum-exp of the scores [B, H, Sq]), both in float32 at least (bf16 inputs are
+    multiplied and normalised in float32, as fused attention kernels do). Hidden keys score the lowest finite
+    float, not -inf: a row that sees no key of this block gets an lse so low that `merge` gives it weight
     exactly 0, with no inf - inf anywhere (every query sees at least itself, in its own rank's block)."""
-    scores = (q @ k.transpose(-2, -1)) * scale
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
     visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [Sq, Sk]
-    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~visible, torch.finfo(dtype).min)
     lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v.to(dtype), lse
 
 
 def merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +96,7 @@ def attend_blocks(q, q_pos, blocks, scale: float | None = None) -> torch.Tensor:
         # per block is its output and log-sum-exp, O(S/cp) per head
         o, s = checkpoint(attend_block, q, k, v, q_pos, k_pos, scale, use_reentrant=False)
         out, lse = (o, s) if out is None else merge(out, lse, o, s)
-    return out
+    return out.to(q.dtype)
 
 
 def cp_attention(q, k, v, cp_rank: int, group) -> torch.Tensor:
