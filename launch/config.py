@@ -266,6 +266,18 @@ def check_context_parallel(cfg: DictConfig, model_cfg: ModelConfig, cp: int) -> 
             "(or parallel.cp=1 and megatron-core's own context_parallel_size outside moeflow)"
         )
     check_sequence(int(cfg.data.seq_len), cp)
+    if cfg.trainer.activation_checkpointing == "selective":
+        raise ConfigError(
+            f"trainer.activation_checkpointing=selective with parallel.cp={cp}: its policy would keep every "
+            "attention block's scores (S/cp x S/cp per head) that context parallelism recomputes; use "
+            "trainer.activation_checkpointing=full or none"
+        )
+    gate = model_cfg.gate
+    if not gate.get("dropless", True) and gate.get("drop_policy", "score") == "position":
+        raise ConfigError(
+            f"gate.drop_policy=position with parallel.cp={cp}: capacity drops by a token's place in the global "
+            "batch, which a rank's sequence shards do not keep in order; use gate.drop_policy=score (or dropless)"
+        )
 
 
 _VALIDATED: dict[str, tuple[ModelConfig, TrainerConfig]] = {}  # this process's checked configs, by their YAML

@@ -124,6 +124,10 @@ class Attention(nn.Module):
         if self.q_norm is not None and not self.norm_proj:
             q, k = norm_like_input(self.q_norm, q), norm_like_input(self.k_norm, k)
         if self.sequence_shard is not None:
+            if cache is not None:
+                raise ValueError(
+                    "a KV cache on a context-parallel model: generate from its checkpoint in one process instead"
+                )
             positions = self.sequence_shard.positions(S, x_BSD.device)
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
             y = self.sequence_shard.attend(q, k, v, positions)

@@ -65,12 +65,15 @@ def attend_block(q, k, v, q_pos, k_pos, scale: float) -> tuple[torch.Tensor, tor
     multiplied and normalised in float32, as fused attention kernels do). Hidden keys score the lowest finite
     float, not -inf: a row that sees no key of this block gets an lse so low that `merge` gives it weight
     exactly 0, with no inf - inf anywhere (every query sees at least itself, in its own rank's block)."""
+    if k.shape[1] != q.shape[1]:  # GQA: each group of query heads shares one key/value head (repeated here,
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))  # inside the recomputation)
     dtype = torch.promote_types(q.dtype, torch.float32)
-    scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
-    visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [Sq, Sk]
-    scores = scores.masked_fill(~visible, torch.finfo(dtype).min)
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.exp(scores - lse.unsqueeze(-1)) @ v.to(dtype), lse
+    with torch.autocast(q.device.type, enabled=False):  # bf16 autocast would run these products in bf16
+        scores = (q.to(dtype) @ k.to(dtype).transpose(-2, -1)) * scale
+        visible = k_pos.view(1, -1) <= q_pos.view(-1, 1)  # [Sq, Sk]
+        scores = scores.masked_fill(~visible, torch.finfo(dtype).min)
+        lse = torch.logsumexp(scores, dim=-1)
+        return torch.exp(scores - lse.unsqueeze(-1)) @ v.to(dtype), lse
 
 
 def merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +85,13 @@ def merge(out_a, lse_a, out_b, lse_b) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def attend_blocks(q, q_pos, blocks, scale: float | None = None) -> torch.Tensor:
-    """Local queries over key/value blocks [(k, v, k_pos), ...], merged one block at a time. GQA: k/v with fewer
-    heads than q are repeated to match (each group of query heads shares one key/value head). Each block's
-    scores live only while it is computed (recomputed for the backward)."""
+    """Local queries over key/value blocks [(k, v, k_pos), ...], merged one block at a time (GQA: k/v may have
+    fewer heads than q). Each block's scores live only while it is computed (recomputed for the backward)."""
     from torch.utils.checkpoint import checkpoint
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = lse = None
     for k, v, k_pos in blocks:
-        if k.shape[1] != q.shape[1]:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
         # the block's scores (S/cp x S/cp per head) are recomputed in the backward, not kept: what stays
         # per block is its output and log-sum-exp, O(S/cp) per head
         o, s = checkpoint(attend_block, q, k, v, q_pos, k_pos, scale, use_reentrant=False)

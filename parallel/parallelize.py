@@ -21,7 +21,7 @@ the weights are materialised and initialised: `materialize`):
 
 Gradients are reduced by SUM (no per-unit averaging: FSDP would average each unit over its
 own mesh, which differs between experts and dense weights); the engine divides the loss by the
-number of data-parallel ranks instead, so every gradient is the single-process gradient of the
+number of data-parallel ranks (times the CP ranks sharing each sequence: `ParallelDims.grad_ranks`) instead, so every gradient is the single-process gradient of the
 global batch's mean loss.
 """
 
@@ -82,7 +82,7 @@ def shard_experts_by_expert(model: nn.Module, mesh: ParallelMesh, opts: Sharding
 
 
 def _sum_reductions(module) -> None:
-    """Reduce gradients by SUM: the engine scales the loss by 1 / data-parallel ranks instead."""
+    """Reduce gradients by SUM: the engine scales the loss by 1 / `ParallelDims.grad_ranks` instead."""
     module.set_gradient_divide_factor(1.0)
     force = getattr(module, "set_force_sum_reduction_for_comms", None)
     if force is not None:  # gloo has no PREMUL_SUM; plain SUM everywhere

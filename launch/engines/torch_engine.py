@@ -3,7 +3,8 @@
 One process: the plain model. Under torchrun: the model is built on the meta device, given
 expert parallelism and FSDP2 on the mesh of `parallel.*` (`moeflow.parallel.parallelize`),
 then materialised shard by shard and initialised exactly as the single-process model would
-be. The loss is divided by the number of data-parallel ranks and gradients are summed, so a
+be. The loss is divided by the number of data-parallel ranks (times the CP ranks that share each
+sequence, under parallel.cp) and gradients are summed, so a
 step equals the single-process step on the global batch. Checkpoints go through
 `launch/resume.py`: sharded (torch.distributed.checkpoint), every rank writing its own shards,
 loadable into any other layout.

@@ -66,6 +66,8 @@ def test_context_parallel_refuses_what_it_cannot_run_in_one_line():
         (["parallel.cp=2", "data.seq_len=30"], "data.seq_len=30 is not divisible by 2 x parallel.cp = 4"),
         (["parallel.cp=2", "engine=deepspeed"], "engine=deepspeed has no context parallelism"),
         (["parallel.cp=3"], "parallel.cp=3 x parallel.tp=1 does not divide the world size 2"),
+        (["parallel.cp=2", "trainer.activation_checkpointing=selective"], "use trainer.activation_checkpointing=full"),
+        (["parallel.cp=2", "gate=switch"], "gate.drop_policy=position with parallel.cp=2"),
     ]
     for overrides, message in cases:
         with initialize_config_module(config_module="moeflow.configs", version_base=None):

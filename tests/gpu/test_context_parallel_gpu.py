@@ -29,7 +29,9 @@ def test_blockwise_attention_on_cuda_in_bf16_equals_full_attention(cp, heads, kv
 
     pos = [shard_positions(seq, r, cp, "cuda") for r in range(cp)]
     blocks = [(shard_sequence(k, r, cp, 2), shard_sequence(v, r, cp, 2), pos[r]) for r in range(cp)]
-    out = unshard_sequence([attend_blocks(shard_sequence(q, r, cp, 2), pos[r], blocks) for r in range(cp)], dim=2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # as the engine's forward runs
+        outs = [attend_blocks(shard_sequence(q, r, cp, 2), pos[r], blocks) for r in range(cp)]
+    out = unshard_sequence(outs, dim=2)
     got = torch.autograd.grad((out * g).sum(), (q, k, v))
     assert (out.double() - full).abs().max().item() < BF16_TOL
     for a, b in zip(got, ref):

@@ -58,6 +58,18 @@ def test_blockwise_attention_over_emulated_ranks_equals_full_attention(cp, heads
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_blocks_under_bf16_autocast_are_computed_in_float32():
+    """The engine's forward runs under bf16 autocast (the default on GPUs): the blocks must not fall to bf16."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=gen) for _ in range(3))
+    pos = [shard_positions(16, r, 2) for r in range(2)]
+    blocks = [(shard_sequence(k, r, 2, 2), shard_sequence(v, r, 2, 2), pos[r]) for r in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unshard_sequence([attend_blocks(shard_sequence(q, r, 2, 2), pos[r], blocks) for r in range(2)], dim=2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=0, atol=1e-5)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("world, heads, kv_heads", [(2, 4, 4), (4, 4, 2)])
 def test_cp_attention_over_gloo_ranks_equals_full_attention(tmp_path, world, heads, kv_heads):
@@ -83,3 +95,16 @@ def test_a_32k_token_sequence_comes_from_a_memmap_file_and_shards_by_rank(tmp_pa
     assert torch.equal(x[0], torch.from_numpy(tokens[start : start + 32_768].astype(np.int64)))
     shards = [shard_sequence(x, r, 4) for r in range(4)]
     assert all(s.shape == (1, 8192) for s in shards) and torch.equal(unshard_sequence(shards), x)
+
+
+def test_a_global_batch_counts_a_cp_group_as_one_data_parallel_rank():
+    """data.global_batch_size on 4 ranks with cp=2: two data-parallel ranks read batches, so 8 sequences of
+    2 per micro-batch take grad_accum=2 (not 1, as if all 4 ranks read their own)."""
+    from helpers.config import compose_cfg
+    from moeflow.launch.config import trainer_config
+    from moeflow.launch.train import derive_grad_accum
+
+    cfg = compose_cfg("parallel.cp=2", "data.batch_size=2", "data.global_batch_size=8")
+    tc = trainer_config(cfg)
+    derive_grad_accum(cfg, tc, world=4)
+    assert tc.grad_accum == 2
