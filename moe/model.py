@@ -107,7 +107,7 @@ class Attention(nn.Module):
         self.rotary = Rotary(self.hd, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         # context parallelism, set from outside (moeflow.parallel.context_parallel.SequenceShard): this rank
         # holds a shard of every sequence; `positions(S_local, device)` are its tokens' true positions and
-        # `attend(q, k, v, positions)` is causal attention over the whole sequences
+        # `attend(q, k, v)` is causal attention over the whole sequences
         self.sequence_shard = None
 
     def forward(self, x_BSD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -130,7 +130,7 @@ class Attention(nn.Module):
                 )
             positions = self.sequence_shard.positions(S, x_BSD.device)
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
-            y = self.sequence_shard.attend(q, k, v, positions)
+            y = self.sequence_shard.attend(q, k, v)
             return self.out(y.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
         gqa = {"enable_gqa": True} if self.n_kv != self.n_heads else {}
         start = cache.length if cache is not None else 0

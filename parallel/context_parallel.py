@@ -139,5 +139,5 @@ class SequenceShard:
     def positions(self, local_len: int, device) -> torch.Tensor:
         return shard_positions(local_len * self.cp, self.rank, self.cp, device)
 
-    def attend(self, q, k, v, positions) -> torch.Tensor:
+    def attend(self, q, k, v) -> torch.Tensor:
         return cp_attention(q, k, v, self.rank, self.group)

@@ -98,13 +98,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | No
     local_shards = {}
     if opts.dispatch.resolved(mesh.dims.ep) != "local":
         local_shards = shard_experts_by_expert(model, mesh, opts)
-    layers = moe_layers(model)
-    plan = ParallelPlan(
-        world=mesh.dims.world,
-        ep=mesh.dims.ep,
-        num_experts=layers[0].experts.num_experts if layers else 0,
-        local_shards=local_shards,
-    )
+    plan = ParallelPlan(world=mesh.dims.world, ep=mesh.dims.ep, local_shards=local_shards)
     if mesh.dims.cp > 1:
         plan.sequence_shard = _shard_sequences(model, mesh)
     if opts.fully_shard:

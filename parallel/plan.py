@@ -75,12 +75,11 @@ def _join(t: torch.Tensor, step: ShardStep) -> torch.Tensor:
 
 @dataclass
 class ParallelPlan:
-    """The record `parallelize` (or an engine's boundary) leaves. `num_experts` is the global count
-    (`GroupedExperts.num_experts` stays global too; `num_local_experts` is this rank's)."""
+    """The record `parallelize` (or an engine's boundary) leaves. Global sizes stay on the model itself
+    (`GroupedExperts.num_experts` is the model's count; `num_local_experts` is this rank's)."""
 
     world: int = 1
     ep: int = 1
-    num_experts: int = 0
     local_shards: dict[str, LocalShard] = field(default_factory=dict)
     # experts FSDP does not manage (efsdp = 1) while the world holds several replicas: their gradients are
     # summed over `replica_group` once per step (`reduce_replicated_expert_grads`)
@@ -89,9 +88,6 @@ class ParallelPlan:
     # context parallelism (parallel.cp > 1): which shard of every sequence this rank holds
     # (`context_parallel.SequenceShard`); the engine feeds the model that shard of its batch
     sequence_shard: object = None
-
-    def is_expert(self, name: str) -> bool:
-        return is_expert(name)
 
     def copies(self, name: str, t: torch.Tensor) -> int:
         """How many ranks of the world hold each element of parameter `name` (local tensor `t`):

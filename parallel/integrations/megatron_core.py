@@ -127,13 +127,7 @@ def megatron_plan(model, world: int | None = None):
         if steps:
             shards[name] = LocalShard(tuple(steps))
     world = world or (torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
-    layers = moe_layers(model)
-    return ParallelPlan(
-        world=world,
-        ep=MegatronGroups.size(groups.ep),
-        num_experts=layers[0].experts.num_experts if layers else 0,
-        local_shards=shards,
-    )
+    return ParallelPlan(world=world, ep=MegatronGroups.size(groups.ep), local_shards=shards)
 
 
 def shard_over_expert_group(moe, groups: MegatronGroups) -> None:

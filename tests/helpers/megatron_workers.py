@@ -24,6 +24,7 @@ from helpers.ep_workers import _maxdiff
 from moeflow.moe.model import ModelConfig, Transformer, build_moe_layer
 from moeflow.moe.state import unique_state_dict
 from moeflow.parallel.clip import clip_grad_norm_
+from moeflow.parallel.plan import is_expert
 from moeflow.parallel.routing_stats import sync_routing_stats
 
 D, F_, E, K, S, B = 16, 24, 4, 2, 3, 2  # tokens: S x B per rank
@@ -79,7 +80,7 @@ def shard_spans(plan, model) -> tuple[dict, dict]:
         for i, step in enumerate(shard.steps if shard else ()):
             rank, size = step.mesh.get_local_rank(), step.mesh.size()
             n = p.shape[step.dim] // step.blocks
-            if i == 0 and step.dim == 0 and plan.is_expert(name) and plan.ep > 1:
+            if i == 0 and step.dim == 0 and is_expert(name) and plan.ep > 1:
                 ep_spans[name] = (p.shape[0] * size, rank * n, (rank + 1) * n)
             else:
                 tp_spans[name] = (step.dim, p.shape[step.dim] * size, rank * n, (rank + 1) * n)
