@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 
-from helpers.cli_runs import SMALL, moeflow_warnings
+from helpers.cli_runs import SMALL, moeflow_warnings, train_cmd
 from helpers.cli_runs import run_cmd as _run
 from moeflow.moe.errors import ConfigError
 
@@ -19,12 +18,7 @@ RUN = ["trainer.log_every=1", "trainer.eval_every=0", "trainer.ckpt_every=2", "t
 
 
 def _train(tmp_path, run_dir, *overrides: str, cp: int = 1):
-    prefix = [sys.executable, "-m"]
-    if cp > 1:
-        prefix += ["torch.distributed.run", "--standalone", "--nproc-per-node", str(cp), "-m"]
-    return _run(
-        [*prefix, "moeflow.launch.cli", "train", *RUN, *SMALL, f"hydra.run.dir={run_dir}", *overrides], tmp_path
-    )
+    return _run(train_cmd(*RUN, *SMALL, f"hydra.run.dir={run_dir}", *overrides, nproc=cp), tmp_path)
 
 
 def _losses(run_dir) -> dict[int, float]:

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers.cli_runs import SMALL, moeflow_warnings
+from helpers.cli_runs import SMALL, moeflow_warnings, train_cmd
 from helpers.cli_runs import run_cmd as _run
 from helpers.timeouts import limit
 from moeflow.moe.errors import ConfigError
@@ -49,15 +49,7 @@ def test_a_config_error_under_raw_torchrun_is_said_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "moeflow.launch.cli",
-            "train",
+            *train_cmd(nproc=2),
             "parallel.ep=2",
             "model.num_experts=3",
             f"hydra.run.dir={tmp_path / 'run'}",
@@ -91,15 +83,7 @@ def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
     run = tmp_path / "run"
     first = _run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "moeflow.launch.cli",
-            "train",
+            *train_cmd(nproc=2),
             "parallel.ep=2",
             "trainer.steps=4",
             "trainer.log_every=2",
@@ -128,10 +112,7 @@ def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
     run2 = tmp_path / "run2"
     _run(
         [
-            sys.executable,
-            "-m",
-            "moeflow.launch.cli",
-            "train",
+            *train_cmd(),
             f"resume={run}",
             "trainer.steps=5",
             "trainer.eval_every=0",
@@ -147,15 +128,7 @@ def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
     run3 = tmp_path / "run3"
     _run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "moeflow.launch.cli",
-            "train",
+            *train_cmd(nproc=2),
             "parallel.ep=2",
             f"resume={run2}",
             "trainer.steps=6",

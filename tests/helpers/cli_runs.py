@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from helpers.timeouts import limit
@@ -17,6 +18,12 @@ SMALL = [
     "trainer.progress=false",
     "trainer.eval_batches=1",
 ]
+
+
+def train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
+    """`moeflow train OVERRIDES` as this interpreter runs it; with nproc > 1 under torchrun (--standalone)."""
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m"] if nproc > 1 else []
+    return [sys.executable, "-m", *torchrun, "moeflow.launch.cli", "train", *overrides]
 
 
 def run_cmd(cmd: list[str], cwd: Path, timeout: float | None = None) -> subprocess.CompletedProcess:
