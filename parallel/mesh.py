@@ -1,7 +1,10 @@
-"""One mesh from config: data-parallel replicate x shard x context-parallel x tensor-parallel, with EP folded in.
+"""One mesh from config: pipeline x data-parallel replicate x shard x context-parallel x tensor-parallel, with EP folded in.
 
-The world is a grid of `dp_replicate x dp_shard x cp x tp` ranks (tp innermost: consecutive ranks,
-inside a node first). Dense parameters are sharded over `dp_shard x cp` (FSDP: the ranks of a CP
+The world is a grid of `pp x dp_replicate x dp_shard x cp x tp` ranks (tp innermost: consecutive ranks,
+inside a node first; pp outermost: a pipeline stage's ranks are consecutive, and only activations
+cross between stages). Each pipeline stage holds some of the model's blocks (`pipeline.py`) and
+is sharded over its own `dp_replicate x dp_shard x cp x tp` ranks exactly as a whole model is
+with pp=1: everything below describes one stage. Dense parameters are sharded over `dp_shard x cp` (FSDP: the ranks of a CP
 group hold different parts of the same sequences, so they shard the weights like data-parallel
 ranks do, as torchtitan does), replicated over `dp_replicate` (HSDP when > 1) and split over `tp`.
 The ranks of one CP group read the same batch and each keeps its shard of every sequence
@@ -36,9 +39,10 @@ class ParallelDims:
     tp: int = 1
     ep: int = 1
     cp: int = 1
+    pp: int = 1
 
     def __post_init__(self):
-        for name in ("dp_replicate", "tp", "ep", "cp"):
+        for name in ("dp_replicate", "tp", "ep", "cp", "pp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"parallel.{name} must be a positive integer, got {value!r}")
@@ -50,20 +54,26 @@ class ParallelDims:
             raise ConfigError(
                 f"parallel.dp_shard must be a positive integer or -1 (the rest of the world), got {self.dp_shard!r}"
             )
-        fixed = self.dp_replicate * self.cp * self.tp
-        grid = "dp_replicate x dp_shard x tp" if self.cp == 1 else "dp_replicate x dp_shard x cp x tp"
+        fixed = self.pp * self.dp_replicate * self.cp * self.tp
+        grid = ("pp x " if self.pp > 1 else "") + (
+            "dp_replicate x dp_shard x tp" if self.cp == 1 else "dp_replicate x dp_shard x cp x tp"
+        )
         if self.dp_shard == -1:
             if self.world % fixed:
                 named = f"parallel.dp_replicate={self.dp_replicate} x parallel.tp={self.tp}"
                 if self.cp > 1:
                     named = f"parallel.dp_replicate={self.dp_replicate} x parallel.cp={self.cp} x parallel.tp={self.tp}"
+                if self.pp > 1:
+                    named = f"parallel.pp={self.pp} x {named}"
                 raise ConfigError(
                     f"{named} does not divide the world size {self.world}; pick sizes whose product divides it"
                 )
             object.__setattr__(self, "dp_shard", self.world // fixed)
         if self.dp_shard * fixed != self.world:
-            sizes = f"parallel.dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}" + (
-                f" x cp={self.cp}" if self.cp > 1 else ""
+            sizes = (
+                (f"parallel.pp={self.pp} x " if self.pp > 1 else "parallel.")
+                + f"dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard}"
+                + (f" x cp={self.cp}" if self.cp > 1 else "")
             )
             raise ConfigError(
                 f"{sizes} x tp={self.tp} = {self.dp_shard * fixed} ranks, but the world has {self.world}; "
@@ -80,6 +90,11 @@ class ParallelDims:
             raise ConfigError(
                 f"parallel.ep={self.ep} does not divide {what} = {inner} (the ranks of one data-parallel replica); {hint}"
             )
+
+    @property
+    def stage_world(self) -> int:
+        """Ranks of one pipeline stage (the whole world when pp = 1): what each stage is sharded over."""
+        return self.world // self.pp
 
     @property
     def efsdp(self) -> int:
@@ -103,7 +118,9 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (
-            f"mesh: world {self.world} = dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}"
+            f"mesh: world {self.world} = "
+            + (f"pp {self.pp} x " if self.pp > 1 else "")
+            + f"dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard}"
             + (f" x cp {self.cp}" if self.cp > 1 else "")
             + f" x tp {self.tp}; "
             f"experts: dp_replicate {self.dp_replicate} x efsdp {self.efsdp} x ep {self.ep}"
@@ -133,6 +150,10 @@ class ParallelConfig:
     tp: int
     cp: int
     ep: int
+    pp: int
+    pp_schedule: str
+    pp_microbatches: int
+    pp_layers_per_stage: object  # null, an int (blocks per stage) or a list (blocks of each stage)
     backend: str
     overlap_chunks: int
     overlap_shared: bool
@@ -148,11 +169,21 @@ class ParallelConfig:
             raise ConfigError(
                 f"parallel.{missing[0]} is missing from the config; compose it from configs/ (the parallel group's YAML has every key)"
             )
-        return cls(**{n: node[n] for n in names})
+        values = {n: node[n] for n in names}
+        split = values["pp_layers_per_stage"]
+        if split is not None and not isinstance(split, int):  # an OmegaConf ListConfig: a plain, hashable tuple
+            values["pp_layers_per_stage"] = tuple(split)
+        return cls(**values)
 
     def dims(self, world: int) -> ParallelDims:
         return ParallelDims(
-            world=world, dp_replicate=self.dp_replicate, dp_shard=self.dp_shard, tp=self.tp, ep=self.ep, cp=self.cp
+            world=world,
+            dp_replicate=self.dp_replicate,
+            dp_shard=self.dp_shard,
+            tp=self.tp,
+            ep=self.ep,
+            cp=self.cp,
+            pp=self.pp,
         )
 
     def dispatch(self):
@@ -173,6 +204,8 @@ class ParallelMesh:
 
     dense:   ("dp_replicate", "dp_shard", "tp"), or ("dp_replicate", "dp_shard", "cp", "tp") under parallel.cp > 1
     experts: ("dp_replicate", "efsdp", "ep")  (the same ranks, regrouped)
+    Under parallel.pp > 1 each of them leads with "pp"; a slice by name (`dense["dp_shard"]`) is then this
+    rank's stage's, and `pipeline` is ("pp", "stage"): the pipeline group and the stage's ranks.
     """
 
     dims: ParallelDims
@@ -180,6 +213,7 @@ class ParallelMesh:
     experts: object
     # parallel.cp > 1: ("dp_replicate", "dp_shard_cp", "tp"), the same ranks with dp_shard and cp merged (FSDP's)
     dense_cp_merged: object = None
+    pipeline: object = None  # parallel.pp > 1: ("pp", "stage")
 
     @property
     def dense_fsdp(self):
@@ -196,6 +230,23 @@ class ParallelMesh:
     @property
     def cp_rank(self) -> int:
         return self.dense.get_local_rank("cp") if self.dims.cp > 1 else 0
+
+    @property
+    def pp_group(self):
+        """The ranks that run the stages of one pipeline (one per stage), or None without pp."""
+        return self.pipeline.get_group("pp") if self.dims.pp > 1 else None
+
+    @property
+    def pp_rank(self) -> int:
+        return self.pipeline.get_local_rank("pp") if self.dims.pp > 1 else 0
+
+    @property
+    def stage_group(self):
+        """Every rank of this rank's pipeline stage (the world without pp): gates' statistics of the
+        global batch are summed over it, since the other stages route through other layers."""
+        import torch.distributed as dist
+
+        return self.pipeline.get_group("stage") if self.dims.pp > 1 else dist.group.WORLD
 
     @property
     def expert_fsdp(self):
@@ -219,30 +270,26 @@ class ParallelMesh:
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> ParallelMesh:
-    """Both meshes over the default process group (every rank calls this, in the same order)."""
+    """Every mesh over the default process group (every rank calls this, in the same order)."""
     import torch
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = torch.arange(dims.world)
+    lead, lead_names = ((dims.pp,), ("pp",)) if dims.pp > 1 else ((), ())
+
+    def mesh(shape, names):
+        return DeviceMesh(device_type, ranks.view(*lead, *shape), mesh_dim_names=(*lead_names, *names))
+
+    merged = None
     if dims.cp > 1:
-        dense = DeviceMesh(
-            device_type,
-            ranks.view(dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp),
-            mesh_dim_names=("dp_replicate", "dp_shard", "cp", "tp"),
-        )
-        merged = DeviceMesh(
-            device_type,
-            ranks.view(dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp),
-            mesh_dim_names=("dp_replicate", "dp_shard_cp", "tp"),
-        )
+        dense = mesh((dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp), ("dp_replicate", "dp_shard", "cp", "tp"))
+        merged = mesh((dims.dp_replicate, dims.dp_shard * dims.cp, dims.tp), ("dp_replicate", "dp_shard_cp", "tp"))
     else:
-        merged = None
-        dense = DeviceMesh(
-            device_type,
-            ranks.view(dims.dp_replicate, dims.dp_shard, dims.tp),
-            mesh_dim_names=("dp_replicate", "dp_shard", "tp"),
-        )
-    experts = DeviceMesh(
-        device_type, ranks.view(dims.dp_replicate, dims.efsdp, dims.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep")
+        dense = mesh((dims.dp_replicate, dims.dp_shard, dims.tp), ("dp_replicate", "dp_shard", "tp"))
+    experts = mesh((dims.dp_replicate, dims.efsdp, dims.ep), ("dp_replicate", "efsdp", "ep"))
+    pipeline = (
+        DeviceMesh(device_type, ranks.view(dims.pp, dims.stage_world), mesh_dim_names=("pp", "stage"))
+        if dims.pp > 1
+        else None
     )
-    return ParallelMesh(dims=dims, dense=dense, experts=experts, dense_cp_merged=merged)
+    return ParallelMesh(dims=dims, dense=dense, experts=experts, dense_cp_merged=merged, pipeline=pipeline)
