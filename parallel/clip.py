@@ -5,7 +5,9 @@ FSDP mesh, experts on the expert mesh). Here the squared norm is each rank's loc
 squares, each divided by how many ranks in the world hold a copy of it (replicated mesh dims,
 ranks outside a sub-mesh; every rank for a plain tensor, unless the plan says it is a shard), summed over the world in one
 all-reduce: the single-process norm of the same gradients. Every gradient is then scaled by
-the same factor.
+the same factor. Under pipeline parallelism each stage's ranks hold different parameters: copies
+are counted within a stage (`world`, the plan's), and the all-reduce over the whole world adds
+the stages' squares.
 """
 
 from __future__ import annotations
@@ -19,14 +21,18 @@ from .plan import copies_in_world
 
 
 @torch.no_grad()
-def global_grad_norm(grads: list[torch.Tensor], copies: list[int] | None = None) -> torch.Tensor:
+def global_grad_norm(
+    grads: list[torch.Tensor], copies: list[int] | None = None, world: int | None = None
+) -> torch.Tensor:
     """The L2 norm of all `grads` together (plain tensors, or DTensors on meshes spanning the world):
     one multi-tensor norm per copy count (`torch._foreach_norm`: each gradient read once), one all-reduce.
     `copies` (a plan's `copies`, one per gradient) says how many ranks hold each element of a plain
-    tensor that is a shard; without it a plain tensor is the same on every rank."""
+    tensor that is a shard; without it a plain tensor is the same on every rank. `world`: the ranks that
+    hold parts of the same parameters (one pipeline stage's; default the whole world)."""
     from torch.distributed.tensor import DTensor
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    everyone = dist.get_world_size() if dist.is_initialized() else 1
+    world = world or everyone
     by_copies: dict[int, list[torch.Tensor]] = {}
     for i, g in enumerate(grads):
         n = copies[i] if copies is not None else copies_in_world(g, world)
@@ -37,7 +43,7 @@ def global_grad_norm(grads: list[torch.Tensor], copies: list[int] | None = None)
     for n, tensors in by_copies.items():
         norms = torch._foreach_norm(tensors, 2.0, dtype=dtype)
         square += torch.stack(norms).square().sum() / n
-    if world > 1:
+    if everyone > 1:
         dist.all_reduce(square)
     return square.sqrt()
 
@@ -62,17 +68,20 @@ def folds_clip_into_step(optimizer) -> bool:
 @torch.profiler.record_function(
     "moeflow/clip_grad_norm"
 )  # a scope trainer.profile=true groups by (launch/profiling.py)
-def clip_grad_norm_(parameters, max_norm: float, optimizer=None, copies: list[int] | None = None) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters, max_norm: float, optimizer=None, copies: list[int] | None = None, world: int | None = None
+) -> torch.Tensor:
     """Clip to `max_norm` (inf: no clipping); returns the pre-clip global norm (fp32). With an
     `optimizer` that `folds_clip_into_step`, the factor goes to its next step (`grad_scale`, cleared by
     `clear_folded_clip` after the step); otherwise the gradients are scaled in place, in one
-    multi-tensor multiply. `copies`: one per parameter, for plain tensors that are shards (`global_grad_norm`)."""
+    multi-tensor multiply. `copies`: one per parameter, for plain tensors that are shards; `world`: the
+    ranks of one pipeline stage (`global_grad_norm`)."""
     parameters = list(parameters)
     has_grad = [i for i, p in enumerate(parameters) if p.grad is not None]
     grads = [parameters[i].grad for i in has_grad]
     if not grads:
         return torch.zeros(())
-    total = global_grad_norm(grads, [copies[i] for i in has_grad] if copies is not None else None)
+    total = global_grad_norm(grads, [copies[i] for i in has_grad] if copies is not None else None, world)
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's own rule, on the device: no host read
         if folds_clip_into_step(optimizer):

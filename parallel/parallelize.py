@@ -3,8 +3,8 @@
 In place, from outside, before the optimizer is built (and usually on the meta device, before
 the weights are materialised and initialised: `materialize`):
 
-1. every gate's `token_group` becomes the world, so aux losses, capacities and Sinkhorn
-   marginals see the global batch;
+1. every gate's `token_group` becomes the world (under pipeline parallelism: the ranks of the
+   stage, `mesh.stage_group`), so aux losses, capacities and Sinkhorn marginals see the global batch;
 2. expert parallelism (ep > 1): each MoE layer's stacked expert weights become DTensors sharded
    by expert (`Shard(0)`) over the mesh's "ep" dimension, and its dispatcher moves tokens over
    that group (`parallel.dispatcher`: see dispatchers.py; a named transport runs with ep=1 too);
@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from moeflow.moe.errors import ConfigError
@@ -94,11 +93,11 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions | No
     returns the plan: what the optimizer, clipping, counts and export need to know."""
     opts = opts or ShardingOptions()
     for layer in moe_layers(model):
-        layer.gate.token_group = dist.group.WORLD
+        layer.gate.token_group = mesh.stage_group
     local_shards = {}
     if opts.dispatch.resolved(mesh.dims.ep) != "local":
         local_shards = shard_experts_by_expert(model, mesh, opts)
-    plan = ParallelPlan(world=mesh.dims.world, ep=mesh.dims.ep, local_shards=local_shards)
+    plan = ParallelPlan(world=mesh.dims.stage_world, ep=mesh.dims.ep, local_shards=local_shards)
     if mesh.dims.cp > 1:
         plan.sequence_shard = _shard_sequences(model, mesh)
     if opts.fully_shard:
@@ -139,7 +138,8 @@ def _fully_shard(model: nn.Module, mesh: ParallelMesh, opts: ShardingOptions, pl
         units.append(fully_shard(layer.experts, mesh=mesh.expert_fsdp, shard_placement_fn=placement, **common))
         register_fsdp_forward_method(layer.experts, "forward_routed")  # the fused path's entry point
     ignored = {"ignored_params": {p for e in unsharded_experts for p in e.parameters()}} if unsharded_experts else {}
-    for block in getattr(model, "blocks", ()):  # a bare MoE layer in a holder module is one unit (tests)
+    blocks = getattr(model, "blocks", ())  # a bare MoE layer in a holder module is one unit (tests)
+    for block in blocks.values() if isinstance(blocks, nn.ModuleDict) else blocks:  # a pipeline stage's: by name
         units.append(fully_shard(block, mesh=mesh.dense_fsdp, **ignored, **common))
     units.append(fully_shard(model, mesh=mesh.dense_fsdp, **ignored, **common))
     if unsharded_experts and mesh.dims.dp_replicate > 1:

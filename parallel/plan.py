@@ -78,7 +78,7 @@ class ParallelPlan:
     """The record `parallelize` (or an engine's boundary) leaves. Global sizes stay on the model itself
     (`GroupedExperts.num_experts` is the model's count; `num_local_experts` is this rank's)."""
 
-    world: int = 1
+    world: int = 1  # ranks holding parts of the same parameters: the world, or one pipeline stage's ranks
     ep: int = 1
     local_shards: dict[str, LocalShard] = field(default_factory=dict)
     # experts FSDP does not manage (efsdp = 1) while the world holds several replicas: their gradients are

@@ -1,0 +1,192 @@
+"""Pipeline parallelism, the run side: this rank's stages, sharded, under a torch.distributed.pipelining schedule.
+
+`build_pipeline` splits a meta-device `Transformer` (`pipeline.model_split`), keeps this rank's
+stages, gives each the stage-local FSDP2 + EP of `parallelize` (each stage is an FSDP root, as
+torchtitan does), materialises them and wraps them in `PipelineStage`s over the mesh's "pp" group.
+`Pipeline.step` runs one schedule step (every micro-batch's forward and backward) and returns
+the batch's mean loss and aux loss on every rank of the pipeline, not only on the last stage's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moeflow.moe.errors import ConfigError
+
+from .mesh import ParallelMesh
+from .parallelize import ShardingOptions, parallelize
+from .pipeline import (
+    StageModel,
+    boundary_meta,
+    model_split,
+    predicted_bubble,
+    schedule_kind,
+    stage_models,
+    stages_of_rank,
+)
+from .plan import ParallelPlan
+
+
+@dataclass
+class Pipeline:
+    """This rank's part of the pipeline and the schedule that runs it."""
+
+    model: StageModel  # the union of this rank's stages: what the optimizer and checkpoints see
+    chunks: list[StageModel]  # one per stage this rank runs, in stage order
+    stage_ids: list[int]
+    split: list[list[int]]  # every stage's blocks
+    stage_params: list[int]  # every stage's parameter count (the whole model's, before sharding)
+    plan: ParallelPlan
+    schedule: object
+    schedule_name: str
+    microbatches: int
+    pp_group: object
+    last_stage_rank: int  # the global rank of this pipeline's last stage (it computes the loss)
+    _losses: list = field(default_factory=list)
+    _scale: float = 1.0
+
+    @property
+    def bubble(self) -> float:
+        return predicted_bubble(self.schedule_name, len(self.split) // len(self.stage_ids), self.microbatches)
+
+    def describe(self) -> str:
+        kind = schedule_kind(self.schedule_name)
+        per_rank = f", {kind.stages_per_rank} stages per rank" if kind.stages_per_rank > 1 else ""
+        stages = "; ".join(
+            f"stage {s}: blocks {b[0]}-{b[-1]}"
+            + (" + embedding" if s == 0 else "")
+            + (" + head" if s == len(self.split) - 1 else "")
+            + f", {p / 1e6:.2f}M params"
+            for s, (b, p) in enumerate(zip(self.split, self.stage_params))
+        )
+        return (
+            f"pipeline: {len(self.split)} stages{per_rank}, schedule {self.schedule_name}, "
+            f"{self.microbatches} micro-batches per step, predicted bubble {100 * self.bubble:.1f}%; {stages}"
+        )
+
+    def _loss(self, loss_fn):
+        def loss(output, target):
+            value = loss_fn(output, target)
+            self._losses.append(value.detach().float())
+            return value * self._scale
+
+        return loss
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of every micro-batch of (x, y) (this data-parallel rank's batch), each
+        micro-batch's loss and aux losses scaled by `scale / microbatches`; returns (mean loss, mean aux
+        loss of all stages), the same on every rank of the pipeline."""
+        self._scale = scale / self.microbatches
+        for chunk in self.chunks:
+            chunk.aux_grad_scale = self._scale
+            chunk.aux_seen = torch.zeros((), device=x.device)
+        self._run(self.schedule.step, x, y)
+        return self._loss_everywhere(x.device), self._aux_everywhere(x.device)
+
+    @torch.no_grad()
+    def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of (x, y) through the schedule's forward only, on every rank of the pipeline."""
+        self._run(self.schedule.eval, x, y)
+        return self._loss_everywhere(x.device)
+
+    def _run(self, run, x, y) -> None:
+        self._losses = []
+        args = (x,) if 0 in self.stage_ids else ()
+        target = y if len(self.split) - 1 in self.stage_ids else None
+        run(*args, target=target)
+
+    def _loss_everywhere(self, device) -> torch.Tensor:
+        mine = self._losses[-self.microbatches :]  # (a schedule may call the loss once more to infer shapes)
+        loss = torch.stack(mine).mean() if len(self.split) - 1 in self.stage_ids else torch.zeros((), device=device)
+        loss = loss.to(device)
+        dist.broadcast(loss, src=self.last_stage_rank, group=self.pp_group)
+        return loss
+
+    def _aux_everywhere(self, device) -> torch.Tensor:
+        aux = sum(chunk.aux_seen.to(device) for chunk in self.chunks) / self.microbatches
+        dist.all_reduce(aux, group=self.pp_group)
+        return aux
+
+
+def build_pipeline(
+    model: nn.Module,
+    mesh: ParallelMesh,
+    opts: ShardingOptions,
+    schedule_name: str,
+    microbatches: int,
+    layers_per_stage,
+    device: torch.device,
+    loss_fn,
+    micro_shape: tuple[int, int],
+) -> Pipeline:
+    """Split the meta-device `model`, shard and materialise this rank's stages, and build the schedule.
+    `loss_fn(logits, targets)` is the mean loss of one micro-batch; `micro_shape` (sequences, tokens) is
+    a micro-batch's: every step's batch must split into `microbatches` of it."""
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    kind = schedule_kind(schedule_name)
+    pp = mesh.dims.pp
+    n_stages = pp * kind.stages_per_rank
+    split = model_split(model, n_stages, layers_per_stage)
+    stage_params = _stage_params(model, split)
+    stage_ids = stages_of_rank(mesh.pp_rank, pp, kind)
+    chunks, union = stage_models(model, split, stage_ids)
+    plans = [parallelize(chunk, mesh, opts) for chunk in chunks]
+    plan = ParallelPlan(
+        world=plans[0].world,
+        ep=plans[0].ep,
+        local_shards={k: v for p in plans for k, v in p.local_shards.items()},
+        replicated_experts=tuple(e for p in plans for e in p.replicated_experts),
+        replica_group=plans[0].replica_group,
+    )
+    for chunk in chunks:
+        chunk.to_empty(device=device)
+    union.init_weights()  # every tensor from its own name's stream: the single-process model's values
+    cfg = model.cfg
+    stages = []
+    for chunk, s in zip(chunks, stage_ids):
+        inputs, outputs = boundary_meta(s, n_stages, *micro_shape, cfg.d_model, cfg.vocab_size)
+        stages.append(
+            PipelineStage(chunk, s, n_stages, device, input_args=inputs, output_args=outputs, group=mesh.pp_group)
+        )
+    last_pp_rank = next(r for r in range(pp) if n_stages - 1 in stages_of_rank(r, pp, kind))
+    pipe = Pipeline(
+        model=union,
+        chunks=chunks,
+        stage_ids=stage_ids,
+        split=split,
+        stage_params=stage_params,
+        plan=plan,
+        schedule=None,
+        schedule_name=schedule_name,
+        microbatches=microbatches,
+        pp_group=mesh.pp_group,
+        last_stage_rank=dist.get_global_rank(mesh.pp_group, last_pp_rank),
+    )
+    cls = getattr(schedules, kind.torch_class)
+    try:
+        pipe.schedule = cls(
+            stages[0] if kind.stages_per_rank == 1 else stages,
+            microbatches,
+            loss_fn=pipe._loss(loss_fn),
+            scale_grads=False,  # the loss is scaled by the engine (1 / data-parallel ranks / micro-batches)
+        )
+    except ValueError as e:  # the schedule's own rule on micro-batches, said in one line
+        raise ConfigError(
+            f"parallel.pp_schedule={schedule_name} with parallel.pp_microbatches={microbatches}: {e}"
+        ) from None
+    return pipe
+
+
+def _stage_params(model: nn.Module, split: list[list[int]]) -> list[int]:
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    counts = [sum(count(model.blocks[i]) for i in blocks) for blocks in split]
+    counts[0] += count(model.embed)
+    counts[-1] += count(model.norm) + count(model.lm_head)
+    return counts
