@@ -230,6 +230,8 @@ def check_parallel(cfg: DictConfig, model_cfg: ModelConfig) -> None:
     ep = dims.ep
     if dims.cp > 1:
         check_context_parallel(cfg, model_cfg, dims.cp)
+    if dims.pp > 1:
+        check_pipeline_parallel(cfg, model_cfg, p)
     if engine_name(cfg) == "torch":
         if dims.tp > 1:
             raise ConfigError(
@@ -278,6 +280,54 @@ def check_context_parallel(cfg: DictConfig, model_cfg: ModelConfig, cp: int) -> 
             f"gate.drop_policy=position with parallel.cp={cp}: capacity drops by a token's place in the global "
             "batch, which a rank's sequence shards do not keep in order; use gate.drop_policy=score (or dropless)"
         )
+
+
+def check_pipeline_parallel(cfg: DictConfig, model_cfg: ModelConfig, p) -> None:
+    """parallel.pp > 1: what pipelining cannot run, refused before any work (`parallel/pipeline.py`)."""
+    import torch
+
+    from moeflow.parallel.pipeline import check_microbatches, model_split, schedule_kind
+
+    from .engines import engine_name
+
+    pp = p.pp
+    engine = engine_name(cfg)
+    if engine != "torch":
+        offer = {
+            "deepspeed": "DeepSpeed's pipeline engine (deepspeed.pipe.PipelineModule) takes a sequential model, which moeflow does not build",
+            "megatron": "megatron-core pipelines through its own pipeline_model_parallel_size, which moeflow's megatron engine does not set up",
+        }.get(engine, "")
+        raise ConfigError(
+            f"parallel.pp={pp}: engine={engine} has no pipeline parallelism here ({offer}); use engine=torch with parallel.pp={pp}"
+        )
+    kind = schedule_kind(p.pp_schedule)
+    if kind.zero_bubble:
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule}: torch's zero-bubble schedules split each backward into input and weight "
+            "passes, and on FSDP2-sharded MoE stages they leave some weight gradients unset (checked on gloo, torch 2.13); "
+            "use parallel.pp_schedule=1f1b or interleaved_1f1b"
+        )
+    if p.cp > 1:
+        raise ConfigError(
+            f"parallel.pp={pp} with parallel.cp={p.cp}: pipelining sequence shards is not built yet; use one of them"
+        )
+    if model_cfg.gate.get("name") == "hash":
+        raise ConfigError(
+            f"gate=hash with parallel.pp={pp}: a hash gate routes by token id, which stages after the first do not see; "
+            "use another gate or parallel.pp=1"
+        )
+    if model_cfg.tie_embeddings:
+        raise ConfigError(
+            f"model.tie_embeddings=true with parallel.pp={pp}: the embedding (first stage) and the LM head (last stage) "
+            "would be one tensor on two stages; use model.tie_embeddings=false or parallel.pp=1"
+        )
+    with torch.device("meta"):
+        from moeflow.moe.model import Transformer
+
+        model = Transformer(model_cfg)
+
+    model_split(model, pp * kind.stages_per_rank, p.pp_layers_per_stage)  # more stages than blocks, a bad split
+    check_microbatches(p.pp_microbatches, int(cfg.data.batch_size), pp, p.pp_schedule)
 
 
 _VALIDATED: dict[str, tuple[ModelConfig, TrainerConfig]] = {}  # this process's checked configs, by their YAML

@@ -18,7 +18,8 @@ def _placement(p: torch.Tensor) -> str:
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups {dense, experts} x {decay: matrices, no decay: vectors}, empty ones dropped, named
-    `dense_decay`, `experts_no_decay`, ... (every engine's: DeepSpeed reduces the expert ones apart).
+    `dense_decay`, `experts_no_decay`, ... (every engine's: DeepSpeed reduces the expert ones apart;
+    a checkpoint's group settings are matched by these names, `parallel.checkpoint.load_sharded`).
 
     AdamW makes one multi-tensor (foreach/fused) call per group, and one call cannot mix plain
     tensors with DTensors, nor DTensors of different meshes. Dense parameters all share one

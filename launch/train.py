@@ -54,8 +54,10 @@ def evaluate(
     total = torch.zeros((), device=device)
     for i in range(n_batches):
         x, y = sampler.batch(1_000_000, i, rank, ranks)  # fixed held-out batches, a key space disjoint from training's
+        batch_loss = getattr(model, "batch_loss", None)  # a pipelined model's: through its schedule
         with autocast():
-            total += lm_loss(model(x.to(device)), y.to(device)).float()
+            x, y = x.to(device), y.to(device)
+            total += (batch_loss(x, y) if batch_loss is not None else lm_loss(model(x), y)).float()
     model.train()
     return mean_over(total / n_batches, group).item()  # equal slices: the mean over ranks is the global batch's mean
 

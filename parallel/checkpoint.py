@@ -485,15 +485,39 @@ def load_sharded(path: Path, state: dict, verify: bool = True, trust: bool = Fal
         )
     if plain:
         saved = _read_state_json(path)
-        absent = [k for k in plain if k not in saved]
+        wanted = _saved_keys(plain, saved)
+        absent = [k for k, src in wanted.items() if src not in saved]
         if absent:
             raise CheckpointError(
                 f"checkpoint {path}: {STATE} lacks {'.'.join(map(str, absent[0]))!r}; it is incomplete or from another engine: resume from another checkpoint"
             )
-        for k in plain:
-            _fill_plain(state, k, saved[k])
+        for k, src in wanted.items():
+            _fill_plain(state, k, saved[src])
     with _single_process_quietly(), _one_line_errors(path):
         dcp.load(tensors, storage_reader=SafetensorsShardReader(path, verify, index), no_dist=not dist.is_initialized())
+
+
+def _saved_keys(plain: dict, saved: dict) -> dict:
+    """Where each non-tensor leaf of this process's state is in the checkpoint's state.json. Optimizer
+    groups are matched by name, not position, and keep their own parameter names: a pipeline stage
+    holds other parameters (and maybe other groups) than the rank that wrote state.json, which is
+    rank 0. A named group the checkpoint lacks keeps this run's settings."""
+    names = {k[:-1]: v for k, v in plain.items() if _group_leaf(k) and k[-1] == "name" and isinstance(v, str)}
+    saved_at = {
+        (k[:-2], v): k[:-1] for k, v in saved.items() if _group_leaf(k) and k[-1] == "name" and isinstance(v, str)
+    }
+    out = {}
+    for k in plain:
+        if not _group_leaf(k) or k[:-1] not in names:
+            out[k] = k
+        elif k[-1] != "params" and (k[:-2], names[k[:-1]]) in saved_at:
+            out[k] = saved_at[(k[:-2], names[k[:-1]])] + (k[-1],)
+    return out
+
+
+def _group_leaf(key_path: tuple) -> bool:
+    """A setting of one optimizer param group: (..., "param_groups", index, setting)."""
+    return len(key_path) >= 3 and key_path[-3] == "param_groups"
 
 
 @contextlib.contextmanager

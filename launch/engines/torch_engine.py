@@ -59,7 +59,8 @@ class TorchEngine(MoeflowCheckpointEngine):
         self.cfg, self.model_cfg, self.env, self.device, self.run_dir = cfg, model_cfg, env, device, run_dir
         self.grad_accum = trainer_cfg.grad_accum
         self.use_bf16, self.autocast = bf16_autocast(trainer_cfg, device)
-        self.mesh = self.plan = None
+        self.mesh = self.plan = self.pipeline = None
+        self.data_parallel_group = None
         if dist.is_initialized():  # torchrun's world, or one rank that runs a named dispatcher
             p = parallel_config(cfg)
             dims = p.dims(env.world_size)
@@ -68,14 +69,18 @@ class TorchEngine(MoeflowCheckpointEngine):
             with torch.device("meta"):  # no rank ever holds the whole model
                 self.model = Transformer(model_cfg)
             self._checkpointing(trainer_cfg)
-            self.plan = parallelize(
-                self.model,
-                self.mesh,
-                ShardingOptions(param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=p.dispatch()),
-            )
-            materialize(self.model, device)
+            opts = ShardingOptions(param_dtype=torch.bfloat16 if self.use_bf16 else None, dispatch=p.dispatch())
+            if dims.pp > 1:  # this rank's stages of the model, each sharded over the stage's ranks
+                self._counts = (self.model.num_params(), self.model.num_params(active_only=True))
+                self.pipeline = self._pipeline(p, opts, cfg, device)
+                self.model, self.plan = self.pipeline.model, self.pipeline.plan
+                self.data_parallel_group = self.mesh.stage_group  # the stage's ranks see every batch shard
+            else:
+                self.plan = parallelize(self.model, self.mesh, opts)
+                materialize(self.model, device)
             self.loss_scale = 1.0 / dims.grad_ranks  # gradients are summed over the data-parallel (and CP) ranks
-            self.data_parallel_rank = (env.rank // (dims.tp * dims.cp), dims.dp)  # a CP group reads one batch
+            # a CP group reads one batch; every stage of a pipeline reads its data-parallel rank's
+            self.data_parallel_rank = ((env.rank % dims.stage_world) // (dims.tp * dims.cp), dims.dp)
         else:  # also built on meta and materialised on the device: no host copy of the weights
             with torch.device("meta"):
                 self.model = Transformer(model_cfg)
@@ -87,13 +92,42 @@ class TorchEngine(MoeflowCheckpointEngine):
         self.eval_model = (
             self.model if self.sequence_shard is None else WholeSequenceLogits(self.model, self.sequence_shard)
         )
-        self.data_parallel_group = None
+        if self.pipeline is not None:
+            self.eval_model = PipelineEval(self.pipeline)
         self.skip_nonfinite, self.skipped, self.last_stepped = trainer_cfg.on_nonfinite == "skip_step", 0, 0
         self.last_step_skipped = False  # the loop does not count a skipped step's NaN as a divergence
         self.opt = build_optimizer(self.model, cfg.optim)
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         self.start_step = self.start_checkpoints(trainer_cfg)
-        self.fwd = torch.compile(self.model) if trainer_cfg.compile else self.model
+        self.fwd = self.model
+        if trainer_cfg.compile and self.pipeline is not None:  # each block compiled in place: names unchanged
+            for block in self.model.blocks.values():
+                block.compile()
+        elif trainer_cfg.compile:
+            self.fwd = torch.compile(self.model)
+
+    def _pipeline(self, p, opts, cfg, device):
+        """parallel.pp > 1: this rank's stages (`parallel.pipeline_schedule`), the loss being the trainer's."""
+        from moeflow.parallel.pipeline import check_microbatches
+        from moeflow.parallel.pipeline_schedule import build_pipeline
+
+        batch, seq = int(cfg.data.batch_size), int(cfg.data.seq_len)
+        microbatches = check_microbatches(p.pp_microbatches, batch, p.pp, p.pp_schedule)
+        autocast = self.autocast
+        pipe = build_pipeline(
+            self.model,
+            self.mesh,
+            opts,
+            p.pp_schedule,
+            microbatches,
+            p.pp_layers_per_stage,
+            device,
+            lm_loss,
+            (batch // microbatches, seq),
+        )
+        for chunk in pipe.chunks:
+            chunk.autocast = autocast
+        return pipe
 
     def _checkpointing(self, trainer_cfg) -> None:
         n = apply_activation_checkpointing(
@@ -109,20 +143,28 @@ class TorchEngine(MoeflowCheckpointEngine):
 
     def describe(self) -> str:
         m = self.model
+        total, active = self._counts if self.pipeline is not None else (m.num_params(), m.num_params(active_only=True))
         layout = f"; {self.mesh.dims.describe()}" if self.mesh is not None else ""
+        if self.pipeline is not None:
+            layout += f"; {self.pipeline.describe()}"
         return (
-            f"model: {m.num_params() / 1e6:.2f}M parameters ({m.num_params(active_only=True) / 1e6:.2f}M active), "
+            f"model: {total / 1e6:.2f}M parameters ({active / 1e6:.2f}M active), "
             f"device {self.device}, {'bf16' if self.use_bf16 else 'fp32'}, world {self.env.world_size}{layout}"
         )
 
     def _gradient_sync(self, last: bool):
         """FSDP reduces gradients on the last micro-batch of a step only."""
-        if self.mesh is None:
+        if self.mesh is None or self.pipeline is not None:  # a pipeline schedule reduces at its own end
             return contextlib.nullcontext()
         self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def forward_backward(self, x, y, last: bool):
+        if self.pipeline is not None:  # every micro-batch's forward and backward, through the schedule
+            loss, aux = self.pipeline.step(x, y, self.loss_scale / self.grad_accum)
+            phase("forward")  # (one phase: a schedule interleaves them)
+            phase("backward")
+            return loss, aux
         if self.sequence_shard is not None:  # context parallelism: this rank's shard of every sequence
             x, y = self.sequence_shard.shard(x), self.sequence_shard.shard(y)
         with self._gradient_sync(last):
@@ -138,9 +180,9 @@ class TorchEngine(MoeflowCheckpointEngine):
         """Clip, AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
         reduce_replicated_expert_grads(self.plan)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = clip_grad_norm_(
-            list(self.model.parameters()), clip, optimizer=self.opt
-        )  # fused AdamW applies the factor as it reads each gradient
+        norm = clip_grad_norm_(  # fused AdamW applies the factor as it reads each gradient
+            list(self.model.parameters()), clip, optimizer=self.opt, world=self.plan.world if self.plan else None
+        )
         self.last_step_skipped = self.skip_nonfinite and not bool(
             torch.isfinite(norm)
         )  # on_nonfinite=skip_step: a host read per step
@@ -194,6 +236,18 @@ class TorchEngine(MoeflowCheckpointEngine):
                 target = params.get(name, buffers.get(name))
                 if target is not None:
                     assign_full(target, full.to(device=_local(target).device, dtype=target.dtype))
+
+
+class PipelineEval(torch.nn.Module):
+    """Evaluation of a pipelined model: the loss of a batch through the schedule's forward only
+    (`batch_loss`, which `train.evaluate` asks for), on every rank of the pipeline."""
+
+    def __init__(self, pipeline):
+        super().__init__()
+        self.model, self.pipeline = pipeline.model, pipeline
+
+    def batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.eval_loss(x, y)
 
 
 class WholeSequenceLogits(torch.nn.Module):
