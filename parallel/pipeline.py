@@ -83,8 +83,8 @@ def check_microbatches(microbatches: int, batch_size: int, pp: int, kind_name: s
         rounds = max(1, m // pp)
         if m % rounds:
             raise ConfigError(
-                f"parallel.pp_schedule={kind_name} runs micro-batches in rounds of parallel.pp={pp}: "
-                f"parallel.pp_microbatches={m} must be a multiple of {pp} (or at most {pp})"
+                f"parallel.pp_schedule={kind_name} runs micro-batches in {rounds} equal rounds ({m} // parallel.pp={pp}): "
+                f"parallel.pp_microbatches={m} is not divisible by {rounds}; use e.g. {pp} or {2 * pp}"
             )
     return m
 

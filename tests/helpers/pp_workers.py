@@ -28,13 +28,26 @@ def lm_loss(logits, y):
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def equivalence_all(rank: int, world: int, dims: dict, cases: list[tuple[str, str]], n_layers: int = 4) -> dict:
-    """`equivalence` for several (gate, schedule) cases in one set of processes."""
-    return {f"{g}/{s}": equivalence(rank, world, dims, g, s, n_layers=n_layers) for g, s in cases}
+def equivalence_all(rank: int, world: int, dims: dict, cases: list[tuple], n_layers: int = 4) -> dict:
+    """`equivalence` for several (gate, schedule[, layers per stage]) cases in one set of processes."""
+    return {
+        "/".join(map(str, case)): equivalence(rank, world, dims, case[0], case[1], n_layers=n_layers, layers=case[2])
+        if len(case) > 2
+        else equivalence(rank, world, dims, case[0], case[1], n_layers=n_layers)
+        for case in cases
+    }
 
 
 def equivalence(
-    rank: int, world: int, dims: dict, gate: str, schedule: str, microbatches: int = 4, steps: int = 2, n_layers=4
+    rank: int,
+    world: int,
+    dims: dict,
+    gate: str,
+    schedule: str,
+    microbatches: int = 4,
+    steps: int = 2,
+    n_layers: int = 4,
+    layers=None,
 ) -> dict:
     torch.manual_seed(0)
     mc = model_cfg(gate, n_layers=n_layers)
@@ -45,7 +58,7 @@ def equivalence(
     pdims = ParallelDims(world=world, **dims)
     mesh = build_mesh(pdims, "cpu")
     pipe = build_pipeline(
-        full, mesh, ShardingOptions(), schedule, microbatches, None, torch.device("cpu"), lm_loss, (2, 8)
+        full, mesh, ShardingOptions(), schedule, microbatches, layers, torch.device("cpu"), lm_loss, (2, 8)
     )
     par = pipe.model
     refs = dict(ref.named_parameters())
