@@ -408,10 +408,13 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                     bar.reset(total=trainer_cfg.steps)
                     bar.update(step)
                     continue
+            stages = None
             if env.enabled and log_now:
                 sync_routing_stats(
                     model, engine.data_parallel_group
                 )  # collective: routing statistics of the global batch
+                report = getattr(engine, "stage_report", None)  # collective under pipeline parallelism
+                stages = report() if report is not None else None
             if env.is_main and log_now:
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_since / max(elapsed, 1e-9)
@@ -445,6 +448,8 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                         model,
                     ),
                 )
+            if env.is_main and stages:
+                log.info("step %d: %s", done, stages)
             if eval_now:
                 val = evaluate_now()
                 result["val_loss"] = val

@@ -48,6 +48,62 @@ class Pipeline:
     last_stage_rank: int  # the global rank of this pipeline's last stage (it computes the loss)
     _losses: list = field(default_factory=list)
     _scale: float = 1.0
+    _timings: dict = field(default_factory=dict)  # stage -> [(start, end)] of its forwards since the last report
+
+    def time_forwards(self) -> None:
+        """Record each stage's forward time (CUDA events on a GPU: no host sync until `stage_report`)."""
+        import time
+
+        cuda = next(self.model.parameters()).is_cuda
+
+        def stamp():
+            if cuda:
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                return event
+            return time.perf_counter()
+
+        for stage, chunk in zip(self.stage_ids, self.chunks):
+            pending = []
+
+            def before(module, args, pending=pending):
+                pending.append(stamp())
+
+            def after(module, args, output, pending=pending, stage=stage):
+                self._timings.setdefault(stage, []).append((pending.pop(), stamp()))
+
+            chunk.register_forward_pre_hook(before)
+            chunk.register_forward_hook(after)
+
+    def stage_report(self) -> str:
+        """Each stage's mean forward time per micro-batch since the last report, and each pipeline rank's
+        peak memory (a GPU's): what shows an unbalanced split. Collective over the pipeline group."""
+        device = next(self.model.parameters()).device
+        n = len(self.split)
+        ms = torch.zeros(n, dtype=torch.float64, device=device)
+        for stage, pairs in self._timings.items():
+            if pairs:
+                if device.type == "cuda":
+                    pairs[-1][1].synchronize()
+                    total = sum(a.elapsed_time(b) for a, b in pairs)
+                else:
+                    total = 1e3 * sum(b - a for a, b in pairs)
+                ms[stage] = total / len(pairs)
+        self._timings.clear()
+        pp = dist.get_world_size(self.pp_group)
+        peak = torch.zeros(pp, dtype=torch.float64, device=device)
+        if device.type == "cuda":
+            peak[dist.get_rank(self.pp_group)] = torch.cuda.max_memory_allocated(device) / 2**30
+        both = torch.cat([ms, peak])
+        dist.all_reduce(both, group=self.pp_group)
+        line = "stage forward ms per micro-batch: " + ", ".join(
+            f"{s}: {v:.2f}" for s, v in enumerate(both[:n].tolist())
+        )
+        if device.type == "cuda":
+            line += "; peak memory per pipeline rank: " + ", ".join(
+                f"{r}: {v:.1f} GiB" for r, v in enumerate(both[n:].tolist())
+            )
+        return line
 
     @property
     def bubble(self) -> float:
@@ -65,7 +121,8 @@ class Pipeline:
         )
         return (
             f"pipeline: {len(self.split)} stages{per_rank}, schedule {self.schedule_name}, "
-            f"{self.microbatches} micro-batches per step, predicted bubble {100 * self.bubble:.1f}%; {stages}"
+            f"{self.microbatches} micro-batches per step, predicted bubble {100 * self.bubble:.1f}%; {stages} "
+            f"(the log's routing statistics are the first stage's MoE layers)"
         )
 
     def _loss(self, loss_fn):
@@ -179,6 +236,7 @@ def build_pipeline(
         raise ConfigError(
             f"parallel.pp_schedule={schedule_name} with parallel.pp_microbatches={microbatches}: {e}"
         ) from None
+    pipe.time_forwards()
     return pipe
 
 

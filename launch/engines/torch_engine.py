@@ -176,6 +176,11 @@ class TorchEngine(MoeflowCheckpointEngine):
             phase("backward")
         return loss, aux
 
+    def stage_report(self) -> str | None:
+        """Under parallel.pp: each stage's forward time and each pipeline rank's peak memory (collective:
+        every rank calls it at a log step); None otherwise."""
+        return self.pipeline.stage_report() if self.pipeline is not None else None
+
     def optimizer_step(self) -> torch.Tensor:
         """Clip, AdamW, schedule; the pre-clip gradient norm (a device tensor: the loop reads it when it logs)."""
         reduce_replicated_expert_grads(self.plan)

@@ -56,11 +56,14 @@ def test_pp2_follows_one_process_and_checkpoints_reshard_across_pipeline_degrees
     log = (pp2 / "train.log").read_text()
     assert "pipeline: 2 stages, schedule 1f1b, 2 micro-batches per step, predicted bubble 33.3%" in log, log[-3000:]
     assert re.search(r"stage 0: blocks 0-1 \+ embedding, [0-9.]+M params; stage 1: blocks 2-3 \+ head", log)
+    assert re.search(r"step 4: stage forward ms per micro-batch: 0: [0-9.]+, 1: [0-9.]+", log)
     a, b = _losses(one), _losses(pp2)
     assert set(b) == {1, 2, 3, 4, -2, -4} and _same(a, b), (a, b)
     # pp=4 (one block per stage) resumes pp=2's step 2
     pp4 = tmp_path / "pp4"
-    _train(tmp_path, pp4, "trainer.steps=5", "parallel.pp=4", f"resume={pp2 / 'checkpoints' / 'step_00000002'}", nproc=4)
+    _train(
+        tmp_path, pp4, "trainer.steps=5", "parallel.pp=4", f"resume={pp2 / 'checkpoints' / 'step_00000002'}", nproc=4
+    )
     assert _same(a, _losses(pp4)) and 5 in _losses(pp4), (a, _losses(pp4))
     # pp=2 x ep=2 (interleaved, 2 data-parallel ranks of 2 sequences: the same global batch) resumes step 4
     ep = tmp_path / "pp2ep2"
@@ -142,6 +145,8 @@ def test_pp_with_cp_is_refused_in_one_line():
     from moeflow.launch.config import check_parallel, model_config
 
     with initialize_config_module(config_module="moeflow.configs", version_base=None):
-        cfg = compose(config_name="train", overrides=["launcher=local", "launcher.nproc=4", "parallel.pp=2", "parallel.cp=2"])
+        cfg = compose(
+            config_name="train", overrides=["launcher=local", "launcher.nproc=4", "parallel.pp=2", "parallel.cp=2"]
+        )
     with pytest.raises(ConfigError, match="pipelining sequence shards is not built yet"):
         check_parallel(cfg, model_config(cfg))

@@ -107,4 +107,3 @@ def equivalence(
     out["ref_norm"], out["ref_aux"] = n_ref.item(), ref_aux
     out["split"] = pipe.split
     return out
-
