@@ -307,10 +307,6 @@ def check_pipeline_parallel(cfg: DictConfig, model_cfg: ModelConfig, p) -> None:
             "passes, and on FSDP2-sharded MoE stages they leave some weight gradients unset (checked on gloo, torch 2.13); "
             "use parallel.pp_schedule=1f1b or interleaved_1f1b"
         )
-    if p.cp > 1:
-        raise ConfigError(
-            f"parallel.pp={pp} with parallel.cp={p.cp}: pipelining sequence shards is not built yet; use one of them"
-        )
     if model_cfg.gate.get("name") == "hash":
         raise ConfigError(
             f"gate=hash with parallel.pp={pp}: a hash gate routes by token id, which stages after the first do not see; "

@@ -413,8 +413,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                 sync_routing_stats(
                     model, engine.data_parallel_group
                 )  # collective: routing statistics of the global batch
-                report = getattr(engine, "stage_report", None)  # collective under pipeline parallelism
-                stages = report() if report is not None else None
+                stages = engine.stage_report()  # collective under pipeline parallelism
             if env.is_main and log_now:
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_since / max(elapsed, 1e-9)

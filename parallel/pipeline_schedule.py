@@ -134,7 +134,8 @@ class Pipeline:
         return loss
 
     def step(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of every micro-batch of (x, y) (this data-parallel rank's batch), each
+        """Forward and backward of every micro-batch of (x, y) (this data-parallel rank's batch; under
+        parallel.cp, this rank's shard of its sequences: `plan.sequence_shard.shard`), each
         micro-batch's loss and aux losses scaled by `scale / microbatches`; returns (mean loss, mean aux
         loss of all stages), the same on every rank of the pipeline."""
         self._scale = scale / self.microbatches
@@ -182,7 +183,8 @@ def build_pipeline(
 ) -> Pipeline:
     """Split the meta-device `model`, shard and materialise this rank's stages, and build the schedule.
     `loss_fn(logits, targets)` is the mean loss of one micro-batch; `micro_shape` (sequences, tokens) is
-    a micro-batch's: every step's batch must split into `microbatches` of it."""
+    a micro-batch's as this rank holds it (under parallel.cp, its shard of every sequence): every
+    step's batch must split into `microbatches` of it."""
     from torch.distributed.pipelining import PipelineStage, schedules
 
     kind = schedule_kind(schedule_name)
@@ -199,6 +201,7 @@ def build_pipeline(
         local_shards={k: v for p in plans for k, v in p.local_shards.items()},
         replicated_experts=tuple(e for p in plans for e in p.replicated_experts),
         replica_group=plans[0].replica_group,
+        sequence_shard=plans[0].sequence_shard,  # parallel.cp: the same CP group for every stage of a rank
     )
     for chunk in chunks:
         chunk.to_empty(device=device)

@@ -95,6 +95,11 @@ class Engine(abc.ABC):
         """Engine-specific entries for the run's result dict."""
         return {}
 
+    def stage_report(self) -> str | None:
+        """A line for the log at each log step, or None: under pipeline parallelism each stage's time and
+        memory. Collective where it reports: every rank calls it."""
+        return None
+
     def close(self) -> None:
         """At the end of the run: commit a save in flight, release the framework's state."""
 

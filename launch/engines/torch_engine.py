@@ -93,7 +93,7 @@ class TorchEngine(MoeflowCheckpointEngine):
             self.model if self.sequence_shard is None else WholeSequenceLogits(self.model, self.sequence_shard)
         )
         if self.pipeline is not None:
-            self.eval_model = PipelineEval(self.pipeline)
+            self.eval_model = PipelineEval(self.pipeline, self.sequence_shard)
         self.skip_nonfinite, self.skipped, self.last_stepped = trainer_cfg.on_nonfinite == "skip_step", 0, 0
         self.last_step_skipped = False  # the loop does not count a skipped step's NaN as a divergence
         self.opt = build_optimizer(self.model, cfg.optim)
@@ -123,7 +123,7 @@ class TorchEngine(MoeflowCheckpointEngine):
             p.pp_layers_per_stage,
             device,
             lm_loss,
-            (batch // microbatches, seq),
+            (batch // microbatches, seq // p.cp),
         )
         for chunk in pipe.chunks:
             chunk.autocast = autocast
@@ -161,6 +161,8 @@ class TorchEngine(MoeflowCheckpointEngine):
 
     def forward_backward(self, x, y, last: bool):
         if self.pipeline is not None:  # every micro-batch's forward and backward, through the schedule
+            if self.sequence_shard is not None:
+                x, y = self.sequence_shard.shard(x), self.sequence_shard.shard(y)
             loss, aux = self.pipeline.step(x, y, self.loss_scale / self.grad_accum)
             phase("forward")  # (one phase: a schedule interleaves them)
             phase("backward")
@@ -247,11 +249,13 @@ class PipelineEval(torch.nn.Module):
     """Evaluation of a pipelined model: the loss of a batch through the schedule's forward only
     (`batch_loss`, which `train.evaluate` asks for), on every rank of the pipeline."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, sequence_shard=None):
         super().__init__()
-        self.model, self.pipeline = pipeline.model, pipeline
+        self.model, self.pipeline, self.shard = pipeline.model, pipeline, sequence_shard
 
     def batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.shard is not None:  # parallel.cp: this rank's shard of every sequence (the loss: its tokens' mean)
+            x, y = self.shard.shard(x), self.shard.shard(y)
         return self.pipeline.eval_loss(x, y)
 
 

@@ -32,6 +32,7 @@ MESHES = [
     (4, {"pp": 2, "dp_shard": 2}, [("topk", "interleaved_1f1b"), ("sinkhorn", "1f1b")]),
     (4, {"pp": 2, "dp_replicate": 2, "dp_shard": 1}, [("topk", "1f1b")]),  # HSDP replicas inside each stage
 ]
+CP_CASES = [("topk_seq_aux", "1f1b"), ("sinkhorn", "interleaved_1f1b")]
 
 
 @pytest.mark.parametrize(
@@ -47,3 +48,20 @@ def test_pipeline_trains_like_one_process(tmp_path, world, dims, cases):
             assert r["grad"] < 1e-5 and r["norm"] < 1e-5 and r["weights"] < 1e-5, (case, r)
     splits = {case: r["split"] for case, r in results[0].items()}
     assert splits.get("topk/1f1b/[1, 3]", [[0], [1, 2, 3]]) == [[0], [1, 2, 3]], splits
+
+
+def test_pipeline_of_sequence_shards_trains_like_one_process(tmp_path):
+    """pp=2 x cp=2: each stage's attention exact over its CP group's shards (GQA, q/k norms on), DeepSeek-V3's
+    sequence-level balance loss joined over the CP group, on every stage."""
+    results = W.spawn(
+        "helpers.pp_workers:equivalence_all",
+        4,
+        tmp_path,
+        {"pp": 2, "cp": 2},
+        CP_CASES,
+        {"n_kv_heads": 1, "qk_norm": True},
+    )
+    for rank_result in results:
+        for case, r in rank_result.items():
+            assert r["init"] == 0.0 and r["loss"] < 1e-5 and r["aux"] < 1e-6, (case, r)
+            assert r["grad"] < 1e-5 and r["norm"] < 1e-5 and r["weights"] < 1e-5, (case, r)

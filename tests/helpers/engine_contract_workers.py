@@ -200,6 +200,12 @@ def two_steps(
         check("rollback", raised, "an engine without moeflow checkpoints refuses in one line (ConfigError)")
     extra = engine.extra_result()
     check("extra_result", isinstance(extra, dict), f"a dict, got {extra!r}")
+    report = engine.stage_report()  # (collective where it reports: every rank calls it)
+    check(
+        "stage_report",
+        report is None or (isinstance(report, str) and "\n" not in report),
+        f"None or a line, got {report!r}",
+    )
     engine.close()
     check("close", True, "")
     return {

@@ -28,12 +28,13 @@ def lm_loss(logits, y):
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
 
-def equivalence_all(rank: int, world: int, dims: dict, cases: list[tuple], n_layers: int = 4) -> dict:
-    """`equivalence` for several (gate, schedule[, layers per stage]) cases in one set of processes."""
+def equivalence_all(rank: int, world: int, dims: dict, cases: list[tuple], over: dict | None = None) -> dict:
+    """`equivalence` for several (gate, schedule[, layers per stage]) cases in one set of processes,
+    with model overrides `over` (GQA, q/k norms)."""
     return {
-        "/".join(map(str, case)): equivalence(rank, world, dims, case[0], case[1], n_layers=n_layers, layers=case[2])
-        if len(case) > 2
-        else equivalence(rank, world, dims, case[0], case[1], n_layers=n_layers)
+        "/".join(map(str, case)): equivalence(
+            rank, world, dims, case[0], case[1], layers=case[2] if len(case) > 2 else None, over=over
+        )
         for case in cases
     }
 
@@ -48,9 +49,10 @@ def equivalence(
     steps: int = 2,
     n_layers: int = 4,
     layers=None,
+    over: dict | None = None,
 ) -> dict:
     torch.manual_seed(0)
-    mc = model_cfg(gate, n_layers=n_layers)
+    mc = model_cfg(gate, n_layers=n_layers, **(over or {}))
     ref = Transformer(mc)
     torch.manual_seed(0)
     with torch.device("meta"):
@@ -58,7 +60,7 @@ def equivalence(
     pdims = ParallelDims(world=world, **dims)
     mesh = build_mesh(pdims, "cpu")
     pipe = build_pipeline(
-        full, mesh, ShardingOptions(), schedule, microbatches, layers, torch.device("cpu"), lm_loss, (2, 8)
+        full, mesh, ShardingOptions(), schedule, microbatches, layers, torch.device("cpu"), lm_loss, (2, 8 // pdims.cp)
     )
     par = pipe.model
     refs = dict(ref.named_parameters())
@@ -85,7 +87,10 @@ def equivalence(
             ref_loss += loss.item() / microbatches
             ref_aux += aux.item() / microbatches
         mine = per_rank[data_rank]
-        loss, aux = pipe.step(mine[:, :-1], mine[:, 1:], 1.0 / pdims.grad_ranks)
+        x, y = mine[:, :-1], mine[:, 1:]
+        if pipe.plan.sequence_shard is not None:  # parallel.cp: this rank's shard of every sequence
+            x, y = pipe.plan.sequence_shard.shard(x), pipe.plan.sequence_shard.shard(y)
+        loss, aux = pipe.step(x, y, 1.0 / pdims.grad_ranks)
         reduce_replicated_expert_grads(pipe.plan)
         global_loss = loss.detach().clone()
         dist.all_reduce(global_loss)

@@ -79,6 +79,7 @@ def test_the_contract_members():
         "finish_save",
         "rollback",
         "extra_result",
+        "stage_report",
         "close",
     }
 
