@@ -238,8 +238,8 @@ def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
     g = cfg.data.get("global_batch_size")
     if g is None:
         return
-    tp, cp = int(cfg.parallel.tp), int(cfg.parallel.cp)
-    dp = max(1, world // (tp * cp))  # the ranks of a TP or CP group read one batch
+    tp, cp, pp = int(cfg.parallel.tp), int(cfg.parallel.cp), int(cfg.parallel.get("pp", 1))
+    dp = max(1, world // (pp * tp * cp))  # the ranks of a TP or CP group, and a pipeline's stages, read one batch
     per = int(cfg.data.batch_size) * dp
     if g % per:
         raise ConfigError(

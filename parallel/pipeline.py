@@ -167,10 +167,10 @@ def model_split(model: nn.Module, stages: int, layers=None) -> list[list[int]]:
 
 
 class CarryAuxLoss(torch.autograd.Function):
-    """`output` in float32 (what crosses between stages); in backward, `aux` gets the gradient `scale` (the
-    loss's own scale), so a stage's auxiliary losses reach the gradient through that stage's output.
-    The output is a new tensor, never a view of the input: the zero-bubble schedules detach stage
-    outputs in place, which a view refuses."""
+    """`output` in float32 (the hidden states that cross to the next stage); in backward, `aux` gets the
+    gradient `scale` (the loss's own scale), so a stage's auxiliary losses reach the gradient through
+    that stage's output. The output is a new tensor, never a view of the input: the zero-bubble
+    schedules detach stage outputs in place, which a view refuses."""
 
     @staticmethod
     def forward(ctx, output, aux, scale: float):
@@ -191,7 +191,9 @@ class StageModel(nn.Module):
 
     What crosses between stages is float32, whatever the compute dtype: the schedule allocates its
     receive buffers from declared shapes and dtypes (`boundary_meta`) rather than running an extra
-    forward to find them (which would also step the gates' statistics on made-up tokens)."""
+    forward to find them (which would also step the gates' statistics on made-up tokens). The last
+    stage returns its logits as computed (bf16 under autocast, no float32 copy) and leaves its aux
+    losses in `last_aux` for the loss function, which runs right after that forward."""
 
     def __init__(self, model: nn.Module, block_ids: list[int], first: bool, last: bool):
         super().__init__()
@@ -205,6 +207,7 @@ class StageModel(nn.Module):
         self.aux_grad_scale = 1.0
         self.autocast = contextlib.nullcontext  # the engine's autocast for the forward (never the backward)
         self.aux_seen = torch.zeros(())  # the aux losses of this step's micro-batches (logging)
+        self.last_aux = None  # the last stage: this micro-batch's aux losses, added to its loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -216,6 +219,9 @@ class StageModel(nn.Module):
             if self.lm_head is not None:
                 x = self.lm_head(self.norm(x))
         self.aux_seen = self.aux_seen.to(aux.device) + aux.detach().float()
+        if self.lm_head is not None:
+            self.last_aux = aux
+            return x
         if torch.is_grad_enabled() and aux.requires_grad:
             return CarryAuxLoss.apply(x, aux, self.aux_grad_scale)
         return x.float()
@@ -241,15 +247,17 @@ class StageModel(nn.Module):
         return total
 
 
-def boundary_meta(stage: int, n_stages: int, micro_batch: int, seq_len: int, d_model: int, vocab: int):
+def boundary_meta(
+    stage: int, n_stages: int, micro_batch: int, seq_len: int, d_model: int, vocab: int, logits_dtype: torch.dtype
+):
     """(input, output) of stage `stage` for a micro-batch, as meta tensors: token ids into the first
-    stage, float32 hidden states between stages, float32 logits out of the last."""
+    stage, float32 hidden states between stages, logits in the compute dtype out of the last."""
 
     def hidden():  # gradients flow back through them: receive buffers that require grad
         return torch.empty(micro_batch, seq_len, d_model, dtype=torch.float32, device="meta", requires_grad=True)
 
     tokens = torch.empty(micro_batch, seq_len, dtype=torch.long, device="meta")
-    logits = torch.empty(micro_batch, seq_len, vocab, dtype=torch.float32, device="meta", requires_grad=True)
+    logits = torch.empty(micro_batch, seq_len, vocab, dtype=logits_dtype, device="meta", requires_grad=True)
     return (tokens if stage == 0 else hidden()), (logits if stage == n_stages - 1 else hidden())
 
 

@@ -42,6 +42,7 @@ class Pipeline:
     stage_params: list[int]  # every stage's parameter count (the whole model's, before sharding)
     plan: ParallelPlan
     schedule: object
+    eval_schedule: object
     schedule_name: str
     microbatches: int
     pp_group: object
@@ -67,10 +68,12 @@ class Pipeline:
             pending = []
 
             def before(module, args, pending=pending):
-                pending.append(stamp())
+                if module.training:  # training forwards only: evaluation's run without autograd
+                    pending.append(stamp())
 
             def after(module, args, output, pending=pending, stage=stage):
-                self._timings.setdefault(stage, []).append((pending.pop(), stamp()))
+                if module.training:
+                    self._timings.setdefault(stage, []).append((pending.pop(), stamp()))
 
             chunk.register_forward_pre_hook(before)
             chunk.register_forward_hook(after)
@@ -126,10 +129,16 @@ class Pipeline:
         )
 
     def _loss(self, loss_fn):
+        last = next((c for c, s in zip(self.chunks, self.stage_ids) if s == len(self.split) - 1), None)
+
         def loss(output, target):
             value = loss_fn(output, target)
             self._losses.append(value.detach().float())
-            return value * self._scale
+            total = value * self._scale
+            aux, last.last_aux = last.last_aux, None  # the last stage's own aux losses (its forward just ran)
+            if aux is not None and aux.requires_grad and torch.is_grad_enabled():
+                total = total + aux * self._scale
+            return total
 
         return loss
 
@@ -145,17 +154,22 @@ class Pipeline:
         self._run(self.schedule.step, x, y)
         return self._loss_everywhere(x.device), self._aux_everywhere(x.device)
 
+    def _eval_run(self, *args, **kwargs):
+        return self.eval_schedule.eval(*args, **kwargs)
+
     @torch.no_grad()
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss of (x, y) through the schedule's forward only, on every rank of the pipeline."""
-        self._run(self.schedule.eval, x, y)
+        """The mean loss of (x, y) through the schedule's forward only, on every rank of the pipeline. Its own
+        stages and schedule: torch 2.11 fixes at a schedule's first call whether its receive buffers take
+        gradients, so an evaluation before the first training step would leave training without them."""
+        self._run(self._eval_run, x, y)
         return self._loss_everywhere(x.device)
 
     def _run(self, run, x, y) -> None:
         self._losses = []
-        args = (x,) if 0 in self.stage_ids else ()
-        target = y if len(self.split) - 1 in self.stage_ids else None
-        run(*args, target=target)
+        args = (x.contiguous(),) if 0 in self.stage_ids else ()  # (torch 2.11 checks the strides of micro-batches)
+        target = y.contiguous() if len(self.split) - 1 in self.stage_ids else None
+        run(*args, target=target, return_outputs=False)  # the losses are kept; no logits held to the step's end
 
     def _loss_everywhere(self, device) -> torch.Tensor:
         mine = self._losses[-self.microbatches :]  # (a schedule may call the loss once more to infer shapes)
@@ -180,11 +194,12 @@ def build_pipeline(
     device: torch.device,
     loss_fn,
     micro_shape: tuple[int, int],
+    logits_dtype: torch.dtype = torch.float32,
 ) -> Pipeline:
     """Split the meta-device `model`, shard and materialise this rank's stages, and build the schedule.
     `loss_fn(logits, targets)` is the mean loss of one micro-batch; `micro_shape` (sequences, tokens) is
     a micro-batch's as this rank holds it (under parallel.cp, its shard of every sequence): every
-    step's batch must split into `microbatches` of it."""
+    step's batch must split into `microbatches` of it; `logits_dtype` is the last stage's compute dtype."""
     from torch.distributed.pipelining import PipelineStage, schedules
 
     kind = schedule_kind(schedule_name)
@@ -200,19 +215,23 @@ def build_pipeline(
         ep=plans[0].ep,
         local_shards={k: v for p in plans for k, v in p.local_shards.items()},
         replicated_experts=tuple(e for p in plans for e in p.replicated_experts),
-        replica_group=plans[0].replica_group,
+        replica_group=next((p.replica_group for p in plans if p.replica_group is not None), None),
         sequence_shard=plans[0].sequence_shard,  # parallel.cp: the same CP group for every stage of a rank
     )
     for chunk in chunks:
         chunk.to_empty(device=device)
     union.init_weights()  # every tensor from its own name's stream: the single-process model's values
     cfg = model.cfg
-    stages = []
-    for chunk, s in zip(chunks, stage_ids):
-        inputs, outputs = boundary_meta(s, n_stages, *micro_shape, cfg.d_model, cfg.vocab_size)
-        stages.append(
-            PipelineStage(chunk, s, n_stages, device, input_args=inputs, output_args=outputs, group=mesh.pp_group)
-        )
+
+    def stages():
+        out = []
+        for chunk, s in zip(chunks, stage_ids):
+            inputs, outputs = boundary_meta(s, n_stages, *micro_shape, cfg.d_model, cfg.vocab_size, logits_dtype)
+            out.append(
+                PipelineStage(chunk, s, n_stages, device, input_args=inputs, output_args=outputs, group=mesh.pp_group)
+            )
+        return out
+
     last_pp_rank = next(r for r in range(pp) if n_stages - 1 in stages_of_rank(r, pp, kind))
     pipe = Pipeline(
         model=union,
@@ -222,6 +241,7 @@ def build_pipeline(
         stage_params=stage_params,
         plan=plan,
         schedule=None,
+        eval_schedule=None,
         schedule_name=schedule_name,
         microbatches=microbatches,
         pp_group=mesh.pp_group,
@@ -229,11 +249,14 @@ def build_pipeline(
     )
     cls = getattr(schedules, kind.torch_class)
     try:
-        pipe.schedule = cls(
-            stages[0] if kind.stages_per_rank == 1 else stages,
-            microbatches,
-            loss_fn=pipe._loss(loss_fn),
-            scale_grads=False,  # the loss is scaled by the engine (1 / data-parallel ranks / micro-batches)
+        pipe.schedule, pipe.eval_schedule = (
+            cls(
+                mine[0] if kind.stages_per_rank == 1 else mine,
+                microbatches,
+                loss_fn=pipe._loss(loss_fn),
+                scale_grads=False,  # the loss is scaled by the engine (1 / data-parallel ranks / micro-batches)
+            )
+            for mine in (stages(), stages())
         )
     except ValueError as e:  # the schedule's own rule on micro-batches, said in one line
         raise ConfigError(

@@ -124,6 +124,7 @@ class TorchEngine(MoeflowCheckpointEngine):
             device,
             lm_loss,
             (batch // microbatches, seq // p.cp),
+            torch.bfloat16 if self.use_bf16 else torch.float32,  # the LM head's output under autocast
         )
         for chunk in pipe.chunks:
             chunk.autocast = autocast
@@ -252,6 +253,12 @@ class PipelineEval(torch.nn.Module):
     def __init__(self, pipeline, sequence_shard=None):
         super().__init__()
         self.model, self.pipeline, self.shard = pipeline.model, pipeline, sequence_shard
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "a pipelined model's logits exist on its last stage only: evaluate through batch_loss, or generate "
+            "from its checkpoint in one process (moeflow generate RUN)"
+        )
 
     def batch_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.shard is not None:  # parallel.cp: this rank's shard of every sequence (the loss: its tokens' mean)

@@ -52,7 +52,7 @@ def equivalence(
     over: dict | None = None,
 ) -> dict:
     torch.manual_seed(0)
-    mc = model_cfg(gate, n_layers=n_layers, **(over or {}))
+    mc = model_cfg(gate, **{"n_layers": n_layers, **(over or {})})
     ref = Transformer(mc)
     torch.manual_seed(0)
     with torch.device("meta"):

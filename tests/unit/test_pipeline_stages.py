@@ -128,3 +128,16 @@ def test_stages_keep_the_plain_models_names_and_compute_its_logits():
     for chunk in chunks:
         x = chunk(x)
     assert torch.allclose(x, model(tokens), atol=1e-6)
+
+
+def test_a_global_batch_counts_a_pipeline_as_one_data_parallel_rank():
+    """data.global_batch_size on 4 ranks with pp=2: two data-parallel ranks read batches (both stages of a
+    pipeline read the same one), so 16 sequences of 4 per micro-step take grad_accum=2."""
+    from helpers.config import compose_cfg
+    from moeflow.launch.config import trainer_config
+    from moeflow.launch.train import derive_grad_accum
+
+    cfg = compose_cfg("parallel.pp=2", "data.batch_size=4", "data.global_batch_size=16")
+    tc = trainer_config(cfg)
+    derive_grad_accum(cfg, tc, world=4)
+    assert tc.grad_accum == 2
