@@ -29,9 +29,8 @@ MESHES = [
     (2, {"pp": 2}, GATE_CASES),
     (4, {"pp": 4}, [("topk", "1f1b"), ("sinkhorn", "gpipe")]),  # one block per stage
     (4, {"pp": 2, "ep": 2}, [("topk", "1f1b"), ("expert_choice", "interleaved_1f1b"), ("dts", "1f1b")]),
-    (4, {"pp": 2, "dp_shard": 2}, [("topk", "interleaved_1f1b"), ("sinkhorn", "1f1b")]),
-    (4, {"pp": 2, "dp_replicate": 2, "dp_shard": 1}, [("topk", "1f1b")]),  # HSDP replicas inside each stage
-]
+    (4, {"pp": 2, "dp_shard": 2}, [("topk", "interleaved_1f1b")]),
+]  # HSDP replicas inside each stage: test_stages_without_moe_blocks_train_like_one_process
 # HSDP with experts summed over the replicas by hand (efsdp 1), where a rank's first stage has no MoE block:
 # every other block is MoE (1, 3, 5, 7); rank 0 runs stages 0 (block 0) and 2 (block 3)
 SPARSE_MOE = [("topk", "interleaved_1f1b", [1, 2, 1, 4]), ("sinkhorn", "1f1b", [3, 5])]
