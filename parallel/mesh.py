@@ -65,9 +65,12 @@ class ParallelDims:
                     named = f"parallel.dp_replicate={self.dp_replicate} x parallel.cp={self.cp} x parallel.tp={self.tp}"
                 if self.pp > 1:
                     named = f"parallel.pp={self.pp} x {named}"
-                raise ConfigError(
-                    f"{named} does not divide the world size {self.world}; pick sizes whose product divides it"
+                fix = (
+                    f"launch {fixed} processes (moeflow train launcher=local launcher.nproc={fixed}, or torchrun --nproc-per-node {fixed})"
+                    if self.world == 1
+                    else "pick sizes whose product divides it"
                 )
+                raise ConfigError(f"{named} does not divide the world size {self.world}; {fix}")
             object.__setattr__(self, "dp_shard", self.world // fixed)
         if self.dp_shard * fixed != self.world:
             sizes = (

@@ -120,8 +120,9 @@ def split_blocks(block_costs: list[int], stages: int, first_cost: int, last_cost
             or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)
             or sum(counts) != n
         ):
+            shown = list(layers) if isinstance(layers, (list, tuple)) else layers
             raise ConfigError(
-                f"parallel.pp_layers_per_stage={layers!r} does not split {n} blocks into {stages} stages of one block "
+                f"parallel.pp_layers_per_stage={shown} does not split {n} blocks into {stages} stages of one block "
                 f"or more; give {stages} positive counts summing to {n} (e.g. {even_counts(n, stages)}), or null to balance"
             )
         starts = [sum(counts[:i]) for i in range(stages)]

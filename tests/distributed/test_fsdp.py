@@ -123,6 +123,7 @@ def test_per_rank_state_falls_as_one_over_dp_shard(tmp_path):
         (dict(world=4, ep=3), ["parallel.ep=3 does not divide dp_shard x tp = 4"]),
         (dict(world=1, ep=2), ["torchrun --nproc-per-node 2"]),
         (dict(world=6, cp=4), ["parallel.cp=4", "does not divide the world size 6"]),
+        (dict(world=1, pp=2), ["parallel.pp=2", "world size 1; launch 2 processes", "launcher.nproc=2"]),
         (dict(world=2, dp_shard=0), ["dp_shard must be a positive integer or -1"]),
     ],
 )
