@@ -157,14 +157,29 @@ def even_counts(n: int, stages: int) -> list[int]:
     return [n // stages + (1 if i < n % stages else 0) for i in range(stages)]
 
 
-def model_split(model: nn.Module, stages: int, layers=None) -> list[list[int]]:
-    """`split_blocks` of a `Transformer` (meta or real), costs being parameter counts."""
+def stage_costs(model: nn.Module) -> tuple[list[int], int, int]:
+    """Parameter counts of a `Transformer` (meta or real): each block's, the first stage's extra (the
+    embedding) and the last stage's extra (final norm and LM head)."""
 
     def count(m):
-        return sum(p.numel() for p in m.parameters()) if m is not None else 0
+        return sum(p.numel() for p in m.parameters())
 
-    costs = [count(b) for b in model.blocks]
-    return split_blocks(costs, stages, count(model.embed), count(model.norm) + count(model.lm_head), layers)
+    return [count(b) for b in model.blocks], count(model.embed), count(model.norm) + count(model.lm_head)
+
+
+def model_split(model: nn.Module, stages: int, layers=None) -> list[list[int]]:
+    """`split_blocks` of a `Transformer`, costs being parameter counts."""
+    blocks, first, last = stage_costs(model)
+    return split_blocks(blocks, stages, first, last, layers)
+
+
+def stage_params(model: nn.Module, split: list[list[int]]) -> list[int]:
+    """Each stage's parameter count in `split` (the whole model's, before sharding)."""
+    blocks, first, last = stage_costs(model)
+    counts = [sum(blocks[i] for i in stage) for stage in split]
+    counts[0] += first
+    counts[-1] += last
+    return counts
 
 
 class CarryAuxLoss(torch.autograd.Function):
@@ -234,18 +249,6 @@ class StageModel(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         return moe_layers(self)
-
-    def aux_loss(self) -> torch.Tensor:
-        return moe_aux_loss(self)
-
-    def num_params(self, active_only: bool = False) -> int:
-        total = sum(p.numel() for p in self.parameters())
-        if not active_only:
-            return total
-        for m in self.moe_layers():
-            expert_params = sum(p.numel() for p in m.experts.parameters())
-            total -= expert_params - expert_params * self.cfg.top_k // self.cfg.num_experts
-        return total
 
 
 def boundary_meta(

@@ -26,6 +26,7 @@ from .pipeline import (
     predicted_bubble,
     schedule_kind,
     stage_models,
+    stage_params,
     stages_of_rank,
 )
 from .plan import ParallelPlan
@@ -206,7 +207,7 @@ def build_pipeline(
     pp = mesh.dims.pp
     n_stages = pp * kind.stages_per_rank
     split = model_split(model, n_stages, layers_per_stage)
-    stage_params = _stage_params(model, split)
+    params = stage_params(model, split)
     stage_ids = stages_of_rank(mesh.pp_rank, pp, kind)
     chunks, union = stage_models(model, split, stage_ids)
     plans = [parallelize(chunk, mesh, opts) for chunk in chunks]
@@ -238,7 +239,7 @@ def build_pipeline(
         chunks=chunks,
         stage_ids=stage_ids,
         split=split,
-        stage_params=stage_params,
+        stage_params=params,
         plan=plan,
         schedule=None,
         eval_schedule=None,
@@ -264,13 +265,3 @@ def build_pipeline(
         ) from None
     pipe.time_forwards()
     return pipe
-
-
-def _stage_params(model: nn.Module, split: list[list[int]]) -> list[int]:
-    def count(m):
-        return sum(p.numel() for p in m.parameters())
-
-    counts = [sum(count(model.blocks[i]) for i in blocks) for blocks in split]
-    counts[0] += count(model.embed)
-    counts[-1] += count(model.norm) + count(model.lm_head)
-    return counts

@@ -10,7 +10,7 @@ import pytest
 
 from helpers.cli_runs import SMALL, moeflow_warnings, train_cmd
 from helpers.cli_runs import run_cmd as _run
-from moeflow.moe.errors import ConfigError
+from helpers.config import assert_refused_in_one_line
 
 pytestmark = pytest.mark.multiprocess
 
@@ -52,10 +52,6 @@ def test_cp2_follows_one_process_and_checkpoints_move_between_cp_sizes(tmp_path)
 
 
 def test_context_parallel_refuses_what_it_cannot_run_in_one_line():
-    from hydra import compose, initialize_config_module
-
-    from moeflow.launch.config import check_parallel, model_config
-
     cases = [
         (["parallel.cp=2", "data.seq_len=30"], "data.seq_len=30 is not divisible by 2 x parallel.cp = 4"),
         (["parallel.cp=2", "engine=deepspeed"], "engine=deepspeed has no context parallelism"),
@@ -63,9 +59,4 @@ def test_context_parallel_refuses_what_it_cannot_run_in_one_line():
         (["parallel.cp=2", "trainer.activation_checkpointing=selective"], "use trainer.activation_checkpointing=full"),
         (["parallel.cp=2", "gate=switch"], "gate.drop_policy=position with parallel.cp=2"),
     ]
-    for overrides, message in cases:
-        with initialize_config_module(config_module="moeflow.configs", version_base=None):
-            cfg = compose(config_name="train", overrides=["launcher=local", "launcher.nproc=2", *overrides])
-        with pytest.raises(ConfigError) as err:
-            check_parallel(cfg, model_config(cfg))
-        assert message in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
+    assert_refused_in_one_line(cases)

@@ -18,7 +18,7 @@ import pytest
 
 from helpers.cli_runs import SMALL, moeflow_warnings, train_cmd
 from helpers.cli_runs import run_cmd as _run
-from moeflow.moe.errors import ConfigError
+from helpers.config import assert_refused_in_one_line
 
 pytestmark = pytest.mark.multiprocess
 
@@ -120,10 +120,6 @@ def test_pp2_follows_one_process_and_checkpoints_reshard_across_pipeline_degrees
 
 
 def test_pipeline_refuses_what_it_cannot_run_in_one_line():
-    from hydra import compose, initialize_config_module
-
-    from moeflow.launch.config import check_parallel, model_config
-
     cases = [
         (["parallel.pp=3"], "parallel.pp=3 x parallel.dp_replicate=1 x parallel.tp=1 does not divide the world size 2"),
         (["parallel.pp=2", "engine=deepspeed"], "engine=deepspeed has no pipeline parallelism here"),
@@ -137,9 +133,4 @@ def test_pipeline_refuses_what_it_cannot_run_in_one_line():
         (["parallel.pp=2", "data.batch_size=3"], "parallel.pp_microbatches=2 does not divide data.batch_size=3"),
         (["parallel.pp=2", "parallel.pp_microbatches=1"], "needs at least as many micro-batches as stages (2)"),
     ]
-    for overrides, message in cases:
-        with initialize_config_module(config_module="moeflow.configs", version_base=None):
-            cfg = compose(config_name="train", overrides=["launcher=local", "launcher.nproc=2", *overrides])
-        with pytest.raises(ConfigError) as err:
-            check_parallel(cfg, model_config(cfg))
-        assert message in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
+    assert_refused_in_one_line(cases)

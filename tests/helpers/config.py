@@ -29,3 +29,19 @@ def compose_cfg(*overrides: str, run_dir=None):
         cfg = compose(config_name="train", overrides=list(overrides))
     adopt_recorded_model(cfg, list(overrides), run_dir if run_dir is not None else ".")
     return cfg
+
+
+def assert_refused_in_one_line(cases: list[tuple[list[str], str]], nproc: int = 2) -> None:
+    """Each (overrides, message): the parallel checks of a `launcher=local launcher.nproc=NPROC` launch
+    refuse it with a one-line ConfigError containing `message`."""
+    import pytest
+
+    from moeflow.launch.config import check_parallel, model_config
+    from moeflow.moe.errors import ConfigError
+
+    for overrides, message in cases:
+        with initialize_config_module(config_module="moeflow.configs", version_base=None):
+            cfg = compose(config_name="train", overrides=["launcher=local", f"launcher.nproc={nproc}", *overrides])
+        with pytest.raises(ConfigError) as err:
+            check_parallel(cfg, model_config(cfg))
+        assert message in str(err.value) and "\n" not in str(err.value), (overrides, str(err.value))
