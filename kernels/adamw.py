@@ -10,6 +10,12 @@ parameter instead of 40.
 The update is torch's AdamW (decoupled weight decay, bias correction) in fp32, with the gradient
 multiplied by `1 / grad_scale` as it is read (the clip factor, a device scalar: no host read).
 `adamw_reference` is the same math in torch ops: the CPU path, and the tests' reference.
+
+Moments may be stored in bf16 (`optim.moments_dtype`): 4 B less read and 4 B less written per
+parameter, and half their memory. They are rounded stochastically (Megatron-Core's and
+torchao's bf16 optimizers do the same): rounded to nearest, beta2 * v with beta2 > 1 - 2^-9
+(0.999, torch's default) rounds back to v itself, so the second moment could never decay. The
+random bits come from the step and the tensor's index (`seed`), so a resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -36,6 +42,23 @@ def _round_to_bf16_bits(w):
 
 
 @triton.jit
+def _stochastic_bf16_bits(x, seed, offs):
+    """fp32 -> bf16 bits rounded up with probability equal to the discarded fraction: unbiased, so
+    small updates survive on average. Adding 16 random low bits to the magnitude carries into the
+    kept bits exactly that often."""
+    bits = x.to(tl.uint32, bitcast=True)
+    noise = tl.randint(seed, offs).to(tl.uint32, bitcast=True) & 0xFFFF
+    return tl.where(x != x, (bits >> 16) | 0x40, (bits + noise) >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _load_moment(ptr, offs, mask, BF16: tl.constexpr):
+    if BF16:  # bf16 bits (seen as uint16) -> fp32, exactly
+        return (tl.load(ptr + offs, mask=mask, other=0).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _adamw_master_kernel(
     master_ptr,
     param_ptr,
@@ -51,23 +74,29 @@ def _adamw_master_kernel(
     decay,
     bias_c1,
     sqrt_bias_c2,
+    seed,
     WRITE_COPY: tl.constexpr,
+    MOMENTS_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_scale_ptr)
     w = tl.load(master_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = _load_moment(m_ptr, offs, mask, MOMENTS_BF16)
+    v = _load_moment(v_ptr, offs, mask, MOMENTS_BF16)
     w = w * (1.0 - lr * decay)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = tl.sqrt(v) / sqrt_bias_c2 + eps
     w = w - (lr / bias_c1) * (m / denom)
     tl.store(master_ptr + offs, w, mask=mask)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    if MOMENTS_BF16:  # two independent draws: the second moment's offsets lie past the first's
+        tl.store(m_ptr + offs, _stochastic_bf16_bits(m, seed, offs), mask=mask)
+        tl.store(v_ptr + offs, _stochastic_bf16_bits(v, seed, offs + n), mask=mask)
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
     if WRITE_COPY:  # param_ptr: the bf16 copy, seen as uint16
         tl.store(param_ptr + offs, _round_to_bf16_bits(w), mask=mask)
 
@@ -76,41 +105,81 @@ def _coefficients(step: int, lr: float, beta1: float, beta2: float) -> tuple[flo
     return 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
 
 
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`_stochastic_bf16_bits` in torch ops (other random bits than Triton's Philox, same law)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device)
+    rounded = (((bits + noise) >> 16) << 16).view(torch.float32).bfloat16()  # low bits zero: the cast is exact
+    return torch.where(x.isnan(), x.bfloat16(), rounded)
+
+
+def _store_moment(dst: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
+    dst.copy_(stochastic_round_bf16(value, generator) if generator is not None else value)
+
+
 @torch.no_grad()
 def adamw_reference(
-    master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float
+    master,
+    param,
+    grad,
+    m,
+    v,
+    inv_scale,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay: float,
+    seed: int = 0,
 ) -> None:
-    """The update in torch ops (fp32 math), in place: master, moments, and the compute copy `param`."""
+    """The update in torch ops (fp32 math), in place: master, moments (bf16 ones rounded
+    stochastically, drawn from `seed`), and the compute copy `param`."""
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)
     g = grad.float() * inv_scale
     master.mul_(1.0 - lr * decay)
     m32 = m.float().mul_(beta1).add_(g, alpha=1.0 - beta1)
     v32 = v.float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
     master.addcdiv_(m32, v32.sqrt().div_(sqrt_bias_c2).add_(eps), value=-lr / bias_c1)
-    m.copy_(m32)
-    v.copy_(v32)
+    generator = torch.Generator(m.device).manual_seed(seed) if m.dtype == torch.bfloat16 else None
+    _store_moment(m, m32, generator)
+    _store_moment(v, v32, generator)
     param.copy_(master)
 
 
 @torch.no_grad()
 def adamw_master_step(
-    master, param, grad, m, v, inv_scale, step: int, lr: float, beta1: float, beta2: float, eps: float, decay: float
+    master,
+    param,
+    grad,
+    m,
+    v,
+    inv_scale,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay: float,
+    seed: int = 0,
 ) -> None:
-    """One AdamW step of one tensor (contiguous, same number of elements); Triton on CUDA (and under
-    the CPU interpreter), the torch reference elsewhere."""
+    """One AdamW step of one tensor (contiguous, same number of elements; moments both fp32 or both
+    bf16); Triton on CUDA (and under the CPU interpreter), the torch reference elsewhere."""
+    if m.dtype != v.dtype or m.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"moments must both be float32 or bfloat16, got {m.dtype} and {v.dtype}")  # a caller's bug
     if not KERNEL or not (master.is_cuda or INTERPRET):
-        return adamw_reference(master, param, grad, m, v, inv_scale, step, lr, beta1, beta2, eps, decay)
+        return adamw_reference(master, param, grad, m, v, inv_scale, step, lr, beta1, beta2, eps, decay, seed)
     n = master.numel()
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)
     copy = param.data_ptr() != master.data_ptr()
     if copy and param.dtype != torch.bfloat16:
         raise TypeError(f"the compute copy must be bf16, got {param.dtype}")  # a caller's bug, not the user's
+    bf16_moments = m.dtype == torch.bfloat16
     _adamw_master_kernel[(triton.cdiv(n, BLOCK),)](
         master,
         param.view(torch.uint16) if copy else master,
         grad,
-        m,
-        v,
+        *((m.view(torch.uint16), v.view(torch.uint16)) if bf16_moments else (m, v)),
         inv_scale,
         n,
         lr,
@@ -120,7 +189,9 @@ def adamw_master_step(
         decay,
         bias_c1,
         sqrt_bias_c2,
+        seed,
         WRITE_COPY=copy,
+        MOMENTS_BF16=bf16_moments,
         BLOCK=BLOCK,
         num_warps=4,
     )

@@ -17,6 +17,7 @@ from omegaconf.errors import MissingMandatoryValue
 from moeflow.moe.errors import ConfigError
 from moeflow.moe.model import ModelConfig
 
+from .optim import train_state_bytes
 from .runtime import resolve_device
 
 
@@ -155,6 +156,20 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
             raise ConfigError(
                 f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting"
             )
+    if o.get("moments_dtype", "float32") != "float32" and trainer_cfg is not None:
+        from .engines import engine_name
+
+        why = (
+            "engine=torch"
+            if engine_name(cfg) != "torch"
+            else "one process (its kernel steps whole tensors, not FSDP2's shards)"
+            if launch_world(cfg) > 1
+            else None
+        )
+        if why:
+            raise ConfigError(
+                f"optim.moments_dtype={o['moments_dtype']} needs {why}; use optim.moments_dtype=float32 or change that setting"
+            )
     if o.get("name") != "adamw":
         raise ConfigError(f"optim.name={o.get('name')!r} is unknown; use optim=adamw")
     if not o["lr"] > 0 or o["min_lr"] < 0 or o["min_lr"] > o["lr"]:
@@ -165,13 +180,10 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
         raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
 
 
-TRAIN_STATE_BYTES = 16  # per parameter: fp32 weight, fp32 gradient, two fp32 AdamW moments
-
-
 def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> None:
     """Refuse, before anything is allocated, a model whose weights, gradients and AdamW moments alone
-    cannot fit: on a GPU, 16 B per parameter spread over every rank (FSDP's best case); on the CPU,
-    all of it in this machine's memory. Activations come on top, so this only refuses certain failures."""
+    cannot fit: on a GPU, 16 B per parameter (12 with bf16 moments) spread over every rank (FSDP's
+    best case); on the CPU, all of it in this machine's memory. Activations come on top, so this only refuses certain failures."""
     from .engines import engine_name
 
     if engine_name(cfg) != "torch":  # DeepSpeed and megatron have their own offload and sharding
@@ -180,7 +192,7 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
 
     total, _ = param_counts(model_cfg)
     world = launch_world(cfg) if device.type == "cuda" else 1
-    need = TRAIN_STATE_BYTES * total / world
+    need = train_state_bytes(cfg.optim) * total / world
     if device.type == "cuda":
         have, where = (
             torch.cuda.get_device_properties(device.index or 0).total_memory,
@@ -193,10 +205,16 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
             return
         where = "this machine's {:.0f} GiB of memory"
     if need > have:
+        small = train_state_bytes({"moments_dtype": "bfloat16"}) * total / world
+        hint = (
+            f" (optim.moments_dtype=bfloat16 needs {small / 2**30:,.0f} GiB)"
+            if cfg.optim.get("moments_dtype", "float32") == "float32" and world == 1 and small <= have
+            else ""
+        )
         raise ConfigError(
             f"the model has {total / 1e9:.2f}B parameters (model.num_experts={model_cfg.num_experts}, model.d_ff={model_cfg.d_ff}, "
             f"model.n_layers={model_cfg.n_layers}): its weights, gradients and AdamW moments alone take {need / 2**30:,.0f} GiB per rank, "
-            f"more than {where.format(have / 2**30)}; use fewer or smaller experts, or more ranks"
+            f"more than {where.format(have / 2**30)}; use fewer or smaller experts, or more ranks{hint}"
         )
 
 

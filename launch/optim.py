@@ -53,16 +53,33 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only; fused on CUDA (one kernel per group, no temporaries
     of the parameters' size: the multi-tensor path allocates a sqrt of every second moment).
-    `optim.master_weights`: `MasterWeightAdamW` (bf16 compute copies written by the step)."""
+    `optim.master_weights` or bf16 `optim.moments_dtype`: `MasterWeightAdamW` (bf16 compute copies
+    written by the step; moments in the dtype asked)."""
     groups = optimizer_groups(model, o.weight_decay)
-    if o.master_weights:
+    moments = MOMENT_DTYPES[o.get("moments_dtype", "float32")]
+    if o.master_weights or moments != torch.float32:
         return MasterWeightAdamW(
-            groups, bf16_compute_params(model), lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps)
+            groups,
+            bf16_compute_params(model) if o.master_weights else [],
+            lr=float(o.lr),
+            betas=tuple(float(b) for b in o.betas),
+            eps=float(o.eps),
+            moments_dtype=moments,
         )
     fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     return torch.optim.AdamW(
         groups, lr=float(o.lr), betas=tuple(float(b) for b in o.betas), eps=float(o.eps), fused=fused or None
     )
+
+
+MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # optim.moments_dtype
+
+
+def train_state_bytes(o) -> int:
+    """Bytes per parameter of weights, gradients and AdamW moments: fp32 weight + fp32 gradient, or
+    with master weights fp32 weight + bf16 copy + bf16 gradient; plus two moments of 4 or 2 B."""
+    moments = 2 * MOMENT_DTYPES[o.get("moments_dtype", "float32")].itemsize
+    return 8 + moments
 
 
 def bf16_compute_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -82,7 +99,9 @@ def bf16_compute_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class MasterWeightAdamW(torch.optim.Optimizer):
-    """AdamW whose step also writes the bf16 copy the forward computes with (`optim.master_weights`).
+    """AdamW whose step also writes the bf16 copy the forward computes with (`optim.master_weights`),
+    and whose moments may be bf16 (`optim.moments_dtype=bfloat16`, rounded stochastically; with no
+    compute params it is plain AdamW on fp32 weights with bf16 moments).
 
     The parameters autocast would cast at every use (`bf16_compute_params`) are stored in bf16 in
     the model, and their fp32 values live here (`state["master"]`); the step reads the bf16 gradient
@@ -97,19 +116,25 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     accepts_grad_scale = True  # parallel/clip.py folds the clip factor into the step
 
     def __init__(
-        self, groups, compute_params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+        self,
+        groups,
+        compute_params,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        moments_dtype: torch.dtype = torch.float32,
     ):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.moments_dtype = moments_dtype
         lowered = {id(p) for p in compute_params}
         with torch.no_grad():
             for group in self.param_groups:
                 for p in group["params"]:
                     state = self.state[p]
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.contiguous_format
-                    )
+                    for name in ("exp_avg", "exp_avg_sq"):
+                        state[name] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.contiguous_format)
                     if id(p) in lowered and p.dtype == torch.float32:
                         state["master"] = p.detach().clone(memory_format=torch.contiguous_format)
                         p.data = p.data.to(torch.bfloat16)
@@ -120,9 +145,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
         scale = getattr(self, "grad_scale", None)  # the clip factor's reciprocal (parallel/clip.py), on the device
         inv = {}
+        index = 0  # the tensor's place in the optimizer: with the step, the seed of its moments' rounding
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
+                index += 1
                 if p.grad is None:
                     continue
                 state = self.state[p]
@@ -145,6 +172,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     beta2,
                     group["eps"],
                     group["weight_decay"],
+                    seed=(step << 24) + index,
                 )
 
     def state_dict(self):
@@ -157,13 +185,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         masters = {
             id(p): self.state[p]["master"] for g in self.param_groups for p in g["params"] if "master" in self.state[p]
         }
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # casts the moments to each parameter's dtype
         for g in self.param_groups:
             for p in g["params"]:
                 if id(p) in masters:
                     self.state[p]["master"] = masters[id(p)]
-                    for name in ("exp_avg", "exp_avg_sq"):  # moments stay fp32 whatever dtype the model's copy has
-                        self.state[p][name] = self.state[p][name].float()
+                for name in ("exp_avg", "exp_avg_sq"):  # moments in their own dtype, whatever the parameter's
+                    if name in self.state[p]:
+                        self.state[p][name] = self.state[p][name].to(self.moments_dtype).contiguous()
 
     @contextlib.contextmanager
     def masters_in_model(self):

@@ -501,7 +501,9 @@ def _saved_keys(plain: dict, saved: dict) -> dict:
     """Where each non-tensor leaf of this process's state is in the checkpoint's state.json. Optimizer
     groups are matched by name, not position, and keep their own parameter names: a pipeline stage
     holds other parameters (and maybe other groups) than the rank that wrote state.json, which is
-    rank 0. A named group the checkpoint lacks keeps this run's settings."""
+    rank 0. A named group the checkpoint lacks keeps this run's settings, and so does a group whose
+    checkpoint lacks one of torch's implementation switches (`IMPLEMENTATION_FLAGS`: a checkpoint of
+    moeflow's own AdamW, `optim.master_weights` or bf16 moments, resumed with torch's)."""
     names = {k[:-1]: v for k, v in plain.items() if _group_leaf(k) and k[-1] == "name" and isinstance(v, str)}
     saved_at = {
         (k[:-2], v): k[:-1] for k, v in saved.items() if _group_leaf(k) and k[-1] == "name" and isinstance(v, str)
@@ -512,7 +514,13 @@ def _saved_keys(plain: dict, saved: dict) -> dict:
             out[k] = k
         elif k[-1] != "params" and (k[:-2], names[k[:-1]]) in saved_at:
             out[k] = saved_at[(k[:-2], names[k[:-1]])] + (k[-1],)
-    return out
+    return {k: src for k, src in out.items() if src in saved or not (_group_leaf(k) and k[-1] in IMPLEMENTATION_FLAGS)}
+
+
+# torch optimizers' per-group switches of how the step runs, not what it computes from
+IMPLEMENTATION_FLAGS = frozenset(
+    {"foreach", "fused", "capturable", "differentiable", "amsgrad", "maximize", "decoupled_weight_decay"}
+)
 
 
 def _group_leaf(key_path: tuple) -> bool:
