@@ -231,6 +231,37 @@ def test_master_weight_adamw_kernel_matches_the_reference_on_the_gpu():
     assert torch.equal(a["param"], a["master"].bfloat16())  # round to nearest even, as autocast's cast
 
 
+def test_bf16_moments_on_the_gpu_round_stochastically_around_the_fp32_update():
+    """kernels/adamw.py with bf16 moments on CUDA (odd size): the fp32 weight is the fp32 update's, each
+    moment one of the two bf16 values around the fp32 moment, the second moment decays on average where
+    rounding to nearest would freeze it (beta2=0.999), and the same seed draws the same."""
+    from moeflow.kernels.adamw import adamw_master_step, adamw_reference
+
+    torch.manual_seed(0)
+    n = 3 * 1024 * 1024 + 17
+    w0 = torch.randn(n, device="cuda")
+    m0, v0 = (torch.randn(n, device="cuda") * 0.1).bfloat16(), torch.ones(n, device="cuda").bfloat16()
+    grad = (torch.randn(n, device="cuda") * 1e-3).bfloat16()
+    scale = torch.tensor(1.0, device="cuda")
+    ref = {"master": w0.clone(), "param": w0.bfloat16(), "m": m0.float(), "v": v0.float()}
+    adamw_reference(ref["master"], ref["param"], grad, ref["m"], ref["v"], scale, 4, 1e-3, 0.9, 0.999, 1e-8, 0.1)
+    outs = []
+    for seed in (7, 7, 8):
+        master, param, m, v = w0.clone(), w0.bfloat16(), m0.clone(), v0.clone()
+        adamw_master_step(master, param, grad, m, v, scale, 4, 1e-3, 0.9, 0.999, 1e-8, 0.1, seed=seed)
+        outs.append((m, v))
+    torch.testing.assert_close(master, ref["master"], rtol=1e-6, atol=1e-7)
+    assert torch.equal(param, master.bfloat16())
+    for got, want in zip(outs[0], (ref["m"], ref["v"])):
+        below = got.float() <= want
+        other = torch.where(
+            below, torch.nextafter(got, torch.full_like(got, 9.0)), torch.nextafter(got, -torch.full_like(got, 9.0))
+        )
+        assert bool(((got.float() == want) | ((other.float() - want) * (got.float() - want) <= 0)).all())
+    assert abs(outs[0][1].float().mean().item() - ref["v"].mean().item()) < 1e-5  # RNE: every v stays 1.0
+    assert torch.equal(outs[0][0], outs[1][0]) and not torch.equal(outs[0][0], outs[2][0])
+
+
 def test_fused_cross_entropy_matches_float64_at_a_real_vocabulary():
     """kernels/cross_entropy.py on CUDA, bf16 logits of OLMoE's 50,304 classes, against float64."""
     import torch.nn.functional as F
