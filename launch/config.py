@@ -145,7 +145,7 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
             "engine=torch"
             if engine_name(cfg) != "torch"
             else "one process (FSDP2 keeps its own fp32 shards)"
-            if launch_world(cfg) > 1
+            if shards_parameters(cfg)
             else "bf16 (trainer.precision=bf16, or auto on a GPU)"
             if not use_bf16
             else "trainer.grad_accum=1 (bf16 gradients would be summed in bf16)"
@@ -162,8 +162,8 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
         why = (
             "engine=torch"
             if engine_name(cfg) != "torch"
-            else "one process (its kernel steps whole tensors, not FSDP2's shards)"
-            if launch_world(cfg) > 1
+            else "one process and parallel.dispatcher=auto|local (its kernel steps whole tensors, not FSDP2's shards)"
+            if shards_parameters(cfg)
             else None
         )
         if why:
@@ -208,7 +208,7 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
         small = train_state_bytes({"moments_dtype": "bfloat16"}) * total / world
         hint = (
             f" (optim.moments_dtype=bfloat16 needs {small / 2**30:,.0f} GiB)"
-            if cfg.optim.get("moments_dtype", "float32") == "float32" and world == 1 and small <= have
+            if cfg.optim.get("moments_dtype", "float32") == "float32" and not shards_parameters(cfg) and small <= have
             else ""
         )
         raise ConfigError(
@@ -216,6 +216,12 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
             f"model.n_layers={model_cfg.n_layers}): its weights, gradients and AdamW moments alone take {need / 2**30:,.0f} GiB per rank, "
             f"more than {where.format(have / 2**30)}; use fewer or smaller experts, or more ranks{hint}"
         )
+
+
+def shards_parameters(cfg: DictConfig) -> bool:
+    """Whether engine=torch will hold FSDP2-sharded (DTensor) parameters: several processes, or one
+    process whose named transport (parallel.dispatcher) runs over a group of one rank."""
+    return launch_world(cfg) > 1 or cfg.parallel.get("dispatcher", "auto") not in ("auto", "local")
 
 
 def launch_world(cfg: DictConfig) -> int:

@@ -185,14 +185,20 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         masters = {
             id(p): self.state[p]["master"] for g in self.param_groups for p in g["params"] if "master" in self.state[p]
         }
-        super().load_state_dict(state_dict)  # casts the moments to each parameter's dtype
-        for g in self.param_groups:
-            for p in g["params"]:
-                if id(p) in masters:
-                    self.state[p]["master"] = masters[id(p)]
-                for name in ("exp_avg", "exp_avg_sq"):  # moments in their own dtype, whatever the parameter's
-                    if name in self.state[p]:
-                        self.state[p][name] = self.state[p][name].to(self.moments_dtype).contiguous()
+        # torch's load would cast the moments to each parameter's dtype (all at once: with bf16 moments a
+        # transient fp32 copy of every moment); they are set here in their own dtype, one tensor at a time
+        moments = {"exp_avg", "exp_avg_sq"}
+        saved = state_dict["state"]
+        super().load_state_dict(
+            {**state_dict, "state": {k: {n: v for n, v in s.items() if n not in moments} for k, s in saved.items()}}
+        )
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for name in moments & set(saved.get(i, {})):
+                self.state[p][name] = saved[i][name].to(p.device, self.moments_dtype).contiguous()
+            if id(p) in masters:
+                self.state[p]["master"] = masters[id(p)]
 
     @contextlib.contextmanager
     def masters_in_model(self):

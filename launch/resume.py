@@ -181,6 +181,28 @@ def global_batch(engine) -> int:
     return int(engine.cfg.data.batch_size) * int(engine.cfg.trainer.grad_accum) * int(engine.data_parallel_rank[1])
 
 
+STORAGE_KEYS = {"moments_dtype": "float32", "master_weights": False}  # optim.*: how the state is kept, with defaults
+
+
+def _say_if_optimizer_storage_changed(found: Path, engine, meta: dict | None) -> None:
+    """A resume may switch optim.moments_dtype or optim.master_weights (the state is cast at load), but
+    not silently: a run resumed without restating them would otherwise change memory and numerics."""
+    saved = ((meta or {}).get("config") or {}).get("optim") or {}
+    now = engine.cfg.optim
+    for key, default in STORAGE_KEYS.items():
+        before, after = saved.get(key, default), now.get(key, default)
+        if before != after:
+            log.warning(
+                "checkpoint %s kept optim.%s=%s; this run uses %s (its state is converted at load): set optim.%s=%s to keep it",
+                found,
+                key,
+                before,
+                after,
+                key,
+                before,
+            )
+
+
 def _say_if_global_batch_changed(found: Path, trainer_state: dict, engine, meta: dict | None = None) -> None:
     saved, now = trainer_state.get("global_batch"), global_batch(engine)
     per = int(engine.cfg.trainer.grad_accum) * int(engine.data_parallel_rank[1])
@@ -417,6 +439,7 @@ def load_into(engine, found: Path, engine_name: str) -> int:
         )
         _take_new_optim_settings(engine)
     _say_if_global_batch_changed(found, trainer_state, engine, meta)
+    _say_if_optimizer_storage_changed(found, engine, meta)
     if rng is not None:
         ckpt.set_rng_state(rng)
     log.info("resumed from %s at step %d", found, step)

@@ -74,7 +74,7 @@ def test_the_draws_follow_the_seed(fn):
 
 
 def test_stochastic_rounding_is_unbiased_and_keeps_specials():
-    x = torch.full((200_000,), 1.0 + 2**-10)  # a quarter of the way from 1 to the next bf16 (1 + 2^-7... /2)
+    x = torch.full((200_000,), 1.0 + 2**-10)  # an eighth of the way from 1 to the next bf16, 1 + 2^-7
     r = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
     assert set(r.unique().tolist()) == {1.0, 1.0 + 2**-7}
     assert abs(r.mean().item() - x[0].item()) < 5 * 2**-7 * (0.125 * 0.875 / x.numel()) ** 0.5
@@ -125,26 +125,59 @@ def test_training_with_bf16_moments_follows_fp32_moments(monkeypatch):
     assert all(p.dtype == torch.float32 for p in b.parameters())  # no compute copies without master weights
 
 
-def test_a_run_with_bf16_moments_resumes_bit_identically_and_across_moment_dtypes(tmp_path, monkeypatch):
-    from helpers.config import TINY, compose_cfg
+def _checkpoint(run, step: int) -> dict:
+    from moeflow.parallel.checkpoint import read_full_tensors
 
-    monkeypatch.setattr("moeflow.kernels.adamw.KERNEL", False)  # the torch-ops step: the interpreter is slow
+    return read_full_tensors(run / "checkpoints" / f"step_{step:08d}")
+
+
+def test_a_run_with_bf16_moments_resumes_bit_identically_and_across_moment_dtypes(tmp_path, monkeypatch, caplog):
+    """Whole vs stopped at step 1 and resumed: every tensor of the step-3 checkpoints is equal (the draws
+    after the resume are the uninterrupted run's). Across moment dtypes, the moments are loaded (a load
+    that dropped them would move the weights by up to the learning rate) and the switch is said."""
+    from helpers.config import TINY, compose_cfg
     from moeflow.launch.train import train
 
+    monkeypatch.setattr("moeflow.kernels.adamw.KERNEL", False)  # the torch-ops step: the interpreter is slow
     common = [*TINY, "trainer.eval_every=0", "trainer.keep_checkpoints=0", "trainer.ckpt_every=1"]
-    bf16 = "optim.moments_dtype=bfloat16"
-    whole = train(compose_cfg(*common, bf16, "trainer.steps=3"), tmp_path / "whole")
+    bf16, fp32 = "optim.moments_dtype=bfloat16", "optim.moments_dtype=float32"
+    train(compose_cfg(*common, bf16, "trainer.steps=3"), tmp_path / "whole")
     train(compose_cfg(*common, bf16, "trainer.steps=1"), tmp_path / "split")
-    resumed = train(
-        compose_cfg(*common, bf16, "trainer.steps=3", "resume=auto", run_dir=tmp_path / "split"), tmp_path / "split"
+    train(compose_cfg(*common, bf16, "trainer.steps=3", "resume=auto", run_dir=tmp_path / "split"), tmp_path / "split")
+    whole, resumed = _checkpoint(tmp_path / "whole", 3), _checkpoint(tmp_path / "split", 3)
+    assert whole.keys() == resumed.keys() and any(
+        "exp_avg_sq" in k and v.dtype == torch.bfloat16 for k, v in whole.items()
     )
-    assert resumed["start_step"] == 1 and resumed["train_loss"] == whole["train_loss"]
-    # a bf16-moment checkpoint resumed by torch's AdamW (fp32 moments), and the other way round
-    for first, then in ((bf16, "optim.moments_dtype=float32"), ("optim.moments_dtype=float32", bf16)):
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+    for first, then in ((bf16, fp32), (fp32, bf16)):
         run = tmp_path / first.split("=")[1]
         train(compose_cfg(*common, first, "trainer.steps=1"), run)
-        out = train(compose_cfg(*common, then, "trainer.steps=3", "resume=auto", run_dir=run), run)
-        assert out["start_step"] == 1 and out["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-3)
+        caplog.clear()
+        train(compose_cfg(*common, then, "trainer.steps=3", "resume=auto", run_dir=run), run)
+        assert f"kept {first}; this run uses {then.split('=')[1]}" in caplog.text
+        got = _checkpoint(run, 3)
+        weights = [k for k in whole if k.startswith("model.")]
+        assert max((got[k].float() - whole[k].float()).abs().max().item() for k in weights) < 1e-5
+
+
+def test_a_load_sets_the_moments_in_their_own_dtype_and_values():
+    """load_state_dict of fp32 moments into a bf16-moment optimizer and back: the values are the saved
+    ones (cast once), in the optimizer's dtype, each tensor converted on its own."""
+    from moeflow.launch.optim import MasterWeightAdamW, optimizer_groups
+
+    model = _model()
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-3)
+    model(torch.randint(0, 256, (2, 16))).float().square().mean().backward()
+    opt.step()
+    saved = opt.state_dict()
+    for dtype in (torch.bfloat16, torch.float32):
+        mine = MasterWeightAdamW(optimizer_groups(model, 0.1), [], lr=1e-3, moments_dtype=dtype)
+        mine.load_state_dict(saved)
+        for i, p in enumerate(q for g in mine.param_groups for q in g["params"]):
+            for name in ("exp_avg", "exp_avg_sq"):
+                got = mine.state[p][name]
+                assert got.dtype == dtype and torch.equal(got, saved["state"][i][name].to(dtype)), (i, name)
+            assert int(mine.state[p]["step"]) == 1
 
 
 def test_bf16_moments_are_refused_where_they_cannot_work_and_counted_by_the_memory_check():
@@ -156,6 +189,8 @@ def test_bf16_moments_are_refused_where_they_cannot_work_and_counted_by_the_memo
     bf16 = "optim.moments_dtype=bfloat16"
     with pytest.raises(ConfigError, match=r"optim.moments_dtype=bfloat16 needs one process"):
         validate(compose_cfg(*TINY, bf16, "launcher=local", "launcher.nproc=2"))
+    with pytest.raises(ConfigError, match=r"needs one process and parallel.dispatcher=auto"):  # a one-rank group shards
+        validate(compose_cfg(*TINY, bf16, "parallel.dispatcher=capacity"))
     with pytest.raises(ConfigError, match=r"must be one of|float32"):
         validate(compose_cfg(*TINY, "optim.moments_dtype=float16"))
     assert (
