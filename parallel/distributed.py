@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -46,7 +47,10 @@ def init_distributed(
 
 
 def shutdown_distributed() -> None:
-    """Leave together: rank 0 hosts the rendezvous store, so no rank may tear down while another still needs it."""
+    """Leave together: rank 0 hosts the rendezvous store, so no rank may tear down while another still needs it.
+    Garbage is collected first: modules and meshes that hold process groups live in reference cycles
+    (FSDP's hooks), and groups outliving `destroy_process_group` are torn down at interpreter exit."""
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()

@@ -173,6 +173,14 @@ def main(argv: list[str]) -> None:
     opts = DispatchOptions(name=a.dispatcher, overlap_chunks=a.overlap_chunks, capacity_factor=a.capacity_factor)
     check_options(opts, device_type, ep=int(os.environ.get("WORLD_SIZE", "1")))  # EP over every rank
     env = init_distributed(device_type, single_rank_group=True)
+    result, profiles = measure(a, opts, env, device_type)  # its layers, meshes and buffers are gone on return
+    if env.is_main:
+        report(result, profiles, a)
+    shutdown_distributed()
+
+
+def measure(a: argparse.Namespace, opts: DispatchOptions, env, device_type: str) -> tuple[dict, dict]:
+    """The single-device step, the EP step, and the exchanges alone; the result's figures (every rank's)."""
     device = torch.device("cuda", env.local_rank) if device_type == "cuda" else torch.device("cpu")
     dtype = torch.bfloat16 if (a.dtype == "bf16" or (a.dtype == "auto" and device_type == "cuda")) else torch.float32
     impl = resolve_experts_impl(a.impl, device)
@@ -276,32 +284,38 @@ def main(argv: list[str]) -> None:
         "first_host_sync": first_sync,
         "weak_scaling_efficiency": t_single / t_ep,
     }
-    if env.is_main:
+    return result, profiles
+
+
+def report(result: dict, profiles: dict, a: argparse.Namespace) -> None:
+    """The figures, as printed lines and one JSON line (and --json)."""
+    R, impl = result["ep"], result["impl"]
+    t_single, t_ep, t_a2a = result["step_ms_single"], result["step_ms_ep"], result["exchange_ms_per_step"]
+    t_nccl, exposed = result["nccl_equal_split_ms"], result["exposed_ms"]
+    bytes_per_step, own_reads = result["exchange_bytes_per_step"], result["host_syncs_dispatcher_per_step"]
+    synced, first_sync = result["host_syncs_cuda_debug_per_step"], result["first_host_sync"]
+    print(
+        f"moeflow bench ep: {result['device']}, world {result['world']}, EP={R}, dispatcher {a.dispatcher}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, "
+        f"{a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}"
+    )
+    print(f"  single device step (fwd+bwd): {t_single:9.2f} ms")
+    print(f"  EP={R} step (fwd+bwd):        {t_ep:9.2f} ms  ({t_ep / t_single:.3f}x)")
+    print(
+        f"  exchanges alone per step:     {t_a2a:9.2f} ms  ({bytes_per_step / 2**20:.1f} MiB sent off-rank, bus {result['exchange_bus_GBps']:.1f} GB/s; "
+        f"NCCL equal-split all_to_all of the same rows: {t_nccl:.2f} ms, bus {result['nccl_equal_split_bus_GBps']:.1f} GB/s)"
+    )
+    print(f"  exchange time exposed/hidden: {exposed:9.2f} / {t_a2a - exposed:.2f} ms")
+    print(f"  host syncs per step:          {own_reads} by the dispatcher, {synced} reported by CUDA sync debug mode")
+    if first_sync:
+        print(f"  first synchronising call:     {first_sync}")
+    print(f"  weak-scaling efficiency:      {result['weak_scaling_efficiency'] * 100:8.1f} %")
+    for name, rows in profiles.items():
         print(
-            f"moeflow bench ep: {result['device']}, world {env.world_size}, EP={R}, dispatcher {a.dispatcher}, d={a.d_model} f={a.d_ff} E={a.experts} k={a.top_k}, "
-            f"{a.tokens} tokens/rank, {result['dtype']}, experts impl {impl}, overlap_chunks {a.overlap_chunks}"
+            f"  top kernels, {name} step (ms per step; total of all kernels {sum(ms for _, ms in rows):.2f} in the top {len(rows)}):"
         )
-        print(f"  single device step (fwd+bwd): {t_single:9.2f} ms")
-        print(f"  EP={R} step (fwd+bwd):        {t_ep:9.2f} ms  ({t_ep / t_single:.3f}x)")
-        print(
-            f"  exchanges alone per step:     {t_a2a:9.2f} ms  ({bytes_per_step / 2**20:.1f} MiB sent off-rank, bus {result['exchange_bus_GBps']:.1f} GB/s; "
-            f"NCCL equal-split all_to_all of the same rows: {t_nccl:.2f} ms, bus {result['nccl_equal_split_bus_GBps']:.1f} GB/s)"
-        )
-        print(f"  exchange time exposed/hidden: {exposed:9.2f} / {t_a2a - exposed:.2f} ms")
-        print(
-            f"  host syncs per step:          {own_reads} by the dispatcher, {synced} reported by CUDA sync debug mode"
-        )
-        if first_sync:
-            print(f"  first synchronising call:     {first_sync}")
-        print(f"  weak-scaling efficiency:      {result['weak_scaling_efficiency'] * 100:8.1f} %")
-        for name, rows in profiles.items():
-            print(
-                f"  top kernels, {name} step (ms per step; total of all kernels {sum(ms for _, ms in rows):.2f} in the top {len(rows)}):"
-            )
-            for kernel, ms in rows:
-                print(f"    {ms:7.3f}  {kernel[:110]}")
-        print(json.dumps(result))
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump(result, f, indent=2)
-    shutdown_distributed()
+        for kernel, ms in rows:
+            print(f"    {ms:7.3f}  {kernel[:110]}")
+    print(json.dumps(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)

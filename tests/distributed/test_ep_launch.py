@@ -144,9 +144,6 @@ def test_torchrun_ep2_trains_logs_and_resumes_with_other_ep_sizes(tmp_path):
 
 @pytest.mark.multiprocess
 def test_bench_ep_smoke_on_gloo(tmp_path):
-    # A known teardown crash (pre-existing, about 1 run in 10 on gloo): rank 0 aborts with "terminate called
-    # without an active exception" while the process groups are destroyed, after the result is written. It is
-    # tolerated here only in that form; any other failure fails the test.
     proc = subprocess.run(
         [
             sys.executable,
@@ -182,8 +179,9 @@ def test_bench_ep_smoke_on_gloo(tmp_path):
         text=True,
         timeout=limit(240),
     )
-    teardown_crash = "terminate called without an active exception" in proc.stderr
-    assert proc.returncode == 0 or (teardown_crash and (tmp_path / "ep.json").is_file()), proc.stderr[-3000:]
+    # exit 0: a rank once aborted at exit ("terminate called without an active exception", ~1 run in 10)
+    # while process groups held by uncollected FSDP modules were torn down (parallel/distributed.py)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "ep.json").read_text())
     assert result["ep"] == 2 and result["step_ms_ep"] > 0 and result["step_ms_single"] > 0
     assert 0 < result["weak_scaling_efficiency"] and result["exchange_bytes_per_step"] > 0
