@@ -35,6 +35,7 @@ class TrainerConfig:
     seed: int
     progress: bool
     compile: bool
+    compile_scope: str = "model"
     activation_checkpointing: str = "none"
     activation_checkpointing_every: int = 1
     async_checkpoint: bool = False

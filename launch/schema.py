@@ -46,6 +46,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "seed": Rule(int, low=0, high=2**32 - 1, why="numpy's generators take 32-bit seeds"),
         "progress": Rule(bool),
         "compile": Rule(bool),
+        "compile_scope": Rule(str, choices=("model", "blocks")),
         "profile": Rule(bool),
         "activation_checkpointing": Rule(str, choices=("none", "full", "selective")),
         "activation_checkpointing_every": positive_int(),

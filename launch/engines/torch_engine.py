@@ -40,6 +40,19 @@ from .contract import MoeflowCheckpointEngine
 log = logging.getLogger("moeflow.train")
 
 
+def compiled_forward(model: torch.nn.Module, scope: str, pipelined: bool = False):
+    """trainer.compile: the whole model as one torch.compile region (`trainer.compile_scope=model`), or
+    each block compiled in place (`blocks`: torchtitan's regional compile; identical blocks can share
+    one compiled graph, and parameter names stay the plain model's). Pipeline stages always compile
+    by block (their stages hold blocks under the whole model's names)."""
+    if scope == "blocks" or pipelined:
+        blocks = model.blocks.values() if isinstance(model.blocks, torch.nn.ModuleDict) else model.blocks
+        for block in blocks:
+            block.compile()
+        return model
+    return torch.compile(model)
+
+
 class TorchEngine(MoeflowCheckpointEngine):
     """The reference engine (the contract: `contract.Engine`); saves, rollbacks and closing are
     `MoeflowCheckpointEngine`'s."""
@@ -100,11 +113,8 @@ class TorchEngine(MoeflowCheckpointEngine):
         self.sched = build_scheduler(self.opt, cfg.optim, trainer_cfg.steps)
         self.start_step = self.start_checkpoints(trainer_cfg)
         self.fwd = self.model
-        if trainer_cfg.compile and self.pipeline is not None:  # each block compiled in place: names unchanged
-            for block in self.model.blocks.values():
-                block.compile()
-        elif trainer_cfg.compile:
-            self.fwd = torch.compile(self.model)
+        if trainer_cfg.compile:
+            self.fwd = compiled_forward(self.model, trainer_cfg.compile_scope, pipelined=self.pipeline is not None)
 
     def _pipeline(self, p, opts, cfg, device):
         """parallel.pp > 1: this rank's stages (`parallel.pipeline_schedule`), the loss being the trainer's."""
