@@ -53,9 +53,13 @@ def _stochastic_bf16_bits(x, seed, offs):
 
 @triton.jit
 def _load_moment(ptr, offs, mask, BF16: tl.constexpr):
+    # one return after an if/else: Triton's compiler types a return after a constexpr `if ...: return`
+    # too, and refuses bf16 bits (uint16) beside fp32 (the CPU interpreter does not check)
     if BF16:  # bf16 bits (seen as uint16) -> fp32, exactly
-        return (tl.load(ptr + offs, mask=mask, other=0).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+        x = (tl.load(ptr + offs, mask=mask, other=0).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    return x
 
 
 @triton.jit
