@@ -135,6 +135,20 @@ def check_data(cfg: DictConfig, model_cfg: ModelConfig) -> None:
         raise ConfigError(f"byte-level text needs model.vocab_size >= 256, got {model_cfg.vocab_size}")
 
 
+def check_compile(cfg: DictConfig, trainer_cfg: TrainerConfig) -> None:
+    """trainer.compile is engine=torch's; a scope without it would be silently ignored."""
+    from .engines import engine_name
+
+    if trainer_cfg.compile and engine_name(cfg) != "torch":
+        raise ConfigError(
+            f"trainer.compile=true needs engine=torch (engine={engine_name(cfg)} runs its modules uncompiled); drop it"
+        )
+    if trainer_cfg.compile_scope != "model" and not trainer_cfg.compile:
+        raise ConfigError(
+            f"trainer.compile_scope={trainer_cfg.compile_scope} does nothing without trainer.compile=true; add it or drop the scope"
+        )
+
+
 def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> None:
     o = _container(cfg.optim)
     if o.get("master_weights") and trainer_cfg is not None:
@@ -376,6 +390,7 @@ def _validate(cfg: DictConfig, schema_checked: bool) -> tuple[ModelConfig, Train
     model_cfg = model_config(cfg, resolve_device(trainer_cfg.device))
     check_data(cfg, model_cfg)
     check_optim(cfg, trainer_cfg)
+    check_compile(cfg, trainer_cfg)
     from .divergence import check_policy
     from .engines import check_engine, engine_name
 

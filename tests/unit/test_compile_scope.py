@@ -1,6 +1,6 @@
 """trainer.compile_scope: the whole model as one torch.compile region, or each block compiled in place
 (launch/engines/torch_engine.compiled_forward). Compilation is lazy, so this checks the wiring on the
-CPU; the compiled step's numbers are checked on the GPU (tests/gpu/test_dispatch_gpu.py)."""
+CPU; the compiled step's numbers are checked on the GPU (tests/gpu/test_compile_gpu.py)."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def test_an_unknown_scope_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match=r"trainer.compile_scope"):
         schema.check(compose_cfg(*TINY, "trainer.compile_scope=layers"))
+
+
+def test_compile_settings_that_would_be_ignored_are_refused_in_one_line():
+    from helpers.config import TINY, compose_cfg
+    from moeflow.launch.config import validate
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"trainer.compile_scope=blocks does nothing without trainer.compile=true"):
+        validate(compose_cfg(*TINY, "trainer.compile_scope=blocks"))
+    with pytest.raises(ConfigError, match=r"trainer.compile=true needs engine=torch"):
+        validate(compose_cfg(*TINY, "trainer.compile=true", "engine=deepspeed"))
