@@ -7,6 +7,10 @@ reason with its source line; (2) one compiled forward+backward of the whole mode
 (regional), in a fresh dynamo state. Prints a report; not a benchmark (no claims from it alone).
 
     python bench/tools/compile_breakdown.py --preset olmoe_1b_7b --layers 4 --tokens 16384
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d) python bench/tools/compile_breakdown.py --scopes "each block"
+
+Run second in one process, a scope finds Inductor's and Triton's caches warm with the kernels the
+first compiled (the H200 run of 2026-12-07 did this): compare scopes cold, one process each.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument(
+        "--scopes",
+        default="whole model,each block",
+        help="comma list of 'whole model' and 'each block'; one per process gives each a cold Inductor cache "
+        "(with TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR set to fresh folders)",
+    )
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -68,7 +78,7 @@ def main() -> None:
     for (reason, where), n in sorted(seen.items(), key=lambda kv: -kv[1]):
         print(f"  {n:3d} x {where}: {reason}")
 
-    for mode in ("whole model", "each block"):
+    for mode in [m.strip() for m in args.scopes.split(",")]:
         torch._dynamo.reset()
         model.zero_grad(set_to_none=True)
         if mode == "whole model":
