@@ -149,19 +149,22 @@ def check_compile(cfg: DictConfig, trainer_cfg: TrainerConfig) -> None:
         )
 
 
+def _whole_tensors_on_torch(cfg: DictConfig, unsharded: str) -> str | None:
+    """What moeflow's own AdamW kernel needs and this config lacks: engine=torch, then unsharded
+    parameters (`unsharded` says so for the option asking); None when both hold."""
+    from .engines import engine_name
+
+    return "engine=torch" if engine_name(cfg) != "torch" else unsharded if shards_parameters(cfg) else None
+
+
 def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> None:
     o = _container(cfg.optim)
     if o.get("master_weights") and trainer_cfg is not None:
-        from .engines import engine_name
         from .runtime import bf16_autocast
 
         use_bf16, _ = bf16_autocast(trainer_cfg, resolve_device(trainer_cfg.device))
-        why = (
-            "engine=torch"
-            if engine_name(cfg) != "torch"
-            else "one process (FSDP2 keeps its own fp32 shards)"
-            if shards_parameters(cfg)
-            else "bf16 (trainer.precision=bf16, or auto on a GPU)"
+        why = _whole_tensors_on_torch(cfg, "one process (FSDP2 keeps its own fp32 shards)") or (
+            "bf16 (trainer.precision=bf16, or auto on a GPU)"
             if not use_bf16
             else "trainer.grad_accum=1 (bf16 gradients would be summed in bf16)"
             if trainer_cfg.grad_accum != 1
@@ -172,14 +175,8 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
                 f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting"
             )
     if o.get("moments_dtype", "float32") != "float32" and trainer_cfg is not None:
-        from .engines import engine_name
-
-        why = (
-            "engine=torch"
-            if engine_name(cfg) != "torch"
-            else "one process and parallel.dispatcher=auto|local (its kernel steps whole tensors, not FSDP2's shards)"
-            if shards_parameters(cfg)
-            else None
+        why = _whole_tensors_on_torch(
+            cfg, "one process and parallel.dispatcher=auto|local (its kernel steps whole tensors, not FSDP2's shards)"
         )
         if why:
             raise ConfigError(
@@ -236,7 +233,12 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
 def shards_parameters(cfg: DictConfig) -> bool:
     """Whether engine=torch will hold FSDP2-sharded (DTensor) parameters: several processes, or one
     process whose named transport (parallel.dispatcher) runs over a group of one rank."""
-    return launch_world(cfg) > 1 or cfg.parallel.get("dispatcher", "auto") not in ("auto", "local")
+    return launch_world(cfg) > 1 or runs_one_rank_group(cfg)
+
+
+def runs_one_rank_group(cfg: DictConfig) -> bool:
+    """A transport named with one process (parallel.dispatcher=capacity, ...) runs over a group of one rank."""
+    return parallel_config(cfg).dispatcher not in ("auto", "local")
 
 
 def launch_world(cfg: DictConfig) -> int:

@@ -29,7 +29,7 @@ from moeflow.parallel.mesh import build_mesh
 from moeflow.parallel.parallelize import ShardingOptions, materialize, parallelize
 from moeflow.parallel.plan import reduce_replicated_expert_grads
 
-from ..config import parallel_config
+from ..config import parallel_config, runs_one_rank_group
 from ..divergence import MAX_SKIPS_IN_A_ROW, Diverged
 from ..losses import lm_loss
 from ..optim import build_optimizer, build_scheduler, masters_in_model, replay_schedule
@@ -59,12 +59,11 @@ class TorchEngine(MoeflowCheckpointEngine):
 
     name = "torch"
 
-    # a transport named with one process (parallel.dispatcher=capacity, ...) runs over a group of one rank
     start = staticmethod(
         lambda cfg, tc: start_distributed(
             tc,
             cfg.parallel.backend,
-            single_rank_group=parallel_config(cfg).dispatcher not in ("auto", "local"),
+            single_rank_group=runs_one_rank_group(cfg),
         )
     )
 
