@@ -42,12 +42,11 @@ def _round_to_bf16_bits(w):
 
 
 @triton.jit
-def _stochastic_bf16_bits(x, seed, offs):
+def _stochastic_bf16_bits(x, noise):
     """fp32 -> bf16 bits rounded up with probability equal to the discarded fraction: unbiased, so
-    small updates survive on average. Adding 16 random low bits to the magnitude carries into the
-    kept bits exactly that often."""
+    small updates survive on average. Adding 16 random low bits (`noise`) to the magnitude carries
+    into the kept bits exactly that often."""
     bits = x.to(tl.uint32, bitcast=True)
-    noise = tl.randint(seed, offs).to(tl.uint32, bitcast=True) & 0xFFFF
     return tl.where(x != x, (bits >> 16) | 0x40, (bits + noise) >> 16).to(tl.uint16)
 
 
@@ -95,9 +94,11 @@ def _adamw_master_kernel(
     denom = tl.sqrt(v) / sqrt_bias_c2 + eps
     w = w - (lr / bias_c1) * (m / denom)
     tl.store(master_ptr + offs, w, mask=mask)
-    if MOMENTS_BF16:  # two independent draws: the second moment's offsets lie past the first's
-        tl.store(m_ptr + offs, _stochastic_bf16_bits(m, seed, offs), mask=mask)
-        tl.store(v_ptr + offs, _stochastic_bf16_bits(v, seed, offs + n), mask=mask)
+    if MOMENTS_BF16:  # one Philox draw per element, its two 16-bit halves for the two moments: Philox is
+        # ~20 integer multiplies a draw, and two draws made the step compute-bound (H100: no faster than fp32)
+        bits = tl.randint(seed, offs).to(tl.uint32, bitcast=True)
+        tl.store(m_ptr + offs, _stochastic_bf16_bits(m, bits & 0xFFFF), mask=mask)
+        tl.store(v_ptr + offs, _stochastic_bf16_bits(v, bits >> 16), mask=mask)
     else:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)

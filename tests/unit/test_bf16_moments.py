@@ -73,6 +73,20 @@ def test_the_draws_follow_the_seed(fn):
     assert not torch.equal(a[0].view(torch.int16) & 0xFF, a[1].view(torch.int16) & 0xFF)
 
 
+@pytest.mark.parametrize("fn", STEPS, ids=["triton", "torch"])
+def test_the_two_moments_round_independently(fn):
+    """Equal fp32 moments (beta1 = beta2, equal start): rounding the same way each time would mean both
+    used the same random bits; independent bits round them together only by chance."""
+    n = 8192
+    master, param = torch.zeros(n), torch.zeros(n, dtype=torch.bfloat16)
+    m, v = torch.ones(n, dtype=torch.bfloat16), torch.ones(n, dtype=torch.bfloat16)
+    fn(master, param, torch.zeros(n, dtype=torch.bfloat16), m, v, torch.tensor(1.0), 3, 1e-3, 0.999, 0.999, 1e-8, 0.0)
+    down_m, down_v = (m.float() < 1).float(), (v.float() < 1).float()
+    assert 0.2 < down_m.mean().item() < 0.31 and 0.2 < down_v.mean().item() < 0.31  # P(down) = 0.256 each
+    corr = torch.corrcoef(torch.stack([down_m, down_v]))[0, 1].item()
+    assert abs(corr) < 5 / n**0.5, corr
+
+
 def test_stochastic_rounding_is_unbiased_and_keeps_specials():
     x = torch.full((200_000,), 1.0 + 2**-10)  # an eighth of the way from 1 to the next bf16, 1 + 2^-7
     r = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
