@@ -192,10 +192,32 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
         raise ConfigError(f"optim.schedule={o['schedule']!r} is unknown; use cosine or constant")
 
 
+def train_state_per_rank(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> tuple[float, int]:
+    """Bytes of weights, gradients and AdamW moments one rank holds (engine=torch, FSDP's even split
+    on a GPU), and over how many ranks the state is spread."""
+    from moeflow.moe.param_count import param_counts
+
+    total, _ = param_counts(model_cfg)
+    world = launch_world(cfg) if device.type == "cuda" else 1
+    return train_state_bytes(cfg.optim) * total / world, world
+
+
+def bf16_moments_would_help(cfg: DictConfig) -> bool:
+    """Whether `optim.moments_dtype=bfloat16` is an option this run could still take."""
+    from .engines import engine_name
+
+    return (
+        engine_name(cfg) == "torch"
+        and cfg.optim.get("moments_dtype", "float32") == "float32"
+        and not shards_parameters(cfg)
+    )
+
+
 def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) -> None:
     """Refuse, before anything is allocated, a model whose weights, gradients and AdamW moments alone
     cannot fit: on a GPU, 16 B per parameter (12 with bf16 moments) spread over every rank (FSDP's
-    best case); on the CPU, all of it in this machine's memory. Activations come on top, so this only refuses certain failures."""
+    best case); on the CPU, all of it in this machine's memory. Activations come on top, so this only
+    refuses certain failures (`launch/out_of_memory.py` says the rest in one line when it happens)."""
     from .engines import engine_name
 
     if engine_name(cfg) != "torch":  # DeepSpeed and megatron have their own offload and sharding
@@ -203,8 +225,7 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
     from moeflow.moe.param_count import param_counts
 
     total, _ = param_counts(model_cfg)
-    world = launch_world(cfg) if device.type == "cuda" else 1
-    need = train_state_bytes(cfg.optim) * total / world
+    need, world = train_state_per_rank(cfg, model_cfg, device)
     if device.type == "cuda":
         have, where = (
             torch.cuda.get_device_properties(device.index or 0).total_memory,
@@ -220,7 +241,7 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
         small = train_state_bytes({"moments_dtype": "bfloat16"}) * total / world
         hint = (
             f" (optim.moments_dtype=bfloat16 needs {small / 2**30:,.0f} GiB)"
-            if cfg.optim.get("moments_dtype", "float32") == "float32" and not shards_parameters(cfg) and small <= have
+            if bf16_moments_would_help(cfg) and small <= have
             else ""
         )
         raise ConfigError(

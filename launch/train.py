@@ -224,6 +224,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     lock = RunLock(run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None  # one run per run dir
     try:
         return _train(cfg, run_dir, model_cfg, trainer_cfg)
+    except (
+        torch.OutOfMemoryError
+    ) as e:  # before the first step (the model, the first evaluation); the loop says its step
+        from .out_of_memory import out_of_memory
+
+        raise out_of_memory(cfg, model_cfg, trainer_cfg, "before the first training step") from e
     finally:
         if lock is not None:
             lock.release()
@@ -481,6 +487,10 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             log.warning("the checkpoint being saved when the run failed was not committed: %s", err)
         if env.enabled and is_timeout(e):
             raise heartbeat.explain(e, trainer_cfg.collective_timeout) from None
+        if isinstance(e, torch.OutOfMemoryError):
+            from .out_of_memory import out_of_memory
+
+            raise out_of_memory(cfg, model_cfg, trainer_cfg, f"at step {step + 1}", device) from e
         raise
     finally:
         heartbeat.close()

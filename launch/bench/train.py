@@ -112,6 +112,7 @@ def token_count(batch_size: int, seq_len: int) -> int:
 def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_root: Path) -> dict:
     """One variant through the real trainer; its tokens/s, first-step time, peak memory."""
     from moeflow.launch.config import model_config
+    from moeflow.launch.out_of_memory import OutOfMemory
     from moeflow.launch.profiling import PhaseTimer, timing_phases
     from moeflow.launch.runtime import resolve_device
     from moeflow.launch.train import train
@@ -140,8 +141,11 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     timer = PhaseTimer(
         resolve_device(args.device), first_step=args.steps
     )  # the measured steps, after as many warm-up ones
-    with timing_phases(timer):
-        result = train(cfg, run_root / name)
+    try:
+        with timing_phases(timer):
+            result = train(cfg, run_root / name)
+    except OutOfMemory as e:  # this variant does not fit this GPU: said in its row, the others still run
+        return {"variant": name, "skipped": str(e), "params": _counts(model_cfg)}
     tok_s = result.get("tokens_per_s")
     extra = {}
     if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)
@@ -314,7 +318,7 @@ def run(args) -> dict:
         ),
         None,
     )
-    dense = next((r for r in rows if r["variant"] == "dense"), None)
+    dense = next((r for r in rows if r["variant"] == "dense" and r.get("tokens_per_s")), None)
     moe_c = next(
         (
             r
@@ -323,7 +327,7 @@ def run(args) -> dict:
         ),
         None,
     )
-    dense_c = next((r for r in rows if r["variant"] == "dense-compiled"), None)
+    dense_c = next((r for r in rows if r["variant"] == "dense-compiled" and r.get("tokens_per_s")), None)
     out = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -1,0 +1,106 @@
+"""A GPU out-of-memory error mid-run comes out as one line naming the step and the settings that lower
+the peak (launch/out_of_memory.py), and `moeflow bench train` goes on with the variants that fit."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from moeflow.launch.out_of_memory import OutOfMemory
+
+
+def _fail_at_call(monkeypatch, n: int):
+    """The engine's forward/backward raises torch's OutOfMemoryError from its n-th call on."""
+    from moeflow.launch.engines.torch_engine import TorchEngine
+
+    real, calls = TorchEngine.forward_backward, []
+
+    def forward_backward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= n:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.64 GiB.")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchEngine, "forward_backward", forward_backward)
+
+
+@pytest.mark.slow  # trains one step (a few seconds on 2 cores)
+def test_an_out_of_memory_step_is_one_line_with_its_step_and_remedies(tmp_path, monkeypatch):
+    from helpers.config import TINY, compose_cfg
+    from moeflow.launch.train import train
+
+    monkeypatch.setattr("moeflow.kernels.adamw.KERNEL", False)
+    _fail_at_call(monkeypatch, 2)
+    with pytest.raises(OutOfMemory) as err:
+        train(compose_cfg(*TINY, "trainer.steps=4", "trainer.eval_every=0", "trainer.ckpt_every=0"), tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("out of GPU memory at step 2;")
+    assert "data.batch_size=2 (trainer.grad_accum=2 keeps the batch)" in msg
+    assert "trainer.activation_checkpointing=full" in msg and "optim.moments_dtype=bfloat16" in msg
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)  # torch's own message stays with it
+    assert err.value.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, present, absent",
+    [
+        (["data.batch_size=1"], ["optim.moments_dtype=bfloat16"], ["data.batch_size="]),
+        (["data.global_batch_size=8"], ["data.batch_size=2 (data.global_batch_size keeps the batch)"], []),
+        (
+            ["optim.moments_dtype=bfloat16", "trainer.activation_checkpointing=full"],
+            ["data.batch_size=2"],
+            ["moments_dtype", "activation_checkpointing"],
+        ),
+        (["engine=deepspeed"], ["trainer.activation_checkpointing=full"], ["moments_dtype"]),
+        (["launcher=local", "launcher.nproc=2"], ["more GPUs"], ["moments_dtype"]),
+    ],
+)
+def test_remedies_name_only_what_this_run_can_still_change(overrides, present, absent):
+    from helpers.config import TINY, compose_cfg
+    from moeflow.launch.config import model_config, trainer_config
+    from moeflow.launch.out_of_memory import out_of_memory
+
+    cfg = compose_cfg(*TINY, *overrides)
+    msg = str(out_of_memory(cfg, model_config(cfg), trainer_config(cfg), "at step 7", torch.device("cpu")))
+    assert msg.startswith("out of GPU memory at step 7;"), msg
+    assert all(p in msg for p in present) and not any(a in msg for a in absent), msg
+
+
+@pytest.mark.slow  # trains the dense variant (a few seconds on 2 cores)
+def test_bench_reports_a_variant_that_ran_out_of_memory_and_runs_the_rest(tmp_path, monkeypatch, capsys):
+    import moeflow.launch.train as trainer
+    from moeflow.launch.bench import train as bench_train
+
+    real = trainer.train
+
+    def moe_does_not_fit(cfg, run_dir):
+        if cfg.model.moe_every:
+            raise OutOfMemory("out of GPU memory at step 1; lower the peak with data.batch_size=1")
+        return real(cfg, run_dir)
+
+    monkeypatch.setattr(trainer, "train", moe_does_not_fit)
+    args = argparse.Namespace(
+        shape="tiny",
+        variants="moe,dense",
+        impls="torch",
+        seq_len=16,
+        batch_size=2,
+        steps=2,
+        device="cpu",
+        out=str(tmp_path / "train.json"),
+        override=[
+            "model.n_layers=1",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.d_ff=32",
+            "model.num_experts=4",
+            "model.vocab_size=64",
+        ],
+    )
+    result = bench_train.run(args)
+    moe, dense = result["variants"]
+    assert moe["skipped"].startswith("out of GPU memory at step 1") and "tokens_per_s" not in moe
+    assert dense["tokens_per_s"] > 0 and result["moe_over_dense"] is None
+    assert "moe-torch        skipped: out of GPU memory" in capsys.readouterr().out
