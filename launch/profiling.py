@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .gpu_idle import format_idle, idle_report
+
 log = logging.getLogger("moeflow.train")
 
 # ----------------------------------------------------------------------------- grouping (pure)
@@ -258,12 +260,16 @@ class StepProfiler:
         prof.export_chrome_trace(str(trace))
         groups = group_times(profiler_rows(prof, self.device.type))
         what = "CUDA kernel time" if self.device.type == "cuda" else "CPU self time"
+        idle = idle_report(trace, steps) if self.device.type == "cuda" else {}  # kernel time misses a GPU left waiting
         table = format_table(groups, steps, what, wall_ms / steps)
+        if idle:
+            table += "\n" + format_idle(idle)
         result["profile"] = {
             "trace": str(trace),
             "steps": list(range(self.window[0] + 1, self.window[1] + 1)),  # as the log counts them
             "wall_ms_per_step": wall_ms / steps,
             "ms_per_step": {g.key: g.us / 1e3 / steps for g in groups},
+            **({"gpu_idle": idle} if idle else {}),
         }
         if self.is_main:
             (self.dir / "summary.txt").write_text(table + "\n")
