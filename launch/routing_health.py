@@ -51,7 +51,12 @@ class CollapseWatch:
 
 
 def tied_router_rows(layer) -> tuple[int, int] | None:
-    """Two experts whose router rows are equal, when the router is a plain tensor here (else None)."""
+    """Two experts whose router rows are equal, when the router is a plain tensor here (else None).
+
+    Checked at every log point, so cheaply: an exact integer fingerprint of each row's bits (a
+    wrapping int64 dot product with fixed random coefficients, order-independent, so equal rows give
+    equal fingerprints), one small host read, and an exact comparison only of rows whose
+    fingerprints match (`torch.unique(dim=0)` sorted the whole matrix on the GPU at every log point)."""
     n = layer.experts.num_experts
     for _, p in layer.gate.named_parameters():
         if p.dim() != 2 or p.shape[0] != n:
@@ -59,9 +64,27 @@ def tied_router_rows(layer) -> tuple[int, int] | None:
         if hasattr(p, "device_mesh"):  # a DTensor: its rows live on other ranks
             return None
         rows = p.detach()
-        _, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-        if (counts > 1).any():
-            group = int((counts > 1).nonzero()[0])
-            members = (inverse == group).nonzero().flatten().tolist()
-            return members[0], members[1]
+        prints = (_row_bits(rows) * _coefficients(rows.shape[1], rows.device)).sum(dim=1).tolist()
+        first: dict[int, int] = {}
+        for j, h in enumerate(prints):
+            i = first.setdefault(h, j)
+            if i != j and torch.equal(rows[i], rows[j]):
+                return i, j
     return None
+
+
+def _row_bits(rows: torch.Tensor) -> torch.Tensor:
+    """Each element's bit pattern as an int64 (equal bits: equal values, -0.0 aside)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows.element_size()]
+    return rows.contiguous().view(ints).long()
+
+
+_COEFFICIENTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _coefficients(width: int, device: torch.device) -> torch.Tensor:
+    key = (width, str(device))
+    if key not in _COEFFICIENTS:
+        g = torch.Generator().manual_seed(0x5EED)
+        _COEFFICIENTS[key] = torch.randint(-(2**62), 2**62, (width,), generator=g, dtype=torch.int64).to(device)
+    return _COEFFICIENTS[key]

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from moeflow.moe.errors import ConfigError
 from moeflow.parallel.distributed import shutdown_distributed
-from moeflow.parallel.routing_stats import sync_routing_stats
+from moeflow.parallel.routing_stats import routing_stats_to_host, sync_routing_stats
 
 from . import checkpoint as ckpt
 from .config import validate
@@ -421,6 +421,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                 )  # collective: routing statistics of the global batch
                 stages = engine.stage_report()  # collective under pipeline parallelism
             if env.is_main and log_now:
+                routing_stats_to_host(model)  # one device read for the routing statistics the log reads below
                 elapsed = time.perf_counter() - t_last
                 tok_s = tokens_since / max(elapsed, 1e-9)
                 t_last, tokens_since = time.perf_counter(), 0
