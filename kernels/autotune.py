@@ -16,14 +16,22 @@ Triton's own option (Triton >= 3.4) cannot be used here: it caches nothing for c
 `MOEFLOW_AUTOTUNE_CACHE=0` turns the disk cache off (tune in every process, as before); deleting
 the files forces a retune. Nothing is cached under the interpreter or with `MOEFLOW_AUTOTUNE=0`
 (a single candidate is never tuned).
+
+A machine's first run need not tune either: `tuned_picks.json` beside this file ships picks made on
+lent GPUs at the preset shapes (`bench/tools/ship_tuning.py` collects them from a Triton cache dir).
+A shipped pick is used on a disk-cache miss only when the GPU's name and SM count, the kernel's own
+source text and the tuning key all match and the pick is one of the kernel's current candidates;
+anything else is tuned as before. `MOEFLOW_AUTOTUNE_SHIPPED=0` ignores the shipped picks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -31,6 +39,8 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("MOEFLOW_AUTOTUNE", "1") != "0"
 CACHE = os.environ.get("MOEFLOW_AUTOTUNE_CACHE", "1") != "0"
+SHIPPED = os.environ.get("MOEFLOW_AUTOTUNE_SHIPPED", "1") != "0"
+SHIPPED_PICKS = Path(__file__).with_name("tuned_picks.json")
 
 log = logging.getLogger("moeflow.kernels")
 
@@ -76,9 +86,28 @@ def _gpu_target() -> str:
     except Exception as e:  # noqa: BLE001  (an internal of Triton's; the GPU's name below still keys the file)
         log.debug("autotune cache: no Triton target hash (%s)", e)
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        parts.append(f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs")
+        parts.append(_gpu_name())
     return " | ".join(parts)
+
+
+def _gpu_name() -> str:
+    """The GPU a pick was tuned on: its model and SM count (an H100 and an H200 share sm_90 but not their best tiles)."""
+    if not torch.cuda.is_available():
+        return ""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs"
+
+
+def _own_source_digest(kernel) -> str:
+    """The kernel function's own text (not its file position or its helpers'): what a shipped pick was tuned for."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    try:
+        text = inspect.getsource(getattr(fn, "fn", fn))
+    except (OSError, TypeError):
+        text = getattr(fn, "src", "") or ""
+    return hashlib.sha256(inspect.cleandoc(text).encode()).hexdigest()[:16]
 
 
 def _kernel_source_key(kernel) -> str:
@@ -138,9 +167,10 @@ class DiskCache(dict):
     leaves the tuning in memory only, as without the cache.
     """
 
-    def __init__(self, kernel, target=_gpu_target):
+    def __init__(self, kernel, target=_gpu_target, gpu=_gpu_name, shipped: ShippedPicks | None = None):
         super().__init__()
-        self.kernel, self.target, self.name = kernel, target, _kernel_name(kernel)
+        self.kernel, self.target, self.gpu, self.name = kernel, target, gpu, _kernel_name(kernel)
+        self.shipped = shipped if shipped is not None else (ShippedPicks(SHIPPED_PICKS) if SHIPPED else None)
         self._base: list[str] | None = None
 
     def _manager(self, key):
@@ -154,23 +184,41 @@ class DiskCache(dict):
     def __contains__(self, key) -> bool:
         if dict.__contains__(self, key):
             return True
-        try:
-            manager, filename = self._manager(key)
-            path = manager.get_file(filename)
-            if path is None:
-                return False
-            with open(path) as f:
-                stored = json.load(f)
-            if stored.get("key") != [str(k) for k in key]:
-                return False
-            config = next((c for c in self.kernel.configs if _config_record(c) == stored.get("best")), None)
-        except Exception as e:  # noqa: BLE001
-            log.debug("autotune cache: %s not read (%s)", self.name, e)
-            return False
+        config = self._from_disk(key) or self._shipped(key)
         if config is None:
             return False
         dict.__setitem__(self, key, config)
         return True
+
+    def _candidate(self, record: dict | None):
+        """The kernel's own candidate equal to a stored pick (its pre_hook kept), or None."""
+        if not record:
+            return None
+        return next((c for c in self.kernel.configs if _config_record(c) == record), None)
+
+    def _from_disk(self, key):
+        try:
+            manager, filename = self._manager(key)
+            path = manager.get_file(filename)
+            if path is None:
+                return None
+            with open(path) as f:
+                stored = json.load(f)
+            if stored.get("key") != [str(k) for k in key]:
+                return None
+            return self._candidate(stored.get("best"))
+        except Exception as e:  # noqa: BLE001
+            log.debug("autotune cache: %s not read (%s)", self.name, e)
+            return None
+
+    def _shipped(self, key):
+        if self.shipped is None:
+            return None
+        record = self.shipped.get(self.name, _own_source_digest(self.kernel), self.gpu(), [str(k) for k in key])
+        config = self._candidate(record)
+        if config is not None:
+            log.info("autotune: %s uses the pick shipped for %s (no tuning)", self.name, self.gpu())
+        return config
 
     def __setitem__(self, key, config) -> None:
         dict.__setitem__(self, key, config)
@@ -181,6 +229,8 @@ class DiskCache(dict):
                     {
                         "kernel": self.name,
                         "target": self.target(),
+                        "gpu": self.gpu(),  # these two let bench/tools/ship_tuning.py ship the pick
+                        "source": _own_source_digest(self.kernel),
                         "key": [str(k) for k in key],
                         "best": _config_record(config),
                     }
@@ -190,6 +240,28 @@ class DiskCache(dict):
             )
         except Exception as e:  # noqa: BLE001
             log.debug("autotune cache: %s not written (%s)", self.name, e)
+
+
+class ShippedPicks:
+    """The tuned picks shipped in `tuned_picks.json`, read once on first use; a missing or damaged
+    file ships nothing (every kernel tunes, as without it)."""
+
+    def __init__(self, path: Path):
+        self.path, self._picks = Path(path), None
+
+    @staticmethod
+    def identity(record: dict) -> tuple:
+        return record["kernel"], record["source"], record["gpu"], tuple(record["key"])
+
+    def get(self, kernel: str, source: str, gpu: str, key: list[str]) -> dict | None:
+        if self._picks is None:
+            try:
+                records = json.loads(self.path.read_text()).get("picks", [])
+                self._picks = {self.identity(r): r["best"] for r in records}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                log.debug("autotune: no shipped picks from %s (%s)", self.path, e)
+                self._picks = {}
+        return self._picks.get((kernel, source, gpu, tuple(key)))
 
 
 def persist_tuning(*kernels) -> None:

@@ -126,3 +126,78 @@ def test_the_cache_stays_off_under_the_interpreter_and_when_opted_out(monkeypatc
     fresh = make_kernel()
     autotune.persist_tuning(fresh)
     assert type(fresh.cache) is dict
+
+
+def _ship_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "tools" / "ship_tuning.py"
+    spec = importlib.util.spec_from_file_location("ship_tuning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+H100 = "NVIDIA H100 80GB HBM3 sm_90 132 SMs"
+
+
+def test_a_shipped_pick_spares_a_new_machine_the_tuning_only_where_everything_matches(cache_dir, tmp_path, monkeypatch):
+    """A GPU run's picks, collected by bench/tools/ship_tuning.py, serve a machine with an empty cache:
+    the same GPU, kernel source and key use the pick untuned; any mismatch tunes as before."""
+    tuned = make_kernel()
+    tuned.cache = autotune.DiskCache(tuned, target=lambda: "t", gpu=lambda: H100)
+    launch(tuned)
+    assert first_pick(cache_dir)["gpu"] == H100
+    shipped = tmp_path / "tuned_picks.json"
+    source = autotune._own_source_digest(tuned)
+    counts = _ship_tool().collect(cache_dir, shipped, {"add_one": source})
+    assert counts["added"] == 1 and counts["skipped"] == 0
+    assert _ship_tool().collect(cache_dir, shipped, {"add_one": source})["unchanged"] == 1  # idempotent
+
+    def fresh(gpu=H100, picks=shipped):
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / f"empty-{len(list(tmp_path.iterdir()))}"))
+        benched.clear()
+        ran.clear()
+        kernel = make_kernel()
+        kernel.cache = autotune.DiskCache(
+            kernel, target=lambda: "t", gpu=lambda: gpu, shipped=autotune.ShippedPicks(picks)
+        )
+        launch(kernel)
+        return kernel
+
+    kernel = fresh()
+    assert benched == [] and ran == [32] and kernel.best_config is kernel.configs[1]  # the shipped pick, its hook kept
+    fresh(gpu="NVIDIA H200 sm_90 132 SMs")
+    assert sorted(benched) == [16, 32]  # another GPU tunes
+
+    data = json.loads(shipped.read_text())
+    for edit in ({"source": "0" * 16}, {"best": {**data["picks"][0]["best"], "kwargs": {"BLOCK": 64}}}):
+        altered = tmp_path / "altered.json"
+        altered.write_text(json.dumps({"picks": [{**data["picks"][0], **edit}]}))
+        fresh(picks=altered)
+        assert sorted(benched) == [16, 32], edit  # another kernel source, or a pick no longer a candidate
+    damaged = tmp_path / "damaged.json"
+    damaged.write_text("{not json")
+    fresh(picks=damaged)
+    assert sorted(benched) == [16, 32]
+
+    assert _ship_tool().collect(cache_dir, shipped, {"add_one": "changed"})["dropped_stale"] == 1
+    assert json.loads(shipped.read_text())["picks"] == []  # a kernel edited since: its picks go
+
+
+def first_pick(cache_dir):
+    return json.loads(next(cache_dir.rglob("moeflow-add_one.autotune.json")).read_text())
+
+
+def test_the_shipped_picks_file_is_valid_and_names_this_checkouts_kernels():
+    data = json.loads(autotune.SHIPPED_PICKS.read_text())
+    from moeflow.kernels import gemm
+
+    names = {
+        autotune._kernel_name(k): autotune._own_source_digest(k)
+        for k in (gemm._up_kernel, gemm._gmm_kernel, gemm._wgrad_kernel)
+    }
+    for record in data["picks"]:
+        assert names.get(record["kernel"]) == record["source"], record["kernel"]  # stale picks are never shipped
+        assert set(record) >= {"gpu", "key", "best"}
