@@ -4,11 +4,15 @@ run starts (weights, gradients, AdamW state); activations show themselves only w
 
 from __future__ import annotations
 
+import re
+
 import torch
 from omegaconf import DictConfig
 
 from moeflow.moe.errors import MoeflowError
 from moeflow.moe.model import ModelConfig
+
+FRAGMENTED_GIB = 1.0  # reserved but unallocated beyond this: the allocator's own advice applies
 
 
 class OutOfMemory(MoeflowError):
@@ -17,40 +21,78 @@ class OutOfMemory(MoeflowError):
     exit_code = 1
 
 
+def find_oom(err: BaseException | None) -> torch.OutOfMemoryError | None:
+    """torch's OutOfMemoryError, also where another error wraps it (a pipeline stage's RuntimeError,
+    torch.compile's backend errors chain it as their cause)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, torch.OutOfMemoryError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def out_of_memory(
-    cfg: DictConfig, model_cfg: ModelConfig, trainer_cfg, when: str, device: torch.device | None = None
+    cfg: DictConfig,
+    model_cfg: ModelConfig,
+    trainer_cfg,
+    when: str,
+    device: torch.device | None = None,
+    oom: BaseException | None = None,
 ) -> OutOfMemory:
-    """The error to raise for a torch.OutOfMemoryError met `when` ("at step 3"; the device: this rank's GPU)."""
+    """The error to raise for a torch.OutOfMemoryError (`oom`) met `when` ("at step 3"; the device:
+    this rank's GPU)."""
     from .config import bf16_moments_would_help, train_state_per_rank
+    from .engines import engine_name
 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    state, _ = train_state_per_rank(cfg, model_cfg, device)
-    held = ""
+    torch_engine = engine_name(cfg) == "torch"
+    held, tip = "", ""
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device.index or 0).total_memory
-        peak = torch.cuda.max_memory_allocated(device)
-        held = f" ({device}: {peak / 2**30:.1f} of {total / 2**30:.1f} GiB allocated at the peak"
-        held += f", of which weights, gradients and AdamW state ~{state / 2**30:.1f} GiB)"
-    return OutOfMemory(
-        f"out of GPU memory {when}{held}; lower the peak with {', '.join(_remedies(cfg, trainer_cfg, bf16_moments_would_help(cfg)))}"
-    )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory / 2**30
+        peak = torch.cuda.max_memory_allocated(index) / 2**30
+        reserved = torch.cuda.memory_reserved(index) / 2**30
+        allocated = torch.cuda.memory_allocated(index) / 2**30
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", str(oom or ""))
+        held = f" ({f'asked for {asked.group(1)}; ' if asked else ''}{device}: {peak:.1f} of {total:.1f} GiB allocated at the peak"
+        if torch_engine:
+            state, _ = train_state_per_rank(cfg, model_cfg, device)
+            held += f", weights, gradients and AdamW state ~{state / 2**30:.1f} GiB of it"
+        held += ")"
+        if reserved - allocated > FRAGMENTED_GIB:
+            tip = (
+                f"; {reserved - allocated:.1f} GiB were reserved but free (fragmentation): "
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may be enough"
+            )
+    remedies = _remedies(cfg, trainer_cfg, torch_engine, bf16_moments_would_help(cfg))
+    return OutOfMemory(f"out of GPU memory {when}{held}; lower the peak with {', '.join(remedies)}{tip}")
 
 
-def _remedies(cfg: DictConfig, trainer_cfg, bf16_moments: bool) -> list[str]:
-    """The settings that lower this run's peak, the cheapest in speed first."""
+def _remedies(cfg: DictConfig, trainer_cfg, torch_engine: bool, bf16_moments: bool) -> list[str]:
+    """The settings that lower this run's peak and that it can still take, the cheapest in speed first."""
     out = []
     batch = int(cfg.data.batch_size)
+    one_micro_batch = bool(cfg.optim.get("master_weights"))  # bf16 gradients are not summed across micro-batches
     if batch > 1:
-        keep = (
-            "data.global_batch_size keeps the batch"
-            if cfg.data.get("global_batch_size") is not None
-            else f"trainer.grad_accum={2 * trainer_cfg.grad_accum} keeps the batch"
-        )
-        out.append(f"data.batch_size={batch // 2} ({keep})")
+        if one_micro_batch:
+            out.append(
+                f"data.batch_size={batch // 2} (a smaller batch: optim.master_weights takes no trainer.grad_accum)"
+            )
+        else:
+            smaller = max(d for d in range(1, batch) if batch % d == 0)  # the same batch in whole micro-batches
+            keep = (
+                "data.global_batch_size keeps the batch"
+                if cfg.data.get("global_batch_size") is not None
+                else f"trainer.grad_accum={trainer_cfg.grad_accum * batch // smaller} keeps the batch"
+            )
+            out.append(f"data.batch_size={smaller} ({keep})")
     if bf16_moments:
         out.append("optim.moments_dtype=bfloat16")
-    if trainer_cfg.activation_checkpointing != "full":
+    if torch_engine and trainer_cfg.activation_checkpointing != "full":
         out.append("trainer.activation_checkpointing=full")
-    out.append("more GPUs (FSDP spreads the state over them)")
+    if not torch_engine or not (one_micro_batch or cfg.optim.get("moments_dtype", "float32") != "float32"):
+        out.append("more GPUs (the state is sharded over them)")  # master weights and bf16 moments need one process
     return out

@@ -222,14 +222,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg, trainer_cfg = validate(cfg)
     refuse_fresh_run_over_checkpoints(cfg, run_dir)
     lock = RunLock(run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None  # one run per run dir
+    progress = {"where": "while building the model"}  # outside the training loop (the loop says its step)
     try:
-        return _train(cfg, run_dir, model_cfg, trainer_cfg)
-    except (
-        torch.OutOfMemoryError
-    ) as e:  # before the first step (the model, the first evaluation); the loop says its step
-        from .out_of_memory import out_of_memory
+        return _train(cfg, run_dir, model_cfg, trainer_cfg, progress)
+    except Exception as e:
+        from .out_of_memory import find_oom, out_of_memory
 
-        raise out_of_memory(cfg, model_cfg, trainer_cfg, "before the first training step") from e
+        oom = find_oom(e) if progress["where"] != "reported" else None
+        if oom is None:
+            raise
+        raise out_of_memory(cfg, model_cfg, trainer_cfg, progress["where"], oom=oom) from e
     finally:
         if lock is not None:
             lock.release()
@@ -256,6 +258,12 @@ def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
         raise ConfigError(
             f"trainer.grad_accum={trainer_cfg.grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them"
         )
+    if g // per > 1 and cfg.optim.get("master_weights"):  # validate() saw grad_accum=1: this sets it
+        raise ConfigError(
+            f"optim.master_weights=true needs trainer.grad_accum=1 (bf16 gradients would be summed in bf16), but "
+            f"data.global_batch_size={g} takes {g // per} micro-batches of data.batch_size={cfg.data.batch_size} on {dp} "
+            f"data-parallel ranks; set data.batch_size={g // dp} or drop optim.master_weights"
+        )
     trainer_cfg.grad_accum = g // per
     with open_dict(cfg):
         cfg.trainer.grad_accum = g // per
@@ -268,7 +276,7 @@ def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
     )
 
 
-def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg, progress: dict) -> dict:
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
     env, device = Engine.start(cfg, trainer_cfg)
     derive_grad_accum(cfg, trainer_cfg, env.world_size)
@@ -343,6 +351,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
         )
 
     if start_step == 0 and trainer_cfg.eval_every > 0:
+        progress["where"] = "in the evaluation before step 1"
         result["val_loss_start"] = evaluate_now()
         if env.is_main:
             report_val(result["val_loss_start"], 0)
@@ -381,6 +390,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
     try:
         step = start_step
         while step < trainer_cfg.steps:
+            progress["where"] = f"at step {step + 1}"
             probe.begin(step)
             set_gate_step(model, step)
             loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
@@ -457,6 +467,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             if env.is_main and stages:
                 log.info("step %d: %s", done, stages)
             if eval_now:
+                progress["where"] = f"in the evaluation after step {done}"
                 val = evaluate_now()
                 result["val_loss"] = val
                 if env.is_main:
@@ -469,6 +480,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
                         loss_readings(val, byte_level)[0],
                     )
             if save_now:
+                progress["where"] = f"while saving the checkpoint of step {done}"
                 hooks.on_checkpoint(done, result, engine.save(done))
             if (
                 hooks.stop_requested()
@@ -488,14 +500,17 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg) -> dict:
             log.warning("the checkpoint being saved when the run failed was not committed: %s", err)
         if env.enabled and is_timeout(e):
             raise heartbeat.explain(e, trainer_cfg.collective_timeout) from None
-        if isinstance(e, torch.OutOfMemoryError):
-            from .out_of_memory import out_of_memory
+        from .out_of_memory import find_oom, out_of_memory
 
-            raise out_of_memory(cfg, model_cfg, trainer_cfg, f"at step {step + 1}", device) from e
+        oom = find_oom(e)  # also wrapped: a pipeline stage's RuntimeError, torch.compile's backend error
+        if oom is not None:
+            where, progress["where"] = progress["where"], "reported"
+            raise out_of_memory(cfg, model_cfg, trainer_cfg, where, device, oom) from e
         raise
     finally:
         heartbeat.close()
         probe.close()
+    progress["where"] = "after the last step (closing the run, committing a save)"
     bar.close()
     hooks.close()
     if writer is not None:
