@@ -145,7 +145,7 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
         with timing_phases(timer):
             result = train(cfg, run_root / name)
     except OutOfMemory as e:  # this variant does not fit this GPU: said in its row, the others still run
-        return {"variant": name, "skipped": str(e), "params": _counts(model_cfg)}
+        return {"variant": name, "skipped": str(e), "params": _counts(model_cfg)}  # the caller frees its memory
     tok_s = result.get("tokens_per_s")
     extra = {}
     if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)
@@ -268,6 +268,9 @@ def run(args) -> dict:
 
     if args.shape not in SHAPES:
         raise ConfigError(f"--shape {args.shape!r} is unknown; choose one of {', '.join(SHAPES)}")
+    unknown = [v for v in args.variants.split(",") if v not in ("moe", "dense", "hf")]
+    if unknown:
+        raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use moe, dense, hf")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     device = resolve_device(args.device)
@@ -286,27 +289,27 @@ def run(args) -> dict:
         # enough tokens that the 1% validation split still holds a window of seq_len + 2
         tokens = random_tokens(tmp, vocab, token_count(args.batch_size, args.seq_len))
         modes = [("", [])] + ([("-compiled", ["trainer.compile=true"])] if getattr(args, "compile", False) else [])
+
+        def measured(row: dict) -> None:  # each variant's peak memory its own: release before the next
+            rows.append(row)
+            print(_row(row, peak), flush=True)
+            _release(device)
+
         for variant in args.variants.split(","):
             for suffix, extra in modes if variant in ("moe", "dense") else [("", [])]:
                 if variant == "moe":
                     for impl in impls:
-                        rows.append(
+                        measured(
                             trainer_variant(
                                 f"moe-{impl}{suffix}", [*shape, f"experts.impl={impl}", *extra], args, tokens, tmp
                             )
                         )
-                        print(_row(rows[-1], peak), flush=True)
-                    continue
-                if variant == "dense":
-                    rows.append(
+                elif variant == "dense":
+                    measured(
                         trainer_variant(f"dense{suffix}", [*shape, "model.moe_every=0", *extra], args, tokens, tmp)
                     )
-                elif variant == "hf":
-                    rows.append(hf_variant(shape, args, device))
                 else:
-                    raise ConfigError(f"--variants: {variant!r} is unknown; use moe, dense, hf")
-                print(_row(rows[-1], peak), flush=True)
-            _release(device)
+                    measured(hf_variant(shape, args, device))
     for r in rows:
         if r.get("tokens_per_s"):
             r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
