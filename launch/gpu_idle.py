@@ -15,22 +15,23 @@ from collections import defaultdict
 from pathlib import Path
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
-HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "python_function")
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "cuda_runtime", "cuda_driver", "python_function")
 NO_HOST_OP = "(no host op: Python between ops)"
 MIN_GAP_US = 20.0  # shorter gaps are the launch latency between back-to-back kernels
 
 
-def _intervals(events: list[dict], categories: tuple[str, ...]) -> list[tuple[float, float, str]]:
+def _intervals(events: list[dict], categories: tuple[str, ...]) -> list[tuple[float, float, str, tuple]]:
+    """(start, end, name, thread) of the complete events of `categories` (times in microseconds)."""
     return [
-        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "?"))
+        (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "?"), (e.get("pid"), e.get("tid")))
         for e in events
         if e.get("ph") == "X" and e.get("cat") in categories
     ]
 
 
-def _merged(spans: list[tuple[float, float, str]]) -> list[tuple[float, float]]:
+def _merged(spans: list[tuple]) -> list[tuple[float, float]]:
     out: list[list[float]] = []
-    for a, b, _ in sorted(spans):
+    for a, b, *_ in sorted(spans):
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)
         else:
@@ -38,22 +39,27 @@ def _merged(spans: list[tuple[float, float, str]]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in out]
 
 
-def _host_at(times: list[float], host: list[tuple[float, float, str]]) -> list[str]:
-    """What the host was doing at each of `times` (ascending): the outermost op or annotation covering
-    it (ops nest in time) and, when another lies inside it, the innermost ("Optimizer.step >
-    cudaStreamSynchronize"). One sweep over the host ops sorted by start."""
-    host = sorted(host)
+def _host_at(times: list[float], host: list[tuple[float, float, str, tuple]]) -> list[str]:
+    """What the host was doing at each of `times` (ascending): on the thread whose innermost op there
+    began last (the one still issuing work; the others wait inside long ops), its outermost op or
+    annotation covering that time (ops nest in time on a thread) and, when another lies inside it, the
+    innermost ("Optimizer.step > cudaStreamSynchronize"). One sweep over the host ops sorted by start."""
+    host = sorted(host, key=lambda h: h[0])
     out, active, i = [], [], 0
     for t in times:
         while i < len(host) and host[i][0] <= t:
             active.append(host[i])
             i += 1
         active = [h for h in active if h[1] >= t]
-        covering = sorted((b - a, name) for a, b, name in active)
-        if not covering:
+        threads: dict[tuple, list] = {}
+        for h in active:
+            threads.setdefault(h[3], []).append(h)
+        if not threads:
             out.append(NO_HOST_OP)
             continue
-        inner, outer = covering[0][1], covering[-1][1]
+        ops = max(threads.values(), key=lambda hs: min(hs, key=lambda h: h[1] - h[0])[0])
+        inner = min(ops, key=lambda h: h[1] - h[0])[2]
+        outer = max(ops, key=lambda h: h[1] - h[0])[2]
         out.append(outer if inner == outer else f"{outer} > {inner}")
     return out
 

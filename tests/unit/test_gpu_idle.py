@@ -59,3 +59,22 @@ def test_the_report_reads_a_trace_file_and_formats_one_line(tmp_path):
 def test_a_trace_without_device_work_gives_nothing():
     assert idle_report({"traceEvents": [_x("cpu_op", "aten::mm", 0, 10)]}, steps=1) == {}
     assert format_idle({}) == ""
+
+
+def test_each_gap_is_named_from_one_thread_the_one_still_issuing_work():
+    def on(tid, cat, name, ts, dur):
+        return {**_x(cat, name, ts, dur), "pid": 1, "tid": tid}
+
+    ev = [
+        _x("kernel", "a", 0, 100),
+        _x("kernel", "b", 500, 100),  # gap 100..500, midpoint 300
+        _x("kernel", "c", 900, 100),  # gap 600..900, midpoint 750
+        on(7, "cpu_op", "aten::copy_", 0, 1000),  # another thread, busy the whole time
+        on(1, "cpu_op", "aten::item", 250, 100),
+        on(1, "cuda_runtime", "cudaStreamSynchronize", 260, 80),
+        on(
+            1, "cuda_driver", "cuLaunchKernelEx", 740, 20
+        ),  # a launch-bound gap: Triton/Inductor launch through the driver
+    ]
+    causes = idle_report({"traceEvents": ev}, steps=1)["causes_ms_per_step"]
+    assert causes == pytest.approx({"aten::item > cudaStreamSynchronize": 0.4, "cuLaunchKernelEx": 0.3})
