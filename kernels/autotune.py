@@ -19,9 +19,9 @@ the files forces a retune. Nothing is cached under the interpreter or with `MOEF
 
 A machine's first run need not tune either: `tuned_picks.json` beside this file ships picks made on
 lent GPUs at the preset shapes (`bench/tools/ship_tuning.py` collects them from a Triton cache dir).
-A shipped pick is used on a disk-cache miss only when the GPU's name and SM count, the kernel's own
-source text and the tuning key all match and the pick is one of the kernel's current candidates;
-anything else is tuned as before. `MOEFLOW_AUTOTUNE_SHIPPED=0` ignores the shipped picks.
+A shipped pick is used on a disk-cache miss only when the GPU's name and SM count, the Triton version,
+the kernel's code (`tuning_digest`: its module, its descriptor hooks, the prune rules) and the tuning
+key all match and the pick is one of the kernel's current candidates; anything else is tuned as before. `MOEFLOW_AUTOTUNE_SHIPPED=0` ignores the shipped picks.
 """
 
 from __future__ import annotations
@@ -98,16 +98,22 @@ def _gpu_name() -> str:
     return f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs"
 
 
-def _own_source_digest(kernel) -> str:
-    """The kernel function's own text (not its file position or its helpers'): what a shipped pick was tuned for."""
+def tuning_digest(kernel) -> str:
+    """What a shipped pick was tuned for, beyond the GPU and the key: the text of the kernel's module
+    and of its candidates' pre_hook module (helpers, descriptor boxes), and of the prune and key rules
+    below. Line numbers and other files do not count (Triton's own cache_key counts line numbers)."""
     fn = kernel
     while hasattr(fn, "fn"):
         fn = fn.fn
-    try:
-        text = inspect.getsource(getattr(fn, "fn", fn))
-    except (OSError, TypeError):
-        text = getattr(fn, "src", "") or ""
-    return hashlib.sha256(inspect.cleandoc(text).encode()).hexdigest()[:16]
+    parts = []
+    hooks = [c.pre_hook for c in getattr(kernel, "configs", []) if c.pre_hook is not None]
+    for obj in [fn, *hooks[:1]]:
+        try:
+            parts.append(Path(inspect.getsourcefile(obj)).read_text())
+        except (OSError, TypeError):
+            parts.append(getattr(obj, "src", "") or "")
+    parts += [inspect.getsource(f) for f in (fits_one, _keep_fitting, fits_gmm, fits_wgrad, even_k, m_bucket)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _kernel_source_key(kernel) -> str:
@@ -214,7 +220,9 @@ class DiskCache(dict):
     def _shipped(self, key):
         if self.shipped is None:
             return None
-        record = self.shipped.get(self.name, _own_source_digest(self.kernel), self.gpu(), [str(k) for k in key])
+        record = self.shipped.get(
+            self.name, tuning_digest(self.kernel), self.gpu(), [str(k) for k in key], triton.__version__
+        )
         config = self._candidate(record)
         if config is not None:
             log.info("autotune: %s uses the pick shipped for %s (no tuning)", self.name, self.gpu())
@@ -230,7 +238,8 @@ class DiskCache(dict):
                         "kernel": self.name,
                         "target": self.target(),
                         "gpu": self.gpu(),  # these two let bench/tools/ship_tuning.py ship the pick
-                        "source": _own_source_digest(self.kernel),
+                        "source": tuning_digest(self.kernel),
+                        "triton": triton.__version__,
                         "key": [str(k) for k in key],
                         "best": _config_record(config),
                     }
@@ -251,9 +260,9 @@ class ShippedPicks:
 
     @staticmethod
     def identity(record: dict) -> tuple:
-        return record["kernel"], record["source"], record["gpu"], tuple(record["key"])
+        return record["kernel"], record["source"], record["gpu"], tuple(record["key"]), record["triton"]
 
-    def get(self, kernel: str, source: str, gpu: str, key: list[str]) -> dict | None:
+    def get(self, kernel: str, source: str, gpu: str, key: list[str], triton_version: str) -> dict | None:
         if self._picks is None:
             try:
                 records = json.loads(self.path.read_text()).get("picks", [])
@@ -261,7 +270,7 @@ class ShippedPicks:
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 log.debug("autotune: no shipped picks from %s (%s)", self.path, e)
                 self._picks = {}
-        return self._picks.get((kernel, source, gpu, tuple(key)))
+        return self._picks.get((kernel, source, gpu, tuple(key), triton_version))
 
 
 def persist_tuning(*kernels) -> None:

@@ -6,7 +6,7 @@ Run `moeflow bench train --shape ...` (or any training run) on the GPU to ship f
 
 Every `moeflow-<kernel>.autotune.json` under the cache dir that names its GPU and kernel source
 (written since the shipped picks exist) is merged into the shipped file; a pick for the same
-(kernel, source, GPU, key) replaces the shipped one, and the tool says how many were added, replaced
+(kernel, code, GPU, key, Triton version) replaces the shipped one, and the tool says how many were added, replaced
 and skipped. Picks whose kernel source no longer matches this checkout's kernels are dropped (they
 would never be used), so run it from the commit the GPU run used.
 """
@@ -19,11 +19,13 @@ from pathlib import Path
 
 
 def current_sources() -> dict[str, str]:
-    """kernel name -> digest of its own source, for this checkout's autotuned kernels."""
+    """kernel name -> `tuning_digest` of this checkout's autotuned kernels (every Autotuner in kernels/gemm.py)."""
+    from triton.runtime.autotuner import Autotuner
+
     from moeflow.kernels import autotune, gemm
 
-    kernels = (gemm._up_kernel, gemm._gmm_kernel, gemm._wgrad_kernel)
-    return {autotune._kernel_name(k): autotune._own_source_digest(k) for k in kernels}
+    kernels = [k for k in vars(gemm).values() if isinstance(k, Autotuner)]
+    return {autotune._kernel_name(k): autotune.tuning_digest(k) for k in kernels}
 
 
 def collect(cache_dir: Path, out: Path, sources: dict[str, str]) -> dict[str, int]:
@@ -35,7 +37,7 @@ def collect(cache_dir: Path, out: Path, sources: dict[str, str]) -> dict[str, in
     for path in sorted(Path(cache_dir).expanduser().rglob("moeflow-*.autotune.json")):
         try:
             stored = json.loads(path.read_text())
-            record = {k: stored[k] for k in ("kernel", "source", "gpu", "key", "best")}
+            record = {k: stored[k] for k in ("kernel", "source", "gpu", "key", "best", "triton")}
         except (OSError, ValueError, KeyError):
             counts["skipped"] += 1  # written before picks named their GPU and source, or damaged
             continue

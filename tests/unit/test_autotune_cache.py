@@ -150,7 +150,7 @@ def test_a_shipped_pick_spares_a_new_machine_the_tuning_only_where_everything_ma
     launch(tuned)
     assert first_pick(cache_dir)["gpu"] == H100
     shipped = tmp_path / "tuned_picks.json"
-    source = autotune._own_source_digest(tuned)
+    source = autotune.tuning_digest(tuned)
     counts = _ship_tool().collect(cache_dir, shipped, {"add_one": source})
     assert counts["added"] == 1 and counts["skipped"] == 0
     assert _ship_tool().collect(cache_dir, shipped, {"add_one": source})["unchanged"] == 1  # idempotent
@@ -172,11 +172,15 @@ def test_a_shipped_pick_spares_a_new_machine_the_tuning_only_where_everything_ma
     assert sorted(benched) == [16, 32]  # another GPU tunes
 
     data = json.loads(shipped.read_text())
-    for edit in ({"source": "0" * 16}, {"best": {**data["picks"][0]["best"], "kwargs": {"BLOCK": 64}}}):
+    for edit in (
+        {"source": "0" * 16},
+        {"triton": "0.0"},
+        {"best": {**data["picks"][0]["best"], "kwargs": {"BLOCK": 64}}},
+    ):
         altered = tmp_path / "altered.json"
         altered.write_text(json.dumps({"picks": [{**data["picks"][0], **edit}]}))
         fresh(picks=altered)
-        assert sorted(benched) == [16, 32], edit  # another kernel source, or a pick no longer a candidate
+        assert sorted(benched) == [16, 32], edit  # other kernel code, another Triton, a pick no longer a candidate
     damaged = tmp_path / "damaged.json"
     damaged.write_text("{not json")
     fresh(picks=damaged)
@@ -191,13 +195,11 @@ def first_pick(cache_dir):
 
 
 def test_the_shipped_picks_file_is_valid_and_names_this_checkouts_kernels():
+    """Picks whose kernel code changed since they were tuned are never shipped: after editing a kernel,
+    drop them (`python bench/tools/ship_tuning.py --cache-dir <an empty dir>`) or re-tune on the GPU."""
     data = json.loads(autotune.SHIPPED_PICKS.read_text())
-    from moeflow.kernels import gemm
-
-    names = {
-        autotune._kernel_name(k): autotune._own_source_digest(k)
-        for k in (gemm._up_kernel, gemm._gmm_kernel, gemm._wgrad_kernel)
-    }
+    names = _ship_tool().current_sources()
+    assert {"_up_kernel", "_gmm_kernel", "_wgrad_kernel"} <= set(names)
     for record in data["picks"]:
-        assert names.get(record["kernel"]) == record["source"], record["kernel"]  # stale picks are never shipped
-        assert set(record) >= {"gpu", "key", "best"}
+        assert names.get(record["kernel"]) == record["source"], record["kernel"]
+        assert set(record) >= {"gpu", "key", "best", "triton"}
