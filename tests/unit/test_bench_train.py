@@ -8,17 +8,10 @@ import json
 
 import pytest
 
+from helpers.bench import TINY_BENCH as TINY
+from helpers.bench import bench_train_args
 from moeflow.launch.bench import train as bench_train
 from moeflow.moe.config import ModelConfig
-
-TINY = [
-    "model.n_layers=1",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.d_ff=32",
-    "model.num_experts=4",
-    "model.vocab_size=64",
-]
 
 
 def test_flops_per_token_counts_matmuls_and_attention():
@@ -43,17 +36,7 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(trainer, "train", counting)
     out = tmp_path / "train.json"
-    args = argparse.Namespace(
-        shape="tiny",
-        variants="moe,dense,hf",
-        impls="torch",
-        seq_len=16,
-        batch_size=2,
-        steps=2,
-        device="cpu",
-        out=str(out),
-        override=TINY,
-    )
+    args = bench_train_args("moe,dense,hf", out)
     result = bench_train.run(args)
     assert calls == [
         ("torch", 1),
@@ -84,17 +67,7 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
 @pytest.mark.slow  # trains 4 tiny steps (about a second on 2 cores)
 def test_phase_times_are_reported_and_fit_in_the_steady_step(tmp_path, capsys):
     out = tmp_path / "train.json"
-    args = argparse.Namespace(
-        shape="tiny",
-        variants="dense",
-        impls="torch",
-        seq_len=16,
-        batch_size=2,
-        steps=2,
-        device="cpu",
-        out=str(out),
-        override=TINY,
-    )
+    args = bench_train_args("dense", out)
     bench_train.run(args)
     row = json.loads(out.read_text())["variants"][0]
     phases = [row["forward_s"], row["backward_s"], row["optimizer_s"]]
@@ -110,17 +83,7 @@ def test_phase_times_are_reported_and_fit_in_the_steady_step(tmp_path, capsys):
 
 @pytest.mark.slow  # trains 4 tiny steps, two of them profiled
 def test_a_profiled_variant_prints_its_table(tmp_path, capsys):
-    args = argparse.Namespace(
-        shape="tiny",
-        variants="dense",
-        impls="torch",
-        seq_len=16,
-        batch_size=2,
-        steps=2,
-        device="cpu",
-        out=None,
-        override=[*TINY, "trainer.profile=true"],
-    )
+    args = bench_train_args("dense", override=["trainer.profile=true"])
     row = bench_train.run(args)["variants"][0]
     assert row["profile_ms_per_step"]["gemm"] > 0
     assert "dense: profile: CPU self time per step" in capsys.readouterr().out

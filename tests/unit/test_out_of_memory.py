@@ -3,8 +3,6 @@ the peak (launch/out_of_memory.py), and `moeflow bench train` goes on with the v
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
@@ -163,24 +161,9 @@ def test_bench_reports_a_variant_that_ran_out_of_memory_and_runs_the_rest(tmp_pa
         return real(cfg, run_dir)
 
     monkeypatch.setattr(trainer, "train", moe_does_not_fit)
-    args = argparse.Namespace(
-        shape="tiny",
-        variants="moe,dense",
-        impls="torch",
-        seq_len=16,
-        batch_size=2,
-        steps=2,
-        device="cpu",
-        out=str(tmp_path / "train.json"),
-        override=[
-            "model.n_layers=1",
-            "model.d_model=32",
-            "model.n_heads=2",
-            "model.d_ff=32",
-            "model.num_experts=4",
-            "model.vocab_size=64",
-        ],
-    )
+    from helpers.bench import bench_train_args
+
+    args = bench_train_args("moe,dense", tmp_path / "train.json")
     result = bench_train.run(args)
     moe, dense = result["variants"]
     assert moe["skipped"].startswith("out of GPU memory at step 1") and "tokens_per_s" not in moe
