@@ -3,6 +3,7 @@
 Run `moeflow bench train --shape ...` (or any training run) on the GPU to ship for, then:
 
     python bench/tools/ship_tuning.py --cache-dir ${TRITON_CACHE_DIR:-~/.triton/cache} [--out kernels/tuned_picks.json]
+    python bench/tools/ship_tuning.py --prune-stale      # after editing a kernel: drop the picks it invalidated
 
 Every `moeflow-<kernel>.autotune.json` under the cache dir that names its GPU and kernel source
 (written since the shipped picks exist) is merged into the shipped file; a pick for the same
@@ -28,13 +29,26 @@ def current_sources() -> dict[str, str]:
     return {autotune._kernel_name(k): autotune.tuning_digest(k) for k in kernels}
 
 
-def collect(cache_dir: Path, out: Path, sources: dict[str, str]) -> dict[str, int]:
-    from moeflow.kernels.autotune import ShippedPicks
+class ShipError(Exception):
+    """Bad input to the tool: said in one line, exit 2."""
 
-    shipped = json.loads(out.read_text()) if out.exists() else {"picks": []}
-    picks = {ShippedPicks.identity(r): r for r in shipped.get("picks", [])}
+
+def collect(cache_dir: Path | None, out: Path, sources: dict[str, str]) -> dict[str, int]:
+    """Merge the picks under `cache_dir` (None: none, only drop the stale ones) into `out`; the counts."""
+    from moeflow.kernels.autotune import SHIPPED_PICKS, ShippedPicks
+
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
+    if cache_dir is not None and not cache_dir.is_dir():
+        raise ShipError(f"--cache-dir {cache_dir} is not a directory; pass the TRITON_CACHE_DIR the GPU run used")
+    try:
+        shipped = json.loads((out if out.exists() else SHIPPED_PICKS).read_text())
+        if not out.exists():
+            shipped["picks"] = []  # a new file: the shipped file's header, none of its picks
+        picks = {ShippedPicks.identity(r): r for r in shipped.get("picks", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ShipError(f"--out {out} is not a picks file ({e}); point --out at one, or at a new path") from None
     counts = {"added": 0, "replaced": 0, "unchanged": 0, "skipped": 0}
-    for path in sorted(Path(cache_dir).expanduser().rglob("moeflow-*.autotune.json")):
+    for path in sorted(cache_dir.rglob("moeflow-*.autotune.json")) if cache_dir is not None else []:
         try:
             stored = json.loads(path.read_text())
             record = {k: stored[k] for k in ("kernel", "source", "gpu", "key", "best", "triton")}
@@ -50,6 +64,7 @@ def collect(cache_dir: Path, out: Path, sources: dict[str, str]) -> dict[str, in
         picks[ident] = record
     kept = [r for r in picks.values() if sources.get(r["kernel"]) == r["source"]]
     shipped["picks"] = sorted(kept, key=lambda r: (r["gpu"], r["kernel"], r["key"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(shipped, indent=1) + "\n")
     counts["dropped_stale"] = len(picks) - len(kept)
     return counts
@@ -57,12 +72,27 @@ def collect(cache_dir: Path, out: Path, sources: dict[str, str]) -> dict[str, in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache-dir", required=True, help="the Triton cache dir the GPU run used")
+    ap.add_argument("--cache-dir", help="the Triton cache dir the GPU run used")
+    ap.add_argument(
+        "--prune-stale",
+        action="store_true",
+        help="only drop shipped picks whose kernel code changed (no GPU run needed)",
+    )
     ap.add_argument(
         "--out", default=str(Path(__file__).resolve().parents[2] / "kernels" / "tuned_picks.json"), help="shipped picks"
     )
     args = ap.parse_args()
-    counts = collect(Path(args.cache_dir), Path(args.out), current_sources())
+    try:
+        if args.prune_stale == bool(args.cache_dir):
+            raise ShipError("pass --cache-dir (collect a GPU run's picks) or --prune-stale (only drop stale ones)")
+        if args.cache_dir and not any(Path(args.cache_dir).expanduser().rglob("moeflow-*.autotune.json")):
+            raise ShipError(
+                f"no moeflow-*.autotune.json under {args.cache_dir}: nothing tuned there (pass the TRITON_CACHE_DIR "
+                "of a GPU run); --out left as it was"
+            )
+        counts = collect(Path(args.cache_dir) if args.cache_dir else None, Path(args.out), current_sources())
+    except ShipError as e:
+        raise SystemExit(f"ship_tuning: error: {e}") from None
     print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" -> {args.out}")
 
 

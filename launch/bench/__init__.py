@@ -27,6 +27,8 @@ def check_out(path: str | None, force: bool) -> None:
     """A results file that exists is replaced only with --force, checked before the benchmark runs."""
     from pathlib import Path
 
+    if path and Path(path).is_dir():  # found before the benchmark runs, not when its results are written
+        raise ConfigError(f"--out {path} is a directory; name a file in it, e.g. --out {Path(path) / 'results.json'}")
     if path and Path(path).exists() and not force:
         raise ConfigError(f"--out {path} already exists; pass --force to replace it, or choose another --out")
 

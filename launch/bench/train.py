@@ -275,6 +275,7 @@ def run(args) -> dict:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     device = resolve_device(args.device)
     impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
+    _refuse_impls_that_would_fall_back(impls, device)
     shape = SHAPES[args.shape]
     from moeflow.launch.config import model_config
 
@@ -366,6 +367,19 @@ def run(args) -> dict:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
     return out
+
+
+def _refuse_impls_that_would_fall_back(impls: list[str], device) -> None:
+    """A row named moe-triton must have run the Triton kernels: on a CPU (without Triton's interpreter)
+    the experts fall back to the torch path, so the bench refuses rather than mislabel the row."""
+    from moeflow.kernels.autotune import INTERPRET
+
+    cuda_only = [i for i in impls if i in ("triton", "grouped_mm")]
+    if device.type != "cuda" and cuda_only and not (INTERPRET and cuda_only == ["triton"]):
+        raise ConfigError(
+            f"--impls {','.join(cuda_only)} runs only on a CUDA GPU (on {device.type} it would fall back to "
+            f"experts.impl=torch under its name); use --impls torch here"
+        )
 
 
 def _release(device) -> None:

@@ -186,7 +186,7 @@ def test_a_shipped_pick_spares_a_new_machine_the_tuning_only_where_everything_ma
     fresh(picks=damaged)
     assert sorted(benched) == [16, 32]
 
-    assert _ship_tool().collect(cache_dir, shipped, {"add_one": "changed"})["dropped_stale"] == 1
+    assert _ship_tool().collect(None, shipped, {"add_one": "changed"})["dropped_stale"] == 1  # --prune-stale
     assert json.loads(shipped.read_text())["picks"] == []  # a kernel edited since: its picks go
 
 
@@ -196,10 +196,38 @@ def first_pick(cache_dir):
 
 def test_the_shipped_picks_file_is_valid_and_names_this_checkouts_kernels():
     """Picks whose kernel code changed since they were tuned are never shipped: after editing a kernel,
-    drop them (`python bench/tools/ship_tuning.py --cache-dir <an empty dir>`) or re-tune on the GPU."""
+    drop them (`python bench/tools/ship_tuning.py --prune-stale`) or re-tune on the GPU."""
     data = json.loads(autotune.SHIPPED_PICKS.read_text())
     names = _ship_tool().current_sources()
     assert {"_up_kernel", "_gmm_kernel", "_wgrad_kernel"} <= set(names)
     for record in data["picks"]:
         assert names.get(record["kernel"]) == record["source"], record["kernel"]
         assert set(record) >= {"gpu", "key", "best", "triton"}
+
+
+def test_the_ship_tool_refuses_bad_input_in_one_line_and_leaves_out_alone(tmp_path, monkeypatch, capsys):
+    tool = _ship_tool()
+    out = tmp_path / "picks.json"
+    out.write_text(autotune.SHIPPED_PICKS.read_text())
+    before = out.read_text()
+    (tmp_path / "empty").mkdir()
+
+    def run(*argv):
+        monkeypatch.setattr("sys.argv", ["ship_tuning.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            tool.main()
+        return str(e.value.code)
+
+    assert "no moeflow-*.autotune.json under" in run("--cache-dir", str(tmp_path / "empty"), "--out", str(out))
+    assert "no moeflow-*.autotune.json under" in run("--cache-dir", str(tmp_path / "missing"), "--out", str(out))
+    assert "pass --cache-dir" in run("--out", str(out))
+    assert out.read_text() == before
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(tool.ShipError, match="is not a picks file"):
+        tool.collect(None, bad, tool.current_sources())
+    new = tmp_path / "sub" / "new.json"
+    monkeypatch.setattr("sys.argv", ["ship_tuning.py", "--prune-stale", "--out", str(new)])
+    tool.main()  # a new file in a new folder: the shipped file's header, no picks
+    written = json.loads(new.read_text())
+    assert written["picks"] == [] and "about" in written

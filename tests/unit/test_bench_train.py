@@ -143,3 +143,12 @@ def test_overrides_may_follow_the_flags(monkeypatch):
     assert (
         seen["override"] == ["model.n_layers=4", "optim.master_weights=true"] and seen["compile"] and seen["steps"] == 3
     )
+
+
+def test_implementations_that_would_fall_back_and_a_directory_out_are_refused_before_running(tmp_path):
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--impls grouped_mm runs only on a CUDA GPU"):
+        bench_train.run(bench_train_args("moe", impls="grouped_mm"))
+    with pytest.raises(ConfigError, match="is a directory; name a file in it"):
+        bench_train.main(["--shape", "tiny", "--out", str(tmp_path), "--force"])
