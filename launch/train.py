@@ -222,13 +222,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model_cfg, trainer_cfg = validate(cfg)
     refuse_fresh_run_over_checkpoints(cfg, run_dir)
     lock = RunLock(run_dir).acquire() if int(os.environ.get("RANK", "0")) == 0 else None  # one run per run dir
-    progress = {"where": "while building the model"}  # outside the training loop (the loop says its step)
+    progress = {"where": "while building the model"}  # _train moves it on: "at step 3", "in the evaluation after ..."
     try:
         return _train(cfg, run_dir, model_cfg, trainer_cfg, progress)
     except Exception as e:
         from .out_of_memory import find_oom, out_of_memory
 
-        oom = find_oom(e) if progress["where"] != "reported" else None
+        oom = find_oom(e)  # also wrapped: a pipeline stage's RuntimeError, torch.compile's backend error
         if oom is None:
             raise
         raise out_of_memory(cfg, model_cfg, trainer_cfg, progress["where"], oom=oom) from e
@@ -500,13 +500,7 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg, progress: dic
             log.warning("the checkpoint being saved when the run failed was not committed: %s", err)
         if env.enabled and is_timeout(e):
             raise heartbeat.explain(e, trainer_cfg.collective_timeout) from None
-        from .out_of_memory import find_oom, out_of_memory
-
-        oom = find_oom(e)  # also wrapped: a pipeline stage's RuntimeError, torch.compile's backend error
-        if oom is not None:
-            where, progress["where"] = progress["where"], "reported"
-            raise out_of_memory(cfg, model_cfg, trainer_cfg, where, device, oom) from e
-        raise
+        raise  # an out-of-memory error is said by train(), at progress["where"]
     finally:
         heartbeat.close()
         probe.close()
