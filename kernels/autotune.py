@@ -98,13 +98,19 @@ def _gpu_name() -> str:
     return f"{props.name} sm_{props.major}{props.minor} {props.multi_processor_count} SMs"
 
 
+def _python_fn(kernel):
+    """The plain Python function under an Autotuner / JITFunction's wrappers."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
 def tuning_digest(kernel) -> str:
     """What a shipped pick was tuned for, beyond the GPU and the key: the text of the kernel's module
     and of its candidates' pre_hook module (helpers, descriptor boxes), and of the prune and key rules
     below. Line numbers and other files do not count (Triton's own cache_key counts line numbers)."""
-    fn = kernel
-    while hasattr(fn, "fn"):
-        fn = fn.fn
+    fn = _python_fn(kernel)
     parts = []
     hooks = [c.pre_hook for c in getattr(kernel, "configs", []) if c.pre_hook is not None]
     for obj in [fn, *hooks[:1]]:
@@ -129,10 +135,7 @@ def _kernel_source_key(kernel) -> str:
 
 
 def _kernel_name(kernel) -> str:
-    fn = kernel
-    while hasattr(fn, "fn"):
-        fn = fn.fn
-    return getattr(fn, "__name__", "kernel")[:150]
+    return getattr(_python_fn(kernel), "__name__", "kernel")[:150]
 
 
 def _base_key(kernel, target: str) -> list[str]:

@@ -37,9 +37,12 @@ def collect(cache_dir: Path | None, out: Path, sources: dict[str, str]) -> dict[
     """Merge the picks under `cache_dir` (None: none, only drop the stale ones) into `out`; the counts."""
     from moeflow.kernels.autotune import SHIPPED_PICKS, ShippedPicks
 
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else None
-    if cache_dir is not None and not cache_dir.is_dir():
-        raise ShipError(f"--cache-dir {cache_dir} is not a directory; pass the TRITON_CACHE_DIR the GPU run used")
+    found = sorted(Path(cache_dir).expanduser().rglob("moeflow-*.autotune.json")) if cache_dir is not None else []
+    if cache_dir is not None and not found:
+        raise ShipError(
+            f"no moeflow-*.autotune.json under {cache_dir}: nothing tuned there (pass the TRITON_CACHE_DIR "
+            "of a GPU run); --out left as it was"
+        )
     try:
         shipped = json.loads((out if out.exists() else SHIPPED_PICKS).read_text())
         if not out.exists():
@@ -48,7 +51,7 @@ def collect(cache_dir: Path | None, out: Path, sources: dict[str, str]) -> dict[
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ShipError(f"--out {out} is not a picks file ({e}); point --out at one, or at a new path") from None
     counts = {"added": 0, "replaced": 0, "unchanged": 0, "skipped": 0}
-    for path in sorted(cache_dir.rglob("moeflow-*.autotune.json")) if cache_dir is not None else []:
+    for path in found:
         try:
             stored = json.loads(path.read_text())
             record = {k: stored[k] for k in ("kernel", "source", "gpu", "key", "best", "triton")}
@@ -85,11 +88,6 @@ def main() -> None:
     try:
         if args.prune_stale == bool(args.cache_dir):
             raise ShipError("pass --cache-dir (collect a GPU run's picks) or --prune-stale (only drop stale ones)")
-        if args.cache_dir and not any(Path(args.cache_dir).expanduser().rglob("moeflow-*.autotune.json")):
-            raise ShipError(
-                f"no moeflow-*.autotune.json under {args.cache_dir}: nothing tuned there (pass the TRITON_CACHE_DIR "
-                "of a GPU run); --out left as it was"
-            )
         counts = collect(Path(args.cache_dir) if args.cache_dir else None, Path(args.out), current_sources())
     except ShipError as e:
         raise SystemExit(f"ship_tuning: error: {e}") from None
