@@ -29,6 +29,7 @@ import triton.language as tl
 from .autotune import INTERPRET
 
 BLOCK = 1024 if not INTERPRET else 128
+NUM_WARPS = 4
 KERNEL = os.environ.get("MOEFLOW_ADAMW_KERNEL", "1") != "0"  # 0: the torch-ops reference on the GPU too (A/B)
 
 
@@ -198,5 +199,5 @@ def adamw_master_step(
         WRITE_COPY=copy,
         MOMENTS_BF16=bf16_moments,
         BLOCK=BLOCK,
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )

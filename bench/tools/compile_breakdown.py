@@ -16,6 +16,9 @@ first compiled (the H200 run of 2026-12-07 did this): compare scopes cold, one p
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -57,6 +60,14 @@ def main() -> None:
         help="comma list of 'whole model' and 'each block'; one per process gives each a cold Inductor cache "
         "(with TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR set to fresh folders)",
     )
+    ap.add_argument(
+        "--profile-compile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cProfile each compiled first step and print its N costliest Inductor/Triton/dynamo functions "
+        "(cumulative): lowering, scheduling, code generation, waiting on the compile workers, benchmarking",
+    )
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -87,9 +98,26 @@ def main() -> None:
             fwd = model
             for block in model.blocks:
                 block.compile()
+        import torch._inductor.config as inductor_config
+        import torch._inductor.metrics as inductor_metrics
+
+        kernels_before = inductor_metrics.generated_kernel_count
+        profiler = cProfile.Profile() if args.profile_compile else None
         t = time.perf_counter()
+        if profiler:
+            profiler.enable()
         step(fwd, model, tokens)
         first = time.perf_counter() - t
+        if profiler:
+            profiler.disable()
+            out = io.StringIO()
+            stats = pstats.Stats(profiler, stream=out).sort_stats("cumulative")
+            stats.print_stats(r"_inductor|triton|_dynamo|concurrent|subprocess", args.profile_compile)
+            print(out.getvalue()[-12000:])
+        print(
+            f"({mode}) Inductor generated {inductor_metrics.generated_kernel_count - kernels_before} kernels "
+            f"with {inductor_config.compile_threads} compile workers"
+        )
         t = time.perf_counter()
         step(fwd, model, tokens)
         print(f"compiled ({mode}): first step {first:.1f} s, second {time.perf_counter() - t:.2f} s")
