@@ -149,8 +149,11 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     tok_s = result.get("tokens_per_s")
     extra = {}
     if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)
-        print(f"{name}: " + (Path(result["profile"]["trace"]).parent / "summary.txt").read_text(), flush=True)
+        profile_dir = Path(result["profile"]["trace"]).parent
+        print(f"{name}: " + (profile_dir / "summary.txt").read_text(), flush=True)
         extra["profile_ms_per_step"] = result["profile"]["ms_per_step"]
+        # each category's ten costliest kernels ([name, ms per step, calls per step]): the table shows two
+        extra["profile_top"] = json.loads((profile_dir / "summary.json").read_text())["top"]
     return {
         "variant": name,
         "tokens_per_s": tok_s,

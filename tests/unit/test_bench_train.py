@@ -86,6 +86,12 @@ def test_a_profiled_variant_prints_its_table(tmp_path, capsys):
     args = bench_train_args("dense", override=["trainer.profile=true"])
     row = bench_train.run(args)["variants"][0]
     assert row["profile_ms_per_step"]["gemm"] > 0
+    gemms = row["profile_top"]["gemm"]  # [name, ms per step, calls per step], costliest first
+    assert (
+        gemms
+        and all(ms >= 0 for _, ms, _ in gemms)
+        and [r[1] for r in gemms] == sorted((r[1] for r in gemms), reverse=True)
+    )
     assert "dense: profile: CPU self time per step" in capsys.readouterr().out
 
 
