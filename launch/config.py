@@ -391,6 +391,34 @@ def check_pipeline_parallel(cfg: DictConfig, model_cfg: ModelConfig, p) -> None:
 _VALIDATED: dict[str, tuple[ModelConfig, TrainerConfig]] = {}  # this process's checked configs, by their YAML
 
 
+def global_batch_accum(cfg: DictConfig, grad_accum: int, world: int) -> tuple[int, int] | None:
+    """(accumulation steps, data-parallel ranks) that data.global_batch_size takes on `world` ranks, or
+    None without one; refused in one line where the global batch cannot be met. `validate` calls it with
+    the ranks the launch will start (before any run dir exists), the trainer again with its group's."""
+    g = cfg.data.get("global_batch_size")
+    if g is None:
+        return None
+    tp, cp, pp = int(cfg.parallel.tp), int(cfg.parallel.cp), int(cfg.parallel.get("pp", 1))
+    dp = max(1, world // (pp * tp * cp))  # the ranks of a TP or CP group, and a pipeline's stages, read one batch
+    per = int(cfg.data.batch_size) * dp
+    if g % per:
+        raise ConfigError(
+            f"data.global_batch_size={g} is not a multiple of data.batch_size={cfg.data.batch_size} x {dp} data-parallel ranks = {per}; "
+            f"choose a global batch that is, or another data.batch_size"
+        )
+    if grad_accum not in (1, g // per):
+        raise ConfigError(
+            f"trainer.grad_accum={grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them"
+        )
+    if g // per > 1 and cfg.optim.get("master_weights"):  # validate() saw grad_accum=1: this sets it
+        raise ConfigError(
+            f"optim.master_weights=true needs trainer.grad_accum=1 (bf16 gradients would be summed in bf16), but "
+            f"data.global_batch_size={g} takes {g // per} micro-batches of data.batch_size={cfg.data.batch_size} on {dp} "
+            f"data-parallel ranks; set data.batch_size={g // dp} or drop optim.master_weights"
+        )
+    return g // per, dp
+
+
 def validate(cfg: DictConfig, schema_checked: bool = False) -> tuple[ModelConfig, TrainerConfig]:
     """Every check of a training config, once per process: `moeflow train` checks in its preflight and
     the run that follows gets the same answer without checking (or building the model on meta) again.
@@ -420,5 +448,7 @@ def _validate(cfg: DictConfig, schema_checked: bool) -> tuple[ModelConfig, Train
     check_engine(cfg, model_cfg, resolve_device(trainer_cfg.device))
     check_policy(trainer_cfg.on_nonfinite, engine_name(cfg))
     check_parallel(cfg, model_cfg)
+    # the global batch on the ranks this launch starts (the trainer derives grad_accum again from its group)
+    global_batch_accum(cfg, trainer_cfg.grad_accum, launch_world(cfg))
     check_memory(cfg, model_cfg, resolve_device(trainer_cfg.device))
     return model_cfg, trainer_cfg

@@ -11,13 +11,14 @@ from moeflow.moe.errors import ConfigError
 from moeflow.parallel.distributed import DistEnv, init_distributed
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, setting: str = "trainer.device") -> torch.device:
+    """`name` (auto, cpu, cuda[:i]) as a device; a refusal names `setting`, what the user typed."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu (or auto)")
+        raise ConfigError(f"{setting}={name} but no CUDA GPU is visible; use {setting}=cpu (or auto)")
     if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"trainer.device={name!r} is unknown; use auto, cpu or cuda")
+        raise ConfigError(f"{setting}={name!r} is unknown; use auto, cpu or cuda")
     return torch.device(name)
 
 

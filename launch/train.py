@@ -29,7 +29,7 @@ from moeflow.parallel.distributed import shutdown_distributed
 from moeflow.parallel.routing_stats import routing_stats_to_host, sync_routing_stats
 
 from . import checkpoint as ckpt
-from .config import validate
+from .config import global_batch_accum, validate
 from .data import BatchSampler, training_samplers
 from .divergence import DivergenceGuard, finite
 from .engines import engine_class, engine_name
@@ -240,39 +240,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
     """data.global_batch_size (Megatron's --global-batch-size): trainer.grad_accum follows from it, the
     per-rank micro-batch and the data-parallel ranks of this launch, so the same global batch holds on
-    any number of ranks."""
+    any number of ranks (`config.global_batch_accum` refuses what cannot)."""
     from omegaconf import open_dict
 
-    g = cfg.data.get("global_batch_size")
-    if g is None:
+    derived = global_batch_accum(cfg, trainer_cfg.grad_accum, world)
+    if derived is None:
         return
-    tp, cp, pp = int(cfg.parallel.tp), int(cfg.parallel.cp), int(cfg.parallel.get("pp", 1))
-    dp = max(1, world // (pp * tp * cp))  # the ranks of a TP or CP group, and a pipeline's stages, read one batch
-    per = int(cfg.data.batch_size) * dp
-    if g % per:
-        raise ConfigError(
-            f"data.global_batch_size={g} is not a multiple of data.batch_size={cfg.data.batch_size} x {dp} data-parallel ranks = {per}; "
-            f"choose a global batch that is, or another data.batch_size"
-        )
-    if trainer_cfg.grad_accum not in (1, g // per):
-        raise ConfigError(
-            f"trainer.grad_accum={trainer_cfg.grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them"
-        )
-    if g // per > 1 and cfg.optim.get("master_weights"):  # validate() saw grad_accum=1: this sets it
-        raise ConfigError(
-            f"optim.master_weights=true needs trainer.grad_accum=1 (bf16 gradients would be summed in bf16), but "
-            f"data.global_batch_size={g} takes {g // per} micro-batches of data.batch_size={cfg.data.batch_size} on {dp} "
-            f"data-parallel ranks; set data.batch_size={g // dp} or drop optim.master_weights"
-        )
-    trainer_cfg.grad_accum = g // per
+    accum, dp = derived
+    trainer_cfg.grad_accum = accum
     with open_dict(cfg):
-        cfg.trainer.grad_accum = g // per
+        cfg.trainer.grad_accum = accum
     log.info(
         "global batch %d sequences = data.batch_size %d x %d data-parallel ranks x %d accumulation steps",
-        g,
+        cfg.data.global_batch_size,
         cfg.data.batch_size,
         dp,
-        g // per,
+        accum,
     )
 
 

@@ -128,6 +128,9 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
             f"data.batch_size={args.batch_size}",
             f"data.val_percent={VAL_PERCENT}",
             f"trainer.steps={2 * args.steps}",
+            # the learning rate warms up over the bench's own warm-up steps: the default 30 would make every
+            # short bench "all warmup" and say so (speed does not depend on the rate)
+            f"optim.warmup_steps={args.steps}",
             f"trainer.log_every={args.steps}",
             "trainer.eval_every=0",
             "trainer.ckpt_every=0",
@@ -139,7 +142,7 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     )
     model_cfg = model_config(cfg)
     timer = PhaseTimer(
-        resolve_device(args.device), first_step=args.steps
+        resolve_device(args.device, setting="--device"), first_step=args.steps
     )  # the measured steps, after as many warm-up ones
     try:
         with timing_phases(timer):
@@ -276,7 +279,7 @@ def run(args) -> dict:
         raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use moe, dense, hf")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, setting="--device")
     impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
     _refuse_impls_that_would_fall_back(impls, device)
     shape = SHAPES[args.shape]

@@ -204,3 +204,24 @@ def test_the_launcher_world_counts_before_torchrun_sets_it():
 def test_an_unknown_top_level_key_is_one_line(capsys, override, hint):
     """A key without a dot once reached Hydra's 81-line ConfigCompositionException (it was taken for a group)."""
     assert hint in run_preflight(capsys, override)
+
+
+@pytest.mark.parametrize("world, global_batch, per", [("1", 10, 4), ("2", 12, 8)])
+def test_a_global_batch_the_launch_cannot_meet_is_refused_before_the_run_dir(
+    capsys, tmp_path, monkeypatch, world, global_batch, per
+):
+    """It was refused only once the process group had started: logged and printed (twice), with a run
+    dir holding nothing but its train.log. The launch's ranks come from torchrun's WORLD_SIZE (12 is
+    3 micro-batches of 4 on one rank, but not whole ones of 4 x 2 ranks), or before launching, from the
+    launcher's process count."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    run = tmp_path / "run"
+    args = ["data.batch_size=4", f"data.global_batch_size={global_batch}", f"hydra.run.dir={run}"]
+    err = run_preflight(capsys, *args)
+    monkeypatch.delenv("WORLD_SIZE")
+    assert err == run_preflight(capsys, *args, "launcher=local", f"launcher.nproc={world}")
+    assert (
+        f"data.global_batch_size={global_batch} is not a multiple of data.batch_size=4 x {world} data-parallel ranks = {per}"
+        in err
+    )
+    assert not run.exists()

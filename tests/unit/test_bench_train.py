@@ -129,6 +129,9 @@ def test_unknown_shape_or_variant_fails_in_one_line():
         bench_train.run(argparse.Namespace(shape="huge", **base))
     with pytest.raises(ConfigError, match="--variants: 'fast' is unknown"):
         bench_train.run(argparse.Namespace(shape="tiny", **{**base, "variants": "fast"}))
+    # a device refusal names the bench's own flag, not the trainer setting the bench passes it on as
+    with pytest.raises(ConfigError, match="^--device='tpu' is unknown"):
+        bench_train.run(argparse.Namespace(shape="tiny", **{**base, "device": "tpu"}))
 
 
 def test_an_existing_results_file_is_replaced_only_with_force(tmp_path):
