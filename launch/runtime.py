@@ -22,6 +22,17 @@ def resolve_device(name: str, setting: str = "trainer.device") -> torch.device:
     return torch.device(name)
 
 
+def batch_to_device(device: torch.device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host tensors (a batch) onto `device` without waiting for it. A plain `.to("cuda")` from pageable
+    memory is a synchronising copy: each step's host work (Dynamo's guards, Python, launches) then ran
+    while the GPU sat idle behind it (H100 profile: 6.9 ms of a 95 ms compiled MoE step). Pinned memory
+    and a non-blocking copy let the host run ahead; the caching host allocator keeps each pinned
+    buffer until its copy is done."""
+    if device.type != "cuda":
+        return tuple(t.to(device) for t in tensors)
+    return tuple(t.contiguous().pin_memory().to(device, non_blocking=True) for t in tensors)
+
+
 def start_distributed(trainer_cfg, backend: str, single_rank_group: bool = False) -> tuple[DistEnv, torch.device]:
     """Join the process group (torchrun's env, else one process) and pick this rank's device."""
     from .parent_death import exit_with_launcher

@@ -37,6 +37,7 @@ from .losses import lm_loss
 from .profiling import StepProbe
 from .routing_health import CollapseWatch
 from .run_hooks import RunHooks
+from .runtime import batch_to_device
 from .tokenizer_files import TOKENIZER_DIR, carry_into_run
 from .trackers import Trackers, chosen
 from .watchdog import Heartbeat, is_timeout
@@ -56,7 +57,7 @@ def evaluate(
         x, y = sampler.batch(1_000_000, i, rank, ranks)  # fixed held-out batches, a key space disjoint from training's
         batch_loss = getattr(model, "batch_loss", None)  # a pipelined model's: through its schedule
         with autocast():
-            x, y = x.to(device), y.to(device)
+            x, y = batch_to_device(device, x, y)
             total += (batch_loss(x, y) if batch_loss is not None else lm_loss(model(x), y)).float()
     model.train()
     return mean_over(total / n_batches, group).item()  # equal slices: the mean over ranks is the global batch's mean
@@ -379,9 +380,8 @@ def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg, progress: dic
             loss_sum = torch.zeros((), device=device)  # on the device: no host read per micro-batch
             for micro in range(trainer_cfg.grad_accum):
                 x, y = train_data.batch(step, micro, data_rank, data_ranks, attempt)
-                loss, aux = engine.forward_backward(
-                    x.to(device), y.to(device), last=micro == trainer_cfg.grad_accum - 1
-                )
+                x, y = batch_to_device(device, x, y)  # no host sync: the host runs ahead of the GPU
+                loss, aux = engine.forward_backward(x, y, last=micro == trainer_cfg.grad_accum - 1)
                 heartbeat.step = step
                 loss_sum += loss.detach().float()
             grad_norm = engine.optimizer_step()

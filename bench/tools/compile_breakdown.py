@@ -68,6 +68,7 @@ def main() -> None:
         help="cProfile each compiled first step and print its N costliest Inductor/Triton/dynamo functions "
         "(cumulative): lowering, scheduling, code generation, waiting on the compile workers, benchmarking",
     )
+    ap.add_argument("--profile-out", default=None, help="also write each scope's cProfile stats here (pstats format)")
     args = ap.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -110,6 +111,8 @@ def main() -> None:
         first = time.perf_counter() - t
         if profiler:
             profiler.disable()
+            if args.profile_out:
+                profiler.dump_stats(f"{args.profile_out}.{mode.replace(' ', '_')}")
             out = io.StringIO()
             stats = pstats.Stats(profiler, stream=out).sort_stats("cumulative")
             stats.print_stats(r"_inductor|triton|_dynamo|concurrent|subprocess", args.profile_compile)

@@ -142,9 +142,9 @@ class DTSGate(Gate):
             )
         stats = {
             "router_entropy": entropy(self, probs_TE),
-            "temperature": torch.tensor(tau),
-            "threshold": torch.tensor(self.threshold()),
-            "max_active_experts": torch.tensor(float(cap)),
+            "temperature": torch.full((), tau, device=x_TD.device),
+            "threshold": torch.full((), self.threshold(), device=x_TD.device),
+            "max_active_experts": torch.full((), float(cap), device=x_TD.device),
         }
         return RouterOutput(
             token_A, expert_A, weight_A.to(x_TD.dtype), T, E, losses, stats, token_sorted=True

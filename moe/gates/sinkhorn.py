@@ -158,7 +158,7 @@ class SinkhornGate(Gate):
             expert_TK, _, iters, err = balanced_topk(
                 self, transport_kernel(self, logits_TE, self.epsilon), K, self.iterations, self.tolerance
             )
-            stats.update(sinkhorn_iterations=torch.tensor(float(iters)), sinkhorn_error=err)
+            stats.update(sinkhorn_iterations=torch.full((), float(iters), device=x_TD.device), sinkhorn_error=err)
         else:
             expert_TK = select_TE.topk(K, dim=-1).indices
         weight_TK = scores_TE.gather(1, expert_TK)
@@ -219,7 +219,7 @@ class SelectiveSinkhornGate(Gate):
         expert_TK = logits_TE.detach().topk(K, dim=-1).indices
         weight_TK = probs_TE.gather(1, expert_TK)
         weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-        stats = {"router_entropy": entropy(self, probs_TE), "transported_fraction": torch.tensor(0.0)}
+        stats = {"router_entropy": entropy(self, probs_TE), "transported_fraction": torch.zeros((), device=x_TD.device)}
         if self.training and self.transport_step():
             logk_TE = transport_kernel(self, logits_TE, self.epsilon)
             ot_expert_TK, b_KE, iters, err = balanced_topk(self, logk_TE, K, self.iterations, self.tolerance)
@@ -231,7 +231,7 @@ class SelectiveSinkhornGate(Gate):
             weight_TK = torch.where(use_T.unsqueeze(1), ot_weight_TK, weight_TK)
             stats.update(
                 transported_fraction=use_T.float().mean(),
-                sinkhorn_iterations=torch.tensor(float(iters)),
+                sinkhorn_iterations=torch.full((), float(iters), device=x_TD.device),
                 sinkhorn_error=err,
             )
         token_A = torch.arange(T, device=x_TD.device).repeat_interleave(K)

@@ -225,3 +225,16 @@ def test_inconsistent_options_fail_in_the_constructor_naming_the_option(opts, wo
 def test_k_larger_than_experts_fails():
     with pytest.raises(ValueError, match="top_k"):
         build_gate("topk", D, E, E + 1)
+
+
+@pytest.mark.parametrize("name", ["topk", "ssr"])
+def test_routing_statistics_stay_on_the_routing_device(name):
+    """A CPU scalar among them (`torch.tensor(0.0)`) put a C++ kernel into every compiled GPU graph:
+    Inductor's cold CPU-compiler check alone took ~8 s of the first compiled step on an H100 host.
+    The meta device stands in for a GPU (any device but the CPU shows the leak)."""
+    from moeflow.moe.gates import build_gate
+    from moeflow.moe.stats import routing_stats
+
+    gate = build_gate(name, 16, 4, 2).to("meta")  # no device context: that would move CPU factories too
+    stats = routing_stats(gate.route(torch.randn(10, 16, device="meta")))
+    assert stats and {k: v.device.type for k, v in stats.items() if v.device.type != "meta"} == {}
