@@ -410,7 +410,7 @@ def global_batch_accum(cfg: DictConfig, grad_accum: int, world: int) -> tuple[in
         raise ConfigError(
             f"trainer.grad_accum={grad_accum} and data.global_batch_size={g} disagree ({g // per} on {dp} data-parallel ranks); set one of them"
         )
-    if g // per > 1 and cfg.optim.get("master_weights"):  # validate() saw grad_accum=1: this sets it
+    if g // per > 1 and cfg.optim.get("master_weights"):  # check_optim saw grad_accum=1: the global batch sets it
         raise ConfigError(
             f"optim.master_weights=true needs trainer.grad_accum=1 (bf16 gradients would be summed in bf16), but "
             f"data.global_batch_size={g} takes {g // per} micro-batches of data.batch_size={cfg.data.batch_size} on {dp} "

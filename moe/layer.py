@@ -73,6 +73,10 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
 
 
 def moe_aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the MoE layers' auxiliary losses from the last forward (add it to the task loss)."""
+    """Sum of the MoE layers' auxiliary losses from the last forward (add it to the task loss). A model
+    without any is 0 on its own device: a CPU zero moved to the GPU each micro-batch was a synchronising
+    copy (the dense twin of `moeflow bench train` waited on the GPU every step)."""
     losses = [m.aux_loss for m in moe_layers(model) if m.aux_loss is not None]
-    return torch.stack(losses).sum() if losses else torch.zeros(())
+    if losses:
+        return torch.stack(losses).sum()
+    return torch.zeros((), device=next((p.device for p in model.parameters()), None))

@@ -18,10 +18,9 @@ def test_the_batch_arrives_whole_without_the_host_waiting_for_queued_work():
     x, y = t[:, :-1], t[:, 1:]  # the samplers' views: not contiguous
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # ~1 s of queued GPU work: a synchronising copy would wait it out
+    sent_x, sent_y = x.clone(), y.clone()
     x_dev, y_dev = batch_to_device(device, x, y)
     assert not torch.cuda.current_stream().query()  # the host is back while the sleep still runs
+    t.zero_()  # the sampler's buffer reused while the copies are still queued: they must keep what was sent
     torch.cuda.synchronize()
-    assert x_dev.is_cuda and torch.equal(x_dev.cpu(), x) and torch.equal(y_dev.cpu(), y)
-    sent = x.clone()
-    t.zero_()  # the host batch may be reused once copied: the device copy keeps what was sent
-    assert torch.equal(x_dev.cpu(), sent)
+    assert x_dev.is_cuda and torch.equal(x_dev.cpu(), sent_x) and torch.equal(y_dev.cpu(), sent_y)

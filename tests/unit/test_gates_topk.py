@@ -238,3 +238,17 @@ def test_routing_statistics_stay_on_the_routing_device(name):
     gate = build_gate(name, 16, 4, 2).to("meta")  # no device context: that would move CPU factories too
     stats = routing_stats(gate.route(torch.randn(10, 16, device="meta")))
     assert stats and {k: v.device.type for k, v in stats.items() if v.device.type != "meta"} == {}
+
+
+def test_the_bias_update_and_a_dense_models_aux_loss_read_nothing_to_the_host():
+    """Each was a host read per step (`bool(load.sum() > 0)`; a CPU zero moved to the GPU per micro-batch):
+    on the meta device a host read raises, and a CPU tensor shows."""
+    from moeflow.moe.config import ModelConfig
+    from moeflow.moe.gates import build_gate
+    from moeflow.moe.model import Transformer
+
+    gate = build_gate("topk", 16, 4, 2, bias_update_rate=0.01).to("meta")
+    gate.route(torch.randn(10, 16, device="meta"))
+    gate.set_step(1)
+    dense = Transformer(ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=16, moe_every=0, max_seq_len=8)).to("meta")
+    assert dense.aux_loss().device.type == "meta"

@@ -1,5 +1,6 @@
 """Run `moeflow ARGS` with Python's garbage collector timed (and, with `off`, disabled): a probe for whether
 automatic collections stall the host inside the measured steps."""
+
 import atexit
 import gc
 import sys
@@ -23,5 +24,9 @@ def timed(phase, info):
 gc.callbacks.append(timed)
 if mode == "off":
     gc.disable()
-atexit.register(lambda: print(f"GC ({mode}): " + ", ".join(f"gen{g} {n} x {t * 1e3:.0f} ms" for g, (n, t) in spent.items()), flush=True))
+atexit.register(
+    lambda: print(
+        f"GC ({mode}): " + ", ".join(f"gen{g} {n} x {t * 1e3:.0f} ms" for g, (n, t) in spent.items()), flush=True
+    )
+)
 main(args)
