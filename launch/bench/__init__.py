@@ -24,13 +24,34 @@ BENCHES: dict[str, tuple[str, str, str]] = {
 
 
 def check_out(path: str | None, force: bool) -> None:
-    """A results file that exists is replaced only with --force, checked before the benchmark runs."""
+    """The results file, checked before the benchmark runs (not when its results are written, which
+    would lose them): not a directory, replaced only with --force, and its folder writable (made if
+    missing)."""
+    import tempfile
     from pathlib import Path
 
-    if path and Path(path).is_dir():  # found before the benchmark runs, not when its results are written
-        raise ConfigError(f"--out {path} is a directory; name a file in it, e.g. --out {Path(path) / 'results.json'}")
-    if path and Path(path).exists() and not force:
+    if path is None:
+        return
+    if not path.strip():
+        raise ConfigError(
+            "--out '' names no file; give a path such as --out bench/results/train.json, or leave --out off"
+        )
+    out = Path(path)
+    if out.is_dir():
+        raise ConfigError(f"--out {path} is a directory; name a file in it, e.g. --out {out / 'results.json'}")
+    if out.exists() and not force:
         raise ConfigError(f"--out {path} already exists; pass --force to replace it, or choose another --out")
+    folder = next((f for f in [out.parent, *out.parent.parents] if f.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"--out {path}: {folder} is a file, not a folder; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"--out {path}: its folder {out.parent} cannot hold the results ({e.strerror}); choose another --out"
+        ) from None
 
 
 def main(argv: list[str]) -> None:

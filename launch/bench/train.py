@@ -116,6 +116,7 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     from moeflow.launch.profiling import PhaseTimer, timing_phases
     from moeflow.launch.runtime import resolve_device
     from moeflow.launch.train import train
+    from moeflow.moe.errors import Interrupted
 
     dtype = "uint16" if args.vocab_size is None or args.vocab_size <= 2**16 else "uint32"
     cfg = compose(
@@ -149,6 +150,8 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
             result = train(cfg, run_root / name)
     except OutOfMemory as e:  # this variant does not fit this GPU: said in its row, the others still run
         return {"variant": name, "skipped": str(e), "params": _counts(model_cfg)}  # the caller frees its memory
+    except Interrupted as e:  # the trainer's "resume with ..." names a temporary run dir that is about to go
+        raise Interrupted(f"{name}: interrupted ({str(e).split(' after step')[0]}); nothing written") from None
     tok_s = result.get("tokens_per_s")
     extra = {}
     if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)
@@ -279,6 +282,7 @@ def run(args) -> dict:
         raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use moe, dense, hf")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    _refuse_overrides_the_bench_sets(args.override)
     device = resolve_device(args.device, setting="--device")
     impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
     _refuse_impls_that_would_fall_back(impls, device)
@@ -348,6 +352,10 @@ def run(args) -> dict:
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "steps_measured": args.steps,
+        "impls": impls,
+        "overrides": list(
+            args.override
+        ),  # trainer.profile=true among them: the profiled rows' tokens/s include the profiler
         "peak_flops": peak,
         "peak_measured_with": peak_what,
         "moe_tokens_per_s": moe and moe["tokens_per_s"],
@@ -373,6 +381,34 @@ def run(args) -> dict:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.out}")
     return out
+
+
+# settings the bench makes itself (its token file, step counts, one process): an override of one would
+# run something other than what the row reports (a batch the step time was not computed from)
+_BENCH_SETS = {
+    "data.seq_len": "--seq-len",
+    "model.max_seq_len": "--seq-len",
+    "data.batch_size": "--batch-size",
+    "data.global_batch_size": "--batch-size",
+    "trainer.grad_accum": "--batch-size",
+    "trainer.steps": "--steps",
+    "trainer.log_every": "--steps",
+    "trainer.device": "--device",
+}
+_BENCH_OWNS = ("data", "launcher", "hydra", "resume", "trainer.eval_every", "trainer.ckpt_every", "trainer.progress")
+
+
+def _refuse_overrides_the_bench_sets(overrides: list[str]) -> None:
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0].strip()
+        flag = _BENCH_SETS.get(key)
+        if flag:
+            raise ConfigError(f"{override}: the bench sets {key} itself; use {flag}")
+        if any(key == owned or key.startswith(owned + ".") for owned in _BENCH_OWNS):
+            raise ConfigError(
+                f"{override}: the bench sets {key} itself (its own token file, one process, a temporary run dir); "
+                f"drop it, or measure with `moeflow train` and trainer.profile=true"
+            )
 
 
 def _refuse_impls_that_would_fall_back(impls: list[str], device) -> None:
@@ -404,12 +440,13 @@ def _row(r: dict, peak: float) -> str:
     if r.get("skipped"):
         return f"{r['variant']:<16} skipped: {r['skipped']}"
     mfu = r["tokens_per_s"] * r["flops_per_token"] / peak if r.get("tokens_per_s") else float("nan")
-    mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "-"
+    mem = f"{r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else "n/a (CUDA only)"
     phases = " / ".join(f"{1e3 * r[f'{p}_s']:.1f}" if r.get(f"{p}_s") is not None else "-" for p in PHASES)
     return (
         f"{r['variant']:<16} {r['tokens_per_s']:>12,.0f} tok/s  MFU {100 * mfu:5.1f}%  step {1e3 * r['steady_step_s']:8.1f} ms  "
         f"(fwd / bwd / opt {phases} ms)  "
         f"first step {r['first_step_s']:6.1f} s  peak {mem}  ({r['params']['active'] / 1e6:.1f}M active of {r['params']['total'] / 1e6:.1f}M)"
+        + ("  [profiled: its tok/s include the profiler's overhead]" if r.get("profile_ms_per_step") else "")
     )
 
 
@@ -424,10 +461,10 @@ def main(argv: list[str]) -> None:
         default=None,
         help="experts.impl values for the MoE variant (default: triton,grouped_mm on CUDA, torch on CPU)",
     )
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10, help="measured steps (after as many warm-up steps)")
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    ap.add_argument("--steps", type=int, default=10, help="measured steps, after as many warm-up steps (default 10)")
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu or cuda (default auto)")
     ap.add_argument(
         "--compile", action="store_true", help="also run the moe and dense variants with trainer.compile=true"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -161,3 +162,50 @@ def test_implementations_that_would_fall_back_and_a_directory_out_are_refused_be
         bench_train.run(bench_train_args("moe", impls="grouped_mm"))
     with pytest.raises(ConfigError, match="is a directory; name a file in it"):
         bench_train.main(["--shape", "tiny", "--out", str(tmp_path), "--force"])
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("data.batch_size=32", "use --batch-size"),  # the step time was computed from --batch-size: it was off 4x
+        ("data.global_batch_size=16", "use --batch-size"),
+        ("trainer.steps=20", "use --steps"),
+        ("data.seq_len=64", "use --seq-len"),
+        ("launcher=local", "the bench sets launcher itself"),  # it ran one process all the same, silently
+        ("+launcher.nproc=2", "the bench sets launcher.nproc itself"),
+        ("hydra.run.dir=somewhere", "the bench sets hydra.run.dir itself"),
+    ],
+)
+def test_overrides_of_what_the_bench_sets_are_refused_before_running(override, says):
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        bench_train.run(bench_train_args("moe", override=[override]))
+
+
+def test_an_out_whose_folder_cannot_hold_it_is_refused_before_running(tmp_path):
+    """It crashed after the whole benchmark had run, losing the results."""
+    from moeflow.launch.bench import check_out
+    from moeflow.moe.errors import ConfigError
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        check_out(str(tmp_path / "a_file" / "deeper" / "results.json"), force=False)
+    with pytest.raises(ConfigError, match="names no file"):
+        check_out("", force=False)
+    check_out(str(tmp_path / "new" / "results.json"), force=False)  # a missing folder is made, up front
+    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "results.json").exists()
+
+
+def test_an_interrupted_variant_does_not_offer_to_resume_its_temporary_run(monkeypatch):
+    """The trainer's "continue with ... resume=auto hydra.run.dir=<tmp>" named a folder the bench deletes."""
+    import moeflow.launch.train as train_module
+    from moeflow.moe.errors import Interrupted
+
+    def interrupted(cfg, run_dir):
+        raise Interrupted(f"stopped by SIGINT after step 3, checkpoint saved in {run_dir}; continue with resume=auto")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    with pytest.raises(Interrupted) as e:
+        bench_train.run(bench_train_args("dense"))
+    assert str(e.value) == "dense: interrupted (stopped by SIGINT); nothing written"
