@@ -39,21 +39,23 @@ def _all_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
-def _keys_of_other_choices(group: str) -> set[str]:
-    """Every `group.key` some choice of config group `group` has (from the shipped YAML files)."""
+def _choices_with_keys(group: str) -> dict[str, list[str]]:
+    """`group.key` -> the choices of config group `group` that have it (from the shipped YAML files)."""
     import importlib.resources
 
     import yaml
 
     root = importlib.resources.files("moeflow.configs") / group
     if not root.is_dir():
-        return set()
-    keys = set()
-    for f in root.iterdir():
+        return {}
+    owners: dict[str, list[str]] = {}
+    for f in sorted(root.iterdir(), key=lambda f: f.name):
         if f.name.endswith(".yaml"):
             body = yaml.safe_load(f.read_text()) or {}
-            keys |= {f"{group}.{k}" for k in body if k != "defaults"}
-    return keys
+            for k in body:
+                if k != "defaults":
+                    owners.setdefault(f"{group}.{k}", []).append(f.name.removesuffix(".yaml"))
+    return owners
 
 
 def _config_groups() -> set[str]:
@@ -76,12 +78,26 @@ def _explain(err: Exception, overrides: list[str]) -> str:
             o for o in overrides if "=" in o and o.split("=", 1)[0] in group_names
         ]  # `seed=7` is a key, not a group
         with initialize_config_module(config_module="moeflow.configs", version_base=None):
-            known = _all_keys(compose(config_name="train", overrides=groups))  # the keys of the chosen groups
+            composed = compose(config_name="train", overrides=groups)
+            known = _all_keys(composed)  # the keys of the chosen groups
         group = key.split(".", 1)[0]
-        if key in _keys_of_other_choices(group):
-            choice = next((o.split("=", 1)[1] for o in groups if o.split("=", 1)[0] == group), "the default")
+        owners = _choices_with_keys(group).get(key)
+        if owners:
+            chosen = next((o.split("=", 1)[1] for o in groups if o.split("=", 1)[0] == group), None)
+            node = composed.get(group)
+            default = node.get("name") if hasattr(node, "get") else None
             mine = sorted(k.split(".", 1)[1] for k in known if k.startswith(group + ".") and k.count(".") == 1)
-            return f"'{key}' is not a key of {group}={choice} (only of other {group} choices); its keys are: {', '.join(mine)}"
+            this = (
+                f"{group}={chosen}"
+                if chosen
+                else f"the default {group}={default}"
+                if default
+                else f"the default {group}"
+            )
+            return (
+                f"'{key}' is a key of {' and '.join(f'{group}={o}' for o in owners)}, not of {this} "
+                f"(whose keys are: {', '.join(mine)}); choose one with {group}={owners[0]}"
+            )
         close = [k for k in known if k.endswith("." + key)][:1] or difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}; list the valid keys with `moeflow train --cfg job`"
@@ -160,13 +176,57 @@ def check_training_config(args: list[str]) -> None:
     validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), schema_checked=True)
 
 
+# Hydra's own command-line flags; any other "-x"/"--x" is a user reaching for a flag `moeflow train` does not have
+_HYDRA_FLAGS = _INFO_FLAGS | {
+    "--version", "--package", "-p", "--run", "-r", "--multirun", "-m", "--config-path", "-cp",
+    "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun",
+}  # fmt: skip
+# flags of other tools (and of `moeflow bench train`) that users try on `moeflow train`
+_SETTING_OF_FLAG = {
+    "--steps": "trainer.steps=N",
+    "--device": "trainer.device=cpu|cuda",
+    "--batch-size": "data.batch_size=N",
+    "--seq-len": "data.seq_len=N",
+    "--lr": "optim.lr=X",
+    "--compile": "trainer.compile=true",
+    "--seed": "trainer.seed=N",
+    "--resume": "resume=PATH|auto",
+    "--out": "hydra.run.dir=DIR",
+}
+
+
+def check_launcher_keys(cfg) -> None:
+    """`+launcher.nproc=2` adds the key to the default launcher, which never reads it: one process ran."""
+    launcher = cfg.get("launcher") or {}
+    name = launcher.get("name", "none")
+    owners = _choices_with_keys("launcher")
+    for key in launcher:
+        mine = owners.get(f"launcher.{key}", [])
+        if name not in mine:
+            fix = f"choose launcher={mine[0]}" if mine else "drop it"
+            raise ConfigError(f"launcher.{key} is not read by launcher={name}; {fix}")
+
+
+def refuse_unknown_flags(args: list[str]) -> None:
+    """`moeflow train --steps 2` reached Hydra's override parser ("LexerNoViableAltException: 2"):
+    settings are key=value overrides, said in one line with the one meant where it is known."""
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if arg.startswith("-") and flag not in _HYDRA_FLAGS:
+            setting = _SETTING_OF_FLAG.get(flag)
+            fix = f"use {setting}" if setting else "see `moeflow train --help` for the settings"
+            raise ConfigError(f"{flag} is not an option of moeflow train: its settings are key=value overrides; {fix}")
+
+
 def preflight(args: list[str]) -> None:
+    refuse_unknown_flags(args)
     if any(a.split("=")[0] in _INFO_FLAGS for a in args) or any(a in ("-m", "--multirun") for a in args):
         return  # info output, or a sweep (each job is validated when it starts)
     cfg = compose_checked(args)  # Hydra alone: a typo is reported before torch is imported
     check_resume_path_exists(cfg)
     adopt_recorded_model(cfg, args, cfg.hydra.run.dir)  # the run's log says so
     schema.check(cfg)  # every value's type and range, still without torch
+    check_launcher_keys(cfg)
     from .tokenizer_files import check_data_matches_model
 
     check_data_matches_model(cfg.data, cfg.get("resume"), Path(cfg.hydra.run.dir))

@@ -113,6 +113,18 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "capacity_warn_drop": Rule(float, low=0, high=1),
     },
     "experts": {"impl": Rule(str), "gather_rows": Rule(bool)},
+    # the counts of every launcher choice (each choice has only some of them; launch_world reads them)
+    "launcher": {
+        "nproc": positive_int("processes per node; torchrun's 'auto' is not taken: name the count"),
+        "nnodes": positive_int(),
+        "max_restarts": Rule(int, low=0),
+        "nodes": positive_int(),
+        "nproc_per_node": positive_int("training processes per node"),
+        "gpus_per_node": Rule(int, low=0),
+        "num_workers": positive_int(),
+        "max_failures": Rule(int, low=-1, why="-1 retries without limit"),
+        "signal_seconds": Rule(int, low=1),
+    },
     "tracking": {
         "project": Rule(str),
         "run_name": Rule(str, nullable=True),

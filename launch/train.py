@@ -263,9 +263,9 @@ def derive_grad_accum(cfg: DictConfig, trainer_cfg, world: int) -> None:
 def _train(cfg: DictConfig, run_dir: Path, model_cfg, trainer_cfg, progress: dict) -> dict:
     Engine = engine_class(engine_name(cfg))  # who owns the step: torch, DeepSpeed or megatron-core
     env, device = Engine.start(cfg, trainer_cfg)
-    derive_grad_accum(cfg, trainer_cfg, env.world_size)
     if not env.is_main:
         logging.getLogger("moeflow").setLevel(logging.WARNING)  # one rank narrates the run
+    derive_grad_accum(cfg, trainer_cfg, env.world_size)
 
     torch.manual_seed(trainer_cfg.seed)
     splits, train_data, val_data = training_samplers(cfg.data, model_cfg.vocab_size, trainer_cfg.seed)

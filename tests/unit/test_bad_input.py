@@ -48,6 +48,16 @@ def run_preflight(capsys, *args):
         (["data.val_percent=100"], "data.val_percent=100 is not valid: it takes a number > 0 and < 100"),
         (["resume=auto"], "resume=auto continues the run in hydra.run.dir, but none was given"),
         (["launcher=local", "launcher.nproc=2", "parallel.ep=4"], "parallel.ep=4 does not divide dp_shard x tp = 2"),
+        # found by a new user's trial: tracebacks, a silent one-process run, Hydra's lexer errors
+        (["launcher=local", "launcher.nproc=auto"], "launcher.nproc='auto' is not valid: it takes an integer >= 1"),
+        (["launcher=local", "launcher.nproc=1.5"], "launcher.nproc=1.5 is not valid"),
+        (["launcher.nproc=2"], "'launcher.nproc' is a key of launcher=local, not of the default launcher=none"),
+        (["+launcher.nproc=2"], "launcher.nproc is not read by launcher=none; choose launcher=local"),
+        (
+            ["--steps", "2"],
+            "--steps is not an option of moeflow train: its settings are key=value overrides; use trainer.steps=N",
+        ),
+        (["--device", "cpu"], "use trainer.device=cpu|cuda"),
         (
             ["trainer.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["trainer.precision=fp8"],
             "trainer.",
