@@ -61,6 +61,10 @@ def main(argv: list[str]) -> None:
             print(f"  {name:<10} {help_}")
         return
     if argv[0] not in BENCHES:
-        raise ConfigError(f"unknown benchmark {argv[0]!r}; choose one of: {', '.join(BENCHES)}")
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], BENCHES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown benchmark {argv[0]!r}{hint}; choose one of: {', '.join(BENCHES)}")
     module, func, _ = BENCHES[argv[0]]
     getattr(importlib.import_module(module), func)(argv[1:])

@@ -209,3 +209,11 @@ def test_an_interrupted_variant_does_not_offer_to_resume_its_temporary_run(monke
     with pytest.raises(Interrupted) as e:
         bench_train.run(bench_train_args("dense"))
     assert str(e.value) == "dense: interrupted (stopped by SIGINT); nothing written"
+
+
+def test_a_misspelt_benchmark_is_named_with_the_one_meant():
+    from moeflow.launch.bench import main as bench_main
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown benchmark 'traim' \(did you mean 'train'\?\)"):
+        bench_main(["traim"])
