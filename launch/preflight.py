@@ -87,17 +87,11 @@ def _explain(err: Exception, overrides: list[str]) -> str:
             node = composed.get(group)
             default = node.get("name") if hasattr(node, "get") else None
             mine = sorted(k.split(".", 1)[1] for k in known if k.startswith(group + ".") and k.count(".") == 1)
-            this = (
-                f"{group}={chosen}"
-                if chosen
-                else f"the default {group}={default}"
-                if default
-                else f"the default {group}"
-            )
-            return (
-                f"'{key}' is a key of {' and '.join(f'{group}={o}' for o in owners)}, not of {this} "
-                f"(whose keys are: {', '.join(mine)}); choose one with {group}={owners[0]}"
-            )
+            where = " and ".join(f"{group}={o}" for o in owners)
+            if chosen:  # the user chose this group: its own keys are the fix, not another choice
+                return f"'{key}' is not a key of {group}={chosen} (only of {where}); its keys are: {', '.join(mine)}"
+            this = f"the default {group}={default}" if default else f"the default {group}"
+            return f"'{key}' is a key of {where}, not of {this} (whose keys are: {', '.join(mine)}); choose {group}={owners[0]}"
         close = [k for k in known if k.endswith("." + key)][:1] or difflib.get_close_matches(key, known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{key}'{hint}; list the valid keys with `moeflow train --cfg job`"
@@ -163,6 +157,7 @@ def check_training_config(args: list[str]) -> None:
     cfg = compose_checked(args)
     adopt_recorded_model(cfg, args, cfg.hydra.run.dir)
     schema.check(cfg)
+    check_launcher_keys(cfg)
     device = str(cfg.trainer.device)
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"trainer.device={device!r} is unknown; use auto, cpu or cuda")
@@ -202,9 +197,10 @@ def check_launcher_keys(cfg) -> None:
     owners = _choices_with_keys("launcher")
     for key in launcher:
         mine = owners.get(f"launcher.{key}", [])
-        if name not in mine:
-            fix = f"choose launcher={mine[0]}" if mine else "drop it"
-            raise ConfigError(f"launcher.{key} is not read by launcher={name}; {fix}")
+        if name in mine:
+            continue
+        fix = f"choose launcher={mine[0]}" if mine and name == "none" else "drop it"
+        raise ConfigError(f"launcher.{key} is not read by launcher={name}; {fix}")
 
 
 def refuse_unknown_flags(args: list[str]) -> None:

@@ -25,9 +25,9 @@ BENCHES: dict[str, tuple[str, str, str]] = {
 
 def check_out(path: str | None, force: bool) -> None:
     """The results file, checked before the benchmark runs (not when its results are written, which
-    would lose them): not a directory, replaced only with --force, and its folder writable (made if
-    missing)."""
-    import tempfile
+    would lose them): not a directory, replaced only with --force, and writable there. Nothing is
+    created here: a refused run leaves no folder behind."""
+    import os
     from pathlib import Path
 
     if path is None:
@@ -36,22 +36,20 @@ def check_out(path: str | None, force: bool) -> None:
         raise ConfigError(
             "--out '' names no file; give a path such as --out bench/results/train.json, or leave --out off"
         )
-    out = Path(path)
+    out = Path(path).absolute()
     if out.is_dir():
-        raise ConfigError(f"--out {path} is a directory; name a file in it, e.g. --out {out / 'results.json'}")
-    if out.exists() and not force:
-        raise ConfigError(f"--out {path} already exists; pass --force to replace it, or choose another --out")
-    folder = next((f for f in [out.parent, *out.parent.parents] if f.exists()), None)
-    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"--out {path} is a directory; name a file in it, e.g. --out {Path(path) / 'results.json'}")
+    if out.exists():
+        if not force:
+            raise ConfigError(f"--out {path} already exists; pass --force to replace it, or choose another --out")
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"--out {path} cannot be written (no permission); choose another --out")
+        return
+    folder = next(f for f in out.parents if f.exists())  # the nearest that exists: the rest is made when writing
+    if not folder.is_dir():
         raise ConfigError(f"--out {path}: {folder} is a file, not a folder; choose another --out")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out.parent):
-            pass
-    except OSError as e:
-        raise ConfigError(
-            f"--out {path}: its folder {out.parent} cannot hold the results ({e.strerror}); choose another --out"
-        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {path}: {folder} is not writable; choose another --out")
 
 
 def main(argv: list[str]) -> None:

@@ -282,7 +282,7 @@ def run(args) -> dict:
         raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use moe, dense, hf")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    _refuse_overrides_the_bench_sets(args.override)
+    _refuse_overrides_the_bench_sets(args.override, args.variants.split(","), getattr(args, "compile", False))
     device = resolve_device(args.device, setting="--device")
     impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
     _refuse_impls_that_would_fall_back(impls, device)
@@ -383,8 +383,8 @@ def run(args) -> dict:
     return out
 
 
-# settings the bench makes itself (its token file, step counts, one process): an override of one would
-# run something other than what the row reports (a batch the step time was not computed from)
+# settings the bench makes itself: an override of one would run something other than what the row reports
+# (a batch the step time was not computed from, a row named moe-triton running torch, a "dense" row with experts)
 _BENCH_SETS = {
     "data.seq_len": "--seq-len",
     "model.max_seq_len": "--seq-len",
@@ -394,20 +394,36 @@ _BENCH_SETS = {
     "trainer.steps": "--steps",
     "trainer.log_every": "--steps",
     "trainer.device": "--device",
+    "experts.impl": "--impls",
 }
-_BENCH_OWNS = ("data", "launcher", "hydra", "resume", "trainer.eval_every", "trainer.ckpt_every", "trainer.progress")
+_BENCH_OWNS = {  # prefix -> what the bench does with it
+    "data": "reads its own token file",
+    "launcher": "runs one process",
+    "hydra.run": "runs in a temporary dir",
+    "hydra.sweep": "runs in a temporary dir",
+    "resume": "starts every variant fresh",
+    "trainer.eval_every": "measures steps without evaluation",
+    "trainer.ckpt_every": "measures steps without checkpoints",
+}
 
 
-def _refuse_overrides_the_bench_sets(overrides: list[str]) -> None:
+def _refuse_overrides_the_bench_sets(overrides: list[str], variants: list[str], compile_flag: bool) -> None:
     for override in overrides:
         key = override.lstrip("+~").split("=", 1)[0].strip()
         flag = _BENCH_SETS.get(key)
         if flag:
             raise ConfigError(f"{override}: the bench sets {key} itself; use {flag}")
-        if any(key == owned or key.startswith(owned + ".") for owned in _BENCH_OWNS):
+        owned = next((what for k, what in _BENCH_OWNS.items() if key == k or key.startswith(k + ".")), None)
+        if owned:
             raise ConfigError(
-                f"{override}: the bench sets {key} itself (its own token file, one process, a temporary run dir); "
-                f"drop it, or measure with `moeflow train` and trainer.profile=true"
+                f"{override}: the bench sets {key} itself (it {owned}); drop it, or measure with `moeflow train` and "
+                f"trainer.profile=true"
+            )
+        if key == "model.moe_every" and "dense" in variants:
+            raise ConfigError(f"{override}: the dense variant sets model.moe_every=0; run it without --variants dense")
+        if key == "trainer.compile" and compile_flag:
+            raise ConfigError(
+                f"{override} with --compile: --compile adds compiled rows beside eager ones; use one of them"
             )
 
 

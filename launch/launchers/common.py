@@ -17,7 +17,7 @@ def launcher_name(args: list[str]) -> str:
 
 def without_launcher(args: list[str]) -> list[str]:
     """The training overrides alone: the launched processes run with launcher=none."""
-    return [a for a in args if not (a.startswith("launcher=") or a.startswith("launcher."))]
+    return [a for a in args if not a.lstrip("+~").startswith(("launcher=", "launcher."))]  # +, ++ and ~ forms too
 
 
 def replace_run_dir(args: list[str], run_dir: str) -> list[str]:

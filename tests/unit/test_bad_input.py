@@ -54,6 +54,10 @@ def run_preflight(capsys, *args):
         (["launcher.nproc=2"], "'launcher.nproc' is a key of launcher=local, not of the default launcher=none"),
         (["+launcher.nproc=2"], "launcher.nproc is not read by launcher=none; choose launcher=local"),
         (
+            ["launcher=slurm", "launcher.nproc=2"],
+            "'launcher.nproc' is not a key of launcher=slurm (only of launcher=local)",
+        ),
+        (
             ["--steps", "2"],
             "--steps is not an option of moeflow train: its settings are key=value overrides; use trainer.steps=N",
         ),
@@ -235,3 +239,15 @@ def test_a_global_batch_the_launch_cannot_meet_is_refused_before_the_run_dir(
         in err
     )
     assert not run.exists()
+
+
+def test_the_launched_processes_get_no_launcher_key_in_any_hydra_form(tmp_path):
+    """`launcher=local ++launcher.nproc=4` passed the parent's preflight, then every rank (launcher=none)
+    refused the key it was handed; `+launcher.vars.X` (the Slurm template's) likewise on the node."""
+    from moeflow.launch.launchers.common import without_launcher
+    from moeflow.launch.preflight import preflight
+
+    args = ["launcher=local", "++launcher.nproc=1", "+launcher.vars.x=1", "~launcher.log_dir", "trainer.steps=1"]
+    passed_on = without_launcher(args)
+    assert passed_on == ["trainer.steps=1"]
+    preflight([*passed_on, f"hydra.run.dir={tmp_path / 'run'}"])  # what a rank checks: no refusal

@@ -174,13 +174,17 @@ def test_implementations_that_would_fall_back_and_a_directory_out_are_refused_be
         ("launcher=local", "the bench sets launcher itself"),  # it ran one process all the same, silently
         ("+launcher.nproc=2", "the bench sets launcher.nproc itself"),
         ("hydra.run.dir=somewhere", "the bench sets hydra.run.dir itself"),
+        ("experts.impl=torch", "use --impls"),  # rows named moe-triton / moe-grouped_mm would have run torch
+        ("model.moe_every=1", "the dense variant sets model.moe_every=0"),  # the "dense" row would be a MoE
     ],
 )
 def test_overrides_of_what_the_bench_sets_are_refused_before_running(override, says):
     from moeflow.moe.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(says)):
-        bench_train.run(bench_train_args("moe", override=[override]))
+        bench_train.run(bench_train_args("moe,dense", override=[override]))
+    with pytest.raises(ConfigError, match="use one of them"):  # compiled rows that were not compiled
+        bench_train.run(bench_train_args("moe", override=["trainer.compile=false"], compile=True))
 
 
 def test_an_out_whose_folder_cannot_hold_it_is_refused_before_running(tmp_path):
@@ -193,8 +197,8 @@ def test_an_out_whose_folder_cannot_hold_it_is_refused_before_running(tmp_path):
         check_out(str(tmp_path / "a_file" / "deeper" / "results.json"), force=False)
     with pytest.raises(ConfigError, match="names no file"):
         check_out("", force=False)
-    check_out(str(tmp_path / "new" / "results.json"), force=False)  # a missing folder is made, up front
-    assert (tmp_path / "new").is_dir() and not (tmp_path / "new" / "results.json").exists()
+    check_out(str(tmp_path / "new" / "deeper" / "results.json"), force=False)  # made when the results are written
+    assert not (tmp_path / "new").exists()  # a refused run must not leave folders behind
 
 
 def test_an_interrupted_variant_does_not_offer_to_resume_its_temporary_run(monkeypatch):
