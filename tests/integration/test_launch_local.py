@@ -22,4 +22,4 @@ def test_local_launcher_runs_two_processes_into_one_run_dir(tmp_path):
 
 def test_local_launcher_rejects_zero_processes(tmp_path):
     done = moeflow("train", "launcher=local", "launcher.nproc=0", f"hydra.run.dir={tmp_path}", timeout=limit(60))
-    assert done.returncode == 2 and "launcher.nproc=0: need at least 1 process" in done.stderr
+    assert done.returncode == 2 and "launcher.nproc=0 is not valid: it takes an integer >= 1" in done.stderr
