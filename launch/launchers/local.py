@@ -14,8 +14,6 @@ from .common import LAUNCHED_ENV, compose, replace_run_dir, run_dir_of, without_
 
 
 def torchrun_argv(launcher, train_args: list[str], run_dir=None) -> list[str]:
-    if int(launcher.nproc) < 1:
-        raise ConfigError(f"launcher.nproc={launcher.nproc}: need at least 1 process per node")
     argv = [f"--nproc-per-node={launcher.nproc}", f"--max-restarts={launcher.max_restarts}"]
     if launcher.rdzv_endpoint:  # several machines, each running this same command
         argv += [
