@@ -141,8 +141,7 @@ def _(x, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row
     return x.new_empty(rows_out, w2.shape[2]), h1, h3, x_AD
 
 
-@torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
-def experts_bwd(
+def _experts_bwd(
     dy: Tensor,
     x_AD: Tensor,
     w1: Tensor,
@@ -158,14 +157,13 @@ def experts_bwd(
     h3: Tensor,
     gather_rows: bool,
     aligned: bool,
+    in_place: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """dx, dw1, dw3 (empty for GELU), dw2, dweight_A (empty when unrouted).
 
     x_AD: the rows in expert order, or with `gather_rows` the token rows (read through token_A).
     `aligned`: the rows follow `aligned_layout` (groups padded with zero rows).
-
-    h1/h3 are overwritten by dh1/dh3 (peak memory); the autograd layer forbids a second
-    backward through the same forward. Order chosen so transient buffers die early.
+    `in_place`: h1/h3 are overwritten by dh1/dh3 (peak memory). Order chosen so transient buffers die early.
     """
     swiglu = w3 is not None
     copy = _copies_rows(token_A, gather_rows)
@@ -174,7 +172,7 @@ def experts_bwd(
     dy_AD = _copy_rows(dy, tok_offsets, expert_row_A, token_A, counts_E) if copy else dy.contiguous()
     # g comes back already multiplied by the gate weight, so dW2[e] = (weight * g)^T @ dy[token]
     dh1, dh3, g, dweight = gemm.down_bwd(
-        dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=True
+        dy_AD, gather, w2, h1, h3 if swiglu else None, weight_A, counts_E, swiglu, in_place=in_place
     )
     dw2, _ = gemm.wgrad(g, None, dy_AD, None, gather, None, counts_E, aligned=aligned)
     del g, dy_AD
@@ -195,7 +193,88 @@ def experts_bwd(
     return dx, dw1, (dw3 if swiglu else x_AD.new_empty(0)), dw2, dweight
 
 
+@torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
+def experts_bwd(
+    dy: Tensor,
+    x_AD: Tensor,
+    w1: Tensor,
+    w3: Tensor | None,
+    w2: Tensor,
+    counts_E: Tensor,
+    token_A: Tensor | None,
+    weight_A: Tensor | None,
+    pos_A: Tensor | None,
+    tok_offsets: Tensor | None,
+    expert_row_A: Tensor | None,
+    h1: Tensor,
+    h3: Tensor,
+    gather_rows: bool,
+    aligned: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The eager backward: dh1/dh3 overwrite the saved h1/h3 (the autograd layer forbids a second backward)."""
+    return _experts_bwd(
+        dy,
+        x_AD,
+        w1,
+        w3,
+        w2,
+        counts_E,
+        token_A,
+        weight_A,
+        pos_A,
+        tok_offsets,
+        expert_row_A,
+        h1,
+        h3,
+        gather_rows,
+        aligned,
+        True,
+    )
+
+
+@torch.library.custom_op("moeflow::experts_bwd_fresh", mutates_args=())
+def experts_bwd_fresh(
+    dy: Tensor,
+    x_AD: Tensor,
+    w1: Tensor,
+    w3: Tensor | None,
+    w2: Tensor,
+    counts_E: Tensor,
+    token_A: Tensor | None,
+    weight_A: Tensor | None,
+    pos_A: Tensor | None,
+    tok_offsets: Tensor | None,
+    expert_row_A: Tensor | None,
+    h1: Tensor,
+    h3: Tensor,
+    gather_rows: bool,
+    aligned: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The compiled backward: dh1/dh3 in new buffers. A compiled graph may not write into its saved
+    tensors, so Inductor would copy h1 and h3 before the in-place op (two A x F copies per layer,
+    1.5 ms a step at the OLMoE-like bench shape); with h1/h3 freed after their last use the peak is the same."""
+    return _experts_bwd(
+        dy,
+        x_AD,
+        w1,
+        w3,
+        w2,
+        counts_E,
+        token_A,
+        weight_A,
+        pos_A,
+        tok_offsets,
+        expert_row_A,
+        h1,
+        h3,
+        gather_rows,
+        aligned,
+        False,
+    )
+
+
 @experts_bwd.register_fake
+@experts_bwd_fresh.register_fake
 def _(
     dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3, gather_rows, aligned
 ):
@@ -261,7 +340,11 @@ class ExpertMLPFunction(torch.autograd.Function):
             )
         ctx.consumed = True
         x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3 = ctx.saved_tensors
-        dx, dw1, dw3, dw2, dweight = torch.ops.moeflow.experts_bwd(
+        # compiled: the op that writes new buffers (a traced in-place write into saved tensors costs two copies)
+        backward_op = (
+            torch.ops.moeflow.experts_bwd_fresh if torch.compiler.is_compiling() else torch.ops.moeflow.experts_bwd
+        )
+        dx, dw1, dw3, dw2, dweight = backward_op(
             dy,
             x_AD,
             w1,

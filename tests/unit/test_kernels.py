@@ -257,6 +257,48 @@ def test_second_backward_is_refused():
         y.float().sum().backward()
 
 
+def test_compiled_backward_writes_new_buffers_and_matches_eager(monkeypatch):
+    """Traced by torch.compile, the backward must not write into its saved h1/h3: Inductor copies
+    any saved tensor that an op mutates (two A x F copies per layer). Gradients equal eager's exactly.
+    (Rows copied unaligned: Dynamo cannot trace the aligned layout's kernel under the CPU interpreter.)"""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setattr(ops, "ALIGN_FROM_ROWS_PER_EXPERT", 10**9)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    T, D, F, counts = 24, 16, 24, [5, 0, 17, 9]
+    plan = make_plan(T, counts, gen)
+    x = torch.randn(T, D, generator=gen).to(DEV, DTYPE).requires_grad_()
+    w1, w3, w2 = weights(len(counts), D, F, True, DTYPE, gen)
+    weight_A = plan.weight_A.to(DTYPE).requires_grad_()
+    dy = torch.randn(T, D, generator=gen).to(DEV, DTYPE)
+    params = [x, w1, w3, w2, weight_A]
+
+    def step(x, w1, w3, w2, weight_A):
+        return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, weight_A)
+
+    backward_graphs = []
+
+    def keep_backward(gm, example_inputs):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep_backward)
+    compiled = torch.compile(
+        step, backend=backend
+    )  # (the aligned layout's kernel breaks the graph under the interpreter)
+    got = torch.autograd.grad(compiled(*params), params, dy)
+    want = torch.autograd.grad(step(*params), params, dy)
+    torch._dynamo.reset()
+
+    targets = [str(n.target) for gm in backward_graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("experts_bwd_fresh" in t for t in targets), targets
+    assert not any("auto_functionalized" in t for t in targets), targets  # no in-place op left to copy for
+    for name, g, w in zip(["x", "w1", "w3", "w2", "weight"], got, want):
+        assert torch.equal(g, w), name
+
+
 def test_registration_is_lazy_and_auto_picks_triton_on_cuda():
     import subprocess
     import sys
