@@ -297,16 +297,7 @@ def force_tiles(kernel, shape) -> None:
 PERSISTENT = True  # persistent: one program per SM walks the tiles
 # `up` stays one program per tile: persistent, its two accumulators and three stores ran 15-20%
 # slower (bench/RESULTS.md), so it has no persistent candidate.
-# The last two fit two programs on an SM (<= 96 KiB of shared memory, <= 128 registers a thread for the
-# accumulators), so one program's epilogue (three stores) can run beside the other's products.
-UP_SHAPES = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 6),
-    (64, 128, 64, 4, 4),
-    (128, 64, 64, 8, 3),
-    (64, 128, 32, 4, 4),
-]
+UP_SHAPES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 6), (64, 128, 64, 4, 4)]
 GMM_SHAPES = [
     (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
