@@ -2,6 +2,7 @@
 # Issue 32 on an H200: the 8-layer OLMoE-like shape, MoE vs dense compiled (bench/results/train_h200.json), and
 # loss parity over 200 steps for the Mixtral-like and 128-expert shapes: the default path (fp32 weights and AdamW
 # moments) against the bench's master weights + bf16 moments, same seed.
+# Written 2026-12-07 (fifth session), not yet run: no machine could be started that session.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl 2>/dev/null; export PYTHONPATH=/tmp/site
