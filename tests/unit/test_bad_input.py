@@ -72,6 +72,16 @@ def test_config_errors_are_one_line(capsys, args, expect):
     assert expect in run_preflight(capsys, *args)
 
 
+def test_a_sweep_job_refuses_a_launcher_key_its_launcher_does_not_read(tmp_path):
+    """`moeflow train -m ... +launcher.nproc=2` runs each job in-process, without the preflight: the job's own
+    checks refuse the key (before, every job ran on one process, silently)."""
+    from moeflow.moe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"launcher.nproc is not read by launcher=none; choose launcher=local"):
+        train(compose_cfg(*TINY, "+launcher.nproc=2", "trainer.steps=1"), tmp_path / "a")
+    assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
+
+
 def test_empty_data_file(capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
