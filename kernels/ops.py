@@ -12,7 +12,8 @@ on the H100 the copy + TMA loads is faster: bench/RESULTS.md.) The backward's un
 runs on a second CUDA stream beside the last weight-gradient GEMM.
 
 Forward and backward are the custom ops `moeflow::experts_fwd` / `moeflow::experts_bwd`
-(with fake implementations, so torch.compile traces them as opaque nodes);
+(with fake implementations, so torch.compile traces them as opaque nodes); a traced backward
+uses `moeflow::experts_bwd_fresh`, the same computation into new buffers.
 `ExpertMLPFunction` (a torch.autograd.Function) ties them together.
 """
 
@@ -251,8 +252,9 @@ def experts_bwd_fresh(
     aligned: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The compiled backward: dh1/dh3 in new buffers. A compiled graph may not write into its saved
-    tensors, so Inductor would copy h1 and h3 before the in-place op (two A x F copies per layer,
-    1.5 ms a step at the OLMoE-like bench shape); with h1/h3 freed after their last use the peak is the same."""
+    tensors, so Inductor copied h1 and h3 before the in-place op (two A x F copies per layer, 1.5 ms a
+    step at the OLMoE-like bench shape). The peak is that of those copies: h1, h3, dh1 and dh3 live
+    together while the op runs (eager, in place, holds 2 x A x F less)."""
     return _experts_bwd(
         dy,
         x_AD,

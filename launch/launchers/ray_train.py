@@ -29,10 +29,13 @@ log = logging.getLogger("moeflow.ray")
 
 
 def ray_args(args: list[str]) -> list[str]:
+    """launcher=ray, the training overrides, then every launcher override in the form it was given: a new key
+    needs Hydra's + (`+launcher.resources_per_worker.CPU=8` into the empty map), and the +, ++ and ~ forms
+    were dropped silently."""
     return [
         "launcher=ray",
         *without_launcher([a for a in args if a != "launcher=ray"]),
-        *[a for a in args if a.startswith("launcher.")],
+        *[a for a in args if a.lstrip("+~").startswith("launcher.")],
     ]
 
 

@@ -261,3 +261,18 @@ def test_the_launched_processes_get_no_launcher_key_in_any_hydra_form(tmp_path):
     passed_on = without_launcher(args)
     assert passed_on == ["trainer.steps=1"]
     preflight([*passed_on, f"hydra.run.dir={tmp_path / 'run'}"])  # what a rank checks: no refusal
+
+
+def test_a_ray_launch_keeps_its_launcher_overrides_in_every_hydra_form():
+    """`+launcher.resources_per_worker.CPU=2` (a new key in the empty map needs the +) was dropped on the way
+    to Ray Train: the workers got Ray's default resources, silently."""
+    from moeflow.launch.launchers.common import compose
+    from moeflow.launch.launchers.ray_train import ray_args
+
+    args = ray_args(
+        ["launcher=ray", "+launcher.resources_per_worker.CPU=2", "launcher.num_workers=3", "trainer.steps=1"]
+    )
+    cfg = compose(args)
+    assert cfg.launcher.name == "ray" and cfg.launcher.num_workers == 3
+    assert dict(cfg.launcher.resources_per_worker) == {"CPU": 2}
+    assert cfg.trainer.steps == 1

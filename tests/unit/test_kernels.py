@@ -257,7 +257,8 @@ def test_second_backward_is_refused():
         y.float().sum().backward()
 
 
-def test_compiled_backward_writes_new_buffers_and_matches_eager(monkeypatch):
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_compiled_backward_writes_new_buffers_and_matches_eager(monkeypatch, swiglu):
     """Traced by torch.compile, the backward must not write into its saved h1/h3: Inductor copies
     any saved tensor that an op mutates (two A x F copies per layer). Gradients equal eager's exactly.
     (Rows copied unaligned: Dynamo cannot trace the aligned layout's kernel under the CPU interpreter.)"""
@@ -269,12 +270,12 @@ def test_compiled_backward_writes_new_buffers_and_matches_eager(monkeypatch):
     T, D, F, counts = 24, 16, 24, [5, 0, 17, 9]
     plan = make_plan(T, counts, gen)
     x = torch.randn(T, D, generator=gen).to(DEV, DTYPE).requires_grad_()
-    w1, w3, w2 = weights(len(counts), D, F, True, DTYPE, gen)
+    w1, w3, w2 = weights(len(counts), D, F, swiglu, DTYPE, gen)
     weight_A = plan.weight_A.to(DTYPE).requires_grad_()
     dy = torch.randn(T, D, generator=gen).to(DEV, DTYPE)
-    params = [x, w1, w3, w2, weight_A]
+    params = [x, w1, w2, weight_A] + ([w3] if swiglu else [])
 
-    def step(x, w1, w3, w2, weight_A):
+    def step(x, w1, w2, weight_A, w3=None):
         return ops.expert_mlp_routed(x, w1, w3, w2, plan.counts_E, plan.token_A, weight_A)
 
     backward_graphs = []
@@ -295,7 +296,7 @@ def test_compiled_backward_writes_new_buffers_and_matches_eager(monkeypatch):
     targets = [str(n.target) for gm in backward_graphs for n in gm.graph.nodes if n.op == "call_function"]
     assert any("experts_bwd_fresh" in t for t in targets), targets
     assert not any("auto_functionalized" in t for t in targets), targets  # no in-place op left to copy for
-    for name, g, w in zip(["x", "w1", "w3", "w2", "weight"], got, want):
+    for name, g, w in zip(["x", "w1", "w2", "weight", "w3"], got, want):
         assert torch.equal(g, w), name
 
 
