@@ -437,7 +437,7 @@ def _validate(cfg: DictConfig, schema_checked: bool) -> tuple[ModelConfig, Train
 
     if not schema_checked:
         schema.check(cfg)  # types and ranges of every key first
-    from .preflight import check_launcher_keys
+    from .config_groups import check_launcher_keys
 
     check_launcher_keys(cfg)  # also for each job of a `-m` sweep, which runs in-process without the preflight
     trainer_cfg = trainer_config(cfg)

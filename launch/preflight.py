@@ -20,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from moeflow.moe.errors import ConfigError
 
 from . import schema
+from .config_groups import check_launcher_keys
+from .config_groups import choices_with_keys as _choices_with_keys
 from .recorded_model import adopt_recorded_model
 
 # Flags after which Hydra prints something instead of running: let it.
@@ -37,25 +39,6 @@ def _all_keys(cfg, prefix: str = "") -> list[str]:
         if isinstance(v, dict):
             keys += _all_keys(v, full + ".")
     return keys
-
-
-def _choices_with_keys(group: str) -> dict[str, list[str]]:
-    """`group.key` -> the choices of config group `group` that have it (from the shipped YAML files)."""
-    import importlib.resources
-
-    import yaml
-
-    root = importlib.resources.files("moeflow.configs") / group
-    if not root.is_dir():
-        return {}
-    owners: dict[str, list[str]] = {}
-    for f in sorted(root.iterdir(), key=lambda f: f.name):
-        if f.name.endswith(".yaml"):
-            body = yaml.safe_load(f.read_text()) or {}
-            for k in body:
-                if k != "defaults":
-                    owners.setdefault(f"{group}.{k}", []).append(f.name.removesuffix(".yaml"))
-    return owners
 
 
 def _config_groups() -> set[str]:
@@ -188,19 +171,6 @@ _SETTING_OF_FLAG = {
     "--resume": "resume=PATH|auto",
     "--out": "hydra.run.dir=DIR",
 }
-
-
-def check_launcher_keys(cfg) -> None:
-    """`+launcher.nproc=2` adds the key to the default launcher, which never reads it: one process ran."""
-    launcher = cfg.get("launcher") or {}
-    name = launcher.get("name", "none")
-    owners = _choices_with_keys("launcher")
-    for key in launcher:
-        mine = owners.get(f"launcher.{key}", [])
-        if name in mine:
-            continue
-        fix = f"choose launcher={mine[0]}" if mine and name == "none" else "drop it"
-        raise ConfigError(f"launcher.{key} is not read by launcher={name}; {fix}")
 
 
 def refuse_unknown_flags(args: list[str]) -> None:
