@@ -14,8 +14,6 @@ Shape suffixes: T tokens, D model dim, E experts, A assignments (sorted by exper
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass, field
 
 import torch
@@ -100,13 +98,21 @@ def plan_dispatch(routing: RouterOutput) -> DispatchPlan:
     )
 
 
-@functools.cache
-def _gather_sum():
-    if importlib.util.find_spec("triton") is None:
-        return None
-    from moeflow.kernels.combine import gather_sum
+_UNRESOLVED = object()
+_gather_sum_kernel = _UNRESOLVED
 
-    return gather_sum
+
+def _gather_sum():
+    """moeflow's Triton gather-sum, or None without Triton; resolved once (a module global, not
+    functools.cache, which torch.compile traces through with a warning in every compiled run)."""
+    global _gather_sum_kernel
+    if _gather_sum_kernel is _UNRESOLVED:
+        try:  # Triton is an optional dependency
+            from moeflow.kernels.combine import gather_sum as kernel
+        except ImportError:
+            kernel = None
+        _gather_sum_kernel = kernel
+    return _gather_sum_kernel
 
 
 def combine(y_AD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

@@ -10,7 +10,6 @@ Shape suffixes: T tokens, E experts, K top-k, A assignments, C capacity.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -178,13 +177,21 @@ def entropy(gate: Gate, probs_TE: torch.Tensor) -> torch.Tensor:
         return gate.global_sum(h.sum()) / gate.global_count(p.shape[0], p.device)
 
 
-@functools.cache
+_UNRESOLVED = object()
+_topk = _UNRESOLVED
+
+
 def _topk_kernel():
-    try:  # Triton is an optional dependency
-        from moeflow.kernels.topk import topk_indices
-    except ImportError:
-        return None
-    return topk_indices
+    """moeflow's Triton top-k, or None without Triton; resolved once. A module global, not functools.cache:
+    torch.compile traces through a cache wrapper and warns about it in every compiled run."""
+    global _topk
+    if _topk is _UNRESOLVED:
+        try:  # Triton is an optional dependency
+            from moeflow.kernels.topk import topk_indices as kernel
+        except ImportError:
+            kernel = None
+        _topk = kernel
+    return _topk
 
 
 def top_k_indices(select_TE: torch.Tensor, k: int) -> torch.Tensor:

@@ -57,3 +57,30 @@ def test_compile_settings_that_would_be_ignored_are_refused_in_one_line():
         validate(compose_cfg(*TINY, "trainer.compile_scope=blocks"))
     with pytest.raises(ConfigError, match=r"trainer.compile=true needs engine=torch"):
         validate(compose_cfg(*TINY, "trainer.compile=true", "engine=deepspeed"))
+
+
+def test_optional_kernels_resolve_inside_a_compiled_region_without_dynamo_warnings(monkeypatch):
+    """The gate's top-k and the combine's gather-sum pick their Triton kernel inside the compiled forward.
+    A functools.cache there made Dynamo warn ("lru_cache-wrapped function") in every compiled run."""
+    import warnings
+
+    from moeflow.moe import routing
+    from moeflow.moe.gates import common
+
+    monkeypatch.setattr(common, "_topk", common._UNRESOLVED)  # resolve for the first time while tracing
+    monkeypatch.setattr(routing, "_gather_sum_kernel", routing._UNRESOLVED)
+
+    def pick(x):
+        return x * 2 if common._topk_kernel() is not None and routing._gather_sum() is not None else x
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(pick, backend="eager", fullgraph=True)(torch.ones(3))
+    assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+    pytest.importorskip("triton")
+    from moeflow.kernels.combine import gather_sum
+    from moeflow.kernels.topk import topk_indices
+
+    assert common._topk is topk_indices and routing._gather_sum_kernel is gather_sum
+    assert torch.equal(out, torch.full((3,), 2.0))
