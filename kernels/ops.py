@@ -194,85 +194,49 @@ def _experts_bwd(
     return dx, dw1, (dw3 if swiglu else x_AD.new_empty(0)), dw2, dweight
 
 
-@torch.library.custom_op("moeflow::experts_bwd", mutates_args=("h1", "h3"))
-def experts_bwd(
-    dy: Tensor,
-    x_AD: Tensor,
-    w1: Tensor,
-    w3: Tensor | None,
-    w2: Tensor,
-    counts_E: Tensor,
-    token_A: Tensor | None,
-    weight_A: Tensor | None,
-    pos_A: Tensor | None,
-    tok_offsets: Tensor | None,
-    expert_row_A: Tensor | None,
-    h1: Tensor,
-    h3: Tensor,
-    gather_rows: bool,
-    aligned: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The eager backward: dh1/dh3 overwrite the saved h1/h3 (the autograd layer forbids a second backward)."""
-    return _experts_bwd(
-        dy,
-        x_AD,
-        w1,
-        w3,
-        w2,
-        counts_E,
-        token_A,
-        weight_A,
-        pos_A,
-        tok_offsets,
-        expert_row_A,
-        h1,
-        h3,
-        gather_rows,
-        aligned,
-        True,
-    )
+def _define_backward(name: str, in_place: bool, doc: str):
+    """One custom op over `_experts_bwd`; the two differ only in whether dh1/dh3 overwrite h1/h3."""
+
+    def backward_op(
+        dy: Tensor,
+        x_AD: Tensor,
+        w1: Tensor,
+        w3: Tensor | None,
+        w2: Tensor,
+        counts_E: Tensor,
+        token_A: Tensor | None,
+        weight_A: Tensor | None,
+        pos_A: Tensor | None,
+        tok_offsets: Tensor | None,
+        expert_row_A: Tensor | None,
+        h1: Tensor,
+        h3: Tensor,
+        gather_rows: bool,
+        aligned: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return _experts_bwd(
+            dy, x_AD, w1, w3, w2, counts_E, token_A, weight_A, pos_A, tok_offsets, expert_row_A, h1, h3,
+            gather_rows, aligned, in_place,
+        )  # fmt: skip
+
+    backward_op.__doc__ = doc
+    return torch.library.custom_op(name, mutates_args=("h1", "h3") if in_place else ())(backward_op)
 
 
-@torch.library.custom_op("moeflow::experts_bwd_fresh", mutates_args=())
-def experts_bwd_fresh(
-    dy: Tensor,
-    x_AD: Tensor,
-    w1: Tensor,
-    w3: Tensor | None,
-    w2: Tensor,
-    counts_E: Tensor,
-    token_A: Tensor | None,
-    weight_A: Tensor | None,
-    pos_A: Tensor | None,
-    tok_offsets: Tensor | None,
-    expert_row_A: Tensor | None,
-    h1: Tensor,
-    h3: Tensor,
-    gather_rows: bool,
-    aligned: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The compiled backward: dh1/dh3 in new buffers. A compiled graph may not write into its saved
+experts_bwd = _define_backward(
+    "moeflow::experts_bwd",
+    in_place=True,
+    doc="The eager backward: dh1/dh3 overwrite the saved h1/h3 (the autograd layer forbids a second backward).",
+)
+experts_bwd_fresh = _define_backward(
+    "moeflow::experts_bwd_fresh",
+    in_place=False,
+    doc="""The compiled backward: dh1/dh3 in new buffers. A compiled graph may not write into its saved
     tensors, so Inductor copied h1 and h3 before the in-place op (two A x F copies per layer, 1.5 ms a
-    step at the OLMoE-like bench shape). The peak is that of those copies: h1, h3, dh1 and dh3 live
-    together while the op runs (eager, in place, holds 2 x A x F less)."""
-    return _experts_bwd(
-        dy,
-        x_AD,
-        w1,
-        w3,
-        w2,
-        counts_E,
-        token_A,
-        weight_A,
-        pos_A,
-        tok_offsets,
-        expert_row_A,
-        h1,
-        h3,
-        gather_rows,
-        aligned,
-        False,
-    )
+    step at the OLMoE-like bench shape; measured -2.0 ms a step on one H100, bench/RESULTS.md). The peak
+    is that of those copies: h1, h3, dh1 and dh3 live together while the op runs (eager, in place, holds
+    2 x A x F less).""",
+)
 
 
 @experts_bwd.register_fake
