@@ -8,7 +8,11 @@ compiles, autotuning) and once at the end; tokens/s is the second interval's. Va
 - dense: the same shape with one MLP of hidden top_k * d_ff per layer (`model.moe_every=0`):
   the same active FLOPs without routing;
 - hf: transformers' own MoE model of the same shape (Qwen3-MoE, or OLMoE for q/k norms over
-  the projection) in a plain bf16 AdamW loop, when transformers is installed.
+  the projection) in a plain bf16 AdamW loop, when transformers is installed;
+- torchtitan: torchtitan's own MoE model of the same shape in the same loop, clipped as its trainer
+  does, compiled by its own apply_compile when the moeflow rows are (`launch/bench/torchtitan_variant.py`),
+  on CUDA when torchtitan is installed (`pip install moeflow[torchtitan]`); the JSON's
+  `moe_over_torchtitan` compares the first MoE row with it.
 
 MFU = (6 x active non-embedding parameters + attention) FLOPs per token x tokens/s, over a
 matmul peak measured in the same run (bf16 8192^3 on CUDA; float32 1024^3 on a CPU, where the
@@ -34,6 +38,8 @@ from pathlib import Path
 from moeflow.moe.errors import ConfigError
 
 from . import check_out
+from .plain_loop import sync, time_plain_loop
+from .torchtitan_variant import torchtitan_variant
 
 # model overrides of the shapes in the issue tracker's targets
 SHAPES = {
@@ -82,13 +88,6 @@ def matmul_peak(device) -> tuple[float, str]:
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t), f"{str(dtype).replace('torch.', '')} {n}^3 matmul"
-
-
-def sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def random_tokens(folder: Path, vocab: int, n: int) -> Path:
@@ -193,7 +192,6 @@ def _counts(model_cfg) -> dict:
 def hf_variant(moe_overrides: list[str], args, device) -> dict:
     """transformers' own MoE model of the same shape, in a plain AdamW loop (bf16 autocast on CUDA)."""
     import torch
-    import torch.nn.functional as F
 
     from moeflow.launch.config import model_config
     from moeflow.moe.hf_moe import auto_target, export_config
@@ -217,57 +215,25 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg, **kwargs).to(device)
     except (TypeError, ValueError):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
-
-    from moeflow.launch.profiling import PhaseTimer
-
-    timer = PhaseTimer(device, first_step=1)  # step 0: warm-up, 1: the measured steps
-
-    def step(measured: int = 0):
-        timer.begin(measured)
-        x = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
-        with autocast:
-            logits = model(x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        timer.mark("forward")
-        loss.backward()
-        timer.mark("backward")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        timer.mark("optimizer")
-        timer.end()
-        return loss
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(args.steps - 1):
-        step()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step(measured=1)
-    sync(device)
-    tok_s = args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t)
+    timed = time_plain_loop(lambda m, tokens: m(tokens).logits, model, cfg.vocab_size, args, device)
     return {
         "variant": f"hf ({target})",
-        "tokens_per_s": tok_s,
-        "first_step_s": first,
-        "steady_step_s": args.batch_size * args.seq_len / tok_s,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        **timed,
         "flops_per_token": flops_per_token(cfg, args.seq_len),
         "params": _counts(cfg),
-        "final_loss": loss.item(),
-        **_phases(timer),
     }
+
+
+VARIANTS = ("moe", "dense", "hf", "torchtitan")
+
+
+def _with_shape_counts(row: dict, model_cfg, args) -> dict:
+    """An outside model's row with the shape's FLOPs and moeflow's parameter counts (MFU on one basis)."""
+    return (
+        row
+        if row.get("skipped")
+        else {**row, "flops_per_token": flops_per_token(model_cfg, args.seq_len), "params": _counts(model_cfg)}
+    )
 
 
 def run(args) -> dict:
@@ -277,9 +243,9 @@ def run(args) -> dict:
 
     if args.shape not in SHAPES:
         raise ConfigError(f"--shape {args.shape!r} is unknown; choose one of {', '.join(SHAPES)}")
-    unknown = [v for v in args.variants.split(",") if v not in ("moe", "dense", "hf")]
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
-        raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use moe, dense, hf")
+        raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use {', '.join(VARIANTS)}")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     _refuse_overrides_the_bench_sets(args.override, args.variants.split(","), getattr(args, "compile", False))
@@ -289,10 +255,11 @@ def run(args) -> dict:
     shape = SHAPES[args.shape]
     from moeflow.launch.config import model_config
 
-    vocab = model_config(
-        compose([*shape, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
-    ).vocab_size
+    shape_cfg = compose([*shape, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
+    moe_cfg = model_config(shape_cfg)
+    vocab = moe_cfg.vocab_size
     args.vocab_size = vocab
+    compiled_by_override = bool(shape_cfg.trainer.compile)
     peak, peak_what = matmul_peak(device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="moeflow-bench-train-") as tmp:
@@ -319,8 +286,13 @@ def run(args) -> dict:
                     measured(
                         trainer_variant(f"dense{suffix}", [*shape, "model.moe_every=0", *extra], args, tokens, tmp)
                     )
-                else:
+                elif variant == "hf":
                     measured(hf_variant(shape, args, device))
+                else:  # torchtitan: compiled as the moeflow rows are (their override, or --compile beside eager)
+                    titan_modes = [True] if compiled_by_override else [False] + ([True] if len(modes) > 1 else [])
+                    for compiled in titan_modes:
+                        row = torchtitan_variant(moe_cfg, args, device, compiled)
+                        measured(_with_shape_counts(row, moe_cfg, args))
     for r in rows:
         if r.get("tokens_per_s"):
             r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
@@ -342,6 +314,10 @@ def run(args) -> dict:
         None,
     )
     dense_c = next((r for r in rows if r["variant"] == "dense-compiled" and r.get("tokens_per_s")), None)
+    titan = next((r for r in rows if r["variant"] == "torchtitan" and r.get("tokens_per_s")), None)
+    titan_c = next((r for r in rows if r["variant"] == "torchtitan-compiled" and r.get("tokens_per_s")), None)
+    # the moe row against torchtitan compiled the same way (the moe row is compiled when trainer.compile=true)
+    titan_same = titan_c if compiled_by_override else titan
     out = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -370,12 +346,22 @@ def run(args) -> dict:
         "moe_compiled_tokens_per_s": moe_c and moe_c["tokens_per_s"],
         "dense_compiled_tokens_per_s": dense_c and dense_c["tokens_per_s"],
         "moe_compiled_over_dense_compiled": moe_c and dense_c and moe_c["tokens_per_s"] / dense_c["tokens_per_s"],
+        "torchtitan_tokens_per_s": titan and titan["tokens_per_s"],
+        "torchtitan_compiled_tokens_per_s": titan_c and titan_c["tokens_per_s"],
+        "moe_over_torchtitan": moe and titan_same and moe["tokens_per_s"] / titan_same["tokens_per_s"],
+        "moe_compiled_over_torchtitan_compiled": moe_c and titan_c and moe_c["tokens_per_s"] / titan_c["tokens_per_s"],
         "variants": rows,
     }
     if out["moe_over_dense"]:
         print(f"MoE ({moe['variant']}) / dense tokens/s: x{out['moe_over_dense']:.3f}")
     if out["moe_compiled_over_dense_compiled"]:
         print(f"MoE ({moe_c['variant']}) / dense, both compiled: x{out['moe_compiled_over_dense_compiled']:.3f}")
+    if out["moe_over_torchtitan"]:
+        print(f"MoE ({moe['variant']}) / {titan_same['variant']} tokens/s: x{out['moe_over_torchtitan']:.3f}")
+    if out["moe_compiled_over_torchtitan_compiled"]:
+        print(
+            f"MoE ({moe_c['variant']}) / torchtitan, both compiled: x{out['moe_compiled_over_torchtitan_compiled']:.3f}"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
@@ -471,7 +457,11 @@ def main(argv: list[str]) -> None:
         prog="moeflow bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--shape", default="olmoe-like", help=f"model shape: {', '.join(SHAPES)} (default olmoe-like)")
-    ap.add_argument("--variants", default="moe,dense,hf", help="comma list of moe, dense, hf")
+    ap.add_argument(
+        "--variants",
+        default="moe,dense,hf,torchtitan",
+        help="comma list of moe, dense, hf, torchtitan (hf and torchtitan say 'skipped' where they can't run)",
+    )
     ap.add_argument(
         "--impls",
         default=None,

@@ -1,0 +1,68 @@
+"""`moeflow bench train`'s torchtitan variant: torchtitan's own model is built at the bench's shape (its
+parameter count against moeflow's, on the meta device), and the row says why when it can't run. The
+timed run itself needs CUDA (tests/gpu/test_bench_torchtitan_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from helpers.bench import bench_train_args
+from moeflow.launch.bench import torchtitan_variant as titan
+from moeflow.launch.bench import train as bench_train
+from moeflow.launch.config import model_config
+from moeflow.moe.param_count import param_counts
+
+
+def _shape_cfg(shape: str, *extra: str):
+    return model_config(bench_train.compose([*bench_train.SHAPES[shape], "model.n_layers=2", *extra]))
+
+
+@pytest.mark.parametrize("shape", ["olmoe-like", "mixtral-like", "e128"])
+def test_torchtitans_model_of_each_bench_shape_has_moeflows_parameters(shape):
+    pytest.importorskip("torchtitan")
+    from torchtitan.models.qwen3.model.model import Qwen3Model
+
+    cfg = _shape_cfg(shape)
+    margs = titan.qwen3_args(cfg, 2048, grouped_mm=False)
+    assert not isinstance(margs, str), margs
+    with torch.device("meta"):
+        model = Qwen3Model(margs)
+    total, _ = param_counts(cfg)
+    head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    # torchtitan normalises q and k per head (head_dim weights); OLMoE normalises the whole projection
+    per_proj = cfg.d_model - head_dim + kv_dim - head_dim if cfg.qk_norm_scope == "proj" else 0
+    assert sum(p.numel() for p in model.parameters()) == total - cfg.n_layers * per_proj
+    moe = model.layers["0"].moe
+    assert moe.experts.w1.shape == (cfg.num_experts, cfg.d_ff, cfg.d_model)  # experts x hidden x model
+    assert moe.router.top_k == cfg.top_k and moe.shared_experts is None
+
+
+def test_a_shape_torchtitans_model_cannot_express_is_named():
+    pytest.importorskip("torchtitan")
+    assert "activation=gelu" in titan.qwen3_args(_shape_cfg("e128", "model.activation=gelu"), 64, grouped_mm=False)
+    assert "moe_every=2" in titan.qwen3_args(_shape_cfg("e128", "model.moe_every=2"), 64, grouped_mm=False)
+
+
+def test_the_torchtitan_row_says_why_it_did_not_run(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "train.json"
+    bench_train.run(bench_train_args("torchtitan", out))  # the CPU
+    saved = json.loads(out.read_text())
+    (row,) = saved["variants"]
+    expected = "CUDA only" if "torchtitan" in sys.modules or _importable("torchtitan") else "not importable"
+    assert row["variant"] == "torchtitan" and expected in row["skipped"]
+    assert saved["torchtitan_tokens_per_s"] is None and saved["moe_over_torchtitan"] is None
+    assert "torchtitan       skipped:" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "torchtitan", None)  # as on a machine without it
+    row = titan.torchtitan_variant(_shape_cfg("e128"), bench_train_args("torchtitan"), torch.device("cpu"), True)
+    assert row["variant"] == "torchtitan-compiled" and "pip install moeflow[torchtitan]" in row["skipped"]
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
