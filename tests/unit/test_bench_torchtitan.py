@@ -5,6 +5,7 @@ timed run itself needs CUDA (tests/gpu/test_bench_torchtitan_gpu.py)."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -66,3 +67,23 @@ def _importable(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_torchtitans_model_trains_in_the_bench_loop_on_the_cpu(monkeypatch):
+    """The row's own path short of CUDA: torchtitan's model built and initialised by `build`, stepped by
+    the plain loop with torchtitan's clipping. Its router counts tokens with torch.histc on integers,
+    which the CPU lacks; counted here on floats (the same counts) so the rest runs."""
+    pytest.importorskip("torchtitan")
+    real_histc = torch.histc
+    monkeypatch.setattr(torch, "histc", lambda x, *a, **k: real_histc(x.float(), *a, **k).to(x.dtype))
+    from moeflow.launch.bench.plain_loop import time_plain_loop
+
+    cfg = _shape_cfg("tiny", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=16")
+    args = bench_train_args("torchtitan", seq_len=16, batch_size=2, steps=2)
+    model = titan.build(cfg, args.seq_len, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    timed = time_plain_loop(lambda m, tokens: m(tokens), model, cfg.vocab_size, args, torch.device("cpu"), max_norm=1.0)
+    assert timed["tokens_per_s"] > 0 and timed["forward_s"] > 0 and timed["optimizer_s"] > 0
+    assert abs(timed["final_loss"] - math.log(cfg.vocab_size)) < 1.0  # random tokens: about ln(vocab) nats
+    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+    assert all(moved)  # every weight trained, the router and the experts included
