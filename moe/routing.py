@@ -108,10 +108,13 @@ def _gather_sum():
     global _gather_sum_kernel
     if _gather_sum_kernel is _UNRESOLVED:
         try:  # Triton is an optional dependency
-            from moeflow.kernels.combine import gather_sum as kernel
+            import triton  # noqa: F401
         except ImportError:
-            kernel = None
-        _gather_sum_kernel = kernel
+            _gather_sum_kernel = None
+        else:  # with Triton, a broken kernel module is an error, not a silent fallback
+            from moeflow.kernels.combine import gather_sum
+
+            _gather_sum_kernel = gather_sum
     return _gather_sum_kernel
 
 

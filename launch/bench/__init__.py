@@ -13,7 +13,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
     "train": (
         "moeflow.launch.bench.train",
         "main",
-        "the whole training step: MoE vs its dense equivalent (and transformers), tokens/s and MFU",
+        "the whole training step: MoE vs its dense equivalent (and transformers, torchtitan), tokens/s and MFU",
     ),
     "checkpoint": (
         "moeflow.launch.bench.checkpoint",

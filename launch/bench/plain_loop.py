@@ -14,12 +14,20 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_plain_loop(logits_of, model, vocab_size: int, args, device, max_norm: float | None = None) -> dict:
+def mean_cross_entropy(logits, labels):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+def time_plain_loop(
+    logits_of, model, vocab_size: int, args, device, max_norm: float | None = None, loss_of=mean_cross_entropy
+) -> dict:
     """tokens_per_s, first_step_s, steady_step_s, peak_mem_gib, final_loss and the phases of
     `logits_of(model, inputs)` trained on random tokens. `max_norm` clips the gradient as the outside
-    trainer would (torchtitan: 1.0, one foreach pass); None leaves it unclipped."""
+    trainer would (torchtitan: 1.0, one foreach pass); None leaves it unclipped. `loss_of(logits,
+    labels)`: the outside trainer's own loss (torchtitan's, compiled when its model is)."""
     import torch
-    import torch.nn.functional as F
 
     from moeflow.launch.profiling import PhaseTimer
 
@@ -36,7 +44,7 @@ def time_plain_loop(logits_of, model, vocab_size: int, args, device, max_norm: f
         x = torch.randint(0, vocab_size, (args.batch_size, args.seq_len + 1), generator=gen).to(device)
         with autocast:
             logits = logits_of(model, x[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss = loss_of(logits, x[:, 1:])
         timer.mark("forward")
         loss.backward()
         timer.mark("backward")

@@ -1,8 +1,9 @@
 """`moeflow bench train`: the whole training step, end to end, MoE against its dense equivalent.
 
-Each variant runs the real trainer (`moeflow.launch.train.train`, the `moeflow train` code
+Each moeflow variant runs the real trainer (`moeflow.launch.train.train`, the `moeflow train` code
 path) on random tokens for 2 x --steps steps, logging once after the first --steps (warm-up:
-compiles, autotuning) and once at the end; tokens/s is the second interval's. Variants:
+compiles, autotuning) and once at the end; tokens/s is the second interval's. The outside models
+(hf, torchtitan) run the same count of warm-up and measured steps in a plain loop. Variants:
 
 - moe-<impl>: the MoE model with `experts.impl=<impl>` (--impls, default triton,grouped_mm on CUDA);
 - dense: the same shape with one MLP of hidden top_k * d_ff per layer (`model.moe_every=0`):
@@ -293,6 +294,8 @@ def run(args) -> dict:
                     for compiled in titan_modes:
                         row = torchtitan_variant(moe_cfg, args, device, compiled)
                         measured(_with_shape_counts(row, moe_cfg, args))
+                        for difference in row.get("differences", []):
+                            print(f"  {row['variant']}: {difference}", flush=True)
     for r in rows:
         if r.get("tokens_per_s"):
             r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peak
@@ -472,11 +475,16 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=10, help="measured steps, after as many warm-up steps (default 10)")
     ap.add_argument("--device", default="auto", help="auto (a CUDA GPU when there is one), cpu or cuda (default auto)")
     ap.add_argument(
-        "--compile", action="store_true", help="also run the moe and dense variants with trainer.compile=true"
+        "--compile",
+        action="store_true",
+        help="also run the moe and dense variants with trainer.compile=true (and torchtitan compiled by its own apply_compile)",
     )
     ap.add_argument("--out", default=None, help="JSON file to write (e.g. bench/results/train_h200.json)")
     ap.add_argument(
-        "override", nargs="*", help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true)"
+        "override",
+        nargs="*",
+        help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true); model.*, gate.* and "
+        "trainer.compile shape the hf and torchtitan rows too, other settings are moeflow's only (the torchtitan row lists them)",
     )
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_intermixed_args(argv)  # overrides before or after the flags

@@ -187,10 +187,13 @@ def _topk_kernel():
     global _topk
     if _topk is _UNRESOLVED:
         try:  # Triton is an optional dependency
-            from moeflow.kernels.topk import topk_indices as kernel
+            import triton  # noqa: F401
         except ImportError:
-            kernel = None
-        _topk = kernel
+            _topk = None
+        else:  # with Triton, a broken kernel module is an error, not a silent fallback
+            from moeflow.kernels.topk import topk_indices
+
+            _topk = topk_indices
     return _topk
 
 
