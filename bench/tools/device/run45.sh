@@ -10,7 +10,11 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl_titan/*.whl 2>&1 | tail -2; export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name --format=csv,noheader
 cd .head && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; cut -c1-60 COMMIT
-python3 -c "from torchtitan.models.qwen3.model.model import Qwen3Model; import torchtitan; print('torchtitan importable')" 2>&1 | tail -1
+if ! python3 -c "from torchtitan.models.qwen3.model.model import Qwen3Model" 2>/tmp/titan.err; then
+  echo "torchtitan is not importable here:"; tail -2 /tmp/titan.err
+  python3 -m pip list 2>/dev/null | grep -i -E "^(pyarrow|pandas|huggingface.hub|fsspec|datasets) "; exit 1
+fi
+echo "torchtitan importable"
 export TRITON_CACHE_DIR=/tmp/tc TORCHINDUCTOR_CACHE_DIR=/tmp/ic
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_bench_torchtitan_gpu.py 2>&1 | tail -4; echo "== at ${SECONDS}s"
 # (a) moeflow's defaults (fp32 weights and AdamW moments, as torchtitan's) compiled, against torchtitan compiled
