@@ -55,7 +55,10 @@ def _explain(err: Exception, overrides: list[str]) -> str:
     text = f"{msg} {cause or ''}"
     m = re.search(r"Key '([^']+)' is not in struct", text) or re.search(r"Could not override '([^']+)'", text)
     if m:
-        key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if m.group(1) in o.split("=", 1)[0]), m.group(1))
+        keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+        # the override that names the key exactly, else one that holds it (`model.d_modle` for 'd_modle'):
+        # `device=cpu` beside a valid `trainer.device=...` is the unknown one
+        key = next((k for k in keys if k == m.group(1)), None) or next((k for k in keys if m.group(1) in k), m.group(1))
         group_names = _config_groups()
         groups = [
             o for o in overrides if "=" in o and o.split("=", 1)[0] in group_names

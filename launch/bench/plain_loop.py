@@ -78,6 +78,7 @@ def time_plain_loop(
         "steady_step_s": args.batch_size * args.seq_len / tok_s,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "final_loss": loss.item(),
+        "autocast": "bfloat16" if device.type == "cuda" else None,  # fp32 on a CPU
         **{f"{p}_s": means.get(p) for p in ("forward", "backward", "optimizer")},
         "phases_measured_with": timer.measured_with,
     }

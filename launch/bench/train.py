@@ -8,8 +8,9 @@ compiles, autotuning) and once at the end; tokens/s is the second interval's. Th
 - moe-<impl>: the MoE model with `experts.impl=<impl>` (--impls, default triton,grouped_mm on CUDA);
 - dense: the same shape with one MLP of hidden top_k * d_ff per layer (`model.moe_every=0`):
   the same active FLOPs without routing;
-- hf: transformers' own MoE model of the same shape (Qwen3-MoE, or OLMoE for q/k norms over
-  the projection) in a plain bf16 AdamW loop, when transformers is installed;
+- hf: transformers' own MoE model of the same shape (the class `moeflow convert` exports to: Mixtral,
+  Qwen2-MoE, Qwen3-MoE or OLMoE) in a plain AdamW loop (bf16 autocast on CUDA, fp32 on a CPU), eager
+  only, when transformers is installed and has a class that computes the model exactly;
 - torchtitan: torchtitan's own MoE model of the same shape in the same loop, clipped as its trainer
   does, compiled by its own apply_compile when the moeflow rows are (`launch/bench/torchtitan_variant.py`),
   on CUDA when torchtitan is installed (`pip install moeflow[torchtitan]`); the JSON's
@@ -36,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moeflow.moe.errors import ConfigError
+from moeflow.moe.errors import ConfigError, ConversionError
 
 from . import check_out
 from .plain_loop import sync, time_plain_loop
@@ -191,7 +192,8 @@ def _counts(model_cfg) -> dict:
 
 
 def hf_variant(moe_overrides: list[str], args, device) -> dict:
-    """transformers' own MoE model of the same shape, in a plain AdamW loop (bf16 autocast on CUDA)."""
+    """transformers' own MoE model of the same shape, in a plain AdamW loop (bf16 autocast on CUDA, fp32
+    on a CPU), eager: trainer.compile does not reach it."""
     import torch
 
     from moeflow.launch.config import model_config
@@ -204,9 +206,13 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
     cfg = model_config(
         compose([*moe_overrides, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
     )
-    target = auto_target(cfg)
+    try:
+        target = auto_target(cfg)
+        exported = export_config(cfg, target)
+    except (ConfigError, ConversionError) as e:  # no transformers class computes this model exactly (a gate it lacks)
+        return {"variant": "hf", "skipped": f"no transformers model of this shape: {e}"}
     hf_cfg = transformers.AutoConfig.for_model(
-        **{k: v for k, v in export_config(cfg, target).items() if k not in ("architectures", "torch_dtype")}
+        **{k: v for k, v in exported.items() if k not in ("architectures", "torch_dtype")}
     )
     torch.manual_seed(0)
     kwargs = {}
@@ -240,19 +246,29 @@ def _with_shape_counts(row: dict, model_cfg, args) -> dict:
 def run(args) -> dict:
     import torch
 
+    from moeflow.launch.config import resolve_experts_impl
     from moeflow.launch.runtime import resolve_device
 
     if args.shape not in SHAPES:
         raise ConfigError(f"--shape {args.shape!r} is unknown; choose one of {', '.join(SHAPES)}")
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: {unknown[0]!r} is unknown; use {', '.join(VARIANTS)}")
+    if args.impls is not None and not args.impls.strip(", "):
+        raise ConfigError("--impls is empty; name one or more of triton, grouped_mm, torch (or leave the flag out)")
+    for flag, listed in (("--variants", variants), ("--impls", (args.impls or "-").split(","))):
+        if len(set(listed)) < len(listed):
+            twice = next(v for v in listed if listed.count(v) > 1)
+            raise ConfigError(f"{flag}: {twice!r} is listed twice; each is one row, list it once")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     _refuse_overrides_the_bench_sets(args.override, args.variants.split(","), getattr(args, "compile", False))
     device = resolve_device(args.device, setting="--device")
     impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
     _refuse_impls_that_would_fall_back(impls, device)
+    for impl in impls:  # every one before the first row runs (a typo in the last would lose the others' rows)
+        resolve_experts_impl(impl, device)
     shape = SHAPES[args.shape]
     from moeflow.launch.config import model_config
 
@@ -270,6 +286,9 @@ def run(args) -> dict:
         modes = [("", [])] + ([("-compiled", ["trainer.compile=true"])] if getattr(args, "compile", False) else [])
 
         def measured(row: dict) -> None:  # each variant's peak memory its own: release before the next
+            row["compiled"] = row["variant"].endswith("-compiled") or (
+                compiled_by_override and not row["variant"].startswith("hf")
+            )
             rows.append(row)
             print(_row(row, peak), flush=True)
             _release(device)
@@ -356,11 +375,13 @@ def run(args) -> dict:
         "variants": rows,
     }
     if out["moe_over_dense"]:
-        print(f"MoE ({moe['variant']}) / dense tokens/s: x{out['moe_over_dense']:.3f}")
+        both = " (both compiled: trainer.compile=true)" if compiled_by_override else ""
+        print(f"MoE ({moe['variant']}) / dense tokens/s{both}: x{out['moe_over_dense']:.3f}")
     if out["moe_compiled_over_dense_compiled"]:
         print(f"MoE ({moe_c['variant']}) / dense, both compiled: x{out['moe_compiled_over_dense_compiled']:.3f}")
     if out["moe_over_torchtitan"]:
-        print(f"MoE ({moe['variant']}) / {titan_same['variant']} tokens/s: x{out['moe_over_torchtitan']:.3f}")
+        both = " (both compiled: trainer.compile=true)" if compiled_by_override else ""
+        print(f"MoE ({moe['variant']}) / {titan_same['variant']} tokens/s{both}: x{out['moe_over_torchtitan']:.3f}")
     if out["moe_compiled_over_torchtitan_compiled"]:
         print(
             f"MoE ({moe_c['variant']}) / torchtitan, both compiled: x{out['moe_compiled_over_torchtitan_compiled']:.3f}"
@@ -463,7 +484,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--variants",
         default="moe,dense,hf,torchtitan",
-        help="comma list of moe, dense, hf, torchtitan (hf and torchtitan say 'skipped' where they can't run)",
+        help="comma list of moe, dense, hf, torchtitan (default: all four; hf and torchtitan say 'skipped' "
+        "where they can't run)",
     )
     ap.add_argument(
         "--impls",
@@ -483,8 +505,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "override",
         nargs="*",
-        help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true); model.*, gate.* and "
-        "trainer.compile shape the hf and torchtitan rows too, other settings are moeflow's only (the torchtitan row lists them)",
+        help="extra Hydra overrides for every moeflow variant (e.g. trainer.compile=true); model.* and gate.* shape the "
+        "hf and torchtitan rows too, trainer.compile compiles the torchtitan row (hf runs eager), other settings are "
+        "moeflow's only (the torchtitan row lists them); each row's 'compiled' says how it ran",
     )
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_intermixed_args(argv)  # overrides before or after the flags

@@ -57,7 +57,7 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
     assert [r["variant"] for r in saved["variants"]] == ["moe-torch", "dense", "hf (mixtral)"]
     assert saved["moe_over_dense"] == pytest.approx(saved["moe_tokens_per_s"] / saved["dense_tokens_per_s"])
     for r in saved["variants"]:
-        assert r["tokens_per_s"] > 0 and r["first_step_s"] > 0 and 0 < r["mfu"]
+        assert r["tokens_per_s"] > 0 and r["first_step_s"] > 0 and 0 < r["mfu"] and r["compiled"] is False
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / saved["peak_flops"])
     moe, dense = saved["variants"][0], saved["variants"][1]
     assert moe["params"]["active"] == pytest.approx(dense["params"]["active"], rel=0.05)  # same active FLOPs, no router
@@ -221,3 +221,33 @@ def test_a_misspelt_benchmark_is_named_with_the_one_meant():
 
     with pytest.raises(ConfigError, match=r"unknown benchmark 'traim' \(did you mean 'train'\?\)"):
         bench_main(["traim"])
+
+
+def test_list_and_override_mistakes_are_refused_before_any_row_runs(monkeypatch):
+    """A typo in the last --impls entry, a row listed twice, an empty --impls, or an override of a key
+    the config lacks: refused in one line before the first row trains (which would lose its results)."""
+    import moeflow.launch.train as trainer
+    from moeflow.moe.errors import ConfigError
+
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("a row ran before the refusal"))
+    with pytest.raises(ConfigError, match="experts.impl='trition' is not available here"):
+        bench_train.run(bench_train_args("moe", impls="torch,trition"))
+    with pytest.raises(ConfigError, match="--variants: 'moe' is listed twice"):
+        bench_train.run(bench_train_args("moe,dense,moe"))
+    with pytest.raises(ConfigError, match="--impls: 'torch' is listed twice"):
+        bench_train.run(bench_train_args("moe", impls="torch,torch"))
+    with pytest.raises(ConfigError, match="--impls is empty"):
+        bench_train.run(bench_train_args("moe", impls=","))
+    # the user's `device=cpu`, not the bench's own valid trainer.device, is the unknown key
+    with pytest.raises(ConfigError, match=r"unknown config key 'device' \(did you mean 'trainer.device'\?\)"):
+        bench_train.run(bench_train_args("moe", override=["device=cpu"]))
+
+
+def test_a_model_transformers_cannot_compute_is_the_hf_rows_skip_and_the_json_is_written(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "train.json"
+    bench_train.run(bench_train_args("hf,torchtitan", out, override=["gate=sinkhorn", "trainer.compile=true"]))
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["variants"]}
+    assert "no transformers model of this shape" in rows["hf"]["skipped"] and "gate=sinkhorn" in rows["hf"]["skipped"]
+    assert rows["hf"]["compiled"] is False  # trainer.compile does not reach the hf row
+    assert rows["torchtitan-compiled"]["compiled"] is True and rows["torchtitan-compiled"]["skipped"]
