@@ -120,12 +120,12 @@ def torchtitan_variant(cfg, args, device, compiled: bool) -> dict:
     import torch
     from torchtitan.components.loss import cross_entropy_loss
 
-    model = build(cfg, args.seq_len, device)
-    if isinstance(model, str):
-        return {"variant": name, "skipped": model}
     loss_fn = cross_entropy_loss  # a sum: torchtitan's trainer divides by the tokens
     scalar_outputs = torch._dynamo.config.capture_scalar_outputs  # apply_compile sets it process-wide
     try:
+        model = build(cfg, args.seq_len, device)  # its fp32 weights: the first place it may not fit
+        if isinstance(model, str):
+            return {"variant": name, "skipped": model}
         if compiled:
             from torchtitan.config.job_config import Compile
             from torchtitan.models.llama4.infra.parallelize import apply_compile
