@@ -152,7 +152,10 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
     except OutOfMemory as e:  # this variant does not fit this GPU: said in its row, the others still run
         return {"variant": name, "skipped": str(e), "params": _counts(model_cfg)}  # the caller frees its memory
     except Interrupted as e:  # the trainer's "resume with ..." names a temporary run dir that is about to go
-        raise Interrupted(f"{name}: interrupted ({str(e).split(' after step')[0]}); nothing written") from None
+        raise Interrupted(
+            f"{name}: interrupted ({str(e).split(' after step')[0]}); the trainer's checkpoint went with the bench's "
+            "temporary run dir, and no results file was written"
+        ) from None
     tok_s = result.get("tokens_per_s")
     extra = {}
     if result.get("profile"):  # trainer.profile=true among the overrides: its table here (the run dir is temporary)

@@ -212,7 +212,10 @@ def test_an_interrupted_variant_does_not_offer_to_resume_its_temporary_run(monke
     monkeypatch.setattr(train_module, "train", interrupted)
     with pytest.raises(Interrupted) as e:
         bench_train.run(bench_train_args("dense"))
-    assert str(e.value) == "dense: interrupted (stopped by SIGINT); nothing written"
+    assert str(e.value) == (
+        "dense: interrupted (stopped by SIGINT); the trainer's checkpoint went with the bench's temporary run dir, "
+        "and no results file was written"
+    )  # the trainer's "stopping after this step with a checkpoint" came first: say where that checkpoint went
 
 
 def test_a_misspelt_benchmark_is_named_with_the_one_meant():
