@@ -90,17 +90,18 @@ def test_out_of_memory_is_the_rows_and_the_compile_setting_is_put_back(monkeypat
     monkeypatch.setattr(titan, "build", lambda cfg, seq_len, device: torch.nn.Linear(2, 2))  # no CUDA here
     monkeypatch.setattr(titan_parallelize, "apply_compile", compile_like_torchtitan)
     monkeypatch.setattr(titan, "time_plain_loop", out_of_memory)
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", False)
     args = bench_train_args("torchtitan")
-    row = titan.torchtitan_variant(_shape_cfg("e128"), args, torch.device("cuda"), True)
     said = {
         "variant": "torchtitan-compiled",
         "skipped": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB",
     }
-    assert row == said
-    assert torch._dynamo.config.capture_scalar_outputs is False
-    monkeypatch.setattr(titan, "build", out_of_memory)  # the model's own weights do not fit
-    assert titan.torchtitan_variant(_shape_cfg("e128"), args, torch.device("cuda"), True) == said
+    # Dynamo's own patch, not monkeypatch: monkeypatch's undo deletes a Dynamo config option (later compiles fail)
+    with torch._dynamo.config.patch(capture_scalar_outputs=False):
+        row = titan.torchtitan_variant(_shape_cfg("e128"), args, torch.device("cuda"), True)
+        assert row == said
+        assert torch._dynamo.config.capture_scalar_outputs is False
+        monkeypatch.setattr(titan, "build", out_of_memory)  # the model's own weights do not fit
+        assert titan.torchtitan_variant(_shape_cfg("e128"), args, torch.device("cuda"), True) == said
 
 
 def test_the_torchtitan_row_says_why_it_did_not_run(tmp_path, monkeypatch, capsys):
