@@ -6,6 +6,14 @@ from __future__ import annotations
 
 import time
 
+PHASES = ("forward", "backward", "optimizer")
+
+
+def phase_means(timer) -> dict:
+    """forward_s, backward_s, optimizer_s: seconds per measured step (None where a phase was not timed)."""
+    means = timer.means()
+    return {**{f"{p}_s": means.get(p) for p in PHASES}, "phases_measured_with": timer.measured_with}
+
 
 def sync(device) -> None:
     import torch
@@ -71,7 +79,6 @@ def time_plain_loop(
         loss = step(measured=1)
     sync(device)
     tok_s = args.steps * args.batch_size * args.seq_len / (time.perf_counter() - t)
-    means = timer.means()
     return {
         "tokens_per_s": tok_s,
         "first_step_s": first,
@@ -79,6 +86,5 @@ def time_plain_loop(
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "final_loss": loss.item(),
         "autocast": "bfloat16" if device.type == "cuda" else None,  # fp32 on a CPU
-        **{f"{p}_s": means.get(p) for p in ("forward", "backward", "optimizer")},
-        "phases_measured_with": timer.measured_with,
+        **phase_means(timer),
     }

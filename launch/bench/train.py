@@ -40,7 +40,7 @@ from pathlib import Path
 from moeflow.moe.errors import ConfigError, ConversionError
 
 from . import check_out
-from .plain_loop import sync, time_plain_loop
+from .plain_loop import PHASES, phase_means, sync, time_plain_loop
 from .torchtitan_variant import torchtitan_variant
 
 # model overrides of the shapes in the issue tracker's targets
@@ -173,18 +173,9 @@ def trainer_variant(name: str, overrides: list[str], args, tokens: Path, run_roo
         "flops_per_token": flops_per_token(model_cfg, args.seq_len),
         "params": _counts(model_cfg),
         "final_loss": result.get("train_loss"),
-        **_phases(timer),
+        **phase_means(timer),
         **extra,
     }
-
-
-PHASES = ("forward", "backward", "optimizer")
-
-
-def _phases(timer) -> dict:
-    """forward_s, backward_s, optimizer_s: seconds per measured step (None where a phase was not timed)."""
-    means = timer.means()
-    return {**{f"{p}_s": means.get(p) for p in PHASES}, "phases_measured_with": timer.measured_with}
 
 
 def _counts(model_cfg) -> dict:
@@ -194,21 +185,17 @@ def _counts(model_cfg) -> dict:
     return {"total": total, "active": active}
 
 
-def hf_variant(moe_overrides: list[str], args, device) -> dict:
-    """transformers' own MoE model of the same shape, in a plain AdamW loop (bf16 autocast on CUDA, fp32
-    on a CPU), eager: trainer.compile does not reach it."""
+def hf_variant(cfg, args, device) -> dict:
+    """transformers' own MoE model of cfg's shape (the run's composed model config), in a plain AdamW loop
+    (bf16 autocast on CUDA, fp32 on a CPU), eager: trainer.compile does not reach it."""
     import torch
 
-    from moeflow.launch.config import model_config
     from moeflow.moe.hf_moe import auto_target, export_config
 
     try:
         import transformers
     except ImportError:
         return {"variant": "hf", "skipped": "transformers is not installed"}
-    cfg = model_config(
-        compose([*moe_overrides, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
-    )
     try:
         target = auto_target(cfg)
         exported = export_config(cfg, target)
@@ -226,12 +213,7 @@ def hf_variant(moe_overrides: list[str], args, device) -> dict:
     except (TypeError, ValueError):
         model = transformers.AutoModelForCausalLM.from_config(hf_cfg).to(device)
     timed = time_plain_loop(lambda m, tokens: m(tokens).logits, model, cfg.vocab_size, args, device)
-    return {
-        "variant": f"hf ({target})",
-        **timed,
-        "flops_per_token": flops_per_token(cfg, args.seq_len),
-        "params": _counts(cfg),
-    }
+    return _with_shape_counts({"variant": f"hf ({target})", **timed}, cfg, args)
 
 
 VARIANTS = ("moe", "dense", "hf", "torchtitan")
@@ -266,7 +248,7 @@ def run(args) -> dict:
             raise ConfigError(f"{flag}: {twice!r} is listed twice; each is one row, list it once")
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
-    _refuse_overrides_the_bench_sets(args.override, args.variants.split(","), getattr(args, "compile", False))
+    _refuse_overrides_the_bench_sets(args.override, variants, getattr(args, "compile", False))
     device = resolve_device(args.device, setting="--device")
     impls = args.impls.split(",") if args.impls else (["triton", "grouped_mm"] if device.type == "cuda" else ["torch"])
     _refuse_impls_that_would_fall_back(impls, device)
@@ -310,7 +292,7 @@ def run(args) -> dict:
                         trainer_variant(f"dense{suffix}", [*shape, "model.moe_every=0", *extra], args, tokens, tmp)
                     )
                 elif variant == "hf":
-                    measured(hf_variant(shape, args, device))
+                    measured(hf_variant(moe_cfg, args, device))
                 else:  # torchtitan: compiled as the moeflow rows are (their override, or --compile beside eager)
                     titan_modes = [True] if compiled_by_override else [False] + ([True] if len(modes) > 1 else [])
                     for compiled in titan_modes:
