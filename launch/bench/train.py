@@ -228,6 +228,21 @@ def _with_shape_counts(row: dict, model_cfg, args) -> dict:
     )
 
 
+def _refuse_a_shape_that_cannot_fit(shape_cfg, moe_cfg, device) -> None:
+    """The trainer's own memory check, before the first row: the bench runs one process, so its fix is a
+    smaller --shape (or fewer layers), not the trainer's "more ranks"."""
+    from moeflow.launch.config import check_memory
+
+    try:
+        check_memory(shape_cfg, moe_cfg, device)
+    except ConfigError as e:
+        raise ConfigError(
+            str(e).replace(
+                "or more ranks", "--shape tiny, or fewer layers (model.n_layers=N): the bench runs one process"
+            )
+        ) from None
+
+
 def run(args) -> dict:
     import torch
 
@@ -259,6 +274,7 @@ def run(args) -> dict:
 
     shape_cfg = compose([*shape, f"model.max_seq_len={args.seq_len}", f"trainer.device={args.device}", *args.override])
     moe_cfg = model_config(shape_cfg)
+    _refuse_a_shape_that_cannot_fit(shape_cfg, moe_cfg, device)
     vocab = moe_cfg.vocab_size
     args.vocab_size = vocab
     compiled_by_override = bool(shape_cfg.trainer.compile)
@@ -332,6 +348,11 @@ def run(args) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "shape": args.shape,
+        # the composed model (the --shape preset with any model.* overrides): what the rows actually ran
+        "model": {
+            k: getattr(moe_cfg, k)
+            for k in ("n_layers", "d_model", "n_heads", "num_experts", "top_k", "d_ff", "moe_every", "vocab_size")
+        },
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "steps_measured": args.steps,

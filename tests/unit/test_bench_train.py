@@ -63,6 +63,8 @@ def test_bench_runs_every_variant_through_the_trainer(tmp_path, monkeypatch, cap
     assert moe["params"]["active"] == pytest.approx(dense["params"]["active"], rel=0.05)  # same active FLOPs, no router
     assert "MoE (moe-torch) / dense tokens/s" in capsys.readouterr().out
     assert result["shape"] == "tiny"
+    # the preset's name, and the model the rows ran with the overrides applied (TINY's one layer, 4 experts)
+    assert saved["model"]["n_layers"] == 1 and saved["model"]["num_experts"] == 4 and saved["model"]["d_model"] == 32
 
 
 @pytest.mark.slow  # trains 4 tiny steps (about a second on 2 cores)
@@ -254,3 +256,16 @@ def test_a_model_transformers_cannot_compute_is_the_hf_rows_skip_and_the_json_is
     assert "no transformers model of this shape" in rows["hf"]["skipped"] and "gate=sinkhorn" in rows["hf"]["skipped"]
     assert rows["hf"]["compiled"] is False  # trainer.compile does not reach the hf row
     assert rows["torchtitan-compiled"]["compiled"] is True and rows["torchtitan-compiled"]["skipped"]
+
+
+def test_a_shape_too_big_for_this_machine_names_a_smaller_one_before_any_row(monkeypatch):
+    """The trainer's memory refusal says "or more ranks"; the bench is one process, so it names --shape tiny."""
+    import os
+
+    from moeflow.moe.errors import ConfigError
+
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_PAGE_SIZE" else 1024)  # a 1 KiB machine
+    monkeypatch.setattr(bench_train, "trainer_variant", lambda *a, **k: pytest.fail("a row ran"))
+    with pytest.raises(ConfigError, match=r"memory; use fewer or smaller experts, --shape tiny, or fewer layers") as e:
+        bench_train.run(bench_train_args("moe"))
+    assert "more ranks" not in str(e.value)
