@@ -5,6 +5,11 @@
 # Carry [".whl", ".whl_titan", ".head"]: .whl_titan holds torchtitan and what the image lacks for it
 # (tyro, docstring_parser, typeguard, torchdata, datasets, dill, multiprocess; pip download --no-deps
 # --python-version 3.12 --only-binary=:all:). Written 2026-12-07 (sixth session), not yet run.
+# Prediction (seventh session, before any run): torchtitan compiled near the issue's 94.2k tok/s (fp32 weights and
+# AdamW, autocast; its own 0.2.2 model). (a) moeflow's default compiled (fp32 weights and AdamW): ~110 ms a step,
+# ~145-155k tok/s: the issue-time 120.6 ms (135.9k) less the log point's syncs (-5.8), the fresh backward (-2) and
+# cross-entropy from bf16 logits / fused q/k norm (~-3); so ~1.5-1.65x torchtitan, at the 1.6x target's edge.
+# (b) master weights + bf16 moments: 93-95 ms (run40: 93.1), ~172-176k tok/s, ~1.8-1.9x.
 set -u -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl .whl_titan/*.whl 2>&1 | tail -2; export PYTHONPATH=/tmp/site
