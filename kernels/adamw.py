@@ -16,11 +16,18 @@ parameter, and half their memory. They are rounded stochastically (Megatron-Core
 torchao's bf16 optimizers do the same): rounded to nearest, beta2 * v with beta2 > 1 - 2^-9
 (0.999, torch's default) rounds back to v itself, so the second moment could never decay. The
 random bits come from the step and the tensor's index (`seed`), so a resumed run draws the same.
+
+The fp32 master may be kept as its low 16 bits only (`optim.master_remainders`, Megatron-Core's and
+Transformer Engine's `store_param_remainders`): the model's bf16 weight holds the high 16, rounded
+half away from zero rather than to even (they differ only where the low half is exactly 0x8000), and
+the two together are the fp32 bits exactly. The step reads and writes 2 B per parameter less (18 B
+with bf16 moments instead of 20), and the state is 2 B per parameter smaller.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import triton
@@ -30,6 +37,7 @@ from .autotune import INTERPRET
 
 BLOCK = 1024 if not INTERPRET else 128
 NUM_WARPS = 4
+assert sys.byteorder == "little", "split_master/join_master read an fp32's halves in little-endian order"
 KERNEL = os.environ.get("MOEFLOW_ADAMW_KERNEL", "1") != "0"  # 0: the torch-ops reference on the GPU too (A/B)
 
 
@@ -49,6 +57,25 @@ def _stochastic_bf16_bits(x, noise):
     into the kept bits exactly that often."""
     bits = x.to(tl.uint32, bitcast=True)
     return tl.where(x != x, (bits >> 16) | 0x40, (bits + noise) >> 16).to(tl.uint16)
+
+
+@triton.jit
+def _split_master(w):
+    """fp32 -> (the bf16 compute weight's bits, the low 16 bits): the high half rounded up in magnitude
+    where the low half is >= 0x8000, so that `_join_master` can undo it. A NaN stays a NaN in bf16."""
+    bits = w.to(tl.uint32, bitcast=True)
+    low = bits & 0xFFFF
+    high = (bits >> 16) + (low >> 15)  # +1 where the low half's top bit is set
+    high = tl.where(w != w, (bits >> 16) | 0x40, high)
+    return high.to(tl.uint16), low.to(tl.uint16)
+
+
+@triton.jit
+def _join_master(high, low):
+    """`_split_master`'s inverse: the fp32 bits, exactly (uint32 wraps as the split's carry did)."""
+    low32 = low.to(tl.uint32)
+    bits = ((high.to(tl.uint32) - (low32 >> 15)) << 16) | low32
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -81,12 +108,16 @@ def _adamw_master_kernel(
     seed,
     WRITE_COPY: tl.constexpr,
     MOMENTS_BF16: tl.constexpr,
+    REMAINDERS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(inv_scale_ptr)
-    w = tl.load(master_ptr + offs, mask=mask, other=0.0)
+    if REMAINDERS:  # master_ptr: the low 16 bits, param_ptr: the high 16 (both seen as uint16)
+        w = _join_master(tl.load(param_ptr + offs, mask=mask, other=0), tl.load(master_ptr + offs, mask=mask, other=0))
+    else:
+        w = tl.load(master_ptr + offs, mask=mask, other=0.0)
     m = _load_moment(m_ptr, offs, mask, MOMENTS_BF16)
     v = _load_moment(v_ptr, offs, mask, MOMENTS_BF16)
     w = w * (1.0 - lr * decay)
@@ -94,7 +125,12 @@ def _adamw_master_kernel(
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = tl.sqrt(v) / sqrt_bias_c2 + eps
     w = w - (lr / bias_c1) * (m / denom)
-    tl.store(master_ptr + offs, w, mask=mask)
+    if REMAINDERS:
+        high, low = _split_master(w)
+        tl.store(param_ptr + offs, high, mask=mask)
+        tl.store(master_ptr + offs, low, mask=mask)
+    else:
+        tl.store(master_ptr + offs, w, mask=mask)
     if MOMENTS_BF16:  # one Philox draw per element, its two 16-bit halves for the two moments: Philox is
         # ~20 integer multiplies a draw, and two draws made the step compute-bound (H100: no faster than fp32)
         bits = tl.randint(seed, offs).to(tl.uint32, bitcast=True)
@@ -103,7 +139,7 @@ def _adamw_master_kernel(
     else:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
-    if WRITE_COPY:  # param_ptr: the bf16 copy, seen as uint16
+    if WRITE_COPY and not REMAINDERS:  # param_ptr: the bf16 copy, seen as uint16
         tl.store(param_ptr + offs, _round_to_bf16_bits(w), mask=mask)
 
 
@@ -117,6 +153,30 @@ def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=generator, device=x.device)
     rounded = (((bits + noise) >> 16) << 16).view(torch.float32).bfloat16()  # low bits zero: the cast is exact
     return torch.where(x.isnan(), x.bfloat16(), rounded)
+
+
+def _halves(w: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor's bits as int16 pairs [..., (low, high)] (little-endian: the low half first)."""
+    return w.contiguous().view(torch.int16).unflatten(-1, (-1, 2)) if w.dim() else _halves(w.reshape(1))[0]
+
+
+def _as_int16(v: torch.Tensor) -> torch.Tensor:
+    """int32 values whose low 16 bits are wanted -> that int16, without relying on overflow."""
+    return (((v & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
+
+
+def split_master(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_split_master` in torch ops: fp32 -> (bf16 compute weight, int16 low bits)."""
+    halves = _halves(w.float())
+    low, high = halves[..., 0].clone(), halves[..., 1].to(torch.int32)
+    high = torch.where(w.isnan(), high | 0x40, high + (low < 0).to(torch.int32))
+    return _as_int16(high).view(torch.bfloat16), low
+
+
+def join_master(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """`_join_master` in torch ops: the fp32 weight, bit for bit, from its two halves."""
+    top = _as_int16(high.contiguous().view(torch.int16).to(torch.int32) - (low < 0).to(torch.int32))
+    return torch.stack((low.reshape(-1), top.reshape(-1)), dim=-1).view(torch.float32).reshape(high.shape)
 
 
 def _store_moment(dst: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -140,7 +200,15 @@ def adamw_reference(
     seed: int = 0,
 ) -> None:
     """The update in torch ops (fp32 math), in place: master, moments (bf16 ones rounded
-    stochastically, drawn from `seed`), and the compute copy `param`."""
+    stochastically, drawn from `seed`), and the compute copy `param`. An int16 `master` is the fp32
+    weight's low half, `param` its high half (`split_master`)."""
+    if master.dtype == torch.int16:
+        full = join_master(param, master)
+        adamw_reference(full, param, grad, m, v, inv_scale, step, lr, beta1, beta2, eps, decay, seed)
+        high, low = split_master(full)
+        param.copy_(high)
+        master.copy_(low)
+        return
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)
     g = grad.float() * inv_scale
     master.mul_(1.0 - lr * decay)
@@ -170,19 +238,21 @@ def adamw_master_step(
     seed: int = 0,
 ) -> None:
     """One AdamW step of one tensor (contiguous, same number of elements; moments both fp32 or both
-    bf16); Triton on CUDA (and under the CPU interpreter), the torch reference elsewhere."""
+    bf16; `master` fp32, or int16 for its low half with `param` the high half); Triton on CUDA (and
+    under the CPU interpreter), the torch reference elsewhere."""
     if m.dtype != v.dtype or m.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"moments must both be float32 or bfloat16, got {m.dtype} and {v.dtype}")  # a caller's bug
+    remainders = master.dtype == torch.int16
+    copy = param.data_ptr() != master.data_ptr()
+    if (copy or remainders) and param.dtype != torch.bfloat16:
+        raise TypeError(f"the compute copy must be bf16, got {param.dtype}")  # a caller's bug, not the user's
     if not KERNEL or not (master.is_cuda or INTERPRET):
         return adamw_reference(master, param, grad, m, v, inv_scale, step, lr, beta1, beta2, eps, decay, seed)
     n = master.numel()
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)
-    copy = param.data_ptr() != master.data_ptr()
-    if copy and param.dtype != torch.bfloat16:
-        raise TypeError(f"the compute copy must be bf16, got {param.dtype}")  # a caller's bug, not the user's
     bf16_moments = m.dtype == torch.bfloat16
     _adamw_master_kernel[(triton.cdiv(n, BLOCK),)](
-        master,
+        master.view(torch.uint16) if remainders else master,
         param.view(torch.uint16) if copy else master,
         grad,
         *((m.view(torch.uint16), v.view(torch.uint16)) if bf16_moments else (m, v)),
@@ -198,6 +268,7 @@ def adamw_master_step(
         seed,
         WRITE_COPY=copy,
         MOMENTS_BF16=bf16_moments,
+        REMAINDERS=remainders,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

@@ -174,6 +174,11 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
             raise ConfigError(
                 f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting"
             )
+    if o.get("master_remainders") and not o.get("master_weights"):
+        raise ConfigError(
+            "optim.master_remainders=true keeps part of the master weights, so it needs optim.master_weights=true; "
+            "add it or drop optim.master_remainders"
+        )
     if o.get("moments_dtype", "float32") != "float32" and trainer_cfg is not None:
         why = _whole_tensors_on_torch(
             cfg, "one process and parallel.dispatcher=auto|local (its kernel steps whole tensors, not FSDP2's shards)"

@@ -65,6 +65,7 @@ def build_optimizer(model: torch.nn.Module, o: DictConfig) -> torch.optim.Optimi
             betas=tuple(float(b) for b in o.betas),
             eps=float(o.eps),
             moments_dtype=moments,
+            remainders=bool(o.get("master_remainders", False)),
         )
     fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     return torch.optim.AdamW(
@@ -77,9 +78,10 @@ MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # optim.
 
 def train_state_bytes(o) -> int:
     """Bytes per parameter of weights, gradients and AdamW moments: fp32 weight + fp32 gradient, or
-    with master weights fp32 weight + bf16 copy + bf16 gradient; plus two moments of 4 or 2 B."""
+    with master weights fp32 weight + bf16 copy + bf16 gradient (bf16 weight + its 16 low bits + bf16
+    gradient with `master_remainders`); plus two moments of 4 or 2 B."""
     moments = 2 * MOMENT_DTYPES[o.get("moments_dtype", "float32")].itemsize
-    return 8 + moments
+    return (6 if o.get("master_weights") and o.get("master_remainders") else 8) + moments
 
 
 def bf16_compute_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -111,6 +113,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     update. Checkpoints hold the fp32 weights (`masters_in_model`), the moments under torch AdamW's
     names. The clip factor is read from `grad_scale` like torch's fused AdamW (parallel/clip.py).
     One process, no FSDP (FSDP2 keeps its own fp32 shards and casts when it gathers).
+
+    With `remainders` (`optim.master_remainders`) the state keeps only each fp32 weight's low 16 bits
+    (`state["master_low"]`, int16): the bf16 weight in the model is its high half, and the two are
+    the fp32 bits exactly (`moeflow.kernels.adamw.split_master`). 2 B per parameter less memory and
+    step traffic; checkpoints still hold the fp32 weights.
     """
 
     accepts_grad_scale = True  # parallel/clip.py folds the clip factor into the step
@@ -124,7 +131,10 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         moments_dtype: torch.dtype = torch.float32,
+        remainders: bool = False,
     ):
+        from moeflow.kernels.adamw import split_master
+
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.moments_dtype = moments_dtype
         lowered = {id(p) for p in compute_params}
@@ -135,7 +145,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     for name in ("exp_avg", "exp_avg_sq"):
                         state[name] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.contiguous_format)
-                    if id(p) in lowered and p.dtype == torch.float32:
+                    if id(p) in lowered and p.dtype == torch.float32 and remainders:
+                        p.data, state["master_low"] = split_master(p.data)
+                    elif id(p) in lowered and p.dtype == torch.float32:
                         state["master"] = p.detach().clone(memory_format=torch.contiguous_format)
                         p.data = p.data.to(torch.bfloat16)
 
@@ -158,7 +170,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 if p.device not in inv:
                     one = torch.ones((), device=p.device, dtype=torch.float32)
                     inv[p.device] = one / scale.to(p.device, torch.float32) if scale is not None else one
-                master = state.get("master")
+                master = state.get("master", state.get("master_low"))
                 adamw_master_step(
                     master if master is not None else p.data,
                     p.data,
@@ -178,12 +190,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def state_dict(self):
         """torch AdamW's state (the fp32 weights travel as the model's, see `masters_in_model`)."""
         out = super().state_dict()
-        out["state"] = {k: {n: v for n, v in s.items() if n != "master"} for k, s in out["state"].items()}
+        out["state"] = {k: {n: v for n, v in s.items() if n not in MASTER_KEYS} for k, s in out["state"].items()}
         return out
 
     def load_state_dict(self, state_dict):
         masters = {
-            id(p): self.state[p]["master"] for g in self.param_groups for p in g["params"] if "master" in self.state[p]
+            id(p): {n: self.state[p][n] for n in MASTER_KEYS if n in self.state[p]}
+            for g in self.param_groups
+            for p in g["params"]
         }
         # torch's load would cast the moments to each parameter's dtype (all at once: with bf16 moments a
         # transient fp32 copy of every moment); they are set here in their own dtype, one tensor at a time
@@ -197,18 +211,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         for i, p in zip(ids, params):
             for name in moments & set(saved.get(i, {})):
                 self.state[p][name] = saved[i][name].to(p.device, self.moments_dtype).contiguous()
-            if id(p) in masters:
-                self.state[p]["master"] = masters[id(p)]
+            self.state[p].update(masters.get(id(p), {}))
 
     @contextlib.contextmanager
     def masters_in_model(self):
         """The model's bf16 copies swapped for their fp32 weights (to save, load or export them); on the
-        way out the bf16 copies are rewritten from the fp32 weights, which a load may have changed."""
+        way out the bf16 copies are rewritten from the fp32 weights, which a load may have changed.
+        With remainders the fp32 weights are joined from the two halves for the while (4 B a parameter)."""
+        from moeflow.kernels.adamw import join_master, split_master
+
         params = [p for g in self.param_groups for p in g["params"] if "master" in self.state[p]]
+        halves = {p: p.data for g in self.param_groups for p in g["params"] if "master_low" in self.state[p]}
         with torch.no_grad():
             for p in params:
                 state = self.state[p]
                 p.data, state["master"] = state["master"], p.data
+            for p, high in halves.items():
+                p.data = join_master(high, self.state[p]["master_low"])
             try:
                 yield
             finally:
@@ -216,6 +235,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     state = self.state[p]
                     p.data, state["master"] = state["master"], p.data
                     p.data.copy_(state["master"])
+                for p, high in halves.items():
+                    new_high, new_low = split_master(p.data)
+                    high.copy_(new_high)
+                    self.state[p]["master_low"].copy_(new_low)
+                    p.data = high
+
+
+MASTER_KEYS = ("master", "master_low")  # the fp32 weights' state, never saved (they travel as the model's)
 
 
 def masters_in_model(optimizer):

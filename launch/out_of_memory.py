@@ -91,6 +91,8 @@ def _remedies(cfg: DictConfig, trainer_cfg, torch_engine: bool, bf16_moments: bo
             out.append(f"data.batch_size={smaller} ({keep})")
     if bf16_moments:
         out.append("optim.moments_dtype=bfloat16")
+    if one_micro_batch and not cfg.optim.get("master_remainders"):
+        out.append("optim.master_remainders=true")
     if torch_engine and trainer_cfg.activation_checkpointing != "full":
         out.append("trainer.activation_checkpointing=full")
     if not torch_engine or not (one_micro_batch or cfg.optim.get("moments_dtype", "float32") != "float32"):

@@ -181,7 +181,11 @@ def global_batch(engine) -> int:
     return int(engine.cfg.data.batch_size) * int(engine.cfg.trainer.grad_accum) * int(engine.data_parallel_rank[1])
 
 
-STORAGE_KEYS = {"moments_dtype": "float32", "master_weights": False}  # optim.*: how the state is kept, with defaults
+STORAGE_KEYS = {
+    "moments_dtype": "float32",
+    "master_weights": False,
+    "master_remainders": False,
+}  # optim.*: how the state is kept, with defaults
 
 
 def _say_if_optimizer_storage_changed(found: Path, engine, meta: dict | None) -> None:

@@ -94,6 +94,7 @@ SCHEMA: dict[str, dict[str, Rule]] = {
         "schedule": Rule(str, choices=("cosine", "constant")),
         "grad_clip": Rule(float, low=0, why="0 disables clipping"),
         "master_weights": Rule(bool),
+        "master_remainders": Rule(bool),
         "moments_dtype": Rule(str, choices=("float32", "bfloat16")),
     },
     "parallel": {

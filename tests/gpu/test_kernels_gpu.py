@@ -231,6 +231,33 @@ def test_master_weight_adamw_kernel_matches_the_reference_on_the_gpu():
     assert torch.equal(a["param"], a["master"].bfloat16())  # round to nearest even, as autocast's cast
 
 
+def test_the_kernel_on_master_halves_is_the_fp32_master_kernel_to_the_bit_on_the_gpu():
+    """optim.master_remainders on CUDA (odd size, fp32 and bf16 moments, 3 steps): the joined halves,
+    the moments and the high half equal the fp32-master kernel's results, bit for bit."""
+    from moeflow.kernels.adamw import adamw_master_step, join_master, split_master
+
+    torch.manual_seed(0)
+    n = 3 * 1024 * 1024 + 17
+    w0 = torch.randn(n, device="cuda")
+    for moments in (torch.float32, torch.bfloat16):
+        zeros = torch.zeros(n, device="cuda", dtype=moments)
+        full = {"master": w0.clone(), "param": w0.bfloat16(), "m": zeros.clone(), "v": zeros.clone()}
+        high, low = split_master(w0)
+        halves = {"master": low, "param": high, "m": zeros.clone(), "v": zeros.clone()}
+        for step in range(1, 4):
+            grad = torch.randn(n, device="cuda").bfloat16()
+            scale = torch.tensor(0.7, device="cuda")
+            for s in (full, halves):
+                adamw_master_step(
+                    s["master"], s["param"], grad, s["m"], s["v"], scale, step, 1e-3, 0.9, 0.95, 1e-8, 0.1, seed=step
+                )
+        joined = join_master(halves["param"], halves["master"])
+        assert torch.equal(joined.view(torch.int32), full["master"].view(torch.int32)), moments
+        assert torch.equal(halves["m"], full["m"]) and torch.equal(halves["v"], full["v"]), moments
+        assert torch.equal(halves["param"], split_master(full["master"])[0]), moments
+        assert (halves["param"] != full["param"]).float().mean().item() < 2e-5  # RNE but at ties
+
+
 def test_bf16_moments_on_the_gpu_round_stochastically_around_the_fp32_update():
     """kernels/adamw.py with bf16 moments on CUDA (odd size): the fp32 weight is the fp32 update's, each
     moment one of the two bf16 values around the fp32 moment, the second moment decays on average where

@@ -63,8 +63,16 @@ def test_an_out_of_memory_step_is_one_line_with_its_step_and_remedies(tmp_path, 
         ),
         (
             ["trainer.precision=bf16", "optim.master_weights=true"],
-            ["data.batch_size=2 (a smaller batch: optim.master_weights takes no trainer.grad_accum)"],
+            [
+                "data.batch_size=2 (a smaller batch: optim.master_weights takes no trainer.grad_accum)",
+                "master_remainders=true",
+            ],
             ["grad_accum=2", "more GPUs"],
+        ),
+        (
+            ["trainer.precision=bf16", "optim.master_weights=true", "optim.master_remainders=true"],
+            ["data.batch_size=2"],
+            ["master_remainders", "more GPUs"],
         ),
         (["engine=deepspeed"], ["data.batch_size=2", "more GPUs"], ["moments_dtype", "activation_checkpointing"]),
         (["launcher=local", "launcher.nproc=2"], ["more GPUs"], ["moments_dtype"]),
