@@ -160,22 +160,22 @@ def _halves(w: torch.Tensor) -> torch.Tensor:
     return w.contiguous().view(torch.int16).unflatten(-1, (-1, 2)) if w.dim() else _halves(w.reshape(1))[0]
 
 
-def _as_int16(v: torch.Tensor) -> torch.Tensor:
-    """int32 values whose low 16 bits are wanted -> that int16, without relying on overflow."""
-    return (((v & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
-
-
 def split_master(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_split_master` in torch ops: fp32 -> (bf16 compute weight, int16 low bits)."""
+    """`_split_master` in torch ops: fp32 -> (bf16 compute weight, int16 low bits), both contiguous.
+    int16 arithmetic wraps (0x7FFF + 1 is -0x8000), as the kernel's uint32 carry does."""
     halves = _halves(w.float())
-    low, high = halves[..., 0].clone(), halves[..., 1].to(torch.int32)
-    high = torch.where(w.isnan(), high | 0x40, high + (low < 0).to(torch.int32))
-    return _as_int16(high).view(torch.bfloat16), low
+    low = halves[..., 0].clone()
+    high = halves[..., 1] + (low < 0).to(torch.int16)  # rounded up in magnitude where the low half is >= 0x8000
+    nan = w.isnan()
+    if nan.any():
+        high = torch.where(nan, halves[..., 1] | 0x40, high)
+    return high.contiguous().view(torch.bfloat16), low
 
 
 def join_master(high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-    """`_join_master` in torch ops: the fp32 weight, bit for bit, from its two halves."""
-    top = _as_int16(high.contiguous().view(torch.int16).to(torch.int32) - (low < 0).to(torch.int32))
+    """`_join_master` in torch ops: the fp32 weight from its two halves, bit for bit (a NaN stays a
+    NaN, not always with its payload)."""
+    top = high.contiguous().view(torch.int16) - (low < 0).to(torch.int16)
     return torch.stack((low.reshape(-1), top.reshape(-1)), dim=-1).view(torch.float32).reshape(high.shape)
 
 
@@ -243,11 +243,13 @@ def adamw_master_step(
     if m.dtype != v.dtype or m.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"moments must both be float32 or bfloat16, got {m.dtype} and {v.dtype}")  # a caller's bug
     remainders = master.dtype == torch.int16
-    copy = param.data_ptr() != master.data_ptr()
-    if (copy or remainders) and param.dtype != torch.bfloat16:
-        raise TypeError(f"the compute copy must be bf16, got {param.dtype}")  # a caller's bug, not the user's
+    if remainders and param.dtype != torch.bfloat16:
+        raise TypeError(f"the high half must be bf16, got {param.dtype}")  # a caller's bug, not the user's
     if not KERNEL or not (master.is_cuda or INTERPRET):
         return adamw_reference(master, param, grad, m, v, inv_scale, step, lr, beta1, beta2, eps, decay, seed)
+    copy = param.data_ptr() != master.data_ptr()
+    if copy and param.dtype != torch.bfloat16:
+        raise TypeError(f"the compute copy must be bf16, got {param.dtype}")  # a caller's bug, not the user's
     n = master.numel()
     bias_c1, sqrt_bias_c2 = _coefficients(step, lr, beta1, beta2)
     bf16_moments = m.dtype == torch.bfloat16

@@ -171,9 +171,12 @@ def check_optim(cfg: DictConfig, trainer_cfg: TrainerConfig | None = None) -> No
             else None
         )
         if why:
-            raise ConfigError(
-                f"optim.master_weights=true needs {why}; drop it (optim.master_weights=false) or change that setting"
+            drop = (
+                "drop them (optim.master_weights=false optim.master_remainders=false)"
+                if o.get("master_remainders")
+                else "drop it (optim.master_weights=false)"
             )
+            raise ConfigError(f"optim.master_weights=true needs {why}; {drop} or change that setting")
     if o.get("master_remainders") and not o.get("master_weights"):
         raise ConfigError(
             "optim.master_remainders=true keeps part of the master weights, so it needs optim.master_weights=true; "
@@ -243,7 +246,7 @@ def check_memory(cfg: DictConfig, model_cfg: ModelConfig, device: torch.device) 
             return
         where = "this machine's {:.0f} GiB of memory"
     if need > have:
-        small = train_state_bytes({"moments_dtype": "bfloat16"}) * total / world
+        small = train_state_bytes({**_container(cfg.optim), "moments_dtype": "bfloat16"}) * total / world
         hint = (
             f" (optim.moments_dtype=bfloat16 needs {small / 2**30:,.0f} GiB)"
             if bf16_moments_would_help(cfg) and small <= have

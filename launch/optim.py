@@ -79,7 +79,8 @@ MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # optim.
 def train_state_bytes(o) -> int:
     """Bytes per parameter of weights, gradients and AdamW moments: fp32 weight + fp32 gradient, or
     with master weights fp32 weight + bf16 copy + bf16 gradient (bf16 weight + its 16 low bits + bf16
-    gradient with `master_remainders`); plus two moments of 4 or 2 B."""
+    gradient with `master_remainders`, which counts every parameter as a lowered one: embeddings and
+    norms, a few % of an MoE's parameters, hold 2 B more); plus two moments of 4 or 2 B."""
     moments = 2 * MOMENT_DTYPES[o.get("moments_dtype", "float32")].itemsize
     return (6 if o.get("master_weights") and o.get("master_remainders") else 8) + moments
 
@@ -133,7 +134,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         moments_dtype: torch.dtype = torch.float32,
         remainders: bool = False,
     ):
-        from moeflow.kernels.adamw import split_master
 
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.moments_dtype = moments_dtype
@@ -146,7 +146,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     for name in ("exp_avg", "exp_avg_sq"):
                         state[name] = torch.zeros_like(p, dtype=moments_dtype, memory_format=torch.contiguous_format)
                     if id(p) in lowered and p.dtype == torch.float32 and remainders:
-                        p.data, state["master_low"] = split_master(p.data)
+                        p.data, state["master_low"] = _halves_on(p.device, p.data)
                     elif id(p) in lowered and p.dtype == torch.float32:
                         state["master"] = p.detach().clone(memory_format=torch.contiguous_format)
                         p.data = p.data.to(torch.bfloat16)
@@ -217,7 +217,8 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def masters_in_model(self):
         """The model's bf16 copies swapped for their fp32 weights (to save, load or export them); on the
         way out the bf16 copies are rewritten from the fp32 weights, which a load may have changed.
-        With remainders the fp32 weights are joined from the two halves for the while (4 B a parameter)."""
+        With remainders the fp32 weights are joined from the two halves in host memory (4 B a
+        parameter there, none on the GPU: a save copies them to the host anyway), and split back."""
         from moeflow.kernels.adamw import join_master, split_master
 
         params = [p for g in self.param_groups for p in g["params"] if "master" in self.state[p]]
@@ -227,7 +228,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 p.data, state["master"] = state["master"], p.data
             for p, high in halves.items():
-                p.data = join_master(high, self.state[p]["master_low"])
+                p.data = join_master(high.cpu(), self.state[p]["master_low"].cpu())
             try:
                 yield
             finally:
@@ -236,10 +237,19 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                     p.data, state["master"] = state["master"], p.data
                     p.data.copy_(state["master"])
                 for p, high in halves.items():
-                    new_high, new_low = split_master(p.data)
+                    new_high, new_low = split_master(p.data.cpu())
                     high.copy_(new_high)
                     self.state[p]["master_low"].copy_(new_low)
                     p.data = high
+
+
+def _halves_on(device: torch.device, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`split_master` of one fp32 weight, computed in host memory (its int temporaries never take GPU
+    memory) and moved to `device`: the bf16 weight and the low half, contiguous."""
+    from moeflow.kernels.adamw import split_master
+
+    high, low = split_master(w.detach().cpu())
+    return high.to(device), low.to(device)
 
 
 MASTER_KEYS = ("master", "master_low")  # the fp32 weights' state, never saved (they travel as the model's)

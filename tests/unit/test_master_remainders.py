@@ -34,11 +34,12 @@ def test_the_two_halves_are_the_fp32_bits_and_the_high_half_is_the_bf16_cast_but
     differs = high[finite].view(torch.int16) != w[finite].bfloat16().view(torch.int16)
     assert torch.equal(low[finite][differs], torch.full_like(low[finite][differs], -0x8000))
     assert 0 < int(differs.sum()) < 20  # ties: ~1 in 2^17 random patterns, plus the one edge case above
-    # shapes (a 0-d tensor, a matrix) keep theirs
-    for shape in ((), (3, 5)):
-        x = torch.randn(shape)
+    # shapes (a 0-d tensor, a matrix, a transposed one) keep theirs; both halves come out contiguous,
+    # as the kernel indexes them (a transposed input once gave a transposed high half)
+    for x in (torch.randn(()), torch.randn(3, 5), torch.randn(6, 4).t()):
         h, lo = split_master(x)
-        assert h.shape == lo.shape == x.shape and torch.equal(join_master(h, lo), x)
+        assert h.shape == lo.shape == x.shape and h.is_contiguous() and lo.is_contiguous()
+        assert torch.equal(join_master(h, lo), x)
 
 
 @pytest.mark.parametrize("moments", [torch.float32, torch.bfloat16])
@@ -168,6 +169,11 @@ def test_a_run_on_halves_resumes_bit_identically_and_from_a_full_master_checkpoi
     )
     assert switched["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
     assert "kept optim.master_remainders=False" in caplog.text
+    # and back: a checkpoint written on halves resumes with full masters
+    train(compose_cfg(*halves, "trainer.steps=1"), tmp_path / "back")
+    back = train(compose_cfg(*common, "trainer.steps=3", "resume=auto", run_dir=tmp_path / "back"), tmp_path / "back")
+    assert back["start_step"] == 1 and back["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-4)
+    assert "kept optim.master_remainders=True" in caplog.text
 
 
 def test_halves_without_master_weights_are_refused_and_the_memory_check_counts_them():
