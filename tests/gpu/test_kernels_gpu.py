@@ -258,6 +258,28 @@ def test_the_kernel_on_master_halves_is_the_fp32_master_kernel_to_the_bit_on_the
         assert (halves["param"] != full["param"]).float().mean().item() < 2e-5  # RNE but at ties
 
 
+def test_master_halves_join_in_host_memory_and_split_back_onto_the_gpu():
+    """MasterWeightAdamW(remainders=True) on CUDA: inside masters_in_model the fp32 weights sit in host
+    memory (no GPU copy), and a change made there comes back as the GPU's bf16 weight and low half."""
+    from moeflow.kernels.adamw import join_master, split_master
+    from moeflow.launch.optim import MasterWeightAdamW
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 512, bias=False).cuda()
+    opt = MasterWeightAdamW([{"params": [model.weight]}], [model.weight], lr=1e-3, remainders=True)
+    assert model.weight.dtype == torch.bfloat16 and model.weight.is_cuda
+    target = torch.randn(512, 256)
+    before = torch.cuda.memory_allocated()
+    with opt.masters_in_model():
+        assert model.weight.device.type == "cpu" and model.weight.dtype == torch.float32
+        assert torch.cuda.memory_allocated() <= before
+        model.weight.copy_(target)
+    assert model.weight.is_cuda and model.weight.dtype == torch.bfloat16
+    low = opt.state[model.weight]["master_low"]
+    assert low.is_cuda and torch.equal(join_master(model.weight.cpu(), low.cpu()), target)
+    assert torch.equal(model.weight.cpu(), split_master(target)[0])
+
+
 def test_bf16_moments_on_the_gpu_round_stochastically_around_the_fp32_update():
     """kernels/adamw.py with bf16 moments on CUDA (odd size): the fp32 weight is the fp32 update's, each
     moment one of the two bf16 values around the fp32 moment, the second moment decays on average where
