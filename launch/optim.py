@@ -134,7 +134,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         moments_dtype: torch.dtype = torch.float32,
         remainders: bool = False,
     ):
-
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.moments_dtype = moments_dtype
         lowered = {id(p) for p in compute_params}

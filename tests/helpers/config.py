@@ -21,6 +21,17 @@ TINY = [
 ]
 
 
+# a tiny bf16 run with master weights that checkpoints every step: the resume tests of test_master_*.py
+MASTER_WEIGHTS_RUN = [
+    *TINY,
+    "trainer.precision=bf16",
+    "optim.master_weights=true",
+    "trainer.eval_every=0",
+    "trainer.keep_checkpoints=0",
+    "trainer.ckpt_every=1",
+]
+
+
 def compose_cfg(*overrides: str, run_dir=None):
     """The config `moeflow train OVERRIDES` runs (a resume takes its checkpoint's model, as on the command line)."""
     from moeflow.launch.recorded_model import adopt_recorded_model

@@ -144,17 +144,10 @@ def test_a_load_inside_masters_in_model_sets_both_halves():
 
 
 def test_a_run_on_halves_resumes_bit_identically_and_from_a_full_master_checkpoint(tmp_path, caplog):
-    from helpers.config import TINY, compose_cfg
+    from helpers.config import MASTER_WEIGHTS_RUN, compose_cfg
     from moeflow.launch.train import train
 
-    common = [
-        *TINY,
-        "trainer.precision=bf16",
-        "optim.master_weights=true",
-        "trainer.eval_every=0",
-        "trainer.keep_checkpoints=0",
-        "trainer.ckpt_every=1",
-    ]
+    common = MASTER_WEIGHTS_RUN
     halves = [*common, "optim.master_remainders=true"]
     whole = train(compose_cfg(*halves, "trainer.steps=3"), tmp_path / "whole")
     train(compose_cfg(*halves, "trainer.steps=1"), tmp_path / "split")

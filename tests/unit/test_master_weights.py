@@ -137,17 +137,10 @@ def test_a_checkpoint_round_trip_restores_weights_moments_and_copies():
 
 
 def test_a_run_with_master_weights_resumes_bit_identically(tmp_path):
-    from helpers.config import TINY, compose_cfg
+    from helpers.config import MASTER_WEIGHTS_RUN, compose_cfg
     from moeflow.launch.train import train
 
-    common = [
-        *TINY,
-        "trainer.precision=bf16",
-        "optim.master_weights=true",
-        "trainer.eval_every=0",
-        "trainer.keep_checkpoints=0",
-        "trainer.ckpt_every=1",
-    ]
+    common = MASTER_WEIGHTS_RUN
     whole = train(compose_cfg(*common, "trainer.steps=3"), tmp_path / "whole")
     train(compose_cfg(*common, "trainer.steps=1"), tmp_path / "split")
     resumed = train(
